@@ -1,0 +1,17 @@
+//! meshid's own gRPC APIs: protocol definitions and typed clients.
+//!
+//! This crate holds the admin API that `meshid-ca` serves to operators on a Unix socket (and,
+//! later, the node API between agents and the CA). The Rust code is generated from the
+//! `.proto` files under `proto/` and checked in under `src/gen/`; `tests/bootstrap.rs`
+//! regenerates it and fails on any difference, so building needs no `protoc`. It contains no
+//! server logic: the CA implements the generated service traits.
+
+#![forbid(unsafe_code)]
+
+/// The admin API, `meshid.admin.v1`.
+#[allow(missing_docs, clippy::all, clippy::pedantic)]
+pub mod admin {
+    include!("gen/meshid.admin.v1.rs");
+}
+
+pub mod client;

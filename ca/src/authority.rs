@@ -1,0 +1,733 @@
+//! Trust anchors, issuing intermediates, JWT keys, and their rotation.
+//!
+//! The [`Authority`] owns this CA server's signing keys. Private keys live in the data
+//! directory (`keys/<id>.key.pem`, mode 0600, directory 0700); which keys exist and what state
+//! each is in (prepared, active, retired) is the CA journal in the datastore, so every server of
+//! a trust domain sees the same bundle.
+//!
+//! Rotation follows SPIRE's proven schedule, for the intermediate and the JWT key alike: a
+//! successor is *prepared* when the active key has half of its life left (a prepared JWT key is
+//! published in the bundle at once, so verifiers learn it before it signs), and *activated*
+//! when a sixth is left; the old key is then *retired*. Issuance never stops, and an SVID's
+//! `notAfter` is capped at its issuer's, so nothing outlives the chain that vouches for it.
+//!
+//! The signing path ([`Authority::sign_x509_svid`]) takes a read lock, clones an `Arc`, and
+//! signs: no I/O, no datastore call. The caller records the issuance in the audit log.
+
+use std::collections::HashMap;
+use std::io::Write;
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use rustls_pki_types::CertificateDer;
+use spiffe::{SpiffeId, TrustDomain};
+
+use crate::audit::AuditEvent;
+use crate::bundle::TrustBundle;
+use crate::config::CaSettings;
+use crate::entry::RegistrationEntry;
+use crate::jwt::{self, JwtKey};
+use crate::store::{CaKeyKind, CaKeyRecord, CaKeyState, Datastore, StoreError};
+use crate::svid::{self, CaKey, Issuer, IssuedSvid};
+
+/// Errors of the authority.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum AuthorityError {
+    /// The datastore failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// A key file could not be read or written.
+    #[error("key file {path}: {source}")]
+    KeyFile {
+        /// The file.
+        path: PathBuf,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+    /// Certificate work failed (malformed CSR, bad signature, profile violation).
+    #[error(transparent)]
+    Svid(#[from] svid::SvidError),
+    /// JWT work failed.
+    #[error(transparent)]
+    Jwt(#[from] jwt::JwtError),
+    /// The journal and the data directory disagree, or the upstream authority is unusable.
+    #[error("{0}")]
+    Inconsistent(String),
+    /// The SPIFFE ID is outside this trust domain.
+    #[error("spiffe id {id} is not in trust domain {trust_domain}")]
+    ForeignId {
+        /// The ID.
+        id: String,
+        /// This CA's trust domain.
+        trust_domain: String,
+    },
+}
+
+/// What a rotation check did.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct RotationOutcome {
+    /// Ids of keys prepared.
+    pub prepared: Vec<String>,
+    /// Ids of keys activated.
+    pub activated: Vec<String>,
+    /// Ids of keys retired.
+    pub retired: Vec<String>,
+}
+
+impl RotationOutcome {
+    /// True when nothing changed.
+    pub fn is_empty(&self) -> bool {
+        self.prepared.is_empty() && self.activated.is_empty() && self.retired.is_empty()
+    }
+}
+
+/// The keys in use, swapped as a whole on rotation.
+struct Keys {
+    root: Arc<Issuer>,
+    root_id: String,
+    intermediate: Arc<Issuer>,
+    intermediate_id: String,
+    prepared_intermediate: Option<(String, Arc<Issuer>)>,
+    jwt: Arc<JwtKey>,
+    jwt_id: String,
+    prepared_jwt: Option<(String, Arc<JwtKey>)>,
+    journal: Vec<CaKeyRecord>,
+}
+
+/// This CA server's signing keys.
+pub struct Authority {
+    td: TrustDomain,
+    server_id: String,
+    settings: CaSettings,
+    key_dir: PathBuf,
+    store: Arc<dyn Datastore>,
+    keys: RwLock<Arc<Keys>>,
+}
+
+impl std::fmt::Debug for Authority {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Authority")
+            .field("trust_domain", &self.td)
+            .field("server_id", &self.server_id)
+            .finish_non_exhaustive()
+    }
+}
+
+fn to_unix(t: SystemTime) -> i64 {
+    t.duration_since(UNIX_EPOCH).map(|d| d.as_secs() as i64).unwrap_or(0)
+}
+
+fn random_id(prefix: &str) -> String {
+    format!("{prefix}-{}", hex::encode(rand::random::<[u8; 8]>()))
+}
+
+fn cert_times(der: &[u8]) -> Result<(i64, i64), AuthorityError> {
+    let (_, cert) = x509_parser::parse_x509_certificate(der)
+        .map_err(|e| AuthorityError::Inconsistent(format!("stored certificate does not parse: {e}")))?;
+    Ok((cert.validity().not_before.timestamp(), cert.validity().not_after.timestamp()))
+}
+
+/// Writes `contents` to `path` with mode 0600 atomically (temporary file, fsync, rename).
+fn write_private(path: &Path, contents: &[u8]) -> Result<(), AuthorityError> {
+    let err = |source| AuthorityError::KeyFile {
+        path: path.to_owned(),
+        source,
+    };
+    let tmp = path.with_extension("tmp");
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&tmp)
+        .map_err(err)?;
+    // The mode given to open() is masked by the umask only towards fewer permissions; set it
+    // explicitly in case the file pre-existed with a wider mode.
+    f.set_permissions(std::fs::Permissions::from_mode(0o600)).map_err(err)?;
+    f.write_all(contents).map_err(err)?;
+    f.sync_all().map_err(err)?;
+    std::fs::rename(&tmp, path).map_err(err)
+}
+
+fn read_private(path: &Path) -> Result<zeroize::Zeroizing<String>, AuthorityError> {
+    let err = |source| AuthorityError::KeyFile {
+        path: path.to_owned(),
+        source,
+    };
+    let meta = std::fs::metadata(path).map_err(err)?;
+    if meta.permissions().mode() & 0o077 != 0 {
+        return Err(AuthorityError::Inconsistent(format!(
+            "key file {} is readable by group or others (mode {:o}); chmod 600 it",
+            path.display(),
+            meta.permissions().mode() & 0o777
+        )));
+    }
+    std::fs::read_to_string(path).map(zeroize::Zeroizing::new).map_err(err)
+}
+
+/// Creates `dir` (and parents) with mode 0700 if missing, and tightens it if it exists.
+pub fn ensure_private_dir(dir: &Path) -> std::io::Result<()> {
+    std::fs::DirBuilder::new().recursive(true).mode(0o700).create(dir)?;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+}
+
+impl Authority {
+    /// Loads this server's keys from the journal and the data directory, creating a root (or
+    /// adopting the upstream one), an intermediate and a JWT key where none is usable.
+    pub async fn load_or_init(
+        td: TrustDomain,
+        server_id: String,
+        settings: CaSettings,
+        data_dir: &Path,
+        store: Arc<dyn Datastore>,
+    ) -> Result<Self, AuthorityError> {
+        let key_dir = data_dir.join("keys");
+        ensure_private_dir(&key_dir).map_err(|source| AuthorityError::KeyFile {
+            path: key_dir.clone(),
+            source,
+        })?;
+        let now = SystemTime::now();
+        let mut journal = store.list_ca_keys().await?;
+        let actor = format!("ca:{server_id}");
+
+        // Root: the upstream one if configured, else the active generated one, else a new one.
+        let (root_id, root) = match &settings.upstream {
+            Some(up) => {
+                let cert_pem = std::fs::read_to_string(&up.cert).map_err(|source| AuthorityError::KeyFile {
+                    path: up.cert.clone(),
+                    source,
+                })?;
+                let key_pem = read_private(&up.key)?;
+                let der = pem_cert(&cert_pem)?;
+                let key = CaKey::from_pkcs8_pem(&key_pem)?;
+                let issuer = Issuer::new(der.clone(), key, Vec::new())?;
+                let id = format!("upstream-{}", &hex::encode(sha2_digest(der.as_ref()))[..16]);
+                if !journal.iter().any(|k| k.id == id) {
+                    let (nb, na) = cert_times(der.as_ref())?;
+                    let rec = CaKeyRecord {
+                        id: id.clone(),
+                        kind: CaKeyKind::X509Root,
+                        state: CaKeyState::Active,
+                        server_id: server_id.clone(),
+                        parent_id: None,
+                        public_der: der.to_vec(),
+                        not_before: nb,
+                        not_after: na,
+                        created_at: to_unix(now),
+                    };
+                    store
+                        .insert_ca_key(&rec, &key_event("ca.root.adopted", &actor, &rec))
+                        .await?;
+                    journal.push(rec);
+                }
+                (id, Arc::new(issuer))
+            }
+            None => {
+                let usable = journal.iter().find(|k| {
+                    k.kind == CaKeyKind::X509Root
+                        && k.state == CaKeyState::Active
+                        && k.not_after > to_unix(now)
+                        && key_dir.join(format!("{}.key.pem", k.id)).exists()
+                });
+                match usable {
+                    Some(rec) => {
+                        let key = CaKey::from_pkcs8_pem(&read_private(&key_dir.join(format!("{}.key.pem", rec.id)))?)?;
+                        let issuer = Issuer::new(CertificateDer::from(rec.public_der.clone()), key, Vec::new())?;
+                        (rec.id.clone(), Arc::new(issuer))
+                    }
+                    None => {
+                        let key = CaKey::generate(settings.key_type)?;
+                        let der = svid::generate_root(&td, &key, settings.root_ttl, now)?;
+                        let id = random_id("root");
+                        write_private(&key_dir.join(format!("{id}.key.pem")), key.to_pkcs8_pem().as_bytes())?;
+                        let (nb, na) = cert_times(der.as_ref())?;
+                        let rec = CaKeyRecord {
+                            id: id.clone(),
+                            kind: CaKeyKind::X509Root,
+                            state: CaKeyState::Active,
+                            server_id: server_id.clone(),
+                            parent_id: None,
+                            public_der: der.to_vec(),
+                            not_before: nb,
+                            not_after: na,
+                            created_at: to_unix(now),
+                        };
+                        store
+                            .insert_ca_key(&rec, &key_event("ca.root.created", &actor, &rec))
+                            .await?;
+                        tracing::info!(root_id = %id, not_after = na, "created trust anchor");
+                        journal.push(rec);
+                        let issuer = Issuer::new(der, key, Vec::new())?;
+                        (id, Arc::new(issuer))
+                    }
+                }
+            }
+        };
+
+        let this = Self {
+            td,
+            server_id,
+            settings,
+            key_dir,
+            store,
+            keys: RwLock::new(Arc::new(Keys {
+                root: Arc::clone(&root),
+                root_id: root_id.clone(),
+                // Placeholders replaced below before the authority is returned.
+                intermediate: Arc::clone(&root),
+                intermediate_id: String::new(),
+                prepared_intermediate: None,
+                jwt: Arc::new(JwtKey::generate()?),
+                jwt_id: String::new(),
+                prepared_jwt: None,
+                journal: Vec::new(),
+            })),
+        };
+        this.load_slots(root, root_id, journal, now).await?;
+        Ok(this)
+    }
+
+    /// Loads (or creates) the active and prepared intermediate and JWT key of this server.
+    async fn load_slots(
+        &self,
+        root: Arc<Issuer>,
+        root_id: String,
+        mut journal: Vec<CaKeyRecord>,
+        now: SystemTime,
+    ) -> Result<(), AuthorityError> {
+        let now_s = to_unix(now);
+        let mine = |j: &[CaKeyRecord], kind: CaKeyKind, state: CaKeyState| -> Option<CaKeyRecord> {
+            j.iter()
+                .filter(|k| {
+                    k.kind == kind
+                        && k.state == state
+                        && k.server_id == self.server_id
+                        && k.not_after > now_s
+                        && (kind != CaKeyKind::X509Intermediate || k.parent_id.as_deref() == Some(root_id.as_str()))
+                        && self.key_path(&k.id).exists()
+                })
+                .max_by_key(|k| k.created_at)
+                .cloned()
+        };
+
+        let (intermediate_id, intermediate) = match mine(&journal, CaKeyKind::X509Intermediate, CaKeyState::Active) {
+            Some(rec) => (rec.id.clone(), self.load_intermediate(&rec, &root)?),
+            None => {
+                let (rec, issuer) = self.new_intermediate(&root, &root_id, CaKeyState::Active, now).await?;
+                journal.push(rec.clone());
+                (rec.id, issuer)
+            }
+        };
+        let prepared_intermediate = match mine(&journal, CaKeyKind::X509Intermediate, CaKeyState::Prepared) {
+            Some(rec) => Some((rec.id.clone(), self.load_intermediate(&rec, &root)?)),
+            None => None,
+        };
+        let (jwt_id, jwt) = match mine(&journal, CaKeyKind::Jwt, CaKeyState::Active) {
+            Some(rec) => (rec.id.clone(), self.load_jwt(&rec)?),
+            None => {
+                let (rec, key) = self.new_jwt(CaKeyState::Active, now).await?;
+                journal.push(rec.clone());
+                (rec.id, key)
+            }
+        };
+        let prepared_jwt = match mine(&journal, CaKeyKind::Jwt, CaKeyState::Prepared) {
+            Some(rec) => Some((rec.id.clone(), self.load_jwt(&rec)?)),
+            None => None,
+        };
+        // Anything of ours that is still marked active or prepared but was not picked (expired,
+        // key file gone, older duplicate) is retired so the journal tells the truth.
+        let in_use = [
+            Some(intermediate_id.as_str()),
+            prepared_intermediate.as_ref().map(|p| p.0.as_str()),
+            Some(jwt_id.as_str()),
+            prepared_jwt.as_ref().map(|p| p.0.as_str()),
+        ];
+        let actor = format!("ca:{}", self.server_id);
+        for rec in journal.iter_mut() {
+            if rec.server_id == self.server_id
+                && rec.kind != CaKeyKind::X509Root
+                && rec.state != CaKeyState::Retired
+                && !in_use.contains(&Some(rec.id.as_str()))
+            {
+                self.store
+                    .set_ca_key_state(&rec.id, CaKeyState::Retired, &key_event("ca.key.retired", &actor, rec))
+                    .await?;
+                rec.state = CaKeyState::Retired;
+            }
+        }
+        self.swap(Keys {
+            root,
+            root_id,
+            intermediate,
+            intermediate_id,
+            prepared_intermediate,
+            jwt,
+            jwt_id,
+            prepared_jwt,
+            journal,
+        });
+        Ok(())
+    }
+
+    fn swap(&self, keys: Keys) {
+        match self.keys.write() {
+            Ok(mut guard) => *guard = Arc::new(keys),
+            Err(poisoned) => *poisoned.into_inner() = Arc::new(keys),
+        }
+    }
+
+    fn current(&self) -> Arc<Keys> {
+        match self.keys.read() {
+            Ok(guard) => Arc::clone(&guard),
+            Err(poisoned) => Arc::clone(&poisoned.into_inner()),
+        }
+    }
+
+    fn key_path(&self, id: &str) -> PathBuf {
+        self.key_dir.join(format!("{id}.key.pem"))
+    }
+
+    fn load_intermediate(&self, rec: &CaKeyRecord, root: &Issuer) -> Result<Arc<Issuer>, AuthorityError> {
+        let key = CaKey::from_pkcs8_pem(&read_private(&self.key_path(&rec.id))?)?;
+        let _ = root; // chains are leaf + intermediate; the root travels in the bundle
+        Ok(Arc::new(Issuer::new(CertificateDer::from(rec.public_der.clone()), key, Vec::new())?))
+    }
+
+    fn load_jwt(&self, rec: &CaKeyRecord) -> Result<Arc<JwtKey>, AuthorityError> {
+        Ok(Arc::new(JwtKey::from_pkcs8_pem(&read_private(&self.key_path(&rec.id))?)?))
+    }
+
+    async fn new_intermediate(
+        &self,
+        root: &Issuer,
+        root_id: &str,
+        state: CaKeyState,
+        now: SystemTime,
+    ) -> Result<(CaKeyRecord, Arc<Issuer>), AuthorityError> {
+        let key = CaKey::generate(self.settings.key_type)?;
+        let der = svid::generate_intermediate(root, &self.td, &key, self.settings.intermediate_ttl, now)?;
+        let id = random_id("int");
+        write_private(&self.key_path(&id), key.to_pkcs8_pem().as_bytes())?;
+        let (nb, na) = cert_times(der.as_ref())?;
+        let rec = CaKeyRecord {
+            id: id.clone(),
+            kind: CaKeyKind::X509Intermediate,
+            state,
+            server_id: self.server_id.clone(),
+            parent_id: Some(root_id.to_owned()),
+            public_der: der.to_vec(),
+            not_before: nb,
+            not_after: na,
+            created_at: to_unix(now),
+        };
+        let kind = if state == CaKeyState::Active {
+            "ca.intermediate.activated"
+        } else {
+            "ca.intermediate.prepared"
+        };
+        self.store
+            .insert_ca_key(&rec, &key_event(kind, &format!("ca:{}", self.server_id), &rec))
+            .await?;
+        tracing::info!(key_id = %id, not_after = na, state = ?state, "created issuing intermediate");
+        Ok((rec, Arc::new(Issuer::new(der, key, Vec::new())?)))
+    }
+
+    async fn new_jwt(&self, state: CaKeyState, now: SystemTime) -> Result<(CaKeyRecord, Arc<JwtKey>), AuthorityError> {
+        let key = JwtKey::generate()?;
+        let id = format!("jwt-{}", key.kid());
+        write_private(&self.key_path(&id), key.to_pkcs8_pem().as_bytes())?;
+        let nb = to_unix(now);
+        let na = nb + self.settings.jwt_key_ttl.as_secs() as i64;
+        let rec = CaKeyRecord {
+            id: id.clone(),
+            kind: CaKeyKind::Jwt,
+            state,
+            server_id: self.server_id.clone(),
+            parent_id: None,
+            public_der: key.public_key_der().to_vec(),
+            not_before: nb,
+            not_after: na,
+            created_at: nb,
+        };
+        let kind = if state == CaKeyState::Active {
+            "ca.jwt.activated"
+        } else {
+            "ca.jwt.prepared"
+        };
+        self.store
+            .insert_ca_key(&rec, &key_event(kind, &format!("ca:{}", self.server_id), &rec))
+            .await?;
+        tracing::info!(key_id = %id, not_after = na, state = ?state, "created JWT signing key");
+        Ok((rec, Arc::new(key)))
+    }
+
+    /// One rotation check at `now`: prepares successors at half-life, activates them at a
+    /// sixth of life left (or at once if the active key has expired), retires what they replace.
+    pub async fn rotate(&self, now: SystemTime) -> Result<RotationOutcome, AuthorityError> {
+        let keys = self.current();
+        let now_s = to_unix(now);
+        let mut out = RotationOutcome::default();
+        let mut journal = self.store.list_ca_keys().await?;
+        let find = |j: &[CaKeyRecord], id: &str| j.iter().find(|k| k.id == id).cloned();
+        let actor = format!("ca:{}", self.server_id);
+        let phase = |rec: &CaKeyRecord| {
+            let life = (rec.not_after - rec.not_before).max(1);
+            let left = rec.not_after - now_s;
+            (left * 2 <= life, left * 6 <= life || left <= 0)
+        };
+
+        let mut intermediate = (keys.intermediate_id.clone(), Arc::clone(&keys.intermediate));
+        let mut prepared_intermediate = keys.prepared_intermediate.clone();
+        if let Some(active) = find(&journal, &intermediate.0) {
+            let (prepare, activate) = phase(&active);
+            if prepare && prepared_intermediate.is_none() {
+                let (rec, issuer) = self
+                    .new_intermediate(&keys.root, &keys.root_id, CaKeyState::Prepared, now)
+                    .await?;
+                out.prepared.push(rec.id.clone());
+                journal.push(rec.clone());
+                prepared_intermediate = Some((rec.id, issuer));
+            }
+            if activate {
+                if let Some((next_id, next)) = prepared_intermediate.take() {
+                    if let Some(rec) = find(&journal, &next_id) {
+                        self.store
+                            .set_ca_key_state(&next_id, CaKeyState::Active, &key_event("ca.intermediate.activated", &actor, &rec))
+                            .await?;
+                    }
+                    self.store
+                        .set_ca_key_state(&active.id, CaKeyState::Retired, &key_event("ca.intermediate.retired", &actor, &active))
+                        .await?;
+                    tracing::info!(old = %active.id, new = %next_id, "activated issuing intermediate");
+                    out.activated.push(next_id.clone());
+                    out.retired.push(active.id.clone());
+                    intermediate = (next_id, next);
+                }
+            }
+        }
+
+        let mut jwt = (keys.jwt_id.clone(), Arc::clone(&keys.jwt));
+        let mut prepared_jwt = keys.prepared_jwt.clone();
+        if let Some(active) = find(&journal, &jwt.0) {
+            let (prepare, activate) = phase(&active);
+            if prepare && prepared_jwt.is_none() {
+                let (rec, key) = self.new_jwt(CaKeyState::Prepared, now).await?;
+                out.prepared.push(rec.id.clone());
+                journal.push(rec.clone());
+                prepared_jwt = Some((rec.id, key));
+            }
+            if activate {
+                if let Some((next_id, next)) = prepared_jwt.take() {
+                    if let Some(rec) = find(&journal, &next_id) {
+                        self.store
+                            .set_ca_key_state(&next_id, CaKeyState::Active, &key_event("ca.jwt.activated", &actor, &rec))
+                            .await?;
+                    }
+                    self.store
+                        .set_ca_key_state(&active.id, CaKeyState::Retired, &key_event("ca.jwt.retired", &actor, &active))
+                        .await?;
+                    tracing::info!(old = %active.id, new = %next_id, "activated JWT signing key");
+                    out.activated.push(next_id.clone());
+                    out.retired.push(active.id.clone());
+                    jwt = (next_id, next);
+                }
+            }
+        }
+        if keys.root.not_after() - now_s < self.settings.intermediate_ttl.as_secs() as i64 {
+            tracing::warn!(root_id = %keys.root_id, not_after = keys.root.not_after(), "trust anchor expires within one intermediate lifetime; plan a root rotation");
+        }
+        let journal = if out.is_empty() {
+            journal
+        } else {
+            self.store.list_ca_keys().await?
+        };
+        self.swap(Keys {
+            root: Arc::clone(&keys.root),
+            root_id: keys.root_id.clone(),
+            intermediate: intermediate.1,
+            intermediate_id: intermediate.0,
+            prepared_intermediate,
+            jwt: jwt.1,
+            jwt_id: jwt.0,
+            prepared_jwt,
+            journal,
+        });
+        Ok(out)
+    }
+
+    /// The trust domain.
+    pub fn trust_domain(&self) -> &TrustDomain {
+        &self.td
+    }
+
+    /// This server's id.
+    pub fn server_id(&self) -> &str {
+        &self.server_id
+    }
+
+    /// The settings in force.
+    pub fn settings(&self) -> &CaSettings {
+        &self.settings
+    }
+
+    fn check_member(&self, id: &SpiffeId) -> Result<(), AuthorityError> {
+        if id.is_member_of(&self.td) {
+            Ok(())
+        } else {
+            Err(AuthorityError::ForeignId {
+                id: id.to_string(),
+                trust_domain: self.td.to_string(),
+            })
+        }
+    }
+
+    /// Signs an X.509-SVID for `spiffe_id` over the public key of a DER CSR. Only the key is
+    /// taken from the CSR. `ttl` `None` means the configured default.
+    pub fn sign_x509_svid(
+        &self,
+        csr_der: &[u8],
+        spiffe_id: &SpiffeId,
+        dns_names: &[String],
+        ttl: Option<Duration>,
+    ) -> Result<IssuedSvid, AuthorityError> {
+        self.check_member(spiffe_id)?;
+        let csr = svid::parse_csr(csr_der)?;
+        let issuer = Arc::clone(&self.current().intermediate);
+        Ok(svid::sign_x509_svid(
+            &issuer,
+            &csr,
+            spiffe_id,
+            dns_names,
+            ttl.unwrap_or(self.settings.default_x509_svid_ttl),
+            SystemTime::now(),
+        )?)
+    }
+
+    /// Signs the X.509-SVID of a registration entry: the identity, DNS names and lifetime come
+    /// from the entry, never from the CSR.
+    pub fn sign_for_entry(&self, entry: &RegistrationEntry, csr_der: &[u8]) -> Result<IssuedSvid, AuthorityError> {
+        self.sign_x509_svid(csr_der, &entry.spiffe_id, &entry.dns_names, entry.x509_svid_ttl)
+    }
+
+    /// Mints a JWT-SVID. Returns the token and its expiry (unix seconds).
+    pub fn mint_jwt_svid(
+        &self,
+        spiffe_id: &SpiffeId,
+        audience: &[String],
+        ttl: Option<Duration>,
+    ) -> Result<(String, i64), AuthorityError> {
+        self.check_member(spiffe_id)?;
+        let ttl = ttl.unwrap_or(self.settings.default_jwt_svid_ttl);
+        let now = SystemTime::now();
+        let key = Arc::clone(&self.current().jwt);
+        let token = jwt::mint_jwt_svid(&key, spiffe_id, audience, ttl, now)?;
+        Ok((token, to_unix(now) + ttl.as_secs() as i64))
+    }
+
+    /// The trust bundle: every unexpired root that is prepared or active, and every JWT key
+    /// (of any server) that is prepared or active, or retired but possibly still verifying
+    /// tokens. The sequence is derived from the journal, so all servers agree on it.
+    pub fn bundle(&self) -> TrustBundle {
+        bundle_from_journal(&self.td, &self.current().journal, &self.settings, SystemTime::now())
+    }
+
+    /// The CA journal as last loaded.
+    pub fn journal(&self) -> Vec<CaKeyRecord> {
+        self.current().journal.clone()
+    }
+
+    /// Expiry (unix seconds) of the active intermediate and root.
+    pub fn expiries(&self) -> (i64, i64) {
+        let k = self.current();
+        (k.intermediate.not_after(), k.root.not_after())
+    }
+
+    /// Reloads the journal from the datastore (to see keys other servers added).
+    pub async fn refresh_journal(&self) -> Result<(), AuthorityError> {
+        let journal = self.store.list_ca_keys().await?;
+        let k = self.current();
+        self.swap(Keys {
+            root: Arc::clone(&k.root),
+            root_id: k.root_id.clone(),
+            intermediate: Arc::clone(&k.intermediate),
+            intermediate_id: k.intermediate_id.clone(),
+            prepared_intermediate: k.prepared_intermediate.clone(),
+            jwt: Arc::clone(&k.jwt),
+            jwt_id: k.jwt_id.clone(),
+            prepared_jwt: k.prepared_jwt.clone(),
+            journal,
+        });
+        Ok(())
+    }
+}
+
+/// Computes the bundle from a journal at `now` (pure, so every server computes the same one).
+pub fn bundle_from_journal(td: &TrustDomain, journal: &[CaKeyRecord], settings: &CaSettings, now: SystemTime) -> TrustBundle {
+    let now_s = to_unix(now);
+    let jwt_grace = settings.default_jwt_svid_ttl.max(crate::entry::MAX_JWT_TTL).as_secs() as i64;
+    let mut sequence = 0i64;
+    let mut roots = Vec::new();
+    let mut jwt_keys = Vec::new();
+    let mut seen = HashMap::new();
+    for k in journal {
+        match k.kind {
+            CaKeyKind::X509Root => {
+                let member = k.state != CaKeyState::Retired && k.not_after > now_s;
+                if member {
+                    sequence = sequence.max(k.created_at);
+                    roots.push(CertificateDer::from(k.public_der.clone()));
+                } else {
+                    sequence = sequence.max(k.not_after.min(now_s));
+                }
+            }
+            CaKeyKind::Jwt => {
+                let leaves = k.not_after + jwt_grace;
+                if leaves > now_s {
+                    sequence = sequence.max(k.created_at);
+                    if seen.insert(k.id.clone(), ()).is_none() {
+                        if let Ok(jwk) = jwt::jwk_from_spki(&k.public_der, k.id.trim_start_matches("jwt-")) {
+                            jwt_keys.push(jwk);
+                        }
+                    }
+                } else {
+                    sequence = sequence.max(leaves);
+                }
+            }
+            CaKeyKind::X509Intermediate => {}
+        }
+    }
+    TrustBundle {
+        trust_domain: td.clone(),
+        x509_authorities: roots,
+        jwt_authorities: jwt_keys,
+        sequence: sequence.max(0) as u64,
+        refresh_hint: settings.bundle_refresh_hint,
+    }
+}
+
+fn key_event(kind: &str, actor: &str, rec: &CaKeyRecord) -> AuditEvent {
+    AuditEvent::new(
+        kind,
+        actor,
+        serde_json::json!({
+            "key_id": rec.id,
+            "server_id": rec.server_id,
+            "not_before": rec.not_before,
+            "not_after": rec.not_after,
+        }),
+    )
+}
+
+fn sha2_digest(data: &[u8]) -> [u8; 32] {
+    use sha2::Digest;
+    sha2::Sha256::digest(data).into()
+}
+
+fn pem_cert(pem: &str) -> Result<CertificateDer<'static>, AuthorityError> {
+    use rustls_pki_types::pem::PemObject;
+    CertificateDer::from_pem_slice(pem.as_bytes())
+        .map_err(|e| AuthorityError::Inconsistent(format!("upstream certificate is not a PEM certificate: {e}")))
+}

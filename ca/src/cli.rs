@@ -1,0 +1,661 @@
+//! Command-line wiring: parse arguments, then either run the server or make one admin call.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use meshid_api::admin;
+use meshid_ca::config::{Config, ConfigError, RawConfig};
+use tracing_subscriber::EnvFilter;
+
+/// Exit code for a configuration error (EX_USAGE... EX_CONFIG is 78; sysexits' 64 is what
+/// operators of our other binaries see for "fix your invocation or config").
+const EXIT_CONFIG: u8 = 64;
+const DEFAULT_SOCKET: &str = "/var/lib/meshid/ca/admin.sock";
+
+#[derive(Parser, Debug)]
+#[command(name = "meshid-ca", version, about = "meshid certificate authority and operator CLI")]
+pub struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Run the CA server.
+    Run(RunArgs),
+    /// Manage registration entries.
+    #[command(subcommand)]
+    Entry(EntryCommand),
+    /// Manage join tokens.
+    #[command(subcommand)]
+    Token(TokenCommand),
+    /// Show the trust bundle.
+    #[command(subcommand)]
+    Bundle(BundleCommand),
+    /// Mint an X.509-SVID for debugging (the key is generated here, never sent).
+    #[command(subcommand)]
+    X509(X509Command),
+    /// Mint a JWT-SVID for debugging.
+    #[command(subcommand)]
+    Jwt(JwtCommand),
+    /// CA key status.
+    #[command(subcommand)]
+    Ca(CaCommand),
+    /// The audit log.
+    #[command(subcommand)]
+    Audit(AuditCommand),
+    /// Exit 0 if the server answers on its admin socket.
+    Healthcheck(Conn),
+}
+
+#[derive(Args, Debug)]
+struct RunArgs {
+    /// TOML configuration file.
+    #[arg(long, short)]
+    config: Option<PathBuf>,
+    /// Trust domain (overrides the file).
+    #[arg(long)]
+    trust_domain: Option<String>,
+    /// Data directory (overrides the file).
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
+    /// Admin socket path (overrides the file).
+    #[arg(long)]
+    admin_socket: Option<PathBuf>,
+    /// Health and metrics listener, host:port (overrides the file).
+    #[arg(long)]
+    ops_address: Option<String>,
+    /// Check the configuration and exit.
+    #[arg(long)]
+    check: bool,
+}
+
+#[derive(Args, Debug, Clone)]
+struct Conn {
+    /// The CA's admin socket.
+    #[arg(long, short = 's', default_value = DEFAULT_SOCKET, global = true)]
+    socket: PathBuf,
+}
+
+#[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+enum Output {
+    Text,
+    Json,
+}
+
+#[derive(Args, Debug)]
+struct EntryFields {
+    /// The SPIFFE ID to issue.
+    #[arg(long)]
+    spiffe_id: Option<String>,
+    /// The parent (agent) SPIFFE ID.
+    #[arg(long)]
+    parent_id: Option<String>,
+    /// A selector, type:key:value (repeat for several; a workload needs all).
+    #[arg(long = "selector")]
+    selectors: Vec<String>,
+    /// X.509-SVID lifetime, e.g. 1h.
+    #[arg(long, value_parser = humantime::parse_duration)]
+    x509_ttl: Option<Duration>,
+    /// JWT-SVID lifetime, e.g. 5m.
+    #[arg(long, value_parser = humantime::parse_duration)]
+    jwt_ttl: Option<Duration>,
+    /// DNS SAN (repeatable).
+    #[arg(long = "dns-name")]
+    dns_names: Vec<String>,
+    /// Federated trust domain (repeatable).
+    #[arg(long = "federates-with")]
+    federates_with: Vec<String>,
+    /// Admin flag.
+    #[arg(long)]
+    admin: Option<bool>,
+    /// Hint for workloads with several SVIDs.
+    #[arg(long)]
+    hint: Option<String>,
+}
+
+#[derive(Subcommand, Debug)]
+enum EntryCommand {
+    /// Create an entry.
+    Create {
+        #[command(flatten)]
+        conn: Conn,
+        /// Entry id (random if not given).
+        #[arg(long)]
+        id: Option<String>,
+        #[command(flatten)]
+        fields: EntryFields,
+        #[arg(long, value_enum, default_value = "text")]
+        output: Output,
+    },
+    /// List entries.
+    List {
+        #[command(flatten)]
+        conn: Conn,
+        /// Only entries with this parent.
+        #[arg(long)]
+        parent_id: Option<String>,
+        #[arg(long, value_enum, default_value = "text")]
+        output: Output,
+    },
+    /// Show one entry.
+    Show {
+        #[command(flatten)]
+        conn: Conn,
+        id: String,
+        #[arg(long, value_enum, default_value = "text")]
+        output: Output,
+    },
+    /// Change an entry; fields not given keep their value (selectors, DNS names and
+    /// federations are replaced as a whole when given).
+    Update {
+        #[command(flatten)]
+        conn: Conn,
+        id: String,
+        #[command(flatten)]
+        fields: EntryFields,
+        #[arg(long, value_enum, default_value = "text")]
+        output: Output,
+    },
+    /// Delete an entry.
+    Delete {
+        #[command(flatten)]
+        conn: Conn,
+        id: String,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum TokenCommand {
+    /// Generate a single-use join token.
+    Generate {
+        #[command(flatten)]
+        conn: Conn,
+        /// Lifetime, e.g. 10m (default: the server's).
+        #[arg(long, value_parser = humantime::parse_duration)]
+        ttl: Option<Duration>,
+    },
+}
+
+#[derive(ValueEnum, Debug, Clone, Copy)]
+enum BundleFormat {
+    Pem,
+    Spiffe,
+}
+
+#[derive(Subcommand, Debug)]
+enum BundleCommand {
+    /// Print the trust bundle.
+    Show {
+        #[command(flatten)]
+        conn: Conn,
+        #[arg(long, value_enum, default_value = "pem")]
+        format: BundleFormat,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum X509Command {
+    /// Mint an X.509-SVID; writes svid.pem (leaf), chain.pem (leaf and intermediates),
+    /// key.pem (mode 0600) and bundle.pem.
+    Mint {
+        #[command(flatten)]
+        conn: Conn,
+        #[arg(long)]
+        spiffe_id: String,
+        #[arg(long, value_parser = humantime::parse_duration)]
+        ttl: Option<Duration>,
+        #[arg(long = "dns-name")]
+        dns_names: Vec<String>,
+        /// Directory to write into.
+        #[arg(long, default_value = ".")]
+        out_dir: PathBuf,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum JwtCommand {
+    /// Mint a JWT-SVID and print it.
+    Mint {
+        #[command(flatten)]
+        conn: Conn,
+        #[arg(long)]
+        spiffe_id: String,
+        /// Audience (repeatable, at least one).
+        #[arg(long = "audience", required = true)]
+        audience: Vec<String>,
+        #[arg(long, value_parser = humantime::parse_duration)]
+        ttl: Option<Duration>,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum CaCommand {
+    /// Show the CA journal: roots, intermediates, JWT keys and their states.
+    Status {
+        #[command(flatten)]
+        conn: Conn,
+        #[arg(long, value_enum, default_value = "text")]
+        output: Output,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum AuditCommand {
+    /// Check the hash chain; exit 1 and name the first bad record if it was tampered with.
+    Verify {
+        #[command(flatten)]
+        conn: Conn,
+    },
+}
+
+fn init_tracing(json: bool, default: &str) {
+    let filter = EnvFilter::try_from_env("MESHID_LOG").unwrap_or_else(|_| EnvFilter::new(default));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    if json {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+}
+
+/// Runs the parsed command.
+pub async fn main(cli: Cli) -> ExitCode {
+    match cli.command {
+        Command::Run(args) => run(args).await,
+        other => {
+            init_tracing(false, "warn");
+            match client(other).await {
+                Ok(code) => code,
+                Err(e) => {
+                    eprintln!("meshid-ca: {e:#}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+    }
+}
+
+fn load_config(args: &RunArgs) -> Result<Config, ConfigError> {
+    let mut raw = match &args.config {
+        Some(path) => RawConfig::from_file(path)?,
+        None => RawConfig::default(),
+    };
+    if let Some(td) = &args.trust_domain {
+        raw.trust_domain = Some(td.clone());
+    }
+    if let Some(dir) = &args.data_dir {
+        raw.data_dir = Some(dir.clone());
+    }
+    if let Some(sock) = &args.admin_socket {
+        raw.admin_socket = Some(sock.clone());
+    }
+    if let Some(ops) = &args.ops_address {
+        raw.ops_address = Some(ops.clone());
+    }
+    Config::try_from(raw)
+}
+
+async fn shutdown_signal() {
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term => {}
+    }
+}
+
+async fn run(args: RunArgs) -> ExitCode {
+    // Config is loaded and validated before anything is created or bound.
+    let config = match load_config(&args) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("meshid-ca: {e}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    if args.check {
+        eprintln!("meshid-ca: configuration is valid");
+        return ExitCode::SUCCESS;
+    }
+    init_tracing(config.log_json, "info");
+    match serve(config).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!(error = %format!("{e:#}"), "meshid-ca stopped");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn serve(config: Config) -> anyhow::Result<()> {
+    tracing::info!(
+        trust_domain = %config.trust_domain,
+        server_id = %config.server_id,
+        datastore = %meshid_ca::config::redact_url(config.datastore.as_str()),
+        data_dir = %config.data_dir.display(),
+        "starting meshid-ca"
+    );
+    let ca = meshid_ca::server::build(&config).await?;
+    let admin = meshid_ca::server::bind_private_socket(&config.admin_socket)
+        .with_context(|| format!("cannot bind admin socket {}", config.admin_socket.display()))?;
+    let ops = tokio::net::TcpListener::bind(config.ops_address)
+        .await
+        .with_context(|| format!("cannot bind ops listener {}", config.ops_address))?;
+    tracing::info!(admin_socket = %config.admin_socket.display(), ops_address = %ops.local_addr()?, "listening");
+    meshid_ca::server::run(ca, meshid_ca::server::Listeners { admin, ops }, shutdown_signal()).await
+}
+
+async fn channel(conn: &Conn) -> anyhow::Result<tonic::transport::Channel> {
+    Ok(meshid_api::client::connect_unix(&conn.socket).await?)
+}
+
+fn status_err(s: tonic::Status) -> anyhow::Error {
+    anyhow::anyhow!("{}", s.message())
+}
+
+fn entry_json(e: &admin::Entry) -> serde_json::Value {
+    serde_json::json!({
+        "id": e.id,
+        "spiffe_id": e.spiffe_id,
+        "parent_id": e.parent_id,
+        "selectors": e.selectors,
+        "x509_svid_ttl": e.x509_svid_ttl,
+        "jwt_svid_ttl": e.jwt_svid_ttl,
+        "dns_names": e.dns_names,
+        "federates_with": e.federates_with,
+        "admin": e.admin,
+        "hint": e.hint,
+        "created_at": e.created_at,
+        "updated_at": e.updated_at,
+        "revision": e.revision,
+    })
+}
+
+fn entry_text(e: &admin::Entry) -> String {
+    let mut s = format!(
+        "Entry ID       : {}\nSPIFFE ID      : {}\nParent ID      : {}\nRevision       : {}\n",
+        e.id, e.spiffe_id, e.parent_id, e.revision
+    );
+    let ttl = |t: u64| if t == 0 { "default".to_owned() } else { format!("{t}s") };
+    s.push_str(&format!("X509-SVID TTL  : {}\nJWT-SVID TTL   : {}\n", ttl(e.x509_svid_ttl), ttl(e.jwt_svid_ttl)));
+    for sel in &e.selectors {
+        s.push_str(&format!("Selector       : {sel}\n"));
+    }
+    for d in &e.dns_names {
+        s.push_str(&format!("DNS name       : {d}\n"));
+    }
+    for f in &e.federates_with {
+        s.push_str(&format!("FederatesWith  : {f}\n"));
+    }
+    if e.admin {
+        s.push_str("Admin          : true\n");
+    }
+    if !e.hint.is_empty() {
+        s.push_str(&format!("Hint           : {}\n", e.hint));
+    }
+    s
+}
+
+fn print_entry(e: &admin::Entry, output: Output) {
+    match output {
+        Output::Json => println!("{}", entry_json(e)),
+        Output::Text => print!("{}", entry_text(e)),
+    }
+}
+
+fn apply_fields(e: &mut admin::Entry, f: EntryFields) {
+    if let Some(v) = f.spiffe_id {
+        e.spiffe_id = v;
+    }
+    if let Some(v) = f.parent_id {
+        e.parent_id = v;
+    }
+    if !f.selectors.is_empty() {
+        e.selectors = f.selectors;
+    }
+    if let Some(v) = f.x509_ttl {
+        e.x509_svid_ttl = v.as_secs().max(1);
+    }
+    if let Some(v) = f.jwt_ttl {
+        e.jwt_svid_ttl = v.as_secs().max(1);
+    }
+    if !f.dns_names.is_empty() {
+        e.dns_names = f.dns_names;
+    }
+    if !f.federates_with.is_empty() {
+        e.federates_with = f.federates_with;
+    }
+    if let Some(v) = f.admin {
+        e.admin = v;
+    }
+    if let Some(v) = f.hint {
+        e.hint = v;
+    }
+}
+
+fn write_file(path: &Path, contents: &[u8], mode: u32) -> anyhow::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(mode)
+        .open(path)
+        .with_context(|| format!("cannot write {}", path.display()))?;
+    f.write_all(contents)?;
+    Ok(())
+}
+
+fn pem(label: &str, der: &[u8]) -> String {
+    use base64::Engine;
+    let b64 = base64::engine::general_purpose::STANDARD.encode(der);
+    let mut out = format!("-----BEGIN {label}-----\n");
+    for chunk in b64.as_bytes().chunks(64) {
+        out.push_str(&String::from_utf8_lossy(chunk));
+        out.push('\n');
+    }
+    out.push_str(&format!("-----END {label}-----\n"));
+    out
+}
+
+async fn client(cmd: Command) -> anyhow::Result<ExitCode> {
+    use admin::audit_client::AuditClient;
+    use admin::authority_client::AuthorityClient;
+    use admin::entries_client::EntriesClient;
+    use admin::tokens_client::TokensClient;
+    match cmd {
+        Command::Run(_) => bail!("unreachable"),
+        Command::Entry(EntryCommand::Create { conn, id, fields, output }) => {
+            let mut e = admin::Entry {
+                id: id.unwrap_or_default(),
+                ..Default::default()
+            };
+            apply_fields(&mut e, fields);
+            let mut c = EntriesClient::new(channel(&conn).await?);
+            let e = c
+                .create_entry(admin::CreateEntryRequest { entry: Some(e) })
+                .await
+                .map_err(status_err)?
+                .into_inner();
+            print_entry(&e, output);
+        }
+        Command::Entry(EntryCommand::List { conn, parent_id, output }) => {
+            let mut c = EntriesClient::new(channel(&conn).await?);
+            let r = c
+                .list_entries(admin::ListEntriesRequest {
+                    parent_id: parent_id.unwrap_or_default(),
+                })
+                .await
+                .map_err(status_err)?
+                .into_inner();
+            match output {
+                Output::Json => println!("{}", serde_json::Value::Array(r.entries.iter().map(entry_json).collect())),
+                Output::Text => {
+                    println!("Found {} entries", r.entries.len());
+                    for e in &r.entries {
+                        println!();
+                        print!("{}", entry_text(e));
+                    }
+                }
+            }
+        }
+        Command::Entry(EntryCommand::Show { conn, id, output }) => {
+            let mut c = EntriesClient::new(channel(&conn).await?);
+            let e = c.get_entry(admin::GetEntryRequest { id }).await.map_err(status_err)?.into_inner();
+            print_entry(&e, output);
+        }
+        Command::Entry(EntryCommand::Update { conn, id, fields, output }) => {
+            let mut c = EntriesClient::new(channel(&conn).await?);
+            let mut e = c.get_entry(admin::GetEntryRequest { id }).await.map_err(status_err)?.into_inner();
+            apply_fields(&mut e, fields);
+            let e = c
+                .update_entry(admin::UpdateEntryRequest { entry: Some(e) })
+                .await
+                .map_err(status_err)?
+                .into_inner();
+            print_entry(&e, output);
+        }
+        Command::Entry(EntryCommand::Delete { conn, id }) => {
+            let mut c = EntriesClient::new(channel(&conn).await?);
+            let e = c.delete_entry(admin::DeleteEntryRequest { id }).await.map_err(status_err)?.into_inner();
+            println!("Deleted entry {}", e.id);
+        }
+        Command::Token(TokenCommand::Generate { conn, ttl }) => {
+            let mut c = TokensClient::new(channel(&conn).await?);
+            let r = c
+                .generate_token(admin::GenerateTokenRequest {
+                    ttl: ttl.map_or(0, |d| d.as_secs().max(1)),
+                })
+                .await
+                .map_err(status_err)?
+                .into_inner();
+            println!("Token: {}", r.token);
+            println!("Token ID: {}", r.id);
+            println!("Expires at: {}", r.expires_at);
+        }
+        Command::Bundle(BundleCommand::Show { conn, format }) => {
+            let mut c = AuthorityClient::new(channel(&conn).await?);
+            let b = c.get_bundle(admin::GetBundleRequest {}).await.map_err(status_err)?.into_inner();
+            match format {
+                BundleFormat::Pem => print!("{}", b.pem),
+                BundleFormat::Spiffe => {
+                    let v: serde_json::Value = serde_json::from_str(&b.spiffe_json).context("server sent a malformed bundle")?;
+                    println!("{}", serde_json::to_string_pretty(&v)?);
+                }
+            }
+        }
+        Command::X509(X509Command::Mint {
+            conn,
+            spiffe_id,
+            ttl,
+            dns_names,
+            out_dir,
+        }) => {
+            let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).context("cannot generate a key")?;
+            let params = rcgen::CertificateParams::new(Vec::<String>::new()).context("csr params")?;
+            let csr = params.serialize_request(&key).context("cannot build the CSR")?;
+            let mut c = AuthorityClient::new(channel(&conn).await?);
+            let r = c
+                .mint_x509_svid(admin::MintX509SvidRequest {
+                    spiffe_id,
+                    csr: csr.der().to_vec(),
+                    ttl: ttl.map_or(0, |d| d.as_secs().max(1)),
+                    dns_names,
+                })
+                .await
+                .map_err(status_err)?
+                .into_inner();
+            std::fs::create_dir_all(&out_dir).with_context(|| format!("cannot create {}", out_dir.display()))?;
+            let leaf = r.chain.first().context("server returned an empty chain")?;
+            write_file(&out_dir.join("svid.pem"), pem("CERTIFICATE", leaf).as_bytes(), 0o644)?;
+            let chain: String = r.chain.iter().map(|c| pem("CERTIFICATE", c)).collect();
+            write_file(&out_dir.join("chain.pem"), chain.as_bytes(), 0o644)?;
+            let bundle: String = r.bundle.iter().map(|c| pem("CERTIFICATE", c)).collect();
+            write_file(&out_dir.join("bundle.pem"), bundle.as_bytes(), 0o644)?;
+            let key_pem = zeroize::Zeroizing::new(key.serialize_pem());
+            write_file(&out_dir.join("key.pem"), key_pem.as_bytes(), 0o600)?;
+            println!("Serial: {}", r.serial);
+            println!("Not after: {}", r.not_after);
+            println!(
+                "Wrote svid.pem, chain.pem, key.pem and bundle.pem to {}",
+                out_dir.display()
+            );
+        }
+        Command::Jwt(JwtCommand::Mint {
+            conn,
+            spiffe_id,
+            audience,
+            ttl,
+        }) => {
+            let mut c = AuthorityClient::new(channel(&conn).await?);
+            let r = c
+                .mint_jwt_svid(admin::MintJwtSvidRequest {
+                    spiffe_id,
+                    audience,
+                    ttl: ttl.map_or(0, |d| d.as_secs().max(1)),
+                })
+                .await
+                .map_err(status_err)?
+                .into_inner();
+            println!("{}", r.token);
+        }
+        Command::Ca(CaCommand::Status { conn, output }) => {
+            let mut c = AuthorityClient::new(channel(&conn).await?);
+            let s = c.status(admin::StatusRequest {}).await.map_err(status_err)?.into_inner();
+            let keys: Vec<_> = s
+                .keys
+                .iter()
+                .map(|k| {
+                    serde_json::json!({"id": k.id, "kind": k.kind, "state": k.state, "server_id": k.server_id,
+                        "not_before": k.not_before, "not_after": k.not_after})
+                })
+                .collect();
+            match output {
+                Output::Json => println!(
+                    "{}",
+                    serde_json::json!({"trust_domain": s.trust_domain, "server_id": s.server_id,
+                        "datastore": s.datastore, "entries": s.entries, "keys": keys})
+                ),
+                Output::Text => {
+                    println!("Trust domain : {}", s.trust_domain);
+                    println!("Server ID    : {}", s.server_id);
+                    println!("Datastore    : {}", s.datastore);
+                    println!("Entries      : {}", s.entries);
+                    for k in &s.keys {
+                        println!(
+                            "{:<18} {:<9} {:<28} server={} not_after={}",
+                            k.kind, k.state, k.id, k.server_id, k.not_after
+                        );
+                    }
+                }
+            }
+        }
+        Command::Audit(AuditCommand::Verify { conn }) => {
+            let mut c = AuditClient::new(channel(&conn).await?);
+            let r = c.verify(admin::VerifyAuditRequest {}).await.map_err(status_err)?.into_inner();
+            if r.ok {
+                println!("audit log OK: {} records verified", r.records);
+            } else {
+                println!("audit log TAMPERED: first bad record {}: {}", r.first_bad_seq, r.reason);
+                return Ok(ExitCode::FAILURE);
+            }
+        }
+        Command::Healthcheck(conn) => {
+            let mut c = AuthorityClient::new(channel(&conn).await?);
+            c.status(admin::StatusRequest {}).await.map_err(status_err)?;
+            println!("meshid-ca is healthy");
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}

@@ -1,0 +1,409 @@
+//! Configuration of `meshid-ca run`.
+//!
+//! The TOML file is read into [`RawConfig`] (unknown keys are errors that name the key), then
+//! converted into a typed [`Config`] in which every duration, path and identifier has been
+//! checked. Every key has a default; `trust_domain` and `data_dir` are enough to start.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+use spiffe::TrustDomain;
+
+use crate::svid::KeyType;
+
+/// Default lifetime of a trust anchor.
+pub const DEFAULT_ROOT_TTL: Duration = Duration::from_secs(365 * 24 * 3600);
+/// Default lifetime of an issuing intermediate.
+pub const DEFAULT_INTERMEDIATE_TTL: Duration = Duration::from_secs(24 * 3600);
+/// Default lifetime of an X.509-SVID.
+pub const DEFAULT_X509_SVID_TTL: Duration = Duration::from_secs(3600);
+/// Default lifetime of a JWT-SVID.
+pub const DEFAULT_JWT_SVID_TTL: Duration = Duration::from_secs(300);
+/// Default lifetime of a join token.
+pub const DEFAULT_JOIN_TOKEN_TTL: Duration = Duration::from_secs(600);
+
+/// Why a configuration was refused.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read config {path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+    /// The TOML is malformed or has an unknown key (the message names it, with line and column).
+    #[error("invalid config {path}: {source}")]
+    Parse {
+        /// The file.
+        path: PathBuf,
+        /// What the TOML parser said.
+        source: Box<toml::de::Error>,
+    },
+    /// A value is present but wrong.
+    #[error("invalid config: {key}: {reason}")]
+    Invalid {
+        /// The key, dotted (`ca.intermediate_ttl`).
+        key: &'static str,
+        /// What is wrong and what to do.
+        reason: String,
+    },
+}
+
+fn invalid(key: &'static str, reason: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        key,
+        reason: reason.into(),
+    }
+}
+
+/// The configuration file as written. Every field is optional.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawConfig {
+    /// The trust domain, e.g. `example.org`.
+    pub trust_domain: Option<String>,
+    /// Directory for the CA's keys and the SQLite database.
+    pub data_dir: Option<PathBuf>,
+    /// `sqlite` (default: a file in the data directory), `sqlite://PATH` or `postgres://...`.
+    pub datastore: Option<String>,
+    /// Name of this CA server; each server of a trust domain has its own intermediate.
+    pub server_id: Option<String>,
+    /// Path of the admin API socket (default `<data_dir>/admin.sock`).
+    pub admin_socket: Option<PathBuf>,
+    /// `host:port` of the health and metrics HTTP listener (default `127.0.0.1:8081`).
+    pub ops_address: Option<String>,
+    /// `text` (default) or `json` log lines.
+    pub log_format: Option<String>,
+    /// Key and certificate settings.
+    #[serde(default)]
+    pub ca: RawCaConfig,
+    /// Join token settings.
+    #[serde(default)]
+    pub join_tokens: RawTokenConfig,
+}
+
+/// `[ca]` as written.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawCaConfig {
+    /// `ec-p256` (default) or `ec-p384`.
+    pub key_type: Option<String>,
+    /// Trust anchor lifetime, e.g. `8760h`.
+    pub root_ttl: Option<String>,
+    /// Issuing intermediate lifetime, e.g. `24h`.
+    pub intermediate_ttl: Option<String>,
+    /// JWT signing key lifetime (default: the intermediate's).
+    pub jwt_key_ttl: Option<String>,
+    /// Default X.509-SVID lifetime.
+    pub default_x509_svid_ttl: Option<String>,
+    /// Default JWT-SVID lifetime.
+    pub default_jwt_svid_ttl: Option<String>,
+    /// How often rotation is checked (default 10s).
+    pub rotation_interval: Option<String>,
+    /// PEM certificate of an operator-supplied root (upstream authority).
+    pub upstream_cert: Option<PathBuf>,
+    /// PEM PKCS#8 key of the operator-supplied root.
+    pub upstream_key: Option<PathBuf>,
+    /// `spiffe_refresh_hint` published in the bundle (default 5m).
+    pub bundle_refresh_hint: Option<String>,
+}
+
+/// `[join_tokens]` as written.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawTokenConfig {
+    /// Default lifetime, e.g. `10m`.
+    pub default_ttl: Option<String>,
+}
+
+/// Where the datastore lives.
+#[derive(Clone, PartialEq, Eq)]
+pub struct DatastoreUrl(String);
+
+impl DatastoreUrl {
+    /// The URL to open.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+
+    /// `sqlite` or `postgres`.
+    pub fn backend(&self) -> &'static str {
+        if self.0.starts_with("postgres") {
+            "postgres"
+        } else {
+            "sqlite"
+        }
+    }
+}
+
+impl std::fmt::Debug for DatastoreUrl {
+    /// Never prints a password that may be in the URL.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "DatastoreUrl({})", redact_url(&self.0))
+    }
+}
+
+/// `scheme://user:secret@host/...` → `scheme://user:***@host/...`.
+pub fn redact_url(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_owned();
+    };
+    let (authority, tail) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
+    match authority.rsplit_once('@') {
+        Some((userinfo, host)) => {
+            let user = userinfo.split(':').next().unwrap_or("");
+            format!("{scheme}://{user}:***@{host}{tail}")
+        }
+        None => url.to_owned(),
+    }
+}
+
+/// The upstream authority: an operator-supplied root certificate and key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UpstreamAuthority {
+    /// PEM certificate.
+    pub cert: PathBuf,
+    /// PEM PKCS#8 private key.
+    pub key: PathBuf,
+}
+
+/// The CA's key settings.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CaSettings {
+    /// Key algorithm of roots and intermediates.
+    pub key_type: KeyType,
+    /// Root lifetime.
+    pub root_ttl: Duration,
+    /// Intermediate lifetime.
+    pub intermediate_ttl: Duration,
+    /// JWT key lifetime.
+    pub jwt_key_ttl: Duration,
+    /// Default X.509-SVID lifetime.
+    pub default_x509_svid_ttl: Duration,
+    /// Default JWT-SVID lifetime.
+    pub default_jwt_svid_ttl: Duration,
+    /// How often rotation is checked.
+    pub rotation_interval: Duration,
+    /// Operator-supplied root, if any.
+    pub upstream: Option<UpstreamAuthority>,
+    /// Published refresh hint.
+    pub bundle_refresh_hint: Duration,
+}
+
+/// The validated configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// The trust domain.
+    pub trust_domain: TrustDomain,
+    /// Data directory (created with mode 0700).
+    pub data_dir: PathBuf,
+    /// The datastore.
+    pub datastore: DatastoreUrl,
+    /// This server's name.
+    pub server_id: String,
+    /// Admin API socket path.
+    pub admin_socket: PathBuf,
+    /// Health and metrics listener.
+    pub ops_address: SocketAddr,
+    /// JSON logs.
+    pub log_json: bool,
+    /// Key settings.
+    pub ca: CaSettings,
+    /// Default join token lifetime.
+    pub join_token_ttl: Duration,
+}
+
+fn duration(key: &'static str, value: Option<&str>, default: Duration) -> Result<Duration, ConfigError> {
+    match value {
+        None => Ok(default),
+        Some(v) => {
+            let d = humantime::parse_duration(v)
+                .map_err(|e| invalid(key, format!("{v:?} is not a duration ({e}); write e.g. 90s, 10m, 24h")))?;
+            if d.is_zero() {
+                return Err(invalid(key, "must be greater than zero"));
+            }
+            Ok(d)
+        }
+    }
+}
+
+impl RawConfig {
+    /// Reads and parses a TOML file.
+    pub fn from_file(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        Self::from_toml(path, &text)
+    }
+
+    /// Parses TOML text; `path` is only used in messages.
+    pub fn from_toml(path: &Path, text: &str) -> Result<Self, ConfigError> {
+        toml::from_str(text).map_err(|source| ConfigError::Parse {
+            path: path.to_owned(),
+            source: Box::new(source),
+        })
+    }
+}
+
+impl TryFrom<RawConfig> for Config {
+    type Error = ConfigError;
+
+    fn try_from(raw: RawConfig) -> Result<Self, Self::Error> {
+        let td = raw
+            .trust_domain
+            .ok_or_else(|| invalid("trust_domain", "is required (or pass --trust-domain), e.g. example.org"))?;
+        let trust_domain = TrustDomain::new(&td).map_err(|e| invalid("trust_domain", format!("{td:?}: {e}")))?;
+        if trust_domain.as_str() != td {
+            return Err(invalid(
+                "trust_domain",
+                format!("{td:?}: write the bare, lower-case name, e.g. {}", trust_domain.as_str()),
+            ));
+        }
+        let data_dir = raw.data_dir.unwrap_or_else(|| PathBuf::from("/var/lib/meshid/ca"));
+        let datastore = match raw.datastore.as_deref() {
+            None | Some("sqlite") => format!("sqlite://{}", data_dir.join("meshid-ca.db").display()),
+            Some(url) if url.starts_with("sqlite://") || url.starts_with("postgres://") || url.starts_with("postgresql://") => {
+                url.to_owned()
+            }
+            Some(other) => {
+                return Err(invalid(
+                    "datastore",
+                    format!("{:?}: use \"sqlite\", sqlite://PATH or postgres://...", redact_url(other)),
+                ))
+            }
+        };
+        let server_id = raw.server_id.unwrap_or_else(|| "ca-1".to_owned());
+        if server_id.is_empty()
+            || server_id.len() > 64
+            || !server_id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.')
+        {
+            return Err(invalid("server_id", "use 1 to 64 characters from [A-Za-z0-9._-]"));
+        }
+        let admin_socket = raw.admin_socket.unwrap_or_else(|| data_dir.join("admin.sock"));
+        let ops = raw.ops_address.as_deref().unwrap_or("127.0.0.1:8081");
+        let ops_address = ops
+            .parse()
+            .map_err(|e| invalid("ops_address", format!("{ops:?}: {e}; write host:port, e.g. 127.0.0.1:8081")))?;
+        let log_json = match raw.log_format.as_deref() {
+            None | Some("text") => false,
+            Some("json") => true,
+            Some(other) => return Err(invalid("log_format", format!("{other:?}: use text or json"))),
+        };
+        let c = raw.ca;
+        let key_type = match c.key_type.as_deref() {
+            None => KeyType::default(),
+            Some(k) => k.parse().map_err(|_| invalid("ca.key_type", format!("{k:?}: use ec-p256 or ec-p384")))?,
+        };
+        let root_ttl = duration("ca.root_ttl", c.root_ttl.as_deref(), DEFAULT_ROOT_TTL)?;
+        let intermediate_ttl = duration("ca.intermediate_ttl", c.intermediate_ttl.as_deref(), DEFAULT_INTERMEDIATE_TTL)?;
+        if intermediate_ttl > root_ttl {
+            return Err(invalid("ca.intermediate_ttl", "must not be longer than ca.root_ttl"));
+        }
+        let jwt_key_ttl = duration("ca.jwt_key_ttl", c.jwt_key_ttl.as_deref(), intermediate_ttl)?;
+        let default_x509_svid_ttl =
+            duration("ca.default_x509_svid_ttl", c.default_x509_svid_ttl.as_deref(), DEFAULT_X509_SVID_TTL)?;
+        let default_jwt_svid_ttl = duration("ca.default_jwt_svid_ttl", c.default_jwt_svid_ttl.as_deref(), DEFAULT_JWT_SVID_TTL)?;
+        let rotation_interval = duration("ca.rotation_interval", c.rotation_interval.as_deref(), Duration::from_secs(10))?;
+        let bundle_refresh_hint =
+            duration("ca.bundle_refresh_hint", c.bundle_refresh_hint.as_deref(), Duration::from_secs(300))?;
+        let upstream = match (c.upstream_cert, c.upstream_key) {
+            (None, None) => None,
+            (Some(cert), Some(key)) => Some(UpstreamAuthority { cert, key }),
+            _ => return Err(invalid("ca.upstream_cert", "upstream_cert and upstream_key go together")),
+        };
+        let join_token_ttl = duration("join_tokens.default_ttl", raw.join_tokens.default_ttl.as_deref(), DEFAULT_JOIN_TOKEN_TTL)?;
+        Ok(Config {
+            trust_domain,
+            data_dir,
+            datastore: DatastoreUrl(datastore),
+            server_id,
+            admin_socket,
+            ops_address,
+            log_json,
+            ca: CaSettings {
+                key_type,
+                root_ttl,
+                intermediate_ttl,
+                jwt_key_ttl,
+                default_x509_svid_ttl,
+                default_jwt_svid_ttl,
+                rotation_interval,
+                upstream,
+                bundle_refresh_hint,
+            },
+            join_token_ttl,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<Config, ConfigError> {
+        Config::try_from(RawConfig::from_toml(Path::new("ca.toml"), text)?)
+    }
+
+    #[test]
+    fn minimal_config_gets_defaults() {
+        let c = parse("trust_domain = \"example.org\"\ndata_dir = \"/tmp/x\"").unwrap();
+        assert_eq!(c.trust_domain.as_str(), "example.org");
+        assert_eq!(c.datastore.as_str(), "sqlite:///tmp/x/meshid-ca.db");
+        assert_eq!(c.admin_socket, PathBuf::from("/tmp/x/admin.sock"));
+        assert_eq!(c.ca.intermediate_ttl, DEFAULT_INTERMEDIATE_TTL);
+        assert_eq!(c.ca.key_type, KeyType::EcP256);
+        assert_eq!(c.join_token_ttl, Duration::from_secs(600));
+    }
+
+    #[test]
+    fn unknown_key_is_named() {
+        let err = parse("trust_domain = \"example.org\"\ntrust_domian = \"x\"").unwrap_err().to_string();
+        assert!(err.contains("trust_domian"), "{err}");
+        let err = parse("trust_domain = \"example.org\"\n[ca]\nroot_tll = \"1h\"").unwrap_err().to_string();
+        assert!(err.contains("root_tll"), "{err}");
+        assert!(err.contains("line 3"), "{err}");
+    }
+
+    #[test]
+    fn bad_values_are_refused_with_the_key() {
+        for (text, key) in [
+            ("trust_domain = \"Example.org\"", "trust_domain"),
+            ("", "trust_domain"),
+            ("trust_domain = \"e.org\"\n[ca]\nintermediate_ttl = \"soon\"", "ca.intermediate_ttl"),
+            ("trust_domain = \"e.org\"\n[ca]\nintermediate_ttl = \"0s\"", "ca.intermediate_ttl"),
+            ("trust_domain = \"e.org\"\n[ca]\nkey_type = \"rsa-1024\"", "ca.key_type"),
+            ("trust_domain = \"e.org\"\n[ca]\nroot_ttl = \"1h\"\nintermediate_ttl = \"2h\"", "ca.intermediate_ttl"),
+            ("trust_domain = \"e.org\"\nops_address = \"nowhere\"", "ops_address"),
+            ("trust_domain = \"e.org\"\ndatastore = \"mysql://u:pw@h/db\"", "datastore"),
+            ("trust_domain = \"e.org\"\nserver_id = \"a b\"", "server_id"),
+            ("trust_domain = \"e.org\"\n[ca]\nupstream_cert = \"/x\"", "ca.upstream_cert"),
+        ] {
+            let err = parse(text).unwrap_err().to_string();
+            assert!(err.contains(key), "{text:?} gave {err}");
+        }
+    }
+
+    #[test]
+    fn example_config_in_deploy_parses() {
+        let text = include_str!("../../deploy/ca.toml");
+        let c = parse(text).unwrap();
+        assert_eq!(c.trust_domain.as_str(), "example.org");
+        assert_eq!(c.ca.default_jwt_svid_ttl, Duration::from_secs(300));
+    }
+
+    #[test]
+    fn passwords_never_printed() {
+        let err = parse("trust_domain = \"e.org\"\ndatastore = \"mysql://u:hunter2@h/db\"").unwrap_err().to_string();
+        assert!(!err.contains("hunter2"), "{err}");
+        let c = parse("trust_domain = \"e.org\"\ndatastore = \"postgres://u:hunter2@h:5432/db\"").unwrap();
+        assert!(!format!("{c:?}").contains("hunter2"));
+        assert_eq!(redact_url("postgres://u:pw@h/db"), "postgres://u:***@h/db");
+        assert_eq!(redact_url("sqlite:///a/b"), "sqlite:///a/b");
+    }
+}

@@ -1,0 +1,469 @@
+//! JWT-SVIDs: minting with the CA's ES256 key, and validation by the JWT-SVID rules.
+//!
+//! Pure: no I/O and no clock (callers pass `now`). A token is a JWS in compact serialization
+//! whose header is exactly `{"alg":"ES256","kid":…,"typ":"JWT"}` and whose claims are `sub` (the
+//! SPIFFE ID), `aud`, `exp` and `iat` (integers, never floats) and a random `jti`.
+//!
+//! [`verify_jwt_svid`] applies the JWT-SVID validation rules: `alg` from the allow-list (ES256,
+//! ES384) checked first, no header besides `alg`, `kid` and `typ`, the key found by `kid`, the
+//! signature, `sub` a SPIFFE ID, `aud` containing the expected audience, and `exp` in the future
+//! (with [`LEEWAY`]). The caller passes the JWT authorities of the `sub`'s trust domain.
+
+use std::fmt;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use base64::Engine as _;
+use rand::RngCore as _;
+use ring::rand::SystemRandom;
+use ring::signature::{
+    EcdsaKeyPair, KeyPair as _, UnparsedPublicKey, VerificationAlgorithm, ECDSA_P256_SHA256_FIXED,
+    ECDSA_P256_SHA256_FIXED_SIGNING, ECDSA_P384_SHA384_FIXED,
+};
+use rustls_pki_types::pem::PemObject as _;
+use rustls_pki_types::PrivatePkcs8KeyDer;
+use serde_json::{json, Map, Value};
+use sha2::{Digest as _, Sha256};
+use spiffe::SpiffeId;
+use zeroize::Zeroizing;
+
+/// Clock skew tolerated when checking `exp` and `nbf`.
+pub const LEEWAY: Duration = Duration::from_secs(30);
+
+/// Longest token [`verify_jwt_svid`] looks at.
+const MAX_TOKEN_LEN: usize = 16 * 1024;
+
+/// The `use` of JWT authorities in a SPIFFE bundle.
+pub const JWT_SVID_USE: &str = "jwt-svid";
+
+/// DER prefix of a P-256 SubjectPublicKeyInfo, up to the uncompressed point.
+const SPKI_PREFIX_P256: &[u8] = &[
+    0x30, 0x59, 0x30, 0x13, 0x06, 0x07, 0x2a, 0x86, 0x48, 0xce, 0x3d, 0x02, 0x01, 0x06, 0x08, 0x2a,
+    0x86, 0x48, 0xce, 0x3d, 0x03, 0x01, 0x07, 0x03, 0x42, 0x00,
+];
+
+/// Errors of JWT-SVID minting and validation. No variant carries a token or key material.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum JwtError {
+    /// The system random generator failed while generating a key.
+    #[error("key generation failed")]
+    KeyGeneration,
+    /// A JWT private key could not be loaded; the reason never includes the key.
+    #[error("invalid JWT private key: {0}")]
+    InvalidKey(&'static str),
+    /// A public key (SPKI or JWK) that is not a usable EC P-256 or P-384 key.
+    #[error("invalid JWT public key: {0}")]
+    InvalidPublicKey(&'static str),
+    /// Signing failed.
+    #[error("signing failed")]
+    Signing,
+    /// No audience, or an empty audience string.
+    #[error("audience is required and must not be empty")]
+    EmptyAudience,
+    /// A lifetime under one second, or one that overflows.
+    #[error("invalid lifetime {0:?}: expected at least 1 second")]
+    InvalidTtl(Duration),
+    /// `now` is before the Unix epoch.
+    #[error("time is before the unix epoch")]
+    InvalidTime,
+    /// The token is not a JWS compact serialization of JSON objects.
+    #[error("malformed token: {0}")]
+    Malformed(&'static str),
+    /// `alg` missing or not in the allow-list.
+    #[error("unsupported or missing alg: expected ES256 or ES384")]
+    UnsupportedAlgorithm,
+    /// A header other than `alg`, `kid` and `typ`.
+    #[error("header {0:?} is not allowed in a JWT-SVID (only alg, kid and typ)")]
+    UnexpectedHeader(String),
+    /// `typ` present but neither `JWT` nor `JOSE`.
+    #[error("typ must be JWT or JOSE")]
+    BadType,
+    /// No `kid` header.
+    #[error("token has no kid header")]
+    MissingKeyId,
+    /// No JWT authority with the token's `kid`.
+    #[error(
+        "no JWT authority with key id {0:?}; is the bundle of the token's trust domain current?"
+    )]
+    UnknownKeyId(String),
+    /// The authority's key does not fit the token's `alg`.
+    #[error("key {0:?} does not match the token's alg")]
+    KeyAlgorithmMismatch(String),
+    /// The signature does not verify.
+    #[error("signature does not verify")]
+    BadSignature,
+    /// `sub` missing or not a SPIFFE ID.
+    #[error("sub is missing or not a SPIFFE ID")]
+    InvalidSubject,
+    /// `aud` missing, malformed, or without the expected audience.
+    #[error("token audience does not contain the expected audience")]
+    AudienceMismatch,
+    /// `exp` missing or not a number.
+    #[error("token has no numeric exp claim")]
+    MissingExpiry,
+    /// The token expired.
+    #[error("token expired at {exp} (unix seconds)")]
+    Expired {
+        /// The token's `exp`.
+        exp: i64,
+    },
+    /// The token's `nbf` is in the future.
+    #[error("token not valid before {nbf} (unix seconds)")]
+    NotYetValid {
+        /// The token's `nbf`.
+        nbf: i64,
+    },
+    /// JSON encoding failed.
+    #[error("json encoding failed")]
+    Encode(#[source] serde_json::Error),
+}
+
+/// The ES256 (ECDSA P-256, SHA-256) key JWT-SVIDs are signed with.
+///
+/// Its `kid` is the RFC 7638 JWK thumbprint of the public key, so it is the same every time the
+/// key is loaded. The PKCS#8 copy it holds is zeroized on drop; `Debug` shows only the `kid`.
+pub struct JwtKey {
+    pair: EcdsaKeyPair,
+    pkcs8: Zeroizing<Vec<u8>>,
+    spki: Vec<u8>,
+    kid: String,
+    jwk: Value,
+}
+
+impl JwtKey {
+    /// Generates a fresh P-256 key.
+    pub fn generate() -> Result<Self, JwtError> {
+        let doc =
+            EcdsaKeyPair::generate_pkcs8(&ECDSA_P256_SHA256_FIXED_SIGNING, &SystemRandom::new())
+                .map_err(|_| JwtError::KeyGeneration)?;
+        Self::from_pkcs8_der(doc.as_ref())
+    }
+
+    /// Loads a PKCS#8 DER P-256 private key.
+    pub fn from_pkcs8_der(der: &[u8]) -> Result<Self, JwtError> {
+        let pair =
+            EcdsaKeyPair::from_pkcs8(&ECDSA_P256_SHA256_FIXED_SIGNING, der, &SystemRandom::new())
+                .map_err(|_| JwtError::InvalidKey("not a PKCS#8 EC P-256 private key"))?;
+        let point = pair.public_key().as_ref();
+        let (x, y) = split_point(point, 32)?;
+        let kid = thumbprint("P-256", x, y);
+        let jwk = ec_jwk("P-256", x, y, &kid);
+        let mut spki = SPKI_PREFIX_P256.to_vec();
+        spki.extend_from_slice(point);
+        Ok(JwtKey {
+            pair,
+            pkcs8: Zeroizing::new(der.to_vec()),
+            spki,
+            kid,
+            jwk,
+        })
+    }
+
+    /// Loads a PEM `PRIVATE KEY` (PKCS#8) block.
+    pub fn from_pkcs8_pem(pem: &str) -> Result<Self, JwtError> {
+        let der = Zeroizing::new(
+            PrivatePkcs8KeyDer::from_pem_slice(pem.as_bytes())
+                .map_err(|_| JwtError::InvalidKey("no PEM PRIVATE KEY block"))?,
+        );
+        Self::from_pkcs8_der(der.secret_pkcs8_der())
+    }
+
+    /// The private key as PKCS#8 DER, zeroized when dropped.
+    pub fn to_pkcs8_der(&self) -> Zeroizing<Vec<u8>> {
+        self.pkcs8.clone()
+    }
+
+    /// The private key as a PEM `PRIVATE KEY` block, zeroized when dropped.
+    pub fn to_pkcs8_pem(&self) -> Zeroizing<String> {
+        crate::svid::pem_encode_secret("PRIVATE KEY", &self.pkcs8)
+    }
+
+    /// The key id: the base64url RFC 7638 thumbprint of the public key (43 characters).
+    pub fn kid(&self) -> &str {
+        &self.kid
+    }
+
+    /// The public key as a DER SubjectPublicKeyInfo.
+    pub fn public_key_der(&self) -> &[u8] {
+        &self.spki
+    }
+
+    /// The public key as a JWK for a SPIFFE bundle: `kty`, `crv`, `x`, `y`, `kid` and
+    /// `use: "jwt-svid"`.
+    pub fn public_jwk(&self) -> Value {
+        self.jwk.clone()
+    }
+}
+
+impl fmt::Debug for JwtKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("JwtKey")
+            .field("kid", &self.kid)
+            .field("private_key", &"[redacted]")
+            .finish()
+    }
+}
+
+/// The JWK (`kty`, `crv`, `x`, `y`, `kid`, `use: "jwt-svid"`) of an EC P-256 or P-384 public
+/// key given as a DER SubjectPublicKeyInfo.
+pub fn jwk_from_spki(spki_der: &[u8], kid: &str) -> Result<Value, JwtError> {
+    use x509_parser::prelude::FromDer as _;
+    let (rest, spki) = x509_parser::x509::SubjectPublicKeyInfo::from_der(spki_der)
+        .map_err(|_| JwtError::InvalidPublicKey("not a DER SubjectPublicKeyInfo"))?;
+    if !rest.is_empty() {
+        return Err(JwtError::InvalidPublicKey("trailing data after the key"));
+    }
+    let mut jwk = crate::bundle::spki_jwk(&spki)
+        .filter(|jwk| jwk.get("kty").and_then(Value::as_str) == Some("EC"))
+        .ok_or(JwtError::InvalidPublicKey("not an EC P-256 or P-384 key"))?;
+    if kid.is_empty() {
+        return Err(JwtError::InvalidPublicKey("empty kid"));
+    }
+    jwk.insert("kid".into(), Value::String(kid.to_owned()));
+    jwk.insert("use".into(), Value::String(JWT_SVID_USE.to_owned()));
+    Ok(Value::Object(jwk))
+}
+
+/// Mints a JWT-SVID for `spiffe_id`, valid from `now` for `ttl`, for every audience in
+/// `audience` (`aud` is a string for one audience, an array for several).
+pub fn mint_jwt_svid(
+    key: &JwtKey,
+    spiffe_id: &SpiffeId,
+    audience: &[String],
+    ttl: Duration,
+    now: SystemTime,
+) -> Result<String, JwtError> {
+    if audience.is_empty() || audience.iter().any(String::is_empty) {
+        return Err(JwtError::EmptyAudience);
+    }
+    let iat = unix_secs(now)?;
+    let ttl_secs = i64::try_from(ttl.as_secs()).map_err(|_| JwtError::InvalidTtl(ttl))?;
+    if ttl_secs == 0 {
+        return Err(JwtError::InvalidTtl(ttl));
+    }
+    let exp = iat.checked_add(ttl_secs).ok_or(JwtError::InvalidTtl(ttl))?;
+    let aud = match audience {
+        [one] => json!(one),
+        many => json!(many),
+    };
+    let mut jti = [0u8; 16];
+    rand::thread_rng().fill_bytes(&mut jti);
+
+    // serde_json maps are sorted by key: the header is exactly {"alg","kid","typ"}.
+    let header = json!({ "alg": "ES256", "kid": key.kid, "typ": "JWT" });
+    let claims = json!({
+        "aud": aud,
+        "exp": exp,
+        "iat": iat,
+        "jti": hex::encode(jti),
+        "sub": spiffe_id.to_string(),
+    });
+    let header = serde_json::to_vec(&header).map_err(JwtError::Encode)?;
+    let claims = serde_json::to_vec(&claims).map_err(JwtError::Encode)?;
+
+    let mut token = String::with_capacity((header.len() + claims.len()) * 4 / 3 + 100);
+    URL_SAFE_NO_PAD.encode_string(&header, &mut token);
+    token.push('.');
+    URL_SAFE_NO_PAD.encode_string(&claims, &mut token);
+    let sig = key
+        .pair
+        .sign(&SystemRandom::new(), token.as_bytes())
+        .map_err(|_| JwtError::Signing)?;
+    token.push('.');
+    URL_SAFE_NO_PAD.encode_string(sig.as_ref(), &mut token);
+    Ok(token)
+}
+
+/// The claims of a validated JWT-SVID.
+#[derive(Clone, Debug, PartialEq)]
+pub struct JwtClaims {
+    /// `sub`.
+    pub spiffe_id: SpiffeId,
+    /// `aud`, as a list.
+    pub audience: Vec<String>,
+    /// `exp`, Unix seconds.
+    pub expiry: i64,
+    /// `iat`, Unix seconds, if present.
+    pub issued_at: Option<i64>,
+    /// Every claim as sent (for ValidateJWTSVID's `claims`).
+    pub claims: Map<String, Value>,
+}
+
+/// Validates `token` against the JWT authorities `keys` (JWKs carrying `kid`; the bundle of the
+/// `sub`'s trust domain), for `audience`, at `now`.
+pub fn verify_jwt_svid(
+    token: &str,
+    keys: &[Value],
+    audience: &str,
+    now: SystemTime,
+) -> Result<JwtClaims, JwtError> {
+    if audience.is_empty() {
+        return Err(JwtError::EmptyAudience);
+    }
+    let now = unix_secs(now)?;
+    if token.len() > MAX_TOKEN_LEN {
+        return Err(JwtError::Malformed("token too long"));
+    }
+    let mut parts = token.split('.');
+    let (Some(header_b64), Some(claims_b64), Some(sig_b64), None) =
+        (parts.next(), parts.next(), parts.next(), parts.next())
+    else {
+        return Err(JwtError::Malformed("not a JWS compact serialization"));
+    };
+    let header = decode_object(header_b64, "header is not base64url JSON")?;
+
+    // alg first, before anything else in the header is looked at.
+    let (curve, coord_len, verify_alg): (_, _, &'static dyn VerificationAlgorithm) =
+        match header.get("alg").and_then(Value::as_str) {
+            Some("ES256") => ("P-256", 32, &ECDSA_P256_SHA256_FIXED),
+            Some("ES384") => ("P-384", 48, &ECDSA_P384_SHA384_FIXED),
+            _ => return Err(JwtError::UnsupportedAlgorithm),
+        };
+    if let Some(name) = header
+        .keys()
+        .find(|k| !matches!(k.as_str(), "alg" | "kid" | "typ"))
+    {
+        return Err(JwtError::UnexpectedHeader(clip(name)));
+    }
+    match header.get("typ") {
+        None => {}
+        Some(Value::String(t)) if t == "JWT" || t == "JOSE" => {}
+        Some(_) => return Err(JwtError::BadType),
+    }
+    let kid = match header.get("kid") {
+        Some(Value::String(kid)) if !kid.is_empty() => kid,
+        _ => return Err(JwtError::MissingKeyId),
+    };
+    let jwk = keys
+        .iter()
+        .find(|k| {
+            k.get("kid").and_then(Value::as_str) == Some(kid.as_str())
+                && k.get("use")
+                    .and_then(Value::as_str)
+                    .is_none_or(|u| u == JWT_SVID_USE)
+        })
+        .ok_or_else(|| JwtError::UnknownKeyId(clip(kid)))?;
+    if jwk.get("kty").and_then(Value::as_str) != Some("EC")
+        || jwk.get("crv").and_then(Value::as_str) != Some(curve)
+    {
+        return Err(JwtError::KeyAlgorithmMismatch(clip(kid)));
+    }
+    let coord = |name: &str| -> Result<Vec<u8>, JwtError> {
+        jwk.get(name)
+            .and_then(Value::as_str)
+            .and_then(|s| URL_SAFE_NO_PAD.decode(s).ok())
+            .filter(|c| c.len() == coord_len)
+            .ok_or(JwtError::InvalidPublicKey("bad EC coordinate in JWK"))
+    };
+    let mut point = Vec::with_capacity(1 + 2 * coord_len);
+    point.push(0x04);
+    point.extend(coord("x")?);
+    point.extend(coord("y")?);
+
+    let sig = URL_SAFE_NO_PAD
+        .decode(sig_b64)
+        .map_err(|_| JwtError::Malformed("signature is not base64url"))?;
+    let signed_len = header_b64.len() + 1 + claims_b64.len();
+    let signed = token.get(..signed_len).unwrap_or_default();
+    UnparsedPublicKey::new(verify_alg, &point)
+        .verify(signed.as_bytes(), &sig)
+        .map_err(|_| JwtError::BadSignature)?;
+
+    let claims = decode_object(claims_b64, "claims are not base64url JSON")?;
+    let spiffe_id = claims
+        .get("sub")
+        .and_then(Value::as_str)
+        .and_then(|s| SpiffeId::new(s).ok())
+        .ok_or(JwtError::InvalidSubject)?;
+    let aud: Vec<String> = match claims.get("aud") {
+        Some(Value::String(a)) => vec![a.clone()],
+        Some(Value::Array(items)) => items
+            .iter()
+            .map(|a| a.as_str().map(str::to_owned))
+            .collect::<Option<_>>()
+            .ok_or(JwtError::AudienceMismatch)?,
+        _ => return Err(JwtError::AudienceMismatch),
+    };
+    if !aud.iter().any(|a| a == audience) {
+        return Err(JwtError::AudienceMismatch);
+    }
+    let leeway = LEEWAY.as_secs() as i64;
+    let exp = numeric(&claims, "exp").ok_or(JwtError::MissingExpiry)?;
+    if now >= exp.saturating_add(leeway) {
+        return Err(JwtError::Expired { exp });
+    }
+    if let Some(nbf) = numeric(&claims, "nbf") {
+        if now.saturating_add(leeway) < nbf {
+            return Err(JwtError::NotYetValid { nbf });
+        }
+    }
+    Ok(JwtClaims {
+        spiffe_id,
+        audience: aud,
+        expiry: exp,
+        issued_at: numeric(&claims, "iat"),
+        claims,
+    })
+}
+
+fn decode_object(b64: &str, what: &'static str) -> Result<Map<String, Value>, JwtError> {
+    let bytes = URL_SAFE_NO_PAD
+        .decode(b64)
+        .map_err(|_| JwtError::Malformed(what))?;
+    match serde_json::from_slice(&bytes) {
+        Ok(Value::Object(map)) => Ok(map),
+        _ => Err(JwtError::Malformed(what)),
+    }
+}
+
+/// A NumericDate claim, whole seconds (fractions are dropped).
+fn numeric(claims: &Map<String, Value>, name: &str) -> Option<i64> {
+    let v = claims.get(name)?;
+    v.as_i64()
+        .or_else(|| v.as_f64().filter(|f| f.is_finite()).map(|f| f as i64))
+}
+
+/// An attacker-chosen string, shortened for an error message.
+fn clip(s: &str) -> String {
+    s.chars().take(64).collect()
+}
+
+fn unix_secs(t: SystemTime) -> Result<i64, JwtError> {
+    let secs = t
+        .duration_since(UNIX_EPOCH)
+        .map_err(|_| JwtError::InvalidTime)?
+        .as_secs();
+    i64::try_from(secs).map_err(|_| JwtError::InvalidTime)
+}
+
+fn split_point(point: &[u8], coord_len: usize) -> Result<(&[u8], &[u8]), JwtError> {
+    match point.split_first() {
+        Some((0x04, xy)) if xy.len() == 2 * coord_len => Ok(xy.split_at(coord_len)),
+        _ => Err(JwtError::InvalidPublicKey("not an uncompressed EC point")),
+    }
+}
+
+fn ec_jwk(crv: &str, x: &[u8], y: &[u8], kid: &str) -> Value {
+    json!({
+        "kty": "EC",
+        "crv": crv,
+        "x": URL_SAFE_NO_PAD.encode(x),
+        "y": URL_SAFE_NO_PAD.encode(y),
+        "kid": kid,
+        "use": JWT_SVID_USE,
+    })
+}
+
+/// The RFC 7638 thumbprint of an EC public key, base64url.
+fn thumbprint(crv: &str, x: &[u8], y: &[u8]) -> String {
+    let canonical = format!(
+        r#"{{"crv":"{crv}","kty":"EC","x":"{}","y":"{}"}}"#,
+        URL_SAFE_NO_PAD.encode(x),
+        URL_SAFE_NO_PAD.encode(y)
+    );
+    URL_SAFE_NO_PAD.encode(Sha256::digest(canonical.as_bytes()))
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,91 @@
+//! Prometheus metrics of the CA.
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::Registry;
+
+/// Labels of signing metrics.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct SignLabels {
+    /// `x509` or `jwt`.
+    pub kind: &'static str,
+    /// `ok` or `error`.
+    pub result: &'static str,
+}
+
+/// Labels of the signing latency histogram.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct KindLabels {
+    /// `x509` or `jwt`.
+    pub kind: &'static str,
+}
+
+/// The CA's metrics and their registry.
+#[derive(Debug)]
+pub struct Metrics {
+    registry: Registry,
+    /// SVIDs signed, by kind and result.
+    pub signed: Family<SignLabels, Counter>,
+    /// Signing latency in seconds, by kind.
+    pub sign_seconds: Family<KindLabels, Histogram>,
+    /// Expiry of the active intermediate, unix seconds.
+    pub intermediate_expiry: Gauge,
+    /// Expiry of the active root, unix seconds.
+    pub root_expiry: Gauge,
+    /// Intermediate and JWT key activations.
+    pub rotations: Counter,
+    /// Rotation checks that failed.
+    pub rotation_errors: Counter,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    /// Creates and registers every metric.
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix("meshid_ca");
+        let signed = Family::<SignLabels, Counter>::default();
+        registry.register("svids_signed", "SVIDs signed, by kind and result", signed.clone());
+        let sign_seconds = Family::<KindLabels, Histogram>::new_with_constructor(|| {
+            Histogram::new([0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.05, 0.25].into_iter())
+        });
+        registry.register("sign_duration_seconds", "Time to sign one SVID", sign_seconds.clone());
+        let intermediate_expiry = Gauge::default();
+        registry.register(
+            "intermediate_expiry_timestamp_seconds",
+            "When the active issuing intermediate expires",
+            intermediate_expiry.clone(),
+        );
+        let root_expiry = Gauge::default();
+        registry.register("root_expiry_timestamp_seconds", "When the active trust anchor expires", root_expiry.clone());
+        let rotations = Counter::default();
+        registry.register("key_activations", "Intermediate and JWT key activations", rotations.clone());
+        let rotation_errors = Counter::default();
+        registry.register("rotation_errors", "Rotation checks that failed", rotation_errors.clone());
+        Self {
+            registry,
+            signed,
+            sign_seconds,
+            intermediate_expiry,
+            root_expiry,
+            rotations,
+            rotation_errors,
+        }
+    }
+
+    /// The text exposition format.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        if prometheus_client::encoding::text::encode(&mut out, &self.registry).is_err() {
+            out.clear();
+        }
+        out
+    }
+}

@@ -1,0 +1,194 @@
+//! `meshid-ca run`: binds the admin socket and the ops listener, then serves until shutdown.
+//!
+//! [`run`] takes already-bound listeners and a shutdown future, so tests bind port 0 and a
+//! socket in a temporary directory. Three tasks run: the admin API (gRPC on the Unix socket),
+//! the ops HTTP listener (`/healthz`, `/readyz`, `/metrics`) and the rotation check.
+
+use std::future::Future;
+use std::io;
+use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::response::IntoResponse;
+use tokio::net::{TcpListener, UnixListener};
+use tokio::sync::watch;
+
+use crate::authority::ensure_private_dir;
+use crate::service::{AdminService, Ca};
+
+/// Binds a Unix socket that only its owner can use (mode 0600), without a moment in which it
+/// exists with a wider mode: it is bound in a fresh private directory, restricted, then renamed
+/// into place. A stale socket (nothing listening) is replaced; a live one is an error.
+pub fn bind_private_socket(path: &Path) -> io::Result<UnixListener> {
+    let parent = path
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or_else(|| Path::new("."));
+    if !parent.exists() {
+        ensure_private_dir(parent)?;
+    }
+    match std::fs::symlink_metadata(path) {
+        Ok(meta) if meta.file_type().is_socket() => {
+            if std::os::unix::net::UnixStream::connect(path).is_ok() {
+                return Err(io::Error::new(
+                    io::ErrorKind::AddrInUse,
+                    format!("{} is in use by a running server", path.display()),
+                ));
+            }
+            std::fs::remove_file(path)?;
+        }
+        Ok(_) => {
+            return Err(io::Error::new(
+                io::ErrorKind::AlreadyExists,
+                format!("{} exists and is not a socket; refusing to replace it", path.display()),
+            ))
+        }
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e),
+    }
+    let staging = parent.join(format!(".sock-{}-{}", std::process::id(), hex::encode(rand::random::<[u8; 6]>())));
+    ensure_private_dir(&staging)?;
+    let result = (|| {
+        let tmp = staging.join("s");
+        let listener = UnixListener::bind(&tmp)?;
+        std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o600))?;
+        std::fs::rename(&tmp, path)?;
+        Ok(listener)
+    })();
+    let _ = std::fs::remove_dir_all(&staging);
+    result
+}
+
+/// The listeners `run` serves on.
+#[derive(Debug)]
+pub struct Listeners {
+    /// The admin API socket.
+    pub admin: UnixListener,
+    /// The health and metrics listener.
+    pub ops: TcpListener,
+}
+
+#[derive(Clone)]
+struct OpsState {
+    ca: Ca,
+}
+
+async fn healthz() -> &'static str {
+    "ok\n"
+}
+
+async fn readyz(State(state): State<OpsState>) -> impl IntoResponse {
+    let (intermediate_expiry, _) = state.ca.authority.expiries();
+    if intermediate_expiry <= crate::unix_now() {
+        return (StatusCode::SERVICE_UNAVAILABLE, "issuing intermediate expired\n".to_owned());
+    }
+    match tokio::time::timeout(Duration::from_secs(2), state.ca.store.audit_head()).await {
+        Ok(Ok(_)) => (StatusCode::OK, "ready\n".to_owned()),
+        Ok(Err(e)) => (StatusCode::SERVICE_UNAVAILABLE, format!("datastore: {e}\n")),
+        Err(_) => (StatusCode::SERVICE_UNAVAILABLE, "datastore: timed out\n".to_owned()),
+    }
+}
+
+async fn metrics(State(state): State<OpsState>) -> impl IntoResponse {
+    let (intermediate, root) = state.ca.authority.expiries();
+    state.ca.metrics.intermediate_expiry.set(intermediate);
+    state.ca.metrics.root_expiry.set(root);
+    (
+        [(axum::http::header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")],
+        state.ca.metrics.encode(),
+    )
+}
+
+/// The ops HTTP router.
+pub fn ops_router(ca: Ca) -> axum::Router {
+    axum::Router::new()
+        .route("/healthz", axum::routing::get(healthz))
+        .route("/readyz", axum::routing::get(readyz))
+        .route("/metrics", axum::routing::get(metrics))
+        .with_state(OpsState { ca })
+}
+
+/// Checks rotation every `interval` until `stop` fires.
+pub async fn rotation_loop(ca: Ca, interval: Duration, mut stop: watch::Receiver<bool>) {
+    let mut tick = tokio::time::interval(interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = stop.changed() => return,
+        }
+        match ca.authority.rotate(SystemTime::now()).await {
+            Ok(out) => {
+                ca.metrics.rotations.inc_by(out.activated.len() as u64);
+            }
+            Err(e) => {
+                ca.metrics.rotation_errors.inc();
+                tracing::error!(error = %e, "rotation check failed; will retry");
+            }
+        }
+    }
+}
+
+/// Serves the admin API, the ops listener and the rotation check until `shutdown` completes,
+/// then stops accepting and lets in-flight admin calls finish.
+pub async fn run(ca: Ca, listeners: Listeners, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let interval = ca.authority.settings().rotation_interval;
+    let rotation = tokio::spawn(rotation_loop(ca.clone(), interval, stop_rx.clone()));
+
+    let mut admin_stop = stop_rx.clone();
+    let admin = tonic::transport::Server::builder()
+        .add_routes(AdminService::new(ca.clone()).routes())
+        .serve_with_incoming_shutdown(tokio_stream::wrappers::UnixListenerStream::new(listeners.admin), async move {
+            let _ = admin_stop.changed().await;
+        });
+    let admin = tokio::spawn(admin);
+
+    let mut ops_stop = stop_rx;
+    let ops = axum::serve(listeners.ops, ops_router(ca)).with_graceful_shutdown(async move {
+        let _ = ops_stop.changed().await;
+    });
+    let ops = tokio::spawn(async move { ops.await });
+
+    tracing::info!("meshid-ca serving");
+    shutdown.await;
+    tracing::info!("shutting down");
+    let _ = stop_tx.send(true);
+    let _ = rotation.await;
+    let admin_result = admin.await;
+    let ops_result = ops.await;
+    admin_result??;
+    ops_result??;
+    Ok(())
+}
+
+/// Everything `meshid-ca run` builds from a config before binding.
+pub async fn build(config: &crate::config::Config) -> anyhow::Result<Ca> {
+    use anyhow::Context;
+    ensure_private_dir(&config.data_dir)
+        .with_context(|| format!("cannot create data directory {}", config.data_dir.display()))?;
+    let store: Arc<dyn crate::store::Datastore> = Arc::new(
+        crate::store::sql::SqlStore::open(config.datastore.as_str())
+            .await
+            .with_context(|| format!("cannot open datastore {}", crate::config::redact_url(config.datastore.as_str())))?,
+    );
+    let authority = crate::authority::Authority::load_or_init(
+        config.trust_domain.clone(),
+        config.server_id.clone(),
+        config.ca.clone(),
+        &config.data_dir,
+        Arc::clone(&store),
+    )
+    .await
+    .context("cannot load or create the CA keys")?;
+    Ok(Ca {
+        authority: Arc::new(authority),
+        store,
+        metrics: Arc::new(crate::metrics::Metrics::new()),
+        join_token_ttl: config.join_token_ttl,
+    })
+}

@@ -1,0 +1,200 @@
+//! The datastore: one trait, two real backends.
+//!
+//! [`sql::SqlStore`] speaks SQLite (the embedded default: one file in the data directory, WAL
+//! mode) and PostgreSQL (for several CA servers sharing state). Migrations are versioned and
+//! run at open. Every mutating call that an operator or agent causes takes the [`AuditEvent`]
+//! describing it and writes the change and the audit record in one transaction, so the audit
+//! log can never miss a change that happened.
+
+use async_trait::async_trait;
+
+use crate::audit::{AuditEvent, AuditRecord};
+use crate::entry::{EntryId, RegistrationEntry};
+
+pub mod sql;
+
+/// Errors from the datastore.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum StoreError {
+    /// The datastore URL is not `sqlite://...` or `postgres://...`.
+    #[error("unsupported datastore url {0:?}: use sqlite://PATH or postgres://...")]
+    UnsupportedUrl(String),
+    /// The backend failed (connection, SQL, I/O).
+    #[error("datastore: {0}")]
+    Backend(#[from] sqlx::Error),
+    /// A migration failed.
+    #[error("datastore migration {version}: {source}")]
+    Migration {
+        /// The migration version that failed.
+        version: i64,
+        /// What the backend said.
+        source: sqlx::Error,
+    },
+    /// The schema in the database is newer than this binary knows.
+    #[error("datastore schema version {found} is newer than this binary supports ({supported}); upgrade meshid-ca")]
+    SchemaTooNew {
+        /// Version found in the database.
+        found: i64,
+        /// Newest version this binary knows.
+        supported: i64,
+    },
+    /// A row could not be decoded into its type (a corrupted or hand-edited row).
+    #[error("datastore row is corrupt: {0}")]
+    Corrupt(String),
+    /// The record asked for does not exist.
+    #[error("{0} not found")]
+    NotFound(String),
+    /// A record with this key already exists.
+    #[error("{0} already exists")]
+    AlreadyExists(String),
+    /// An update was based on an old revision.
+    #[error("entry {id} changed concurrently (expected revision {expected}, found {found}); reload and retry")]
+    RevisionConflict {
+        /// The entry.
+        id: String,
+        /// The revision the caller based the update on.
+        expected: i64,
+        /// The revision in the store.
+        found: i64,
+    },
+    /// The join token is unknown, already used or expired. Deliberately one variant, so a caller
+    /// cannot probe which tokens exist.
+    #[error("join token is invalid, expired or already used")]
+    TokenRejected,
+}
+
+/// A stored join token. Only the SHA-256 of the secret is kept.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct JoinTokenRecord {
+    /// SHA-256 of the token secret.
+    pub hash: [u8; 32],
+    /// A short non-secret identifier (shown to operators, used in the agent's SPIFFE ID).
+    pub id: String,
+    /// Unix seconds.
+    pub created_at: i64,
+    /// Unix seconds; the token is refused from this second on.
+    pub expires_at: i64,
+    /// Unix seconds when used, if used.
+    pub used_at: Option<i64>,
+}
+
+/// An attested agent (filled in by node attestation).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AgentRecord {
+    /// The agent's SPIFFE ID.
+    pub spiffe_id: String,
+    /// How it attested, for example `join_token`.
+    pub attestation_type: String,
+    /// Serial of the agent SVID currently held, hex.
+    pub serial: String,
+    /// Unix seconds.
+    pub expires_at: i64,
+    /// Unix seconds.
+    pub created_at: i64,
+    /// Banned agents may not re-attest.
+    pub banned: bool,
+}
+
+/// What a CA key is for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum CaKeyKind {
+    /// Self-signed trust anchor.
+    X509Root,
+    /// Issuing intermediate under a root.
+    X509Intermediate,
+    /// JWT-SVID signing key.
+    Jwt,
+}
+
+/// Where a CA key is in its life (the CA journal).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum CaKeyState {
+    /// Created, published in the bundle where that applies, not yet signing.
+    Prepared,
+    /// Signing.
+    Active,
+    /// No longer signing; kept until what it signed has expired.
+    Retired,
+}
+
+/// One row of the CA journal.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CaKeyRecord {
+    /// Unique id (also names the key file in the data directory).
+    pub id: String,
+    /// What the key is for.
+    pub kind: CaKeyKind,
+    /// Lifecycle state.
+    pub state: CaKeyState,
+    /// The CA server that owns this key (intermediates are per server; roots and JWT keys are
+    /// shared by every server of the trust domain).
+    pub server_id: String,
+    /// For an intermediate: the id of the root it chains to.
+    pub parent_id: Option<String>,
+    /// DER certificate (roots, intermediates) or DER SubjectPublicKeyInfo (JWT keys).
+    pub public_der: Vec<u8>,
+    /// Unix seconds.
+    pub not_before: i64,
+    /// Unix seconds.
+    pub not_after: i64,
+    /// Unix seconds.
+    pub created_at: i64,
+}
+
+/// The datastore. Implementations must be safe to share between tasks and, for PostgreSQL,
+/// between CA servers.
+#[async_trait]
+pub trait Datastore: Send + Sync + 'static {
+    /// Which backend this is, for logs and metrics (`sqlite` or `postgres`).
+    fn backend(&self) -> &'static str;
+
+    /// Stores a new entry. Fails with [`StoreError::AlreadyExists`] if the id is taken.
+    async fn create_entry(&self, entry: &RegistrationEntry, audit: &AuditEvent) -> Result<(), StoreError>;
+    /// Looks up one entry.
+    async fn get_entry(&self, id: &EntryId) -> Result<Option<RegistrationEntry>, StoreError>;
+    /// All entries, ordered by id.
+    async fn list_entries(&self) -> Result<Vec<RegistrationEntry>, StoreError>;
+    /// Entries whose parent is `parent_id`, ordered by id.
+    async fn list_entries_by_parent(&self, parent_id: &str) -> Result<Vec<RegistrationEntry>, StoreError>;
+    /// Replaces an entry whose stored revision is `entry.revision - 1` (optimistic concurrency).
+    async fn update_entry(&self, entry: &RegistrationEntry, audit: &AuditEvent) -> Result<(), StoreError>;
+    /// Deletes an entry and returns it.
+    async fn delete_entry(&self, id: &EntryId, audit: &AuditEvent) -> Result<RegistrationEntry, StoreError>;
+
+    /// Stores a new join token.
+    async fn create_join_token(&self, token: &JoinTokenRecord, audit: &AuditEvent) -> Result<(), StoreError>;
+    /// Marks the token with this hash used, if it exists, is unused and `now < expires_at`;
+    /// atomic, so two concurrent uses cannot both succeed.
+    async fn consume_join_token(&self, hash: &[u8; 32], now: i64, audit: &AuditEvent) -> Result<JoinTokenRecord, StoreError>;
+
+    /// Inserts or replaces an agent.
+    async fn upsert_agent(&self, agent: &AgentRecord, audit: &AuditEvent) -> Result<(), StoreError>;
+    /// Looks up an agent.
+    async fn get_agent(&self, spiffe_id: &str) -> Result<Option<AgentRecord>, StoreError>;
+    /// All agents, ordered by SPIFFE ID.
+    async fn list_agents(&self) -> Result<Vec<AgentRecord>, StoreError>;
+
+    /// Adds a CA journal row.
+    async fn insert_ca_key(&self, key: &CaKeyRecord, audit: &AuditEvent) -> Result<(), StoreError>;
+    /// Changes a CA key's state.
+    async fn set_ca_key_state(&self, id: &str, state: CaKeyState, audit: &AuditEvent) -> Result<(), StoreError>;
+    /// The whole CA journal, ordered by creation time then id.
+    async fn list_ca_keys(&self) -> Result<Vec<CaKeyRecord>, StoreError>;
+
+    /// Appends an audit record for something that changed nothing else in the store (an
+    /// issuance, a mint), chaining it to the current head.
+    async fn append_audit(&self, event: &AuditEvent) -> Result<AuditRecord, StoreError>;
+    /// Up to `limit` audit records with `seq > after`, in ascending seq order, as stored (no
+    /// checking: that is [`crate::audit::verify`]'s job).
+    async fn audit_records(&self, after: i64, limit: i64) -> Result<Vec<AuditRecord>, StoreError>;
+    /// The stored head of the chain (last seq and its hash), kept separately from the records
+    /// so that truncating the log is detected.
+    async fn audit_head(&self) -> Result<Option<(i64, [u8; 32])>, StoreError>;
+}
+
+impl std::fmt::Debug for dyn Datastore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Datastore({})", self.backend())
+    }
+}

@@ -1,0 +1,1127 @@
+//! [`SqlStore`]: the [`Datastore`] over SQLite or PostgreSQL, through `sqlx`'s `Any` driver.
+//!
+//! One implementation serves both databases; the few places where they differ (column types,
+//! how a write transaction is serialized) switch on a private `Dialect`. Only types the `Any`
+//! driver carries are used: `i64`, `String`, `Vec<u8>` and `Option`s of those; booleans are
+//! stored as 0/1 and times as Unix seconds.
+//!
+//! Writes that carry an [`AuditEvent`] are serialized and append the chained audit record in
+//! the same transaction as the change: on PostgreSQL under a transaction-scoped advisory lock
+//! (so several CA servers sharing the database cannot fork the chain), on SQLite under an
+//! in-process mutex and `BEGIN IMMEDIATE` (which also excludes other processes, such as the
+//! operator CLI, from writing at the same time).
+
+use std::fs::OpenOptions;
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use spiffe::{SpiffeId, TrustDomain};
+use sqlx::any::{AnyConnectOptions, AnyPoolOptions, AnyRow};
+use sqlx::pool::PoolConnectionMetadata;
+use sqlx::sqlite::SqliteConnectOptions;
+use sqlx::{Any, AnyConnection, AnyPool, ConnectOptions, Executor, Row, Transaction};
+use tokio::sync::{Mutex, MutexGuard};
+
+use super::{
+    AgentRecord, CaKeyKind, CaKeyRecord, CaKeyState, Datastore, JoinTokenRecord, StoreError,
+};
+use crate::audit::{AuditEvent, AuditRecord};
+use crate::entry::{EntryId, EntrySpec, RegistrationEntry};
+
+/// The newest schema version this binary knows (the last entry of the migration list).
+pub const SCHEMA_VERSION: i64 = 1;
+
+/// The file [`SqlStore::open_sqlite_in`] uses inside the data directory.
+pub const SQLITE_FILE_NAME: &str = "meshid-ca.db";
+
+/// Advisory lock key held while migrating (PostgreSQL). "meshid" then 1.
+const MIGRATION_LOCK: i64 = 0x6d65_7368_6964_0001;
+/// Advisory lock key held by every audited write transaction (PostgreSQL). "meshid" then 2.
+const AUDIT_LOCK: i64 = 0x6d65_7368_6964_0002;
+
+/// Which SQL database is behind the pool.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Dialect {
+    Sqlite,
+    Postgres,
+}
+
+/// One schema migration: its version and its SQL for each dialect (several statements each,
+/// separated by `;`, run in one transaction together with the `schema_migrations` row).
+struct Migration {
+    version: i64,
+    sqlite: &'static str,
+    postgres: &'static str,
+}
+
+/// Ordered by version; append only. Never edit a migration that has shipped.
+const MIGRATIONS: &[Migration] = &[Migration {
+    version: 1,
+    sqlite: r#"
+CREATE TABLE registration_entries (
+    id TEXT NOT NULL PRIMARY KEY,
+    spiffe_id TEXT NOT NULL,
+    parent_id TEXT NOT NULL,
+    selectors TEXT NOT NULL,
+    x509_ttl INTEGER NOT NULL,
+    jwt_ttl INTEGER NOT NULL,
+    dns_names TEXT NOT NULL,
+    federates_with TEXT NOT NULL,
+    admin INTEGER NOT NULL,
+    hint TEXT NOT NULL,
+    created_at INTEGER NOT NULL,
+    updated_at INTEGER NOT NULL,
+    revision INTEGER NOT NULL
+);
+CREATE INDEX registration_entries_parent ON registration_entries (parent_id, id);
+CREATE TABLE agents (
+    spiffe_id TEXT NOT NULL PRIMARY KEY,
+    attestation_type TEXT NOT NULL,
+    serial TEXT NOT NULL,
+    expires_at INTEGER NOT NULL,
+    created_at INTEGER NOT NULL,
+    banned INTEGER NOT NULL
+);
+CREATE TABLE join_tokens (
+    hash BLOB NOT NULL PRIMARY KEY,
+    id TEXT NOT NULL UNIQUE,
+    created_at INTEGER NOT NULL,
+    expires_at INTEGER NOT NULL,
+    used_at INTEGER
+);
+CREATE TABLE ca_keys (
+    id TEXT NOT NULL PRIMARY KEY,
+    kind TEXT NOT NULL,
+    state TEXT NOT NULL,
+    server_id TEXT NOT NULL,
+    parent_id TEXT,
+    public_der BLOB NOT NULL,
+    not_before INTEGER NOT NULL,
+    not_after INTEGER NOT NULL,
+    created_at INTEGER NOT NULL
+);
+CREATE TABLE bundles (
+    trust_domain TEXT NOT NULL PRIMARY KEY,
+    document TEXT NOT NULL,
+    sequence INTEGER NOT NULL,
+    updated_at INTEGER NOT NULL
+);
+CREATE TABLE audit_log (
+    seq INTEGER NOT NULL PRIMARY KEY,
+    time INTEGER NOT NULL,
+    kind TEXT NOT NULL,
+    actor TEXT NOT NULL,
+    details TEXT NOT NULL,
+    prev_hash BLOB NOT NULL,
+    hash BLOB NOT NULL
+);
+CREATE TABLE audit_head (
+    id INTEGER NOT NULL PRIMARY KEY CHECK (id = 1),
+    seq INTEGER NOT NULL,
+    hash BLOB NOT NULL
+);
+"#,
+    postgres: r#"
+CREATE TABLE registration_entries (
+    id TEXT COLLATE "C" NOT NULL PRIMARY KEY,
+    spiffe_id TEXT NOT NULL,
+    parent_id TEXT COLLATE "C" NOT NULL,
+    selectors TEXT NOT NULL,
+    x509_ttl BIGINT NOT NULL,
+    jwt_ttl BIGINT NOT NULL,
+    dns_names TEXT NOT NULL,
+    federates_with TEXT NOT NULL,
+    admin BIGINT NOT NULL,
+    hint TEXT NOT NULL,
+    created_at BIGINT NOT NULL,
+    updated_at BIGINT NOT NULL,
+    revision BIGINT NOT NULL
+);
+CREATE INDEX registration_entries_parent ON registration_entries (parent_id, id);
+CREATE TABLE agents (
+    spiffe_id TEXT COLLATE "C" NOT NULL PRIMARY KEY,
+    attestation_type TEXT NOT NULL,
+    serial TEXT NOT NULL,
+    expires_at BIGINT NOT NULL,
+    created_at BIGINT NOT NULL,
+    banned BIGINT NOT NULL
+);
+CREATE TABLE join_tokens (
+    hash BYTEA NOT NULL PRIMARY KEY,
+    id TEXT NOT NULL UNIQUE,
+    created_at BIGINT NOT NULL,
+    expires_at BIGINT NOT NULL,
+    used_at BIGINT
+);
+CREATE TABLE ca_keys (
+    id TEXT COLLATE "C" NOT NULL PRIMARY KEY,
+    kind TEXT NOT NULL,
+    state TEXT NOT NULL,
+    server_id TEXT NOT NULL,
+    parent_id TEXT,
+    public_der BYTEA NOT NULL,
+    not_before BIGINT NOT NULL,
+    not_after BIGINT NOT NULL,
+    created_at BIGINT NOT NULL
+);
+CREATE TABLE bundles (
+    trust_domain TEXT NOT NULL PRIMARY KEY,
+    document TEXT NOT NULL,
+    sequence BIGINT NOT NULL,
+    updated_at BIGINT NOT NULL
+);
+CREATE TABLE audit_log (
+    seq BIGINT NOT NULL PRIMARY KEY,
+    time BIGINT NOT NULL,
+    kind TEXT NOT NULL,
+    actor TEXT NOT NULL,
+    details TEXT NOT NULL,
+    prev_hash BYTEA NOT NULL,
+    hash BYTEA NOT NULL
+);
+CREATE TABLE audit_head (
+    id BIGINT NOT NULL PRIMARY KEY CHECK (id = 1),
+    seq BIGINT NOT NULL,
+    hash BYTEA NOT NULL
+);
+"#,
+}];
+
+const ENTRY_COLUMNS: &str = "id, spiffe_id, parent_id, selectors, x509_ttl, jwt_ttl, dns_names, \
+     federates_with, admin, hint, created_at, updated_at, revision";
+const AGENT_COLUMNS: &str = "spiffe_id, attestation_type, serial, expires_at, created_at, banned";
+const TOKEN_COLUMNS: &str = "hash, id, created_at, expires_at, used_at";
+const CA_KEY_COLUMNS: &str =
+    "id, kind, state, server_id, parent_id, public_der, not_before, not_after, created_at";
+const AUDIT_COLUMNS: &str = "seq, time, kind, actor, details, prev_hash, hash";
+
+/// A federated trust domain's bundle as stored (see [`SqlStore::put_bundle`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BundleRecord {
+    /// Whose bundle this is.
+    pub trust_domain: TrustDomain,
+    /// The SPIFFE bundle document (JWKS JSON), as fetched.
+    pub document: String,
+    /// The bundle's sequence number (`spiffe_sequence`).
+    pub sequence: i64,
+    /// Unix seconds of the last store.
+    pub updated_at: i64,
+}
+
+/// The SQL datastore. Cheap to share behind an `Arc`; the pool inside is already shared.
+#[derive(Debug)]
+pub struct SqlStore {
+    pool: AnyPool,
+    dialect: Dialect,
+    /// Serializes this process's write transactions on SQLite, so they queue here rather than
+    /// spin on SQLite's busy handler. Unused on PostgreSQL (the advisory lock does the job).
+    sqlite_writer: Mutex<()>,
+}
+
+/// A write transaction, holding what serializes it until it commits or is dropped (rolled back).
+struct WriteTx<'a> {
+    tx: Transaction<'static, Any>,
+    _guard: Option<MutexGuard<'a, ()>>,
+}
+
+impl WriteTx<'_> {
+    async fn commit(self) -> Result<(), StoreError> {
+        self.tx.commit().await?;
+        Ok(())
+    }
+}
+
+impl SqlStore {
+    /// Opens (creating if needed) and migrates the datastore at `url`: `sqlite://PATH` or
+    /// `postgres://...` (also `postgresql://...`).
+    ///
+    /// A new SQLite file is created with mode 0600. Fails with
+    /// [`StoreError::SchemaTooNew`] when the database was migrated by a newer binary.
+    pub async fn open(url: &str) -> Result<Self, StoreError> {
+        if let Some(path) = url.strip_prefix("sqlite://") {
+            if path.is_empty() || path.contains('?') || path == ":memory:" {
+                return Err(StoreError::UnsupportedUrl(url.to_owned()));
+            }
+            Self::open_sqlite(Path::new(path)).await
+        } else if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+            Self::open_postgres(url).await
+        } else {
+            Err(StoreError::UnsupportedUrl(redact_url(url)))
+        }
+    }
+
+    /// Opens (creating if needed) the SQLite datastore `dir/meshid-ca.db`.
+    pub async fn open_sqlite_in(dir: &Path) -> Result<Self, StoreError> {
+        Self::open_sqlite(&dir.join(SQLITE_FILE_NAME)).await
+    }
+
+    async fn open_sqlite(path: &Path) -> Result<Self, StoreError> {
+        sqlx::any::install_default_drivers();
+        let path = create_private_file(path)?;
+        let options = SqliteConnectOptions::new().filename(&path).to_url_lossy();
+        let options = AnyConnectOptions::from_url(&options)?;
+        let pool = AnyPoolOptions::new()
+            .max_connections(8)
+            .acquire_timeout(Duration::from_secs(30))
+            .after_connect(|conn: &mut AnyConnection, _meta: PoolConnectionMetadata| {
+                Box::pin(sqlite_pragmas(conn))
+            })
+            .connect_with(options)
+            .await?;
+        let store = Self {
+            pool,
+            dialect: Dialect::Sqlite,
+            sqlite_writer: Mutex::new(()),
+        };
+        store.migrate().await?;
+        // SQLite creates -wal and -shm with the database file's mode; make sure regardless.
+        for suffix in ["-wal", "-shm"] {
+            let mut side = path.clone().into_os_string();
+            side.push(suffix);
+            restrict_mode(Path::new(&side))?;
+        }
+        Ok(store)
+    }
+
+    async fn open_postgres(url: &str) -> Result<Self, StoreError> {
+        sqlx::any::install_default_drivers();
+        let pool = AnyPoolOptions::new()
+            .max_connections(10)
+            .acquire_timeout(Duration::from_secs(30))
+            .connect(url)
+            .await?;
+        let store = Self {
+            pool,
+            dialect: Dialect::Postgres,
+            sqlite_writer: Mutex::new(()),
+        };
+        store.migrate().await?;
+        Ok(store)
+    }
+
+    /// Closes the pool, waiting for connections in use to be returned (on SQLite this also
+    /// checkpoints the write-ahead log).
+    pub async fn close(&self) {
+        self.pool.close().await;
+    }
+
+    /// Stores (inserts or replaces) a federated trust domain's bundle, with its audit record in
+    /// the same transaction.
+    pub async fn put_bundle(
+        &self,
+        trust_domain: &TrustDomain,
+        document: &str,
+        sequence: i64,
+        audit: &AuditEvent,
+    ) -> Result<(), StoreError> {
+        let mut w = self.begin_write().await?;
+        sqlx::query(
+            "INSERT INTO bundles (trust_domain, document, sequence, updated_at) \
+             VALUES ($1, $2, $3, $4) \
+             ON CONFLICT (trust_domain) DO UPDATE SET document = excluded.document, \
+             sequence = excluded.sequence, updated_at = excluded.updated_at",
+        )
+        .bind(trust_domain.as_str())
+        .bind(document)
+        .bind(sequence)
+        .bind(crate::unix_now())
+        .execute(&mut *w.tx)
+        .await?;
+        append_in_tx(&mut w.tx, audit).await?;
+        w.commit().await
+    }
+
+    /// The stored bundle of a federated trust domain, if any.
+    pub async fn get_bundle(
+        &self,
+        trust_domain: &TrustDomain,
+    ) -> Result<Option<BundleRecord>, StoreError> {
+        let row = sqlx::query(
+            "SELECT trust_domain, document, sequence, updated_at FROM bundles \
+             WHERE trust_domain = $1",
+        )
+        .bind(trust_domain.as_str())
+        .fetch_optional(&self.pool)
+        .await?;
+        let Some(row) = row else {
+            return Ok(None);
+        };
+        let td: String = row.try_get("trust_domain")?;
+        let trust_domain = TrustDomain::new(&td)
+            .map_err(|e| StoreError::Corrupt(format!("bundles row {td:?}: trust domain: {e}")))?;
+        Ok(Some(BundleRecord {
+            trust_domain,
+            document: row.try_get("document")?,
+            sequence: row.try_get("sequence")?,
+            updated_at: row.try_get("updated_at")?,
+        }))
+    }
+
+    /// Begins a transaction that writes and may append to the audit log: serialized against
+    /// every other such transaction (see the module documentation).
+    async fn begin_write(&self) -> Result<WriteTx<'_>, StoreError> {
+        match self.dialect {
+            Dialect::Sqlite => {
+                let guard = self.sqlite_writer.lock().await;
+                let tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
+                Ok(WriteTx {
+                    tx,
+                    _guard: Some(guard),
+                })
+            }
+            Dialect::Postgres => {
+                let mut tx = self.pool.begin().await?;
+                sqlx::query("SELECT pg_advisory_xact_lock($1)")
+                    .bind(AUDIT_LOCK)
+                    .execute(&mut *tx)
+                    .await?;
+                Ok(WriteTx { tx, _guard: None })
+            }
+        }
+    }
+
+    /// Begins a migration transaction (serialized between processes too).
+    async fn begin_migration(&self) -> Result<WriteTx<'_>, StoreError> {
+        match self.dialect {
+            Dialect::Sqlite => self.begin_write().await,
+            Dialect::Postgres => {
+                let mut tx = self.pool.begin().await?;
+                sqlx::query("SELECT pg_advisory_xact_lock($1)")
+                    .bind(MIGRATION_LOCK)
+                    .execute(&mut *tx)
+                    .await?;
+                Ok(WriteTx { tx, _guard: None })
+            }
+        }
+    }
+
+    /// Creates `schema_migrations` if needed and returns the highest applied version (0 for a
+    /// new database), refusing a schema newer than this binary.
+    async fn current_version(tx: &mut Transaction<'static, Any>) -> Result<i64, StoreError> {
+        sqlx::query(
+            "CREATE TABLE IF NOT EXISTS schema_migrations \
+             (version BIGINT NOT NULL PRIMARY KEY, applied_at BIGINT NOT NULL)",
+        )
+        .execute(&mut **tx)
+        .await?;
+        let found: i64 =
+            sqlx::query("SELECT COALESCE(MAX(version), 0) AS v FROM schema_migrations")
+                .fetch_one(&mut **tx)
+                .await?
+                .try_get("v")?;
+        if found > SCHEMA_VERSION {
+            return Err(StoreError::SchemaTooNew {
+                found,
+                supported: SCHEMA_VERSION,
+            });
+        }
+        Ok(found)
+    }
+
+    /// Applies every migration newer than the database, each in its own transaction.
+    async fn migrate(&self) -> Result<(), StoreError> {
+        let mut w = self.begin_migration().await?;
+        let initial = Self::current_version(&mut w.tx).await?;
+        w.commit().await?;
+        for step in MIGRATIONS.iter().filter(|m| m.version > initial) {
+            let mut w = self.begin_migration().await?;
+            // Another CA server may have migrated while this one waited for the lock.
+            let current = Self::current_version(&mut w.tx).await?;
+            if current >= step.version {
+                w.commit().await?;
+                continue;
+            }
+            let sql = match self.dialect {
+                Dialect::Sqlite => step.sqlite,
+                Dialect::Postgres => step.postgres,
+            };
+            let migration_error = |source| StoreError::Migration {
+                version: step.version,
+                source,
+            };
+            // One statement at a time: prepared statements hold one each. Migration SQL has no
+            // `;` inside literals.
+            for statement in sql.split(';').map(str::trim).filter(|s| !s.is_empty()) {
+                sqlx::query(statement)
+                    .execute(&mut *w.tx)
+                    .await
+                    .map_err(migration_error)?;
+            }
+            sqlx::query("INSERT INTO schema_migrations (version, applied_at) VALUES ($1, $2)")
+                .bind(step.version)
+                .bind(crate::unix_now())
+                .execute(&mut *w.tx)
+                .await
+                .map_err(migration_error)?;
+            w.tx.commit().await.map_err(migration_error)?;
+            tracing::info!(
+                version = step.version,
+                backend = self.backend(),
+                "datastore migrated"
+            );
+        }
+        Ok(())
+    }
+
+    async fn fetch_entries(
+        &self,
+        filter: Option<&str>,
+    ) -> Result<Vec<RegistrationEntry>, StoreError> {
+        let rows = match filter {
+            None => {
+                sqlx::query(&format!(
+                    "SELECT {ENTRY_COLUMNS} FROM registration_entries ORDER BY id"
+                ))
+                .fetch_all(&self.pool)
+                .await?
+            }
+            Some(parent) => {
+                sqlx::query(&format!(
+                "SELECT {ENTRY_COLUMNS} FROM registration_entries WHERE parent_id = $1 ORDER BY id"
+            ))
+                .bind(parent)
+                .fetch_all(&self.pool)
+                .await?
+            }
+        };
+        rows.iter().map(decode_entry).collect()
+    }
+}
+
+/// Chains `event` after the stored head and writes the record and the new head, inside `tx`.
+/// The caller must have begun `tx` with [`SqlStore::begin_write`], which serializes appends.
+async fn append_in_tx(
+    tx: &mut Transaction<'static, Any>,
+    event: &AuditEvent,
+) -> Result<AuditRecord, StoreError> {
+    let head = sqlx::query("SELECT seq, hash FROM audit_head WHERE id = 1")
+        .fetch_optional(&mut **tx)
+        .await?;
+    let (head_seq, head_hash) = match head {
+        Some(row) => {
+            let seq: i64 = row.try_get("seq")?;
+            (
+                seq,
+                hash32(row.try_get("hash")?, "audit_head", &seq.to_string())?,
+            )
+        }
+        None => (0, [0; 32]),
+    };
+    let record = AuditRecord::chain(event, crate::unix_now(), head_seq, head_hash);
+    sqlx::query(&format!(
+        "INSERT INTO audit_log ({AUDIT_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7)"
+    ))
+    .bind(record.seq)
+    .bind(record.time)
+    .bind(record.kind.as_str())
+    .bind(record.actor.as_str())
+    .bind(record.details.as_str())
+    .bind(record.prev_hash.to_vec())
+    .bind(record.hash.to_vec())
+    .execute(&mut **tx)
+    .await?;
+    sqlx::query(
+        "INSERT INTO audit_head (id, seq, hash) VALUES (1, $1, $2) \
+         ON CONFLICT (id) DO UPDATE SET seq = excluded.seq, hash = excluded.hash",
+    )
+    .bind(record.seq)
+    .bind(record.hash.to_vec())
+    .execute(&mut **tx)
+    .await?;
+    Ok(record)
+}
+
+#[async_trait]
+impl Datastore for SqlStore {
+    fn backend(&self) -> &'static str {
+        match self.dialect {
+            Dialect::Sqlite => "sqlite",
+            Dialect::Postgres => "postgres",
+        }
+    }
+
+    async fn create_entry(
+        &self,
+        entry: &RegistrationEntry,
+        audit: &AuditEvent,
+    ) -> Result<(), StoreError> {
+        let mut w = self.begin_write().await?;
+        let result = sqlx::query(&format!(
+            "INSERT INTO registration_entries ({ENTRY_COLUMNS}) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)"
+        ))
+        .bind(entry.id.as_str())
+        .bind(entry.spiffe_id.to_string())
+        .bind(entry.parent_id.to_string())
+        .bind(entry_selectors_json(entry)?)
+        .bind(ttl_secs(entry.x509_svid_ttl))
+        .bind(ttl_secs(entry.jwt_svid_ttl))
+        .bind(json_strings(entry.dns_names.iter().map(String::as_str))?)
+        .bind(json_strings(
+            entry.federates_with.iter().map(|t| t.as_str()),
+        )?)
+        .bind(i64::from(entry.admin))
+        .bind(entry.hint.as_str())
+        .bind(entry.created_at)
+        .bind(entry.updated_at)
+        .bind(entry.revision)
+        .execute(&mut *w.tx)
+        .await;
+        map_unique(result, || format!("registration entry {}", entry.id))?;
+        append_in_tx(&mut w.tx, audit).await?;
+        w.commit().await
+    }
+
+    async fn get_entry(&self, id: &EntryId) -> Result<Option<RegistrationEntry>, StoreError> {
+        let row = sqlx::query(&format!(
+            "SELECT {ENTRY_COLUMNS} FROM registration_entries WHERE id = $1"
+        ))
+        .bind(id.as_str())
+        .fetch_optional(&self.pool)
+        .await?;
+        row.as_ref().map(decode_entry).transpose()
+    }
+
+    async fn list_entries(&self) -> Result<Vec<RegistrationEntry>, StoreError> {
+        self.fetch_entries(None).await
+    }
+
+    async fn list_entries_by_parent(
+        &self,
+        parent_id: &str,
+    ) -> Result<Vec<RegistrationEntry>, StoreError> {
+        self.fetch_entries(Some(parent_id)).await
+    }
+
+    async fn update_entry(
+        &self,
+        entry: &RegistrationEntry,
+        audit: &AuditEvent,
+    ) -> Result<(), StoreError> {
+        let mut w = self.begin_write().await?;
+        let found: Option<i64> =
+            sqlx::query("SELECT revision FROM registration_entries WHERE id = $1")
+                .bind(entry.id.as_str())
+                .fetch_optional(&mut *w.tx)
+                .await?
+                .map(|row| row.try_get("revision"))
+                .transpose()?;
+        let Some(found) = found else {
+            return Err(StoreError::NotFound(format!(
+                "registration entry {}",
+                entry.id
+            )));
+        };
+        let expected = entry.revision - 1;
+        if found != expected {
+            return Err(StoreError::RevisionConflict {
+                id: entry.id.to_string(),
+                expected,
+                found,
+            });
+        }
+        // created_at is kept as stored: an update does not change when the entry was made.
+        let updated = sqlx::query(
+            "UPDATE registration_entries SET spiffe_id = $1, parent_id = $2, selectors = $3, \
+             x509_ttl = $4, jwt_ttl = $5, dns_names = $6, federates_with = $7, admin = $8, \
+             hint = $9, updated_at = $10, revision = $11 WHERE id = $12 AND revision = $13",
+        )
+        .bind(entry.spiffe_id.to_string())
+        .bind(entry.parent_id.to_string())
+        .bind(entry_selectors_json(entry)?)
+        .bind(ttl_secs(entry.x509_svid_ttl))
+        .bind(ttl_secs(entry.jwt_svid_ttl))
+        .bind(json_strings(entry.dns_names.iter().map(String::as_str))?)
+        .bind(json_strings(
+            entry.federates_with.iter().map(|t| t.as_str()),
+        )?)
+        .bind(i64::from(entry.admin))
+        .bind(entry.hint.as_str())
+        .bind(entry.updated_at)
+        .bind(entry.revision)
+        .bind(entry.id.as_str())
+        .bind(expected)
+        .execute(&mut *w.tx)
+        .await?;
+        if updated.rows_affected() != 1 {
+            // Unreachable while writes are serialized; kept as a guard.
+            return Err(StoreError::RevisionConflict {
+                id: entry.id.to_string(),
+                expected,
+                found,
+            });
+        }
+        append_in_tx(&mut w.tx, audit).await?;
+        w.commit().await
+    }
+
+    async fn delete_entry(
+        &self,
+        id: &EntryId,
+        audit: &AuditEvent,
+    ) -> Result<RegistrationEntry, StoreError> {
+        let mut w = self.begin_write().await?;
+        let row = sqlx::query(&format!(
+            "SELECT {ENTRY_COLUMNS} FROM registration_entries WHERE id = $1"
+        ))
+        .bind(id.as_str())
+        .fetch_optional(&mut *w.tx)
+        .await?;
+        let Some(row) = row else {
+            return Err(StoreError::NotFound(format!("registration entry {id}")));
+        };
+        let entry = decode_entry(&row)?;
+        sqlx::query("DELETE FROM registration_entries WHERE id = $1")
+            .bind(id.as_str())
+            .execute(&mut *w.tx)
+            .await?;
+        append_in_tx(&mut w.tx, audit).await?;
+        w.commit().await?;
+        Ok(entry)
+    }
+
+    async fn create_join_token(
+        &self,
+        token: &JoinTokenRecord,
+        audit: &AuditEvent,
+    ) -> Result<(), StoreError> {
+        let mut w = self.begin_write().await?;
+        let result = sqlx::query(&format!(
+            "INSERT INTO join_tokens ({TOKEN_COLUMNS}) VALUES ($1, $2, $3, $4, $5)"
+        ))
+        .bind(token.hash.to_vec())
+        .bind(token.id.as_str())
+        .bind(token.created_at)
+        .bind(token.expires_at)
+        .bind(token.used_at)
+        .execute(&mut *w.tx)
+        .await;
+        map_unique(result, || format!("join token {}", token.id))?;
+        append_in_tx(&mut w.tx, audit).await?;
+        w.commit().await
+    }
+
+    async fn consume_join_token(
+        &self,
+        hash: &[u8; 32],
+        now: i64,
+        audit: &AuditEvent,
+    ) -> Result<JoinTokenRecord, StoreError> {
+        let mut w = self.begin_write().await?;
+        let row = sqlx::query(&format!(
+            "UPDATE join_tokens SET used_at = $1 \
+             WHERE hash = $2 AND used_at IS NULL AND expires_at > $1 RETURNING {TOKEN_COLUMNS}"
+        ))
+        .bind(now)
+        .bind(hash.to_vec())
+        .fetch_optional(&mut *w.tx)
+        .await?;
+        // Dropping `w` rolls back; nothing was changed anyway.
+        let Some(row) = row else {
+            return Err(StoreError::TokenRejected);
+        };
+        let token = decode_token(&row)?;
+        append_in_tx(&mut w.tx, audit).await?;
+        w.commit().await?;
+        Ok(token)
+    }
+
+    async fn upsert_agent(
+        &self,
+        agent: &AgentRecord,
+        audit: &AuditEvent,
+    ) -> Result<(), StoreError> {
+        let mut w = self.begin_write().await?;
+        sqlx::query(&format!(
+            "INSERT INTO agents ({AGENT_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6) \
+             ON CONFLICT (spiffe_id) DO UPDATE SET attestation_type = excluded.attestation_type, \
+             serial = excluded.serial, expires_at = excluded.expires_at, \
+             created_at = excluded.created_at, banned = excluded.banned"
+        ))
+        .bind(agent.spiffe_id.as_str())
+        .bind(agent.attestation_type.as_str())
+        .bind(agent.serial.as_str())
+        .bind(agent.expires_at)
+        .bind(agent.created_at)
+        .bind(i64::from(agent.banned))
+        .execute(&mut *w.tx)
+        .await?;
+        append_in_tx(&mut w.tx, audit).await?;
+        w.commit().await
+    }
+
+    async fn get_agent(&self, spiffe_id: &str) -> Result<Option<AgentRecord>, StoreError> {
+        let row = sqlx::query(&format!(
+            "SELECT {AGENT_COLUMNS} FROM agents WHERE spiffe_id = $1"
+        ))
+        .bind(spiffe_id)
+        .fetch_optional(&self.pool)
+        .await?;
+        row.as_ref().map(decode_agent).transpose()
+    }
+
+    async fn list_agents(&self) -> Result<Vec<AgentRecord>, StoreError> {
+        let rows = sqlx::query(&format!(
+            "SELECT {AGENT_COLUMNS} FROM agents ORDER BY spiffe_id"
+        ))
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(decode_agent).collect()
+    }
+
+    async fn insert_ca_key(&self, key: &CaKeyRecord, audit: &AuditEvent) -> Result<(), StoreError> {
+        let mut w = self.begin_write().await?;
+        let result = sqlx::query(&format!(
+            "INSERT INTO ca_keys ({CA_KEY_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)"
+        ))
+        .bind(key.id.as_str())
+        .bind(kind_str(key.kind))
+        .bind(state_str(key.state))
+        .bind(key.server_id.as_str())
+        .bind(key.parent_id.clone())
+        .bind(key.public_der.clone())
+        .bind(key.not_before)
+        .bind(key.not_after)
+        .bind(key.created_at)
+        .execute(&mut *w.tx)
+        .await;
+        map_unique(result, || format!("CA key {}", key.id))?;
+        append_in_tx(&mut w.tx, audit).await?;
+        w.commit().await
+    }
+
+    async fn set_ca_key_state(
+        &self,
+        id: &str,
+        state: CaKeyState,
+        audit: &AuditEvent,
+    ) -> Result<(), StoreError> {
+        let mut w = self.begin_write().await?;
+        let updated = sqlx::query("UPDATE ca_keys SET state = $1 WHERE id = $2")
+            .bind(state_str(state))
+            .bind(id)
+            .execute(&mut *w.tx)
+            .await?;
+        if updated.rows_affected() == 0 {
+            return Err(StoreError::NotFound(format!("CA key {id}")));
+        }
+        append_in_tx(&mut w.tx, audit).await?;
+        w.commit().await
+    }
+
+    async fn list_ca_keys(&self) -> Result<Vec<CaKeyRecord>, StoreError> {
+        let rows = sqlx::query(&format!(
+            "SELECT {CA_KEY_COLUMNS} FROM ca_keys ORDER BY created_at, id"
+        ))
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(decode_ca_key).collect()
+    }
+
+    async fn append_audit(&self, event: &AuditEvent) -> Result<AuditRecord, StoreError> {
+        let mut w = self.begin_write().await?;
+        let record = append_in_tx(&mut w.tx, event).await?;
+        w.commit().await?;
+        Ok(record)
+    }
+
+    async fn audit_records(&self, after: i64, limit: i64) -> Result<Vec<AuditRecord>, StoreError> {
+        let rows = sqlx::query(&format!(
+            "SELECT {AUDIT_COLUMNS} FROM audit_log WHERE seq > $1 ORDER BY seq LIMIT $2"
+        ))
+        .bind(after)
+        .bind(limit.max(0))
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(decode_audit).collect()
+    }
+
+    async fn audit_head(&self) -> Result<Option<(i64, [u8; 32])>, StoreError> {
+        let row = sqlx::query("SELECT seq, hash FROM audit_head WHERE id = 1")
+            .fetch_optional(&self.pool)
+            .await?;
+        let Some(row) = row else {
+            return Ok(None);
+        };
+        let seq: i64 = row.try_get("seq")?;
+        Ok(Some((
+            seq,
+            hash32(row.try_get("hash")?, "audit_head", &seq.to_string())?,
+        )))
+    }
+}
+
+/// Per-connection SQLite settings (WAL is persistent, the others are per connection).
+async fn sqlite_pragmas(conn: &mut AnyConnection) -> Result<(), sqlx::Error> {
+    for pragma in [
+        "PRAGMA busy_timeout = 5000",
+        "PRAGMA journal_mode = WAL",
+        "PRAGMA synchronous = NORMAL",
+        "PRAGMA foreign_keys = ON",
+    ] {
+        conn.execute(pragma).await?;
+    }
+    Ok(())
+}
+
+/// An I/O error on the SQLite file, naming it.
+fn file_error(path: &Path, e: std::io::Error) -> StoreError {
+    StoreError::Backend(sqlx::Error::Configuration(
+        format!("sqlite file {}: {e}", path.display()).into(),
+    ))
+}
+
+/// Creates the SQLite file with mode 0600 if it does not exist (tightening the mode of an
+/// existing one) and returns its absolute path.
+fn create_private_file(path: &Path) -> Result<PathBuf, StoreError> {
+    let io = |e| file_error(path, e);
+    OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .mode(0o600)
+        .open(path)
+        .map_err(io)?;
+    restrict_mode(path)?;
+    std::fs::canonicalize(path).map_err(io)
+}
+
+/// Removes group and other permissions from `path`, if it exists.
+fn restrict_mode(path: &Path) -> Result<(), StoreError> {
+    let io = |e| file_error(path, e);
+    match std::fs::metadata(path) {
+        Ok(meta) => {
+            let mode = meta.permissions().mode() & 0o7777;
+            if mode & 0o077 != 0 {
+                tracing::warn!(
+                    path = %path.display(),
+                    mode = format_args!("{mode:o}"),
+                    "datastore file was readable by others; setting mode 0600"
+                );
+                std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+                    .map_err(io)?;
+            }
+            Ok(())
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(io(e)),
+    }
+}
+
+/// The URL without anything between `://` and `@` (a password, in URLs that carry one).
+fn redact_url(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(scheme_end), Some(at)) if at > scheme_end => {
+            format!("{}://***{}", &url[..scheme_end], &url[at..])
+        }
+        _ => url.to_owned(),
+    }
+}
+
+/// Maps a unique-constraint violation to [`StoreError::AlreadyExists`].
+fn map_unique<T>(
+    result: Result<T, sqlx::Error>,
+    what: impl FnOnce() -> String,
+) -> Result<T, StoreError> {
+    match result {
+        Ok(v) => Ok(v),
+        Err(sqlx::Error::Database(e)) if e.is_unique_violation() => {
+            Err(StoreError::AlreadyExists(what()))
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
+fn ttl_secs(ttl: Option<Duration>) -> i64 {
+    ttl.map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
+}
+
+fn json_strings<'a>(items: impl Iterator<Item = &'a str>) -> Result<String, StoreError> {
+    serde_json::to_string(&items.collect::<Vec<_>>())
+        .map_err(|e| StoreError::Corrupt(format!("cannot encode a string list: {e}")))
+}
+
+fn entry_selectors_json(entry: &RegistrationEntry) -> Result<String, StoreError> {
+    let selectors: Vec<String> = entry.selectors.iter().map(ToString::to_string).collect();
+    json_strings(selectors.iter().map(String::as_str))
+}
+
+fn corrupt(table: &str, id: &str, what: impl std::fmt::Display) -> StoreError {
+    StoreError::Corrupt(format!("{table} row {id:?}: {what}"))
+}
+
+fn hash32(bytes: Vec<u8>, table: &str, id: &str) -> Result<[u8; 32], StoreError> {
+    let len = bytes.len();
+    <[u8; 32]>::try_from(bytes)
+        .map_err(|_| corrupt(table, id, format_args!("hash is {len} bytes, not 32")))
+}
+
+fn bool01(v: i64, table: &str, id: &str, column: &str) -> Result<bool, StoreError> {
+    match v {
+        0 => Ok(false),
+        1 => Ok(true),
+        other => Err(corrupt(
+            table,
+            id,
+            format_args!("{column} is {other}, not 0 or 1"),
+        )),
+    }
+}
+
+/// Decodes a registration entry, re-validating every field with the same parsers an operator's
+/// request goes through ([`EntrySpec::validate`] in the entry's own trust domain).
+fn decode_entry(row: &AnyRow) -> Result<RegistrationEntry, StoreError> {
+    const T: &str = "registration_entries";
+    let raw_id: String = row.try_get("id")?;
+    let bad = |what: String| corrupt(T, &raw_id, what);
+    let id = EntryId::from_str(&raw_id).map_err(|e| bad(e.to_string()))?;
+    let spiffe_id_text: String = row.try_get("spiffe_id")?;
+    let spiffe_id = SpiffeId::new(&spiffe_id_text)
+        .map_err(|e| bad(format!("spiffe_id {spiffe_id_text:?}: {e}")))?;
+    let strings = |column: &str| -> Result<Vec<String>, StoreError> {
+        let text: String = row.try_get(column)?;
+        serde_json::from_str(&text)
+            .map_err(|e| bad(format!("{column} is not a JSON list of strings: {e}")))
+    };
+    let ttl = |column: &str| -> Result<u64, StoreError> {
+        let secs: i64 = row.try_get(column)?;
+        u64::try_from(secs).map_err(|_| bad(format!("{column} is negative ({secs})")))
+    };
+    let spec = EntrySpec {
+        id: Some(id.to_string()),
+        spiffe_id: spiffe_id_text.clone(),
+        parent_id: row.try_get("parent_id")?,
+        selectors: strings("selectors")?,
+        x509_svid_ttl: ttl("x509_ttl")?,
+        jwt_svid_ttl: ttl("jwt_ttl")?,
+        dns_names: strings("dns_names")?,
+        federates_with: strings("federates_with")?,
+        admin: bool01(row.try_get("admin")?, T, &raw_id, "admin")?,
+        hint: row.try_get("hint")?,
+    };
+    let created_at: i64 = row.try_get("created_at")?;
+    let mut entry = spec
+        .validate(spiffe_id.trust_domain(), created_at)
+        .map_err(|e| bad(e.to_string()))?;
+    if entry.id != id {
+        return Err(bad("id changed on validation".to_owned()));
+    }
+    entry.updated_at = row.try_get("updated_at")?;
+    entry.revision = row.try_get("revision")?;
+    if entry.revision < 1 {
+        return Err(bad(format!("revision is {}", entry.revision)));
+    }
+    Ok(entry)
+}
+
+fn decode_agent(row: &AnyRow) -> Result<AgentRecord, StoreError> {
+    let spiffe_id: String = row.try_get("spiffe_id")?;
+    let banned = bool01(row.try_get("banned")?, "agents", &spiffe_id, "banned")?;
+    Ok(AgentRecord {
+        attestation_type: row.try_get("attestation_type")?,
+        serial: row.try_get("serial")?,
+        expires_at: row.try_get("expires_at")?,
+        created_at: row.try_get("created_at")?,
+        banned,
+        spiffe_id,
+    })
+}
+
+fn decode_token(row: &AnyRow) -> Result<JoinTokenRecord, StoreError> {
+    let id: String = row.try_get("id")?;
+    Ok(JoinTokenRecord {
+        hash: hash32(row.try_get("hash")?, "join_tokens", &id)?,
+        created_at: row.try_get("created_at")?,
+        expires_at: row.try_get("expires_at")?,
+        used_at: row.try_get("used_at")?,
+        id,
+    })
+}
+
+fn kind_str(kind: CaKeyKind) -> &'static str {
+    match kind {
+        CaKeyKind::X509Root => "x509_root",
+        CaKeyKind::X509Intermediate => "x509_intermediate",
+        CaKeyKind::Jwt => "jwt",
+    }
+}
+
+fn state_str(state: CaKeyState) -> &'static str {
+    match state {
+        CaKeyState::Prepared => "prepared",
+        CaKeyState::Active => "active",
+        CaKeyState::Retired => "retired",
+    }
+}
+
+fn decode_ca_key(row: &AnyRow) -> Result<CaKeyRecord, StoreError> {
+    const T: &str = "ca_keys";
+    let id: String = row.try_get("id")?;
+    let kind = match row.try_get::<String, _>("kind")?.as_str() {
+        "x509_root" => CaKeyKind::X509Root,
+        "x509_intermediate" => CaKeyKind::X509Intermediate,
+        "jwt" => CaKeyKind::Jwt,
+        other => return Err(corrupt(T, &id, format_args!("unknown kind {other:?}"))),
+    };
+    let state = match row.try_get::<String, _>("state")?.as_str() {
+        "prepared" => CaKeyState::Prepared,
+        "active" => CaKeyState::Active,
+        "retired" => CaKeyState::Retired,
+        other => return Err(corrupt(T, &id, format_args!("unknown state {other:?}"))),
+    };
+    Ok(CaKeyRecord {
+        kind,
+        state,
+        server_id: row.try_get("server_id")?,
+        parent_id: row.try_get("parent_id")?,
+        public_der: row.try_get("public_der")?,
+        not_before: row.try_get("not_before")?,
+        not_after: row.try_get("not_after")?,
+        created_at: row.try_get("created_at")?,
+        id,
+    })
+}
+
+fn decode_audit(row: &AnyRow) -> Result<AuditRecord, StoreError> {
+    let seq: i64 = row.try_get("seq")?;
+    let id = seq.to_string();
+    Ok(AuditRecord {
+        seq,
+        time: row.try_get("time")?,
+        kind: row.try_get("kind")?,
+        actor: row.try_get("actor")?,
+        details: row.try_get("details")?,
+        prev_hash: hash32(row.try_get("prev_hash")?, "audit_log", &id)?,
+        hash: hash32(row.try_get("hash")?, "audit_log", &id)?,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn assert_send<T: Send>(_: &T) {}
+
+    /// Servers open the store inside spawned tasks, so the futures must be `Send`.
+    #[test]
+    fn open_futures_are_send() {
+        assert_send(&SqlStore::open("sqlite:///nonexistent/x.db"));
+        assert_send(&SqlStore::open_sqlite_in(Path::new("/nonexistent")));
+    }
+
+    #[test]
+    fn passwords_are_not_echoed() {
+        assert_eq!(redact_url("mysql://u:pw@host/db"), "mysql://***@host/db");
+        assert_eq!(redact_url("mysql://host/db"), "mysql://host/db");
+    }
+
+    #[test]
+    fn migrations_are_ordered_and_end_at_schema_version() {
+        let versions: Vec<i64> = MIGRATIONS.iter().map(|m| m.version).collect();
+        let expected: Vec<i64> = (1..=SCHEMA_VERSION).collect();
+        assert_eq!(versions, expected);
+    }
+}

@@ -1,0 +1,226 @@
+//! Opening, migrating, restarting; URLs; file modes.
+
+use std::os::unix::fs::PermissionsExt;
+
+use meshid_ca::audit::verify_store;
+use meshid_ca::store::sql::{SqlStore, SCHEMA_VERSION};
+use meshid_ca::store::{CaKeyKind, CaKeyState, Datastore, StoreError};
+
+use crate::fixture::{agent, agent_id, ca_key, entry, ev, fixture, token, Backend, NOW};
+
+pub async fn restart_persistence(backend: Backend) {
+    let mut fx = fixture!(backend);
+    let entries: Vec<_> = (0..3)
+        .map(|n| entry(&format!("p{n}"), &agent_id(1), n))
+        .collect();
+    for e in &entries {
+        fx.store
+            .create_entry(e, &ev("entry.created"))
+            .await
+            .unwrap();
+    }
+    let unused = token(1, NOW + 600);
+    let used = token(2, NOW + 600);
+    for t in [&unused, &used] {
+        fx.store
+            .create_join_token(t, &ev("token.created"))
+            .await
+            .unwrap();
+    }
+    fx.store
+        .consume_join_token(&used.hash, NOW, &ev("token.used"))
+        .await
+        .unwrap();
+    fx.store
+        .upsert_agent(&agent(1), &ev("agent.attested"))
+        .await
+        .unwrap();
+    let root = ca_key("root", CaKeyKind::X509Root, None, NOW);
+    fx.store
+        .insert_ca_key(&root, &ev("ca_key.created"))
+        .await
+        .unwrap();
+    fx.store
+        .set_ca_key_state("root", CaKeyState::Active, &ev("ca_key.activated"))
+        .await
+        .unwrap();
+    let head = fx.store.audit_head().await.unwrap().unwrap();
+    assert_eq!(head.0, 9);
+
+    fx.restart().await;
+
+    let s = &fx.store;
+    assert_eq!(s.list_entries().await.unwrap(), entries);
+    assert!(matches!(
+        s.consume_join_token(&used.hash, NOW + 1, &ev("token.used"))
+            .await,
+        Err(StoreError::TokenRejected)
+    ));
+    assert_eq!(s.list_agents().await.unwrap(), vec![agent(1)]);
+    let keys = s.list_ca_keys().await.unwrap();
+    assert_eq!(keys.len(), 1);
+    assert_eq!(
+        (keys[0].state, &keys[0].public_der),
+        (CaKeyState::Active, &root.public_der)
+    );
+    assert_eq!(s.audit_head().await.unwrap(), Some(head));
+    assert_eq!(verify_store(s).await.unwrap(), 9);
+
+    // The chain keeps growing from the stored head.
+    s.consume_join_token(&unused.hash, NOW + 1, &ev("token.used"))
+        .await
+        .unwrap();
+    let next = s.append_audit(&ev("svid.x509.issued")).await.unwrap();
+    assert_eq!(next.seq, 11);
+    assert_eq!(verify_store(s).await.unwrap(), 11);
+
+    fx.restart().await;
+    assert_eq!(verify_store(&fx.store).await.unwrap(), 11);
+    assert_eq!(
+        fx.store
+            .append_audit(&ev("svid.jwt.issued"))
+            .await
+            .unwrap()
+            .seq,
+        12
+    );
+}
+
+pub async fn migrations_idempotent_on_reopen(backend: Backend) {
+    let mut fx = fixture!(backend);
+    fx.store
+        .create_entry(&entry("m", &agent_id(1), 1), &ev("entry.created"))
+        .await
+        .unwrap();
+    for _ in 0..3 {
+        fx.restart().await;
+    }
+    let also_open = fx.open_again().await;
+    assert_eq!(
+        fx.raw_i64("SELECT COUNT(*) FROM schema_migrations").await,
+        SCHEMA_VERSION
+    );
+    assert_eq!(
+        fx.raw_i64("SELECT MAX(version) FROM schema_migrations")
+            .await,
+        SCHEMA_VERSION
+    );
+    assert_eq!(also_open.list_entries().await.unwrap().len(), 1);
+    assert_eq!(verify_store(&fx.store).await.unwrap(), 1);
+}
+
+pub async fn concurrent_open_migrates_once(backend: Backend) {
+    // Several CA servers starting together on a fresh database.
+    let fx = fixture!(backend);
+    fx.raw(
+        "DROP TABLE registration_entries; DROP TABLE agents; DROP TABLE join_tokens; \
+            DROP TABLE ca_keys; DROP TABLE bundles; DROP TABLE audit_log; DROP TABLE audit_head; \
+            DROP TABLE schema_migrations",
+    )
+    .await;
+    let opens = (0..4).map(|_| {
+        let url = fx.url.clone();
+        async move { SqlStore::open(&url).await }
+    });
+    let stores: Vec<SqlStore> = futures_join_all(opens).await;
+    assert_eq!(
+        fx.raw_i64("SELECT COUNT(*) FROM schema_migrations").await,
+        SCHEMA_VERSION
+    );
+    for s in &stores {
+        s.append_audit(&ev("started")).await.unwrap();
+    }
+    assert_eq!(verify_store(&stores[0]).await.unwrap(), 4);
+}
+
+/// Awaits every open concurrently (on separate tasks) and unwraps them.
+async fn futures_join_all(
+    opens: impl Iterator<
+        Item = impl std::future::Future<Output = Result<SqlStore, StoreError>> + Send + 'static,
+    >,
+) -> Vec<SqlStore> {
+    let tasks: Vec<_> = opens.map(tokio::spawn).collect();
+    let mut out = Vec::new();
+    for t in tasks {
+        out.push(t.await.unwrap().unwrap());
+    }
+    out
+}
+
+pub async fn schema_too_new_is_refused(backend: Backend) {
+    let fx = fixture!(backend);
+    fx.store.close().await;
+    fx.raw(&format!(
+        "INSERT INTO schema_migrations (version, applied_at) VALUES ({}, 0)",
+        SCHEMA_VERSION + 1
+    ))
+    .await;
+    match SqlStore::open(&fx.url).await {
+        Err(StoreError::SchemaTooNew { found, supported }) => {
+            assert_eq!((found, supported), (SCHEMA_VERSION + 1, SCHEMA_VERSION));
+        }
+        other => panic!("expected SchemaTooNew, got {other:?}"),
+    }
+}
+
+pub async fn unsupported_urls_are_refused() {
+    for url in [
+        "mysql://x",
+        "sqlite:relative.db",
+        "sqlite://",
+        "sqlite://:memory:",
+        "file:///tmp/x.db",
+        "",
+        "postgres:/x",
+    ] {
+        match SqlStore::open(url).await {
+            Err(StoreError::UnsupportedUrl(_)) => {}
+            other => panic!("{url:?}: expected UnsupportedUrl, got {other:?}"),
+        }
+    }
+    // The error does not echo a password.
+    let err = SqlStore::open("mysql://user:hunter2@db/x")
+        .await
+        .unwrap_err();
+    assert!(!err.to_string().contains("hunter2"), "{err}");
+}
+
+pub async fn sqlite_files_are_private() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let store = SqlStore::open_sqlite_in(dir.path()).await.unwrap();
+    store
+        .create_entry(&entry("f", &agent_id(1), 1), &ev("entry.created"))
+        .await
+        .unwrap();
+    let db = dir.path().join("meshid-ca.db");
+    let mode = |name: &str| {
+        std::fs::metadata(dir.path().join(name))
+            .map(|m| m.permissions().mode() & 0o777)
+            .unwrap_or_else(|e| panic!("{name}: {e}"))
+    };
+    assert_eq!(mode("meshid-ca.db"), 0o600);
+    assert_eq!(mode("meshid-ca.db-wal"), 0o600);
+    assert_eq!(mode("meshid-ca.db-shm"), 0o600);
+    store.close().await;
+
+    // An existing file that others can read is tightened on open, and the URL form works.
+    std::fs::set_permissions(&db, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let store = SqlStore::open(&format!("sqlite://{}", db.display()))
+        .await
+        .unwrap();
+    assert_eq!(mode("meshid-ca.db"), 0o600);
+    assert_eq!(store.list_entries().await.unwrap().len(), 1);
+    assert_eq!(
+        store.audit_records(0, 10).await.unwrap().len(),
+        1,
+        "the data written before is still there"
+    );
+}
+
+pub async fn sqlite_missing_directory_is_named() {
+    let dir = tempfile::tempdir().unwrap();
+    let missing = dir.path().join("no-such-dir");
+    let err = SqlStore::open_sqlite_in(&missing).await.unwrap_err();
+    assert!(err.to_string().contains("no-such-dir"), "{err}");
+}

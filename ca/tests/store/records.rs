@@ -1,0 +1,227 @@
+//! Join tokens, agents, the CA journal and federated bundles.
+
+use std::sync::Arc;
+
+use meshid_ca::store::{CaKeyKind, CaKeyState, Datastore, StoreError};
+use spiffe::TrustDomain;
+
+use crate::fixture::{agent, ca_key, ev, fixture, token, Backend, NOW};
+
+pub async fn join_token_single_use(backend: Backend) {
+    let fx = fixture!(backend);
+    let s = &fx.store;
+    let t = token(1, NOW + 600);
+    s.create_join_token(&t, &ev("token.created")).await.unwrap();
+    let used = s
+        .consume_join_token(&t.hash, NOW + 1, &ev("token.used"))
+        .await
+        .unwrap();
+    assert_eq!(
+        used,
+        meshid_ca::store::JoinTokenRecord {
+            used_at: Some(NOW + 1),
+            ..t.clone()
+        }
+    );
+    assert!(matches!(
+        s.consume_join_token(&t.hash, NOW + 2, &ev("token.used"))
+            .await,
+        Err(StoreError::TokenRejected)
+    ));
+    assert_eq!(fx.audit_kinds().await, ["token.created", "token.used"]);
+}
+
+pub async fn join_token_expired(backend: Backend) {
+    let fx = fixture!(backend);
+    let s = &fx.store;
+    let t = token(2, NOW + 600);
+    s.create_join_token(&t, &ev("token.created")).await.unwrap();
+    // Refused from the expiry second on.
+    for now in [NOW + 600, NOW + 601, NOW + 100_000] {
+        assert!(matches!(
+            s.consume_join_token(&t.hash, now, &ev("token.used")).await,
+            Err(StoreError::TokenRejected)
+        ));
+    }
+    s.consume_join_token(&t.hash, NOW + 599, &ev("token.used"))
+        .await
+        .unwrap();
+}
+
+pub async fn join_token_unknown_and_duplicate(backend: Backend) {
+    let fx = fixture!(backend);
+    let s = &fx.store;
+    assert!(matches!(
+        s.consume_join_token(&[9; 32], NOW, &ev("token.used")).await,
+        Err(StoreError::TokenRejected)
+    ));
+    let t = token(3, NOW + 600);
+    s.create_join_token(&t, &ev("token.created")).await.unwrap();
+    // Same hash, or same id: both refused.
+    let same_hash = meshid_ca::store::JoinTokenRecord {
+        id: "other".to_owned(),
+        ..t.clone()
+    };
+    assert!(matches!(
+        s.create_join_token(&same_hash, &ev("token.created")).await,
+        Err(StoreError::AlreadyExists(_))
+    ));
+    let same_id = token(4, NOW + 600);
+    let same_id = meshid_ca::store::JoinTokenRecord {
+        id: t.id.clone(),
+        ..same_id
+    };
+    assert!(matches!(
+        s.create_join_token(&same_id, &ev("token.created")).await,
+        Err(StoreError::AlreadyExists(_))
+    ));
+    assert_eq!(fx.audit_kinds().await, ["token.created"]);
+}
+
+pub async fn join_token_concurrent_use_one_wins(backend: Backend) {
+    let fx = fixture!(backend);
+    let t = token(5, NOW + 600);
+    fx.store
+        .create_join_token(&t, &ev("token.created"))
+        .await
+        .unwrap();
+    // Two CA servers, ten agents racing with the same token.
+    let stores = [
+        Arc::new(fx.open_again().await),
+        Arc::new(fx.open_again().await),
+    ];
+    let tasks: Vec<_> = (0..10)
+        .map(|i| {
+            let store = stores[i % 2].clone();
+            let hash = t.hash;
+            tokio::spawn(async move {
+                store
+                    .consume_join_token(&hash, NOW + 1, &ev("token.used"))
+                    .await
+            })
+        })
+        .collect();
+    let mut wins = 0;
+    for task in tasks {
+        match task.await.unwrap() {
+            Ok(_) => wins += 1,
+            Err(StoreError::TokenRejected) => {}
+            Err(other) => panic!("unexpected error {other:?}"),
+        }
+    }
+    assert_eq!(wins, 1);
+    assert_eq!(fx.audit_kinds().await, ["token.created", "token.used"]);
+}
+
+pub async fn agents_upsert_and_list(backend: Backend) {
+    let fx = fixture!(backend);
+    let s = &fx.store;
+    assert_eq!(s.get_agent(&agent(1).spiffe_id).await.unwrap(), None);
+    for n in [3, 1, 2] {
+        s.upsert_agent(&agent(n), &ev("agent.attested"))
+            .await
+            .unwrap();
+    }
+    let mut renewed = agent(2);
+    renewed.serial = "beef".to_owned();
+    renewed.expires_at += 3600;
+    renewed.banned = true;
+    s.upsert_agent(&renewed, &ev("agent.banned")).await.unwrap();
+    assert_eq!(
+        s.get_agent(&renewed.spiffe_id).await.unwrap(),
+        Some(renewed.clone())
+    );
+    assert_eq!(
+        s.list_agents().await.unwrap(),
+        vec![agent(1), renewed, agent(3)]
+    );
+}
+
+pub async fn ca_journal(backend: Backend) {
+    let fx = fixture!(backend);
+    let s = &fx.store;
+    let root = ca_key("root-1", CaKeyKind::X509Root, None, NOW);
+    let int_b = ca_key(
+        "int-b",
+        CaKeyKind::X509Intermediate,
+        Some("root-1"),
+        NOW + 5,
+    );
+    let int_a = ca_key(
+        "int-a",
+        CaKeyKind::X509Intermediate,
+        Some("root-1"),
+        NOW + 5,
+    );
+    let jwt = ca_key("jwt-1", CaKeyKind::Jwt, None, NOW + 1);
+    for k in [&int_b, &root, &jwt, &int_a] {
+        s.insert_ca_key(k, &ev("ca_key.created")).await.unwrap();
+    }
+    assert!(matches!(
+        s.insert_ca_key(&root, &ev("ca_key.created")).await,
+        Err(StoreError::AlreadyExists(_))
+    ));
+    // Ordered by creation time, then id.
+    assert_eq!(
+        s.list_ca_keys().await.unwrap(),
+        vec![root.clone(), jwt.clone(), int_a.clone(), int_b.clone()]
+    );
+
+    s.set_ca_key_state("int-a", CaKeyState::Active, &ev("ca_key.activated"))
+        .await
+        .unwrap();
+    s.set_ca_key_state("int-a", CaKeyState::Retired, &ev("ca_key.retired"))
+        .await
+        .unwrap();
+    s.set_ca_key_state("jwt-1", CaKeyState::Active, &ev("ca_key.activated"))
+        .await
+        .unwrap();
+    assert!(matches!(
+        s.set_ca_key_state("nope", CaKeyState::Active, &ev("ca_key.activated"))
+            .await,
+        Err(StoreError::NotFound(_))
+    ));
+    let states: Vec<_> = s
+        .list_ca_keys()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|k| (k.id, k.state))
+        .collect();
+    assert_eq!(
+        states,
+        [
+            ("root-1".to_owned(), CaKeyState::Prepared),
+            ("jwt-1".to_owned(), CaKeyState::Active),
+            ("int-a".to_owned(), CaKeyState::Retired),
+            ("int-b".to_owned(), CaKeyState::Prepared),
+        ]
+    );
+    // A corrupt kind is reported, naming the row.
+    fx.raw("UPDATE ca_keys SET kind = 'x509_leaf' WHERE id = 'int-b'")
+        .await;
+    assert!(matches!(
+        s.list_ca_keys().await,
+        Err(StoreError::Corrupt(ref why)) if why.contains("int-b") && why.contains("x509_leaf")
+    ));
+}
+
+pub async fn bundles_put_and_get(backend: Backend) {
+    let fx = fixture!(backend);
+    let s = &fx.store;
+    let other = TrustDomain::new("other.org").unwrap();
+    assert_eq!(s.get_bundle(&other).await.unwrap(), None);
+    s.put_bundle(&other, r#"{"keys":[]}"#, 1, &ev("bundle.updated"))
+        .await
+        .unwrap();
+    s.put_bundle(&other, r#"{"keys":[1]}"#, 2, &ev("bundle.updated"))
+        .await
+        .unwrap();
+    let b = s.get_bundle(&other).await.unwrap().unwrap();
+    assert_eq!(
+        (b.trust_domain, b.document.as_str(), b.sequence),
+        (other, r#"{"keys":[1]}"#, 2)
+    );
+    assert!(b.updated_at > 0);
+    assert_eq!(fx.audit_kinds().await, ["bundle.updated", "bundle.updated"]);
+}
