@@ -358,6 +358,7 @@ impl Authority {
                 rec.state = CaKeyState::Retired;
             }
         }
+        journal.sort_by(|a, b| (a.created_at, &a.id).cmp(&(b.created_at, &b.id)));
         self.swap(Keys {
             root,
             root_id,
