@@ -187,23 +187,20 @@ impl Selector {
                         UNIX_SELECTOR_KEYS.join(", ")
                     )));
                 }
-                match key {
+                let ok = match key {
                     "uid" | "gid" | "supplementary_gid" => {
-                        if value.parse::<u32>().is_err() || (value.len() > 1 && value.starts_with('0')) {
-                            return Err(bad("the value must be a decimal number from 0 to 4294967295"));
-                        }
+                        value.parse::<u32>().is_ok() && !(value.len() > 1 && value.starts_with('0'))
                     }
-                    "sha256" => {
-                        if value.len() != 64 || !value.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')) {
-                            return Err(bad("the value must be 64 lowercase hex digits"));
-                        }
-                    }
-                    "path" => {
-                        if !value.starts_with('/') {
-                            return Err(bad("the value must be an absolute path"));
-                        }
-                    }
-                    _ => {}
+                    "sha256" => value.len() == 64 && value.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')),
+                    "path" => value.starts_with('/'),
+                    _ => true,
+                };
+                if !ok {
+                    return Err(bad(match key {
+                        "sha256" => "the value must be 64 lowercase hex digits",
+                        "path" => "the value must be an absolute path",
+                        _ => "the value must be a decimal number from 0 to 4294967295",
+                    }));
                 }
             }
             "" => return Err(bad("the type is empty")),

@@ -54,7 +54,7 @@ impl Metrics {
         let signed = Family::<SignLabels, Counter>::default();
         registry.register("svids_signed", "SVIDs signed, by kind and result", signed.clone());
         let sign_seconds = Family::<KindLabels, Histogram>::new_with_constructor(|| {
-            Histogram::new([0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.05, 0.25].into_iter())
+            Histogram::new([0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.05, 0.25])
         });
         registry.register("sign_duration_seconds", "Time to sign one SVID", sign_seconds.clone());
         let intermediate_expiry = Gauge::default();

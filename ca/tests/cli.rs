@@ -1,6 +1,8 @@
 //! End-to-end tests of the real `meshid-ca` binary: the server and the operator CLI, as an
 //! operator uses them, over the admin socket and the ops HTTP port.
 
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
 use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::os::unix::fs::PermissionsExt;

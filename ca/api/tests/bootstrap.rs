@@ -1,6 +1,8 @@
 //! Regenerates the checked-in protobuf code and fails on any difference, so the generated code
 //! can never drift from the `.proto` files (and builds need no `protoc`).
 
+#![allow(clippy::expect_used)]
+
 use std::path::{Path, PathBuf};
 
 const PROTOS: &[&str] = &["meshid/admin/v1/admin.proto"];

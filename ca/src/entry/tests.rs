@@ -77,9 +77,11 @@ fn invalid_spiffe_ids_are_refused() {
     }
 }
 
+type Mutation = Box<dyn Fn(&mut EntrySpec)>;
+
 #[test]
 fn entry_rules() {
-    let cases: Vec<(&str, Box<dyn Fn(&mut EntrySpec)>, &str)> = vec![
+    let cases: Vec<(&str, Mutation, &str)> = vec![
         ("foreign td", Box::new(|s| s.spiffe_id = "spiffe://other.org/web".into()), "not in trust domain"),
         ("no path", Box::new(|s| s.spiffe_id = "spiffe://example.org".into()), "has no path"),
         ("no selectors", Box::new(|s| s.selectors.clear()), "at least one selector"),
