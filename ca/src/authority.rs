@@ -30,7 +30,7 @@ use crate::config::CaSettings;
 use crate::entry::RegistrationEntry;
 use crate::jwt::{self, JwtKey};
 use crate::store::{CaKeyKind, CaKeyRecord, CaKeyState, Datastore, StoreError};
-use crate::svid::{self, CaKey, Issuer, IssuedSvid};
+use crate::svid::{self, CaKey, IssuedSvid, Issuer};
 
 /// Errors of the authority.
 #[derive(Debug, thiserror::Error)]
@@ -117,7 +117,9 @@ impl std::fmt::Debug for Authority {
 }
 
 fn to_unix(t: SystemTime) -> i64 {
-    t.duration_since(UNIX_EPOCH).map(|d| d.as_secs() as i64).unwrap_or(0)
+    t.duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0)
 }
 
 fn random_id(prefix: &str) -> String {
@@ -125,9 +127,13 @@ fn random_id(prefix: &str) -> String {
 }
 
 fn cert_times(der: &[u8]) -> Result<(i64, i64), AuthorityError> {
-    let (_, cert) = x509_parser::parse_x509_certificate(der)
-        .map_err(|e| AuthorityError::Inconsistent(format!("stored certificate does not parse: {e}")))?;
-    Ok((cert.validity().not_before.timestamp(), cert.validity().not_after.timestamp()))
+    let (_, cert) = x509_parser::parse_x509_certificate(der).map_err(|e| {
+        AuthorityError::Inconsistent(format!("stored certificate does not parse: {e}"))
+    })?;
+    Ok((
+        cert.validity().not_before.timestamp(),
+        cert.validity().not_after.timestamp(),
+    ))
 }
 
 /// Writes `contents` to `path` with mode 0600 atomically (temporary file, fsync, rename).
@@ -146,7 +152,8 @@ fn write_private(path: &Path, contents: &[u8]) -> Result<(), AuthorityError> {
         .map_err(err)?;
     // The mode given to open() is masked by the umask only towards fewer permissions; set it
     // explicitly in case the file pre-existed with a wider mode.
-    f.set_permissions(std::fs::Permissions::from_mode(0o600)).map_err(err)?;
+    f.set_permissions(std::fs::Permissions::from_mode(0o600))
+        .map_err(err)?;
     f.write_all(contents).map_err(err)?;
     f.sync_all().map_err(err)?;
     std::fs::rename(&tmp, path).map_err(err)
@@ -165,12 +172,17 @@ fn read_private(path: &Path) -> Result<zeroize::Zeroizing<String>, AuthorityErro
             meta.permissions().mode() & 0o777
         )));
     }
-    std::fs::read_to_string(path).map(zeroize::Zeroizing::new).map_err(err)
+    std::fs::read_to_string(path)
+        .map(zeroize::Zeroizing::new)
+        .map_err(err)
 }
 
 /// Creates `dir` (and parents) with mode 0700 if missing, and tightens it if it exists.
 pub fn ensure_private_dir(dir: &Path) -> std::io::Result<()> {
-    std::fs::DirBuilder::new().recursive(true).mode(0o700).create(dir)?;
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)?;
     std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
 }
 
@@ -196,9 +208,11 @@ impl Authority {
         // Root: the upstream one if configured, else the active generated one, else a new one.
         let (root_id, root) = match &settings.upstream {
             Some(up) => {
-                let cert_pem = std::fs::read_to_string(&up.cert).map_err(|source| AuthorityError::KeyFile {
-                    path: up.cert.clone(),
-                    source,
+                let cert_pem = std::fs::read_to_string(&up.cert).map_err(|source| {
+                    AuthorityError::KeyFile {
+                        path: up.cert.clone(),
+                        source,
+                    }
                 })?;
                 let key_pem = read_private(&up.key)?;
                 let der = pem_cert(&cert_pem)?;
@@ -234,15 +248,24 @@ impl Authority {
                 });
                 match usable {
                     Some(rec) => {
-                        let key = CaKey::from_pkcs8_pem(&read_private(&key_dir.join(format!("{}.key.pem", rec.id)))?)?;
-                        let issuer = Issuer::new(CertificateDer::from(rec.public_der.clone()), key, Vec::new())?;
+                        let key = CaKey::from_pkcs8_pem(&read_private(
+                            &key_dir.join(format!("{}.key.pem", rec.id)),
+                        )?)?;
+                        let issuer = Issuer::new(
+                            CertificateDer::from(rec.public_der.clone()),
+                            key,
+                            Vec::new(),
+                        )?;
                         (rec.id.clone(), Arc::new(issuer))
                     }
                     None => {
                         let key = CaKey::generate(settings.key_type)?;
                         let der = svid::generate_root(&td, &key, settings.root_ttl, now)?;
                         let id = random_id("root");
-                        write_private(&key_dir.join(format!("{id}.key.pem")), key.to_pkcs8_pem().as_bytes())?;
+                        write_private(
+                            &key_dir.join(format!("{id}.key.pem")),
+                            key.to_pkcs8_pem().as_bytes(),
+                        )?;
                         let (nb, na) = cert_times(der.as_ref())?;
                         let rec = CaKeyRecord {
                             id: id.clone(),
@@ -306,25 +329,30 @@ impl Authority {
                         && k.state == state
                         && k.server_id == self.server_id
                         && k.not_after > now_s
-                        && (kind != CaKeyKind::X509Intermediate || k.parent_id.as_deref() == Some(root_id.as_str()))
+                        && (kind != CaKeyKind::X509Intermediate
+                            || k.parent_id.as_deref() == Some(root_id.as_str()))
                         && self.key_path(&k.id).exists()
                 })
                 .max_by_key(|k| k.created_at)
                 .cloned()
         };
 
-        let (intermediate_id, intermediate) = match mine(&journal, CaKeyKind::X509Intermediate, CaKeyState::Active) {
-            Some(rec) => (rec.id.clone(), self.load_intermediate(&rec, &root)?),
-            None => {
-                let (rec, issuer) = self.new_intermediate(&root, &root_id, CaKeyState::Active, now).await?;
-                journal.push(rec.clone());
-                (rec.id, issuer)
-            }
-        };
-        let prepared_intermediate = match mine(&journal, CaKeyKind::X509Intermediate, CaKeyState::Prepared) {
-            Some(rec) => Some((rec.id.clone(), self.load_intermediate(&rec, &root)?)),
-            None => None,
-        };
+        let (intermediate_id, intermediate) =
+            match mine(&journal, CaKeyKind::X509Intermediate, CaKeyState::Active) {
+                Some(rec) => (rec.id.clone(), self.load_intermediate(&rec, &root)?),
+                None => {
+                    let (rec, issuer) = self
+                        .new_intermediate(&root, &root_id, CaKeyState::Active, now)
+                        .await?;
+                    journal.push(rec.clone());
+                    (rec.id, issuer)
+                }
+            };
+        let prepared_intermediate =
+            match mine(&journal, CaKeyKind::X509Intermediate, CaKeyState::Prepared) {
+                Some(rec) => Some((rec.id.clone(), self.load_intermediate(&rec, &root)?)),
+                None => None,
+            };
         let (jwt_id, jwt) = match mine(&journal, CaKeyKind::Jwt, CaKeyState::Active) {
             Some(rec) => (rec.id.clone(), self.load_jwt(&rec)?),
             None => {
@@ -353,7 +381,11 @@ impl Authority {
                 && !in_use.contains(&Some(rec.id.as_str()))
             {
                 self.store
-                    .set_ca_key_state(&rec.id, CaKeyState::Retired, &key_event("ca.key.retired", &actor, rec))
+                    .set_ca_key_state(
+                        &rec.id,
+                        CaKeyState::Retired,
+                        &key_event("ca.key.retired", &actor, rec),
+                    )
                     .await?;
                 rec.state = CaKeyState::Retired;
             }
@@ -391,14 +423,24 @@ impl Authority {
         self.key_dir.join(format!("{id}.key.pem"))
     }
 
-    fn load_intermediate(&self, rec: &CaKeyRecord, root: &Issuer) -> Result<Arc<Issuer>, AuthorityError> {
+    fn load_intermediate(
+        &self,
+        rec: &CaKeyRecord,
+        root: &Issuer,
+    ) -> Result<Arc<Issuer>, AuthorityError> {
         let key = CaKey::from_pkcs8_pem(&read_private(&self.key_path(&rec.id))?)?;
         let _ = root; // chains are leaf + intermediate; the root travels in the bundle
-        Ok(Arc::new(Issuer::new(CertificateDer::from(rec.public_der.clone()), key, Vec::new())?))
+        Ok(Arc::new(Issuer::new(
+            CertificateDer::from(rec.public_der.clone()),
+            key,
+            Vec::new(),
+        )?))
     }
 
     fn load_jwt(&self, rec: &CaKeyRecord) -> Result<Arc<JwtKey>, AuthorityError> {
-        Ok(Arc::new(JwtKey::from_pkcs8_pem(&read_private(&self.key_path(&rec.id))?)?))
+        Ok(Arc::new(JwtKey::from_pkcs8_pem(&read_private(
+            &self.key_path(&rec.id),
+        )?)?))
     }
 
     async fn new_intermediate(
@@ -409,7 +451,8 @@ impl Authority {
         now: SystemTime,
     ) -> Result<(CaKeyRecord, Arc<Issuer>), AuthorityError> {
         let key = CaKey::generate(self.settings.key_type)?;
-        let der = svid::generate_intermediate(root, &self.td, &key, self.settings.intermediate_ttl, now)?;
+        let der =
+            svid::generate_intermediate(root, &self.td, &key, self.settings.intermediate_ttl, now)?;
         let id = random_id("int");
         write_private(&self.key_path(&id), key.to_pkcs8_pem().as_bytes())?;
         let (nb, na) = cert_times(der.as_ref())?;
@@ -430,13 +473,20 @@ impl Authority {
             "ca.intermediate.prepared"
         };
         self.store
-            .insert_ca_key(&rec, &key_event(kind, &format!("ca:{}", self.server_id), &rec))
+            .insert_ca_key(
+                &rec,
+                &key_event(kind, &format!("ca:{}", self.server_id), &rec),
+            )
             .await?;
         tracing::info!(key_id = %id, not_after = na, state = ?state, "created issuing intermediate");
         Ok((rec, Arc::new(Issuer::new(der, key, Vec::new())?)))
     }
 
-    async fn new_jwt(&self, state: CaKeyState, now: SystemTime) -> Result<(CaKeyRecord, Arc<JwtKey>), AuthorityError> {
+    async fn new_jwt(
+        &self,
+        state: CaKeyState,
+        now: SystemTime,
+    ) -> Result<(CaKeyRecord, Arc<JwtKey>), AuthorityError> {
         let key = JwtKey::generate()?;
         let id = format!("jwt-{}", key.kid());
         write_private(&self.key_path(&id), key.to_pkcs8_pem().as_bytes())?;
@@ -459,7 +509,10 @@ impl Authority {
             "ca.jwt.prepared"
         };
         self.store
-            .insert_ca_key(&rec, &key_event(kind, &format!("ca:{}", self.server_id), &rec))
+            .insert_ca_key(
+                &rec,
+                &key_event(kind, &format!("ca:{}", self.server_id), &rec),
+            )
             .await?;
         tracing::info!(key_id = %id, not_after = na, state = ?state, "created JWT signing key");
         Ok((rec, Arc::new(key)))
@@ -496,11 +549,19 @@ impl Authority {
                 if let Some((next_id, next)) = prepared_intermediate.take() {
                     if let Some(rec) = find(&journal, &next_id) {
                         self.store
-                            .set_ca_key_state(&next_id, CaKeyState::Active, &key_event("ca.intermediate.activated", &actor, &rec))
+                            .set_ca_key_state(
+                                &next_id,
+                                CaKeyState::Active,
+                                &key_event("ca.intermediate.activated", &actor, &rec),
+                            )
                             .await?;
                     }
                     self.store
-                        .set_ca_key_state(&active.id, CaKeyState::Retired, &key_event("ca.intermediate.retired", &actor, &active))
+                        .set_ca_key_state(
+                            &active.id,
+                            CaKeyState::Retired,
+                            &key_event("ca.intermediate.retired", &actor, &active),
+                        )
                         .await?;
                     tracing::info!(old = %active.id, new = %next_id, "activated issuing intermediate");
                     out.activated.push(next_id.clone());
@@ -524,11 +585,19 @@ impl Authority {
                 if let Some((next_id, next)) = prepared_jwt.take() {
                     if let Some(rec) = find(&journal, &next_id) {
                         self.store
-                            .set_ca_key_state(&next_id, CaKeyState::Active, &key_event("ca.jwt.activated", &actor, &rec))
+                            .set_ca_key_state(
+                                &next_id,
+                                CaKeyState::Active,
+                                &key_event("ca.jwt.activated", &actor, &rec),
+                            )
                             .await?;
                     }
                     self.store
-                        .set_ca_key_state(&active.id, CaKeyState::Retired, &key_event("ca.jwt.retired", &actor, &active))
+                        .set_ca_key_state(
+                            &active.id,
+                            CaKeyState::Retired,
+                            &key_event("ca.jwt.retired", &actor, &active),
+                        )
                         .await?;
                     tracing::info!(old = %active.id, new = %next_id, "activated JWT signing key");
                     out.activated.push(next_id.clone());
@@ -609,8 +678,17 @@ impl Authority {
 
     /// Signs the X.509-SVID of a registration entry: the identity, DNS names and lifetime come
     /// from the entry, never from the CSR.
-    pub fn sign_for_entry(&self, entry: &RegistrationEntry, csr_der: &[u8]) -> Result<IssuedSvid, AuthorityError> {
-        self.sign_x509_svid(csr_der, &entry.spiffe_id, &entry.dns_names, entry.x509_svid_ttl)
+    pub fn sign_for_entry(
+        &self,
+        entry: &RegistrationEntry,
+        csr_der: &[u8],
+    ) -> Result<IssuedSvid, AuthorityError> {
+        self.sign_x509_svid(
+            csr_der,
+            &entry.spiffe_id,
+            &entry.dns_names,
+            entry.x509_svid_ttl,
+        )
     }
 
     /// Mints a JWT-SVID. Returns the token and its expiry (unix seconds).
@@ -632,7 +710,12 @@ impl Authority {
     /// (of any server) that is prepared or active, or retired but possibly still verifying
     /// tokens. The sequence is derived from the journal, so all servers agree on it.
     pub fn bundle(&self) -> TrustBundle {
-        bundle_from_journal(&self.td, &self.current().journal, &self.settings, SystemTime::now())
+        bundle_from_journal(
+            &self.td,
+            &self.current().journal,
+            &self.settings,
+            SystemTime::now(),
+        )
     }
 
     /// The CA journal as last loaded.
@@ -666,9 +749,17 @@ impl Authority {
 }
 
 /// Computes the bundle from a journal at `now` (pure, so every server computes the same one).
-pub fn bundle_from_journal(td: &TrustDomain, journal: &[CaKeyRecord], settings: &CaSettings, now: SystemTime) -> TrustBundle {
+pub fn bundle_from_journal(
+    td: &TrustDomain,
+    journal: &[CaKeyRecord],
+    settings: &CaSettings,
+    now: SystemTime,
+) -> TrustBundle {
     let now_s = to_unix(now);
-    let jwt_grace = settings.default_jwt_svid_ttl.max(crate::entry::MAX_JWT_TTL).as_secs() as i64;
+    let jwt_grace = settings
+        .default_jwt_svid_ttl
+        .max(crate::entry::MAX_JWT_TTL)
+        .as_secs() as i64;
     let mut sequence = 0i64;
     let mut roots = Vec::new();
     let mut jwt_keys = Vec::new();
@@ -689,7 +780,9 @@ pub fn bundle_from_journal(td: &TrustDomain, journal: &[CaKeyRecord], settings: 
                 if leaves > now_s {
                     sequence = sequence.max(k.created_at);
                     if seen.insert(k.id.clone(), ()).is_none() {
-                        if let Ok(jwk) = jwt::jwk_from_spki(&k.public_der, k.id.trim_start_matches("jwt-")) {
+                        if let Ok(jwk) =
+                            jwt::jwk_from_spki(&k.public_der, k.id.trim_start_matches("jwt-"))
+                        {
                             jwt_keys.push(jwk);
                         }
                     }
@@ -729,6 +822,9 @@ fn sha2_digest(data: &[u8]) -> [u8; 32] {
 
 fn pem_cert(pem: &str) -> Result<CertificateDer<'static>, AuthorityError> {
     use rustls_pki_types::pem::PemObject;
-    CertificateDer::from_pem_slice(pem.as_bytes())
-        .map_err(|e| AuthorityError::Inconsistent(format!("upstream certificate is not a PEM certificate: {e}")))
+    CertificateDer::from_pem_slice(pem.as_bytes()).map_err(|e| {
+        AuthorityError::Inconsistent(format!(
+            "upstream certificate is not a PEM certificate: {e}"
+        ))
+    })
 }

@@ -16,7 +16,11 @@ const EXIT_CONFIG: u8 = 64;
 const DEFAULT_SOCKET: &str = "/var/lib/meshid/ca/admin.sock";
 
 #[derive(Parser, Debug)]
-#[command(name = "meshid-ca", version, about = "meshid certificate authority and operator CLI")]
+#[command(
+    name = "meshid-ca",
+    version,
+    about = "meshid certificate authority and operator CLI"
+)]
 pub struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -254,7 +258,9 @@ enum AuditCommand {
 
 fn init_tracing(json: bool, default: &str) {
     let filter = EnvFilter::try_from_env("MESHID_LOG").unwrap_or_else(|_| EnvFilter::new(default));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
     if json {
         builder.json().init();
     } else {
@@ -352,7 +358,12 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("cannot bind ops listener {}", config.ops_address))?;
     tracing::info!(admin_socket = %config.admin_socket.display(), ops_address = %ops.local_addr()?, "listening");
-    meshid_ca::server::run(ca, meshid_ca::server::Listeners { admin, ops }, shutdown_signal()).await
+    meshid_ca::server::run(
+        ca,
+        meshid_ca::server::Listeners { admin, ops },
+        shutdown_signal(),
+    )
+    .await
 }
 
 async fn channel(conn: &Conn) -> anyhow::Result<tonic::transport::Channel> {
@@ -386,8 +397,18 @@ fn entry_text(e: &admin::Entry) -> String {
         "Entry ID       : {}\nSPIFFE ID      : {}\nParent ID      : {}\nRevision       : {}\n",
         e.id, e.spiffe_id, e.parent_id, e.revision
     );
-    let ttl = |t: u64| if t == 0 { "default".to_owned() } else { format!("{t}s") };
-    s.push_str(&format!("X509-SVID TTL  : {}\nJWT-SVID TTL   : {}\n", ttl(e.x509_svid_ttl), ttl(e.jwt_svid_ttl)));
+    let ttl = |t: u64| {
+        if t == 0 {
+            "default".to_owned()
+        } else {
+            format!("{t}s")
+        }
+    };
+    s.push_str(&format!(
+        "X509-SVID TTL  : {}\nJWT-SVID TTL   : {}\n",
+        ttl(e.x509_svid_ttl),
+        ttl(e.jwt_svid_ttl)
+    ));
     for sel in &e.selectors {
         s.push_str(&format!("Selector       : {sel}\n"));
     }
@@ -476,7 +497,12 @@ async fn client(cmd: Command) -> anyhow::Result<ExitCode> {
     use admin::tokens_client::TokensClient;
     match cmd {
         Command::Run(_) => bail!("unreachable"),
-        Command::Entry(EntryCommand::Create { conn, id, fields, output }) => {
+        Command::Entry(EntryCommand::Create {
+            conn,
+            id,
+            fields,
+            output,
+        }) => {
             let mut e = admin::Entry {
                 id: id.unwrap_or_default(),
                 ..Default::default()
@@ -490,7 +516,11 @@ async fn client(cmd: Command) -> anyhow::Result<ExitCode> {
                 .into_inner();
             print_entry(&e, output);
         }
-        Command::Entry(EntryCommand::List { conn, parent_id, output }) => {
+        Command::Entry(EntryCommand::List {
+            conn,
+            parent_id,
+            output,
+        }) => {
             let mut c = EntriesClient::new(channel(&conn).await?);
             let r = c
                 .list_entries(admin::ListEntriesRequest {
@@ -500,7 +530,10 @@ async fn client(cmd: Command) -> anyhow::Result<ExitCode> {
                 .map_err(status_err)?
                 .into_inner();
             match output {
-                Output::Json => println!("{}", serde_json::Value::Array(r.entries.iter().map(entry_json).collect())),
+                Output::Json => println!(
+                    "{}",
+                    serde_json::Value::Array(r.entries.iter().map(entry_json).collect())
+                ),
                 Output::Text => {
                     println!("Found {} entries", r.entries.len());
                     for e in &r.entries {
@@ -512,12 +545,25 @@ async fn client(cmd: Command) -> anyhow::Result<ExitCode> {
         }
         Command::Entry(EntryCommand::Show { conn, id, output }) => {
             let mut c = EntriesClient::new(channel(&conn).await?);
-            let e = c.get_entry(admin::GetEntryRequest { id }).await.map_err(status_err)?.into_inner();
+            let e = c
+                .get_entry(admin::GetEntryRequest { id })
+                .await
+                .map_err(status_err)?
+                .into_inner();
             print_entry(&e, output);
         }
-        Command::Entry(EntryCommand::Update { conn, id, fields, output }) => {
+        Command::Entry(EntryCommand::Update {
+            conn,
+            id,
+            fields,
+            output,
+        }) => {
             let mut c = EntriesClient::new(channel(&conn).await?);
-            let mut e = c.get_entry(admin::GetEntryRequest { id }).await.map_err(status_err)?.into_inner();
+            let mut e = c
+                .get_entry(admin::GetEntryRequest { id })
+                .await
+                .map_err(status_err)?
+                .into_inner();
             apply_fields(&mut e, fields);
             let e = c
                 .update_entry(admin::UpdateEntryRequest { entry: Some(e) })
@@ -528,7 +574,11 @@ async fn client(cmd: Command) -> anyhow::Result<ExitCode> {
         }
         Command::Entry(EntryCommand::Delete { conn, id }) => {
             let mut c = EntriesClient::new(channel(&conn).await?);
-            let e = c.delete_entry(admin::DeleteEntryRequest { id }).await.map_err(status_err)?.into_inner();
+            let e = c
+                .delete_entry(admin::DeleteEntryRequest { id })
+                .await
+                .map_err(status_err)?
+                .into_inner();
             println!("Deleted entry {}", e.id);
         }
         Command::Token(TokenCommand::Generate { conn, ttl }) => {
@@ -546,11 +596,16 @@ async fn client(cmd: Command) -> anyhow::Result<ExitCode> {
         }
         Command::Bundle(BundleCommand::Show { conn, format }) => {
             let mut c = AuthorityClient::new(channel(&conn).await?);
-            let b = c.get_bundle(admin::GetBundleRequest {}).await.map_err(status_err)?.into_inner();
+            let b = c
+                .get_bundle(admin::GetBundleRequest {})
+                .await
+                .map_err(status_err)?
+                .into_inner();
             match format {
                 BundleFormat::Pem => print!("{}", b.pem),
                 BundleFormat::Spiffe => {
-                    let v: serde_json::Value = serde_json::from_str(&b.spiffe_json).context("server sent a malformed bundle")?;
+                    let v: serde_json::Value = serde_json::from_str(&b.spiffe_json)
+                        .context("server sent a malformed bundle")?;
                     println!("{}", serde_json::to_string_pretty(&v)?);
                 }
             }
@@ -562,9 +617,13 @@ async fn client(cmd: Command) -> anyhow::Result<ExitCode> {
             dns_names,
             out_dir,
         }) => {
-            let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).context("cannot generate a key")?;
-            let params = rcgen::CertificateParams::new(Vec::<String>::new()).context("csr params")?;
-            let csr = params.serialize_request(&key).context("cannot build the CSR")?;
+            let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)
+                .context("cannot generate a key")?;
+            let params =
+                rcgen::CertificateParams::new(Vec::<String>::new()).context("csr params")?;
+            let csr = params
+                .serialize_request(&key)
+                .context("cannot build the CSR")?;
             let mut c = AuthorityClient::new(channel(&conn).await?);
             let r = c
                 .mint_x509_svid(admin::MintX509SvidRequest {
@@ -576,9 +635,14 @@ async fn client(cmd: Command) -> anyhow::Result<ExitCode> {
                 .await
                 .map_err(status_err)?
                 .into_inner();
-            std::fs::create_dir_all(&out_dir).with_context(|| format!("cannot create {}", out_dir.display()))?;
+            std::fs::create_dir_all(&out_dir)
+                .with_context(|| format!("cannot create {}", out_dir.display()))?;
             let leaf = r.chain.first().context("server returned an empty chain")?;
-            write_file(&out_dir.join("svid.pem"), pem("CERTIFICATE", leaf).as_bytes(), 0o644)?;
+            write_file(
+                &out_dir.join("svid.pem"),
+                pem("CERTIFICATE", leaf).as_bytes(),
+                0o644,
+            )?;
             let chain: String = r.chain.iter().map(|c| pem("CERTIFICATE", c)).collect();
             write_file(&out_dir.join("chain.pem"), chain.as_bytes(), 0o644)?;
             let bundle: String = r.bundle.iter().map(|c| pem("CERTIFICATE", c)).collect();
@@ -612,7 +676,11 @@ async fn client(cmd: Command) -> anyhow::Result<ExitCode> {
         }
         Command::Ca(CaCommand::Status { conn, output }) => {
             let mut c = AuthorityClient::new(channel(&conn).await?);
-            let s = c.status(admin::StatusRequest {}).await.map_err(status_err)?.into_inner();
+            let s = c
+                .status(admin::StatusRequest {})
+                .await
+                .map_err(status_err)?
+                .into_inner();
             let keys: Vec<_> = s
                 .keys
                 .iter()
@@ -643,17 +711,26 @@ async fn client(cmd: Command) -> anyhow::Result<ExitCode> {
         }
         Command::Audit(AuditCommand::Verify { conn }) => {
             let mut c = AuditClient::new(channel(&conn).await?);
-            let r = c.verify(admin::VerifyAuditRequest {}).await.map_err(status_err)?.into_inner();
+            let r = c
+                .verify(admin::VerifyAuditRequest {})
+                .await
+                .map_err(status_err)?
+                .into_inner();
             if r.ok {
                 println!("audit log OK: {} records verified", r.records);
             } else {
-                println!("audit log TAMPERED: first bad record {}: {}", r.first_bad_seq, r.reason);
+                println!(
+                    "audit log TAMPERED: first bad record {}: {}",
+                    r.first_bad_seq, r.reason
+                );
                 return Ok(ExitCode::FAILURE);
             }
         }
         Command::Healthcheck(conn) => {
             let mut c = AuthorityClient::new(channel(&conn).await?);
-            c.status(admin::StatusRequest {}).await.map_err(status_err)?;
+            c.status(admin::StatusRequest {})
+                .await
+                .map_err(status_err)?;
             println!("meshid-ca is healthy");
         }
     }

@@ -36,13 +36,18 @@ pub enum ConfigError {
         /// The I/O error.
         source: std::io::Error,
     },
-    /// The TOML is malformed or has an unknown key (the message names it, with line and column).
-    #[error("invalid config {path}: {source}")]
+    /// The TOML is malformed or has an unknown key (the message names it, with line and
+    /// column). The file's text is never quoted: it may hold a datastore password.
+    #[error("invalid config {path}:{line}:{column}: {message}")]
     Parse {
         /// The file.
         path: PathBuf,
+        /// 1-based line of the problem.
+        line: usize,
+        /// 1-based column of the problem.
+        column: usize,
         /// What the TOML parser said.
-        source: Box<toml::de::Error>,
+        message: String,
     },
     /// A value is present but wrong.
     #[error("invalid config: {key}: {reason}")]
@@ -218,12 +223,20 @@ pub struct Config {
     pub join_token_ttl: Duration,
 }
 
-fn duration(key: &'static str, value: Option<&str>, default: Duration) -> Result<Duration, ConfigError> {
+fn duration(
+    key: &'static str,
+    value: Option<&str>,
+    default: Duration,
+) -> Result<Duration, ConfigError> {
     match value {
         None => Ok(default),
         Some(v) => {
-            let d = humantime::parse_duration(v)
-                .map_err(|e| invalid(key, format!("{v:?} is not a duration ({e}); write e.g. 90s, 10m, 24h")))?;
+            let d = humantime::parse_duration(v).map_err(|e| {
+                invalid(
+                    key,
+                    format!("{v:?} is not a duration ({e}); write e.g. 90s, 10m, 24h"),
+                )
+            })?;
             if d.is_zero() {
                 return Err(invalid(key, "must be greater than zero"));
             }
@@ -244,9 +257,17 @@ impl RawConfig {
 
     /// Parses TOML text; `path` is only used in messages.
     pub fn from_toml(path: &Path, text: &str) -> Result<Self, ConfigError> {
-        toml::from_str(text).map_err(|source| ConfigError::Parse {
-            path: path.to_owned(),
-            source: Box::new(source),
+        toml::from_str(text).map_err(|e: toml::de::Error| {
+            let offset = e.span().map_or(0, |s| s.start).min(text.len());
+            let before = text.get(..offset).unwrap_or("");
+            let line = before.matches('\n').count() + 1;
+            let column = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
+            ConfigError::Parse {
+                path: path.to_owned(),
+                line,
+                column,
+                message: e.message().trim_end().to_owned(),
+            }
         })
     }
 }
@@ -255,69 +276,134 @@ impl TryFrom<RawConfig> for Config {
     type Error = ConfigError;
 
     fn try_from(raw: RawConfig) -> Result<Self, Self::Error> {
-        let td = raw
-            .trust_domain
-            .ok_or_else(|| invalid("trust_domain", "is required (or pass --trust-domain), e.g. example.org"))?;
-        let trust_domain = TrustDomain::new(&td).map_err(|e| invalid("trust_domain", format!("{td:?}: {e}")))?;
+        let td = raw.trust_domain.ok_or_else(|| {
+            invalid(
+                "trust_domain",
+                "is required (or pass --trust-domain), e.g. example.org",
+            )
+        })?;
+        let trust_domain =
+            TrustDomain::new(&td).map_err(|e| invalid("trust_domain", format!("{td:?}: {e}")))?;
         if trust_domain.as_str() != td {
             return Err(invalid(
                 "trust_domain",
-                format!("{td:?}: write the bare, lower-case name, e.g. {}", trust_domain.as_str()),
+                format!(
+                    "{td:?}: write the bare, lower-case name, e.g. {}",
+                    trust_domain.as_str()
+                ),
             ));
         }
-        let data_dir = raw.data_dir.unwrap_or_else(|| PathBuf::from("/var/lib/meshid/ca"));
+        let data_dir = raw
+            .data_dir
+            .unwrap_or_else(|| PathBuf::from("/var/lib/meshid/ca"));
         let datastore = match raw.datastore.as_deref() {
-            None | Some("sqlite") => format!("sqlite://{}", data_dir.join("meshid-ca.db").display()),
-            Some(url) if url.starts_with("sqlite://") || url.starts_with("postgres://") || url.starts_with("postgresql://") => {
+            None | Some("sqlite") => {
+                format!("sqlite://{}", data_dir.join("meshid-ca.db").display())
+            }
+            Some(url)
+                if url.starts_with("sqlite://")
+                    || url.starts_with("postgres://")
+                    || url.starts_with("postgresql://") =>
+            {
                 url.to_owned()
             }
             Some(other) => {
                 return Err(invalid(
                     "datastore",
-                    format!("{:?}: use \"sqlite\", sqlite://PATH or postgres://...", redact_url(other)),
+                    format!(
+                        "{:?}: use \"sqlite\", sqlite://PATH or postgres://...",
+                        redact_url(other)
+                    ),
                 ))
             }
         };
         let server_id = raw.server_id.unwrap_or_else(|| "ca-1".to_owned());
         if server_id.is_empty()
             || server_id.len() > 64
-            || !server_id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.')
+            || !server_id
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.')
         {
-            return Err(invalid("server_id", "use 1 to 64 characters from [A-Za-z0-9._-]"));
+            return Err(invalid(
+                "server_id",
+                "use 1 to 64 characters from [A-Za-z0-9._-]",
+            ));
         }
-        let admin_socket = raw.admin_socket.unwrap_or_else(|| data_dir.join("admin.sock"));
+        let admin_socket = raw
+            .admin_socket
+            .unwrap_or_else(|| data_dir.join("admin.sock"));
         let ops = raw.ops_address.as_deref().unwrap_or("127.0.0.1:8081");
-        let ops_address = ops
-            .parse()
-            .map_err(|e| invalid("ops_address", format!("{ops:?}: {e}; write host:port, e.g. 127.0.0.1:8081")))?;
+        let ops_address = ops.parse().map_err(|e| {
+            invalid(
+                "ops_address",
+                format!("{ops:?}: {e}; write host:port, e.g. 127.0.0.1:8081"),
+            )
+        })?;
         let log_json = match raw.log_format.as_deref() {
             None | Some("text") => false,
             Some("json") => true,
-            Some(other) => return Err(invalid("log_format", format!("{other:?}: use text or json"))),
+            Some(other) => {
+                return Err(invalid(
+                    "log_format",
+                    format!("{other:?}: use text or json"),
+                ))
+            }
         };
         let c = raw.ca;
         let key_type = match c.key_type.as_deref() {
             None => KeyType::default(),
-            Some(k) => k.parse().map_err(|_| invalid("ca.key_type", format!("{k:?}: use ec-p256 or ec-p384")))?,
+            Some(k) => k
+                .parse()
+                .map_err(|_| invalid("ca.key_type", format!("{k:?}: use ec-p256 or ec-p384")))?,
         };
         let root_ttl = duration("ca.root_ttl", c.root_ttl.as_deref(), DEFAULT_ROOT_TTL)?;
-        let intermediate_ttl = duration("ca.intermediate_ttl", c.intermediate_ttl.as_deref(), DEFAULT_INTERMEDIATE_TTL)?;
+        let intermediate_ttl = duration(
+            "ca.intermediate_ttl",
+            c.intermediate_ttl.as_deref(),
+            DEFAULT_INTERMEDIATE_TTL,
+        )?;
         if intermediate_ttl > root_ttl {
-            return Err(invalid("ca.intermediate_ttl", "must not be longer than ca.root_ttl"));
+            return Err(invalid(
+                "ca.intermediate_ttl",
+                "must not be longer than ca.root_ttl",
+            ));
         }
         let jwt_key_ttl = duration("ca.jwt_key_ttl", c.jwt_key_ttl.as_deref(), intermediate_ttl)?;
-        let default_x509_svid_ttl =
-            duration("ca.default_x509_svid_ttl", c.default_x509_svid_ttl.as_deref(), DEFAULT_X509_SVID_TTL)?;
-        let default_jwt_svid_ttl = duration("ca.default_jwt_svid_ttl", c.default_jwt_svid_ttl.as_deref(), DEFAULT_JWT_SVID_TTL)?;
-        let rotation_interval = duration("ca.rotation_interval", c.rotation_interval.as_deref(), Duration::from_secs(10))?;
-        let bundle_refresh_hint =
-            duration("ca.bundle_refresh_hint", c.bundle_refresh_hint.as_deref(), Duration::from_secs(300))?;
+        let default_x509_svid_ttl = duration(
+            "ca.default_x509_svid_ttl",
+            c.default_x509_svid_ttl.as_deref(),
+            DEFAULT_X509_SVID_TTL,
+        )?;
+        let default_jwt_svid_ttl = duration(
+            "ca.default_jwt_svid_ttl",
+            c.default_jwt_svid_ttl.as_deref(),
+            DEFAULT_JWT_SVID_TTL,
+        )?;
+        let rotation_interval = duration(
+            "ca.rotation_interval",
+            c.rotation_interval.as_deref(),
+            Duration::from_secs(10),
+        )?;
+        let bundle_refresh_hint = duration(
+            "ca.bundle_refresh_hint",
+            c.bundle_refresh_hint.as_deref(),
+            Duration::from_secs(300),
+        )?;
         let upstream = match (c.upstream_cert, c.upstream_key) {
             (None, None) => None,
             (Some(cert), Some(key)) => Some(UpstreamAuthority { cert, key }),
-            _ => return Err(invalid("ca.upstream_cert", "upstream_cert and upstream_key go together")),
+            _ => {
+                return Err(invalid(
+                    "ca.upstream_cert",
+                    "upstream_cert and upstream_key go together",
+                ))
+            }
         };
-        let join_token_ttl = duration("join_tokens.default_ttl", raw.join_tokens.default_ttl.as_deref(), DEFAULT_JOIN_TOKEN_TTL)?;
+        let join_token_ttl = duration(
+            "join_tokens.default_ttl",
+            raw.join_tokens.default_ttl.as_deref(),
+            DEFAULT_JOIN_TOKEN_TTL,
+        )?;
         Ok(Config {
             trust_domain,
             data_dir,
@@ -363,11 +449,15 @@ mod tests {
 
     #[test]
     fn unknown_key_is_named() {
-        let err = parse("trust_domain = \"example.org\"\ntrust_domian = \"x\"").unwrap_err().to_string();
+        let err = parse("trust_domain = \"example.org\"\ntrust_domian = \"x\"")
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("trust_domian"), "{err}");
-        let err = parse("trust_domain = \"example.org\"\n[ca]\nroot_tll = \"1h\"").unwrap_err().to_string();
+        let err = parse("trust_domain = \"example.org\"\n[ca]\nroot_tll = \"1h\"")
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("root_tll"), "{err}");
-        assert!(err.contains("line 3"), "{err}");
+        assert!(err.contains("ca.toml:3:1"), "{err}");
     }
 
     #[test]
@@ -375,14 +465,35 @@ mod tests {
         for (text, key) in [
             ("trust_domain = \"Example.org\"", "trust_domain"),
             ("", "trust_domain"),
-            ("trust_domain = \"e.org\"\n[ca]\nintermediate_ttl = \"soon\"", "ca.intermediate_ttl"),
-            ("trust_domain = \"e.org\"\n[ca]\nintermediate_ttl = \"0s\"", "ca.intermediate_ttl"),
-            ("trust_domain = \"e.org\"\n[ca]\nkey_type = \"rsa-1024\"", "ca.key_type"),
-            ("trust_domain = \"e.org\"\n[ca]\nroot_ttl = \"1h\"\nintermediate_ttl = \"2h\"", "ca.intermediate_ttl"),
-            ("trust_domain = \"e.org\"\nops_address = \"nowhere\"", "ops_address"),
-            ("trust_domain = \"e.org\"\ndatastore = \"mysql://u:pw@h/db\"", "datastore"),
+            (
+                "trust_domain = \"e.org\"\n[ca]\nintermediate_ttl = \"soon\"",
+                "ca.intermediate_ttl",
+            ),
+            (
+                "trust_domain = \"e.org\"\n[ca]\nintermediate_ttl = \"0s\"",
+                "ca.intermediate_ttl",
+            ),
+            (
+                "trust_domain = \"e.org\"\n[ca]\nkey_type = \"rsa-1024\"",
+                "ca.key_type",
+            ),
+            (
+                "trust_domain = \"e.org\"\n[ca]\nroot_ttl = \"1h\"\nintermediate_ttl = \"2h\"",
+                "ca.intermediate_ttl",
+            ),
+            (
+                "trust_domain = \"e.org\"\nops_address = \"nowhere\"",
+                "ops_address",
+            ),
+            (
+                "trust_domain = \"e.org\"\ndatastore = \"mysql://u:pw@h/db\"",
+                "datastore",
+            ),
             ("trust_domain = \"e.org\"\nserver_id = \"a b\"", "server_id"),
-            ("trust_domain = \"e.org\"\n[ca]\nupstream_cert = \"/x\"", "ca.upstream_cert"),
+            (
+                "trust_domain = \"e.org\"\n[ca]\nupstream_cert = \"/x\"",
+                "ca.upstream_cert",
+            ),
         ] {
             let err = parse(text).unwrap_err().to_string();
             assert!(err.contains(key), "{text:?} gave {err}");
@@ -399,9 +510,17 @@ mod tests {
 
     #[test]
     fn passwords_never_printed() {
-        let err = parse("trust_domain = \"e.org\"\ndatastore = \"mysql://u:hunter2@h/db\"").unwrap_err().to_string();
+        let err = parse("trust_domain = \"e.org\"\ndatastore = \"postgres://u:hunter2@h/db\" junk")
+            .unwrap_err()
+            .to_string();
         assert!(!err.contains("hunter2"), "{err}");
-        let c = parse("trust_domain = \"e.org\"\ndatastore = \"postgres://u:hunter2@h:5432/db\"").unwrap();
+        assert!(err.contains("ca.toml:2:"), "{err}");
+        let err = parse("trust_domain = \"e.org\"\ndatastore = \"mysql://u:hunter2@h/db\"")
+            .unwrap_err()
+            .to_string();
+        assert!(!err.contains("hunter2"), "{err}");
+        let c = parse("trust_domain = \"e.org\"\ndatastore = \"postgres://u:hunter2@h:5432/db\"")
+            .unwrap();
         assert!(!format!("{c:?}").contains("hunter2"));
         assert_eq!(redact_url("postgres://u:pw@h/db"), "postgres://u:***@h/db");
         assert_eq!(redact_url("sqlite:///a/b"), "sqlite:///a/b");

@@ -49,7 +49,9 @@ pub enum EntryError {
         trust_domain: String,
     },
     /// A workload SPIFFE ID must have a path.
-    #[error("spiffe_id {0:?} has no path; a workload identity needs one, e.g. spiffe://example.org/web")]
+    #[error(
+        "spiffe_id {0:?} has no path; a workload identity needs one, e.g. spiffe://example.org/web"
+    )]
     MissingPath(String),
     /// A selector is malformed.
     #[error("invalid selector {value:?}: {reason}")]
@@ -125,7 +127,8 @@ impl FromStr for EntryId {
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         let ok = !s.is_empty()
             && s.len() <= 64
-            && s.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
+            && s.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
         if ok {
             Ok(Self(s.to_owned()))
         } else {
@@ -167,7 +170,8 @@ impl Selector {
             reason: reason.to_owned(),
         };
         let mut parts = s.splitn(3, ':');
-        let (Some(kind), Some(key), Some(value)) = (parts.next(), parts.next(), parts.next()) else {
+        let (Some(kind), Some(key), Some(value)) = (parts.next(), parts.next(), parts.next())
+        else {
             return Err(bad("expected type:key:value, e.g. unix:uid:1000"));
         };
         if value.is_empty() {
@@ -191,7 +195,12 @@ impl Selector {
                     "uid" | "gid" | "supplementary_gid" => {
                         value.parse::<u32>().is_ok() && !(value.len() > 1 && value.starts_with('0'))
                     }
-                    "sha256" => value.len() == 64 && value.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')),
+                    "sha256" => {
+                        value.len() == 64
+                            && value
+                                .bytes()
+                                .all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
+                    }
                     "path" => value.starts_with('/'),
                     _ => true,
                 };
@@ -205,7 +214,9 @@ impl Selector {
             }
             "" => return Err(bad("the type is empty")),
             other => {
-                return Err(bad(&format!("unknown selector type {other:?}; supported: unix")));
+                return Err(bad(&format!(
+                    "unknown selector type {other:?}; supported: unix"
+                )));
             }
         }
         Ok(Self {
@@ -312,7 +323,11 @@ impl RegistrationEntry {
 pub const MAX_SPIFFE_ID_LEN: usize = 2048;
 
 /// Parses a SPIFFE ID of trust domain `td` strictly: canonical form, at most 2048 bytes.
-pub fn parse_id(field: &'static str, value: &str, td: &TrustDomain) -> Result<SpiffeId, EntryError> {
+pub fn parse_id(
+    field: &'static str,
+    value: &str,
+    td: &TrustDomain,
+) -> Result<SpiffeId, EntryError> {
     if value.len() > MAX_SPIFFE_ID_LEN {
         return Err(EntryError::InvalidSpiffeId {
             field,
@@ -331,7 +346,9 @@ pub fn parse_id(field: &'static str, value: &str, td: &TrustDomain) -> Result<Sp
         return Err(EntryError::InvalidSpiffeId {
             field,
             value: value.to_owned(),
-            reason: format!("not in canonical form (scheme and trust domain must be lower case): use {id}"),
+            reason: format!(
+                "not in canonical form (scheme and trust domain must be lower case): use {id}"
+            ),
         });
     }
     if !id.is_member_of(td) {
@@ -428,7 +445,9 @@ impl EntrySpec {
             };
             let fed = TrustDomain::new(value).map_err(|e| bad(e.to_string()))?;
             if fed.as_str() != value {
-                return Err(bad("a trust domain name is lower case, without scheme or path".to_owned()));
+                return Err(bad(
+                    "a trust domain name is lower case, without scheme or path".to_owned(),
+                ));
             }
             if &fed == td {
                 return Err(bad("this is the CA's own trust domain".to_owned()));

@@ -52,11 +52,21 @@ impl Metrics {
     pub fn new() -> Self {
         let mut registry = Registry::with_prefix("meshid_ca");
         let signed = Family::<SignLabels, Counter>::default();
-        registry.register("svids_signed", "SVIDs signed, by kind and result", signed.clone());
+        registry.register(
+            "svids_signed",
+            "SVIDs signed, by kind and result",
+            signed.clone(),
+        );
         let sign_seconds = Family::<KindLabels, Histogram>::new_with_constructor(|| {
-            Histogram::new([0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.05, 0.25])
+            Histogram::new([
+                0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.05, 0.25,
+            ])
         });
-        registry.register("sign_duration_seconds", "Time to sign one SVID", sign_seconds.clone());
+        registry.register(
+            "sign_duration_seconds",
+            "Time to sign one SVID",
+            sign_seconds.clone(),
+        );
         let intermediate_expiry = Gauge::default();
         registry.register(
             "intermediate_expiry_timestamp_seconds",
@@ -64,11 +74,23 @@ impl Metrics {
             intermediate_expiry.clone(),
         );
         let root_expiry = Gauge::default();
-        registry.register("root_expiry_timestamp_seconds", "When the active trust anchor expires", root_expiry.clone());
+        registry.register(
+            "root_expiry_timestamp_seconds",
+            "When the active trust anchor expires",
+            root_expiry.clone(),
+        );
         let rotations = Counter::default();
-        registry.register("key_activations", "Intermediate and JWT key activations", rotations.clone());
+        registry.register(
+            "key_activations",
+            "Intermediate and JWT key activations",
+            rotations.clone(),
+        );
         let rotation_errors = Counter::default();
-        registry.register("rotation_errors", "Rotation checks that failed", rotation_errors.clone());
+        registry.register(
+            "rotation_errors",
+            "Rotation checks that failed",
+            rotation_errors.clone(),
+        );
         Self {
             registry,
             signed,

@@ -44,13 +44,20 @@ pub fn bind_private_socket(path: &Path) -> io::Result<UnixListener> {
         Ok(_) => {
             return Err(io::Error::new(
                 io::ErrorKind::AlreadyExists,
-                format!("{} exists and is not a socket; refusing to replace it", path.display()),
+                format!(
+                    "{} exists and is not a socket; refusing to replace it",
+                    path.display()
+                ),
             ))
         }
         Err(e) if e.kind() == io::ErrorKind::NotFound => {}
         Err(e) => return Err(e),
     }
-    let staging = parent.join(format!(".sock-{}-{}", std::process::id(), hex::encode(rand::random::<[u8; 6]>())));
+    let staging = parent.join(format!(
+        ".sock-{}-{}",
+        std::process::id(),
+        hex::encode(rand::random::<[u8; 6]>())
+    ));
     ensure_private_dir(&staging)?;
     let result = (|| {
         let tmp = staging.join("s");
@@ -84,12 +91,18 @@ async fn healthz() -> &'static str {
 async fn readyz(State(state): State<OpsState>) -> impl IntoResponse {
     let (intermediate_expiry, _) = state.ca.authority.expiries();
     if intermediate_expiry <= crate::unix_now() {
-        return (StatusCode::SERVICE_UNAVAILABLE, "issuing intermediate expired\n".to_owned());
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "issuing intermediate expired\n".to_owned(),
+        );
     }
     match tokio::time::timeout(Duration::from_secs(2), state.ca.store.audit_head()).await {
         Ok(Ok(_)) => (StatusCode::OK, "ready\n".to_owned()),
         Ok(Err(e)) => (StatusCode::SERVICE_UNAVAILABLE, format!("datastore: {e}\n")),
-        Err(_) => (StatusCode::SERVICE_UNAVAILABLE, "datastore: timed out\n".to_owned()),
+        Err(_) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "datastore: timed out\n".to_owned(),
+        ),
     }
 }
 
@@ -98,7 +111,10 @@ async fn metrics(State(state): State<OpsState>) -> impl IntoResponse {
     state.ca.metrics.intermediate_expiry.set(intermediate);
     state.ca.metrics.root_expiry.set(root);
     (
-        [(axum::http::header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")],
+        [(
+            axum::http::header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
         state.ca.metrics.encode(),
     )
 }
@@ -135,7 +151,11 @@ pub async fn rotation_loop(ca: Ca, interval: Duration, mut stop: watch::Receiver
 
 /// Serves the admin API, the ops listener and the rotation check until `shutdown` completes,
 /// then stops accepting and lets in-flight admin calls finish.
-pub async fn run(ca: Ca, listeners: Listeners, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
+pub async fn run(
+    ca: Ca,
+    listeners: Listeners,
+    shutdown: impl Future<Output = ()>,
+) -> anyhow::Result<()> {
     let (stop_tx, stop_rx) = watch::channel(false);
     let interval = ca.authority.settings().rotation_interval;
     let rotation = tokio::spawn(rotation_loop(ca.clone(), interval, stop_rx.clone()));
@@ -143,9 +163,12 @@ pub async fn run(ca: Ca, listeners: Listeners, shutdown: impl Future<Output = ()
     let mut admin_stop = stop_rx.clone();
     let admin = tonic::transport::Server::builder()
         .add_routes(AdminService::new(ca.clone()).routes())
-        .serve_with_incoming_shutdown(tokio_stream::wrappers::UnixListenerStream::new(listeners.admin), async move {
-            let _ = admin_stop.changed().await;
-        });
+        .serve_with_incoming_shutdown(
+            tokio_stream::wrappers::UnixListenerStream::new(listeners.admin),
+            async move {
+                let _ = admin_stop.changed().await;
+            },
+        );
     let admin = tokio::spawn(admin);
 
     let mut ops_stop = stop_rx;
@@ -174,7 +197,12 @@ pub async fn build(config: &crate::config::Config) -> anyhow::Result<Ca> {
     let store: Arc<dyn crate::store::Datastore> = Arc::new(
         crate::store::sql::SqlStore::open(config.datastore.as_str())
             .await
-            .with_context(|| format!("cannot open datastore {}", crate::config::redact_url(config.datastore.as_str())))?,
+            .with_context(|| {
+                format!(
+                    "cannot open datastore {}",
+                    crate::config::redact_url(config.datastore.as_str())
+                )
+            })?,
     );
     let authority = crate::authority::Authority::load_or_init(
         config.trust_domain.clone(),

@@ -50,14 +50,16 @@ impl From<ServiceError> for Status {
     fn from(e: ServiceError) -> Self {
         let msg = e.to_string();
         match e {
-            ServiceError::Entry(_) | ServiceError::InvalidArgument { .. } => Status::invalid_argument(msg),
+            ServiceError::Entry(_) | ServiceError::InvalidArgument { .. } => {
+                Status::invalid_argument(msg)
+            }
             ServiceError::Store(StoreError::NotFound(_)) => Status::not_found(msg),
             ServiceError::Store(StoreError::AlreadyExists(_)) => Status::already_exists(msg),
             ServiceError::Store(StoreError::RevisionConflict { .. }) => Status::aborted(msg),
             ServiceError::Store(StoreError::TokenRejected) => Status::permission_denied(msg),
-            ServiceError::Authority(AuthorityError::Svid(_) | AuthorityError::Jwt(_) | AuthorityError::ForeignId { .. }) => {
-                Status::invalid_argument(msg)
-            }
+            ServiceError::Authority(
+                AuthorityError::Svid(_) | AuthorityError::Jwt(_) | AuthorityError::ForeignId { .. },
+            ) => Status::invalid_argument(msg),
             _ => {
                 tracing::error!(error = %msg, "internal error");
                 Status::internal(msg)
@@ -86,13 +88,15 @@ pub struct Ca {
     pub join_token_ttl: Duration,
 }
 
-
 fn ttl(secs: u64, max: Duration, field: &'static str) -> Result<Option<Duration>, ServiceError> {
     if secs == 0 {
         return Ok(None);
     }
     if secs > max.as_secs() {
-        return Err(invalid(field, format!("{secs}s is longer than the maximum {}s", max.as_secs())));
+        return Err(invalid(
+            field,
+            format!("{secs}s is longer than the maximum {}s", max.as_secs()),
+        ));
     }
     Ok(Some(Duration::from_secs(secs)))
 }
@@ -115,7 +119,14 @@ impl Ca {
         }
     }
 
-    async fn audit_issued(&self, kind: &str, actor: &str, svid: &IssuedSvid, spiffe_id: &SpiffeId, entry: Option<&EntryId>) -> Result<(), ServiceError> {
+    async fn audit_issued(
+        &self,
+        kind: &str,
+        actor: &str,
+        svid: &IssuedSvid,
+        spiffe_id: &SpiffeId,
+        entry: Option<&EntryId>,
+    ) -> Result<(), ServiceError> {
         let event = AuditEvent::new(
             kind,
             actor,
@@ -133,17 +144,36 @@ impl Ca {
 
     /// Signs the X.509-SVID of `entry` for `caller` and records the issuance. The identity,
     /// DNS names and lifetime come from the entry; only the public key comes from the CSR.
-    pub async fn issue_for_entry(&self, entry: &RegistrationEntry, csr_der: &[u8], caller: &str) -> Result<IssuedSvid, ServiceError> {
+    pub async fn issue_for_entry(
+        &self,
+        entry: &RegistrationEntry,
+        csr_der: &[u8],
+        caller: &str,
+    ) -> Result<IssuedSvid, ServiceError> {
         let started = Instant::now();
         let result = self.authority.sign_for_entry(entry, csr_der);
         self.observe("x509", started, &result);
         let svid = result?;
-        self.audit_issued("svid.x509.issued", caller, &svid, &entry.spiffe_id, Some(&entry.id)).await?;
+        self.audit_issued(
+            "svid.x509.issued",
+            caller,
+            &svid,
+            &entry.spiffe_id,
+            Some(&entry.id),
+        )
+        .await?;
         Ok(svid)
     }
 
     /// Mints an X.509-SVID for any ID of the trust domain (operator debugging, `x509 mint`).
-    pub async fn mint_x509(&self, spiffe_id: &str, csr_der: &[u8], ttl_secs: u64, dns_names: &[String], caller: &str) -> Result<IssuedSvid, ServiceError> {
+    pub async fn mint_x509(
+        &self,
+        spiffe_id: &str,
+        csr_der: &[u8],
+        ttl_secs: u64,
+        dns_names: &[String],
+        caller: &str,
+    ) -> Result<IssuedSvid, ServiceError> {
         let id = entry::parse_id("spiffe_id", spiffe_id, self.authority.trust_domain())?;
         for name in dns_names {
             entry::validate_dns_name(name)?;
@@ -153,15 +183,25 @@ impl Ca {
         let result = self.authority.sign_x509_svid(csr_der, &id, dns_names, ttl);
         self.observe("x509", started, &result);
         let svid = result?;
-        self.audit_issued("svid.x509.minted", caller, &svid, &id, None).await?;
+        self.audit_issued("svid.x509.minted", caller, &svid, &id, None)
+            .await?;
         Ok(svid)
     }
 
     /// Mints a JWT-SVID and records it (never the token itself).
-    pub async fn mint_jwt(&self, spiffe_id: &str, audience: &[String], ttl_secs: u64, caller: &str) -> Result<(String, i64), ServiceError> {
+    pub async fn mint_jwt(
+        &self,
+        spiffe_id: &str,
+        audience: &[String],
+        ttl_secs: u64,
+        caller: &str,
+    ) -> Result<(String, i64), ServiceError> {
         let id = entry::parse_id("spiffe_id", spiffe_id, self.authority.trust_domain())?;
         if audience.is_empty() || audience.iter().any(String::is_empty) {
-            return Err(invalid("audience", "at least one non-empty audience is required"));
+            return Err(invalid(
+                "audience",
+                "at least one non-empty audience is required",
+            ));
         }
         let ttl = ttl(ttl_secs, entry::MAX_JWT_TTL, "ttl")?;
         let started = Instant::now();
@@ -178,7 +218,11 @@ impl Ca {
     }
 
     /// Validates and stores a new entry.
-    pub async fn create_entry(&self, spec: &EntrySpec, caller: &str) -> Result<RegistrationEntry, ServiceError> {
+    pub async fn create_entry(
+        &self,
+        spec: &EntrySpec,
+        caller: &str,
+    ) -> Result<RegistrationEntry, ServiceError> {
         let entry = spec.validate(self.authority.trust_domain(), crate::unix_now())?;
         self.store
             .create_entry(&entry, &entry_event("entry.created", caller, &entry))
@@ -188,7 +232,12 @@ impl Ca {
     }
 
     /// Replaces an entry. `spec` must carry the id, and `revision` must be the stored one.
-    pub async fn update_entry(&self, spec: &EntrySpec, revision: i64, caller: &str) -> Result<RegistrationEntry, ServiceError> {
+    pub async fn update_entry(
+        &self,
+        spec: &EntrySpec,
+        revision: i64,
+        caller: &str,
+    ) -> Result<RegistrationEntry, ServiceError> {
         let id: EntryId = spec
             .id
             .as_deref()
@@ -201,7 +250,11 @@ impl Ca {
             .ok_or_else(|| StoreError::NotFound(format!("entry {id}")))?;
         let mut entry = spec.validate(self.authority.trust_domain(), crate::unix_now())?;
         entry.created_at = old.created_at;
-        entry.revision = if revision == 0 { old.revision + 1 } else { revision + 1 };
+        entry.revision = if revision == 0 {
+            old.revision + 1
+        } else {
+            revision + 1
+        };
         self.store
             .update_entry(&entry, &entry_event("entry.updated", caller, &entry))
             .await?;
@@ -209,17 +262,31 @@ impl Ca {
     }
 
     /// Deletes an entry.
-    pub async fn delete_entry(&self, id: &str, caller: &str) -> Result<RegistrationEntry, ServiceError> {
+    pub async fn delete_entry(
+        &self,
+        id: &str,
+        caller: &str,
+    ) -> Result<RegistrationEntry, ServiceError> {
         let id: EntryId = id.parse()?;
-        let event = AuditEvent::new("entry.deleted", caller, serde_json::json!({"entry_id": id.to_string()}));
+        let event = AuditEvent::new(
+            "entry.deleted",
+            caller,
+            serde_json::json!({"entry_id": id.to_string()}),
+        );
         Ok(self.store.delete_entry(&id, &event).await?)
     }
 
     /// Generates a join token; returns it with its secret, which is shown once.
-    pub async fn generate_token(&self, ttl_secs: u64, caller: &str) -> Result<JoinToken, ServiceError> {
+    pub async fn generate_token(
+        &self,
+        ttl_secs: u64,
+        caller: &str,
+    ) -> Result<JoinToken, ServiceError> {
         let ttl = match ttl_secs {
             0 => self.join_token_ttl,
-            s if s > 7 * 24 * 3600 => return Err(invalid("ttl", "a join token may live at most 7 days")),
+            s if s > 7 * 24 * 3600 => {
+                return Err(invalid("ttl", "a join token may live at most 7 days"))
+            }
             s => Duration::from_secs(s),
         };
         let token = JoinToken::generate(crate::unix_now(), ttl);
@@ -233,14 +300,21 @@ impl Ca {
     }
 
     /// Uses a join token (node attestation): single use, refused once expired.
-    pub async fn consume_token(&self, secret: &str, caller: &str) -> Result<crate::store::JoinTokenRecord, ServiceError> {
+    pub async fn consume_token(
+        &self,
+        secret: &str,
+        caller: &str,
+    ) -> Result<crate::store::JoinTokenRecord, ServiceError> {
         let hash = crate::token::hash_token(secret);
         let event = AuditEvent::new(
             "token.used",
             caller,
             serde_json::json!({"token_id": crate::token::token_id(&hash)}),
         );
-        Ok(self.store.consume_join_token(&hash, crate::unix_now(), &event).await?)
+        Ok(self
+            .store
+            .consume_join_token(&hash, crate::unix_now(), &event)
+            .await?)
     }
 }
 
@@ -330,12 +404,18 @@ type Rpc<T> = Result<Response<T>, Status>;
 impl admin::entries_server::Entries for AdminService {
     async fn create_entry(&self, req: Request<admin::CreateEntryRequest>) -> Rpc<admin::Entry> {
         let who = caller(&req);
-        let e = req.into_inner().entry.ok_or_else(|| invalid("entry", "is required"))?;
+        let e = req
+            .into_inner()
+            .entry
+            .ok_or_else(|| invalid("entry", "is required"))?;
         let entry = self.ca.create_entry(&spec_from_proto(e), &who).await?;
         Ok(Response::new(entry_to_proto(&entry)))
     }
 
-    async fn list_entries(&self, req: Request<admin::ListEntriesRequest>) -> Rpc<admin::ListEntriesResponse> {
+    async fn list_entries(
+        &self,
+        req: Request<admin::ListEntriesRequest>,
+    ) -> Rpc<admin::ListEntriesResponse> {
         let parent = req.into_inner().parent_id;
         let entries = if parent.is_empty() {
             self.ca.store.list_entries().await
@@ -362,9 +442,15 @@ impl admin::entries_server::Entries for AdminService {
 
     async fn update_entry(&self, req: Request<admin::UpdateEntryRequest>) -> Rpc<admin::Entry> {
         let who = caller(&req);
-        let e = req.into_inner().entry.ok_or_else(|| invalid("entry", "is required"))?;
+        let e = req
+            .into_inner()
+            .entry
+            .ok_or_else(|| invalid("entry", "is required"))?;
         let revision = e.revision;
-        let entry = self.ca.update_entry(&spec_from_proto(e), revision, &who).await?;
+        let entry = self
+            .ca
+            .update_entry(&spec_from_proto(e), revision, &who)
+            .await?;
         Ok(Response::new(entry_to_proto(&entry)))
     }
 
@@ -377,7 +463,10 @@ impl admin::entries_server::Entries for AdminService {
 
 #[tonic::async_trait]
 impl admin::tokens_server::Tokens for AdminService {
-    async fn generate_token(&self, req: Request<admin::GenerateTokenRequest>) -> Rpc<admin::GenerateTokenResponse> {
+    async fn generate_token(
+        &self,
+        req: Request<admin::GenerateTokenRequest>,
+    ) -> Rpc<admin::GenerateTokenResponse> {
         let who = caller(&req);
         let token = self.ca.generate_token(req.into_inner().ttl, &who).await?;
         Ok(Response::new(admin::GenerateTokenResponse {
@@ -417,7 +506,13 @@ impl admin::authority_server::Authority for AdminService {
     }
 
     async fn status(&self, _req: Request<admin::StatusRequest>) -> Rpc<admin::StatusResponse> {
-        let entries = self.ca.store.list_entries().await.map_err(ServiceError::from)?.len() as u64;
+        let entries = self
+            .ca
+            .store
+            .list_entries()
+            .await
+            .map_err(ServiceError::from)?
+            .len() as u64;
         Ok(Response::new(admin::StatusResponse {
             trust_domain: self.ca.authority.trust_domain().to_string(),
             server_id: self.ca.authority.server_id().to_owned(),
@@ -440,10 +535,16 @@ impl admin::authority_server::Authority for AdminService {
         }))
     }
 
-    async fn mint_x509_svid(&self, req: Request<admin::MintX509SvidRequest>) -> Rpc<admin::MintX509SvidResponse> {
+    async fn mint_x509_svid(
+        &self,
+        req: Request<admin::MintX509SvidRequest>,
+    ) -> Rpc<admin::MintX509SvidResponse> {
         let who = caller(&req);
         let r = req.into_inner();
-        let svid = self.ca.mint_x509(&r.spiffe_id, &r.csr, r.ttl, &r.dns_names, &who).await?;
+        let svid = self
+            .ca
+            .mint_x509(&r.spiffe_id, &r.csr, r.ttl, &r.dns_names, &who)
+            .await?;
         let bundle = self.ca.authority.bundle();
         Ok(Response::new(admin::MintX509SvidResponse {
             chain: svid.chain.iter().map(|c| c.to_vec()).collect(),
@@ -453,17 +554,29 @@ impl admin::authority_server::Authority for AdminService {
         }))
     }
 
-    async fn mint_jwt_svid(&self, req: Request<admin::MintJwtSvidRequest>) -> Rpc<admin::MintJwtSvidResponse> {
+    async fn mint_jwt_svid(
+        &self,
+        req: Request<admin::MintJwtSvidRequest>,
+    ) -> Rpc<admin::MintJwtSvidResponse> {
         let who = caller(&req);
         let r = req.into_inner();
-        let (token, expires_at) = self.ca.mint_jwt(&r.spiffe_id, &r.audience, r.ttl, &who).await?;
-        Ok(Response::new(admin::MintJwtSvidResponse { token, expires_at }))
+        let (token, expires_at) = self
+            .ca
+            .mint_jwt(&r.spiffe_id, &r.audience, r.ttl, &who)
+            .await?;
+        Ok(Response::new(admin::MintJwtSvidResponse {
+            token,
+            expires_at,
+        }))
     }
 }
 
 #[tonic::async_trait]
 impl admin::audit_server::Audit for AdminService {
-    async fn verify(&self, _req: Request<admin::VerifyAuditRequest>) -> Rpc<admin::VerifyAuditResponse> {
+    async fn verify(
+        &self,
+        _req: Request<admin::VerifyAuditRequest>,
+    ) -> Rpc<admin::VerifyAuditResponse> {
         match audit::verify_store(self.ca.store.as_ref()).await {
             Ok(records) => Ok(Response::new(admin::VerifyAuditResponse {
                 ok: true,
@@ -471,12 +584,14 @@ impl admin::audit_server::Audit for AdminService {
                 first_bad_seq: 0,
                 reason: String::new(),
             })),
-            Err(audit::VerifyError::Violation(v)) => Ok(Response::new(admin::VerifyAuditResponse {
-                ok: false,
-                records: 0,
-                first_bad_seq: v.seq,
-                reason: v.to_string(),
-            })),
+            Err(audit::VerifyError::Violation(v)) => {
+                Ok(Response::new(admin::VerifyAuditResponse {
+                    ok: false,
+                    records: 0,
+                    first_bad_seq: v.seq,
+                    reason: v.to_string(),
+                }))
+            }
             Err(e) => Err(ServiceError::from(e).into()),
         }
     }

@@ -150,26 +150,51 @@ pub trait Datastore: Send + Sync + 'static {
     fn backend(&self) -> &'static str;
 
     /// Stores a new entry. Fails with [`StoreError::AlreadyExists`] if the id is taken.
-    async fn create_entry(&self, entry: &RegistrationEntry, audit: &AuditEvent) -> Result<(), StoreError>;
+    async fn create_entry(
+        &self,
+        entry: &RegistrationEntry,
+        audit: &AuditEvent,
+    ) -> Result<(), StoreError>;
     /// Looks up one entry.
     async fn get_entry(&self, id: &EntryId) -> Result<Option<RegistrationEntry>, StoreError>;
     /// All entries, ordered by id.
     async fn list_entries(&self) -> Result<Vec<RegistrationEntry>, StoreError>;
     /// Entries whose parent is `parent_id`, ordered by id.
-    async fn list_entries_by_parent(&self, parent_id: &str) -> Result<Vec<RegistrationEntry>, StoreError>;
+    async fn list_entries_by_parent(
+        &self,
+        parent_id: &str,
+    ) -> Result<Vec<RegistrationEntry>, StoreError>;
     /// Replaces an entry whose stored revision is `entry.revision - 1` (optimistic concurrency).
-    async fn update_entry(&self, entry: &RegistrationEntry, audit: &AuditEvent) -> Result<(), StoreError>;
+    async fn update_entry(
+        &self,
+        entry: &RegistrationEntry,
+        audit: &AuditEvent,
+    ) -> Result<(), StoreError>;
     /// Deletes an entry and returns it.
-    async fn delete_entry(&self, id: &EntryId, audit: &AuditEvent) -> Result<RegistrationEntry, StoreError>;
+    async fn delete_entry(
+        &self,
+        id: &EntryId,
+        audit: &AuditEvent,
+    ) -> Result<RegistrationEntry, StoreError>;
 
     /// Stores a new join token.
-    async fn create_join_token(&self, token: &JoinTokenRecord, audit: &AuditEvent) -> Result<(), StoreError>;
+    async fn create_join_token(
+        &self,
+        token: &JoinTokenRecord,
+        audit: &AuditEvent,
+    ) -> Result<(), StoreError>;
     /// Marks the token with this hash used, if it exists, is unused and `now < expires_at`;
     /// atomic, so two concurrent uses cannot both succeed.
-    async fn consume_join_token(&self, hash: &[u8; 32], now: i64, audit: &AuditEvent) -> Result<JoinTokenRecord, StoreError>;
+    async fn consume_join_token(
+        &self,
+        hash: &[u8; 32],
+        now: i64,
+        audit: &AuditEvent,
+    ) -> Result<JoinTokenRecord, StoreError>;
 
     /// Inserts or replaces an agent.
-    async fn upsert_agent(&self, agent: &AgentRecord, audit: &AuditEvent) -> Result<(), StoreError>;
+    async fn upsert_agent(&self, agent: &AgentRecord, audit: &AuditEvent)
+        -> Result<(), StoreError>;
     /// Looks up an agent.
     async fn get_agent(&self, spiffe_id: &str) -> Result<Option<AgentRecord>, StoreError>;
     /// All agents, ordered by SPIFFE ID.
@@ -178,7 +203,12 @@ pub trait Datastore: Send + Sync + 'static {
     /// Adds a CA journal row.
     async fn insert_ca_key(&self, key: &CaKeyRecord, audit: &AuditEvent) -> Result<(), StoreError>;
     /// Changes a CA key's state.
-    async fn set_ca_key_state(&self, id: &str, state: CaKeyState, audit: &AuditEvent) -> Result<(), StoreError>;
+    async fn set_ca_key_state(
+        &self,
+        id: &str,
+        state: CaKeyState,
+        audit: &AuditEvent,
+    ) -> Result<(), StoreError>;
     /// The whole CA journal, ordered by creation time then id.
     async fn list_ca_keys(&self) -> Result<Vec<CaKeyRecord>, StoreError>;
 

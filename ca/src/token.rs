@@ -33,7 +33,8 @@ impl JoinToken {
     /// A new token valid for `ttl` from `now` (unix seconds): 256 random bits, base64url.
     pub fn generate(now: i64, ttl: Duration) -> Self {
         let bytes = Zeroizing::new(rand::random::<[u8; 32]>());
-        let secret = Zeroizing::new(base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(*bytes));
+        let secret =
+            Zeroizing::new(base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(*bytes));
         let hash = hash_token(&secret);
         let record = JoinTokenRecord {
             hash,

@@ -74,7 +74,9 @@ async fn open(url: &str) -> Arc<dyn Datastore> {
 fn csr() -> Vec<u8> {
     let key = rcgen::KeyPair::generate().unwrap();
     let mut params = rcgen::CertificateParams::new(vec!["evil.example".to_owned()]).unwrap();
-    params.subject_alt_names.push(rcgen::SanType::URI("spiffe://example.org/admin".try_into().unwrap()));
+    params.subject_alt_names.push(rcgen::SanType::URI(
+        "spiffe://example.org/admin".try_into().unwrap(),
+    ));
     params.serialize_request(&key).unwrap().der().to_vec()
 }
 
@@ -82,8 +84,15 @@ fn unix(t: SystemTime) -> i64 {
     t.duration_since(UNIX_EPOCH).unwrap().as_secs() as i64
 }
 
-fn verify(roots: &[CertificateDer<'static>], chain: &[CertificateDer<'static>], at: i64) -> Result<(), webpki::Error> {
-    let anchors: Vec<_> = roots.iter().map(|r| webpki::anchor_from_trusted_cert(r).unwrap().to_owned()).collect();
+fn verify(
+    roots: &[CertificateDer<'static>],
+    chain: &[CertificateDer<'static>],
+    at: i64,
+) -> Result<(), webpki::Error> {
+    let anchors: Vec<_> = roots
+        .iter()
+        .map(|r| webpki::anchor_from_trusted_cert(r).unwrap().to_owned())
+        .collect();
     let ee = webpki::EndEntityCert::try_from(&chain[0]).unwrap();
     ee.verify_for_usage(
         webpki::ALL_VERIFICATION_ALGS,
@@ -103,11 +112,23 @@ async fn restart_keeps_keys_case(postgres: bool) {
     let id = SpiffeId::new("spiffe://example.org/web").unwrap();
 
     let store = open(&db.url).await;
-    let a1 = Authority::load_or_init(td(), "ca-1".into(), settings(3600), data.path(), Arc::clone(&store)).await.unwrap();
+    let a1 = Authority::load_or_init(
+        td(),
+        "ca-1".into(),
+        settings(3600),
+        data.path(),
+        Arc::clone(&store),
+    )
+    .await
+    .unwrap();
     let bundle1 = a1.bundle();
     let journal1 = a1.journal();
-    let svid = a1.sign_x509_svid(&csr(), &id, &[], Some(Duration::from_secs(600))).unwrap();
-    let (token, _) = a1.mint_jwt_svid(&id, &["billing".to_owned()], None).unwrap();
+    let svid = a1
+        .sign_x509_svid(&csr(), &id, &[], Some(Duration::from_secs(600)))
+        .unwrap();
+    let (token, _) = a1
+        .mint_jwt_svid(&id, &["billing".to_owned()], None)
+        .unwrap();
     let created = audit::verify_store(store.as_ref()).await.unwrap();
     drop(a1);
     drop(store);
@@ -115,27 +136,76 @@ async fn restart_keeps_keys_case(postgres: bool) {
     // Key files are private.
     for f in std::fs::read_dir(data.path().join("keys")).unwrap() {
         let f = f.unwrap().path();
-        assert_eq!(std::fs::metadata(&f).unwrap().permissions().mode() & 0o777, 0o600, "{}", f.display());
+        assert_eq!(
+            std::fs::metadata(&f).unwrap().permissions().mode() & 0o777,
+            0o600,
+            "{}",
+            f.display()
+        );
     }
 
     let store = open(&db.url).await;
-    let a2 = Authority::load_or_init(td(), "ca-1".into(), settings(3600), data.path(), Arc::clone(&store)).await.unwrap();
+    let a2 = Authority::load_or_init(
+        td(),
+        "ca-1".into(),
+        settings(3600),
+        data.path(),
+        Arc::clone(&store),
+    )
+    .await
+    .unwrap();
     let bundle2 = a2.bundle();
-    assert_eq!(bundle1.to_spiffe_json(), bundle2.to_spiffe_json(), "same bundle after restart");
-    assert_eq!(journal1, a2.journal(), "no key created or changed by a restart");
-    assert_eq!(audit::verify_store(store.as_ref()).await.unwrap(), created, "a restart writes no key records");
+    assert_eq!(
+        bundle1.to_spiffe_json(),
+        bundle2.to_spiffe_json(),
+        "same bundle after restart"
+    );
+    assert_eq!(
+        journal1,
+        a2.journal(),
+        "no key created or changed by a restart"
+    );
+    assert_eq!(
+        audit::verify_store(store.as_ref()).await.unwrap(),
+        created,
+        "a restart writes no key records"
+    );
     // What the first instance issued verifies against the second's bundle.
-    verify(&bundle2.x509_authorities, &svid.chain, unix(SystemTime::now())).unwrap();
-    meshid_ca::jwt::verify_jwt_svid(&token, &bundle2.jwt_authorities, "billing", SystemTime::now()).unwrap();
+    verify(
+        &bundle2.x509_authorities,
+        &svid.chain,
+        unix(SystemTime::now()),
+    )
+    .unwrap();
+    meshid_ca::jwt::verify_jwt_svid(
+        &token,
+        &bundle2.jwt_authorities,
+        "billing",
+        SystemTime::now(),
+    )
+    .unwrap();
     // And the second issues from the same intermediate.
     let again = a2.sign_x509_svid(&csr(), &id, &[], None).unwrap();
     assert_eq!(again.chain[1], svid.chain[1]);
 
     // A wider mode on a key file is refused rather than silently used.
-    let key = std::fs::read_dir(data.path().join("keys")).unwrap().next().unwrap().unwrap().path();
+    let key = std::fs::read_dir(data.path().join("keys"))
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap()
+        .path();
     std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o644)).unwrap();
     drop(a2);
-    let err = Authority::load_or_init(td(), "ca-1".into(), settings(3600), data.path(), Arc::clone(&store)).await.unwrap_err();
+    let err = Authority::load_or_init(
+        td(),
+        "ca-1".into(),
+        settings(3600),
+        data.path(),
+        Arc::clone(&store),
+    )
+    .await
+    .unwrap_err();
     assert!(err.to_string().contains("chmod 600"), "{err}");
 }
 
@@ -156,7 +226,15 @@ async fn rotation_under_issuance_case(postgres: bool) {
     let Some(db) = db(postgres).await else { return };
     let data = tempfile::tempdir().unwrap();
     let store = open(&db.url).await;
-    let a = Authority::load_or_init(td(), "ca-1".into(), settings(6), data.path(), Arc::clone(&store)).await.unwrap();
+    let a = Authority::load_or_init(
+        td(),
+        "ca-1".into(),
+        settings(6),
+        data.path(),
+        Arc::clone(&store),
+    )
+    .await
+    .unwrap();
     let roots = a.bundle().x509_authorities;
     let id = SpiffeId::new("spiffe://example.org/web").unwrap();
     let csr = csr();
@@ -168,31 +246,66 @@ async fn rotation_under_issuance_case(postgres: bool) {
         let out = a.rotate(SystemTime::now()).await.unwrap();
         activations += out.activated.len();
         let now = unix(SystemTime::now());
-        let svid = a.sign_x509_svid(&csr, &id, &[], None).expect("issuance never stops");
+        let svid = a
+            .sign_x509_svid(&csr, &id, &[], None)
+            .expect("issuance never stops");
         verify(&roots, &svid.chain, now).expect("verifies when issued");
-        let issuer_not_after = x509_parser::parse_x509_certificate(&svid.chain[1]).unwrap().1.validity().not_after.timestamp();
-        assert!(svid.not_after <= issuer_not_after, "SVID outlives its issuer");
+        let issuer_not_after = x509_parser::parse_x509_certificate(&svid.chain[1])
+            .unwrap()
+            .1
+            .validity()
+            .not_after
+            .timestamp();
+        assert!(
+            svid.not_after <= issuer_not_after,
+            "SVID outlives its issuer"
+        );
         issued.push(svid);
         let (t, _) = a.mint_jwt_svid(&id, &["svc".to_owned()], None).unwrap();
         tokens.push(t);
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    let distinct: std::collections::HashSet<_> = issued.iter().map(|s| s.chain[1].to_vec()).collect();
-    assert!(distinct.len() >= 2, "the intermediate rotated ({} seen)", distinct.len());
-    assert!(activations >= 2, "intermediate and JWT key activated: {activations}");
+    let distinct: std::collections::HashSet<_> =
+        issued.iter().map(|s| s.chain[1].to_vec()).collect();
+    assert!(
+        distinct.len() >= 2,
+        "the intermediate rotated ({} seen)",
+        distinct.len()
+    );
+    assert!(
+        activations >= 2,
+        "intermediate and JWT key activated: {activations}"
+    );
     let bundle = a.bundle();
-    assert_eq!(bundle.x509_authorities, roots, "roots unchanged by intermediate rotation");
+    assert_eq!(
+        bundle.x509_authorities, roots,
+        "roots unchanged by intermediate rotation"
+    );
     // Every JWT minted during the run, by every JWT key, still verifies with today's bundle.
-    let kids: std::collections::HashSet<_> = bundle.jwt_authorities.iter().map(|k| k["kid"].as_str().unwrap().to_owned()).collect();
-    assert!(kids.len() >= 2, "old and new JWT keys are both published: {kids:?}");
+    let kids: std::collections::HashSet<_> = bundle
+        .jwt_authorities
+        .iter()
+        .map(|k| k["kid"].as_str().unwrap().to_owned())
+        .collect();
+    assert!(
+        kids.len() >= 2,
+        "old and new JWT keys are both published: {kids:?}"
+    );
     for t in &tokens {
-        meshid_ca::jwt::verify_jwt_svid(t, &bundle.jwt_authorities, "svc", SystemTime::now()).unwrap();
+        meshid_ca::jwt::verify_jwt_svid(t, &bundle.jwt_authorities, "svc", SystemTime::now())
+            .unwrap();
     }
     // The journal agrees: one active intermediate and JWT key, the replaced ones retired.
     let journal = store.list_ca_keys().await.unwrap();
     for kind in [CaKeyKind::X509Intermediate, CaKeyKind::Jwt] {
-        let active = journal.iter().filter(|k| k.kind == kind && k.state == CaKeyState::Active).count();
-        let retired = journal.iter().filter(|k| k.kind == kind && k.state == CaKeyState::Retired).count();
+        let active = journal
+            .iter()
+            .filter(|k| k.kind == kind && k.state == CaKeyState::Active)
+            .count();
+        let retired = journal
+            .iter()
+            .filter(|k| k.kind == kind && k.state == CaKeyState::Retired)
+            .count();
         assert_eq!(active, 1, "{kind:?}");
         assert!(retired >= 1, "{kind:?}");
     }
@@ -200,7 +313,15 @@ async fn rotation_under_issuance_case(postgres: bool) {
 
     // A restart in the middle of a rotation picks up the prepared key rather than making another.
     drop(a);
-    let a = Authority::load_or_init(td(), "ca-1".into(), settings(6), data.path(), Arc::clone(&store)).await.unwrap();
+    let a = Authority::load_or_init(
+        td(),
+        "ca-1".into(),
+        settings(6),
+        data.path(),
+        Arc::clone(&store),
+    )
+    .await
+    .unwrap();
     let after = a.sign_x509_svid(&csr, &id, &[], None).unwrap();
     verify(&roots, &after.chain, unix(SystemTime::now())).unwrap();
 }
@@ -218,7 +339,13 @@ async fn rotation_under_issuance_postgres() {
 fn write_private(path: &Path, contents: &str) {
     use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;
-    let mut f = std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(path).unwrap();
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)
+        .unwrap();
     f.write_all(contents.as_bytes()).unwrap();
 }
 
@@ -226,7 +353,8 @@ fn write_private(path: &Path, contents: &str) {
 async fn upstream_root_is_used() {
     let dir = tempfile::tempdir().unwrap();
     let key = CaKey::generate(KeyType::EcP384).unwrap();
-    let root = svid::generate_root(&td(), &key, Duration::from_secs(7200), SystemTime::now()).unwrap();
+    let root =
+        svid::generate_root(&td(), &key, Duration::from_secs(7200), SystemTime::now()).unwrap();
     let cert_path = dir.path().join("root.pem");
     let key_path = dir.path().join("root.key");
     std::fs::write(&cert_path, pem(&root)).unwrap();
@@ -237,28 +365,52 @@ async fn upstream_root_is_used() {
         key: key_path.clone(),
     });
     let store = open(&format!("sqlite://{}", dir.path().join("ca.db").display())).await;
-    let a = Authority::load_or_init(td(), "ca-1".into(), s.clone(), &dir.path().join("data"), Arc::clone(&store)).await.unwrap();
+    let a = Authority::load_or_init(
+        td(),
+        "ca-1".into(),
+        s.clone(),
+        &dir.path().join("data"),
+        Arc::clone(&store),
+    )
+    .await
+    .unwrap();
     assert_eq!(a.bundle().x509_authorities, vec![root.clone()]);
-    let svid = a.sign_x509_svid(&csr(), &SpiffeId::new("spiffe://example.org/x").unwrap(), &[], None).unwrap();
+    let svid = a
+        .sign_x509_svid(
+            &csr(),
+            &SpiffeId::new("spiffe://example.org/x").unwrap(),
+            &[],
+            None,
+        )
+        .unwrap();
     verify(&[root], &svid.chain, unix(SystemTime::now())).unwrap();
     // The upstream key never gets copied into the data directory.
-    let copied = std::fs::read_dir(dir.path().join("data/keys")).unwrap().any(|f| {
-        std::fs::read_to_string(f.unwrap().path()).unwrap() == *key.to_pkcs8_pem()
-    });
+    let copied = std::fs::read_dir(dir.path().join("data/keys"))
+        .unwrap()
+        .any(|f| std::fs::read_to_string(f.unwrap().path()).unwrap() == *key.to_pkcs8_pem());
     assert!(!copied);
     // A mismatched key is refused.
     let other = CaKey::generate(KeyType::EcP384).unwrap();
     write_private(&key_path, &other.to_pkcs8_pem());
     drop(a);
-    let err = Authority::load_or_init(td(), "ca-1".into(), s, &dir.path().join("data"), store).await.unwrap_err();
+    let err = Authority::load_or_init(td(), "ca-1".into(), s, &dir.path().join("data"), store)
+        .await
+        .unwrap_err();
     assert!(err.to_string().contains("key"), "{err}");
 }
 
 fn pem(der: &[u8]) -> String {
     use base64::Engine;
     let b64 = base64::engine::general_purpose::STANDARD.encode(der);
-    let lines: Vec<_> = b64.as_bytes().chunks(64).map(|c| std::str::from_utf8(c).unwrap()).collect();
-    format!("-----BEGIN CERTIFICATE-----\n{}\n-----END CERTIFICATE-----\n", lines.join("\n"))
+    let lines: Vec<_> = b64
+        .as_bytes()
+        .chunks(64)
+        .map(|c| std::str::from_utf8(c).unwrap())
+        .collect();
+    format!(
+        "-----BEGIN CERTIFICATE-----\n{}\n-----END CERTIFICATE-----\n",
+        lines.join("\n")
+    )
 }
 
 /// Issuance for an entry takes the identity and DNS names from the entry (the CSR asks for
@@ -267,7 +419,15 @@ fn pem(der: &[u8]) -> String {
 async fn issuance_for_an_entry_is_audited() {
     let dir = tempfile::tempdir().unwrap();
     let store = open(&format!("sqlite://{}", dir.path().join("ca.db").display())).await;
-    let authority = Authority::load_or_init(td(), "ca-1".into(), settings(3600), dir.path(), Arc::clone(&store)).await.unwrap();
+    let authority = Authority::load_or_init(
+        td(),
+        "ca-1".into(),
+        settings(3600),
+        dir.path(),
+        Arc::clone(&store),
+    )
+    .await
+    .unwrap();
     let ca = Ca {
         authority: Arc::new(authority),
         store: Arc::clone(&store),
@@ -288,15 +448,28 @@ async fn issuance_for_an_entry_is_audited() {
         )
         .await
         .unwrap();
-    let svid = ca.issue_for_entry(&entry, &csr(), "spiffe://example.org/meshid/agent/a").await.unwrap();
+    let svid = ca
+        .issue_for_entry(&entry, &csr(), "spiffe://example.org/meshid/agent/a")
+        .await
+        .unwrap();
     let (_, leaf) = x509_parser::parse_x509_certificate(&svid.chain[0]).unwrap();
     let san = leaf.subject_alternative_name().unwrap().unwrap().value;
     let names: Vec<String> = san.general_names.iter().map(|n| n.to_string()).collect();
-    assert_eq!(names, vec!["URI(spiffe://example.org/web)".to_owned(), "DNSName(web.internal)".to_owned()], "identity from the entry only");
+    assert_eq!(
+        names,
+        vec![
+            "URI(spiffe://example.org/web)".to_owned(),
+            "DNSName(web.internal)".to_owned()
+        ],
+        "identity from the entry only"
+    );
     assert!(svid.not_after - unix(SystemTime::now()) <= 120);
 
     let records = store.audit_records(0, 1000).await.unwrap();
-    let rec = records.iter().find(|r| r.kind == "svid.x509.issued").expect("issuance audited");
+    let rec = records
+        .iter()
+        .find(|r| r.kind == "svid.x509.issued")
+        .expect("issuance audited");
     let d: serde_json::Value = serde_json::from_str(&rec.details).unwrap();
     assert_eq!(d["serial"], svid.serial.as_str());
     assert_eq!(d["spiffe_id"], "spiffe://example.org/web");
@@ -306,10 +479,16 @@ async fn issuance_for_an_entry_is_audited() {
 
     // A malformed CSR is refused, counted and not audited.
     let before = store.audit_records(0, 1000).await.unwrap().len();
-    let err = ca.issue_for_entry(&entry, b"not a csr", "x").await.unwrap_err();
+    let err = ca
+        .issue_for_entry(&entry, b"not a csr", "x")
+        .await
+        .unwrap_err();
     assert!(err.to_string().to_lowercase().contains("csr"), "{err}");
     assert_eq!(store.audit_records(0, 1000).await.unwrap().len(), before);
-    assert!(ca.metrics.encode().contains("meshid_ca_svids_signed_total{kind=\"x509\",result=\"error\"} 1"));
+    assert!(ca
+        .metrics
+        .encode()
+        .contains("meshid_ca_svids_signed_total{kind=\"x509\",result=\"error\"} 1"));
 
     // Join tokens: single use, expiry, audited by id, never by secret.
     let tok = ca.generate_token(0, "admin:uid=0").await.unwrap();
@@ -317,6 +496,8 @@ async fn issuance_for_an_entry_is_audited() {
     let err = ca.consume_token(tok.secret(), "node").await.unwrap_err();
     assert!(err.to_string().contains("already used"), "{err}");
     let all = store.audit_records(0, 1000).await.unwrap();
-    assert!(all.iter().any(|r| r.kind == "token.used" && r.details.contains(&tok.record.id)));
+    assert!(all
+        .iter()
+        .any(|r| r.kind == "token.used" && r.details.contains(&tok.record.id)));
     assert!(all.iter().all(|r| !r.details.contains(tok.secret())));
 }

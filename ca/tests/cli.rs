@@ -21,13 +21,23 @@ struct Server {
 }
 
 fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 impl Server {
     fn start(dir: &Path, extra: &[&str]) -> Server {
         let ops = format!("127.0.0.1:{}", free_port());
-        let log = dir.join(format!("ca-{}.log", std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos()));
+        let log = dir.join(format!(
+            "ca-{}.log",
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_nanos()
+        ));
         let socket = dir.join("data/admin.sock");
         let child = Command::new(BIN)
             .args(["run", "--trust-domain", "example.org", "--data-dir"])
@@ -58,9 +68,16 @@ impl Server {
                 return;
             }
             if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
-                panic!("meshid-ca exited with {status}: {}", std::fs::read_to_string(&self.log).unwrap());
+                panic!(
+                    "meshid-ca exited with {status}: {}",
+                    std::fs::read_to_string(&self.log).unwrap()
+                );
             }
-            assert!(Instant::now() < deadline, "CA not healthy in time: {}", std::fs::read_to_string(&self.log).unwrap());
+            assert!(
+                Instant::now() < deadline,
+                "CA not healthy in time: {}",
+                std::fs::read_to_string(&self.log).unwrap()
+            );
             std::thread::sleep(Duration::from_millis(50));
         }
     }
@@ -88,32 +105,48 @@ impl Server {
 
     fn fails(&self, args: &[&str]) -> String {
         let out = self.cli(args);
-        assert!(!out.status.success(), "meshid-ca {args:?} unexpectedly succeeded");
+        assert!(
+            !out.status.success(),
+            "meshid-ca {args:?} unexpectedly succeeded"
+        );
         String::from_utf8_lossy(&out.stderr).into_owned()
     }
 
     fn http_get(&self, path: &str) -> (u16, String) {
         let mut s = TcpStream::connect(&self.ops).unwrap();
         s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-        write!(s, "GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n").unwrap();
+        write!(
+            s,
+            "GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
+        )
+        .unwrap();
         let mut buf = String::new();
         s.read_to_string(&mut buf).unwrap();
         let code = buf.split_whitespace().nth(1).unwrap().parse().unwrap();
-        let body = buf.split_once("\r\n\r\n").map(|(_, b)| b.to_owned()).unwrap_or_default();
+        let body = buf
+            .split_once("\r\n\r\n")
+            .map(|(_, b)| b.to_owned())
+            .unwrap_or_default();
         (code, body)
     }
 
     /// SIGTERM, then wait for a clean exit; returns the log.
     fn stop(&mut self) -> String {
         let mut child = self.child.take().unwrap();
-        Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap();
+        Command::new("kill")
+            .args(["-TERM", &child.id().to_string()])
+            .status()
+            .unwrap();
         let deadline = Instant::now() + Duration::from_secs(15);
         loop {
             if let Some(status) = child.try_wait().unwrap() {
                 assert!(status.success(), "meshid-ca exited with {status}");
                 break;
             }
-            assert!(Instant::now() < deadline, "meshid-ca did not stop on SIGTERM");
+            assert!(
+                Instant::now() < deadline,
+                "meshid-ca did not stop on SIGTERM"
+            );
             std::thread::sleep(Duration::from_millis(20));
         }
         std::fs::read_to_string(&self.log).unwrap()
@@ -148,8 +181,14 @@ fn operator_workflow_restart_and_no_secrets_in_logs() {
     assert_eq!(mode(&ca.socket), 0o600, "admin socket mode");
     assert_eq!(mode(&data), 0o700, "data dir mode");
     assert_eq!(mode(&data.join("keys")), 0o700, "key dir mode");
-    let key_files: Vec<_> = std::fs::read_dir(data.join("keys")).unwrap().map(|e| e.unwrap().path()).collect();
-    assert!(key_files.len() >= 3, "root, intermediate and JWT keys: {key_files:?}");
+    let key_files: Vec<_> = std::fs::read_dir(data.join("keys"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    assert!(
+        key_files.len() >= 3,
+        "root, intermediate and JWT keys: {key_files:?}"
+    );
     for k in &key_files {
         assert_eq!(mode(k), 0o600, "{}", k.display());
     }
@@ -158,9 +197,22 @@ fn operator_workflow_restart_and_no_secrets_in_logs() {
     // Entries.
     let uid = "unix:uid:1000";
     let created = json(&ca.ok(&[
-        "entry", "create", "--spiffe-id", "spiffe://example.org/web", "--parent-id",
-        "spiffe://example.org/meshid/agent/n1", "--selector", uid, "--selector", "unix:gid:1000",
-        "--x509-ttl", "10m", "--dns-name", "web.example.org", "--output", "json",
+        "entry",
+        "create",
+        "--spiffe-id",
+        "spiffe://example.org/web",
+        "--parent-id",
+        "spiffe://example.org/meshid/agent/n1",
+        "--selector",
+        uid,
+        "--selector",
+        "unix:gid:1000",
+        "--x509-ttl",
+        "10m",
+        "--dns-name",
+        "web.example.org",
+        "--output",
+        "json",
     ]));
     let id = created["id"].as_str().unwrap().to_owned();
     assert_eq!(created["revision"], 1);
@@ -168,39 +220,139 @@ fn operator_workflow_restart_and_no_secrets_in_logs() {
     let listed = json(&ca.ok(&["entry", "list", "--output", "json"]));
     assert_eq!(listed.as_array().unwrap().len(), 1);
     let text = ca.ok(&["entry", "show", &id]);
-    assert!(text.contains("spiffe://example.org/web") && text.contains("unix:gid:1000"), "{text}");
-    let updated = json(&ca.ok(&["entry", "update", &id, "--hint", "primary", "--output", "json"]));
+    assert!(
+        text.contains("spiffe://example.org/web") && text.contains("unix:gid:1000"),
+        "{text}"
+    );
+    let updated = json(&ca.ok(&[
+        "entry", "update", &id, "--hint", "primary", "--output", "json",
+    ]));
     assert_eq!(updated["revision"], 2);
     assert_eq!(updated["hint"], "primary");
-    assert_eq!(updated["dns_names"][0], "web.example.org", "unchanged fields kept");
+    assert_eq!(
+        updated["dns_names"][0], "web.example.org",
+        "unchanged fields kept"
+    );
 
     // Bad input: clear errors, nothing changes.
     for (args, expect) in [
-        (vec!["entry", "create", "--spiffe-id", "spiffe://example.org/a/", "--parent-id", "spiffe://example.org/p", "--selector", uid], "invalid spiffe_id"),
-        (vec!["entry", "create", "--spiffe-id", "spiffe://other.org/a", "--parent-id", "spiffe://example.org/p", "--selector", uid], "not in trust domain"),
-        (vec!["entry", "create", "--spiffe-id", "spiffe://example.org/a", "--parent-id", "spiffe://example.org/p", "--selector", "unix:uid"], "invalid selector"),
-        (vec!["entry", "create", "--spiffe-id", "spiffe://example.org/a", "--parent-id", "spiffe://example.org/p", "--selector", uid, "--x509-ttl", "30d"], "out of range"),
+        (
+            vec![
+                "entry",
+                "create",
+                "--spiffe-id",
+                "spiffe://example.org/a/",
+                "--parent-id",
+                "spiffe://example.org/p",
+                "--selector",
+                uid,
+            ],
+            "invalid spiffe_id",
+        ),
+        (
+            vec![
+                "entry",
+                "create",
+                "--spiffe-id",
+                "spiffe://other.org/a",
+                "--parent-id",
+                "spiffe://example.org/p",
+                "--selector",
+                uid,
+            ],
+            "not in trust domain",
+        ),
+        (
+            vec![
+                "entry",
+                "create",
+                "--spiffe-id",
+                "spiffe://example.org/a",
+                "--parent-id",
+                "spiffe://example.org/p",
+                "--selector",
+                "unix:uid",
+            ],
+            "invalid selector",
+        ),
+        (
+            vec![
+                "entry",
+                "create",
+                "--spiffe-id",
+                "spiffe://example.org/a",
+                "--parent-id",
+                "spiffe://example.org/p",
+                "--selector",
+                uid,
+                "--x509-ttl",
+                "30d",
+            ],
+            "out of range",
+        ),
         (vec!["entry", "show", "doesnotexist"], "not found"),
         (vec!["entry", "delete", "doesnotexist"], "not found"),
-        (vec!["x509", "mint", "--spiffe-id", "spiffe://other.org/x"], "not in trust domain"),
-        (vec!["jwt", "mint", "--spiffe-id", "spiffe://example.org/x", "--audience", ""], "audience"),
+        (
+            vec!["x509", "mint", "--spiffe-id", "spiffe://other.org/x"],
+            "not in trust domain",
+        ),
+        (
+            vec![
+                "jwt",
+                "mint",
+                "--spiffe-id",
+                "spiffe://example.org/x",
+                "--audience",
+                "",
+            ],
+            "audience",
+        ),
     ] {
         let err = ca.fails(&args);
         assert!(err.contains(expect), "{args:?}: {err}");
     }
-    assert_eq!(json(&ca.ok(&["entry", "list", "--output", "json"])).as_array().unwrap().len(), 1);
+    assert_eq!(
+        json(&ca.ok(&["entry", "list", "--output", "json"]))
+            .as_array()
+            .unwrap()
+            .len(),
+        1
+    );
 
     // Token, bundle, mints.
     let tok = ca.ok(&["token", "generate", "--ttl", "5m"]);
-    let secret = tok.lines().find_map(|l| l.strip_prefix("Token: ")).unwrap().to_owned();
+    let secret = tok
+        .lines()
+        .find_map(|l| l.strip_prefix("Token: "))
+        .unwrap()
+        .to_owned();
     assert!(secret.len() >= 40);
     let pem = ca.ok(&["bundle", "show"]);
     assert!(pem.starts_with("-----BEGIN CERTIFICATE-----"), "{pem}");
     let spiffe = json(&ca.ok(&["bundle", "show", "--format", "spiffe"]));
-    let uses: Vec<_> = spiffe["keys"].as_array().unwrap().iter().map(|k| k["use"].as_str().unwrap().to_owned()).collect();
-    assert!(uses.contains(&"x509-svid".to_owned()) && uses.contains(&"jwt-svid".to_owned()), "{spiffe}");
+    let uses: Vec<_> = spiffe["keys"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|k| k["use"].as_str().unwrap().to_owned())
+        .collect();
+    assert!(
+        uses.contains(&"x509-svid".to_owned()) && uses.contains(&"jwt-svid".to_owned()),
+        "{spiffe}"
+    );
     let out = dir.join("svid");
-    ca.ok(&["x509", "mint", "--spiffe-id", "spiffe://example.org/debug", "--ttl", "5m", "--dns-name", "debug.local", "--out-dir", out.to_str().unwrap()]);
+    ca.ok(&[
+        "x509",
+        "mint",
+        "--spiffe-id",
+        "spiffe://example.org/debug",
+        "--ttl",
+        "5m",
+        "--dns-name",
+        "debug.local",
+        "--out-dir",
+        out.to_str().unwrap(),
+    ]);
     assert_eq!(mode(&out.join("key.pem")), 0o600);
     let verify = Command::new("openssl")
         .args(["verify", "-CAfile"])
@@ -210,13 +362,33 @@ fn operator_workflow_restart_and_no_secrets_in_logs() {
         .arg(out.join("svid.pem"))
         .output()
         .unwrap();
-    assert!(verify.status.success(), "openssl verify: {}", String::from_utf8_lossy(&verify.stdout));
-    let jwt = ca.ok(&["jwt", "mint", "--spiffe-id", "spiffe://example.org/web", "--audience", "billing"]).trim().to_owned();
+    assert!(
+        verify.status.success(),
+        "openssl verify: {}",
+        String::from_utf8_lossy(&verify.stdout)
+    );
+    let jwt = ca
+        .ok(&[
+            "jwt",
+            "mint",
+            "--spiffe-id",
+            "spiffe://example.org/web",
+            "--audience",
+            "billing",
+        ])
+        .trim()
+        .to_owned();
     assert_eq!(jwt.split('.').count(), 3);
 
     // Status, health, metrics.
     let status = json(&ca.ok(&["ca", "status", "--output", "json"]));
-    let active: Vec<_> = status["keys"].as_array().unwrap().iter().filter(|k| k["state"] == "active").map(|k| k["kind"].as_str().unwrap().to_owned()).collect();
+    let active: Vec<_> = status["keys"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|k| k["state"] == "active")
+        .map(|k| k["kind"].as_str().unwrap().to_owned())
+        .collect();
     for kind in ["x509_root", "x509_intermediate", "jwt"] {
         assert!(active.contains(&kind.to_owned()), "{status}");
     }
@@ -224,38 +396,78 @@ fn operator_workflow_restart_and_no_secrets_in_logs() {
     assert_eq!(ca.http_get("/readyz").0, 200);
     let (code, metrics) = ca.http_get("/metrics");
     assert_eq!(code, 200);
-    assert!(metrics.contains("meshid_ca_svids_signed_total{kind=\"x509\",result=\"ok\"} 1"), "{metrics}");
-    assert!(metrics.contains("meshid_ca_intermediate_expiry_timestamp_seconds"), "{metrics}");
+    assert!(
+        metrics.contains("meshid_ca_svids_signed_total{kind=\"x509\",result=\"ok\"} 1"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("meshid_ca_intermediate_expiry_timestamp_seconds"),
+        "{metrics}"
+    );
     assert_eq!(ca.http_get("/nope").0, 404);
 
     // Audit log: entry create, update, token, mints, key creation.
     let verified = ca.ok(&["audit", "verify"]);
     assert!(verified.contains("audit log OK"), "{verified}");
-    let records_before: u64 = verified.split_whitespace().find_map(|w| w.parse().ok()).unwrap();
+    let records_before: u64 = verified
+        .split_whitespace()
+        .find_map(|w| w.parse().ok())
+        .unwrap();
     let bundle_before = pem.clone();
 
     // Restart: everything survives, the same root stays, the chain keeps growing.
     let log1 = ca.stop();
     assert!(!ca.socket.exists() || std::os::unix::net::UnixStream::connect(&ca.socket).is_err());
     let mut ca = Server::start(dir, &[]);
-    assert_eq!(ca.ok(&["bundle", "show"]), bundle_before, "same trust anchor after restart");
+    assert_eq!(
+        ca.ok(&["bundle", "show"]),
+        bundle_before,
+        "same trust anchor after restart"
+    );
     let again = json(&ca.ok(&["entry", "show", &id, "--output", "json"]));
     assert_eq!(again["revision"], 2);
-    ca.ok(&["x509", "mint", "--spiffe-id", "spiffe://example.org/after", "--out-dir", out.to_str().unwrap()]);
+    ca.ok(&[
+        "x509",
+        "mint",
+        "--spiffe-id",
+        "spiffe://example.org/after",
+        "--out-dir",
+        out.to_str().unwrap(),
+    ]);
     let verified = ca.ok(&["audit", "verify"]);
-    let records_after: u64 = verified.split_whitespace().find_map(|w| w.parse().ok()).unwrap();
+    let records_after: u64 = verified
+        .split_whitespace()
+        .find_map(|w| w.parse().ok())
+        .unwrap();
     assert!(records_after > records_before, "{verified}");
     ca.ok(&["entry", "delete", &id]);
-    assert_eq!(json(&ca.ok(&["entry", "list", "--output", "json"])).as_array().unwrap().len(), 0);
+    assert_eq!(
+        json(&ca.ok(&["entry", "list", "--output", "json"]))
+            .as_array()
+            .unwrap()
+            .len(),
+        0
+    );
     let log2 = ca.stop();
 
     // No private key, token or JWT in any log line.
     let logs = format!("{log1}\n{log2}");
-    assert!(logs.contains("issued X509-SVID"), "logs are captured: {logs}");
-    let mut secrets = vec![secret.clone(), jwt.clone(), jwt.split('.').nth(2).unwrap().to_owned()];
+    assert!(
+        logs.contains("issued X509-SVID"),
+        "logs are captured: {logs}"
+    );
+    let mut secrets = vec![
+        secret.clone(),
+        jwt.clone(),
+        jwt.split('.').nth(2).unwrap().to_owned(),
+    ];
     for k in key_files.iter().chain([&out.join("key.pem")]) {
         let pem = std::fs::read_to_string(k).unwrap();
-        secrets.extend(pem.lines().filter(|l| !l.starts_with("-----")).map(str::to_owned));
+        secrets.extend(
+            pem.lines()
+                .filter(|l| !l.starts_with("-----"))
+                .map(str::to_owned),
+        );
     }
     for s in &secrets {
         assert!(!logs.contains(s.as_str()), "secret material in logs: {s}");
@@ -267,7 +479,16 @@ fn tampered_audit_log_is_reported() {
     let tmp = tempfile::tempdir().unwrap();
     let mut ca = Server::start(tmp.path(), &[]);
     for i in 0..3 {
-        ca.ok(&["entry", "create", "--spiffe-id", &format!("spiffe://example.org/w{i}"), "--parent-id", "spiffe://example.org/p", "--selector", "unix:uid:1"]);
+        ca.ok(&[
+            "entry",
+            "create",
+            "--spiffe-id",
+            &format!("spiffe://example.org/w{i}"),
+            "--parent-id",
+            "spiffe://example.org/p",
+            "--selector",
+            "unix:uid:1",
+        ]);
     }
     ca.stop();
     // Edit record 2 behind the CA's back.
@@ -290,16 +511,31 @@ fn bad_config_exits_64_and_names_the_key() {
     let tmp = tempfile::tempdir().unwrap();
     let cfg = tmp.path().join("ca.toml");
     std::fs::write(&cfg, "trust_domain = \"example.org\"\ndata_dir = \"/nonexistent/never\"\nintermediate_ttl = \"1h\"\n").unwrap();
-    let out = Command::new(BIN).args(["run", "--config"]).arg(&cfg).output().unwrap();
+    let out = Command::new(BIN)
+        .args(["run", "--config"])
+        .arg(&cfg)
+        .output()
+        .unwrap();
     assert_eq!(out.status.code(), Some(64));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("intermediate_ttl"), "{err}");
-    assert!(!Path::new("/nonexistent/never").exists(), "nothing created before validation");
+    assert!(
+        !Path::new("/nonexistent/never").exists(),
+        "nothing created before validation"
+    );
     let out = Command::new(BIN).args(["run"]).output().unwrap();
     assert_eq!(out.status.code(), Some(64));
     assert!(String::from_utf8_lossy(&out.stderr).contains("trust_domain"));
     // The example config in deploy/ is accepted by the binary itself.
     let example = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/ca.toml");
-    let out = Command::new(BIN).args(["run", "--check", "--config"]).arg(example).output().unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = Command::new(BIN)
+        .args(["run", "--check", "--config"])
+        .arg(example)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }

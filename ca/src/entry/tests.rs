@@ -16,7 +16,11 @@ fn spec() -> EntrySpec {
 #[test]
 fn valid_entry() {
     let mut s = spec();
-    s.selectors = vec!["unix:uid:1000".into(), "unix:path:/usr/bin/web".into(), "unix:uid:1000".into()];
+    s.selectors = vec![
+        "unix:uid:1000".into(),
+        "unix:path:/usr/bin/web".into(),
+        "unix:uid:1000".into(),
+    ];
     s.dns_names = vec!["web.example.org".into(), "*.web.svc".into()];
     s.federates_with = vec!["partner.org".into()];
     s.x509_svid_ttl = 3600;
@@ -41,7 +45,10 @@ fn invalid_spiffe_ids_are_refused() {
         ("", "empty"),
         ("example.org/web", "no scheme"),
         ("http://example.org/web", "wrong scheme"),
-        ("SPIFFE://example.org/web", "scheme must be lowercase in our parser"),
+        (
+            "SPIFFE://example.org/web",
+            "scheme must be lowercase in our parser",
+        ),
         ("spiffe://", "empty trust domain"),
         ("spiffe:///web", "empty trust domain with path"),
         ("spiffe://Example.org/web", "uppercase trust domain"),
@@ -67,9 +74,14 @@ fn invalid_spiffe_ids_are_refused() {
             } else {
                 s.parent_id = (*value).to_owned();
             }
-            let err = s.validate(&td(), 0).expect_err(&format!("{field} {value:?} ({why}) accepted"));
+            let err = s
+                .validate(&td(), 0)
+                .expect_err(&format!("{field} {value:?} ({why}) accepted"));
             assert!(
-                matches!(err, EntryError::InvalidSpiffeId { .. } | EntryError::ForeignTrustDomain { .. }),
+                matches!(
+                    err,
+                    EntryError::InvalidSpiffeId { .. } | EntryError::ForeignTrustDomain { .. }
+                ),
                 "{field} {value:?} ({why}): unexpected {err}"
             );
             assert!(err.to_string().contains(field), "{err}");
@@ -82,18 +94,66 @@ type Mutation = Box<dyn Fn(&mut EntrySpec)>;
 #[test]
 fn entry_rules() {
     let cases: Vec<(&str, Mutation, &str)> = vec![
-        ("foreign td", Box::new(|s| s.spiffe_id = "spiffe://other.org/web".into()), "not in trust domain"),
-        ("no path", Box::new(|s| s.spiffe_id = "spiffe://example.org".into()), "has no path"),
-        ("no selectors", Box::new(|s| s.selectors.clear()), "at least one selector"),
-        ("ttl too long", Box::new(|s| s.x509_svid_ttl = 8 * 24 * 3600), "x509_svid_ttl"),
-        ("jwt ttl too long", Box::new(|s| s.jwt_svid_ttl = 25 * 3600), "jwt_svid_ttl"),
-        ("hint too long", Box::new(|s| s.hint = "h".repeat(1025)), "hint is 1025 bytes"),
-        ("bad dns", Box::new(|s| s.dns_names = vec!["-bad.example".into()]), "invalid dns name"),
-        ("dns with space", Box::new(|s| s.dns_names = vec!["a b".into()]), "invalid dns name"),
-        ("own td federation", Box::new(|s| s.federates_with = vec!["example.org".into()]), "own trust domain"),
-        ("bad federation", Box::new(|s| s.federates_with = vec!["Bad.Org".into()]), "invalid federates_with"),
-        ("bad id", Box::new(|s| s.id = Some("has space".into())), "invalid entry id"),
-        ("too many selectors", Box::new(|s| s.selectors = (0..65).map(|i| format!("unix:uid:{i}")).collect()), "too many selectors"),
+        (
+            "foreign td",
+            Box::new(|s| s.spiffe_id = "spiffe://other.org/web".into()),
+            "not in trust domain",
+        ),
+        (
+            "no path",
+            Box::new(|s| s.spiffe_id = "spiffe://example.org".into()),
+            "has no path",
+        ),
+        (
+            "no selectors",
+            Box::new(|s| s.selectors.clear()),
+            "at least one selector",
+        ),
+        (
+            "ttl too long",
+            Box::new(|s| s.x509_svid_ttl = 8 * 24 * 3600),
+            "x509_svid_ttl",
+        ),
+        (
+            "jwt ttl too long",
+            Box::new(|s| s.jwt_svid_ttl = 25 * 3600),
+            "jwt_svid_ttl",
+        ),
+        (
+            "hint too long",
+            Box::new(|s| s.hint = "h".repeat(1025)),
+            "hint is 1025 bytes",
+        ),
+        (
+            "bad dns",
+            Box::new(|s| s.dns_names = vec!["-bad.example".into()]),
+            "invalid dns name",
+        ),
+        (
+            "dns with space",
+            Box::new(|s| s.dns_names = vec!["a b".into()]),
+            "invalid dns name",
+        ),
+        (
+            "own td federation",
+            Box::new(|s| s.federates_with = vec!["example.org".into()]),
+            "own trust domain",
+        ),
+        (
+            "bad federation",
+            Box::new(|s| s.federates_with = vec!["Bad.Org".into()]),
+            "invalid federates_with",
+        ),
+        (
+            "bad id",
+            Box::new(|s| s.id = Some("has space".into())),
+            "invalid entry id",
+        ),
+        (
+            "too many selectors",
+            Box::new(|s| s.selectors = (0..65).map(|i| format!("unix:uid:{i}")).collect()),
+            "too many selectors",
+        ),
     ];
     for (name, mutate, expect) in cases {
         let mut s = spec();
@@ -132,7 +192,10 @@ fn selectors() {
         ("unix:uid:4294967296", "decimal number"),
         ("unix:uid:01", "decimal number"),
         ("unix:sha256:abc", "64 lowercase hex"),
-        ("unix:sha256:E3B0C44298FC1C149AFBF4C8996FB92427AE41E4649B934CA495991B7852B855", "64 lowercase hex"),
+        (
+            "unix:sha256:E3B0C44298FC1C149AFBF4C8996FB92427AE41E4649B934CA495991B7852B855",
+            "64 lowercase hex",
+        ),
         ("unix:path:relative/bin", "absolute path"),
         ("unix:user:a\nb", "control character"),
     ] {
@@ -146,7 +209,11 @@ fn matching_is_subset() {
     let mut s = spec();
     s.selectors = vec!["unix:uid:1000".into(), "unix:gid:1000".into()];
     let e = s.validate(&td(), 0).unwrap();
-    let sel = |v: &[&str]| v.iter().map(|s| Selector::parse(s).unwrap()).collect::<Vec<_>>();
+    let sel = |v: &[&str]| {
+        v.iter()
+            .map(|s| Selector::parse(s).unwrap())
+            .collect::<Vec<_>>()
+    };
     assert!(e.matches(&sel(&["unix:uid:1000", "unix:gid:1000", "unix:user:web"])));
     assert!(!e.matches(&sel(&["unix:uid:1000"])));
     assert!(!e.matches(&sel(&["unix:uid:1001", "unix:gid:1000"])));

@@ -598,7 +598,6 @@ fn issuer_checks() {
     assert!(matches!(err, SvidError::InvalidIssuer(_)), "{err}");
 
     // An upper chain must hold CA certificates.
-    let other = CaKey::generate(KeyType::EcP256).unwrap();
     let err = Issuer::new(
         inter.cert().clone(),
         CaKey::from_pkcs8_der(&inter.key().to_pkcs8_der()).unwrap(),
@@ -606,7 +605,6 @@ fn issuer_checks() {
     )
     .unwrap_err();
     assert!(matches!(err, SvidError::IssuerNotCa), "{err}");
-    drop(other);
 
     // Debug output names no key.
     let debug = format!("{inter:?}");
@@ -641,4 +639,13 @@ fn pem_lines() {
             .as_ref(),
         &[0u8; 100]
     );
+}
+
+#[test]
+fn shareable_across_threads() {
+    fn send_sync<T: Send + Sync>() {}
+    send_sync::<Issuer>();
+    send_sync::<CaKey>();
+    send_sync::<Csr>();
+    send_sync::<crate::jwt::JwtKey>();
 }
