@@ -232,10 +232,15 @@ impl Authority {
                         not_after: na,
                         created_at: to_unix(now),
                     };
-                    store
+                    match store
                         .insert_ca_key(&rec, &key_event("ca.root.adopted", &actor, &rec))
-                        .await?;
-                    journal.push(rec);
+                        .await
+                    {
+                        Ok(()) => journal.push(rec),
+                        // Another server of the trust domain adopted the same root just now.
+                        Err(StoreError::AlreadyExists(_)) => journal = store.list_ca_keys().await?,
+                        Err(e) => return Err(e.into()),
+                    }
                 }
                 (id, Arc::new(issuer))
             }

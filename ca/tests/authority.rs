@@ -501,3 +501,46 @@ async fn issuance_for_an_entry_is_audited() {
         .any(|r| r.kind == "token.used" && r.details.contains(&tok.record.id)));
     assert!(all.iter().all(|r| !r.details.contains(tok.secret())));
 }
+
+/// Two CA servers sharing one PostgreSQL database and one upstream root (the HA setup): each
+/// issues from its own intermediate, and what either issues verifies against the other's
+/// bundle, JWT-SVIDs included.
+#[tokio::test]
+async fn two_servers_share_a_postgres_trust_domain() {
+    let Some(db) = db(true).await else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let key = CaKey::generate(KeyType::EcP256).unwrap();
+    let root = svid::generate_root(&td(), &key, Duration::from_secs(7200), SystemTime::now()).unwrap();
+    std::fs::write(dir.path().join("root.pem"), pem(&root)).unwrap();
+    write_private(&dir.path().join("root.key"), &key.to_pkcs8_pem());
+    let mut s = settings(3600);
+    s.upstream = Some(UpstreamAuthority {
+        cert: dir.path().join("root.pem"),
+        key: dir.path().join("root.key"),
+    });
+    let store1 = open(&db.url).await;
+    let store2 = open(&db.url).await;
+    let (one, two) = (dir.path().join("one"), dir.path().join("two"));
+    let (a1, a2) = tokio::join!(
+        Authority::load_or_init(td(), "ca-1".into(), s.clone(), &one, Arc::clone(&store1)),
+        Authority::load_or_init(td(), "ca-2".into(), s.clone(), &two, Arc::clone(&store2)),
+    );
+    let (a1, a2) = (a1.unwrap(), a2.unwrap());
+    a1.refresh_journal().await.unwrap();
+    a2.refresh_journal().await.unwrap();
+    let id = SpiffeId::new("spiffe://example.org/web").unwrap();
+    let s1 = a1.sign_x509_svid(&csr(), &id, &[], None).unwrap();
+    let s2 = a2.sign_x509_svid(&csr(), &id, &[], None).unwrap();
+    assert_ne!(s1.chain[1], s2.chain[1], "each server has its own intermediate");
+    let now = unix(SystemTime::now());
+    for bundle in [a1.bundle(), a2.bundle()] {
+        assert_eq!(bundle.x509_authorities, vec![root.clone()]);
+        verify(&bundle.x509_authorities, &s1.chain, now).unwrap();
+        verify(&bundle.x509_authorities, &s2.chain, now).unwrap();
+    }
+    assert_eq!(a1.bundle().to_spiffe_json(), a2.bundle().to_spiffe_json(), "both servers publish the same bundle");
+    let (t1, _) = a1.mint_jwt_svid(&id, &["x".to_owned()], None).unwrap();
+    meshid_ca::jwt::verify_jwt_svid(&t1, &a2.bundle().jwt_authorities, "x", SystemTime::now()).unwrap();
+    // One audit chain for both servers, intact.
+    audit::verify_store(store1.as_ref()).await.unwrap();
+}
