@@ -510,7 +510,8 @@ async fn two_servers_share_a_postgres_trust_domain() {
     let Some(db) = db(true).await else { return };
     let dir = tempfile::tempdir().unwrap();
     let key = CaKey::generate(KeyType::EcP256).unwrap();
-    let root = svid::generate_root(&td(), &key, Duration::from_secs(7200), SystemTime::now()).unwrap();
+    let root =
+        svid::generate_root(&td(), &key, Duration::from_secs(7200), SystemTime::now()).unwrap();
     std::fs::write(dir.path().join("root.pem"), pem(&root)).unwrap();
     write_private(&dir.path().join("root.key"), &key.to_pkcs8_pem());
     let mut s = settings(3600);
@@ -531,16 +532,24 @@ async fn two_servers_share_a_postgres_trust_domain() {
     let id = SpiffeId::new("spiffe://example.org/web").unwrap();
     let s1 = a1.sign_x509_svid(&csr(), &id, &[], None).unwrap();
     let s2 = a2.sign_x509_svid(&csr(), &id, &[], None).unwrap();
-    assert_ne!(s1.chain[1], s2.chain[1], "each server has its own intermediate");
+    assert_ne!(
+        s1.chain[1], s2.chain[1],
+        "each server has its own intermediate"
+    );
     let now = unix(SystemTime::now());
     for bundle in [a1.bundle(), a2.bundle()] {
         assert_eq!(bundle.x509_authorities, vec![root.clone()]);
         verify(&bundle.x509_authorities, &s1.chain, now).unwrap();
         verify(&bundle.x509_authorities, &s2.chain, now).unwrap();
     }
-    assert_eq!(a1.bundle().to_spiffe_json(), a2.bundle().to_spiffe_json(), "both servers publish the same bundle");
+    assert_eq!(
+        a1.bundle().to_spiffe_json(),
+        a2.bundle().to_spiffe_json(),
+        "both servers publish the same bundle"
+    );
     let (t1, _) = a1.mint_jwt_svid(&id, &["x".to_owned()], None).unwrap();
-    meshid_ca::jwt::verify_jwt_svid(&t1, &a2.bundle().jwt_authorities, "x", SystemTime::now()).unwrap();
+    meshid_ca::jwt::verify_jwt_svid(&t1, &a2.bundle().jwt_authorities, "x", SystemTime::now())
+        .unwrap();
     // One audit chain for both servers, intact.
     audit::verify_store(store1.as_ref()).await.unwrap();
 }
