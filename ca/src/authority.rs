@@ -523,6 +523,33 @@ impl Authority {
         Ok((rec, Arc::new(key)))
     }
 
+    /// Activates the prepared key `next_id` in place of `active` (`label` is `intermediate` or
+    /// `jwt`), in the journal and the audit log.
+    async fn promote(
+        &self,
+        label: &str,
+        active: &CaKeyRecord,
+        next_id: &str,
+        journal: &[CaKeyRecord],
+        out: &mut RotationOutcome,
+    ) -> Result<(), AuthorityError> {
+        let actor = format!("ca:{}", self.server_id);
+        if let Some(rec) = journal.iter().find(|k| k.id == next_id) {
+            let event = key_event(&format!("ca.{label}.activated"), &actor, rec);
+            self.store
+                .set_ca_key_state(next_id, CaKeyState::Active, &event)
+                .await?;
+        }
+        let event = key_event(&format!("ca.{label}.retired"), &actor, active);
+        self.store
+            .set_ca_key_state(&active.id, CaKeyState::Retired, &event)
+            .await?;
+        tracing::info!(kind = label, old = %active.id, new = %next_id, "activated CA key");
+        out.activated.push(next_id.to_owned());
+        out.retired.push(active.id.clone());
+        Ok(())
+    }
+
     /// One rotation check at `now`: prepares successors at half-life, activates them at a
     /// sixth of life left (or at once if the active key has expired), retires what they replace.
     pub async fn rotate(&self, now: SystemTime) -> Result<RotationOutcome, AuthorityError> {
@@ -531,7 +558,6 @@ impl Authority {
         let mut out = RotationOutcome::default();
         let mut journal = self.store.list_ca_keys().await?;
         let find = |j: &[CaKeyRecord], id: &str| j.iter().find(|k| k.id == id).cloned();
-        let actor = format!("ca:{}", self.server_id);
         let phase = |rec: &CaKeyRecord| {
             let life = (rec.not_after - rec.not_before).max(1);
             let left = rec.not_after - now_s;
@@ -552,25 +578,8 @@ impl Authority {
             }
             if activate {
                 if let Some((next_id, next)) = prepared_intermediate.take() {
-                    if let Some(rec) = find(&journal, &next_id) {
-                        self.store
-                            .set_ca_key_state(
-                                &next_id,
-                                CaKeyState::Active,
-                                &key_event("ca.intermediate.activated", &actor, &rec),
-                            )
-                            .await?;
-                    }
-                    self.store
-                        .set_ca_key_state(
-                            &active.id,
-                            CaKeyState::Retired,
-                            &key_event("ca.intermediate.retired", &actor, &active),
-                        )
+                    self.promote("intermediate", &active, &next_id, &journal, &mut out)
                         .await?;
-                    tracing::info!(old = %active.id, new = %next_id, "activated issuing intermediate");
-                    out.activated.push(next_id.clone());
-                    out.retired.push(active.id.clone());
                     intermediate = (next_id, next);
                 }
             }
@@ -588,25 +597,8 @@ impl Authority {
             }
             if activate {
                 if let Some((next_id, next)) = prepared_jwt.take() {
-                    if let Some(rec) = find(&journal, &next_id) {
-                        self.store
-                            .set_ca_key_state(
-                                &next_id,
-                                CaKeyState::Active,
-                                &key_event("ca.jwt.activated", &actor, &rec),
-                            )
-                            .await?;
-                    }
-                    self.store
-                        .set_ca_key_state(
-                            &active.id,
-                            CaKeyState::Retired,
-                            &key_event("ca.jwt.retired", &actor, &active),
-                        )
+                    self.promote("jwt", &active, &next_id, &journal, &mut out)
                         .await?;
-                    tracing::info!(old = %active.id, new = %next_id, "activated JWT signing key");
-                    out.activated.push(next_id.clone());
-                    out.retired.push(active.id.clone());
                     jwt = (next_id, next);
                 }
             }
