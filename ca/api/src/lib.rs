@@ -1,7 +1,7 @@
 //! meshid's own gRPC APIs: protocol definitions and typed clients.
 //!
-//! This crate holds the admin API that `meshid-ca` serves to operators on a Unix socket (and,
-//! later, the node API between agents and the CA). The Rust code is generated from the
+//! This crate holds the admin API that `meshid-ca` serves to operators on a Unix socket, the
+//! node API between agents and the CA, and the SPIFFE Workload API that the agent serves. The Rust code is generated from the
 //! `.proto` files under `proto/` and checked in under `src/gen/`; `tests/bootstrap.rs`
 //! regenerates it and fails on any difference, so building needs no `protoc`. It contains no
 //! server logic: the CA implements the generated service traits.
@@ -12,6 +12,19 @@
 #[allow(missing_docs, clippy::all, clippy::pedantic)]
 pub mod admin {
     include!("gen/meshid.admin.v1.rs");
+}
+
+/// The node API, `meshid.node.v1`, between agents and the CA.
+#[allow(missing_docs, clippy::all, clippy::pedantic)]
+pub mod node {
+    include!("gen/meshid.node.v1.rs");
+}
+
+/// The SPIFFE Workload API (package-less, wire-compatible with the specification's proto):
+/// server stubs for the agent.
+#[allow(missing_docs, clippy::all, clippy::pedantic)]
+pub mod workload {
+    include!("gen/_.rs");
 }
 
 pub mod client;

@@ -5,7 +5,11 @@
 
 use std::path::{Path, PathBuf};
 
-const PROTOS: &[&str] = &["meshid/admin/v1/admin.proto"];
+const PROTOS: &[&str] = &[
+    "meshid/admin/v1/admin.proto",
+    "meshid/node/v1/node.proto",
+    "workload.proto",
+];
 
 fn generate(out_dir: &Path) {
     let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
