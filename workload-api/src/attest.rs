@@ -1,1 +1,397 @@
-//! TODO
+//! Workload attestation: from the credentials of a Unix socket peer to the selectors an entry is
+//! matched against.
+//!
+//! The kernel tells the agent who connected (pid, uid and gid, `SO_PEERCRED`); [`Attestor`] reads
+//! the rest from `/proc/<pid>` and the account databases: user and group names, supplementary
+//! groups, the path of the binary and its SHA-256. It produces these selectors, sorted:
+//!
+//! | Selector | Source |
+//! |---|---|
+//! | `unix:uid:N`, `unix:gid:N` | the socket peer's credentials |
+//! | `unix:user:NAME`, `unix:group:NAME` | `/etc/passwd`, `/etc/group` (only if the id has a name) |
+//! | `unix:supplementary_gid:N` | `Groups:` of `/proc/<pid>/status`, one per group |
+//! | `unix:path:/abs/binary` | the target of `/proc/<pid>/exe` |
+//! | `unix:sha256:HEX` | the binary, read through `/proc/<pid>/exe` (up to a size cap) |
+//!
+//! A binary that was deleted or replaced since the process started yields no path and no hash
+//! selector, and neither does one the agent may not inspect: missing selectors can only make a
+//! caller match fewer entries. Hashes are cached by (device, inode, size, mtime, ctime), so a
+//! busy workload is hashed once.
+//!
+//! Process ids are reused. The process start time (`/proc/<pid>/stat`, field 22) is read before
+//! and after the inspection, and the effective uid of the process must still be the one the
+//! socket reported; otherwise attestation fails with [`AttestError::ProcessChanged`] rather than
+//! describe another process.
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::io::{self, Read};
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+/// Default cap on the size of a binary hashed for `unix:sha256` (256 MiB).
+pub const DEFAULT_MAX_BINARY_SIZE: u64 = 256 * 1024 * 1024;
+
+/// Hashes remembered at most; the cache is cleared when it grows past this.
+const HASH_CACHE_CAPACITY: usize = 1024;
+
+/// Suffix the kernel appends to the `/proc/<pid>/exe` link of a deleted binary.
+const DELETED_SUFFIX: &str = " (deleted)";
+
+/// Why a workload could not be attested.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum AttestError {
+    /// The pid is not a valid process id (zero or negative).
+    #[error("invalid pid {0}")]
+    InvalidPid(i32),
+    /// The process exited, or its pid now names another process, while it was being inspected.
+    #[error("process {pid} exited or changed during attestation ({reason})")]
+    ProcessChanged {
+        /// The pid that was inspected.
+        pid: i32,
+        /// What was observed.
+        reason: &'static str,
+    },
+    /// A `/proc` file could not be read.
+    #[error("cannot read {path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// The I/O error.
+        source: io::Error,
+    },
+    /// A `/proc` file did not have the expected format.
+    #[error("cannot parse {path}: {reason}")]
+    Parse {
+        /// The file.
+        path: PathBuf,
+        /// What was wrong.
+        reason: &'static str,
+    },
+    /// The blocking attestation task did not complete (the runtime is shutting down).
+    #[error("attestation task failed: {0}")]
+    Task(String),
+}
+
+/// Attests local workloads from their process credentials. Cheap to clone; clones share the
+/// binary hash cache.
+#[derive(Debug, Clone)]
+pub struct Attestor {
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    proc_root: PathBuf,
+    passwd: PathBuf,
+    group: PathBuf,
+    max_binary_size: u64,
+    hashes: Mutex<HashMap<FileKey, String>>,
+}
+
+/// Identifies one version of a file's content well enough to reuse its hash.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+struct FileKey {
+    dev: u64,
+    ino: u64,
+    size: u64,
+    mtime: (i64, i64),
+    ctime: (i64, i64),
+}
+
+impl FileKey {
+    fn of(meta: &std::fs::Metadata) -> Self {
+        Self {
+            dev: meta.dev(),
+            ino: meta.ino(),
+            size: meta.size(),
+            mtime: (meta.mtime(), meta.mtime_nsec()),
+            ctime: (meta.ctime(), meta.ctime_nsec()),
+        }
+    }
+}
+
+impl Default for Attestor {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Attestor {
+    /// An attestor reading `/proc`, `/etc/passwd` and `/etc/group`, hashing binaries up to
+    /// [`DEFAULT_MAX_BINARY_SIZE`].
+    pub fn new() -> Self {
+        Self::with_paths(
+            "/proc",
+            "/etc/passwd",
+            "/etc/group",
+            DEFAULT_MAX_BINARY_SIZE,
+        )
+    }
+
+    /// Sets the largest binary hashed for `unix:sha256`; a larger binary gets no hash selector.
+    /// Zero turns hashing off.
+    #[must_use]
+    pub fn with_max_binary_size(self, bytes: u64) -> Self {
+        Self::with_paths(
+            self.inner.proc_root.clone(),
+            self.inner.passwd.clone(),
+            self.inner.group.clone(),
+            bytes,
+        )
+    }
+
+    fn with_paths(
+        proc_root: impl Into<PathBuf>,
+        passwd: impl Into<PathBuf>,
+        group: impl Into<PathBuf>,
+        max_binary_size: u64,
+    ) -> Self {
+        Self {
+            inner: Arc::new(Inner {
+                proc_root: proc_root.into(),
+                passwd: passwd.into(),
+                group: group.into(),
+                max_binary_size,
+                hashes: Mutex::new(HashMap::new()),
+            }),
+        }
+    }
+
+    /// The sorted selectors of process `pid`, which connected with effective `uid` and `gid`.
+    /// File I/O runs on the blocking thread pool.
+    pub async fn attest(&self, pid: i32, uid: u32, gid: u32) -> Result<Vec<String>, AttestError> {
+        let inner = Arc::clone(&self.inner);
+        tokio::task::spawn_blocking(move || inner.attest(pid, uid, gid))
+            .await
+            .map_err(|e| AttestError::Task(e.to_string()))?
+    }
+}
+
+impl Inner {
+    fn attest(&self, pid: i32, uid: u32, gid: u32) -> Result<Vec<String>, AttestError> {
+        if pid <= 0 {
+            return Err(AttestError::InvalidPid(pid));
+        }
+        let dir = self.proc_root.join(pid.to_string());
+        let started = start_time(pid, &dir)?;
+
+        let status_path = dir.join("status");
+        let status = read_proc(pid, &status_path)?;
+        let status = parse_status(&status).map_err(|reason| AttestError::Parse {
+            path: status_path,
+            reason,
+        })?;
+        if status.euid != uid {
+            return Err(AttestError::ProcessChanged {
+                pid,
+                reason: "effective uid differs from the socket peer's",
+            });
+        }
+
+        let mut selectors = vec![format!("unix:uid:{uid}"), format!("unix:gid:{gid}")];
+        if let Some(name) = lookup_name(&self.passwd, uid) {
+            selectors.push(format!("unix:user:{name}"));
+        }
+        if let Some(name) = lookup_name(&self.group, gid) {
+            selectors.push(format!("unix:group:{name}"));
+        }
+        for g in &status.groups {
+            selectors.push(format!("unix:supplementary_gid:{g}"));
+        }
+        selectors.extend(self.binary_selectors(pid, &dir));
+
+        // The pid must still name the process that was inspected.
+        if start_time(pid, &dir)? != started {
+            return Err(AttestError::ProcessChanged {
+                pid,
+                reason: "start time changed",
+            });
+        }
+        selectors.sort();
+        selectors.dedup();
+        Ok(selectors)
+    }
+
+    /// `unix:path` and `unix:sha256`, or none when the binary is gone or cannot be inspected.
+    fn binary_selectors(&self, pid: i32, dir: &Path) -> Vec<String> {
+        let exe = dir.join("exe");
+        let target = match std::fs::read_link(&exe) {
+            Ok(t) => t,
+            Err(error) => {
+                tracing::debug!(pid, %error, "cannot resolve workload binary");
+                return Vec::new();
+            }
+        };
+        let Some(path) = target.to_str() else {
+            tracing::debug!(pid, "workload binary path is not UTF-8");
+            return Vec::new();
+        };
+        if path.ends_with(DELETED_SUFFIX) || !path.starts_with('/') {
+            tracing::debug!(pid, path, "workload binary deleted or not a file");
+            return Vec::new();
+        }
+        let mut selectors = vec![format!("unix:path:{path}")];
+        if self.max_binary_size > 0 {
+            match self.hash(&exe) {
+                Ok(Some(hex)) => selectors.push(format!("unix:sha256:{hex}")),
+                Ok(None) => tracing::debug!(
+                    pid,
+                    path,
+                    limit = self.max_binary_size,
+                    "workload binary too large to hash"
+                ),
+                Err(error) => tracing::debug!(pid, path, %error, "cannot hash workload binary"),
+            }
+        }
+        selectors
+    }
+
+    /// The hex SHA-256 of the file behind `exe`, from the cache when its identity is unchanged.
+    /// `None` when it is larger than the cap.
+    fn hash(&self, exe: &Path) -> io::Result<Option<String>> {
+        let mut file = File::open(exe)?;
+        let meta = file.metadata()?;
+        if meta.size() > self.max_binary_size {
+            return Ok(None);
+        }
+        let key = FileKey::of(&meta);
+        if let Some(hex) = self.cache().get(&key) {
+            return Ok(Some(hex.clone()));
+        }
+        let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
+        let mut buf = vec![0u8; 64 * 1024];
+        let mut total: u64 = 0;
+        loop {
+            let n = file.read(&mut buf)?;
+            if n == 0 {
+                break;
+            }
+            total = total.saturating_add(n as u64);
+            if total > self.max_binary_size {
+                // Grew while being read.
+                return Ok(None);
+            }
+            ctx.update(buf.get(..n).unwrap_or_default());
+        }
+        // Only cache when the file did not change while it was read.
+        let hex = hex::encode(ctx.finish());
+        if FileKey::of(&file.metadata()?) == key {
+            let mut cache = self.cache();
+            if cache.len() >= HASH_CACHE_CAPACITY {
+                cache.clear();
+            }
+            cache.insert(key, hex.clone());
+        }
+        Ok(Some(hex))
+    }
+
+    fn cache(&self) -> std::sync::MutexGuard<'_, HashMap<FileKey, String>> {
+        // A panic while holding the lock cannot leave the map inconsistent.
+        self.hashes
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}
+
+/// Reads a `/proc` file; a missing file means the process is gone.
+fn read_proc(pid: i32, path: &Path) -> Result<String, AttestError> {
+    std::fs::read_to_string(path).map_err(|source| match source.kind() {
+        io::ErrorKind::NotFound => AttestError::ProcessChanged {
+            pid,
+            reason: "process exited",
+        },
+        // ESRCH: the process died while the file was read.
+        _ if source.raw_os_error() == Some(3) => AttestError::ProcessChanged {
+            pid,
+            reason: "process exited",
+        },
+        _ => AttestError::Read {
+            path: path.to_path_buf(),
+            source,
+        },
+    })
+}
+
+fn start_time(pid: i32, dir: &Path) -> Result<u64, AttestError> {
+    let path = dir.join("stat");
+    let stat = read_proc(pid, &path)?;
+    parse_start_time(&stat).map_err(|reason| AttestError::Parse { path, reason })
+}
+
+/// Field 22 (`starttime`) of `/proc/<pid>/stat`. The command name (field 2) is in parentheses
+/// and may itself contain spaces and parentheses, so fields are counted after the last `)`.
+fn parse_start_time(stat: &str) -> Result<u64, &'static str> {
+    let rest = stat
+        .rfind(')')
+        .and_then(|i| stat.get(i + 1..))
+        .ok_or("no closing parenthesis after the command name")?;
+    // After the command name come fields 3 (state), 4, ...; field 22 is the 20th of them.
+    rest.split_ascii_whitespace()
+        .nth(22 - 3)
+        .ok_or("fewer than 22 fields")?
+        .parse()
+        .map_err(|_| "start time is not a number")
+}
+
+#[derive(Debug, PartialEq, Eq)]
+struct Status {
+    euid: u32,
+    groups: Vec<u32>,
+}
+
+/// The effective uid (second `Uid:` field) and the `Groups:` of `/proc/<pid>/status`.
+fn parse_status(status: &str) -> Result<Status, &'static str> {
+    let mut euid = None;
+    let mut groups = None;
+    for line in status.lines() {
+        if let Some(v) = line.strip_prefix("Uid:") {
+            euid = Some(
+                v.split_ascii_whitespace()
+                    .nth(1)
+                    .ok_or("Uid: has fewer than two fields")?
+                    .parse()
+                    .map_err(|_| "Uid: is not a number")?,
+            );
+        } else if let Some(v) = line.strip_prefix("Groups:") {
+            groups = Some(
+                v.split_ascii_whitespace()
+                    .map(str::parse)
+                    .collect::<Result<Vec<u32>, _>>()
+                    .map_err(|_| "Groups: holds a non-number")?,
+            );
+        }
+    }
+    Ok(Status {
+        euid: euid.ok_or("no Uid: line")?,
+        groups: groups.ok_or("no Groups: line")?,
+    })
+}
+
+/// The name of `id` in an `/etc/passwd` or `/etc/group` style file (`name:x:id:...`); the first
+/// line wins. A missing or unreadable file means no name.
+fn lookup_name(path: &Path, id: u32) -> Option<String> {
+    let text = match std::fs::read_to_string(path) {
+        Ok(t) => t,
+        Err(error) => {
+            tracing::debug!(path = %path.display(), %error, "cannot read account database");
+            return None;
+        }
+    };
+    find_name(&text, id).map(str::to_owned)
+}
+
+fn find_name(db: &str, id: u32) -> Option<&str> {
+    db.lines().filter(|l| !l.starts_with('#')).find_map(|line| {
+        let mut fields = line.split(':');
+        let name = fields.next()?;
+        let _password = fields.next()?;
+        let line_id: u32 = fields.next()?.parse().ok()?;
+        (line_id == id && !name.is_empty()).then_some(name)
+    })
+}
+
+#[cfg(test)]
+mod tests;

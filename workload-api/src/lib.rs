@@ -20,4 +20,8 @@
 
 pub mod attest;
 pub mod cache;
+pub mod client;
+pub mod config;
+pub mod manager;
+pub mod server;
 pub mod service;

@@ -1,1 +1,348 @@
-fn main() {}
+//! `meshid-agent`: the node agent (`run`) and operator commands against its Workload API.
+
+// Printing results is what a CLI is for.
+#![allow(clippy::print_stdout)]
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::{Args, Parser, Subcommand};
+use futures::StreamExt;
+use meshid_agent::config::{Config, ConfigError, RawConfig, DEFAULT_SOCKET};
+use tracing_subscriber::EnvFilter;
+
+const EXIT_CONFIG: u8 = 64;
+
+#[derive(Parser, Debug)]
+#[command(name = "meshid-agent", version, about = "meshid node agent and Workload API tools")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Run the agent.
+    Run(RunArgs),
+    /// Talk to a running agent's Workload API, as a workload would.
+    #[command(subcommand)]
+    Api(ApiCommand),
+    /// Exit 0 if the agent is synchronized with the CA (GET /readyz).
+    Healthcheck {
+        /// The agent's ops listener.
+        #[arg(long, default_value = "127.0.0.1:8082")]
+        ops_address: String,
+    },
+}
+
+#[derive(Args, Debug)]
+struct RunArgs {
+    /// TOML configuration file.
+    #[arg(long, short)]
+    config: Option<PathBuf>,
+    /// Join token for the first attestation (from `meshid-ca token generate`).
+    #[arg(long)]
+    join_token: Option<String>,
+    /// Trust domain (overrides the file).
+    #[arg(long)]
+    trust_domain: Option<String>,
+    /// CA node API address (overrides the file).
+    #[arg(long)]
+    server_address: Option<String>,
+    /// Bootstrap trust bundle PEM (overrides the file).
+    #[arg(long)]
+    trust_bundle: Option<PathBuf>,
+    /// Data directory (overrides the file).
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
+    /// Workload API socket (overrides the file).
+    #[arg(long)]
+    socket_path: Option<PathBuf>,
+    /// Ops listener (overrides the file).
+    #[arg(long)]
+    ops_address: Option<String>,
+    /// Check the configuration and exit.
+    #[arg(long)]
+    check: bool,
+}
+
+#[derive(Args, Debug, Clone)]
+struct Sock {
+    /// The Workload API socket.
+    #[arg(long, short = 's', default_value = DEFAULT_SOCKET)]
+    socket: PathBuf,
+    /// Give up after this long.
+    #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
+    timeout: Duration,
+}
+
+#[derive(Subcommand, Debug)]
+enum ApiCommand {
+    /// Fetch SVIDs or bundles once.
+    #[command(subcommand)]
+    Fetch(FetchCommand),
+    /// Print every X.509 update until interrupted.
+    Watch {
+        #[command(flatten)]
+        sock: Sock,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum FetchCommand {
+    /// X.509-SVIDs (optionally written as PEM files to a directory).
+    X509 {
+        #[command(flatten)]
+        sock: Sock,
+        /// Write svid.N.pem, svid.N.key (mode 0600) and bundle.N.pem here.
+        #[arg(long)]
+        write: Option<PathBuf>,
+    },
+    /// A JWT-SVID.
+    Jwt {
+        #[command(flatten)]
+        sock: Sock,
+        /// Audience (repeatable).
+        #[arg(long = "audience", required = true)]
+        audience: Vec<String>,
+        /// Only this identity.
+        #[arg(long)]
+        spiffe_id: Option<String>,
+    },
+    /// X.509 bundles.
+    Bundle {
+        #[command(flatten)]
+        sock: Sock,
+    },
+}
+
+fn init_tracing(json: bool, default: &str) {
+    let filter = EnvFilter::try_from_env("MESHID_LOG").unwrap_or_else(|_| EnvFilter::new(default));
+    let b = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    if json {
+        b.json().init();
+    } else {
+        b.init();
+    }
+}
+
+fn load_config(a: &RunArgs) -> Result<Config, ConfigError> {
+    let mut raw = match &a.config {
+        Some(p) => RawConfig::from_file(p)?,
+        None => RawConfig::default(),
+    };
+    macro_rules! over {
+        ($field:ident, $arg:expr) => {
+            if let Some(v) = &$arg {
+                raw.$field = Some(v.clone());
+            }
+        };
+    }
+    over!(trust_domain, a.trust_domain);
+    over!(server_address, a.server_address);
+    over!(trust_bundle_path, a.trust_bundle);
+    over!(data_dir, a.data_dir);
+    over!(socket_path, a.socket_path);
+    over!(ops_address, a.ops_address);
+    Config::try_from(raw)
+}
+
+async fn shutdown_signal() {
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term => {}
+    }
+}
+
+async fn run(args: RunArgs) -> ExitCode {
+    let config = match load_config(&args) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("meshid-agent: {e}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    if args.check {
+        eprintln!("meshid-agent: configuration is valid");
+        return ExitCode::SUCCESS;
+    }
+    init_tracing(config.log_json, "info");
+    match serve(config, args.join_token).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!(error = %format!("{e:#}"), "meshid-agent stopped");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn serve(config: Config, join_token: Option<String>) -> anyhow::Result<()> {
+    let token = match (join_token, &config.join_token_file) {
+        (Some(t), _) => Some(t),
+        (None, Some(path)) => Some(
+            std::fs::read_to_string(path)
+                .with_context(|| format!("cannot read join token file {}", path.display()))?
+                .trim()
+                .to_owned(),
+        ),
+        (None, None) => None,
+    };
+    std::fs::create_dir_all(&config.data_dir)
+        .with_context(|| format!("cannot create data directory {}", config.data_dir.display()))?;
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&config.data_dir, std::fs::Permissions::from_mode(0o700))?;
+    }
+    let (manager, snapshots) = meshid_agent::manager::Manager::new(&config, token);
+    let socket = meshid_agent::server::bind_workload_socket(&config.socket_path)
+        .with_context(|| format!("cannot bind the Workload API socket {}", config.socket_path.display()))?;
+    let ops = tokio::net::TcpListener::bind(config.ops_address)
+        .await
+        .with_context(|| format!("cannot bind ops listener {}", config.ops_address))?;
+    tracing::info!(
+        trust_domain = %config.trust_domain,
+        socket = %config.socket_path.display(),
+        ops_address = %ops.local_addr()?,
+        "starting meshid-agent"
+    );
+    meshid_agent::server::run(manager, snapshots, socket, ops, shutdown_signal()).await
+}
+
+async fn client(sock: &Sock) -> anyhow::Result<spiffe::WorkloadApiClient> {
+    let endpoint = format!("unix://{}", sock.socket.display());
+    let c = tokio::time::timeout(sock.timeout, spiffe::WorkloadApiClient::connect_to(&endpoint))
+        .await
+        .context("timed out connecting to the Workload API")??;
+    Ok(c)
+}
+
+fn pem(label: &str, ders: &[&[u8]]) -> String {
+    meshid_agent::client::pem(label, &ders.iter().map(|d| d.to_vec()).collect::<Vec<_>>())
+}
+
+async fn api(cmd: ApiCommand) -> anyhow::Result<()> {
+    match cmd {
+        ApiCommand::Fetch(FetchCommand::X509 { sock, write }) => {
+            let c = client(&sock).await?;
+            let ctx = tokio::time::timeout(sock.timeout, c.fetch_x509_context())
+                .await
+                .context("timed out")??;
+            for (n, svid) in ctx.svids().iter().enumerate() {
+                let leaf = svid.leaf();
+                println!("SPIFFE ID: {}", svid.spiffe_id());
+                if let Some(h) = svid.hint() {
+                    println!("Hint: {h}");
+                }
+                let (_, cert) = x509_parser::parse_x509_certificate(leaf.as_ref()).context("leaf does not parse")?;
+                println!("Serial: {}", cert.raw_serial_as_string());
+                println!("Valid until: {}", cert.validity().not_after);
+                println!("Chain length: {}", svid.cert_chain().len());
+                if let Some(dir) = &write {
+                    std::fs::create_dir_all(dir)?;
+                    let chain: Vec<&[u8]> = svid.cert_chain().iter().map(|c| c.as_ref()).collect();
+                    meshid_agent::client::write_file(&dir.join(format!("svid.{n}.pem")), pem("CERTIFICATE", &chain).as_bytes(), 0o644)?;
+                    let key = zeroize::Zeroizing::new(pem("PRIVATE KEY", &[svid.private_key().as_ref()]));
+                    meshid_agent::client::write_file(&dir.join(format!("svid.{n}.key")), key.as_bytes(), 0o600)?;
+                    if let Some(b) = ctx.bundle_set().get(svid.spiffe_id().trust_domain()) {
+                        let roots: Vec<&[u8]> = b.authorities().iter().map(|c| c.as_ref()).collect();
+                        meshid_agent::client::write_file(&dir.join(format!("bundle.{n}.pem")), pem("CERTIFICATE", &roots).as_bytes(), 0o644)?;
+                    }
+                    println!("Wrote svid.{n}.pem, svid.{n}.key and bundle.{n}.pem to {}", dir.display());
+                }
+                println!();
+            }
+        }
+        ApiCommand::Fetch(FetchCommand::Jwt { sock, audience, spiffe_id }) => {
+            let c = client(&sock).await?;
+            let id = spiffe_id.map(spiffe::SpiffeId::new).transpose()?;
+            let token = tokio::time::timeout(sock.timeout, c.fetch_jwt_token(&audience, id.as_ref()))
+                .await
+                .context("timed out")??;
+            println!("{token}");
+        }
+        ApiCommand::Fetch(FetchCommand::Bundle { sock }) => {
+            let c = client(&sock).await?;
+            let set = tokio::time::timeout(sock.timeout, c.fetch_x509_bundles())
+                .await
+                .context("timed out")??;
+            for (td, b) in set.iter() {
+                println!("# {td}");
+                let roots: Vec<&[u8]> = b.authorities().iter().map(|c| c.as_ref()).collect();
+                print!("{}", pem("CERTIFICATE", &roots));
+            }
+        }
+        ApiCommand::Watch { sock } => {
+            let c = client(&sock).await?;
+            let mut stream = c.stream_x509_contexts().await?;
+            while let Some(update) = stream.next().await {
+                let ctx = update?;
+                for svid in ctx.svids() {
+                    let (_, cert) = x509_parser::parse_x509_certificate(svid.leaf().as_ref()).context("leaf does not parse")?;
+                    println!("{} serial={} not_after={}", svid.spiffe_id(), cert.raw_serial_as_string(), cert.validity().not_after);
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+async fn healthcheck(addr: &str) -> anyhow::Result<()> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::time::timeout(Duration::from_secs(3), tokio::net::TcpStream::connect(addr))
+        .await
+        .context("timed out")??;
+    s.write_all(b"GET /readyz HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n").await?;
+    let mut buf = String::new();
+    tokio::time::timeout(Duration::from_secs(3), s.read_to_string(&mut buf))
+        .await
+        .context("timed out")??;
+    if buf.starts_with("HTTP/1.1 200") {
+        println!("meshid-agent is ready");
+        Ok(())
+    } else {
+        anyhow::bail!("not ready: {}", buf.lines().last().unwrap_or_default())
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("meshid-agent: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    rt.block_on(async {
+        match cli.command {
+            Command::Run(args) => run(args).await,
+            Command::Api(cmd) => {
+                init_tracing(false, "warn");
+                match api(cmd).await {
+                    Ok(()) => ExitCode::SUCCESS,
+                    Err(e) => {
+                        eprintln!("meshid-agent: {e:#}");
+                        ExitCode::FAILURE
+                    }
+                }
+            }
+            Command::Healthcheck { ops_address } => match healthcheck(&ops_address).await {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("meshid-agent: {e:#}");
+                    ExitCode::FAILURE
+                }
+            },
+        }
+    })
+}

@@ -1,1 +1,1043 @@
-//! TODO
+//! The SPIFFE Workload API server (`/SpiffeWorkloadAPI/*`), served on a Unix socket to local
+//! workloads, as any SPIFFE client library expects it.
+//!
+//! Every call goes through the same gate: the `workload.spiffe.io: true` header (else
+//! `InvalidArgument`, which clients do not retry), then the caller's pid, uid and gid from the
+//! socket (`SO_PEERCRED`), then [`Attestor::attest`] once, at the start of the call or stream.
+//! The caller's selectors are matched against the entries of the latest [`Snapshot`].
+//!
+//! Behaviours chosen where the specification leaves room:
+//! - **Entitlement.** A caller that matches no entry gets `PermissionDenied` "no identity issued"
+//!   from every RPC, including the bundle RPCs and `ValidateJWTSVID` (SPIRE's default; SPIFFE
+//!   clients back off and retry). The agent logs the caller's pid, uid and selectors and how many
+//!   entries it holds, so an operator can see which entry is missing.
+//! - **Start-up.** While the agent has not synced with the CA, or a matching entry has no SVID
+//!   yet, a call waits (bounded, [`DEFAULT_READY_WAIT`]) for the next snapshot instead of
+//!   refusing. When the wait ends, `FetchX509SVID` serves the identities that do have an SVID;
+//!   with none, or still unsynced, the call fails with `Unavailable`.
+//! - **Streams** send the full state first, then again only when what they would send changed
+//!   (SVID chains, hints, trust bundle): republishing an identical snapshot sends nothing.
+//! - **Redaction.** When a caller with an open stream no longer matches any entry (the entry was
+//!   deleted or changed), the stream ends with `PermissionDenied` "no identity issued", as SPIRE
+//!   does, rather than an empty message, which clients reject. A snapshot in which the agent is
+//!   unsynced, or in which no matching SVID is signed yet, keeps the last state.
+//! - **Shutdown.** Under [`WorkloadApi::serve`], streams end with `Unavailable` when the shutdown
+//!   future completes, so the graceful shutdown does not wait for workloads to hang up.
+//! - **JWT-SVIDs** are minted through [`JwtMinter`], one per SPIFFE ID (entries with the same ID
+//!   share it), and cached per (entry, revision, sorted audience) until half their lifetime.
+//!
+//! Never logged: private keys and tokens.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::future::Future;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use futures::stream::{BoxStream, StreamExt as _};
+use meshid_api::workload::spiffe_workload_api_server::{
+    SpiffeWorkloadApi, SpiffeWorkloadApiServer,
+};
+use meshid_api::workload::{
+    JwtBundlesRequest, JwtBundlesResponse, Jwtsvid, JwtsvidRequest, JwtsvidResponse,
+    ValidateJwtsvidRequest, ValidateJwtsvidResponse, X509BundlesRequest, X509BundlesResponse,
+    X509svid, X509svidRequest, X509svidResponse,
+};
+use spiffe::{JwtBundle, JwtBundleSet, JwtSvid, SpiffeId, TrustDomain};
+use tokio::net::UnixListener;
+use tokio::sync::watch;
+use tonic::transport::server::UdsConnectInfo;
+use tonic::{Request, Response, Status};
+use zeroize::Zeroizing;
+
+use crate::attest::{AttestError, Attestor};
+use crate::cache::{Bundle, Entry, JwtMinter, MintError, Snapshot, Svid};
+
+/// The metadata key every Workload API request must carry, with the value `true`.
+pub const SECURITY_HEADER: &str = "workload.spiffe.io";
+
+/// How long a call waits for the agent to sync or sign before answering.
+pub const DEFAULT_READY_WAIT: Duration = Duration::from_secs(10);
+
+/// JWT-SVIDs cached at most (entry, audience pairs).
+const JWT_CACHE_CAPACITY: usize = 1000;
+
+/// The JWK `use` of JWT authorities.
+const JWT_SVID_USE: &str = "jwt-svid";
+
+/// A Workload API RPC, for metrics and logs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum Rpc {
+    /// `FetchX509SVID` (server stream).
+    FetchX509Svid,
+    /// `FetchX509Bundles` (server stream).
+    FetchX509Bundles,
+    /// `FetchJWTSVID`.
+    FetchJwtSvid,
+    /// `FetchJWTBundles` (server stream).
+    FetchJwtBundles,
+    /// `ValidateJWTSVID`.
+    ValidateJwtSvid,
+}
+
+impl Rpc {
+    /// The RPC's name on the wire.
+    pub fn name(self) -> &'static str {
+        match self {
+            Rpc::FetchX509Svid => "FetchX509SVID",
+            Rpc::FetchX509Bundles => "FetchX509Bundles",
+            Rpc::FetchJwtSvid => "FetchJWTSVID",
+            Rpc::FetchJwtBundles => "FetchJWTBundles",
+            Rpc::ValidateJwtSvid => "ValidateJWTSVID",
+        }
+    }
+}
+
+/// Optional hooks for metrics; every method defaults to doing nothing.
+pub trait WorkloadApiMetrics: Send + Sync + 'static {
+    /// A unary call finished, or a stream was opened (`Ok`) or refused, with this code.
+    fn call(&self, rpc: Rpc, code: tonic::Code) {
+        let _ = (rpc, code);
+    }
+
+    /// A stream sent an update after its first message.
+    fn update(&self, rpc: Rpc) {
+        let _ = rpc;
+    }
+}
+
+/// Why a Workload API call failed. Converted to a [`Status`] in one place.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ServiceError {
+    /// The request lacks `workload.spiffe.io: true`.
+    #[error("security header missing from request")]
+    MissingSecurityHeader,
+    /// The connection carries no peer credentials (not a Unix socket).
+    #[error("caller credentials unavailable; the Workload API must be served on a Unix socket")]
+    NoPeerCredentials,
+    /// The caller could not be attested.
+    #[error("workload attestation failed: {0}")]
+    Attestation(#[from] AttestError),
+    /// The caller matches no entry (the spiffe client's `NoIdentityIssued`).
+    #[error("no identity issued")]
+    NoIdentityIssued,
+    /// The caller asked for a SPIFFE ID it is not entitled to.
+    #[error("no identity issued for {0}")]
+    NotEntitled(SpiffeId),
+    /// The agent has not synced with the CA, or not signed, within the wait.
+    #[error("agent not ready: {0}; retry later")]
+    NotReady(&'static str),
+    /// A mandatory request field is empty.
+    #[error("{0} must be specified")]
+    MissingField(&'static str),
+    /// The requested SPIFFE ID does not parse.
+    #[error("invalid spiffe_id {id:?}: {source}")]
+    InvalidSpiffeId {
+        /// What was sent.
+        id: String,
+        /// Why it is invalid.
+        source: spiffe::SpiffeIdError,
+    },
+    /// The CA could not mint a JWT-SVID.
+    #[error("could not fetch JWT-SVID for {spiffe_id}: {source}")]
+    Mint {
+        /// The identity.
+        spiffe_id: SpiffeId,
+        /// The minter's error.
+        source: MintError,
+    },
+    /// The JWT-SVID to validate is invalid.
+    #[error("invalid JWT-SVID: {0}")]
+    InvalidToken(String),
+    /// The agent's JWT bundle cannot be used.
+    #[error("trust bundle unusable: {0}")]
+    Bundle(String),
+    /// The agent is shutting down (or its snapshot publisher is gone).
+    #[error("agent is shutting down")]
+    ShuttingDown,
+}
+
+impl ServiceError {
+    /// The gRPC status code of this error: the one place errors meet the wire.
+    pub fn code(&self) -> tonic::Code {
+        use tonic::Code;
+        match self {
+            ServiceError::MissingSecurityHeader
+            | ServiceError::MissingField(_)
+            | ServiceError::InvalidSpiffeId { .. }
+            | ServiceError::InvalidToken(_) => Code::InvalidArgument,
+            ServiceError::NoPeerCredentials
+            | ServiceError::Attestation(_)
+            | ServiceError::NoIdentityIssued
+            | ServiceError::NotEntitled(_)
+            | ServiceError::Mint {
+                source: MintError::Refused(_),
+                ..
+            } => Code::PermissionDenied,
+            ServiceError::NotReady(_)
+            | ServiceError::ShuttingDown
+            | ServiceError::Mint {
+                source: MintError::Unavailable(_),
+                ..
+            } => Code::Unavailable,
+            ServiceError::Bundle(_) => Code::Internal,
+        }
+    }
+}
+
+impl From<ServiceError> for Status {
+    fn from(e: ServiceError) -> Self {
+        Status::new(e.code(), e.to_string())
+    }
+}
+
+/// Why [`WorkloadApi::serve`] stopped.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ServeError {
+    /// The gRPC server failed.
+    #[error("workload API server failed: {0}")]
+    Transport(#[from] tonic::transport::Error),
+}
+
+/// The Workload API service: serves the identities of a stream of [`Snapshot`]s to the callers
+/// that match them.
+pub struct WorkloadApi {
+    snapshots: watch::Receiver<Arc<Snapshot>>,
+    attestor: Arc<Attestor>,
+    minter: Arc<dyn JwtMinter>,
+    metrics: Option<Arc<dyn WorkloadApiMetrics>>,
+    ready_wait: Duration,
+    stop: Option<watch::Receiver<bool>>,
+    jwt_cache: JwtCache,
+}
+
+impl std::fmt::Debug for WorkloadApi {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WorkloadApi")
+            .field("ready_wait", &self.ready_wait)
+            .finish_non_exhaustive()
+    }
+}
+
+impl WorkloadApi {
+    /// A service answering from `snapshots`, attesting callers with `attestor` and minting
+    /// JWT-SVIDs with `minter`.
+    pub fn new(
+        snapshots: watch::Receiver<Arc<Snapshot>>,
+        attestor: Arc<Attestor>,
+        minter: Arc<dyn JwtMinter>,
+    ) -> Self {
+        Self {
+            snapshots,
+            attestor,
+            minter,
+            metrics: None,
+            ready_wait: DEFAULT_READY_WAIT,
+            stop: None,
+            jwt_cache: JwtCache::default(),
+        }
+    }
+
+    /// Reports calls and stream updates to `metrics`.
+    #[must_use]
+    pub fn with_metrics(mut self, metrics: Arc<dyn WorkloadApiMetrics>) -> Self {
+        self.metrics = Some(metrics);
+        self
+    }
+
+    /// Sets how long a call waits for the agent to sync or sign ([`DEFAULT_READY_WAIT`]).
+    #[must_use]
+    pub fn with_ready_wait(mut self, wait: Duration) -> Self {
+        self.ready_wait = wait;
+        self
+    }
+
+    /// The tonic service, to add to a server of one's own. Its streams end only when the caller
+    /// hangs up or the snapshot sender is dropped; [`Self::serve`] also ends them on shutdown.
+    pub fn into_server(self) -> SpiffeWorkloadApiServer<Self> {
+        SpiffeWorkloadApiServer::new(self)
+    }
+
+    /// [`Self::into_server`] as routes.
+    pub fn router(self) -> tonic::service::Routes {
+        tonic::service::Routes::new(self.into_server())
+    }
+
+    /// Serves on `listener` until `shutdown` completes; then open streams end with `Unavailable`
+    /// and in-flight calls finish.
+    pub async fn serve(
+        mut self,
+        listener: UnixListener,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> Result<(), ServeError> {
+        let (stop_tx, stop_rx) = watch::channel(false);
+        self.stop = Some(stop_rx);
+        let incoming = tokio_stream::wrappers::UnixListenerStream::new(listener);
+        tonic::transport::Server::builder()
+            .add_service(self.into_server())
+            .serve_with_incoming_shutdown(incoming, async move {
+                shutdown.await;
+                let _ = stop_tx.send(true);
+            })
+            .await?;
+        Ok(())
+    }
+
+    fn observe<T>(&self, rpc: Rpc, result: Result<T, ServiceError>) -> Result<T, Status> {
+        if let Some(m) = &self.metrics {
+            m.call(
+                rpc,
+                result
+                    .as_ref()
+                    .map_or_else(ServiceError::code, |_| tonic::Code::Ok),
+            );
+        }
+        result.map_err(Status::from)
+    }
+
+    /// The gate of every call: header, peer credentials, attestation.
+    async fn caller<T>(&self, rpc: Rpc, request: &Request<T>) -> Result<Caller, ServiceError> {
+        check_header(request)?;
+        let cred = request
+            .extensions()
+            .get::<UdsConnectInfo>()
+            .and_then(|info| info.peer_cred);
+        let Some((cred, pid)) = cred.and_then(|c| c.pid().map(|pid| (c, pid))) else {
+            tracing::warn!(
+                rpc = rpc.name(),
+                "refused: no peer credentials on the connection"
+            );
+            return Err(ServiceError::NoPeerCredentials);
+        };
+        let (uid, gid) = (cred.uid(), cred.gid());
+        match self.attestor.attest(pid, uid, gid).await {
+            Ok(selectors) => {
+                tracing::debug!(rpc = rpc.name(), pid, uid, ?selectors, "workload attested");
+                Ok(Caller {
+                    pid,
+                    uid,
+                    selectors: selectors.into(),
+                })
+            }
+            Err(error) => {
+                tracing::warn!(rpc = rpc.name(), pid, uid, %error, "refused: workload attestation failed");
+                Err(error.into())
+            }
+        }
+    }
+
+    /// Evaluates the latest snapshot for `caller`, waiting (bounded) while it is not ready.
+    /// Returns the value and the receiver, positioned on the snapshot it came from.
+    async fn ready<V>(
+        &self,
+        rpc: Rpc,
+        caller: &Caller,
+        eval: Eval<V>,
+    ) -> Result<(V, watch::Receiver<Arc<Snapshot>>), ServiceError> {
+        let mut rx = self.snapshots.clone();
+        let mut stop = self.stop.clone();
+        let deadline = tokio::time::Instant::now() + self.ready_wait;
+        loop {
+            let snap = Arc::clone(&rx.borrow_and_update());
+            let why = match eval(&snap, &caller.selectors, true) {
+                Verdict::Ready(v) => return Ok((v, rx)),
+                Verdict::Denied => {
+                    log_denied(rpc, caller, &snap, "no identity issued");
+                    return Err(ServiceError::NoIdentityIssued);
+                }
+                Verdict::NotReady(why) => why,
+            };
+            tracing::debug!(
+                rpc = rpc.name(),
+                pid = caller.pid,
+                why,
+                "waiting for the agent"
+            );
+            let waited = tokio::select! {
+                r = tokio::time::timeout_at(deadline, rx.changed()) => r,
+                () = stopped(&mut stop) => return Err(ServiceError::ShuttingDown),
+            };
+            match waited {
+                Ok(Ok(())) => continue,
+                Ok(Err(_)) => return Err(ServiceError::ShuttingDown),
+                Err(_elapsed) => {}
+            }
+            // Out of time: take what there is.
+            return match eval(&snap, &caller.selectors, false) {
+                Verdict::Ready(v) => Ok((v, rx)),
+                Verdict::Denied => {
+                    log_denied(rpc, caller, &snap, "no identity issued");
+                    Err(ServiceError::NoIdentityIssued)
+                }
+                Verdict::NotReady(why) => {
+                    tracing::info!(
+                        rpc = rpc.name(),
+                        pid = caller.pid,
+                        uid = caller.uid,
+                        why,
+                        waited = ?self.ready_wait,
+                        "refused: agent not ready"
+                    );
+                    Err(ServiceError::NotReady(why))
+                }
+            };
+        }
+    }
+
+    /// Opens a stream: first state now, then every change, per the rules in the module docs.
+    async fn open_stream<V: View>(
+        &self,
+        rpc: Rpc,
+        request: &Request<impl Send>,
+        eval: Eval<V>,
+    ) -> Result<BoxStream<'static, Result<V::Message, Status>>, ServiceError> {
+        let caller = Arc::new(self.caller(rpc, request).await?);
+        let (first, rx) = self.ready(rpc, &caller, eval).await?;
+        let state = StreamState {
+            rpc,
+            caller,
+            rx,
+            stop: self.stop.clone(),
+            last: first,
+            sent_first: false,
+            done: false,
+            eval,
+            metrics: self.metrics.clone(),
+        };
+        Ok(futures::stream::unfold(state, StreamState::next).boxed())
+    }
+
+    async fn fetch_jwt_svids(
+        &self,
+        request: Request<JwtsvidRequest>,
+    ) -> Result<JwtsvidResponse, ServiceError> {
+        check_header(&request)?;
+        let mut audience = request.get_ref().audience.clone();
+        if audience.is_empty() || audience.iter().any(String::is_empty) {
+            return Err(ServiceError::MissingField("audience"));
+        }
+        audience.sort();
+        audience.dedup();
+        let wanted = match request.get_ref().spiffe_id.as_str() {
+            "" => None,
+            id => Some(
+                SpiffeId::new(id).map_err(|source| ServiceError::InvalidSpiffeId {
+                    id: id.to_owned(),
+                    source,
+                })?,
+            ),
+        };
+        let caller = self.caller(Rpc::FetchJwtSvid, &request).await?;
+        let (mut entries, _) = self.ready(Rpc::FetchJwtSvid, &caller, eval_entries).await?;
+        if let Some(id) = &wanted {
+            entries.retain(|e| &e.spiffe_id == id);
+            if entries.is_empty() {
+                tracing::info!(
+                    pid = caller.pid,
+                    uid = caller.uid,
+                    spiffe_id = %id,
+                    selectors = ?caller.selectors,
+                    "refused: caller not entitled to the requested SPIFFE ID"
+                );
+                return Err(ServiceError::NotEntitled(id.clone()));
+            }
+        }
+        // One token per SPIFFE ID, from its first entry in entry id order.
+        let mut seen = HashSet::new();
+        entries.retain(|e| seen.insert(e.spiffe_id.clone()));
+
+        let mints = entries.iter().map(|entry| self.jwt_for(entry, &audience));
+        let mut svids = futures::future::try_join_all(mints).await?;
+        // Hints must be unique within a response: the first identity keeps a repeated one.
+        let mut hints = HashSet::new();
+        for svid in &mut svids {
+            if !svid.hint.is_empty() && !hints.insert(svid.hint.clone()) {
+                svid.hint.clear();
+            }
+        }
+        Ok(JwtsvidResponse { svids })
+    }
+
+    /// A JWT-SVID for one entry, from the cache while it is within half its lifetime.
+    async fn jwt_for(&self, entry: &Entry, audience: &[String]) -> Result<Jwtsvid, ServiceError> {
+        let key = JwtKey {
+            entry_id: entry.id.clone(),
+            revision: entry.revision,
+            audience: audience.to_vec(),
+        };
+        let token = match self.jwt_cache.get(&key, unix_now()) {
+            Some(token) => token,
+            None => {
+                let (token, expiry) =
+                    self.minter
+                        .mint(&entry.id, audience)
+                        .await
+                        .map_err(|source| {
+                            tracing::warn!(entry_id = %entry.id, spiffe_id = %entry.spiffe_id, error = %source, "JWT-SVID mint failed");
+                            ServiceError::Mint {
+                                spiffe_id: entry.spiffe_id.clone(),
+                                source,
+                            }
+                        })?;
+                let token = Zeroizing::new(token);
+                self.jwt_cache
+                    .put(key, Zeroizing::clone(&token), unix_now(), expiry);
+                token
+            }
+        };
+        Ok(Jwtsvid {
+            spiffe_id: entry.spiffe_id.to_string(),
+            svid: token.to_string(),
+            hint: entry.hint.clone(),
+        })
+    }
+
+    async fn validate_jwt(
+        &self,
+        request: Request<ValidateJwtsvidRequest>,
+    ) -> Result<ValidateJwtsvidResponse, ServiceError> {
+        check_header(&request)?;
+        let req = request.get_ref();
+        if req.audience.is_empty() {
+            return Err(ServiceError::MissingField("audience"));
+        }
+        if req.svid.is_empty() {
+            return Err(ServiceError::MissingField("svid"));
+        }
+        let caller = self.caller(Rpc::ValidateJwtSvid, &request).await?;
+        let (view, _) = self
+            .ready(Rpc::ValidateJwtSvid, &caller, eval_jwt_bundles)
+            .await?;
+        let bundle = JwtBundle::from_jwt_authorities(view.trust_domain.clone(), &view.jwks())
+            .map_err(|e| ServiceError::Bundle(error_chain(&e)))?;
+        let mut bundles = JwtBundleSet::new();
+        bundles.add_bundle(bundle);
+        let svid = JwtSvid::parse_and_validate(&req.svid, &bundles, &[req.audience.as_str()])
+            .map_err(|e| {
+                let reason = error_chain(&e);
+                tracing::debug!(pid = caller.pid, %reason, "JWT-SVID validation failed");
+                ServiceError::InvalidToken(reason)
+            })?;
+        Ok(ValidateJwtsvidResponse {
+            spiffe_id: svid.spiffe_id().to_string(),
+            claims: Some(claims_struct(svid.token())?),
+        })
+    }
+}
+
+#[tonic::async_trait]
+impl SpiffeWorkloadApi for WorkloadApi {
+    type FetchX509SVIDStream = BoxStream<'static, Result<X509svidResponse, Status>>;
+    type FetchX509BundlesStream = BoxStream<'static, Result<X509BundlesResponse, Status>>;
+    type FetchJWTBundlesStream = BoxStream<'static, Result<JwtBundlesResponse, Status>>;
+
+    async fn fetch_x509svid(
+        &self,
+        request: Request<X509svidRequest>,
+    ) -> Result<Response<Self::FetchX509SVIDStream>, Status> {
+        let rpc = Rpc::FetchX509Svid;
+        let stream = self.open_stream(rpc, &request, eval_x509_svids).await;
+        self.observe(rpc, stream).map(Response::new)
+    }
+
+    async fn fetch_x509_bundles(
+        &self,
+        request: Request<X509BundlesRequest>,
+    ) -> Result<Response<Self::FetchX509BundlesStream>, Status> {
+        let rpc = Rpc::FetchX509Bundles;
+        let stream = self.open_stream(rpc, &request, eval_x509_bundles).await;
+        self.observe(rpc, stream).map(Response::new)
+    }
+
+    async fn fetch_jwtsvid(
+        &self,
+        request: Request<JwtsvidRequest>,
+    ) -> Result<Response<JwtsvidResponse>, Status> {
+        let result = self.fetch_jwt_svids(request).await;
+        self.observe(Rpc::FetchJwtSvid, result).map(Response::new)
+    }
+
+    async fn fetch_jwt_bundles(
+        &self,
+        request: Request<JwtBundlesRequest>,
+    ) -> Result<Response<Self::FetchJWTBundlesStream>, Status> {
+        let rpc = Rpc::FetchJwtBundles;
+        let stream = self.open_stream(rpc, &request, eval_jwt_bundles).await;
+        self.observe(rpc, stream).map(Response::new)
+    }
+
+    async fn validate_jwtsvid(
+        &self,
+        request: Request<ValidateJwtsvidRequest>,
+    ) -> Result<Response<ValidateJwtsvidResponse>, Status> {
+        let result = self.validate_jwt(request).await;
+        self.observe(Rpc::ValidateJwtSvid, result)
+            .map(Response::new)
+    }
+}
+
+/// An attested caller.
+#[derive(Debug)]
+struct Caller {
+    pid: i32,
+    uid: u32,
+    selectors: Arc<[String]>,
+}
+
+/// `workload.spiffe.io` must be present exactly once, with the value `true`.
+fn check_header<T>(request: &Request<T>) -> Result<(), ServiceError> {
+    let mut values = request.metadata().get_all(SECURITY_HEADER).iter();
+    match (values.next(), values.next()) {
+        (Some(v), None) if v.as_bytes() == b"true" => Ok(()),
+        _ => Err(ServiceError::MissingSecurityHeader),
+    }
+}
+
+fn log_denied(rpc: Rpc, caller: &Caller, snap: &Snapshot, what: &'static str) {
+    tracing::info!(
+        rpc = rpc.name(),
+        pid = caller.pid,
+        uid = caller.uid,
+        selectors = ?caller.selectors,
+        entries = snap.identities.len(),
+        outcome = what,
+        "refused: the caller's selectors match no entry"
+    );
+}
+
+/// Completes when the stop flag is raised or its sender is gone; never without one.
+async fn stopped(stop: &mut Option<watch::Receiver<bool>>) {
+    match stop {
+        Some(rx) => {
+            let _ = rx.wait_for(|s| *s).await;
+        }
+        None => std::future::pending().await,
+    }
+}
+
+/// What a snapshot means for a caller.
+enum Verdict<V> {
+    /// Something to serve.
+    Ready(V),
+    /// Not yet: unsynced, or nothing signed.
+    NotReady(&'static str),
+    /// The caller matches no entry.
+    Denied,
+}
+
+/// Evaluates a snapshot for a caller's selectors. With `strict`, anything incomplete (a
+/// matching entry without its SVID) is `NotReady`.
+type Eval<V> = fn(&Snapshot, &[String], bool) -> Verdict<V>;
+
+/// The part of a snapshot one stream serves; equal views send nothing.
+trait View: PartialEq + Send + 'static {
+    /// The wire message.
+    type Message: Send + 'static;
+    /// Builds the message.
+    fn message(&self) -> Self::Message;
+}
+
+fn eval_entries(snap: &Snapshot, selectors: &[String], _strict: bool) -> Verdict<Vec<Arc<Entry>>> {
+    if !snap.synced {
+        return Verdict::NotReady("not yet synced with the CA");
+    }
+    let entries: Vec<_> = snap
+        .matching(selectors)
+        .map(|i| Arc::clone(&i.entry))
+        .collect();
+    if entries.is_empty() {
+        Verdict::Denied
+    } else {
+        Verdict::Ready(entries)
+    }
+}
+
+/// The X.509-SVIDs of a caller and the bundle they come with.
+struct X509View {
+    svids: Vec<(Arc<Entry>, Arc<Svid>)>,
+    bundle: Arc<Bundle>,
+}
+
+impl PartialEq for X509View {
+    fn eq(&self, other: &Self) -> bool {
+        self.bundle.x509_authorities == other.bundle.x509_authorities
+            && self.svids.len() == other.svids.len()
+            && self
+                .svids
+                .iter()
+                .zip(&other.svids)
+                .all(|((e1, s1), (e2, s2))| {
+                    e1.id == e2.id
+                        && e1.spiffe_id == e2.spiffe_id
+                        && e1.hint == e2.hint
+                        && (Arc::ptr_eq(s1, s2) || s1.chain == s2.chain)
+                })
+    }
+}
+
+impl View for X509View {
+    type Message = X509svidResponse;
+
+    fn message(&self) -> X509svidResponse {
+        let bundle = self.bundle.x509_concat();
+        let mut hints = HashSet::new();
+        let svids = self
+            .svids
+            .iter()
+            .map(|(entry, svid)| {
+                // Hints must be unique within a response: the first entry keeps a repeated one.
+                let hint = if entry.hint.is_empty() || hints.insert(entry.hint.as_str()) {
+                    entry.hint.clone()
+                } else {
+                    tracing::warn!(entry_id = %entry.id, hint = %entry.hint, "duplicate hint omitted");
+                    String::new()
+                };
+                X509svid {
+                    spiffe_id: entry.spiffe_id.to_string(),
+                    x509_svid: svid.chain_concat(),
+                    x509_svid_key: svid.key_pkcs8.to_vec(),
+                    bundle: bundle.clone(),
+                    hint,
+                }
+            })
+            .collect();
+        X509svidResponse {
+            svids,
+            crl: Vec::new(),
+            federated_bundles: HashMap::new(),
+        }
+    }
+}
+
+fn eval_x509_svids(snap: &Snapshot, selectors: &[String], strict: bool) -> Verdict<X509View> {
+    if !snap.synced {
+        return Verdict::NotReady("not yet synced with the CA");
+    }
+    let mut matching = 0;
+    let mut svids = Vec::new();
+    for identity in snap.matching(selectors) {
+        matching += 1;
+        if let Some(svid) = &identity.svid {
+            svids.push((Arc::clone(&identity.entry), Arc::clone(svid)));
+        }
+    }
+    if matching == 0 {
+        return Verdict::Denied;
+    }
+    if snap.bundle.x509_authorities.is_empty() {
+        return Verdict::NotReady("no X.509 trust bundle yet");
+    }
+    if svids.is_empty() || (strict && svids.len() < matching) {
+        return Verdict::NotReady("X.509-SVID not signed yet");
+    }
+    Verdict::Ready(X509View {
+        svids,
+        bundle: Arc::clone(&snap.bundle),
+    })
+}
+
+/// The X.509 trust bundles (local trust domain; federated ones later).
+struct X509BundlesView {
+    trust_domain: TrustDomain,
+    bundle: Arc<Bundle>,
+}
+
+impl PartialEq for X509BundlesView {
+    fn eq(&self, other: &Self) -> bool {
+        self.trust_domain == other.trust_domain
+            && self.bundle.x509_authorities == other.bundle.x509_authorities
+    }
+}
+
+impl View for X509BundlesView {
+    type Message = X509BundlesResponse;
+
+    fn message(&self) -> X509BundlesResponse {
+        X509BundlesResponse {
+            crl: Vec::new(),
+            bundles: HashMap::from([(self.trust_domain.id_string(), self.bundle.x509_concat())]),
+        }
+    }
+}
+
+fn eval_x509_bundles(
+    snap: &Snapshot,
+    selectors: &[String],
+    _strict: bool,
+) -> Verdict<X509BundlesView> {
+    if !snap.synced {
+        return Verdict::NotReady("not yet synced with the CA");
+    }
+    if snap.matching(selectors).next().is_none() {
+        return Verdict::Denied;
+    }
+    if snap.bundle.x509_authorities.is_empty() {
+        return Verdict::NotReady("no X.509 trust bundle yet");
+    }
+    Verdict::Ready(X509BundlesView {
+        trust_domain: snap.trust_domain.clone(),
+        bundle: Arc::clone(&snap.bundle),
+    })
+}
+
+/// The JWT authorities (local trust domain; federated ones later).
+struct JwtBundlesView {
+    trust_domain: TrustDomain,
+    bundle: Arc<Bundle>,
+}
+
+impl PartialEq for JwtBundlesView {
+    fn eq(&self, other: &Self) -> bool {
+        self.trust_domain == other.trust_domain
+            && self.bundle.jwt_authorities_json == other.bundle.jwt_authorities_json
+    }
+}
+
+impl JwtBundlesView {
+    /// The JWKS with only `use: "jwt-svid"` keys that carry a `kid`.
+    fn jwks(&self) -> Vec<u8> {
+        jwt_svid_jwks(&self.bundle.jwt_authorities_json)
+    }
+}
+
+impl View for JwtBundlesView {
+    type Message = JwtBundlesResponse;
+
+    fn message(&self) -> JwtBundlesResponse {
+        JwtBundlesResponse {
+            bundles: HashMap::from([(self.trust_domain.id_string(), self.jwks())]),
+        }
+    }
+}
+
+fn eval_jwt_bundles(
+    snap: &Snapshot,
+    selectors: &[String],
+    _strict: bool,
+) -> Verdict<JwtBundlesView> {
+    if !snap.synced {
+        return Verdict::NotReady("not yet synced with the CA");
+    }
+    if snap.matching(selectors).next().is_none() {
+        return Verdict::Denied;
+    }
+    Verdict::Ready(JwtBundlesView {
+        trust_domain: snap.trust_domain.clone(),
+        bundle: Arc::clone(&snap.bundle),
+    })
+}
+
+/// Filters a JWKS document down to the keys a JWT-SVID validator may use.
+fn jwt_svid_jwks(json: &str) -> Vec<u8> {
+    let keys: Vec<serde_json::Value> = if json.trim().is_empty() {
+        Vec::new()
+    } else {
+        match serde_json::from_str::<serde_json::Value>(json) {
+            Ok(mut doc) => match doc.get_mut("keys").map(serde_json::Value::take) {
+                Some(serde_json::Value::Array(keys)) => keys
+                    .into_iter()
+                    .filter(|k| {
+                        k.get("use").and_then(serde_json::Value::as_str) == Some(JWT_SVID_USE)
+                            && k.get("kid")
+                                .and_then(serde_json::Value::as_str)
+                                .is_some_and(|kid| !kid.is_empty())
+                    })
+                    .collect(),
+                _ => {
+                    tracing::warn!("JWT authorities document has no keys array");
+                    Vec::new()
+                }
+            },
+            Err(error) => {
+                tracing::warn!(%error, "JWT authorities document is not JSON");
+                Vec::new()
+            }
+        }
+    };
+    let doc = serde_json::json!({ "keys": keys });
+    serde_json::to_vec(&doc).unwrap_or_else(|_| br#"{"keys":[]}"#.to_vec())
+}
+
+/// The state of one open stream.
+struct StreamState<V> {
+    rpc: Rpc,
+    caller: Arc<Caller>,
+    rx: watch::Receiver<Arc<Snapshot>>,
+    stop: Option<watch::Receiver<bool>>,
+    /// What was sent last (or is about to be sent first).
+    last: V,
+    sent_first: bool,
+    done: bool,
+    eval: Eval<V>,
+    metrics: Option<Arc<dyn WorkloadApiMetrics>>,
+}
+
+impl<V: View> StreamState<V> {
+    async fn next(mut self) -> Option<(Result<V::Message, Status>, Self)> {
+        if self.done {
+            return None;
+        }
+        if !self.sent_first {
+            self.sent_first = true;
+            let first = self.last.message();
+            return Some((Ok(first), self));
+        }
+        loop {
+            let changed = tokio::select! {
+                r = self.rx.changed() => r.is_ok(),
+                () = stopped(&mut self.stop) => false,
+            };
+            if !changed {
+                self.done = true;
+                return Some((Err(ServiceError::ShuttingDown.into()), self));
+            }
+            let snap = Arc::clone(&self.rx.borrow_and_update());
+            match (self.eval)(&snap, &self.caller.selectors, false) {
+                Verdict::Ready(view) if view != self.last => {
+                    self.last = view;
+                    if let Some(m) = &self.metrics {
+                        m.update(self.rpc);
+                    }
+                    tracing::debug!(
+                        rpc = self.rpc.name(),
+                        pid = self.caller.pid,
+                        "stream update"
+                    );
+                    let message = self.last.message();
+                    return Some((Ok(message), self));
+                }
+                Verdict::Ready(_) | Verdict::NotReady(_) => continue,
+                Verdict::Denied => {
+                    log_denied(self.rpc, &self.caller, &snap, "identity withdrawn");
+                    self.done = true;
+                    return Some((Err(ServiceError::NoIdentityIssued.into()), self));
+                }
+            }
+        }
+    }
+}
+
+/// Cache key of a minted JWT-SVID.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+struct JwtKey {
+    entry_id: String,
+    revision: i64,
+    /// Sorted, deduplicated.
+    audience: Vec<String>,
+}
+
+struct CachedJwt {
+    token: Zeroizing<String>,
+    minted_at: i64,
+    expiry: i64,
+}
+
+impl CachedJwt {
+    /// Fresh until half its lifetime has passed.
+    fn fresh(&self, now: i64) -> bool {
+        let half_life = self.expiry.saturating_sub(self.minted_at) / 2;
+        now < self.minted_at.saturating_add(half_life)
+    }
+}
+
+/// Minted JWT-SVIDs, bounded.
+#[derive(Default)]
+struct JwtCache {
+    map: Mutex<HashMap<JwtKey, CachedJwt>>,
+}
+
+impl JwtCache {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<JwtKey, CachedJwt>> {
+        // A panic while holding the lock cannot leave the map inconsistent.
+        self.map
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn get(&self, key: &JwtKey, now: i64) -> Option<Zeroizing<String>> {
+        self.lock()
+            .get(key)
+            .filter(|c| c.fresh(now))
+            .map(|c| Zeroizing::clone(&c.token))
+    }
+
+    fn put(&self, key: JwtKey, token: Zeroizing<String>, now: i64, expiry: i64) {
+        let mut map = self.lock();
+        if map.len() >= JWT_CACHE_CAPACITY {
+            map.retain(|_, c| c.fresh(now));
+            if map.len() >= JWT_CACHE_CAPACITY {
+                map.clear();
+            }
+        }
+        map.insert(
+            key,
+            CachedJwt {
+                token,
+                minted_at: now,
+                expiry,
+            },
+        );
+    }
+}
+
+fn unix_now() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
+}
+
+/// An error and its sources, `a: b: c`.
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut source = e.source();
+    while let Some(inner) = source {
+        s.push_str(": ");
+        s.push_str(&inner.to_string());
+        source = inner.source();
+    }
+    s
+}
+
+/// The claims of an (already validated) JWT as a protobuf `Struct`; numbers become doubles.
+fn claims_struct(token: &str) -> Result<prost_types::Struct, ServiceError> {
+    use base64::Engine as _;
+    let bad = |what: &str| ServiceError::InvalidToken(format!("cannot read claims: {what}"));
+    let payload = token.split('.').nth(1).ok_or_else(|| bad("no payload"))?;
+    let json = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(payload)
+        .map_err(|_| bad("invalid base64url"))?;
+    let claims: serde_json::Map<String, serde_json::Value> =
+        serde_json::from_slice(&json).map_err(|_| bad("not a JSON object"))?;
+    Ok(prost_types::Struct {
+        fields: claims
+            .into_iter()
+            .map(|(k, v)| (k, to_proto_value(v)))
+            .collect::<BTreeMap<_, _>>(),
+    })
+}
+
+fn to_proto_value(v: serde_json::Value) -> prost_types::Value {
+    use prost_types::value::Kind;
+    use serde_json::Value as J;
+    let kind = match v {
+        J::Null => Kind::NullValue(prost_types::NullValue::NullValue.into()),
+        J::Bool(b) => Kind::BoolValue(b),
+        J::Number(n) => Kind::NumberValue(n.as_f64().unwrap_or(f64::NAN)),
+        J::String(s) => Kind::StringValue(s),
+        J::Array(items) => Kind::ListValue(prost_types::ListValue {
+            values: items.into_iter().map(to_proto_value).collect(),
+        }),
+        J::Object(map) => Kind::StructValue(prost_types::Struct {
+            fields: map
+                .into_iter()
+                .map(|(k, v)| (k, to_proto_value(v)))
+                .collect(),
+        }),
+    };
+    prost_types::Value { kind: Some(kind) }
+}
+
+#[cfg(test)]
+mod tests;

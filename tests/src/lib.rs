@@ -1,0 +1,288 @@
+//! Harness for meshid's end-to-end tests: starts the real `meshid-ca` and `meshid-agent`
+//! binaries as child processes in a temporary directory, talks to them as operators and
+//! workloads do, and kills them when dropped, so a failing test leaves nothing running.
+
+#![forbid(unsafe_code)]
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+/// The directory holding the workspace's binaries (built on first use, so the tests always
+/// run the current code).
+pub fn bin_dir() -> &'static Path {
+    static DIR: OnceLock<PathBuf> = OnceLock::new();
+    DIR.get_or_init(|| {
+        let exe = std::env::current_exe().unwrap();
+        let dir = exe.parent().unwrap().parent().unwrap().to_path_buf();
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let mut cmd = Command::new(cargo);
+        cmd.args(["build", "--quiet", "-p", "meshid-ca", "-p", "meshid-agent", "--bins"]);
+        if dir.ends_with("release") {
+            cmd.arg("--release");
+        }
+        let status = cmd
+            .current_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/.."))
+            .status()
+            .expect("run cargo build");
+        assert!(status.success(), "building the binaries failed");
+        dir
+    })
+}
+
+/// A free TCP port on 127.0.0.1.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// A child process that is killed on drop; its stderr goes to a log file.
+pub struct Proc {
+    child: Option<Child>,
+    /// Its log file.
+    pub log: PathBuf,
+    name: String,
+}
+
+impl Proc {
+    /// Starts `bin` from the workspace with `args`, logging to `log`.
+    pub fn start(name: &str, bin: &str, args: &[String], log: PathBuf) -> Proc {
+        let child = Command::new(bin_dir().join(bin))
+            .args(args)
+            .env("MESHID_LOG", "debug")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(std::fs::OpenOptions::new().create(true).append(true).open(&log).unwrap())
+            .spawn()
+            .unwrap_or_else(|e| panic!("start {bin}: {e}"));
+        Proc {
+            child: Some(child),
+            log,
+            name: name.to_owned(),
+        }
+    }
+
+    /// Panics with the log if the process has exited.
+    pub fn check_alive(&mut self) {
+        if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
+            panic!("{} exited with {status}:\n{}", self.name, self.log_text());
+        }
+    }
+
+    /// The log so far.
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// SIGTERM and wait (bounded) for a clean exit.
+    pub fn stop(&mut self) {
+        let Some(mut child) = self.child.take() else { return };
+        let _ = Command::new("kill").args(["-TERM", &child.id().to_string()]).status();
+        let deadline = Instant::now() + Duration::from_secs(15);
+        loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                assert!(status.success(), "{} exited with {status}:\n{}", self.name, self.log_text());
+                return;
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!("{} did not stop on SIGTERM", self.name);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// Polls `f` every 50 ms until it returns `Some` or `timeout` passes.
+pub fn wait_for<T>(timeout: Duration, what: &str, mut f: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// A running CA.
+pub struct Ca {
+    /// The process.
+    pub proc: Proc,
+    /// Admin socket.
+    pub socket: PathBuf,
+    /// Node API address.
+    pub node_address: String,
+    /// Ops address.
+    pub ops_address: String,
+    dir: PathBuf,
+    extra: Vec<String>,
+}
+
+impl Ca {
+    /// Starts a CA for example.org with its data under `dir/ca`; `extra` are more `run` flags.
+    pub fn start(dir: &Path, extra: &[&str]) -> Ca {
+        let node_address = format!("127.0.0.1:{}", free_port());
+        let ops_address = format!("127.0.0.1:{}", free_port());
+        let extra: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
+        let proc = Self::spawn(dir, &node_address, &ops_address, &extra);
+        let mut ca = Ca {
+            proc,
+            socket: dir.join("ca/admin.sock"),
+            node_address,
+            ops_address,
+            dir: dir.to_owned(),
+            extra,
+        };
+        ca.wait_healthy();
+        ca
+    }
+
+    fn spawn(dir: &Path, node: &str, ops: &str, extra: &[String]) -> Proc {
+        let mut args: Vec<String> = vec![
+            "run".into(),
+            "--trust-domain".into(),
+            "example.org".into(),
+            "--data-dir".into(),
+            dir.join("ca").display().to_string(),
+            "--ops-address".into(),
+            ops.to_owned(),
+            "--node-address".into(),
+            node.to_owned(),
+        ];
+        args.extend(extra.iter().cloned());
+        Proc::start("meshid-ca", "meshid-ca", &args, dir.join("ca.log"))
+    }
+
+    fn wait_healthy(&mut self) {
+        let socket = self.socket.clone();
+        let mut tries = 0;
+        wait_for(Duration::from_secs(30), "the CA to become healthy", || {
+            tries += 1;
+            if tries % 10 == 0 {
+                self.proc.check_alive();
+            }
+            ca_cli(&socket, &["healthcheck"]).status.success().then_some(())
+        });
+    }
+
+    /// Starts again with the same data, addresses and options (after [`Proc::stop`]).
+    pub fn restart(&mut self) {
+        self.proc = Self::spawn(&self.dir, &self.node_address, &self.ops_address, &self.extra);
+        self.wait_healthy();
+    }
+
+    /// Runs an operator command; panics on failure.
+    pub fn ok(&self, args: &[&str]) -> String {
+        let out = ca_cli(&self.socket, args);
+        assert!(
+            out.status.success(),
+            "meshid-ca {args:?}: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    }
+}
+
+/// Runs `meshid-ca ARGS --socket SOCKET`.
+pub fn ca_cli(socket: &Path, args: &[&str]) -> Output {
+    Command::new(bin_dir().join("meshid-ca"))
+        .args(args)
+        .arg("--socket")
+        .arg(socket)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap()
+}
+
+/// GET `path` on `addr`; returns the status code and body.
+pub fn http_get(addr: &str, path: &str) -> Option<(u16, String)> {
+    let mut s = TcpStream::connect(addr).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    write!(s, "GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n").ok()?;
+    let mut buf = String::new();
+    s.read_to_string(&mut buf).ok()?;
+    let code = buf.split_whitespace().nth(1)?.parse().ok()?;
+    Some((code, buf.split_once("\r\n\r\n").map(|(_, b)| b.to_owned()).unwrap_or_default()))
+}
+
+/// A running agent.
+pub struct Agent {
+    /// The process.
+    pub proc: Proc,
+    /// Workload API socket.
+    pub socket: PathBuf,
+    /// Ops address.
+    pub ops_address: String,
+    /// Data directory.
+    pub data_dir: PathBuf,
+}
+
+impl Agent {
+    /// Starts an agent against `ca`, attesting with `token`, with its socket in `dir/agent`
+    /// (a directory every user may enter, so tests can call it as another uid).
+    pub fn start(dir: &Path, ca: &Ca, token: &str) -> Agent {
+        use std::os::unix::fs::PermissionsExt;
+        let bundle = dir.join("bundle.pem");
+        std::fs::write(&bundle, ca.ok(&["bundle", "show"])).unwrap();
+        let sock_dir = dir.join("agent");
+        std::fs::create_dir_all(&sock_dir).unwrap();
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+        std::fs::set_permissions(&sock_dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let ops_address = format!("127.0.0.1:{}", free_port());
+        let data_dir = dir.join("agent-data");
+        let socket = sock_dir.join("api.sock");
+        let args: Vec<String> = vec![
+            "run".into(),
+            "--trust-domain".into(),
+            "example.org".into(),
+            "--server-address".into(),
+            ca.node_address.clone(),
+            "--trust-bundle".into(),
+            bundle.display().to_string(),
+            "--data-dir".into(),
+            data_dir.display().to_string(),
+            "--socket-path".into(),
+            socket.display().to_string(),
+            "--ops-address".into(),
+            ops_address.clone(),
+            "--join-token".into(),
+            token.to_owned(),
+        ];
+        let mut proc = Proc::start("meshid-agent", "meshid-agent", &args, dir.join("agent.log"));
+        let ops = ops_address.clone();
+        let mut tries = 0;
+        wait_for(Duration::from_secs(30), "the agent to become ready", || {
+            tries += 1;
+            if tries % 10 == 0 {
+                proc.check_alive();
+            }
+            (http_get(&ops, "/readyz")?.0 == 200).then_some(())
+        });
+        Agent {
+            proc,
+            socket,
+            ops_address,
+            data_dir,
+        }
+    }
+
+    /// `unix:///...` for SPIFFE clients.
+    pub fn endpoint(&self) -> String {
+        format!("unix://{}", self.socket.display())
+    }
+}

@@ -1,0 +1,442 @@
+//! The agent's control loop: bootstrap, entry sync, batch signing and rotation.
+//!
+//! [`Manager::run`] keeps one sync stream open to the CA. The CA pushes the agent's full state
+//! first and then every change as it happens; after each message the manager signs whatever
+//! is missing or stale (new entries, changed entries, SVIDs past their rotation point) in
+//! batches, and publishes a new [`Snapshot`]. A timer wakes it for rotations in between. When
+//! the CA is unreachable it keeps serving what it holds and reconnects with jittered
+//! exponential backoff; nothing is dropped because the CA is away.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use arc_swap::ArcSwapOption;
+use meshid_api::node::{self, node_client::NodeClient};
+use rand::Rng;
+use spiffe::{SpiffeId, TrustDomain};
+use tokio::sync::watch;
+use tonic::transport::Channel;
+
+use crate::cache::{Bundle, Entry, Identity, JwtMinter, MintError, Snapshot, Svid};
+use crate::client::{self, AgentIdentity, ClientError};
+use crate::config::Config;
+
+/// Most CSRs in one signing call.
+pub const BATCH: usize = 500;
+
+fn now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0)
+}
+
+/// Counters the ops endpoint exposes.
+#[derive(Debug, Default)]
+pub struct Stats {
+    /// SVIDs signed (first issue and rotations).
+    pub signed: std::sync::atomic::AtomicU64,
+    /// Rotations (re-signings of an SVID that existed).
+    pub rotations: std::sync::atomic::AtomicU64,
+    /// Signing requests the CA refused.
+    pub sign_errors: std::sync::atomic::AtomicU64,
+    /// 1 while a sync stream to the CA is open.
+    pub connected: std::sync::atomic::AtomicU64,
+    /// Reconnection attempts.
+    pub reconnects: std::sync::atomic::AtomicU64,
+}
+
+struct Held {
+    svid: Arc<Svid>,
+    revision: i64,
+    renew_at: i64,
+}
+
+/// The agent's state and its connection to the CA.
+pub struct Manager {
+    td: TrustDomain,
+    addrs: Vec<String>,
+    data_dir: PathBuf,
+    bootstrap_bundle: PathBuf,
+    rotation_fraction: f64,
+    max_backoff: Duration,
+    join_token: Option<zeroize::Zeroizing<String>>,
+    snapshots: watch::Sender<Arc<Snapshot>>,
+    channel: Arc<ArcSwapOption<NodeClient<Channel>>>,
+    entries: BTreeMap<String, Arc<Entry>>,
+    held: HashMap<String, Held>,
+    bundle: Arc<Bundle>,
+    synced: bool,
+    /// Counters.
+    pub stats: Arc<Stats>,
+}
+
+impl std::fmt::Debug for Manager {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Manager")
+            .field("trust_domain", &self.td)
+            .field("entries", &self.entries.len())
+            .finish_non_exhaustive()
+    }
+}
+
+/// Mints JWT-SVIDs through the manager's current CA connection.
+#[derive(Clone)]
+pub struct Minter {
+    channel: Arc<ArcSwapOption<NodeClient<Channel>>>,
+}
+
+#[tonic::async_trait]
+impl JwtMinter for Minter {
+    async fn mint(&self, entry_id: &str, audience: &[String]) -> Result<(String, i64), MintError> {
+        let Some(client) = self.channel.load_full() else {
+            return Err(MintError::Unavailable("not connected to the CA".into()));
+        };
+        let mut client = (*client).clone();
+        let req = node::MintJwtSvidRequest {
+            entry_id: entry_id.to_owned(),
+            audience: audience.to_vec(),
+        };
+        match tokio::time::timeout(Duration::from_secs(5), client.mint_jwt_svid(req)).await {
+            Err(_) => Err(MintError::Unavailable("the CA did not answer in time".into())),
+            Ok(Err(s)) if s.code() == tonic::Code::Unavailable => Err(MintError::Unavailable(s.message().to_owned())),
+            Ok(Err(s)) => Err(MintError::Refused(s.message().to_owned())),
+            Ok(Ok(r)) => {
+                let r = r.into_inner();
+                Ok((r.token, r.expires_at))
+            }
+        }
+    }
+}
+
+/// How one connected session ended.
+enum SessionEnd {
+    /// Reconnect at once (the agent SVID was renewed).
+    Reconnect,
+    /// Shutting down.
+    Shutdown,
+}
+
+fn entry_from_wire(e: node::Entry) -> Option<Entry> {
+    let spiffe_id = SpiffeId::new(&e.spiffe_id).ok()?;
+    let mut selectors = e.selectors;
+    selectors.sort();
+    Some(Entry {
+        id: e.id,
+        spiffe_id,
+        selectors,
+        x509_svid_ttl: e.x509_svid_ttl,
+        jwt_svid_ttl: e.jwt_svid_ttl,
+        dns_names: e.dns_names,
+        federates_with: e.federates_with,
+        hint: e.hint,
+        revision: e.revision,
+    })
+}
+
+impl Manager {
+    /// A manager for `config`; `join_token` is used only if no persisted agent identity exists.
+    pub fn new(config: &Config, join_token: Option<String>) -> (Self, watch::Receiver<Arc<Snapshot>>) {
+        let (tx, rx) = watch::channel(Arc::new(Snapshot::empty(config.trust_domain.clone())));
+        let m = Self {
+            td: config.trust_domain.clone(),
+            addrs: config.server_addresses.clone(),
+            data_dir: config.data_dir.clone(),
+            bootstrap_bundle: config.trust_bundle_path.clone(),
+            rotation_fraction: config.rotation_fraction,
+            max_backoff: config.max_backoff,
+            join_token: join_token.map(zeroize::Zeroizing::new),
+            snapshots: tx,
+            channel: Arc::new(ArcSwapOption::empty()),
+            entries: BTreeMap::new(),
+            held: HashMap::new(),
+            bundle: Arc::new(Bundle::default()),
+            synced: false,
+            stats: Arc::new(Stats::default()),
+        };
+        (m, rx)
+    }
+
+    /// The JWT minter for the Workload API.
+    pub fn minter(&self) -> Minter {
+        Minter {
+            channel: Arc::clone(&self.channel),
+        }
+    }
+
+    /// The roots to authenticate the CA with: the latest bundle received, else the bootstrap
+    /// file.
+    fn roots(&self) -> Result<Vec<Vec<u8>>, ClientError> {
+        if !self.bundle.x509_authorities.is_empty() {
+            return Ok(self.bundle.x509_authorities.clone());
+        }
+        let saved = self.data_dir.join(client::BUNDLE_FILE);
+        if saved.exists() {
+            return client::read_certs(&saved);
+        }
+        client::read_certs(&self.bootstrap_bundle)
+    }
+
+    /// The persisted agent identity if usable, else a fresh one from the join token.
+    async fn identity(&mut self) -> Result<AgentIdentity, ClientError> {
+        if let Some(id) = AgentIdentity::load(&self.data_dir)? {
+            if id.not_after > now() + 5 {
+                return Ok(id);
+            }
+            tracing::warn!(spiffe_id = %id.spiffe_id, "persisted agent SVID has expired; attesting again");
+        }
+        let Some(token) = self.join_token.take() else {
+            return Err(ClientError::Malformed(
+                "no usable agent SVID in the data directory and no join token: run with --join-token (from `meshid-ca token generate`)".into(),
+            ));
+        };
+        let roots = self.roots()?;
+        let mut client = client::connect(&self.addrs, &self.td, &roots, None).await?;
+        let (key, csr) = client::key_and_csr()?;
+        let resp = client
+            .attest_join_token(node::AttestJoinTokenRequest {
+                token: token.to_string(),
+                csr,
+            })
+            .await?
+            .into_inner();
+        let id = AgentIdentity::new(resp.chain, key)?;
+        id.save(&self.data_dir)?;
+        if let Some(b) = resp.bundle {
+            self.apply_bundle(b)?;
+        }
+        tracing::info!(spiffe_id = %id.spiffe_id, not_after = id.not_after, "attested to the CA");
+        Ok(id)
+    }
+
+    fn apply_bundle(&mut self, b: node::Bundle) -> Result<(), ClientError> {
+        if b.x509_authorities.is_empty() {
+            return Err(ClientError::Malformed("CA sent a bundle without X.509 authorities".into()));
+        }
+        let bundle = Bundle {
+            x509_authorities: b.x509_authorities,
+            jwt_authorities_json: b.jwt_authorities_json,
+            sequence: b.sequence,
+        };
+        if *self.bundle != bundle {
+            client::write_file(
+                &self.data_dir.join(client::BUNDLE_FILE),
+                client::pem("CERTIFICATE", &bundle.x509_authorities).as_bytes(),
+                0o644,
+            )?;
+            tracing::info!(sequence = bundle.sequence, "trust bundle updated");
+            self.bundle = Arc::new(bundle);
+        }
+        Ok(())
+    }
+
+    fn apply(&mut self, update: node::SyncUpdate) -> Result<(), ClientError> {
+        if let Some(b) = update.bundle {
+            self.apply_bundle(b)?;
+        }
+        if update.full {
+            self.entries.clear();
+        }
+        for id in update.deleted_ids {
+            self.entries.remove(&id);
+        }
+        for e in update.upserts {
+            let id = e.id.clone();
+            match entry_from_wire(e) {
+                Some(entry) => {
+                    self.entries.insert(id, Arc::new(entry));
+                }
+                None => tracing::warn!(entry_id = %id, "CA sent an entry with an invalid SPIFFE ID; ignored"),
+            }
+        }
+        self.held.retain(|id, _| self.entries.contains_key(id));
+        self.synced = true;
+        Ok(())
+    }
+
+    fn publish(&self) {
+        let identities = self
+            .entries
+            .values()
+            .map(|e| Identity {
+                entry: Arc::clone(e),
+                svid: self.held.get(&e.id).map(|h| Arc::clone(&h.svid)),
+            })
+            .collect();
+        let snap = Snapshot {
+            trust_domain: self.td.clone(),
+            bundle: Arc::clone(&self.bundle),
+            identities,
+            synced: self.synced,
+        };
+        self.snapshots.send_replace(Arc::new(snap));
+    }
+
+    fn renew_at(&self, not_before: i64, not_after: i64) -> i64 {
+        let life = (not_after - not_before).max(1) as f64;
+        let jitter = rand::thread_rng().gen_range(0.9..1.1);
+        not_before + (life * self.rotation_fraction * jitter) as i64
+    }
+
+    /// Signs every entry that has no SVID, a stale one (entry changed) or one past its
+    /// rotation point. Returns when everything due has been attempted.
+    async fn sign_due(&mut self, client: &mut NodeClient<Channel>) -> Result<(), ClientError> {
+        let t = now();
+        let due: Vec<Arc<Entry>> = self
+            .entries
+            .values()
+            .filter(|e| match self.held.get(&e.id) {
+                None => true,
+                Some(h) => h.revision != e.revision || t >= h.renew_at,
+            })
+            .cloned()
+            .collect();
+        for chunk in due.chunks(BATCH) {
+            let mut keys = Vec::with_capacity(chunk.len());
+            let mut requests = Vec::with_capacity(chunk.len());
+            for e in chunk {
+                let (key, csr) = client::key_and_csr()?;
+                keys.push(key);
+                requests.push(node::SignRequest {
+                    entry_id: e.id.clone(),
+                    csr,
+                });
+            }
+            let resp = client
+                .batch_sign_x509(node::BatchSignX509Request { requests })
+                .await?
+                .into_inner();
+            for ((entry, key), result) in chunk.iter().zip(keys).zip(resp.results) {
+                if !result.error.is_empty() || result.chain.is_empty() {
+                    self.stats.sign_errors.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    tracing::warn!(entry_id = %entry.id, error = %result.error, "CA refused to sign");
+                    continue;
+                }
+                let not_before = result
+                    .chain
+                    .first()
+                    .and_then(|c| x509_parser::parse_x509_certificate(c).ok().map(|(_, c)| c.validity().not_before.timestamp()))
+                    .unwrap_or(t);
+                let renew_at = self.renew_at(not_before, result.expires_at);
+                let rotated = self.held.contains_key(&entry.id);
+                self.held.insert(
+                    entry.id.clone(),
+                    Held {
+                        svid: Arc::new(Svid {
+                            chain: result.chain,
+                            key_pkcs8: key,
+                            serial: result.serial,
+                            not_before,
+                            not_after: result.expires_at,
+                        }),
+                        revision: entry.revision,
+                        renew_at,
+                    },
+                );
+                self.stats.signed.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                if rotated {
+                    self.stats.rotations.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                }
+                tracing::debug!(entry_id = %entry.id, spiffe_id = %entry.spiffe_id, not_after = result.expires_at, rotated, "SVID signed");
+            }
+        }
+        Ok(())
+    }
+
+    fn next_wakeup(&self, identity: &AgentIdentity) -> i64 {
+        let agent_renew = identity.not_before + ((identity.not_after - identity.not_before) as f64 * self.rotation_fraction) as i64;
+        self.held.values().map(|h| h.renew_at).fold(agent_renew, i64::min)
+    }
+
+    async fn renew_agent(&self, client: &mut NodeClient<Channel>) -> Result<(), ClientError> {
+        let (key, csr) = client::key_and_csr()?;
+        let resp = client.renew_agent(node::RenewAgentRequest { csr }).await?.into_inner();
+        let id = AgentIdentity::new(resp.chain, key)?;
+        id.save(&self.data_dir)?;
+        tracing::info!(spiffe_id = %id.spiffe_id, not_after = id.not_after, "agent SVID renewed");
+        Ok(())
+    }
+
+    /// One connected session: open the sync stream and serve it until it fails, the agent
+    /// SVID needs renewal, or shutdown.
+    async fn session(&mut self, shutdown: &mut watch::Receiver<bool>) -> Result<SessionEnd, ClientError> {
+        let identity = self.identity().await?;
+        let roots = self.roots()?;
+        let mut client = client::connect(&self.addrs, &self.td, &roots, Some(&identity)).await?;
+        let mut stream = client.sync(node::SyncRequest {}).await?.into_inner();
+        self.channel.store(Some(Arc::new(client.clone())));
+        self.stats.connected.store(1, std::sync::atomic::Ordering::Relaxed);
+        tracing::info!(spiffe_id = %identity.spiffe_id, "connected to the CA");
+        loop {
+            let wake = self.next_wakeup(&identity);
+            let sleep = Duration::from_secs(u64::try_from(wake - now()).unwrap_or(0).max(1));
+            tokio::select! {
+                msg = stream.message() => {
+                    match msg? {
+                        Some(update) => {
+                            self.apply(update)?;
+                            // Publish entry changes at once (deletions matter), then again
+                            // once signed.
+                            self.publish();
+                            self.sign_due(&mut client).await?;
+                            self.publish();
+                        }
+                        None => return Err(ClientError::Rpc(tonic::Status::unavailable("the CA closed the sync stream"))),
+                    }
+                }
+                _ = tokio::time::sleep(sleep) => {
+                    let t = now();
+                    let agent_renew = identity.not_before + ((identity.not_after - identity.not_before) as f64 * self.rotation_fraction) as i64;
+                    if t >= agent_renew {
+                        self.renew_agent(&mut client).await?;
+                        return Ok(SessionEnd::Reconnect);
+                    }
+                    self.sign_due(&mut client).await?;
+                    self.publish();
+                }
+                _ = shutdown.changed() => return Ok(SessionEnd::Shutdown),
+            }
+        }
+    }
+
+    /// Runs until `shutdown` turns true: sessions with the CA, and backoff between them.
+    pub async fn run(mut self, mut shutdown: watch::Receiver<bool>) {
+        let mut backoff = Duration::from_millis(200);
+        loop {
+            if *shutdown.borrow() {
+                return;
+            }
+            let started = std::time::Instant::now();
+            let result = self.session(&mut shutdown).await;
+            self.channel.store(None);
+            self.stats.connected.store(0, std::sync::atomic::Ordering::Relaxed);
+            match result {
+                Ok(SessionEnd::Shutdown) => return,
+                Ok(SessionEnd::Reconnect) => {
+                    backoff = Duration::from_millis(200);
+                    continue;
+                }
+                Err(e) => {
+                    if started.elapsed() > Duration::from_secs(10) {
+                        backoff = Duration::from_millis(200);
+                    }
+                    let denied = matches!(&e, ClientError::Rpc(s) if s.code() == tonic::Code::PermissionDenied);
+                    if denied {
+                        tracing::error!(error = %e, "the CA refuses this agent (evicted or banned?); serving cached SVIDs until they expire; re-attest with a new join token");
+                    } else {
+                        tracing::warn!(error = %e, retry_in = ?backoff, "CA session ended; serving cached SVIDs and reconnecting");
+                    }
+                    self.stats.reconnects.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    let jittered = backoff.mul_f64(rand::thread_rng().gen_range(0.5..1.0));
+                    tokio::select! {
+                        _ = tokio::time::sleep(jittered) => {}
+                        _ = shutdown.changed() => return,
+                    }
+                    backoff = (backoff * 2).min(self.max_backoff);
+                }
+            }
+        }
+    }
+}
