@@ -45,6 +45,9 @@ enum Command {
     /// Mint a JWT-SVID for debugging.
     #[command(subcommand)]
     Jwt(JwtCommand),
+    /// Attested agents: list, show, evict, ban.
+    #[command(subcommand)]
+    Agent(AgentCommand),
     /// CA key status.
     #[command(subcommand)]
     Ca(CaCommand),
@@ -72,6 +75,9 @@ struct RunArgs {
     /// Health and metrics listener, host:port (overrides the file).
     #[arg(long)]
     ops_address: Option<String>,
+    /// Node API listener for agents, ip:port (overrides the file; default 127.0.0.1:8443).
+    #[arg(long)]
+    node_address: Option<String>,
     /// Check the configuration and exit.
     #[arg(long)]
     check: bool,
@@ -237,6 +243,41 @@ enum JwtCommand {
 }
 
 #[derive(Subcommand, Debug)]
+enum AgentCommand {
+    /// List attested agents.
+    List {
+        #[command(flatten)]
+        conn: Conn,
+        #[arg(long, value_enum, default_value = "text")]
+        output: Output,
+    },
+    /// Show one agent.
+    Show {
+        #[command(flatten)]
+        conn: Conn,
+        /// The agent's SPIFFE ID.
+        spiffe_id: String,
+        #[arg(long, value_enum, default_value = "text")]
+        output: Output,
+    },
+    /// Evict an agent: its SVID is no longer honoured and nothing is issued to it; it may
+    /// attest again with a new join token.
+    Evict {
+        #[command(flatten)]
+        conn: Conn,
+        /// The agent's SPIFFE ID.
+        spiffe_id: String,
+    },
+    /// Ban an agent: nothing is issued to it and it cannot attest again.
+    Ban {
+        #[command(flatten)]
+        conn: Conn,
+        /// The agent's SPIFFE ID.
+        spiffe_id: String,
+    },
+}
+
+#[derive(Subcommand, Debug)]
 enum CaCommand {
     /// Show the CA journal: roots, intermediates, JWT keys and their states.
     Status {
@@ -302,6 +343,9 @@ fn load_config(args: &RunArgs) -> Result<Config, ConfigError> {
     if let Some(ops) = &args.ops_address {
         raw.ops_address = Some(ops.clone());
     }
+    if let Some(node) = &args.node_address {
+        raw.node_address = Some(node.clone());
+    }
     Config::try_from(raw)
 }
 
@@ -357,10 +401,13 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     let ops = tokio::net::TcpListener::bind(config.ops_address)
         .await
         .with_context(|| format!("cannot bind ops listener {}", config.ops_address))?;
-    tracing::info!(admin_socket = %config.admin_socket.display(), ops_address = %ops.local_addr()?, "listening");
+    let node = tokio::net::TcpListener::bind(config.node_address)
+        .await
+        .with_context(|| format!("cannot bind node API listener {}", config.node_address))?;
+    tracing::info!(admin_socket = %config.admin_socket.display(), ops_address = %ops.local_addr()?, node_address = %node.local_addr()?, "listening");
     meshid_ca::server::run(
         ca,
-        meshid_ca::server::Listeners { admin, ops },
+        meshid_ca::server::Listeners { admin, node, ops },
         shutdown_signal(),
     )
     .await
@@ -427,6 +474,24 @@ fn entry_text(e: &admin::Entry) -> String {
     s
 }
 
+fn agent_json(a: &admin::Agent) -> serde_json::Value {
+    serde_json::json!({
+        "spiffe_id": a.spiffe_id,
+        "attestation_type": a.attestation_type,
+        "serial": a.serial,
+        "expires_at": a.expires_at,
+        "created_at": a.created_at,
+        "banned": a.banned,
+    })
+}
+
+fn agent_text(a: &admin::Agent) -> String {
+    format!(
+        "SPIFFE ID        : {}\nAttestation type : {}\nSerial           : {}\nExpires at       : {}\nCreated at       : {}\nBanned           : {}\n",
+        a.spiffe_id, a.attestation_type, a.serial, a.expires_at, a.created_at, a.banned
+    )
+}
+
 fn print_entry(e: &admin::Entry, output: Output) {
     match output {
         Output::Json => println!("{}", entry_json(e)),
@@ -491,6 +556,7 @@ fn pem(label: &str, der: &[u8]) -> String {
 }
 
 async fn client(cmd: Command) -> anyhow::Result<ExitCode> {
+    use admin::agents_client::AgentsClient;
     use admin::audit_client::AuditClient;
     use admin::authority_client::AuthorityClient;
     use admin::entries_client::EntriesClient;
@@ -673,6 +739,61 @@ async fn client(cmd: Command) -> anyhow::Result<ExitCode> {
                 .map_err(status_err)?
                 .into_inner();
             println!("{}", r.token);
+        }
+        Command::Agent(AgentCommand::List { conn, output }) => {
+            let mut c = AgentsClient::new(channel(&conn).await?);
+            let r = c
+                .list_agents(admin::ListAgentsRequest {})
+                .await
+                .map_err(status_err)?
+                .into_inner();
+            match output {
+                Output::Json => println!(
+                    "{}",
+                    serde_json::Value::Array(r.agents.iter().map(agent_json).collect())
+                ),
+                Output::Text => {
+                    println!("Found {} agents", r.agents.len());
+                    for a in &r.agents {
+                        println!();
+                        print!("{}", agent_text(a));
+                    }
+                }
+            }
+        }
+        Command::Agent(AgentCommand::Show {
+            conn,
+            spiffe_id,
+            output,
+        }) => {
+            let mut c = AgentsClient::new(channel(&conn).await?);
+            let a = c
+                .get_agent(admin::GetAgentRequest { spiffe_id })
+                .await
+                .map_err(status_err)?
+                .into_inner();
+            match output {
+                Output::Json => println!("{}", agent_json(&a)),
+                Output::Text => print!("{}", agent_text(&a)),
+            }
+        }
+        Command::Agent(AgentCommand::Evict { conn, spiffe_id }) => {
+            let mut c = AgentsClient::new(channel(&conn).await?);
+            let a = c
+                .evict_agent(admin::EvictAgentRequest { spiffe_id })
+                .await
+                .map_err(status_err)?
+                .into_inner();
+            println!("Evicted agent {}", a.spiffe_id);
+        }
+        Command::Agent(AgentCommand::Ban { conn, spiffe_id }) => {
+            let mut c = AgentsClient::new(channel(&conn).await?);
+            let a = c
+                .ban_agent(admin::BanAgentRequest { spiffe_id })
+                .await
+                .map_err(status_err)?
+                .into_inner();
+            println!("Banned agent {}", a.spiffe_id);
         }
         Command::Ca(CaCommand::Status { conn, output }) => {
             let mut c = AuthorityClient::new(channel(&conn).await?);

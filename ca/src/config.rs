@@ -23,6 +23,9 @@ pub const DEFAULT_X509_SVID_TTL: Duration = Duration::from_secs(3600);
 pub const DEFAULT_JWT_SVID_TTL: Duration = Duration::from_secs(300);
 /// Default lifetime of a join token.
 pub const DEFAULT_JOIN_TOKEN_TTL: Duration = Duration::from_secs(600);
+/// Default node API listener: loopback only, so a fresh CA is not reachable from the network
+/// until the operator says so (e.g. `0.0.0.0:8443`).
+pub const DEFAULT_NODE_ADDRESS: &str = "127.0.0.1:8443";
 
 /// Why a configuration was refused.
 #[derive(Debug, thiserror::Error)]
@@ -82,6 +85,8 @@ pub struct RawConfig {
     pub admin_socket: Option<PathBuf>,
     /// `host:port` of the health and metrics HTTP listener (default `127.0.0.1:8081`).
     pub ops_address: Option<String>,
+    /// `host:port` of the node API (gRPC over TLS) for agents (default `127.0.0.1:8443`).
+    pub node_address: Option<String>,
     /// `text` (default) or `json` log lines.
     pub log_format: Option<String>,
     /// Key and certificate settings.
@@ -215,6 +220,8 @@ pub struct Config {
     pub admin_socket: PathBuf,
     /// Health and metrics listener.
     pub ops_address: SocketAddr,
+    /// Node API listener.
+    pub node_address: SocketAddr,
     /// JSON logs.
     pub log_json: bool,
     /// Key settings.
@@ -339,6 +346,13 @@ impl TryFrom<RawConfig> for Config {
                 format!("{ops:?}: {e}; write host:port, e.g. 127.0.0.1:8081"),
             )
         })?;
+        let node = raw.node_address.as_deref().unwrap_or(DEFAULT_NODE_ADDRESS);
+        let node_address = node.parse().map_err(|e| {
+            invalid(
+                "node_address",
+                format!("{node:?}: {e}; write ip:port, e.g. 0.0.0.0:8443"),
+            )
+        })?;
         let log_json = match raw.log_format.as_deref() {
             None | Some("text") => false,
             Some("json") => true,
@@ -411,6 +425,7 @@ impl TryFrom<RawConfig> for Config {
             server_id,
             admin_socket,
             ops_address,
+            node_address,
             log_json,
             ca: CaSettings {
                 key_type,
@@ -445,6 +460,9 @@ mod tests {
         assert_eq!(c.ca.intermediate_ttl, DEFAULT_INTERMEDIATE_TTL);
         assert_eq!(c.ca.key_type, KeyType::EcP256);
         assert_eq!(c.join_token_ttl, Duration::from_secs(600));
+        assert_eq!(c.node_address, "127.0.0.1:8443".parse().unwrap());
+        let c = parse("trust_domain = \"example.org\"\nnode_address = \"0.0.0.0:9443\"").unwrap();
+        assert_eq!(c.node_address, "0.0.0.0:9443".parse().unwrap());
     }
 
     #[test]
@@ -489,6 +507,10 @@ mod tests {
                 "trust_domain = \"e.org\"\ndatastore = \"mysql://u:pw@h/db\"",
                 "datastore",
             ),
+            (
+                "trust_domain = \"e.org\"\nnode_address = \"ca.example.org\"",
+                "node_address",
+            ),
             ("trust_domain = \"e.org\"\nserver_id = \"a b\"", "server_id"),
             (
                 "trust_domain = \"e.org\"\n[ca]\nupstream_cert = \"/x\"",
@@ -506,6 +528,7 @@ mod tests {
         let c = parse(text).unwrap();
         assert_eq!(c.trust_domain.as_str(), "example.org");
         assert_eq!(c.ca.default_jwt_svid_ttl, Duration::from_secs(300));
+        assert_eq!(c.node_address, DEFAULT_NODE_ADDRESS.parse().unwrap());
     }
 
     #[test]

@@ -15,7 +15,10 @@
 //! - [`token`]: single-use, expiring join tokens stored only as hashes.
 //! - [`store`]: the datastore trait with its SQLite (default) and PostgreSQL backends.
 //! - [`audit`]: the hash-chained audit log and its verifier.
-//! - [`service`]: the admin API (gRPC on a Unix socket).
+//! - [`service`]: the CA's operations ([`service::Ca`]) and the admin API (gRPC on a Unix
+//!   socket).
+//! - [`node`]: the node API for agents (gRPC over TLS): attestation, renewal, entry sync,
+//!   SVID signing.
 //! - [`server`]: wiring for `meshid-ca run`: rotation task, admin socket, health and metrics.
 
 #![forbid(unsafe_code)]
@@ -27,6 +30,7 @@ pub mod config;
 pub mod entry;
 pub mod jwt;
 pub mod metrics;
+pub mod node;
 pub mod server;
 pub mod service;
 pub mod store;

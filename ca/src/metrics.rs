@@ -39,6 +39,10 @@ pub struct Metrics {
     pub rotations: Counter,
     /// Rotation checks that failed.
     pub rotation_errors: Counter,
+    /// Node API connections whose TLS handshake failed or timed out.
+    pub node_handshake_failures: Counter,
+    /// Node API calls refused for lack of a valid agent identity.
+    pub node_denied: Counter,
 }
 
 impl Default for Metrics {
@@ -91,6 +95,18 @@ impl Metrics {
             "Rotation checks that failed",
             rotation_errors.clone(),
         );
+        let node_handshake_failures = Counter::default();
+        registry.register(
+            "node_tls_handshake_failures",
+            "Node API connections whose TLS handshake failed or timed out",
+            node_handshake_failures.clone(),
+        );
+        let node_denied = Counter::default();
+        registry.register(
+            "node_requests_denied",
+            "Node API calls refused for lack of a valid agent identity",
+            node_denied.clone(),
+        );
         Self {
             registry,
             signed,
@@ -99,6 +115,8 @@ impl Metrics {
             root_expiry,
             rotations,
             rotation_errors,
+            node_handshake_failures,
+            node_denied,
         }
     }
 

@@ -1,8 +1,10 @@
-//! `meshid-ca run`: binds the admin socket and the ops listener, then serves until shutdown.
+//! `meshid-ca run`: binds the admin socket, the node API and the ops listener, then serves
+//! until shutdown.
 //!
 //! [`run`] takes already-bound listeners and a shutdown future, so tests bind port 0 and a
-//! socket in a temporary directory. Three tasks run: the admin API (gRPC on the Unix socket),
-//! the ops HTTP listener (`/healthz`, `/readyz`, `/metrics`) and the rotation check.
+//! socket in a temporary directory. Four tasks run: the admin API (gRPC on the Unix socket),
+//! the node API (gRPC over TLS, [`crate::node`]), the ops HTTP listener (`/healthz`,
+//! `/readyz`, `/metrics`) and the rotation check, which also announces bundle changes.
 
 use std::future::Future;
 use std::io;
@@ -18,7 +20,7 @@ use tokio::net::{TcpListener, UnixListener};
 use tokio::sync::watch;
 
 use crate::authority::ensure_private_dir;
-use crate::service::{AdminService, Ca};
+use crate::service::{AdminService, Ca, CaEvent};
 
 /// Binds a Unix socket that only its owner can use (mode 0600), without a moment in which it
 /// exists with a wider mode: it is bound in a fresh private directory, restricted, then renamed
@@ -75,6 +77,8 @@ pub fn bind_private_socket(path: &Path) -> io::Result<UnixListener> {
 pub struct Listeners {
     /// The admin API socket.
     pub admin: UnixListener,
+    /// The node API listener (TLS is done by the server).
+    pub node: TcpListener,
     /// The health and metrics listener.
     pub ops: TcpListener,
 }
@@ -128,8 +132,11 @@ pub fn ops_router(ca: Ca) -> axum::Router {
         .with_state(OpsState { ca })
 }
 
-/// Checks rotation every `interval` until `stop` fires.
+/// Checks rotation every `interval` until `stop` fires, and publishes
+/// [`CaEvent::BundleChanged`] whenever the bundle's sequence moves (this server's rotation or
+/// another server's, seen in the journal).
 pub async fn rotation_loop(ca: Ca, interval: Duration, mut stop: watch::Receiver<bool>) {
+    let mut sequence = ca.authority.bundle().sequence;
     let mut tick = tokio::time::interval(interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -146,11 +153,18 @@ pub async fn rotation_loop(ca: Ca, interval: Duration, mut stop: watch::Receiver
                 tracing::error!(error = %e, "rotation check failed; will retry");
             }
         }
+        let now = ca.authority.bundle().sequence;
+        if now != sequence {
+            sequence = now;
+            tracing::info!(sequence, "trust bundle changed");
+            ca.publish(CaEvent::BundleChanged);
+        }
     }
 }
 
-/// Serves the admin API, the ops listener and the rotation check until `shutdown` completes,
-/// then stops accepting and lets in-flight admin calls finish.
+/// Serves the admin API, the node API, the ops listener and the rotation check until
+/// `shutdown` completes, then stops accepting and lets in-flight calls finish (the node API's
+/// sync streams end).
 pub async fn run(
     ca: Ca,
     listeners: Listeners,
@@ -171,6 +185,11 @@ pub async fn run(
         );
     let admin = tokio::spawn(admin);
 
+    let mut node_stop = stop_rx.clone();
+    let node = tokio::spawn(crate::node::serve(ca.clone(), listeners.node, async move {
+        let _ = node_stop.changed().await;
+    }));
+
     let mut ops_stop = stop_rx;
     let ops = axum::serve(listeners.ops, ops_router(ca)).with_graceful_shutdown(async move {
         let _ = ops_stop.changed().await;
@@ -183,8 +202,10 @@ pub async fn run(
     let _ = stop_tx.send(true);
     let _ = rotation.await;
     let admin_result = admin.await;
+    let node_result = node.await;
     let ops_result = ops.await;
     admin_result??;
+    node_result??;
     ops_result??;
     Ok(())
 }
@@ -213,10 +234,10 @@ pub async fn build(config: &crate::config::Config) -> anyhow::Result<Ca> {
     )
     .await
     .context("cannot load or create the CA keys")?;
-    Ok(Ca {
-        authority: Arc::new(authority),
+    Ok(Ca::new(
+        Arc::new(authority),
         store,
-        metrics: Arc::new(crate::metrics::Metrics::new()),
-        join_token_ttl: config.join_token_ttl,
-    })
+        Arc::new(crate::metrics::Metrics::new()),
+        config.join_token_ttl,
+    ))
 }

@@ -1,22 +1,26 @@
 //! The CA's operations and the admin API that exposes them.
 //!
 //! [`Ca`] is the one place where an operation is validated, carried out, measured and written
-//! to the audit log; the gRPC services ([`AdminService`]) are thin wrappers over it, and the
-//! node API will be another. Errors reach the wire through exactly one mapping,
-//! `From<ServiceError> for tonic::Status`.
+//! to the audit log; the gRPC services ([`AdminService`] here, the node API in
+//! [`crate::node`]) are thin wrappers over it. Errors reach the wire through exactly one
+//! mapping, `From<ServiceError> for tonic::Status`.
+//!
+//! Changes that agents must hear about (entries, the bundle, evicted or banned agents) are
+//! published on [`Ca::events`] after they are committed, in commit order.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use meshid_api::admin;
 use spiffe::SpiffeId;
+use tokio::sync::{broadcast, Mutex};
 use tonic::{Request, Response, Status};
 
 use crate::audit::{self, AuditEvent};
 use crate::authority::{Authority, AuthorityError};
 use crate::entry::{self, EntryError, EntryId, EntrySpec, RegistrationEntry};
 use crate::metrics::{KindLabels, Metrics, SignLabels};
-use crate::store::{CaKeyKind, CaKeyState, Datastore, StoreError};
+use crate::store::{AgentRecord, CaKeyKind, CaKeyState, Datastore, StoreError};
 use crate::svid::IssuedSvid;
 use crate::token::JoinToken;
 
@@ -44,6 +48,18 @@ pub enum ServiceError {
     /// The audit log failed verification or could not be read.
     #[error(transparent)]
     Audit(#[from] audit::VerifyError),
+    /// The CA is shutting down and did not finish the change (it may or may not have been
+    /// stored).
+    #[error("the CA is shutting down; check the state and retry")]
+    Interrupted,
+    /// The agent may not have this (evicted, never attested, or banned).
+    #[error("agent {id} {reason}")]
+    AgentDenied {
+        /// The agent's SPIFFE ID.
+        id: String,
+        /// Why, e.g. "is banned".
+        reason: &'static str,
+    },
 }
 
 impl From<ServiceError> for Status {
@@ -56,10 +72,13 @@ impl From<ServiceError> for Status {
             ServiceError::Store(StoreError::NotFound(_)) => Status::not_found(msg),
             ServiceError::Store(StoreError::AlreadyExists(_)) => Status::already_exists(msg),
             ServiceError::Store(StoreError::RevisionConflict { .. }) => Status::aborted(msg),
-            ServiceError::Store(StoreError::TokenRejected) => Status::permission_denied(msg),
+            ServiceError::Store(StoreError::TokenRejected) | ServiceError::AgentDenied { .. } => {
+                Status::permission_denied(msg)
+            }
             ServiceError::Authority(
                 AuthorityError::Svid(_) | AuthorityError::Jwt(_) | AuthorityError::ForeignId { .. },
             ) => Status::invalid_argument(msg),
+            ServiceError::Interrupted => Status::unavailable(msg),
             _ => {
                 tracing::error!(error = %msg, "internal error");
                 Status::internal(msg)
@@ -75,6 +94,52 @@ fn invalid(field: &'static str, reason: impl Into<String>) -> ServiceError {
     }
 }
 
+/// Why an agent's record says it may not be served.
+const NOT_ATTESTED: &str =
+    "is not attested (evicted, or never attested): attest again with a new join token";
+const BANNED: &str = "is banned";
+
+/// How many [`CaEvent`]s a slow subscriber may fall behind before it is told it lagged (and
+/// resynchronizes from the store).
+pub const EVENT_CAPACITY: usize = 1024;
+
+/// A committed change that agents must hear about, published on [`Ca::events`].
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub enum CaEvent {
+    /// An entry was created or updated.
+    EntryUpserted {
+        /// The entry as stored now.
+        entry: Arc<RegistrationEntry>,
+        /// Its parent before an update (`None` on creation). When it differs from the new
+        /// parent, the old parent's agent must drop the entry.
+        old_parent: Option<SpiffeId>,
+    },
+    /// An entry was deleted.
+    EntryDeleted {
+        /// The entry's id.
+        id: EntryId,
+        /// Its parent.
+        parent: SpiffeId,
+    },
+    /// The trust bundle's sequence changed.
+    BundleChanged,
+    /// An agent was evicted or banned: its open streams end.
+    AgentRemoved {
+        /// The agent's SPIFFE ID.
+        spiffe_id: String,
+    },
+}
+
+/// Serializes what must not interleave within one CA server.
+#[derive(Debug, Default)]
+struct Locks {
+    /// Entry changes and their events, so events are published in commit order.
+    entries: Mutex<()>,
+    /// Read-check-write of agent records, so a renewal cannot undo an eviction or a ban.
+    agents: Mutex<()>,
+}
+
 /// The CA: authority, datastore, metrics and defaults, shared by every API.
 #[derive(Debug, Clone)]
 pub struct Ca {
@@ -86,6 +151,11 @@ pub struct Ca {
     pub metrics: Arc<Metrics>,
     /// Default join token lifetime.
     pub join_token_ttl: Duration,
+    /// Committed changes, for the node API's sync streams. Subscribe before reading the state
+    /// the events apply to. Changes made by another CA server of the trust domain are not seen
+    /// here.
+    pub events: broadcast::Sender<CaEvent>,
+    locks: Arc<Locks>,
 }
 
 fn ttl(secs: u64, max: Duration, field: &'static str) -> Result<Option<Duration>, ServiceError> {
@@ -102,6 +172,28 @@ fn ttl(secs: u64, max: Duration, field: &'static str) -> Result<Option<Duration>
 }
 
 impl Ca {
+    /// A CA over these parts, with a fresh event channel.
+    pub fn new(
+        authority: Arc<Authority>,
+        store: Arc<dyn Datastore>,
+        metrics: Arc<Metrics>,
+        join_token_ttl: Duration,
+    ) -> Self {
+        Self {
+            authority,
+            store,
+            metrics,
+            join_token_ttl,
+            events: broadcast::channel(EVENT_CAPACITY).0,
+            locks: Arc::default(),
+        }
+    }
+
+    /// Publishes a committed change (nobody listening is fine).
+    pub fn publish(&self, event: CaEvent) {
+        let _ = self.events.send(event);
+    }
+
     fn observe<T, E>(&self, kind: &'static str, started: Instant, result: &Result<T, E>) {
         let ok = result.is_ok();
         self.metrics
@@ -224,9 +316,18 @@ impl Ca {
         caller: &str,
     ) -> Result<RegistrationEntry, ServiceError> {
         let entry = spec.validate(self.authority.trust_domain(), crate::unix_now())?;
-        self.store
-            .create_entry(&entry, &entry_event("entry.created", caller, &entry))
-            .await?;
+        let event = entry_event("entry.created", caller, &entry);
+        let (ca, stored) = (self.clone(), entry.clone());
+        detached(async move {
+            let _order = ca.locks.entries.lock().await;
+            ca.store.create_entry(&stored, &event).await?;
+            ca.publish(CaEvent::EntryUpserted {
+                entry: Arc::new(stored),
+                old_parent: None,
+            });
+            Ok(())
+        })
+        .await?;
         tracing::info!(entry_id = %entry.id, spiffe_id = %entry.spiffe_id, caller = %caller, "entry created");
         Ok(entry)
     }
@@ -243,22 +344,31 @@ impl Ca {
             .as_deref()
             .ok_or_else(|| invalid("entry.id", "is required"))?
             .parse()?;
-        let old = self
-            .store
-            .get_entry(&id)
-            .await?
-            .ok_or_else(|| StoreError::NotFound(format!("entry {id}")))?;
         let mut entry = spec.validate(self.authority.trust_domain(), crate::unix_now())?;
-        entry.created_at = old.created_at;
-        entry.revision = if revision == 0 {
-            old.revision + 1
-        } else {
-            revision + 1
-        };
-        self.store
-            .update_entry(&entry, &entry_event("entry.updated", caller, &entry))
-            .await?;
-        Ok(entry)
+        let (ca, caller) = (self.clone(), caller.to_owned());
+        detached(async move {
+            let _order = ca.locks.entries.lock().await;
+            let old = ca
+                .store
+                .get_entry(&id)
+                .await?
+                .ok_or_else(|| StoreError::NotFound(format!("entry {id}")))?;
+            entry.created_at = old.created_at;
+            entry.revision = if revision == 0 {
+                old.revision + 1
+            } else {
+                revision + 1
+            };
+            ca.store
+                .update_entry(&entry, &entry_event("entry.updated", &caller, &entry))
+                .await?;
+            ca.publish(CaEvent::EntryUpserted {
+                entry: Arc::new(entry.clone()),
+                old_parent: Some(old.parent_id),
+            });
+            Ok(entry)
+        })
+        .await
     }
 
     /// Deletes an entry.
@@ -273,7 +383,17 @@ impl Ca {
             caller,
             serde_json::json!({"entry_id": id.to_string()}),
         );
-        Ok(self.store.delete_entry(&id, &event).await?)
+        let ca = self.clone();
+        detached(async move {
+            let _order = ca.locks.entries.lock().await;
+            let entry = ca.store.delete_entry(&id, &event).await?;
+            ca.publish(CaEvent::EntryDeleted {
+                id: entry.id.clone(),
+                parent: entry.parent_id.clone(),
+            });
+            Ok(entry)
+        })
+        .await
     }
 
     /// Generates a join token; returns it with its secret, which is shown once.
@@ -315,6 +435,189 @@ impl Ca {
             .store
             .consume_join_token(&hash, crate::unix_now(), &event)
             .await?)
+    }
+
+    /// Signs an agent SVID (the CA's default X.509 lifetime) and measures it.
+    fn sign_agent_svid(&self, id: &SpiffeId, csr_der: &[u8]) -> Result<IssuedSvid, ServiceError> {
+        let started = Instant::now();
+        let result = self.authority.sign_x509_svid(csr_der, id, &[], None);
+        self.observe("agent", started, &result);
+        Ok(result?)
+    }
+
+    /// Node attestation with a join token: uses the token (single use, refused once expired:
+    /// one error for unknown, used and expired), and signs an SVID for
+    /// `spiffe://<td>/meshid/agent/join_token/<token id>` over the CSR's key. The CSR is checked
+    /// before the token is used, so a malformed request does not burn it. A banned ID is
+    /// refused.
+    pub async fn attest_join_token(
+        &self,
+        secret: &str,
+        csr_der: &[u8],
+    ) -> Result<(AgentRecord, IssuedSvid), ServiceError> {
+        if secret.is_empty() {
+            return Err(invalid("token", "is required"));
+        }
+        crate::svid::parse_csr(csr_der).map_err(AuthorityError::from)?;
+        let token = self.consume_token(secret, "node:attest").await?;
+        let td = self.authority.trust_domain();
+        let id = entry::parse_id(
+            "agent id",
+            &format!("spiffe://{td}/meshid/agent/join_token/{}", token.id),
+            td,
+        )?;
+        let id_text = id.to_string();
+        let _agents = self.locks.agents.lock().await;
+        if let Some(existing) = self.store.get_agent(&id_text).await? {
+            if existing.banned {
+                return Err(ServiceError::AgentDenied {
+                    id: id_text,
+                    reason: BANNED,
+                });
+            }
+        }
+        let svid = self.sign_agent_svid(&id, csr_der)?;
+        let record = AgentRecord {
+            spiffe_id: id_text.clone(),
+            attestation_type: "join_token".to_owned(),
+            serial: svid.serial.clone(),
+            expires_at: svid.not_after,
+            created_at: crate::unix_now(),
+            banned: false,
+        };
+        let event = AuditEvent::new(
+            "agent.attested",
+            &id_text,
+            serde_json::json!({
+                "spiffe_id": id_text,
+                "attestation_type": record.attestation_type,
+                "token_id": token.id,
+                "serial": svid.serial,
+                "not_after": svid.not_after,
+            }),
+        );
+        self.store.upsert_agent(&record, &event).await?;
+        tracing::info!(spiffe_id = %id_text, serial = %svid.serial, not_after = svid.not_after, "agent attested");
+        Ok((record, svid))
+    }
+
+    /// Renews an attested agent's SVID. Refused when the agent has been evicted or banned.
+    pub async fn renew_agent(
+        &self,
+        id: &SpiffeId,
+        csr_der: &[u8],
+    ) -> Result<(AgentRecord, IssuedSvid), ServiceError> {
+        let id_text = id.to_string();
+        let _agents = self.locks.agents.lock().await;
+        let Some(record) = self.store.get_agent(&id_text).await? else {
+            return Err(ServiceError::AgentDenied {
+                id: id_text,
+                reason: NOT_ATTESTED,
+            });
+        };
+        if record.banned {
+            return Err(ServiceError::AgentDenied {
+                id: id_text,
+                reason: BANNED,
+            });
+        }
+        let svid = self.sign_agent_svid(id, csr_der)?;
+        let record = AgentRecord {
+            serial: svid.serial.clone(),
+            expires_at: svid.not_after,
+            ..record
+        };
+        let event = AuditEvent::new(
+            "agent.renewed",
+            &id_text,
+            serde_json::json!({
+                "spiffe_id": id_text,
+                "serial": svid.serial,
+                "not_after": svid.not_after,
+            }),
+        );
+        self.store.upsert_agent(&record, &event).await?;
+        tracing::info!(spiffe_id = %id_text, serial = %svid.serial, not_after = svid.not_after, "agent renewed");
+        Ok((record, svid))
+    }
+
+    /// Checks that `id` names an attested, unbanned agent.
+    pub async fn check_agent(&self, id: &str) -> Result<AgentRecord, ServiceError> {
+        match self.store.get_agent(id).await? {
+            None => Err(ServiceError::AgentDenied {
+                id: id.to_owned(),
+                reason: NOT_ATTESTED,
+            }),
+            Some(r) if r.banned => Err(ServiceError::AgentDenied {
+                id: id.to_owned(),
+                reason: BANNED,
+            }),
+            Some(r) => Ok(r),
+        }
+    }
+
+    /// Evicts an agent: deletes its record, so its SVID is no longer honoured and its open
+    /// streams end. It may attest again (with a new join token).
+    pub async fn evict_agent(&self, id: &str, caller: &str) -> Result<AgentRecord, ServiceError> {
+        let id = entry::parse_id("spiffe_id", id, self.authority.trust_domain())?.to_string();
+        let event = AuditEvent::new(
+            "agent.evicted",
+            caller,
+            serde_json::json!({"spiffe_id": id}),
+        );
+        let (ca, removed) = (self.clone(), id.clone());
+        let record = detached(async move {
+            let _agents = ca.locks.agents.lock().await;
+            let record = ca.store.delete_agent(&removed, &event).await?;
+            ca.publish(CaEvent::AgentRemoved { spiffe_id: removed });
+            Ok(record)
+        })
+        .await?;
+        tracing::info!(spiffe_id = %id, caller = %caller, "agent evicted");
+        Ok(record)
+    }
+
+    /// Bans an agent: nothing is issued to it, its open streams end, and it cannot attest
+    /// again under this ID. Banning a banned agent changes nothing.
+    pub async fn ban_agent(&self, id: &str, caller: &str) -> Result<AgentRecord, ServiceError> {
+        let id = entry::parse_id("spiffe_id", id, self.authority.trust_domain())?.to_string();
+        let event = AuditEvent::new("agent.banned", caller, serde_json::json!({"spiffe_id": id}));
+        let ca = self.clone();
+        let (record, changed) = detached(async move {
+            let _agents = ca.locks.agents.lock().await;
+            let record = ca
+                .store
+                .get_agent(&id)
+                .await?
+                .ok_or_else(|| StoreError::NotFound(format!("agent {id}")))?;
+            if record.banned {
+                return Ok((record, false));
+            }
+            let record = AgentRecord {
+                banned: true,
+                ..record
+            };
+            ca.store.upsert_agent(&record, &event).await?;
+            ca.publish(CaEvent::AgentRemoved { spiffe_id: id });
+            Ok((record, true))
+        })
+        .await?;
+        if changed {
+            tracing::info!(spiffe_id = %record.spiffe_id, caller = %caller, "agent banned");
+        }
+        Ok(record)
+    }
+}
+
+/// Runs a change (a store write and the publication of its event) on its own task, so that a
+/// caller going away mid-way (a dropped gRPC call) cannot leave a committed change unannounced.
+async fn detached<T: Send + 'static>(
+    change: impl std::future::Future<Output = Result<T, ServiceError>> + Send + 'static,
+) -> Result<T, ServiceError> {
+    match tokio::spawn(change).await {
+        Ok(result) => result,
+        Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+        Err(_) => Err(ServiceError::Interrupted),
     }
 }
 
@@ -386,6 +689,7 @@ impl AdminService {
         tonic::service::Routes::new(admin::entries_server::EntriesServer::new(self.clone()))
             .add_service(admin::tokens_server::TokensServer::new(self.clone()))
             .add_service(admin::authority_server::AuthorityServer::new(self.clone()))
+            .add_service(admin::agents_server::AgentsServer::new(self.clone()))
             .add_service(admin::audit_server::AuditServer::new(self))
     }
 }
@@ -594,5 +898,62 @@ impl admin::audit_server::Audit for AdminService {
             }
             Err(e) => Err(ServiceError::from(e).into()),
         }
+    }
+}
+
+/// Converts an agent record to the wire.
+pub fn agent_to_proto(a: &AgentRecord) -> admin::Agent {
+    admin::Agent {
+        spiffe_id: a.spiffe_id.clone(),
+        attestation_type: a.attestation_type.clone(),
+        serial: a.serial.clone(),
+        expires_at: a.expires_at,
+        created_at: a.created_at,
+        banned: a.banned,
+    }
+}
+
+#[tonic::async_trait]
+impl admin::agents_server::Agents for AdminService {
+    async fn list_agents(
+        &self,
+        _req: Request<admin::ListAgentsRequest>,
+    ) -> Rpc<admin::ListAgentsResponse> {
+        let agents = self
+            .ca
+            .store
+            .list_agents()
+            .await
+            .map_err(ServiceError::from)?;
+        Ok(Response::new(admin::ListAgentsResponse {
+            agents: agents.iter().map(agent_to_proto).collect(),
+        }))
+    }
+
+    async fn get_agent(&self, req: Request<admin::GetAgentRequest>) -> Rpc<admin::Agent> {
+        let id = req.into_inner().spiffe_id;
+        let agent = self
+            .ca
+            .store
+            .get_agent(&id)
+            .await
+            .map_err(ServiceError::from)?
+            .ok_or_else(|| ServiceError::from(StoreError::NotFound(format!("agent {id}"))))?;
+        Ok(Response::new(agent_to_proto(&agent)))
+    }
+
+    async fn evict_agent(&self, req: Request<admin::EvictAgentRequest>) -> Rpc<admin::Agent> {
+        let who = caller(&req);
+        let agent = self
+            .ca
+            .evict_agent(&req.into_inner().spiffe_id, &who)
+            .await?;
+        Ok(Response::new(agent_to_proto(&agent)))
+    }
+
+    async fn ban_agent(&self, req: Request<admin::BanAgentRequest>) -> Rpc<admin::Agent> {
+        let who = caller(&req);
+        let agent = self.ca.ban_agent(&req.into_inner().spiffe_id, &who).await?;
+        Ok(Response::new(agent_to_proto(&agent)))
     }
 }

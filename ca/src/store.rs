@@ -199,6 +199,12 @@ pub trait Datastore: Send + Sync + 'static {
     async fn get_agent(&self, spiffe_id: &str) -> Result<Option<AgentRecord>, StoreError>;
     /// All agents, ordered by SPIFFE ID.
     async fn list_agents(&self) -> Result<Vec<AgentRecord>, StoreError>;
+    /// Deletes an agent (eviction) and returns it; [`StoreError::NotFound`] if there is none.
+    async fn delete_agent(
+        &self,
+        spiffe_id: &str,
+        audit: &AuditEvent,
+    ) -> Result<AgentRecord, StoreError>;
 
     /// Adds a CA journal row.
     async fn insert_ca_key(&self, key: &CaKeyRecord, audit: &AuditEvent) -> Result<(), StoreError>;

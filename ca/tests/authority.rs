@@ -428,12 +428,12 @@ async fn issuance_for_an_entry_is_audited() {
     )
     .await
     .unwrap();
-    let ca = Ca {
-        authority: Arc::new(authority),
-        store: Arc::clone(&store),
-        metrics: Arc::new(Metrics::new()),
-        join_token_ttl: Duration::from_secs(600),
-    };
+    let ca = Ca::new(
+        Arc::new(authority),
+        Arc::clone(&store),
+        Arc::new(Metrics::new()),
+        Duration::from_secs(600),
+    );
     let entry = ca
         .create_entry(
             &EntrySpec {

@@ -46,6 +46,7 @@ impl Server {
             .args(["run", "--trust-domain", "example.org", "--data-dir"])
             .arg(dir.join("data"))
             .args(["--ops-address", &ops])
+            .args(["--node-address", &format!("127.0.0.1:{}", free_port())])
             .args(extra)
             .env("MESHID_LOG", "debug")
             .stdin(Stdio::null())

@@ -1,10 +1,17 @@
 //! meshid's own gRPC APIs: protocol definitions and typed clients.
 //!
 //! This crate holds the admin API that `meshid-ca` serves to operators on a Unix socket, the
-//! node API between agents and the CA, and the SPIFFE Workload API that the agent serves. The Rust code is generated from the
-//! `.proto` files under `proto/` and checked in under `src/gen/`; `tests/bootstrap.rs`
-//! regenerates it and fails on any difference, so building needs no `protoc`. It contains no
-//! server logic: the CA implements the generated service traits.
+//! node API between agents and the CA, and the SPIFFE Workload API that the agent serves. The
+//! Rust code is generated from the `.proto` files under `proto/` and checked in under
+//! `src/gen/`; `tests/bootstrap.rs` regenerates it and fails on any difference, so building
+//! needs no `protoc`. It contains no server logic: the CA implements the generated service
+//! traits.
+//!
+//! # Layout
+//! - [`admin`], [`node`], [`workload`]: the generated messages, clients and server traits.
+//! - [`client`]: connecting to a gRPC server on a Unix socket (the admin API).
+//! - [`tls`]: SPIFFE-aware rustls configurations (peers authenticated by SPIFFE ID, rotating
+//!   certificates and roots) and connecting over TCP + TLS (the node API).
 
 #![forbid(unsafe_code)]
 
@@ -28,3 +35,4 @@ pub mod workload {
 }
 
 pub mod client;
+pub mod tls;

@@ -772,6 +772,28 @@ impl Datastore for SqlStore {
         rows.iter().map(decode_agent).collect()
     }
 
+    async fn delete_agent(
+        &self,
+        spiffe_id: &str,
+        audit: &AuditEvent,
+    ) -> Result<AgentRecord, StoreError> {
+        let mut w = self.begin_write().await?;
+        let row = sqlx::query(&format!(
+            "DELETE FROM agents WHERE spiffe_id = $1 RETURNING {AGENT_COLUMNS}"
+        ))
+        .bind(spiffe_id)
+        .fetch_optional(&mut *w.tx)
+        .await?;
+        // Dropping `w` rolls back; nothing was changed anyway.
+        let Some(row) = row else {
+            return Err(StoreError::NotFound(format!("agent {spiffe_id}")));
+        };
+        let agent = decode_agent(&row)?;
+        append_in_tx(&mut w.tx, audit).await?;
+        w.commit().await?;
+        Ok(agent)
+    }
+
     async fn insert_ca_key(&self, key: &CaKeyRecord, audit: &AuditEvent) -> Result<(), StoreError> {
         let mut w = self.begin_write().await?;
         let result = sqlx::query(&format!(

@@ -137,6 +137,38 @@ pub async fn agents_upsert_and_list(backend: Backend) {
     );
 }
 
+pub async fn agent_delete(backend: Backend) {
+    let fx = fixture!(backend);
+    let s = &fx.store;
+    for n in [1, 2] {
+        s.upsert_agent(&agent(n), &ev("agent.attested"))
+            .await
+            .unwrap();
+    }
+    assert_eq!(
+        s.delete_agent(&agent(1).spiffe_id, &ev("agent.evicted"))
+            .await
+            .unwrap(),
+        agent(1)
+    );
+    assert_eq!(s.get_agent(&agent(1).spiffe_id).await.unwrap(), None);
+    assert_eq!(s.list_agents().await.unwrap(), vec![agent(2)]);
+    // Deleting what is not there changes nothing and writes no audit record.
+    assert!(matches!(
+        s.delete_agent(&agent(1).spiffe_id, &ev("agent.evicted")).await,
+        Err(StoreError::NotFound(ref what)) if what.contains(&agent(1).spiffe_id)
+    ));
+    assert_eq!(
+        fx.audit_kinds().await,
+        ["agent.attested", "agent.attested", "agent.evicted"]
+    );
+    // The agent may attest again under the same ID (a fresh record).
+    s.upsert_agent(&agent(1), &ev("agent.attested"))
+        .await
+        .unwrap();
+    assert_eq!(s.list_agents().await.unwrap(), vec![agent(1), agent(2)]);
+}
+
 pub async fn ca_journal(backend: Backend) {
     let fx = fixture!(backend);
     let s = &fx.store;

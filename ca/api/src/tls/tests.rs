@@ -1,0 +1,324 @@
+use std::sync::Arc;
+
+use rcgen::{
+    BasicConstraints, CertificateParams, CertifiedIssuer, DnType, ExtendedKeyUsagePurpose, IsCa,
+    KeyPair, KeyUsagePurpose, SanType,
+};
+use rustls_pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+use super::*;
+
+/// A root and an intermediate under it, as a meshid CA has.
+struct Pki {
+    root: CertificateDer<'static>,
+    intermediate: CertifiedIssuer<'static, KeyPair>,
+}
+
+impl Pki {
+    fn new(name: &str) -> Self {
+        let mut root_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+        root_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        root_params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+        root_params
+            .distinguished_name
+            .push(DnType::CommonName, format!("{name} root"));
+        let root = CertifiedIssuer::self_signed(root_params, KeyPair::generate().unwrap()).unwrap();
+        let mut int_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+        int_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        int_params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+        int_params
+            .distinguished_name
+            .push(DnType::CommonName, format!("{name} intermediate"));
+        let intermediate =
+            CertifiedIssuer::signed_by(int_params, KeyPair::generate().unwrap(), &root).unwrap();
+        Pki {
+            root: root.der().clone(),
+            intermediate,
+        }
+    }
+
+    /// An SVID-like leaf with these URI SANs: chain (leaf, intermediate) and key.
+    fn leaf(&self, uris: &[&str]) -> (Vec<CertificateDer<'static>>, PrivateKeyDer<'static>) {
+        let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.subject_alt_names = uris
+            .iter()
+            .map(|u| SanType::URI((*u).try_into().unwrap()))
+            .collect();
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        params.extended_key_usages = vec![
+            ExtendedKeyUsagePurpose::ServerAuth,
+            ExtendedKeyUsagePurpose::ClientAuth,
+        ];
+        let key = KeyPair::generate().unwrap();
+        let cert = params.signed_by(&key, &self.intermediate).unwrap();
+        let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der()));
+        (
+            vec![cert.der().clone(), self.intermediate.der().clone()],
+            key,
+        )
+    }
+
+    fn server(&self, uris: &[&str]) -> Arc<RotatingCert> {
+        let cert = Arc::new(RotatingCert::new());
+        let (chain, key) = self.leaf(uris);
+        cert.set(chain, key).unwrap();
+        cert
+    }
+}
+
+const SERVER: &str = "spiffe://example.org/meshid/server";
+const AGENT: &str = "spiffe://example.org/meshid/agent/join_token/t1";
+
+/// Runs one handshake over an in-memory pipe and exchanges a byte. Returns the server's view
+/// of the client's SPIFFE ID, or the first error (client side first).
+async fn handshake(
+    client: ClientConfig,
+    server: ServerConfig,
+) -> Result<Option<String>, std::io::Error> {
+    let (c, s) = tokio::io::duplex(64 * 1024);
+    let connector = tokio_rustls::TlsConnector::from(Arc::new(client));
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(server));
+    let server_task = tokio::spawn(async move {
+        let mut tls = acceptor.accept(s).await?;
+        let peer = tls
+            .get_ref()
+            .1
+            .peer_certificates()
+            .and_then(|certs| certs.first().map(|c| spiffe_id_of(c).unwrap()));
+        let mut b = [0u8; 1];
+        tls.read_exact(&mut b).await?;
+        tls.write_all(&b).await?;
+        tls.flush().await?;
+        Ok::<_, std::io::Error>(peer)
+    });
+    let name = ServerName::try_from(PLACEHOLDER_SERVER_NAME).unwrap();
+    let client_result = async {
+        let mut tls = connector.connect(name, c).await?;
+        assert_eq!(tls.get_ref().1.alpn_protocol(), Some(ALPN_H2));
+        tls.write_all(b"x").await?;
+        tls.flush().await?;
+        let mut b = [0u8; 1];
+        tls.read_exact(&mut b).await?;
+        Ok::<_, std::io::Error>(())
+    }
+    .await;
+    let server_result = server_task.await.unwrap();
+    client_result?;
+    server_result
+}
+
+fn no_client_auth_server(cert: Arc<RotatingCert>, pki: &Pki) -> ServerConfig {
+    server_config(cert, vec![pki.root.clone()], false).unwrap()
+}
+
+#[test]
+fn spiffe_id_of_needs_exactly_one_canonical_spiffe_uri() {
+    let pki = Pki::new("a");
+    let id = |uris: &[&str]| spiffe_id_of(&pki.leaf(uris).0[0]);
+    assert_eq!(id(&[SERVER]).unwrap(), SERVER);
+    assert!(matches!(id(&[]), Err(TlsError::NoSpiffeId)));
+    assert!(matches!(
+        id(&[SERVER, AGENT]),
+        Err(TlsError::MultipleUriSans(2))
+    ));
+    assert!(matches!(
+        id(&["https://example.org/x"]),
+        Err(TlsError::NotSpiffeId { .. })
+    ));
+    assert!(matches!(
+        id(&["spiffe://Example.org/x"]),
+        Err(TlsError::NotSpiffeId { .. })
+    ));
+    assert!(matches!(
+        spiffe_id_of(b"not a certificate"),
+        Err(TlsError::MalformedCertificate(_))
+    ));
+}
+
+#[test]
+fn expected_ids_are_validated() {
+    let pki = Pki::new("a");
+    for bad in [
+        ExpectedId::Exact("spiffe://example.org/".into()),
+        ExpectedId::Exact("https://example.org/x".into()),
+        ExpectedId::TrustDomain("Example.org".into()),
+        ExpectedId::TrustDomain("spiffe://example.org".into()),
+    ] {
+        assert!(
+            matches!(
+                client_config(vec![pki.root.clone()], bad.clone(), None),
+                Err(TlsError::InvalidExpectedId { .. })
+            ),
+            "{bad:?}"
+        );
+    }
+    assert!(matches!(
+        client_config(vec![], ExpectedId::Exact(SERVER.into()), None),
+        Err(TlsError::InvalidRoots(_))
+    ));
+}
+
+struct Case {
+    name: &'static str,
+    server_uris: &'static [&'static str],
+    /// Whether the client trusts the server's PKI (otherwise another root).
+    same_root: bool,
+    expected: ExpectedId,
+    /// Empty when the handshake must succeed; otherwise a part of the client's error.
+    refused_for: &'static str,
+}
+
+#[tokio::test]
+async fn server_is_authenticated_by_spiffe_id() {
+    let pki = Pki::new("a");
+    let other = Pki::new("b");
+    let cases = [
+        Case {
+            name: "exact id accepted",
+            server_uris: &[SERVER],
+            same_root: true,
+            expected: ExpectedId::Exact(SERVER.into()),
+            refused_for: "",
+        },
+        Case {
+            name: "trust domain accepted",
+            server_uris: &[SERVER],
+            same_root: true,
+            expected: ExpectedId::TrustDomain("example.org".into()),
+            refused_for: "",
+        },
+        Case {
+            name: "wrong id refused",
+            server_uris: &["spiffe://example.org/impostor"],
+            same_root: true,
+            expected: ExpectedId::Exact(SERVER.into()),
+            refused_for: "UnexpectedId { actual: \"spiffe://example.org/impostor\"",
+        },
+        Case {
+            name: "other trust domain refused",
+            server_uris: &["spiffe://other.org/meshid/server"],
+            same_root: true,
+            expected: ExpectedId::TrustDomain("example.org".into()),
+            refused_for: "UnexpectedId { actual: \"spiffe://other.org/meshid/server\"",
+        },
+        Case {
+            name: "other root refused",
+            server_uris: &[SERVER],
+            same_root: false,
+            expected: ExpectedId::Exact(SERVER.into()),
+            refused_for: "UnknownIssuer",
+        },
+        Case {
+            name: "two uri sans refused",
+            server_uris: &[SERVER, AGENT],
+            same_root: true,
+            expected: ExpectedId::Exact(SERVER.into()),
+            refused_for: "MultipleUriSans(2)",
+        },
+        Case {
+            name: "no uri san refused",
+            server_uris: &[],
+            same_root: true,
+            expected: ExpectedId::TrustDomain("example.org".into()),
+            refused_for: "NoSpiffeId",
+        },
+    ];
+    for case in cases {
+        let issuer = if case.same_root { &pki } else { &other };
+        let server = no_client_auth_server(issuer.server(case.server_uris), &pki);
+        let client = client_config(vec![pki.root.clone()], case.expected, None).unwrap();
+        let result = handshake(client, server).await;
+        match result {
+            Ok(_) => assert!(case.refused_for.is_empty(), "{}: accepted", case.name),
+            Err(e) => assert!(
+                !case.refused_for.is_empty() && e.to_string().contains(case.refused_for),
+                "{}: {e}",
+                case.name
+            ),
+        }
+    }
+}
+
+#[tokio::test]
+async fn client_certificates() {
+    let pki = Pki::new("a");
+    let other = Pki::new("b");
+    let expected = || ExpectedId::Exact(SERVER.into());
+    let required = || server_config(pki.server(&[SERVER]), vec![pki.root.clone()], true).unwrap();
+
+    // Required: refused without, accepted with one of the trusted PKI, refused from another.
+    let anonymous = client_config(vec![pki.root.clone()], expected(), None).unwrap();
+    assert!(handshake(anonymous, required()).await.is_err());
+    let agent =
+        client_config(vec![pki.root.clone()], expected(), Some(pki.leaf(&[AGENT]))).unwrap();
+    assert_eq!(
+        handshake(agent, required()).await.unwrap().as_deref(),
+        Some(AGENT)
+    );
+    let stranger = client_config(
+        vec![pki.root.clone()],
+        expected(),
+        Some(other.leaf(&[AGENT])),
+    )
+    .unwrap();
+    assert!(handshake(stranger, required()).await.is_err());
+
+    // Optional: a client without a certificate gets in, and has no peer identity.
+    let anonymous = client_config(vec![pki.root.clone()], expected(), None).unwrap();
+    let optional = no_client_auth_server(pki.server(&[SERVER]), &pki);
+    assert_eq!(handshake(anonymous, optional).await.unwrap(), None);
+}
+
+#[tokio::test]
+async fn rotating_cert_fails_closed_then_serves_the_newest() {
+    let pki = Pki::new("a");
+    let cert = Arc::new(RotatingCert::new());
+    assert!(cert.current().is_none());
+    let client = || {
+        client_config(
+            vec![pki.root.clone()],
+            ExpectedId::Exact(SERVER.into()),
+            None,
+        )
+    };
+    let server = no_client_auth_server(Arc::clone(&cert), &pki);
+    assert!(handshake(client().unwrap(), server.clone()).await.is_err());
+
+    let (chain, key) = pki.leaf(&[SERVER]);
+    cert.set(chain.clone(), key).unwrap();
+    assert!(handshake(client().unwrap(), server.clone()).await.is_ok());
+    assert_eq!(cert.current().unwrap().cert[0], chain[0]);
+
+    // A new certificate is taken by the next handshake through the same server config.
+    let (chain2, key2) = pki.leaf(&[SERVER]);
+    cert.set(chain2.clone(), key2).unwrap();
+    assert_eq!(cert.current().unwrap().cert[0], chain2[0]);
+    assert!(handshake(client().unwrap(), server).await.is_ok());
+
+    // A key that does not match the leaf is refused and the current one kept.
+    let (_, wrong_key) = pki.leaf(&[SERVER]);
+    assert!(matches!(
+        cert.set(chain.clone(), wrong_key),
+        Err(TlsError::InvalidKey(_))
+    ));
+    assert_eq!(cert.current().unwrap().cert[0], chain2[0]);
+}
+
+#[tokio::test]
+async fn verifier_roots_can_be_swapped() {
+    let old = Pki::new("old");
+    let new = Pki::new("new");
+    let verifier = Arc::new(
+        SpiffeServerVerifier::new(vec![old.root.clone()], ExpectedId::Exact(SERVER.into()))
+            .unwrap(),
+    );
+    let client = || client_config_with_verifier(Arc::clone(&verifier), None).unwrap();
+    let server = no_client_auth_server(new.server(&[SERVER]), &new);
+    assert!(handshake(client(), server.clone()).await.is_err());
+    verifier
+        .set_roots(vec![old.root.clone(), new.root.clone()])
+        .unwrap();
+    assert!(handshake(client(), server).await.is_ok());
+    assert!(verifier.set_roots(vec![]).is_err());
+}

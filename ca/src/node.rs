@@ -1,0 +1,758 @@
+//! The node API: what agents call, over TLS, on `node_address`.
+//!
+//! The CA presents an X509-SVID for `spiffe://<td>/meshid/server`, issued from its own
+//! intermediate, held in a [`RotatingCert`] and renewed at half-life. Client certificates are
+//! path-validated against the trust bundle's roots; the server configuration is rebuilt when the
+//! bundle changes, and each accepted connection takes the newest one. A client without a
+//! certificate completes the handshake so that it can call `AttestJoinToken`; every other call
+//! needs an agent SVID whose SPIFFE ID (`spiffe://<td>/meshid/agent/...`) names an attested,
+//! unbanned agent, checked on every call ([`NodeService`]).
+//!
+//! `Sync` streams the agent's entries and the bundle: first the full state, then one update per
+//! burst of changes, pushed from [`Ca::events`] (no polling). A stream that falls behind gets
+//! the full state again. A stream ends with `PermissionDenied` when its agent is evicted or
+//! banned, with `Unauthenticated` when the SVID the connection was made with expires (agents
+//! reconnect after renewing), and cleanly when the server shuts down.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use arc_swap::ArcSwap;
+use meshid_api::node::{self, node_server::NodeServer};
+use meshid_api::tls::{self, RotatingCert};
+use rustls::ServerConfig;
+use rustls_pki_types::{PrivateKeyDer, PrivatePkcs8KeyDer};
+use spiffe::SpiffeId;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::broadcast::error::{RecvError, TryRecvError};
+use tokio::sync::{broadcast, mpsc, watch, Semaphore};
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_stream::StreamExt as _;
+use tonic::{Request, Response, Status};
+
+use crate::audit::AuditEvent;
+use crate::bundle::TrustBundle;
+use crate::entry::{EntrySpec, RegistrationEntry};
+use crate::metrics::Metrics;
+use crate::service::{Ca, CaEvent, ServiceError};
+use crate::store::StoreError;
+use crate::svid::IssuedSvid;
+
+/// The path of the CA server's own SPIFFE ID.
+pub const SERVER_PATH: &str = "/meshid/server";
+/// Agent SPIFFE IDs start with this path.
+pub const AGENT_PATH_PREFIX: &str = "/meshid/agent/";
+/// Most requests in one `BatchSignX509` call.
+pub const MAX_BATCH: usize = 500;
+/// How long a client may take to complete the TLS handshake.
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Lifetime of the CA server's own SVID (capped at the intermediate's remaining life).
+pub const SERVER_SVID_TTL: Duration = Duration::from_secs(3600);
+/// Handshakes in progress at once; connections beyond this are dropped.
+const MAX_PENDING_HANDSHAKES: usize = 1024;
+/// Retry delay after a failed renewal of the server SVID.
+const RETRY: Duration = Duration::from_secs(5);
+/// How long in-flight calls may take to finish at shutdown.
+const DRAIN_GRACE: Duration = Duration::from_secs(10);
+/// Most events merged into one sync update.
+const MAX_COALESCE: usize = 1024;
+
+/// Errors of node API calls. Mapped to the wire in one place, `From<NodeError> for Status`.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum NodeError {
+    /// The caller may not make this call; the message says why.
+    #[error("{0}")]
+    Denied(String),
+    /// A request field is invalid.
+    #[error("invalid {field}: {reason}")]
+    InvalidArgument {
+        /// The field.
+        field: &'static str,
+        /// What is wrong.
+        reason: String,
+    },
+    /// The CA refused or failed.
+    #[error(transparent)]
+    Service(#[from] ServiceError),
+}
+
+impl From<NodeError> for Status {
+    fn from(e: NodeError) -> Self {
+        match e {
+            NodeError::Denied(msg) => Status::permission_denied(msg),
+            NodeError::InvalidArgument { .. } => Status::invalid_argument(e.to_string()),
+            NodeError::Service(e) => e.into(),
+        }
+    }
+}
+
+/// The CA server's SPIFFE ID.
+pub fn server_id(ca: &Ca) -> Result<SpiffeId, NodeError> {
+    let td = ca.authority.trust_domain();
+    crate::entry::parse_id("server id", &format!("spiffe://{td}{SERVER_PATH}"), td)
+        .map_err(|e| NodeError::Service(e.into()))
+}
+
+/// The bundle as the node API sends it.
+pub fn bundle_to_proto(b: &TrustBundle) -> node::Bundle {
+    node::Bundle {
+        trust_domain: b.trust_domain.to_string(),
+        x509_authorities: b.x509_authorities.iter().map(|c| c.to_vec()).collect(),
+        jwt_authorities_json: serde_json::json!({ "keys": b.jwt_authorities }).to_string(),
+        sequence: b.sequence,
+        refresh_hint: b.refresh_hint.as_secs(),
+    }
+}
+
+/// An entry as the node API sends it.
+pub fn entry_to_proto(e: &RegistrationEntry) -> node::Entry {
+    let spec = EntrySpec::from(e);
+    node::Entry {
+        id: e.id.to_string(),
+        spiffe_id: spec.spiffe_id,
+        parent_id: spec.parent_id,
+        selectors: spec.selectors,
+        x509_svid_ttl: spec.x509_svid_ttl,
+        jwt_svid_ttl: spec.jwt_svid_ttl,
+        dns_names: spec.dns_names,
+        federates_with: spec.federates_with,
+        admin: spec.admin,
+        hint: spec.hint,
+        revision: e.revision,
+    }
+}
+
+/// Resolves when `stop` turns true or its sender is gone.
+async fn stopped(stop: &mut watch::Receiver<bool>) {
+    let _ = stop.wait_for(|s| *s).await;
+}
+
+/// Issues a fresh server SVID into `cert` and records it; returns when to renew it.
+async fn renew_server_svid(ca: &Ca, cert: &RotatingCert) -> anyhow::Result<tokio::time::Instant> {
+    let id = server_id(ca)?;
+    let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)
+        .context("cannot generate the server key")?;
+    let csr = rcgen::CertificateParams::new(Vec::<String>::new())
+        .and_then(|p| p.serialize_request(&key))
+        .context("cannot build the server CSR")?;
+    let svid: IssuedSvid =
+        ca.authority
+            .sign_x509_svid(csr.der(), &id, &[], Some(SERVER_SVID_TTL))?;
+    let actor = format!("ca:{}", ca.authority.server_id());
+    let event = AuditEvent::new(
+        "svid.x509.server",
+        &actor,
+        serde_json::json!({
+            "serial": svid.serial,
+            "spiffe_id": id.to_string(),
+            "not_after": svid.not_after,
+        }),
+    );
+    ca.store.append_audit(&event).await?;
+    let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der()));
+    cert.set(svid.chain.clone(), key)?;
+    tracing::info!(spiffe_id = %id, serial = %svid.serial, not_after = svid.not_after, "node API server SVID issued");
+    let half_life = (svid.not_after - svid.not_before).max(2) / 2;
+    let wait = (svid.not_before + half_life - crate::unix_now()).max(1);
+    Ok(tokio::time::Instant::now() + Duration::from_secs(wait.unsigned_abs()))
+}
+
+/// The TLS identity and configuration of the node API.
+struct ServerTls {
+    cert: Arc<RotatingCert>,
+    config: ArcSwap<ServerConfig>,
+}
+
+fn server_config(cert: &Arc<RotatingCert>, bundle: &TrustBundle) -> anyhow::Result<ServerConfig> {
+    Ok(tls::server_config(
+        Arc::clone(cert) as Arc<dyn rustls::server::ResolvesServerCert>,
+        bundle.x509_authorities.clone(),
+        false,
+    )?)
+}
+
+/// Renews the server SVID at half-life and rebuilds the server configuration when the bundle
+/// changes, until `stop`.
+async fn maintain_identity(
+    ca: Ca,
+    tls: Arc<ServerTls>,
+    mut renew_at: tokio::time::Instant,
+    mut sequence: u64,
+    mut events: broadcast::Receiver<CaEvent>,
+    mut stop: watch::Receiver<bool>,
+) {
+    loop {
+        let refresh = tokio::select! {
+            _ = stopped(&mut stop) => return,
+            _ = tokio::time::sleep_until(renew_at) => {
+                renew_at = match renew_server_svid(&ca, &tls.cert).await {
+                    Ok(at) => at,
+                    Err(e) => {
+                        tracing::error!(error = %format!("{e:#}"), "cannot renew the node API server SVID; will retry");
+                        tokio::time::Instant::now() + RETRY
+                    }
+                };
+                false
+            }
+            ev = events.recv() => match ev {
+                Ok(CaEvent::BundleChanged) | Err(RecvError::Lagged(_)) => true,
+                Ok(_) => false,
+                Err(RecvError::Closed) => return,
+            },
+        };
+        if !refresh {
+            continue;
+        }
+        let bundle = ca.authority.bundle();
+        if bundle.sequence == sequence {
+            continue;
+        }
+        match server_config(&tls.cert, &bundle) {
+            Ok(config) => {
+                tls.config.store(Arc::new(config));
+                sequence = bundle.sequence;
+                tracing::info!(sequence, "node API client roots refreshed");
+            }
+            Err(e) => {
+                tracing::error!(error = %format!("{e:#}"), "cannot rebuild the node API TLS configuration; keeping the previous one");
+            }
+        }
+    }
+}
+
+/// Accepts TCP connections and completes TLS handshakes off the accept loop, handing finished
+/// connections to the gRPC server. Failed or slow handshakes are counted and logged at debug.
+async fn accept_loop(
+    listener: TcpListener,
+    tls: Arc<ServerTls>,
+    metrics: Arc<Metrics>,
+    conns: mpsc::Sender<tokio_rustls::server::TlsStream<TcpStream>>,
+    mut stop: watch::Receiver<bool>,
+) {
+    let pending = Arc::new(Semaphore::new(MAX_PENDING_HANDSHAKES));
+    loop {
+        let accepted = tokio::select! {
+            _ = stopped(&mut stop) => return,
+            r = listener.accept() => r,
+        };
+        let (tcp, peer) = match accepted {
+            Ok(c) => c,
+            Err(e) => {
+                // Out of file descriptors and the like: back off briefly rather than spin.
+                tracing::warn!(error = %e, "node API accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let Ok(permit) = Arc::clone(&pending).try_acquire_owned() else {
+            metrics.node_handshake_failures.inc();
+            tracing::debug!(%peer, "too many TLS handshakes in progress; connection dropped");
+            continue;
+        };
+        let acceptor = tokio_rustls::TlsAcceptor::from(tls.config.load_full());
+        let conns = conns.clone();
+        let metrics = Arc::clone(&metrics);
+        tokio::spawn(async move {
+            let _ = tcp.set_nodelay(true);
+            let result = tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await;
+            drop(permit);
+            match result {
+                Ok(Ok(stream)) => {
+                    let _ = conns.send(stream).await;
+                }
+                Ok(Err(e)) => {
+                    metrics.node_handshake_failures.inc();
+                    tracing::debug!(%peer, error = %e, "node API TLS handshake failed");
+                }
+                Err(_) => {
+                    metrics.node_handshake_failures.inc();
+                    tracing::debug!(%peer, "node API TLS handshake timed out");
+                }
+            }
+        });
+    }
+}
+
+/// Serves the node API on `listener` until `shutdown` completes; then stops accepting, ends
+/// the sync streams and lets in-flight calls finish (for at most a few seconds). Fails at
+/// once if the server SVID cannot be issued.
+pub async fn serve(
+    ca: Ca,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()>,
+) -> anyhow::Result<()> {
+    let cert = Arc::new(RotatingCert::new());
+    // Subscribe before reading the bundle, so no change falls in between.
+    let events = ca.events.subscribe();
+    let renew_at = renew_server_svid(&ca, &cert)
+        .await
+        .context("cannot issue the node API server SVID")?;
+    let bundle = ca.authority.bundle();
+    let tls = Arc::new(ServerTls {
+        config: ArcSwap::from_pointee(server_config(&cert, &bundle)?),
+        cert,
+    });
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let identity = tokio::spawn(maintain_identity(
+        ca.clone(),
+        Arc::clone(&tls),
+        renew_at,
+        bundle.sequence,
+        events,
+        stop_rx.clone(),
+    ));
+    let (conn_tx, conn_rx) = mpsc::channel(64);
+    let address = listener.local_addr().ok();
+    let acceptor = tokio::spawn(accept_loop(
+        listener,
+        tls,
+        Arc::clone(&ca.metrics),
+        conn_tx,
+        stop_rx.clone(),
+    ));
+    let mut server_stop = stop_rx.clone();
+    let server = tonic::transport::Server::builder()
+        .http2_keepalive_interval(Some(Duration::from_secs(30)))
+        .http2_keepalive_timeout(Some(Duration::from_secs(10)))
+        .add_service(NodeServer::new(NodeService::new(ca, stop_rx)))
+        .serve_with_incoming_shutdown(
+            ReceiverStream::new(conn_rx).map(Ok::<_, std::io::Error>),
+            async move { stopped(&mut server_stop).await },
+        );
+    let mut server = tokio::spawn(server);
+    tracing::info!(address = ?address, "node API serving");
+    let early = tokio::select! {
+        r = &mut server => Some(r),
+        _ = shutdown => None,
+    };
+    let _ = stop_tx.send(true);
+    let _ = acceptor.await;
+    let _ = identity.await;
+    let result = match early {
+        Some(r) => r,
+        None => match tokio::time::timeout(DRAIN_GRACE, &mut server).await {
+            Ok(r) => r,
+            Err(_) => {
+                tracing::warn!("node API calls did not finish in time; closing them");
+                server.abort();
+                return Ok(());
+            }
+        },
+    };
+    result.context("node API server task failed")??;
+    Ok(())
+}
+
+/// The authenticated caller of a node API call.
+#[derive(Debug, Clone)]
+struct Caller {
+    id: SpiffeId,
+    text: String,
+    /// notAfter of the certificate the connection was made with.
+    not_after: i64,
+}
+
+/// The node API over a [`Ca`].
+#[derive(Debug, Clone)]
+pub struct NodeService {
+    ca: Ca,
+    stop: watch::Receiver<bool>,
+}
+
+type Rpc<T> = Result<Response<T>, Status>;
+
+impl NodeService {
+    /// Wraps a CA; sync streams end when `stop` turns true.
+    pub fn new(ca: Ca, stop: watch::Receiver<bool>) -> Self {
+        Self { ca, stop }
+    }
+
+    fn deny(&self, rpc: &'static str, caller: &str, reason: String) -> NodeError {
+        self.ca.metrics.node_denied.inc();
+        tracing::warn!(rpc, caller = %caller, reason = %reason, "node API call refused");
+        NodeError::Denied(reason)
+    }
+
+    /// The caller's agent identity: a client certificate (verified by the handshake) whose
+    /// SPIFFE ID is an agent ID of this trust domain, still valid, naming an attested, unbanned
+    /// agent.
+    async fn authorize<T>(&self, req: &Request<T>, rpc: &'static str) -> Result<Caller, NodeError> {
+        let certs = req.peer_certs();
+        let Some(leaf) = certs.as_ref().and_then(|c| c.first()) else {
+            return Err(self.deny(
+                rpc,
+                "<no client certificate>",
+                "this call needs a client certificate: the agent SVID from AttestJoinToken"
+                    .to_owned(),
+            ));
+        };
+        let text = tls::spiffe_id_of(leaf)
+            .map_err(|e| self.deny(rpc, "<unidentified>", format!("client certificate: {e}")))?;
+        let id = SpiffeId::new(&text)
+            .map_err(|e| self.deny(rpc, &text, format!("client certificate: {e}")))?;
+        let td = self.ca.authority.trust_domain();
+        if !id.is_member_of(td) || !id.path().starts_with(AGENT_PATH_PREFIX) {
+            return Err(self.deny(
+                rpc,
+                &text,
+                format!("{text} is not an agent identity (spiffe://{td}{AGENT_PATH_PREFIX}...)"),
+            ));
+        }
+        let not_after = x509_parser::parse_x509_certificate(leaf)
+            .map(|(_, c)| c.validity().not_after.timestamp())
+            .map_err(|e| self.deny(rpc, &text, format!("client certificate: {e}")))?;
+        if not_after <= crate::unix_now() {
+            return Err(self.deny(
+                rpc,
+                &text,
+                format!(
+                    "the SVID of {text} expired at {not_after}; reconnect with the renewed one"
+                ),
+            ));
+        }
+        match self.ca.check_agent(&text).await {
+            Ok(_) => Ok(Caller {
+                id,
+                text,
+                not_after,
+            }),
+            Err(e @ ServiceError::AgentDenied { .. }) => Err(self.deny(rpc, &text, e.to_string())),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    fn agent_svid(&self, id: &str, svid: &IssuedSvid) -> node::AgentSvid {
+        node::AgentSvid {
+            spiffe_id: id.to_owned(),
+            chain: svid.chain.iter().map(|c| c.to_vec()).collect(),
+            expires_at: svid.not_after,
+            bundle: Some(bundle_to_proto(&self.ca.authority.bundle())),
+        }
+    }
+
+    /// The complete state for an agent: its entries and the bundle.
+    async fn full_state(&self, agent: &str) -> Result<node::SyncUpdate, NodeError> {
+        let entries = self
+            .ca
+            .store
+            .list_entries_by_parent(agent)
+            .await
+            .map_err(ServiceError::from)?;
+        Ok(node::SyncUpdate {
+            full: true,
+            upserts: entries.iter().map(entry_to_proto).collect(),
+            deleted_ids: Vec::new(),
+            bundle: Some(bundle_to_proto(&self.ca.authority.bundle())),
+        })
+    }
+
+    /// Sends `item` unless the client went away or the server is stopping.
+    async fn send(
+        &self,
+        tx: &mpsc::Sender<Result<node::SyncUpdate, Status>>,
+        item: Result<node::SyncUpdate, Status>,
+    ) -> bool {
+        let mut stop = self.stop.clone();
+        tokio::select! {
+            r = tx.send(item) => r.is_ok(),
+            _ = stopped(&mut stop) => false,
+        }
+    }
+
+    /// Pushes changes to one agent until it goes away, is removed, its SVID expires, or the
+    /// server stops.
+    async fn sync_loop(
+        self,
+        caller: Caller,
+        mut events: broadcast::Receiver<CaEvent>,
+        tx: mpsc::Sender<Result<node::SyncUpdate, Status>>,
+    ) {
+        let mut stop = self.stop.clone();
+        let left = u64::try_from(caller.not_after - crate::unix_now()).unwrap_or(0);
+        let expiry = tokio::time::Instant::now() + Duration::from_secs(left);
+        loop {
+            let first = tokio::select! {
+                _ = tx.closed() => return,
+                _ = stopped(&mut stop) => return,
+                _ = tokio::time::sleep_until(expiry) => {
+                    tracing::info!(caller = %caller.text, "agent SVID expired; ending its sync stream");
+                    let status = Status::unauthenticated(format!(
+                        "the SVID of {} expired; reconnect with the renewed one",
+                        caller.text
+                    ));
+                    self.send(&tx, Err(status)).await;
+                    return;
+                }
+                ev = events.recv() => ev,
+            };
+            let mut pending = Pending::default();
+            let mut resync = false;
+            let mut next = Some(first);
+            let mut merged = 0;
+            while let Some(ev) = next.take() {
+                match ev {
+                    Ok(ev) => {
+                        if pending.apply(ev, &caller.id) == Applied::AgentRemoved {
+                            tracing::info!(caller = %caller.text, "agent evicted or banned; ending its sync stream");
+                            let status = Status::permission_denied(format!(
+                                "agent {} was evicted or banned",
+                                caller.text
+                            ));
+                            self.send(&tx, Err(status)).await;
+                            return;
+                        }
+                    }
+                    Err(RecvError::Lagged(missed)) => {
+                        tracing::warn!(caller = %caller.text, missed, "sync stream fell behind; resending the full state");
+                        resync = true;
+                    }
+                    Err(RecvError::Closed) => return,
+                }
+                merged += 1;
+                if merged >= MAX_COALESCE {
+                    break;
+                }
+                next = match events.try_recv() {
+                    Ok(ev) => Some(Ok(ev)),
+                    Err(TryRecvError::Empty) => None,
+                    Err(TryRecvError::Lagged(n)) => Some(Err(RecvError::Lagged(n))),
+                    Err(TryRecvError::Closed) => Some(Err(RecvError::Closed)),
+                };
+            }
+            let update = if resync {
+                // A fresh receiver sees only what happens from now on; the state read after it
+                // includes everything before, and replaying later events on top converges.
+                events = self.ca.events.subscribe();
+                let state = match self.ca.check_agent(&caller.text).await {
+                    Ok(_) => self.full_state(&caller.text).await,
+                    Err(e) => Err(NodeError::from(e)),
+                };
+                match state {
+                    Ok(update) => update,
+                    Err(e) => {
+                        self.send(&tx, Err(e.into())).await;
+                        return;
+                    }
+                }
+            } else if pending.is_empty() {
+                continue;
+            } else {
+                pending.into_update(&self.ca)
+            };
+            if !self.send(&tx, Ok(update)).await {
+                return;
+            }
+        }
+    }
+}
+
+/// Changes for one agent, merged from a burst of events.
+#[derive(Debug, Default)]
+struct Pending {
+    upserts: BTreeMap<String, node::Entry>,
+    deleted: BTreeSet<String>,
+    bundle: bool,
+}
+
+#[derive(Debug, PartialEq, Eq)]
+enum Applied {
+    Merged,
+    AgentRemoved,
+}
+
+impl Pending {
+    fn apply(&mut self, event: CaEvent, agent: &SpiffeId) -> Applied {
+        match event {
+            CaEvent::EntryUpserted { entry, old_parent } => {
+                let id = entry.id.to_string();
+                if entry.parent_id == *agent {
+                    self.deleted.remove(&id);
+                    self.upserts.insert(id, entry_to_proto(&entry));
+                } else if old_parent.as_ref() == Some(agent) {
+                    self.upserts.remove(&id);
+                    self.deleted.insert(id);
+                }
+            }
+            CaEvent::EntryDeleted { id, parent } => {
+                if parent == *agent {
+                    let id = id.to_string();
+                    self.upserts.remove(&id);
+                    self.deleted.insert(id);
+                }
+            }
+            CaEvent::BundleChanged => self.bundle = true,
+            CaEvent::AgentRemoved { spiffe_id } => {
+                if spiffe_id == agent.to_string() {
+                    return Applied::AgentRemoved;
+                }
+            }
+        }
+        Applied::Merged
+    }
+
+    fn is_empty(&self) -> bool {
+        self.upserts.is_empty() && self.deleted.is_empty() && !self.bundle
+    }
+
+    fn into_update(self, ca: &Ca) -> node::SyncUpdate {
+        node::SyncUpdate {
+            full: false,
+            upserts: self.upserts.into_values().collect(),
+            deleted_ids: self.deleted.into_iter().collect(),
+            bundle: self.bundle.then(|| bundle_to_proto(&ca.authority.bundle())),
+        }
+    }
+}
+
+#[tonic::async_trait]
+impl node::node_server::Node for NodeService {
+    async fn attest_join_token(
+        &self,
+        req: Request<node::AttestJoinTokenRequest>,
+    ) -> Rpc<node::AgentSvid> {
+        let peer = req.remote_addr();
+        let r = req.into_inner();
+        match self.ca.attest_join_token(&r.token, &r.csr).await {
+            Ok((record, svid)) => Ok(Response::new(self.agent_svid(&record.spiffe_id, &svid))),
+            Err(e) => {
+                if matches!(
+                    e,
+                    ServiceError::Store(StoreError::TokenRejected)
+                        | ServiceError::AgentDenied { .. }
+                ) {
+                    self.ca.metrics.node_denied.inc();
+                }
+                tracing::warn!(peer = ?peer, error = %e, "node attestation refused");
+                Err(NodeError::from(e).into())
+            }
+        }
+    }
+
+    async fn renew_agent(&self, req: Request<node::RenewAgentRequest>) -> Rpc<node::AgentSvid> {
+        let caller = self.authorize(&req, "RenewAgent").await?;
+        let csr = req.into_inner().csr;
+        let (record, svid) = self
+            .ca
+            .renew_agent(&caller.id, &csr)
+            .await
+            .map_err(NodeError::from)?;
+        Ok(Response::new(self.agent_svid(&record.spiffe_id, &svid)))
+    }
+
+    type SyncStream = ReceiverStream<Result<node::SyncUpdate, Status>>;
+
+    async fn sync(&self, req: Request<node::SyncRequest>) -> Rpc<Self::SyncStream> {
+        // Subscribe before checking the agent and reading the state, so that no change (an
+        // eviction included) falls in between.
+        let events = self.ca.events.subscribe();
+        let caller = self.authorize(&req, "Sync").await?;
+        let first = self.full_state(&caller.text).await?;
+        let (tx, rx) = mpsc::channel(4);
+        tx.try_send(Ok(first))
+            .map_err(|_| Status::internal("sync stream channel is full"))?;
+        tracing::debug!(caller = %caller.text, "sync stream opened");
+        tokio::spawn(self.clone().sync_loop(caller, events, tx));
+        Ok(Response::new(ReceiverStream::new(rx)))
+    }
+
+    async fn batch_sign_x509(
+        &self,
+        req: Request<node::BatchSignX509Request>,
+    ) -> Rpc<node::BatchSignX509Response> {
+        let caller = self.authorize(&req, "BatchSignX509").await?;
+        let requests = req.into_inner().requests;
+        if requests.len() > MAX_BATCH {
+            return Err(NodeError::InvalidArgument {
+                field: "requests",
+                reason: format!(
+                    "{} requests; send at most {MAX_BATCH} per call",
+                    requests.len()
+                ),
+            }
+            .into());
+        }
+        let entries: HashMap<String, RegistrationEntry> = self
+            .ca
+            .store
+            .list_entries_by_parent(&caller.text)
+            .await
+            .map_err(|e| NodeError::from(ServiceError::from(e)))?
+            .into_iter()
+            .map(|e| (e.id.to_string(), e))
+            .collect();
+        let mut results = Vec::with_capacity(requests.len());
+        for r in requests {
+            let mut result = node::SignResult {
+                entry_id: r.entry_id,
+                ..Default::default()
+            };
+            match entries.get(&result.entry_id) {
+                None => {
+                    result.error = format!(
+                        "no entry {:?} is assigned to agent {}",
+                        result.entry_id, caller.text
+                    );
+                }
+                Some(entry) => match self.ca.issue_for_entry(entry, &r.csr, &caller.text).await {
+                    Ok(svid) => {
+                        result.chain = svid.chain.iter().map(|c| c.to_vec()).collect();
+                        result.expires_at = svid.not_after;
+                        result.serial = svid.serial;
+                    }
+                    Err(e) => result.error = e.to_string(),
+                },
+            }
+            if !result.error.is_empty() {
+                tracing::info!(caller = %caller.text, entry_id = %result.entry_id, error = %result.error, "SVID request refused");
+            }
+            results.push(result);
+        }
+        Ok(Response::new(node::BatchSignX509Response { results }))
+    }
+
+    async fn mint_jwt_svid(
+        &self,
+        req: Request<node::MintJwtSvidRequest>,
+    ) -> Rpc<node::MintJwtSvidResponse> {
+        let caller = self.authorize(&req, "MintJwtSvid").await?;
+        let r = req.into_inner();
+        let entry = match r.entry_id.parse() {
+            Ok(id) => self
+                .ca
+                .store
+                .get_entry(&id)
+                .await
+                .map_err(|e| NodeError::from(ServiceError::from(e)))?,
+            Err(_) => None,
+        };
+        let Some(entry) = entry.filter(|e| e.parent_id == caller.id) else {
+            return Err(self
+                .deny(
+                    "MintJwtSvid",
+                    &caller.text,
+                    format!(
+                        "no entry {:?} is assigned to agent {}",
+                        r.entry_id, caller.text
+                    ),
+                )
+                .into());
+        };
+        let ttl = entry.jwt_svid_ttl.map_or(0, |d| d.as_secs());
+        let (token, expires_at) = self
+            .ca
+            .mint_jwt(&entry.spiffe_id.to_string(), &r.audience, ttl, &caller.text)
+            .await
+            .map_err(NodeError::from)?;
+        Ok(Response::new(node::MintJwtSvidResponse {
+            token,
+            expires_at,
+        }))
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,849 @@
+//! The node API end to end: a real CA (`server::run` with every listener) in this process, and
+//! real tonic clients over TLS built with `meshid_api::tls`, as an agent connects.
+//!
+//! Eviction ends an agent's open Sync stream with PermissionDenied (it does not merely go
+//! quiet), and every later call of that agent is refused.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::Command;
+use std::sync::Arc;
+use std::time::Duration;
+
+use base64::Engine as _;
+use meshid_api::node::node_client::NodeClient;
+use meshid_api::node::{self, SyncUpdate};
+use meshid_api::tls::{self, ExpectedId};
+use meshid_ca::config::{Config, RawConfig};
+use meshid_ca::entry::EntrySpec;
+use meshid_ca::server::{self, Listeners};
+use meshid_ca::service::{Ca, CaEvent};
+use meshid_ca::store::AgentRecord;
+use rustls_pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, UnixTime};
+use tokio::sync::oneshot;
+use tonic::transport::Channel;
+use tonic::{Code, Streaming};
+
+const BIN: &str = env!("CARGO_BIN_EXE_meshid-ca");
+const SERVER_ID: &str = "spiffe://example.org/meshid/server";
+/// How long a pushed change may take to arrive.
+const PUSH: Duration = Duration::from_secs(1);
+
+/// Runs a test body with a time limit, so a hang fails instead of blocking the suite.
+async fn bounded(body: impl Future<Output = ()>) {
+    tokio::time::timeout(Duration::from_secs(60), body)
+        .await
+        .expect("test timed out");
+}
+
+/// A CA serving the admin socket, the node API and the ops listener on free ports.
+struct TestCa {
+    ca: Ca,
+    node: SocketAddr,
+    socket: PathBuf,
+    stop: Option<oneshot::Sender<()>>,
+    task: Option<tokio::task::JoinHandle<anyhow::Result<()>>>,
+    _dir: tempfile::TempDir,
+}
+
+impl TestCa {
+    async fn start() -> TestCa {
+        Self::start_with(|_| {}).await
+    }
+
+    async fn start_with(tune: impl FnOnce(&mut RawConfig)) -> TestCa {
+        let dir = tempfile::tempdir().unwrap();
+        let mut raw = RawConfig {
+            trust_domain: Some("example.org".into()),
+            data_dir: Some(dir.path().join("data")),
+            ..Default::default()
+        };
+        tune(&mut raw);
+        let config = Config::try_from(raw).unwrap();
+        let ca = server::build(&config).await.unwrap();
+        let admin = server::bind_private_socket(&config.admin_socket).unwrap();
+        let node = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let ops = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let node_addr = node.local_addr().unwrap();
+        let (stop, stopped) = oneshot::channel::<()>();
+        let task = tokio::spawn(server::run(
+            ca.clone(),
+            Listeners { admin, node, ops },
+            async move {
+                let _ = stopped.await;
+            },
+        ));
+        let test_ca = TestCa {
+            ca,
+            node: node_addr,
+            socket: config.admin_socket.clone(),
+            stop: Some(stop),
+            task: Some(task),
+            _dir: dir,
+        };
+        // Serving once an anonymous client completes a handshake.
+        for _ in 0..100 {
+            if test_ca.try_anonymous().await.is_ok() {
+                return test_ca;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        panic!("node API did not come up");
+    }
+
+    /// Shuts down and checks that the server stops in time, open streams or not.
+    async fn stop(mut self) {
+        let _ = self.stop.take().unwrap().send(());
+        let task = self.task.take().unwrap();
+        tokio::time::timeout(Duration::from_secs(15), task)
+            .await
+            .expect("CA did not stop in time")
+            .unwrap()
+            .unwrap();
+    }
+
+    fn roots(&self) -> Vec<CertificateDer<'static>> {
+        self.ca.authority.bundle().x509_authorities
+    }
+
+    async fn channel(
+        &self,
+        identity: Option<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>)>,
+    ) -> Result<Channel, tls::TlsError> {
+        let config =
+            tls::client_config(self.roots(), ExpectedId::Exact(SERVER_ID.into()), identity)?;
+        tls::connect(&self.node.to_string(), Arc::new(config)).await
+    }
+
+    async fn try_anonymous(&self) -> Result<NodeClient<Channel>, tls::TlsError> {
+        Ok(NodeClient::new(self.channel(None).await?))
+    }
+
+    async fn anonymous(&self) -> NodeClient<Channel> {
+        self.try_anonymous().await.unwrap()
+    }
+
+    async fn token(&self) -> String {
+        self.ca
+            .generate_token(0, "admin:test")
+            .await
+            .unwrap()
+            .secret()
+            .to_owned()
+    }
+
+    /// Attests with a fresh token and connects with the agent SVID.
+    async fn agent(&self) -> Agent {
+        let token = self.token().await;
+        let (csr, key) = csr();
+        let svid = self
+            .anonymous()
+            .await
+            .attest_join_token(node::AttestJoinTokenRequest { token, csr })
+            .await
+            .unwrap()
+            .into_inner();
+        self.connect_agent(svid, key).await
+    }
+
+    async fn connect_agent(&self, svid: node::AgentSvid, key: PrivateKeyDer<'static>) -> Agent {
+        let chain: Vec<CertificateDer<'static>> =
+            svid.chain.iter().map(|c| c.clone().into()).collect();
+        let client = NodeClient::new(self.channel(Some((chain, key.clone_key()))).await.unwrap());
+        Agent {
+            id: svid.spiffe_id.clone(),
+            svid,
+            client,
+        }
+    }
+
+    async fn entry(&self, id: &str, parent: &str) -> meshid_ca::entry::RegistrationEntry {
+        self.ca
+            .create_entry(
+                &EntrySpec {
+                    id: Some(id.into()),
+                    spiffe_id: format!("spiffe://example.org/workload/{id}"),
+                    parent_id: parent.into(),
+                    selectors: vec!["unix:uid:1000".into()],
+                    ..Default::default()
+                },
+                "admin:test",
+            )
+            .await
+            .unwrap()
+    }
+
+    /// Runs `meshid-ca <args> --socket <socket>` and returns its stdout; panics on failure.
+    fn cli(&self, args: &[&str]) -> String {
+        let out = Command::new(BIN)
+            .args(args)
+            .arg("--socket")
+            .arg(&self.socket)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "meshid-ca {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    }
+}
+
+/// An attested agent connected with its SVID.
+struct Agent {
+    id: String,
+    svid: node::AgentSvid,
+    client: NodeClient<Channel>,
+}
+
+impl Agent {
+    async fn sync(&mut self) -> Streaming<SyncUpdate> {
+        self.client
+            .sync(node::SyncRequest {})
+            .await
+            .unwrap()
+            .into_inner()
+    }
+}
+
+/// A fresh P-256 key and a CSR over it.
+fn csr() -> (Vec<u8>, PrivateKeyDer<'static>) {
+    let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+    let csr = rcgen::CertificateParams::new(Vec::<String>::new())
+        .unwrap()
+        .serialize_request(&key)
+        .unwrap();
+    (
+        csr.der().to_vec(),
+        PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der())),
+    )
+}
+
+/// The next message of a sync stream, which must come within [`PUSH`].
+async fn next(stream: &mut Streaming<SyncUpdate>) -> SyncUpdate {
+    tokio::time::timeout(PUSH, stream.message())
+        .await
+        .expect("no sync update within 1s")
+        .expect("sync stream failed")
+        .expect("sync stream ended")
+}
+
+/// Asserts that nothing arrives on the stream for a short while.
+async fn quiet(stream: &mut Streaming<SyncUpdate>) {
+    if let Ok(msg) = tokio::time::timeout(Duration::from_millis(300), stream.message()).await {
+        panic!("unexpected sync message: {msg:?}");
+    }
+}
+
+fn ids(update: &SyncUpdate) -> Vec<&str> {
+    update.upserts.iter().map(|e| e.id.as_str()).collect()
+}
+
+/// Path-validates a chain to the roots with rustls-webpki (clientAuth) and returns the leaf's
+/// SPIFFE ID.
+fn verify_chain(chain: &[Vec<u8>], roots: &[CertificateDer<'static>]) -> String {
+    let certs: Vec<CertificateDer<'static>> = chain.iter().map(|c| c.clone().into()).collect();
+    let anchors: Vec<_> = roots
+        .iter()
+        .map(|r| webpki::anchor_from_trusted_cert(r).unwrap())
+        .collect();
+    let leaf = webpki::EndEntityCert::try_from(&certs[0]).unwrap();
+    leaf.verify_for_usage(
+        rustls::crypto::ring::default_provider()
+            .signature_verification_algorithms
+            .all,
+        &anchors,
+        &certs[1..],
+        UnixTime::now(),
+        webpki::KeyUsage::client_auth(),
+        None,
+        None,
+    )
+    .unwrap();
+    tls::spiffe_id_of(&certs[0]).unwrap()
+}
+
+fn assert_denied(status: tonic::Status, why: &str) {
+    assert_eq!(status.code(), Code::PermissionDenied, "{status:?}");
+    assert!(status.message().contains(why), "{status:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn attest_with_join_token_issues_an_agent_svid() {
+    bounded(async {
+        let ca = TestCa::start().await;
+        let token = ca.ca.generate_token(0, "admin:test").await.unwrap();
+        let (csr, _key) = csr();
+        let svid = ca
+            .anonymous()
+            .await
+            .attest_join_token(node::AttestJoinTokenRequest {
+                token: token.secret().to_owned(),
+                csr,
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        let expected = format!(
+            "spiffe://example.org/meshid/agent/join_token/{}",
+            token.record.id
+        );
+        assert_eq!(svid.spiffe_id, expected);
+        assert_eq!(verify_chain(&svid.chain, &ca.roots()), expected);
+        let bundle = svid.bundle.as_ref().unwrap();
+        assert_eq!(bundle.trust_domain, "example.org");
+        let roots: Vec<Vec<u8>> = ca.roots().iter().map(|r| r.to_vec()).collect();
+        assert_eq!(bundle.x509_authorities, roots);
+        let jwks: serde_json::Value = serde_json::from_str(&bundle.jwt_authorities_json).unwrap();
+        assert!(!jwks["keys"].as_array().unwrap().is_empty(), "{jwks}");
+        // The CA's default X.509 lifetime (1h).
+        let left = svid.expires_at - meshid_ca::unix_now();
+        assert!((3500..=3600).contains(&left), "{left}");
+
+        let record = ca.ca.store.get_agent(&expected).await.unwrap().unwrap();
+        assert_eq!(record.attestation_type, "join_token");
+        assert_eq!(record.expires_at, svid.expires_at);
+        assert!(!record.banned);
+        let (_, leaf) = x509_parser::parse_x509_certificate(&svid.chain[0]).unwrap();
+        assert_eq!(record.serial, hex::encode(leaf.raw_serial()));
+        let kinds: Vec<String> = ca
+            .ca
+            .store
+            .audit_records(0, 1000)
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|r| r.kind)
+            .collect();
+        assert!(kinds.contains(&"token.used".to_owned()), "{kinds:?}");
+        assert!(kinds.contains(&"agent.attested".to_owned()), "{kinds:?}");
+        ca.stop().await;
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_used_and_expired_tokens_are_refused_alike() {
+    bounded(async {
+        let ca = TestCa::start().await;
+        let mut client = ca.anonymous().await;
+        let attest = |token: String| node::AttestJoinTokenRequest {
+            token,
+            csr: csr().0,
+        };
+
+        // A malformed CSR is refused before the token is used, so the token still works.
+        let token = ca.token().await;
+        let status = client
+            .attest_join_token(node::AttestJoinTokenRequest {
+                token: token.clone(),
+                csr: b"not a csr".to_vec(),
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+        client
+            .attest_join_token(attest(token.clone()))
+            .await
+            .unwrap();
+
+        // Used, unknown and expired: one answer that does not say which.
+        let expired = meshid_ca::token::JoinToken::generate(
+            meshid_ca::unix_now() - 100,
+            Duration::from_secs(10),
+        );
+        ca.ca
+            .store
+            .create_join_token(
+                &expired.record,
+                &meshid_ca::audit::AuditEvent::new("token.created", "test", serde_json::json!({})),
+            )
+            .await
+            .unwrap();
+        let mut messages = Vec::new();
+        for t in [
+            token,
+            "no-such-token".to_owned(),
+            expired.secret().to_owned(),
+        ] {
+            let status = client
+                .attest_join_token(attest(t.clone()))
+                .await
+                .unwrap_err();
+            assert_denied(status.clone(), "invalid, expired or already used");
+            assert!(!status.message().contains(&t), "{status:?}");
+            messages.push(status.message().to_owned());
+        }
+        assert!(messages.windows(2).all(|w| w[0] == w[1]), "{messages:?}");
+        ca.stop().await;
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn calls_need_an_attested_agent_certificate() {
+    bounded(async {
+        let ca = TestCa::start().await;
+        let mut anonymous = ca.anonymous().await;
+        let no_cert = "needs a client certificate";
+        assert_denied(
+            anonymous.sync(node::SyncRequest {}).await.err().unwrap(),
+            no_cert,
+        );
+        assert_denied(
+            anonymous
+                .renew_agent(node::RenewAgentRequest { csr: csr().0 })
+                .await
+                .unwrap_err(),
+            no_cert,
+        );
+        assert_denied(
+            anonymous
+                .batch_sign_x509(node::BatchSignX509Request { requests: vec![] })
+                .await
+                .unwrap_err(),
+            no_cert,
+        );
+        assert_denied(
+            anonymous
+                .mint_jwt_svid(node::MintJwtSvidRequest {
+                    entry_id: "x".into(),
+                    audience: vec!["a".into()],
+                })
+                .await
+                .unwrap_err(),
+            no_cert,
+        );
+
+        // A valid SVID of this trust domain that is not an agent's, and one shaped like an
+        // agent's that never attested (minted by an operator): both refused.
+        for (id, why) in [
+            (
+                "spiffe://example.org/workload/web",
+                "is not an agent identity",
+            ),
+            (
+                "spiffe://example.org/meshid/agent/forged",
+                "is not attested",
+            ),
+        ] {
+            let (csr, key) = csr();
+            let svid = ca
+                .ca
+                .mint_x509(id, &csr, 0, &[], "admin:test")
+                .await
+                .unwrap();
+            let mut client =
+                NodeClient::new(ca.channel(Some((svid.chain.clone(), key))).await.unwrap());
+            assert_denied(client.sync(node::SyncRequest {}).await.err().unwrap(), why);
+        }
+        ca.stop().await;
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sync_sends_the_agents_entries_then_each_change() {
+    bounded(async {
+        let ca = TestCa::start().await;
+        let mut a = ca.agent().await;
+        let mut b = ca.agent().await;
+        ca.entry("a1", &a.id).await;
+        ca.entry("a2", &a.id).await;
+        ca.entry("b1", &b.id).await;
+
+        let mut a_stream = a.sync().await;
+        let first = next(&mut a_stream).await;
+        assert!(first.full);
+        assert_eq!(ids(&first), ["a1", "a2"]);
+        assert!(first.deleted_ids.is_empty());
+        assert_eq!(
+            first.bundle.as_ref().unwrap().sequence,
+            ca.ca.authority.bundle().sequence
+        );
+        let mut b_stream = b.sync().await;
+        let first = next(&mut b_stream).await;
+        assert!(first.full);
+        assert_eq!(ids(&first), ["b1"]);
+
+        // Created for A: pushed to A, not to B.
+        ca.entry("a3", &a.id).await;
+        let up = next(&mut a_stream).await;
+        assert!(!up.full);
+        assert_eq!(ids(&up), ["a3"]);
+        assert!(up.bundle.is_none());
+        quiet(&mut b_stream).await;
+
+        // Updated.
+        let mut spec = EntrySpec::from(
+            &ca.ca
+                .store
+                .get_entry(&"a3".parse().unwrap())
+                .await
+                .unwrap()
+                .unwrap(),
+        );
+        spec.selectors = vec!["unix:uid:2000".into()];
+        ca.ca.update_entry(&spec, 0, "admin:test").await.unwrap();
+        let up = next(&mut a_stream).await;
+        assert_eq!(ids(&up), ["a3"]);
+        assert_eq!(up.upserts[0].selectors, ["unix:uid:2000"]);
+        assert_eq!(up.upserts[0].revision, 2);
+
+        // Deleted.
+        ca.ca.delete_entry("a1", "admin:test").await.unwrap();
+        let up = next(&mut a_stream).await;
+        assert!(up.upserts.is_empty());
+        assert_eq!(up.deleted_ids, ["a1"]);
+
+        // Moved from A to B: a delete for A, an upsert for B.
+        spec.parent_id = b.id.clone();
+        ca.ca.update_entry(&spec, 0, "admin:test").await.unwrap();
+        let up = next(&mut a_stream).await;
+        assert!(up.upserts.is_empty());
+        assert_eq!(up.deleted_ids, ["a3"]);
+        let up = next(&mut b_stream).await;
+        assert_eq!(ids(&up), ["a3"]);
+        assert_eq!(up.upserts[0].parent_id, b.id);
+
+        // Bundle changes are pushed with the bundle.
+        ca.ca.publish(CaEvent::BundleChanged);
+        let up = next(&mut a_stream).await;
+        assert!(up.upserts.is_empty() && up.deleted_ids.is_empty());
+        assert!(up.bundle.is_some());
+
+        // A burst: whatever is pending when the stream wakes goes out in one update (merging
+        // is unit-tested in node/tests.rs); nothing is lost and nothing is sent twice.
+        let mut seen = Vec::new();
+        for i in 0..20 {
+            ca.entry(&format!("burst{i:02}"), &a.id).await;
+        }
+        while seen.len() < 20 {
+            let up = next(&mut a_stream).await;
+            seen.extend(up.upserts.iter().map(|e| e.id.clone()));
+        }
+        let expected: Vec<String> = (0..20).map(|i| format!("burst{i:02}")).collect();
+        assert_eq!(seen, expected);
+        quiet(&mut a_stream).await;
+
+        // Shutdown ends open streams and is not held up by them.
+        ca.stop().await;
+        let end = tokio::time::timeout(Duration::from_secs(5), a_stream.message())
+            .await
+            .expect("stream not ended at shutdown");
+        assert!(!matches!(end, Ok(Some(_))), "{end:?}");
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lagging_stream_gets_the_full_state_again() {
+    bounded(async {
+        let ca = TestCa::start().await;
+        let mut a = ca.agent().await;
+        let mut stream = a.sync().await;
+        assert!(next(&mut stream).await.full);
+        // Far more events than the channel holds, faster than the stream can take them.
+        for _ in 0..(meshid_ca::service::EVENT_CAPACITY * 3) {
+            ca.ca.publish(CaEvent::BundleChanged);
+        }
+        ca.entry("late", &a.id).await;
+        let mut got_full = false;
+        loop {
+            let up = next(&mut stream).await;
+            got_full |= up.full;
+            if ids(&up).contains(&"late") {
+                break;
+            }
+        }
+        assert!(got_full, "a lagged stream must resend the full state");
+        ca.stop().await;
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn batch_sign_and_jwt_only_for_own_entries() {
+    bounded(async {
+        let ca = TestCa::start().await;
+        let mut a = ca.agent().await;
+        let b = ca.agent().await;
+        ca.entry("mine", &a.id).await;
+        ca.entry("theirs", &b.id).await;
+
+        let good = csr().0;
+        let garbage = b"\x30\x03garbage-csr-bytes".to_vec();
+        let requests = vec![
+            node::SignRequest {
+                entry_id: "mine".into(),
+                csr: good.clone(),
+            },
+            node::SignRequest {
+                entry_id: "theirs".into(),
+                csr: good.clone(),
+            },
+            node::SignRequest {
+                entry_id: "nonexistent".into(),
+                csr: good.clone(),
+            },
+            node::SignRequest {
+                entry_id: "mine".into(),
+                csr: garbage.clone(),
+            },
+        ];
+        let results = a
+            .client
+            .batch_sign_x509(node::BatchSignX509Request { requests })
+            .await
+            .unwrap()
+            .into_inner()
+            .results;
+        assert_eq!(results.len(), 4);
+        let ids: Vec<&str> = results.iter().map(|r| r.entry_id.as_str()).collect();
+        assert_eq!(ids, ["mine", "theirs", "nonexistent", "mine"]);
+        assert!(results[0].error.is_empty(), "{:?}", results[0].error);
+        assert_eq!(
+            verify_chain(&results[0].chain, &ca.roots()),
+            "spiffe://example.org/workload/mine"
+        );
+        assert!(!results[0].serial.is_empty());
+        for r in &results[1..3] {
+            assert!(r.chain.is_empty());
+            assert!(r.error.contains("no entry"), "{}", r.error);
+        }
+        assert_eq!(
+            results[1].error.replace("theirs", "X"),
+            results[2].error.replace("nonexistent", "X"),
+            "another agent's entry looks like a missing one"
+        );
+        assert!(results[3].chain.is_empty());
+        assert!(results[3].error.contains("CSR"), "{}", results[3].error);
+        assert!(!results[3].error.contains("garbage-csr-bytes"));
+
+        // The batch limit.
+        let requests = vec![
+            node::SignRequest {
+                entry_id: "mine".into(),
+                csr: good.clone(),
+            };
+            501
+        ];
+        let status = a
+            .client
+            .batch_sign_x509(node::BatchSignX509Request { requests })
+            .await
+            .unwrap_err();
+        assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+
+        // JWT-SVIDs.
+        let jwt = a
+            .client
+            .mint_jwt_svid(node::MintJwtSvidRequest {
+                entry_id: "mine".into(),
+                audience: vec!["db".into()],
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        let payload = jwt.token.split('.').nth(1).unwrap();
+        let claims: serde_json::Value = serde_json::from_slice(
+            &base64::engine::general_purpose::URL_SAFE_NO_PAD
+                .decode(payload)
+                .unwrap(),
+        )
+        .unwrap();
+        assert_eq!(claims["sub"], "spiffe://example.org/workload/mine");
+        assert_eq!(claims["exp"], jwt.expires_at);
+        let status = a
+            .client
+            .mint_jwt_svid(node::MintJwtSvidRequest {
+                entry_id: "theirs".into(),
+                audience: vec!["db".into()],
+            })
+            .await
+            .unwrap_err();
+        assert_denied(status, "no entry");
+        ca.stop().await;
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn renew_agent_issues_a_new_svid() {
+    bounded(async {
+        let ca = TestCa::start().await;
+        let mut a = ca.agent().await;
+        let (csr, key) = csr();
+        let renewed = a
+            .client
+            .renew_agent(node::RenewAgentRequest { csr })
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(renewed.spiffe_id, a.id);
+        assert_eq!(verify_chain(&renewed.chain, &ca.roots()), a.id);
+        assert_ne!(renewed.chain[0], a.svid.chain[0]);
+        let record = ca.ca.store.get_agent(&a.id).await.unwrap().unwrap();
+        let (_, leaf) = x509_parser::parse_x509_certificate(&renewed.chain[0]).unwrap();
+        assert_eq!(record.serial, hex::encode(leaf.raw_serial()));
+        assert_eq!(record.expires_at, renewed.expires_at);
+        // The renewed SVID works on a new connection.
+        let mut again = ca.connect_agent(renewed, key).await;
+        let mut stream = again.sync().await;
+        assert!(next(&mut stream).await.full);
+        ca.stop().await;
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn evicted_agent_is_cut_off_and_may_attest_again() {
+    bounded(async {
+        let ca = TestCa::start().await;
+        let mut a = ca.agent().await;
+        let other = ca.agent().await;
+        ca.entry("e", &a.id).await;
+        let mut stream = a.sync().await;
+        assert!(next(&mut stream).await.full);
+
+        // The operator CLI lists and shows agents.
+        let list: serde_json::Value =
+            serde_json::from_str(&ca.cli(&["agent", "list", "--output", "json"])).unwrap();
+        let listed: Vec<&str> = list
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|a| a["spiffe_id"].as_str().unwrap())
+            .collect();
+        let mut expected = vec![a.id.as_str(), other.id.as_str()];
+        expected.sort();
+        assert_eq!(listed, expected);
+        let shown: serde_json::Value =
+            serde_json::from_str(&ca.cli(&["agent", "show", &a.id, "--output", "json"])).unwrap();
+        assert_eq!(shown["attestation_type"], "join_token");
+        assert_eq!(shown["banned"], false);
+        assert!(ca.cli(&["agent", "list"]).contains("Found 2 agents"));
+
+        assert!(ca.cli(&["agent", "evict", &a.id]).contains("Evicted"));
+        // The open stream ends with PermissionDenied.
+        let end = tokio::time::timeout(PUSH, stream.message())
+            .await
+            .expect("stream not ended on eviction");
+        assert_denied(end.unwrap_err(), "evicted or banned");
+        // Every later call is refused.
+        assert_denied(
+            a.client.sync(node::SyncRequest {}).await.err().unwrap(),
+            "is not attested",
+        );
+        let status = a
+            .client
+            .batch_sign_x509(node::BatchSignX509Request {
+                requests: vec![node::SignRequest {
+                    entry_id: "e".into(),
+                    csr: csr().0,
+                }],
+            })
+            .await
+            .unwrap_err();
+        assert_denied(status, "is not attested");
+        assert_denied(
+            a.client
+                .renew_agent(node::RenewAgentRequest { csr: csr().0 })
+                .await
+                .unwrap_err(),
+            "is not attested",
+        );
+        let list: serde_json::Value =
+            serde_json::from_str(&ca.cli(&["agent", "list", "--output", "json"])).unwrap();
+        assert_eq!(list.as_array().unwrap().len(), 1);
+        // It may attest again with a new token (a new agent ID).
+        let again = ca.agent().await;
+        assert_ne!(again.id, a.id);
+        ca.stop().await;
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn banned_agent_is_refused_and_cannot_attest_again() {
+    bounded(async {
+        let ca = TestCa::start().await;
+        let mut a = ca.agent().await;
+        let mut stream = a.sync().await;
+        assert!(next(&mut stream).await.full);
+        assert!(ca.cli(&["agent", "ban", &a.id]).contains("Banned"));
+        let end = tokio::time::timeout(PUSH, stream.message())
+            .await
+            .expect("stream not ended on ban");
+        assert_denied(end.unwrap_err(), "evicted or banned");
+        assert_denied(
+            a.client
+                .renew_agent(node::RenewAgentRequest { csr: csr().0 })
+                .await
+                .unwrap_err(),
+            "is banned",
+        );
+        let shown: serde_json::Value =
+            serde_json::from_str(&ca.cli(&["agent", "show", &a.id, "--output", "json"])).unwrap();
+        assert_eq!(shown["banned"], true);
+
+        // Attesting as a banned ID is refused: ban the ID a fresh token will produce.
+        let token = ca.ca.generate_token(0, "admin:test").await.unwrap();
+        let id = format!(
+            "spiffe://example.org/meshid/agent/join_token/{}",
+            token.record.id
+        );
+        ca.ca
+            .store
+            .upsert_agent(
+                &AgentRecord {
+                    spiffe_id: id.clone(),
+                    attestation_type: "join_token".into(),
+                    serial: "00".into(),
+                    expires_at: 0,
+                    created_at: 0,
+                    banned: true,
+                },
+                &meshid_ca::audit::AuditEvent::new("agent.banned", "test", serde_json::json!({})),
+            )
+            .await
+            .unwrap();
+        let status = ca
+            .anonymous()
+            .await
+            .attest_join_token(node::AttestJoinTokenRequest {
+                token: token.secret().to_owned(),
+                csr: csr().0,
+            })
+            .await
+            .unwrap_err();
+        assert_denied(status, "is banned");
+        assert!(ca.ca.store.get_agent(&id).await.unwrap().unwrap().banned);
+        ca.stop().await;
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sync_stream_ends_when_the_agent_svid_expires() {
+    bounded(async {
+        let ca = TestCa::start_with(|raw| {
+            raw.ca.default_x509_svid_ttl = Some("4s".into());
+        })
+        .await;
+        let mut a = ca.agent().await;
+        let mut stream = a.sync().await;
+        assert!(next(&mut stream).await.full);
+        let end = tokio::time::timeout(Duration::from_secs(8), stream.message())
+            .await
+            .expect("stream outlived the SVID");
+        let status = end.unwrap_err();
+        assert_eq!(status.code(), Code::Unauthenticated, "{status:?}");
+        ca.stop().await;
+    })
+    .await
+}
