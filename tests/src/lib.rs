@@ -21,7 +21,15 @@ pub fn bin_dir() -> &'static Path {
         let dir = exe.parent().unwrap().parent().unwrap().to_path_buf();
         let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
         let mut cmd = Command::new(cargo);
-        cmd.args(["build", "--quiet", "-p", "meshid-ca", "-p", "meshid-agent", "--bins"]);
+        cmd.args([
+            "build",
+            "--quiet",
+            "-p",
+            "meshid-ca",
+            "-p",
+            "meshid-agent",
+            "--bins",
+        ]);
         if dir.ends_with("release") {
             cmd.arg("--release");
         }
@@ -36,7 +44,11 @@ pub fn bin_dir() -> &'static Path {
 
 /// A free TCP port on 127.0.0.1.
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 /// A child process that is killed on drop; its stderr goes to a log file.
@@ -55,7 +67,13 @@ impl Proc {
             .env("MESHID_LOG", "debug")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
-            .stderr(std::fs::OpenOptions::new().create(true).append(true).open(&log).unwrap())
+            .stderr(
+                std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(&log)
+                    .unwrap(),
+            )
             .spawn()
             .unwrap_or_else(|e| panic!("start {bin}: {e}"));
         Proc {
@@ -79,12 +97,21 @@ impl Proc {
 
     /// SIGTERM and wait (bounded) for a clean exit.
     pub fn stop(&mut self) {
-        let Some(mut child) = self.child.take() else { return };
-        let _ = Command::new("kill").args(["-TERM", &child.id().to_string()]).status();
+        let Some(mut child) = self.child.take() else {
+            return;
+        };
+        let _ = Command::new("kill")
+            .args(["-TERM", &child.id().to_string()])
+            .status();
         let deadline = Instant::now() + Duration::from_secs(15);
         loop {
             if let Some(status) = child.try_wait().unwrap() {
-                assert!(status.success(), "{} exited with {status}:\n{}", self.name, self.log_text());
+                assert!(
+                    status.success(),
+                    "{} exited with {status}:\n{}",
+                    self.name,
+                    self.log_text()
+                );
                 return;
             }
             if Instant::now() > deadline {
@@ -175,13 +202,21 @@ impl Ca {
             if tries % 10 == 0 {
                 self.proc.check_alive();
             }
-            ca_cli(&socket, &["healthcheck"]).status.success().then_some(())
+            ca_cli(&socket, &["healthcheck"])
+                .status
+                .success()
+                .then_some(())
         });
     }
 
     /// Starts again with the same data, addresses and options (after [`Proc::stop`]).
     pub fn restart(&mut self) {
-        self.proc = Self::spawn(&self.dir, &self.node_address, &self.ops_address, &self.extra);
+        self.proc = Self::spawn(
+            &self.dir,
+            &self.node_address,
+            &self.ops_address,
+            &self.extra,
+        );
         self.wait_healthy();
     }
 
@@ -213,11 +248,20 @@ pub fn ca_cli(socket: &Path, args: &[&str]) -> Output {
 pub fn http_get(addr: &str, path: &str) -> Option<(u16, String)> {
     let mut s = TcpStream::connect(addr).ok()?;
     s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
-    write!(s, "GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n").ok()?;
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
+    )
+    .ok()?;
     let mut buf = String::new();
     s.read_to_string(&mut buf).ok()?;
     let code = buf.split_whitespace().nth(1)?.parse().ok()?;
-    Some((code, buf.split_once("\r\n\r\n").map(|(_, b)| b.to_owned()).unwrap_or_default()))
+    Some((
+        code,
+        buf.split_once("\r\n\r\n")
+            .map(|(_, b)| b.to_owned())
+            .unwrap_or_default(),
+    ))
 }
 
 /// A running agent.

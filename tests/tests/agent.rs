@@ -8,37 +8,83 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
-use meshid_tests::{wait_for, Agent, Ca};
+use meshid_tests::{Agent, Ca};
 use rustls_pki_types::{CertificateDer, UnixTime};
 use spiffe::WorkloadApiClient;
 
 fn uid() -> u32 {
     let out = Command::new("id").arg("-u").output().unwrap();
-    String::from_utf8(out.stdout).unwrap().trim().parse().unwrap()
+    String::from_utf8(out.stdout)
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap()
 }
 
 fn token(ca: &Ca) -> (String, String) {
     let out = ca.ok(&["token", "generate"]);
-    let secret = out.lines().find_map(|l| l.strip_prefix("Token: ")).unwrap().to_owned();
-    let id = out.lines().find_map(|l| l.strip_prefix("Token ID: ")).unwrap().to_owned();
-    (secret, format!("spiffe://example.org/meshid/agent/join_token/{id}"))
+    let secret = out
+        .lines()
+        .find_map(|l| l.strip_prefix("Token: "))
+        .unwrap()
+        .to_owned();
+    let id = out
+        .lines()
+        .find_map(|l| l.strip_prefix("Token ID: "))
+        .unwrap()
+        .to_owned();
+    (
+        secret,
+        format!("spiffe://example.org/meshid/agent/join_token/{id}"),
+    )
 }
 
 fn create_entry(ca: &Ca, id: &str, spiffe_id: &str, parent: &str, ttl: &str) {
     let sel = format!("unix:uid:{}", uid());
-    ca.ok(&["entry", "create", "--id", id, "--spiffe-id", spiffe_id, "--parent-id", parent, "--selector", &sel, "--x509-ttl", ttl]);
+    ca.ok(&[
+        "entry",
+        "create",
+        "--id",
+        id,
+        "--spiffe-id",
+        spiffe_id,
+        "--parent-id",
+        parent,
+        "--selector",
+        &sel,
+        "--x509-ttl",
+        ttl,
+    ]);
 }
 
 fn serial(der: &[u8]) -> String {
-    x509_parser::parse_x509_certificate(der).unwrap().1.raw_serial_as_string()
+    x509_parser::parse_x509_certificate(der)
+        .unwrap()
+        .1
+        .raw_serial_as_string()
 }
 
 fn verify(chain: &[CertificateDer<'_>], roots: &[CertificateDer<'_>]) {
-    let anchors: Vec<_> = roots.iter().map(|r| webpki::anchor_from_trusted_cert(r).unwrap().to_owned()).collect();
+    let anchors: Vec<_> = roots
+        .iter()
+        .map(|r| webpki::anchor_from_trusted_cert(r).unwrap().to_owned())
+        .collect();
     let ee = webpki::EndEntityCert::try_from(&chain[0]).unwrap();
-    let now = UnixTime::since_unix_epoch(std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap());
-    ee.verify_for_usage(webpki::ALL_VERIFICATION_ALGS, &anchors, &chain[1..], now, webpki::KeyUsage::client_auth(), None, None)
-        .unwrap();
+    let now = UnixTime::since_unix_epoch(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap(),
+    );
+    ee.verify_for_usage(
+        webpki::ALL_VERIFICATION_ALGS,
+        &anchors,
+        &chain[1..],
+        now,
+        webpki::KeyUsage::client_auth(),
+        None,
+        None,
+    )
+    .unwrap();
 }
 
 /// Every file under `dir`, recursively.
@@ -53,7 +99,11 @@ fn files(dir: &Path, out: &mut Vec<std::path::PathBuf>) {
     }
 }
 
-async fn fetch_until(client: &WorkloadApiClient, timeout: Duration, pred: impl Fn(&[spiffe::X509Svid]) -> bool) -> Vec<spiffe::X509Svid> {
+async fn fetch_until(
+    client: &WorkloadApiClient,
+    timeout: Duration,
+    pred: impl Fn(&[spiffe::X509Svid]) -> bool,
+) -> Vec<spiffe::X509Svid> {
     let deadline = Instant::now() + timeout;
     loop {
         if let Ok(svids) = client.fetch_all_x509_svids().await {
@@ -61,7 +111,10 @@ async fn fetch_until(client: &WorkloadApiClient, timeout: Duration, pred: impl F
                 return svids;
             }
         }
-        assert!(Instant::now() < deadline, "timed out waiting for the expected SVIDs");
+        assert!(
+            Instant::now() < deadline,
+            "timed out waiting for the expected SVIDs"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
@@ -74,7 +127,9 @@ async fn spiffe_client_against_the_agent() {
     let (secret, agent_id) = token(&ca);
     create_entry(&ca, "web", "spiffe://example.org/web", &agent_id, "6s");
     let agent = tokio::task::block_in_place(|| Agent::start(&dir, &ca, &secret));
-    let client = WorkloadApiClient::connect_to(agent.endpoint()).await.unwrap();
+    let client = WorkloadApiClient::connect_to(agent.endpoint())
+        .await
+        .unwrap();
     let mut keys_seen: Vec<Vec<u8>> = Vec::new();
 
     // X.509-SVID and bundle, verified independently.
@@ -84,15 +139,30 @@ async fn spiffe_client_against_the_agent() {
     keys_seen.push(svid.private_key().as_ref().to_vec());
     let bundles = client.fetch_x509_bundles().await.unwrap();
     let td = spiffe::TrustDomain::new("example.org").unwrap();
-    let roots: Vec<CertificateDer<'_>> = bundles.get(&td).unwrap().authorities().iter().map(|c| CertificateDer::from(c.as_ref())).collect();
-    let chain: Vec<CertificateDer<'_>> = svid.cert_chain().iter().map(|c| CertificateDer::from(c.as_ref())).collect();
+    let local = bundles.get(&td).unwrap();
+    let roots: Vec<CertificateDer<'_>> = local
+        .authorities()
+        .iter()
+        .map(|c| CertificateDer::from(c.as_ref()))
+        .collect();
+    let chain: Vec<CertificateDer<'_>> = svid
+        .cert_chain()
+        .iter()
+        .map(|c| CertificateDer::from(c.as_ref()))
+        .collect();
     verify(&chain, &roots);
 
     // JWT-SVID, validated through ValidateJWTSVID.
     let jwt = client.fetch_jwt_token(["billing"], None).await.unwrap();
     let validated = client.validate_jwt_token("billing", &jwt).await.unwrap();
-    assert_eq!(validated.spiffe_id().to_string(), "spiffe://example.org/web");
-    assert!(client.validate_jwt_token("other-audience", &jwt).await.is_err());
+    assert_eq!(
+        validated.spiffe_id().to_string(),
+        "spiffe://example.org/web"
+    );
+    assert!(client
+        .validate_jwt_token("other-audience", &jwt)
+        .await
+        .is_err());
 
     // Rotation: a new serial and a new key on the open stream.
     let first_serial = serial(svid.leaf().as_ref());
@@ -109,13 +179,23 @@ async fn spiffe_client_against_the_agent() {
     })
     .await
     .expect("an SVID rotation within 20 s");
-    assert_ne!(rotated.private_key().as_ref(), svid.private_key().as_ref(), "rotation brings a new key");
+    assert_ne!(
+        rotated.private_key().as_ref(),
+        svid.private_key().as_ref(),
+        "rotation brings a new key"
+    );
     keys_seen.push(rotated.private_key().as_ref().to_vec());
 
     // No security header: InvalidArgument.
-    let channel = meshid_api::client::connect_unix(&agent.socket).await.unwrap();
-    let mut raw = meshid_api::workload::spiffe_workload_api_client::SpiffeWorkloadApiClient::new(channel);
-    let err = raw.fetch_x509svid(meshid_api::workload::X509svidRequest {}).await.unwrap_err();
+    let channel = meshid_api::client::connect_unix(&agent.socket)
+        .await
+        .unwrap();
+    let mut raw =
+        meshid_api::workload::spiffe_workload_api_client::SpiffeWorkloadApiClient::new(channel);
+    let err = raw
+        .fetch_x509svid(meshid_api::workload::X509svidRequest {})
+        .await
+        .unwrap_err();
     assert_eq!(err.code(), tonic::Code::InvalidArgument, "{err}");
 
     // Another uid: no identity issued (needs root to switch users).
@@ -130,24 +210,44 @@ async fn spiffe_client_against_the_agent() {
         assert!(!out.status.success());
         let err = String::from_utf8_lossy(&out.stderr);
         assert!(err.contains("no identity issued"), "{err}");
-        assert!(agent.proc.log_text().contains("no identity issued"), "the agent logs the refusal");
+        assert!(
+            agent.proc.log_text().contains("no identity issued"),
+            "the agent logs the refusal"
+        );
     } else {
         eprintln!("not root: skipping the other-uid check");
     }
 
     // A new entry reaches the waiting client; deleting it withdraws it.
-    create_entry(&ca, "second", "spiffe://example.org/second", &agent_id, "1h");
+    create_entry(
+        &ca,
+        "second",
+        "spiffe://example.org/second",
+        &agent_id,
+        "1h",
+    );
     let started = Instant::now();
-    fetch_until(&client, Duration::from_secs(5), |s| s.iter().any(|v| v.spiffe_id().to_string().ends_with("/second"))).await;
+    fetch_until(&client, Duration::from_secs(5), |s| {
+        s.iter()
+            .any(|v| v.spiffe_id().to_string().ends_with("/second"))
+    })
+    .await;
     eprintln!("new entry reached the client in {:?}", started.elapsed());
     ca.ok(&["entry", "delete", "second"]);
-    fetch_until(&client, Duration::from_secs(5), |s| s.iter().all(|v| !v.spiffe_id().to_string().ends_with("/second"))).await;
+    fetch_until(&client, Duration::from_secs(5), |s| {
+        s.iter()
+            .all(|v| !v.spiffe_id().to_string().ends_with("/second"))
+    })
+    .await;
 
     // CA outage: the client keeps fetching valid SVIDs; after the CA returns, rotation resumes
     // without restarting the agent or the client.
     tokio::task::block_in_place(|| ca.proc.stop());
     for _ in 0..4 {
-        let s = client.fetch_x509_svid().await.expect("cached SVID served while the CA is down");
+        let s = client
+            .fetch_x509_svid()
+            .await
+            .expect("cached SVID served while the CA is down");
         let (_, leaf) = x509_parser::parse_x509_certificate(s.leaf().as_ref()).unwrap();
         assert!(leaf.validity().is_valid(), "served SVIDs are valid");
         keys_seen.push(s.private_key().as_ref().to_vec());
@@ -155,7 +255,11 @@ async fn spiffe_client_against_the_agent() {
     }
     let before_restart = serial(client.fetch_x509_svid().await.unwrap().leaf().as_ref());
     tokio::task::block_in_place(|| ca.restart());
-    let after = fetch_until(&client, Duration::from_secs(30), |s| s.first().is_some_and(|v| serial(v.leaf().as_ref()) != before_restart)).await;
+    let after = fetch_until(&client, Duration::from_secs(30), |s| {
+        s.first()
+            .is_some_and(|v| serial(v.leaf().as_ref()) != before_restart)
+    })
+    .await;
     keys_seen.push(after[0].private_key().as_ref().to_vec());
 
     // Deleting the last entry withdraws the identity.
@@ -163,7 +267,12 @@ async fn spiffe_client_against_the_agent() {
     let deadline = Instant::now() + Duration::from_secs(5);
     loop {
         match client.fetch_x509_svid().await {
-            Err(e) if e.to_string().contains("no identity issued") || format!("{e:?}").contains("NoIdentityIssued") => break,
+            Err(e)
+                if e.to_string().contains("no identity issued")
+                    || format!("{e:?}").contains("NoIdentityIssued") =>
+            {
+                break
+            }
             _ => {
                 assert!(Instant::now() < deadline, "identity not withdrawn");
                 tokio::time::sleep(Duration::from_millis(50)).await;
@@ -178,11 +287,22 @@ async fn spiffe_client_against_the_agent() {
         let contents = std::fs::read(f).unwrap();
         let text = String::from_utf8_lossy(&contents);
         for k in &keys_seen {
-            assert!(!contents.windows(k.len()).any(|w| w == k.as_slice()), "workload key (DER) in {}", f.display());
+            assert!(
+                !contents.windows(k.len()).any(|w| w == k.as_slice()),
+                "workload key (DER) in {}",
+                f.display()
+            );
             use base64::Engine as _;
             let b64 = base64::engine::general_purpose::STANDARD.encode(k);
-            assert!(!text.contains(&b64[..60]), "workload key (base64) in {}", f.display());
+            assert!(
+                !text.contains(&b64[..60]),
+                "workload key (base64) in {}",
+                f.display()
+            );
         }
     }
-    assert!(all.iter().any(|f| f.ends_with("agent-key.pem")), "the agent's own key is persisted");
+    assert!(
+        all.iter().any(|f| f.ends_with("agent-key.pem")),
+        "the agent's own key is persisted"
+    );
 }

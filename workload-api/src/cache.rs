@@ -123,7 +123,9 @@ impl Snapshot {
 
     /// The identities whose entries match a caller's selectors, in entry id order.
     pub fn matching<'a>(&'a self, caller: &'a [String]) -> impl Iterator<Item = &'a Identity> + 'a {
-        self.identities.iter().filter(move |i| i.entry.matches(caller))
+        self.identities
+            .iter()
+            .filter(move |i| i.entry.matches(caller))
     }
 }
 

@@ -93,7 +93,8 @@ pub fn write_file(path: &Path, contents: &[u8], mode: u32) -> Result<(), ClientE
         .mode(mode)
         .open(&tmp)
         .map_err(file_err(&tmp))?;
-    f.set_permissions(std::fs::Permissions::from_mode(mode)).map_err(file_err(&tmp))?;
+    f.set_permissions(std::fs::Permissions::from_mode(mode))
+        .map_err(file_err(&tmp))?;
     f.write_all(contents).map_err(file_err(&tmp))?;
     f.sync_all().map_err(file_err(&tmp))?;
     std::fs::rename(&tmp, path).map_err(file_err(path))
@@ -121,9 +122,14 @@ pub fn read_certs(path: &Path) -> Result<Vec<Vec<u8>>, ClientError> {
     let certs: Vec<Vec<u8>> = CertificateDer::pem_slice_iter(&text)
         .map(|c| c.map(|c| c.to_vec()))
         .collect::<Result<_, _>>()
-        .map_err(|e| ClientError::Malformed(format!("{}: not PEM certificates: {e}", path.display())))?;
+        .map_err(|e| {
+            ClientError::Malformed(format!("{}: not PEM certificates: {e}", path.display()))
+        })?;
     if certs.is_empty() {
-        return Err(ClientError::Malformed(format!("{}: no certificates", path.display())));
+        return Err(ClientError::Malformed(format!(
+            "{}: no certificates",
+            path.display()
+        )));
     }
     Ok(certs)
 }
@@ -132,13 +138,19 @@ fn validity(der: &[u8]) -> Result<(i64, i64, String), ClientError> {
     let (_, cert) = x509_parser::parse_x509_certificate(der)
         .map_err(|e| ClientError::Malformed(format!("certificate does not parse: {e}")))?;
     let id = tls::spiffe_id_of(der).map_err(ClientError::Tls)?;
-    Ok((cert.validity().not_before.timestamp(), cert.validity().not_after.timestamp(), id))
+    Ok((
+        cert.validity().not_before.timestamp(),
+        cert.validity().not_after.timestamp(),
+        id,
+    ))
 }
 
 impl AgentIdentity {
     /// Builds an identity from a chain and key, reading validity and ID from the leaf.
     pub fn new(chain: Vec<Vec<u8>>, key_pkcs8: Zeroizing<Vec<u8>>) -> Result<Self, ClientError> {
-        let leaf = chain.first().ok_or_else(|| ClientError::Malformed("empty agent SVID chain".into()))?;
+        let leaf = chain
+            .first()
+            .ok_or_else(|| ClientError::Malformed("empty agent SVID chain".into()))?;
         let (not_before, not_after, spiffe_id) = validity(leaf)?;
         Ok(Self {
             spiffe_id,
@@ -164,8 +176,9 @@ impl AgentIdentity {
             )));
         }
         let pem_text = Zeroizing::new(std::fs::read(&key_path).map_err(file_err(&key_path))?);
-        let key = PrivatePkcs8KeyDer::from_pem_slice(&pem_text)
-            .map_err(|_| ClientError::Malformed(format!("{} is not a PKCS#8 PEM key", key_path.display())))?;
+        let key = PrivatePkcs8KeyDer::from_pem_slice(&pem_text).map_err(|_| {
+            ClientError::Malformed(format!("{} is not a PKCS#8 PEM key", key_path.display()))
+        })?;
         let chain = read_certs(&svid_path)?;
         Self::new(chain, Zeroizing::new(key.secret_pkcs8_der().to_vec())).map(Some)
     }
@@ -174,12 +187,19 @@ impl AgentIdentity {
     pub fn save(&self, dir: &Path) -> Result<(), ClientError> {
         let key_pem = Zeroizing::new(pem("PRIVATE KEY", &[self.key_pkcs8.to_vec()]));
         write_file(&dir.join(KEY_FILE), key_pem.as_bytes(), 0o600)?;
-        write_file(&dir.join(SVID_FILE), pem("CERTIFICATE", &self.chain).as_bytes(), 0o644)
+        write_file(
+            &dir.join(SVID_FILE),
+            pem("CERTIFICATE", &self.chain).as_bytes(),
+            0o644,
+        )
     }
 
     fn tls_identity(&self) -> (Vec<CertificateDer<'static>>, PrivateKeyDer<'static>) {
         (
-            self.chain.iter().map(|c| CertificateDer::from(c.clone())).collect(),
+            self.chain
+                .iter()
+                .map(|c| CertificateDer::from(c.clone()))
+                .collect(),
             PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(self.key_pkcs8.to_vec())),
         )
     }
@@ -188,7 +208,8 @@ impl AgentIdentity {
 /// A new P-256 key and a CSR over it (the subject is irrelevant: the CA takes the identity
 /// from its own records).
 pub fn key_and_csr() -> Result<(Zeroizing<Vec<u8>>, Vec<u8>), ClientError> {
-    let key = rcgen::KeyPair::generate().map_err(|e| ClientError::Malformed(format!("key generation: {e}")))?;
+    let key = rcgen::KeyPair::generate()
+        .map_err(|e| ClientError::Malformed(format!("key generation: {e}")))?;
     let params = rcgen::CertificateParams::new(Vec::<String>::new())
         .map_err(|e| ClientError::Malformed(format!("csr: {e}")))?;
     let csr = params
@@ -204,7 +225,10 @@ pub async fn connect(
     roots: &[Vec<u8>],
     identity: Option<&AgentIdentity>,
 ) -> Result<NodeClient<Channel>, ClientError> {
-    let roots: Vec<CertificateDer<'static>> = roots.iter().map(|r| CertificateDer::from(r.clone())).collect();
+    let roots: Vec<CertificateDer<'static>> = roots
+        .iter()
+        .map(|r| CertificateDer::from(r.clone()))
+        .collect();
     let config = Arc::new(tls::client_config(
         roots,
         ExpectedId::Exact(format!("spiffe://{td}/meshid/server")),

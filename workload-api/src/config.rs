@@ -138,31 +138,52 @@ impl TryFrom<RawConfig> for Config {
     type Error = ConfigError;
 
     fn try_from(raw: RawConfig) -> Result<Self, Self::Error> {
-        let td = raw.trust_domain.ok_or_else(|| invalid("trust_domain", "is required, e.g. example.org"))?;
-        let trust_domain = TrustDomain::new(&td).map_err(|e| invalid("trust_domain", format!("{td:?}: {e}")))?;
+        let td = raw
+            .trust_domain
+            .ok_or_else(|| invalid("trust_domain", "is required, e.g. example.org"))?;
+        let trust_domain =
+            TrustDomain::new(&td).map_err(|e| invalid("trust_domain", format!("{td:?}: {e}")))?;
         if trust_domain.as_str() != td {
-            return Err(invalid("trust_domain", "write the bare, lower-case name, e.g. example.org"));
+            return Err(invalid(
+                "trust_domain",
+                "write the bare, lower-case name, e.g. example.org",
+            ));
         }
-        let first = raw
-            .server_address
-            .ok_or_else(|| invalid("server_address", "is required: the CA's node API, e.g. ca.internal:8443"))?;
+        let first = raw.server_address.ok_or_else(|| {
+            invalid(
+                "server_address",
+                "is required: the CA's node API, e.g. ca.internal:8443",
+            )
+        })?;
         let mut server_addresses = vec![first];
         server_addresses.extend(raw.extra_server_addresses);
         for a in &server_addresses {
-            let ok = a.rsplit_once(':').is_some_and(|(h, p)| !h.is_empty() && p.parse::<u16>().is_ok());
+            let ok = a
+                .rsplit_once(':')
+                .is_some_and(|(h, p)| !h.is_empty() && p.parse::<u16>().is_ok());
             if !ok {
                 return Err(invalid("server_address", format!("{a:?}: write host:port")));
             }
         }
-        let trust_bundle_path = raw
-            .trust_bundle_path
-            .ok_or_else(|| invalid("trust_bundle_path", "is required: a PEM file from `meshid-ca bundle show`"))?;
+        let trust_bundle_path = raw.trust_bundle_path.ok_or_else(|| {
+            invalid(
+                "trust_bundle_path",
+                "is required: a PEM file from `meshid-ca bundle show`",
+            )
+        })?;
         let ops = raw.ops_address.as_deref().unwrap_or("127.0.0.1:8082");
-        let ops_address = ops.parse().map_err(|e| invalid("ops_address", format!("{ops:?}: {e}")))?;
+        let ops_address = ops
+            .parse()
+            .map_err(|e| invalid("ops_address", format!("{ops:?}: {e}")))?;
         let log_json = match raw.log_format.as_deref() {
             None | Some("text") => false,
             Some("json") => true,
-            Some(other) => return Err(invalid("log_format", format!("{other:?}: use text or json"))),
+            Some(other) => {
+                return Err(invalid(
+                    "log_format",
+                    format!("{other:?}: use text or json"),
+                ))
+            }
         };
         let rotation_fraction = raw.rotation_fraction.unwrap_or(0.5);
         if !(0.1..=0.9).contains(&rotation_fraction) {
@@ -170,14 +191,19 @@ impl TryFrom<RawConfig> for Config {
         }
         let max_backoff = match raw.max_backoff.as_deref() {
             None => Duration::from_secs(30),
-            Some(v) => humantime::parse_duration(v).map_err(|e| invalid("max_backoff", format!("{v:?}: {e}")))?,
+            Some(v) => humantime::parse_duration(v)
+                .map_err(|e| invalid("max_backoff", format!("{v:?}: {e}")))?,
         };
         Ok(Config {
             trust_domain,
             server_addresses,
             trust_bundle_path,
-            data_dir: raw.data_dir.unwrap_or_else(|| PathBuf::from("/var/lib/meshid/agent")),
-            socket_path: raw.socket_path.unwrap_or_else(|| PathBuf::from(DEFAULT_SOCKET)),
+            data_dir: raw
+                .data_dir
+                .unwrap_or_else(|| PathBuf::from("/var/lib/meshid/agent")),
+            socket_path: raw
+                .socket_path
+                .unwrap_or_else(|| PathBuf::from(DEFAULT_SOCKET)),
             ops_address,
             log_json,
             join_token_file: raw.join_token_file,
@@ -209,8 +235,14 @@ mod tests {
     fn errors_name_the_key() {
         for (text, key) in [
             (format!("{MIN}sockt_path = \"/x\""), "sockt_path"),
-            ("server_address = \"a:1\"\ntrust_bundle_path = \"/b\"".to_owned(), "trust_domain"),
-            ("trust_domain = \"e.org\"\ntrust_bundle_path = \"/b\"".to_owned(), "server_address"),
+            (
+                "server_address = \"a:1\"\ntrust_bundle_path = \"/b\"".to_owned(),
+                "trust_domain",
+            ),
+            (
+                "trust_domain = \"e.org\"\ntrust_bundle_path = \"/b\"".to_owned(),
+                "server_address",
+            ),
             (MIN.replace("127.0.0.1:8443", "nohost"), "server_address"),
             (format!("{MIN}rotation_fraction = 1.5"), "rotation_fraction"),
             (format!("{MIN}log_format = \"xml\""), "log_format"),

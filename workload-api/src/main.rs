@@ -16,7 +16,11 @@ use tracing_subscriber::EnvFilter;
 const EXIT_CONFIG: u8 = 64;
 
 #[derive(Parser, Debug)]
-#[command(name = "meshid-agent", version, about = "meshid node agent and Workload API tools")]
+#[command(
+    name = "meshid-agent",
+    version,
+    about = "meshid node agent and Workload API tools"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -120,7 +124,9 @@ enum FetchCommand {
 
 fn init_tracing(json: bool, default: &str) {
     let filter = EnvFilter::try_from_env("MESHID_LOG").unwrap_or_else(|_| EnvFilter::new(default));
-    let b = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let b = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
     if json {
         b.json().init();
     } else {
@@ -204,8 +210,13 @@ async fn serve(config: Config, join_token: Option<String>) -> anyhow::Result<()>
         std::fs::set_permissions(&config.data_dir, std::fs::Permissions::from_mode(0o700))?;
     }
     let (manager, snapshots) = meshid_agent::manager::Manager::new(&config, token);
-    let socket = meshid_agent::server::bind_workload_socket(&config.socket_path)
-        .with_context(|| format!("cannot bind the Workload API socket {}", config.socket_path.display()))?;
+    let socket =
+        meshid_agent::server::bind_workload_socket(&config.socket_path).with_context(|| {
+            format!(
+                "cannot bind the Workload API socket {}",
+                config.socket_path.display()
+            )
+        })?;
     let ops = tokio::net::TcpListener::bind(config.ops_address)
         .await
         .with_context(|| format!("cannot bind ops listener {}", config.ops_address))?;
@@ -220,9 +231,12 @@ async fn serve(config: Config, join_token: Option<String>) -> anyhow::Result<()>
 
 async fn client(sock: &Sock) -> anyhow::Result<spiffe::WorkloadApiClient> {
     let endpoint = format!("unix://{}", sock.socket.display());
-    let c = tokio::time::timeout(sock.timeout, spiffe::WorkloadApiClient::connect_to(&endpoint))
-        .await
-        .context("timed out connecting to the Workload API")??;
+    let c = tokio::time::timeout(
+        sock.timeout,
+        spiffe::WorkloadApiClient::connect_to(&endpoint),
+    )
+    .await
+    .context("timed out connecting to the Workload API")??;
     Ok(c)
 }
 
@@ -243,31 +257,54 @@ async fn api(cmd: ApiCommand) -> anyhow::Result<()> {
                 if let Some(h) = svid.hint() {
                     println!("Hint: {h}");
                 }
-                let (_, cert) = x509_parser::parse_x509_certificate(leaf.as_ref()).context("leaf does not parse")?;
+                let (_, cert) = x509_parser::parse_x509_certificate(leaf.as_ref())
+                    .context("leaf does not parse")?;
                 println!("Serial: {}", cert.raw_serial_as_string());
                 println!("Valid until: {}", cert.validity().not_after);
                 println!("Chain length: {}", svid.cert_chain().len());
                 if let Some(dir) = &write {
                     std::fs::create_dir_all(dir)?;
                     let chain: Vec<&[u8]> = svid.cert_chain().iter().map(|c| c.as_ref()).collect();
-                    meshid_agent::client::write_file(&dir.join(format!("svid.{n}.pem")), pem("CERTIFICATE", &chain).as_bytes(), 0o644)?;
-                    let key = zeroize::Zeroizing::new(pem("PRIVATE KEY", &[svid.private_key().as_ref()]));
-                    meshid_agent::client::write_file(&dir.join(format!("svid.{n}.key")), key.as_bytes(), 0o600)?;
+                    meshid_agent::client::write_file(
+                        &dir.join(format!("svid.{n}.pem")),
+                        pem("CERTIFICATE", &chain).as_bytes(),
+                        0o644,
+                    )?;
+                    let key =
+                        zeroize::Zeroizing::new(pem("PRIVATE KEY", &[svid.private_key().as_ref()]));
+                    meshid_agent::client::write_file(
+                        &dir.join(format!("svid.{n}.key")),
+                        key.as_bytes(),
+                        0o600,
+                    )?;
                     if let Some(b) = ctx.bundle_set().get(svid.spiffe_id().trust_domain()) {
-                        let roots: Vec<&[u8]> = b.authorities().iter().map(|c| c.as_ref()).collect();
-                        meshid_agent::client::write_file(&dir.join(format!("bundle.{n}.pem")), pem("CERTIFICATE", &roots).as_bytes(), 0o644)?;
+                        let roots: Vec<&[u8]> =
+                            b.authorities().iter().map(|c| c.as_ref()).collect();
+                        meshid_agent::client::write_file(
+                            &dir.join(format!("bundle.{n}.pem")),
+                            pem("CERTIFICATE", &roots).as_bytes(),
+                            0o644,
+                        )?;
                     }
-                    println!("Wrote svid.{n}.pem, svid.{n}.key and bundle.{n}.pem to {}", dir.display());
+                    println!(
+                        "Wrote svid.{n}.pem, svid.{n}.key and bundle.{n}.pem to {}",
+                        dir.display()
+                    );
                 }
                 println!();
             }
         }
-        ApiCommand::Fetch(FetchCommand::Jwt { sock, audience, spiffe_id }) => {
+        ApiCommand::Fetch(FetchCommand::Jwt {
+            sock,
+            audience,
+            spiffe_id,
+        }) => {
             let c = client(&sock).await?;
             let id = spiffe_id.map(spiffe::SpiffeId::new).transpose()?;
-            let token = tokio::time::timeout(sock.timeout, c.fetch_jwt_token(&audience, id.as_ref()))
-                .await
-                .context("timed out")??;
+            let token =
+                tokio::time::timeout(sock.timeout, c.fetch_jwt_token(&audience, id.as_ref()))
+                    .await
+                    .context("timed out")??;
             println!("{token}");
         }
         ApiCommand::Fetch(FetchCommand::Bundle { sock }) => {
@@ -287,8 +324,14 @@ async fn api(cmd: ApiCommand) -> anyhow::Result<()> {
             while let Some(update) = stream.next().await {
                 let ctx = update?;
                 for svid in ctx.svids() {
-                    let (_, cert) = x509_parser::parse_x509_certificate(svid.leaf().as_ref()).context("leaf does not parse")?;
-                    println!("{} serial={} not_after={}", svid.spiffe_id(), cert.raw_serial_as_string(), cert.validity().not_after);
+                    let (_, cert) = x509_parser::parse_x509_certificate(svid.leaf().as_ref())
+                        .context("leaf does not parse")?;
+                    println!(
+                        "{} serial={} not_after={}",
+                        svid.spiffe_id(),
+                        cert.raw_serial_as_string(),
+                        cert.validity().not_after
+                    );
                 }
             }
         }
@@ -301,7 +344,8 @@ async fn healthcheck(addr: &str) -> anyhow::Result<()> {
     let mut s = tokio::time::timeout(Duration::from_secs(3), tokio::net::TcpStream::connect(addr))
         .await
         .context("timed out")??;
-    s.write_all(b"GET /readyz HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n").await?;
+    s.write_all(b"GET /readyz HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+        .await?;
     let mut buf = String::new();
     tokio::time::timeout(Duration::from_secs(3), s.read_to_string(&mut buf))
         .await
@@ -316,7 +360,10 @@ async fn healthcheck(addr: &str) -> anyhow::Result<()> {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("meshid-agent: cannot start the runtime: {e}");

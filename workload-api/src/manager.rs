@@ -100,8 +100,12 @@ impl JwtMinter for Minter {
             audience: audience.to_vec(),
         };
         match tokio::time::timeout(Duration::from_secs(5), client.mint_jwt_svid(req)).await {
-            Err(_) => Err(MintError::Unavailable("the CA did not answer in time".into())),
-            Ok(Err(s)) if s.code() == tonic::Code::Unavailable => Err(MintError::Unavailable(s.message().to_owned())),
+            Err(_) => Err(MintError::Unavailable(
+                "the CA did not answer in time".into(),
+            )),
+            Ok(Err(s)) if s.code() == tonic::Code::Unavailable => {
+                Err(MintError::Unavailable(s.message().to_owned()))
+            }
             Ok(Err(s)) => Err(MintError::Refused(s.message().to_owned())),
             Ok(Ok(r)) => {
                 let r = r.into_inner();
@@ -138,7 +142,10 @@ fn entry_from_wire(e: node::Entry) -> Option<Entry> {
 
 impl Manager {
     /// A manager for `config`; `join_token` is used only if no persisted agent identity exists.
-    pub fn new(config: &Config, join_token: Option<String>) -> (Self, watch::Receiver<Arc<Snapshot>>) {
+    pub fn new(
+        config: &Config,
+        join_token: Option<String>,
+    ) -> (Self, watch::Receiver<Arc<Snapshot>>) {
         let (tx, rx) = watch::channel(Arc::new(Snapshot::empty(config.trust_domain.clone())));
         let m = Self {
             td: config.trust_domain.clone(),
@@ -213,7 +220,9 @@ impl Manager {
 
     fn apply_bundle(&mut self, b: node::Bundle) -> Result<(), ClientError> {
         if b.x509_authorities.is_empty() {
-            return Err(ClientError::Malformed("CA sent a bundle without X.509 authorities".into()));
+            return Err(ClientError::Malformed(
+                "CA sent a bundle without X.509 authorities".into(),
+            ));
         }
         let bundle = Bundle {
             x509_authorities: b.x509_authorities,
@@ -248,7 +257,9 @@ impl Manager {
                 Some(entry) => {
                     self.entries.insert(id, Arc::new(entry));
                 }
-                None => tracing::warn!(entry_id = %id, "CA sent an entry with an invalid SPIFFE ID; ignored"),
+                None => {
+                    tracing::warn!(entry_id = %id, "CA sent an entry with an invalid SPIFFE ID; ignored")
+                }
             }
         }
         self.held.retain(|id, _| self.entries.contains_key(id));
@@ -310,14 +321,20 @@ impl Manager {
                 .into_inner();
             for ((entry, key), result) in chunk.iter().zip(keys).zip(resp.results) {
                 if !result.error.is_empty() || result.chain.is_empty() {
-                    self.stats.sign_errors.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    self.stats
+                        .sign_errors
+                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                     tracing::warn!(entry_id = %entry.id, error = %result.error, "CA refused to sign");
                     continue;
                 }
                 let not_before = result
                     .chain
                     .first()
-                    .and_then(|c| x509_parser::parse_x509_certificate(c).ok().map(|(_, c)| c.validity().not_before.timestamp()))
+                    .and_then(|c| {
+                        x509_parser::parse_x509_certificate(c)
+                            .ok()
+                            .map(|(_, c)| c.validity().not_before.timestamp())
+                    })
                     .unwrap_or(t);
                 let renew_at = self.renew_at(not_before, result.expires_at);
                 let rotated = self.held.contains_key(&entry.id);
@@ -335,9 +352,13 @@ impl Manager {
                         renew_at,
                     },
                 );
-                self.stats.signed.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                self.stats
+                    .signed
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 if rotated {
-                    self.stats.rotations.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    self.stats
+                        .rotations
+                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 }
                 tracing::debug!(entry_id = %entry.id, spiffe_id = %entry.spiffe_id, not_after = result.expires_at, rotated, "SVID signed");
             }
@@ -346,13 +367,20 @@ impl Manager {
     }
 
     fn next_wakeup(&self, identity: &AgentIdentity) -> i64 {
-        let agent_renew = identity.not_before + ((identity.not_after - identity.not_before) as f64 * self.rotation_fraction) as i64;
-        self.held.values().map(|h| h.renew_at).fold(agent_renew, i64::min)
+        let agent_renew = identity.not_before
+            + ((identity.not_after - identity.not_before) as f64 * self.rotation_fraction) as i64;
+        self.held
+            .values()
+            .map(|h| h.renew_at)
+            .fold(agent_renew, i64::min)
     }
 
     async fn renew_agent(&self, client: &mut NodeClient<Channel>) -> Result<(), ClientError> {
         let (key, csr) = client::key_and_csr()?;
-        let resp = client.renew_agent(node::RenewAgentRequest { csr }).await?.into_inner();
+        let resp = client
+            .renew_agent(node::RenewAgentRequest { csr })
+            .await?
+            .into_inner();
         let id = AgentIdentity::new(resp.chain, key)?;
         id.save(&self.data_dir)?;
         tracing::info!(spiffe_id = %id.spiffe_id, not_after = id.not_after, "agent SVID renewed");
@@ -361,13 +389,18 @@ impl Manager {
 
     /// One connected session: open the sync stream and serve it until it fails, the agent
     /// SVID needs renewal, or shutdown.
-    async fn session(&mut self, shutdown: &mut watch::Receiver<bool>) -> Result<SessionEnd, ClientError> {
+    async fn session(
+        &mut self,
+        shutdown: &mut watch::Receiver<bool>,
+    ) -> Result<SessionEnd, ClientError> {
         let identity = self.identity().await?;
         let roots = self.roots()?;
         let mut client = client::connect(&self.addrs, &self.td, &roots, Some(&identity)).await?;
         let mut stream = client.sync(node::SyncRequest {}).await?.into_inner();
         self.channel.store(Some(Arc::new(client.clone())));
-        self.stats.connected.store(1, std::sync::atomic::Ordering::Relaxed);
+        self.stats
+            .connected
+            .store(1, std::sync::atomic::Ordering::Relaxed);
         tracing::info!(spiffe_id = %identity.spiffe_id, "connected to the CA");
         loop {
             let wake = self.next_wakeup(&identity);
@@ -411,7 +444,9 @@ impl Manager {
             let started = std::time::Instant::now();
             let result = self.session(&mut shutdown).await;
             self.channel.store(None);
-            self.stats.connected.store(0, std::sync::atomic::Ordering::Relaxed);
+            self.stats
+                .connected
+                .store(0, std::sync::atomic::Ordering::Relaxed);
             match result {
                 Ok(SessionEnd::Shutdown) => return,
                 Ok(SessionEnd::Reconnect) => {
@@ -428,7 +463,9 @@ impl Manager {
                     } else {
                         tracing::warn!(error = %e, retry_in = ?backoff, "CA session ended; serving cached SVIDs and reconnecting");
                     }
-                    self.stats.reconnects.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    self.stats
+                        .reconnects
+                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                     let jittered = backoff.mul_f64(rand::thread_rng().gen_range(0.5..1.0));
                     tokio::select! {
                         _ = tokio::time::sleep(jittered) => {}

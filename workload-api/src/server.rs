@@ -65,7 +65,10 @@ async fn readyz(State(s): State<OpsState>) -> impl IntoResponse {
     if s.snapshots.borrow().synced {
         (StatusCode::OK, "ready\n")
     } else {
-        (StatusCode::SERVICE_UNAVAILABLE, "not yet synchronized with the CA\n")
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "not yet synchronized with the CA\n",
+        )
     }
 }
 
@@ -102,7 +105,13 @@ async fn metrics(State(s): State<OpsState>) -> impl IntoResponse {
         st.reconnects.load(Ordering::Relaxed),
         snap.bundle.sequence,
     );
-    ([(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4")], body)
+    (
+        [(
+            axum::http::header::CONTENT_TYPE,
+            "text/plain; version=0.0.4",
+        )],
+        body,
+    )
 }
 
 /// Serves until `shutdown` completes: the manager's CA session, the Workload API on `socket`,
