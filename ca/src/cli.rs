@@ -8,7 +8,6 @@ use anyhow::{bail, Context};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use meshid_api::admin;
 use meshid_ca::config::{Config, ConfigError, RawConfig};
-use tracing_subscriber::EnvFilter;
 
 /// Exit code for a configuration error (EX_USAGE... EX_CONFIG is 78; sysexits' 64 is what
 /// operators of our other binaries see for "fix your invocation or config").
@@ -297,24 +296,12 @@ enum AuditCommand {
     },
 }
 
-fn init_tracing(json: bool, default: &str) {
-    let filter = EnvFilter::try_from_env("MESHID_LOG").unwrap_or_else(|_| EnvFilter::new(default));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    if json {
-        builder.json().init();
-    } else {
-        builder.init();
-    }
-}
-
 /// Runs the parsed command.
 pub async fn main(cli: Cli) -> ExitCode {
     match cli.command {
         Command::Run(args) => run(args).await,
         other => {
-            init_tracing(false, "warn");
+            meshid_api::server::init_tracing(false, "warn");
             match client(other).await {
                 Ok(code) => code,
                 Err(e) => {
@@ -349,21 +336,6 @@ fn load_config(args: &RunArgs) -> Result<Config, ConfigError> {
     Config::try_from(raw)
 }
 
-async fn shutdown_signal() {
-    let term = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut s) => {
-                s.recv().await;
-            }
-            Err(_) => std::future::pending::<()>().await,
-        }
-    };
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = term => {}
-    }
-}
-
 async fn run(args: RunArgs) -> ExitCode {
     // Config is loaded and validated before anything is created or bound.
     let config = match load_config(&args) {
@@ -377,7 +349,7 @@ async fn run(args: RunArgs) -> ExitCode {
         eprintln!("meshid-ca: configuration is valid");
         return ExitCode::SUCCESS;
     }
-    init_tracing(config.log_json, "info");
+    meshid_api::server::init_tracing(config.log_json, "info");
     match serve(config).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
@@ -408,7 +380,7 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     meshid_ca::server::run(
         ca,
         meshid_ca::server::Listeners { admin, node, ops },
-        shutdown_signal(),
+        meshid_api::server::shutdown_signal(),
     )
     .await
 }

@@ -31,27 +31,9 @@ pub const DEFAULT_NODE_ADDRESS: &str = "127.0.0.1:8443";
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum ConfigError {
-    /// The file could not be read.
-    #[error("cannot read config {path}: {source}")]
-    Read {
-        /// The file.
-        path: PathBuf,
-        /// The I/O error.
-        source: std::io::Error,
-    },
-    /// The TOML is malformed or has an unknown key (the message names it, with line and
-    /// column). The file's text is never quoted: it may hold a datastore password.
-    #[error("invalid config {path}:{line}:{column}: {message}")]
-    Parse {
-        /// The file.
-        path: PathBuf,
-        /// 1-based line of the problem.
-        line: usize,
-        /// 1-based column of the problem.
-        column: usize,
-        /// What the TOML parser said.
-        message: String,
-    },
+    /// The file could not be read or parsed (names the file, line and column, never quotes it).
+    #[error(transparent)]
+    File(#[from] meshid_api::config::TomlError),
     /// A value is present but wrong.
     #[error("invalid config: {key}: {reason}")]
     Invalid {
@@ -255,27 +237,12 @@ fn duration(
 impl RawConfig {
     /// Reads and parses a TOML file.
     pub fn from_file(path: &Path) -> Result<Self, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-            path: path.to_owned(),
-            source,
-        })?;
-        Self::from_toml(path, &text)
+        Ok(meshid_api::config::read_toml(path)?)
     }
 
     /// Parses TOML text; `path` is only used in messages.
     pub fn from_toml(path: &Path, text: &str) -> Result<Self, ConfigError> {
-        toml::from_str(text).map_err(|e: toml::de::Error| {
-            let offset = e.span().map_or(0, |s| s.start).min(text.len());
-            let before = text.get(..offset).unwrap_or("");
-            let line = before.matches('\n').count() + 1;
-            let column = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
-            ConfigError::Parse {
-                path: path.to_owned(),
-                line,
-                column,
-                message: e.message().trim_end().to_owned(),
-            }
-        })
+        Ok(meshid_api::config::parse_toml(path, text)?)
     }
 }
 

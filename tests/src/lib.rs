@@ -13,12 +13,21 @@ use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 /// The directory holding the workspace's binaries (built on first use, so the tests always
-/// run the current code).
+/// run the current code). It is the directory of the running executable, or its parent when
+/// that is `deps` (test binaries live in `target/<profile>/deps`); from a `release` directory
+/// the binaries are built with `--release`. Set `MESHID_NO_BUILD=1` to use the binaries as
+/// they are.
 pub fn bin_dir() -> &'static Path {
     static DIR: OnceLock<PathBuf> = OnceLock::new();
     DIR.get_or_init(|| {
         let exe = std::env::current_exe().unwrap();
-        let dir = exe.parent().unwrap().parent().unwrap().to_path_buf();
+        let mut dir = exe.parent().unwrap().to_path_buf();
+        if dir.file_name().is_some_and(|n| n == "deps") {
+            dir.pop();
+        }
+        if std::env::var_os("MESHID_NO_BUILD").is_some() {
+            return dir;
+        }
         let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
         let mut cmd = Command::new(cargo);
         cmd.args([
@@ -40,6 +49,18 @@ pub fn bin_dir() -> &'static Path {
         assert!(status.success(), "building the binaries failed");
         dir
     })
+}
+
+static CHILD_LOG: OnceLock<String> = OnceLock::new();
+
+/// Sets the `MESHID_LOG` filter of every process started afterwards (default `debug`, which
+/// tests want; benchmarks use `info`, as in production). Only the first call has an effect.
+pub fn set_child_log_level(filter: &str) {
+    let _ = CHILD_LOG.set(filter.to_owned());
+}
+
+fn child_log_level() -> &'static str {
+    CHILD_LOG.get().map_or("debug", String::as_str)
 }
 
 /// A free TCP port on 127.0.0.1.
@@ -64,7 +85,7 @@ impl Proc {
     pub fn start(name: &str, bin: &str, args: &[String], log: PathBuf) -> Proc {
         let child = Command::new(bin_dir().join(bin))
             .args(args)
-            .env("MESHID_LOG", "debug")
+            .env("MESHID_LOG", child_log_level())
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(
@@ -81,6 +102,11 @@ impl Proc {
             log,
             name: name.to_owned(),
         }
+    }
+
+    /// The process id (0 once stopped).
+    pub fn id(&self) -> u32 {
+        self.child.as_ref().map_or(0, Child::id)
     }
 
     /// Panics with the log if the process has exited.

@@ -15,26 +15,9 @@ use spiffe::TrustDomain;
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum ConfigError {
-    /// The file could not be read.
-    #[error("cannot read config {path}: {source}")]
-    Read {
-        /// The file.
-        path: PathBuf,
-        /// The I/O error.
-        source: std::io::Error,
-    },
-    /// Malformed TOML or an unknown key.
-    #[error("invalid config {path}:{line}:{column}: {message}")]
-    Parse {
-        /// The file.
-        path: PathBuf,
-        /// 1-based line.
-        line: usize,
-        /// 1-based column.
-        column: usize,
-        /// What the parser said.
-        message: String,
-    },
+    /// The file could not be read or parsed (names the file, line and column, never quotes it).
+    #[error(transparent)]
+    File(#[from] meshid_api::config::TomlError),
     /// A value is present but wrong, or a required one is missing.
     #[error("invalid config: {key}: {reason}")]
     Invalid {
@@ -112,25 +95,12 @@ pub const DEFAULT_SOCKET: &str = "/run/meshid/agent/api.sock";
 impl RawConfig {
     /// Reads and parses a TOML file.
     pub fn from_file(path: &Path) -> Result<Self, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-            path: path.to_owned(),
-            source,
-        })?;
-        Self::from_toml(path, &text)
+        Ok(meshid_api::config::read_toml(path)?)
     }
 
     /// Parses TOML text; `path` is only used in messages.
     pub fn from_toml(path: &Path, text: &str) -> Result<Self, ConfigError> {
-        toml::from_str(text).map_err(|e: toml::de::Error| {
-            let offset = e.span().map_or(0, |s| s.start).min(text.len());
-            let before = text.get(..offset).unwrap_or("");
-            ConfigError::Parse {
-                path: path.to_owned(),
-                line: before.matches('\n').count() + 1,
-                column: before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1,
-                message: e.message().trim_end().to_owned(),
-            }
-        })
+        Ok(meshid_api::config::parse_toml(path, text)?)
     }
 }
 

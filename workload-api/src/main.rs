@@ -11,7 +11,6 @@ use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 use futures::StreamExt;
 use meshid_agent::config::{Config, ConfigError, RawConfig, DEFAULT_SOCKET};
-use tracing_subscriber::EnvFilter;
 
 const EXIT_CONFIG: u8 = 64;
 
@@ -122,18 +121,6 @@ enum FetchCommand {
     },
 }
 
-fn init_tracing(json: bool, default: &str) {
-    let filter = EnvFilter::try_from_env("MESHID_LOG").unwrap_or_else(|_| EnvFilter::new(default));
-    let b = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    if json {
-        b.json().init();
-    } else {
-        b.init();
-    }
-}
-
 fn load_config(a: &RunArgs) -> Result<Config, ConfigError> {
     let mut raw = match &a.config {
         Some(p) => RawConfig::from_file(p)?,
@@ -155,21 +142,6 @@ fn load_config(a: &RunArgs) -> Result<Config, ConfigError> {
     Config::try_from(raw)
 }
 
-async fn shutdown_signal() {
-    let term = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut s) => {
-                s.recv().await;
-            }
-            Err(_) => std::future::pending::<()>().await,
-        }
-    };
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = term => {}
-    }
-}
-
 async fn run(args: RunArgs) -> ExitCode {
     let config = match load_config(&args) {
         Ok(c) => c,
@@ -182,7 +154,7 @@ async fn run(args: RunArgs) -> ExitCode {
         eprintln!("meshid-agent: configuration is valid");
         return ExitCode::SUCCESS;
     }
-    init_tracing(config.log_json, "info");
+    meshid_api::server::init_tracing(config.log_json, "info");
     match serve(config, args.join_token).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
@@ -226,7 +198,14 @@ async fn serve(config: Config, join_token: Option<String>) -> anyhow::Result<()>
         ops_address = %ops.local_addr()?,
         "starting meshid-agent"
     );
-    meshid_agent::server::run(manager, snapshots, socket, ops, shutdown_signal()).await
+    meshid_agent::server::run(
+        manager,
+        snapshots,
+        socket,
+        ops,
+        meshid_api::server::shutdown_signal(),
+    )
+    .await
 }
 
 async fn client(sock: &Sock) -> anyhow::Result<spiffe::WorkloadApiClient> {
@@ -374,7 +353,7 @@ fn main() -> ExitCode {
         match cli.command {
             Command::Run(args) => run(args).await,
             Command::Api(cmd) => {
-                init_tracing(false, "warn");
+                meshid_api::server::init_tracing(false, "warn");
                 match api(cmd).await {
                     Ok(()) => ExitCode::SUCCESS,
                     Err(e) => {

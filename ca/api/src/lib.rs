@@ -35,4 +35,6 @@ pub mod workload {
 }
 
 pub mod client;
+pub mod config;
+pub mod server;
 pub mod tls;
