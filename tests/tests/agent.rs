@@ -164,6 +164,47 @@ async fn spiffe_client_against_the_agent() {
         .await
         .is_err());
 
+    // The operator commands and the ops endpoints.
+    let agent_cli = |args: &[&str]| {
+        let out = Command::new(meshid_tests::bin_dir().join("meshid-agent"))
+            .args(args)
+            .arg("--socket")
+            .arg(&agent.socket)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "meshid-agent {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    };
+    assert!(agent_cli(&["api", "fetch", "bundle"]).contains("BEGIN CERTIFICATE"));
+    assert_eq!(
+        agent_cli(&["api", "fetch", "jwt", "--audience", "ops"])
+            .trim()
+            .split('.')
+            .count(),
+        3
+    );
+    assert!(agent_cli(&["api", "fetch", "x509"]).contains("SPIFFE ID: spiffe://example.org/web"));
+    let health = Command::new(meshid_tests::bin_dir().join("meshid-agent"))
+        .args(["healthcheck", "--ops-address", &agent.ops_address])
+        .output()
+        .unwrap();
+    assert!(health.status.success());
+    let (code, metrics) = meshid_tests::http_get(&agent.ops_address, "/metrics").unwrap();
+    assert_eq!(code, 200);
+    for needle in [
+        "meshid_agent_entries 1",
+        "meshid_agent_svids{state=\"current\"} 1",
+        "meshid_agent_ca_connected 1",
+        "meshid_agent_workload_api_calls_total{rpc=\"FetchX509SVID\",code=\"Ok\"}",
+        "meshid_agent_workload_api_call_duration_seconds_bucket",
+    ] {
+        assert!(metrics.contains(needle), "{needle} not in {metrics}");
+    }
+
     // Rotation: a new serial and a new key on the open stream.
     let first_serial = serial(svid.leaf().as_ref());
     let mut stream = client.stream_x509_contexts().await.unwrap();

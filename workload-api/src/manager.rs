@@ -14,6 +14,8 @@ use std::time::Duration;
 
 use arc_swap::ArcSwapOption;
 use meshid_api::node::{self, node_client::NodeClient};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::gauge::Gauge;
 use rand::Rng;
 use spiffe::{SpiffeId, TrustDomain};
 use tokio::sync::watch;
@@ -37,15 +39,15 @@ fn now() -> i64 {
 #[derive(Debug, Default)]
 pub struct Stats {
     /// SVIDs signed (first issue and rotations).
-    pub signed: std::sync::atomic::AtomicU64,
+    pub signed: Counter,
     /// Rotations (re-signings of an SVID that existed).
-    pub rotations: std::sync::atomic::AtomicU64,
+    pub rotations: Counter,
     /// Signing requests the CA refused.
-    pub sign_errors: std::sync::atomic::AtomicU64,
+    pub sign_errors: Counter,
     /// 1 while a sync stream to the CA is open.
-    pub connected: std::sync::atomic::AtomicU64,
+    pub connected: Gauge,
     /// Reconnection attempts.
-    pub reconnects: std::sync::atomic::AtomicU64,
+    pub reconnects: Counter,
 }
 
 struct Held {
@@ -321,9 +323,7 @@ impl Manager {
                 .into_inner();
             for ((entry, key), result) in chunk.iter().zip(keys).zip(resp.results) {
                 if !result.error.is_empty() || result.chain.is_empty() {
-                    self.stats
-                        .sign_errors
-                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    self.stats.sign_errors.inc();
                     tracing::warn!(entry_id = %entry.id, error = %result.error, "CA refused to sign");
                     continue;
                 }
@@ -352,13 +352,9 @@ impl Manager {
                         renew_at,
                     },
                 );
-                self.stats
-                    .signed
-                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                self.stats.signed.inc();
                 if rotated {
-                    self.stats
-                        .rotations
-                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    self.stats.rotations.inc();
                 }
                 tracing::debug!(entry_id = %entry.id, spiffe_id = %entry.spiffe_id, not_after = result.expires_at, rotated, "SVID signed");
             }
@@ -398,9 +394,7 @@ impl Manager {
         let mut client = client::connect(&self.addrs, &self.td, &roots, Some(&identity)).await?;
         let mut stream = client.sync(node::SyncRequest {}).await?.into_inner();
         self.channel.store(Some(Arc::new(client.clone())));
-        self.stats
-            .connected
-            .store(1, std::sync::atomic::Ordering::Relaxed);
+        self.stats.connected.set(1);
         tracing::info!(spiffe_id = %identity.spiffe_id, "connected to the CA");
         loop {
             let wake = self.next_wakeup(&identity);
@@ -444,9 +438,7 @@ impl Manager {
             let started = std::time::Instant::now();
             let result = self.session(&mut shutdown).await;
             self.channel.store(None);
-            self.stats
-                .connected
-                .store(0, std::sync::atomic::Ordering::Relaxed);
+            self.stats.connected.set(0);
             match result {
                 Ok(SessionEnd::Shutdown) => return,
                 Ok(SessionEnd::Reconnect) => {
@@ -463,9 +455,7 @@ impl Manager {
                     } else {
                         tracing::warn!(error = %e, retry_in = ?backoff, "CA session ended; serving cached SVIDs and reconnecting");
                     }
-                    self.stats
-                        .reconnects
-                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    self.stats.reconnects.inc();
                     let jittered = backoff.mul_f64(rand::thread_rng().gen_range(0.5..1.0));
                     tokio::select! {
                         _ = tokio::time::sleep(jittered) => {}

@@ -4,7 +4,6 @@ use std::future::Future;
 use std::io;
 use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::path::Path;
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use axum::extract::State;
@@ -14,7 +13,15 @@ use tokio::net::{TcpListener, UnixListener};
 use tokio::sync::watch;
 
 use crate::cache::Snapshot;
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::Registry;
+
 use crate::manager::{Manager, Stats};
+use crate::service::{Rpc, WorkloadApiMetrics};
 
 /// Binds the Workload API socket. Its directory is created with mode 0755 and the socket made
 /// connectable by every local user (mode 0777): the Workload API authenticates callers by
@@ -51,10 +58,175 @@ pub fn bind_workload_socket(path: &Path) -> io::Result<UnixListener> {
     Ok(listener)
 }
 
+/// Labels of Workload API call metrics.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct CallLabels {
+    rpc: &'static str,
+    code: String,
+}
+
+/// Labels by RPC.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RpcLabels {
+    rpc: &'static str,
+}
+
+/// Labels of the SVID gauge.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct StateLabels {
+    state: &'static str,
+}
+
+/// The agent's metrics: the manager's counters, Workload API calls, and gauges computed from
+/// the current snapshot at scrape time.
+struct Metrics {
+    registry: Registry,
+    calls: Family<CallLabels, Counter>,
+    call_seconds: Family<RpcLabels, Histogram>,
+    updates: Family<RpcLabels, Counter>,
+    no_identity: Counter,
+    entries: Gauge,
+    svids: Family<StateLabels, Gauge>,
+    bundle_sequence: Gauge,
+}
+
+impl Metrics {
+    fn new(stats: &Stats) -> Self {
+        let mut registry = Registry::with_prefix("meshid_agent");
+        let calls = Family::<CallLabels, Counter>::default();
+        registry.register(
+            "workload_api_calls",
+            "Workload API calls by RPC and result code",
+            calls.clone(),
+        );
+        let call_seconds = Family::<RpcLabels, Histogram>::new_with_constructor(|| {
+            Histogram::new([
+                0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.1, 1.0, 10.0,
+            ])
+        });
+        registry.register(
+            "workload_api_call_duration_seconds",
+            "Time to answer a Workload API call (to the first message, for streams)",
+            call_seconds.clone(),
+        );
+        let updates = Family::<RpcLabels, Counter>::default();
+        registry.register(
+            "workload_api_stream_updates",
+            "Updates pushed on open streams",
+            updates.clone(),
+        );
+        let no_identity = Counter::default();
+        registry.register(
+            "attestation_denials",
+            "Callers refused: attestation failed or no entry matched (no identity issued)",
+            no_identity.clone(),
+        );
+        let entries = Gauge::default();
+        registry.register(
+            "entries",
+            "Registration entries this agent holds",
+            entries.clone(),
+        );
+        let svids = Family::<StateLabels, Gauge>::default();
+        registry.register("svids", "SVIDs held, by state", svids.clone());
+        let bundle_sequence = Gauge::default();
+        registry.register(
+            "bundle_sequence",
+            "Sequence of the trust bundle held",
+            bundle_sequence.clone(),
+        );
+        registry.register(
+            "svids_signed",
+            "SVIDs signed by the CA for this agent",
+            stats.signed.clone(),
+        );
+        registry.register(
+            "rotations",
+            "SVIDs replaced by rotation",
+            stats.rotations.clone(),
+        );
+        registry.register(
+            "sign_errors",
+            "Signing requests the CA refused",
+            stats.sign_errors.clone(),
+        );
+        registry.register(
+            "ca_connected",
+            "1 while the sync stream to the CA is open",
+            stats.connected.clone(),
+        );
+        registry.register(
+            "ca_reconnects",
+            "Reconnections to the CA",
+            stats.reconnects.clone(),
+        );
+        Self {
+            registry,
+            calls,
+            call_seconds,
+            updates,
+            no_identity,
+            entries,
+            svids,
+            bundle_sequence,
+        }
+    }
+
+    fn observe_snapshot(&self, snap: &Snapshot) {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs() as i64)
+            .unwrap_or(0);
+        let (mut current, mut expired, mut pending) = (0i64, 0i64, 0i64);
+        for i in &snap.identities {
+            match &i.svid {
+                None => pending += 1,
+                Some(v) if v.not_after <= now => expired += 1,
+                Some(_) => current += 1,
+            }
+        }
+        self.entries.set(snap.identities.len() as i64);
+        self.svids
+            .get_or_create(&StateLabels { state: "current" })
+            .set(current);
+        self.svids
+            .get_or_create(&StateLabels { state: "expired" })
+            .set(expired);
+        self.svids
+            .get_or_create(&StateLabels { state: "pending" })
+            .set(pending);
+        self.bundle_sequence
+            .set(i64::try_from(snap.bundle.sequence).unwrap_or(i64::MAX));
+    }
+}
+
+impl WorkloadApiMetrics for Metrics {
+    fn call(&self, rpc: Rpc, code: tonic::Code, elapsed: std::time::Duration) {
+        self.calls
+            .get_or_create(&CallLabels {
+                rpc: rpc.name(),
+                code: format!("{code:?}"),
+            })
+            .inc();
+        self.call_seconds
+            .get_or_create(&RpcLabels { rpc: rpc.name() })
+            .observe(elapsed.as_secs_f64());
+        if code == tonic::Code::PermissionDenied {
+            self.no_identity.inc();
+        }
+    }
+
+    fn update(&self, rpc: Rpc) {
+        self.updates
+            .get_or_create(&RpcLabels { rpc: rpc.name() })
+            .inc();
+    }
+}
+
 #[derive(Clone)]
 struct OpsState {
     snapshots: watch::Receiver<Arc<Snapshot>>,
-    stats: Arc<Stats>,
+    metrics: Arc<Metrics>,
 }
 
 async fn healthz() -> &'static str {
@@ -72,43 +244,17 @@ async fn readyz(State(s): State<OpsState>) -> impl IntoResponse {
     }
 }
 
-async fn metrics(State(s): State<OpsState>) -> impl IntoResponse {
+async fn render_metrics(State(s): State<OpsState>) -> impl IntoResponse {
     let snap = s.snapshots.borrow().clone();
-    let with_svid = snap.identities.iter().filter(|i| i.svid.is_some()).count();
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs() as i64)
-        .unwrap_or(0);
-    let expired = snap
-        .identities
-        .iter()
-        .filter(|i| i.svid.as_ref().is_some_and(|v| v.not_after <= now))
-        .count();
-    let st = &s.stats;
-    let body = format!(
-        "# HELP meshid_agent_entries Registration entries this agent holds.\n# TYPE meshid_agent_entries gauge\nmeshid_agent_entries {}\n\
-# HELP meshid_agent_svids SVIDs held, by state.\n# TYPE meshid_agent_svids gauge\nmeshid_agent_svids{{state=\"current\"}} {}\nmeshid_agent_svids{{state=\"expired\"}} {}\nmeshid_agent_svids{{state=\"pending\"}} {}\n\
-# HELP meshid_agent_svids_signed_total SVIDs signed by the CA for this agent.\n# TYPE meshid_agent_svids_signed_total counter\nmeshid_agent_svids_signed_total {}\n\
-# HELP meshid_agent_rotations_total SVIDs replaced by rotation.\n# TYPE meshid_agent_rotations_total counter\nmeshid_agent_rotations_total {}\n\
-# HELP meshid_agent_sign_errors_total Signing requests the CA refused.\n# TYPE meshid_agent_sign_errors_total counter\nmeshid_agent_sign_errors_total {}\n\
-# HELP meshid_agent_ca_connected 1 while the sync stream to the CA is open.\n# TYPE meshid_agent_ca_connected gauge\nmeshid_agent_ca_connected {}\n\
-# HELP meshid_agent_ca_reconnects_total Reconnections to the CA.\n# TYPE meshid_agent_ca_reconnects_total counter\nmeshid_agent_ca_reconnects_total {}\n\
-# HELP meshid_agent_bundle_sequence Sequence of the trust bundle held.\n# TYPE meshid_agent_bundle_sequence gauge\nmeshid_agent_bundle_sequence {}\n",
-        snap.identities.len(),
-        with_svid - expired,
-        expired,
-        snap.identities.len() - with_svid,
-        st.signed.load(Ordering::Relaxed),
-        st.rotations.load(Ordering::Relaxed),
-        st.sign_errors.load(Ordering::Relaxed),
-        st.connected.load(Ordering::Relaxed),
-        st.reconnects.load(Ordering::Relaxed),
-        snap.bundle.sequence,
-    );
+    s.metrics.observe_snapshot(&snap);
+    let mut body = String::new();
+    if prometheus_client::encoding::text::encode(&mut body, &s.metrics.registry).is_err() {
+        body.clear();
+    }
     (
         [(
             axum::http::header::CONTENT_TYPE,
-            "text/plain; version=0.0.4",
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
         )],
         body,
     )
@@ -124,7 +270,7 @@ pub async fn run(
     shutdown: impl Future<Output = ()>,
 ) -> anyhow::Result<()> {
     let (stop_tx, stop_rx) = watch::channel(false);
-    let stats = Arc::clone(&manager.stats);
+    let metrics = Arc::new(Metrics::new(&manager.stats));
     let minter = Arc::new(manager.minter());
     let manager_task = tokio::spawn(manager.run(stop_rx.clone()));
 
@@ -132,7 +278,8 @@ pub async fn run(
         snapshots.clone(),
         Arc::new(crate::attest::Attestor::new()),
         minter,
-    );
+    )
+    .with_metrics(Arc::clone(&metrics) as Arc<dyn WorkloadApiMetrics>);
     let mut api_stop = stop_rx.clone();
     let api_task = tokio::spawn(api.serve(socket, async move {
         let _ = api_stop.changed().await;
@@ -142,8 +289,8 @@ pub async fn run(
     let router = axum::Router::new()
         .route("/healthz", axum::routing::get(healthz))
         .route("/readyz", axum::routing::get(readyz))
-        .route("/metrics", axum::routing::get(metrics))
-        .with_state(OpsState { snapshots, stats });
+        .route("/metrics", axum::routing::get(render_metrics))
+        .with_state(OpsState { snapshots, metrics });
     let ops_task = tokio::spawn(async move {
         axum::serve(ops, router)
             .with_graceful_shutdown(async move {

@@ -95,9 +95,10 @@ impl Rpc {
 
 /// Optional hooks for metrics; every method defaults to doing nothing.
 pub trait WorkloadApiMetrics: Send + Sync + 'static {
-    /// A unary call finished, or a stream was opened (`Ok`) or refused, with this code.
-    fn call(&self, rpc: Rpc, code: tonic::Code) {
-        let _ = (rpc, code);
+    /// A unary call finished, or a stream was opened (`Ok`, its first message ready) or
+    /// refused, with this code, `elapsed` after the call arrived.
+    fn call(&self, rpc: Rpc, code: tonic::Code, elapsed: std::time::Duration) {
+        let _ = (rpc, code, elapsed);
     }
 
     /// A stream sent an update after its first message.
@@ -285,13 +286,19 @@ impl WorkloadApi {
         Ok(())
     }
 
-    fn observe<T>(&self, rpc: Rpc, result: Result<T, ServiceError>) -> Result<T, Status> {
+    fn observe<T>(
+        &self,
+        rpc: Rpc,
+        started: std::time::Instant,
+        result: Result<T, ServiceError>,
+    ) -> Result<T, Status> {
         if let Some(m) = &self.metrics {
             m.call(
                 rpc,
                 result
                     .as_ref()
                     .map_or_else(ServiceError::code, |_| tonic::Code::Ok),
+                started.elapsed(),
             );
         }
         result.map_err(Status::from)
@@ -537,43 +544,49 @@ impl SpiffeWorkloadApi for WorkloadApi {
         &self,
         request: Request<X509svidRequest>,
     ) -> Result<Response<Self::FetchX509SVIDStream>, Status> {
+        let started = std::time::Instant::now();
         let rpc = Rpc::FetchX509Svid;
         let stream = self.open_stream(rpc, &request, eval_x509_svids).await;
-        self.observe(rpc, stream).map(Response::new)
+        self.observe(rpc, started, stream).map(Response::new)
     }
 
     async fn fetch_x509_bundles(
         &self,
         request: Request<X509BundlesRequest>,
     ) -> Result<Response<Self::FetchX509BundlesStream>, Status> {
+        let started = std::time::Instant::now();
         let rpc = Rpc::FetchX509Bundles;
         let stream = self.open_stream(rpc, &request, eval_x509_bundles).await;
-        self.observe(rpc, stream).map(Response::new)
+        self.observe(rpc, started, stream).map(Response::new)
     }
 
     async fn fetch_jwtsvid(
         &self,
         request: Request<JwtsvidRequest>,
     ) -> Result<Response<JwtsvidResponse>, Status> {
+        let started = std::time::Instant::now();
         let result = self.fetch_jwt_svids(request).await;
-        self.observe(Rpc::FetchJwtSvid, result).map(Response::new)
+        self.observe(Rpc::FetchJwtSvid, started, result)
+            .map(Response::new)
     }
 
     async fn fetch_jwt_bundles(
         &self,
         request: Request<JwtBundlesRequest>,
     ) -> Result<Response<Self::FetchJWTBundlesStream>, Status> {
+        let started = std::time::Instant::now();
         let rpc = Rpc::FetchJwtBundles;
         let stream = self.open_stream(rpc, &request, eval_jwt_bundles).await;
-        self.observe(rpc, stream).map(Response::new)
+        self.observe(rpc, started, stream).map(Response::new)
     }
 
     async fn validate_jwtsvid(
         &self,
         request: Request<ValidateJwtsvidRequest>,
     ) -> Result<Response<ValidateJwtsvidResponse>, Status> {
+        let started = std::time::Instant::now();
         let result = self.validate_jwt(request).await;
-        self.observe(Rpc::ValidateJwtSvid, result)
+        self.observe(Rpc::ValidateJwtSvid, started, result)
             .map(Response::new)
     }
 }
