@@ -162,6 +162,88 @@ pub async fn rotation_loop(ca: Ca, interval: Duration, mut stop: watch::Receiver
     }
 }
 
+/// How often a CA server on PostgreSQL reads its peers' changes from the audit log.
+pub const CHANGE_FEED_INTERVAL: Duration = Duration::from_millis(250);
+
+/// Replays to this server's agents the entry and agent changes that *other* CA servers of the
+/// trust domain made, reading them from the shared audit log, which records every change in
+/// commit order. Only meaningful on PostgreSQL (several servers share one database); changes
+/// this server made itself were published when they were made and are skipped.
+pub async fn change_feed_loop(ca: Ca, interval: Duration, mut stop: watch::Receiver<bool>) {
+    let me = ca.authority.server_id().to_owned();
+    let mut last = loop {
+        match ca.store.audit_head().await {
+            Ok(head) => break head.map_or(0, |(seq, _)| seq),
+            Err(e) => {
+                tracing::warn!(error = %e, "change feed: cannot read the audit head; retrying");
+                tokio::select! {
+                    _ = tokio::time::sleep(interval) => {}
+                    _ = stop.changed() => return,
+                }
+            }
+        }
+    };
+    let mut tick = tokio::time::interval(interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = stop.changed() => return,
+        }
+        let records = match ca.store.audit_records(last, 1000).await {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::warn!(error = %e, "change feed: cannot read the audit log; will retry");
+                continue;
+            }
+        };
+        for record in records {
+            last = record.seq;
+            if let Err(e) = replay(&ca, &me, &record).await {
+                tracing::warn!(seq = record.seq, kind = %record.kind, error = %e, "change feed: cannot replay a change; agents get it on their next resync");
+            }
+        }
+    }
+}
+
+async fn replay(ca: &Ca, me: &str, record: &crate::audit::AuditRecord) -> anyhow::Result<()> {
+    use crate::service::CaEvent;
+    let details: serde_json::Value = serde_json::from_str(&record.details)?;
+    let field = |name: &str| details.get(name).and_then(serde_json::Value::as_str);
+    let parse_id = |s: Option<&str>| s.and_then(|s| spiffe::SpiffeId::new(s).ok());
+    match record.kind.as_str() {
+        "entry.created" | "entry.updated" | "entry.deleted" if field("ca_server") != Some(me) => {
+            let id: crate::entry::EntryId = field("entry_id").unwrap_or_default().parse()?;
+            // The current state decides: an entry updated and then deleted is a deletion.
+            match ca.store.get_entry(&id).await? {
+                Some(entry) if record.kind != "entry.deleted" => {
+                    ca.publish(CaEvent::EntryUpserted {
+                        entry: Arc::new(entry),
+                        old_parent: parse_id(field("old_parent_id")),
+                    })
+                }
+                Some(_) => {}
+                None => {
+                    if let Some(parent) =
+                        parse_id(field("old_parent_id")).or_else(|| parse_id(field("parent_id")))
+                    {
+                        ca.publish(CaEvent::EntryDeleted { id, parent });
+                    }
+                }
+            }
+        }
+        "agent.evicted" | "agent.banned" => {
+            if let Some(id) = field("spiffe_id") {
+                ca.publish(CaEvent::AgentRemoved {
+                    spiffe_id: id.to_owned(),
+                });
+            }
+        }
+        _ => {}
+    }
+    Ok(())
+}
+
 /// Serves the admin API, the node API, the ops listener and the rotation check until
 /// `shutdown` completes, then stops accepting and lets in-flight calls finish (the node API's
 /// sync streams end).
@@ -173,6 +255,13 @@ pub async fn run(
     let (stop_tx, stop_rx) = watch::channel(false);
     let interval = ca.authority.settings().rotation_interval;
     let rotation = tokio::spawn(rotation_loop(ca.clone(), interval, stop_rx.clone()));
+    let feed = (ca.store.backend() == "postgres").then(|| {
+        tokio::spawn(change_feed_loop(
+            ca.clone(),
+            CHANGE_FEED_INTERVAL,
+            stop_rx.clone(),
+        ))
+    });
 
     let mut admin_stop = stop_rx.clone();
     let admin = tonic::transport::Server::builder()
@@ -201,6 +290,9 @@ pub async fn run(
     tracing::info!("shutting down");
     let _ = stop_tx.send(true);
     let _ = rotation.await;
+    if let Some(feed) = feed {
+        let _ = feed.await;
+    }
     let admin_result = admin.await;
     let node_result = node.await;
     let ops_result = ops.await;

@@ -316,7 +316,13 @@ impl Ca {
         caller: &str,
     ) -> Result<RegistrationEntry, ServiceError> {
         let entry = spec.validate(self.authority.trust_domain(), crate::unix_now())?;
-        let event = entry_event("entry.created", caller, &entry);
+        let event = entry_event(
+            "entry.created",
+            caller,
+            &entry,
+            self.authority.server_id(),
+            None,
+        );
         let (ca, stored) = (self.clone(), entry.clone());
         detached(async move {
             let _order = ca.locks.entries.lock().await;
@@ -360,7 +366,16 @@ impl Ca {
                 revision + 1
             };
             ca.store
-                .update_entry(&entry, &entry_event("entry.updated", &caller, &entry))
+                .update_entry(
+                    &entry,
+                    &entry_event(
+                        "entry.updated",
+                        &caller,
+                        &entry,
+                        ca.authority.server_id(),
+                        Some(&old.parent_id),
+                    ),
+                )
                 .await?;
             ca.publish(CaEvent::EntryUpserted {
                 entry: Arc::new(entry.clone()),
@@ -378,14 +393,21 @@ impl Ca {
         caller: &str,
     ) -> Result<RegistrationEntry, ServiceError> {
         let id: EntryId = id.parse()?;
-        let event = AuditEvent::new(
-            "entry.deleted",
-            caller,
-            serde_json::json!({"entry_id": id.to_string()}),
-        );
-        let ca = self.clone();
+        let (ca, caller) = (self.clone(), caller.to_owned());
         detached(async move {
             let _order = ca.locks.entries.lock().await;
+            let old = ca
+                .store
+                .get_entry(&id)
+                .await?
+                .ok_or_else(|| StoreError::NotFound(format!("entry {id}")))?;
+            let event = entry_event(
+                "entry.deleted",
+                &caller,
+                &old,
+                ca.authority.server_id(),
+                Some(&old.parent_id),
+            );
             let entry = ca.store.delete_entry(&id, &event).await?;
             ca.publish(CaEvent::EntryDeleted {
                 id: entry.id.clone(),
@@ -621,7 +643,17 @@ async fn detached<T: Send + 'static>(
     }
 }
 
-fn entry_event(kind: &str, caller: &str, e: &RegistrationEntry) -> AuditEvent {
+/// The audit event of an entry change. Besides what an auditor needs, it names the CA server
+/// that made the change and the entry's previous parent, so that the other servers of a
+/// PostgreSQL trust domain can replay it to their agents from the audit log (see
+/// [`crate::server::change_feed_loop`]).
+fn entry_event(
+    kind: &str,
+    caller: &str,
+    e: &RegistrationEntry,
+    server: &str,
+    old_parent: Option<&SpiffeId>,
+) -> AuditEvent {
     AuditEvent::new(
         kind,
         caller,
@@ -629,8 +661,10 @@ fn entry_event(kind: &str, caller: &str, e: &RegistrationEntry) -> AuditEvent {
             "entry_id": e.id.to_string(),
             "spiffe_id": e.spiffe_id.to_string(),
             "parent_id": e.parent_id.to_string(),
+            "old_parent_id": old_parent.map(ToString::to_string),
             "selectors": e.selectors.iter().map(ToString::to_string).collect::<Vec<_>>(),
             "revision": e.revision,
+            "ca_server": server,
         }),
     )
 }

@@ -6,6 +6,9 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
+#[path = "common/pg.rs"]
+mod pg;
+
 use std::future::Future;
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -846,4 +849,72 @@ async fn sync_stream_ends_when_the_agent_svid_expires() {
         ca.stop().await;
     })
     .await
+}
+
+/// Two CA servers on one PostgreSQL database: an agent connected to server B sees, on its open
+/// Sync stream, the entry changes an operator makes through server A (replayed from the shared
+/// audit log), and an eviction made on A ends its stream on B.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn changes_made_on_another_server_reach_this_servers_agents() {
+    let Some(db) = pg::fresh_database().await else {
+        return;
+    };
+    bounded(async {
+        let url = db.url.clone();
+        let a = TestCa::start_with(|raw| {
+            raw.datastore = Some(url.clone());
+            raw.server_id = Some("ca-a".into());
+        })
+        .await;
+        let url = db.url.clone();
+        let b = TestCa::start_with(|raw| {
+            raw.datastore = Some(url.clone());
+            raw.server_id = Some("ca-b".into());
+        })
+        .await;
+        let mut agent = b.agent().await;
+        let mut stream = agent.sync().await;
+        assert!(next(&mut stream).await.full);
+
+        // Created, updated, moved away and deleted through A.
+        a.entry("x1", &agent.id).await;
+        let up = tokio::time::timeout(PUSH, stream.message())
+            .await
+            .expect("pushed from A within 1 s")
+            .unwrap()
+            .unwrap();
+        assert_eq!(ids(&up), ["x1"]);
+        let mut spec = EntrySpec::from(
+            &a.ca
+                .store
+                .get_entry(&"x1".parse().unwrap())
+                .await
+                .unwrap()
+                .unwrap(),
+        );
+        spec.selectors = vec!["unix:uid:3000".into()];
+        a.ca.update_entry(&spec, 0, "admin:test").await.unwrap();
+        let up = next(&mut stream).await;
+        assert_eq!(up.upserts[0].selectors, ["unix:uid:3000"]);
+        spec.parent_id = "spiffe://example.org/meshid/agent/elsewhere".into();
+        a.ca.update_entry(&spec, 0, "admin:test").await.unwrap();
+        let up = next(&mut stream).await;
+        assert_eq!(up.deleted_ids, ["x1"]);
+        a.entry("x2", &agent.id).await;
+        assert_eq!(ids(&next(&mut stream).await), ["x2"]);
+        a.ca.delete_entry("x2", "admin:test").await.unwrap();
+        assert_eq!(next(&mut stream).await.deleted_ids, ["x2"]);
+
+        // Evicted through A: the stream on B ends.
+        a.ca.evict_agent(&agent.id, "admin:test").await.unwrap();
+        let end = tokio::time::timeout(Duration::from_secs(5), stream.message())
+            .await
+            .expect("stream ended after eviction on A");
+        assert!(!matches!(end, Ok(Some(_))), "{end:?}");
+        let _ = &mut agent;
+        a.stop().await;
+        b.stop().await;
+    })
+    .await;
+    drop(db);
 }
