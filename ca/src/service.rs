@@ -544,11 +544,6 @@ impl Ca {
             });
         }
         let svid = self.sign_agent_svid(id, csr_der)?;
-        let record = AgentRecord {
-            serial: svid.serial.clone(),
-            expires_at: svid.not_after,
-            ..record
-        };
         let event = AuditEvent::new(
             "agent.renewed",
             &id_text,
@@ -558,7 +553,22 @@ impl Ca {
                 "not_after": svid.not_after,
             }),
         );
-        self.store.upsert_agent(&record, &event).await?;
+        // Conditional in the store: another CA server may have evicted or banned the agent
+        // since the check above, and the renewal must not undo that.
+        let record = match self
+            .store
+            .renew_agent(&id_text, &svid.serial, svid.not_after, &event)
+            .await
+        {
+            Ok(r) => r,
+            Err(StoreError::NotFound(_)) => {
+                return Err(ServiceError::AgentDenied {
+                    id: id_text,
+                    reason: NOT_ATTESTED,
+                })
+            }
+            Err(e) => return Err(e.into()),
+        };
         tracing::info!(spiffe_id = %id_text, serial = %svid.serial, not_after = svid.not_after, "agent renewed");
         Ok((record, svid))
     }

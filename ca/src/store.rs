@@ -195,6 +195,16 @@ pub trait Datastore: Send + Sync + 'static {
     /// Inserts or replaces an agent.
     async fn upsert_agent(&self, agent: &AgentRecord, audit: &AuditEvent)
         -> Result<(), StoreError>;
+    /// Records a renewed agent SVID, only if the agent exists and is not banned; atomic, so a
+    /// renewal racing an eviction or a ban (on any CA server) can never undo it. `NotFound`
+    /// when the agent is gone or banned.
+    async fn renew_agent(
+        &self,
+        spiffe_id: &str,
+        serial: &str,
+        expires_at: i64,
+        audit: &AuditEvent,
+    ) -> Result<AgentRecord, StoreError>;
     /// Looks up an agent.
     async fn get_agent(&self, spiffe_id: &str) -> Result<Option<AgentRecord>, StoreError>;
     /// All agents, ordered by SPIFFE ID.

@@ -49,6 +49,7 @@ on_both_backends! {
     records::join_token_concurrent_use_one_wins,
     records::agents_upsert_and_list,
     records::agent_delete,
+    records::agent_renew_is_conditional,
     records::ca_journal,
     records::bundles_put_and_get,
     audit::every_mutation_is_audited_once,

@@ -753,6 +753,33 @@ impl Datastore for SqlStore {
         w.commit().await
     }
 
+    async fn renew_agent(
+        &self,
+        spiffe_id: &str,
+        serial: &str,
+        expires_at: i64,
+        audit: &AuditEvent,
+    ) -> Result<AgentRecord, StoreError> {
+        let mut w = self.begin_write().await?;
+        let row = sqlx::query(&format!(
+            "UPDATE agents SET serial = $1, expires_at = $2 \
+             WHERE spiffe_id = $3 AND banned = 0 RETURNING {AGENT_COLUMNS}"
+        ))
+        .bind(serial)
+        .bind(expires_at)
+        .bind(spiffe_id)
+        .fetch_optional(&mut *w.tx)
+        .await?;
+        // Dropping `w` rolls back; nothing was changed anyway.
+        let Some(row) = row else {
+            return Err(StoreError::NotFound(format!("agent {spiffe_id}")));
+        };
+        let agent = decode_agent(&row)?;
+        append_in_tx(&mut w.tx, audit).await?;
+        w.commit().await?;
+        Ok(agent)
+    }
+
     async fn get_agent(&self, spiffe_id: &str) -> Result<Option<AgentRecord>, StoreError> {
         let row = sqlx::query(&format!(
             "SELECT {AGENT_COLUMNS} FROM agents WHERE spiffe_id = $1"

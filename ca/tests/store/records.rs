@@ -2,7 +2,7 @@
 
 use std::sync::Arc;
 
-use meshid_ca::store::{CaKeyKind, CaKeyState, Datastore, StoreError};
+use meshid_ca::store::{AgentRecord, CaKeyKind, CaKeyState, Datastore, StoreError};
 use spiffe::TrustDomain;
 
 use crate::fixture::{agent, ca_key, ev, fixture, token, Backend, NOW};
@@ -167,6 +167,75 @@ pub async fn agent_delete(backend: Backend) {
         .await
         .unwrap();
     assert_eq!(s.list_agents().await.unwrap(), vec![agent(1), agent(2)]);
+}
+
+pub async fn agent_renew_is_conditional(backend: Backend) {
+    let fx = fixture!(backend);
+    let s = &fx.store;
+    s.upsert_agent(&agent(1), &ev("agent.attested"))
+        .await
+        .unwrap();
+    let renewed = s
+        .renew_agent(&agent(1).spiffe_id, "beef", NOW + 999, &ev("agent.renewed"))
+        .await
+        .unwrap();
+    assert_eq!(
+        (renewed.serial.as_str(), renewed.expires_at),
+        ("beef", NOW + 999)
+    );
+    assert_eq!(
+        renewed.created_at,
+        agent(1).created_at,
+        "only serial and expiry change"
+    );
+    assert_eq!(
+        s.get_agent(&agent(1).spiffe_id).await.unwrap(),
+        Some(renewed.clone())
+    );
+    // Banned: refused, nothing written.
+    let banned = AgentRecord {
+        banned: true,
+        ..renewed
+    };
+    s.upsert_agent(&banned, &ev("agent.banned")).await.unwrap();
+    assert!(matches!(
+        s.renew_agent(
+            &agent(1).spiffe_id,
+            "cafe",
+            NOW + 9999,
+            &ev("agent.renewed")
+        )
+        .await,
+        Err(StoreError::NotFound(_))
+    ));
+    assert_eq!(
+        s.get_agent(&agent(1).spiffe_id).await.unwrap(),
+        Some(banned)
+    );
+    // Evicted (gone): refused, and not recreated.
+    s.delete_agent(&agent(1).spiffe_id, &ev("agent.evicted"))
+        .await
+        .unwrap();
+    assert!(matches!(
+        s.renew_agent(
+            &agent(1).spiffe_id,
+            "cafe",
+            NOW + 9999,
+            &ev("agent.renewed")
+        )
+        .await,
+        Err(StoreError::NotFound(_))
+    ));
+    assert_eq!(s.get_agent(&agent(1).spiffe_id).await.unwrap(), None);
+    assert_eq!(
+        fx.audit_kinds().await,
+        [
+            "agent.attested",
+            "agent.renewed",
+            "agent.banned",
+            "agent.evicted"
+        ]
+    );
 }
 
 pub async fn ca_journal(backend: Backend) {
