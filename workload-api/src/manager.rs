@@ -13,6 +13,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use arc_swap::ArcSwapOption;
+use futures::FutureExt as _;
 use meshid_api::node::{self, node_client::NodeClient};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::gauge::Gauge;
@@ -404,6 +405,14 @@ impl Manager {
                     match msg? {
                         Some(update) => {
                             self.apply(update)?;
+                            // Apply every update already received before signing, so that a
+                            // burst of entry changes is signed in batches, not one call each.
+                            while let Some(next) = stream.message().now_or_never() {
+                                match next? {
+                                    Some(update) => self.apply(update)?,
+                                    None => return Err(ClientError::Rpc(tonic::Status::unavailable("the CA closed the sync stream"))),
+                                }
+                            }
                             // Publish entry changes at once (deletions matter), then again
                             // once signed.
                             self.publish();
