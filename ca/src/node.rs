@@ -14,7 +14,7 @@
 //! banned, with `Unauthenticated` when the SVID the connection was made with expires (agents
 //! reconnect after renewing), and cleanly when the server shuts down.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet};
 use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
@@ -35,6 +35,7 @@ use tonic::{Request, Response, Status};
 
 use crate::audit::AuditEvent;
 use crate::bundle::TrustBundle;
+use crate::entry::EntryId;
 use crate::entry::{EntrySpec, RegistrationEntry};
 use crate::metrics::Metrics;
 use crate::service::{Ca, CaEvent, ServiceError};
@@ -675,41 +676,53 @@ impl node::node_server::Node for NodeService {
             }
             .into());
         }
-        let entries: HashMap<String, RegistrationEntry> = self
-            .ca
-            .store
-            .list_entries_by_parent(&caller.text)
-            .await
-            .map_err(|e| NodeError::from(ServiceError::from(e)))?
-            .into_iter()
-            .map(|e| (e.id.to_string(), e))
-            .collect();
+        // Look up only the requested entries (point queries), never the agent's whole set.
         let mut results = Vec::with_capacity(requests.len());
+        let mut work = Vec::with_capacity(requests.len());
+        let mut slots = Vec::with_capacity(requests.len());
         for r in requests {
             let mut result = node::SignResult {
                 entry_id: r.entry_id,
                 ..Default::default()
             };
-            match entries.get(&result.entry_id) {
+            let entry = match result.entry_id.parse::<EntryId>() {
+                Ok(id) => self
+                    .ca
+                    .store
+                    .get_entry(&id)
+                    .await
+                    .map_err(|e| NodeError::from(ServiceError::from(e)))?
+                    .filter(|e| e.parent_id.to_string() == caller.text),
+                Err(_) => None,
+            };
+            match entry {
                 None => {
                     result.error = format!(
                         "no entry {:?} is assigned to agent {}",
                         result.entry_id, caller.text
                     );
                 }
-                Some(entry) => match self.ca.issue_for_entry(entry, &r.csr, &caller.text).await {
-                    Ok(svid) => {
-                        result.chain = svid.chain.iter().map(|c| c.to_vec()).collect();
-                        result.expires_at = svid.not_after;
-                        result.serial = svid.serial;
-                    }
-                    Err(e) => result.error = e.to_string(),
-                },
-            }
-            if !result.error.is_empty() {
-                tracing::info!(caller = %caller.text, entry_id = %result.entry_id, error = %result.error, "SVID request refused");
+                Some(entry) => {
+                    slots.push(results.len());
+                    work.push((entry, r.csr));
+                }
             }
             results.push(result);
+        }
+        let issued = self.ca.issue_batch(work, &caller.text).await;
+        for (slot, outcome) in slots.into_iter().zip(issued) {
+            let result = &mut results[slot];
+            match outcome {
+                Ok(svid) => {
+                    result.chain = svid.chain.iter().map(|c| c.to_vec()).collect();
+                    result.expires_at = svid.not_after;
+                    result.serial = svid.serial;
+                }
+                Err(e) => result.error = e.to_string(),
+            }
+        }
+        for result in results.iter().filter(|r| !r.error.is_empty()) {
+            tracing::info!(caller = %caller.text, entry_id = %result.entry_id, error = %result.error, "SVID request refused");
         }
         Ok(Response::new(node::BatchSignX509Response { results }))
     }

@@ -195,7 +195,10 @@ impl Ca {
     }
 
     fn observe<T, E>(&self, kind: &'static str, started: Instant, result: &Result<T, E>) {
-        let ok = result.is_ok();
+        self.observe_elapsed(kind, started.elapsed(), result.is_ok());
+    }
+
+    fn observe_elapsed(&self, kind: &'static str, elapsed: Duration, ok: bool) {
         self.metrics
             .signed
             .get_or_create(&SignLabels {
@@ -207,8 +210,27 @@ impl Ca {
             self.metrics
                 .sign_seconds
                 .get_or_create(&KindLabels { kind })
-                .observe(started.elapsed().as_secs_f64());
+                .observe(elapsed.as_secs_f64());
         }
+    }
+
+    fn issued_event(
+        kind: &str,
+        actor: &str,
+        svid: &IssuedSvid,
+        spiffe_id: &SpiffeId,
+        entry: Option<&EntryId>,
+    ) -> AuditEvent {
+        AuditEvent::new(
+            kind,
+            actor,
+            serde_json::json!({
+                "serial": svid.serial,
+                "spiffe_id": spiffe_id.to_string(),
+                "entry_id": entry.map(ToString::to_string),
+                "not_after": svid.not_after,
+            }),
+        )
     }
 
     async fn audit_issued(
@@ -219,19 +241,78 @@ impl Ca {
         spiffe_id: &SpiffeId,
         entry: Option<&EntryId>,
     ) -> Result<(), ServiceError> {
-        let event = AuditEvent::new(
-            kind,
-            actor,
-            serde_json::json!({
-                "serial": svid.serial,
-                "spiffe_id": spiffe_id.to_string(),
-                "entry_id": entry.map(ToString::to_string),
-                "not_after": svid.not_after,
-            }),
-        );
+        let event = Self::issued_event(kind, actor, svid, spiffe_id, entry);
         self.store.append_audit(&event).await?;
         tracing::info!(spiffe_id = %spiffe_id, serial = %svid.serial, not_after = svid.not_after, caller = %actor, "issued X509-SVID");
         Ok(())
+    }
+
+    /// Signs the X.509-SVIDs of several entries for `caller` (the node API's batch signing)
+    /// and records every issuance in one audit transaction. An SVID is returned only once its
+    /// audit record is committed: if the audit write fails, every item fails.
+    pub async fn issue_batch(
+        &self,
+        items: Vec<(RegistrationEntry, Vec<u8>)>,
+        caller: &str,
+    ) -> Vec<Result<IssuedSvid, ServiceError>> {
+        let count = items.len();
+        let authority = Arc::clone(&self.authority);
+        let signed = tokio::task::spawn_blocking(move || {
+            items
+                .into_iter()
+                .map(|(entry, csr)| {
+                    let started = Instant::now();
+                    let result = authority.sign_for_entry(&entry, &csr);
+                    (entry, started.elapsed(), result)
+                })
+                .collect::<Vec<_>>()
+        })
+        .await;
+        let signed = match signed {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::error!(error = %e, "signing task failed");
+                return (0..count).map(|_| Err(ServiceError::Interrupted)).collect();
+            }
+        };
+        let mut events = Vec::new();
+        let mut results = Vec::with_capacity(signed.len());
+        for (entry, elapsed, result) in signed {
+            self.observe_elapsed("x509", elapsed, result.is_ok());
+            if let Ok(svid) = &result {
+                events.push(Self::issued_event(
+                    "svid.x509.issued",
+                    caller,
+                    svid,
+                    &entry.spiffe_id,
+                    Some(&entry.id),
+                ));
+            }
+            results.push(result.map(|svid| (entry, svid)).map_err(ServiceError::from));
+        }
+        if let Err(e) = self.store.append_audit_batch(&events).await {
+            tracing::error!(error = %e, caller = %caller, "cannot record issuances; withholding the SVIDs");
+            let msg = e.to_string();
+            return results
+                .into_iter()
+                .map(|r| {
+                    r.and_then(|_| {
+                        Err(ServiceError::Store(StoreError::Corrupt(format!(
+                            "audit log unavailable: {msg}"
+                        ))))
+                    })
+                })
+                .collect();
+        }
+        results
+            .into_iter()
+            .map(|r| {
+                r.map(|(entry, svid)| {
+                    tracing::info!(spiffe_id = %entry.spiffe_id, serial = %svid.serial, not_after = svid.not_after, caller = %caller, "issued X509-SVID");
+                    svid
+                })
+            })
+            .collect()
     }
 
     /// Signs the X.509-SVID of `entry` for `caller` and records the issuance. The identity,

@@ -231,6 +231,12 @@ pub trait Datastore: Send + Sync + 'static {
     /// Appends an audit record for something that changed nothing else in the store (an
     /// issuance, a mint), chaining it to the current head.
     async fn append_audit(&self, event: &AuditEvent) -> Result<AuditRecord, StoreError>;
+    /// Appends several audit records in one transaction, chained in order (a batch of
+    /// issuances). All or nothing.
+    async fn append_audit_batch(
+        &self,
+        events: &[AuditEvent],
+    ) -> Result<Vec<AuditRecord>, StoreError>;
     /// Up to `limit` audit records with `seq > after`, in ascending seq order, as stored (no
     /// checking: that is [`crate::audit::verify`]'s job).
     async fn audit_records(&self, after: i64, limit: i64) -> Result<Vec<AuditRecord>, StoreError>;

@@ -626,6 +626,27 @@ async fn batch_sign_and_jwt_only_for_own_entries() {
         assert!(results[3].chain.is_empty());
         assert!(results[3].error.contains("CSR"), "{}", results[3].error);
         assert!(!results[3].error.contains("garbage-csr-bytes"));
+        // The issuance is in the audit log (one transaction per batch), with its serial, entry
+        // and caller; the refused requests are not.
+        let issued: Vec<_> = ca
+            .ca
+            .store
+            .audit_records(0, 10_000)
+            .await
+            .unwrap()
+            .into_iter()
+            .filter(|r| r.kind == "svid.x509.issued")
+            .collect();
+        assert_eq!(issued.len(), 1, "{issued:?}");
+        assert!(issued[0].details.contains(&results[0].serial), "{issued:?}");
+        assert!(
+            issued[0].details.contains("\"entry_id\":\"mine\""),
+            "{issued:?}"
+        );
+        assert_eq!(issued[0].actor, a.id);
+        meshid_ca::audit::verify_store(ca.ca.store.as_ref())
+            .await
+            .unwrap();
 
         // The batch limit.
         let requests = vec![

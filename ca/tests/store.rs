@@ -55,6 +55,7 @@ on_both_backends! {
     audit::every_mutation_is_audited_once,
     audit::failed_mutations_are_not_audited,
     audit::concurrent_appends_keep_one_chain,
+    audit::batch_appends_chain_in_order,
     audit::concurrent_appends_from_two_servers,
     audit::verify_pages_through_a_large_log,
     audit::tamper_edited_record,

@@ -877,6 +877,22 @@ impl Datastore for SqlStore {
         Ok(record)
     }
 
+    async fn append_audit_batch(
+        &self,
+        events: &[AuditEvent],
+    ) -> Result<Vec<AuditRecord>, StoreError> {
+        if events.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut w = self.begin_write().await?;
+        let mut records = Vec::with_capacity(events.len());
+        for event in events {
+            records.push(append_in_tx(&mut w.tx, event).await?);
+        }
+        w.commit().await?;
+        Ok(records)
+    }
+
     async fn audit_records(&self, after: i64, limit: i64) -> Result<Vec<AuditRecord>, StoreError> {
         let rows = sqlx::query(&format!(
             "SELECT {AUDIT_COLUMNS} FROM audit_log WHERE seq > $1 ORDER BY seq LIMIT $2"

@@ -135,6 +135,36 @@ pub async fn failed_mutations_are_not_audited(backend: Backend) {
     assert_eq!(verify_store(s).await.unwrap(), 3);
 }
 
+pub async fn batch_appends_chain_in_order(backend: Backend) {
+    let fx = fixture!(backend);
+    let store = Arc::new(fx.open_again().await);
+    fx.store.append_audit(&ev("before")).await.unwrap();
+    assert!(fx.store.append_audit_batch(&[]).await.unwrap().is_empty());
+    // Batches from several tasks interleave only as whole batches, never fork the chain.
+    let tasks: Vec<_> = (0..10)
+        .map(|t| {
+            let store = store.clone();
+            tokio::spawn(async move {
+                let events: Vec<_> = (0..20).map(|i| ev(&format!("batch{t}.{i}"))).collect();
+                store.append_audit_batch(&events).await.unwrap()
+            })
+        })
+        .collect();
+    for task in tasks {
+        let records = task.await.unwrap();
+        assert_eq!(records.len(), 20);
+        let seqs: Vec<i64> = records.iter().map(|r| r.seq).collect();
+        assert!(
+            seqs.windows(2).all(|w| w[1] == w[0] + 1),
+            "a batch is contiguous: {seqs:?}"
+        );
+    }
+    assert_eq!(
+        meshid_ca::audit::verify_store(&fx.store).await.unwrap(),
+        201
+    );
+}
+
 pub async fn concurrent_appends_keep_one_chain(backend: Backend) {
     let fx = fixture!(backend);
     let store = Arc::new(fx.open_again().await);
