@@ -89,6 +89,9 @@ struct Inner {
     group: PathBuf,
     max_binary_size: u64,
     hashes: Mutex<HashMap<FileKey, String>>,
+    /// `/etc/passwd` and `/etc/group` as last read, reused while their metadata is unchanged
+    /// (one `stat` per lookup instead of a read and a parse).
+    accounts: Mutex<HashMap<PathBuf, (FileKey, Arc<str>)>>,
 }
 
 /// Identifies one version of a file's content well enough to reuse its hash.
@@ -153,6 +156,7 @@ impl Attestor {
             inner: Arc::new(Inner {
                 proc_root: proc_root.into(),
                 passwd: passwd.into(),
+                accounts: Mutex::new(HashMap::new()),
                 group: group.into(),
                 max_binary_size,
                 hashes: Mutex::new(HashMap::new()),
@@ -192,10 +196,10 @@ impl Inner {
         }
 
         let mut selectors = vec![format!("unix:uid:{uid}"), format!("unix:gid:{gid}")];
-        if let Some(name) = lookup_name(&self.passwd, uid) {
+        if let Some(name) = self.lookup_name(&self.passwd, uid) {
             selectors.push(format!("unix:user:{name}"));
         }
-        if let Some(name) = lookup_name(&self.group, gid) {
+        if let Some(name) = self.lookup_name(&self.group, gid) {
             selectors.push(format!("unix:group:{name}"));
         }
         for g in &status.groups {
@@ -370,17 +374,40 @@ fn parse_status(status: &str) -> Result<Status, &'static str> {
     })
 }
 
-/// The name of `id` in an `/etc/passwd` or `/etc/group` style file (`name:x:id:...`); the first
-/// line wins. A missing or unreadable file means no name.
-fn lookup_name(path: &Path, id: u32) -> Option<String> {
-    let text = match std::fs::read_to_string(path) {
-        Ok(t) => t,
-        Err(error) => {
-            tracing::debug!(path = %path.display(), %error, "cannot read account database");
-            return None;
-        }
-    };
-    find_name(&text, id).map(str::to_owned)
+impl Inner {
+    /// The name of `id` in an `/etc/passwd` or `/etc/group` style file (`name:x:id:...`); the
+    /// first line wins. A missing or unreadable file means no name.
+    fn lookup_name(&self, path: &Path, id: u32) -> Option<String> {
+        let key = match std::fs::metadata(path) {
+            Ok(meta) => FileKey::of(&meta),
+            Err(error) => {
+                tracing::debug!(path = %path.display(), %error, "cannot read account database");
+                return None;
+            }
+        };
+        let cached = self.accounts.lock().ok().and_then(|c| {
+            c.get(path)
+                .filter(|(k, _)| *k == key)
+                .map(|(_, t)| Arc::clone(t))
+        });
+        let text = match cached {
+            Some(text) => text,
+            None => {
+                let text: Arc<str> = match std::fs::read_to_string(path) {
+                    Ok(t) => t.into(),
+                    Err(error) => {
+                        tracing::debug!(path = %path.display(), %error, "cannot read account database");
+                        return None;
+                    }
+                };
+                if let Ok(mut c) = self.accounts.lock() {
+                    c.insert(path.to_owned(), (key, Arc::clone(&text)));
+                }
+                text
+            }
+        };
+        find_name(&text, id).map(str::to_owned)
+    }
 }
 
 fn find_name(db: &str, id: u32) -> Option<&str> {

@@ -185,7 +185,8 @@ async fn other_user_is_named() {
         eprintln!("skipped: needs root to start a process as another user");
         return;
     }
-    let Some(nobody) = lookup_name(Path::new("/etc/passwd"), 65534) else {
+    let passwd = std::fs::read_to_string("/etc/passwd").unwrap_or_default();
+    let Some(nobody) = find_name(&passwd, 65534).map(str::to_owned) else {
         eprintln!("skipped: no user 65534");
         return;
     };
@@ -205,4 +206,33 @@ async fn other_user_is_named() {
         "{selectors:?}"
     );
     assert!(selectors.iter().any(|s| s.starts_with("unix:path:/")));
+}
+
+#[test]
+fn account_names_are_cached_until_the_file_changes() {
+    let dir = tempfile::tempdir().unwrap();
+    let passwd = dir.path().join("passwd");
+    std::fs::write(&passwd, "alice:x:1000:1000::/home/alice:/bin/sh\n").unwrap();
+    let a = Attestor::with_paths(
+        "/proc",
+        &passwd,
+        dir.path().join("group"),
+        DEFAULT_MAX_BINARY_SIZE,
+    );
+    assert_eq!(a.inner.lookup_name(&passwd, 1000).as_deref(), Some("alice"));
+    assert_eq!(a.inner.lookup_name(&passwd, 1001), None);
+    // A changed file (new size and mtime) is read again.
+    std::thread::sleep(std::time::Duration::from_millis(20));
+    std::fs::write(
+        &passwd,
+        "bob:x:1000:1000::/home/bob:/bin/sh\nc:x:1001:1::/:/bin/sh\n",
+    )
+    .unwrap();
+    assert_eq!(a.inner.lookup_name(&passwd, 1000).as_deref(), Some("bob"));
+    assert_eq!(a.inner.lookup_name(&passwd, 1001).as_deref(), Some("c"));
+    assert_eq!(
+        a.inner.lookup_name(&dir.path().join("group"), 1),
+        None,
+        "missing file: no name"
+    );
 }
