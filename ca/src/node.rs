@@ -676,7 +676,21 @@ impl node::node_server::Node for NodeService {
             }
             .into());
         }
-        // Look up only the requested entries (point queries), never the agent's whole set.
+        // Look up only the requested entries (one query), never the agent's whole set.
+        let ids: Vec<EntryId> = requests
+            .iter()
+            .filter_map(|r| r.entry_id.parse().ok())
+            .collect();
+        let found: std::collections::HashMap<String, RegistrationEntry> = self
+            .ca
+            .store
+            .get_entries(&ids)
+            .await
+            .map_err(|e| NodeError::from(ServiceError::from(e)))?
+            .into_iter()
+            .filter(|e| e.parent_id.to_string() == caller.text)
+            .map(|e| (e.id.to_string(), e))
+            .collect();
         let mut results = Vec::with_capacity(requests.len());
         let mut work = Vec::with_capacity(requests.len());
         let mut slots = Vec::with_capacity(requests.len());
@@ -685,17 +699,8 @@ impl node::node_server::Node for NodeService {
                 entry_id: r.entry_id,
                 ..Default::default()
             };
-            let entry = match result.entry_id.parse::<EntryId>() {
-                Ok(id) => self
-                    .ca
-                    .store
-                    .get_entry(&id)
-                    .await
-                    .map_err(|e| NodeError::from(ServiceError::from(e)))?
-                    .filter(|e| e.parent_id.to_string() == caller.text),
-                Err(_) => None,
-            };
-            match entry {
+            // An entry asked for twice in one batch is signed for each request.
+            match found.get(&result.entry_id).cloned() {
                 None => {
                     result.error = format!(
                         "no entry {:?} is assigned to agent {}",

@@ -157,6 +157,8 @@ pub trait Datastore: Send + Sync + 'static {
     ) -> Result<(), StoreError>;
     /// Looks up one entry.
     async fn get_entry(&self, id: &EntryId) -> Result<Option<RegistrationEntry>, StoreError>;
+    /// The entries with these ids that exist, in no particular order (one query per 500 ids).
+    async fn get_entries(&self, ids: &[EntryId]) -> Result<Vec<RegistrationEntry>, StoreError>;
     /// All entries, ordered by id.
     async fn list_entries(&self) -> Result<Vec<RegistrationEntry>, StoreError>;
     /// Entries whose parent is `parent_id`, ordered by id.

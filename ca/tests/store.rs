@@ -42,6 +42,7 @@ on_both_backends! {
     entries::entry_revision_conflict,
     entries::entry_not_found,
     entries::entries_by_parent,
+    entries::get_entries_by_ids,
     entries::corrupt_entry_row_is_reported,
     records::join_token_single_use,
     records::join_token_expired,

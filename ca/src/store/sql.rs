@@ -497,10 +497,22 @@ async fn append_in_tx(
     tx: &mut Transaction<'static, Any>,
     event: &AuditEvent,
 ) -> Result<AuditRecord, StoreError> {
+    let mut records = append_many_in_tx(tx, std::slice::from_ref(event)).await?;
+    records
+        .pop()
+        .ok_or_else(|| StoreError::Corrupt("audit append produced no record".into()))
+}
+
+/// Chains `events` after the current head, inside the caller's write transaction: reads the
+/// head once, inserts one record per event, moves the head once.
+async fn append_many_in_tx(
+    tx: &mut Transaction<'static, Any>,
+    events: &[AuditEvent],
+) -> Result<Vec<AuditRecord>, StoreError> {
     let head = sqlx::query("SELECT seq, hash FROM audit_head WHERE id = 1")
         .fetch_optional(&mut **tx)
         .await?;
-    let (head_seq, head_hash) = match head {
+    let (mut head_seq, mut head_hash) = match head {
         Some(row) => {
             let seq: i64 = row.try_get("seq")?;
             (
@@ -510,28 +522,37 @@ async fn append_in_tx(
         }
         None => (0, [0; 32]),
     };
-    let record = AuditRecord::chain(event, crate::unix_now(), head_seq, head_hash);
-    sqlx::query(&format!(
-        "INSERT INTO audit_log ({AUDIT_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7)"
-    ))
-    .bind(record.seq)
-    .bind(record.time)
-    .bind(record.kind.as_str())
-    .bind(record.actor.as_str())
-    .bind(record.details.as_str())
-    .bind(record.prev_hash.to_vec())
-    .bind(record.hash.to_vec())
-    .execute(&mut **tx)
-    .await?;
-    sqlx::query(
-        "INSERT INTO audit_head (id, seq, hash) VALUES (1, $1, $2) \
-         ON CONFLICT (id) DO UPDATE SET seq = excluded.seq, hash = excluded.hash",
-    )
-    .bind(record.seq)
-    .bind(record.hash.to_vec())
-    .execute(&mut **tx)
-    .await?;
-    Ok(record)
+    let now = crate::unix_now();
+    let mut records = Vec::with_capacity(events.len());
+    for event in events {
+        let record = AuditRecord::chain(event, now, head_seq, head_hash);
+        sqlx::query(&format!(
+            "INSERT INTO audit_log ({AUDIT_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7)"
+        ))
+        .bind(record.seq)
+        .bind(record.time)
+        .bind(record.kind.as_str())
+        .bind(record.actor.as_str())
+        .bind(record.details.as_str())
+        .bind(record.prev_hash.to_vec())
+        .bind(record.hash.to_vec())
+        .execute(&mut **tx)
+        .await?;
+        head_seq = record.seq;
+        head_hash = record.hash;
+        records.push(record);
+    }
+    if !records.is_empty() {
+        sqlx::query(
+            "INSERT INTO audit_head (id, seq, hash) VALUES (1, $1, $2) \
+             ON CONFLICT (id) DO UPDATE SET seq = excluded.seq, hash = excluded.hash",
+        )
+        .bind(head_seq)
+        .bind(head_hash.to_vec())
+        .execute(&mut **tx)
+        .await?;
+    }
+    Ok(records)
 }
 
 #[async_trait]
@@ -583,6 +604,26 @@ impl Datastore for SqlStore {
         .fetch_optional(&self.pool)
         .await?;
         row.as_ref().map(decode_entry).transpose()
+    }
+
+    async fn get_entries(&self, ids: &[EntryId]) -> Result<Vec<RegistrationEntry>, StoreError> {
+        let mut out = Vec::with_capacity(ids.len());
+        for chunk in ids.chunks(500) {
+            let placeholders: Vec<String> = (1..=chunk.len()).map(|i| format!("${i}")).collect();
+            let sql = format!(
+                "SELECT {ENTRY_COLUMNS} FROM registration_entries WHERE id IN ({})",
+                placeholders.join(", ")
+            );
+            let mut query = sqlx::query(&sql);
+            for id in chunk {
+                query = query.bind(id.as_str());
+            }
+            let rows = query.fetch_all(&self.pool).await?;
+            for row in &rows {
+                out.push(decode_entry(row)?);
+            }
+        }
+        Ok(out)
     }
 
     async fn list_entries(&self) -> Result<Vec<RegistrationEntry>, StoreError> {
@@ -885,10 +926,7 @@ impl Datastore for SqlStore {
             return Ok(Vec::new());
         }
         let mut w = self.begin_write().await?;
-        let mut records = Vec::with_capacity(events.len());
-        for event in events {
-            records.push(append_in_tx(&mut w.tx, event).await?);
-        }
+        let records = append_many_in_tx(&mut w.tx, events).await?;
         w.commit().await?;
         Ok(records)
     }

@@ -197,3 +197,32 @@ pub async fn corrupt_entry_row_is_reported(backend: Backend) {
         Err(StoreError::Corrupt(ref why)) if why.contains("bad id!")
     ));
 }
+
+pub async fn get_entries_by_ids(backend: Backend) {
+    let fx = fixture!(backend);
+    let s = &fx.store;
+    for i in 0..600 {
+        s.create_entry(
+            &entry(&format!("e{i:03}"), &agent_id(i % 2), i),
+            &ev("entry.created"),
+        )
+        .await
+        .unwrap();
+    }
+    let mut ids: Vec<EntryId> = (0..600)
+        .step_by(3)
+        .map(|i| format!("e{i:03}").parse().unwrap())
+        .collect();
+    ids.push("missing".parse().unwrap());
+    let mut got: Vec<String> = s
+        .get_entries(&ids)
+        .await
+        .unwrap()
+        .iter()
+        .map(|e| e.id.to_string())
+        .collect();
+    got.sort();
+    let want: Vec<String> = (0..600).step_by(3).map(|i| format!("e{i:03}")).collect();
+    assert_eq!(got, want, "more than one chunk of 500, unknown ids skipped");
+    assert!(s.get_entries(&[]).await.unwrap().is_empty());
+}
