@@ -304,11 +304,13 @@ impl Ca {
                 })
                 .collect();
         }
+        // One info line per batch (the audit log has every issuance); each SVID at debug.
+        tracing::info!(caller = %caller, issued = events.len(), "issued X509-SVIDs");
         results
             .into_iter()
             .map(|r| {
                 r.map(|(entry, svid)| {
-                    tracing::info!(spiffe_id = %entry.spiffe_id, serial = %svid.serial, not_after = svid.not_after, caller = %caller, "issued X509-SVID");
+                    tracing::debug!(spiffe_id = %entry.spiffe_id, serial = %svid.serial, not_after = svid.not_after, caller = %caller, "issued X509-SVID");
                     svid
                 })
             })
