@@ -164,6 +164,36 @@ async fn spiffe_client_against_the_agent() {
         .await
         .is_err());
 
+    // X509Source and JwtSource, as a long-running workload would use them.
+    let x509_source = spiffe::X509Source::builder()
+        .endpoint(agent.endpoint())
+        .build()
+        .await
+        .unwrap();
+    assert_eq!(
+        x509_source.svid().unwrap().spiffe_id().to_string(),
+        "spiffe://example.org/web"
+    );
+    assert!(x509_source.try_bundle_for_trust_domain(&td).is_some());
+    let jwt_source = spiffe::JwtSource::builder()
+        .endpoint(agent.endpoint())
+        .build()
+        .await
+        .unwrap();
+    let from_source = jwt_source.fetch_jwt_svid(["db"]).await.unwrap();
+    assert_eq!(
+        from_source.spiffe_id().to_string(),
+        "spiffe://example.org/web"
+    );
+    // Offline validation with the JWT bundle the source fetched (the agent's JWKS).
+    let offline = spiffe::JwtSvid::parse_and_validate(
+        from_source.token(),
+        &*jwt_source.bundle_set().unwrap(),
+        &["db"],
+    )
+    .unwrap();
+    assert_eq!(offline.spiffe_id().to_string(), "spiffe://example.org/web");
+
     // The operator commands and the ops endpoints.
     let agent_cli = |args: &[&str]| {
         let out = Command::new(meshid_tests::bin_dir().join("meshid-agent"))
@@ -302,6 +332,18 @@ async fn spiffe_client_against_the_agent() {
     })
     .await;
     keys_seen.push(after[0].private_key().as_ref().to_vec());
+
+    // The X509Source followed every rotation without being restarted.
+    let served = x509_source.svid().unwrap();
+    let (_, leaf) = x509_parser::parse_x509_certificate(served.leaf().as_ref()).unwrap();
+    assert!(leaf.validity().is_valid());
+    assert_ne!(
+        serial(served.leaf().as_ref()),
+        first_serial,
+        "the source holds a rotated SVID"
+    );
+    x509_source.shutdown().await;
+    jwt_source.shutdown().await;
 
     // Deleting the last entry withdraws the identity.
     ca.ok(&["entry", "delete", "web"]);
