@@ -35,6 +35,7 @@ pub mod workload {
 }
 
 pub mod client;
+pub mod codec;
 pub mod config;
 pub mod server;
 pub mod tls;

@@ -5,23 +5,28 @@
 
 use std::path::{Path, PathBuf};
 
-const PROTOS: &[&str] = &[
-    "meshid/admin/v1/admin.proto",
-    "meshid/node/v1/node.proto",
-    "workload.proto",
-];
+/// meshid's own APIs, with tonic's default prost codec.
+const PROTOS: &[&str] = &["meshid/admin/v1/admin.proto", "meshid/node/v1/node.proto"];
+/// The Workload API, with the lean codec (small per-stream buffers; see src/codec.rs).
+const WORKLOAD_PROTOS: &[&str] = &["workload.proto"];
 
-fn generate(out_dir: &Path) {
+fn generate_with(out_dir: &Path, protos: &[&str], codec: &str) {
     let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
     let includes = [root.join("proto")];
-    let files: Vec<PathBuf> = PROTOS.iter().map(|p| root.join("proto").join(p)).collect();
+    let files: Vec<PathBuf> = protos.iter().map(|p| root.join("proto").join(p)).collect();
     let fds = protox::compile(&files, &includes).expect("compile protos");
     tonic_prost_build::configure()
         .build_client(true)
         .build_server(true)
+        .codec_path(codec)
         .out_dir(out_dir)
         .compile_fds(fds)
         .expect("generate code");
+}
+
+fn generate(out_dir: &Path) {
+    generate_with(out_dir, PROTOS, "tonic_prost::ProstCodec");
+    generate_with(out_dir, WORKLOAD_PROTOS, "crate::codec::LeanCodec");
 }
 
 #[test]
