@@ -526,21 +526,43 @@ async fn append_many_in_tx(
     let mut records = Vec::with_capacity(events.len());
     for event in events {
         let record = AuditRecord::chain(event, now, head_seq, head_hash);
-        sqlx::query(&format!(
-            "INSERT INTO audit_log ({AUDIT_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7)"
-        ))
-        .bind(record.seq)
-        .bind(record.time)
-        .bind(record.kind.as_str())
-        .bind(record.actor.as_str())
-        .bind(record.details.as_str())
-        .bind(record.prev_hash.to_vec())
-        .bind(record.hash.to_vec())
-        .execute(&mut **tx)
-        .await?;
         head_seq = record.seq;
         head_hash = record.hash;
         records.push(record);
+    }
+    // Multi-row inserts: one statement (one round trip to the database) per 100 records.
+    for chunk in records.chunks(100) {
+        let values: Vec<String> = (0..chunk.len())
+            .map(|i| {
+                let b = i * 7;
+                format!(
+                    "(${}, ${}, ${}, ${}, ${}, ${}, ${})",
+                    b + 1,
+                    b + 2,
+                    b + 3,
+                    b + 4,
+                    b + 5,
+                    b + 6,
+                    b + 7
+                )
+            })
+            .collect();
+        let sql = format!(
+            "INSERT INTO audit_log ({AUDIT_COLUMNS}) VALUES {}",
+            values.join(", ")
+        );
+        let mut query = sqlx::query(&sql);
+        for record in chunk {
+            query = query
+                .bind(record.seq)
+                .bind(record.time)
+                .bind(record.kind.as_str())
+                .bind(record.actor.as_str())
+                .bind(record.details.as_str())
+                .bind(record.prev_hash.to_vec())
+                .bind(record.hash.to_vec());
+        }
+        query.execute(&mut **tx).await?;
     }
     if !records.is_empty() {
         sqlx::query(
