@@ -71,6 +71,15 @@ async fn open(url: &str) -> Arc<dyn Datastore> {
     Arc::new(SqlStore::open(url).await.unwrap())
 }
 
+/// Server `ca-1` of example.org on `store`, keys under `dir`.
+async fn load(
+    settings: CaSettings,
+    dir: &Path,
+    store: Arc<dyn Datastore>,
+) -> Result<Authority, meshid_ca::authority::AuthorityError> {
+    Authority::load_or_init(td(), "ca-1".into(), settings, dir, store).await
+}
+
 fn csr() -> Vec<u8> {
     let key = rcgen::KeyPair::generate().unwrap();
     let mut params = rcgen::CertificateParams::new(vec!["evil.example".to_owned()]).unwrap();
@@ -112,15 +121,9 @@ async fn restart_keeps_keys_case(postgres: bool) {
     let id = SpiffeId::new("spiffe://example.org/web").unwrap();
 
     let store = open(&db.url).await;
-    let a1 = Authority::load_or_init(
-        td(),
-        "ca-1".into(),
-        settings(3600),
-        data.path(),
-        Arc::clone(&store),
-    )
-    .await
-    .unwrap();
+    let a1 = load(settings(3600), data.path(), Arc::clone(&store))
+        .await
+        .unwrap();
     let bundle1 = a1.bundle();
     let journal1 = a1.journal();
     let svid = a1
@@ -145,15 +148,9 @@ async fn restart_keeps_keys_case(postgres: bool) {
     }
 
     let store = open(&db.url).await;
-    let a2 = Authority::load_or_init(
-        td(),
-        "ca-1".into(),
-        settings(3600),
-        data.path(),
-        Arc::clone(&store),
-    )
-    .await
-    .unwrap();
+    let a2 = load(settings(3600), data.path(), Arc::clone(&store))
+        .await
+        .unwrap();
     let bundle2 = a2.bundle();
     assert_eq!(
         bundle1.to_spiffe_json(),
@@ -197,15 +194,9 @@ async fn restart_keeps_keys_case(postgres: bool) {
         .path();
     std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o644)).unwrap();
     drop(a2);
-    let err = Authority::load_or_init(
-        td(),
-        "ca-1".into(),
-        settings(3600),
-        data.path(),
-        Arc::clone(&store),
-    )
-    .await
-    .unwrap_err();
+    let err = load(settings(3600), data.path(), Arc::clone(&store))
+        .await
+        .unwrap_err();
     assert!(err.to_string().contains("chmod 600"), "{err}");
 }
 
@@ -226,15 +217,9 @@ async fn rotation_under_issuance_case(postgres: bool) {
     let Some(db) = db(postgres).await else { return };
     let data = tempfile::tempdir().unwrap();
     let store = open(&db.url).await;
-    let a = Authority::load_or_init(
-        td(),
-        "ca-1".into(),
-        settings(6),
-        data.path(),
-        Arc::clone(&store),
-    )
-    .await
-    .unwrap();
+    let a = load(settings(6), data.path(), Arc::clone(&store))
+        .await
+        .unwrap();
     let roots = a.bundle().x509_authorities;
     let id = SpiffeId::new("spiffe://example.org/web").unwrap();
     let csr = csr();
@@ -313,15 +298,9 @@ async fn rotation_under_issuance_case(postgres: bool) {
 
     // A restart in the middle of a rotation picks up the prepared key rather than making another.
     drop(a);
-    let a = Authority::load_or_init(
-        td(),
-        "ca-1".into(),
-        settings(6),
-        data.path(),
-        Arc::clone(&store),
-    )
-    .await
-    .unwrap();
+    let a = load(settings(6), data.path(), Arc::clone(&store))
+        .await
+        .unwrap();
     let after = a.sign_x509_svid(&csr, &id, &[], None).unwrap();
     verify(&roots, &after.chain, unix(SystemTime::now())).unwrap();
 }
@@ -365,15 +344,9 @@ async fn upstream_root_is_used() {
         key: key_path.clone(),
     });
     let store = open(&format!("sqlite://{}", dir.path().join("ca.db").display())).await;
-    let a = Authority::load_or_init(
-        td(),
-        "ca-1".into(),
-        s.clone(),
-        &dir.path().join("data"),
-        Arc::clone(&store),
-    )
-    .await
-    .unwrap();
+    let a = load(s.clone(), &dir.path().join("data"), Arc::clone(&store))
+        .await
+        .unwrap();
     assert_eq!(a.bundle().x509_authorities, vec![root.clone()]);
     let svid = a
         .sign_x509_svid(
@@ -393,9 +366,7 @@ async fn upstream_root_is_used() {
     let other = CaKey::generate(KeyType::EcP384).unwrap();
     write_private(&key_path, &other.to_pkcs8_pem());
     drop(a);
-    let err = Authority::load_or_init(td(), "ca-1".into(), s, &dir.path().join("data"), store)
-        .await
-        .unwrap_err();
+    let err = load(s, &dir.path().join("data"), store).await.unwrap_err();
     assert!(err.to_string().contains("key"), "{err}");
 }
 
@@ -419,15 +390,9 @@ fn pem(der: &[u8]) -> String {
 async fn issuance_for_an_entry_is_audited() {
     let dir = tempfile::tempdir().unwrap();
     let store = open(&format!("sqlite://{}", dir.path().join("ca.db").display())).await;
-    let authority = Authority::load_or_init(
-        td(),
-        "ca-1".into(),
-        settings(3600),
-        dir.path(),
-        Arc::clone(&store),
-    )
-    .await
-    .unwrap();
+    let authority = load(settings(3600), dir.path(), Arc::clone(&store))
+        .await
+        .unwrap();
     let ca = Ca::new(
         Arc::new(authority),
         Arc::clone(&store),
@@ -523,7 +488,7 @@ async fn two_servers_share_a_postgres_trust_domain() {
     let store2 = open(&db.url).await;
     let (one, two) = (dir.path().join("one"), dir.path().join("two"));
     let (a1, a2) = tokio::join!(
-        Authority::load_or_init(td(), "ca-1".into(), s.clone(), &one, Arc::clone(&store1)),
+        load(s.clone(), &one, Arc::clone(&store1)),
         Authority::load_or_init(td(), "ca-2".into(), s.clone(), &two, Arc::clone(&store2)),
     );
     let (a1, a2) = (a1.unwrap(), a2.unwrap());
