@@ -488,7 +488,7 @@ async fn two_servers_share_a_postgres_trust_domain() {
     let store2 = open(&db.url).await;
     let (one, two) = (dir.path().join("one"), dir.path().join("two"));
     let (a1, a2) = tokio::join!(
-        load(s.clone(), &one, Arc::clone(&store1)),
+        Authority::load_or_init(td(), "ca-1".into(), s.clone(), &one, Arc::clone(&store1)),
         Authority::load_or_init(td(), "ca-2".into(), s.clone(), &two, Arc::clone(&store2)),
     );
     let (a1, a2) = (a1.unwrap(), a2.unwrap());
