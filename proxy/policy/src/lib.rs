@@ -1,0 +1,1 @@
+//! meshid's policy language (placeholder; being written).

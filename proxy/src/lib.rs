@@ -1,0 +1,2 @@
+//! meshid-proxy (placeholder; being written).
+pub mod policy_cli;
