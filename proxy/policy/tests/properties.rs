@@ -1,0 +1,443 @@
+//! Property tests: patterns against a naive reference matcher, decisions against a reference
+//! model written from the language's rules, `explain` and `connection` against `decide`, and
+//! the parser against arbitrary input.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use meshid_policy::{ConnectionVerdict, HttpRequest, Outcome, Pattern, Policy, Request, SpiffeId};
+use proptest::prelude::*;
+
+const TDS: &[&str] = &["e.org", "f.org"];
+const SEGS: &[&str] = &["a", "b", "c"];
+
+/// A pattern as parts: trust domain, segments (`*` or a literal), trailing `**`.
+#[derive(Clone, Debug)]
+struct Pat {
+    td: &'static str,
+    segs: Vec<&'static str>,
+    rest: bool,
+}
+
+impl Pat {
+    fn render(&self) -> String {
+        let mut s = format!("spiffe://{}", self.td);
+        for seg in &self.segs {
+            s.push('/');
+            s.push_str(seg);
+        }
+        if self.rest {
+            s.push_str("/**");
+        }
+        s
+    }
+
+    /// Naive reference: recursive over slices.
+    fn matches(&self, id: &Id) -> bool {
+        fn go(pat: &[&str], rest: bool, id: &[&str]) -> bool {
+            match (pat.split_first(), id.split_first()) {
+                (None, _) => rest || id.is_empty(),
+                (Some(_), None) => false,
+                (Some((p, pt)), Some((i, it))) => (*p == "*" || p == i) && go(pt, rest, it),
+            }
+        }
+        self.td == id.td && go(&self.segs, self.rest, &id.segs)
+    }
+}
+
+#[derive(Clone, Debug)]
+struct Id {
+    td: &'static str,
+    segs: Vec<&'static str>,
+}
+
+impl Id {
+    fn spiffe(&self) -> SpiffeId {
+        let mut s = format!("spiffe://{}", self.td);
+        for seg in &self.segs {
+            s.push('/');
+            s.push_str(seg);
+        }
+        SpiffeId::new(s).unwrap()
+    }
+}
+
+fn td() -> impl Strategy<Value = &'static str> {
+    prop::sample::select(TDS)
+}
+
+fn pat() -> impl Strategy<Value = Pat> {
+    let seg = prop::sample::select(&["a", "b", "c", "*"][..]);
+    (td(), prop::collection::vec(seg, 0..4), any::<bool>()).prop_map(|(td, segs, rest)| Pat {
+        td,
+        segs,
+        rest,
+    })
+}
+
+fn id() -> impl Strategy<Value = Id> {
+    (
+        td(),
+        prop::collection::vec(prop::sample::select(SEGS), 0..5),
+    )
+        .prop_map(|(td, segs)| Id { td, segs })
+}
+
+const PORTS: &[u16] = &[80, 443, 8080];
+const METHODS: &[&str] = &["GET", "POST"];
+const PATHS: &[&str] = &["/a/*", "/**", "/b", "/a/**", "/"];
+const REQ_METHODS: &[&str] = &["GET", "POST", "DELETE", "get"];
+const REQ_PATHS: &[&str] = &[
+    "/a/b", "/b", "/b/", "/", "/a", "/c/d/e", "/a/../b", "//b", "/%62",
+];
+
+#[derive(Clone, Debug)]
+struct Http {
+    methods: Option<Vec<&'static str>>,
+    paths: Option<Vec<&'static str>>,
+}
+
+#[derive(Clone, Debug)]
+struct RuleSpec {
+    deny: bool,
+    audit: bool,
+    from: Vec<Pat>,
+    to: Vec<Pat>,
+    ports: Option<Vec<u16>>,
+    http: Option<Http>,
+}
+
+#[derive(Clone, Debug)]
+struct PolicySpec {
+    default_allow: bool,
+    audit_file: bool,
+    rules: Vec<RuleSpec>,
+}
+
+fn subset<T: Clone + std::fmt::Debug + 'static>(
+    items: &'static [T],
+) -> impl Strategy<Value = Vec<T>> {
+    prop::sample::subsequence(items, 1..=items.len())
+}
+
+fn rule() -> impl Strategy<Value = RuleSpec> {
+    let http = (
+        prop::option::of(subset(METHODS)),
+        prop::option::of(subset(PATHS)),
+    )
+        .prop_map(|(methods, paths)| Http { methods, paths });
+    (
+        any::<bool>(),
+        any::<bool>(),
+        prop::collection::vec(pat(), 1..3),
+        prop::collection::vec(pat(), 1..3),
+        prop::option::of(subset(PORTS)),
+        prop::option::of(http),
+    )
+        .prop_map(|(deny, audit, from, to, ports, http)| RuleSpec {
+            deny,
+            audit: deny && audit,
+            from,
+            to,
+            ports,
+            http,
+        })
+}
+
+fn policy_spec() -> impl Strategy<Value = PolicySpec> {
+    (
+        any::<bool>(),
+        prop::bool::weighted(0.2),
+        prop::collection::vec(rule(), 0..7),
+    )
+        .prop_map(|(default_allow, audit_file, rules)| PolicySpec {
+            default_allow,
+            audit_file,
+            rules,
+        })
+}
+
+fn list<T: std::fmt::Display>(items: &[T]) -> String {
+    let quoted: Vec<String> = items.iter().map(|i| format!("\"{i}\"")).collect();
+    format!("[{}]", quoted.join(", "))
+}
+
+impl PolicySpec {
+    fn render(&self) -> String {
+        let mut s = format!(
+            "default: {}\nmode: {}\nrules:{}\n",
+            if self.default_allow { "allow" } else { "deny" },
+            if self.audit_file { "audit" } else { "enforce" },
+            if self.rules.is_empty() { " []" } else { "" }
+        );
+        for (i, r) in self.rules.iter().enumerate() {
+            s.push_str(&format!(
+                "  - name: r{i}\n    action: {}\n",
+                if r.deny { "deny" } else { "allow" }
+            ));
+            if r.audit {
+                s.push_str("    mode: audit\n");
+            }
+            let from: Vec<String> = r.from.iter().map(Pat::render).collect();
+            let to: Vec<String> = r.to.iter().map(Pat::render).collect();
+            s.push_str(&format!(
+                "    from: {}\n    to: {}\n",
+                list(&from),
+                list(&to)
+            ));
+            if let Some(ports) = &r.ports {
+                let ports: Vec<String> = ports.iter().map(u16::to_string).collect();
+                s.push_str(&format!("    ports: [{}]\n", ports.join(", ")));
+            }
+            if let Some(h) = &r.http {
+                s.push_str("    http: {");
+                let mut parts = Vec::new();
+                if let Some(m) = &h.methods {
+                    parts.push(format!("methods: [{}]", m.join(", ")));
+                }
+                if let Some(p) = &h.paths {
+                    parts.push(format!("paths: {}", list(p)));
+                }
+                s.push_str(&parts.join(", "));
+                s.push_str("}\n");
+            }
+        }
+        s
+    }
+
+    /// The decision, straight from the language's rules, with naive matching.
+    fn reference(
+        &self,
+        from: &Id,
+        to: &Id,
+        port: Option<u16>,
+        http: Option<(&str, &str)>,
+    ) -> (Outcome, Option<usize>) {
+        let ambiguous_path = |p: &str| p.contains("/../") || p.starts_with("//");
+        let canonical = |p: &str| -> String {
+            let p = if p == "/%62" { "/b" } else { p };
+            p.trim_end_matches('/').to_owned()
+        };
+        let path_matches = |pattern: &str, path: &str| -> bool {
+            let pat: Vec<&str> = pattern.split('/').filter(|s| !s.is_empty()).collect();
+            let path = canonical(path);
+            let segs: Vec<&'static str> = path
+                .split('/')
+                .filter(|s| !s.is_empty())
+                .map(|s| {
+                    *SEGS
+                        .iter()
+                        .chain(["d", "e"].iter())
+                        .find(|x| **x == s)
+                        .unwrap()
+                })
+                .collect();
+            let (rest, pat) = match pat.split_last() {
+                Some((&"**", init)) => (true, init.to_vec()),
+                _ => (false, pat),
+            };
+            let pat: Vec<&'static str> = pat
+                .iter()
+                .map(|s| *["a", "b", "*"].iter().find(|x| *x == s).unwrap())
+                .collect();
+            Pat {
+                td: "e.org",
+                segs: pat,
+                rest,
+            }
+            .matches(&Id { td: "e.org", segs })
+        };
+        let matches = |r: &RuleSpec| -> bool {
+            let unknown_ok = r.deny;
+            r.from.iter().any(|p| p.matches(from))
+                && r.to.iter().any(|p| p.matches(to))
+                && match (&r.ports, port) {
+                    (None, _) => true,
+                    (Some(_), None) => unknown_ok,
+                    (Some(ps), Some(p)) => ps.contains(&p),
+                }
+                && match (&r.http, http) {
+                    (None, _) => true,
+                    (Some(_), None) => unknown_ok,
+                    (Some(h), Some((method, path))) => {
+                        (match &h.methods {
+                            None => true,
+                            Some(_) if method == "get" => unknown_ok,
+                            Some(ms) => ms.contains(&method),
+                        }) && (match &h.paths {
+                            None => true,
+                            Some(_) if ambiguous_path(path) => unknown_ok,
+                            Some(ps) => ps.iter().any(|p| path_matches(p, path)),
+                        })
+                    }
+                }
+        };
+        let matched: Vec<usize> = (0..self.rules.len())
+            .filter(|&i| matches(&self.rules[i]))
+            .collect();
+        let first_deny = matched.iter().copied().find(|&i| self.rules[i].deny);
+        let first_enforced_deny = matched
+            .iter()
+            .copied()
+            .find(|&i| self.rules[i].deny && !self.rules[i].audit && !self.audit_file);
+        let first_allow = matched.iter().copied().find(|&i| !self.rules[i].deny);
+        let default = if self.default_allow {
+            Outcome::Allow
+        } else {
+            Outcome::Deny
+        };
+        let would_be = match (first_deny, first_allow) {
+            (Some(d), _) => (Outcome::Deny, Some(d)),
+            (None, Some(a)) => (Outcome::Allow, Some(a)),
+            (None, None) => (default, None),
+        };
+        let enforced = if self.audit_file {
+            (Outcome::Allow, would_be.1)
+        } else {
+            match (first_enforced_deny, first_allow) {
+                (Some(d), _) => (Outcome::Deny, Some(d)),
+                (None, Some(a)) => (Outcome::Allow, Some(a)),
+                (None, None) => (default, None),
+            }
+        };
+        match (enforced.0, would_be.0) {
+            (Outcome::Deny, _) => enforced,
+            (_, Outcome::Deny) => (Outcome::AuditDeny, would_be.1),
+            _ => would_be,
+        }
+    }
+}
+
+fn request_http() -> impl Strategy<Value = Option<(&'static str, &'static str)>> {
+    prop::option::of((
+        prop::sample::select(REQ_METHODS),
+        prop::sample::select(REQ_PATHS),
+    ))
+}
+
+fn port() -> impl Strategy<Value = Option<u16>> {
+    prop::option::of(prop::sample::select(&[80u16, 443, 8080, 9][..]))
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 512, failure_persistence: None, ..ProptestConfig::default() })]
+
+    #[test]
+    fn patterns_agree_with_the_reference(p in pat(), i in id()) {
+        let pattern: Pattern = p.render().parse().unwrap();
+        prop_assert_eq!(pattern.matches(&i.spiffe()), p.matches(&i), "{} vs {}", p.render(), i.spiffe());
+    }
+
+    #[test]
+    fn star_never_matches_across_segments(i in id(), at in any::<prop::sample::Index>(), extra in prop::sample::select(SEGS)) {
+        prop_assume!(!i.segs.is_empty());
+        let k = at.index(i.segs.len());
+        let mut segs = i.segs.clone();
+        segs[k] = "*";
+        let pattern: Pattern = Pat { td: i.td, segs, rest: false }.render().parse().unwrap();
+        prop_assert!(pattern.matches(&i.spiffe()));
+        // The same ID with one more segment where `*` stood: `*` must not take two.
+        let mut longer = i.segs.clone();
+        longer.insert(k, extra);
+        let longer = Id { td: i.td, segs: longer }.spiffe();
+        prop_assert!(!pattern.matches(&longer));
+    }
+
+    #[test]
+    fn exact_segments_match_and_double_star_matches_descendants(i in id(), tail in prop::collection::vec(prop::sample::select(SEGS), 0..4)) {
+        let exact: Pattern = Pat { td: i.td, segs: i.segs.clone(), rest: false }.render().parse().unwrap();
+        prop_assert!(exact.matches(&i.spiffe()));
+        prop_assert!(exact.is_exact());
+        let all: Pattern = Pat { td: i.td, segs: i.segs.clone(), rest: true }.render().parse().unwrap();
+        let mut segs = i.segs.clone();
+        segs.extend(tail.iter().copied());
+        let descendant = Id { td: i.td, segs };
+        prop_assert!(all.matches(&descendant.spiffe()));
+        prop_assert_eq!(exact.matches(&descendant.spiffe()), tail.is_empty());
+    }
+
+    #[test]
+    fn display_reparses_to_an_equal_pattern(p in pat()) {
+        let pattern: Pattern = p.render().parse().unwrap();
+        let again: Pattern = pattern.to_string().parse().unwrap();
+        prop_assert_eq!(&again, &pattern);
+        prop_assert_eq!(again.to_string(), p.render());
+    }
+
+    #[test]
+    fn covers_and_overlaps_are_sound(a in pat(), b in pat(), ids in prop::collection::vec(id(), 1..20)) {
+        let (pa, pb): (Pattern, Pattern) = (a.render().parse().unwrap(), b.render().parse().unwrap());
+        for i in &ids {
+            if pa.covers(&pb) && b.matches(i) {
+                prop_assert!(a.matches(i), "{} covers {} but not {:?}", a.render(), b.render(), i);
+            }
+            if a.matches(i) && b.matches(i) {
+                prop_assert!(pa.overlaps(&pb));
+            }
+        }
+    }
+
+    #[test]
+    fn decide_follows_the_rules_and_explain_agrees(
+        spec in policy_spec(),
+        reqs in prop::collection::vec((id(), id(), port(), request_http()), 1..12),
+    ) {
+        let text = spec.render();
+        let policy = Policy::parse(&text, "prop.yaml").unwrap_or_else(|e| panic!("{e}\n{text}"));
+        for (from, to, port, http) in &reqs {
+            let (f, t) = (from.spiffe(), to.spiffe());
+            let req = Request { from: &f, to: &t, port: *port, http: http.map(|(method, path)| HttpRequest { method, path }) };
+            let decision = policy.decide(&req);
+            let explanation = policy.explain(&req);
+            prop_assert_eq!(&explanation.decision, &decision, "{}", text);
+            let expected = spec.reference(from, to, *port, *http);
+            prop_assert_eq!((decision.outcome, decision.rule.as_ref().map(|r| r.index)), expected, "{}\n{:?}", text, req);
+        }
+    }
+
+    #[test]
+    fn a_decided_connection_decides_every_request(
+        spec in policy_spec(),
+        conns in prop::collection::vec((id(), id(), prop::sample::select(&[80u16, 443, 8080, 9][..])), 1..8),
+    ) {
+        let text = spec.render();
+        let policy = Policy::parse(&text, "prop.yaml").unwrap();
+        for (from, to, port) in &conns {
+            let (f, t) = (from.spiffe(), to.spiffe());
+            if let ConnectionVerdict::Decided(d) = policy.connection(&f, &t, *port) {
+                let mut https: Vec<Option<HttpRequest<'_>>> = vec![None];
+                for method in REQ_METHODS {
+                    for path in REQ_PATHS {
+                        https.push(Some(HttpRequest { method, path }));
+                    }
+                }
+                for http in https {
+                    let req = Request { from: &f, to: &t, port: Some(*port), http };
+                    prop_assert_eq!(&policy.decide(&req), &d, "{}\n{:?}", text, req);
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn parse_never_panics_on_arbitrary_strings(s in any::<String>()) {
+        let _ = Policy::parse(&s, "fuzz.yaml");
+        let _ = meshid_policy::parse_cases(&s, "fuzz.yaml");
+        let _ = s.parse::<Pattern>();
+    }
+
+    #[test]
+    fn parse_never_panics_on_yaml_like_input(s in "[\\[\\]{}:,\\- \n#&*!|>'\"a-z0-9/.]{0,300}") {
+        let _ = Policy::parse(&s, "fuzz.yaml");
+    }
+
+    #[test]
+    fn parse_never_panics_on_mutated_policies(spec in policy_spec(), cut in any::<prop::sample::Index>(), junk in "[\\[\\]{}:,\\- \n#*'\"a-z]{0,8}") {
+        let text = spec.render();
+        let mut at = cut.index(text.len() + 1);
+        while !text.is_char_boundary(at) { at -= 1; }
+        let mutated = format!("{}{}{}", &text[..at], junk, &text[at..]);
+        if let Ok(p) = Policy::parse(&mutated, "m.yaml") {
+            let _ = p.check();
+        }
+    }
+}
