@@ -1,2 +1,35 @@
-//! meshid-proxy (placeholder; being written).
+//! meshid-proxy: the mTLS sidecar. Two services that speak plain TCP or HTTP talk to each
+//! other through a pair of these proxies, over mutual TLS with SPIFFE identities, and only
+//! where the policy allows.
+//!
+//! The proxy is not a CA and holds no long-lived key: it takes its X509-SVID and the trust
+//! bundles from the SPIFFE Workload API (the `spiffe` crate's `X509Source`, like any
+//! workload), keeps the private key in memory only and swaps credentials on every update. It
+//! does not link the CA server or the datastore.
+//!
+//! # Layout
+//! - [`config`]: the TOML configuration.
+//! - [`tls`]: credentials from the Workload API, rustls configurations, rotation.
+//! - [`verify`]: X509-SVID peer verification (chain to the peer trust domain's bundle, leaf
+//!   profile, one SPIFFE ID) and handshake failure reasons.
+//! - [`inbound`]: terminate mTLS, authorize, forward plaintext; [`http`]: per-request
+//!   authorization for HTTP/1.1 and HTTP/2; [`outbound`]: plaintext in, mTLS out to an
+//!   expected SPIFFE ID.
+//! - [`server`]: wiring, policy hot reload, ops endpoint (`/healthz`, `/readyz`,
+//!   `/metrics`), graceful drain; [`metrics`], [`access`]: observability.
+//! - [`policy_cli`]: the policy author's tools (`meshid-proxy policy ...`); the language
+//!   itself is the pure `meshid-policy` crate.
+
+#![forbid(unsafe_code)]
+
+pub mod access;
+pub mod config;
+pub mod http;
+pub mod inbound;
+pub mod io;
+pub mod metrics;
+pub mod outbound;
 pub mod policy_cli;
+pub mod server;
+pub mod tls;
+pub mod verify;

@@ -438,6 +438,12 @@ impl RotatingCert {
         Ok(())
     }
 
+    /// Forgets the certified key: handshakes needing it fail closed until the next `set`
+    /// (for an identity that was withdrawn).
+    pub fn clear(&self) {
+        self.current.store(None);
+    }
+
     /// The certified key in use, if any.
     pub fn current(&self) -> Option<Arc<CertifiedKey>> {
         self.current.load_full()

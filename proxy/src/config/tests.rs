@@ -1,0 +1,128 @@
+use std::path::Path;
+
+use super::*;
+
+fn parse(text: &str) -> Result<Config, ConfigError> {
+    let raw: RawConfig = meshid_api::config::parse_toml(Path::new("proxy.toml"), text)?;
+    Config::try_from(raw)
+}
+
+const MINIMAL: &str = r#"
+workload_api_socket = "unix:///tmp/agent.sock"
+[[inbound]]
+listen = "127.0.0.1:15443"
+forward_to = "127.0.0.1:8080"
+"#;
+
+#[test]
+fn minimal_config_gets_defaults() {
+    let c = parse(MINIMAL).unwrap();
+    assert_eq!(c.workload_api_socket, "unix:///tmp/agent.sock");
+    assert_eq!(c.ops_address.to_string(), DEFAULT_OPS_ADDRESS);
+    assert_eq!(c.access_log, AccessLog::Stdout);
+    assert_eq!(c.drain_timeout, Duration::from_secs(10));
+    assert_eq!(c.detect_timeout, Duration::from_millis(200));
+    assert_eq!(c.inbound[0].name, "inbound-0");
+    assert_eq!(c.inbound[0].port, 8080);
+    assert_eq!(c.inbound[0].protocol, InboundProtocol::Detect);
+    assert!(c.outbound.is_empty());
+}
+
+#[test]
+fn full_config_parses() {
+    let c = parse(
+        r#"
+workload_api_socket = "unix:///run/a.sock"
+spiffe_id = "spiffe://example.org/web"
+ops_address = "127.0.0.1:9999"
+policy_file = "/etc/meshid/policy.yaml"
+access_log = "/var/log/access.log"
+log_format = "json"
+drain_timeout = "30s"
+handshake_timeout = "2s"
+detect_timeout = "50ms"
+connect_timeout = "1s"
+federated_trust_domains = ["partner.org"]
+[[inbound]]
+name = "api"
+listen = "0.0.0.0:15443"
+forward_to = "localhost:8080"
+port = 80
+protocol = "tcp"
+[[outbound]]
+name = "db"
+listen = "127.0.0.1:15001"
+upstream = "db.internal:15443"
+expect = "spiffe://example.org/db/*"
+"#,
+    )
+    .unwrap();
+    assert_eq!(c.spiffe_id.unwrap().to_string(), "spiffe://example.org/web");
+    assert_eq!(c.access_log, AccessLog::File("/var/log/access.log".into()));
+    assert!(c.log_json);
+    assert_eq!(c.drain_timeout, Duration::from_secs(30));
+    assert_eq!(c.detect_timeout, Duration::from_millis(50));
+    assert_eq!(c.federated_trust_domains[0].to_string(), "partner.org");
+    assert_eq!(c.inbound[0].port, 80);
+    assert_eq!(c.inbound[0].protocol, InboundProtocol::Tcp);
+    assert_eq!(c.outbound[0].upstream, "db.internal:15443");
+    assert!(c.outbound[0]
+        .expect
+        .matches(&spiffe::SpiffeId::new("spiffe://example.org/db/x").unwrap()));
+}
+
+#[test]
+fn bad_configs_are_refused_with_the_key() {
+    let cases: &[(&str, &str)] = &[
+        ("", "no listeners"),
+        ("bogus = 1\n[[inbound]]\nlisten='127.0.0.1:1'\nforward_to='a:1'", "proxy.toml:1:1"),
+        ("[[inbound]]\nforward_to = 'a:1'", "inbound[0].listen: required"),
+        ("[[inbound]]\nlisten = 'localhost:1'\nforward_to = 'a:1'", "inbound[0].listen"),
+        ("[[inbound]]\nlisten = '127.0.0.1:1'\nforward_to = 'a'", "inbound[0].forward_to"),
+        ("[[inbound]]\nlisten = '127.0.0.1:1'\nforward_to = 'a:0'", "inbound[0].forward_to"),
+        ("[[inbound]]\nlisten = '127.0.0.1:1'\nforward_to = 'a:1'\nprotocol = 'udp'", "inbound[0].protocol"),
+        ("[[inbound]]\nlisten = '127.0.0.1:1'\nforward_to = 'a:1'\n[[inbound]]\nlisten = '127.0.0.1:1'\nforward_to = 'a:1'", "inbound[1].listen"),
+        ("[[inbound]]\nname='x'\nlisten = '127.0.0.1:1'\nforward_to = 'a:1'\n[[outbound]]\nname='x'\nlisten = '127.0.0.1:2'\nupstream = 'a:1'\nexpect='spiffe://example.org/a'", "outbound[0].name"),
+        ("[[outbound]]\nlisten = '127.0.0.1:2'\nupstream = 'a:1'", "outbound[0].expect: required"),
+        ("[[outbound]]\nlisten = '127.0.0.1:2'\nupstream = 'a:1'\nexpect = 'spiffe://example.org/a*'", "outbound[0].expect"),
+        ("[[outbound]]\nlisten = '127.0.0.1:2'\nupstream = 'a:1'\nexpect = 'https://example.org/a'", "outbound[0].expect"),
+        ("workload_api_socket = '/tmp/x.sock'\n[[inbound]]\nlisten = '127.0.0.1:1'\nforward_to = 'a:1'", "workload_api_socket"),
+        ("spiffe_id = 'spiffe://Example.org/x'\n[[inbound]]\nlisten = '127.0.0.1:1'\nforward_to = 'a:1'", "spiffe_id"),
+        ("log_format = 'xml'\n[[inbound]]\nlisten = '127.0.0.1:1'\nforward_to = 'a:1'", "log_format"),
+        ("drain_timeout = 'soon'\n[[inbound]]\nlisten = '127.0.0.1:1'\nforward_to = 'a:1'", "proxy.toml:1:"),
+        ("drain_timeout = '0s'\n[[inbound]]\nlisten = '127.0.0.1:1'\nforward_to = 'a:1'", "drain_timeout"),
+        ("federated_trust_domains = ['Bad_TD!']\n[[inbound]]\nlisten = '127.0.0.1:1'\nforward_to = 'a:1'", "federated_trust_domains"),
+        ("access_log = ''\n[[inbound]]\nlisten = '127.0.0.1:1'\nforward_to = 'a:1'", "access_log"),
+    ];
+    for (text, want) in cases {
+        let err = parse(text).unwrap_err().to_string();
+        assert!(err.contains(want), "{text:?}: {err:?} lacks {want:?}");
+    }
+}
+
+#[test]
+fn deploy_examples_are_valid() {
+    let c = parse(include_str!("../../../deploy/proxy.toml")).unwrap();
+    assert_eq!(c.inbound.len(), 1);
+    assert_eq!(c.outbound.len(), 1);
+    assert_eq!(
+        c.policy_file.as_deref(),
+        Some(Path::new("/etc/meshid/policy.yaml"))
+    );
+    let policy = meshid_policy::Policy::parse(
+        include_str!("../../../deploy/policy.yaml"),
+        "deploy/policy.yaml",
+    )
+    .unwrap();
+    let ports = [
+        (8080, meshid_policy::Protocol::Http),
+        (5432, meshid_policy::Protocol::Tcp),
+    ];
+    policy.validate_ports(&ports).unwrap();
+    let warnings: Vec<_> = policy
+        .check()
+        .into_iter()
+        .filter(|f| f.severity == meshid_policy::Severity::Warning)
+        .collect();
+    assert!(warnings.is_empty(), "{warnings:?}");
+}

@@ -1,0 +1,276 @@
+//! Small I/O pieces of the data path: a stream with bytes put back in front of it, protocol
+//! detection from the first bytes, and a connection tracker for graceful drain.
+
+use std::io;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
+use tokio::sync::Notify;
+
+/// A stream whose first bytes were already read (for detection) and are served again.
+#[derive(Debug)]
+pub struct Prefixed<T> {
+    prefix: Vec<u8>,
+    pos: usize,
+    inner: T,
+}
+
+impl<T> Prefixed<T> {
+    /// `prefix` is read before `inner`.
+    pub fn new(prefix: Vec<u8>, inner: T) -> Prefixed<T> {
+        Prefixed {
+            prefix,
+            pos: 0,
+            inner,
+        }
+    }
+}
+
+impl<T: AsyncRead + Unpin> AsyncRead for Prefixed<T> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        if self.pos < self.prefix.len() {
+            let rest = &self.prefix[self.pos..];
+            let n = rest.len().min(buf.remaining());
+            buf.put_slice(&rest[..n]);
+            self.pos += n;
+            if self.pos == self.prefix.len() {
+                self.prefix = Vec::new();
+                self.pos = 0;
+            }
+            return Poll::Ready(Ok(()));
+        }
+        Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl<T: AsyncWrite + Unpin> AsyncWrite for Prefixed<T> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+/// What the first bytes of a connection say.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Detected {
+    /// HTTP/1.x request line.
+    Http1,
+    /// The HTTP/2 connection preface (prior knowledge).
+    Http2,
+    /// Anything else, or nothing before the deadline.
+    Opaque,
+}
+
+const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+const METHODS: &[&[u8]] = &[
+    b"GET ",
+    b"HEAD ",
+    b"POST ",
+    b"PUT ",
+    b"DELETE ",
+    b"CONNECT ",
+    b"OPTIONS ",
+    b"TRACE ",
+    b"PATCH ",
+];
+/// Enough bytes to decide: the longest token we compare against.
+const DETECT_BYTES: usize = 24;
+
+/// Classifies `buf`: `Some` when the bytes decide, `None` when more are needed.
+pub fn classify(buf: &[u8]) -> Option<Detected> {
+    if buf.is_empty() {
+        return None;
+    }
+    let n = buf.len().min(H2_PREFACE.len());
+    if buf[..n] == H2_PREFACE[..n] {
+        return (n == H2_PREFACE.len()).then_some(Detected::Http2);
+    }
+    let mut undecided = false;
+    for m in METHODS {
+        let n = buf.len().min(m.len());
+        if buf[..n] == m[..n] {
+            if n == m.len() {
+                return Some(Detected::Http1);
+            }
+            undecided = true;
+        }
+    }
+    if undecided {
+        None
+    } else {
+        Some(Detected::Opaque)
+    }
+}
+
+/// Reads the first bytes of `io` until they say HTTP/1, HTTP/2 or something else, or until
+/// `timeout` passes (silence: a protocol where the server speaks first). Returns the verdict
+/// and the bytes read, which the caller must replay ([`Prefixed`]).
+pub async fn detect<T: AsyncRead + Unpin>(
+    io: &mut T,
+    timeout: Duration,
+) -> io::Result<(Detected, Vec<u8>)> {
+    let mut buf = Vec::with_capacity(DETECT_BYTES);
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        let mut chunk = [0u8; DETECT_BYTES];
+        let want = DETECT_BYTES - buf.len();
+        match tokio::time::timeout_at(deadline, io.read(&mut chunk[..want])).await {
+            Err(_) => return Ok((Detected::Opaque, buf)),
+            Ok(Err(e)) => return Err(e),
+            Ok(Ok(0)) => return Ok((Detected::Opaque, buf)),
+            Ok(Ok(n)) => buf.extend_from_slice(&chunk[..n]),
+        }
+        if let Some(d) = classify(&buf) {
+            return Ok((d, buf));
+        }
+        if buf.len() >= DETECT_BYTES {
+            return Ok((Detected::Opaque, buf));
+        }
+    }
+}
+
+/// Counts open connections so a drain can wait for them.
+#[derive(Debug, Default)]
+pub struct Tracker {
+    open: AtomicUsize,
+    idle: Notify,
+}
+
+/// Held by a connection; dropping it ends the connection's share.
+#[derive(Debug)]
+pub struct Tracked(Arc<Tracker>);
+
+impl Tracker {
+    /// Registers a connection.
+    pub fn track(self: &Arc<Self>) -> Tracked {
+        self.open.fetch_add(1, Ordering::AcqRel);
+        Tracked(self.clone())
+    }
+
+    /// Connections open now.
+    pub fn open(&self) -> usize {
+        self.open.load(Ordering::Acquire)
+    }
+
+    /// Completes when no connection is open.
+    pub async fn idle(&self) {
+        loop {
+            let notified = self.idle.notified();
+            if self.open() == 0 {
+                return;
+            }
+            notified.await;
+        }
+    }
+}
+
+impl Drop for Tracked {
+    fn drop(&mut self) {
+        if self.0.open.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.0.idle.notify_waiters();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn classifies_first_bytes() {
+        assert_eq!(classify(b"GET / HTTP/1.1\r\n"), Some(Detected::Http1));
+        assert_eq!(classify(b"POST /x"), Some(Detected::Http1));
+        assert_eq!(classify(H2_PREFACE), Some(Detected::Http2));
+        assert_eq!(classify(b"PRI * HTTP/2"), None);
+        assert_eq!(classify(b"GE"), None);
+        assert_eq!(classify(b"P"), None);
+        assert_eq!(classify(b"GEX"), Some(Detected::Opaque));
+        assert_eq!(classify(b"\x16\x03\x01"), Some(Detected::Opaque));
+        assert_eq!(classify(b"SSH-2.0"), Some(Detected::Opaque));
+        assert_eq!(classify(b"get / HTTP/1.1"), Some(Detected::Opaque));
+        assert_eq!(classify(b""), None);
+    }
+
+    #[tokio::test]
+    async fn detection_waits_for_a_decision_then_times_out_on_silence() {
+        let (mut a, mut b) = tokio::io::duplex(64);
+        let t = tokio::spawn(async move { detect(&mut b, Duration::from_millis(300)).await });
+        use tokio::io::AsyncWriteExt;
+        a.write_all(b"GE").await.unwrap();
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        a.write_all(b"T /x HTTP/1.1\r\n").await.unwrap();
+        let (d, bytes) = t.await.unwrap().unwrap();
+        assert_eq!(d, Detected::Http1);
+        assert!(bytes.starts_with(b"GET /"));
+
+        let (_a, mut b) = tokio::io::duplex(64);
+        let start = std::time::Instant::now();
+        let (d, bytes) = detect(&mut b, Duration::from_millis(100)).await.unwrap();
+        assert_eq!(d, Detected::Opaque);
+        assert!(bytes.is_empty());
+        assert!(start.elapsed() >= Duration::from_millis(100));
+    }
+
+    #[tokio::test]
+    async fn prefixed_replays_then_reads_on() {
+        let (mut a, b) = tokio::io::duplex(64);
+        use tokio::io::AsyncWriteExt;
+        a.write_all(b" world").await.unwrap();
+        drop(a);
+        let mut p = Prefixed::new(b"hello".to_vec(), b);
+        let mut out = String::new();
+        p.read_to_string(&mut out).await.unwrap();
+        assert_eq!(out, "hello world");
+    }
+
+    #[tokio::test]
+    async fn tracker_waits_for_open_connections() {
+        let t = Arc::new(Tracker::default());
+        let a = t.track();
+        let b = t.track();
+        assert_eq!(t.open(), 2);
+        let waiter = tokio::spawn({
+            let t = t.clone();
+            async move { t.idle().await }
+        });
+        drop(a);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        assert!(!waiter.is_finished());
+        drop(b);
+        tokio::time::timeout(Duration::from_secs(1), waiter)
+            .await
+            .unwrap()
+            .unwrap();
+    }
+}

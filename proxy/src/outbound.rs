@@ -1,0 +1,136 @@
+//! Outbound: take plaintext from the local application and open mTLS to the upstream, whose
+//! SVID must match the listener's expected SPIFFE ID or pattern. Bytes are spliced; one access
+//! log line per connection.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use meshid_policy::AccessRecord;
+use rustls_pki_types::ServerName;
+use tokio::net::{TcpListener, TcpStream};
+use tokio_rustls::TlsConnector;
+
+use crate::config::Outbound;
+use crate::metrics::ListenerMetrics;
+use crate::server::Shared;
+use crate::verify;
+
+/// What every connection of one outbound listener shares.
+#[derive(Debug)]
+pub struct Listener {
+    /// The listener's configuration.
+    pub config: Outbound,
+    /// Its counters.
+    pub metrics: ListenerMetrics,
+    /// Process-wide state.
+    pub shared: Arc<Shared>,
+    /// TLS client configuration (credentials and expected peer).
+    pub tls: Arc<rustls::ClientConfig>,
+    /// The TLS server name sent (SNI: the upstream's host when it is a DNS name). Not what
+    /// authenticates the server: its SPIFFE ID is.
+    pub server_name: ServerName<'static>,
+}
+
+/// The SNI for an upstream `host:port`.
+pub fn server_name(upstream: &str) -> ServerName<'static> {
+    let host = upstream
+        .rsplit_once(':')
+        .map_or(upstream, |(h, _)| h)
+        .trim_start_matches('[')
+        .trim_end_matches(']');
+    ServerName::try_from(host.to_owned())
+        .unwrap_or_else(|_| ServerName::IpAddress(std::net::Ipv4Addr::LOCALHOST.into()))
+}
+
+/// Accepts connections until the drain starts.
+pub async fn run(listener: TcpListener, this: Arc<Listener>) {
+    let connector = TlsConnector::from(this.tls.clone());
+    let mut drain = this.shared.drain.clone();
+    loop {
+        let (tcp, _) = tokio::select! {
+            r = listener.accept() => match r {
+                Ok(x) => x,
+                Err(e) => {
+                    tracing::warn!(listener = %this.config.name, error = %e, "accept failed");
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            () = crate::server::drained(&mut drain) => return,
+        };
+        let this = this.clone();
+        let connector = connector.clone();
+        tokio::spawn(async move {
+            let _tracked = this.shared.tracker.track();
+            this.metrics.connections.inc();
+            this.metrics.open.inc();
+            connection(&this, &connector, tcp).await;
+            this.metrics.open.dec();
+        });
+    }
+}
+
+async fn connection(this: &Listener, connector: &TlsConnector, mut app: TcpStream) {
+    let _ = app.set_nodelay(true);
+    let start = Instant::now();
+    let name = &this.config.name;
+    let upstream = &this.config.upstream;
+    if !this.shared.creds.ready() {
+        this.metrics.handshake_failure("no_svid");
+        tracing::info!(listener = %name, "no svid yet; refusing outbound connection");
+        return;
+    }
+    let tcp = match crate::server::connect(upstream, this.shared.connect_timeout).await {
+        Ok(t) => t,
+        Err(e) => {
+            this.metrics.handshake_failure("connect");
+            tracing::warn!(listener = %name, upstream = %upstream, error = %e, "cannot reach upstream");
+            return;
+        }
+    };
+    let handshake = connector.connect(this.server_name.clone(), tcp);
+    let mut tls = match tokio::time::timeout(this.shared.handshake_timeout, handshake).await {
+        Ok(Ok(tls)) => tls,
+        Ok(Err(e)) => {
+            let reason = verify::io_failure_reason(&e);
+            this.metrics.handshake_failure(reason);
+            tracing::warn!(listener = %name, upstream = %upstream, reason, error = %e, "outbound handshake failed");
+            return;
+        }
+        Err(_) => {
+            this.metrics.handshake_failure("timeout");
+            tracing::warn!(listener = %name, upstream = %upstream, reason = "timeout", "outbound handshake failed");
+            return;
+        }
+    };
+    let callee = tls
+        .get_ref()
+        .1
+        .peer_certificates()
+        .and_then(verify::peer_spiffe_id);
+    let (tx, rx) = crate::server::splice(&mut app, &mut tls).await;
+    // rx/tx are from the accepted peer's point of view: the application.
+    this.metrics.rx.inc_by(tx);
+    this.metrics.tx.inc_by(rx);
+    if this.shared.access.enabled() {
+        this.shared.access.log(AccessRecord {
+            timestamp: crate::access::timestamp(),
+            kind: "connection".to_owned(),
+            direction: "outbound".to_owned(),
+            listener: name.clone(),
+            caller: this.shared.creds.local_id().map(|id| id.to_string()),
+            callee: callee.map(|id| id.to_string()),
+            port: None,
+            method: None,
+            path: None,
+            status: None,
+            policy: None,
+            rule: None,
+            decision: "allow".to_owned(),
+            reason: None,
+            bytes_in: tx,
+            bytes_out: rx,
+            duration_ms: start.elapsed().as_secs_f64() * 1e3,
+        });
+    }
+}
