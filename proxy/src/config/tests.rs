@@ -126,3 +126,22 @@ fn deploy_examples_are_valid() {
         .collect();
     assert!(warnings.is_empty(), "{warnings:?}");
 }
+
+#[test]
+fn deploy_policy_cases_pass() {
+    let policy = meshid_policy::Policy::parse(
+        include_str!("../../../deploy/policy.yaml"),
+        "deploy/policy.yaml",
+    )
+    .unwrap();
+    let cases = meshid_policy::parse_cases(
+        include_str!("../../../deploy/policy-cases.yaml"),
+        "deploy/policy-cases.yaml",
+    )
+    .unwrap();
+    assert_eq!(cases.len(), 5);
+    for case in &cases {
+        let result = case.run(&policy);
+        assert!(result.passed, "{result:?}");
+    }
+}
