@@ -337,7 +337,10 @@ impl Manager {
                             .map(|(_, c)| c.validity().not_before.timestamp())
                     })
                     .unwrap_or(t);
-                let renew_at = self.renew_at(not_before, result.expires_at);
+                // The lifetime counts from when we asked (`t`), not from the backdated
+                // notBefore: with short TTLs the backdating would put the renewal point in
+                // the past and the agent would re-sign on every wake.
+                let renew_at = self.renew_at(t.max(not_before), result.expires_at);
                 let rotated = self.held.contains_key(&entry.id);
                 self.held.insert(
                     entry.id.clone(),
