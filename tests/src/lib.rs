@@ -37,6 +37,8 @@ pub fn bin_dir() -> &'static Path {
             "meshid-ca",
             "-p",
             "meshid-agent",
+            "-p",
+            "meshid-proxy",
             "--bins",
         ]);
         if dir.ends_with("release") {
@@ -355,4 +357,138 @@ impl Agent {
     pub fn endpoint(&self) -> String {
         format!("unix://{}", self.socket.display())
     }
+}
+
+impl Proc {
+    /// Sends `signal` (a name such as `TERM` or `HUP`) without waiting.
+    pub fn signal(&self, signal: &str) {
+        if let Some(child) = &self.child {
+            let _ = Command::new("kill")
+                .args([&format!("-{signal}"), &child.id().to_string()])
+                .status();
+        }
+    }
+
+    /// Waits up to `timeout` for the process to exit by itself; its status, or `None` if it
+    /// is still running (it is then left running, and killed on drop).
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let child = self.child.as_mut()?;
+            if let Some(status) = child.try_wait().unwrap() {
+                self.child = None;
+                return Some(status);
+            }
+            if Instant::now() > deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+}
+
+/// A running `meshid-proxy run`, its config in `dir/<name>.toml` and its log in
+/// `dir/<name>.log`.
+pub struct Proxy {
+    /// The process.
+    pub proc: Proc,
+    /// Ops address (`/healthz`, `/readyz`, `/metrics`).
+    pub ops_address: String,
+    /// The configuration file.
+    pub config: PathBuf,
+}
+
+impl Proxy {
+    /// Starts a proxy with `config` (TOML without `ops_address`, which is added on a free
+    /// port). Does not wait for readiness: see [`Proxy::wait_ready`].
+    pub fn start(dir: &Path, name: &str, config: &str) -> Proxy {
+        let ops_address = format!("127.0.0.1:{}", free_port());
+        let path = dir.join(format!("{name}.toml"));
+        std::fs::write(&path, format!("ops_address = \"{ops_address}\"\n{config}")).unwrap();
+        let args: Vec<String> = vec!["run".into(), "--config".into(), path.display().to_string()];
+        let proc = Proc::start(
+            &format!("meshid-proxy {name}"),
+            "meshid-proxy",
+            &args,
+            dir.join(format!("{name}.log")),
+        );
+        Proxy {
+            proc,
+            ops_address,
+            config: path,
+        }
+    }
+
+    /// The status of `GET /readyz`, `None` if the ops listener does not answer.
+    pub fn readyz(&self) -> Option<u16> {
+        http_get(&self.ops_address, "/readyz").map(|(code, _)| code)
+    }
+
+    /// Waits until `/readyz` answers 200 (panics with the log if the process exits).
+    pub fn wait_ready(&mut self, timeout: Duration) {
+        let mut tries = 0;
+        let ops = self.ops_address.clone();
+        let proc = &mut self.proc;
+        wait_for(timeout, "the proxy to become ready", || {
+            tries += 1;
+            if tries % 10 == 0 {
+                proc.check_alive();
+            }
+            (http_get(&ops, "/readyz")?.0 == 200).then_some(())
+        });
+    }
+
+    /// The Prometheus text of `/metrics` (empty if it cannot be fetched).
+    pub fn metrics(&self) -> String {
+        match http_get(&self.ops_address, "/metrics") {
+            Some((200, body)) => body,
+            _ => String::new(),
+        }
+    }
+
+    /// The sum of the series of metric `name` whose labels include `labels` (0 if none).
+    pub fn metric(&self, name: &str, labels: &[(&str, &str)]) -> f64 {
+        metric_value(&self.metrics(), name, labels)
+    }
+}
+
+/// In Prometheus (or OpenMetrics) text, the sum of the samples of metric `name` (the full
+/// sample name, such as `meshid_proxy_connections_total`) whose labels include every pair of
+/// `labels`; 0 when no series matches.
+pub fn metric_value(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
+    let mut sum = 0.0;
+    for line in text.lines() {
+        if line.starts_with('#') {
+            continue;
+        }
+        let Some(rest) = line.strip_prefix(name) else {
+            continue;
+        };
+        let (label_text, value) = if let Some(inner) = rest.strip_prefix('{') {
+            match inner.rsplit_once('}') {
+                Some((l, v)) => (l, v),
+                None => continue,
+            }
+        } else if rest.starts_with(' ') {
+            ("", rest)
+        } else {
+            continue;
+        };
+        let all = labels.iter().all(|(k, v)| {
+            label_text
+                .split(',')
+                .any(|pair| pair.trim() == format!("{k}=\"{v}\""))
+        });
+        if !all {
+            continue;
+        }
+        if let Some(v) = value
+            .split_whitespace()
+            .next()
+            .and_then(|v| v.parse::<f64>().ok())
+        {
+            sum += v;
+        }
+    }
+    sum
 }
