@@ -97,6 +97,9 @@ pub struct RawConfig {
     /// Workload API). The proxy's own trust domain is always accepted.
     #[serde(default)]
     pub federated_trust_domains: Vec<String>,
+    /// Threads serving connections (default 1: a sidecar shares its node with the service it
+    /// fronts; raise it for a proxy that carries more than one core of traffic).
+    pub worker_threads: Option<usize>,
     /// Listeners that terminate mTLS and forward plaintext to the local application.
     #[serde(default)]
     pub inbound: Vec<RawInbound>,
@@ -225,6 +228,8 @@ pub struct Config {
     pub connect_timeout: Duration,
     /// Federated trust domains accepted from peers.
     pub federated_trust_domains: Vec<TrustDomain>,
+    /// Runtime worker threads.
+    pub worker_threads: usize,
     /// Inbound listeners.
     pub inbound: Vec<Inbound>,
     /// Outbound listeners.
@@ -429,6 +434,11 @@ impl TryFrom<RawConfig> for Config {
                 "connect_timeout",
             )?,
             federated_trust_domains,
+            worker_threads: match raw.worker_threads {
+                None => 1,
+                Some(n @ 1..=256) => n,
+                Some(n) => return Err(invalid("worker_threads", format!("{n}: use 1 to 256"))),
+            },
             inbound,
             outbound,
         })

@@ -203,6 +203,158 @@ impl Drop for Tracked {
     }
 }
 
+/// The first buffer of each direction of a relay.
+pub const RELAY_BUF_MIN: usize = 4 * 1024;
+/// The largest buffer a relay direction grows to.
+pub const RELAY_BUF_MAX: usize = 64 * 1024;
+
+/// One direction of a relay. Its buffer starts small, so an idle or chatty connection holds
+/// little memory, and doubles (up to [`RELAY_BUF_MAX`]) each time a read fills it, so bulk
+/// transfers move large chunks: fewer system calls, larger TLS writes.
+#[derive(Debug)]
+struct Direction {
+    buf: Vec<u8>,
+    start: usize,
+    end: usize,
+    done: bool,
+    shut: bool,
+    flush: bool,
+    total: u64,
+}
+
+impl Direction {
+    fn new() -> Direction {
+        Direction {
+            buf: Vec::new(),
+            start: 0,
+            end: 0,
+            done: false,
+            shut: false,
+            flush: false,
+            total: 0,
+        }
+    }
+
+    /// Moves bytes from `r` to `w` until `r` ends (then shuts `w` down) or nothing more can
+    /// be done now. `Ready(Ok)` once finished.
+    fn poll<R, W>(
+        &mut self,
+        cx: &mut Context<'_>,
+        mut r: Pin<&mut R>,
+        mut w: Pin<&mut W>,
+    ) -> Poll<io::Result<()>>
+    where
+        R: AsyncRead + ?Sized,
+        W: AsyncWrite + ?Sized,
+    {
+        loop {
+            if self.start == self.end && !self.done {
+                if self.buf.is_empty() {
+                    self.buf = vec![0; RELAY_BUF_MIN];
+                }
+                let mut rb = ReadBuf::new(&mut self.buf);
+                match r.as_mut().poll_read(cx, &mut rb) {
+                    Poll::Ready(Ok(())) => {
+                        let n = rb.filled().len();
+                        if n == 0 {
+                            self.done = true;
+                        } else {
+                            self.start = 0;
+                            self.end = n;
+                            if n == self.buf.len() && self.buf.len() < RELAY_BUF_MAX {
+                                // Grow for the next read; this one's bytes move first.
+                                self.buf.resize((self.buf.len() * 2).min(RELAY_BUF_MAX), 0);
+                            }
+                        }
+                    }
+                    Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                    Poll::Pending => {
+                        if self.flush {
+                            match w.as_mut().poll_flush(cx) {
+                                Poll::Ready(Ok(())) => self.flush = false,
+                                Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                                Poll::Pending => {}
+                            }
+                        }
+                        return Poll::Pending;
+                    }
+                }
+            }
+            while self.start < self.end {
+                match w.as_mut().poll_write(cx, &self.buf[self.start..self.end]) {
+                    Poll::Ready(Ok(0)) => {
+                        return Poll::Ready(Err(io::Error::new(
+                            io::ErrorKind::WriteZero,
+                            "peer accepts no more bytes",
+                        )))
+                    }
+                    Poll::Ready(Ok(n)) => {
+                        self.start += n;
+                        self.total += n as u64;
+                        self.flush = true;
+                    }
+                    Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                    Poll::Pending => return Poll::Pending,
+                }
+            }
+            if self.done {
+                if self.flush {
+                    match w.as_mut().poll_flush(cx) {
+                        Poll::Ready(Ok(())) => self.flush = false,
+                        Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                        Poll::Pending => return Poll::Pending,
+                    }
+                }
+                if !self.shut {
+                    match w.as_mut().poll_shutdown(cx) {
+                        Poll::Ready(_) => self.shut = true,
+                        Poll::Pending => return Poll::Pending,
+                    }
+                }
+                self.buf = Vec::new();
+                return Poll::Ready(Ok(()));
+            }
+        }
+    }
+}
+
+/// Relays bytes both ways between `a` and `b` until both directions have ended (each end's
+/// EOF is passed on as a write shutdown, so half-closed protocols work), or one fails.
+/// Returns the bytes moved a→b and b→a, also when a direction failed.
+pub async fn relay<A, B>(a: &mut A, b: &mut B) -> (u64, u64, Option<io::Error>)
+where
+    A: AsyncRead + AsyncWrite + Unpin + ?Sized,
+    B: AsyncRead + AsyncWrite + Unpin + ?Sized,
+{
+    let mut ab = Direction::new();
+    let mut ba = Direction::new();
+    let mut ab_done = false;
+    let mut ba_done = false;
+    let err = std::future::poll_fn(|cx| {
+        if !ab_done {
+            match ab.poll(cx, Pin::new(&mut *a), Pin::new(&mut *b)) {
+                Poll::Ready(Ok(())) => ab_done = true,
+                Poll::Ready(Err(e)) => return Poll::Ready(Some(e)),
+                Poll::Pending => {}
+            }
+        }
+        if !ba_done {
+            match ba.poll(cx, Pin::new(&mut *b), Pin::new(&mut *a)) {
+                Poll::Ready(Ok(())) => ba_done = true,
+                Poll::Ready(Err(e)) => return Poll::Ready(Some(e)),
+                Poll::Pending => {}
+            }
+        }
+        if ab_done && ba_done {
+            Poll::Ready(None)
+        } else {
+            Poll::Pending
+        }
+    })
+    .await;
+    (ab.total, ba.total, err)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -252,6 +404,35 @@ mod tests {
         let mut out = String::new();
         p.read_to_string(&mut out).await.unwrap();
         assert_eq!(out, "hello world");
+    }
+
+    #[tokio::test]
+    async fn relay_moves_everything_both_ways_and_passes_half_close_on() {
+        use tokio::io::AsyncWriteExt;
+        let (mut client, mut a) = tokio::io::duplex(1024);
+        let (mut b, mut server) = tokio::io::duplex(1024);
+        let relay = tokio::spawn(async move { relay(&mut a, &mut b).await });
+        let big: Vec<u8> = (0..1_000_000u32).map(|i| (i % 251) as u8).collect();
+        let sent = big.clone();
+        let writer = tokio::spawn(async move {
+            client.write_all(&sent).await.unwrap();
+            client.shutdown().await.unwrap();
+            let mut back = Vec::new();
+            client.read_to_end(&mut back).await.unwrap();
+            back
+        });
+        let mut got = Vec::new();
+        server.read_to_end(&mut got).await.unwrap();
+        assert_eq!(got, big, "a to b, then EOF");
+        server.write_all(b"reply after half close").await.unwrap();
+        server.shutdown().await.unwrap();
+        drop(server);
+        let back = writer.await.unwrap();
+        assert_eq!(back, b"reply after half close");
+        let (ab, ba, err) = relay.await.unwrap();
+        assert_eq!(ab, 1_000_000);
+        assert_eq!(ba, 22);
+        assert!(err.is_none(), "{err:?}");
     }
 
     #[tokio::test]

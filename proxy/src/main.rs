@@ -84,10 +84,15 @@ fn run(args: RunArgs) -> ExitCode {
         eprintln!("meshid-proxy: configuration and policy are valid");
         return ExitCode::SUCCESS;
     }
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    let mut builder = if config.worker_threads == 1 {
+        tokio::runtime::Builder::new_current_thread()
+    } else {
+        let mut b = tokio::runtime::Builder::new_multi_thread();
+        b.worker_threads(config.worker_threads);
+        b
+    };
+    // Blocking work is rare (the access log writer, DNS): keep that pool small.
+    let runtime = match builder.enable_all().max_blocking_threads(4).build() {
         Ok(r) => r,
         Err(e) => {
             eprintln!("meshid-proxy: cannot start the runtime: {e}");

@@ -150,13 +150,11 @@ where
     A: AsyncRead + AsyncWrite + Unpin + ?Sized,
     B: AsyncRead + AsyncWrite + Unpin + ?Sized,
 {
-    match tokio::io::copy_bidirectional_with_sizes(a, b, 16 * 1024, 16 * 1024).await {
-        Ok(n) => n,
-        Err(e) => {
-            tracing::debug!(error = %e, "relay ended with an error");
-            (0, 0)
-        }
+    let (ab, ba, err) = crate::io::relay(a, b).await;
+    if let Some(e) = err {
+        tracing::debug!(error = %e, "relay ended with an error");
     }
+    (ab, ba)
 }
 
 /// Watches the policy file: a valid new version replaces the policy for new connections and
