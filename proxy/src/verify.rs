@@ -281,10 +281,24 @@ pub enum VerifyError {
 
 /// Trust anchors per trust domain: our own and the accepted federated ones. Built once per
 /// bundle update (parsing every root), then only read.
-#[derive(Clone, Default)]
+#[derive(Default)]
 pub struct PeerBundles {
     anchors: HashMap<TrustDomain, Vec<TrustAnchor<'static>>>,
+    /// Chains already verified against these anchors (see [`SvidVerifier::verify`]). It lives
+    /// and dies with this bundle set, so a bundle update starts from an empty cache.
+    verified: std::sync::Mutex<HashMap<Vec<u8>, Verified>>,
 }
+
+/// A chain that passed every check, and the window in which all its certificates are valid.
+#[derive(Clone, Debug)]
+struct Verified {
+    id: SpiffeId,
+    not_before: u64,
+    not_after: u64,
+}
+
+/// Verified chains remembered per bundle set; past this the cache starts over.
+pub const VERIFIED_CACHE_MAX: usize = 4096;
 
 impl PeerBundles {
     /// The anchors of the bundles of `set` whose trust domain `accept` admits (the proxy's own
@@ -318,7 +332,10 @@ impl PeerBundles {
             }
             anchors.insert(trust_domain.clone(), roots);
         }
-        PeerBundles { anchors }
+        PeerBundles {
+            anchors,
+            verified: Default::default(),
+        }
     }
 
     /// Anchors from DER root certificates per trust domain (tests, static configuration). Every
@@ -343,7 +360,10 @@ impl PeerBundles {
             }
             anchors.entry(trust_domain).or_default().extend(parsed);
         }
-        Ok(PeerBundles { anchors })
+        Ok(PeerBundles {
+            anchors,
+            verified: Default::default(),
+        })
     }
 
     /// The trust domains whose peers can be verified.
@@ -363,6 +383,16 @@ impl PeerBundles {
 
     fn anchors(&self, trust_domain: &TrustDomain) -> Option<&[TrustAnchor<'static>]> {
         self.anchors.get(trust_domain).map(Vec::as_slice)
+    }
+}
+
+impl Clone for PeerBundles {
+    /// The same anchors, with an empty verified-chain cache.
+    fn clone(&self) -> Self {
+        PeerBundles {
+            anchors: self.anchors.clone(),
+            verified: Default::default(),
+        }
     }
 }
 
@@ -428,6 +458,13 @@ impl SvidVerifier {
 
     /// Verifies a peer's X509-SVID, `end_entity` with the `intermediates` it sent, at `now`,
     /// for `role`, and returns its SPIFFE ID. See the module documentation for the checks.
+    ///
+    /// A chain that passed is remembered with the window in which all its certificates are
+    /// valid, for the current bundle set only: presenting the same chain again within that
+    /// window returns the same answer without redoing the signature checks (a peer opens
+    /// many connections with one SVID; chain verification is most of a handshake's cost).
+    /// The handshake still checks the peer's signature over the transcript with the leaf's
+    /// key, so a cached chain proves nothing without its private key.
     pub fn verify(
         &self,
         end_entity: &CertificateDer<'_>,
@@ -445,6 +482,58 @@ impl SvidVerifier {
                 max: MAX_INTERMEDIATES,
             });
         }
+        let mut key = Vec::with_capacity(
+            1 + end_entity.len() + intermediates.iter().map(|c| c.len() + 4).sum::<usize>(),
+        );
+        key.push(role as u8);
+        key.extend_from_slice(end_entity);
+        for c in intermediates {
+            key.extend_from_slice(&(c.len() as u32).to_be_bytes());
+            key.extend_from_slice(c);
+        }
+        let t = now.as_secs();
+        if let Ok(cache) = bundles.verified.lock() {
+            if let Some(v) = cache.get(&key) {
+                if v.not_before <= t && t <= v.not_after {
+                    return Ok(v.id.clone());
+                }
+            }
+        }
+        let id = self.verify_uncached(bundles, end_entity, intermediates, now, role)?;
+        let mut not_before = 0u64;
+        let mut not_after = u64::MAX;
+        for c in std::iter::once(end_entity).chain(intermediates) {
+            let Ok((_, cert)) = x509_parser::parse_x509_certificate(c) else {
+                return Ok(id);
+            };
+            let v = cert.validity();
+            not_before = not_before.max(u64::try_from(v.not_before.timestamp()).unwrap_or(0));
+            not_after = not_after.min(u64::try_from(v.not_after.timestamp()).unwrap_or(0));
+        }
+        if let Ok(mut cache) = bundles.verified.lock() {
+            if cache.len() >= VERIFIED_CACHE_MAX {
+                cache.clear();
+            }
+            cache.insert(
+                key,
+                Verified {
+                    id: id.clone(),
+                    not_before,
+                    not_after,
+                },
+            );
+        }
+        Ok(id)
+    }
+
+    fn verify_uncached(
+        &self,
+        bundles: &PeerBundles,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: UnixTime,
+        role: PeerRole,
+    ) -> Result<SpiffeId, PeerError> {
         let id = check_leaf(end_entity)?;
         let Some(anchors) = bundles.anchors(id.trust_domain()) else {
             return Err(PeerError::UnknownTrustDomain {

@@ -684,3 +684,42 @@ fn client_verifier_requires_an_svid() {
         .unwrap_err();
     assert_eq!(failure_reason(&err), "key_usage");
 }
+
+#[test]
+fn verified_chains_are_remembered_only_within_their_validity_and_role() {
+    let root = root("root");
+    let inter = intermediate("inter", &root);
+    let mut params = leaf_params(ID);
+    params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+    let leaf = sign(&params, &inter);
+    let chain = [inter.cert.clone()];
+    let verifier = verifier_for(&[("example.org", &root)]);
+    let now = UnixTime::now();
+    for _ in 0..3 {
+        let id = verifier
+            .verify(&leaf, &chain, now, PeerRole::Client)
+            .unwrap();
+        assert_eq!(id.to_string(), ID);
+    }
+    // The remembered chain is not an answer for the other role (EKU clientAuth only) ...
+    assert_eq!(
+        reason(&verifier, &leaf, &chain, PeerRole::Server),
+        "key_usage"
+    );
+    // ... nor past its certificates' validity, nor before it.
+    let later = UnixTime::since_unix_epoch(std::time::Duration::from_secs(now.as_secs() + 7200));
+    let err = verifier
+        .verify(&leaf, &chain, later, PeerRole::Client)
+        .unwrap_err();
+    assert_eq!(err.reason(), "expired", "{err}");
+    let earlier = UnixTime::since_unix_epoch(std::time::Duration::from_secs(now.as_secs() - 3600));
+    let err = verifier
+        .verify(&leaf, &chain, earlier, PeerRole::Client)
+        .unwrap_err();
+    assert_eq!(err.reason(), "not_yet_valid", "{err}");
+    // The same leaf with different intermediates is a different chain.
+    assert_eq!(reason(&verifier, &leaf, &[], PeerRole::Client), "untrusted");
+    assert!(verifier
+        .verify(&leaf, &chain, now, PeerRole::Client)
+        .is_ok());
+}
