@@ -34,29 +34,11 @@ pub struct Listener {
 /// Accepts connections until the drain starts.
 pub async fn run(listener: TcpListener, this: Arc<Listener>) {
     let acceptor = TlsAcceptor::from(this.shared.creds.server_config());
-    let mut drain = this.shared.drain.clone();
-    loop {
-        let (tcp, peer_addr) = tokio::select! {
-            r = listener.accept() => match r {
-                Ok(x) => x,
-                Err(e) => {
-                    tracing::warn!(listener = %this.config.name, error = %e, "accept failed");
-                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
-            () = crate::server::drained(&mut drain) => return,
-        };
-        let this = this.clone();
-        let acceptor = acceptor.clone();
-        tokio::spawn(async move {
-            let _tracked = this.shared.tracker.track();
-            this.metrics.connections.inc();
-            this.metrics.open.inc();
-            connection(&this, &acceptor, tcp, peer_addr).await;
-            this.metrics.open.dec();
-        });
-    }
+    crate::server::accept_loop(listener, &this.shared, &this.metrics, |tcp, peer| {
+        let (this, acceptor) = (this.clone(), acceptor.clone());
+        async move { connection(&this, &acceptor, tcp, peer).await }
+    })
+    .await;
 }
 
 async fn connection(

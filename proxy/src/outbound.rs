@@ -45,29 +45,11 @@ pub fn server_name(upstream: &str) -> ServerName<'static> {
 /// Accepts connections until the drain starts.
 pub async fn run(listener: TcpListener, this: Arc<Listener>) {
     let connector = TlsConnector::from(this.tls.clone());
-    let mut drain = this.shared.drain.clone();
-    loop {
-        let (tcp, _) = tokio::select! {
-            r = listener.accept() => match r {
-                Ok(x) => x,
-                Err(e) => {
-                    tracing::warn!(listener = %this.config.name, error = %e, "accept failed");
-                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
-            () = crate::server::drained(&mut drain) => return,
-        };
-        let this = this.clone();
-        let connector = connector.clone();
-        tokio::spawn(async move {
-            let _tracked = this.shared.tracker.track();
-            this.metrics.connections.inc();
-            this.metrics.open.inc();
-            connection(&this, &connector, tcp).await;
-            this.metrics.open.dec();
-        });
-    }
+    crate::server::accept_loop(listener, &this.shared, &this.metrics, |tcp, _| {
+        let (this, connector) = (this.clone(), connector.clone());
+        async move { connection(&this, &connector, tcp).await }
+    })
+    .await;
 }
 
 async fn connection(this: &Listener, connector: &TlsConnector, mut app: TcpStream) {

@@ -134,6 +134,44 @@ pub async fn drained(drain: &mut watch::Receiver<bool>) {
     let _ = drain.wait_for(|d| *d).await;
 }
 
+/// Accepts connections on `listener` until the drain starts. Each connection runs `serve` in
+/// its own task, tracked for the drain and counted in the listener's `connections` and `open`
+/// metrics. Accept errors (for example, out of file descriptors) are logged and retried.
+pub async fn accept_loop<F, Fut>(
+    listener: TcpListener,
+    shared: &Shared,
+    metrics: &crate::metrics::ListenerMetrics,
+    serve: F,
+) where
+    F: Fn(TcpStream, SocketAddr) -> Fut,
+    Fut: Future<Output = ()> + Send + 'static,
+{
+    let mut drain = shared.drain.clone();
+    loop {
+        let (tcp, peer) = tokio::select! {
+            r = listener.accept() => match r {
+                Ok(x) => x,
+                Err(e) => {
+                    tracing::warn!(listener = %metrics.name, error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            () = drained(&mut drain) => return,
+        };
+        let tracked = shared.tracker.track();
+        let (connections, open) = (metrics.connections.clone(), metrics.open.clone());
+        let conn = serve(tcp, peer);
+        tokio::spawn(async move {
+            let _tracked = tracked;
+            connections.inc();
+            open.inc();
+            conn.await;
+            open.dec();
+        });
+    }
+}
+
 /// Connects to `addr` (`host:port`) with a deadline; `TCP_NODELAY` set.
 pub async fn connect(addr: &str, timeout: Duration) -> std::io::Result<TcpStream> {
     let s = tokio::time::timeout(timeout, TcpStream::connect(addr))
