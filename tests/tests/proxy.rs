@@ -31,6 +31,7 @@ mod support;
 #[path = "proxy/tls_client.rs"]
 mod tls_client;
 
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
@@ -782,13 +783,18 @@ fn proxy_handshake_corpus() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path();
     // The corpus root is the CA's upstream authority: corpus SVIDs chain into example.org.
+    // git does not keep file modes, and the CA refuses a key readable by others, so the
+    // test-only key is copied and the copy made private.
+    let root_key = dir.join("corpus-root.key.pem");
+    std::fs::copy(corpus.join("root.key.pem"), &root_key).unwrap();
+    std::fs::set_permissions(&root_key, std::fs::Permissions::from_mode(0o600)).unwrap();
     let ca_config = dir.join("ca.toml");
     std::fs::write(
         &ca_config,
         format!(
             "[ca]\nupstream_cert = \"{}\"\nupstream_key = \"{}\"\n",
             corpus.join("root.crt.pem").display(),
-            corpus.join("root.key.pem").display()
+            root_key.display()
         ),
     )
     .unwrap();
