@@ -22,7 +22,7 @@
 //! ```
 
 use std::collections::HashSet;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -106,6 +106,49 @@ pub struct RawConfig {
     /// Listeners that take plaintext from the local application and open mTLS upstream.
     #[serde(default)]
     pub outbound: Vec<RawOutbound>,
+    /// Transparent mode: listeners that iptables REDIRECT rules send the application's
+    /// traffic to (see `meshid-proxy iptables install`).
+    pub transparent: Option<RawTransparent>,
+}
+
+/// The `[transparent]` table as written.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawTransparent {
+    /// Where the application's redirected outbound TCP arrives (default 127.0.0.1:15001).
+    pub outbound_listen: Option<String>,
+    /// Where redirected inbound connections arrive (default 0.0.0.0:15006).
+    pub inbound_listen: Option<String>,
+    /// `strict` (default: plaintext inbound is refused) or `permissive` (plaintext inbound is
+    /// forwarded and counted, for migrating services into the mesh).
+    pub inbound_mode: Option<String>,
+    /// SO_MARK set on the proxy's own upstream and forwarding sockets, so iptables rules can
+    /// exclude them (needs CAP_NET_ADMIN; the alternative is excluding the proxy's uid).
+    pub mark: Option<u32>,
+    /// Destinations inside the mesh: connections to these networks are upgraded to mTLS and
+    /// the server must present an ID matching `expect`. Others pass through untouched.
+    #[serde(default)]
+    pub mesh_cidrs: Vec<String>,
+    /// The SPIFFE ID (or pattern) servers in `mesh_cidrs` must present.
+    pub expect: Option<String>,
+    /// Inbound service ports that carry opaque TCP (one decision per connection, no HTTP
+    /// detection). Other ports are detected.
+    #[serde(default)]
+    pub tcp_ports: Vec<u16>,
+    /// Mesh destinations by address, each with the SPIFFE ID its server must present (these
+    /// take precedence over `mesh_cidrs`).
+    #[serde(default)]
+    pub destinations: Vec<RawDestination>,
+}
+
+/// A `[[transparent.destinations]]` table as written.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawDestination {
+    /// `IP:port`, or an IP for every port.
+    pub address: Option<String>,
+    /// The SPIFFE ID (or pattern) the server there must present.
+    pub expect: Option<String>,
 }
 
 /// An `[[inbound]]` table as written.
@@ -203,6 +246,132 @@ pub struct Outbound {
     pub expect: Pattern,
 }
 
+/// What transparent inbound does with a connection that does not start a TLS handshake.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum InboundMode {
+    /// Refuse it (the default): only authenticated, authorized peers reach the application.
+    Strict,
+    /// Forward it to the application and count it: for moving services into the mesh.
+    Permissive,
+}
+
+/// A mesh destination by address.
+#[derive(Clone, Debug)]
+pub struct Destination {
+    /// The server's IP.
+    pub ip: IpAddr,
+    /// Its port, or every port.
+    pub port: Option<u16>,
+    /// What its SPIFFE ID must match.
+    pub expect: Pattern,
+}
+
+/// The validated `[transparent]` table.
+#[derive(Clone, Debug)]
+pub struct Transparent {
+    /// Redirected outbound listener.
+    pub outbound_listen: SocketAddr,
+    /// Redirected inbound listener.
+    pub inbound_listen: SocketAddr,
+    /// Plaintext inbound handling.
+    pub inbound_mode: InboundMode,
+    /// SO_MARK of the proxy's own sockets.
+    pub mark: Option<u32>,
+    /// Networks upgraded to mTLS.
+    pub mesh_cidrs: Vec<Cidr>,
+    /// What servers in `mesh_cidrs` must present.
+    pub expect: Option<Pattern>,
+    /// Opaque inbound ports.
+    pub tcp_ports: Vec<u16>,
+    /// Mesh destinations by address.
+    pub destinations: Vec<Destination>,
+}
+
+/// The default transparent outbound listener.
+pub const DEFAULT_TRANSPARENT_OUTBOUND: &str = "127.0.0.1:15001";
+/// The default transparent inbound listener.
+pub const DEFAULT_TRANSPARENT_INBOUND: &str = "0.0.0.0:15006";
+
+/// An IPv4 or IPv6 network, `addr/prefix` (a bare address is a /32 or /128).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Cidr {
+    /// The network address (host bits zero).
+    pub addr: IpAddr,
+    /// Prefix length.
+    pub prefix: u8,
+}
+
+impl Cidr {
+    /// Whether `ip` is inside this network (IPv4-mapped IPv6 addresses count as IPv4).
+    pub fn contains(&self, ip: IpAddr) -> bool {
+        let ip = match ip {
+            IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
+            v4 => v4,
+        };
+        match (self.addr, ip) {
+            (IpAddr::V4(net), IpAddr::V4(ip)) => {
+                mask_v4(u32::from(ip), self.prefix) == u32::from(net)
+            }
+            (IpAddr::V6(net), IpAddr::V6(ip)) => {
+                mask_v6(u128::from(ip), self.prefix) == u128::from(net)
+            }
+            _ => false,
+        }
+    }
+
+    /// Whether this is an IPv4 network.
+    pub fn is_ipv4(&self) -> bool {
+        self.addr.is_ipv4()
+    }
+}
+
+fn mask_v4(v: u32, prefix: u8) -> u32 {
+    v & u32::MAX.checked_shl(32 - u32::from(prefix)).unwrap_or(0)
+}
+
+fn mask_v6(v: u128, prefix: u8) -> u128 {
+    v & u128::MAX.checked_shl(128 - u32::from(prefix)).unwrap_or(0)
+}
+
+impl std::fmt::Display for Cidr {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.addr, self.prefix)
+    }
+}
+
+impl std::str::FromStr for Cidr {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Cidr, String> {
+        let (addr, prefix) = match s.split_once('/') {
+            Some((a, p)) => (a, Some(p)),
+            None => (s, None),
+        };
+        let addr: IpAddr = addr
+            .parse()
+            .map_err(|_| format!("{s:?} is not an address or CIDR (for example 10.0.0.0/8)"))?;
+        let max = if addr.is_ipv4() { 32 } else { 128 };
+        let prefix = match prefix {
+            None => max,
+            Some(p) => p
+                .parse::<u8>()
+                .ok()
+                .filter(|p| *p <= max)
+                .ok_or_else(|| format!("{s:?}: the prefix length must be 0 to {max}"))?,
+        };
+        let net = match addr {
+            IpAddr::V4(v4) => IpAddr::V4(mask_v4(u32::from(v4), prefix).into()),
+            IpAddr::V6(v6) => IpAddr::V6(mask_v6(u128::from(v6), prefix).into()),
+        };
+        if net != addr {
+            return Err(format!(
+                "{s:?} has host bits set; the network is {net}/{prefix}"
+            ));
+        }
+        Ok(Cidr { addr, prefix })
+    }
+}
+
 /// A validated configuration.
 #[derive(Clone, Debug)]
 pub struct Config {
@@ -234,6 +403,8 @@ pub struct Config {
     pub inbound: Vec<Inbound>,
     /// Outbound listeners.
     pub outbound: Vec<Outbound>,
+    /// Transparent mode, if configured.
+    pub transparent: Option<Transparent>,
 }
 
 impl Config {
@@ -404,11 +575,31 @@ impl TryFrom<RawConfig> for Config {
                 expect,
             });
         }
-        if inbound.is_empty() && outbound.is_empty() {
+        let transparent = raw
+            .transparent
+            .map(|t| {
+                let t = transparent(t)?;
+                check_unique("transparent", 0, "transparent-outbound", t.outbound_listen)?;
+                check_unique("transparent", 1, "transparent-inbound", t.inbound_listen)?;
+                Ok::<_, ConfigError>(t)
+            })
+            .transpose()?;
+        if inbound.is_empty() && outbound.is_empty() && transparent.is_none() {
             return Err(invalid(
                 "inbound/outbound",
-                "no listeners: add an [[inbound]] or [[outbound]] table",
+                "no listeners: add an [[inbound]], [[outbound]] or [transparent] table",
             ));
+        }
+        if let Some(t) = &transparent {
+            if let Some(l) = inbound.iter().find(|l| t.tcp_ports.contains(&l.port)) {
+                // A port is one protocol for the policy: opaque here, HTTP there cannot both hold.
+                if l.protocol == InboundProtocol::Http {
+                    return Err(invalid(
+                        "transparent.tcp_ports",
+                        format!("port {} is served as http by inbound {:?}", l.port, l.name),
+                    ));
+                }
+            }
         }
         Ok(Config {
             workload_api_socket,
@@ -441,8 +632,109 @@ impl TryFrom<RawConfig> for Config {
             },
             inbound,
             outbound,
+            transparent,
         })
     }
+}
+
+fn pattern(key: &str, value: &str) -> Result<Pattern, ConfigError> {
+    value
+        .parse::<Pattern>()
+        .map_err(|e| invalid(key, format!("{value:?}: {e}")))
+}
+
+fn transparent(t: RawTransparent) -> Result<Transparent, ConfigError> {
+    let outbound_listen = socket_addr(
+        "transparent.outbound_listen".into(),
+        Some(
+            t.outbound_listen
+                .as_deref()
+                .unwrap_or(DEFAULT_TRANSPARENT_OUTBOUND),
+        ),
+    )?;
+    let inbound_listen = socket_addr(
+        "transparent.inbound_listen".into(),
+        Some(
+            t.inbound_listen
+                .as_deref()
+                .unwrap_or(DEFAULT_TRANSPARENT_INBOUND),
+        ),
+    )?;
+    let inbound_mode = match t.inbound_mode.as_deref() {
+        None | Some("strict") => InboundMode::Strict,
+        Some("permissive") => InboundMode::Permissive,
+        Some(other) => {
+            return Err(invalid(
+                "transparent.inbound_mode",
+                format!("{other:?}: use strict or permissive"),
+            ))
+        }
+    };
+    let mut mesh_cidrs = Vec::new();
+    for c in &t.mesh_cidrs {
+        mesh_cidrs.push(
+            c.parse::<Cidr>()
+                .map_err(|e| invalid("transparent.mesh_cidrs", e))?,
+        );
+    }
+    let expect = t
+        .expect
+        .as_deref()
+        .map(|e| pattern("transparent.expect", e))
+        .transpose()?;
+    if !mesh_cidrs.is_empty() && expect.is_none() {
+        return Err(invalid(
+            "transparent.expect",
+            "required with mesh_cidrs: the SPIFFE ID (or pattern, e.g. spiffe://example.org/**) \
+             servers there must present",
+        ));
+    }
+    let mut destinations = Vec::new();
+    for (i, d) in t.destinations.into_iter().enumerate() {
+        let key = |f: &str| format!("transparent.destinations[{i}].{f}");
+        let address = d
+            .address
+            .ok_or_else(|| invalid(key("address"), "required"))?;
+        let (ip, port) = match address.parse::<SocketAddr>() {
+            Ok(sa) => (sa.ip(), Some(sa.port())),
+            Err(_) => (
+                address.parse::<IpAddr>().map_err(|_| {
+                    invalid(
+                        key("address"),
+                        format!("{address:?} is not IP:port or an IP"),
+                    )
+                })?,
+                None,
+            ),
+        };
+        let expect_raw = d.expect.ok_or_else(|| {
+            invalid(
+                key("expect"),
+                "required: the SPIFFE ID (or pattern) the server must present",
+            )
+        })?;
+        destinations.push(Destination {
+            ip,
+            port,
+            expect: pattern(&key("expect"), &expect_raw)?,
+        });
+    }
+    if t.mark == Some(0) {
+        return Err(invalid(
+            "transparent.mark",
+            "0 is the unmarked default; use a non-zero mark",
+        ));
+    }
+    Ok(Transparent {
+        outbound_listen,
+        inbound_listen,
+        inbound_mode,
+        mark: t.mark,
+        mesh_cidrs,
+        expect,
+        tcp_ports: t.tcp_ports,
+        destinations,
+    })
 }
 
 #[cfg(test)]

@@ -302,7 +302,7 @@ async fn send(
     };
     if !usable {
         let l = &conn.listener;
-        let tcp = crate::server::connect(&l.config.forward_to, l.shared.connect_timeout).await?;
+        let tcp = l.shared.connect(&l.config.forward_to).await?;
         let io = TokioIo::new(tcp);
         let name = l.config.name.clone();
         *slot = Some(if conn.h2 {

@@ -41,7 +41,7 @@ pub async fn run(listener: TcpListener, this: Arc<Listener>) {
     .await;
 }
 
-async fn connection(
+pub(crate) async fn connection(
     this: &Arc<Listener>,
     acceptor: &TlsAcceptor,
     tcp: TcpStream,
@@ -187,9 +187,7 @@ async fn opaque(
         }
         return;
     }
-    let mut app = match crate::server::connect(&this.config.forward_to, this.shared.connect_timeout)
-        .await
-    {
+    let mut app = match this.shared.connect(&this.config.forward_to).await {
         Ok(s) => s,
         Err(e) => {
             tracing::warn!(listener = %this.config.name, app = %this.config.forward_to, error = %e, "cannot reach the local application");

@@ -17,6 +17,9 @@
 //!   expected SPIFFE ID.
 //! - [`server`]: wiring, policy hot reload, ops endpoint (`/healthz`, `/readyz`,
 //!   `/metrics`), graceful drain; [`metrics`], [`access`]: observability.
+//! - [`transparent`]: transparent mode (iptables REDIRECT + SO_ORIGINAL_DST): mesh
+//!   destinations upgraded to mTLS, plaintext inbound strict or permissive; [`iptables`]:
+//!   the rules that send the application's traffic there.
 //! - [`policy_cli`]: the policy author's tools (`meshid-proxy policy ...`); the language
 //!   itself is the pure `meshid-policy` crate.
 
@@ -27,9 +30,11 @@ pub mod config;
 pub mod http;
 pub mod inbound;
 pub mod io;
+pub mod iptables;
 pub mod metrics;
 pub mod outbound;
 pub mod policy_cli;
 pub mod server;
 pub mod tls;
+pub mod transparent;
 pub mod verify;

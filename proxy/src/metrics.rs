@@ -62,6 +62,16 @@ pub struct ReloadLabels {
     pub result: &'static str,
 }
 
+/// Labels of transparent-mode connection outcomes.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TransparentLabels {
+    /// `inbound` or `outbound`.
+    pub direction: &'static str,
+    /// Outbound: `mtls` or `passthrough`; inbound: `mtls`, `plaintext_refused` or
+    /// `plaintext_allowed`; both: `not_redirected` (reached the listener directly).
+    pub result: &'static str,
+}
+
 /// Every metric of the proxy.
 #[derive(Debug, Default)]
 pub struct Metrics {
@@ -85,6 +95,8 @@ pub struct Metrics {
     pub policy_reloads: Family<ReloadLabels, Counter>,
     /// Access log lines dropped because the writer fell behind.
     pub access_log_dropped: Counter,
+    /// Transparent-mode connections by what was done with them.
+    pub transparent: Family<TransparentLabels, Counter>,
 }
 
 /// The counters one listener's connections update.
@@ -171,7 +183,19 @@ impl Metrics {
             "Access log lines dropped because the writer fell behind",
             self.access_log_dropped.clone(),
         );
+        r.register(
+            "transparent_connections",
+            "Transparent-mode connections by direction and what was done with them",
+            self.transparent.clone(),
+        );
         r
+    }
+
+    /// The counter of one transparent-mode outcome.
+    pub fn transparent(&self, direction: &'static str, result: &'static str) -> Counter {
+        self.transparent
+            .get_or_create(&TransparentLabels { direction, result })
+            .clone()
     }
 
     /// The counters of one listener.

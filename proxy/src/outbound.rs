@@ -52,7 +52,7 @@ pub async fn run(listener: TcpListener, this: Arc<Listener>) {
     .await;
 }
 
-async fn connection(this: &Listener, connector: &TlsConnector, mut app: TcpStream) {
+async fn connection(this: &Listener, connector: &TlsConnector, app: TcpStream) {
     let _ = app.set_nodelay(true);
     let start = Instant::now();
     let name = &this.config.name;
@@ -62,7 +62,7 @@ async fn connection(this: &Listener, connector: &TlsConnector, mut app: TcpStrea
         tracing::info!(listener = %name, "no svid yet; refusing outbound connection");
         return;
     }
-    let tcp = match crate::server::connect(upstream, this.shared.connect_timeout).await {
+    let tcp = match this.shared.connect(upstream).await {
         Ok(t) => t,
         Err(e) => {
             this.metrics.handshake_failure("connect");
@@ -70,17 +70,48 @@ async fn connection(this: &Listener, connector: &TlsConnector, mut app: TcpStrea
             return;
         }
     };
-    let handshake = connector.connect(this.server_name.clone(), tcp);
-    let mut tls = match tokio::time::timeout(this.shared.handshake_timeout, handshake).await {
+    let to = Upstream {
+        addr: upstream,
+        port: None,
+        server_name: this.server_name.clone(),
+    };
+    forward(&this.metrics, &this.shared, connector, to, tcp, app, start).await;
+}
+
+/// Where an outbound connection goes.
+pub(crate) struct Upstream<'a> {
+    /// For logs.
+    pub addr: &'a str,
+    /// For the access log (transparent mode: the original destination port).
+    pub port: Option<u16>,
+    /// SNI.
+    pub server_name: ServerName<'static>,
+}
+
+/// Runs the mTLS handshake over `tcp` (the verifier checks the server's SVID against what the
+/// connector expects), then relays between `app` and the upstream and writes the access log.
+pub(crate) async fn forward(
+    metrics: &ListenerMetrics,
+    shared: &Shared,
+    connector: &TlsConnector,
+    to: Upstream<'_>,
+    tcp: TcpStream,
+    mut app: TcpStream,
+    start: Instant,
+) {
+    let name = &metrics.name;
+    let upstream = to.addr;
+    let handshake = connector.connect(to.server_name, tcp);
+    let mut tls = match tokio::time::timeout(shared.handshake_timeout, handshake).await {
         Ok(Ok(tls)) => tls,
         Ok(Err(e)) => {
             let reason = verify::io_failure_reason(&e);
-            this.metrics.handshake_failure(reason);
+            metrics.handshake_failure(reason);
             tracing::warn!(listener = %name, upstream = %upstream, reason, error = %e, "outbound handshake failed");
             return;
         }
         Err(_) => {
-            this.metrics.handshake_failure("timeout");
+            metrics.handshake_failure("timeout");
             tracing::warn!(listener = %name, upstream = %upstream, reason = "timeout", "outbound handshake failed");
             return;
         }
@@ -92,17 +123,17 @@ async fn connection(this: &Listener, connector: &TlsConnector, mut app: TcpStrea
         .and_then(verify::peer_spiffe_id);
     let (tx, rx) = crate::server::splice(&mut app, &mut tls).await;
     // rx/tx are from the accepted peer's point of view: the application.
-    this.metrics.rx.inc_by(tx);
-    this.metrics.tx.inc_by(rx);
-    if this.shared.access.enabled() {
-        this.shared.access.log(AccessRecord {
+    metrics.rx.inc_by(tx);
+    metrics.tx.inc_by(rx);
+    if shared.access.enabled() {
+        shared.access.log(AccessRecord {
             timestamp: crate::access::timestamp(),
             kind: "connection".to_owned(),
             direction: "outbound".to_owned(),
             listener: name.clone(),
-            caller: this.shared.creds.local_id().map(|id| id.to_string()),
+            caller: shared.creds.local_id().map(|id| id.to_string()),
             callee: callee.map(|id| id.to_string()),
-            port: None,
+            port: to.port,
             method: None,
             path: None,
             status: None,

@@ -62,6 +62,8 @@ pub struct Shared {
     pub detect_timeout: Duration,
     /// TCP connect deadline.
     pub connect_timeout: Duration,
+    /// SO_MARK of the proxy's own upstream and forwarding sockets (transparent mode).
+    pub mark: Option<u32>,
 }
 
 /// The listeners of a configuration, bound before anything runs.
@@ -73,6 +75,8 @@ pub struct Bound {
     pub inbound: Vec<TcpListener>,
     /// One per `[[outbound]]`, in order.
     pub outbound: Vec<TcpListener>,
+    /// Transparent mode's outbound and inbound listeners.
+    pub transparent: Option<(TcpListener, TcpListener)>,
 }
 
 /// Binds every listener of `config`; the error names the address.
@@ -91,10 +95,18 @@ pub async fn bind(config: &Config) -> anyhow::Result<Bound> {
     for l in &config.outbound {
         outbound.push(one(l.listen, &format!("outbound {}", l.name)).await?);
     }
+    let transparent = match &config.transparent {
+        Some(t) => Some((
+            one(t.outbound_listen, "transparent.outbound_listen").await?,
+            one(t.inbound_listen, "transparent.inbound_listen").await?,
+        )),
+        None => None,
+    };
     Ok(Bound {
         ops,
         inbound,
         outbound,
+        transparent,
     })
 }
 
@@ -108,6 +120,12 @@ pub fn port_protocols(config: &Config) -> Vec<(u16, Protocol)> {
             InboundProtocol::Http => Some((l.port, Protocol::Http)),
             InboundProtocol::Detect => None,
         })
+        .chain(
+            config
+                .transparent
+                .iter()
+                .flat_map(|t| t.tcp_ports.iter().map(|p| (*p, Protocol::Tcp))),
+        )
         .collect()
 }
 
@@ -172,9 +190,35 @@ pub async fn accept_loop<F, Fut>(
     }
 }
 
-/// Connects to `addr` (`host:port`) with a deadline; `TCP_NODELAY` set.
-pub async fn connect(addr: &str, timeout: Duration) -> std::io::Result<TcpStream> {
-    let s = tokio::time::timeout(timeout, TcpStream::connect(addr))
+impl Shared {
+    /// Connects to `addr` (`host:port`) with the connect deadline, `TCP_NODELAY` and the
+    /// proxy's SO_MARK (see [`connect`]).
+    pub async fn connect(&self, addr: &str) -> std::io::Result<TcpStream> {
+        connect(addr, self.mark, self.connect_timeout).await
+    }
+}
+
+/// Connects to `addr` (`host:port`, resolved; each address tried in turn) within `timeout`,
+/// with `TCP_NODELAY` set and, when given, SO_MARK `mark` on the socket, so that transparent
+/// mode's iptables rules recognize the proxy's own connections and do not redirect them.
+pub async fn connect(
+    addr: &str,
+    mark: Option<u32>,
+    timeout: Duration,
+) -> std::io::Result<TcpStream> {
+    let attempt = async {
+        let mut last = None;
+        for a in tokio::net::lookup_host(addr).await? {
+            match crate::transparent::connect_to(a, mark).await {
+                Ok(s) => return Ok(s),
+                Err(e) => last = Some(e),
+            }
+        }
+        Err(last.unwrap_or_else(|| {
+            std::io::Error::new(std::io::ErrorKind::NotFound, "no address to connect to")
+        }))
+    };
+    let s = tokio::time::timeout(timeout, attempt)
         .await
         .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "connect timed out"))??;
     s.set_nodelay(true)?;
@@ -333,6 +377,7 @@ pub async fn run(
         handshake_timeout: config.handshake_timeout,
         detect_timeout: config.detect_timeout,
         connect_timeout: config.connect_timeout,
+        mark: config.transparent.as_ref().and_then(|t| t.mark),
     });
 
     let follow = tokio::spawn(crate::tls::follow(
@@ -390,6 +435,21 @@ pub async fn run(
             shared: shared.clone(),
         });
         tasks.push(tokio::spawn(crate::outbound::run(listener, this)));
+    }
+    if let (Some(t), Some((out_l, in_l))) = (&config.transparent, bound.transparent) {
+        tracing::info!(
+            outbound = %t.outbound_listen, inbound = %t.inbound_listen,
+            inbound_mode = ?t.inbound_mode, mark = ?t.mark,
+            mesh_cidrs = ?t.mesh_cidrs.iter().map(ToString::to_string).collect::<Vec<_>>(),
+            destinations = t.destinations.len(), "transparent mode listening"
+        );
+        let out = Arc::new(crate::transparent::OutboundListener::new(
+            t,
+            shared.clone(),
+        )?);
+        tasks.push(tokio::spawn(crate::transparent::run_outbound(out_l, out)));
+        let inb = Arc::new(crate::transparent::InboundListener::new(t, shared.clone()));
+        tasks.push(tokio::spawn(crate::transparent::run_inbound(in_l, inb)));
     }
     tracing::info!(ops = %ops_addr, "meshid-proxy started");
 

@@ -85,8 +85,16 @@ pub struct Proc {
 impl Proc {
     /// Starts `bin` from the workspace with `args`, logging to `log`.
     pub fn start(name: &str, bin: &str, args: &[String], log: PathBuf) -> Proc {
-        let child = Command::new(bin_dir().join(bin))
-            .args(args)
+        let mut cmd = Command::new(bin_dir().join(bin));
+        cmd.args(args);
+        Proc::spawn(name, cmd, log)
+    }
+
+    /// Starts `cmd` (for example a workspace binary wrapped in `ip netns exec`), logging its
+    /// stderr to `log`, with the children's `MESHID_LOG` filter.
+    pub fn spawn(name: &str, mut cmd: Command, log: PathBuf) -> Proc {
+        let bin = format!("{:?}", cmd.get_program());
+        let child = cmd
             .env("MESHID_LOG", child_log_level())
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -201,6 +209,21 @@ impl Ca {
             ops_address,
             dir: dir.to_owned(),
             extra,
+        };
+        ca.wait_healthy();
+        ca
+    }
+
+    /// Adopts a CA started some other way (for example in a network namespace) with its data
+    /// in `dir/ca`, and waits until it is healthy. [`Ca::restart`] does not apply to it.
+    pub fn attach(proc: Proc, dir: &Path) -> Ca {
+        let mut ca = Ca {
+            proc,
+            socket: dir.join("ca/admin.sock"),
+            node_address: String::new(),
+            ops_address: String::new(),
+            dir: dir.to_owned(),
+            extra: Vec::new(),
         };
         ca.wait_healthy();
         ca

@@ -145,3 +145,89 @@ fn deploy_policy_cases_pass() {
         assert!(result.passed, "{result:?}");
     }
 }
+
+#[test]
+fn transparent_defaults_and_full_table() {
+    let c = parse("[transparent]\n").unwrap();
+    let t = c.transparent.unwrap();
+    assert_eq!(t.outbound_listen.to_string(), DEFAULT_TRANSPARENT_OUTBOUND);
+    assert_eq!(t.inbound_listen.to_string(), DEFAULT_TRANSPARENT_INBOUND);
+    assert_eq!(t.inbound_mode, InboundMode::Strict);
+    assert!(t.mark.is_none() && t.mesh_cidrs.is_empty() && t.destinations.is_empty());
+
+    let c = parse(
+        r#"
+[transparent]
+outbound_listen = "127.0.0.1:25001"
+inbound_listen = "0.0.0.0:25006"
+inbound_mode = "permissive"
+mark = 1337
+mesh_cidrs = ["10.0.0.0/8", "fd00::/8", "192.0.2.7"]
+expect = "spiffe://example.org/**"
+tcp_ports = [5432]
+[[transparent.destinations]]
+address = "10.1.2.3:8080"
+expect = "spiffe://example.org/api"
+[[transparent.destinations]]
+address = "10.1.2.4"
+expect = "spiffe://example.org/db/*"
+"#,
+    )
+    .unwrap();
+    let t = c.transparent.unwrap();
+    assert_eq!(t.inbound_mode, InboundMode::Permissive);
+    assert_eq!(t.mark, Some(1337));
+    assert_eq!(t.mesh_cidrs[2].to_string(), "192.0.2.7/32");
+    assert_eq!(t.destinations[0].port, Some(8080));
+    assert_eq!(t.destinations[1].port, None);
+    assert_eq!(t.tcp_ports, [5432]);
+    assert_eq!(
+        crate::server::port_protocols(&parse("[transparent]\ntcp_ports = [5432]\n").unwrap()),
+        [(5432, meshid_policy::Protocol::Tcp)]
+    );
+}
+
+#[test]
+fn bad_transparent_tables_are_refused_with_the_key() {
+    let cases: &[(&str, &str)] = &[
+        ("[transparent]\nbogus = 1", "proxy.toml:2:1"),
+        ("[transparent]\ninbound_mode = 'open'", "transparent.inbound_mode"),
+        ("[transparent]\noutbound_listen = 'localhost:1'", "transparent.outbound_listen"),
+        ("[transparent]\nmesh_cidrs = ['10.0.0.0/8']", "transparent.expect: required"),
+        ("[transparent]\nmesh_cidrs = ['10.0.0.1/8']\nexpect = 'spiffe://example.org/**'", "host bits"),
+        ("[transparent]\nmesh_cidrs = ['10.0.0.0/33']\nexpect = 'spiffe://example.org/**'", "prefix length"),
+        ("[transparent]\nmesh_cidrs = ['ten/8']\nexpect = 'spiffe://example.org/**'", "transparent.mesh_cidrs"),
+        ("[transparent]\nexpect = 'spiffe://example.org/a*'", "transparent.expect"),
+        ("[transparent]\nmark = 0", "transparent.mark"),
+        ("[transparent]\nmark = -1", "proxy.toml:2:"),
+        ("[[transparent.destinations]]\nexpect = 'spiffe://example.org/a'", "destinations[0].address: required"),
+        ("[[transparent.destinations]]\naddress = 'api:80'\nexpect = 'spiffe://example.org/a'", "destinations[0].address"),
+        ("[[transparent.destinations]]\naddress = '10.0.0.1:80'", "destinations[0].expect: required"),
+        ("[transparent]\noutbound_listen = '0.0.0.0:1'\ninbound_listen = '0.0.0.0:1'", "transparent[1].listen"),
+        ("[[inbound]]\nlisten = '127.0.0.1:15001'\nforward_to = 'a:1'\n[transparent]", "transparent[0].listen"),
+        ("[[inbound]]\nlisten = '127.0.0.1:1'\nforward_to = 'a:5432'\nprotocol = 'http'\n[transparent]\ntcp_ports = [5432]", "transparent.tcp_ports"),
+    ];
+    for (text, want) in cases {
+        let err = parse(text).unwrap_err().to_string();
+        assert!(err.contains(want), "{text:?}: {err:?} lacks {want:?}");
+    }
+}
+
+#[test]
+fn cidr_membership() {
+    let c: Cidr = "198.18.0.0/15".parse().unwrap();
+    assert!(c.contains("198.19.255.255".parse().unwrap()));
+    assert!(!c.contains("198.20.0.0".parse().unwrap()));
+    assert!(c.contains("::ffff:198.18.0.1".parse().unwrap()), "IPv4-mapped");
+    assert!(!c.contains("2001:db8::1".parse().unwrap()));
+    let all: Cidr = "0.0.0.0/0".parse().unwrap();
+    assert!(all.contains("8.8.8.8".parse().unwrap()));
+    let v6: Cidr = "fd00::/8".parse().unwrap();
+    assert!(v6.contains("fd12::1".parse().unwrap()));
+    assert!(!v6.contains("fe80::1".parse().unwrap()));
+    assert!(!v6.contains("10.0.0.1".parse().unwrap()));
+    let host: Cidr = "2001:db8::1".parse().unwrap();
+    assert_eq!(host.prefix, 128);
+    assert!(host.contains("2001:db8::1".parse().unwrap()));
+    assert!(!host.contains("2001:db8::2".parse().unwrap()));
+}
