@@ -1,0 +1,750 @@
+//! Transparent mTLS between unmodified programs on three "hosts": network namespaces joined by
+//! veth pairs to a bridge, each host with its own agent, transparent proxy (iptables REDIRECT
+//! rules installed by `meshid-proxy iptables install`) and program.
+//!
+//! ```text
+//!               switch namespace: bridge 198.18.0.1/24 (+ .100), meshid-ca, a plain server
+//!          ____________|______________________________
+//!         |                       |                   |
+//!   web 198.18.0.2          api 198.18.0.3      intruder 198.18.0.4
+//!   agent, proxy, curl      agent, proxy,       agent, proxy, curl
+//!                           python3 -m http.server 8000
+//! ```
+//!
+//! `curl http://198.18.0.3:8000/...` from web reaches api's server by its plain address; a
+//! capture on api's veth shows TLS records and none of the request or response bytes; the
+//! intruder's call is refused by api's policy; plaintext from a host without a proxy is
+//! refused (strict) and then allowed and counted (permissive); destinations outside the mesh
+//! pass through untouched (and the same capture does see their plaintext, which shows the
+//! capture check can fail); `iptables uninstall` removes every rule.
+//!
+//! Needs root, `ip` (iproute2), iptables, tcpdump, curl and python3. Without them the test is
+//! skipped with a message, unless `MESHID_REQUIRE_NETNS=1` (set by `.ci/run`), which makes a
+//! missing prerequisite a failure.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use meshid_tests::{bin_dir, metric_value, wait_for, Ca, Proc};
+
+const TD: &str = "spiffe://example.org";
+const CA_ADDR: &str = "198.18.0.1";
+const LEGACY_ADDR: &str = "198.18.0.100";
+const WEB_ADDR: &str = "198.18.0.2";
+const API_ADDR: &str = "198.18.0.3";
+const INTRUDER_ADDR: &str = "198.18.0.4";
+const NODE_PORT: u16 = 8443;
+const OPS: &str = "127.0.0.1:15000";
+const AGENT_OPS: &str = "127.0.0.1:15100";
+const MARK: u32 = 0x539;
+const TRANSPARENT: &str = "meshid_proxy_transparent_connections_total";
+
+/// Why the test cannot run here, if it cannot.
+fn missing_prerequisite() -> Option<String> {
+    let uid = run_out(Command::new("id").arg("-u"));
+    if uid
+        .as_ref()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
+        != Some(true)
+    {
+        return Some("network namespaces need root".into());
+    }
+    for (tool, arg) in [
+        ("ip", "-V"),
+        ("iptables", "--version"),
+        ("tcpdump", "--version"),
+        ("curl", "--version"),
+        ("python3", "--version"),
+    ] {
+        if !run_out(Command::new(tool).arg(arg)).is_some_and(|o| o.status.success()) {
+            return Some(format!("{tool} is not installed"));
+        }
+    }
+    let probe = format!("mshprobe{}", std::process::id());
+    let made = run_out(Command::new("ip").args(["netns", "add", &probe]));
+    let _ = run_out(Command::new("ip").args(["netns", "del", &probe]));
+    if !made.is_some_and(|o| o.status.success()) {
+        return Some("cannot create a network namespace (ip netns add failed)".into());
+    }
+    None
+}
+
+fn run_out(cmd: &mut Command) -> Option<Output> {
+    cmd.stdin(Stdio::null()).output().ok()
+}
+
+/// Runs `args` and panics with its output unless it succeeds.
+fn sh(args: &[&str]) -> String {
+    let out = Command::new(args[0])
+        .args(&args[1..])
+        .stdin(Stdio::null())
+        .output()
+        .unwrap_or_else(|e| panic!("{args:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "{args:?} failed: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// The namespaces of one run; deleted on drop (which also removes their veths and rules).
+struct Net {
+    prefix: String,
+    names: Vec<String>,
+}
+
+impl Net {
+    fn ns(&self, host: &str) -> String {
+        format!("{}{host}", self.prefix)
+    }
+
+    /// A bridge in the switch namespace and one veth-connected namespace per host.
+    fn create(hosts: &[(&str, &str)]) -> Net {
+        let mut net = Net {
+            prefix: format!("msh{}", std::process::id()),
+            names: Vec::new(),
+        };
+        let sw = net.ns("s");
+        sh(&["ip", "netns", "add", &sw]);
+        net.names.push(sw.clone());
+        sh(&["ip", "-n", &sw, "link", "set", "lo", "up"]);
+        sh(&["ip", "-n", &sw, "link", "add", "br0", "type", "bridge"]);
+        sh(&[
+            "ip",
+            "-n",
+            &sw,
+            "addr",
+            "add",
+            &format!("{CA_ADDR}/24"),
+            "dev",
+            "br0",
+        ]);
+        sh(&[
+            "ip",
+            "-n",
+            &sw,
+            "addr",
+            "add",
+            &format!("{LEGACY_ADDR}/24"),
+            "dev",
+            "br0",
+        ]);
+        sh(&["ip", "-n", &sw, "link", "set", "br0", "up"]);
+        for (host, addr) in hosts {
+            let ns = net.ns(host);
+            sh(&["ip", "netns", "add", &ns]);
+            net.names.push(ns.clone());
+            let veth = format!("v{host}");
+            sh(&[
+                "ip", "-n", &sw, "link", "add", &veth, "type", "veth", "peer", "name", "eth0",
+                "netns", &ns,
+            ]);
+            sh(&["ip", "-n", &sw, "link", "set", &veth, "master", "br0", "up"]);
+            sh(&["ip", "-n", &ns, "link", "set", "lo", "up"]);
+            sh(&[
+                "ip",
+                "-n",
+                &ns,
+                "addr",
+                "add",
+                &format!("{addr}/24"),
+                "dev",
+                "eth0",
+            ]);
+            sh(&["ip", "-n", &ns, "link", "set", "eth0", "up"]);
+        }
+        net
+    }
+
+    /// `ip netns exec <host's namespace> program args...`.
+    fn exec(&self, host: &str, program: &Path, args: &[&str]) -> Command {
+        let mut cmd = Command::new("ip");
+        cmd.args(["netns", "exec", &self.ns(host)])
+            .arg(program)
+            .args(args);
+        cmd
+    }
+
+    /// Runs a command in `host` and returns its output (bounded by the command itself).
+    fn output(&self, host: &str, program: &str, args: &[&str]) -> Output {
+        self.exec(host, Path::new(program), args)
+            .stdin(Stdio::null())
+            .output()
+            .unwrap()
+    }
+
+    /// `curl` in `host`: (HTTP status, body); status 0 when no HTTP response came.
+    fn curl(&self, host: &str, url: &str) -> (u16, String) {
+        let out = self.output(
+            host,
+            "curl",
+            &["-sS", "-m", "10", "-o", "-", "-w", "\n%{http_code}", url],
+        );
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        let (body, code) = text.rsplit_once('\n').unwrap_or(("", "0"));
+        (code.trim().parse().unwrap_or(0), body.to_owned())
+    }
+
+    /// The proxy metrics of `host` (its ops listener is on the host's loopback).
+    fn metrics(&self, host: &str) -> String {
+        let out = self.output(
+            host,
+            "curl",
+            &["-sS", "-m", "5", &format!("http://{OPS}/metrics")],
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    fn metric(&self, host: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
+        metric_value(&self.metrics(host), name, labels)
+    }
+
+    fn nat_rules(&self, host: &str) -> String {
+        String::from_utf8_lossy(&self.output(host, "iptables", &["-t", "nat", "-S"]).stdout)
+            .into_owned()
+    }
+}
+
+impl Drop for Net {
+    fn drop(&mut self) {
+        for ns in self.names.iter().rev() {
+            let _ = Command::new("ip")
+                .args(["netns", "del", ns])
+                .stdin(Stdio::null())
+                .output();
+        }
+    }
+}
+
+/// A host's agent and proxy.
+struct Host {
+    name: &'static str,
+    proxy: Option<Proc>,
+    _agent: Proc,
+    config: PathBuf,
+}
+
+/// Starts `host`'s agent (attesting with a fresh join token) and returns its SPIFFE ID.
+fn start_agent(net: &Net, dir: &Path, ca: &Ca, host: &'static str) -> (Proc, String, PathBuf) {
+    let out = ca.ok(&["token", "generate"]);
+    let find = |p: &str| {
+        out.lines()
+            .find_map(|l| l.strip_prefix(p))
+            .unwrap()
+            .to_owned()
+    };
+    let (token, agent_id) = (
+        find("Token: "),
+        format!("{TD}/meshid/agent/join_token/{}", find("Token ID: ")),
+    );
+    let hdir = dir.join(host);
+    std::fs::create_dir_all(hdir.join("agent")).unwrap();
+    let socket = hdir.join("agent/api.sock");
+    let bundle = dir.join("bundle.pem");
+    let cmd = net.exec(
+        host,
+        &bin_dir().join("meshid-agent"),
+        &[
+            "run",
+            "--trust-domain",
+            "example.org",
+            "--server-address",
+            &format!("{CA_ADDR}:{NODE_PORT}"),
+            "--trust-bundle",
+            &bundle.display().to_string(),
+            "--data-dir",
+            &hdir.join("agent-data").display().to_string(),
+            "--socket-path",
+            &socket.display().to_string(),
+            "--ops-address",
+            AGENT_OPS,
+            "--join-token",
+            &token,
+        ],
+    );
+    let mut agent = Proc::spawn(
+        &format!("agent {host}"),
+        cmd,
+        dir.join(format!("{host}-agent.log")),
+    );
+    let mut tries = 0;
+    wait_for(Duration::from_secs(30), "an agent to become ready", || {
+        tries += 1;
+        if tries % 10 == 0 {
+            agent.check_alive();
+        }
+        let out = net.output(
+            host,
+            &bin_dir().join("meshid-agent").display().to_string(),
+            &["healthcheck", "--ops-address", AGENT_OPS],
+        );
+        out.status.success().then_some(())
+    });
+    (agent, agent_id, socket)
+}
+
+fn proxy_config(dir: &Path, host: &str, socket: &Path, extra: &str) -> PathBuf {
+    let path = dir.join(format!("{host}.toml"));
+    std::fs::write(
+        &path,
+        format!(
+            "workload_api_socket = \"unix://{socket}\"\n\
+             ops_address = \"{OPS}\"\n\
+             policy_file = \"{policy}\"\n\
+             access_log = \"{access}\"\n\
+             handshake_timeout = \"3s\"\n\
+             [transparent]\n\
+             mark = {MARK}\n\
+             mesh_cidrs = [\"198.18.0.0/28\"]\n\
+             expect = \"{TD}/**\"\n\
+             {extra}\n\
+             [[transparent.destinations]]\n\
+             address = \"{API_ADDR}:8000\"\n\
+             expect = \"{TD}/api\"\n",
+            socket = socket.display(),
+            policy = dir.join("policy.yaml").display(),
+            access = dir.join(format!("{host}-access.log")).display(),
+        ),
+    )
+    .unwrap();
+    path
+}
+
+fn start_proxy(net: &Net, dir: &Path, host: &str, config: &Path) -> Proc {
+    let cmd = net.exec(
+        host,
+        &bin_dir().join("meshid-proxy"),
+        &["run", "--config", &config.display().to_string()],
+    );
+    let mut proxy = Proc::spawn(
+        &format!("proxy {host}"),
+        cmd,
+        dir.join(format!("{host}-proxy.log")),
+    );
+    let mut tries = 0;
+    wait_for(Duration::from_secs(30), "a proxy to become ready", || {
+        tries += 1;
+        if tries % 10 == 0 {
+            proxy.check_alive();
+        }
+        let out = net.output(
+            host,
+            &bin_dir().join("meshid-proxy").display().to_string(),
+            &["healthcheck", "--ops-address", OPS],
+        );
+        out.status.success().then_some(())
+    });
+    proxy
+}
+
+fn start_host(net: &Net, dir: &Path, ca: &Ca, name: &'static str, extra: &str) -> Host {
+    let (agent, agent_id, socket) = start_agent(net, dir, ca, name);
+    ca.ok(&[
+        "entry",
+        "create",
+        "--id",
+        name,
+        "--spiffe-id",
+        &format!("{TD}/{name}"),
+        "--parent-id",
+        &agent_id,
+        "--selector",
+        "unix:uid:0",
+        "--selector",
+        &format!("unix:path:{}", bin_dir().join("meshid-proxy").display()),
+        "--x509-ttl",
+        "1h",
+    ]);
+    let config = proxy_config(dir, name, &socket, extra);
+    // The rules: the agent's connection to the CA is not redirected (it is its own mTLS).
+    let proxy_bin = bin_dir().join("meshid-proxy").display().to_string();
+    let out = net.output(
+        name,
+        &proxy_bin,
+        &[
+            "iptables",
+            "install",
+            "--config",
+            &config.display().to_string(),
+            "--exclude-outbound-cidrs",
+            &format!("{CA_ADDR}/32"),
+        ],
+    );
+    assert!(
+        out.status.success(),
+        "iptables install on {name}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let proxy = start_proxy(net, dir, name, &config);
+    Host {
+        name,
+        proxy: Some(proxy),
+        _agent: agent,
+        config,
+    }
+}
+
+/// A running tcpdump writing what it sees on an interface to a file.
+struct Capture {
+    proc: Proc,
+    file: PathBuf,
+}
+
+impl Capture {
+    fn start(net: &Net, dir: &Path, iface: &str, filter: &str) -> Capture {
+        let file = dir.join(format!("{iface}-{}.pcap", filter.replace(' ', "-")));
+        let log = dir.join(format!("tcpdump-{iface}.log"));
+        let _ = std::fs::remove_file(&log);
+        let cmd = net.exec(
+            "s",
+            Path::new("tcpdump"),
+            &[
+                "-i",
+                iface,
+                // Packets reach the file as they come, not in blocks that a stop would lose.
+                "--immediate-mode",
+                "-n",
+                "-s",
+                "0",
+                "-U",
+                "-Z",
+                "root",
+                "-w",
+                &file.display().to_string(),
+                filter,
+            ],
+        );
+        let proc = Proc::spawn("tcpdump", cmd, log);
+        wait_for(Duration::from_secs(10), "tcpdump to listen", || {
+            proc.log_text().contains("listening on").then_some(())
+        });
+        Capture { proc, file }
+    }
+
+    /// Stops the capture and returns the file's bytes.
+    fn finish(mut self) -> Vec<u8> {
+        // Let the last packets reach the file (-U writes each packet as it comes).
+        std::thread::sleep(Duration::from_millis(300));
+        self.proc.signal("INT");
+        let _ = self.proc.wait_exit(Duration::from_secs(5));
+        let bytes = std::fs::read(&self.file).unwrap();
+        eprintln!(
+            "capture {}: {} bytes; tcpdump: {}",
+            self.file.display(),
+            bytes.len(),
+            self.proc.log_text().trim()
+        );
+        bytes
+    }
+}
+
+fn contains(hay: &[u8], needle: &[u8]) -> bool {
+    hay.windows(needle.len()).any(|w| w == needle)
+}
+
+/// TLS records in a capture: a handshake record (`16 03 01`/`16 03 03`) and application data
+/// (`17 03 03`).
+fn looks_like_tls(pcap: &[u8]) -> bool {
+    (contains(pcap, &[0x16, 0x03, 0x01]) || contains(pcap, &[0x16, 0x03, 0x03]))
+        && contains(pcap, &[0x17, 0x03, 0x03])
+}
+
+fn wait_metric(net: &Net, host: &str, name: &str, labels: &[(&str, &str)], at_least: f64) {
+    wait_for(
+        Duration::from_secs(5),
+        &format!("{name}{labels:?} on {host}"),
+        || (net.metric(host, name, labels) >= at_least).then_some(()),
+    );
+}
+
+#[test]
+fn transparent_mtls_between_namespaces() {
+    if let Some(why) = missing_prerequisite() {
+        assert!(
+            std::env::var_os("MESHID_REQUIRE_NETNS").is_none(),
+            "MESHID_REQUIRE_NETNS is set but the network-namespace test cannot run: {why}"
+        );
+        eprintln!("SKIPPED transparent_mtls_between_namespaces: {why}");
+        return;
+    }
+    let started = Instant::now();
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    // Hosts' agents and proxies run as root in their namespaces; the temp dir must be
+    // traversable for nothing else, so its default 0700 stays.
+    let net = Net::create(&[
+        ("web", WEB_ADDR),
+        ("api", API_ADDR),
+        ("intruder", INTRUDER_ADDR),
+    ]);
+
+    // The CA, in the switch namespace.
+    let ca_cmd = net.exec(
+        "s",
+        &bin_dir().join("meshid-ca"),
+        &[
+            "run",
+            "--trust-domain",
+            "example.org",
+            "--data-dir",
+            &dir.join("ca").display().to_string(),
+            "--ops-address",
+            "127.0.0.1:15200",
+            "--node-address",
+            &format!("{CA_ADDR}:{NODE_PORT}"),
+        ],
+    );
+    let ca_proc = Proc::spawn("meshid-ca", ca_cmd, dir.join("ca.log"));
+    let ca = Ca::attach(ca_proc, dir);
+    std::fs::write(dir.join("bundle.pem"), ca.ok(&["bundle", "show"])).unwrap();
+    std::fs::write(
+        dir.join("policy.yaml"),
+        format!(
+            "name: mesh\ndefault: deny\nrules:\n  - name: web-to-api\n    from: [\"{TD}/web\"]\n    to: [\"{TD}/api\"]\n    ports: [8000]\n"
+        ),
+    )
+    .unwrap();
+
+    // An unmodified server on api, and a plain one outside the mesh (in the switch).
+    let marker = format!("meshid-wire-marker-{}", std::process::id());
+    let site = dir.join("site");
+    std::fs::create_dir_all(&site).unwrap();
+    std::fs::write(
+        site.join(format!("{marker}.txt")),
+        format!("body {marker}\n"),
+    )
+    .unwrap();
+    let site_arg = site.display().to_string();
+    let server = |host: &str, bind: &str, port: &str| {
+        let cmd = net.exec(
+            host,
+            Path::new("python3"),
+            &[
+                "-m",
+                "http.server",
+                port,
+                "--bind",
+                bind,
+                "--directory",
+                &site_arg,
+            ],
+        );
+        Proc::spawn(
+            &format!("http.server {host}"),
+            cmd,
+            dir.join(format!("{host}-http.log")),
+        )
+    };
+    let _api_server = server("api", "0.0.0.0", "8000");
+    let _legacy_server = server("s", LEGACY_ADDR, "9000");
+
+    let _web = start_host(&net, dir, &ca, "web", "");
+    let mut api = start_host(&net, dir, &ca, "api", "");
+    let _intruder = start_host(&net, dir, &ca, "intruder", "");
+    wait_for(Duration::from_secs(10), "api's python server", || {
+        let out = net.output(
+            "api",
+            "curl",
+            &["-s", "-m", "2", "-o", "/dev/null", "http://127.0.0.1:8000/"],
+        );
+        out.status.success().then_some(())
+    });
+    for host in ["web", "api", "intruder"] {
+        let rules = net.nat_rules(host);
+        assert!(
+            rules.contains("-A OUTPUT -p tcp -j MESHID_OUTPUT"),
+            "{host}: {rules}"
+        );
+        assert!(
+            rules.contains("-A PREROUTING -p tcp -j MESHID_INBOUND"),
+            "{host}: {rules}"
+        );
+        assert!(rules.contains("--mark 0x539"), "{host}: {rules}");
+    }
+
+    // 1. web -> api by its plain address: mTLS on the wire, the response intact.
+    let url = format!("http://{API_ADDR}:8000/{marker}.txt");
+    let capture = Capture::start(&net, dir, "vapi", "tcp port 8000");
+    let (code, body) = net.curl("web", &url);
+    let pcap = capture.finish();
+    assert_eq!(
+        (code, body.trim()),
+        (200, format!("body {marker}").as_str()),
+        "web -> api"
+    );
+    assert!(
+        pcap.len() > 200,
+        "the capture on api's veth saw nothing ({} bytes)",
+        pcap.len()
+    );
+    assert!(
+        !contains(&pcap, marker.as_bytes()),
+        "plaintext of the request or response was seen on api's veth"
+    );
+    assert!(
+        !contains(&pcap, b"GET /"),
+        "an HTTP request line was seen on api's veth"
+    );
+    assert!(looks_like_tls(&pcap), "no TLS records on api's veth");
+    wait_metric(
+        &net,
+        "web",
+        TRANSPARENT,
+        &[("direction", "outbound"), ("result", "mtls")],
+        1.0,
+    );
+    wait_metric(
+        &net,
+        "api",
+        TRANSPARENT,
+        &[("direction", "inbound"), ("result", "mtls")],
+        1.0,
+    );
+    let access = std::fs::read_to_string(dir.join("api-access.log")).unwrap_or_default();
+    assert!(
+        access
+            .lines()
+            .any(|l| l.contains(&format!("\"caller\":\"{TD}/web\""))
+                && l.contains("\"port\":8000")
+                && l.contains("\"decision\":\"allow\"")),
+        "api's access log: {access}"
+    );
+
+    // 2. The intruder is in the mesh but outside the policy: refused by api, and logged.
+    let (code, body) = net.curl("intruder", &url);
+    assert_eq!(code, 403, "intruder -> api: {body}");
+    assert!(!body.contains(&marker));
+    wait_for(Duration::from_secs(5), "api's refusal log line", || {
+        let log = api.proxy.as_ref().unwrap().log_text();
+        log.lines()
+            .any(|l| {
+                l.contains("refused by policy")
+                    && l.contains(&format!("{TD}/intruder"))
+                    && l.contains("port=8000")
+            })
+            .then_some(())
+    });
+    assert!(
+        net.metric(
+            "api",
+            "meshid_proxy_decisions_total",
+            &[("rule", "<default>"), ("decision", "deny")]
+        ) >= 1.0
+    );
+
+    // 3. A host without a proxy speaks plaintext to api: refused (strict).
+    let (code, _) = net.curl("s", &url);
+    assert_eq!(code, 0, "plaintext reached api's server in strict mode");
+    wait_metric(
+        &net,
+        "api",
+        TRANSPARENT,
+        &[("direction", "inbound"), ("result", "plaintext_refused")],
+        1.0,
+    );
+    assert!(api
+        .proxy
+        .as_ref()
+        .unwrap()
+        .log_text()
+        .contains("plaintext inbound refused"));
+
+    // 4. A destination outside the mesh passes through untouched; the capture sees its
+    //    plaintext, so the check in 1. can fail.
+    let capture = Capture::start(&net, dir, "vweb", "tcp port 9000");
+    let (code, body) = net.curl("web", &format!("http://{LEGACY_ADDR}:9000/{marker}.txt"));
+    let pcap = capture.finish();
+    assert_eq!(
+        (code, body.trim()),
+        (200, format!("body {marker}").as_str()),
+        "web -> legacy"
+    );
+    assert!(
+        contains(&pcap, marker.as_bytes()),
+        "the pass-through plaintext was not captured"
+    );
+    wait_metric(
+        &net,
+        "web",
+        TRANSPARENT,
+        &[("direction", "outbound"), ("result", "passthrough")],
+        1.0,
+    );
+
+    // 5. Connecting to the proxy's port directly (not redirected) is refused, not looped.
+    let (code, _) = net.curl("web", "http://127.0.0.1:15001/");
+    assert_eq!(code, 0);
+    wait_metric(
+        &net,
+        "web",
+        TRANSPARENT,
+        &[("direction", "outbound"), ("result", "not_redirected")],
+        1.0,
+    );
+
+    // 6. Permissive mode for migration: plaintext is forwarded and counted; mTLS still works.
+    api.proxy.as_mut().unwrap().stop();
+    let permissive = proxy_config(
+        dir,
+        "api",
+        &dir.join("api/agent/api.sock"),
+        "inbound_mode = \"permissive\"",
+    );
+    assert_eq!(permissive, api.config);
+    api.proxy = Some(start_proxy(&net, dir, "api", &api.config));
+    let (code, body) = net.curl("s", &url);
+    assert_eq!(
+        (code, body.trim()),
+        (200, format!("body {marker}").as_str()),
+        "permissive plaintext"
+    );
+    wait_metric(
+        &net,
+        "api",
+        TRANSPARENT,
+        &[("direction", "inbound"), ("result", "plaintext_allowed")],
+        1.0,
+    );
+    assert_eq!(net.curl("web", &url).0, 200);
+    assert_eq!(net.curl("intruder", &url).0, 403);
+
+    // 7. Uninstall removes every rule; web's curl is then plaintext, which api (permissive)
+    //    lets through and counts.
+    let proxy_bin = bin_dir().join("meshid-proxy").display().to_string();
+    let out = net.output("web", &proxy_bin, &["iptables", "uninstall"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let rules = net.nat_rules("web");
+    assert!(
+        !rules.contains("MESHID"),
+        "rules left after uninstall: {rules}"
+    );
+    let out = net.output("web", &proxy_bin, &["iptables", "uninstall"]);
+    assert!(out.status.success(), "a second uninstall must succeed too");
+    let before = net.metric(
+        "api",
+        TRANSPARENT,
+        &[("direction", "inbound"), ("result", "plaintext_allowed")],
+    );
+    assert_eq!(net.curl("web", &url).0, 200);
+    wait_metric(
+        &net,
+        "api",
+        TRANSPARENT,
+        &[("direction", "inbound"), ("result", "plaintext_allowed")],
+        before + 1.0,
+    );
+    eprintln!(
+        "transparent_mtls_between_namespaces: {:?}",
+        started.elapsed()
+    );
+    let _ = api.name;
+}
