@@ -108,3 +108,27 @@ pub fn timestamp() -> String {
     );
     now.format(&format).unwrap_or_default()
 }
+
+/// A connection record stamped now, with nothing known yet: callers fill in what they know
+/// with struct update syntax.
+pub fn connection(direction: &str, listener: &str) -> meshid_policy::AccessRecord {
+    meshid_policy::AccessRecord {
+        timestamp: timestamp(),
+        kind: "connection".to_owned(),
+        direction: direction.to_owned(),
+        listener: listener.to_owned(),
+        caller: None,
+        callee: None,
+        port: None,
+        method: None,
+        path: None,
+        status: None,
+        policy: None,
+        rule: None,
+        decision: "allow".to_owned(),
+        reason: None,
+        bytes_in: 0,
+        bytes_out: 0,
+        duration_ms: 0.0,
+    }
+}

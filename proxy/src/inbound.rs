@@ -133,23 +133,14 @@ pub fn record(
     d: &Decision,
 ) -> AccessRecord {
     AccessRecord {
-        timestamp: crate::access::timestamp(),
         kind: kind.to_owned(),
-        direction: "inbound".to_owned(),
-        listener: this.config.name.clone(),
         caller: Some(caller.to_string()),
         callee: Some(local.to_string()),
         port: Some(this.config.port),
-        method: None,
-        path: None,
-        status: None,
         policy: Some(policy.to_owned()),
         rule: Some(d.rule_name().to_owned()),
         decision: d.outcome.as_str().to_owned(),
-        reason: None,
-        bytes_in: 0,
-        bytes_out: 0,
-        duration_ms: 0.0,
+        ..crate::access::connection("inbound", &this.config.name)
     }
 }
 

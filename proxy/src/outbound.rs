@@ -127,23 +127,13 @@ pub(crate) async fn forward(
     metrics.tx.inc_by(rx);
     if shared.access.enabled() {
         shared.access.log(AccessRecord {
-            timestamp: crate::access::timestamp(),
-            kind: "connection".to_owned(),
-            direction: "outbound".to_owned(),
-            listener: name.clone(),
             caller: shared.creds.local_id().map(|id| id.to_string()),
             callee: callee.map(|id| id.to_string()),
             port: to.port,
-            method: None,
-            path: None,
-            status: None,
-            policy: None,
-            rule: None,
-            decision: "allow".to_owned(),
-            reason: None,
             bytes_in: tx,
             bytes_out: rx,
             duration_ms: start.elapsed().as_secs_f64() * 1e3,
+            ..crate::access::connection("outbound", name)
         });
     }
 }

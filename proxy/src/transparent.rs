@@ -266,31 +266,19 @@ async fn passthrough(
             "outbound" => (local, None),
             _ => (None, local),
         };
+        let reason = match direction {
+            "outbound" => "passthrough",
+            _ => "plaintext_permissive",
+        };
         shared.access.log(AccessRecord {
-            timestamp: crate::access::timestamp(),
-            kind: "connection".to_owned(),
-            direction: direction.to_owned(),
-            listener: metrics.name.clone(),
             caller,
             callee,
             port: Some(dst.port()),
-            method: None,
-            path: None,
-            status: None,
-            policy: None,
-            rule: None,
-            decision: "allow".to_owned(),
-            reason: Some(
-                if direction == "outbound" {
-                    "passthrough"
-                } else {
-                    "plaintext_permissive"
-                }
-                .to_owned(),
-            ),
+            reason: Some(reason.to_owned()),
             bytes_in: rx,
             bytes_out: tx,
             duration_ms: start.elapsed().as_secs_f64() * 1e3,
+            ..crate::access::connection(direction, &metrics.name)
         });
     }
 }

@@ -267,25 +267,36 @@ fn start_agent(net: &Net, dir: &Path, ca: &Ca, host: &'static str) -> (Proc, Str
             &token,
         ],
     );
-    let mut agent = Proc::spawn(
-        &format!("agent {host}"),
+    let agent = spawn_ready(net, dir, host, "meshid-agent", cmd, AGENT_OPS);
+    (agent, agent_id, socket)
+}
+
+/// Starts `cmd` (meshid-agent or meshid-proxy in `host`), logging to `dir/<host>-<bin>.log`,
+/// and waits until `<bin> healthcheck --ops-address <ops>` in `host` succeeds.
+fn spawn_ready(net: &Net, dir: &Path, host: &str, bin: &str, cmd: Command, ops: &str) -> Proc {
+    let mut proc = Proc::spawn(
+        &format!("{bin} {host}"),
         cmd,
-        dir.join(format!("{host}-agent.log")),
+        dir.join(format!("{host}-{bin}.log")),
     );
     let mut tries = 0;
-    wait_for(Duration::from_secs(30), "an agent to become ready", || {
-        tries += 1;
-        if tries % 10 == 0 {
-            agent.check_alive();
-        }
-        let out = net.output(
-            host,
-            &bin_dir().join("meshid-agent").display().to_string(),
-            &["healthcheck", "--ops-address", AGENT_OPS],
-        );
-        out.status.success().then_some(())
-    });
-    (agent, agent_id, socket)
+    wait_for(
+        Duration::from_secs(30),
+        &format!("{bin} on {host} to become ready"),
+        || {
+            tries += 1;
+            if tries % 10 == 0 {
+                proc.check_alive();
+            }
+            let out = net.output(
+                host,
+                &bin_dir().join(bin).display().to_string(),
+                &["healthcheck", "--ops-address", ops],
+            );
+            out.status.success().then_some(())
+        },
+    );
+    proc
 }
 
 fn proxy_config(dir: &Path, host: &str, socket: &Path, extra: &str) -> PathBuf {
@@ -321,25 +332,7 @@ fn start_proxy(net: &Net, dir: &Path, host: &str, config: &Path) -> Proc {
         &bin_dir().join("meshid-proxy"),
         &["run", "--config", &config.display().to_string()],
     );
-    let mut proxy = Proc::spawn(
-        &format!("proxy {host}"),
-        cmd,
-        dir.join(format!("{host}-proxy.log")),
-    );
-    let mut tries = 0;
-    wait_for(Duration::from_secs(30), "a proxy to become ready", || {
-        tries += 1;
-        if tries % 10 == 0 {
-            proxy.check_alive();
-        }
-        let out = net.output(
-            host,
-            &bin_dir().join("meshid-proxy").display().to_string(),
-            &["healthcheck", "--ops-address", OPS],
-        );
-        out.status.success().then_some(())
-    });
-    proxy
+    spawn_ready(net, dir, host, "meshid-proxy", cmd, OPS)
 }
 
 fn start_host(net: &Net, dir: &Path, ca: &Ca, name: &'static str, extra: &str) -> Host {
