@@ -24,6 +24,7 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
@@ -40,6 +41,8 @@ const NODE_PORT: u16 = 8443;
 const OPS: &str = "127.0.0.1:15000";
 const AGENT_OPS: &str = "127.0.0.1:15100";
 const MARK: u32 = 0x539;
+/// The unprivileged uid of the intruder's proxy.
+const PROXY_UID: u32 = 1337;
 const TRANSPARENT: &str = "meshid_proxy_transparent_connections_total";
 
 /// Why the test cannot run here, if it cannot.
@@ -223,7 +226,6 @@ impl Drop for Net {
 
 /// A host's agent and proxy.
 struct Host {
-    name: &'static str,
     proxy: Option<Proc>,
     _agent: Proc,
     config: PathBuf,
@@ -299,7 +301,16 @@ fn spawn_ready(net: &Net, dir: &Path, host: &str, bin: &str, cmd: Command, ops: 
     proc
 }
 
-fn proxy_config(dir: &Path, host: &str, socket: &Path, extra: &str) -> PathBuf {
+/// How a host's iptables rules recognize its proxy's own connections.
+#[derive(Clone, Copy)]
+enum Exclude {
+    /// The proxy runs as root and sets SO_MARK [`MARK`] on its sockets.
+    Mark,
+    /// The proxy runs as this uid (and sets no mark).
+    Uid(u32),
+}
+
+fn proxy_config(dir: &Path, host: &str, socket: &Path, exclude: Exclude, extra: &str) -> PathBuf {
     let path = dir.join(format!("{host}.toml"));
     std::fs::write(
         &path,
@@ -310,7 +321,7 @@ fn proxy_config(dir: &Path, host: &str, socket: &Path, extra: &str) -> PathBuf {
              access_log = \"{access}\"\n\
              handshake_timeout = \"3s\"\n\
              [transparent]\n\
-             mark = {MARK}\n\
+             {mark}\n\
              mesh_cidrs = [\"198.18.0.0/28\"]\n\
              expect = \"{TD}/**\"\n\
              {extra}\n\
@@ -318,6 +329,10 @@ fn proxy_config(dir: &Path, host: &str, socket: &Path, extra: &str) -> PathBuf {
              address = \"{API_ADDR}:8000\"\n\
              expect = \"{TD}/api\"\n",
             socket = socket.display(),
+            mark = match exclude {
+                Exclude::Mark => format!("mark = {MARK}"),
+                Exclude::Uid(_) => String::new(),
+            },
             policy = dir.join("policy.yaml").display(),
             access = dir.join(format!("{host}-access.log")).display(),
         ),
@@ -326,16 +341,45 @@ fn proxy_config(dir: &Path, host: &str, socket: &Path, extra: &str) -> PathBuf {
     path
 }
 
-fn start_proxy(net: &Net, dir: &Path, host: &str, config: &Path) -> Proc {
-    let cmd = net.exec(
-        host,
-        &bin_dir().join("meshid-proxy"),
-        &["run", "--config", &config.display().to_string()],
-    );
+fn start_proxy(net: &Net, dir: &Path, host: &str, config: &Path, exclude: Exclude) -> Proc {
+    let proxy = bin_dir().join("meshid-proxy");
+    let config = config.display().to_string();
+    let cmd = match exclude {
+        Exclude::Mark => net.exec(host, &proxy, &["run", "--config", &config]),
+        Exclude::Uid(uid) => {
+            let uid = uid.to_string();
+            net.exec(
+                host,
+                Path::new("setpriv"),
+                &[
+                    "--reuid",
+                    &uid,
+                    "--regid",
+                    &uid,
+                    "--clear-groups",
+                    "--",
+                    &proxy.display().to_string(),
+                    "run",
+                    "--config",
+                    &config,
+                ],
+            )
+        }
+    };
     spawn_ready(net, dir, host, "meshid-proxy", cmd, OPS)
 }
 
-fn start_host(net: &Net, dir: &Path, ca: &Ca, name: &'static str, extra: &str) -> Host {
+fn start_host(net: &Net, dir: &Path, ca: &Ca, name: &'static str, exclude: Exclude) -> Host {
+    let uid = match exclude {
+        Exclude::Mark => 0,
+        Exclude::Uid(uid) => {
+            // The proxy's own files, writable by its uid.
+            let access = dir.join(format!("{name}-access.log"));
+            std::fs::write(&access, "").unwrap();
+            std::os::unix::fs::chown(&access, Some(uid), Some(uid)).unwrap();
+            uid
+        }
+    };
     let (agent, agent_id, socket) = start_agent(net, dir, ca, name);
     ca.ok(&[
         "entry",
@@ -347,35 +391,37 @@ fn start_host(net: &Net, dir: &Path, ca: &Ca, name: &'static str, extra: &str) -
         "--parent-id",
         &agent_id,
         "--selector",
-        "unix:uid:0",
+        &format!("unix:uid:{uid}"),
         "--selector",
         &format!("unix:path:{}", bin_dir().join("meshid-proxy").display()),
         "--x509-ttl",
         "1h",
     ]);
-    let config = proxy_config(dir, name, &socket, extra);
+    let config = proxy_config(dir, name, &socket, exclude, "");
     // The rules: the agent's connection to the CA is not redirected (it is its own mTLS).
     let proxy_bin = bin_dir().join("meshid-proxy").display().to_string();
-    let out = net.output(
-        name,
-        &proxy_bin,
-        &[
-            "iptables",
-            "install",
-            "--config",
-            &config.display().to_string(),
-            "--exclude-outbound-cidrs",
-            &format!("{CA_ADDR}/32"),
-        ],
-    );
+    let config_arg = config.display().to_string();
+    let ca_cidr = format!("{CA_ADDR}/32");
+    let mut args = vec![
+        "iptables",
+        "install",
+        "--config",
+        &config_arg,
+        "--exclude-outbound-cidrs",
+        &ca_cidr,
+    ];
+    let uid_arg = uid.to_string();
+    if let Exclude::Uid(_) = exclude {
+        args.extend(["--proxy-uid", &uid_arg]);
+    }
+    let out = net.output(name, &proxy_bin, &args);
     assert!(
         out.status.success(),
         "iptables install on {name}: {}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let proxy = start_proxy(net, dir, name, &config);
+    let proxy = start_proxy(net, dir, name, &config, exclude);
     Host {
-        name,
         proxy: Some(proxy),
         _agent: agent,
         config,
@@ -468,8 +514,9 @@ fn transparent_mtls_between_namespaces() {
     let started = Instant::now();
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path();
-    // Hosts' agents and proxies run as root in their namespaces; the temp dir must be
-    // traversable for nothing else, so its default 0700 stays.
+    // The intruder's proxy runs as another user: it reads its configuration and the policy
+    // and reaches its agent's socket under this directory.
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755)).unwrap();
     let net = Net::create(&[
         ("web", WEB_ADDR),
         ("api", API_ADDR),
@@ -536,9 +583,11 @@ fn transparent_mtls_between_namespaces() {
     let _api_server = server("api", "0.0.0.0", "8000");
     let _legacy_server = server("s", LEGACY_ADDR, "9000");
 
-    let _web = start_host(&net, dir, &ca, "web", "");
-    let mut api = start_host(&net, dir, &ca, "api", "");
-    let _intruder = start_host(&net, dir, &ca, "intruder", "");
+    // web and api exclude their proxies' connections by SO_MARK, the intruder by uid (its
+    // proxy runs as an unprivileged user, as in the Kubernetes example).
+    let _web = start_host(&net, dir, &ca, "web", Exclude::Mark);
+    let mut api = start_host(&net, dir, &ca, "api", Exclude::Mark);
+    let _intruder = start_host(&net, dir, &ca, "intruder", Exclude::Uid(PROXY_UID));
     wait_for(Duration::from_secs(10), "api's python server", || {
         let out = net.output(
             "api",
@@ -547,7 +596,11 @@ fn transparent_mtls_between_namespaces() {
         );
         out.status.success().then_some(())
     });
-    for host in ["web", "api", "intruder"] {
+    for (host, exclusion) in [
+        ("web", "--mark 0x539"),
+        ("api", "--mark 0x539"),
+        ("intruder", "--uid-owner 1337"),
+    ] {
         let rules = net.nat_rules(host);
         assert!(
             rules.contains("-A OUTPUT -p tcp -j MESHID_OUTPUT"),
@@ -557,7 +610,7 @@ fn transparent_mtls_between_namespaces() {
             rules.contains("-A PREROUTING -p tcp -j MESHID_INBOUND"),
             "{host}: {rules}"
         );
-        assert!(rules.contains("--mark 0x539"), "{host}: {rules}");
+        assert!(rules.contains(exclusion), "{host}: {rules}");
     }
 
     // 1. web -> api by its plain address: mTLS on the wire, the response intact.
@@ -686,10 +739,11 @@ fn transparent_mtls_between_namespaces() {
         dir,
         "api",
         &dir.join("api/agent/api.sock"),
+        Exclude::Mark,
         "inbound_mode = \"permissive\"",
     );
     assert_eq!(permissive, api.config);
-    api.proxy = Some(start_proxy(&net, dir, "api", &api.config));
+    api.proxy = Some(start_proxy(&net, dir, "api", &api.config, Exclude::Mark));
     let (code, body) = net.curl("s", &url);
     assert_eq!(
         (code, body.trim()),
@@ -739,5 +793,4 @@ fn transparent_mtls_between_namespaces() {
         "transparent_mtls_between_namespaces: {:?}",
         started.elapsed()
     );
-    let _ = api.name;
 }
