@@ -19,7 +19,7 @@
 //! capture check can fail); `iptables uninstall` removes every rule.
 //!
 //! Needs root, `ip` (iproute2), iptables, tcpdump, curl and python3. Without them the test is
-//! skipped with a message, unless `MESHID_REQUIRE_NETNS=1` (set by `.ci/run`), which makes a
+//! skipped with a message, unless `MESHID_CI=1` (set by `.ci/run`), which makes a
 //! missing prerequisite a failure.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
@@ -505,8 +505,8 @@ fn wait_metric(net: &Net, host: &str, name: &str, labels: &[(&str, &str)], at_le
 fn transparent_mtls_between_namespaces() {
     if let Some(why) = missing_prerequisite() {
         assert!(
-            std::env::var_os("MESHID_REQUIRE_NETNS").is_none(),
-            "MESHID_REQUIRE_NETNS is set but the network-namespace test cannot run: {why}"
+            std::env::var_os("MESHID_CI").is_none(),
+            "MESHID_CI is set but the network-namespace test cannot run: {why}"
         );
         eprintln!("SKIPPED transparent_mtls_between_namespaces: {why}");
         return;
