@@ -389,3 +389,61 @@ async fn spiffe_client_against_the_agent() {
         "the agent's own key is persisted"
     );
 }
+
+/// An agent restarted with a `join_token_file` that is gone (a used token is deleted, or a
+/// Kubernetes init step wrote none) starts on the identity in its data directory; without an
+/// identity, the same configuration fails with a message saying what is missing.
+#[test]
+fn restart_with_missing_join_token_file_uses_the_stored_identity() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let ca = Ca::start(dir, &[]);
+    let (secret, _) = token(&ca);
+    let mut agent = Agent::start(dir, &ca, &secret);
+    agent.proc.stop();
+    let config = dir.join("agent.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "join_token_file = \"{}\"\n",
+            dir.join("no-such-token").display()
+        ),
+    )
+    .unwrap();
+    let run = |data_dir: &Path, log: &str| {
+        let args: Vec<String> = [
+            "run",
+            "--config",
+            &config.display().to_string(),
+            "--trust-domain",
+            "example.org",
+            "--server-address",
+            &ca.node_address,
+            "--trust-bundle",
+            &dir.join("bundle.pem").display().to_string(),
+            "--data-dir",
+            &data_dir.display().to_string(),
+            "--socket-path",
+            &agent.socket.display().to_string(),
+            "--ops-address",
+            &agent.ops_address,
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        meshid_tests::Proc::start("meshid-agent", "meshid-agent", &args, dir.join(log))
+    };
+    let mut restarted = run(&agent.data_dir, "agent-restarted.log");
+    meshid_tests::wait_for(Duration::from_secs(30), "the restarted agent", || {
+        restarted.check_alive();
+        (meshid_tests::http_get(&agent.ops_address, "/readyz")?.0 == 200).then_some(())
+    });
+    restarted.stop();
+
+    let fresh = run(&dir.join("empty-data"), "agent-fresh.log");
+    meshid_tests::wait_for(
+        Duration::from_secs(20),
+        "the fresh agent's complaint",
+        || fresh.log_text().contains("no join token").then_some(()),
+    );
+}

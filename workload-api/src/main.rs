@@ -167,12 +167,20 @@ async fn run(args: RunArgs) -> ExitCode {
 async fn serve(config: Config, join_token: Option<String>) -> anyhow::Result<()> {
     let token = match (join_token, &config.join_token_file) {
         (Some(t), _) => Some(t),
-        (None, Some(path)) => Some(
-            std::fs::read_to_string(path)
-                .with_context(|| format!("cannot read join token file {}", path.display()))?
-                .trim()
-                .to_owned(),
-        ),
+        // A missing or empty file means no token: an agent that already holds its identity
+        // (in the data directory) needs none, and one that does not says so when it attests.
+        (None, Some(path)) => match std::fs::read_to_string(path) {
+            Ok(t) if !t.trim().is_empty() => Some(t.trim().to_owned()),
+            Ok(_) => None,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                tracing::info!(path = %path.display(), "no join token file; using the identity in the data directory");
+                None
+            }
+            Err(e) => {
+                return Err(e)
+                    .with_context(|| format!("cannot read join token file {}", path.display()))
+            }
+        },
         (None, None) => None,
     };
     std::fs::create_dir_all(&config.data_dir)
