@@ -45,8 +45,9 @@ struct RunArgs {
     /// TOML configuration file.
     #[arg(long, short)]
     config: Option<PathBuf>,
-    /// Join token for the first attestation (from `meshid-ca token generate`).
-    #[arg(long)]
+    /// Join token for the first attestation (from `meshid-ca token generate`). Tokens are
+    /// base64url and may begin with `-`, which is taken as the value, not as an option.
+    #[arg(long, allow_hyphen_values = true)]
     join_token: Option<String>,
     /// Trust domain (overrides the file).
     #[arg(long)]
