@@ -218,7 +218,10 @@ fn cidr_membership() {
     let c: Cidr = "198.18.0.0/15".parse().unwrap();
     assert!(c.contains("198.19.255.255".parse().unwrap()));
     assert!(!c.contains("198.20.0.0".parse().unwrap()));
-    assert!(c.contains("::ffff:198.18.0.1".parse().unwrap()), "IPv4-mapped");
+    assert!(
+        c.contains("::ffff:198.18.0.1".parse().unwrap()),
+        "IPv4-mapped"
+    );
     assert!(!c.contains("2001:db8::1".parse().unwrap()));
     let all: Cidr = "0.0.0.0/0".parse().unwrap();
     assert!(all.contains("8.8.8.8".parse().unwrap()));
