@@ -115,9 +115,11 @@ pub struct RawConfig {
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawTransparent {
-    /// Where the application's redirected outbound TCP arrives (default 127.0.0.1:15001).
+    /// Where the application's redirected outbound TCP arrives (default 127.0.0.1:15001;
+    /// `[::]:15001` for IPv4 and IPv6, with `iptables install --ipv6`).
     pub outbound_listen: Option<String>,
-    /// Where redirected inbound connections arrive (default 0.0.0.0:15006).
+    /// Where redirected inbound connections arrive (default 0.0.0.0:15006; `[::]:15006` for
+    /// both families).
     pub inbound_listen: Option<String>,
     /// `strict` (default: plaintext inbound is refused) or `permissive` (plaintext inbound is
     /// forwarded and counted, for migrating services into the mesh).

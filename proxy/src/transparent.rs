@@ -43,9 +43,17 @@ const TLS_HANDSHAKE: u8 = 0x16;
 /// Where a redirected connection was going, from SO_ORIGINAL_DST (IPv4) or
 /// IP6T_SO_ORIGINAL_DST (IPv6). A connection that was not redirected reports its own local
 /// address.
+///
+/// On a dual-stack listener (`[::]:port`), an IPv4 connection arrives as an IPv4-mapped IPv6
+/// address; its conntrack entry is IPv4, so it is asked with the IPv4 option and answered as
+/// a plain IPv4 address.
 pub fn original_dst(tcp: &TcpStream) -> io::Result<SocketAddr> {
     let sock = SockRef::from(tcp);
-    let addr = if tcp.local_addr()?.is_ipv4() {
+    let ipv4 = match tcp.local_addr()? {
+        SocketAddr::V4(_) => true,
+        SocketAddr::V6(v6) => v6.ip().to_ipv4_mapped().is_some(),
+    };
+    let addr = if ipv4 {
         sock.original_dst_v4()?
     } else {
         sock.original_dst_v6()?
@@ -92,6 +100,7 @@ fn redirected(
     not_redirected: &Counter,
 ) -> Option<SocketAddr> {
     let local = tcp.local_addr().ok()?;
+    let local = SocketAddr::new(canonical(local.ip()), local.port());
     match original_dst(tcp) {
         Ok(dst) if dst != local => Some(dst),
         Ok(_) => {

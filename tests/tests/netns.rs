@@ -11,7 +11,8 @@
 //!                           python3 -m http.server 8000
 //! ```
 //!
-//! `curl http://198.18.0.3:8000/...` from web reaches api's server by its plain address; a
+//! `curl http://198.18.0.3:8000/...` from web reaches api's server by its plain address (and
+//! by `[fd00:198:18::3]`, through ip6tables and dual-stack listeners); a
 //! capture on api's veth shows TLS records and none of the request or response bytes; the
 //! intruder's call is refused by api's policy; plaintext from a host without a proxy is
 //! refused (strict) and then allowed and counted (permissive); destinations outside the mesh
@@ -37,6 +38,13 @@ const LEGACY_ADDR: &str = "198.18.0.100";
 const WEB_ADDR: &str = "198.18.0.2";
 const API_ADDR: &str = "198.18.0.3";
 const INTRUDER_ADDR: &str = "198.18.0.4";
+/// The hosts' IPv6 network (unique local addresses, inside the test's own namespaces): host
+/// `198.18.0.N` is also `fd00:198:18::N`.
+const V6_NET: &str = "fd00:198:18::";
+/// api's IPv6 address.
+const API_ADDR_V6: &str = "fd00:198:18::3";
+/// Dual-stack transparent listeners (web and api): IPv4 arrives IPv4-mapped.
+const DUAL_STACK: &str = "outbound_listen = \"[::]:15001\"\ninbound_listen = \"[::]:15006\"";
 const NODE_PORT: u16 = 8443;
 const OPS: &str = "127.0.0.1:15000";
 const AGENT_OPS: &str = "127.0.0.1:15100";
@@ -95,6 +103,24 @@ fn sh(args: &[&str]) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
+/// Gives `dev` in `ns` the IPv6 twin of IPv4 `v4` (`198.18.0.N` → `fd00:198:18::N`), usable
+/// at once (no duplicate address detection).
+fn add_v6(ns: &str, dev: &str, v4: &str) {
+    let n = v4.rsplit('.').next().unwrap();
+    sh(&[
+        "ip",
+        "-n",
+        ns,
+        "-6",
+        "addr",
+        "add",
+        &format!("{V6_NET}{n}/64"),
+        "dev",
+        dev,
+        "nodad",
+    ]);
+}
+
 /// The namespaces of one run; deleted on drop (which also removes their veths and rules).
 struct Net {
     prefix: String,
@@ -137,6 +163,7 @@ impl Net {
             "dev",
             "br0",
         ]);
+        add_v6(&sw, "br0", CA_ADDR);
         sh(&["ip", "-n", &sw, "link", "set", "br0", "up"]);
         for (host, addr) in hosts {
             let ns = net.ns(host);
@@ -159,6 +186,7 @@ impl Net {
                 "dev",
                 "eth0",
             ]);
+            add_v6(&ns, "eth0", addr);
             sh(&["ip", "-n", &ns, "link", "set", "eth0", "up"]);
         }
         net
@@ -209,6 +237,11 @@ impl Net {
 
     fn nat_rules(&self, host: &str) -> String {
         String::from_utf8_lossy(&self.output(host, "iptables", &["-t", "nat", "-S"]).stdout)
+            .into_owned()
+    }
+
+    fn nat6_rules(&self, host: &str) -> String {
+        String::from_utf8_lossy(&self.output(host, "ip6tables", &["-t", "nat", "-S"]).stdout)
             .into_owned()
     }
 }
@@ -322,11 +355,14 @@ fn proxy_config(dir: &Path, host: &str, socket: &Path, exclude: Exclude, extra: 
              handshake_timeout = \"3s\"\n\
              [transparent]\n\
              {mark}\n\
-             mesh_cidrs = [\"198.18.0.0/28\"]\n\
+             mesh_cidrs = [\"198.18.0.0/28\", \"{V6_NET}/112\"]\n\
              expect = \"{TD}/**\"\n\
              {extra}\n\
              [[transparent.destinations]]\n\
              address = \"{API_ADDR}:8000\"\n\
+             expect = \"{TD}/api\"\n\
+             [[transparent.destinations]]\n\
+             address = \"[{API_ADDR_V6}]:8000\"\n\
              expect = \"{TD}/api\"\n",
             socket = socket.display(),
             mark = match exclude {
@@ -369,7 +405,14 @@ fn start_proxy(net: &Net, dir: &Path, host: &str, config: &Path, exclude: Exclud
     spawn_ready(net, dir, host, "meshid-proxy", cmd, OPS)
 }
 
-fn start_host(net: &Net, dir: &Path, ca: &Ca, name: &'static str, exclude: Exclude) -> Host {
+fn start_host(
+    net: &Net,
+    dir: &Path,
+    ca: &Ca,
+    name: &'static str,
+    exclude: Exclude,
+    extra: &str,
+) -> Host {
     let uid = match exclude {
         Exclude::Mark => 0,
         Exclude::Uid(uid) => {
@@ -397,7 +440,7 @@ fn start_host(net: &Net, dir: &Path, ca: &Ca, name: &'static str, exclude: Exclu
         "--x509-ttl",
         "1h",
     ]);
-    let config = proxy_config(dir, name, &socket, exclude, "");
+    let config = proxy_config(dir, name, &socket, exclude, extra);
     // The rules: the agent's connection to the CA is not redirected (it is its own mTLS).
     let proxy_bin = bin_dir().join("meshid-proxy").display().to_string();
     let config_arg = config.display().to_string();
@@ -409,6 +452,7 @@ fn start_host(net: &Net, dir: &Path, ca: &Ca, name: &'static str, exclude: Exclu
         &config_arg,
         "--exclude-outbound-cidrs",
         &ca_cidr,
+        "--ipv6",
     ];
     let uid_arg = uid.to_string();
     if let Exclude::Uid(_) = exclude {
@@ -580,14 +624,16 @@ fn transparent_mtls_between_namespaces() {
             dir.join(format!("{host}-http.log")),
         )
     };
-    let _api_server = server("api", "0.0.0.0", "8000");
+    // `::`: python's dual-stack server, IPv4 and IPv6.
+    let _api_server = server("api", "::", "8000");
     let _legacy_server = server("s", LEGACY_ADDR, "9000");
 
     // web and api exclude their proxies' connections by SO_MARK, the intruder by uid (its
     // proxy runs as an unprivileged user, as in the Kubernetes example).
-    let _web = start_host(&net, dir, &ca, "web", Exclude::Mark);
-    let mut api = start_host(&net, dir, &ca, "api", Exclude::Mark);
-    let _intruder = start_host(&net, dir, &ca, "intruder", Exclude::Uid(PROXY_UID));
+    // web and api listen dual-stack; the intruder on the IPv4-only defaults.
+    let _web = start_host(&net, dir, &ca, "web", Exclude::Mark, DUAL_STACK);
+    let mut api = start_host(&net, dir, &ca, "api", Exclude::Mark, DUAL_STACK);
+    let _intruder = start_host(&net, dir, &ca, "intruder", Exclude::Uid(PROXY_UID), "");
     wait_for(Duration::from_secs(10), "api's python server", || {
         let out = net.output(
             "api",
@@ -659,6 +705,34 @@ fn transparent_mtls_between_namespaces() {
                 && l.contains("\"port\":8000")
                 && l.contains("\"decision\":\"allow\"")),
         "api's access log: {access}"
+    );
+
+    // 1b. The same over IPv6 (ip6tables rules, IP6T_SO_ORIGINAL_DST).
+    let rules6 = net.nat6_rules("web");
+    assert!(
+        rules6.contains("-A OUTPUT -p tcp -j MESHID_OUTPUT"),
+        "{rules6}"
+    );
+    let url6 = format!("http://[{API_ADDR_V6}]:8000/{marker}.txt");
+    let capture = Capture::start(&net, dir, "vapi", "tcp port 8000");
+    let (code, body) = net.curl("web", &url6);
+    let pcap = capture.finish();
+    assert_eq!(
+        (code, body.trim()),
+        (200, format!("body {marker}").as_str()),
+        "web -> api over IPv6"
+    );
+    assert!(
+        !contains(&pcap, marker.as_bytes()),
+        "IPv6 plaintext on api's veth"
+    );
+    assert!(looks_like_tls(&pcap), "no TLS records on api's veth (IPv6)");
+    wait_metric(
+        &net,
+        "api",
+        TRANSPARENT,
+        &[("direction", "inbound"), ("result", "mtls")],
+        2.0,
     );
 
     // 2. The intruder is in the mesh but outside the policy: refused by api, and logged.
@@ -740,7 +814,7 @@ fn transparent_mtls_between_namespaces() {
         "api",
         &dir.join("api/agent/api.sock"),
         Exclude::Mark,
-        "inbound_mode = \"permissive\"",
+        &format!("{DUAL_STACK}\ninbound_mode = \"permissive\""),
     );
     assert_eq!(permissive, api.config);
     api.proxy = Some(start_proxy(&net, dir, "api", &api.config, Exclude::Mark));
@@ -763,18 +837,18 @@ fn transparent_mtls_between_namespaces() {
     // 7. Uninstall removes every rule; web's curl is then plaintext, which api (permissive)
     //    lets through and counts.
     let proxy_bin = bin_dir().join("meshid-proxy").display().to_string();
-    let out = net.output("web", &proxy_bin, &["iptables", "uninstall"]);
+    let out = net.output("web", &proxy_bin, &["iptables", "uninstall", "--ipv6"]);
     assert!(
         out.status.success(),
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let rules = net.nat_rules("web");
+    let rules = net.nat_rules("web") + &net.nat6_rules("web");
     assert!(
         !rules.contains("MESHID"),
         "rules left after uninstall: {rules}"
     );
-    let out = net.output("web", &proxy_bin, &["iptables", "uninstall"]);
+    let out = net.output("web", &proxy_bin, &["iptables", "uninstall", "--ipv6"]);
     assert!(out.status.success(), "a second uninstall must succeed too");
     let before = net.metric(
         "api",
