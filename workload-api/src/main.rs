@@ -74,9 +74,10 @@ struct RunArgs {
 
 #[derive(Args, Debug, Clone)]
 struct Sock {
-    /// The Workload API socket.
-    #[arg(long, short = 's', default_value = DEFAULT_SOCKET)]
-    socket: PathBuf,
+    /// The Workload API socket [default: SPIFFE_ENDPOINT_SOCKET if set (unix:///path), else
+    /// /run/meshid/agent/api.sock].
+    #[arg(long, short = 's')]
+    socket: Option<PathBuf>,
     /// Give up after this long.
     #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
     timeout: Duration,
@@ -217,8 +218,34 @@ async fn serve(config: Config, join_token: Option<String>) -> anyhow::Result<()>
     .await
 }
 
+/// The Workload API endpoint: `-s PATH`, else `SPIFFE_ENDPOINT_SOCKET` (as SPIFFE clients read
+/// it: `unix:///path` or `unix:/path`), else the default socket.
+fn endpoint(flag: Option<&std::path::Path>, env: Option<String>) -> anyhow::Result<String> {
+    if let Some(path) = flag {
+        return Ok(format!("unix://{}", path.display()));
+    }
+    match env.filter(|e| !e.is_empty()) {
+        None => Ok(format!("unix://{DEFAULT_SOCKET}")),
+        Some(e) => {
+            let path = e
+                .strip_prefix("unix://")
+                .or_else(|| e.strip_prefix("unix:"))
+                .filter(|p| p.starts_with('/'))
+                .ok_or_else(|| {
+                    anyhow::anyhow!(
+                        "SPIFFE_ENDPOINT_SOCKET={e:?} is not unix:///absolute/path (or pass -s PATH)"
+                    )
+                })?;
+            Ok(format!("unix://{path}"))
+        }
+    }
+}
+
 async fn client(sock: &Sock) -> anyhow::Result<spiffe::WorkloadApiClient> {
-    let endpoint = format!("unix://{}", sock.socket.display());
+    let endpoint = endpoint(
+        sock.socket.as_deref(),
+        std::env::var("SPIFFE_ENDPOINT_SOCKET").ok(),
+    )?;
     let c = tokio::time::timeout(
         sock.timeout,
         spiffe::WorkloadApiClient::connect_to(&endpoint),
@@ -380,4 +407,41 @@ fn main() -> ExitCode {
             },
         }
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn endpoint_comes_from_the_flag_then_the_environment_then_the_default() {
+        let p = std::path::Path::new("/tmp/a.sock");
+        let env = Some("unix:///run/x.sock".to_owned());
+        assert_eq!(
+            endpoint(Some(p), env.clone()).unwrap(),
+            "unix:///tmp/a.sock"
+        );
+        assert_eq!(endpoint(None, env).unwrap(), "unix:///run/x.sock");
+        assert_eq!(
+            endpoint(None, Some("unix:/run/y.sock".into())).unwrap(),
+            "unix:///run/y.sock"
+        );
+        assert_eq!(
+            endpoint(None, None).unwrap(),
+            format!("unix://{DEFAULT_SOCKET}")
+        );
+        assert_eq!(
+            endpoint(None, Some(String::new())).unwrap(),
+            format!("unix://{DEFAULT_SOCKET}")
+        );
+        for bad in [
+            "tcp://127.0.0.1:1",
+            "/run/x.sock",
+            "unix://relative.sock",
+            "unix:",
+        ] {
+            let e = endpoint(None, Some(bad.into())).unwrap_err().to_string();
+            assert!(e.contains("SPIFFE_ENDPOINT_SOCKET"), "{bad}: {e}");
+        }
+    }
 }
