@@ -537,6 +537,36 @@ fn looks_like_tls(pcap: &[u8]) -> bool {
         && contains(pcap, &[0x17, 0x03, 0x03])
 }
 
+/// curl from web to api's `url` answers the marker file, and a capture on api's veth shows
+/// TLS records and neither the request nor the response.
+fn web_to_api_encrypted(net: &Net, dir: &Path, url: &str, marker: &str) {
+    let capture = Capture::start(net, dir, "vapi", "tcp port 8000");
+    let (code, body) = net.curl("web", url);
+    let pcap = capture.finish();
+    assert_eq!(
+        (code, body.trim()),
+        (200, format!("body {marker}").as_str()),
+        "web -> {url}"
+    );
+    assert!(
+        pcap.len() > 200,
+        "the capture on api's veth saw nothing ({} bytes)",
+        pcap.len()
+    );
+    assert!(
+        !contains(&pcap, marker.as_bytes()),
+        "plaintext of the request or response was seen on api's veth ({url})"
+    );
+    assert!(
+        !contains(&pcap, b"GET /"),
+        "an HTTP request line was seen on api's veth ({url})"
+    );
+    assert!(
+        looks_like_tls(&pcap),
+        "no TLS records on api's veth ({url})"
+    );
+}
+
 fn wait_metric(net: &Net, host: &str, name: &str, labels: &[(&str, &str)], at_least: f64) {
     wait_for(
         Duration::from_secs(5),
@@ -661,28 +691,7 @@ fn transparent_mtls_between_namespaces() {
 
     // 1. web -> api by its plain address: mTLS on the wire, the response intact.
     let url = format!("http://{API_ADDR}:8000/{marker}.txt");
-    let capture = Capture::start(&net, dir, "vapi", "tcp port 8000");
-    let (code, body) = net.curl("web", &url);
-    let pcap = capture.finish();
-    assert_eq!(
-        (code, body.trim()),
-        (200, format!("body {marker}").as_str()),
-        "web -> api"
-    );
-    assert!(
-        pcap.len() > 200,
-        "the capture on api's veth saw nothing ({} bytes)",
-        pcap.len()
-    );
-    assert!(
-        !contains(&pcap, marker.as_bytes()),
-        "plaintext of the request or response was seen on api's veth"
-    );
-    assert!(
-        !contains(&pcap, b"GET /"),
-        "an HTTP request line was seen on api's veth"
-    );
-    assert!(looks_like_tls(&pcap), "no TLS records on api's veth");
+    web_to_api_encrypted(&net, dir, &url, &marker);
     wait_metric(
         &net,
         "web",
@@ -714,19 +723,7 @@ fn transparent_mtls_between_namespaces() {
         "{rules6}"
     );
     let url6 = format!("http://[{API_ADDR_V6}]:8000/{marker}.txt");
-    let capture = Capture::start(&net, dir, "vapi", "tcp port 8000");
-    let (code, body) = net.curl("web", &url6);
-    let pcap = capture.finish();
-    assert_eq!(
-        (code, body.trim()),
-        (200, format!("body {marker}").as_str()),
-        "web -> api over IPv6"
-    );
-    assert!(
-        !contains(&pcap, marker.as_bytes()),
-        "IPv6 plaintext on api's veth"
-    );
-    assert!(looks_like_tls(&pcap), "no TLS records on api's veth (IPv6)");
+    web_to_api_encrypted(&net, dir, &url6, &marker);
     wait_metric(
         &net,
         "api",
