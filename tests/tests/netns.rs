@@ -103,9 +103,23 @@ fn sh(args: &[&str]) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
-/// Gives `dev` in `ns` the IPv6 twin of IPv4 `v4` (`198.18.0.N` → `fd00:198:18::N`), usable
-/// at once (no duplicate address detection).
-fn add_v6(ns: &str, dev: &str, v4: &str) {
+/// Gives `dev` in `ns` the IPv4 address `v4` (in a /24) and its IPv6 twin (`198.18.0.N` →
+/// `fd00:198:18::N`, usable at once: no duplicate address detection). The switch's second
+/// address (the legacy server's) gets no twin.
+fn add_addr(ns: &str, dev: &str, v4: &str) {
+    sh(&[
+        "ip",
+        "-n",
+        ns,
+        "addr",
+        "add",
+        &format!("{v4}/24"),
+        "dev",
+        dev,
+    ]);
+    if v4 == LEGACY_ADDR {
+        return;
+    }
     let n = v4.rsplit('.').next().unwrap();
     sh(&[
         "ip",
@@ -143,27 +157,8 @@ impl Net {
         net.names.push(sw.clone());
         sh(&["ip", "-n", &sw, "link", "set", "lo", "up"]);
         sh(&["ip", "-n", &sw, "link", "add", "br0", "type", "bridge"]);
-        sh(&[
-            "ip",
-            "-n",
-            &sw,
-            "addr",
-            "add",
-            &format!("{CA_ADDR}/24"),
-            "dev",
-            "br0",
-        ]);
-        sh(&[
-            "ip",
-            "-n",
-            &sw,
-            "addr",
-            "add",
-            &format!("{LEGACY_ADDR}/24"),
-            "dev",
-            "br0",
-        ]);
-        add_v6(&sw, "br0", CA_ADDR);
+        add_addr(&sw, "br0", CA_ADDR);
+        add_addr(&sw, "br0", LEGACY_ADDR);
         sh(&["ip", "-n", &sw, "link", "set", "br0", "up"]);
         for (host, addr) in hosts {
             let ns = net.ns(host);
@@ -176,17 +171,7 @@ impl Net {
             ]);
             sh(&["ip", "-n", &sw, "link", "set", &veth, "master", "br0", "up"]);
             sh(&["ip", "-n", &ns, "link", "set", "lo", "up"]);
-            sh(&[
-                "ip",
-                "-n",
-                &ns,
-                "addr",
-                "add",
-                &format!("{addr}/24"),
-                "dev",
-                "eth0",
-            ]);
-            add_v6(&ns, "eth0", addr);
+            add_addr(&ns, "eth0", addr);
             sh(&["ip", "-n", &ns, "link", "set", "eth0", "up"]);
         }
         net
