@@ -124,6 +124,10 @@ pub struct RawTransparent {
     /// `strict` (default: plaintext inbound is refused) or `permissive` (plaintext inbound is
     /// forwarded and counted, for migrating services into the mesh).
     pub inbound_mode: Option<String>,
+    /// Where inbound connections are forwarded: `original` (default: the address the caller
+    /// dialed, for services listening on their external address or on all) or `loopback`
+    /// (the same port on 127.0.0.1 or ::1, for services that listen only on loopback).
+    pub inbound_forward: Option<String>,
     /// SO_MARK set on the proxy's own upstream and forwarding sockets, so iptables rules can
     /// exclude them (needs CAP_NET_ADMIN; the alternative is excluding the proxy's uid).
     pub mark: Option<u32>,
@@ -257,6 +261,30 @@ pub enum InboundMode {
     Permissive,
 }
 
+/// Where transparent inbound forwards a connection.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum InboundForward {
+    /// The original destination.
+    Original,
+    /// The original port on the loopback address of the same family.
+    Loopback,
+}
+
+impl InboundForward {
+    /// The application's address for a connection whose original destination is `dst`.
+    pub fn target(self, dst: SocketAddr) -> SocketAddr {
+        match (self, dst) {
+            (InboundForward::Original, _) => dst,
+            (InboundForward::Loopback, SocketAddr::V4(_)) => {
+                SocketAddr::new(std::net::Ipv4Addr::LOCALHOST.into(), dst.port())
+            }
+            (InboundForward::Loopback, SocketAddr::V6(_)) => {
+                SocketAddr::new(std::net::Ipv6Addr::LOCALHOST.into(), dst.port())
+            }
+        }
+    }
+}
+
 /// A mesh destination by address.
 #[derive(Clone, Debug)]
 pub struct Destination {
@@ -277,6 +305,8 @@ pub struct Transparent {
     pub inbound_listen: SocketAddr,
     /// Plaintext inbound handling.
     pub inbound_mode: InboundMode,
+    /// Where inbound connections go.
+    pub inbound_forward: InboundForward,
     /// SO_MARK of the proxy's own sockets.
     pub mark: Option<u32>,
     /// Networks upgraded to mTLS.
@@ -672,6 +702,16 @@ fn transparent(t: RawTransparent) -> Result<Transparent, ConfigError> {
             ))
         }
     };
+    let inbound_forward = match t.inbound_forward.as_deref() {
+        None | Some("original") => InboundForward::Original,
+        Some("loopback") => InboundForward::Loopback,
+        Some(other) => {
+            return Err(invalid(
+                "transparent.inbound_forward",
+                format!("{other:?}: use original or loopback"),
+            ))
+        }
+    };
     let mut mesh_cidrs = Vec::new();
     for c in &t.mesh_cidrs {
         mesh_cidrs.push(
@@ -731,6 +771,7 @@ fn transparent(t: RawTransparent) -> Result<Transparent, ConfigError> {
         outbound_listen,
         inbound_listen,
         inbound_mode,
+        inbound_forward,
         mark: t.mark,
         mesh_cidrs,
         expect,

@@ -9,7 +9,8 @@
 //! - **Inbound** (`inbound_listen`): a connection that starts a TLS handshake is handled like
 //!   an explicit inbound listener's ([`crate::inbound`]): the peer's SVID is verified, the
 //!   policy decides with the original destination port, and plaintext is forwarded to the
-//!   original destination. A connection that does not start with TLS is refused (`strict`,
+//!   original destination (or, with `inbound_forward = "loopback"`, to its port on loopback,
+//!   for services that listen only there). A connection that does not start with TLS is refused (`strict`,
 //!   the default) or forwarded and counted (`permissive`, for migrating a service into the
 //!   mesh).
 //!
@@ -28,7 +29,7 @@ use socket2::SockRef;
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio_rustls::{TlsAcceptor, TlsConnector};
 
-use crate::config::{Inbound, InboundMode, InboundProtocol, Transparent};
+use crate::config::{Inbound, InboundForward, InboundMode, InboundProtocol, Transparent};
 use crate::metrics::ListenerMetrics;
 use crate::server::Shared;
 
@@ -299,6 +300,7 @@ pub struct InboundListener {
     shared: Arc<Shared>,
     listen: SocketAddr,
     mode: InboundMode,
+    forward: InboundForward,
     tcp_ports: Vec<u16>,
     mtls: Counter,
     plaintext_refused: Counter,
@@ -318,6 +320,7 @@ impl InboundListener {
             not_redirected: m.transparent("inbound", "not_redirected"),
             listen: config.inbound_listen,
             mode: config.inbound_mode,
+            forward: config.inbound_forward,
             tcp_ports: config.tcp_ports.clone(),
             shared,
         }
@@ -357,6 +360,7 @@ async fn inbound(this: &InboundListener, acceptor: &TlsAcceptor, tcp: TcpStream,
         InboundMode::Permissive => this.shared.detect_timeout,
     };
     let first = first_byte(&tcp, wait).await;
+    let app = this.forward.target(dst);
     if first == Some(TLS_HANDSHAKE) {
         this.mtls.inc();
         let protocol = if this.tcp_ports.contains(&dst.port()) {
@@ -370,7 +374,7 @@ async fn inbound(this: &InboundListener, acceptor: &TlsAcceptor, tcp: TcpStream,
             config: Inbound {
                 name: this.metrics.name.clone(),
                 listen: this.listen,
-                forward_to: dst.to_string(),
+                forward_to: app.to_string(),
                 port: dst.port(),
                 protocol,
             },
@@ -392,7 +396,7 @@ async fn inbound(this: &InboundListener, acceptor: &TlsAcceptor, tcp: TcpStream,
         InboundMode::Permissive => {
             this.plaintext_allowed.inc();
             tracing::debug!(listener = %this.metrics.name, peer = %peer, port = dst.port(), "plaintext inbound forwarded (inbound_mode = permissive)");
-            passthrough(&this.metrics, &this.shared, "inbound", tcp, dst, start).await;
+            passthrough(&this.metrics, &this.shared, "inbound", tcp, app, start).await;
         }
     }
 }

@@ -604,7 +604,7 @@ fn transparent_mtls_between_namespaces() {
     std::fs::write(
         dir.join("policy.yaml"),
         format!(
-            "name: mesh\ndefault: deny\nrules:\n  - name: web-to-api\n    from: [\"{TD}/web\"]\n    to: [\"{TD}/api\"]\n    ports: [8000]\n"
+            "name: mesh\ndefault: deny\nrules:\n  - name: web-to-api\n    from: [\"{TD}/web\"]\n    to: [\"{TD}/api\"]\n    ports: [8000, 8001]\n"
         ),
     )
     .unwrap();
@@ -641,6 +641,8 @@ fn transparent_mtls_between_namespaces() {
     };
     // `::`: python's dual-stack server, IPv4 and IPv6.
     let _api_server = server("api", "::", "8000");
+    // A service that listens on loopback only (see `inbound_forward` in step 6).
+    let _api_local_server = server("api", "127.0.0.1", "8001");
     let _legacy_server = server("s", LEGACY_ADDR, "9000");
 
     // web and api exclude their proxies' connections by SO_MARK, the intruder by uid (its
@@ -790,13 +792,21 @@ fn transparent_mtls_between_namespaces() {
     );
 
     // 6. Permissive mode for migration: plaintext is forwarded and counted; mTLS still works.
+    //    And inbound_forward = "loopback" reaches a service listening on 127.0.0.1 only, which
+    //    forwarding to the original address cannot.
+    let local_url = format!("http://{API_ADDR}:8001/{marker}.txt");
+    assert_eq!(
+        net.curl("web", &local_url).0,
+        502,
+        "loopback-only service, original forward"
+    );
     api.proxy.as_mut().unwrap().stop();
     let permissive = proxy_config(
         dir,
         "api",
         &dir.join("api/agent/api.sock"),
         Exclude::Mark,
-        &format!("{DUAL_STACK}\ninbound_mode = \"permissive\""),
+        &format!("{DUAL_STACK}\ninbound_mode = \"permissive\"\ninbound_forward = \"loopback\""),
     );
     assert_eq!(permissive, api.config);
     api.proxy = Some(start_proxy(&net, dir, "api", &api.config, Exclude::Mark));
@@ -815,6 +825,12 @@ fn transparent_mtls_between_namespaces() {
     );
     assert_eq!(net.curl("web", &url).0, 200);
     assert_eq!(net.curl("intruder", &url).0, 403);
+    let (code, body) = net.curl("web", &local_url);
+    assert_eq!(
+        (code, body.trim()),
+        (200, format!("body {marker}").as_str()),
+        "loopback-only service, loopback forward"
+    );
 
     // 7. Uninstall removes every rule; web's curl is then plaintext, which api (permissive)
     //    lets through and counts.

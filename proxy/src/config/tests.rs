@@ -153,6 +153,7 @@ fn transparent_defaults_and_full_table() {
     assert_eq!(t.outbound_listen.to_string(), DEFAULT_TRANSPARENT_OUTBOUND);
     assert_eq!(t.inbound_listen.to_string(), DEFAULT_TRANSPARENT_INBOUND);
     assert_eq!(t.inbound_mode, InboundMode::Strict);
+    assert_eq!(t.inbound_forward, InboundForward::Original);
     assert!(t.mark.is_none() && t.mesh_cidrs.is_empty() && t.destinations.is_empty());
 
     let c = parse(
@@ -161,6 +162,7 @@ fn transparent_defaults_and_full_table() {
 outbound_listen = "127.0.0.1:25001"
 inbound_listen = "0.0.0.0:25006"
 inbound_mode = "permissive"
+inbound_forward = "loopback"
 mark = 1337
 mesh_cidrs = ["10.0.0.0/8", "fd00::/8", "192.0.2.7"]
 expect = "spiffe://example.org/**"
@@ -176,6 +178,12 @@ expect = "spiffe://example.org/db/*"
     .unwrap();
     let t = c.transparent.unwrap();
     assert_eq!(t.inbound_mode, InboundMode::Permissive);
+    assert_eq!(t.inbound_forward, InboundForward::Loopback);
+    let dst: SocketAddr = "10.1.2.3:8080".parse().unwrap();
+    assert_eq!(t.inbound_forward.target(dst).to_string(), "127.0.0.1:8080");
+    let dst6: SocketAddr = "[fd00::3]:8080".parse().unwrap();
+    assert_eq!(t.inbound_forward.target(dst6).to_string(), "[::1]:8080");
+    assert_eq!(InboundForward::Original.target(dst), dst);
     assert_eq!(t.mark, Some(1337));
     assert_eq!(t.mesh_cidrs[2].to_string(), "192.0.2.7/32");
     assert_eq!(t.destinations[0].port, Some(8080));
@@ -192,6 +200,7 @@ fn bad_transparent_tables_are_refused_with_the_key() {
     let cases: &[(&str, &str)] = &[
         ("[transparent]\nbogus = 1", "proxy.toml:2:1"),
         ("[transparent]\ninbound_mode = 'open'", "transparent.inbound_mode"),
+        ("[transparent]\ninbound_forward = 'localhost'", "transparent.inbound_forward"),
         ("[transparent]\noutbound_listen = 'localhost:1'", "transparent.outbound_listen"),
         ("[transparent]\nmesh_cidrs = ['10.0.0.0/8']", "transparent.expect: required"),
         ("[transparent]\nmesh_cidrs = ['10.0.0.1/8']\nexpect = 'spiffe://example.org/**'", "host bits"),
