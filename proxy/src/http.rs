@@ -364,6 +364,10 @@ pub fn normalize_path(path: &str) -> Option<Cow<'_, str>> {
         let b = bytes[i];
         if b == b'%' {
             let hex = bytes.get(i + 1..i + 3)?;
+            // Two hex digits exactly (`from_str_radix` alone would also take a sign: `%+f`).
+            if !hex.iter().all(u8::is_ascii_hexdigit) {
+                return None;
+            }
             let s = std::str::from_utf8(hex).ok()?;
             let v = u8::from_str_radix(s, 16).ok()?;
             let unreserved = v.is_ascii_alphanumeric() || matches!(v, b'-' | b'.' | b'_' | b'~');
@@ -379,8 +383,10 @@ pub fn normalize_path(path: &str) -> Option<Cow<'_, str>> {
         } else if b == b'\\' || b == 0 {
             return None;
         } else {
-            decoded.push(b as char);
-            i += 1;
+            // A whole character: `i` is always on a boundary (`%XX` and `\\` are ASCII).
+            let c = path[i..].chars().next()?;
+            decoded.push(c);
+            i += c.len_utf8();
         }
     }
     let mut out: Vec<&str> = Vec::new();
@@ -444,5 +450,28 @@ mod tests {
         assert_eq!(ok("/%2e%2e/admin"), None);
         assert_eq!(ok("/x/%2e%2e/admin").as_deref(), Some("/admin"));
         assert_eq!(ok("relative"), None);
+    }
+
+    #[test]
+    fn non_ascii_characters_are_kept_whole() {
+        // Found by the request_path fuzz target: each byte of U+075A was pushed as a char of
+        // its own, so the path came back mangled and normalizing it again changed it.
+        let path = std::str::from_utf8(b"/\xdd\x9a%ee").unwrap();
+        let once = normalize_path(path).unwrap().into_owned();
+        assert_eq!(once, "/\u{75a}%EE");
+        assert_eq!(normalize_path(&once).as_deref(), Some(once.as_str()));
+        assert_eq!(
+            normalize_path("/caf\u{e9}/./x").as_deref(),
+            Some("/caf\u{e9}/x")
+        );
+    }
+
+    #[test]
+    fn percent_escapes_need_two_hex_digits() {
+        for bad in ["/a%+f", "/a%-1", "/a%g0", "/a%f", "/a%"] {
+            assert_eq!(normalize_path(bad), None, "{bad}");
+        }
+        assert_eq!(normalize_path("/a%2f%41").as_deref(), None, "encoded slash");
+        assert_eq!(normalize_path("/a%41%7e").as_deref(), Some("/aA~"));
     }
 }
