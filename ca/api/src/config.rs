@@ -41,9 +41,39 @@ pub fn parse_toml<T: DeserializeOwned>(path: &Path, text: &str) -> Result<T, Tom
             path: path.to_owned(),
             line: before.matches('\n').count() + 1,
             column: before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1,
-            message: e.message().trim_end().to_owned(),
+            message: hide_string_values(e.message().trim_end()),
         }
     })
+}
+
+/// serde's type errors quote the value they refused (`invalid type: string "...", expected a
+/// sequence`, the string Debug-escaped): keep the words, drop the value, since it is the file's
+/// text (a multi-line string's lines, a password written where a table goes).
+fn hide_string_values(message: &str) -> String {
+    const QUOTE: &str = ": string \"";
+    let mut out = String::with_capacity(message.len());
+    let mut rest = message;
+    while let Some(at) = rest.find(QUOTE) {
+        out.push_str(&rest[..at + QUOTE.len() - 2]);
+        let value = &rest[at + QUOTE.len()..];
+        let mut chars = value.char_indices();
+        let mut end = value.len();
+        while let Some((i, c)) = chars.next() {
+            match c {
+                '\\' => {
+                    chars.next();
+                }
+                '"' => {
+                    end = i + 1;
+                    break;
+                }
+                _ => {}
+            }
+        }
+        rest = &value[end..];
+    }
+    out.push_str(rest);
+    out
 }
 
 /// Reads and parses a TOML file into `T`.
@@ -64,6 +94,7 @@ mod tests {
     #[allow(dead_code)]
     struct T {
         a: Option<String>,
+        list: Option<Vec<String>>,
     }
 
     #[test]
@@ -84,6 +115,33 @@ mod tests {
         assert!(
             err.contains("cannot read config /nonexistent/x.toml"),
             "{err}"
+        );
+    }
+
+    #[test]
+    fn type_errors_never_quote_the_refused_string() {
+        // Found by the agent's config fuzz target: serde's "invalid type: string \"...\"" quoted
+        // the value, here a whole line of the file.
+        let text = "list = \"\"\"\nald multline basic string\n\"\"\"";
+        let err = parse_toml::<T>(Path::new("x.toml"), text)
+            .unwrap_err()
+            .to_string();
+        assert!(!err.contains("ald multline"), "{err}");
+        assert!(
+            err.contains("x.toml:1:8: invalid type: string, expected a sequence"),
+            "{err}"
+        );
+        let err = parse_toml::<T>(Path::new("x.toml"), r#"list = "pw-\"secret\\" # a"#)
+            .unwrap_err()
+            .to_string();
+        assert!(!err.contains("secret"), "{err}");
+        assert!(
+            err.ends_with("invalid type: string, expected a sequence"),
+            "{err}"
+        );
+        assert_eq!(
+            hide_string_values(r#"invalid value: string "a\"b", expected x; string "c""#),
+            r#"invalid value: string, expected x; string "c""#
         );
     }
 }
