@@ -15,9 +15,32 @@ fn from_text(text: &str) -> Option<String> {
         .and_then(Config::try_from);
     Some(match parsed.err()? {
         ConfigError::File(TomlError::Parse { message, .. }) => message,
-        ConfigError::Invalid { reason, .. } => reason,
+        ConfigError::Invalid { reason, .. } => unquoted(&reason),
         e => e.to_string(),
     })
+}
+
+/// An `Invalid` reason quotes the key's refused value on purpose, as one Debug-escaped string,
+/// so the operator sees what was wrong. A multi-line string's lines are in it
+/// by design; the rest of the reason is ours and must never quote the file.
+fn unquoted(reason: &str) -> String {
+    let mut out = String::with_capacity(reason.len());
+    let mut quoted = false;
+    let mut chars = reason.chars();
+    while let Some(c) = chars.next() {
+        match c {
+            '"' => {
+                quoted = !quoted;
+                out.push(c);
+            }
+            '\\' if quoted => {
+                chars.next();
+            }
+            _ if quoted => {}
+            _ => out.push(c),
+        }
+    }
+    out
 }
 
 fuzz_target!(|data: &[u8]| {
