@@ -145,11 +145,16 @@ pub fn redact_url(url: &str) -> String {
     let Some((scheme, rest)) = url.split_once("://") else {
         return url.to_owned();
     };
-    let (authority, tail) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
-    match authority.rsplit_once('@') {
+    // The last `@` ends the user information, even when an unescaped `/`, `?` or `#` in the
+    // password hides where the authority ends: better hide too much than a password.
+    match rest.rsplit_once('@') {
         Some((userinfo, host)) => {
-            let user = userinfo.split(':').next().unwrap_or("");
-            format!("{scheme}://{user}:***@{host}{tail}")
+            let user = userinfo
+                .split(':')
+                .next()
+                .filter(|u| !u.contains(['/', '?', '#']))
+                .unwrap_or("***");
+            format!("{scheme}://{user}:***@{host}")
         }
         None => url.to_owned(),
     }
@@ -513,6 +518,16 @@ mod tests {
             .unwrap();
         assert!(!format!("{c:?}").contains("hunter2"));
         assert_eq!(redact_url("postgres://u:pw@h/db"), "postgres://u:***@h/db");
+        // Unescaped `/`, `?` and `#` in a password.
+        assert_eq!(redact_url("mysql://u:pa/ss@h/db"), "mysql://u:***@h/db");
+        assert_eq!(
+            redact_url("postgres://u:a?b#c@h:5432/db?sslmode=require"),
+            "postgres://u:***@h:5432/db?sslmode=require"
+        );
+        assert_eq!(
+            redact_url("postgres:///x/y:pw@h/db"),
+            "postgres://***:***@h/db"
+        );
         assert_eq!(redact_url("sqlite:///a/b"), "sqlite:///a/b");
     }
 }

@@ -29,6 +29,7 @@ use super::{
     AgentRecord, CaKeyKind, CaKeyRecord, CaKeyState, Datastore, JoinTokenRecord, StoreError,
 };
 use crate::audit::{AuditEvent, AuditRecord};
+use crate::config::redact_url;
 use crate::entry::{EntryId, EntrySpec, RegistrationEntry};
 
 /// The newest schema version this binary knows (the last entry of the migration list).
@@ -1036,16 +1037,6 @@ fn restrict_mode(path: &Path) -> Result<(), StoreError> {
     }
 }
 
-/// The URL without anything between `://` and `@` (a password, in URLs that carry one).
-fn redact_url(url: &str) -> String {
-    match (url.find("://"), url.rfind('@')) {
-        (Some(scheme_end), Some(at)) if at > scheme_end => {
-            format!("{}://***{}", &url[..scheme_end], &url[at..])
-        }
-        _ => url.to_owned(),
-    }
-}
-
 /// Maps a unique-constraint violation to [`StoreError::AlreadyExists`].
 fn map_unique<T>(
     result: Result<T, sqlx::Error>,
@@ -1239,7 +1230,7 @@ mod tests {
 
     #[test]
     fn passwords_are_not_echoed() {
-        assert_eq!(redact_url("mysql://u:pw@host/db"), "mysql://***@host/db");
+        assert_eq!(redact_url("mysql://u:pw@host/db"), "mysql://u:***@host/db");
         assert_eq!(redact_url("mysql://host/db"), "mysql://host/db");
     }
 
