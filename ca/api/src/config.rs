@@ -76,6 +76,51 @@ fn hide_string_values(message: &str) -> String {
     out
 }
 
+/// For configuration tests and fuzz targets: `reason` with every Debug-quoted value emptied
+/// (`"..."` kept as `""`). An invalid-value reason quotes the refused value on purpose, so the
+/// operator sees what was wrong; the rest of the reason is ours.
+pub fn without_quoted_values(reason: &str) -> String {
+    let mut out = String::with_capacity(reason.len());
+    let mut quoted = false;
+    let mut chars = reason.chars();
+    while let Some(c) = chars.next() {
+        match c {
+            '"' => {
+                quoted = !quoted;
+                out.push(c);
+            }
+            '\\' if quoted => {
+                chars.next();
+            }
+            _ if quoted => {}
+            _ => out.push(c),
+        }
+    }
+    out
+}
+
+/// For configuration tests and fuzz targets: a line of `text` (longer than 24 bytes) that the
+/// error for `text` quotes, where `error_of` renders the part of a file's error that may come
+/// from the file (`None`: the file is valid). A line counts as quoted only if the error loses
+/// it when that line is blanked: a line that merely copies the error's own words (a fuzzer
+/// learns them) is in the error either way.
+pub fn quoted_line(text: &str, error_of: impl Fn(&str) -> Option<String>) -> Option<&str> {
+    let msg = error_of(text)?;
+    let lines: Vec<&str> = text.split('\n').collect();
+    for (i, line) in lines.iter().enumerate() {
+        let line = line.strip_suffix('\r').unwrap_or(line);
+        if line.len() <= 24 || !msg.contains(line) {
+            continue;
+        }
+        let mut blanked = lines.clone();
+        blanked[i] = "";
+        if !error_of(&blanked.join("\n")).is_some_and(|m| m.contains(line)) {
+            return Some(line);
+        }
+    }
+    None
+}
+
 /// Reads and parses a TOML file into `T`.
 pub fn read_toml<T: DeserializeOwned>(path: &Path) -> Result<T, TomlError> {
     let text = std::fs::read_to_string(path).map_err(|source| TomlError::Read {
@@ -115,6 +160,25 @@ mod tests {
         assert!(
             err.contains("cannot read config /nonexistent/x.toml"),
             "{err}"
+        );
+    }
+
+    #[test]
+    fn quoted_lines_are_found_and_copied_words_are_not() {
+        let secret = "password = hunter2-hunter2-hunter2-hunter2";
+        let echo = |t: &str| t.contains("hunter2").then(|| format!("bad line: {t}"));
+        assert_eq!(quoted_line(secret, echo), Some(secret));
+        // The error's own words, copied into the file, are not a quote of the file.
+        let words =
+            |t: &str| (!t.is_empty()).then(|| "invalid config: this is our own text".to_owned());
+        assert_eq!(
+            quoted_line("x\ninvalid config: this is our own text", words),
+            None
+        );
+        assert_eq!(quoted_line("valid", |_| None), None);
+        assert_eq!(
+            without_quoted_values(r#"trust_domain: "a\"b c": bad; see "x""#),
+            r#"trust_domain: "": bad; see """#
         );
     }
 
