@@ -1034,32 +1034,15 @@ const MIN_LOAD: Duration = Duration::from_secs(6);
 fn proxy_rotation_under_load() {
     let _serial = serial();
     let started = Instant::now();
-    let tmp = tempfile::tempdir().unwrap();
-    let dir = tmp.path();
-    let ca = Ca::start(dir, &[]);
-    let (t1, t2) = (token(&ca), token(&ca));
-    create_entry(&ca, "web", &id("web"), &t1.1, ROTATION_TTL);
-    create_entry(&ca, "api", &id("api"), &t2.1, ROTATION_TTL);
-    let node1 = start_node(dir, "node1", &ca, t1);
-    let node2 = start_node(dir, "node2", &ca, t2);
-    let backend = HttpBackend::start();
-    let policy = dir.join("policy.yaml");
-    std::fs::write(&policy, ALLOW_WEB_TO_API).unwrap();
-    let api_in = local_addr();
-    let mut api = Proxy::start(
-        dir,
-        "api",
-        &(proxy_head(dir, "api", &node2, &id("api"), Some(&policy), "")
-            + &inbound("api-in", &api_in, backend.addr(), 8080, "detect")),
-    );
-    let web_out = local_addr();
-    let mut web = Proxy::start(
-        dir,
-        "web",
-        &(proxy_head(dir, "web", &node1, &id("web"), None, "")
-            + &outbound("to-api", &web_out, &api_in, &id("api"))),
-    );
-    wait_ready(&mut [&mut api, &mut web]);
+    // The rest of the mesh (agents, CA, backend) lives in `mesh` until the end.
+    let mesh = WebToApi::start(ROTATION_TTL, ALLOW_WEB_TO_API);
+    let WebToApi {
+        mut api,
+        mut web,
+        web_out,
+        api_in,
+        ..
+    } = mesh;
     eprintln!(
         "proxy_rotation_under_load: mesh ready after {:?}",
         started.elapsed()
@@ -1324,32 +1307,15 @@ enum Effect {
 fn proxy_policy_reload_under_load() {
     let _serial = serial();
     let started = Instant::now();
-    let tmp = tempfile::tempdir().unwrap();
-    let dir = tmp.path();
-    let ca = Ca::start(dir, &[]);
-    let (t1, t2) = (token(&ca), token(&ca));
-    create_entry(&ca, "web", &id("web"), &t1.1, "1h");
-    create_entry(&ca, "api", &id("api"), &t2.1, "1h");
-    let node1 = start_node(dir, "node1", &ca, t1);
-    let node2 = start_node(dir, "node2", &ca, t2);
-    let backend = HttpBackend::start();
-    let policy = dir.join("policy.yaml");
-    std::fs::write(&policy, RELOAD_ALLOW).unwrap();
-    let api_in = local_addr();
-    let mut api = Proxy::start(
-        dir,
-        "api",
-        &(proxy_head(dir, "api", &node2, &id("api"), Some(&policy), "")
-            + &inbound("api-in", &api_in, backend.addr(), 8080, "detect")),
-    );
-    let web_out = local_addr();
-    let mut web = Proxy::start(
-        dir,
-        "web",
-        &(proxy_head(dir, "web", &node1, &id("web"), None, "")
-            + &outbound("to-api", &web_out, &api_in, &id("api"))),
-    );
-    wait_ready(&mut [&mut api, &mut web]);
+    // The rest of the mesh (agents, CA, backend) lives in `mesh` until the end.
+    let mesh = WebToApi::start("1h", RELOAD_ALLOW);
+    let WebToApi {
+        mut api,
+        mut web,
+        web_out,
+        policy,
+        ..
+    } = mesh;
     eprintln!(
         "proxy_policy_reload_under_load: mesh ready after {:?}",
         started.elapsed()

@@ -491,6 +491,69 @@ pub fn wait_ready(proxies: &mut [&mut Proxy]) {
     }
 }
 
+/// Two nodes, web's proxy with an outbound listener (`web_out`) to api's proxy, whose inbound
+/// listener (`api_in`) forwards to an HTTP backend under `policy`; both proxies ready.
+/// Fields drop in order: proxies, then agents, the CA, and the directory last.
+pub struct WebToApi {
+    /// api's proxy.
+    pub api: Proxy,
+    /// web's proxy.
+    pub web: Proxy,
+    /// web's outbound listener (plaintext in).
+    pub web_out: String,
+    /// api's inbound listener (mTLS).
+    pub api_in: String,
+    /// The policy file api's proxy watches.
+    pub policy: PathBuf,
+    _backend: HttpBackend,
+    _nodes: (Node, Node),
+    _ca: Ca,
+    _tmp: tempfile::TempDir,
+}
+
+impl WebToApi {
+    /// Starts the mesh with SVIDs of lifetime `ttl` and `policy_text` as api's policy.
+    pub fn start(ttl: &str, policy_text: &str) -> WebToApi {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path();
+        let ca = Ca::start(dir, &[]);
+        let (t1, t2) = (token(&ca), token(&ca));
+        create_entry(&ca, "web", &id("web"), &t1.1, ttl);
+        create_entry(&ca, "api", &id("api"), &t2.1, ttl);
+        let node1 = start_node(dir, "node1", &ca, t1);
+        let node2 = start_node(dir, "node2", &ca, t2);
+        let backend = HttpBackend::start();
+        let policy = dir.join("policy.yaml");
+        std::fs::write(&policy, policy_text).unwrap();
+        let api_in = local_addr();
+        let mut api = Proxy::start(
+            dir,
+            "api",
+            &(proxy_head(dir, "api", &node2, &id("api"), Some(&policy), "")
+                + &inbound("api-in", &api_in, backend.addr(), 8080, "detect")),
+        );
+        let web_out = local_addr();
+        let mut web = Proxy::start(
+            dir,
+            "web",
+            &(proxy_head(dir, "web", &node1, &id("web"), None, "")
+                + &outbound("to-api", &web_out, &api_in, &id("api"))),
+        );
+        wait_ready(&mut [&mut api, &mut web]);
+        WebToApi {
+            api,
+            web,
+            web_out,
+            api_in,
+            policy,
+            _backend: backend,
+            _nodes: (node1, node2),
+            _ca: ca,
+            _tmp: tmp,
+        }
+    }
+}
+
 /// Writes `text` to `path` atomically (a temporary file in the same directory, renamed).
 pub fn write_atomic(path: &Path, text: &str) {
     let tmp = path.with_extension("tmp");
