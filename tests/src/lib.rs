@@ -271,6 +271,25 @@ impl Ca {
         self.wait_healthy();
     }
 
+    /// A fresh join token (`token generate`): its secret, and the SPIFFE ID of the agent that
+    /// attests with it (the parent of that node's entries).
+    pub fn join_token(&self) -> (String, String) {
+        let out = self.ok(&["token", "generate"]);
+        let field = |prefix: &str| {
+            out.lines()
+                .find_map(|l| l.strip_prefix(prefix))
+                .unwrap_or_else(|| panic!("no {prefix:?} in `token generate`: {out}"))
+                .to_owned()
+        };
+        (
+            field("Token: "),
+            format!(
+                "spiffe://example.org/meshid/agent/join_token/{}",
+                field("Token ID: ")
+            ),
+        )
+    }
+
     /// Runs an operator command; panics on failure.
     pub fn ok(&self, args: &[&str]) -> String {
         let out = ca_cli(&self.socket, args);

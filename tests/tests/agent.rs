@@ -21,24 +21,6 @@ fn uid() -> u32 {
         .unwrap()
 }
 
-fn token(ca: &Ca) -> (String, String) {
-    let out = ca.ok(&["token", "generate"]);
-    let secret = out
-        .lines()
-        .find_map(|l| l.strip_prefix("Token: "))
-        .unwrap()
-        .to_owned();
-    let id = out
-        .lines()
-        .find_map(|l| l.strip_prefix("Token ID: "))
-        .unwrap()
-        .to_owned();
-    (
-        secret,
-        format!("spiffe://example.org/meshid/agent/join_token/{id}"),
-    )
-}
-
 fn create_entry(ca: &Ca, id: &str, spiffe_id: &str, parent: &str, ttl: &str) {
     let sel = format!("unix:uid:{}", uid());
     ca.ok(&[
@@ -124,7 +106,7 @@ async fn spiffe_client_against_the_agent() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path().to_owned();
     let mut ca = tokio::task::block_in_place(|| Ca::start(&dir, &[]));
-    let (secret, agent_id) = token(&ca);
+    let (secret, agent_id) = ca.join_token();
     create_entry(&ca, "web", "spiffe://example.org/web", &agent_id, "6s");
     let agent = tokio::task::block_in_place(|| Agent::start(&dir, &ca, &secret));
     let client = WorkloadApiClient::connect_to(agent.endpoint())
@@ -398,7 +380,7 @@ fn restart_with_missing_join_token_file_uses_the_stored_identity() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path();
     let ca = Ca::start(dir, &[]);
-    let (secret, _) = token(&ca);
+    let (secret, _) = ca.join_token();
     let mut agent = Agent::start(dir, &ca, &secret);
     agent.proc.stop();
     let config = dir.join("agent.toml");

@@ -251,17 +251,7 @@ struct Host {
 
 /// Starts `host`'s agent (attesting with a fresh join token) and returns its SPIFFE ID.
 fn start_agent(net: &Net, dir: &Path, ca: &Ca, host: &'static str) -> (Proc, String, PathBuf) {
-    let out = ca.ok(&["token", "generate"]);
-    let find = |p: &str| {
-        out.lines()
-            .find_map(|l| l.strip_prefix(p))
-            .unwrap()
-            .to_owned()
-    };
-    let (token, agent_id) = (
-        find("Token: "),
-        format!("{TD}/meshid/agent/join_token/{}", find("Token ID: ")),
-    );
+    let (token, agent_id) = ca.join_token();
     let hdir = dir.join(host);
     std::fs::create_dir_all(hdir.join("agent")).unwrap();
     let socket = hdir.join("agent/api.sock");

@@ -285,7 +285,7 @@ fn proxy_table() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path();
     let ca = Ca::start(dir, &[]);
-    let (t1, t2) = (token(&ca), token(&ca));
+    let (t1, t2) = (ca.join_token(), ca.join_token());
     create_entry(&ca, "web", &id("web"), &t1.1, "1h");
     create_entry(&ca, "intruder", &id("intruder"), &t1.1, "1h");
     create_entry(&ca, "api", &id("api"), &t2.1, "1h");
@@ -799,7 +799,7 @@ fn proxy_handshake_corpus() {
     )
     .unwrap();
     let ca = Ca::start(dir, &["--config", &ca_config.display().to_string()]);
-    let t = token(&ca);
+    let t = ca.join_token();
     create_entry(&ca, "api", &id("api"), &t.1, "1h");
     let node = start_node(dir, "node", &ca, t);
     let backend = HttpBackend::start();
@@ -1595,7 +1595,7 @@ fn proxy_readiness_and_drain() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path();
     let ca = Ca::start(dir, &[]);
-    let (t1, t2) = (token(&ca), token(&ca));
+    let (t1, t2) = (ca.join_token(), ca.join_token());
     create_entry(&ca, "web", &id("web"), &t1.1, "1h");
     // No entry for the api proxy yet.
     let node1 = start_node(dir, "node1", &ca, t1);

@@ -112,29 +112,11 @@ fn uid() -> u32 {
     line.split_whitespace().nth(2).unwrap().parse().unwrap()
 }
 
-/// A join token: (secret, the agent SPIFFE ID it yields).
-fn token(ca: &Ca) -> (String, String) {
-    let out = ca.ok(&["token", "generate"]);
-    let field = |prefix: &str| {
-        out.lines()
-            .find_map(|l| l.strip_prefix(prefix))
-            .unwrap()
-            .to_owned()
-    };
-    (
-        field("Token: "),
-        format!(
-            "spiffe://{TD}/meshid/agent/join_token/{}",
-            field("Token ID: ")
-        ),
-    )
-}
-
 /// Starts an agent in `dir` with one entry for this process's uid (id `entry_id`); returns it,
 /// its SPIFFE ID and its join token.
 fn start_agent(dir: &Path, ca: &Ca, entry_id: &str, uid: u32) -> (Agent, String, String) {
     std::fs::create_dir_all(dir).unwrap();
-    let (secret, agent_id) = token(ca);
+    let (secret, agent_id) = ca.join_token();
     ca.ok(&[
         "entry",
         "create",

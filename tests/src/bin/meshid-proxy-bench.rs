@@ -731,18 +731,7 @@ impl Mesh {
         std::fs::create_dir_all(dir).unwrap();
         let ca = Ca::start(dir, &[]);
         register_pid(ca.proc.id());
-        let out = ca.ok(&["token", "generate"]);
-        let field = |prefix: &str| {
-            out.lines()
-                .find_map(|l| l.strip_prefix(prefix))
-                .map(str::to_owned)
-                .ok_or_else(|| format!("no {prefix:?} in `token generate`: {out}"))
-        };
-        let secret = field("Token: ")?;
-        let agent_id = format!(
-            "spiffe://example.org/meshid/agent/join_token/{}",
-            field("Token ID: ")?
-        );
+        let (secret, agent_id) = ca.join_token();
         ca.ok(&[
             "entry",
             "create",

@@ -384,21 +384,6 @@ pub fn id(path: &str) -> String {
     format!("{TD}/{path}")
 }
 
-/// A join token: (secret, the ID the agent attesting with it gets).
-pub fn token(ca: &Ca) -> (String, String) {
-    let out = ca.ok(&["token", "generate"]);
-    let find = |prefix: &str| {
-        out.lines()
-            .find_map(|l| l.strip_prefix(prefix))
-            .unwrap_or_else(|| panic!("no {prefix:?} in {out}"))
-            .to_owned()
-    };
-    (
-        find("Token: "),
-        format!("{TD}/meshid/agent/join_token/{}", find("Token ID: ")),
-    )
-}
-
 /// The uid the proxies run as (they are children of this process).
 pub fn uid() -> String {
     let out = std::process::Command::new("id").arg("-u").output().unwrap();
@@ -517,7 +502,7 @@ impl WebToApi {
         let tmp = tempfile::tempdir().unwrap();
         let dir = tmp.path();
         let ca = Ca::start(dir, &[]);
-        let (t1, t2) = (token(&ca), token(&ca));
+        let (t1, t2) = (ca.join_token(), ca.join_token());
         create_entry(&ca, "web", &id("web"), &t1.1, ttl);
         create_entry(&ca, "api", &id("api"), &t2.1, ttl);
         let node1 = start_node(dir, "node1", &ca, t1);
