@@ -336,11 +336,7 @@ pub struct Cidr {
 impl Cidr {
     /// Whether `ip` is inside this network (IPv4-mapped IPv6 addresses count as IPv4).
     pub fn contains(&self, ip: IpAddr) -> bool {
-        let ip = match ip {
-            IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
-            v4 => v4,
-        };
-        match (self.addr, ip) {
+        match (self.addr, canonical_ip(ip)) {
             (IpAddr::V4(net), IpAddr::V4(ip)) => {
                 mask_v4(u32::from(ip), self.prefix) == u32::from(net)
             }
@@ -354,6 +350,15 @@ impl Cidr {
     /// Whether this is an IPv4 network.
     pub fn is_ipv4(&self) -> bool {
         self.addr.is_ipv4()
+    }
+}
+
+/// `ip`, with an IPv4-mapped IPv6 address (`::ffff:a.b.c.d`, as a dual-stack socket reports
+/// IPv4 peers) turned into the IPv4 address it carries.
+pub fn canonical_ip(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
+        v4 => v4,
     }
 }
 

@@ -29,7 +29,9 @@ use socket2::SockRef;
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio_rustls::{TlsAcceptor, TlsConnector};
 
-use crate::config::{Inbound, InboundForward, InboundMode, InboundProtocol, Transparent};
+use crate::config::{
+    canonical_ip, Cidr, Inbound, InboundForward, InboundMode, InboundProtocol, Transparent,
+};
 use crate::metrics::ListenerMetrics;
 use crate::server::Shared;
 
@@ -101,7 +103,7 @@ fn redirected(
     not_redirected: &Counter,
 ) -> Option<SocketAddr> {
     let local = tcp.local_addr().ok()?;
-    let local = SocketAddr::new(canonical(local.ip()), local.port());
+    let local = SocketAddr::new(canonical_ip(local.ip()), local.port());
     match original_dst(tcp) {
         Ok(dst) if dst != local => Some(dst),
         Ok(_) => {
@@ -124,15 +126,26 @@ struct Route {
     tls: Arc<rustls::ClientConfig>,
 }
 
+/// A mesh destination by address, with its route.
+#[derive(Debug)]
+struct ByAddress {
+    /// Canonical (IPv4-mapped addresses as IPv4).
+    ip: IpAddr,
+    /// `None`: every port.
+    port: Option<u16>,
+    route: Route,
+}
+
 /// Transparent outbound: what every connection shares.
 #[derive(Debug)]
 pub struct OutboundListener {
     metrics: ListenerMetrics,
     shared: Arc<Shared>,
-    config: Transparent,
-    /// One per `destinations` entry, in order.
-    destinations: Vec<Route>,
-    /// For `mesh_cidrs`.
+    /// The `destinations` entries, in order.
+    destinations: Vec<ByAddress>,
+    /// The `mesh_cidrs` networks.
+    mesh_cidrs: Vec<Cidr>,
+    /// Their route (present when `mesh_cidrs` is not empty: the config requires `expect`).
     cidrs: Option<Route>,
     mtls: Counter,
     passthrough: Counter,
@@ -151,7 +164,13 @@ impl OutboundListener {
         let destinations = config
             .destinations
             .iter()
-            .map(|d| route(&d.expect))
+            .map(|d| {
+                Ok(ByAddress {
+                    ip: canonical_ip(d.ip),
+                    port: d.port,
+                    route: route(&d.expect)?,
+                })
+            })
             .collect::<anyhow::Result<Vec<_>>>()?;
         let cidrs = config.expect.as_ref().map(route).transpose()?;
         let m = &shared.metrics;
@@ -160,8 +179,8 @@ impl OutboundListener {
             mtls: m.transparent("outbound", "mtls"),
             passthrough: m.transparent("outbound", "passthrough"),
             not_redirected: m.transparent("outbound", "not_redirected"),
-            config: config.clone(),
             destinations,
+            mesh_cidrs: config.mesh_cidrs.clone(),
             cidrs,
             shared,
         })
@@ -170,29 +189,18 @@ impl OutboundListener {
     /// The mesh route to `dst`, or `None` for pass-through: an exact `IP:port` destination
     /// first, then an IP-only destination, then the mesh networks.
     fn route(&self, dst: SocketAddr) -> Option<&Route> {
-        let ip = canonical(dst.ip());
+        let ip = canonical_ip(dst.ip());
         let by = |port: Option<u16>| {
-            self.config
-                .destinations
+            self.destinations
                 .iter()
-                .position(|d| canonical(d.ip) == ip && d.port == port)
-                .and_then(|i| self.destinations.get(i))
+                .find(|d| d.ip == ip && d.port == port)
+                .map(|d| &d.route)
         };
         by(Some(dst.port())).or_else(|| by(None)).or_else(|| {
-            self.config
-                .mesh_cidrs
-                .iter()
-                .any(|c| c.contains(ip))
-                .then_some(self.cidrs.as_ref())
-                .flatten()
+            self.cidrs
+                .as_ref()
+                .filter(|_| self.mesh_cidrs.iter().any(|c| c.contains(ip)))
         })
-    }
-}
-
-fn canonical(ip: IpAddr) -> IpAddr {
-    match ip {
-        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
-        v4 => v4,
     }
 }
 
