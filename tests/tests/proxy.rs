@@ -453,21 +453,14 @@ fn proxy_table() {
             wait_event(&api, events_before, message, &log_fields);
         }
         // The access log line.
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while !json_lines(&api_access)
-            .iter()
-            .any(|r| record_matches(r, &want_record))
-        {
-            assert!(
-                Instant::now() < deadline,
-                "{name}: no access log record with {want_record:?} in:\n{}",
-                tail(
-                    &std::fs::read_to_string(&api_access).unwrap_or_default(),
-                    10
-                )
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        assert!(
+            wait_record(&api_access, &want_record, Duration::from_secs(5)),
+            "{name}: no access log record with {want_record:?} in:\n{}",
+            tail(
+                &std::fs::read_to_string(&api_access).unwrap_or_default(),
+                10
+            )
+        );
         eprintln!("proxy_table: ok: {name}");
     }
 
@@ -574,16 +567,10 @@ fn proxy_table() {
             ("caller", Some("spiffe://example.org/intruder")),
         ],
     ] {
-        let found = poll(
-            Duration::from_secs(5),
-            || {
-                json_lines(&api_access)
-                    .iter()
-                    .any(|r| record_matches(r, &want))
-            },
-            |f| *f,
+        assert!(
+            wait_record(&api_access, &want, Duration::from_secs(5)),
+            "no h2 access record {want:?}"
         );
-        assert!(found, "no h2 access record {want:?}");
     }
 
     // The outbound side logs its connections too.
@@ -595,17 +582,8 @@ fn proxy_table() {
         ("caller", Some("spiffe://example.org/web")),
         ("callee", Some("spiffe://example.org/api")),
     ];
-    let found = poll(
-        Duration::from_secs(5),
-        || {
-            json_lines(&web_access)
-                .iter()
-                .any(|r| record_matches(r, &want))
-        },
-        |f| *f,
-    );
     assert!(
-        found,
+        wait_record(&web_access, &want, Duration::from_secs(5)),
         "no outbound access record {want:?} in {}",
         web_access.display()
     );

@@ -620,6 +620,21 @@ pub fn tail(text: &str, n: usize) -> String {
     lines[lines.len().saturating_sub(n)..].join("\n")
 }
 
+/// Waits up to `timeout` for the access log at `path` to hold a record matching `want` (see
+/// [`record_matches`]); whether one came.
+pub fn wait_record(path: &Path, want: &[(&str, Option<&str>)], timeout: Duration) -> bool {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if json_lines(path).iter().any(|r| record_matches(r, want)) {
+            return true;
+        }
+        if Instant::now() > deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
 /// Whether an access log record has every `(key, value)` (values compared as text; a `None`
 /// value means the key must be absent).
 pub fn record_matches(record: &Value, want: &[(&str, Option<&str>)]) -> bool {
