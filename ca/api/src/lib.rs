@@ -12,6 +12,8 @@
 //! - [`client`]: connecting to a gRPC server on a Unix socket (the admin API).
 //! - [`tls`]: SPIFFE-aware rustls configurations (peers authenticated by SPIFFE ID, rotating
 //!   certificates and roots) and connecting over TCP + TLS (the node API).
+//! - [`uds`]: serving gRPC on a Unix socket (the Workload API, the admin API): accepted
+//!   connections whose HTTP/2 `:authority` is made acceptable, whatever the client put there.
 
 #![forbid(unsafe_code)]
 
@@ -39,3 +41,4 @@ pub mod codec;
 pub mod config;
 pub mod server;
 pub mod tls;
+pub mod uds;
