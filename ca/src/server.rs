@@ -266,12 +266,9 @@ pub async fn run(
     let mut admin_stop = stop_rx.clone();
     let admin = tonic::transport::Server::builder()
         .add_routes(AdminService::new(ca.clone()).routes())
-        .serve_with_incoming_shutdown(
-            tokio_stream::wrappers::UnixListenerStream::new(listeners.admin),
-            async move {
-                let _ = admin_stop.changed().await;
-            },
-        );
+        .serve_with_incoming_shutdown(meshid_api::uds::incoming(listeners.admin), async move {
+            let _ = admin_stop.changed().await;
+        });
     let admin = tokio::spawn(admin);
 
     let mut node_stop = stop_rx.clone();

@@ -8,9 +8,12 @@
 //!
 //! Behaviours chosen where the specification leaves room:
 //! - **Entitlement.** A caller that matches no entry gets `PermissionDenied` "no identity issued"
-//!   from every RPC, including the bundle RPCs and `ValidateJWTSVID` (SPIRE's default; SPIFFE
-//!   clients back off and retry). The agent logs the caller's pid, uid and selectors and how many
-//!   entries it holds, so an operator can see which entry is missing.
+//!   from every RPC that hands out identities or bundles (SPIRE's default; SPIFFE clients back
+//!   off and retry). The agent logs the caller's pid, uid and selectors and how many entries it
+//!   holds, so an operator can see which entry is missing. `ValidateJWTSVID` answers any
+//!   attested caller, as SPIRE's agent does: a verifier needs no identity of its own.
+//! - **Order.** A caller's SVIDs are listed by entry id, as SPIRE's agent lists them; the
+//!   first is the default.
 //! - **Start-up.** While the agent has not synced with the CA, or a matching entry has no SVID
 //!   yet, a call waits (bounded, [`DEFAULT_READY_WAIT`]) for the next snapshot instead of
 //!   refusing. When the wait ends, `FetchX509SVID` serves the identities that do have an SVID;
@@ -275,7 +278,7 @@ impl WorkloadApi {
     ) -> Result<(), ServeError> {
         let (stop_tx, stop_rx) = watch::channel(false);
         self.stop = Some(stop_rx);
-        let incoming = tokio_stream::wrappers::UnixListenerStream::new(listener);
+        let incoming = meshid_api::uds::incoming(listener);
         tonic::transport::Server::builder()
             .add_service(self.into_server())
             .serve_with_incoming_shutdown(incoming, async move {
@@ -513,9 +516,11 @@ impl WorkloadApi {
         if req.svid.is_empty() {
             return Err(ServiceError::MissingField("svid"));
         }
+        // Any attested caller may validate, whether or not it has an identity of its own (as
+        // SPIRE's agent answers): the keys are public, and a verifier needs no SVID.
         let caller = self.caller(Rpc::ValidateJwtSvid, &request).await?;
         let (view, _) = self
-            .ready(Rpc::ValidateJwtSvid, &caller, eval_jwt_bundles)
+            .ready(Rpc::ValidateJwtSvid, &caller, eval_local_jwt_bundle)
             .await?;
         let bundle = JwtBundle::from_jwt_authorities(view.trust_domain.clone(), &view.jwks())
             .map_err(|e| ServiceError::Bundle(error_chain(&e)))?;
@@ -835,6 +840,21 @@ fn eval_jwt_bundles(
     }
     if snap.matching(selectors).next().is_none() {
         return Verdict::Denied;
+    }
+    Verdict::Ready(JwtBundlesView {
+        trust_domain: snap.trust_domain.clone(),
+        bundle: Arc::clone(&snap.bundle),
+    })
+}
+
+/// The local JWT authorities for a caller that need not match any entry (`ValidateJWTSVID`).
+fn eval_local_jwt_bundle(
+    snap: &Snapshot,
+    _selectors: &[String],
+    _strict: bool,
+) -> Verdict<JwtBundlesView> {
+    if !snap.synced {
+        return Verdict::NotReady("not yet synced with the CA");
     }
     Verdict::Ready(JwtBundlesView {
         trust_domain: snap.trust_domain.clone(),

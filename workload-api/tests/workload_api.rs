@@ -502,6 +502,19 @@ async fn unmatched_caller_gets_no_identity_issued() {
             .unwrap_err();
         assert_eq!(status.code(), tonic::Code::PermissionDenied);
         assert_eq!(status.message(), "no identity issued");
+
+        // ValidateJWTSVID answers it all the same (as SPIRE's agent does): a bad token is
+        // InvalidArgument, not PermissionDenied.
+        let status = agent
+            .raw_client()
+            .await
+            .validate_jwtsvid(with_header(ValidateJwtsvidRequest {
+                audience: "aud".into(),
+                svid: "not.a.token".into(),
+            }))
+            .await
+            .unwrap_err();
+        assert_eq!(status.code(), tonic::Code::InvalidArgument, "{status:?}");
         agent.shutdown().await;
     })
     .await;
