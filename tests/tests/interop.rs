@@ -1,0 +1,301 @@
+//! Independent clients against the real `meshid-agent` and `meshid-ca`: py-spiffe (PyPI
+//! `spiffe`, on gRPC C-core) as a workload uses it, the C-core stubs and hyper-h2 (an
+//! independent HTTP/2 stack and HPACK encoder) with every `:authority` form, and
+//! `cryptography` and PyJWT as independent verifiers of what they receive. The checks
+//! themselves are in `tests/interop/workload_api.py`; each prints `ok NAME` or
+//! `FAIL NAME: DETAIL`, and this test fails with the whole list if any did.
+//!
+//! The Python environment comes from `MESHID_INTEROP_PYTHON`, or `target/interop-venv` (which
+//! `.ci/run` creates). Without one the test says SKIPPED, except under `MESHID_CI=1`.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::io::{BufRead, BufReader, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use meshid_tests::{Agent, Ca};
+
+const SCRIPT: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/interop/workload_api.py");
+
+/// The Python interpreter with py-spiffe, hyper-h2, PyJWT and cryptography; `None` (after
+/// saying SKIPPED) when there is none and this is not CI.
+fn python() -> Option<PathBuf> {
+    let candidate = std::env::var_os("MESHID_INTEROP_PYTHON")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            PathBuf::from(concat!(
+                env!("CARGO_MANIFEST_DIR"),
+                "/../target/interop-venv/bin/python3"
+            ))
+        });
+    let usable = Command::new(&candidate)
+        .args(["-c", "import spiffe, h2, jwt, cryptography, grpc"])
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    if usable {
+        return Some(candidate);
+    }
+    let why = format!(
+        "no Python with spiffe, h2, PyJWT, cryptography and grpcio at {} (set MESHID_INTEROP_PYTHON or run .ci/run)",
+        candidate.display()
+    );
+    assert!(std::env::var_os("MESHID_CI").is_none(), "{why}");
+    eprintln!("SKIPPED: {why}");
+    None
+}
+
+fn is_root() -> bool {
+    uid() == 0
+}
+
+fn uid() -> u32 {
+    let out = Command::new("id").arg("-u").output().unwrap();
+    String::from_utf8(out.stdout)
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap()
+}
+
+/// The `ok`/`FAIL` lines of one run of the script, and whether it exited 0.
+struct Run {
+    title: String,
+    lines: Vec<String>,
+    success: bool,
+    stderr: String,
+}
+
+impl Run {
+    fn failures(&self) -> Vec<String> {
+        let mut f: Vec<String> = self
+            .lines
+            .iter()
+            .filter(|l| l.starts_with("FAIL"))
+            .map(|l| format!("{}: {l}", self.title))
+            .collect();
+        if !self.success && f.is_empty() {
+            f.push(format!(
+                "{}: exited non-zero without a FAIL line:\n{}",
+                self.title, self.stderr
+            ));
+        }
+        if self.lines.iter().all(|l| !l.starts_with("ok")) && f.is_empty() {
+            f.push(format!("{}: no check ran", self.title));
+        }
+        f
+    }
+}
+
+fn run(python: &Path, title: &str, args: &[&str], as_nobody: bool) -> Run {
+    let mut cmd = if as_nobody {
+        let mut c = Command::new("setpriv");
+        c.args(["--reuid=65534", "--regid=65534", "--clear-groups", "--"]);
+        c.arg(python);
+        c
+    } else {
+        Command::new(python)
+    };
+    let out = cmd
+        .arg(SCRIPT)
+        .args(args)
+        .env_remove("SPIFFE_ENDPOINT_SOCKET")
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    eprintln!("--- {title}\n{stdout}");
+    Run {
+        title: title.to_owned(),
+        lines: stdout.lines().map(str::to_owned).collect(),
+        success: out.status.success(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    }
+}
+
+fn create_entry(ca: &Ca, id: &str, spiffe_id: &str, parent: &str, hint: &str) {
+    let selector = format!("unix:uid:{}", uid());
+    ca.ok(&[
+        "entry",
+        "create",
+        "--id",
+        id,
+        "--spiffe-id",
+        spiffe_id,
+        "--parent-id",
+        parent,
+        "--selector",
+        &selector,
+        "--x509-ttl",
+        "8s",
+        "--jwt-ttl",
+        "6s",
+        "--hint",
+        hint,
+    ]);
+}
+
+/// Waits until the agent serves both entries to this process (through the Rust client).
+fn wait_for_svids(agent: &Agent, count: usize) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    loop {
+        let got = rt.block_on(async {
+            let client = spiffe::WorkloadApiClient::connect_to(agent.endpoint())
+                .await
+                .ok()?;
+            client
+                .fetch_x509_context()
+                .await
+                .ok()
+                .map(|c| c.svids().len())
+        });
+        if got == Some(count) {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the agent never served {count} SVIDs"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[test]
+fn independent_clients_get_the_whole_workload_api_contract() {
+    let Some(python) = python() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let ca = Ca::start(dir.path(), &[]);
+    let (token, agent_id) = ca.join_token();
+    let agent = Agent::start(dir.path(), &ca, &token);
+    let socket = agent.socket.display().to_string();
+
+    // Two identities for this process. As SPIRE's agent does, the agent lists them by entry
+    // id, so the default (the first) is `a-default`, although it was created last.
+    create_entry(
+        &ca,
+        "b-other",
+        "spiffe://example.org/py/second",
+        &agent_id,
+        "second",
+    );
+    create_entry(
+        &ca,
+        "a-default",
+        "spiffe://example.org/py/first",
+        &agent_id,
+        "first",
+    );
+    wait_for_svids(&agent, 2);
+
+    let spec = serde_json::json!({
+        "trust_domain": "example.org",
+        "ids": ["spiffe://example.org/py/first", "spiffe://example.org/py/second"],
+        "hints": ["first", "second"],
+        // 8 s SVIDs rotate at about half their life.
+        "rotation_within_s": 12,
+    })
+    .to_string();
+    let mut runs = vec![
+        run(
+            &python,
+            "py-spiffe contract",
+            &["check", &socket, &spec],
+            false,
+        ),
+        run(
+            &python,
+            "C-core :authority forms, agent",
+            &["authority", &socket, "agent"],
+            false,
+        ),
+        run(
+            &python,
+            "hyper-h2, agent",
+            &["raw", &socket, "agent"],
+            false,
+        ),
+    ];
+    let admin = ca.socket.display().to_string();
+    runs.push(run(
+        &python,
+        "C-core :authority forms, CA admin",
+        &["authority", &admin, "admin"],
+        false,
+    ));
+    runs.push(run(
+        &python,
+        "hyper-h2, CA admin",
+        &["raw", &admin, "admin"],
+        false,
+    ));
+    if is_root() {
+        let id = "spiffe://example.org/py/first";
+        let jwt = ca.ok(&["jwt", "mint", "--spiffe-id", id, "--audience", "billing"]);
+        let args = ["denied", &socket, jwt.trim(), id];
+        runs.push(run(&python, "another uid (nobody)", &args, true));
+    } else {
+        assert!(
+            std::env::var_os("MESHID_CI").is_none(),
+            "the PermissionDenied case needs root (setpriv)"
+        );
+        eprintln!("SKIPPED: the PermissionDenied case needs root to run a client as another uid");
+    }
+
+    // The identity goes away under an open stream.
+    let mut child = Command::new(&python)
+        .args([SCRIPT, "withdraw", &socket])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdout = BufReader::new(child.stdout.take().unwrap());
+    let mut lines = Vec::new();
+    loop {
+        let mut line = String::new();
+        if stdout.read_line(&mut line).unwrap() == 0 {
+            break;
+        }
+        let line = line.trim_end().to_owned();
+        let streaming = line == "streaming";
+        lines.push(line);
+        if streaming {
+            ca.ok(&["entry", "delete", "a-default"]);
+            ca.ok(&["entry", "delete", "b-other"]);
+            child.stdin.as_mut().unwrap().write_all(b"go\n").unwrap();
+        }
+    }
+    let status = child.wait().unwrap();
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut stderr).unwrap();
+    eprintln!("--- identity withdrawn\n{}", lines.join("\n"));
+    lines.retain(|l| l != "streaming");
+    runs.push(Run {
+        title: "identity withdrawn".into(),
+        lines,
+        success: status.success(),
+        stderr,
+    });
+
+    let failures: Vec<String> = runs.iter().flat_map(Run::failures).collect();
+    assert!(
+        failures.is_empty(),
+        "{} failed:\n{}\n\nagent log:\n{}",
+        failures.len(),
+        failures.join("\n"),
+        agent
+            .proc
+            .log_text()
+            .lines()
+            .rev()
+            .take(40)
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+}
