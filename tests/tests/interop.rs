@@ -1,12 +1,14 @@
 //! Independent clients against the real `meshid-agent` and `meshid-ca`: py-spiffe (PyPI
-//! `spiffe`, on gRPC C-core) as a workload uses it, the C-core stubs and hyper-h2 (an
-//! independent HTTP/2 stack and HPACK encoder) with every `:authority` form, and
-//! `cryptography` and PyJWT as independent verifiers of what they receive. The checks
-//! themselves are in `tests/interop/workload_api.py`; each prints `ok NAME` or
-//! `FAIL NAME: DETAIL`, and this test fails with the whole list if any did.
+//! `spiffe`, on gRPC C-core) as a workload uses it, the C-core stubs, hyper-h2 (an independent
+//! HTTP/2 stack and HPACK encoder) and grpc-js (npm, on Node's nghttp2) with every
+//! `:authority` form, and `cryptography` and PyJWT as independent verifiers of what they
+//! receive. The checks themselves are in `tests/interop/workload_api.py` and
+//! `tests/interop/grpc_js.js`; each prints `ok NAME` or `FAIL NAME: DETAIL`, and this test
+//! fails with the whole list if any did.
 //!
-//! The Python environment comes from `MESHID_INTEROP_PYTHON`, or `target/interop-venv` (which
-//! `.ci/run` creates). Without one the test says SKIPPED, except under `MESHID_CI=1`.
+//! The Python environment comes from `MESHID_INTEROP_PYTHON`, or `target/interop-venv`, and
+//! grpc-js from `tests/interop/node_modules` (both made by `.ci/run`). Without them the test
+//! says SKIPPED, except under `MESHID_CI=1`.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
@@ -45,6 +47,49 @@ fn python() -> Option<PathBuf> {
     assert!(std::env::var_os("MESHID_CI").is_none(), "{why}");
     eprintln!("SKIPPED: {why}");
     None
+}
+
+const JS_DIR: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/interop");
+
+/// Node.js with `tests/interop/node_modules` (grpc-js; `npm ci --prefix tests/interop`, which
+/// `.ci/run` does); `None` (after saying SKIPPED) when missing and this is not CI.
+fn node() -> Option<PathBuf> {
+    let installed = Path::new(JS_DIR)
+        .join("node_modules/@grpc/grpc-js")
+        .is_dir();
+    let node = Command::new("node")
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if installed && node {
+        return Some(PathBuf::from("node"));
+    }
+    let why = "grpc-js needs node and `npm ci --prefix tests/interop` (run .ci/run)";
+    assert!(std::env::var_os("MESHID_CI").is_none(), "{why}");
+    eprintln!("SKIPPED: {why}");
+    None
+}
+
+fn run_node(node: &Path, title: &str, args: &[&str]) -> Run {
+    let out = Command::new(node)
+        .arg(Path::new(JS_DIR).join("grpc_js.js"))
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    collect(title, &out)
+}
+
+/// The lines a checker printed.
+fn collect(title: &str, out: &std::process::Output) -> Run {
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    eprintln!("--- {title}\n{stdout}");
+    Run {
+        title: title.to_owned(),
+        lines: stdout.lines().map(str::to_owned).collect(),
+        success: out.status.success(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    }
 }
 
 fn is_root() -> bool {
@@ -105,14 +150,7 @@ fn run(python: &Path, title: &str, args: &[&str], as_nobody: bool) -> Run {
         .stdin(Stdio::null())
         .output()
         .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
-    eprintln!("--- {title}\n{stdout}");
-    Run {
-        title: title.to_owned(),
-        lines: stdout.lines().map(str::to_owned).collect(),
-        success: out.status.success(),
-        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-    }
+    collect(title, &out)
 }
 
 fn create_entry(ca: &Ca, id: &str, spiffe_id: &str, parent: &str, hint: &str) {
@@ -234,6 +272,18 @@ fn independent_clients_get_the_whole_workload_api_contract() {
         &["raw", &admin, "admin"],
         false,
     ));
+    if let Some(node) = node() {
+        let proto = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../ca/api/proto/workload.proto"
+        );
+        runs.push(run_node(
+            &node,
+            "grpc-js, agent",
+            &[&socket, "agent", proto],
+        ));
+        runs.push(run_node(&node, "grpc-js, CA admin", &[&admin, "admin"]));
+    }
     if is_root() {
         let id = "spiffe://example.org/py/first";
         let jwt = ca.ok(&["jwt", "mint", "--spiffe-id", id, "--audience", "billing"]);
@@ -297,5 +347,35 @@ fn independent_clients_get_the_whole_workload_api_contract() {
             .take(40)
             .collect::<Vec<_>>()
             .join("\n")
+    );
+}
+
+/// Every gRPC server on a Unix socket goes through `meshid_api::uds::incoming` (so that it
+/// accepts any `:authority`): no server code hands a Unix listener to tonic directly.
+#[test]
+fn every_unix_socket_server_accepts_any_authority() {
+    let root = Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/.."));
+    let mut offenders = Vec::new();
+    let mut stack = vec![
+        root.join("ca/src"),
+        root.join("workload-api/src"),
+        root.join("proxy/src"),
+    ];
+    while let Some(dir) = stack.pop() {
+        for entry in std::fs::read_dir(&dir).unwrap().flatten() {
+            let path = entry.path();
+            if path.is_dir() {
+                stack.push(path);
+            } else if path.extension().is_some_and(|e| e == "rs") {
+                let text = std::fs::read_to_string(&path).unwrap();
+                if text.contains("UnixListenerStream") {
+                    offenders.push(path.display().to_string());
+                }
+            }
+        }
+    }
+    assert!(
+        offenders.is_empty(),
+        "serve Unix sockets through meshid_api::uds::incoming, not UnixListenerStream: {offenders:?}"
     );
 }

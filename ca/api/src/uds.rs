@@ -44,9 +44,6 @@ const MAX_FRAME: usize = 16_384;
 /// on untouched (h2 refuses header lists above 16 KiB anyway).
 const MAX_BLOCK: usize = 64 * 1024;
 
-/// How much is read from the socket at a time.
-const READ_CHUNK: usize = 8 * 1024;
-
 const FRAME_HEADER: usize = 9;
 const TYPE_HEADERS: u8 = 0x1;
 const TYPE_CONTINUATION: u8 = 0x9;
@@ -99,6 +96,9 @@ impl Connected for UdsConnection {
 }
 
 impl AsyncRead for UdsConnection {
+    /// Reads into h2's own buffer and looks at the octets there: what passes unchanged (all of
+    /// it, almost always) stays in place; only a header block, or a frame header cut by the
+    /// read, is taken out and handed back once complete (rewritten or not).
     fn poll_read(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -106,27 +106,20 @@ impl AsyncRead for UdsConnection {
     ) -> Poll<io::Result<()>> {
         let this = self.get_mut();
         loop {
-            if this.reader.drain_into(buf) {
+            if buf.remaining() == 0 || this.reader.drain_into(buf) || this.reader.eof {
                 return Poll::Ready(Ok(()));
             }
-            if this.reader.eof {
-                return Poll::Ready(Ok(()));
-            }
-            if matches!(this.reader.mode, Mode::Raw) && this.reader.is_empty() {
-                // Nothing held back and nothing left to look at: read straight through.
-                return Pin::new(&mut this.stream).poll_read(cx, buf);
-            }
-            let mut chunk = [0u8; READ_CHUNK];
-            let mut read = ReadBuf::new(&mut chunk);
-            match Pin::new(&mut this.stream).poll_read(cx, &mut read) {
-                Poll::Pending => return Poll::Pending,
-                Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
-                Poll::Ready(Ok(())) => {}
-            }
-            if read.filled().is_empty() {
+            let start = buf.filled().len();
+            std::task::ready!(Pin::new(&mut this.stream).poll_read(cx, buf))?;
+            let read = &buf.filled()[start..];
+            if read.is_empty() {
                 this.reader.finish();
-            } else {
-                this.reader.push(read.filled());
+                continue;
+            }
+            let kept = this.reader.accept(read);
+            buf.set_filled(start + kept);
+            if kept > 0 {
+                return Poll::Ready(Ok(()));
             }
         }
     }
@@ -214,7 +207,18 @@ impl Default for Reader {
 }
 
 impl Reader {
-    /// Takes octets from the client and handles as many whole frames as they complete.
+    /// Octets arrived from the client, after everything already given and once the output is
+    /// taken: returns how many leading octets pass on as they are, in place. The rest is taken
+    /// in and comes out of [`Self::take_output`] (now or once more octets complete it).
+    pub fn accept(&mut self, bytes: &[u8]) -> usize {
+        let kept = if self.is_empty() { self.scan(bytes) } else { 0 };
+        if kept < bytes.len() {
+            self.push(&bytes[kept..]);
+        }
+        kept
+    }
+
+    /// Takes octets in and handles as many whole frames as they complete.
     pub fn push(&mut self, bytes: &[u8]) {
         if self.input_pos == self.input.len() {
             self.input.clear();
@@ -291,63 +295,82 @@ impl Reader {
         self.mode = Mode::Raw;
     }
 
-    fn process(&mut self) {
+    /// Follows `bytes` (what comes after everything seen so far) as far as they pass on
+    /// unchanged, and returns how many that is: up to the first HEADERS or CONTINUATION frame,
+    /// or a frame header not yet complete.
+    fn scan(&mut self, bytes: &[u8]) -> usize {
+        let mut pos = 0;
         loop {
-            let available = self.input.len() - self.input_pos;
+            let rest = &bytes[pos..];
             match self.mode {
-                Mode::Raw => {
-                    self.forward(available);
-                    return;
-                }
+                Mode::Raw => return bytes.len(),
                 Mode::Preface(matched) => {
-                    let n = available.min(PREFACE.len() - matched);
-                    let got = &self.input[self.input_pos..self.input_pos + n];
-                    if got != &PREFACE[matched..matched + n] {
+                    let n = rest.len().min(PREFACE.len() - matched);
+                    if rest[..n] != PREFACE[matched..matched + n] {
                         self.mode = Mode::Raw;
                         continue;
                     }
-                    self.forward(n);
-                    if matched + n == PREFACE.len() {
-                        self.mode = Mode::Frames;
-                        continue;
+                    pos += n;
+                    if matched + n < PREFACE.len() {
+                        self.mode = Mode::Preface(matched + n);
+                        return pos;
                     }
-                    self.mode = Mode::Preface(matched + n);
-                    return;
+                    self.mode = Mode::Frames;
+                    continue;
                 }
                 Mode::Frames => {}
             }
             if self.payload_left > 0 {
-                let n = self.payload_left.min(available);
+                let n = self.payload_left.min(rest.len());
                 if n == 0 {
-                    return;
+                    return pos;
                 }
-                self.forward(n);
+                pos += n;
                 self.payload_left -= n;
                 continue;
             }
-            if available < FRAME_HEADER {
+            if !self.block.is_empty() || rest.len() < FRAME_HEADER {
+                return pos;
+            }
+            let kind = rest[3];
+            if kind == TYPE_HEADERS || kind == TYPE_CONTINUATION {
+                return pos;
+            }
+            // Any other frame: its header now, its payload as it comes.
+            self.payload_left = frame_len(rest);
+            pos += FRAME_HEADER;
+        }
+    }
+
+    /// Handles the octets taken in: what [`Self::scan`] passes is moved to the output, header
+    /// blocks are held back until complete.
+    fn process(&mut self) {
+        loop {
+            let input = std::mem::take(&mut self.input);
+            let passed = self.scan(&input[self.input_pos..]);
+            self.input = input;
+            self.forward(passed);
+            let available = self.input.len() - self.input_pos;
+            if self.mode == Mode::Raw {
+                self.forward(available);
+                return;
+            }
+            if available < FRAME_HEADER || self.payload_left > 0 || self.mode != Mode::Frames {
                 return;
             }
             let header = &self.input[self.input_pos..self.input_pos + FRAME_HEADER];
-            let len =
-                usize::from(header[0]) << 16 | usize::from(header[1]) << 8 | usize::from(header[2]);
-            let kind = header[3];
+            let len = frame_len(header);
             let flags = header[4];
-            let stream =
-                u32::from_be_bytes([header[5], header[6], header[7], header[8]]) & 0x7fff_ffff;
-            let collecting = !self.block.is_empty();
-            let is_header_frame = kind == TYPE_HEADERS && !collecting
-                || kind == TYPE_CONTINUATION && collecting && stream == self.block_stream;
-            if !is_header_frame {
-                if collecting || kind == TYPE_CONTINUATION {
-                    // A header block interrupted, or a CONTINUATION out of place: a
-                    // connection error h2 reports.
-                    self.give_up();
-                    continue;
-                }
-                // Any other frame: pass its header on now and its payload as it comes.
-                self.forward(FRAME_HEADER);
-                self.payload_left = len;
+            let stream = frame_stream(header);
+            let expected = if self.block.is_empty() {
+                header[3] == TYPE_HEADERS
+            } else {
+                header[3] == TYPE_CONTINUATION && stream == self.block_stream
+            };
+            if !expected {
+                // A header block interrupted, or a CONTINUATION out of place: a connection
+                // error h2 reports.
+                self.give_up();
                 continue;
             }
             if len > MAX_FRAME || self.block.len() + FRAME_HEADER + len > MAX_BLOCK {
@@ -409,9 +432,9 @@ impl BlockParts {
         let mut rest = frames;
         let mut parts: Option<BlockParts> = None;
         while rest.len() >= FRAME_HEADER {
-            let len = usize::from(rest[0]) << 16 | usize::from(rest[1]) << 8 | usize::from(rest[2]);
+            let len = frame_len(rest);
             let flags = rest[4];
-            let stream = u32::from_be_bytes([rest[5], rest[6], rest[7], rest[8]]) & 0x7fff_ffff;
+            let stream = frame_stream(rest);
             let mut payload = rest.get(FRAME_HEADER..FRAME_HEADER + len)?;
             rest = &rest[FRAME_HEADER + len..];
             match &mut parts {
@@ -466,6 +489,16 @@ impl BlockParts {
             rest = tail;
         }
     }
+}
+
+/// The payload length in a frame header.
+fn frame_len(header: &[u8]) -> usize {
+    usize::from(header[0]) << 16 | usize::from(header[1]) << 8 | usize::from(header[2])
+}
+
+/// The stream identifier in a frame header.
+fn frame_stream(header: &[u8]) -> u32 {
+    u32::from_be_bytes([header[5], header[6], header[7], header[8]]) & 0x7fff_ffff
 }
 
 fn frame_header(out: &mut Vec<u8>, len: usize, kind: u8, flags: u8, stream: u32) {

@@ -22,6 +22,11 @@
 //!   fetching. Baseline: the same call without the header, which the agent refuses with
 //!   InvalidArgument before attesting (the transport floor), interleaved with the real calls.
 //!   `--perf` profiles the agent during a further back-to-back run with 100 clients.
+//! - `interop-latency`: the first FetchX509SVID through py-spiffe (PyPI `spiffe`, gRPC C-core,
+//!   whose `:authority` is the percent-encoded socket path), a new client per sample, against
+//!   the Rust `spiffe` crate doing the same (connect, fetch, parse), interleaved in 5 rounds of
+//!   200 samples each. Needs the Python of the interop tests (`MESHID_INTEROP_PYTHON` or
+//!   `target/interop-venv`, made by `.ci/run`).
 //! - `propagation`: 100 times, an entry created through the admin API for the bench's uid, timed
 //!   until the FetchX509SVID stream held open by the bench delivers its SVID, then deleted and
 //!   timed until withdrawn; first with only the bench's entry, then with 10,000 background
@@ -69,7 +74,13 @@ use tonic::transport::Channel;
 use tonic::{Code, Request, Status, Streaming};
 
 const TD: &str = "example.org";
-const SCENARIOS: [&str; 4] = ["fetch-latency", "propagation", "rss", "node-sign"];
+const SCENARIOS: [&str; 5] = [
+    "fetch-latency",
+    "interop-latency",
+    "propagation",
+    "rss",
+    "node-sign",
+];
 
 // ---------------------------------------------------------------------------------------------
 // Processes and measurements from /proc.
@@ -679,6 +690,96 @@ async fn fetch_latency(st: &Stack, profile: bool) {
     if profile {
         println!("\nperf profile of the agent during a further 5 s back-to-back run with 100 clients (flat, no children):\n");
         println!("```text\n{report}```");
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// interop-latency
+
+/// The Python of the interop tests (tests/tests/interop.rs).
+fn interop_python() -> PathBuf {
+    std::env::var_os("MESHID_INTEROP_PYTHON")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            PathBuf::from(concat!(
+                env!("CARGO_MANIFEST_DIR"),
+                "/../target/interop-venv/bin/python3"
+            ))
+        })
+}
+
+/// `n` first-SVID latencies through py-spiffe, a new client each (timed inside Python).
+fn py_spiffe_samples(python: &Path, socket: &Path, n: usize) -> Vec<u64> {
+    let out = std::process::Command::new(python)
+        .arg(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/interop/workload_api.py"
+        ))
+        .args(["latency", &socket.display().to_string(), &n.to_string()])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "py-spiffe latency run failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let micros: Vec<f64> = serde_json::from_slice(&out.stdout).unwrap();
+    micros.into_iter().map(|us| (us * 1000.0) as u64).collect()
+}
+
+/// `n` first-SVID latencies through the Rust `spiffe` crate: connect, fetch, parse.
+async fn rust_spiffe_samples(endpoint: &str, n: usize) -> Vec<u64> {
+    let mut out = Vec::with_capacity(n);
+    for _ in 0..n {
+        let t0 = Instant::now();
+        let client = spiffe::WorkloadApiClient::connect_to(endpoint)
+            .await
+            .unwrap();
+        client.fetch_x509_svid().await.unwrap();
+        out.push(ns(t0.elapsed()));
+    }
+    out
+}
+
+async fn interop_latency(st: &Stack) {
+    const ROUNDS: usize = 5;
+    const SAMPLES: usize = 200;
+    let python = interop_python();
+    let agent = st.agent();
+    let endpoint = agent.endpoint();
+    // Warm-up: the first calls hash each client's binary.
+    rust_spiffe_samples(&endpoint, 20).await;
+    tokio::task::block_in_place(|| py_spiffe_samples(&python, &agent.socket, 20));
+    let (mut rust, mut py) = (Lat::default(), Lat::default());
+    for round in 0..ROUNDS {
+        eprintln!("interop-latency: round {}/{ROUNDS}", round + 1);
+        rust.add(rust_spiffe_samples(&endpoint, SAMPLES).await);
+        py.add(tokio::task::block_in_place(|| {
+            py_spiffe_samples(&python, &agent.socket, SAMPLES)
+        }));
+    }
+    println!("\n### interop-latency\n");
+    println!(
+        "First FetchX509SVID through a new client (connect, call, parse the SVID), one at a time,"
+    );
+    println!("{ROUNDS} interleaved rounds of {SAMPLES} samples per client.\n");
+    println!("| client | samples | p50 | p99 | p50 ratio to Rust | p99 ratio to Rust |");
+    println!("|---|---|---|---|---|---|");
+    for (name, lat) in [
+        ("Rust `spiffe` crate 0.19 (baseline)", &rust),
+        (
+            "py-spiffe 0.3.2 (gRPC C-core, `:authority` = percent-encoded path)",
+            &py,
+        ),
+    ] {
+        println!(
+            "| {name} | {} | {} | {} | {} | {} |",
+            lat.len(),
+            fmt_d(lat.p(0.5)),
+            fmt_d(lat.p(0.99)),
+            ratio(lat.p(0.5), rust.p(0.5)),
+            ratio(lat.p(0.99), rust.p(0.99)),
+        );
     }
 }
 
@@ -1456,6 +1557,7 @@ fn run(scenario: &str, profile: bool) {
     rt.block_on(async {
         match scenario {
             "fetch-latency" => fetch_latency(&stack, profile).await,
+            "interop-latency" => interop_latency(&stack).await,
             "propagation" => propagation(&mut stack).await,
             "rss" => rss(&stack).await,
             "node-sign" => node_sign(&stack, profile).await,

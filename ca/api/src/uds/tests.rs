@@ -49,7 +49,8 @@ fn feed(input: &[u8], step: usize) -> (Vec<u8>, Reader) {
     let mut reader = Reader::default();
     let mut out = Vec::new();
     for piece in input.chunks(step) {
-        reader.push(piece);
+        let kept = reader.accept(piece);
+        out.extend_from_slice(&piece[..kept]);
         out.extend(reader.take_output());
     }
     reader.finish();
@@ -227,6 +228,22 @@ fn what_h2_must_refuse_reaches_it_untouched() {
             ]),
         ),
         (
+            "a CONTINUATION after a complete block",
+            connection(&[
+                frame(
+                    TYPE_HEADERS,
+                    FLAG_END_HEADERS,
+                    1,
+                    &block(Some(b"localhost")),
+                ),
+                frame(TYPE_CONTINUATION, FLAG_END_HEADERS, 1, &refused),
+            ]),
+        ),
+        (
+            "a CONTINUATION on a new stream",
+            connection(&[frame(TYPE_CONTINUATION, FLAG_END_HEADERS, 3, &refused)]),
+        ),
+        (
             "a CONTINUATION with no HEADERS",
             connection(&[frame(TYPE_CONTINUATION, FLAG_END_HEADERS, 1, &refused)]),
         ),
@@ -278,14 +295,15 @@ fn a_large_data_frame_streams_through_without_being_held() {
     let payload = vec![7u8; 100_000];
     let input = connection(&[frame(DATA, 0, 1, &payload)]);
     let mut reader = Reader::default();
-    reader.push(&input[..PREFACE.len() + 9 + 9 + 10]);
-    // The frame's header and the first payload octets are ready before the rest arrives.
-    assert_eq!(reader.take_output().len(), PREFACE.len() + 9 + 9 + 10);
-    reader.push(&input[PREFACE.len() + 9 + 9 + 10..]);
-    assert_eq!(
-        reader.take_output().len(),
-        input.len() - (PREFACE.len() + 9 + 9 + 10)
-    );
+    // Everything passes in place: nothing is held or copied, however it is cut.
+    let cut = PREFACE.len() + 9 + 9 + 10;
+    assert_eq!(reader.accept(&input[..cut]), cut);
+    assert_eq!(reader.accept(&input[cut..]), input.len() - cut);
+    assert!(reader.take_output().is_empty());
+    // Through the buffered path too, the payload is not held until the frame is complete.
+    let mut reader = Reader::default();
+    reader.push(&input[..cut]);
+    assert_eq!(reader.take_output().len(), cut);
 }
 
 /// A gRPC service for the end-to-end test: the Workload API, answering every call with
