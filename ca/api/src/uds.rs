@@ -18,9 +18,13 @@
 //! connection is no longer rewritten: it can only fail to accept more, never accept less
 //! carefully than h2.
 //!
-//! Responses are written straight through. The peer credentials (`SO_PEERCRED`) stay
-//! available to the service as tonic's `UdsConnectInfo`.
+//! The cost is a look at each frame header as it passes: octets are read into h2's own buffer
+//! and stay there, and a header block that arrives in one frame (as gRPC clients send them) is
+//! walked where it lies. Only a block that must be rewritten, or that is split across reads or
+//! CONTINUATION frames, is copied. Responses are written straight through. The peer
+//! credentials (`SO_PEERCRED`) stay available to the service as tonic's `UdsConnectInfo`.
 
+use std::borrow::Cow;
 use std::io;
 use std::pin::Pin;
 use std::task::{Context, Poll};
@@ -183,6 +187,9 @@ pub struct Reader {
     /// The frames (with their headers) of a header block awaiting END_HEADERS.
     block: Vec<u8>,
     block_stream: u32,
+    /// A header frame [`Self::scan`] has walked and rewritten (its length in the input, and
+    /// the frames that replace it), to be swapped in by [`Self::process`].
+    replacement: Option<(usize, Vec<u8>)>,
     walker: hpack::Walker,
     eof: bool,
     rewritten: u64,
@@ -199,6 +206,7 @@ impl Default for Reader {
             payload_left: 0,
             block: Vec::new(),
             block_stream: 0,
+            replacement: None,
             walker: hpack::Walker::default(),
             eof: false,
             rewritten: 0,
@@ -333,11 +341,28 @@ impl Reader {
                 return pos;
             }
             let kind = rest[3];
+            let len = frame_len(rest);
+            if kind == TYPE_HEADERS
+                && rest[4] & FLAG_END_HEADERS != 0
+                && len <= MAX_FRAME
+                && rest.len() >= FRAME_HEADER + len
+            {
+                // A whole header block in one frame, here: walked where it lies.
+                match self.walk(&rest[..FRAME_HEADER + len]) {
+                    Walked::Pass => pos += FRAME_HEADER + len,
+                    Walked::Replace(frames) => {
+                        self.replacement = Some((FRAME_HEADER + len, frames));
+                        return pos;
+                    }
+                    Walked::GiveUp => self.mode = Mode::Raw,
+                }
+                continue;
+            }
             if kind == TYPE_HEADERS || kind == TYPE_CONTINUATION {
                 return pos;
             }
             // Any other frame: its header now, its payload as it comes.
-            self.payload_left = frame_len(rest);
+            self.payload_left = len;
             pos += FRAME_HEADER;
         }
     }
@@ -346,10 +371,19 @@ impl Reader {
     /// blocks are held back until complete.
     fn process(&mut self) {
         loop {
+            if let Some((skip, frames)) = self.replacement.take() {
+                // A frame [`Self::scan`] walked and rewrote: it is the next input.
+                self.input_pos += skip;
+                self.output.extend_from_slice(&frames);
+                continue;
+            }
             let input = std::mem::take(&mut self.input);
             let passed = self.scan(&input[self.input_pos..]);
             self.input = input;
             self.forward(passed);
+            if self.replacement.is_some() {
+                continue;
+            }
             let available = self.input.len() - self.input_pos;
             if self.mode == Mode::Raw {
                 self.forward(available);
@@ -393,44 +427,65 @@ impl Reader {
 
     /// A whole header block is held back: pass it on as it is, or rewritten.
     fn end_block(&mut self) {
-        let Some(parts) = BlockParts::of(&self.block) else {
-            self.give_up();
-            return;
+        let block = std::mem::take(&mut self.block);
+        match self.walk(&block) {
+            Walked::Pass => self.output.extend_from_slice(&block),
+            Walked::Replace(frames) => self.output.extend_from_slice(&frames),
+            Walked::GiveUp => {
+                self.block = block;
+                self.give_up();
+            }
+        }
+    }
+
+    /// Walks the complete header block in `frames` (its HEADERS and CONTINUATION frames).
+    fn walk(&mut self, frames: &[u8]) -> Walked {
+        let Some(parts) = BlockParts::of(frames) else {
+            return Walked::GiveUp;
         };
         match self.walker.rewrite(&parts.fragment) {
-            Ok(None) => {
-                let block = std::mem::take(&mut self.block);
-                self.output.extend_from_slice(&block);
-            }
+            Ok(None) => Walked::Pass,
             Ok(Some(fragment)) => {
                 self.rewritten += 1;
                 tracing::debug!("replaced an HTTP/2 :authority that h2 refuses");
-                parts.write(&fragment, &mut self.output);
-                self.block.clear();
+                let mut out = Vec::with_capacity(fragment.len() + 2 * FRAME_HEADER);
+                parts.write(&fragment, &mut out);
+                Walked::Replace(out)
             }
             Err(error) => {
                 tracing::debug!(%error, "header block not followed; passed on untouched");
-                self.give_up();
+                Walked::GiveUp
             }
         }
     }
 }
 
+/// What became of a header block.
+enum Walked {
+    /// Nothing to change: its frames pass as they are.
+    Pass,
+    /// These frames replace it.
+    Replace(Vec<u8>),
+    /// Not followed: it and everything after pass untouched.
+    GiveUp,
+}
+
 /// A held-back header block taken apart: the HEADERS frame's stream, flags and priority, and
 /// the header block fragments of all its frames joined.
-struct BlockParts {
+struct BlockParts<'a> {
     stream: u32,
     /// END_STREAM and PRIORITY of the HEADERS frame.
     flags: u8,
     priority: Option<[u8; 5]>,
-    fragment: Vec<u8>,
+    /// Borrowed from a block of one frame, joined from several.
+    fragment: Cow<'a, [u8]>,
 }
 
-impl BlockParts {
+impl<'a> BlockParts<'a> {
     /// `None` if a frame's padding or priority does not fit it (h2 refuses those).
-    fn of(frames: &[u8]) -> Option<Self> {
+    fn of(frames: &'a [u8]) -> Option<Self> {
         let mut rest = frames;
-        let mut parts: Option<BlockParts> = None;
+        let mut parts: Option<BlockParts<'a>> = None;
         while rest.len() >= FRAME_HEADER {
             let len = frame_len(rest);
             let flags = rest[4];
@@ -455,10 +510,10 @@ impl BlockParts {
                         stream,
                         flags: flags & (FLAG_END_STREAM | FLAG_PRIORITY),
                         priority,
-                        fragment: payload.to_vec(),
+                        fragment: Cow::Borrowed(payload),
                     });
                 }
-                Some(p) => p.fragment.extend_from_slice(payload),
+                Some(p) => p.fragment.to_mut().extend_from_slice(payload),
             }
         }
         parts

@@ -44,7 +44,8 @@ fn any_bytes(u: &mut Unstructured<'_>) -> Result<()> {
     let with_preface: bool = u.arbitrary()?;
     let cuts: Vec<u8> = u.arbitrary()?;
     let mut input = if with_preface { PREFACE.to_vec() } else { Vec::new() };
-    input.extend_from_slice(u.take_rest());
+    let len = u.len();
+    input.extend_from_slice(u.bytes(len)?);
     let cuts: Vec<usize> = cuts.iter().map(|&c| usize::from(c) + 1).collect();
     let (whole, rewritten) = feed(&input, &[]);
     let (pieces, _) = feed(&input, &cuts);
