@@ -65,6 +65,13 @@ fn child_log_level() -> &'static str {
     CHILD_LOG.get().map_or("debug", String::as_str)
 }
 
+/// The effective uid of this process: what an agent attests it (and its children) by.
+pub fn uid() -> u32 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap();
+    let line = status.lines().find(|l| l.starts_with("Uid:")).unwrap();
+    line.split_whitespace().nth(2).unwrap().parse().unwrap()
+}
+
 /// A free TCP port on 127.0.0.1.
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
@@ -288,6 +295,26 @@ impl Ca {
                 field("Token ID: ")
             ),
         )
+    }
+
+    /// Registers `spiffe_id` (entry `id`) for this process's uid on the node whose agent is
+    /// `parent`; `more` are further `entry create` flags (`--x509-ttl 1h`, `--hint web`).
+    pub fn entry_for_this_uid(&self, id: &str, spiffe_id: &str, parent: &str, more: &[&str]) {
+        let selector = format!("unix:uid:{}", uid());
+        let mut args = vec![
+            "entry",
+            "create",
+            "--id",
+            id,
+            "--spiffe-id",
+            spiffe_id,
+            "--parent-id",
+            parent,
+            "--selector",
+            &selector,
+        ];
+        args.extend_from_slice(more);
+        self.ok(&args);
     }
 
     /// Runs an operator command; panics on failure.

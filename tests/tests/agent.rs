@@ -8,35 +8,12 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
-use meshid_tests::{Agent, Ca};
+use meshid_tests::{uid, Agent, Ca};
 use rustls_pki_types::{CertificateDer, UnixTime};
 use spiffe::WorkloadApiClient;
 
-fn uid() -> u32 {
-    let out = Command::new("id").arg("-u").output().unwrap();
-    String::from_utf8(out.stdout)
-        .unwrap()
-        .trim()
-        .parse()
-        .unwrap()
-}
-
 fn create_entry(ca: &Ca, id: &str, spiffe_id: &str, parent: &str, ttl: &str) {
-    let sel = format!("unix:uid:{}", uid());
-    ca.ok(&[
-        "entry",
-        "create",
-        "--id",
-        id,
-        "--spiffe-id",
-        spiffe_id,
-        "--parent-id",
-        parent,
-        "--selector",
-        &sel,
-        "--x509-ttl",
-        ttl,
-    ]);
+    ca.entry_for_this_uid(id, spiffe_id, parent, &["--x509-ttl", ttl]);
 }
 
 fn serial(der: &[u8]) -> String {

@@ -17,7 +17,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use meshid_tests::{Agent, Ca};
+use meshid_tests::{uid, Agent, Ca};
 
 const SCRIPT: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/interop/workload_api.py");
 
@@ -96,15 +96,6 @@ fn is_root() -> bool {
     uid() == 0
 }
 
-fn uid() -> u32 {
-    let out = Command::new("id").arg("-u").output().unwrap();
-    String::from_utf8(out.stdout)
-        .unwrap()
-        .trim()
-        .parse()
-        .unwrap()
-}
-
 /// The `ok`/`FAIL` lines of one run of the script, and whether it exited 0.
 struct Run {
     title: String,
@@ -154,25 +145,8 @@ fn run(python: &Path, title: &str, args: &[&str], as_nobody: bool) -> Run {
 }
 
 fn create_entry(ca: &Ca, id: &str, spiffe_id: &str, parent: &str, hint: &str) {
-    let selector = format!("unix:uid:{}", uid());
-    ca.ok(&[
-        "entry",
-        "create",
-        "--id",
-        id,
-        "--spiffe-id",
-        spiffe_id,
-        "--parent-id",
-        parent,
-        "--selector",
-        &selector,
-        "--x509-ttl",
-        "8s",
-        "--jwt-ttl",
-        "6s",
-        "--hint",
-        hint,
-    ]);
+    let more = ["--x509-ttl", "8s", "--jwt-ttl", "6s", "--hint", hint];
+    ca.entry_for_this_uid(id, spiffe_id, parent, &more);
 }
 
 /// Waits until the agent serves both entries to this process (through the Rust client).

@@ -833,18 +833,12 @@ impl View for JwtBundlesView {
 fn eval_jwt_bundles(
     snap: &Snapshot,
     selectors: &[String],
-    _strict: bool,
+    strict: bool,
 ) -> Verdict<JwtBundlesView> {
-    if !snap.synced {
-        return Verdict::NotReady("not yet synced with the CA");
-    }
-    if snap.matching(selectors).next().is_none() {
+    if snap.synced && snap.matching(selectors).next().is_none() {
         return Verdict::Denied;
     }
-    Verdict::Ready(JwtBundlesView {
-        trust_domain: snap.trust_domain.clone(),
-        bundle: Arc::clone(&snap.bundle),
-    })
+    eval_local_jwt_bundle(snap, selectors, strict)
 }
 
 /// The local JWT authorities for a caller that need not match any entry (`ValidateJWTSVID`).

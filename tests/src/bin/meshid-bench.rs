@@ -64,7 +64,7 @@ use meshid_api::node::{self, node_client::NodeClient};
 use meshid_api::tls::{self, ExpectedId};
 use meshid_api::workload::spiffe_workload_api_client::SpiffeWorkloadApiClient;
 use meshid_api::workload::{X509svidRequest, X509svidResponse};
-use meshid_tests::{http_get, Agent, Ca};
+use meshid_tests::{http_get, uid, Agent, Ca};
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
 use tokio::sync::mpsc;
@@ -115,12 +115,6 @@ impl Stack {
         assert!(self.agent.is_none());
         self.agent = Some(Agent::start(self.tmp.path(), &self.ca, &self.token));
     }
-}
-
-fn uid() -> u32 {
-    let status = std::fs::read_to_string("/proc/self/status").unwrap();
-    let line = status.lines().find(|l| l.starts_with("Uid:")).unwrap();
-    line.split_whitespace().nth(2).unwrap().parse().unwrap()
 }
 
 /// Starts an agent in `dir` with one entry for this process's uid (id `entry_id`); returns it,

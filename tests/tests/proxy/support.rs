@@ -384,28 +384,9 @@ pub fn id(path: &str) -> String {
     format!("{TD}/{path}")
 }
 
-/// The uid the proxies run as (they are children of this process).
-pub fn uid() -> String {
-    let out = std::process::Command::new("id").arg("-u").output().unwrap();
-    String::from_utf8(out.stdout).unwrap().trim().to_owned()
-}
-
 /// Registers `spiffe_id` for this process's uid on the node whose agent is `parent`.
 pub fn create_entry(ca: &Ca, entry_id: &str, spiffe_id: &str, parent: &str, ttl: &str) {
-    ca.ok(&[
-        "entry",
-        "create",
-        "--id",
-        entry_id,
-        "--spiffe-id",
-        spiffe_id,
-        "--parent-id",
-        parent,
-        "--selector",
-        &format!("unix:uid:{}", uid()),
-        "--x509-ttl",
-        ttl,
-    ]);
+    ca.entry_for_this_uid(entry_id, spiffe_id, parent, &["--x509-ttl", ttl]);
 }
 
 /// A node: an agent in its own directory with its own join token.
