@@ -76,6 +76,12 @@ pub enum NodeError {
         /// What is wrong.
         reason: String,
     },
+    /// The agent asked for more than its rate allows.
+    #[error("rate exceeded; retry in {retry_after:?}")]
+    RateLimited {
+        /// When one more is allowed.
+        retry_after: std::time::Duration,
+    },
     /// The CA refused or failed.
     #[error(transparent)]
     Service(#[from] ServiceError),
@@ -86,6 +92,7 @@ impl From<NodeError> for Status {
         match e {
             NodeError::Denied(msg) => Status::permission_denied(msg),
             NodeError::InvalidArgument { .. } => Status::invalid_argument(e.to_string()),
+            NodeError::RateLimited { .. } => Status::resource_exhausted(e.to_string()),
             NodeError::Service(e) => e.into(),
         }
     }
@@ -362,14 +369,28 @@ struct Caller {
 pub struct NodeService {
     ca: Ca,
     stop: watch::Receiver<bool>,
+    /// JWT-SVID mints per agent (each agent also limits each of its workloads).
+    jwt_mints: Arc<meshid_api::limits::RateLimiter<SpiffeId>>,
 }
+
+/// JWT-SVID mints one agent may ask for per second, on average...
+pub const AGENT_JWT_MINTS_PER_SECOND: u32 = 500;
+/// ...and at once.
+pub const AGENT_JWT_MINT_BURST: u32 = 1000;
 
 type Rpc<T> = Result<Response<T>, Status>;
 
 impl NodeService {
     /// Wraps a CA; sync streams end when `stop` turns true.
     pub fn new(ca: Ca, stop: watch::Receiver<bool>) -> Self {
-        Self { ca, stop }
+        Self {
+            ca,
+            stop,
+            jwt_mints: Arc::new(meshid_api::limits::RateLimiter::new(
+                AGENT_JWT_MINTS_PER_SECOND,
+                AGENT_JWT_MINT_BURST,
+            )),
+        }
     }
 
     fn deny(&self, rpc: &'static str, caller: &str, reason: String) -> NodeError {
@@ -737,6 +758,10 @@ impl node::node_server::Node for NodeService {
         req: Request<node::MintJwtSvidRequest>,
     ) -> Rpc<node::MintJwtSvidResponse> {
         let caller = self.authorize(&req, "MintJwtSvid").await?;
+        if let Err(retry_after) = self.jwt_mints.take(&caller.id, std::time::Instant::now()) {
+            tracing::warn!(caller = %caller.text, "refused: JWT-SVID mint rate exceeded");
+            return Err(NodeError::RateLimited { retry_after }.into());
+        }
         let r = req.into_inner();
         let entry = match r.entry_id.parse() {
             Ok(id) => self

@@ -372,12 +372,10 @@ impl Ca {
         caller: &str,
     ) -> Result<(String, i64), ServiceError> {
         let id = entry::parse_id("spiffe_id", spiffe_id, self.authority.trust_domain())?;
-        if audience.is_empty() || audience.iter().any(String::is_empty) {
-            return Err(invalid(
-                "audience",
-                "at least one non-empty audience is required",
-            ));
-        }
+        // Bounded (16 values of at most 256 bytes): the token and its audit record with it.
+        let audience = meshid_api::limits::Audience::parse(audience)
+            .map_err(|e| invalid("audience", e.to_string()))?;
+        let audience = audience.values();
         let ttl = ttl(ttl_secs, entry::MAX_JWT_TTL, "ttl")?;
         let started = Instant::now();
         let result = self.authority.mint_jwt_svid(&id, audience, ttl);

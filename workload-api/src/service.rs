@@ -52,6 +52,8 @@ use tonic::transport::server::UdsConnectInfo;
 use tonic::{Request, Response, Status};
 use zeroize::Zeroizing;
 
+use meshid_api::limits::{Audience, AudienceError, RateLimiter};
+
 use crate::attest::{AttestError, Attestor};
 use crate::cache::{Bundle, Entry, JwtMinter, MintError, Snapshot, Svid};
 
@@ -63,6 +65,15 @@ pub const DEFAULT_READY_WAIT: Duration = Duration::from_secs(10);
 
 /// JWT-SVIDs cached at most (entry, audience pairs).
 const JWT_CACHE_CAPACITY: usize = 1000;
+
+/// Octets of tokens (and their keys) cached at most.
+const JWT_CACHE_MAX_BYTES: usize = 4 << 20;
+
+/// JWT-SVID mints (cache misses) one caller (uid) may start per second, on average...
+pub const JWT_MINTS_PER_SECOND: u32 = 20;
+
+/// ...and at once.
+pub const JWT_MINT_BURST: u32 = 100;
 
 /// The JWK `use` of JWT authorities.
 const JWT_SVID_USE: &str = "jwt-svid";
@@ -135,6 +146,17 @@ pub enum ServiceError {
     /// A mandatory request field is empty.
     #[error("{0} must be specified")]
     MissingField(&'static str),
+    /// The requested audience is missing or out of bounds.
+    #[error(transparent)]
+    InvalidAudience(AudienceError),
+    /// The caller started more JWT-SVID mints than it may.
+    #[error("JWT-SVID mint rate exceeded for uid {uid}; retry in {retry_after:?}")]
+    RateLimited {
+        /// The caller's uid.
+        uid: u32,
+        /// When one more is allowed.
+        retry_after: Duration,
+    },
     /// The requested SPIFFE ID does not parse.
     #[error("invalid spiffe_id {id:?}: {source}")]
     InvalidSpiffeId {
@@ -169,6 +191,7 @@ impl ServiceError {
         match self {
             ServiceError::MissingSecurityHeader
             | ServiceError::MissingField(_)
+            | ServiceError::InvalidAudience(_)
             | ServiceError::InvalidSpiffeId { .. }
             | ServiceError::InvalidToken(_) => Code::InvalidArgument,
             ServiceError::NoPeerCredentials
@@ -186,6 +209,7 @@ impl ServiceError {
                 ..
             } => Code::Unavailable,
             ServiceError::Bundle(_) => Code::Internal,
+            ServiceError::RateLimited { .. } => Code::ResourceExhausted,
         }
     }
 }
@@ -215,6 +239,7 @@ pub struct WorkloadApi {
     ready_wait: Duration,
     stop: Option<watch::Receiver<bool>>,
     jwt_cache: JwtCache,
+    mint_limiter: RateLimiter<u32>,
 }
 
 impl std::fmt::Debug for WorkloadApi {
@@ -241,6 +266,7 @@ impl WorkloadApi {
             ready_wait: DEFAULT_READY_WAIT,
             stop: None,
             jwt_cache: JwtCache::default(),
+            mint_limiter: RateLimiter::new(JWT_MINTS_PER_SECOND, JWT_MINT_BURST),
         }
     }
 
@@ -424,12 +450,9 @@ impl WorkloadApi {
         request: Request<JwtsvidRequest>,
     ) -> Result<JwtsvidResponse, ServiceError> {
         check_header(&request)?;
-        let mut audience = request.get_ref().audience.clone();
-        if audience.is_empty() || audience.iter().any(String::is_empty) {
-            return Err(ServiceError::MissingField("audience"));
-        }
-        audience.sort();
-        audience.dedup();
+        let audience = Audience::parse(&request.get_ref().audience)
+            .map_err(ServiceError::InvalidAudience)?
+            .sorted();
         let wanted = match request.get_ref().spiffe_id.as_str() {
             "" => None,
             id => Some(
@@ -458,7 +481,9 @@ impl WorkloadApi {
         let mut seen = HashSet::new();
         entries.retain(|e| seen.insert(e.spiffe_id.clone()));
 
-        let mints = entries.iter().map(|entry| self.jwt_for(entry, &audience));
+        let mints = entries
+            .iter()
+            .map(|entry| self.jwt_for(entry, &audience, caller.uid));
         let mut svids = futures::future::try_join_all(mints).await?;
         // Hints must be unique within a response: the first identity keeps a repeated one.
         let mut hints = HashSet::new();
@@ -471,7 +496,12 @@ impl WorkloadApi {
     }
 
     /// A JWT-SVID for one entry, from the cache while it is within half its lifetime.
-    async fn jwt_for(&self, entry: &Entry, audience: &[String]) -> Result<Jwtsvid, ServiceError> {
+    async fn jwt_for(
+        &self,
+        entry: &Entry,
+        audience: &[String],
+        uid: u32,
+    ) -> Result<Jwtsvid, ServiceError> {
         let key = JwtKey {
             entry_id: entry.id.clone(),
             revision: entry.revision,
@@ -480,6 +510,10 @@ impl WorkloadApi {
         let token = match self.jwt_cache.get(&key, unix_now()) {
             Some(token) => token,
             None => {
+                if let Err(retry_after) = self.mint_limiter.take(&uid, std::time::Instant::now()) {
+                    tracing::warn!(uid, spiffe_id = %entry.spiffe_id, "refused: JWT-SVID mint rate exceeded");
+                    return Err(ServiceError::RateLimited { uid, retry_after });
+                }
                 let (token, expiry) =
                     self.minter
                         .mint(&entry.id, audience)
@@ -969,14 +1003,33 @@ impl CachedJwt {
     }
 }
 
-/// Minted JWT-SVIDs, bounded.
+/// Minted JWT-SVIDs, bounded by count ([`JWT_CACHE_CAPACITY`]) and by the octets of their keys
+/// and tokens ([`JWT_CACHE_MAX_BYTES`]).
 #[derive(Default)]
 struct JwtCache {
-    map: Mutex<HashMap<JwtKey, CachedJwt>>,
+    map: Mutex<CacheMap>,
+}
+
+#[derive(Default)]
+struct CacheMap {
+    entries: HashMap<JwtKey, CachedJwt>,
+    bytes: usize,
+}
+
+impl CacheMap {
+    fn retain(&mut self, keep: impl Fn(&CachedJwt) -> bool) {
+        self.entries.retain(|_, c| keep(c));
+        self.bytes = self.entries.iter().map(|(k, c)| cost(k, c)).sum();
+    }
+}
+
+/// What an entry of the cache holds, in octets (near enough).
+fn cost(key: &JwtKey, cached: &CachedJwt) -> usize {
+    key.entry_id.len() + key.audience.iter().map(String::len).sum::<usize>() + cached.token.len()
 }
 
 impl JwtCache {
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<JwtKey, CachedJwt>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, CacheMap> {
         // A panic while holding the lock cannot leave the map inconsistent.
         self.map
             .lock()
@@ -985,27 +1038,38 @@ impl JwtCache {
 
     fn get(&self, key: &JwtKey, now: i64) -> Option<Zeroizing<String>> {
         self.lock()
+            .entries
             .get(key)
             .filter(|c| c.fresh(now))
             .map(|c| Zeroizing::clone(&c.token))
     }
 
     fn put(&self, key: JwtKey, token: Zeroizing<String>, now: i64, expiry: i64) {
+        let cached = CachedJwt {
+            token,
+            minted_at: now,
+            expiry,
+        };
+        let size = cost(&key, &cached);
+        if size > JWT_CACHE_MAX_BYTES {
+            return;
+        }
         let mut map = self.lock();
-        if map.len() >= JWT_CACHE_CAPACITY {
-            map.retain(|_, c| c.fresh(now));
-            if map.len() >= JWT_CACHE_CAPACITY {
-                map.clear();
+        if let Some(old) = map.entries.remove(&key) {
+            map.bytes -= cost(&key, &old);
+        }
+        let full = |m: &CacheMap| {
+            m.entries.len() >= JWT_CACHE_CAPACITY || m.bytes + size > JWT_CACHE_MAX_BYTES
+        };
+        if full(&map) {
+            map.retain(|c| c.fresh(now));
+            if full(&map) {
+                map.entries.clear();
+                map.bytes = 0;
             }
         }
-        map.insert(
-            key,
-            CachedJwt {
-                token,
-                minted_at: now,
-                expiry,
-            },
-        );
+        map.bytes += size;
+        map.entries.insert(key, cached);
     }
 }
 

@@ -12,6 +12,8 @@
 //! - [`client`]: connecting to a gRPC server on a Unix socket (the admin API).
 //! - [`tls`]: SPIFFE-aware rustls configurations (peers authenticated by SPIFFE ID, rotating
 //!   certificates and roots) and connecting over TCP + TLS (the node API).
+//! - [`limits`]: bounds shared by the agent and the CA (a JWT-SVID's audience, per-caller
+//!   rates).
 //! - [`uds`]: serving gRPC on a Unix socket (the Workload API, the admin API): accepted
 //!   connections whose HTTP/2 `:authority` is made acceptable, whatever the client put there.
 
@@ -39,6 +41,7 @@ pub mod workload {
 pub mod client;
 pub mod codec;
 pub mod config;
+pub mod limits;
 pub mod server;
 pub mod tls;
 pub mod uds;

@@ -35,7 +35,30 @@ fn jwt_cache_is_bounded() {
             100,
         );
     }
-    assert!(cache.lock().len() <= JWT_CACHE_CAPACITY);
+    assert!(cache.lock().entries.len() <= JWT_CACHE_CAPACITY);
+}
+
+#[test]
+fn jwt_cache_is_bounded_by_bytes() {
+    let cache = JwtCache::default();
+    let token = "t".repeat(64 * 1024);
+    for i in 0..200 {
+        cache.put(
+            key(&[&i.to_string()]),
+            Zeroizing::new(token.clone()),
+            0,
+            100,
+        );
+        let map = cache.lock();
+        assert!(map.bytes <= JWT_CACHE_MAX_BYTES, "{} bytes", map.bytes);
+        let actual: usize = map.entries.iter().map(|(k, c)| cost(k, c)).sum();
+        assert_eq!(map.bytes, actual);
+    }
+    // Replacing an entry does not count it twice.
+    cache.put(key(&["199"]), Zeroizing::new("short".into()), 0, 100);
+    let map = cache.lock();
+    let actual: usize = map.entries.iter().map(|(k, c)| cost(k, c)).sum();
+    assert_eq!(map.bytes, actual);
 }
 
 #[test]
