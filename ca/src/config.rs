@@ -34,6 +34,9 @@ pub enum ConfigError {
     /// The file could not be read or parsed (names the file, line and column, never quotes it).
     #[error(transparent)]
     File(#[from] meshid_api::config::TomlError),
+    /// The file holds a secret and others may read it.
+    #[error(transparent)]
+    Mode(#[from] meshid_api::config::FileModeError),
     /// A value is present but wrong.
     #[error("invalid config: {key}: {reason}")]
     Invalid {
@@ -42,6 +45,16 @@ pub enum ConfigError {
         /// What is wrong and what to do.
         reason: String,
     },
+}
+
+/// Whether a datastore URL carries a password (`scheme://user:password@host`, or a
+/// `password=` parameter).
+fn has_password(url: &str) -> bool {
+    let rest = url.split_once("://").map_or(url, |(_, r)| r);
+    // Up to the last '@' before the query: a password may hold an unescaped '/'.
+    let before_query = rest.split('?').next().unwrap_or("");
+    let userinfo = before_query.rsplit_once('@').map(|(u, _)| u);
+    userinfo.is_some_and(|u| u.contains(':')) || url.contains("password=")
 }
 
 fn invalid(key: &'static str, reason: impl Into<String>) -> ConfigError {
@@ -240,9 +253,14 @@ fn duration(
 }
 
 impl RawConfig {
-    /// Reads and parses a TOML file.
+    /// Reads and parses a TOML file. A file that holds a datastore password must not be
+    /// readable by group or others.
     pub fn from_file(path: &Path) -> Result<Self, ConfigError> {
-        Ok(meshid_api::config::read_toml(path)?)
+        let raw: Self = meshid_api::config::read_toml(path)?;
+        if raw.datastore.as_deref().is_some_and(has_password) {
+            meshid_api::config::check_private(path, "config (it holds the datastore password)")?;
+        }
+        Ok(raw)
     }
 
     /// Parses TOML text; `path` is only used in messages.
@@ -417,6 +435,27 @@ impl TryFrom<RawConfig> for Config {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn a_password_is_found_wherever_a_url_carries_one() {
+        for (url, has) in [
+            ("sqlite", false),
+            ("sqlite:///var/lib/meshid/ca.db", false),
+            ("postgres://meshid@db/meshid", false),
+            ("postgres://meshid:pw@db/meshid", true),
+            (
+                "postgres://meshid:p%40ss@db:5432/meshid?sslmode=require",
+                true,
+            ),
+            ("postgres://meshid:a/b@db/meshid", true),
+            ("postgres://db/meshid?user=meshid&password=pw", true),
+            ("postgres://db/meshid?user=a:b", false),
+            ("postgres://u:p@h", true),
+        ] {
+            assert_eq!(super::has_password(url), has, "{url}");
+        }
+    }
+
     use super::*;
 
     fn parse(text: &str) -> Result<Config, ConfigError> {

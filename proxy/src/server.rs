@@ -140,11 +140,22 @@ pub fn deny_all() -> Result<Policy, PolicyError> {
 /// Loads the policy file (or [`deny_all`]) and checks it against the listeners.
 pub fn load_policy(path: Option<&Path>, ports: &[(u16, Protocol)]) -> Result<Policy, PolicyError> {
     let policy = match path {
-        Some(p) => Policy::load(p)?,
+        Some(p) => {
+            check_policy_mode(p)?;
+            Policy::load(p)?
+        }
         None => deny_all()?,
     };
     policy.validate_ports(ports)?;
     Ok(policy)
+}
+
+/// A policy file any user may write is refused: whoever writes it decides who is let in.
+fn check_policy_mode(path: &Path) -> Result<(), PolicyError> {
+    meshid_api::config::check_not_world_writable(path, "policy file").map_err(|e| PolicyError::Io {
+        path: path.to_owned(),
+        source: std::io::Error::new(std::io::ErrorKind::PermissionDenied, e),
+    })
 }
 
 /// Completes once the drain has started (the guard of the watch value is not held).
@@ -254,6 +265,8 @@ pub async fn watch_policy(
     let mut last = tokio::fs::read(&path).await.ok();
     let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
     let mut missing_logged = false;
+    // The contents last refused for the file's mode (logged once, not every interval).
+    let mut refused_mode: Option<Vec<u8>> = None;
     loop {
         let hup_fut = async {
             match hup.as_mut() {
@@ -284,6 +297,19 @@ pub async fn watch_policy(
         }
         let text = String::from_utf8_lossy(&bytes);
         let origin = path.display().to_string();
+        if let Err(e) = check_policy_mode(&path) {
+            // Refused for its mode: logged once per contents, looked at again every interval.
+            if refused_mode.as_deref() != Some(&bytes[..]) {
+                tracing::warn!(path = %origin, error = %e, "policy refused; the previous policy stays in force");
+                metrics
+                    .policy_reloads
+                    .get_or_create(&crate::metrics::ReloadLabels { result: "error" })
+                    .inc();
+                refused_mode = Some(bytes);
+            }
+            continue;
+        }
+        refused_mode = None;
         let result = Policy::parse(&text, &origin).and_then(|p| {
             p.validate_ports(&ports)?;
             Ok(p)

@@ -1822,3 +1822,56 @@ fn proxy_config_check() {
     assert_eq!(code, Some(64), "{err}");
     assert!(std::net::TcpListener::bind(&listen).is_ok());
 }
+
+/// Security review, item 12: a policy file every user may write was hot-reloaded, so any local
+/// user could let any caller in. Now it is refused, at start and on reload, and the policy in
+/// force stays until the mode is fixed.
+#[test]
+fn proxy_refuses_a_world_writable_policy() {
+    use std::os::unix::fs::PermissionsExt;
+    let _serial = serial();
+    // The mesh (agents, CA, web's proxy, backend) lives until the end.
+    let mesh = WebToApi::start("1h", RELOAD_DENY);
+    let WebToApi {
+        api,
+        web_out,
+        policy,
+        ..
+    } = &mesh;
+    let status = || request_once(web_out, "GET", "/x").unwrap().status;
+    assert_eq!(status(), 403);
+    let errors_before = api.metric(RELOADS, &[("result", "error")]);
+
+    // Another user, able to write the file, lets web in.
+    std::fs::set_permissions(policy, std::fs::Permissions::from_mode(0o666)).unwrap();
+    std::fs::write(policy, RELOAD_ALLOW).unwrap();
+    let until = Instant::now() + Duration::from_millis(1500);
+    while Instant::now() < until {
+        assert_eq!(status(), 403, "a world-writable policy was applied");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(
+        api.metric(RELOADS, &[("result", "error")]),
+        errors_before + 1.0
+    );
+    assert!(api.proc.log_text().contains("writable by every user"));
+
+    // The same file does not start a proxy either.
+    let out = std::process::Command::new(meshid_tests::bin_dir().join("meshid-proxy"))
+        .args(["run", "--check", "--config"])
+        .arg(&api.config)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(64));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("chmod o-w"), "{stderr}");
+
+    // Once its mode is fixed, the file is read again.
+    std::fs::set_permissions(policy, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let applied = poll(
+        Duration::from_secs(2),
+        || Some(status()),
+        |s| *s == Some(200),
+    );
+    assert_eq!(applied, Some(200));
+}

@@ -144,3 +144,75 @@ async fn jwt_audiences_are_bounded_and_mints_rate_limited() {
         .log_text()
         .contains("JWT-SVID mint rate exceeded"));
 }
+
+/// Runs a workspace binary to completion with `args`: its exit code and stderr.
+fn run_bin(bin: &str, args: &[&str]) -> (Option<i32>, String) {
+    let out = std::process::Command::new(meshid_tests::bin_dir().join(bin))
+        .args(args)
+        .stdin(std::process::Stdio::null())
+        .output()
+        .unwrap();
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+fn write_with_mode(path: &Path, text: &str, mode: u32) {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::write(path, text).unwrap();
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).unwrap();
+}
+
+/// Item 12: a `ca.toml` holding a datastore password, or a join token file, that other users
+/// can read was accepted silently. Now each is refused before anything starts (exit 64), with
+/// the fix in the message and without the secret.
+#[test]
+fn secrets_in_files_others_can_read_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("ca.toml");
+    let text = "trust_domain = \"example.org\"\n\
+                datastore = \"postgres://meshid:s3cr3t-pw@127.0.0.1:1/meshid\"\n";
+    let path = config.to_str().unwrap();
+    write_with_mode(&config, text, 0o644);
+    let (code, stderr) = run_bin("meshid-ca", &["run", "--check", "--config", path]);
+    assert_eq!(code, Some(64), "{stderr}");
+    assert!(stderr.contains("chmod 600"), "{stderr}");
+    assert!(!stderr.contains("s3cr3t"), "{stderr}");
+    write_with_mode(&config, text, 0o600);
+    let (code, stderr) = run_bin("meshid-ca", &["run", "--check", "--config", path]);
+    assert_eq!(code, Some(0), "{stderr}");
+    // Without a password in it, a readable config is fine.
+    write_with_mode(
+        &config,
+        "trust_domain = \"example.org\"\ndatastore = \"sqlite\"\n",
+        0o644,
+    );
+    let (code, stderr) = run_bin("meshid-ca", &["run", "--check", "--config", path]);
+    assert_eq!(code, Some(0), "{stderr}");
+
+    let token = dir.path().join("join-token");
+    write_with_mode(&token, "not-a-real-token\n", 0o644);
+    let agent_config = dir.path().join("agent.toml");
+    write_with_mode(
+        &agent_config,
+        &format!(
+            "trust_domain = \"example.org\"\nserver_address = \"127.0.0.1:1\"\n\
+             trust_bundle_path = \"{}\"\ndata_dir = \"{}\"\nsocket_path = \"{}\"\n\
+             join_token_file = \"{}\"\n",
+            dir.path().join("bundle.pem").display(),
+            dir.path().join("agent-data").display(),
+            dir.path().join("api.sock").display(),
+            token.display()
+        ),
+        0o644,
+    );
+    let args = ["run", "--check", "--config", agent_config.to_str().unwrap()];
+    let (code, stderr) = run_bin("meshid-agent", &args);
+    assert_eq!(code, Some(64), "{stderr}");
+    assert!(stderr.contains("join token file"), "{stderr}");
+    assert!(!stderr.contains("not-a-real-token"), "{stderr}");
+    write_with_mode(&token, "not-a-real-token\n", 0o600);
+    let (code, stderr) = run_bin("meshid-agent", &args);
+    assert_eq!(code, Some(0), "{stderr}");
+}

@@ -152,6 +152,13 @@ async fn run(args: RunArgs) -> ExitCode {
             return ExitCode::from(EXIT_CONFIG);
         }
     };
+    // A join token file others may read gives them this node's identity.
+    if let Some(path) = &config.join_token_file {
+        if let Err(e) = meshid_api::config::check_private(path, "join token file") {
+            eprintln!("meshid-agent: {e}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    }
     if args.check {
         eprintln!("meshid-agent: configuration is valid");
         return ExitCode::SUCCESS;

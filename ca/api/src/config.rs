@@ -2,9 +2,60 @@
 //! the line and column, and the parser's message. The file's text is never quoted, because it
 //! may hold a secret (a datastore password).
 
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
 use serde::de::DeserializeOwned;
+
+/// A file whose mode lets other users read a secret in it, or change what the process trusts.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{what} {} is {problem} (mode {mode:03o}); {fix}", path.display())]
+pub struct FileModeError {
+    /// The file.
+    pub path: PathBuf,
+    /// What it is to the process (`join token file`, `policy file`).
+    pub what: &'static str,
+    /// Its permission bits.
+    pub mode: u32,
+    problem: &'static str,
+    fix: &'static str,
+}
+
+fn mode_of(path: &Path) -> Option<u32> {
+    std::fs::metadata(path)
+        .ok()
+        .map(|m| m.permissions().mode() & 0o7777)
+}
+
+/// Refuses a file holding a secret (a join token, a password) that group or others may read or
+/// write, as the CA refuses such a key file. A file that cannot be examined passes: reading it
+/// reports that.
+pub fn check_private(path: &Path, what: &'static str) -> Result<(), FileModeError> {
+    match mode_of(path) {
+        Some(mode) if mode & 0o077 != 0 => Err(FileModeError {
+            path: path.to_owned(),
+            what,
+            mode,
+            problem: "readable or writable by group or others",
+            fix: "chmod 600 it",
+        }),
+        _ => Ok(()),
+    }
+}
+
+/// Refuses a file the process trusts (a policy) that any user may write.
+pub fn check_not_world_writable(path: &Path, what: &'static str) -> Result<(), FileModeError> {
+    match mode_of(path) {
+        Some(mode) if mode & 0o002 != 0 => Err(FileModeError {
+            path: path.to_owned(),
+            what,
+            mode,
+            problem: "writable by every user",
+            fix: "chmod o-w it",
+        }),
+        _ => Ok(()),
+    }
+}
 
 /// A configuration file that could not be read or parsed.
 #[derive(Debug, thiserror::Error)]
