@@ -216,3 +216,141 @@ fn secrets_in_files_others_can_read_are_refused() {
     let (code, stderr) = run_bin("meshid-agent", &args);
     assert_eq!(code, Some(0), "{stderr}");
 }
+
+/// The arguments of `meshid-agent run` against `ca` with its data under `dir`, as
+/// [`Agent::start`] passes them, without the token.
+fn agent_args(dir: &Path, ca: &Ca) -> Vec<String> {
+    std::fs::write(dir.join("bundle.pem"), ca.ok(&["bundle", "show"])).unwrap();
+    let ops = format!("127.0.0.1:{}", meshid_tests::free_port());
+    [
+        "run",
+        "--trust-domain",
+        "example.org",
+        "--server-address",
+        &ca.node_address,
+        "--trust-bundle",
+        &dir.join("bundle.pem").display().to_string(),
+        "--data-dir",
+        &dir.join("agent-data").display().to_string(),
+        "--socket-path",
+        &dir.join("api.sock").display().to_string(),
+        "--ops-address",
+        &ops,
+    ]
+    .iter()
+    .map(|s| (*s).to_owned())
+    .collect()
+}
+
+fn ops_of(args: &[String]) -> String {
+    let i = args.iter().position(|a| a == "--ops-address").unwrap();
+    args[i + 1].clone()
+}
+
+/// Item 10: the agent dropped its join token before the first attempt, so when the CA was not
+/// up yet it never attested and never exited; meanwhile the token was readable by every local
+/// user in /proc/PID/cmdline. Now the token is kept until an attempt succeeds, moved off the
+/// command line at start, and an agent that cannot attest exits non-zero.
+#[test]
+fn join_token_outlives_a_ca_not_up_yet_and_leaves_the_command_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut ca = Ca::start(dir.path(), &[]);
+    let (token, _agent_id) = ca.join_token();
+    let mut args = agent_args(dir.path(), &ca);
+    let ops = ops_of(&args);
+    ca.proc.stop();
+
+    args.extend(["--join-token".to_owned(), token.clone()]);
+    let agent = meshid_tests::Proc::start(
+        "meshid-agent",
+        "meshid-agent",
+        &args,
+        dir.path().join("agent.log"),
+    );
+    std::thread::sleep(Duration::from_millis(1500));
+    let cmdline = std::fs::read(format!("/proc/{}/cmdline", agent.id())).unwrap();
+    let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
+    assert!(
+        !cmdline.contains(&token),
+        "the token is in the command line: {cmdline}"
+    );
+    assert!(cmdline.contains("--join-token -"), "{cmdline}");
+
+    // The CA comes up: the agent attests with the token it kept.
+    ca.restart();
+    meshid_tests::wait_for(Duration::from_secs(30), "the agent to attest", || {
+        (meshid_tests::http_get(&ops, "/readyz")?.0 == 200).then_some(())
+    });
+    assert!(!agent.log_text().contains(&token));
+}
+
+#[test]
+fn an_agent_that_cannot_attest_exits_non_zero() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut ca = Ca::start(dir.path(), &[]);
+    // A token the CA never issued: refused at once, and the agent exits.
+    let mut args = agent_args(dir.path(), &ca);
+    args.extend(["--join-token".to_owned(), "bm90LWEtdG9rZW4".to_owned()]);
+    let mut agent = meshid_tests::Proc::start(
+        "meshid-agent",
+        "meshid-agent",
+        &args,
+        dir.path().join("refused.log"),
+    );
+    let status = agent.wait_exit(Duration::from_secs(20));
+    assert!(
+        status.is_some_and(|s| !s.success()),
+        "{status:?}\n{}",
+        agent.log_text()
+    );
+    assert!(agent.log_text().contains("refuses the join token"));
+
+    // The CA is away for longer than attest_timeout: the agent gives up and exits.
+    let (token, _) = ca.join_token();
+    ca.proc.stop();
+    let config = dir.path().join("agent.toml");
+    std::fs::write(&config, "attest_timeout = \"2s\"\n").unwrap();
+    let mut args = agent_args_with_fresh_data(dir.path(), &args);
+    args.extend([
+        "--config".to_owned(),
+        config.display().to_string(),
+        "--join-token".to_owned(),
+        token,
+    ]);
+    let mut agent = meshid_tests::Proc::start(
+        "meshid-agent",
+        "meshid-agent",
+        &args,
+        dir.path().join("timeout.log"),
+    );
+    let status = agent.wait_exit(Duration::from_secs(30));
+    assert!(
+        status.is_some_and(|s| !s.success()),
+        "{status:?}\n{}",
+        agent.log_text()
+    );
+    assert!(agent.log_text().contains("giving up"));
+}
+
+/// `args` (from [`agent_args`], with a token at the end) for a second agent: a new data
+/// directory, socket and ops port, no token.
+fn agent_args_with_fresh_data(dir: &Path, args: &[String]) -> Vec<String> {
+    let mut out: Vec<String> = args[..args.len() - 2].to_vec();
+    let replace = |out: &mut Vec<String>, flag: &str, value: String| {
+        let i = out.iter().position(|a| a == flag).unwrap();
+        out[i + 1] = value;
+    };
+    replace(
+        &mut out,
+        "--data-dir",
+        dir.join("agent-data-2").display().to_string(),
+    );
+    replace(
+        &mut out,
+        "--socket-path",
+        dir.join("api-2.sock").display().to_string(),
+    );
+    let ops = format!("127.0.0.1:{}", meshid_tests::free_port());
+    replace(&mut out, "--ops-address", ops);
+    out
+}

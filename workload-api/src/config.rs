@@ -62,6 +62,9 @@ pub struct RawConfig {
     pub rotation_fraction: Option<f64>,
     /// Longest wait between reconnection attempts (default 30s).
     pub max_backoff: Option<String>,
+    /// How long an agent without an identity keeps trying to attest with its join token
+    /// before it exits non-zero, for its service manager to restart it (default 5m).
+    pub attest_timeout: Option<String>,
 }
 
 /// The validated configuration.
@@ -87,6 +90,8 @@ pub struct Config {
     pub rotation_fraction: f64,
     /// Longest reconnect backoff.
     pub max_backoff: Duration,
+    /// How long to keep trying the first attestation.
+    pub attest_timeout: Duration,
 }
 
 /// Default Workload API socket path.
@@ -164,7 +169,13 @@ impl TryFrom<RawConfig> for Config {
             Some(v) => humantime::parse_duration(v)
                 .map_err(|e| invalid("max_backoff", format!("{v:?}: {e}")))?,
         };
+        let attest_timeout = match raw.attest_timeout.as_deref() {
+            None => Duration::from_secs(300),
+            Some(v) => humantime::parse_duration(v)
+                .map_err(|e| invalid("attest_timeout", format!("{v:?}: {e}")))?,
+        };
         Ok(Config {
+            attest_timeout,
             trust_domain,
             server_addresses,
             trust_bundle_path,

@@ -45,8 +45,10 @@ struct RunArgs {
     /// TOML configuration file.
     #[arg(long, short)]
     config: Option<PathBuf>,
-    /// Join token for the first attestation (from `meshid-ca token generate`). Tokens are
-    /// base64url and may begin with `-`, which is taken as the value, not as an option.
+    /// Join token for the first attestation (from `meshid-ca token generate`), or `-` to read
+    /// it from standard input. A token given here is moved off the command line at start (the
+    /// agent runs itself again with the token on a pipe), so other users cannot read it in
+    /// /proc. Tokens are base64url and may begin with `-`, which is taken as the value.
     #[arg(long, allow_hyphen_values = true)]
     join_token: Option<String>,
     /// Trust domain (overrides the file).
@@ -175,6 +177,12 @@ async fn run(args: RunArgs) -> ExitCode {
 
 async fn serve(config: Config, join_token: Option<String>) -> anyhow::Result<()> {
     let token = match (join_token, &config.join_token_file) {
+        (Some(t), _) if t == "-" => {
+            let mut t = String::new();
+            std::io::Read::read_to_string(&mut std::io::stdin(), &mut t)
+                .context("cannot read the join token from standard input")?;
+            Some(t.trim().to_owned()).filter(|t| !t.is_empty())
+        }
         (Some(t), _) => Some(t),
         // A missing or empty file means no token: an agent that already holds its identity
         // (in the data directory) needs none, and one that does not says so when it attests.
@@ -380,8 +388,52 @@ async fn healthcheck(addr: &str) -> anyhow::Result<()> {
     }
 }
 
+/// Moves a join token given on the command line off it: runs this program again (same pid,
+/// through exec) with `--join-token -` and the token on a pipe as standard input, so that the
+/// token is not left in /proc/PID/cmdline for every local user to read. Returns only if the
+/// token was not on the command line, or if exec failed (then the token stays where it is).
+fn move_join_token_off_argv(cli: &Cli) {
+    use std::os::unix::process::CommandExt as _;
+    let Command::Run(args) = &cli.command else {
+        return;
+    };
+    let Some(token) = args.join_token.as_deref().filter(|t| *t != "-") else {
+        return;
+    };
+    let mut argv: Vec<std::ffi::OsString> = std::env::args_os().skip(1).collect();
+    let mut moved = false;
+    let mut i = 0;
+    while i < argv.len() {
+        if argv[i] == "--join-token" && i + 1 < argv.len() {
+            argv[i + 1] = "-".into();
+            moved = true;
+            i += 1;
+        } else if argv[i].to_string_lossy().starts_with("--join-token=") {
+            argv[i] = "--join-token=-".into();
+            moved = true;
+        }
+        i += 1;
+    }
+    let (Ok(exe), true) = (std::env::current_exe(), moved) else {
+        return;
+    };
+    let Ok((reader, mut writer)) = std::io::pipe() else {
+        return;
+    };
+    if std::io::Write::write_all(&mut writer, token.as_bytes()).is_err() {
+        return;
+    }
+    drop(writer);
+    let error = std::process::Command::new(exe)
+        .args(argv)
+        .stdin(reader)
+        .exec();
+    eprintln!("meshid-agent: could not move the join token off the command line: {error}");
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    move_join_token_off_argv(&cli);
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

@@ -57,6 +57,18 @@ struct Held {
     renew_at: i64,
 }
 
+/// Why an agent without an identity stopped trying.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum AttestFailed {
+    /// The CA refused the join token (unknown, used, or expired).
+    #[error("the CA refused the join token: {0}")]
+    Refused(String),
+    /// The CA could not be reached, or kept failing, for this long.
+    #[error("could not attest to the CA within {0:?}")]
+    TimedOut(Duration),
+}
+
 /// The agent's state and its connection to the CA.
 pub struct Manager {
     td: TrustDomain,
@@ -66,6 +78,9 @@ pub struct Manager {
     rotation_fraction: f64,
     max_backoff: Duration,
     join_token: Option<zeroize::Zeroizing<String>>,
+    /// The agent holds (or held) an identity: failures are then never fatal.
+    attested: bool,
+    attest_timeout: Duration,
     snapshots: watch::Sender<Arc<Snapshot>>,
     channel: Arc<ArcSwapOption<NodeClient<Channel>>>,
     entries: BTreeMap<String, Arc<Entry>>,
@@ -158,6 +173,8 @@ impl Manager {
             rotation_fraction: config.rotation_fraction,
             max_backoff: config.max_backoff,
             join_token: join_token.map(zeroize::Zeroizing::new),
+            attested: false,
+            attest_timeout: config.attest_timeout,
             snapshots: tx,
             channel: Arc::new(ArcSwapOption::empty()),
             entries: BTreeMap::new(),
@@ -197,23 +214,24 @@ impl Manager {
             }
             tracing::warn!(spiffe_id = %id.spiffe_id, "persisted agent SVID has expired; attesting again");
         }
-        let Some(token) = self.join_token.take() else {
+        // The token is kept until an attestation succeeds: the CA may not be up yet.
+        let Some(token) = self.join_token.as_ref() else {
             return Err(ClientError::Malformed(
                 "no usable agent SVID in the data directory and no join token: run with --join-token (from `meshid-ca token generate`)".into(),
             ));
         };
+        let token = token.to_string();
         let roots = self.roots()?;
         let mut client = client::connect(&self.addrs, &self.td, &roots, None).await?;
         let (key, csr) = client::key_and_csr()?;
         let resp = client
-            .attest_join_token(node::AttestJoinTokenRequest {
-                token: token.to_string(),
-                csr,
-            })
+            .attest_join_token(node::AttestJoinTokenRequest { token, csr })
             .await?
             .into_inner();
         let id = AgentIdentity::new(resp.chain, key)?;
         id.save(&self.data_dir)?;
+        self.join_token = None;
+        self.attested = true;
         if let Some(b) = resp.bundle {
             self.apply_bundle(b)?;
         }
@@ -440,19 +458,25 @@ impl Manager {
         }
     }
 
-    /// Runs until `shutdown` turns true: sessions with the CA, and backoff between them.
-    pub async fn run(mut self, mut shutdown: watch::Receiver<bool>) {
+    /// Runs until `shutdown` turns true: sessions with the CA, and backoff between them. Ends
+    /// with an error only while the agent has no identity: the CA refused its join token, or
+    /// attesting kept failing for `attest_timeout`.
+    pub async fn run(mut self, mut shutdown: watch::Receiver<bool>) -> Result<(), AttestFailed> {
         let mut backoff = Duration::from_millis(200);
+        let first = std::time::Instant::now();
+        if !self.attested {
+            self.attested = matches!(AgentIdentity::load(&self.data_dir), Ok(Some(_)));
+        }
         loop {
             if *shutdown.borrow() {
-                return;
+                return Ok(());
             }
             let started = std::time::Instant::now();
             let result = self.session(&mut shutdown).await;
             self.channel.store(None);
             self.stats.connected.set(0);
             match result {
-                Ok(SessionEnd::Shutdown) => return,
+                Ok(SessionEnd::Shutdown) => return Ok(()),
                 Ok(SessionEnd::Reconnect) => {
                     backoff = Duration::from_millis(200);
                     continue;
@@ -462,6 +486,16 @@ impl Manager {
                         backoff = Duration::from_millis(200);
                     }
                     let denied = matches!(&e, ClientError::Rpc(s) if s.code() == tonic::Code::PermissionDenied);
+                    if !self.attested {
+                        if denied {
+                            tracing::error!(error = %e, "the CA refuses the join token; get a new one with `meshid-ca token generate`");
+                            return Err(AttestFailed::Refused(e.to_string()));
+                        }
+                        if first.elapsed() >= self.attest_timeout {
+                            tracing::error!(error = %e, waited = ?self.attest_timeout, "could not attest to the CA; giving up");
+                            return Err(AttestFailed::TimedOut(self.attest_timeout));
+                        }
+                    }
                     if denied {
                         tracing::error!(error = %e, "the CA refuses this agent (evicted or banned?); serving cached SVIDs until they expire; re-attest with a new join token");
                     } else {
@@ -471,7 +505,7 @@ impl Manager {
                     let jittered = backoff.mul_f64(rand::thread_rng().gen_range(0.5..1.0));
                     tokio::select! {
                         _ = tokio::time::sleep(jittered) => {}
-                        _ = shutdown.changed() => return,
+                        _ = shutdown.changed() => return Ok(()),
                     }
                     backoff = (backoff * 2).min(self.max_backoff);
                 }

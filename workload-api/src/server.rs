@@ -272,7 +272,7 @@ pub async fn run(
     let (stop_tx, stop_rx) = watch::channel(false);
     let metrics = Arc::new(Metrics::new(&manager.stats));
     let minter = Arc::new(manager.minter());
-    let manager_task = tokio::spawn(manager.run(stop_rx.clone()));
+    let mut manager_task = tokio::spawn(manager.run(stop_rx.clone()));
 
     let api = crate::service::WorkloadApi::new(
         snapshots.clone(),
@@ -300,13 +300,21 @@ pub async fn run(
     });
 
     tracing::info!("meshid-agent serving");
-    shutdown.await;
+    // The manager ends by itself only when an agent without an identity gives up attesting.
+    let gave_up = tokio::select! {
+        () = shutdown => None,
+        r = &mut manager_task => Some(r),
+    };
     tracing::info!("shutting down");
     let _ = stop_tx.send(true);
-    let _ = manager_task.await;
+    let manager_result = match gave_up {
+        Some(r) => r,
+        None => manager_task.await,
+    };
     let api_result = api_task.await;
     let ops_result = ops_task.await;
     api_result??;
     ops_result??;
+    manager_result??;
     Ok(())
 }
