@@ -354,3 +354,81 @@ fn agent_args_with_fresh_data(dir: &Path, args: &[String]) -> Vec<String> {
     replace(&mut out, "--ops-address", ops);
     out
 }
+
+/// Item 2: an entry selected `unix:path:/srv/payroll` only, a binary of mode 0700 owned by
+/// another user. An unprivileged user ran `unshare -Urm`, bind-mounted their own binary over
+/// that path in the new namespace, ran it there and got the payroll SVID: `/proc/PID/exe`
+/// shows the path as the caller's namespace sees it. Now a process in another mount namespace
+/// gets no `unix:path`.
+#[test]
+fn unix_path_cannot_be_spoofed_from_a_mount_namespace() {
+    use std::os::unix::fs::PermissionsExt;
+    if meshid_tests::uid() != 0 {
+        assert!(
+            std::env::var_os("MESHID_CI").is_none(),
+            "this test needs root"
+        );
+        eprintln!("SKIPPED: needs root (a second user and its namespaces)");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let ca = Ca::start(dir.path(), &[]);
+    let (token, agent_id) = ca.join_token();
+    let agent = Agent::start(dir.path(), &ca, &token);
+
+    // The payroll program (here a copy of the agent's CLI, a Workload API client), root's and
+    // mode 0700; and the attacker's own program, another copy.
+    let bin = meshid_tests::bin_dir().join("meshid-agent");
+    let srv = dir.path().join("srv");
+    std::fs::create_dir(&srv).unwrap();
+    std::fs::set_permissions(&srv, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let payroll = srv.join("payroll");
+    std::fs::copy(&bin, &payroll).unwrap();
+    std::fs::set_permissions(&payroll, std::fs::Permissions::from_mode(0o700)).unwrap();
+    let evil = dir.path().join("evil");
+    std::fs::copy(&bin, &evil).unwrap();
+    std::fs::set_permissions(&evil, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let selector = format!("unix:path:{}", payroll.display());
+    ca.ok(&[
+        "entry",
+        "create",
+        "--id",
+        "payroll",
+        "--spiffe-id",
+        "spiffe://example.org/payroll",
+        "--parent-id",
+        &agent_id,
+        "--selector",
+        &selector,
+    ]);
+    let socket = agent.socket.display().to_string();
+
+    // The real payroll program, run by its owner, gets its SVID (once the agent has the entry).
+    meshid_tests::wait_for(Duration::from_secs(30), "the payroll SVID", || {
+        let out = std::process::Command::new(&payroll)
+            .args(["api", "fetch", "x509", "-s", &socket])
+            .output()
+            .unwrap();
+        out.status.success().then_some(())
+    });
+
+    // The attack, as nobody.
+    let script = format!(
+        "mount --bind {evil} {payroll} && exec {payroll} api fetch x509 -s {socket}",
+        evil = evil.display(),
+        payroll = payroll.display(),
+    );
+    let out = std::process::Command::new("setpriv")
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups", "--"])
+        .args(["unshare", "-Urm", "sh", "-c", &script])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && !stdout.contains("spiffe://example.org/payroll"),
+        "the spoofed binary got the payroll SVID:\n{stdout}\n{stderr}"
+    );
+    assert!(stderr.contains("no identity issued"), "{stderr}");
+}

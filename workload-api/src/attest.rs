@@ -10,10 +10,12 @@
 //! | `unix:uid:N`, `unix:gid:N` | the socket peer's credentials |
 //! | `unix:user:NAME`, `unix:group:NAME` | `/etc/passwd`, `/etc/group` (only if the id has a name) |
 //! | `unix:supplementary_gid:N` | `Groups:` of `/proc/<pid>/status`, one per group |
-//! | `unix:path:/abs/binary` | the target of `/proc/<pid>/exe` |
+//! | `unix:path:/abs/binary` | the target of `/proc/<pid>/exe`, only for a process in the agent's mount namespace whose path leads the agent to the very file running |
 //! | `unix:sha256:HEX` | the binary, read through `/proc/<pid>/exe` (up to a size cap) |
 //!
-//! A binary that was deleted or replaced since the process started yields no path and no hash
+//! A process in another mount namespace (a container, `unshare -m`) gets no `unix:path`: there
+//! the path is what that namespace sees, and its owner may have mounted any binary over it. A
+//! binary that was deleted or replaced since the process started yields no path and no hash
 //! selector, and neither does one the agent may not inspect: missing selectors can only make a
 //! caller match fewer entries. Hashes are cached by (device, inode, size, mtime, ctime), so a
 //! busy workload is hashed once.
@@ -237,7 +239,10 @@ impl Inner {
             tracing::debug!(pid, path, "workload binary deleted or not a file");
             return Vec::new();
         }
-        let mut selectors = vec![format!("unix:path:{path}")];
+        let mut selectors = Vec::new();
+        if self.names_the_running_file(pid, dir, &exe, path) {
+            selectors.push(format!("unix:path:{path}"));
+        }
         if self.max_binary_size > 0 {
             match self.hash(&exe) {
                 Ok(Some(hex)) => selectors.push(format!("unix:sha256:{hex}")),
@@ -251,6 +256,46 @@ impl Inner {
             }
         }
         selectors
+    }
+
+    /// Whether `path`, as the agent sees it, is the very file process `pid` runs. `/proc/<pid>/exe`
+    /// renders the path as the process's own mount namespace sees it: in a namespace of its own
+    /// (`unshare -Urm`, a container) anyone can bind-mount their binary over a path that names
+    /// another program for the agent. So the process must share the agent's mount namespace,
+    /// and the path must lead the agent to the same (device, inode) as the running binary.
+    fn names_the_running_file(&self, pid: i32, dir: &Path, exe: &Path, path: &str) -> bool {
+        let ours = std::fs::read_link(self.proc_root.join("self/ns/mnt"));
+        let theirs = std::fs::read_link(dir.join("ns/mnt"));
+        match (ours, theirs) {
+            (Ok(a), Ok(b)) if a == b => {}
+            (Ok(_), Ok(_)) => {
+                tracing::debug!(
+                    pid,
+                    path,
+                    "workload in another mount namespace: no unix:path"
+                );
+                return false;
+            }
+            _ => {
+                tracing::debug!(pid, path, "cannot compare mount namespaces: no unix:path");
+                return false;
+            }
+        }
+        match (std::fs::metadata(exe), std::fs::metadata(path)) {
+            (Ok(running), Ok(named))
+                if (running.dev(), running.ino()) == (named.dev(), named.ino()) =>
+            {
+                true
+            }
+            _ => {
+                tracing::debug!(
+                    pid,
+                    path,
+                    "the path names another file than the one running: no unix:path"
+                );
+                false
+            }
+        }
     }
 
     /// The hex SHA-256 of the file behind `exe`, from the cache when its identity is unchanged.
