@@ -359,7 +359,7 @@ fn agent_args_with_fresh_data(dir: &Path, args: &[String]) -> Vec<String> {
 /// another user. An unprivileged user ran `unshare -Urm`, bind-mounted their own binary over
 /// that path in the new namespace, ran it there and got the payroll SVID: `/proc/PID/exe`
 /// shows the path as the caller's namespace sees it. Now a process in another mount namespace
-/// gets no `unix:path`.
+/// gets no `unix:path` (the path leads the agent to another file).
 #[test]
 fn unix_path_cannot_be_spoofed_from_a_mount_namespace() {
     use std::os::unix::fs::PermissionsExt;

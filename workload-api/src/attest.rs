@@ -10,11 +10,12 @@
 //! | `unix:uid:N`, `unix:gid:N` | the socket peer's credentials |
 //! | `unix:user:NAME`, `unix:group:NAME` | `/etc/passwd`, `/etc/group` (only if the id has a name) |
 //! | `unix:supplementary_gid:N` | `Groups:` of `/proc/<pid>/status`, one per group |
-//! | `unix:path:/abs/binary` | the target of `/proc/<pid>/exe`, only for a process in the agent's mount namespace whose path leads the agent to the very file running |
+//! | `unix:path:/abs/binary` | the target of `/proc/<pid>/exe`, only when that path leads the agent (in its own mount namespace) to the very file running |
 //! | `unix:sha256:HEX` | the binary, read through `/proc/<pid>/exe` (up to a size cap) |
 //!
-//! A process in another mount namespace (a container, `unshare -m`) gets no `unix:path`: there
-//! the path is what that namespace sees, and its owner may have mounted any binary over it. A
+//! A path is what the process's own mount namespace shows, and the owner of a namespace may
+//! mount any binary over any path in it (`unshare -Urm`): so `unix:path` is emitted only when the
+//! path leads the agent to the same (device, inode) as the running binary. A
 //! binary that was deleted or replaced since the process started yields no path and no hash
 //! selector, and neither does one the agent may not inspect: missing selectors can only make a
 //! caller match fewer entries. Hashes are cached by (device, inode, size, mtime, ctime), so a
@@ -240,7 +241,7 @@ impl Inner {
             return Vec::new();
         }
         let mut selectors = Vec::new();
-        if self.names_the_running_file(pid, dir, &exe, path) {
+        if self.names_the_running_file(pid, &exe, path) {
             selectors.push(format!("unix:path:{path}"));
         }
         if self.max_binary_size > 0 {
@@ -258,29 +259,15 @@ impl Inner {
         selectors
     }
 
-    /// Whether `path`, as the agent sees it, is the very file process `pid` runs. `/proc/<pid>/exe`
-    /// renders the path as the process's own mount namespace sees it: in a namespace of its own
-    /// (`unshare -Urm`, a container) anyone can bind-mount their binary over a path that names
-    /// another program for the agent. So the process must share the agent's mount namespace,
-    /// and the path must lead the agent to the same (device, inode) as the running binary.
-    fn names_the_running_file(&self, pid: i32, dir: &Path, exe: &Path, path: &str) -> bool {
-        let ours = std::fs::read_link(self.proc_root.join("self/ns/mnt"));
-        let theirs = std::fs::read_link(dir.join("ns/mnt"));
-        match (ours, theirs) {
-            (Ok(a), Ok(b)) if a == b => {}
-            (Ok(_), Ok(_)) => {
-                tracing::debug!(
-                    pid,
-                    path,
-                    "workload in another mount namespace: no unix:path"
-                );
-                return false;
-            }
-            _ => {
-                tracing::debug!(pid, path, "cannot compare mount namespaces: no unix:path");
-                return false;
-            }
-        }
+    /// Whether `path`, as the agent sees it, is the very file process `pid` runs.
+    /// `/proc/<pid>/exe` renders the path as the process's own mount namespace sees it: in a
+    /// namespace of its own (`unshare -Urm`) anyone can bind-mount their binary over a path that
+    /// names another program for the agent. So the path must lead the agent, in its own
+    /// namespace, to the same (device, inode) as the running binary. Then the selector means
+    /// what an operator reads in it, whatever namespace the process is in (`ip netns exec`
+    /// gives each command a mount namespace of its own; a container's paths lead the agent
+    /// elsewhere and get no selector).
+    fn names_the_running_file(&self, pid: i32, exe: &Path, path: &str) -> bool {
         match (std::fs::metadata(exe), std::fs::metadata(path)) {
             (Ok(running), Ok(named))
                 if (running.dev(), running.ino()) == (named.dev(), named.ino()) =>
@@ -291,7 +278,7 @@ impl Inner {
                 tracing::debug!(
                     pid,
                     path,
-                    "the path names another file than the one running: no unix:path"
+                    "the path leads the agent to another file than the one running: no unix:path"
                 );
                 false
             }
