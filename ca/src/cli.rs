@@ -118,9 +118,6 @@ struct EntryFields {
     /// Federated trust domain (repeatable).
     #[arg(long = "federates-with")]
     federates_with: Vec<String>,
-    /// Admin flag.
-    #[arg(long)]
-    admin: Option<bool>,
     /// Hint for workloads with several SVIDs.
     #[arg(long)]
     hint: Option<String>,
@@ -492,9 +489,6 @@ fn apply_fields(e: &mut admin::Entry, f: EntryFields) {
     }
     if !f.federates_with.is_empty() {
         e.federates_with = f.federates_with;
-    }
-    if let Some(v) = f.admin {
-        e.admin = v;
     }
     if let Some(v) = f.hint {
         e.hint = v;

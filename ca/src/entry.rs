@@ -48,6 +48,17 @@ pub enum EntryError {
         /// The CA's trust domain.
         trust_domain: String,
     },
+    /// The SPIFFE ID is under `/meshid/`, reserved for agents and CA servers.
+    #[error("{field} {value:?} is under {RESERVED_PATH}/, which is reserved for meshid's agents and CA servers")]
+    Reserved {
+        /// `spiffe_id`.
+        field: &'static str,
+        /// What was given.
+        value: String,
+    },
+    /// The admin flag is set: nothing enforces it yet, so no entry may promise it.
+    #[error("the admin flag is not enforced yet: an entry cannot be created or updated with admin = true")]
+    AdminNotEnforced,
     /// A workload SPIFFE ID must have a path.
     #[error(
         "spiffe_id {0:?} has no path; a workload identity needs one, e.g. spiffe://example.org/web"
@@ -322,6 +333,29 @@ impl RegistrationEntry {
 /// Longest SPIFFE ID the CA issues or accepts, in bytes (the specification's limit).
 pub const MAX_SPIFFE_ID_LEN: usize = 2048;
 
+/// The path under which the CA names agents (`/meshid/agent/...`) and its servers
+/// (`/meshid/server`): never a workload's.
+pub const RESERVED_PATH: &str = "/meshid";
+
+/// [`parse_id`] for an identity the CA issues to a workload: anything but [`RESERVED_PATH`].
+/// An SVID for an agent's or the server's ID would let its holder act as that agent, or pose
+/// as the CA to an agent.
+pub fn parse_workload_id(
+    field: &'static str,
+    value: &str,
+    td: &TrustDomain,
+) -> Result<SpiffeId, EntryError> {
+    let id = parse_id(field, value, td)?;
+    let path = id.path();
+    if path == RESERVED_PATH || path.starts_with(&format!("{RESERVED_PATH}/")) {
+        return Err(EntryError::Reserved {
+            field,
+            value: value.to_owned(),
+        });
+    }
+    Ok(id)
+}
+
 /// Parses a SPIFFE ID of trust domain `td` strictly: canonical form, at most 2048 bytes.
 pub fn parse_id(
     field: &'static str,
@@ -399,6 +433,17 @@ pub fn validate_dns_name(name: &str) -> Result<(), EntryError> {
 }
 
 impl EntrySpec {
+    /// What an operator may write now, beyond [`Self::validate`] (which also reads entries
+    /// written before, and so cannot refuse them): a workload ID outside [`RESERVED_PATH`], and
+    /// no admin flag, which nothing enforces yet.
+    pub fn check_writable(&self, td: &TrustDomain) -> Result<(), EntryError> {
+        parse_workload_id("spiffe_id", &self.spiffe_id, td)?;
+        if self.admin {
+            return Err(EntryError::AdminNotEnforced);
+        }
+        Ok(())
+    }
+
     /// Validates the spec for trust domain `td` into an entry with revision 1, created `now`.
     pub fn validate(&self, td: &TrustDomain, now: i64) -> Result<RegistrationEntry, EntryError> {
         let id = match &self.id {

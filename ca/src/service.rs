@@ -349,7 +349,7 @@ impl Ca {
         dns_names: &[String],
         caller: &str,
     ) -> Result<IssuedSvid, ServiceError> {
-        let id = entry::parse_id("spiffe_id", spiffe_id, self.authority.trust_domain())?;
+        let id = entry::parse_workload_id("spiffe_id", spiffe_id, self.authority.trust_domain())?;
         for name in dns_names {
             entry::validate_dns_name(name)?;
         }
@@ -371,7 +371,7 @@ impl Ca {
         ttl_secs: u64,
         caller: &str,
     ) -> Result<(String, i64), ServiceError> {
-        let id = entry::parse_id("spiffe_id", spiffe_id, self.authority.trust_domain())?;
+        let id = entry::parse_workload_id("spiffe_id", spiffe_id, self.authority.trust_domain())?;
         // Bounded (16 values of at most 256 bytes): the token and its audit record with it.
         let audience = meshid_api::limits::Audience::parse(audience)
             .map_err(|e| invalid("audience", e.to_string()))?;
@@ -396,6 +396,7 @@ impl Ca {
         spec: &EntrySpec,
         caller: &str,
     ) -> Result<RegistrationEntry, ServiceError> {
+        spec.check_writable(self.authority.trust_domain())?;
         let entry = spec.validate(self.authority.trust_domain(), crate::unix_now())?;
         let event = entry_event(
             "entry.created",
@@ -431,6 +432,7 @@ impl Ca {
             .as_deref()
             .ok_or_else(|| invalid("entry.id", "is required"))?
             .parse()?;
+        spec.check_writable(self.authority.trust_domain())?;
         let mut entry = spec.validate(self.authority.trust_domain(), crate::unix_now())?;
         let (ca, caller) = (self.clone(), caller.to_owned());
         detached(async move {

@@ -358,8 +358,8 @@ fn agent_args_with_fresh_data(dir: &Path, args: &[String]) -> Vec<String> {
 /// Item 2: an entry selected `unix:path:/srv/payroll` only, a binary of mode 0700 owned by
 /// another user. An unprivileged user ran `unshare -Urm`, bind-mounted their own binary over
 /// that path in the new namespace, ran it there and got the payroll SVID: `/proc/PID/exe`
-/// shows the path as the caller's namespace sees it. Now a process in another mount namespace
-/// gets no `unix:path` (the path leads the agent to another file).
+/// shows the path as the caller's namespace sees it. Now a process whose path leads the agent
+/// to another file than the one running gets no `unix:path`.
 #[test]
 fn unix_path_cannot_be_spoofed_from_a_mount_namespace() {
     use std::os::unix::fs::PermissionsExt;
@@ -431,4 +431,87 @@ fn unix_path_cannot_be_spoofed_from_a_mount_namespace() {
         "the spoofed binary got the payroll SVID:\n{stdout}\n{stderr}"
     );
     assert!(stderr.contains("no identity issued"), "{stderr}");
+}
+
+/// Items 8 and 13: `entry create` and `x509 mint` accepted `spiffe://<td>/meshid/agent/...` and
+/// `spiffe://<td>/meshid/server`, the identities the node API and the agent recognize agents and
+/// the CA by; and the entry `admin` flag was stored though nothing enforces it. Now the
+/// reserved path is refused wherever the CA issues to workloads, and so is the flag.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reserved_ids_and_the_unenforced_admin_flag_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = Ca::start(dir.path(), &[]);
+    let (_, agent_id) = ca.join_token();
+    let out_dir = dir.path().join("svid");
+    let out_dir = out_dir.to_str().unwrap();
+    let reserved = [
+        "spiffe://example.org/meshid/server",
+        "spiffe://example.org/meshid/agent/join_token/abc",
+        "spiffe://example.org/meshid",
+    ];
+    for id in reserved {
+        for args in [
+            vec![
+                "entry",
+                "create",
+                "--spiffe-id",
+                id,
+                "--parent-id",
+                &agent_id,
+                "--selector",
+                "unix:uid:0",
+            ],
+            vec![
+                "x509",
+                "mint",
+                "--spiffe-id",
+                id,
+                "--ttl",
+                "10m",
+                "--out-dir",
+                out_dir,
+            ],
+            vec!["jwt", "mint", "--spiffe-id", id, "--audience", "a"],
+        ] {
+            let out = ca_cli(&ca.socket, &args);
+            let stderr = String::from_utf8_lossy(&out.stderr);
+            assert!(!out.status.success(), "{args:?} succeeded");
+            assert!(stderr.contains("reserved"), "{args:?}: {stderr}");
+        }
+    }
+    // A path that merely begins with the same letters is a workload's like any other.
+    ca.ok(&[
+        "entry",
+        "create",
+        "--spiffe-id",
+        "spiffe://example.org/meshidx/web",
+        "--parent-id",
+        &agent_id,
+        "--selector",
+        "unix:uid:0",
+    ]);
+    assert!(!out_dir.is_empty() && !Path::new(out_dir).join("svid.pem").exists());
+
+    let channel = meshid_api::client::connect_unix(&ca.socket).await.unwrap();
+    let mut entries = meshid_api::admin::entries_client::EntriesClient::new(channel);
+    let err = entries
+        .create_entry(meshid_api::admin::CreateEntryRequest {
+            entry: Some(meshid_api::admin::Entry {
+                spiffe_id: "spiffe://example.org/ops".into(),
+                parent_id: agent_id.clone(),
+                selectors: vec!["unix:uid:0".into()],
+                admin: true,
+                ..Default::default()
+            }),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::InvalidArgument, "{err:?}");
+    assert!(
+        err.message().contains("admin flag is not enforced"),
+        "{}",
+        err.message()
+    );
+    let out = ca_cli(&ca.socket, &["entry", "create", "--admin", "true"]);
+    assert!(!out.status.success(), "the CLI still offers --admin");
 }
