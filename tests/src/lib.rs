@@ -126,6 +126,13 @@ impl Proc {
         self.child.as_ref().map_or(0, Child::id)
     }
 
+    /// Whether the process has exited.
+    pub fn has_exited(&mut self) -> bool {
+        self.child
+            .as_mut()
+            .is_none_or(|c| c.try_wait().ok().flatten().is_some())
+    }
+
     /// Panics with the log if the process has exited.
     pub fn check_alive(&mut self) {
         if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
@@ -205,20 +212,53 @@ pub struct Ca {
 impl Ca {
     /// Starts a CA for example.org with its data under `dir/ca`; `extra` are more `run` flags.
     pub fn start(dir: &Path, extra: &[&str]) -> Ca {
-        let node_address = format!("127.0.0.1:{}", free_port());
-        let ops_address = format!("127.0.0.1:{}", free_port());
         let extra: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
-        let proc = Self::spawn(dir, &node_address, &ops_address, &extra);
-        let mut ca = Ca {
-            proc,
-            socket: dir.join("ca/admin.sock"),
-            node_address,
-            ops_address,
-            dir: dir.to_owned(),
-            extra,
-        };
-        ca.wait_healthy();
-        ca
+        // A port from `free_port` may be taken by another test before the CA binds it: then
+        // try again with new ones.
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            let node_address = format!("127.0.0.1:{}", free_port());
+            let ops_address = format!("127.0.0.1:{}", free_port());
+            let log_before = std::fs::metadata(dir.join("ca.log")).map_or(0, |m| m.len());
+            let proc = Self::spawn(dir, &node_address, &ops_address, &extra);
+            let mut ca = Ca {
+                proc,
+                socket: dir.join("ca/admin.sock"),
+                node_address,
+                ops_address,
+                dir: dir.to_owned(),
+                extra: extra.clone(),
+            };
+            if ca.wait_healthy_unless_port_taken(log_before) || attempt == 3 {
+                return ca;
+            }
+            eprintln!("a port of the CA was taken meanwhile; starting it again on others");
+        }
+    }
+
+    /// [`Self::wait_healthy`], except that it returns false if the CA exited because an
+    /// address was in use (its log past `log_before` says so).
+    fn wait_healthy_unless_port_taken(&mut self, log_before: u64) -> bool {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if ca_cli(&self.socket, &["healthcheck"]).status.success() {
+                return true;
+            }
+            if self.proc.has_exited() {
+                let log = std::fs::read(&self.proc.log).unwrap_or_default();
+                let new = String::from_utf8_lossy(log.get(log_before as usize..).unwrap_or(&[]));
+                if new.contains("Address already in use") {
+                    return false;
+                }
+                self.proc.check_alive();
+            }
+            assert!(
+                Instant::now() < deadline,
+                "timed out waiting for the CA to become healthy"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
     }
 
     /// Adopts a CA started some other way (for example in a network namespace) with its data
