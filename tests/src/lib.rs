@@ -401,6 +401,43 @@ pub fn http_get(addr: &str, path: &str) -> Option<(u16, String)> {
     ))
 }
 
+/// `meshid-agent run` against `ca` for trust domain example.org, without a join token.
+pub fn agent_run_args(
+    ca: &Ca,
+    bundle: &Path,
+    data_dir: &Path,
+    socket: &Path,
+    ops_address: &str,
+) -> Vec<String> {
+    vec![
+        "run".into(),
+        "--trust-domain".into(),
+        "example.org".into(),
+        "--server-address".into(),
+        ca.node_address.clone(),
+        "--trust-bundle".into(),
+        bundle.display().to_string(),
+        "--data-dir".into(),
+        data_dir.display().to_string(),
+        "--socket-path".into(),
+        socket.display().to_string(),
+        "--ops-address".into(),
+        ops_address.to_owned(),
+    ]
+}
+
+/// VmRSS of process `pid`, in KiB.
+pub fn rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next())
+        .unwrap()
+        .parse()
+        .unwrap()
+}
+
 /// A running agent.
 pub struct Agent {
     /// The process.
@@ -427,23 +464,8 @@ impl Agent {
         let ops_address = format!("127.0.0.1:{}", free_port());
         let data_dir = dir.join("agent-data");
         let socket = sock_dir.join("api.sock");
-        let args: Vec<String> = vec![
-            "run".into(),
-            "--trust-domain".into(),
-            "example.org".into(),
-            "--server-address".into(),
-            ca.node_address.clone(),
-            "--trust-bundle".into(),
-            bundle.display().to_string(),
-            "--data-dir".into(),
-            data_dir.display().to_string(),
-            "--socket-path".into(),
-            socket.display().to_string(),
-            "--ops-address".into(),
-            ops_address.clone(),
-            "--join-token".into(),
-            token.to_owned(),
-        ];
+        let mut args = agent_run_args(ca, &bundle, &data_dir, &socket, &ops_address);
+        args.extend(["--join-token".into(), token.to_owned()]);
         let mut proc = Proc::start("meshid-agent", "meshid-agent", &args, dir.join("agent.log"));
         let ops = ops_address.clone();
         let mut tries = 0;

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use meshid_api::workload::spiffe_workload_api_client::SpiffeWorkloadApiClient;
 use meshid_api::workload::JwtsvidRequest;
-use meshid_tests::{ca_cli, Agent, Ca};
+use meshid_tests::{ca_cli, rss_kib, Agent, Ca};
 use tonic::transport::Channel;
 
 /// A Workload API request with the security header.
@@ -33,17 +33,6 @@ fn du(dir: &Path) -> u64 {
         };
     }
     total
-}
-
-fn rss_kib(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.split_whitespace().next())
-        .unwrap()
-        .parse()
-        .unwrap()
 }
 
 async fn fetch_jwt(
@@ -222,24 +211,13 @@ fn secrets_in_files_others_can_read_are_refused() {
 fn agent_args(dir: &Path, ca: &Ca) -> Vec<String> {
     std::fs::write(dir.join("bundle.pem"), ca.ok(&["bundle", "show"])).unwrap();
     let ops = format!("127.0.0.1:{}", meshid_tests::free_port());
-    [
-        "run",
-        "--trust-domain",
-        "example.org",
-        "--server-address",
-        &ca.node_address,
-        "--trust-bundle",
-        &dir.join("bundle.pem").display().to_string(),
-        "--data-dir",
-        &dir.join("agent-data").display().to_string(),
-        "--socket-path",
-        &dir.join("api.sock").display().to_string(),
-        "--ops-address",
+    meshid_tests::agent_run_args(
+        ca,
+        &dir.join("bundle.pem"),
+        &dir.join("agent-data"),
+        &dir.join("api.sock"),
         &ops,
-    ]
-    .iter()
-    .map(|s| (*s).to_owned())
-    .collect()
+    )
 }
 
 fn ops_of(args: &[String]) -> String {

@@ -64,7 +64,7 @@ use meshid_api::node::{self, node_client::NodeClient};
 use meshid_api::tls::{self, ExpectedId};
 use meshid_api::workload::spiffe_workload_api_client::SpiffeWorkloadApiClient;
 use meshid_api::workload::{X509svidRequest, X509svidResponse};
-use meshid_tests::{http_get, uid, Agent, Ca};
+use meshid_tests::{http_get, rss_kib, uid, Agent, Ca};
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
 use tokio::sync::mpsc;
@@ -174,18 +174,6 @@ fn cpu_secs(pid: u32) -> f64 {
     // After the command: state is field 3, utime 14, stime 15 (clock ticks, USER_HZ = 100).
     let ticks: u64 = fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap();
     ticks as f64 / 100.0
-}
-
-/// VmRSS of a process, in KiB.
-fn rss_kib(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.split_whitespace().next())
-        .unwrap()
-        .parse()
-        .unwrap()
 }
 
 /// The samples of `/metrics` at `addr`, as (series, value).
