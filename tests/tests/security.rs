@@ -493,3 +493,80 @@ async fn reserved_ids_and_the_unenforced_admin_flag_are_refused() {
     let out = ca_cli(&ca.socket, &["entry", "create", "--admin", "true"]);
     assert!(!out.status.success(), "the CLI still offers --admin");
 }
+
+/// Item 11: `touch` on one's own 200 MB binary made the agent hash it again on every call
+/// (2.3 s of agent CPU for 10 calls). Now each uid has a hashing budget (4 at once, 1 a
+/// second); past it, its callers get no `unix:sha256` until it refills.
+#[test]
+fn touching_ones_binary_does_not_make_the_agent_hash_it_on_every_call() {
+    use std::io::Write as _;
+    use std::os::unix::fs::PermissionsExt;
+    if meshid_tests::uid() != 0 {
+        assert!(
+            std::env::var_os("MESHID_CI").is_none(),
+            "this test needs root"
+        );
+        eprintln!("SKIPPED: needs root (a second user)");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let ca = Ca::start(dir.path(), &[]);
+    let (token, _) = ca.join_token();
+    let agent = Agent::start(dir.path(), &ca, &token);
+
+    // nobody's own large program: a Workload API client (the agent's CLI, stripped of its
+    // debug information, which would put a debug build over the size cap) padded to 64 MiB.
+    let big = dir.path().join("big-client");
+    std::fs::copy(meshid_tests::bin_dir().join("meshid-agent"), &big).unwrap();
+    let stripped = std::process::Command::new("strip").arg(&big).status();
+    assert!(
+        stripped.is_ok_and(|s| s.success()),
+        "strip (binutils) is needed"
+    );
+    let mut f = std::fs::OpenOptions::new().append(true).open(&big).unwrap();
+    let pad = 64 * 1024 * 1024 - f.metadata().unwrap().len().min(64 * 1024 * 1024);
+    f.write_all(&vec![0u8; pad as usize]).unwrap();
+    drop(f);
+    std::os::unix::fs::chown(&big, Some(65534), Some(65534)).unwrap();
+    std::fs::set_permissions(&big, std::fs::Permissions::from_mode(0o755)).unwrap();
+
+    let calls = 12;
+    let script = format!(
+        "for i in $(seq {calls}); do touch {big}; {big} api fetch x509 -s {socket}; done; true",
+        big = big.display(),
+        socket = agent.socket.display(),
+    );
+    let started = Instant::now();
+    let out = std::process::Command::new("setpriv")
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups", "--"])
+        .args(["sh", "-c", &script])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(
+        stderr.matches("no identity issued").count(),
+        calls,
+        "every call attested and refused:\n{stderr}"
+    );
+    let elapsed = started.elapsed().as_secs_f64();
+    let log = agent.proc.log_text();
+    let hashed = log
+        .lines()
+        .filter(|l| l.contains("hashing workload binary") && l.contains("uid=65534"))
+        .count();
+    let allowed = 4.0 + elapsed + 1.0;
+    assert!(
+        log.contains("hash budget exceeded"),
+        "no call was refused a hash ({hashed} hashes for {calls} calls in {elapsed:.1} s):\n{}",
+        log.lines()
+            .filter(|l| l.contains("65534"))
+            .take(6)
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+    assert!(
+        (hashed as f64) <= allowed,
+        "{hashed} hashes for {calls} calls in {elapsed:.1} s (at most {allowed:.0})"
+    );
+}

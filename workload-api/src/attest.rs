@@ -33,8 +33,16 @@ use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
-/// Default cap on the size of a binary hashed for `unix:sha256` (256 MiB).
-pub const DEFAULT_MAX_BINARY_SIZE: u64 = 256 * 1024 * 1024;
+/// Default cap on the size of a binary hashed for `unix:sha256` (128 MiB).
+pub const DEFAULT_MAX_BINARY_SIZE: u64 = 128 * 1024 * 1024;
+
+/// Binaries one uid may have the agent hash (cache misses) per second on average...
+pub const HASHES_PER_SECOND_PER_UID: u32 = 1;
+
+/// ...and at once. Past that, its callers get no `unix:sha256` until the budget refills: a
+/// caller that touches its own large binary between calls cannot make the agent hash it on
+/// every call.
+pub const HASH_BURST_PER_UID: u32 = 4;
 
 /// Hashes remembered at most; the cache is cleared when it grows past this.
 const HASH_CACHE_CAPACITY: usize = 1024;
@@ -92,6 +100,8 @@ struct Inner {
     group: PathBuf,
     max_binary_size: u64,
     hashes: Mutex<HashMap<FileKey, String>>,
+    /// Hashing work per uid.
+    hash_budget: meshid_api::limits::RateLimiter<u32>,
     /// `/etc/passwd` and `/etc/group` as last read, reused while their metadata is unchanged
     /// (one `stat` per lookup instead of a read and a parse).
     accounts: Mutex<HashMap<PathBuf, (FileKey, Arc<str>)>>,
@@ -163,6 +173,10 @@ impl Attestor {
                 group: group.into(),
                 max_binary_size,
                 hashes: Mutex::new(HashMap::new()),
+                hash_budget: meshid_api::limits::RateLimiter::new(
+                    HASHES_PER_SECOND_PER_UID,
+                    HASH_BURST_PER_UID,
+                ),
             }),
         }
     }
@@ -208,7 +222,7 @@ impl Inner {
         for g in &status.groups {
             selectors.push(format!("unix:supplementary_gid:{g}"));
         }
-        selectors.extend(self.binary_selectors(pid, &dir));
+        selectors.extend(self.binary_selectors(pid, uid, &dir));
 
         // The pid must still name the process that was inspected.
         if start_time(pid, &dir)? != started {
@@ -223,7 +237,7 @@ impl Inner {
     }
 
     /// `unix:path` and `unix:sha256`, or none when the binary is gone or cannot be inspected.
-    fn binary_selectors(&self, pid: i32, dir: &Path) -> Vec<String> {
+    fn binary_selectors(&self, pid: i32, uid: u32, dir: &Path) -> Vec<String> {
         let exe = dir.join("exe");
         let target = match std::fs::read_link(&exe) {
             Ok(t) => t,
@@ -245,13 +259,13 @@ impl Inner {
             selectors.push(format!("unix:path:{path}"));
         }
         if self.max_binary_size > 0 {
-            match self.hash(&exe) {
+            match self.hash(&exe, uid) {
                 Ok(Some(hex)) => selectors.push(format!("unix:sha256:{hex}")),
                 Ok(None) => tracing::debug!(
                     pid,
                     path,
                     limit = self.max_binary_size,
-                    "workload binary too large to hash"
+                    "no unix:sha256: binary over the size cap, or hash budget spent"
                 ),
                 Err(error) => tracing::debug!(pid, path, %error, "cannot hash workload binary"),
             }
@@ -287,7 +301,7 @@ impl Inner {
 
     /// The hex SHA-256 of the file behind `exe`, from the cache when its identity is unchanged.
     /// `None` when it is larger than the cap.
-    fn hash(&self, exe: &Path) -> io::Result<Option<String>> {
+    fn hash(&self, exe: &Path, uid: u32) -> io::Result<Option<String>> {
         let mut file = File::open(exe)?;
         let meta = file.metadata()?;
         if meta.size() > self.max_binary_size {
@@ -297,6 +311,19 @@ impl Inner {
         if let Some(hex) = self.cache().get(&key) {
             return Ok(Some(hex.clone()));
         }
+        if self
+            .hash_budget
+            .take(&uid, std::time::Instant::now())
+            .is_err()
+        {
+            tracing::info!(
+                uid,
+                size = meta.size(),
+                "workload binary hash budget exceeded: no unix:sha256 for now"
+            );
+            return Ok(None);
+        }
+        tracing::debug!(uid, size = meta.size(), "hashing workload binary");
         let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
         let mut buf = vec![0u8; 64 * 1024];
         let mut total: u64 = 0;
