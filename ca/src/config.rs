@@ -435,6 +435,7 @@ impl TryFrom<RawConfig> for Config {
 
 #[cfg(test)]
 mod tests {
+    use super::*;
 
     #[test]
     fn a_password_is_found_wherever_a_url_carries_one() {
@@ -455,8 +456,6 @@ mod tests {
             assert_eq!(super::has_password(url), has, "{url}");
         }
     }
-
-    use super::*;
 
     fn parse(text: &str) -> Result<Config, ConfigError> {
         Config::try_from(RawConfig::from_toml(Path::new("ca.toml"), text)?)

@@ -254,12 +254,20 @@ impl Inner {
             tracing::debug!(pid, path, "workload binary deleted or not a file");
             return Vec::new();
         }
+        // Opened once: the same file answers for the path check and the hash.
+        let running = match File::open(&exe).and_then(|f| Ok((f.metadata()?, f))) {
+            Ok(r) => r,
+            Err(error) => {
+                tracing::debug!(pid, path, %error, "cannot open workload binary");
+                return Vec::new();
+            }
+        };
         let mut selectors = Vec::new();
-        if self.names_the_running_file(pid, &exe, path) {
+        if self.names_the_running_file(pid, &running.0, path) {
             selectors.push(format!("unix:path:{path}"));
         }
         if self.max_binary_size > 0 {
-            match self.hash(&exe, uid) {
+            match self.hash(running, uid) {
                 Ok(Some(hex)) => selectors.push(format!("unix:sha256:{hex}")),
                 Ok(None) => tracing::debug!(
                     pid,
@@ -281,13 +289,9 @@ impl Inner {
     /// what an operator reads in it, whatever namespace the process is in (`ip netns exec`
     /// gives each command a mount namespace of its own; a container's paths lead the agent
     /// elsewhere and get no selector).
-    fn names_the_running_file(&self, pid: i32, exe: &Path, path: &str) -> bool {
-        match (std::fs::metadata(exe), std::fs::metadata(path)) {
-            (Ok(running), Ok(named))
-                if (running.dev(), running.ino()) == (named.dev(), named.ino()) =>
-            {
-                true
-            }
+    fn names_the_running_file(&self, pid: i32, running: &std::fs::Metadata, path: &str) -> bool {
+        match std::fs::metadata(path) {
+            Ok(named) if (running.dev(), running.ino()) == (named.dev(), named.ino()) => true,
             _ => {
                 tracing::debug!(
                     pid,
@@ -299,11 +303,13 @@ impl Inner {
         }
     }
 
-    /// The hex SHA-256 of the file behind `exe`, from the cache when its identity is unchanged.
-    /// `None` when it is larger than the cap.
-    fn hash(&self, exe: &Path, uid: u32) -> io::Result<Option<String>> {
-        let mut file = File::open(exe)?;
-        let meta = file.metadata()?;
+    /// The hex SHA-256 of the running binary (opened, with its metadata), from the cache when
+    /// its identity is unchanged. `None` when it is larger than the cap.
+    fn hash(
+        &self,
+        (meta, mut file): (std::fs::Metadata, File),
+        uid: u32,
+    ) -> io::Result<Option<String>> {
         if meta.size() > self.max_binary_size {
             return Ok(None);
         }

@@ -84,11 +84,6 @@ impl UdsConnection {
             reader: Reader::default(),
         }
     }
-
-    /// How many `:authority` values this connection has replaced so far.
-    pub fn rewritten(&self) -> u64 {
-        self.reader.rewritten
-    }
 }
 
 impl Connected for UdsConnection {
