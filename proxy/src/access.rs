@@ -122,6 +122,7 @@ pub fn connection(direction: &str, listener: &str) -> meshid_policy::AccessRecor
         port: None,
         method: None,
         path: None,
+        upgrade: None,
         status: None,
         policy: None,
         rule: None,

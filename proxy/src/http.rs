@@ -6,8 +6,17 @@
 //! `403` whose body names no rule, policy or identity; the reason goes to the proxy's log and
 //! access log. Paths are normalized before matching ([`normalize_path`]) and the normalized
 //! path is what the application receives, so the application serves exactly what was
-//! authorized; paths that cannot be normalized safely get a `400`. Upgrades (WebSocket,
-//! `CONNECT`) are authorized like any request and then spliced.
+//! authorized; paths that cannot be normalized safely get a `400`.
+//!
+//! Hop-by-hop headers (`Connection` and the headers it names, `Keep-Alive`, `TE`, `Upgrade`,
+//! `HTTP2-Settings`, `Transfer-Encoding`, `Proxy-*`) are removed in both directions
+//! ([`strip_hop_by_hop`]): they concern one connection, and forwarding them lets a caller
+//! steer the application's connection. After a protocol switch the proxy sees no more
+//! requests, so an upgrade (an `Upgrade` offer, or a `CONNECT` tunnel) is decided as its own
+//! kind of request: only an allow rule that names the protocol in `upgrades`, or one without
+//! `http` conditions, lets it through, and the spliced bytes are accounted to that request's
+//! access record. An `h2c` offer is never passed: the caller gets HTTP/1.1, and every request
+//! it sends after is decided on its own.
 
 use std::borrow::Cow;
 use std::pin::Pin;
@@ -22,7 +31,7 @@ use http_body::{Body, Frame, SizeHint};
 use http_body_util::{Either, Full};
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo};
-use meshid_policy::{HttpRequest, Outcome, SpiffeId};
+use meshid_policy::{AccessRecord, Decision, HttpRequest, Outcome, SpiffeId};
 use tokio::io::{AsyncRead, AsyncWrite};
 
 use crate::inbound::{account, record, Listener};
@@ -161,28 +170,50 @@ fn plain(status: StatusCode, body: &'static str) -> Response<Either<Incoming, Fu
     r
 }
 
+fn refused(status: StatusCode, body: &'static str) -> Response<ResponseBody> {
+    plain(status, body).map(|b| Metered::new(b, Box::new(|_| {})))
+}
+
 async fn handle(conn: Arc<Conn>, mut req: Request<Incoming>) -> Response<ResponseBody> {
     let start = Instant::now();
     let l = &conn.listener;
     l.metrics.http_requests.inc();
+    let mut offered = strip_hop_by_hop(req.headers_mut(), conn.h2);
+    if req.method() == http::Method::CONNECT {
+        offered = vec![Offer::connect()];
+    }
     let path = match normalize_path(req.uri().path()) {
         Some(p) => p,
         None => {
             tracing::info!(listener = %l.config.name, caller = %conn.caller, "request path refused: cannot be normalized safely");
-            return plain(StatusCode::BAD_REQUEST, "bad request\n")
-                .map(|b| Metered::new(b, Box::new(|_| {})));
+            return refused(StatusCode::BAD_REQUEST, "bad request\n");
         }
     };
     let active = l.shared.policy.load();
-    let decision = active.policy.decide(&meshid_policy::Request {
-        from: &conn.caller,
-        to: &conn.local,
-        port: Some(l.config.port),
-        http: Some(HttpRequest {
-            method: req.method().as_str(),
-            path: &path,
-        }),
-    });
+    let decide = |upgrade: Option<&str>| {
+        active.policy.decide(&meshid_policy::Request {
+            from: &conn.caller,
+            to: &conn.local,
+            port: Some(l.config.port),
+            http: Some(HttpRequest {
+                method: req.method().as_str(),
+                path: &path,
+                upgrade,
+            }),
+        })
+    };
+    // An upgrade is decided once per protocol offered; the refused ones are withdrawn from
+    // the offer, and the request is refused when all are.
+    let asked = offered.first().map(|o| o.name.clone());
+    let decision = if offered.is_empty() {
+        decide(None)
+    } else {
+        let decisions: Vec<Decision> = offered.iter().map(|o| decide(Some(&o.name))).collect();
+        let mut kept = decisions.iter().map(|d| d.outcome != Outcome::Deny);
+        offered.retain(|_| kept.next().unwrap_or(false));
+        let first = decisions.iter().find(|d| d.outcome != Outcome::Deny);
+        first.unwrap_or(&decisions[0]).clone()
+    };
     account(l, &active, &conn.caller, &decision);
     let mut rec = l.shared.access.enabled().then(|| {
         let mut r = record(
@@ -195,17 +226,23 @@ async fn handle(conn: Arc<Conn>, mut req: Request<Incoming>) -> Response<Respons
         );
         r.method = Some(req.method().as_str().to_owned());
         r.path = Some(path.to_string());
+        r.upgrade = offered.first().map(|o| o.name.clone()).or(asked.clone());
         r
     });
     drop(active);
     if decision.outcome == Outcome::Deny {
+        if asked.is_some() {
+            tracing::info!(listener = %l.config.name, caller = %conn.caller, upgrade = asked.as_deref(), "upgrade refused: no allow rule names the protocol in `upgrades`");
+        }
         if let Some(mut r) = rec {
             r.status = Some(403);
+            if asked.is_some() {
+                r.reason = Some("upgrade_not_allowed".to_owned());
+            }
             r.duration_ms = start.elapsed().as_secs_f64() * 1e3;
             l.shared.access.log(r);
         }
-        return plain(StatusCode::FORBIDDEN, "forbidden\n")
-            .map(|b| Metered::new(b, Box::new(|_| {})));
+        return refused(StatusCode::FORBIDDEN, "forbidden\n");
     }
     if let Cow::Owned(p) = &path {
         let mut parts = req.uri().clone().into_parts();
@@ -220,10 +257,20 @@ async fn handle(conn: Arc<Conn>, mut req: Request<Incoming>) -> Response<Respons
             }
         }
     }
+    let tunnel = req.method() == http::Method::CONNECT;
+    if !offered.is_empty() && !tunnel {
+        // Only what the policy allowed is offered to the application.
+        let tokens: Vec<&str> = offered.iter().map(|o| o.token.as_str()).collect();
+        if let Ok(v) = http::HeaderValue::from_str(&tokens.join(", ")) {
+            req.headers_mut().insert(http::header::UPGRADE, v);
+            req.headers_mut().insert(
+                http::header::CONNECTION,
+                http::HeaderValue::from_static("upgrade"),
+            );
+        }
+    }
     let bytes_in = Arc::new(AtomicU64::new(0));
-    let upgrade = (req.headers().contains_key(http::header::UPGRADE)
-        || req.method() == http::Method::CONNECT)
-        .then(|| hyper::upgrade::on(&mut req));
+    let down = (!offered.is_empty()).then(|| hyper::upgrade::on(&mut req));
     let rx = l.metrics.rx.clone();
     let counted = bytes_in.clone();
     let req = req.map(|b| {
@@ -235,45 +282,94 @@ async fn handle(conn: Arc<Conn>, mut req: Request<Incoming>) -> Response<Respons
             }),
         )
     });
-    let resp = match send(&conn, req).await {
+    let upstream_failed = |rec: Option<AccessRecord>, reason: &str| {
+        if let Some(mut r) = rec {
+            r.status = Some(502);
+            r.reason = Some(reason.to_owned());
+            r.duration_ms = start.elapsed().as_secs_f64() * 1e3;
+            l.shared.access.log(r);
+        }
+        refused(StatusCode::BAD_GATEWAY, "bad gateway\n")
+    };
+    let mut resp = match send(&conn, req).await {
         Ok(resp) => resp,
         Err(e) => {
             tracing::warn!(listener = %l.config.name, app = %l.config.forward_to, error = %e, "local application request failed");
-            if let Some(mut r) = rec {
-                r.status = Some(502);
-                r.reason = Some("upstream_error".to_owned());
-                r.duration_ms = start.elapsed().as_secs_f64() * 1e3;
-                l.shared.access.log(r);
-            }
-            return plain(StatusCode::BAD_GATEWAY, "bad gateway\n")
-                .map(|b| Metered::new(b, Box::new(|_| {})));
+            return upstream_failed(rec, "upstream_error");
         }
     };
-    let mut resp = resp;
-    if let Some(down) = upgrade {
-        let switching = resp.status() == StatusCode::SWITCHING_PROTOCOLS
-            || (resp.status().is_success() && !conn.h2);
-        if switching {
-            let up = hyper::upgrade::on(&mut resp);
-            let name = l.config.name.clone();
-            tokio::spawn(async move {
-                match tokio::try_join!(down, up) {
-                    Ok((down, up)) => {
-                        let mut down = TokioIo::new(down);
-                        let mut up = TokioIo::new(up);
-                        let _ = tokio::io::copy_bidirectional(&mut down, &mut up).await;
-                    }
-                    Err(e) => tracing::debug!(listener = %name, error = %e, "upgrade failed"),
-                }
-            });
+    let switched = if tunnel {
+        resp.status().is_success()
+    } else {
+        resp.status() == StatusCode::SWITCHING_PROTOCOLS
+    };
+    let chosen = if switched && !tunnel {
+        // The application must switch to a protocol that was offered (and so allowed).
+        let named = resp
+            .headers()
+            .get(http::header::UPGRADE)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| Offer::parse(v).into_iter().next());
+        match named {
+            Some(n) if offered.iter().any(|o| o.name == n.name) => Some(n),
+            _ => {
+                // Its connection is in an unknown state now: never reuse it.
+                *conn.upstream.lock().await = None;
+                tracing::warn!(listener = %l.config.name, app = %l.config.forward_to, "the application switched protocols to one that was not offered; refused");
+                return upstream_failed(rec, "upgrade_mismatch");
+            }
+        }
+    } else {
+        None
+    };
+    strip_hop_by_hop(resp.headers_mut(), conn.h2);
+    if let Some(n) = &chosen {
+        if let Ok(v) = http::HeaderValue::from_str(&n.token) {
+            resp.headers_mut().insert(http::header::UPGRADE, v);
+            resp.headers_mut().insert(
+                http::header::CONNECTION,
+                http::HeaderValue::from_static("upgrade"),
+            );
         }
     }
     let status = resp.status().as_u16();
     if let Some(r) = rec.as_mut() {
         r.status = Some(status);
     }
-    let tx = l.metrics.tx.clone();
+    let (tx, rx) = (l.metrics.tx.clone(), l.metrics.rx.clone());
     let access = l.shared.access.clone();
+    // A switched connection's record is written when the splice ends, with its bytes.
+    let spliced = match (switched, down) {
+        (true, Some(down)) => Some((down, rec.take())),
+        _ => None,
+    };
+    if let Some((down, rec)) = spliced {
+        let up = hyper::upgrade::on(&mut resp);
+        let name = l.config.name.clone();
+        let (access, tx, rx) = (access.clone(), tx.clone(), rx.clone());
+        let bytes_in = bytes_in.clone();
+        tokio::spawn(async move {
+            let (mut sent, mut received) = (0, 0);
+            match tokio::try_join!(down, up) {
+                Ok((down, up)) => {
+                    let mut down = TokioIo::new(down);
+                    let mut up = TokioIo::new(up);
+                    if let Ok((d, u)) = tokio::io::copy_bidirectional(&mut down, &mut up).await {
+                        (received, sent) = (d, u);
+                    }
+                }
+                Err(e) => tracing::debug!(listener = %name, error = %e, "upgrade failed"),
+            }
+            rx.inc_by(received);
+            tx.inc_by(sent);
+            if let Some(mut r) = rec {
+                r.bytes_in = bytes_in.load(Ordering::Relaxed) + received;
+                r.bytes_out = sent;
+                r.duration_ms = start.elapsed().as_secs_f64() * 1e3;
+                access.log(r);
+            }
+        });
+    }
     resp.map(|b| {
         Metered::new(
             Either::Left(b),
@@ -288,6 +384,101 @@ async fn handle(conn: Arc<Conn>, mut req: Request<Incoming>) -> Response<Respons
             }),
         )
     })
+}
+
+/// A protocol in an `Upgrade` header: its lower-case name (what policies name) and the token
+/// as sent (with its version, if any).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Offer {
+    /// The protocol name, lower case, without the version: `websocket`.
+    pub name: String,
+    /// The token as sent: `websocket`, `TLS/1.2`.
+    pub token: String,
+}
+
+impl Offer {
+    fn connect() -> Offer {
+        Offer {
+            name: "connect".to_owned(),
+            token: String::new(),
+        }
+    }
+
+    /// The protocols of an `Upgrade` header value, in order; empty tokens are skipped.
+    pub fn parse(value: &str) -> Vec<Offer> {
+        value
+            .split(',')
+            .map(str::trim)
+            .filter(|t| !t.is_empty())
+            .map(|t| Offer {
+                name: t.split('/').next().unwrap_or(t).to_ascii_lowercase(),
+                token: t.to_owned(),
+            })
+            .collect()
+    }
+}
+
+/// Headers that concern one connection only, whatever `Connection` says.
+const HOP_BY_HOP: [&str; 6] = [
+    "connection",
+    "keep-alive",
+    "te",
+    "upgrade",
+    "http2-settings",
+    "transfer-encoding",
+];
+
+/// Removes the hop-by-hop headers (RFC 9110 section 7.6.1): `Connection` and every header it
+/// names, [`HOP_BY_HOP`] and `Proxy-*`. `TE: trailers` stays on HTTP/2, where gRPC needs it
+/// and it means no more than that trailers are welcome. Returns the protocols an HTTP/1.1
+/// request offers to upgrade to (an `Upgrade` header with `upgrade` in `Connection`), without
+/// HTTP/2 (`h2c`, `h2`, `HTTP/2.0`), which is never passed: after it the proxy would see no
+/// more requests.
+pub fn strip_hop_by_hop(headers: &mut http::HeaderMap, h2: bool) -> Vec<Offer> {
+    let mut named: Vec<http::HeaderName> = Vec::new();
+    let mut upgrade_named = false;
+    for v in headers.get_all(http::header::CONNECTION) {
+        for token in v.to_str().unwrap_or_default().split(',').map(str::trim) {
+            if token.eq_ignore_ascii_case("upgrade") {
+                upgrade_named = true;
+            }
+            if let Ok(name) = http::HeaderName::from_bytes(token.as_bytes()) {
+                named.push(name);
+            }
+        }
+    }
+    let offers = if upgrade_named && !h2 {
+        let mut all = Vec::new();
+        for v in headers.get_all(http::header::UPGRADE) {
+            all.extend(Offer::parse(v.to_str().unwrap_or_default()));
+        }
+        all.retain(|o| !matches!(o.name.as_str(), "h2c" | "h2" | "http"));
+        all
+    } else {
+        Vec::new()
+    };
+    let trailers = h2
+        && headers
+            .get(http::header::TE)
+            .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"trailers"));
+    for name in named {
+        headers.remove(name);
+    }
+    for name in HOP_BY_HOP {
+        headers.remove(name);
+    }
+    let proxy: Vec<http::HeaderName> = headers
+        .keys()
+        .filter(|k| k.as_str().starts_with("proxy-"))
+        .cloned()
+        .collect();
+    for name in proxy {
+        headers.remove(name);
+    }
+    if trailers {
+        headers.insert(http::header::TE, http::HeaderValue::from_static("trailers"));
+    }
+    offers
 }
 
 async fn send(
@@ -423,6 +614,88 @@ pub fn normalize_path(path: &str) -> Option<Cow<'_, str>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn headers(pairs: &[(&str, &str)]) -> http::HeaderMap {
+        let mut h = http::HeaderMap::new();
+        for (k, v) in pairs {
+            h.append(
+                http::HeaderName::from_bytes(k.as_bytes()).unwrap(),
+                http::HeaderValue::from_str(v).unwrap(),
+            );
+        }
+        h
+    }
+
+    fn names(h: &http::HeaderMap) -> Vec<&str> {
+        let mut n: Vec<&str> = h.keys().map(http::HeaderName::as_str).collect();
+        n.sort_unstable();
+        n
+    }
+
+    #[test]
+    fn hop_by_hop_headers_never_reach_the_other_side() {
+        let mut h = headers(&[
+            ("connection", "keep-alive, X-Hop, Upgrade, HTTP2-Settings"),
+            ("connection", "x-second"),
+            ("keep-alive", "timeout=5"),
+            ("x-hop", "1"),
+            ("x-second", "1"),
+            ("te", "trailers, deflate"),
+            ("upgrade", "h2c"),
+            ("http2-settings", "AAMAAABkAAQAoAAAAAIAAAAA"),
+            ("transfer-encoding", "chunked"),
+            ("proxy-authorization", "Basic eDp5"),
+            ("proxy-connection", "keep-alive"),
+            ("x-end-to-end", "kept"),
+            ("host", "api"),
+        ]);
+        // h2c is never passed: no protocol is offered, and the request goes on as HTTP/1.1.
+        assert_eq!(strip_hop_by_hop(&mut h, false), vec![]);
+        assert_eq!(names(&h), vec!["host", "x-end-to-end"]);
+        // On HTTP/2, `te: trailers` means only that and stays (gRPC needs it).
+        let mut h = headers(&[("te", "trailers"), ("content-type", "application/grpc")]);
+        assert_eq!(strip_hop_by_hop(&mut h, true), vec![]);
+        assert_eq!(names(&h), vec!["content-type", "te"]);
+        let mut h = headers(&[("te", "trailers")]);
+        strip_hop_by_hop(&mut h, false);
+        assert!(h.is_empty());
+    }
+
+    #[test]
+    fn upgrade_offers_are_read_only_when_connection_names_upgrade() {
+        let offer = |name: &str, token: &str| Offer {
+            name: name.to_owned(),
+            token: token.to_owned(),
+        };
+        let mut h = headers(&[
+            ("connection", "Upgrade"),
+            ("upgrade", "WebSocket, h2c, HTTP/2.0, TLS/1.3,,"),
+        ]);
+        assert_eq!(
+            strip_hop_by_hop(&mut h, false),
+            vec![offer("websocket", "WebSocket"), offer("tls", "TLS/1.3")]
+        );
+        assert!(h.is_empty());
+        // Without `upgrade` in `Connection` the header is not an offer (RFC 9110 7.8).
+        let mut h = headers(&[("upgrade", "websocket")]);
+        assert_eq!(strip_hop_by_hop(&mut h, false), vec![]);
+        assert!(h.is_empty());
+        // HTTP/2 has no upgrades.
+        let mut h = headers(&[("connection", "upgrade"), ("upgrade", "websocket")]);
+        assert_eq!(strip_hop_by_hop(&mut h, true), vec![]);
+        // Malformed values: nothing offered, nothing left behind.
+        let mut h = http::HeaderMap::new();
+        h.insert(
+            http::header::CONNECTION,
+            http::HeaderValue::from_bytes(b"upgrade, \xff bad").unwrap(),
+        );
+        h.insert(
+            http::header::UPGRADE,
+            http::HeaderValue::from_bytes(b"\xffws").unwrap(),
+        );
+        assert_eq!(strip_hop_by_hop(&mut h, false), vec![]);
+        assert!(h.is_empty());
+    }
 
     #[test]
     fn paths_are_normalized_or_refused() {

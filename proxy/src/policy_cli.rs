@@ -2,7 +2,7 @@
 //!
 //! - `check FILE`: validate and lint; exit 0 when clean (infos allowed), 2 with warnings, 1 when
 //!   the policy is invalid. Suitable for CI.
-//! - `explain FILE --from ID --to ID [--port N] [--method M --path P]`: the decision, the rule
+//! - `explain FILE --from ID --to ID [--port N] [--method M --path P [--upgrade U]]`: the decision, the rule
 //!   behind it and why every other rule did or did not match. Exit 0 (the decision is the
 //!   output).
 //! - `who-can FILE --to ID`: the caller patterns that reach a workload, with their conditions
@@ -67,6 +67,9 @@ pub enum PolicyCommand {
         /// The HTTP path, without the query string (with --method).
         #[arg(long, requires = "method")]
         path: Option<String>,
+        /// The protocol the request asks to switch to (websocket, connect), with --method.
+        #[arg(long, requires = "method")]
+        upgrade: Option<String>,
         /// Print JSON.
         #[arg(long)]
         json: bool,
@@ -86,7 +89,7 @@ pub enum PolicyCommand {
     Test {
         /// The policy file.
         file: PathBuf,
-        /// The cases file (`cases: [{name, from, to, port?, method?, path?, expect, rule?}]`).
+        /// The cases file (`cases: [{name, from, to, port?, method?, path?, upgrade?, expect, rule?}]`).
         cases: PathBuf,
     },
     /// Replay an access log under two policies: exit 0 when no decision changes, 3 when some do.
@@ -126,8 +129,17 @@ pub fn run(cmd: PolicyCommand) -> ExitCode {
             port,
             method,
             path,
+            upgrade,
             json,
-        } => explain(&file, &from, &to, port, method.zip(path), json),
+        } => explain(
+            &file,
+            &from,
+            &to,
+            port,
+            method.zip(path),
+            upgrade.map(|u| u.to_ascii_lowercase()),
+            json,
+        ),
         PolicyCommand::WhoCan { file, to, json } => who_can(&file, &to, json),
         PolicyCommand::Test { file, cases } => test(&file, &cases),
         PolicyCommand::Diff {
@@ -263,6 +275,7 @@ fn explain(
     to: &str,
     port: Option<u16>,
     http: Option<(String, String)>,
+    upgrade: Option<String>,
     json: bool,
 ) -> anyhow::Result<Report> {
     let from = spiffe_id(from, "--from")?;
@@ -272,9 +285,11 @@ fn explain(
         from: &from,
         to: &to,
         port,
-        http: http
-            .as_ref()
-            .map(|(method, path)| HttpRequest { method, path }),
+        http: http.as_ref().map(|(method, path)| HttpRequest {
+            method,
+            path,
+            upgrade: upgrade.as_deref(),
+        }),
     };
     let e = policy.explain(&req);
     let out = if json {
@@ -320,7 +335,10 @@ fn explain_json(policy: &Policy, e: &Explanation) -> String {
 fn explain_text(policy: &Policy, req: &Request<'_>, e: &Explanation) -> String {
     let mut out = String::new();
     let traffic = match &req.http {
-        Some(h) => format!("{} {}", h.method, h.path),
+        Some(h) => match h.upgrade {
+            Some(u) => format!("{} {} (upgrade to {u})", h.method, h.path),
+            None => format!("{} {}", h.method, h.path),
+        },
         None => "opaque traffic (no HTTP request)".to_owned(),
     };
     let port = req
@@ -366,6 +384,9 @@ fn explain_text(policy: &Policy, req: &Request<'_>, e: &Explanation) -> String {
             RuleMatch::NotMatched(meshid_policy::Field::NoHttpInfo) => {
                 "no match: it has http conditions and the traffic is opaque".to_owned()
             }
+            RuleMatch::NotMatched(meshid_policy::Field::Upgrade) => {
+                "no match: its `upgrades` does not name the protocol asked for".to_owned()
+            }
             RuleMatch::NotMatched(meshid_policy::Field::Port) if req.port.is_none() => {
                 "no match: it lists ports and the request has none".to_owned()
             }
@@ -402,7 +423,11 @@ fn grant_conditions(g: &Grant) -> (String, String) {
                 .collect::<Vec<_>>()
                 .join(", ")
         });
-        format!("HTTP only: {methods}; {paths}")
+        let upgrades = g
+            .upgrades
+            .as_ref()
+            .map_or(String::new(), |u| format!("; upgrades to {}", u.join(", ")));
+        format!("HTTP only: {methods}; {paths}{upgrades}")
     } else {
         "any traffic".to_owned()
     };
@@ -418,6 +443,7 @@ fn grant_json(g: &Grant) -> Value {
         "from": g.from.iter().map(|p| p.to_string()).collect::<Vec<_>>(),
         "ports": g.ports,
         "http": g.http,
+        "upgrades": g.upgrades,
         "methods": g.methods,
         "paths": g.paths.as_ref().map(|ps| ps.iter().map(|p| p.to_string()).collect::<Vec<_>>()),
         "except": g.carve_outs.iter().map(|r| &*r.name).collect::<Vec<_>>(),
@@ -533,6 +559,7 @@ struct Key {
     port: Option<u16>,
     method: Option<String>,
     path: Option<String>,
+    upgrade: Option<String>,
 }
 
 /// A policy's answer for a group: a decision, or "needs per-request information".
@@ -547,7 +574,11 @@ fn evaluate(policy: &Policy, from: &SpiffeId, to: &SpiffeId, key: &Key) -> Verdi
             from,
             to,
             port,
-            http: Some(HttpRequest { method, path }),
+            http: Some(HttpRequest {
+                method,
+                path,
+                upgrade: key.upgrade.as_deref(),
+            }),
         })),
         (_, _, Some(port)) => match policy.connection(from, to, port) {
             ConnectionVerdict::Decided(d) => Verdict::Decided(d),
@@ -570,6 +601,9 @@ fn key_text(key: &Key) -> String {
     match (&key.method, &key.path) {
         (Some(m), Some(p)) => {
             let _ = write!(s, " {m} {p}");
+            if let Some(u) = &key.upgrade {
+                let _ = write!(s, " (upgrade to {u})");
+            }
         }
         _ => s.push_str(" (connection)"),
     }
@@ -583,6 +617,7 @@ fn key_json(key: &Key, count: usize) -> Value {
         "port": key.port,
         "method": key.method,
         "path": key.path,
+        "upgrade": key.upgrade,
         "records": count,
     })
 }
@@ -629,6 +664,7 @@ fn diff(old_file: &Path, new_file: &Path, log: &Path, json: bool) -> anyhow::Res
             port: record.port,
             method: record.method,
             path,
+            upgrade: record.upgrade,
         };
         *groups.entry(key).or_default() += 1;
     }

@@ -211,6 +211,38 @@ fn explain_shows_the_decision_and_every_rule() {
     assert_eq!(v["rules"][1]["fail_closed"], "no-http-info");
     assert_eq!(v["rules"][2]["failed"], "from");
 
+    // The same allowed request asking to switch to a WebSocket: no rule names it.
+    let r = policy(&[
+        "explain",
+        &file,
+        "--from",
+        WEB,
+        "--to",
+        API,
+        "--port",
+        "8080",
+        "--method",
+        "GET",
+        "--path",
+        "/v1/orders",
+        "--upgrade",
+        "WebSocket",
+    ]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert!(
+        r.stdout.contains("GET /v1/orders (upgrade to websocket)"),
+        "{}",
+        r.stdout
+    );
+    assert!(
+        r.stdout.contains(
+            "web-reads (line 5, allow): no match: its `upgrades` does not name the protocol asked for"
+        ),
+        "{}",
+        r.stdout
+    );
+    assert!(r.stdout.contains("decision: deny"), "{}", r.stdout);
+
     let r = policy(&["explain", &file, "--from", "not-an-id", "--to", API]);
     assert_eq!(r.code, 1);
     assert!(
@@ -289,6 +321,29 @@ fn test_runs_cases() {
         r.stdout
     );
     assert!(r.stdout.ends_with("2 passed, 1 failed\n"), "{}", r.stdout);
+
+    let upgrade = format!("cases:\n  - {{name: socket, from: {WEB}, to: {API}, port: 8080, method: GET, path: /v1/x, upgrade: websocket, expect: deny}}\n  - {{name: bad, from: {WEB}, to: {API}, upgrade: websocket, expect: deny}}\n");
+    let cases = write(dir.path(), "upgrade.yaml", &upgrade);
+    let r = policy(&["test", &file, &cases]);
+    assert_eq!(r.code, 1);
+    assert!(
+        r.stderr.contains(&format!("{cases}:3:"))
+            && r.stderr.contains("`upgrade` needs `method` and `path`"),
+        "{}",
+        r.stderr
+    );
+    let cases = write(
+        dir.path(),
+        "upgrade-ok.yaml",
+        upgrade
+            .lines()
+            .take(2)
+            .collect::<Vec<_>>()
+            .join("\n")
+            .as_str(),
+    );
+    let r = policy(&["test", &file, &cases]);
+    assert_eq!(r.code, 0, "{}{}", r.stdout, r.stderr);
 
     let wrong_rule = passing.replace("rule: web-reads", "rule: batch");
     let cases = write(dir.path(), "wrong-rule.yaml", &wrong_rule);

@@ -623,3 +623,33 @@ pub fn metric_value(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
     }
     sum
 }
+
+/// The Python interpreter of the independent clients' venv (`target/interop-venv`, made by
+/// `.ci/run`; `MESHID_INTEROP_PYTHON` overrides) when it can import every module of
+/// `modules` (comma-separated, as in `import a, b`). `None`, after saying SKIPPED, when it
+/// cannot and this is not CI; in CI (`MESHID_CI`) that is a failure.
+pub fn interop_python(modules: &str) -> Option<PathBuf> {
+    let candidate = std::env::var_os("MESHID_INTEROP_PYTHON")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            PathBuf::from(concat!(
+                env!("CARGO_MANIFEST_DIR"),
+                "/../target/interop-venv/bin/python3"
+            ))
+        });
+    let usable = Command::new(&candidate)
+        .args(["-c", &format!("import {modules}")])
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    if usable {
+        return Some(candidate);
+    }
+    let why = format!(
+        "no Python that can import {modules} at {} (set MESHID_INTEROP_PYTHON or run .ci/run)",
+        candidate.display()
+    );
+    assert!(std::env::var_os("MESHID_CI").is_none(), "{why}");
+    eprintln!("SKIPPED: {why}");
+    None
+}

@@ -21,32 +21,9 @@ use meshid_tests::{uid, Agent, Ca};
 
 const SCRIPT: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/interop/workload_api.py");
 
-/// The Python interpreter with py-spiffe, hyper-h2, PyJWT and cryptography; `None` (after
-/// saying SKIPPED) when there is none and this is not CI.
+/// The Python interpreter with py-spiffe, hyper-h2, PyJWT, cryptography and grpcio.
 fn python() -> Option<PathBuf> {
-    let candidate = std::env::var_os("MESHID_INTEROP_PYTHON")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            PathBuf::from(concat!(
-                env!("CARGO_MANIFEST_DIR"),
-                "/../target/interop-venv/bin/python3"
-            ))
-        });
-    let usable = Command::new(&candidate)
-        .args(["-c", "import spiffe, h2, jwt, cryptography, grpc"])
-        .stderr(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success());
-    if usable {
-        return Some(candidate);
-    }
-    let why = format!(
-        "no Python with spiffe, h2, PyJWT, cryptography and grpcio at {} (set MESHID_INTEROP_PYTHON or run .ci/run)",
-        candidate.display()
-    );
-    assert!(std::env::var_os("MESHID_CI").is_none(), "{why}");
-    eprintln!("SKIPPED: {why}");
-    None
+    meshid_tests::interop_python("spiffe, h2, jwt, cryptography, grpc")
 }
 
 const JS_DIR: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/interop");

@@ -17,6 +17,9 @@
 //! - `proxy_readiness_and_drain`: not ready (and refusing) until the SVID arrives; SIGTERM
 //!   finishes the in-flight request, refuses new connections and exits 0 within the grace time.
 //! - `proxy_config_check`: `run --check`, and exit 64 on a bad config or an invalid policy.
+//! - `proxy_upgrades_are_decided_and_h2c_never_passes`: an h2c offer never reaches the
+//!   application (the review's smuggling attack, with curl and hypercorn), hop-by-hop headers
+//!   are stripped, a WebSocket passes only where a rule names it, and is accounted when it ends.
 //!
 //! The tests that start a mesh take a process-wide lock and run one at a time (each starts
 //! five or more processes, and some measure latencies). Every process is killed and every
@@ -1874,4 +1877,237 @@ fn proxy_refuses_a_world_writable_policy() {
         |s| *s == Some(200),
     );
     assert_eq!(applied, Some(200));
+}
+
+// =============================================================================================
+// proxy_upgrades_are_decided_and_h2c_never_passes
+
+const UPGRADE_POLICY: &str = r#"name: upgrades
+default: deny
+ports: {8080: http}
+rules:
+  - name: web-reads
+    from: ["spiffe://example.org/web"]
+    to: ["spiffe://example.org/api"]
+    ports: [8080]
+    http: {methods: [GET], paths: ["/public/**", "/ws/**"]}
+  - name: web-chat
+    from: ["spiffe://example.org/web"]
+    to: ["spiffe://example.org/api"]
+    ports: [8080]
+    http: {methods: [GET], paths: ["/ws/chat"], upgrades: [websocket]}
+"#;
+
+/// hypercorn (which switches to HTTP/2 on an `Upgrade: h2c` offer, as the review's app did)
+/// serving `tests/interop/asgi_app.py` on a free port.
+fn start_asgi_app(python: &Path, dir: &Path) -> (meshid_tests::Proc, String) {
+    let addr = local_addr();
+    let mut cmd = std::process::Command::new(python);
+    cmd.args([
+        "-m",
+        "hypercorn",
+        "--workers",
+        "1",
+        "--bind",
+        &addr,
+        "asgi_app:app",
+    ])
+    .current_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/interop"));
+    let mut app = meshid_tests::Proc::spawn("hypercorn", cmd, dir.join("app.log"));
+    meshid_tests::wait_for(Duration::from_secs(20), "hypercorn to listen", || {
+        app.check_alive();
+        std::net::TcpStream::connect(&addr).ok()
+    });
+    (app, addr)
+}
+
+/// Sends `request` (a complete HTTP/1.1 head) on a new connection; the response head, its
+/// body and the connection.
+fn raw_request(
+    addr: &str,
+    request: &str,
+) -> (Head, Vec<u8>, std::io::BufReader<std::net::TcpStream>) {
+    use std::io::Write;
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
+    s.write_all(request.as_bytes()).unwrap();
+    let mut r = std::io::BufReader::new(s);
+    let head = read_head(&mut r).unwrap().expect("a response");
+    let body = if status_of(&head) == 101 {
+        Vec::new()
+    } else {
+        head.read_body(&mut r).unwrap()
+    };
+    (head, body, r)
+}
+
+/// The status code of a response head.
+fn status_of(head: &Head) -> u16 {
+    head.start
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0)
+}
+
+fn websocket_request(path: &str) -> String {
+    format!(
+        "GET {path} HTTP/1.1\r\nhost: api.test\r\nconnection: Upgrade\r\nupgrade: websocket\r\n\
+         sec-websocket-version: 13\r\nsec-websocket-key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n"
+    )
+}
+
+/// One masked client frame (RFC 6455 5.2) with a payload under 126 bytes.
+fn websocket_frame(opcode: u8, payload: &[u8]) -> Vec<u8> {
+    let mask = [0x37u8, 0xfa, 0x21, 0x3d];
+    let mut f = vec![0x80 | opcode, 0x80 | payload.len() as u8];
+    f.extend_from_slice(&mask);
+    f.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
+    f
+}
+
+#[test]
+fn proxy_upgrades_are_decided_and_h2c_never_passes() {
+    use std::io::{Read, Write};
+    let Some(python) = meshid_tests::interop_python("hypercorn") else {
+        return;
+    };
+    let _serial = serial();
+    let app_dir = tempfile::tempdir().unwrap();
+    let (app, app_addr) = start_asgi_app(&python, app_dir.path());
+    let mesh = WebToApi::start_to("1h", UPGRADE_POLICY, Some(&app_addr));
+    let web_out = &mesh.web_out;
+    let access = mesh.api.config.parent().unwrap().join("api-access.log");
+    let app_log = || app.log_text();
+
+    // The review's attack, with curl as the caller: an allowed GET /public/x offering h2c,
+    // then GET /admin/secrets on the same connection. Through a proxy that passes the offer,
+    // the application switches to HTTP/2 and serves the second request unseen by the policy.
+    let out = std::process::Command::new("curl")
+        .args(["-sS", "--http2", "--max-time", "10"])
+        .args(["-w", "\n=> %{http_code} %{http_version}\n"])
+        .arg(format!("http://{web_out}/public/x"))
+        .arg(format!("http://{web_out}/admin/secrets"))
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(!text.contains("admin secrets"), "smuggled:\n{text}");
+    let results: Vec<&str> = text.lines().filter(|l| l.starts_with("=> ")).collect();
+    assert_eq!(results, ["=> 200 1.1", "=> 403 1.1"], "{text}");
+    assert!(
+        app_log().contains("served 1.1 GET /public/x"),
+        "{}",
+        app_log()
+    );
+    assert!(!app_log().contains("/admin"), "{}", app_log());
+    assert!(wait_record(
+        &access,
+        &[("path", Some("/admin/secrets")), ("status", Some("403"))],
+        Duration::from_secs(5)
+    ));
+
+    // By hand: hop-by-hop headers never reach the application, and bytes sent after the
+    // response are still HTTP/1.1 to the proxy (an HTTP/2 preface is refused, not spliced).
+    let (head, body, mut conn) = raw_request(
+        web_out,
+        "GET /public/h HTTP/1.1\r\nhost: api.test\r\n\
+         connection: keep-alive, X-Hop, Upgrade, HTTP2-Settings\r\nx-hop: 1\r\n\
+         keep-alive: timeout=5\r\nte: gzip\r\nupgrade: h2c\r\n\
+         http2-settings: AAMAAABkAARAAAAAAAIAAAAA\r\nproxy-authorization: Basic eDp5\r\n\
+         x-end-to-end: kept\r\n\r\n",
+    );
+    assert_eq!(status_of(&head), 200, "{}", head.start);
+    let seen: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(seen["http_version"], "1.1");
+    let names: Vec<String> = seen["headers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|h| h[0].as_str().unwrap().to_owned())
+        .collect();
+    for hop in [
+        "connection",
+        "x-hop",
+        "keep-alive",
+        "te",
+        "upgrade",
+        "http2-settings",
+        "proxy-authorization",
+    ] {
+        assert!(
+            !names.iter().any(|n| n == hop),
+            "{hop} reached the app: {names:?}"
+        );
+    }
+    assert!(names.iter().any(|n| n == "x-end-to-end"), "{names:?}");
+    conn.get_mut()
+        .write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\x00\x00\x00\x04\x00\x00\x00\x00\x00")
+        .unwrap();
+    let mut rest = Vec::new();
+    let _ = conn.read_to_end(&mut rest);
+    assert!(!rest.starts_with(b"\x00\x00"), "an HTTP/2 frame came back");
+    assert_eq!(app_log().matches("served").count(), 2, "{}", app_log());
+
+    // A WebSocket where the policy names it: switched, echoed, accounted when it ends.
+    let (head, _, mut ws) = raw_request(web_out, &websocket_request("/ws/chat"));
+    assert_eq!(status_of(&head), 101, "{}", head.start);
+    assert!(
+        head.header("upgrade")
+            .is_some_and(|u| u.eq_ignore_ascii_case("websocket")),
+        "{:?}",
+        head.headers
+    );
+    ws.get_mut()
+        .write_all(&websocket_frame(1, b"hello through the mesh"))
+        .unwrap();
+    let mut echo = [0u8; 24];
+    ws.read_exact(&mut echo).unwrap();
+    assert_eq!(&echo[..2], &[0x81, 22]);
+    assert_eq!(&echo[2..], b"hello through the mesh");
+    // Close handshake, then the client closes the connection (RFC 6455 7.1.1).
+    ws.get_mut().write_all(&websocket_frame(8, b"")).unwrap();
+    let mut close = [0u8; 2];
+    ws.read_exact(&mut close).unwrap();
+    assert_eq!(close[0], 0x88, "a close frame");
+    drop(ws);
+    assert!(
+        wait_record(
+            &access,
+            &[
+                ("path", Some("/ws/chat")),
+                ("upgrade", Some("websocket")),
+                ("status", Some("101")),
+                ("rule", Some("web-chat")),
+            ],
+            Duration::from_secs(5)
+        ),
+        "{:#?}",
+        json_lines(&access)
+    );
+    let record = json_lines(&access)
+        .into_iter()
+        .find(|r| r["path"] == "/ws/chat")
+        .unwrap();
+    assert!(record["bytes_in"].as_u64().unwrap() >= 28, "{record}");
+    assert!(record["bytes_out"].as_u64().unwrap() >= 24, "{record}");
+
+    // The same upgrade where the policy allows only the plain request: refused, unseen.
+    let (head, _, _) = raw_request(web_out, &websocket_request("/ws/other"));
+    assert_eq!(status_of(&head), 403, "{}", head.start);
+    assert!(!app_log().contains("/ws/other"), "{}", app_log());
+    assert!(wait_record(
+        &access,
+        &[
+            ("path", Some("/ws/other")),
+            ("upgrade", Some("websocket")),
+            ("reason", Some("upgrade_not_allowed")),
+        ],
+        Duration::from_secs(5)
+    ));
+    let (head, body, _) = raw_request(
+        web_out,
+        "GET /ws/other HTTP/1.1\r\nhost: api.test\r\nconnection: close\r\n\r\n",
+    );
+    assert_eq!(status_of(&head), 200, "{}", head.start);
+    assert!(String::from_utf8_lossy(&body).contains("/ws/other"));
 }

@@ -29,6 +29,10 @@ pub struct AccessRecord {
     /// The HTTP path without the query string, for HTTP requests.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub path: Option<String>,
+    /// The protocol the request switched the connection to (`websocket`, `connect`), for an
+    /// upgrade request.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub upgrade: Option<String>,
     /// The HTTP response status, for HTTP requests.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub status: Option<u16>,

@@ -40,6 +40,8 @@ pub struct TestCase {
     pub method: Option<String>,
     /// The HTTP path, if the case is an HTTP request.
     pub path: Option<String>,
+    /// The protocol the HTTP request asks to switch to (`websocket`, `connect`), if any.
+    pub upgrade: Option<String>,
     /// The expected outcome.
     pub expect: Outcome,
     /// The expected deciding rule (`<default>` for the default), if given.
@@ -63,7 +65,11 @@ impl TestCase {
             to: &self.to,
             port: self.port,
             http: match (&self.method, &self.path) {
-                (Some(method), Some(path)) => Some(HttpRequest { method, path }),
+                (Some(method), Some(path)) => Some(HttpRequest {
+                    method,
+                    path,
+                    upgrade: self.upgrade.as_deref(),
+                }),
                 _ => None,
             },
         }
@@ -82,7 +88,7 @@ impl TestCase {
 }
 
 const CASE_KEYS: &[&str] = &[
-    "name", "from", "to", "port", "method", "path", "expect", "rule",
+    "name", "from", "to", "port", "method", "path", "upgrade", "expect", "rule",
 ];
 
 /// Parses a cases file; `origin` names it in messages.
@@ -150,6 +156,16 @@ pub fn parse_cases(text: &str, origin: &str) -> Result<Vec<TestCase>, PolicyErro
                 "give both `method` and `path` for an HTTP request, or neither for opaque traffic",
             ));
         }
+        let upgrade = f
+            .get("upgrade")
+            .map(|n| ctx.str(n, "an upgrade protocol such as websocket"))
+            .transpose()?;
+        if let (Some(_), None, Some(n)) = (upgrade, method, f.get("upgrade")) {
+            return Err(ctx.invalid(
+                n.pos,
+                "`upgrade` needs `method` and `path`: an upgrade is an HTTP request",
+            ));
+        }
         let expect_node = required("expect")?;
         let expect_s = ctx.str(expect_node, "allow, deny or audit_deny")?;
         let expect = Outcome::from_name(expect_s).ok_or_else(|| {
@@ -174,6 +190,7 @@ pub fn parse_cases(text: &str, origin: &str) -> Result<Vec<TestCase>, PolicyErro
             port,
             method: method.map(str::to_owned),
             path: path.map(str::to_owned),
+            upgrade: upgrade.map(str::to_ascii_lowercase),
             expect,
             rule: rule.map(str::to_owned),
         });

@@ -248,7 +248,13 @@ fn http_cover(outer: Option<&HttpRule>, inner: Option<&HttpRule>) -> bool {
                 (Some(_), None) => false,
                 (Some(o), Some(i)) => i.iter().all(|p| o.iter().any(|q| q.value.covers(&p.value))),
             };
-            methods && paths
+            // An allow rule lets requests switch to the protocols of its `upgrades` only.
+            let upgrades = i
+                .upgrades
+                .iter()
+                .flatten()
+                .all(|u| o.upgrades.iter().flatten().any(|v| v.value == u.value));
+            methods && paths && upgrades
         }
     }
 }

@@ -23,10 +23,12 @@ pub enum Field {
     Path,
     /// The rule has `http` conditions and the traffic is opaque.
     NoHttpInfo,
+    /// The request asks to switch protocols and the rule's `upgrades` does not name it.
+    Upgrade,
 }
 
 impl Field {
-    /// `"from"`, `"to"`, `"port"`, `"method"`, `"path"` or `"no-http-info"`.
+    /// `"from"`, `"to"`, `"port"`, `"method"`, `"path"`, `"no-http-info"` or `"upgrade"`.
     pub fn as_str(self) -> &'static str {
         match self {
             Self::From => "from",
@@ -35,6 +37,7 @@ impl Field {
             Self::Method => "method",
             Self::Path => "path",
             Self::NoHttpInfo => "no-http-info",
+            Self::Upgrade => "upgrade",
         }
     }
 }
@@ -104,6 +107,9 @@ pub struct Grant {
     pub methods: Option<Vec<String>>,
     /// The HTTP path patterns, `None` for every path (or no `http` conditions).
     pub paths: Option<Vec<PathPattern>>,
+    /// The upgrade protocols an allow with `http` conditions lets requests switch to, `None`
+    /// for none (or no `http` conditions: then any).
+    pub upgrades: Option<Vec<String>>,
     /// The rule has `http` conditions (an allow then never admits opaque traffic).
     pub http: bool,
     /// For an allow: the deny rules that may carve exceptions out of it (their callers and
@@ -165,6 +171,9 @@ fn trace(rule: &Rule, p: &Prepared<'_>) -> RuleMatch {
             if !condition(rule.path_check(p), Field::Path) {
                 return RuleMatch::NotMatched(Field::Path);
             }
+            if !condition(rule.upgrade_check(p), Field::Upgrade) {
+                return RuleMatch::NotMatched(Field::Upgrade);
+            }
         }
     }
     fail_closed.map_or(RuleMatch::Matched, RuleMatch::MatchedFailClosed)
@@ -224,6 +233,11 @@ impl Policy {
                 .as_ref()
                 .and_then(|h| h.paths.as_ref())
                 .map(|ps| ps.iter().map(|p| p.value.clone()).collect()),
+            upgrades: rule
+                .http
+                .as_ref()
+                .and_then(|h| h.upgrades.as_ref())
+                .map(|us| us.iter().map(|u| u.value.to_string()).collect()),
             http: rule.http.is_some(),
             carve_outs,
         };

@@ -33,10 +33,15 @@
 //!     to: ["spiffe://example.org/ns/api/*"]
 //!     ports: [8080]                     # optional; absent = any port
 //!     http: {methods: [GET], paths: ["/v1/**"]}   # optional
+//!     # http: {paths: ["/live"], upgrades: [websocket]}   # protocol switches it allows
 //!     # mode: audit                     # deny rules only
 //! ```
 //! Any matching deny wins, otherwise any matching allow, otherwise the default. Rules with
 //! `http` conditions never widen an allow to opaque traffic, and deny rules fail closed on it.
+//! An HTTP request that asks to switch protocols ([`HttpRequest::upgrade`]) becomes opaque
+//! traffic after the switch: an allow rule with `http` conditions matches it only when its
+//! `upgrades` names the protocol (`h2c` cannot be named), and deny rules match it as they match
+//! the plain request.
 
 #![forbid(unsafe_code)]
 

@@ -91,6 +91,11 @@ pub struct HttpRequest<'a> {
     pub method: &'a str,
     /// The path as received, without the query string (a `?` and what follows is ignored).
     pub path: &'a str,
+    /// The protocol the request asks to switch the connection to (an `Upgrade` token such as
+    /// `websocket`, lower case; `connect` for a `CONNECT` tunnel), `None` for a plain
+    /// request. After the switch the proxy no longer sees requests, so only an allow rule
+    /// that names the protocol in `upgrades`, or one without `http` conditions, allows it.
+    pub upgrade: Option<&'a str>,
 }
 
 /// The result of a decision.
@@ -188,6 +193,8 @@ pub(crate) struct HttpRule {
     pub pos: Pos,
     pub methods: Option<Vec<Located<Box<str>>>>,
     pub paths: Option<Vec<Located<PathPattern>>>,
+    /// Upgrade protocols an allow rule lets a matching request switch to (lower case).
+    pub upgrades: Option<Vec<Located<Box<str>>>>,
 }
 
 /// A validated rule.
@@ -291,6 +298,31 @@ impl Rule {
         }
     }
 
+    /// Whether the rule lets the request switch protocols. A rule without `http` conditions
+    /// covers opaque traffic, so any upgrade; an allow rule with `http` conditions covers only
+    /// the protocols its `upgrades` names; a deny rule's conditions cover an upgrade request
+    /// as they cover the same request without it (fail closed).
+    pub fn upgrade_check(&self, p: &Prepared<'_>) -> Check {
+        let (Some(h), Some(r)) = (&self.http, &p.req.http) else {
+            return Check::Yes;
+        };
+        match (r.upgrade, self.action) {
+            (None, _) | (Some(_), Action::Deny) => Check::Yes,
+            (Some(proto), Action::Allow) => {
+                let named = h
+                    .upgrades
+                    .iter()
+                    .flatten()
+                    .any(|u| u.value.eq_ignore_ascii_case(proto));
+                if named {
+                    Check::Yes
+                } else {
+                    Check::No
+                }
+            }
+        }
+    }
+
     /// The fast matcher used by `decide`.
     pub fn matches(&self, p: &Prepared<'_>) -> bool {
         self.caller_matches(p.req.from)
@@ -300,7 +332,9 @@ impl Rule {
                 (None, _) => true,
                 (Some(_), None) => self.action == Action::Deny,
                 (Some(_), Some(_)) => {
-                    self.accepts(self.method_check(p)) && self.accepts(self.path_check(p))
+                    self.accepts(self.method_check(p))
+                        && self.accepts(self.path_check(p))
+                        && self.accepts(self.upgrade_check(p))
                 }
             }
     }
@@ -324,7 +358,7 @@ pub struct Policy {
 
 const TOP_KEYS: &[&str] = &["name", "default", "mode", "trust_domains", "ports", "rules"];
 const RULE_KEYS: &[&str] = &["name", "action", "from", "to", "ports", "http", "mode"];
-const HTTP_KEYS: &[&str] = &["methods", "paths"];
+const HTTP_KEYS: &[&str] = &["methods", "paths", "upgrades"];
 
 impl Policy {
     /// Parses and validates a policy. `origin` names the file in error messages and gives the
@@ -834,7 +868,7 @@ fn parse_rule(
     let to = patterns(ctx, to, "to", "receiving workload")?;
     let http = match fields.entry("http") {
         None => None,
-        Some((key, h)) => Some(parse_http(ctx, key.pos, h)?),
+        Some((key, h)) => Some(parse_http(ctx, key.pos, h, action)?),
     };
     let ports = match fields.get("ports") {
         None => None,
@@ -900,7 +934,12 @@ fn parse_rule(
     })
 }
 
-fn parse_http(ctx: Ctx<'_>, key_pos: Pos, node: &Node) -> Result<HttpRule, PolicyError> {
+fn parse_http(
+    ctx: Ctx<'_>,
+    key_pos: Pos,
+    node: &Node,
+    action: Action,
+) -> Result<HttpRule, PolicyError> {
     let fields = ctx.fields(node, "`http`", HTTP_KEYS)?;
     let methods = match fields.get("methods") {
         None => None,
@@ -964,11 +1003,74 @@ fn parse_http(ctx: Ctx<'_>, key_pos: Pos, node: &Node) -> Result<HttpRule, Polic
             Some(paths)
         }
     };
+    let upgrades = match fields.get("upgrades") {
+        None => None,
+        Some(n) if action == Action::Deny => {
+            return Err(ctx.invalid(
+                n.pos,
+                "`upgrades` is for allow rules: a deny rule's methods and paths already refuse \
+                 the matching upgrade requests; remove `upgrades`",
+            ))
+        }
+        Some(n) => {
+            let items = ctx.seq(n, "`upgrades`")?;
+            if items.is_empty() {
+                return Err(ctx.invalid(
+                    n.pos,
+                    "`upgrades` is empty: list the protocols (such as websocket), or remove `upgrades` to allow none",
+                ));
+            }
+            let mut upgrades: Vec<Located<Box<str>>> = Vec::new();
+            for item in items {
+                let u = ctx.str(item, "an upgrade protocol such as websocket")?;
+                if !is_upgrade_token(u) {
+                    return Err(ctx.invalid(
+                        item.pos,
+                        format!(
+                            "`{}` is not an upgrade protocol: write its lower-case name, such as websocket",
+                            clip(u)
+                        ),
+                    ));
+                }
+                if u == "h2c" || u == "h2" {
+                    return Err(ctx.invalid(
+                        item.pos,
+                        format!(
+                            "`{u}` cannot be allowed: after an upgrade to HTTP/2 the proxy would see \
+                             no more requests, so it never passes one (callers that offer h2c get \
+                             HTTP/1.1); remove it"
+                        ),
+                    ));
+                }
+                if upgrades.iter().any(|x| &*x.value == u) {
+                    return Err(
+                        ctx.invalid(item.pos, format!("upgrade {u} is listed twice: keep one"))
+                    );
+                }
+                upgrades.push(Located {
+                    value: u.into(),
+                    pos: item.pos,
+                });
+            }
+            Some(upgrades)
+        }
+    };
     Ok(HttpRule {
         pos: key_pos,
         methods,
         paths,
+        upgrades,
     })
+}
+
+/// An upgrade protocol name as policies write it: a lower-case token (RFC 9110 section 7.8
+/// without the version), at most 32 bytes.
+fn is_upgrade_token(u: &str) -> bool {
+    !u.is_empty()
+        && u.len() <= 32
+        && u.bytes().all(|b| {
+            b.is_ascii_lowercase() || b.is_ascii_digit() || matches!(b, b'-' | b'.' | b'_' | b'+')
+        })
 }
 
 #[cfg(test)]

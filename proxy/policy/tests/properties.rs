@@ -385,7 +385,7 @@ proptest! {
         let policy = Policy::parse(&text, "prop.yaml").unwrap_or_else(|e| panic!("{e}\n{text}"));
         for (from, to, port, http) in &reqs {
             let (f, t) = (from.spiffe(), to.spiffe());
-            let req = Request { from: &f, to: &t, port: *port, http: http.map(|(method, path)| HttpRequest { method, path }) };
+            let req = Request { from: &f, to: &t, port: *port, http: http.map(|(method, path)| HttpRequest { method, path, upgrade: None }) };
             let decision = policy.decide(&req);
             let explanation = policy.explain(&req);
             prop_assert_eq!(&explanation.decision, &decision, "{}", text);
@@ -407,7 +407,7 @@ proptest! {
                 let mut https: Vec<Option<HttpRequest<'_>>> = vec![None];
                 for method in REQ_METHODS {
                     for path in REQ_PATHS {
-                        https.push(Some(HttpRequest { method, path }));
+                        https.push(Some(HttpRequest { method, path, upgrade: None }));
                     }
                 }
                 for http in https {

@@ -197,7 +197,7 @@ impl Head {
             .map(|(_, v)| v.as_str())
     }
 
-    fn read_body(&self, r: &mut impl BufRead) -> std::io::Result<Vec<u8>> {
+    pub fn read_body(&self, r: &mut impl BufRead) -> std::io::Result<Vec<u8>> {
         if self
             .header("transfer-encoding")
             .is_some_and(|v| v.to_ascii_lowercase().contains("chunked"))
@@ -236,7 +236,7 @@ impl Head {
 }
 
 /// Reads a head; `Ok(None)` on a clean end of stream before any byte.
-fn read_head(r: &mut impl BufRead) -> std::io::Result<Option<Head>> {
+pub fn read_head(r: &mut impl BufRead) -> std::io::Result<Option<Head>> {
     let mut start = String::new();
     if r.read_line(&mut start)? == 0 {
         return Ok(None);
@@ -471,7 +471,7 @@ pub struct WebToApi {
     pub api_in: String,
     /// The policy file api's proxy watches.
     pub policy: PathBuf,
-    _backend: HttpBackend,
+    _backend: Option<HttpBackend>,
     _nodes: (Node, Node),
     _ca: Ca,
     _tmp: tempfile::TempDir,
@@ -480,6 +480,12 @@ pub struct WebToApi {
 impl WebToApi {
     /// Starts the mesh with SVIDs of lifetime `ttl` and `policy_text` as api's policy.
     pub fn start(ttl: &str, policy_text: &str) -> WebToApi {
+        WebToApi::start_to(ttl, policy_text, None)
+    }
+
+    /// As [`WebToApi::start`], with api's proxy forwarding to the application at `app`
+    /// (`host:port`) instead of an [`HttpBackend`] when it is given.
+    pub fn start_to(ttl: &str, policy_text: &str, app: Option<&str>) -> WebToApi {
         let tmp = tempfile::tempdir().unwrap();
         let dir = tmp.path();
         let ca = Ca::start(dir, &[]);
@@ -488,7 +494,8 @@ impl WebToApi {
         create_entry(&ca, "api", &id("api"), &t2.1, ttl);
         let node1 = start_node(dir, "node1", &ca, t1);
         let node2 = start_node(dir, "node2", &ca, t2);
-        let backend = HttpBackend::start();
+        let backend = app.is_none().then(HttpBackend::start);
+        let app = app.unwrap_or_else(|| backend.as_ref().map_or("", HttpBackend::addr));
         let policy = dir.join("policy.yaml");
         std::fs::write(&policy, policy_text).unwrap();
         let api_in = local_addr();
@@ -496,7 +503,7 @@ impl WebToApi {
             dir,
             "api",
             &(proxy_head(dir, "api", &node2, &id("api"), Some(&policy), "")
-                + &inbound("api-in", &api_in, backend.addr(), 8080, "detect")),
+                + &inbound("api-in", &api_in, app, 8080, "detect")),
         );
         let web_out = local_addr();
         let mut web = Proxy::start(

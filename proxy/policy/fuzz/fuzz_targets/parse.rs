@@ -40,7 +40,7 @@ fuzz_target!(|data: &[u8]| {
                         from,
                         to,
                         port,
-                        http: http.map(|(method, path)| HttpRequest { method, path }),
+                        http: http.map(|(method, path)| HttpRequest { method, path, upgrade: None }),
                     };
                     let decision = policy.decide(&req);
                     assert_eq!(policy.explain(&req).decision, decision);

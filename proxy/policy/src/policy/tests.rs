@@ -27,7 +27,11 @@ fn decide(
         from: &from,
         to: &to,
         port,
-        http: http.map(|(method, path)| HttpRequest { method, path }),
+        http: http.map(|(method, path)| HttpRequest {
+            method,
+            path,
+            upgrade: None,
+        }),
     };
     let d = p.decide(&req);
     assert_eq!(p.explain(&req).decision, d);
@@ -628,6 +632,7 @@ fn explain_names_the_failing_field() {
         http: Some(HttpRequest {
             method: "POST",
             path: "/v1/x",
+            upgrade: None,
         }),
     };
     let e = p.explain(&req);
@@ -681,6 +686,7 @@ fn explain_names_the_failing_field() {
         http: Some(HttpRequest {
             method: "GET",
             path: "/a/../admin",
+            upgrade: None,
         }),
     };
     let e = p.explain(&req);
@@ -692,6 +698,7 @@ fn explain_names_the_failing_field() {
         http: Some(HttpRequest {
             method: "GET",
             path: "/a/../admin",
+            upgrade: None,
         }),
     };
     let e = p.explain(&req);
@@ -757,4 +764,152 @@ fn policy_is_send_sync_and_names_default_to_the_file_stem() {
     let p = Policy::parse("name: pay.v2\nrules: []\n", "x.yaml").unwrap();
     assert_eq!(p.name(), "pay.v2");
     assert_eq!(err("name: \"pay ments\"\nrules: []\n").1, 7);
+}
+
+const UPGRADES: &str = r#"
+ports: {8080: http}
+rules:
+  - name: web-reads
+    from: ["spiffe://example.org/ns/web/**"]
+    to: ["spiffe://example.org/ns/api/*"]
+    http: {methods: [GET], paths: ["/public/**", "/ws/**"]}
+  - name: web-sockets
+    from: ["spiffe://example.org/ns/web/**"]
+    to: ["spiffe://example.org/ns/api/*"]
+    http: {paths: ["/ws/**"], upgrades: [websocket]}
+  - name: no-admin
+    action: deny
+    from: ["spiffe://example.org/**"]
+    to: ["spiffe://example.org/ns/api/*"]
+    http: {paths: ["/ws/admin/**"]}
+  - name: batch-anything
+    from: ["spiffe://example.org/ns/batch/*"]
+    to: ["spiffe://example.org/ns/api/*"]
+"#;
+
+fn decide_upgrade(p: &Policy, from: &str, path: &str, upgrade: Option<&str>) -> (Outcome, String) {
+    let (from, to) = (id(from), id(API));
+    let req = Request {
+        from: &from,
+        to: &to,
+        port: Some(8080),
+        http: Some(HttpRequest {
+            method: "GET",
+            path,
+            upgrade,
+        }),
+    };
+    let d = p.decide(&req);
+    assert_eq!(p.explain(&req).decision, d);
+    (d.outcome, d.rule_name().to_owned())
+}
+
+#[test]
+fn an_upgrade_needs_an_allow_rule_that_names_it() {
+    let p = policy(UPGRADES);
+    let allow = |r: &str| (Outcome::Allow, r.to_owned());
+    let deny = |r: &str| (Outcome::Deny, r.to_owned());
+    // The plain request is allowed; the same request asking to switch protocols is not, by a
+    // rule whose `upgrades` does not name the protocol.
+    assert_eq!(
+        decide_upgrade(&p, WEB, "/public/x", None),
+        allow("web-reads")
+    );
+    assert_eq!(
+        decide_upgrade(&p, WEB, "/public/x", Some("websocket")),
+        deny("<default>")
+    );
+    assert_eq!(
+        decide_upgrade(&p, WEB, "/ws/chat", Some("websocket")),
+        allow("web-sockets")
+    );
+    assert_eq!(
+        decide_upgrade(&p, WEB, "/ws/chat", Some("WebSocket")),
+        allow("web-sockets")
+    );
+    assert_eq!(
+        decide_upgrade(&p, WEB, "/ws/chat", Some("connect")),
+        deny("<default>")
+    );
+    // A deny rule refuses the upgrade as it refuses the plain request.
+    assert_eq!(
+        decide_upgrade(&p, WEB, "/ws/admin/x", Some("websocket")),
+        deny("no-admin")
+    );
+    // A rule without `http` conditions covers opaque traffic, so any upgrade.
+    assert_eq!(
+        decide_upgrade(&p, BATCH, "/anything", Some("connect")),
+        allow("batch-anything")
+    );
+    let (from, to) = (id(WEB), id(API));
+    let e = p.explain(&Request {
+        from: &from,
+        to: &to,
+        port: Some(8080),
+        http: Some(HttpRequest {
+            method: "GET",
+            path: "/public/x",
+            upgrade: Some("websocket"),
+        }),
+    });
+    assert_eq!(e.rules[0].result, RuleMatch::NotMatched(Field::Upgrade));
+    assert_eq!(Field::Upgrade.as_str(), "upgrade");
+    let w = p.who_can(&to);
+    assert_eq!(w.allows[0].upgrades, None);
+    assert_eq!(w.allows[1].upgrades, Some(vec!["websocket".to_owned()]));
+}
+
+#[test]
+fn upgrades_are_validated() {
+    let rule = |action: &str, upgrades: &str| {
+        format!(
+            "rules:\n  - name: r\n    action: {action}\n    from: [\"{WEB}\"]\n    to: [\"{API}\"]\n    http: {{paths: [\"/ws\"], upgrades: {upgrades}}}\n"
+        )
+    };
+    let (line, column, m) = err(&rule("deny", "[websocket]"));
+    assert_eq!((line, column), (6, 38), "{m}");
+    assert!(m.contains("for allow rules"), "{m}");
+    for (bad, what) in [
+        ("[h2c]", "cannot be allowed"),
+        ("[h2]", "cannot be allowed"),
+        ("[WebSocket]", "lower-case"),
+        ("[\"web socket\"]", "lower-case"),
+        ("[\"\"]", "lower-case"),
+        ("[websocket, websocket]", "listed twice"),
+        ("[]", "is empty"),
+        ("websocket", "list"),
+    ] {
+        let (_, _, m) = err(&rule("allow", bad));
+        assert!(m.contains(what), "{bad}: {m}");
+    }
+    let p = policy(&rule("allow", "[websocket, tls.1-2+x]"));
+    assert!(p.check().is_empty(), "{:?}", p.check());
+}
+
+#[test]
+fn an_allow_without_the_upgrade_does_not_shadow_one_with_it() {
+    let p = policy(
+        r#"
+rules:
+  - name: reads
+    from: ["spiffe://example.org/ns/web/**"]
+    to: ["spiffe://example.org/ns/api/*"]
+    http: {paths: ["/**"]}
+  - name: sockets
+    from: ["spiffe://example.org/ns/web/**"]
+    to: ["spiffe://example.org/ns/api/*"]
+    http: {paths: ["/ws/**"], upgrades: [websocket]}
+  - name: sockets-again
+    from: ["spiffe://example.org/ns/web/**"]
+    to: ["spiffe://example.org/ns/api/*"]
+    http: {paths: ["/ws/chat"], upgrades: [websocket]}
+"#,
+    );
+    let shadowed: Vec<String> = p
+        .check()
+        .into_iter()
+        .filter(|f| f.message.contains("shadowed"))
+        .filter_map(|f| f.rule)
+        .collect();
+    assert_eq!(shadowed, vec!["sockets-again".to_owned()]);
 }
