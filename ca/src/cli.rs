@@ -376,7 +376,12 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     tracing::info!(admin_socket = %config.admin_socket.display(), ops_address = %ops.local_addr()?, node_address = %node.local_addr()?, "listening");
     meshid_ca::server::run(
         ca,
-        meshid_ca::server::Listeners { admin, node, ops },
+        meshid_ca::server::Listeners {
+            admin,
+            node,
+            ops,
+            node_limits: config.node_limits.clone(),
+        },
         meshid_api::server::shutdown_signal(),
     )
     .await

@@ -90,6 +90,25 @@ pub struct RawConfig {
     /// Join token settings.
     #[serde(default)]
     pub join_tokens: RawTokenConfig,
+    /// Node API connection limits.
+    #[serde(default)]
+    pub node_limits: RawNodeLimits,
+}
+
+/// `[node_limits]` as written.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawNodeLimits {
+    /// Open connections at once (default 16384).
+    pub max_connections: Option<usize>,
+    /// Open connections per source address (default 1024).
+    pub max_connections_per_source: Option<usize>,
+    /// TLS handshakes in progress at once, past which the oldest is shed (default 1024).
+    pub max_pending_handshakes: Option<usize>,
+    /// TLS handshakes in progress per source address (default 64).
+    pub max_pending_handshakes_per_source: Option<usize>,
+    /// Lifetime of a connection without a client certificate (default 10s).
+    pub certless_lifetime: Option<String>,
 }
 
 /// `[ca]` as written.
@@ -228,6 +247,8 @@ pub struct Config {
     pub ca: CaSettings,
     /// Default join token lifetime.
     pub join_token_ttl: Duration,
+    /// The node API's connection limits.
+    pub node_limits: crate::node::admission::Limits,
 }
 
 fn duration(
@@ -408,7 +429,43 @@ impl TryFrom<RawConfig> for Config {
             raw.join_tokens.default_ttl.as_deref(),
             DEFAULT_JOIN_TOKEN_TTL,
         )?;
+        let defaults = crate::node::admission::Limits::default();
+        let n = raw.node_limits;
+        let count = |key: &'static str, v: Option<usize>, default: usize| match v {
+            Some(0) => Err(invalid(key, "must be at least 1")),
+            Some(v) => Ok(v),
+            None => Ok(default),
+        };
+        let node_limits = crate::node::admission::Limits {
+            connections: count(
+                "node_limits.max_connections",
+                n.max_connections,
+                defaults.connections,
+            )?,
+            connections_per_source: count(
+                "node_limits.max_connections_per_source",
+                n.max_connections_per_source,
+                defaults.connections_per_source,
+            )?,
+            pending: count(
+                "node_limits.max_pending_handshakes",
+                n.max_pending_handshakes,
+                defaults.pending,
+            )?,
+            pending_per_source: count(
+                "node_limits.max_pending_handshakes_per_source",
+                n.max_pending_handshakes_per_source,
+                defaults.pending_per_source,
+            )?,
+            certless_lifetime: duration(
+                "node_limits.certless_lifetime",
+                n.certless_lifetime.as_deref(),
+                defaults.certless_lifetime,
+            )?,
+            ..defaults
+        };
         Ok(Config {
+            node_limits,
             trust_domain,
             data_dir,
             datastore: DatastoreUrl(datastore),
@@ -526,6 +583,22 @@ mod tests {
                 "trust_domain = \"e.org\"\n[ca]\nupstream_cert = \"/x\"",
                 "ca.upstream_cert",
             ),
+            (
+                "trust_domain = \"e.org\"\n[node_limits]\nmax_connections = 0",
+                "node_limits.max_connections",
+            ),
+            (
+                "trust_domain = \"e.org\"\n[node_limits]\nmax_pending_handshakes_per_source = -1",
+                "ca.toml:3:37",
+            ),
+            (
+                "trust_domain = \"e.org\"\n[node_limits]\ncertless_lifetime = \"0s\"",
+                "node_limits.certless_lifetime",
+            ),
+            (
+                "trust_domain = \"e.org\"\n[node_limits]\nmax_handshakes = 3",
+                "max_handshakes",
+            ),
         ] {
             let err = parse(text).unwrap_err().to_string();
             assert!(err.contains(key), "{text:?} gave {err}");
@@ -539,6 +612,19 @@ mod tests {
         assert_eq!(c.trust_domain.as_str(), "example.org");
         assert_eq!(c.ca.default_jwt_svid_ttl, Duration::from_secs(300));
         assert_eq!(c.node_address, DEFAULT_NODE_ADDRESS.parse().unwrap());
+        let defaults = crate::node::admission::Limits::default();
+        assert_eq!(c.node_limits.connections, defaults.connections);
+        assert_eq!(
+            c.node_limits.pending_per_source,
+            defaults.pending_per_source
+        );
+        assert_eq!(c.node_limits.certless_lifetime, defaults.certless_lifetime);
+        let c = parse(
+            "trust_domain = \"e.org\"\n[node_limits]\nmax_connections_per_source = 5000\ncertless_lifetime = \"30s\"",
+        )
+        .unwrap();
+        assert_eq!(c.node_limits.connections_per_source, 5000);
+        assert_eq!(c.node_limits.certless_lifetime, Duration::from_secs(30));
     }
 
     #[test]

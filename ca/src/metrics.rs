@@ -23,6 +23,14 @@ pub struct KindLabels {
     pub kind: &'static str,
 }
 
+/// Labels of node API connection metrics.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabels {
+    /// Why: `source_pending`, `source_connections`, `connections`, `shed`, `hello_timeout`,
+    /// `certless_lifetime`.
+    pub reason: &'static str,
+}
+
 /// The CA's metrics and their registry.
 #[derive(Debug)]
 pub struct Metrics {
@@ -43,6 +51,12 @@ pub struct Metrics {
     pub node_handshake_failures: Counter,
     /// Node API calls refused for lack of a valid agent identity.
     pub node_denied: Counter,
+    /// Node API connections refused, shed or closed by the connection limits, by reason.
+    pub node_connections_limited: Family<ReasonLabels, Counter>,
+    /// Node API connections open (TLS established).
+    pub node_connections: Gauge,
+    /// Node API TLS handshakes in progress.
+    pub node_handshakes_pending: Gauge,
 }
 
 impl Default for Metrics {
@@ -107,6 +121,24 @@ impl Metrics {
             "Node API calls refused for lack of a valid agent identity",
             node_denied.clone(),
         );
+        let node_connections_limited = Family::<ReasonLabels, Counter>::default();
+        registry.register(
+            "node_connections_limited",
+            "Node API connections refused, shed or closed by the connection limits, by reason",
+            node_connections_limited.clone(),
+        );
+        let node_connections = Gauge::default();
+        registry.register(
+            "node_connections",
+            "Node API connections open (TLS established)",
+            node_connections.clone(),
+        );
+        let node_handshakes_pending = Gauge::default();
+        registry.register(
+            "node_handshakes_pending",
+            "Node API TLS handshakes in progress",
+            node_handshakes_pending.clone(),
+        );
         Self {
             registry,
             signed,
@@ -117,6 +149,9 @@ impl Metrics {
             rotation_errors,
             node_handshake_failures,
             node_denied,
+            node_connections_limited,
+            node_connections,
+            node_handshakes_pending,
         }
     }
 

@@ -26,9 +26,9 @@ use meshid_api::tls::{self, RotatingCert};
 use rustls::ServerConfig;
 use rustls_pki_types::{PrivateKeyDer, PrivatePkcs8KeyDer};
 use spiffe::SpiffeId;
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpListener;
 use tokio::sync::broadcast::error::{RecvError, TryRecvError};
-use tokio::sync::{broadcast, mpsc, watch, Semaphore};
+use tokio::sync::{broadcast, mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_stream::StreamExt as _;
 use tonic::{Request, Response, Status};
@@ -37,10 +37,12 @@ use crate::audit::AuditEvent;
 use crate::bundle::TrustBundle;
 use crate::entry::EntryId;
 use crate::entry::{EntrySpec, RegistrationEntry};
-use crate::metrics::Metrics;
 use crate::service::{Ca, CaEvent, ServiceError};
 use crate::store::StoreError;
 use crate::svid::IssuedSvid;
+
+pub mod admission;
+use admission::{Admission, Limits, NodeConn};
 
 /// The path of the CA server's own SPIFFE ID.
 pub const SERVER_PATH: &str = "/meshid/server";
@@ -48,12 +50,8 @@ pub const SERVER_PATH: &str = "/meshid/server";
 pub const AGENT_PATH_PREFIX: &str = "/meshid/agent/";
 /// Most requests in one `BatchSignX509` call.
 pub const MAX_BATCH: usize = 500;
-/// How long a client may take to complete the TLS handshake.
-pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Lifetime of the CA server's own SVID (capped at the intermediate's remaining life).
 pub const SERVER_SVID_TTL: Duration = Duration::from_secs(3600);
-/// Handshakes in progress at once; connections beyond this are dropped.
-const MAX_PENDING_HANDSHAKES: usize = 1024;
 /// Retry delay after a failed renewal of the server SVID.
 const RETRY: Duration = Duration::from_secs(5);
 /// How long in-flight calls may take to finish at shutdown.
@@ -232,16 +230,17 @@ async fn maintain_identity(
     }
 }
 
-/// Accepts TCP connections and completes TLS handshakes off the accept loop, handing finished
-/// connections to the gRPC server. Failed or slow handshakes are counted and logged at debug.
+/// Accepts TCP connections and completes TLS handshakes off the accept loop under the
+/// [`admission`] limits, handing finished connections to the gRPC server. Failed or slow
+/// handshakes are counted and logged at debug.
 async fn accept_loop(
     listener: TcpListener,
     tls: Arc<ServerTls>,
-    metrics: Arc<Metrics>,
-    conns: mpsc::Sender<tokio_rustls::server::TlsStream<TcpStream>>,
+    admission: Arc<Admission>,
+    conns: mpsc::Sender<NodeConn>,
     mut stop: watch::Receiver<bool>,
 ) {
-    let pending = Arc::new(Semaphore::new(MAX_PENDING_HANDSHAKES));
+    let mut last_accept_warning: Option<std::time::Instant> = None;
     loop {
         let accepted = tokio::select! {
             _ = stopped(&mut stop) => return,
@@ -250,35 +249,65 @@ async fn accept_loop(
         let (tcp, peer) = match accepted {
             Ok(c) => c,
             Err(e) => {
-                // Out of file descriptors and the like: back off briefly rather than spin.
-                tracing::warn!(error = %e, "node API accept failed");
+                // Out of file descriptors and the like: back off rather than spin, and say so
+                // at most once a second.
+                if last_accept_warning.is_none_or(|t| t.elapsed() >= Duration::from_secs(1)) {
+                    tracing::warn!(error = %e, "node API accept failed");
+                    last_accept_warning = Some(std::time::Instant::now());
+                }
                 tokio::time::sleep(Duration::from_millis(50)).await;
                 continue;
             }
         };
-        let Ok(permit) = Arc::clone(&pending).try_acquire_owned() else {
-            metrics.node_handshake_failures.inc();
-            tracing::debug!(%peer, "too many TLS handshakes in progress; connection dropped");
-            continue;
+        let mut pending = match admission.begin(peer.ip()) {
+            Ok(p) => p,
+            Err(reason) => {
+                tracing::debug!(%peer, reason, "node API connection refused by the connection limits");
+                continue;
+            }
         };
-        let acceptor = tokio_rustls::TlsAcceptor::from(tls.config.load_full());
+        let config = tls.config.load_full();
         let conns = conns.clone();
-        let metrics = Arc::clone(&metrics);
+        let admission = Arc::clone(&admission);
         tokio::spawn(async move {
             let _ = tcp.set_nodelay(true);
-            let result = tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await;
-            drop(permit);
+            let limits = admission.limits().clone();
+            let handshake = async {
+                let started = tokio::time::Instant::now();
+                let hello = tokio::time::timeout(
+                    limits.client_hello_timeout,
+                    tokio_rustls::LazyConfigAcceptor::new(rustls::server::Acceptor::default(), tcp),
+                )
+                .await
+                .map_err(|_| "hello_timeout")?
+                .map_err(|_| "handshake_failed")?;
+                tokio::time::timeout_at(
+                    started + limits.handshake_timeout,
+                    hello.into_stream(config),
+                )
+                .await
+                .map_err(|_| "handshake_timeout")?
+                .map_err(|_| "handshake_failed")
+            };
+            let result = tokio::select! {
+                r = handshake => r,
+                () = pending.shed() => Err("shed"),
+            };
             match result {
-                Ok(Ok(stream)) => {
-                    let _ = conns.send(stream).await;
-                }
-                Ok(Err(e)) => {
-                    metrics.node_handshake_failures.inc();
-                    tracing::debug!(%peer, error = %e, "node API TLS handshake failed");
-                }
-                Err(_) => {
-                    metrics.node_handshake_failures.inc();
-                    tracing::debug!(%peer, "node API TLS handshake timed out");
+                Ok(stream) => match pending.open() {
+                    Ok(open) => {
+                        let _ = conns.send(NodeConn::new(stream, open)).await;
+                    }
+                    Err(reason) => {
+                        tracing::debug!(%peer, reason, "node API connection refused by the connection limits");
+                    }
+                },
+                Err(reason) => {
+                    admission.handshake_failed();
+                    if reason == "hello_timeout" {
+                        admission.limited(reason);
+                    }
+                    tracing::debug!(%peer, reason, "node API TLS handshake failed");
                 }
             }
         });
@@ -291,6 +320,7 @@ async fn accept_loop(
 pub async fn serve(
     ca: Ca,
     listener: TcpListener,
+    limits: Limits,
     shutdown: impl Future<Output = ()>,
 ) -> anyhow::Result<()> {
     let cert = Arc::new(RotatingCert::new());
@@ -315,10 +345,11 @@ pub async fn serve(
     ));
     let (conn_tx, conn_rx) = mpsc::channel(64);
     let address = listener.local_addr().ok();
+    let admission = Admission::new(limits, Arc::clone(&ca.metrics));
     let acceptor = tokio::spawn(accept_loop(
         listener,
         tls,
-        Arc::clone(&ca.metrics),
+        admission,
         conn_tx,
         stop_rx.clone(),
     ));

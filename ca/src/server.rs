@@ -79,6 +79,8 @@ pub struct Listeners {
     pub admin: UnixListener,
     /// The node API listener (TLS is done by the server).
     pub node: TcpListener,
+    /// The node API's connection limits.
+    pub node_limits: crate::node::admission::Limits,
     /// The health and metrics listener.
     pub ops: TcpListener,
 }
@@ -272,9 +274,14 @@ pub async fn run(
     let admin = tokio::spawn(admin);
 
     let mut node_stop = stop_rx.clone();
-    let node = tokio::spawn(crate::node::serve(ca.clone(), listeners.node, async move {
-        let _ = node_stop.changed().await;
-    }));
+    let node = tokio::spawn(crate::node::serve(
+        ca.clone(),
+        listeners.node,
+        listeners.node_limits,
+        async move {
+            let _ = node_stop.changed().await;
+        },
+    ));
 
     let mut ops_stop = stop_rx;
     let ops = axum::serve(listeners.ops, ops_router(ca)).with_graceful_shutdown(async move {

@@ -74,7 +74,12 @@ impl TestCa {
         let (stop, stopped) = oneshot::channel::<()>();
         let task = tokio::spawn(server::run(
             ca.clone(),
-            Listeners { admin, node, ops },
+            Listeners {
+                admin,
+                node,
+                ops,
+                node_limits: meshid_ca::node::admission::Limits::default(),
+            },
             async move {
                 let _ = stopped.await;
             },

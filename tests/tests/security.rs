@@ -570,3 +570,265 @@ fn touching_ones_binary_does_not_make_the_agent_hash_it_on_every_call() {
         "{hashed} hashes for {calls} calls in {elapsed:.1} s (at most {allowed:.0})"
     );
 }
+
+// =============================================================================================
+// Item 3: unauthenticated denial of service of the node API
+
+/// Accepts any server certificate: the flood does not care whom it talks to.
+#[derive(Debug)]
+struct AnyServer(std::sync::Arc<rustls::crypto::CryptoProvider>);
+
+impl rustls::client::danger::ServerCertVerifier for AnyServer {
+    fn verify_server_cert(
+        &self,
+        _: &rustls_pki_types::CertificateDer<'_>,
+        _: &[rustls_pki_types::CertificateDer<'_>],
+        _: &rustls_pki_types::ServerName<'_>,
+        _: &[u8],
+        _: rustls_pki_types::UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        Ok(rustls::client::danger::ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &rustls_pki_types::CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &rustls_pki_types::CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.0.signature_verification_algorithms.supported_schemes()
+    }
+}
+
+/// A TCP connection to `node` from `source` that sends nothing and is opened again as soon
+/// as the CA closes it, until `stop`; counts its connects.
+async fn silent_connection(
+    node: std::net::SocketAddr,
+    source: std::net::IpAddr,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    connects: std::sync::Arc<std::sync::atomic::AtomicU64>,
+) {
+    use std::sync::atomic::Ordering;
+    use tokio::io::AsyncReadExt;
+    while !stop.load(Ordering::Relaxed) {
+        let Ok(socket) = tokio::net::TcpSocket::new_v4() else {
+            return;
+        };
+        if socket.bind((source, 0).into()).is_err() {
+            return;
+        }
+        let Ok(Ok(mut tcp)) =
+            tokio::time::timeout(Duration::from_secs(2), socket.connect(node)).await
+        else {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            continue;
+        };
+        connects.fetch_add(1, Ordering::Relaxed);
+        let mut buf = [0u8; 64];
+        // Until the CA closes it (or the flood ends).
+        loop {
+            tokio::select! {
+                r = tcp.read(&mut buf) => if !matches!(r, Ok(n) if n > 0) { break },
+                () = tokio::time::sleep(Duration::from_millis(200)) => {
+                    if stop.load(Ordering::Relaxed) { return; }
+                }
+            }
+        }
+    }
+}
+
+/// A TLS connection without a client certificate that speaks HTTP/2 and answers the CA's
+/// pings but makes no call; how long it lived (capped at `limit`).
+async fn certless_connection(node: std::net::SocketAddr, limit: Duration) -> Option<Duration> {
+    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+    let mut config = rustls::ClientConfig::builder_with_provider(provider.clone())
+        .with_safe_default_protocol_versions()
+        .ok()?
+        .dangerous()
+        .with_custom_certificate_verifier(std::sync::Arc::new(AnyServer(provider)))
+        .with_no_client_auth();
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    let tcp = tokio::net::TcpStream::connect(node).await.ok()?;
+    let tls = tokio_rustls::TlsConnector::from(std::sync::Arc::new(config))
+        .connect(
+            rustls_pki_types::ServerName::try_from("meshid-ca").ok()?,
+            tcp,
+        )
+        .await
+        .ok()?;
+    let started = Instant::now();
+    let (_send, conn) =
+        hyper::client::conn::http2::handshake::<_, _, http_body_util::Empty<bytes::Bytes>>(
+            hyper_util::rt::TokioExecutor::new(),
+            hyper_util::rt::TokioIo::new(tls),
+        )
+        .await
+        .ok()?;
+    // The connection task answers pings until the CA closes the connection.
+    let _ = tokio::time::timeout(limit, conn).await;
+    Some(started.elapsed())
+}
+
+#[test]
+fn node_api_serves_agents_through_a_connection_flood() {
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+    use std::sync::Arc;
+    let dir = tempfile::tempdir().unwrap();
+    let ca = Ca::start(dir.path(), &[]);
+    let node: std::net::SocketAddr = ca.node_address.parse().unwrap();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let stop = Arc::new(AtomicBool::new(false));
+    let connects = Arc::new(AtomicU64::new(0));
+    // The review's flood, grown: 1,440 silent connections from 24 loopback addresses (60
+    // each, within a source's budget, so together they exhaust the global one) and 100 from
+    // one more address (past its budget), each opened again as soon as the CA closes it.
+    let mut flood = Vec::new();
+    for (source, count) in (2..26u8).map(|n| (n, 60)).chain([(30, 100)]) {
+        for _ in 0..count {
+            flood.push(rt.spawn(silent_connection(
+                node,
+                std::net::IpAddr::from([127, 0, 0, source]),
+                stop.clone(),
+                connects.clone(),
+            )));
+        }
+    }
+    // And 100 TLS connections without a certificate that answer pings.
+    let certless: Vec<_> = (0..100)
+        .map(|_| rt.spawn(certless_connection(node, Duration::from_secs(40))))
+        .collect();
+    std::thread::sleep(Duration::from_secs(3));
+    let before = connects.load(Ordering::Relaxed);
+    assert!(
+        before >= 1_000,
+        "the flood did not start: {before} connects"
+    );
+
+    // Through it, a new agent attests, becomes ready and serves a workload.
+    let (token, agent_id) = ca.join_token();
+    let started = Instant::now();
+    let agent = Agent::start(dir.path(), &ca, &token);
+    ca.entry_for_this_uid("flooded", "spiffe://example.org/flooded", &agent_id, &[]);
+    let svid = rt.block_on(async {
+        let client = spiffe::WorkloadApiClient::connect_to(agent.endpoint())
+            .await
+            .unwrap();
+        tokio::time::timeout(Duration::from_secs(20), async {
+            loop {
+                if let Ok(svid) = client.fetch_x509_svid().await {
+                    return svid;
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        })
+        .await
+    });
+    let svid = svid.expect("the agent served no SVID during the flood");
+    assert_eq!(svid.spiffe_id().to_string(), "spiffe://example.org/flooded");
+    eprintln!(
+        "agent ready and serving {:?} after the flood started, {} flood connects so far",
+        started.elapsed() + Duration::from_secs(3),
+        connects.load(Ordering::Relaxed)
+    );
+
+    // The certificate-less connections were closed after their short lifetime, pings or not.
+    let lived: Vec<Option<Duration>> = rt.block_on(async {
+        let mut out = Vec::new();
+        for c in certless {
+            out.push(c.await.unwrap());
+        }
+        out
+    });
+    let established = lived.iter().flatten().count();
+    assert!(
+        established >= 50,
+        "only {established} certless connections were made"
+    );
+    for l in lived.iter().flatten() {
+        assert!(
+            *l < Duration::from_secs(20),
+            "a certless connection lived {l:?}"
+        );
+    }
+    stop.store(true, Ordering::Relaxed);
+    let metrics = meshid_tests::http_get(&ca.ops_address, "/metrics")
+        .unwrap()
+        .1;
+    for reason in ["shed", "source_pending", "certless_lifetime"] {
+        let line = format!("meshid_ca_node_connections_limited_total{{reason=\"{reason}\"}}");
+        let value: f64 = metrics
+            .lines()
+            .find_map(|l| l.strip_prefix(&line))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or(0.0);
+        assert!(
+            value > 0.0,
+            "no {reason} in\n{}",
+            metrics
+                .lines()
+                .filter(|l| l.contains("node_"))
+                .collect::<Vec<_>>()
+                .join("\n")
+        );
+    }
+    rt.block_on(async {
+        for f in flood {
+            let _ = tokio::time::timeout(Duration::from_secs(2), f).await;
+        }
+    });
+
+    // With the flood over, a silent connection is closed once the ClientHello deadline passes
+    // (not after the whole handshake time).
+    let closed_after: Vec<Duration> = rt.block_on(async {
+        let mut waits = Vec::new();
+        for _ in 0..5 {
+            waits.push(tokio::spawn(async move {
+                use tokio::io::AsyncReadExt;
+                let mut tcp = tokio::net::TcpStream::connect(node).await.unwrap();
+                let started = Instant::now();
+                let _ =
+                    tokio::time::timeout(Duration::from_secs(15), tcp.read(&mut [0u8; 8])).await;
+                started.elapsed()
+            }));
+        }
+        let mut out = Vec::new();
+        for w in waits {
+            out.push(w.await.unwrap());
+        }
+        out
+    });
+    for d in &closed_after {
+        assert!(
+            (Duration::from_secs(2)..Duration::from_secs(5)).contains(d),
+            "a silent connection was closed after {d:?}"
+        );
+    }
+    rt.shutdown_timeout(Duration::from_secs(2));
+}
