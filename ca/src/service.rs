@@ -823,8 +823,8 @@ impl AdminService {
 
 fn caller<T>(req: &Request<T>) -> String {
     req.extensions()
-        .get::<tonic::transport::server::UdsConnectInfo>()
-        .and_then(|info| info.peer_cred)
+        .get::<meshid_api::uds::UdsPeer>()
+        .and_then(|peer| peer.info.peer_cred)
         .map(|cred| format!("admin:uid={},pid={}", cred.uid(), cred.pid().unwrap_or(0)))
         .unwrap_or_else(|| "admin:unknown".to_owned())
 }

@@ -832,3 +832,260 @@ fn node_api_serves_agents_through_a_connection_flood() {
     }
     rt.shutdown_timeout(Duration::from_secs(2));
 }
+
+// =============================================================================================
+// Items 5 and 6: the Workload API's connections
+
+const EXEC_SCRIPT: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/interop/exec_after_connect.py");
+
+/// Item 5: a process that is not entitled to an identity connected to the Workload API, then
+/// exec'd the program an entry pins, keeping the connection, and the agent (which attested
+/// `/proc/<pid>` only when the call came) gave it that program's SVID. Now the identity of a
+/// connection is its process as it was when the connection was accepted.
+#[test]
+fn exec_after_connect_does_not_borrow_the_identity_of_the_new_program() {
+    let Some(python) = meshid_tests::interop_python("h2") else {
+        return;
+    };
+    // The pinned program: the interpreter the venv's python runs.
+    let pinned = std::fs::canonicalize(&python).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let ca = Ca::start(dir.path(), &[]);
+    let (token, agent_id) = ca.join_token();
+    let agent = Agent::start(dir.path(), &ca, &token);
+    let selector = format!("unix:path:{}", pinned.display());
+    ca.entry_for_this_uid(
+        "pinned",
+        "spiffe://example.org/pinned",
+        &agent_id,
+        &["--selector", &selector],
+    );
+    let socket = agent.socket.display().to_string();
+    let run = |cmd: &mut std::process::Command| {
+        let out = cmd.output().unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).into_owned()
+            + &String::from_utf8_lossy(&out.stderr);
+        text
+    };
+    // The pinned program itself gets the SVID (once the entry has reached the agent).
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let out =
+            run(std::process::Command::new(&python).args([EXEC_SCRIPT, "call-socket", &socket]));
+        if out.contains("status 0") && out.contains("svid ") {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the pinned program got no SVID: {out}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    // Another program (perl) connects, then execs the pinned one, which calls on the
+    // inherited connection.
+    let out = run(std::process::Command::new("perl")
+        .args([
+            "-e",
+            "use Socket; $^F = 100000; socket(my $s, PF_UNIX, SOCK_STREAM, 0) or die $!; \
+             connect($s, pack_sockaddr_un($ARGV[0])) or die $!; \
+             exec($ARGV[1], $ARGV[2], 'call', fileno($s)) or die $!;",
+            &socket,
+        ])
+        .arg(&python)
+        .arg(EXEC_SCRIPT));
+    assert!(out.contains("status 7"), "exec after connect: {out}");
+    assert!(
+        !out.contains("svid "),
+        "exec after connect got an SVID: {out}"
+    );
+    assert!(
+        agent
+            .proc
+            .log_text()
+            .contains("the process that connected has since exec'd another program"),
+        "{}",
+        agent.proc.log_text()
+    );
+}
+
+/// Opens `count` connections to `socket` as nobody and watches them for `watch` seconds:
+/// `connected N`, then `closed <seconds after connect>` per connection the agent closed.
+const HOLD_CONNECTIONS: &str = r#"
+import select, socket, sys, time
+path, count, watch = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
+socks = []
+for _ in range(count):
+    s = socket.socket(socket.AF_UNIX)
+    try:
+        s.connect(path)
+    except OSError as e:
+        print("connect failed", e, flush=True)
+        break
+    socks.append((s, time.monotonic()))
+print("connected", len(socks), flush=True)
+poller = select.poll()
+by_fd = {}
+for s, t in socks:
+    poller.register(s, select.POLLIN | select.POLLHUP)
+    by_fd[s.fileno()] = (s, t)
+end = time.monotonic() + watch
+while by_fd and time.monotonic() < end:
+    for fd, _ in poller.poll(100):
+        s, t = by_fd[fd]
+        try:
+            data = s.recv(4096)
+        except OSError:
+            data = b""
+        if not data:
+            # Closed by the agent (what it sent before, its HTTP/2 settings, is ignored).
+            del by_fd[fd]
+            poller.unregister(fd)
+            print("closed", round(time.monotonic() - t, 2), flush=True)
+"#;
+
+fn hold_as_nobody(socket: &Path, count: usize, watch: f64) -> std::process::Child {
+    std::process::Command::new("setpriv")
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups", "--"])
+        .args(["/usr/bin/python3", "-c", HOLD_CONNECTIONS])
+        .arg(socket)
+        .args([count.to_string(), watch.to_string()])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap()
+}
+
+/// CPU time (user + system) of process `pid`, in clock ticks.
+fn cpu_ticks(pid: u32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    let rest = &stat[stat.rfind(')').unwrap() + 1..];
+    let f: Vec<&str> = rest.split_ascii_whitespace().collect();
+    f[11].parse::<u64>().unwrap() + f[12].parse::<u64>().unwrap()
+}
+
+/// A workload's FetchX509SVID through `agent`, within `timeout`.
+fn fetch_works(agent: &Agent, timeout: Duration) -> bool {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        tokio::time::timeout(timeout, async {
+            let client = spiffe::WorkloadApiClient::connect_to(agent.endpoint())
+                .await
+                .ok()?;
+            client.fetch_x509_svid().await.ok()
+        })
+        .await
+        .ok()
+        .flatten()
+        .is_some()
+    })
+}
+
+/// Item 6: one user opened connections until the agent ran out of file descriptors; its
+/// accept loop then spun at 100 % CPU writing millions of log lines and every workload's
+/// call timed out. Now connections are capped per uid and in all, a connection that sends no
+/// request is closed after a few seconds, and a failing accept backs off and logs once a
+/// second.
+#[test]
+fn workload_api_connections_are_capped_and_accept_failures_back_off() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = Ca::start(dir.path(), &[]);
+    let (token, agent_id) = ca.join_token();
+    let agent = Agent::start(dir.path(), &ca, &token);
+    ca.entry_for_this_uid("me", "spiffe://example.org/me", &agent_id, &[]);
+    assert!(fetch_works(&agent, Duration::from_secs(15)));
+
+    // 1,500 connections as nobody: 1,024 (the per-uid cap) are held, the rest closed at once,
+    // and the held ones closed when they have sent no request for 5 s. Meanwhile this uid's
+    // workload is served.
+    let holder = hold_as_nobody(&agent.socket, 1500, 9.0);
+    std::thread::sleep(Duration::from_secs(2));
+    assert!(
+        fetch_works(&agent, Duration::from_secs(5)),
+        "a workload was not served"
+    );
+    let out = holder.wait_with_output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("connected 1500"), "{text}");
+    let closed: Vec<f64> = text
+        .lines()
+        .filter_map(|l| l.strip_prefix("closed "))
+        .map(|v| v.parse().unwrap())
+        .collect();
+    let at_once = closed.iter().filter(|&&t| t < 1.0).count();
+    let idle = closed.iter().filter(|&&t| (4.0..8.0).contains(&t)).count();
+    let summary = format!(
+        "{} closed: {at_once} within 1 s, {idle} after 4 to 8 s, times {:?}",
+        closed.len(),
+        closed.iter().step_by(50).collect::<Vec<_>>()
+    );
+    assert_eq!(at_once, 1500 - 1024, "{summary}");
+    let log = agent.proc.log_text();
+    assert_eq!(
+        idle,
+        1024,
+        "{summary}; agent log: {} idle closes, tail:\n{}",
+        log.matches("sent no request in time").count(),
+        log.lines().rev().take(5).collect::<Vec<_>>().join("\n")
+    );
+    drop(agent);
+
+    // Out of file descriptors (an agent with a low limit and no per-uid cap): the accept
+    // loop backs off, logs at most once a second, and serves again once descriptors free up.
+    let data = tempfile::tempdir().unwrap();
+    let bundle = data.path().join("bundle.pem");
+    std::fs::write(&bundle, ca.ok(&["bundle", "show"])).unwrap();
+    let config = data.path().join("agent.toml");
+    std::fs::write(&config, "max_connections_per_uid = 100000\n").unwrap();
+    let (token, agent_id) = ca.join_token();
+    ca.entry_for_this_uid("me-2", "spiffe://example.org/me", &agent_id, &[]);
+    let socket = data.path().join("api.sock");
+    let ops = format!("127.0.0.1:{}", meshid_tests::free_port());
+    let mut args =
+        meshid_tests::agent_run_args(&ca, &bundle, &data.path().join("d"), &socket, &ops);
+    args.extend(["--config".into(), config.display().to_string()]);
+    args.extend(["--join-token".into(), token]);
+    let mut cmd = std::process::Command::new("prlimit");
+    cmd.args(["--nofile=256:256", "--"])
+        .arg(meshid_tests::bin_dir().join("meshid-agent"))
+        .args(&args);
+    let mut starved = meshid_tests::Proc::spawn("meshid-agent", cmd, data.path().join("agent.log"));
+    meshid_tests::wait_for(Duration::from_secs(30), "the agent", || {
+        starved.check_alive();
+        (meshid_tests::http_get(&ops, "/readyz")?.0 == 200).then_some(())
+    });
+    let pid = starved.id();
+    let holder = hold_as_nobody(&socket, 600, 8.0);
+    std::thread::sleep(Duration::from_secs(1));
+    let (cpu_before, t0) = (cpu_ticks(pid), Instant::now());
+    std::thread::sleep(Duration::from_secs(3));
+    let ticks_per_second = 100.0;
+    let cpu = (cpu_ticks(pid) - cpu_before) as f64 / ticks_per_second / t0.elapsed().as_secs_f64();
+    let out = holder.wait_with_output().unwrap();
+    let log = starved.log_text();
+    let accept_lines = log.lines().filter(|l| l.contains("accept failed")).count();
+    assert!(log.to_lowercase().contains("too many open files"), "{log}");
+    assert!(
+        cpu < 0.3,
+        "the agent used {:.0} % CPU while out of descriptors",
+        cpu * 100.0
+    );
+    assert!(
+        accept_lines <= 12,
+        "{accept_lines} accept-failure lines:\n{log}"
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.lines().any(|l| l.starts_with("closed ")), "{text}");
+    // Descriptors are back: served again.
+    let served = Agent {
+        proc: starved,
+        socket,
+        ops_address: ops,
+        data_dir: data.path().join("d"),
+    };
+    assert!(
+        fetch_works(&served, Duration::from_secs(10)),
+        "not served after the flood"
+    );
+}

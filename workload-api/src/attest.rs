@@ -184,20 +184,56 @@ impl Attestor {
     /// The sorted selectors of process `pid`, which connected with effective `uid` and `gid`.
     /// File I/O runs on the blocking thread pool.
     pub async fn attest(&self, pid: i32, uid: u32, gid: u32) -> Result<Vec<String>, AttestError> {
+        self.attest_connected(pid, uid, gid, None).await
+    }
+
+    /// [`Self::attest`] for a call on a connection that `accepted` made: refused when process
+    /// `pid` is no longer that process (it exited and the pid was reused) or has exec'd
+    /// another program since (different start time, or a different file behind its `exe`).
+    pub async fn attest_connected(
+        &self,
+        pid: i32,
+        uid: u32,
+        gid: u32,
+        accepted: Option<meshid_api::uds::AcceptedProcess>,
+    ) -> Result<Vec<String>, AttestError> {
         let inner = Arc::clone(&self.inner);
-        tokio::task::spawn_blocking(move || inner.attest(pid, uid, gid))
+        tokio::task::spawn_blocking(move || inner.attest(pid, uid, gid, accepted))
             .await
             .map_err(|e| AttestError::Task(e.to_string()))?
     }
 }
 
 impl Inner {
-    fn attest(&self, pid: i32, uid: u32, gid: u32) -> Result<Vec<String>, AttestError> {
+    fn attest(
+        &self,
+        pid: i32,
+        uid: u32,
+        gid: u32,
+        accepted: Option<meshid_api::uds::AcceptedProcess>,
+    ) -> Result<Vec<String>, AttestError> {
         if pid <= 0 {
             return Err(AttestError::InvalidPid(pid));
         }
         let dir = self.proc_root.join(pid.to_string());
         let started = start_time(pid, &dir)?;
+        if let Some(a) = accepted {
+            // The identity of the connection is the process that made it, as it was then.
+            if a.pid != pid || a.start_time != started {
+                return Err(AttestError::ProcessChanged {
+                    pid,
+                    reason: "the process that connected has exited",
+                });
+            }
+            let exe_path = dir.join("exe");
+            let exe = std::fs::metadata(&exe_path).map_err(|e| proc_error(pid, &exe_path, e))?;
+            if (exe.dev(), exe.ino()) != a.exe {
+                return Err(AttestError::ProcessChanged {
+                    pid,
+                    reason: "the process that connected has since exec'd another program",
+                });
+            }
+        }
 
         let status_path = dir.join("status");
         let status = read_proc(pid, &status_path)?;
@@ -367,7 +403,12 @@ impl Inner {
 
 /// Reads a `/proc` file; a missing file means the process is gone.
 fn read_proc(pid: i32, path: &Path) -> Result<String, AttestError> {
-    std::fs::read_to_string(path).map_err(|source| match source.kind() {
+    std::fs::read_to_string(path).map_err(|source| proc_error(pid, path, source))
+}
+
+/// A failed read of `path` under `/proc/<pid>`: the process is gone, or the file unreadable.
+fn proc_error(pid: i32, path: &Path, source: io::Error) -> AttestError {
+    match source.kind() {
         io::ErrorKind::NotFound => AttestError::ProcessChanged {
             pid,
             reason: "process exited",
@@ -381,7 +422,7 @@ fn read_proc(pid: i32, path: &Path) -> Result<String, AttestError> {
             path: path.to_path_buf(),
             source,
         },
-    })
+    }
 }
 
 fn start_time(pid: i32, dir: &Path) -> Result<u64, AttestError> {

@@ -65,6 +65,12 @@ pub struct RawConfig {
     /// How long an agent without an identity keeps trying to attest with its join token
     /// before it exits non-zero, for its service manager to restart it (default 5m).
     pub attest_timeout: Option<String>,
+    /// Workload API connections at once (default 8192).
+    pub max_connections: Option<usize>,
+    /// Workload API connections at once per peer uid (default 1024).
+    pub max_connections_per_uid: Option<usize>,
+    /// How long a new Workload API connection may take to send its first request (default 5s).
+    pub first_request_timeout: Option<String>,
 }
 
 /// The validated configuration.
@@ -92,6 +98,8 @@ pub struct Config {
     pub max_backoff: Duration,
     /// How long to keep trying the first attestation.
     pub attest_timeout: Duration,
+    /// Workload API connection limits.
+    pub api_limits: meshid_api::uds::Limits,
 }
 
 /// Default Workload API socket path.
@@ -174,7 +182,30 @@ impl TryFrom<RawConfig> for Config {
             Some(v) => humantime::parse_duration(v)
                 .map_err(|e| invalid("attest_timeout", format!("{v:?}: {e}")))?,
         };
+        let defaults = meshid_api::uds::Limits::default();
+        let count = |key: &'static str, v: Option<usize>, default: usize| match v {
+            Some(0) => Err(invalid(key, "must be at least 1")),
+            Some(v) => Ok(v),
+            None => Ok(default),
+        };
+        let api_limits = meshid_api::uds::Limits {
+            connections: count("max_connections", raw.max_connections, defaults.connections)?,
+            connections_per_uid: count(
+                "max_connections_per_uid",
+                raw.max_connections_per_uid,
+                defaults.connections_per_uid,
+            )?,
+            first_request_timeout: match raw.first_request_timeout.as_deref() {
+                None => defaults.first_request_timeout,
+                Some(v) => match humantime::parse_duration(v) {
+                    Ok(d) if !d.is_zero() => d,
+                    Ok(_) => return Err(invalid("first_request_timeout", "must be more than 0s")),
+                    Err(e) => return Err(invalid("first_request_timeout", format!("{v:?}: {e}"))),
+                },
+            },
+        };
         Ok(Config {
+            api_limits,
             attest_timeout,
             trust_domain,
             server_addresses,
@@ -227,6 +258,19 @@ mod tests {
             (MIN.replace("127.0.0.1:8443", "nohost"), "server_address"),
             (format!("{MIN}rotation_fraction = 1.5"), "rotation_fraction"),
             (format!("{MIN}log_format = \"xml\""), "log_format"),
+            (format!("{MIN}max_connections = 0"), "max_connections"),
+            (
+                format!("{MIN}max_connections_per_uid = 0"),
+                "max_connections_per_uid",
+            ),
+            (
+                format!("{MIN}first_request_timeout = \"0s\""),
+                "first_request_timeout",
+            ),
+            (
+                format!("{MIN}first_request_timeout = \"soon\""),
+                "first_request_timeout",
+            ),
         ] {
             let err = parse(&text).unwrap_err().to_string();
             assert!(err.contains(key), "{text:?}: {err}");
@@ -235,6 +279,18 @@ mod tests {
 
     #[test]
     fn example_config_in_deploy_parses() {
-        parse(include_str!("../../deploy/agent.toml")).unwrap();
+        let c = parse(include_str!("../../deploy/agent.toml")).unwrap();
+        let defaults = meshid_api::uds::Limits::default();
+        assert_eq!(c.api_limits.connections, defaults.connections);
+        assert_eq!(
+            c.api_limits.connections_per_uid,
+            defaults.connections_per_uid
+        );
+        assert_eq!(
+            c.api_limits.first_request_timeout,
+            defaults.first_request_timeout
+        );
+        let c = parse(&format!("{MIN}max_connections_per_uid = 64\n")).unwrap();
+        assert_eq!(c.api_limits.connections_per_uid, 64);
     }
 }

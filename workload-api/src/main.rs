@@ -227,6 +227,7 @@ async fn serve(config: Config, join_token: Option<String>) -> anyhow::Result<()>
         manager,
         snapshots,
         socket,
+        config.api_limits.clone(),
         ops,
         meshid_api::server::shutdown_signal(),
     )

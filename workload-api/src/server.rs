@@ -266,6 +266,7 @@ pub async fn run(
     manager: Manager,
     snapshots: watch::Receiver<Arc<Snapshot>>,
     socket: UnixListener,
+    api_limits: meshid_api::uds::Limits,
     ops: TcpListener,
     shutdown: impl Future<Output = ()>,
 ) -> anyhow::Result<()> {
@@ -279,7 +280,8 @@ pub async fn run(
         Arc::new(crate::attest::Attestor::new()),
         minter,
     )
-    .with_metrics(Arc::clone(&metrics) as Arc<dyn WorkloadApiMetrics>);
+    .with_metrics(Arc::clone(&metrics) as Arc<dyn WorkloadApiMetrics>)
+    .with_limits(api_limits);
     let mut api_stop = stop_rx.clone();
     let api_task = tokio::spawn(api.serve(socket, async move {
         let _ = api_stop.changed().await;

@@ -48,7 +48,6 @@ use meshid_api::workload::{
 use spiffe::{JwtBundle, JwtBundleSet, JwtSvid, SpiffeId, TrustDomain};
 use tokio::net::UnixListener;
 use tokio::sync::watch;
-use tonic::transport::server::UdsConnectInfo;
 use tonic::{Request, Response, Status};
 use zeroize::Zeroizing;
 
@@ -240,6 +239,7 @@ pub struct WorkloadApi {
     stop: Option<watch::Receiver<bool>>,
     jwt_cache: JwtCache,
     mint_limiter: RateLimiter<u32>,
+    limits: meshid_api::uds::Limits,
 }
 
 impl std::fmt::Debug for WorkloadApi {
@@ -267,7 +267,15 @@ impl WorkloadApi {
             stop: None,
             jwt_cache: JwtCache::default(),
             mint_limiter: RateLimiter::new(JWT_MINTS_PER_SECOND, JWT_MINT_BURST),
+            limits: meshid_api::uds::Limits::default(),
         }
+    }
+
+    /// Admits connections under `limits` (caps in all and per uid, first-request deadline).
+    #[must_use]
+    pub fn with_limits(mut self, limits: meshid_api::uds::Limits) -> Self {
+        self.limits = limits;
+        self
     }
 
     /// Reports calls and stream updates to `metrics`.
@@ -304,7 +312,8 @@ impl WorkloadApi {
     ) -> Result<(), ServeError> {
         let (stop_tx, stop_rx) = watch::channel(false);
         self.stop = Some(stop_rx);
-        let incoming = meshid_api::uds::incoming(listener);
+        let admission = meshid_api::uds::Admission::new(self.limits.clone());
+        let incoming = meshid_api::uds::incoming_with(listener, admission);
         tonic::transport::Server::builder()
             .add_service(self.into_server())
             .serve_with_incoming_shutdown(incoming, async move {
@@ -336,10 +345,9 @@ impl WorkloadApi {
     /// The gate of every call: header, peer credentials, attestation.
     async fn caller<T>(&self, rpc: Rpc, request: &Request<T>) -> Result<Caller, ServiceError> {
         check_header(request)?;
-        let cred = request
-            .extensions()
-            .get::<UdsConnectInfo>()
-            .and_then(|info| info.peer_cred);
+        let peer = request.extensions().get::<meshid_api::uds::UdsPeer>();
+        let cred = peer.and_then(|peer| peer.info.peer_cred);
+        let accepted = peer.and_then(|peer| peer.process);
         let Some((cred, pid)) = cred.and_then(|c| c.pid().map(|pid| (c, pid))) else {
             tracing::warn!(
                 rpc = rpc.name(),
@@ -348,7 +356,11 @@ impl WorkloadApi {
             return Err(ServiceError::NoPeerCredentials);
         };
         let (uid, gid) = (cred.uid(), cred.gid());
-        match self.attestor.attest(pid, uid, gid).await {
+        match self
+            .attestor
+            .attest_connected(pid, uid, gid, accepted)
+            .await
+        {
             Ok(selectors) => {
                 tracing::debug!(rpc = rpc.name(), pid, uid, ?selectors, "workload attested");
                 Ok(Caller {

@@ -22,7 +22,11 @@
 //! and stay there, and a header block that arrives in one frame (as gRPC clients send them) is
 //! walked where it lies. Only a block that must be rewritten, or that is split across reads or
 //! CONTINUATION frames, is copied. Responses are written straight through. The peer
-//! credentials (`SO_PEERCRED`) stay available to the service as tonic's `UdsConnectInfo`.
+//! credentials (`SO_PEERCRED`) stay available to the service as tonic's `UdsConnectInfo`,
+//! inside [`UdsPeer`] with the process as it was at accept time.
+//!
+//! Connections are admitted under [`admission::Limits`] (caps in all and per uid, a deadline
+//! for the first request, back-off when accept fails): see [`admission`].
 
 use std::borrow::Cow;
 use std::io;
@@ -34,7 +38,10 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{UnixListener, UnixStream};
 use tonic::transport::server::{Connected, UdsConnectInfo};
 
+pub mod admission;
 mod hpack;
+
+pub use admission::{incoming_with, AcceptedProcess, Admission, Limits};
 
 /// The HTTP/2 client connection preface (RFC 9113 3.4).
 const PREFACE: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
@@ -58,14 +65,18 @@ const FLAG_PRIORITY: u8 = 0x20;
 
 /// The accepted connections of `listener`, each a [`UdsConnection`], for
 /// `tonic::transport::Server::serve_with_incoming*`.
+/// Admitted under the default [`Limits`]; see [`incoming_with`].
 pub fn incoming(listener: UnixListener) -> impl Stream<Item = io::Result<UdsConnection>> {
-    futures::stream::unfold(listener, |listener| async move {
-        let accepted = listener
-            .accept()
-            .await
-            .map(|(stream, _)| UdsConnection::new(stream));
-        Some((accepted, listener))
-    })
+    incoming_with(listener, Admission::new(Limits::default()))
+}
+
+/// What a service learns of a connection's peer.
+#[derive(Clone, Debug)]
+pub struct UdsPeer {
+    /// Its address and credentials (`SO_PEERCRED`).
+    pub info: UdsConnectInfo,
+    /// The process behind it when the connection was accepted, if it could be read.
+    pub process: Option<AcceptedProcess>,
 }
 
 /// An accepted Unix-socket connection whose HTTP/2 `:authority` values are made acceptable to
@@ -74,23 +85,70 @@ pub fn incoming(listener: UnixListener) -> impl Stream<Item = io::Result<UdsConn
 pub struct UdsConnection {
     stream: UnixStream,
     reader: Reader,
+    /// Its place under the connection caps, if admitted.
+    slot: Option<admission::Slot>,
+    /// Until the first request arrives: when the connection is closed without one.
+    first_request: Option<Pin<Box<tokio::time::Sleep>>>,
+    process: Option<AcceptedProcess>,
 }
 
 impl UdsConnection {
-    /// Wraps an accepted stream.
+    /// Wraps an accepted stream, with no limits.
     pub fn new(stream: UnixStream) -> Self {
         Self {
             stream,
             reader: Reader::default(),
+            slot: None,
+            first_request: None,
+            process: None,
         }
+    }
+
+    fn admitted(
+        stream: UnixStream,
+        slot: admission::Slot,
+        process: Option<AcceptedProcess>,
+    ) -> Self {
+        let timeout = slot.admission().limits().first_request_timeout;
+        Self {
+            stream,
+            reader: Reader::default(),
+            slot: Some(slot),
+            first_request: Some(Box::pin(tokio::time::sleep(timeout))),
+            process,
+        }
+    }
+
+    /// Ends the connection once its first-request deadline passed without a request.
+    fn idle_expired(&mut self, cx: &mut Context<'_>) -> Option<io::Error> {
+        let sleep = self.first_request.as_mut()?;
+        if self.reader.saw_request() {
+            self.first_request = None;
+            return None;
+        }
+        if std::future::Future::poll(sleep.as_mut(), cx).is_pending() {
+            return None;
+        }
+        self.first_request = None;
+        if let Some(slot) = &self.slot {
+            slot.admission().count_idle_close();
+        }
+        tracing::debug!("Unix socket connection sent no request in time; closed");
+        Some(io::Error::new(
+            io::ErrorKind::TimedOut,
+            "no request within the first-request deadline",
+        ))
     }
 }
 
 impl Connected for UdsConnection {
-    type ConnectInfo = UdsConnectInfo;
+    type ConnectInfo = UdsPeer;
 
     fn connect_info(&self) -> Self::ConnectInfo {
-        self.stream.connect_info()
+        UdsPeer {
+            info: self.stream.connect_info(),
+            process: self.process,
+        }
     }
 }
 
@@ -104,6 +162,9 @@ impl AsyncRead for UdsConnection {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         let this = self.get_mut();
+        if let Some(e) = this.idle_expired(cx) {
+            return Poll::Ready(Err(e));
+        }
         loop {
             if buf.remaining() == 0 || this.reader.drain_into(buf) || this.reader.eof {
                 return Poll::Ready(Ok(()));
@@ -188,6 +249,8 @@ pub struct Reader {
     walker: hpack::Walker,
     eof: bool,
     rewritten: u64,
+    /// Complete header blocks seen (requests, and trailers).
+    blocks: u64,
 }
 
 impl Default for Reader {
@@ -205,6 +268,7 @@ impl Default for Reader {
             walker: hpack::Walker::default(),
             eof: false,
             rewritten: 0,
+            blocks: 0,
         }
     }
 }
@@ -433,8 +497,15 @@ impl Reader {
         }
     }
 
+    /// Whether a request has arrived: a complete header block, or bytes this layer does not
+    /// follow (h2 judges them).
+    pub fn saw_request(&self) -> bool {
+        self.blocks > 0 || self.mode == Mode::Raw
+    }
+
     /// Walks the complete header block in `frames` (its HEADERS and CONTINUATION frames).
     fn walk(&mut self, frames: &[u8]) -> Walked {
+        self.blocks += 1;
         let Some(parts) = BlockParts::of(frames) else {
             return Walked::GiveUp;
         };

@@ -347,8 +347,8 @@ mod service {
         ) -> Result<Response<Self::FetchJWTBundlesStream>, Status> {
             let peer = request
                 .extensions()
-                .get::<tonic::transport::server::UdsConnectInfo>()
-                .and_then(|i| i.peer_cred)
+                .get::<crate::uds::UdsPeer>()
+                .and_then(|p| p.info.peer_cred)
                 .map(|c| c.uid());
             Err(Status::permission_denied(format!(
                 "uid={}",
@@ -599,4 +599,43 @@ async fn malformed_requests_are_refused_exactly_as_without_the_layer() {
     let _ = (stop.send(()), plain_stop.send(()));
     task.await.unwrap();
     plain_task.await.unwrap();
+}
+
+#[tokio::test]
+async fn a_connection_without_a_request_is_closed_and_one_with_a_request_is_not() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("api.sock");
+    let listener = UnixListener::bind(&socket).unwrap();
+    let admission = crate::uds::Admission::new(crate::uds::Limits {
+        first_request_timeout: std::time::Duration::from_millis(300),
+        ..crate::uds::Limits::default()
+    });
+    let server = tonic::transport::Server::builder().add_service(
+        crate::workload::spiffe_workload_api_server::SpiffeWorkloadApiServer::new(service::Echo),
+    );
+    let a = admission.clone();
+    let task = tokio::spawn(async move {
+        let _ = server
+            .serve_with_incoming(crate::uds::incoming_with(listener, a))
+            .await;
+    });
+    let timeout = std::time::Duration::from_secs(3);
+    // Silent, and with the preface only: closed after the deadline.
+    for first in [&b""[..], PREFACE] {
+        let mut s = tokio::net::UnixStream::connect(&socket).await.unwrap();
+        s.write_all(first).await.unwrap();
+        let started = std::time::Instant::now();
+        let mut rest = Vec::new();
+        tokio::time::timeout(timeout, s.read_to_end(&mut rest))
+            .await
+            .expect("closed")
+            .ok();
+        assert!(started.elapsed() >= std::time::Duration::from_millis(250));
+    }
+    assert_eq!(admission.closed_idle(), 2);
+    // A request in time: the connection stays past the deadline.
+    let headers = exchange(&socket, &request(ECHO, Some(b"localhost"))).await;
+    assert!(headers.is_ok(), "{headers:?}");
+    task.abort();
 }
