@@ -93,6 +93,8 @@ pub struct RawConfig {
     /// Node API connection limits.
     #[serde(default)]
     pub node_limits: RawNodeLimits,
+    /// How long an agent's superseded SVID is still honoured after a renewal (default 2m).
+    pub agent_svid_overlap: Option<String>,
 }
 
 /// `[node_limits]` as written.
@@ -249,6 +251,8 @@ pub struct Config {
     pub join_token_ttl: Duration,
     /// The node API's connection limits.
     pub node_limits: crate::node::admission::Limits,
+    /// How long an agent's superseded SVID is still honoured after a renewal.
+    pub agent_svid_overlap: Duration,
 }
 
 fn duration(
@@ -464,7 +468,13 @@ impl TryFrom<RawConfig> for Config {
             )?,
             ..defaults
         };
+        let agent_svid_overlap = duration(
+            "agent_svid_overlap",
+            raw.agent_svid_overlap.as_deref(),
+            crate::service::AGENT_SVID_OVERLAP,
+        )?;
         Ok(Config {
+            agent_svid_overlap,
             node_limits,
             trust_domain,
             data_dir,

@@ -53,6 +53,8 @@ pub struct Metrics {
     pub node_denied: Counter,
     /// Node API connections refused, shed or closed by the connection limits, by reason.
     pub node_connections_limited: Family<ReasonLabels, Counter>,
+    /// Node API calls with a superseded agent SVID (refused: a compromise signal).
+    pub node_superseded_svids: Counter,
     /// Node API connections open (TLS established).
     pub node_connections: Gauge,
     /// Node API TLS handshakes in progress.
@@ -127,6 +129,12 @@ impl Metrics {
             "Node API connections refused, shed or closed by the connection limits, by reason",
             node_connections_limited.clone(),
         );
+        let node_superseded_svids = Counter::default();
+        registry.register(
+            "node_superseded_agent_svids",
+            "Node API calls with an agent SVID superseded by a renewal (refused; its key may be stolen)",
+            node_superseded_svids.clone(),
+        );
         let node_connections = Gauge::default();
         registry.register(
             "node_connections",
@@ -150,6 +158,7 @@ impl Metrics {
             node_handshake_failures,
             node_denied,
             node_connections_limited,
+            node_superseded_svids,
             node_connections,
             node_handshakes_pending,
         }

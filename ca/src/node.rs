@@ -393,6 +393,8 @@ struct Caller {
     text: String,
     /// notAfter of the certificate the connection was made with.
     not_after: i64,
+    /// Its serial, lowercase hex.
+    serial: String,
 }
 
 /// The node API over a [`Ca`].
@@ -455,8 +457,13 @@ impl NodeService {
                 format!("{text} is not an agent identity (spiffe://{td}{AGENT_PATH_PREFIX}...)"),
             ));
         }
-        let not_after = x509_parser::parse_x509_certificate(leaf)
-            .map(|(_, c)| c.validity().not_after.timestamp())
+        let (not_after, serial) = x509_parser::parse_x509_certificate(leaf)
+            .map(|(_, c)| {
+                (
+                    c.validity().not_after.timestamp(),
+                    hex::encode(c.tbs_certificate.raw_serial()),
+                )
+            })
             .map_err(|e| self.deny(rpc, &text, format!("client certificate: {e}")))?;
         if not_after <= crate::unix_now() {
             return Err(self.deny(
@@ -467,11 +474,12 @@ impl NodeService {
                 ),
             ));
         }
-        match self.ca.check_agent(&text).await {
+        match self.ca.check_agent_svid(&text, &serial).await {
             Ok(_) => Ok(Caller {
                 id,
                 text,
                 not_after,
+                serial,
             }),
             Err(e @ ServiceError::AgentDenied { .. }) => Err(self.deny(rpc, &text, e.to_string())),
             Err(e) => Err(e.into()),
@@ -526,7 +534,7 @@ impl NodeService {
     ) {
         let mut stop = self.stop.clone();
         let left = u64::try_from(caller.not_after - crate::unix_now()).unwrap_or(0);
-        let expiry = tokio::time::Instant::now() + Duration::from_secs(left);
+        let mut expiry = tokio::time::Instant::now() + Duration::from_secs(left);
         loop {
             let first = tokio::select! {
                 _ = tx.closed() => return,
@@ -549,7 +557,13 @@ impl NodeService {
             while let Some(ev) = next.take() {
                 match ev {
                     Ok(ev) => {
-                        if pending.apply(ev, &caller.id) == Applied::AgentRemoved {
+                        let applied = pending.apply(ev, &caller);
+                        if applied == Applied::Superseded {
+                            // Its SVID was renewed: this stream ends after the overlap.
+                            expiry = expiry
+                                .min(tokio::time::Instant::now() + self.ca.agent_svid_overlap);
+                        }
+                        if applied == Applied::AgentRemoved {
                             tracing::info!(caller = %caller.text, "agent evicted or banned; ending its sync stream");
                             let status = Status::permission_denied(format!(
                                 "agent {} was evicted or banned",
@@ -615,10 +629,13 @@ struct Pending {
 enum Applied {
     Merged,
     AgentRemoved,
+    /// The agent renewed: the SVID of this stream is superseded.
+    Superseded,
 }
 
 impl Pending {
-    fn apply(&mut self, event: CaEvent, agent: &SpiffeId) -> Applied {
+    fn apply(&mut self, event: CaEvent, caller: &Caller) -> Applied {
+        let agent = &caller.id;
         match event {
             CaEvent::EntryUpserted { entry, old_parent } => {
                 let id = entry.id.to_string();
@@ -641,6 +658,11 @@ impl Pending {
             CaEvent::AgentRemoved { spiffe_id } => {
                 if spiffe_id == agent.to_string() {
                     return Applied::AgentRemoved;
+                }
+            }
+            CaEvent::AgentRenewed { spiffe_id, serial } => {
+                if spiffe_id == caller.text && serial != caller.serial {
+                    return Applied::Superseded;
                 }
             }
         }

@@ -330,10 +330,12 @@ pub async fn build(config: &crate::config::Config) -> anyhow::Result<Ca> {
     )
     .await
     .context("cannot load or create the CA keys")?;
-    Ok(Ca::new(
+    let mut ca = Ca::new(
         Arc::new(authority),
         store,
         Arc::new(crate::metrics::Metrics::new()),
         config.join_token_ttl,
-    ))
+    );
+    ca.agent_svid_overlap = config.agent_svid_overlap;
+    Ok(ca)
 }

@@ -98,6 +98,12 @@ fn invalid(field: &'static str, reason: impl Into<String>) -> ServiceError {
 const NOT_ATTESTED: &str =
     "is not attested (evicted, or never attested): attest again with a new join token";
 const BANNED: &str = "is banned";
+const SUPERSEDED: &str = "presented a superseded SVID: only the agent's current SVID is honoured \
+     (a superseded one used after its successor means the old key may be stolen; audited)";
+
+/// How long an agent's superseded SVID is still honoured after a renewal by default (calls in
+/// flight on the old connection finish; the agent reconnects with the new one at once).
+pub const AGENT_SVID_OVERLAP: Duration = Duration::from_secs(120);
 
 /// How many [`CaEvent`]s a slow subscriber may fall behind before it is told it lagged (and
 /// resynchronizes from the store).
@@ -129,6 +135,13 @@ pub enum CaEvent {
         /// The agent's SPIFFE ID.
         spiffe_id: String,
     },
+    /// An agent renewed its SVID: streams opened with another one end after the overlap.
+    AgentRenewed {
+        /// The agent's SPIFFE ID.
+        spiffe_id: String,
+        /// The serial of its new SVID.
+        serial: String,
+    },
 }
 
 /// Serializes what must not interleave within one CA server.
@@ -138,6 +151,8 @@ struct Locks {
     entries: Mutex<()>,
     /// Read-check-write of agent records, so a renewal cannot undo an eviction or a ban.
     agents: Mutex<()>,
+    /// Superseded agent SVIDs already audited as used (agent, serial): audited once each.
+    superseded_seen: std::sync::Mutex<std::collections::HashSet<(String, String)>>,
 }
 
 /// The CA: authority, datastore, metrics and defaults, shared by every API.
@@ -151,6 +166,8 @@ pub struct Ca {
     pub metrics: Arc<Metrics>,
     /// Default join token lifetime.
     pub join_token_ttl: Duration,
+    /// How long an agent's superseded SVID is still honoured after a renewal.
+    pub agent_svid_overlap: Duration,
     /// Committed changes, for the node API's sync streams. Subscribe before reading the state
     /// the events apply to. Changes made by another CA server of the trust domain are not seen
     /// here.
@@ -184,6 +201,7 @@ impl Ca {
             store,
             metrics,
             join_token_ttl,
+            agent_svid_overlap: AGENT_SVID_OVERLAP,
             events: broadcast::channel(EVENT_CAPACITY).0,
             locks: Arc::default(),
         }
@@ -589,6 +607,8 @@ impl Ca {
             expires_at: svid.not_after,
             created_at: crate::unix_now(),
             banned: false,
+            previous_serial: String::new(),
+            previous_until: 0,
         };
         let event = AuditEvent::new(
             "agent.attested",
@@ -640,7 +660,13 @@ impl Ca {
         // since the check above, and the renewal must not undo that.
         let record = match self
             .store
-            .renew_agent(&id_text, &svid.serial, svid.not_after, &event)
+            .renew_agent(
+                &id_text,
+                &svid.serial,
+                svid.not_after,
+                crate::unix_now() + i64::try_from(self.agent_svid_overlap.as_secs()).unwrap_or(0),
+                &event,
+            )
             .await
         {
             Ok(r) => r,
@@ -652,6 +678,10 @@ impl Ca {
             }
             Err(e) => return Err(e.into()),
         };
+        self.publish(CaEvent::AgentRenewed {
+            spiffe_id: id_text.clone(),
+            serial: svid.serial.clone(),
+        });
         tracing::info!(spiffe_id = %id_text, serial = %svid.serial, not_after = svid.not_after, "agent renewed");
         Ok((record, svid))
     }
@@ -669,6 +699,56 @@ impl Ca {
             }),
             Some(r) => Ok(r),
         }
+    }
+
+    /// [`Self::check_agent`] for a caller presenting the SVID with `serial` (lowercase hex):
+    /// only the current SVID is honoured, and the one it replaced until the overlap ends. A
+    /// superseded SVID used after that is refused, counted, logged and audited (once per
+    /// serial): its key may have been stolen.
+    pub async fn check_agent_svid(
+        &self,
+        id: &str,
+        serial: &str,
+    ) -> Result<AgentRecord, ServiceError> {
+        let record = self.check_agent(id).await?;
+        if record.serial == serial
+            || (!record.previous_serial.is_empty()
+                && record.previous_serial == serial
+                && crate::unix_now() < record.previous_until)
+        {
+            return Ok(record);
+        }
+        self.metrics.node_superseded_svids.inc();
+        tracing::warn!(
+            agent = %id,
+            serial,
+            current = %record.serial,
+            "a superseded agent SVID was used after its successor: refused (its key may be stolen)"
+        );
+        let first = self
+            .locks
+            .superseded_seen
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .insert((id.to_owned(), serial.to_owned()));
+        if first {
+            let event = AuditEvent::new(
+                "agent.superseded_svid_used",
+                id,
+                serde_json::json!({
+                    "spiffe_id": id,
+                    "serial": serial,
+                    "current_serial": record.serial,
+                }),
+            );
+            if let Err(error) = self.store.append_audit(&event).await {
+                tracing::error!(agent = %id, %error, "cannot audit a superseded agent SVID");
+            }
+        }
+        Err(ServiceError::AgentDenied {
+            id: id.to_owned(),
+            reason: SUPERSEDED,
+        })
     }
 
     /// Evicts an agent: deletes its record, so its SVID is no longer honoured and its open

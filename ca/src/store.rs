@@ -94,6 +94,10 @@ pub struct AgentRecord {
     pub created_at: i64,
     /// Banned agents may not re-attest.
     pub banned: bool,
+    /// Serial of the agent SVID the current one replaced, hex (empty when none).
+    pub previous_serial: String,
+    /// Until when (unix seconds) `previous_serial` is still honoured.
+    pub previous_until: i64,
 }
 
 /// What a CA key is for.
@@ -198,13 +202,15 @@ pub trait Datastore: Send + Sync + 'static {
     async fn upsert_agent(&self, agent: &AgentRecord, audit: &AuditEvent)
         -> Result<(), StoreError>;
     /// Records a renewed agent SVID, only if the agent exists and is not banned; atomic, so a
-    /// renewal racing an eviction or a ban (on any CA server) can never undo it. `NotFound`
-    /// when the agent is gone or banned.
+    /// renewal racing an eviction or a ban (on any CA server) can never undo it. The serial it
+    /// replaces becomes `previous_serial`, honoured until `previous_until`. `NotFound` when
+    /// the agent is gone or banned.
     async fn renew_agent(
         &self,
         spiffe_id: &str,
         serial: &str,
         expires_at: i64,
+        previous_until: i64,
         audit: &AuditEvent,
     ) -> Result<AgentRecord, StoreError>;
     /// Looks up an agent.

@@ -844,6 +844,8 @@ async fn banned_agent_is_refused_and_cannot_attest_again() {
                     expires_at: 0,
                     created_at: 0,
                     banned: true,
+                    previous_serial: String::new(),
+                    previous_until: 0,
                 },
                 &meshid_ca::audit::AuditEvent::new("agent.banned", "test", serde_json::json!({})),
             )

@@ -69,6 +69,7 @@ on_both_backends! {
     lifecycle::migrations_idempotent_on_reopen,
     lifecycle::concurrent_open_migrates_once,
     lifecycle::schema_too_new_is_refused,
+    lifecycle::a_version_1_database_migrates_its_agents,
 }
 
 #[tokio::test]

@@ -1089,3 +1089,174 @@ fn workload_api_connections_are_capped_and_accept_failures_back_off() {
         "not served after the flood"
     );
 }
+
+// =============================================================================================
+// Item 9: agent SVIDs bound to the agent record
+
+fn agent_csr() -> (Vec<u8>, rustls_pki_types::PrivateKeyDer<'static>) {
+    let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+    let csr = rcgen::CertificateParams::new(Vec::<String>::new())
+        .unwrap()
+        .serialize_request(&key)
+        .unwrap();
+    (
+        csr.der().to_vec(),
+        rustls_pki_types::PrivateKeyDer::Pkcs8(key.serialize_der().into()),
+    )
+}
+
+/// A node API client of the real CA, as an agent holding `svid` and `key`, or anonymous.
+async fn node_client(
+    ca: &Ca,
+    identity: Option<(
+        &meshid_api::node::AgentSvid,
+        &rustls_pki_types::PrivateKeyDer<'static>,
+    )>,
+) -> meshid_api::node::node_client::NodeClient<Channel> {
+    use rustls_pki_types::pem::PemObject;
+    let pem = ca.ok(&["bundle", "show"]);
+    let roots: Vec<rustls_pki_types::CertificateDer<'static>> =
+        rustls_pki_types::CertificateDer::pem_slice_iter(pem.as_bytes())
+            .map(Result::unwrap)
+            .collect();
+    let identity = identity.map(|(svid, key)| {
+        (
+            svid.chain.iter().map(|c| c.clone().into()).collect(),
+            key.clone_key(),
+        )
+    });
+    let config = meshid_api::tls::client_config(
+        roots,
+        meshid_api::tls::ExpectedId::Exact("spiffe://example.org/meshid/server".into()),
+        identity,
+    )
+    .unwrap();
+    let channel = meshid_api::tls::connect(&ca.node_address, std::sync::Arc::new(config))
+        .await
+        .unwrap();
+    meshid_api::node::node_client::NodeClient::new(channel)
+}
+
+/// Item 9: after a legitimate renewal, the superseded (possibly stolen) agent SVID still
+/// passed Sync, BatchSignX509 and RenewAgent, and could be renewed forever alongside the real
+/// agent. Now only the current SVID is honoured (the superseded one for a short overlap, 1 s
+/// here), a superseded one used later is refused, counted, logged and audited, and streams
+/// opened with it end.
+#[test]
+fn a_superseded_agent_svid_is_refused_after_its_successor() {
+    use meshid_api::node;
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("ca.toml");
+    std::fs::write(&config, "agent_svid_overlap = \"1s\"\n").unwrap();
+    let ca = Ca::start(dir.path(), &["--config", config.to_str().unwrap()]);
+    let (token, agent_id) = ca.join_token();
+    ca.entry_for_this_uid("w", "spiffe://example.org/w", &agent_id, &[]);
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let (csr, old_key) = agent_csr();
+        let old = node_client(&ca, None)
+            .await
+            .attest_join_token(node::AttestJoinTokenRequest { token, csr })
+            .await
+            .unwrap()
+            .into_inner();
+        // The stolen copy: the old SVID and key, with a sync stream open.
+        let mut thief = node_client(&ca, Some((&old, &old_key))).await;
+        let mut stream = thief.sync(node::SyncRequest {}).await.unwrap().into_inner();
+        assert!(stream.message().await.unwrap().unwrap().full);
+
+        // The real agent renews.
+        let (csr, new_key) = agent_csr();
+        let mut real = node_client(&ca, Some((&old, &old_key))).await;
+        let new = real
+            .renew_agent(node::RenewAgentRequest { csr })
+            .await
+            .unwrap()
+            .into_inner();
+        let mut real = node_client(&ca, Some((&new, &new_key))).await;
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+
+        // The thief's stream ended after the overlap, and every call with the old SVID is
+        // refused, on the open connection and on a new one.
+        let ended = tokio::time::timeout(Duration::from_secs(5), async {
+            loop {
+                match stream.message().await {
+                    Ok(Some(_)) => continue,
+                    other => return other,
+                }
+            }
+        })
+        .await
+        .expect("the stream of the superseded SVID did not end");
+        assert!(ended.is_err() || ended.unwrap().is_none());
+        let mut fresh = node_client(&ca, Some((&old, &old_key))).await;
+        for client in [&mut thief, &mut fresh] {
+            let refused = |s: tonic::Status| {
+                assert_eq!(s.code(), tonic::Code::PermissionDenied, "{s:?}");
+                assert!(s.message().contains("superseded"), "{s:?}");
+            };
+            refused(client.sync(node::SyncRequest {}).await.unwrap_err());
+            refused(
+                client
+                    .batch_sign_x509(node::BatchSignX509Request {
+                        requests: vec![node::SignRequest {
+                            entry_id: "w".into(),
+                            csr: agent_csr().0,
+                        }],
+                    })
+                    .await
+                    .unwrap_err(),
+            );
+            refused(
+                client
+                    .renew_agent(node::RenewAgentRequest { csr: agent_csr().0 })
+                    .await
+                    .unwrap_err(),
+            );
+        }
+        // The real agent is served.
+        let signed = real
+            .batch_sign_x509(node::BatchSignX509Request {
+                requests: vec![node::SignRequest {
+                    entry_id: "w".into(),
+                    csr: agent_csr().0,
+                }],
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(signed.results.len(), 1);
+        assert!(real.sync(node::SyncRequest {}).await.is_ok());
+    });
+    // Counted, logged, and audited once.
+    let metrics = meshid_tests::http_get(&ca.ops_address, "/metrics")
+        .unwrap()
+        .1;
+    let used: f64 = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("meshid_ca_node_superseded_agent_svids_total "))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0.0);
+    assert!(used >= 6.0, "{used}");
+    assert!(ca
+        .proc
+        .log_text()
+        .contains("a superseded agent SVID was used after its successor"));
+    let audited = rt.block_on(async {
+        let url = format!("sqlite://{}", dir.path().join("ca/meshid-ca.db").display());
+        let store = meshid_ca::store::sql::SqlStore::open(&url).await.unwrap();
+        use meshid_ca::store::Datastore;
+        store.audit_records(0, 10_000).await.unwrap()
+    });
+    let kinds: Vec<&str> = audited
+        .iter()
+        .filter(|r| r.kind == "agent.superseded_svid_used")
+        .map(|r| r.actor.as_str())
+        .collect();
+    assert_eq!(kinds, [agent_id.as_str()]);
+    rt.shutdown_timeout(Duration::from_secs(2));
+}

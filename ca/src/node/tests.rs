@@ -4,7 +4,7 @@ use std::sync::Arc;
 
 use spiffe::{SpiffeId, TrustDomain};
 
-use super::{Applied, Pending};
+use super::{Applied, Caller, Pending};
 use crate::entry::{EntrySpec, RegistrationEntry};
 use crate::service::CaEvent;
 
@@ -13,6 +13,16 @@ const B: &str = "spiffe://example.org/meshid/agent/join_token/b";
 
 fn id(s: &str) -> SpiffeId {
     SpiffeId::new(s).unwrap()
+}
+
+/// A stream of agent `s`, opened with the SVID of serial `aa`.
+fn caller(s: &str) -> Caller {
+    Caller {
+        id: id(s),
+        text: s.to_owned(),
+        not_after: i64::MAX,
+        serial: "aa".to_owned(),
+    }
 }
 
 fn entry(name: &str, parent: &str, revision: i64) -> Arc<RegistrationEntry> {
@@ -47,7 +57,7 @@ fn delete(name: &str, parent: &str) -> CaEvent {
 fn merge(events: Vec<CaEvent>) -> (Vec<(String, i64)>, Vec<String>, bool) {
     let mut p = Pending::default();
     for ev in events {
-        assert_eq!(p.apply(ev, &id(A)), Applied::Merged);
+        assert_eq!(p.apply(ev, &caller(A)), Applied::Merged);
     }
     (
         p.upserts
@@ -98,15 +108,23 @@ fn other_agents_changes_are_ignored() {
         (vec![], vec![], false)
     );
     let mut p = Pending::default();
-    assert_eq!(p.apply(CaEvent::BundleChanged, &id(A)), Applied::Merged);
+    assert_eq!(p.apply(CaEvent::BundleChanged, &caller(A)), Applied::Merged);
     assert!(p.bundle && !p.is_empty());
     assert_eq!(
         p.apply(
             CaEvent::AgentRemoved {
                 spiffe_id: A.into()
             },
-            &id(A)
+            &caller(A)
         ),
         Applied::AgentRemoved
     );
+    // A renewal supersedes the streams of the agent opened with another SVID only.
+    let renewed = |agent: &str, serial: &str| CaEvent::AgentRenewed {
+        spiffe_id: agent.into(),
+        serial: serial.into(),
+    };
+    assert_eq!(p.apply(renewed(A, "bb"), &caller(A)), Applied::Superseded);
+    assert_eq!(p.apply(renewed(A, "aa"), &caller(A)), Applied::Merged);
+    assert_eq!(p.apply(renewed(B, "bb"), &caller(A)), Applied::Merged);
 }

@@ -33,7 +33,7 @@ use crate::config::redact_url;
 use crate::entry::{EntryId, EntrySpec, RegistrationEntry};
 
 /// The newest schema version this binary knows (the last entry of the migration list).
-pub const SCHEMA_VERSION: i64 = 1;
+pub const SCHEMA_VERSION: i64 = 2;
 
 /// The file [`SqlStore::open_sqlite_in`] uses inside the data directory.
 pub const SQLITE_FILE_NAME: &str = "meshid-ca.db";
@@ -59,9 +59,10 @@ struct Migration {
 }
 
 /// Ordered by version; append only. Never edit a migration that has shipped.
-const MIGRATIONS: &[Migration] = &[Migration {
-    version: 1,
-    sqlite: r#"
+const MIGRATIONS: &[Migration] = &[
+    Migration {
+        version: 1,
+        sqlite: r#"
 CREATE TABLE registration_entries (
     id TEXT NOT NULL PRIMARY KEY,
     spiffe_id TEXT NOT NULL,
@@ -125,7 +126,7 @@ CREATE TABLE audit_head (
     hash BLOB NOT NULL
 );
 "#,
-    postgres: r#"
+        postgres: r#"
 CREATE TABLE registration_entries (
     id TEXT COLLATE "C" NOT NULL PRIMARY KEY,
     spiffe_id TEXT NOT NULL,
@@ -189,11 +190,26 @@ CREATE TABLE audit_head (
     hash BYTEA NOT NULL
 );
 "#,
-}];
+    },
+    // The superseded agent SVID, honoured until `previous_until` (unix seconds) so that calls in
+    // flight on the old connection finish; afterwards it is refused as a compromise signal.
+    Migration {
+        version: 2,
+        sqlite: r#"
+ALTER TABLE agents ADD COLUMN previous_serial TEXT NOT NULL DEFAULT '';
+ALTER TABLE agents ADD COLUMN previous_until INTEGER NOT NULL DEFAULT 0
+"#,
+        postgres: r#"
+ALTER TABLE agents ADD COLUMN previous_serial TEXT NOT NULL DEFAULT '';
+ALTER TABLE agents ADD COLUMN previous_until BIGINT NOT NULL DEFAULT 0
+"#,
+    },
+];
 
 const ENTRY_COLUMNS: &str = "id, spiffe_id, parent_id, selectors, x509_ttl, jwt_ttl, dns_names, \
      federates_with, admin, hint, created_at, updated_at, revision";
-const AGENT_COLUMNS: &str = "spiffe_id, attestation_type, serial, expires_at, created_at, banned";
+const AGENT_COLUMNS: &str = "spiffe_id, attestation_type, serial, expires_at, created_at, banned, \
+     previous_serial, previous_until";
 const TOKEN_COLUMNS: &str = "hash, id, created_at, expires_at, used_at";
 const CA_KEY_COLUMNS: &str =
     "id, kind, state, server_id, parent_id, public_der, not_before, not_after, created_at";
@@ -800,10 +816,11 @@ impl Datastore for SqlStore {
     ) -> Result<(), StoreError> {
         let mut w = self.begin_write().await?;
         sqlx::query(&format!(
-            "INSERT INTO agents ({AGENT_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6) \
+            "INSERT INTO agents ({AGENT_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8) \
              ON CONFLICT (spiffe_id) DO UPDATE SET attestation_type = excluded.attestation_type, \
              serial = excluded.serial, expires_at = excluded.expires_at, \
-             created_at = excluded.created_at, banned = excluded.banned"
+             created_at = excluded.created_at, banned = excluded.banned, \
+             previous_serial = excluded.previous_serial, previous_until = excluded.previous_until"
         ))
         .bind(agent.spiffe_id.as_str())
         .bind(agent.attestation_type.as_str())
@@ -811,6 +828,8 @@ impl Datastore for SqlStore {
         .bind(agent.expires_at)
         .bind(agent.created_at)
         .bind(i64::from(agent.banned))
+        .bind(agent.previous_serial.as_str())
+        .bind(agent.previous_until)
         .execute(&mut *w.tx)
         .await?;
         append_in_tx(&mut w.tx, audit).await?;
@@ -822,13 +841,15 @@ impl Datastore for SqlStore {
         spiffe_id: &str,
         serial: &str,
         expires_at: i64,
+        previous_until: i64,
         audit: &AuditEvent,
     ) -> Result<AgentRecord, StoreError> {
         let mut w = self.begin_write().await?;
         let row = sqlx::query(&format!(
-            "UPDATE agents SET serial = $1, expires_at = $2 \
-             WHERE spiffe_id = $3 AND banned = 0 RETURNING {AGENT_COLUMNS}"
+            "UPDATE agents SET previous_serial = serial, previous_until = $1, serial = $2, \
+             expires_at = $3 WHERE spiffe_id = $4 AND banned = 0 RETURNING {AGENT_COLUMNS}"
         ))
+        .bind(previous_until)
         .bind(serial)
         .bind(expires_at)
         .bind(spiffe_id)
@@ -1142,6 +1163,8 @@ fn decode_agent(row: &AnyRow) -> Result<AgentRecord, StoreError> {
         expires_at: row.try_get("expires_at")?,
         created_at: row.try_get("created_at")?,
         banned,
+        previous_serial: row.try_get("previous_serial")?,
+        previous_until: row.try_get("previous_until")?,
         spiffe_id,
     })
 }

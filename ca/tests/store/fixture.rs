@@ -180,6 +180,8 @@ pub fn agent(n: u32) -> AgentRecord {
         expires_at: NOW + 3600,
         created_at: NOW,
         banned: false,
+        previous_serial: String::new(),
+        previous_until: 0,
     }
 }
 

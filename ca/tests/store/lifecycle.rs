@@ -224,3 +224,35 @@ pub async fn sqlite_missing_directory_is_named() {
     let err = SqlStore::open_sqlite_in(&missing).await.unwrap_err();
     assert!(err.to_string().contains("no-such-dir"), "{err}");
 }
+
+pub async fn a_version_1_database_migrates_its_agents(backend: Backend) {
+    // A database as version 1 left it: agents without the superseded-serial columns.
+    let fx = fixture!(backend);
+    fx.raw(
+        "ALTER TABLE agents DROP COLUMN previous_serial; \
+         ALTER TABLE agents DROP COLUMN previous_until; \
+         DELETE FROM schema_migrations WHERE version = 2; \
+         INSERT INTO agents (spiffe_id, attestation_type, serial, expires_at, created_at, banned) \
+         VALUES ('spiffe://example.org/meshid/agent/join_token/old', 'join_token', 'abcd', 10, 1, 0)",
+    )
+    .await;
+    let store = SqlStore::open(&fx.url).await.unwrap();
+    assert_eq!(
+        fx.raw_i64("SELECT MAX(version) FROM schema_migrations")
+            .await,
+        SCHEMA_VERSION
+    );
+    let agent = store
+        .get_agent("spiffe://example.org/meshid/agent/join_token/old")
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        (
+            agent.serial.as_str(),
+            agent.previous_serial.as_str(),
+            agent.previous_until
+        ),
+        ("abcd", "", 0)
+    );
+}

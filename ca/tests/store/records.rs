@@ -176,12 +176,23 @@ pub async fn agent_renew_is_conditional(backend: Backend) {
         .await
         .unwrap();
     let renewed = s
-        .renew_agent(&agent(1).spiffe_id, "beef", NOW + 999, &ev("agent.renewed"))
+        .renew_agent(
+            &agent(1).spiffe_id,
+            "beef",
+            NOW + 999,
+            NOW + 120,
+            &ev("agent.renewed"),
+        )
         .await
         .unwrap();
     assert_eq!(
         (renewed.serial.as_str(), renewed.expires_at),
         ("beef", NOW + 999)
+    );
+    // The replaced serial is kept, honoured until the overlap ends.
+    assert_eq!(
+        (renewed.previous_serial.as_str(), renewed.previous_until),
+        (agent(1).serial.as_str(), NOW + 120)
     );
     assert_eq!(
         renewed.created_at,
@@ -203,6 +214,7 @@ pub async fn agent_renew_is_conditional(backend: Backend) {
             &agent(1).spiffe_id,
             "cafe",
             NOW + 9999,
+            NOW + 120,
             &ev("agent.renewed")
         )
         .await,
@@ -221,6 +233,7 @@ pub async fn agent_renew_is_conditional(backend: Backend) {
             &agent(1).spiffe_id,
             "cafe",
             NOW + 9999,
+            NOW + 120,
             &ev("agent.renewed")
         )
         .await,
