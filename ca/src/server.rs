@@ -102,8 +102,13 @@ async fn readyz(State(state): State<OpsState>) -> impl IntoResponse {
             "issuing intermediate expired\n".to_owned(),
         );
     }
-    match tokio::time::timeout(Duration::from_secs(2), state.ca.store.audit_head()).await {
-        Ok(Ok(_)) => (StatusCode::OK, "ready\n".to_owned()),
+    let store = &state.ca.store;
+    let check = async {
+        store.audit_head().await?;
+        store.probe_write().await
+    };
+    match tokio::time::timeout(Duration::from_secs(2), check).await {
+        Ok(Ok(())) => (StatusCode::OK, "ready\n".to_owned()),
         Ok(Err(e)) => (StatusCode::SERVICE_UNAVAILABLE, format!("datastore: {e}\n")),
         Err(_) => (
             StatusCode::SERVICE_UNAVAILABLE,

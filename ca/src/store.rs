@@ -39,6 +39,10 @@ pub enum StoreError {
         /// Newest version this binary knows.
         supported: i64,
     },
+    /// A recent write could not begin or commit (a full disk, a lost database), and none has
+    /// committed since.
+    #[error("datastore writes are failing: {0}")]
+    WriteFailing(String),
     /// A row could not be decoded into its type (a corrupted or hand-edited row).
     #[error("datastore row is corrupt: {0}")]
     Corrupt(String),
@@ -251,6 +255,10 @@ pub trait Datastore: Send + Sync + 'static {
     /// The stored head of the chain (last seq and its hash), kept separately from the records
     /// so that truncating the log is detected.
     async fn audit_head(&self) -> Result<Option<(i64, [u8; 32])>, StoreError>;
+    /// Whether a write can commit now: a write transaction that rewrites the audit head with
+    /// its own values (nothing changes, but the database must take and store the write).
+    /// Readiness uses it, so that a full disk or a lost database shows.
+    async fn probe_write(&self) -> Result<(), StoreError>;
 }
 
 impl std::fmt::Debug for dyn Datastore {

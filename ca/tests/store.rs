@@ -77,6 +77,11 @@ async fn unsupported_urls_are_refused() {
     lifecycle::unsupported_urls_are_refused().await
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_killed_connections_leave_no_broken_one_behind() {
+    fixture::bounded(lifecycle::killed_connections_leave_no_broken_one_behind()).await
+}
+
 #[tokio::test]
 async fn sqlite_files_are_private() {
     fixture::bounded(lifecycle::sqlite_files_are_private()).await

@@ -22,7 +22,7 @@ use spiffe::{SpiffeId, TrustDomain};
 use sqlx::any::{AnyConnectOptions, AnyPoolOptions, AnyRow};
 use sqlx::pool::PoolConnectionMetadata;
 use sqlx::sqlite::SqliteConnectOptions;
-use sqlx::{Any, AnyConnection, AnyPool, ConnectOptions, Executor, Row, Transaction};
+use sqlx::{Any, AnyConnection, AnyPool, ConnectOptions, Executor, Row};
 use tokio::sync::{Mutex, MutexGuard};
 
 use super::{
@@ -236,18 +236,99 @@ pub struct SqlStore {
     /// Serializes this process's write transactions on SQLite, so they queue here rather than
     /// spin on SQLite's busy handler. Unused on PostgreSQL (the advisory lock does the job).
     sqlite_writer: Mutex<()>,
+    /// The last write that could not begin or commit, while no write has committed since.
+    write_failure: std::sync::Mutex<Option<(std::time::Instant, String)>>,
 }
+
+/// How long a failed write keeps the store reported as failing (unless a write commits).
+const WRITE_FAILURE_MEMORY: std::time::Duration = std::time::Duration::from_secs(30);
 
 /// A write transaction, holding what serializes it until it commits or is dropped (rolled back).
 struct WriteTx<'a> {
-    tx: Transaction<'static, Any>,
+    tx: Tx,
     _guard: Option<MutexGuard<'a, ()>>,
+    /// Where the outcome of the commit is recorded (`None` for the readiness probe).
+    health: Option<&'a std::sync::Mutex<Option<(std::time::Instant, String)>>>,
 }
 
 impl WriteTx<'_> {
-    async fn commit(self) -> Result<(), StoreError> {
-        self.tx.commit().await?;
+    async fn commit(mut self) -> Result<(), StoreError> {
+        let result = self.tx.commit().await;
+        if let Some(health) = self.health {
+            note_write(health, result.as_ref().err());
+        }
+        result
+    }
+}
+
+/// Records the outcome of a write's begin or commit.
+fn note_write(
+    health: &std::sync::Mutex<Option<(std::time::Instant, String)>>,
+    error: Option<&StoreError>,
+) {
+    let mut h = health
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    match error {
+        None => *h = None,
+        Some(e) => {
+            tracing::error!(error = %e, "datastore write failed; readiness reports it");
+            *h = Some((std::time::Instant::now(), e.to_string()));
+        }
+    }
+}
+
+/// A pooled connection inside a transaction begun (`BEGIN`) and ended (`COMMIT`) here rather
+/// than by sqlx's `Transaction`, whose bookkeeping went wrong when a commit failed: after
+/// `SQLITE_FULL` the connection went back to the pool still counted as in a transaction, and
+/// every later write failed (`begin_with at non-zero transaction depth`) until a restart. Here
+/// a connection goes back to the pool only after a successful `COMMIT`; when the commit fails,
+/// or the transaction is dropped without one (an error path), the connection is closed
+/// instead, which rolls back whatever it held: the next write gets a fresh one.
+struct Tx {
+    conn: sqlx::pool::PoolConnection<Any>,
+    committed: bool,
+}
+
+impl Tx {
+    async fn begin(pool: &AnyPool, begin: &'static str) -> Result<Self, StoreError> {
+        let mut conn = pool.acquire().await?;
+        if let Err(e) = sqlx::query(begin).execute(&mut *conn).await {
+            conn.close_on_drop();
+            return Err(e.into());
+        }
+        Ok(Self {
+            conn,
+            committed: false,
+        })
+    }
+
+    async fn commit(&mut self) -> Result<(), StoreError> {
+        sqlx::query("COMMIT").execute(&mut *self.conn).await?;
+        self.committed = true;
         Ok(())
+    }
+}
+
+impl std::ops::Deref for Tx {
+    type Target = sqlx::AnyConnection;
+
+    fn deref(&self) -> &Self::Target {
+        &self.conn
+    }
+}
+
+impl std::ops::DerefMut for Tx {
+    fn deref_mut(&mut self) -> &mut Self::Target {
+        &mut self.conn
+    }
+}
+
+impl Drop for Tx {
+    fn drop(&mut self) {
+        if !self.committed {
+            self.conn.close_on_drop();
+        }
     }
 }
 
@@ -292,6 +373,7 @@ impl SqlStore {
             pool,
             dialect: Dialect::Sqlite,
             sqlite_writer: Mutex::new(()),
+            write_failure: std::sync::Mutex::new(None),
         };
         store.migrate().await?;
         // SQLite creates -wal and -shm with the database file's mode; make sure regardless.
@@ -314,6 +396,7 @@ impl SqlStore {
             pool,
             dialect: Dialect::Postgres,
             sqlite_writer: Mutex::new(()),
+            write_failure: std::sync::Mutex::new(None),
         };
         store.migrate().await?;
         Ok(store)
@@ -383,19 +466,28 @@ impl SqlStore {
         match self.dialect {
             Dialect::Sqlite => {
                 let guard = self.sqlite_writer.lock().await;
-                let tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
+                let tx = Tx::begin(&self.pool, "BEGIN IMMEDIATE")
+                    .await
+                    .inspect_err(|e| note_write(&self.write_failure, Some(e)))?;
                 Ok(WriteTx {
                     tx,
                     _guard: Some(guard),
+                    health: Some(&self.write_failure),
                 })
             }
             Dialect::Postgres => {
-                let mut tx = self.pool.begin().await?;
+                let mut tx = Tx::begin(&self.pool, "BEGIN")
+                    .await
+                    .inspect_err(|e| note_write(&self.write_failure, Some(e)))?;
                 sqlx::query("SELECT pg_advisory_xact_lock($1)")
                     .bind(AUDIT_LOCK)
                     .execute(&mut *tx)
                     .await?;
-                Ok(WriteTx { tx, _guard: None })
+                Ok(WriteTx {
+                    tx,
+                    _guard: None,
+                    health: Some(&self.write_failure),
+                })
             }
         }
     }
@@ -405,19 +497,23 @@ impl SqlStore {
         match self.dialect {
             Dialect::Sqlite => self.begin_write().await,
             Dialect::Postgres => {
-                let mut tx = self.pool.begin().await?;
+                let mut tx = Tx::begin(&self.pool, "BEGIN").await?;
                 sqlx::query("SELECT pg_advisory_xact_lock($1)")
                     .bind(MIGRATION_LOCK)
                     .execute(&mut *tx)
                     .await?;
-                Ok(WriteTx { tx, _guard: None })
+                Ok(WriteTx {
+                    tx,
+                    _guard: None,
+                    health: None,
+                })
             }
         }
     }
 
     /// Creates `schema_migrations` if needed and returns the highest applied version (0 for a
     /// new database), refusing a schema newer than this binary.
-    async fn current_version(tx: &mut Transaction<'static, Any>) -> Result<i64, StoreError> {
+    async fn current_version(tx: &mut Tx) -> Result<i64, StoreError> {
         sqlx::query(
             "CREATE TABLE IF NOT EXISTS schema_migrations \
              (version BIGINT NOT NULL PRIMARY KEY, applied_at BIGINT NOT NULL)",
@@ -473,7 +569,10 @@ impl SqlStore {
                 .execute(&mut *w.tx)
                 .await
                 .map_err(migration_error)?;
-            w.tx.commit().await.map_err(migration_error)?;
+            w.commit().await.map_err(|e| match e {
+                StoreError::Backend(source) => migration_error(source),
+                other => other,
+            })?;
             tracing::info!(
                 version = step.version,
                 backend = self.backend(),
@@ -510,10 +609,7 @@ impl SqlStore {
 
 /// Chains `event` after the stored head and writes the record and the new head, inside `tx`.
 /// The caller must have begun `tx` with [`SqlStore::begin_write`], which serializes appends.
-async fn append_in_tx(
-    tx: &mut Transaction<'static, Any>,
-    event: &AuditEvent,
-) -> Result<AuditRecord, StoreError> {
+async fn append_in_tx(tx: &mut Tx, event: &AuditEvent) -> Result<AuditRecord, StoreError> {
     let mut records = append_many_in_tx(tx, std::slice::from_ref(event)).await?;
     records
         .pop()
@@ -523,7 +619,7 @@ async fn append_in_tx(
 /// Chains `events` after the current head, inside the caller's write transaction: reads the
 /// head once, inserts one record per event, moves the head once.
 async fn append_many_in_tx(
-    tx: &mut Transaction<'static, Any>,
+    tx: &mut Tx,
     events: &[AuditEvent],
 ) -> Result<Vec<AuditRecord>, StoreError> {
     let head = sqlx::query("SELECT seq, hash FROM audit_head WHERE id = 1")
@@ -984,6 +1080,25 @@ impl Datastore for SqlStore {
         .fetch_all(&self.pool)
         .await?;
         rows.iter().map(decode_audit).collect()
+    }
+
+    async fn probe_write(&self) -> Result<(), StoreError> {
+        if let Some((at, error)) = self
+            .write_failure
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .as_ref()
+        {
+            if at.elapsed() < WRITE_FAILURE_MEMORY {
+                return Err(StoreError::WriteFailing(error.clone()));
+            }
+        }
+        let mut w = self.begin_write().await?;
+        w.health = None;
+        sqlx::query("UPDATE audit_head SET seq = seq WHERE id = 1")
+            .execute(&mut *w.tx)
+            .await?;
+        w.commit().await
     }
 
     async fn audit_head(&self) -> Result<Option<(i64, [u8; 32])>, StoreError> {

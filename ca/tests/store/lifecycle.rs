@@ -256,3 +256,34 @@ pub async fn a_version_1_database_migrates_its_agents(backend: Backend) {
         ("abcd", "", 0)
     );
 }
+
+pub async fn killed_connections_leave_no_broken_one_behind() {
+    // The database drops every connection of the store (a failover, a restart, an operator's
+    // pg_terminate_backend) three times; each time writes work again at once, readiness's
+    // write probe passes, and the audit chain is whole. (SQLite: the full-disk test in
+    // tests/tests/security.rs.)
+    let fx = fixture!(Backend::Postgres);
+    let s = &fx.store;
+    let mut written = 0;
+    for round in 0..3u32 {
+        fx.raw(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+             WHERE datname = current_database() AND pid <> pg_backend_pid()",
+        )
+        .await;
+        let mut results = Vec::new();
+        for n in 0..10 {
+            let r = s
+                .upsert_agent(&agent(round * 100 + n), &ev("agent.attested"))
+                .await;
+            written += u32::from(r.is_ok());
+            results.push(r.is_ok());
+        }
+        assert!(
+            results[results.len() - 5..].iter().all(|ok| *ok),
+            "writes still fail after the connections were killed: {results:?}"
+        );
+        s.probe_write().await.unwrap();
+    }
+    assert_eq!(verify_store(s).await.unwrap(), u64::from(written));
+}
