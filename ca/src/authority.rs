@@ -673,6 +673,27 @@ impl Authority {
         )?)
     }
 
+    /// Signs the X.509-SVID of an agent or a CA server, marked with its `role`.
+    pub fn sign_role_svid(
+        &self,
+        csr_der: &[u8],
+        spiffe_id: &SpiffeId,
+        ttl: Option<Duration>,
+        role: meshid_api::role::Role,
+    ) -> Result<IssuedSvid, AuthorityError> {
+        self.check_member(spiffe_id)?;
+        let csr = svid::parse_csr(csr_der)?;
+        let issuer = Arc::clone(&self.current().intermediate);
+        Ok(svid::sign_role_svid(
+            &issuer,
+            &csr,
+            spiffe_id,
+            ttl.unwrap_or(self.settings.default_x509_svid_ttl),
+            SystemTime::now(),
+            role,
+        )?)
+    }
+
     /// Signs the X.509-SVID of a registration entry: the identity, DNS names and lifetime come
     /// from the entry, never from the CSR.
     pub fn sign_for_entry(

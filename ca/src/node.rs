@@ -145,9 +145,12 @@ async fn renew_server_svid(ca: &Ca, cert: &RotatingCert) -> anyhow::Result<tokio
     let csr = rcgen::CertificateParams::new(Vec::<String>::new())
         .and_then(|p| p.serialize_request(&key))
         .context("cannot build the server CSR")?;
-    let svid: IssuedSvid =
-        ca.authority
-            .sign_x509_svid(csr.der(), &id, &[], Some(SERVER_SVID_TTL))?;
+    let svid: IssuedSvid = ca.authority.sign_role_svid(
+        csr.der(),
+        &id,
+        Some(SERVER_SVID_TTL),
+        meshid_api::role::Role::Server,
+    )?;
     let actor = format!("ca:{}", ca.authority.server_id());
     let event = AuditEvent::new(
         "svid.x509.server",
@@ -474,7 +477,15 @@ impl NodeService {
                 ),
             ));
         }
+        // Only an SVID the CA issued to an agent carries the agent mark. One from before the
+        // marks is taken only while it is the agent's current SVID (its serial is on record).
+        let marked = meshid_api::role::Role::Agent.marks(leaf);
         match self.ca.check_agent_svid(&text, &serial).await {
+            Ok(record) if !marked && record.serial != serial => Err(self.deny(
+                rpc,
+                &text,
+                format!("{text}: this certificate is not an agent SVID (it lacks the agent mark)"),
+            )),
             Ok(_) => Ok(Caller {
                 id,
                 text,

@@ -563,7 +563,9 @@ impl Ca {
     /// Signs an agent SVID (the CA's default X.509 lifetime) and measures it.
     fn sign_agent_svid(&self, id: &SpiffeId, csr_der: &[u8]) -> Result<IssuedSvid, ServiceError> {
         let started = Instant::now();
-        let result = self.authority.sign_x509_svid(csr_der, id, &[], None);
+        let result =
+            self.authority
+                .sign_role_svid(csr_der, id, None, meshid_api::role::Role::Agent);
         self.observe("agent", started, &result);
         Ok(result?)
     }

@@ -602,15 +602,31 @@ pub fn sign_x509_svid(
     now: SystemTime,
 ) -> Result<IssuedSvid, SvidError> {
     let key_encipherment = matches!(csr.key_type, CsrKeyType::Rsa { .. });
-    sign_leaf(
-        issuer,
-        csr,
-        key_encipherment,
+    let subject = Subject {
         spiffe_id,
         dns_names,
-        ttl,
-        now,
-    )
+        role: None,
+    };
+    sign_leaf(issuer, csr, key_encipherment, &subject, ttl, now)
+}
+
+/// Signs the SVID of one of meshid's own components (an agent, a CA server): the workload
+/// profile plus the `role` mark ([`meshid_api::role`]), which workload SVIDs never carry.
+pub fn sign_role_svid(
+    issuer: &Issuer,
+    csr: &Csr,
+    spiffe_id: &SpiffeId,
+    ttl: Duration,
+    now: SystemTime,
+    role: meshid_api::role::Role,
+) -> Result<IssuedSvid, SvidError> {
+    let key_encipherment = matches!(csr.key_type, CsrKeyType::Rsa { .. });
+    let subject = Subject {
+        spiffe_id,
+        dns_names: &[],
+        role: Some(role),
+    };
+    sign_leaf(issuer, csr, key_encipherment, &subject, ttl, now)
 }
 
 /// Signs a workload X509-SVID over the public key of `key`, with the same profile as
@@ -623,18 +639,34 @@ pub fn sign_x509_svid_with_key(
     ttl: Duration,
     now: SystemTime,
 ) -> Result<IssuedSvid, SvidError> {
-    sign_leaf(issuer, key, false, spiffe_id, dns_names, ttl, now)
+    let subject = Subject {
+        spiffe_id,
+        dns_names,
+        role: None,
+    };
+    sign_leaf(issuer, key, false, &subject, ttl, now)
+}
+
+/// Whom a leaf names: its SPIFFE ID, DNS names, and the mark of meshid's own components.
+struct Subject<'a> {
+    spiffe_id: &'a SpiffeId,
+    dns_names: &'a [String],
+    role: Option<meshid_api::role::Role>,
 }
 
 fn sign_leaf(
     issuer: &Issuer,
     public_key: &impl PublicKeyData,
     key_encipherment: bool,
-    spiffe_id: &SpiffeId,
-    dns_names: &[String],
+    subject: &Subject<'_>,
     ttl: Duration,
     now: SystemTime,
 ) -> Result<IssuedSvid, SvidError> {
+    let Subject {
+        spiffe_id,
+        dns_names,
+        role,
+    } = *subject;
     let id = spiffe_id.to_string();
     if spiffe_id.path().is_empty() {
         return Err(SvidError::NoPath(id));
@@ -642,7 +674,7 @@ fn sign_leaf(
     check_trust_domain(issuer, spiffe_id.trust_domain_name(), &id)?;
     let (not_before, not_after) = validity(now, ttl, Some(issuer.not_after))?;
     let serial = random_serial();
-    let params = leaf_params(
+    let mut params = leaf_params(
         id,
         dns_names,
         key_encipherment,
@@ -650,6 +682,14 @@ fn sign_leaf(
         not_before,
         not_after,
     )?;
+    if let Some(role) = role {
+        params
+            .custom_extensions
+            .push(rcgen::CustomExtension::from_oid_content(
+                &meshid_api::role::CERTIFICATE_POLICIES,
+                role.policies_extension(),
+            ));
+    }
     let leaf = params
         .signed_by(public_key, &issuer.signer)
         .map_err(SvidError::Generate)?;

@@ -954,3 +954,126 @@ async fn changes_made_on_another_server_reach_this_servers_agents() {
     .await;
     drop(db);
 }
+
+/// Issue 10, item 8: agent and server SVIDs carry meshid's role marks and both ends check
+/// them. A workload SVID that names an attested agent's ID (signed with the CA's key, as a
+/// stolen key or an ID minted before `/meshid/` was reserved would be) is refused by the node
+/// API; one that names the server's ID is refused as the CA by the client agents use.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn role_marks_tell_agents_and_the_server_from_workloads() {
+    use meshid_api::role::Role;
+    bounded(async {
+        let ca = TestCa::start().await;
+        let a = ca.agent().await;
+        let leaf = &a.svid.chain[0];
+        assert!(Role::Agent.marks(leaf) && !Role::Server.marks(leaf));
+        let (csr_der, _) = csr();
+        let workload = ca
+            .ca
+            .mint_x509(
+                "spiffe://example.org/workload/w",
+                &csr_der,
+                0,
+                &[],
+                "admin:test",
+            )
+            .await
+            .unwrap();
+        assert!(!Role::Agent.marks(&workload.chain[0]) && !Role::Server.marks(&workload.chain[0]));
+        // The marked agent SVID passes openssl's strict verification.
+        let dir = tempfile::tempdir().unwrap();
+        let pem = |ders: &[Vec<u8>]| -> String {
+            ders.iter()
+                .map(|d| {
+                    use base64::Engine as _;
+                    let b = base64::engine::general_purpose::STANDARD.encode(d);
+                    let lines: Vec<&str> = b
+                        .as_bytes()
+                        .chunks(64)
+                        .map(|c| std::str::from_utf8(c).unwrap())
+                        .collect();
+                    format!(
+                        "-----BEGIN CERTIFICATE-----\n{}\n-----END CERTIFICATE-----\n",
+                        lines.join("\n")
+                    )
+                })
+                .collect()
+        };
+        let roots: Vec<Vec<u8>> = ca.roots().iter().map(|r| r.to_vec()).collect();
+        std::fs::write(dir.path().join("leaf.pem"), pem(&a.svid.chain[..1])).unwrap();
+        std::fs::write(dir.path().join("chain.pem"), pem(&a.svid.chain[1..])).unwrap();
+        std::fs::write(dir.path().join("roots.pem"), pem(&roots)).unwrap();
+        let out = std::process::Command::new("openssl")
+            .args([
+                "verify",
+                "-x509_strict",
+                "-CAfile",
+                "roots.pem",
+                "-untrusted",
+                "chain.pem",
+                "leaf.pem",
+            ])
+            .current_dir(dir.path())
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+
+        // The node API: the attested agent's own ID, unmarked, under another key.
+        let (csr_der, key) = csr();
+        let forged = ca
+            .ca
+            .authority
+            .sign_x509_svid(&csr_der, &spiffe::SpiffeId::new(&a.id).unwrap(), &[], None)
+            .unwrap();
+        let mut client =
+            NodeClient::new(ca.channel(Some((forged.chain.clone(), key))).await.unwrap());
+        let status = client.sync(node::SyncRequest {}).await.err().unwrap();
+        assert_eq!(status.code(), tonic::Code::PermissionDenied, "{status:?}");
+
+        // The client: a server presenting an unmarked SVID for the server's ID.
+        let (csr_der, key) = csr();
+        let server_id = spiffe::SpiffeId::new(SERVER_ID).unwrap();
+        let fake = ca
+            .ca
+            .authority
+            .sign_x509_svid(&csr_der, &server_id, &[], None)
+            .unwrap();
+        let config = rustls::ServerConfig::builder_with_provider(std::sync::Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(fake.chain.clone(), key)
+        .unwrap();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        let acceptor = tokio_rustls::TlsAcceptor::from(std::sync::Arc::new(config));
+        let server = tokio::spawn(async move {
+            while let Ok((tcp, _)) = listener.accept().await {
+                let _ = acceptor.accept(tcp).await;
+            }
+        });
+        let client_config =
+            tls::client_config(ca.roots(), ExpectedId::Exact(SERVER_ID.into()), None).unwrap();
+        let err = tls::connect(&addr, Arc::new(client_config))
+            .await
+            .unwrap_err();
+        let mut chain = err.to_string();
+        let mut source = std::error::Error::source(&err);
+        while let Some(e) = source {
+            chain = format!("{chain}: {e}");
+            source = e.source();
+        }
+        assert!(chain.contains("without the CA server mark"), "{chain}");
+        server.abort();
+        // The real CA server's SVID is marked, and the same client connects to it.
+        assert!(ca.channel(None).await.is_ok());
+        ca.stop().await;
+    })
+    .await
+}

@@ -245,6 +245,20 @@ impl Manager {
                 "CA sent a bundle without X.509 authorities".into(),
             ));
         }
+        // A bundle that keeps none of the roots trusted now is no rotation (a rotation adds
+        // the new root before it drops the old): it would hand trust to whoever sent it.
+        let trusted = self.roots()?;
+        if !shares_a_root(&trusted, &b.x509_authorities) {
+            tracing::error!(
+                sequence = b.sequence,
+                "refused a trust bundle that keeps none of the roots trusted now (no overlap)"
+            );
+            return Err(ClientError::Malformed(
+                "the CA sent a trust bundle that keeps none of the roots trusted now; refused \
+                 (a root rotation publishes the new root beside the old one first)"
+                    .into(),
+            ));
+        }
         let bundle = Bundle {
             x509_authorities: b.x509_authorities,
             jwt_authorities_json: b.jwt_authorities_json,
@@ -511,5 +525,32 @@ impl Manager {
                 }
             }
         }
+    }
+}
+
+/// Whether `new` keeps at least one of the `trusted` roots (DER).
+fn shares_a_root(trusted: &[Vec<u8>], new: &[Vec<u8>]) -> bool {
+    new.iter().any(|root| trusted.contains(root))
+}
+
+#[cfg(test)]
+mod bundle_tests {
+    use super::shares_a_root;
+
+    #[test]
+    fn a_bundle_must_keep_a_trusted_root() {
+        let (a, b, c) = (vec![1u8], vec![2u8], vec![3u8]);
+        let ab = [a.clone(), b.clone()];
+        assert!(
+            shares_a_root(std::slice::from_ref(&a), &ab),
+            "rotation: new beside old"
+        );
+        assert!(shares_a_root(&ab, &[b]), "rotation: old dropped");
+        assert!(
+            !shares_a_root(&ab, std::slice::from_ref(&c)),
+            "every root replaced"
+        );
+        assert!(!shares_a_root(&[a], &[]));
+        assert!(!shares_a_root(&[], &[c]));
     }
 }

@@ -42,6 +42,7 @@ pub mod client;
 pub mod codec;
 pub mod config;
 pub mod limits;
+pub mod role;
 pub mod server;
 pub mod tls;
 pub mod uds;

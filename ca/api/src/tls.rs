@@ -249,6 +249,13 @@ fn id_error(e: TlsError) -> rustls::Error {
     rustls::Error::InvalidCertificate(CertificateError::Other(OtherError(Arc::new(e))))
 }
 
+/// Whether `id` (canonical) is a CA server's ID, `spiffe://<td>/meshid/server`.
+fn is_server_id(id: &str) -> bool {
+    id.strip_prefix("spiffe://")
+        .and_then(|rest| rest.split_once('/'))
+        .is_some_and(|(_, path)| path == "meshid/server")
+}
+
 /// Verifies a server by SPIFFE ID: the chain must validate to the roots (serverAuth EKU when
 /// the leaf has an EKU), the leaf's SPIFFE ID must be the expected one; the DNS name is
 /// ignored. Roots can be replaced while the verifier is in use ([`Self::set_roots`]).
@@ -315,6 +322,14 @@ impl ServerCertVerifier for SpiffeServerVerifier {
         .map_err(webpki_error)?;
         let id = spiffe_id_of(end_entity).map_err(id_error)?;
         self.expected.check(&id).map_err(id_error)?;
+        // meshid's CA server must also carry the server mark: a workload SVID that merely
+        // names the server's ID is not the CA.
+        if is_server_id(&id) && !crate::role::Role::Server.marks(end_entity) {
+            return Err(id_error(TlsError::UnexpectedId {
+                actual: format!("{id} without the CA server mark (a workload SVID?)"),
+                expected: self.expected.to_string(),
+            }));
+        }
         Ok(ServerCertVerified::assertion())
     }
 
