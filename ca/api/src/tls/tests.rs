@@ -50,6 +50,15 @@ impl Pki {
             ExtendedKeyUsagePurpose::ServerAuth,
             ExtendedKeyUsagePurpose::ClientAuth,
         ];
+        // As the CA marks its own server SVIDs (the client refuses an unmarked one).
+        if uris.iter().any(|u| u.ends_with("/meshid/server")) {
+            params
+                .custom_extensions
+                .push(rcgen::CustomExtension::from_oid_content(
+                    &crate::role::CERTIFICATE_POLICIES,
+                    crate::role::Role::Server.policies_extension(),
+                ));
+        }
         let key = KeyPair::generate().unwrap();
         let cert = params.signed_by(&key, &self.intermediate).unwrap();
         let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der()));
