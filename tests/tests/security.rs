@@ -881,13 +881,15 @@ fn exec_after_connect_does_not_borrow_the_identity_of_the_new_program() {
         );
         std::thread::sleep(Duration::from_millis(200));
     }
-    // Another program (perl) connects, then execs the pinned one, which calls on the
-    // inherited connection.
+    // Another program (perl) connects, then (once the agent has accepted the connection)
+    // execs the pinned one, which calls on the inherited connection. (A process that execs
+    // between its connect and the agent's accept is seen as the new program: that window
+    // remains, see the README.)
     let out = run(std::process::Command::new("perl")
         .args([
             "-e",
             "use Socket; $^F = 100000; socket(my $s, PF_UNIX, SOCK_STREAM, 0) or die $!; \
-             connect($s, pack_sockaddr_un($ARGV[0])) or die $!; \
+             connect($s, pack_sockaddr_un($ARGV[0])) or die $!; select(undef, undef, undef, 0.5); \
              exec($ARGV[1], $ARGV[2], 'call', fileno($s)) or die $!;",
             &socket,
         ])
@@ -1373,4 +1375,135 @@ fn a_full_disk_fails_writes_and_readiness_until_space_returns() {
     assert!(meshid_tests::ca_cli(&ca.socket, &["audit", "verify"])
         .status
         .success());
+}
+
+// =============================================================================================
+// Item 8: a workload SVID posing as the CA to a fresh agent
+
+/// Item 8: a workload SVID carrying the CA server's ID (minted before `/meshid/` was reserved,
+/// or with a stolen intermediate key) could pose as the CA to a fresh agent, which then
+/// adopted the attacker's bundle. Here the CA's own intermediate key signs such an SVID,
+/// without the server mark, for a server the real agent is pointed at: the agent never
+/// completes a handshake with it.
+#[test]
+fn an_unmarked_server_svid_cannot_pose_as_the_ca() {
+    use rustls_pki_types::pem::PemObject;
+    use rustls_pki_types::CertificateDer;
+    let dir = tempfile::tempdir().unwrap();
+    let ca = Ca::start(dir.path(), &[]);
+    // The intermediate: from a workload SVID's chain; its key: the key file that matches.
+    let mint = dir.path().join("mint");
+    std::fs::create_dir(&mint).unwrap();
+    ca.ok(&[
+        "x509",
+        "mint",
+        "--spiffe-id",
+        "spiffe://example.org/w",
+        "--out-dir",
+        mint.to_str().unwrap(),
+    ]);
+    let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(mint.join("chain.pem"))
+        .unwrap()
+        .map(Result::unwrap)
+        .collect();
+    let intermediate = chain[1].clone();
+    let (_, parsed) = x509_parser::parse_x509_certificate(&intermediate).unwrap();
+    let spki = parsed.public_key().raw.to_vec();
+    let key = std::fs::read_dir(dir.path().join("ca/keys"))
+        .unwrap()
+        .filter_map(|e| std::fs::read_to_string(e.unwrap().path()).ok())
+        .filter_map(|pem| rcgen::KeyPair::from_pem(&pem).ok())
+        .find(|k| rcgen::PublicKeyData::subject_public_key_info(k) == spki)
+        .expect("the intermediate's key");
+    let issuer = rcgen::Issuer::from_ca_cert_der(&intermediate, key).unwrap();
+    let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    params.subject_alt_names = vec![rcgen::SanType::URI(
+        "spiffe://example.org/meshid/server".try_into().unwrap(),
+    )];
+    params.key_usages = vec![rcgen::KeyUsagePurpose::DigitalSignature];
+    params.extended_key_usages = vec![
+        rcgen::ExtendedKeyUsagePurpose::ServerAuth,
+        rcgen::ExtendedKeyUsagePurpose::ClientAuth,
+    ];
+    let leaf_key = rcgen::KeyPair::generate().unwrap();
+    let leaf = params.signed_by(&leaf_key, &issuer).unwrap();
+
+    // The impostor: TLS with that SVID, counting completed handshakes.
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    let config = rustls::ServerConfig::builder_with_provider(std::sync::Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_no_client_auth()
+    .with_single_cert(
+        vec![leaf.der().clone(), intermediate],
+        rustls_pki_types::PrivateKeyDer::Pkcs8(leaf_key.serialize_der().into()),
+    )
+    .unwrap();
+    let listener = rt
+        .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
+        .unwrap();
+    let impostor = listener.local_addr().unwrap().to_string();
+    let completed = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let attempts = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let acceptor = tokio_rustls::TlsAcceptor::from(std::sync::Arc::new(config));
+    let (c, a) = (completed.clone(), attempts.clone());
+    rt.spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            a.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            if acceptor.accept(tcp).await.is_ok() {
+                c.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            }
+        }
+    });
+
+    // A fresh agent, with the real bundle and a real join token, pointed at the impostor.
+    let bundle = dir.path().join("bundle.pem");
+    std::fs::write(&bundle, ca.ok(&["bundle", "show"])).unwrap();
+    let (token, _) = ca.join_token();
+    let ops = format!("127.0.0.1:{}", meshid_tests::free_port());
+    let data = dir.path().join("agent-data");
+    let mut args =
+        meshid_tests::agent_run_args(&ca, &bundle, &data, &dir.path().join("api.sock"), &ops);
+    let at = args.iter().position(|a| a == "--server-address").unwrap() + 1;
+    args[at] = impostor;
+    args.extend(["--join-token".into(), token]);
+    let agent = meshid_tests::Proc::start(
+        "meshid-agent",
+        "meshid-agent",
+        &args,
+        dir.path().join("agent.log"),
+    );
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while attempts.load(std::sync::atomic::Ordering::Relaxed) < 2 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(
+        attempts.load(std::sync::atomic::Ordering::Relaxed) >= 2,
+        "the agent never tried"
+    );
+    assert_eq!(
+        completed.load(std::sync::atomic::Ordering::Relaxed),
+        0,
+        "the agent completed a handshake with the impostor"
+    );
+    assert!(
+        agent.log_text().contains("without the CA server mark"),
+        "{}",
+        agent.log_text()
+    );
+    assert!(
+        !data.join("bundle.pem").exists() || {
+            let saved = std::fs::read_to_string(data.join("bundle.pem")).unwrap();
+            saved == std::fs::read_to_string(&bundle).unwrap()
+        }
+    );
+    drop(agent);
+    rt.shutdown_timeout(Duration::from_secs(1));
 }

@@ -109,13 +109,28 @@ pub enum TlsError {
         source: tonic::transport::Error,
     },
     /// The server could not be reached, or the handshake failed.
-    #[error("cannot connect to {addr}: {source}")]
+    #[error("cannot connect to {addr}: {}", chain(.source))]
     Connect {
         /// The address.
         addr: String,
         /// The transport error (its source chain names the TLS failure).
         source: tonic::transport::Error,
     },
+}
+
+/// An error and its sources, `: `-separated: tonic's transport error says only "transport
+/// error", and what went wrong (a refused certificate, a reset) is in its sources.
+fn chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(e) = source {
+        let more = e.to_string();
+        if !text.ends_with(&more) {
+            text = format!("{text}: {more}");
+        }
+        source = e.source();
+    }
+    text
 }
 
 /// The ring provider, which every configuration of this module uses.
