@@ -128,19 +128,10 @@ impl Admission {
     /// many handshakes in progress, or too many connections open, or the server has.
     pub fn begin(self: &Arc<Self>, ip: IpAddr) -> Result<Pending, &'static str> {
         let mut st = self.state();
-        let reason = if st.open >= self.limits.connections {
-            Some("connections")
-        } else if st.open_by_source.get(&ip).copied().unwrap_or(0)
-            >= self.limits.connections_per_source
-        {
-            Some("source_connections")
-        } else if st.pending_by_source.get(&ip).copied().unwrap_or(0)
-            >= self.limits.pending_per_source
-        {
-            Some("source_pending")
-        } else {
-            None
-        };
+        let reason = self.open_cap(&st, ip).or_else(|| {
+            (st.pending_by_source.get(&ip).copied().unwrap_or(0) >= self.limits.pending_per_source)
+                .then_some("source_pending")
+        });
         if let Some(reason) = reason {
             drop(st);
             self.limited(reason);
@@ -173,6 +164,19 @@ impl Admission {
     /// Counts a failed or timed-out handshake.
     pub fn handshake_failed(&self) {
         self.metrics.node_handshake_failures.inc();
+    }
+
+    /// The cap on open connections that `ip` would pass, if any.
+    fn open_cap(&self, st: &State, ip: IpAddr) -> Option<&'static str> {
+        if st.open >= self.limits.connections {
+            Some("connections")
+        } else if st.open_by_source.get(&ip).copied().unwrap_or(0)
+            >= self.limits.connections_per_source
+        {
+            Some("source_connections")
+        } else {
+            None
+        }
     }
 
     /// Pending handshakes and open connections (for tests).
@@ -219,16 +223,7 @@ impl Pending {
             .metrics
             .node_handshakes_pending
             .set(i64::try_from(st.pending.len()).unwrap_or(i64::MAX));
-        let reason = if st.open >= admission.limits.connections {
-            Some("connections")
-        } else if st.open_by_source.get(&ip).copied().unwrap_or(0)
-            >= admission.limits.connections_per_source
-        {
-            Some("source_connections")
-        } else {
-            None
-        };
-        if let Some(reason) = reason {
+        if let Some(reason) = admission.open_cap(&st, ip) {
             drop(st);
             admission.limited(reason);
             return Err(reason);
