@@ -1380,20 +1380,19 @@ fn a_full_disk_fails_writes_and_readiness_until_space_returns() {
 // =============================================================================================
 // Item 8: a workload SVID posing as the CA to a fresh agent
 
-/// Item 8: a workload SVID carrying the CA server's ID (minted before `/meshid/` was reserved,
-/// or with a stolen intermediate key) could pose as the CA to a fresh agent, which then
-/// adopted the attacker's bundle. Here the CA's own intermediate key signs such an SVID,
-/// without the server mark, for a server the real agent is pointed at: the agent never
-/// completes a handshake with it.
-#[test]
-fn an_unmarked_server_svid_cannot_pose_as_the_ca() {
+/// The CA's issuing intermediate and its key, as a thief with the data directory has them:
+/// the certificate from a workload SVID's chain, the key from the key file that matches it.
+fn stolen_intermediate(
+    ca: &Ca,
+    dir: &Path,
+) -> (
+    rcgen::Issuer<'static, rcgen::KeyPair>,
+    rustls_pki_types::CertificateDer<'static>,
+) {
     use rustls_pki_types::pem::PemObject;
     use rustls_pki_types::CertificateDer;
-    let dir = tempfile::tempdir().unwrap();
-    let ca = Ca::start(dir.path(), &[]);
-    // The intermediate: from a workload SVID's chain; its key: the key file that matches.
-    let mint = dir.path().join("mint");
-    std::fs::create_dir(&mint).unwrap();
+    let mint = dir.join("mint");
+    std::fs::create_dir_all(&mint).unwrap();
     ca.ok(&[
         "x509",
         "mint",
@@ -1409,24 +1408,59 @@ fn an_unmarked_server_svid_cannot_pose_as_the_ca() {
     let intermediate = chain[1].clone();
     let (_, parsed) = x509_parser::parse_x509_certificate(&intermediate).unwrap();
     let spki = parsed.public_key().raw.to_vec();
-    let key = std::fs::read_dir(dir.path().join("ca/keys"))
+    let key = std::fs::read_dir(dir.join("ca/keys"))
         .unwrap()
         .filter_map(|e| std::fs::read_to_string(e.unwrap().path()).ok())
         .filter_map(|pem| rcgen::KeyPair::from_pem(&pem).ok())
         .find(|k| rcgen::PublicKeyData::subject_public_key_info(k) == spki)
         .expect("the intermediate's key");
     let issuer = rcgen::Issuer::from_ca_cert_der(&intermediate, key).unwrap();
+    (issuer, intermediate)
+}
+
+/// A leaf for `uri` signed by `issuer`, with the `role` mark when given (a thief with the
+/// intermediate's key can forge it too).
+fn forged_leaf(
+    issuer: &rcgen::Issuer<'static, rcgen::KeyPair>,
+    uri: &str,
+    role: Option<meshid_api::role::Role>,
+    key: &rcgen::KeyPair,
+) -> rcgen::Certificate {
     let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
-    params.subject_alt_names = vec![rcgen::SanType::URI(
-        "spiffe://example.org/meshid/server".try_into().unwrap(),
-    )];
+    params.subject_alt_names = vec![rcgen::SanType::URI(uri.try_into().unwrap())];
     params.key_usages = vec![rcgen::KeyUsagePurpose::DigitalSignature];
     params.extended_key_usages = vec![
         rcgen::ExtendedKeyUsagePurpose::ServerAuth,
         rcgen::ExtendedKeyUsagePurpose::ClientAuth,
     ];
+    if let Some(role) = role {
+        params
+            .custom_extensions
+            .push(rcgen::CustomExtension::from_oid_content(
+                &meshid_api::role::CERTIFICATE_POLICIES,
+                role.policies_extension(),
+            ));
+    }
+    params.signed_by(key, issuer).unwrap()
+}
+
+/// Item 8: a workload SVID carrying the CA server's ID (minted before `/meshid/` was reserved,
+/// or with a stolen intermediate key) could pose as the CA to a fresh agent, which then
+/// adopted the attacker's bundle. Here the CA's own intermediate key signs such an SVID,
+/// without the server mark, for a server the real agent is pointed at: the agent never
+/// completes a handshake with it.
+#[test]
+fn an_unmarked_server_svid_cannot_pose_as_the_ca() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = Ca::start(dir.path(), &[]);
+    let (issuer, intermediate) = stolen_intermediate(&ca, dir.path());
     let leaf_key = rcgen::KeyPair::generate().unwrap();
-    let leaf = params.signed_by(&leaf_key, &issuer).unwrap();
+    let leaf = forged_leaf(
+        &issuer,
+        "spiffe://example.org/meshid/server",
+        None,
+        &leaf_key,
+    );
 
     // The impostor: TLS with that SVID, counting completed handshakes.
     let rt = tokio::runtime::Builder::new_multi_thread()
@@ -1503,6 +1537,190 @@ fn an_unmarked_server_svid_cannot_pose_as_the_ca() {
             let saved = std::fs::read_to_string(data.join("bundle.pem")).unwrap();
             saved == std::fs::read_to_string(&bundle).unwrap()
         }
+    );
+    drop(agent);
+    rt.shutdown_timeout(Duration::from_secs(1));
+}
+
+/// The node API as an impostor with the stolen intermediate serves it: every agent that
+/// attests gets an agent SVID (marked, forged) and a trust bundle holding only `root`.
+struct ImpostorNode {
+    issuer: rcgen::Issuer<'static, rcgen::KeyPair>,
+    intermediate: Vec<u8>,
+    root: Vec<u8>,
+}
+
+#[tonic::async_trait]
+impl meshid_api::node::node_server::Node for ImpostorNode {
+    async fn attest_join_token(
+        &self,
+        request: tonic::Request<meshid_api::node::AttestJoinTokenRequest>,
+    ) -> Result<tonic::Response<meshid_api::node::AgentSvid>, tonic::Status> {
+        let csr_der =
+            rustls_pki_types::CertificateSigningRequestDer::from(request.into_inner().csr);
+        let mut csr = rcgen::CertificateSigningRequestParams::from_der(&csr_der)
+            .map_err(|e| tonic::Status::invalid_argument(e.to_string()))?;
+        let id = "spiffe://example.org/meshid/agent/join_token/impostor";
+        csr.params.subject_alt_names = vec![rcgen::SanType::URI(id.try_into().unwrap())];
+        csr.params.key_usages = vec![rcgen::KeyUsagePurpose::DigitalSignature];
+        csr.params.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ClientAuth];
+        csr.params.custom_extensions = vec![rcgen::CustomExtension::from_oid_content(
+            &meshid_api::role::CERTIFICATE_POLICIES,
+            meshid_api::role::Role::Agent.policies_extension(),
+        )];
+        let leaf = csr
+            .signed_by(&self.issuer)
+            .map_err(|e| tonic::Status::internal(e.to_string()))?;
+        Ok(tonic::Response::new(meshid_api::node::AgentSvid {
+            spiffe_id: id.to_owned(),
+            chain: vec![leaf.der().to_vec(), self.intermediate.clone()],
+            expires_at: i64::MAX / 2,
+            bundle: Some(meshid_api::node::Bundle {
+                trust_domain: "example.org".into(),
+                x509_authorities: vec![self.root.clone()],
+                sequence: 99,
+                ..Default::default()
+            }),
+        }))
+    }
+
+    async fn renew_agent(
+        &self,
+        _: tonic::Request<meshid_api::node::RenewAgentRequest>,
+    ) -> Result<tonic::Response<meshid_api::node::AgentSvid>, tonic::Status> {
+        Err(tonic::Status::unimplemented("impostor"))
+    }
+
+    type SyncStream = std::pin::Pin<
+        Box<dyn futures::Stream<Item = Result<meshid_api::node::SyncUpdate, tonic::Status>> + Send>,
+    >;
+
+    async fn sync(
+        &self,
+        _: tonic::Request<meshid_api::node::SyncRequest>,
+    ) -> Result<tonic::Response<Self::SyncStream>, tonic::Status> {
+        Err(tonic::Status::unimplemented("impostor"))
+    }
+
+    async fn batch_sign_x509(
+        &self,
+        _: tonic::Request<meshid_api::node::BatchSignX509Request>,
+    ) -> Result<tonic::Response<meshid_api::node::BatchSignX509Response>, tonic::Status> {
+        Err(tonic::Status::unimplemented("impostor"))
+    }
+
+    async fn mint_jwt_svid(
+        &self,
+        _: tonic::Request<meshid_api::node::MintJwtSvidRequest>,
+    ) -> Result<tonic::Response<meshid_api::node::MintJwtSvidResponse>, tonic::Status> {
+        Err(tonic::Status::unimplemented("impostor"))
+    }
+}
+
+/// Item 8: a server the agent authenticates (here: a thief with the CA's intermediate key,
+/// which can forge the server mark too) hands a fresh agent a trust bundle that keeps none of
+/// the roots it trusts. The agent before the fix adopted and persisted it (trusting the
+/// attacker's root from then on); now it refuses a bundle without an overlap.
+#[test]
+fn a_bundle_that_drops_every_trusted_root_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = Ca::start(dir.path(), &[]);
+    let (issuer, intermediate) = stolen_intermediate(&ca, dir.path());
+    let server_key = rcgen::KeyPair::generate().unwrap();
+    let server = forged_leaf(
+        &issuer,
+        "spiffe://example.org/meshid/server",
+        Some(meshid_api::role::Role::Server),
+        &server_key,
+    );
+    let attacker_root = {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        params.self_signed(&key).unwrap().der().to_vec()
+    };
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    let mut config = rustls::ServerConfig::builder_with_provider(std::sync::Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_no_client_auth()
+    .with_single_cert(
+        vec![server.der().clone(), intermediate.clone()],
+        rustls_pki_types::PrivateKeyDer::Pkcs8(server_key.serialize_der().into()),
+    )
+    .unwrap();
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    let listener = rt
+        .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
+        .unwrap();
+    let impostor = listener.local_addr().unwrap().to_string();
+    let acceptor = tokio_rustls::TlsAcceptor::from(std::sync::Arc::new(config));
+    let incoming =
+        futures::stream::unfold((listener, acceptor), |(listener, acceptor)| async move {
+            loop {
+                let Ok((tcp, _)) = listener.accept().await else {
+                    continue;
+                };
+                if let Ok(tls) = acceptor.accept(tcp).await {
+                    return Some((Ok::<_, std::io::Error>(tls), (listener, acceptor)));
+                }
+            }
+        });
+    let node = ImpostorNode {
+        issuer,
+        intermediate: intermediate.to_vec(),
+        root: attacker_root.clone(),
+    };
+    rt.spawn(
+        tonic::transport::Server::builder()
+            .add_service(meshid_api::node::node_server::NodeServer::new(node))
+            .serve_with_incoming(incoming),
+    );
+
+    let bundle = dir.path().join("bundle.pem");
+    std::fs::write(&bundle, ca.ok(&["bundle", "show"])).unwrap();
+    let (token, _) = ca.join_token();
+    let ops = format!("127.0.0.1:{}", meshid_tests::free_port());
+    let data = dir.path().join("agent-data");
+    let mut args =
+        meshid_tests::agent_run_args(&ca, &bundle, &data, &dir.path().join("api.sock"), &ops);
+    let at = args.iter().position(|a| a == "--server-address").unwrap() + 1;
+    args[at] = impostor;
+    args.extend(["--join-token".into(), token]);
+    let agent = meshid_tests::Proc::start(
+        "meshid-agent",
+        "meshid-agent",
+        &args,
+        dir.path().join("agent.log"),
+    );
+    let saved = data.join("bundle.pem");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while Instant::now() < deadline
+        && !agent.log_text().contains("keeps none of the roots")
+        && !saved.exists()
+    {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    let attacker_pem = {
+        use base64::Engine as _;
+        base64::engine::general_purpose::STANDARD.encode(&attacker_root)[..40].to_owned()
+    };
+    let persisted = std::fs::read_to_string(&saved).unwrap_or_default();
+    assert!(
+        !persisted.replace('\n', "").contains(&attacker_pem),
+        "the agent adopted the impostor's root"
+    );
+    assert!(
+        agent.log_text().contains("keeps none of the roots"),
+        "{}",
+        agent.log_text()
     );
     drop(agent);
     rt.shutdown_timeout(Duration::from_secs(1));
