@@ -1023,6 +1023,21 @@ fn workload_api_connections_are_capped_and_accept_failures_back_off() {
         closed.iter().step_by(50).collect::<Vec<_>>()
     );
     assert_eq!(at_once, 1500 - 1024, "{summary}");
+    let metrics = meshid_tests::http_get(&agent.ops_address, "/metrics")
+        .unwrap()
+        .1;
+    let metric = |name: &str| -> f64 {
+        metrics
+            .lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or(-1.0)
+    };
+    assert_eq!(
+        metric("meshid_agent_workload_api_connections_refused_total"),
+        476.0,
+        "{metrics}"
+    );
     let log = agent.proc.log_text();
     assert_eq!(
         idle,
@@ -1030,6 +1045,13 @@ fn workload_api_connections_are_capped_and_accept_failures_back_off() {
         "{summary}; agent log: {} idle closes, tail:\n{}",
         log.matches("sent no request in time").count(),
         log.lines().rev().take(5).collect::<Vec<_>>().join("\n")
+    );
+    let metrics = meshid_tests::http_get(&agent.ops_address, "/metrics")
+        .unwrap()
+        .1;
+    assert!(
+        metrics.contains("meshid_agent_workload_api_connections_idle_closed_total 1024"),
+        "{metrics}"
     );
     drop(agent);
 

@@ -88,6 +88,9 @@ struct Metrics {
     entries: Gauge,
     svids: Family<StateLabels, Gauge>,
     bundle_sequence: Gauge,
+    connections: Gauge,
+    connections_refused: Counter,
+    connections_idle_closed: Counter,
 }
 
 impl Metrics {
@@ -160,6 +163,24 @@ impl Metrics {
             "Reconnections to the CA",
             stats.reconnects.clone(),
         );
+        let connections = Gauge::default();
+        registry.register(
+            "workload_api_connections",
+            "Workload API connections open",
+            connections.clone(),
+        );
+        let connections_refused = Counter::default();
+        registry.register(
+            "workload_api_connections_refused",
+            "Workload API connections closed at accept by the caps (in all, per uid)",
+            connections_refused.clone(),
+        );
+        let connections_idle_closed = Counter::default();
+        registry.register(
+            "workload_api_connections_idle_closed",
+            "Workload API connections closed for sending no request in time",
+            connections_idle_closed.clone(),
+        );
         Self {
             registry,
             calls,
@@ -169,7 +190,22 @@ impl Metrics {
             entries,
             svids,
             bundle_sequence,
+            connections,
+            connections_refused,
+            connections_idle_closed,
         }
+    }
+
+    /// Mirrors the Workload API admission's state (its totals only grow).
+    fn observe_admission(&self, admission: &meshid_api::uds::Admission) {
+        self.connections
+            .set(i64::try_from(admission.open()).unwrap_or(i64::MAX));
+        let refused = admission.refused();
+        self.connections_refused
+            .inc_by(refused.saturating_sub(self.connections_refused.get()));
+        let idle = admission.closed_idle();
+        self.connections_idle_closed
+            .inc_by(idle.saturating_sub(self.connections_idle_closed.get()));
     }
 
     fn observe_snapshot(&self, snap: &Snapshot) {
@@ -227,6 +263,7 @@ impl WorkloadApiMetrics for Metrics {
 struct OpsState {
     snapshots: watch::Receiver<Arc<Snapshot>>,
     metrics: Arc<Metrics>,
+    admission: Arc<meshid_api::uds::Admission>,
 }
 
 async fn healthz() -> &'static str {
@@ -247,6 +284,7 @@ async fn readyz(State(s): State<OpsState>) -> impl IntoResponse {
 async fn render_metrics(State(s): State<OpsState>) -> impl IntoResponse {
     let snap = s.snapshots.borrow().clone();
     s.metrics.observe_snapshot(&snap);
+    s.metrics.observe_admission(&s.admission);
     let mut body = String::new();
     if prometheus_client::encoding::text::encode(&mut body, &s.metrics.registry).is_err() {
         body.clear();
@@ -280,8 +318,9 @@ pub async fn run(
         Arc::new(crate::attest::Attestor::new()),
         minter,
     )
-    .with_metrics(Arc::clone(&metrics) as Arc<dyn WorkloadApiMetrics>)
-    .with_limits(api_limits);
+    .with_metrics(Arc::clone(&metrics) as Arc<dyn WorkloadApiMetrics>);
+    let admission = meshid_api::uds::Admission::new(api_limits);
+    let api = api.with_admission(Arc::clone(&admission));
     let mut api_stop = stop_rx.clone();
     let api_task = tokio::spawn(api.serve(socket, async move {
         let _ = api_stop.changed().await;
@@ -292,7 +331,11 @@ pub async fn run(
         .route("/healthz", axum::routing::get(healthz))
         .route("/readyz", axum::routing::get(readyz))
         .route("/metrics", axum::routing::get(render_metrics))
-        .with_state(OpsState { snapshots, metrics });
+        .with_state(OpsState {
+            snapshots,
+            metrics,
+            admission,
+        });
     let ops_task = tokio::spawn(async move {
         axum::serve(ops, router)
             .with_graceful_shutdown(async move {

@@ -239,7 +239,7 @@ pub struct WorkloadApi {
     stop: Option<watch::Receiver<bool>>,
     jwt_cache: JwtCache,
     mint_limiter: RateLimiter<u32>,
-    limits: meshid_api::uds::Limits,
+    admission: Arc<meshid_api::uds::Admission>,
 }
 
 impl std::fmt::Debug for WorkloadApi {
@@ -267,14 +267,15 @@ impl WorkloadApi {
             stop: None,
             jwt_cache: JwtCache::default(),
             mint_limiter: RateLimiter::new(JWT_MINTS_PER_SECOND, JWT_MINT_BURST),
-            limits: meshid_api::uds::Limits::default(),
+            admission: meshid_api::uds::Admission::new(meshid_api::uds::Limits::default()),
         }
     }
 
-    /// Admits connections under `limits` (caps in all and per uid, first-request deadline).
+    /// Admits connections through `admission` (its limits: caps in all and per uid, the
+    /// first-request deadline; its counts, for metrics).
     #[must_use]
-    pub fn with_limits(mut self, limits: meshid_api::uds::Limits) -> Self {
-        self.limits = limits;
+    pub fn with_admission(mut self, admission: Arc<meshid_api::uds::Admission>) -> Self {
+        self.admission = admission;
         self
     }
 
@@ -312,8 +313,7 @@ impl WorkloadApi {
     ) -> Result<(), ServeError> {
         let (stop_tx, stop_rx) = watch::channel(false);
         self.stop = Some(stop_rx);
-        let admission = meshid_api::uds::Admission::new(self.limits.clone());
-        let incoming = meshid_api::uds::incoming_with(listener, admission);
+        let incoming = meshid_api::uds::incoming_with(listener, Arc::clone(&self.admission));
         tonic::transport::Server::builder()
             .add_service(self.into_server())
             .serve_with_incoming_shutdown(incoming, async move {
