@@ -1466,6 +1466,27 @@ fn forged_leaf(
     params.signed_by(key, issuer).unwrap()
 }
 
+/// A fresh agent with the real bundle and a real join token of `ca`, whose CA address is
+/// `server`: the process, its data directory and the bootstrap bundle file.
+fn fresh_agent_pointed_at(
+    ca: &Ca,
+    dir: &Path,
+    server: String,
+) -> (meshid_tests::Proc, std::path::PathBuf, std::path::PathBuf) {
+    let bundle = dir.join("bundle.pem");
+    std::fs::write(&bundle, ca.ok(&["bundle", "show"])).unwrap();
+    let (token, _) = ca.join_token();
+    let ops = format!("127.0.0.1:{}", meshid_tests::free_port());
+    let data = dir.join("agent-data");
+    let mut args = meshid_tests::agent_run_args(ca, &bundle, &data, &dir.join("api.sock"), &ops);
+    let at = args.iter().position(|a| a == "--server-address").unwrap() + 1;
+    args[at] = server;
+    args.extend(["--join-token".into(), token]);
+    let agent =
+        meshid_tests::Proc::start("meshid-agent", "meshid-agent", &args, dir.join("agent.log"));
+    (agent, data, bundle)
+}
+
 /// Item 8: a workload SVID carrying the CA server's ID (minted before `/meshid/` was reserved,
 /// or with a stolen intermediate key) could pose as the CA to a fresh agent, which then
 /// adopted the attacker's bundle. Here the CA's own intermediate key signs such an SVID,
@@ -1519,22 +1540,7 @@ fn an_unmarked_server_svid_cannot_pose_as_the_ca() {
     });
 
     // A fresh agent, with the real bundle and a real join token, pointed at the impostor.
-    let bundle = dir.path().join("bundle.pem");
-    std::fs::write(&bundle, ca.ok(&["bundle", "show"])).unwrap();
-    let (token, _) = ca.join_token();
-    let ops = format!("127.0.0.1:{}", meshid_tests::free_port());
-    let data = dir.path().join("agent-data");
-    let mut args =
-        meshid_tests::agent_run_args(&ca, &bundle, &data, &dir.path().join("api.sock"), &ops);
-    let at = args.iter().position(|a| a == "--server-address").unwrap() + 1;
-    args[at] = impostor;
-    args.extend(["--join-token".into(), token]);
-    let agent = meshid_tests::Proc::start(
-        "meshid-agent",
-        "meshid-agent",
-        &args,
-        dir.path().join("agent.log"),
-    );
+    let (agent, data, bundle) = fresh_agent_pointed_at(&ca, dir.path(), impostor);
     let deadline = Instant::now() + Duration::from_secs(20);
     while attempts.load(std::sync::atomic::Ordering::Relaxed) < 2 && Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(100));
@@ -1705,22 +1711,7 @@ fn a_bundle_that_drops_every_trusted_root_is_refused() {
             .serve_with_incoming(incoming),
     );
 
-    let bundle = dir.path().join("bundle.pem");
-    std::fs::write(&bundle, ca.ok(&["bundle", "show"])).unwrap();
-    let (token, _) = ca.join_token();
-    let ops = format!("127.0.0.1:{}", meshid_tests::free_port());
-    let data = dir.path().join("agent-data");
-    let mut args =
-        meshid_tests::agent_run_args(&ca, &bundle, &data, &dir.path().join("api.sock"), &ops);
-    let at = args.iter().position(|a| a == "--server-address").unwrap() + 1;
-    args[at] = impostor;
-    args.extend(["--join-token".into(), token]);
-    let agent = meshid_tests::Proc::start(
-        "meshid-agent",
-        "meshid-agent",
-        &args,
-        dir.path().join("agent.log"),
-    );
+    let (agent, data, _) = fresh_agent_pointed_at(&ca, dir.path(), impostor);
     let saved = data.join("bundle.pem");
     let deadline = Instant::now() + Duration::from_secs(20);
     while Instant::now() < deadline
