@@ -429,7 +429,8 @@ const HOP_BY_HOP: [&str; 6] = [
 ];
 
 /// Removes the hop-by-hop headers (RFC 9110 section 7.6.1): `Connection` and every header it
-/// names, [`HOP_BY_HOP`] and `Proxy-*`. `TE: trailers` stays on HTTP/2, where gRPC needs it
+/// names, `Keep-Alive`, `TE`, `Upgrade`, `HTTP2-Settings`, `Transfer-Encoding` and `Proxy-*`.
+/// `TE: trailers` stays on HTTP/2, where gRPC needs it
 /// and it means no more than that trailers are welcome. Returns the protocols an HTTP/1.1
 /// request offers to upgrade to (an `Upgrade` header with `upgrade` in `Connection`), without
 /// HTTP/2 (`h2c`, `h2`, `HTTP/2.0`), which is never passed: after it the proxy would see no

@@ -227,7 +227,7 @@ enum Mode {
     Raw,
 }
 
-/// The client-to-server half: the frame layer around [`hpack::Walker`]. Pure (no I/O), so the
+/// The client-to-server half: the frame layer around the HPACK walker. Pure (no I/O), so the
 /// tests and the fuzz target feed it bytes directly.
 #[derive(Debug)]
 pub struct Reader {
