@@ -243,7 +243,7 @@ async fn accept_loop(
     conns: mpsc::Sender<NodeConn>,
     mut stop: watch::Receiver<bool>,
 ) {
-    let mut last_accept_warning: Option<std::time::Instant> = None;
+    let accept_failures = meshid_api::uds::admission::RateLimitedLog::default();
     loop {
         let accepted = tokio::select! {
             _ = stopped(&mut stop) => return,
@@ -254,10 +254,9 @@ async fn accept_loop(
             Err(e) => {
                 // Out of file descriptors and the like: back off rather than spin, and say so
                 // at most once a second.
-                if last_accept_warning.is_none_or(|t| t.elapsed() >= Duration::from_secs(1)) {
-                    tracing::warn!(error = %e, "node API accept failed");
-                    last_accept_warning = Some(std::time::Instant::now());
-                }
+                accept_failures.info(|suppressed| {
+                    tracing::warn!(error = %e, failed_since_last_line = suppressed, "node API accept failed");
+                });
                 tokio::time::sleep(Duration::from_millis(50)).await;
                 continue;
             }
@@ -460,11 +459,12 @@ impl NodeService {
                 format!("{text} is not an agent identity (spiffe://{td}{AGENT_PATH_PREFIX}...)"),
             ));
         }
-        let (not_after, serial) = x509_parser::parse_x509_certificate(leaf)
+        let (not_after, serial, marked) = x509_parser::parse_x509_certificate(leaf)
             .map(|(_, c)| {
                 (
                     c.validity().not_after.timestamp(),
                     hex::encode(c.tbs_certificate.raw_serial()),
+                    meshid_api::role::Role::Agent.marks_parsed(&c),
                 )
             })
             .map_err(|e| self.deny(rpc, &text, format!("client certificate: {e}")))?;
@@ -477,9 +477,9 @@ impl NodeService {
                 ),
             ));
         }
-        // Only an SVID the CA issued to an agent carries the agent mark. One from before the
-        // marks is taken only while it is the agent's current SVID (its serial is on record).
-        let marked = meshid_api::role::Role::Agent.marks(leaf);
+        // Only an SVID the CA issued to an agent carries the agent mark (`marked`). One from
+        // before the marks is taken only while it is the agent's current SVID (its serial is
+        // on record).
         match self.ca.check_agent_svid(&text, &serial).await {
             Ok(record) if !marked && record.serial != serial => Err(self.deny(
                 rpc,

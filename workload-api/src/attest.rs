@@ -217,7 +217,15 @@ impl Inner {
         }
         let dir = self.proc_root.join(pid.to_string());
         let started = start_time(pid, &dir)?;
-        if let Some(a) = accepted {
+        // The running binary, opened once: for the connection's identity, the path check and
+        // the hash.
+        let exe_path = dir.join("exe");
+        let running = match File::open(&exe_path).and_then(|f| Ok((f.metadata()?, f))) {
+            // Without it, a connection's identity cannot be checked.
+            Err(e) if accepted.is_some() => return Err(proc_error(pid, &exe_path, e)),
+            r => r,
+        };
+        if let (Some(a), Ok((exe, _))) = (accepted, &running) {
             // The identity of the connection is the process that made it, as it was then.
             if a.pid != pid || a.start_time != started {
                 return Err(AttestError::ProcessChanged {
@@ -225,8 +233,6 @@ impl Inner {
                     reason: "the process that connected has exited",
                 });
             }
-            let exe_path = dir.join("exe");
-            let exe = std::fs::metadata(&exe_path).map_err(|e| proc_error(pid, &exe_path, e))?;
             if (exe.dev(), exe.ino()) != a.exe {
                 return Err(AttestError::ProcessChanged {
                     pid,
@@ -258,7 +264,7 @@ impl Inner {
         for g in &status.groups {
             selectors.push(format!("unix:supplementary_gid:{g}"));
         }
-        selectors.extend(self.binary_selectors(pid, uid, &dir));
+        selectors.extend(self.binary_selectors(pid, uid, &exe_path, running));
 
         // The pid must still name the process that was inspected.
         if start_time(pid, &dir)? != started {
@@ -273,9 +279,14 @@ impl Inner {
     }
 
     /// `unix:path` and `unix:sha256`, or none when the binary is gone or cannot be inspected.
-    fn binary_selectors(&self, pid: i32, uid: u32, dir: &Path) -> Vec<String> {
-        let exe = dir.join("exe");
-        let target = match std::fs::read_link(&exe) {
+    fn binary_selectors(
+        &self,
+        pid: i32,
+        uid: u32,
+        exe: &Path,
+        running: io::Result<(std::fs::Metadata, File)>,
+    ) -> Vec<String> {
+        let target = match std::fs::read_link(exe) {
             Ok(t) => t,
             Err(error) => {
                 tracing::debug!(pid, %error, "cannot resolve workload binary");
@@ -290,8 +301,7 @@ impl Inner {
             tracing::debug!(pid, path, "workload binary deleted or not a file");
             return Vec::new();
         }
-        // Opened once: the same file answers for the path check and the hash.
-        let running = match File::open(&exe).and_then(|f| Ok((f.metadata()?, f))) {
+        let running = match running {
             Ok(r) => r,
             Err(error) => {
                 tracing::debug!(pid, path, %error, "cannot open workload binary");
@@ -428,22 +438,10 @@ fn proc_error(pid: i32, path: &Path, source: io::Error) -> AttestError {
 fn start_time(pid: i32, dir: &Path) -> Result<u64, AttestError> {
     let path = dir.join("stat");
     let stat = read_proc(pid, &path)?;
-    parse_start_time(&stat).map_err(|reason| AttestError::Parse { path, reason })
-}
-
-/// Field 22 (`starttime`) of `/proc/<pid>/stat`. The command name (field 2) is in parentheses
-/// and may itself contain spaces and parentheses, so fields are counted after the last `)`.
-fn parse_start_time(stat: &str) -> Result<u64, &'static str> {
-    let rest = stat
-        .rfind(')')
-        .and_then(|i| stat.get(i + 1..))
-        .ok_or("no closing parenthesis after the command name")?;
-    // After the command name come fields 3 (state), 4, ...; field 22 is the 20th of them.
-    rest.split_ascii_whitespace()
-        .nth(22 - 3)
-        .ok_or("fewer than 22 fields")?
-        .parse()
-        .map_err(|_| "start time is not a number")
+    meshid_api::uds::admission::parse_start_time(&stat).ok_or(AttestError::Parse {
+        path,
+        reason: "no start time (field 22) after the command name",
+    })
 }
 
 #[derive(Debug, PartialEq, Eq)]

@@ -60,9 +60,12 @@ impl Role {
 
     /// Whether the certificate (DER) carries this role's policy.
     pub fn marks(self, cert_der: &[u8]) -> bool {
-        let Ok((_, cert)) = x509_parser::parse_x509_certificate(cert_der) else {
-            return false;
-        };
+        x509_parser::parse_x509_certificate(cert_der)
+            .is_ok_and(|(_, cert)| self.marks_parsed(&cert))
+    }
+
+    /// [`Self::marks`] for a certificate already parsed.
+    pub fn marks_parsed(self, cert: &x509_parser::certificate::X509Certificate<'_>) -> bool {
         let want = self.oid_der();
         cert.extensions()
             .iter()

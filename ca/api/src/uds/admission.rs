@@ -171,15 +171,17 @@ impl Drop for Slot {
 }
 
 /// A log line written at most once a second; the lines held back meanwhile are counted and
-/// reported with the next one.
+/// reported with the next one (for errors that can repeat as fast as a loop spins).
 #[derive(Debug, Default)]
-struct RateLimitedLog {
+pub struct RateLimitedLog {
     last: Mutex<Option<Instant>>,
     suppressed: AtomicU64,
 }
 
 impl RateLimitedLog {
-    fn info(&self, write: impl FnOnce(u64)) {
+    /// Calls `write` with the number of lines held back since the last one, unless a line was
+    /// written less than a second ago.
+    pub fn info(&self, write: impl FnOnce(u64)) {
         let mut last = self
             .last
             .lock()
