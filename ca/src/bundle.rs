@@ -30,6 +30,9 @@ use x509_parser::x509::SubjectPublicKeyInfo;
 /// The `use` of X.509 authorities in a SPIFFE bundle.
 pub const X509_SVID_USE: &str = "x509-svid";
 
+/// The `use` of JWT authorities in a SPIFFE bundle.
+pub const JWT_SVID_USE: &str = "jwt-svid";
+
 /// Errors of bundle encoding and parsing.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -204,7 +207,7 @@ impl TrustBundle {
             let Some(use_) = jwk.get("use").and_then(Value::as_str) else {
                 continue; // no usable `use`: ignored, as the specification says
             };
-            if !matches!(use_, X509_SVID_USE | crate::jwt::JWT_SVID_USE) {
+            if !matches!(use_, X509_SVID_USE | JWT_SVID_USE) {
                 continue;
             }
             if !matches!(kty, "EC" | "RSA" | "OKP") {
@@ -260,9 +263,9 @@ fn jwt_authority_jwk(jwk: &Value) -> Result<Value, &'static str> {
     let mut map = map.clone();
     match map.get("use") {
         None => {
-            map.insert("use".into(), Value::String(crate::jwt::JWT_SVID_USE.into()));
+            map.insert("use".into(), Value::String(JWT_SVID_USE.into()));
         }
-        Some(Value::String(u)) if u == crate::jwt::JWT_SVID_USE => {}
+        Some(Value::String(u)) if u == JWT_SVID_USE => {}
         Some(_) => return Err("use is not \"jwt-svid\""),
     }
     Ok(Value::Object(map))

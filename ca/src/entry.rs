@@ -8,6 +8,7 @@ use std::fmt;
 use std::str::FromStr;
 use std::time::Duration;
 
+use meshid_api::id::IdError;
 use spiffe::{SpiffeId, TrustDomain};
 
 /// Shortest X.509-SVID or JWT-SVID lifetime an entry may ask for.
@@ -330,8 +331,7 @@ impl RegistrationEntry {
     }
 }
 
-/// Longest SPIFFE ID the CA issues or accepts, in bytes (the specification's limit).
-pub const MAX_SPIFFE_ID_LEN: usize = 2048;
+pub use meshid_api::id::MAX_SPIFFE_ID_LEN;
 
 /// The path under which the CA names agents (`/meshid/agent/...`) and its servers
 /// (`/meshid/server`): never a workload's.
@@ -362,29 +362,16 @@ pub fn parse_id(
     value: &str,
     td: &TrustDomain,
 ) -> Result<SpiffeId, EntryError> {
-    if value.len() > MAX_SPIFFE_ID_LEN {
-        return Err(EntryError::InvalidSpiffeId {
-            field,
-            value: format!("{}...", value.chars().take(64).collect::<String>()),
-            reason: format!("{} bytes is longer than {MAX_SPIFFE_ID_LEN}", value.len()),
-        });
-    }
-    let id = SpiffeId::new(value).map_err(|e| EntryError::InvalidSpiffeId {
+    let id = meshid_api::id::parse(value).map_err(|e| EntryError::InvalidSpiffeId {
         field,
-        value: value.to_owned(),
+        value: match e {
+            IdError::TooLong { .. } => {
+                format!("{}...", value.chars().take(64).collect::<String>())
+            }
+            _ => value.to_owned(),
+        },
         reason: e.to_string(),
     })?;
-    // The spiffe crate accepts an upper-case scheme or trust domain and normalizes it; a CA
-    // refuses anything but the canonical form, so one identity has one spelling.
-    if id.to_string() != value {
-        return Err(EntryError::InvalidSpiffeId {
-            field,
-            value: value.to_owned(),
-            reason: format!(
-                "not in canonical form (scheme and trust domain must be lower case): use {id}"
-            ),
-        });
-    }
     if !id.is_member_of(td) {
         return Err(EntryError::ForeignTrustDomain {
             field,

@@ -1,13 +1,12 @@
-//! JWT-SVIDs: minting with the CA's ES256 key, and validation by the JWT-SVID rules.
+//! JWT-SVIDs: minting with the CA's ES256 key.
 //!
 //! Pure: no I/O and no clock (callers pass `now`). A token is a JWS in compact serialization
 //! whose header is exactly `{"alg":"ES256","kid":…,"typ":"JWT"}` and whose claims are `sub` (the
 //! SPIFFE ID), `aud`, `exp` and `iat` (integers, never floats) and a random `jti`.
 //!
-//! [`verify_jwt_svid`] applies the JWT-SVID validation rules: `alg` from the allow-list (ES256,
-//! ES384) checked first, no header besides `alg`, `kid` and `typ`, the key found by `kid`, the
-//! signature, `sub` a SPIFFE ID, `aud` containing the expected audience, and `exp` in the future
-//! (with [`LEEWAY`]). The caller passes the JWT authorities of the `sub`'s trust domain.
+//! The CA does not validate JWT-SVIDs: the agent does (ValidateJWTSVID), with the `spiffe`
+//! crate's validator, and so do workloads with theirs. The tests check every minted token with
+//! that same validator and with `jsonwebtoken`.
 
 use std::fmt;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -16,25 +15,15 @@ use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine as _;
 use rand::RngCore as _;
 use ring::rand::SystemRandom;
-use ring::signature::{
-    EcdsaKeyPair, KeyPair as _, UnparsedPublicKey, VerificationAlgorithm, ECDSA_P256_SHA256_FIXED,
-    ECDSA_P256_SHA256_FIXED_SIGNING, ECDSA_P384_SHA384_FIXED,
-};
+use ring::signature::{EcdsaKeyPair, KeyPair as _, ECDSA_P256_SHA256_FIXED_SIGNING};
 use rustls_pki_types::pem::PemObject as _;
 use rustls_pki_types::PrivatePkcs8KeyDer;
-use serde_json::{json, Map, Value};
+use serde_json::{json, Value};
 use sha2::{Digest as _, Sha256};
 use spiffe::SpiffeId;
 use zeroize::Zeroizing;
 
-/// Clock skew tolerated when checking `exp` and `nbf`.
-pub const LEEWAY: Duration = Duration::from_secs(30);
-
-/// Longest token [`verify_jwt_svid`] looks at.
-const MAX_TOKEN_LEN: usize = 16 * 1024;
-
-/// The `use` of JWT authorities in a SPIFFE bundle.
-pub const JWT_SVID_USE: &str = "jwt-svid";
+use crate::bundle::JWT_SVID_USE;
 
 /// DER prefix of a P-256 SubjectPublicKeyInfo, up to the uncompressed point.
 const SPKI_PREFIX_P256: &[u8] = &[
@@ -42,7 +31,7 @@ const SPKI_PREFIX_P256: &[u8] = &[
     0x86, 0x48, 0xce, 0x3d, 0x03, 0x01, 0x07, 0x03, 0x42, 0x00,
 ];
 
-/// Errors of JWT-SVID minting and validation. No variant carries a token or key material.
+/// Errors of JWT-SVID minting and of loading JWT keys. No variant carries a token or key material.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum JwtError {
@@ -67,53 +56,6 @@ pub enum JwtError {
     /// `now` is before the Unix epoch.
     #[error("time is before the unix epoch")]
     InvalidTime,
-    /// The token is not a JWS compact serialization of JSON objects.
-    #[error("malformed token: {0}")]
-    Malformed(&'static str),
-    /// `alg` missing or not in the allow-list.
-    #[error("unsupported or missing alg: expected ES256 or ES384")]
-    UnsupportedAlgorithm,
-    /// A header other than `alg`, `kid` and `typ`.
-    #[error("header {0:?} is not allowed in a JWT-SVID (only alg, kid and typ)")]
-    UnexpectedHeader(String),
-    /// `typ` present but neither `JWT` nor `JOSE`.
-    #[error("typ must be JWT or JOSE")]
-    BadType,
-    /// No `kid` header.
-    #[error("token has no kid header")]
-    MissingKeyId,
-    /// No JWT authority with the token's `kid`.
-    #[error(
-        "no JWT authority with key id {0:?}; is the bundle of the token's trust domain current?"
-    )]
-    UnknownKeyId(String),
-    /// The authority's key does not fit the token's `alg`.
-    #[error("key {0:?} does not match the token's alg")]
-    KeyAlgorithmMismatch(String),
-    /// The signature does not verify.
-    #[error("signature does not verify")]
-    BadSignature,
-    /// `sub` missing or not a SPIFFE ID.
-    #[error("sub is missing or not a SPIFFE ID")]
-    InvalidSubject,
-    /// `aud` missing, malformed, or without the expected audience.
-    #[error("token audience does not contain the expected audience")]
-    AudienceMismatch,
-    /// `exp` missing or not a number.
-    #[error("token has no numeric exp claim")]
-    MissingExpiry,
-    /// The token expired.
-    #[error("token expired at {exp} (unix seconds)")]
-    Expired {
-        /// The token's `exp`.
-        exp: i64,
-    },
-    /// The token's `nbf` is in the future.
-    #[error("token not valid before {nbf} (unix seconds)")]
-    NotYetValid {
-        /// The token's `nbf`.
-        nbf: i64,
-    },
     /// JSON encoding failed.
     #[error("json encoding failed")]
     Encode(#[source] serde_json::Error),
@@ -273,160 +215,6 @@ pub fn mint_jwt_svid(
     token.push('.');
     URL_SAFE_NO_PAD.encode_string(sig.as_ref(), &mut token);
     Ok(token)
-}
-
-/// The claims of a validated JWT-SVID.
-#[derive(Clone, Debug, PartialEq)]
-pub struct JwtClaims {
-    /// `sub`.
-    pub spiffe_id: SpiffeId,
-    /// `aud`, as a list.
-    pub audience: Vec<String>,
-    /// `exp`, Unix seconds.
-    pub expiry: i64,
-    /// `iat`, Unix seconds, if present.
-    pub issued_at: Option<i64>,
-    /// Every claim as sent (for ValidateJWTSVID's `claims`).
-    pub claims: Map<String, Value>,
-}
-
-/// Validates `token` against the JWT authorities `keys` (JWKs carrying `kid`; the bundle of the
-/// `sub`'s trust domain), for `audience`, at `now`.
-pub fn verify_jwt_svid(
-    token: &str,
-    keys: &[Value],
-    audience: &str,
-    now: SystemTime,
-) -> Result<JwtClaims, JwtError> {
-    if audience.is_empty() {
-        return Err(JwtError::EmptyAudience);
-    }
-    let now = unix_secs(now)?;
-    if token.len() > MAX_TOKEN_LEN {
-        return Err(JwtError::Malformed("token too long"));
-    }
-    let mut parts = token.split('.');
-    let (Some(header_b64), Some(claims_b64), Some(sig_b64), None) =
-        (parts.next(), parts.next(), parts.next(), parts.next())
-    else {
-        return Err(JwtError::Malformed("not a JWS compact serialization"));
-    };
-    let header = decode_object(header_b64, "header is not base64url JSON")?;
-
-    // alg first, before anything else in the header is looked at.
-    let (curve, coord_len, verify_alg): (_, _, &'static dyn VerificationAlgorithm) =
-        match header.get("alg").and_then(Value::as_str) {
-            Some("ES256") => ("P-256", 32, &ECDSA_P256_SHA256_FIXED),
-            Some("ES384") => ("P-384", 48, &ECDSA_P384_SHA384_FIXED),
-            _ => return Err(JwtError::UnsupportedAlgorithm),
-        };
-    if let Some(name) = header
-        .keys()
-        .find(|k| !matches!(k.as_str(), "alg" | "kid" | "typ"))
-    {
-        return Err(JwtError::UnexpectedHeader(clip(name)));
-    }
-    match header.get("typ") {
-        None => {}
-        Some(Value::String(t)) if t == "JWT" || t == "JOSE" => {}
-        Some(_) => return Err(JwtError::BadType),
-    }
-    let kid = match header.get("kid") {
-        Some(Value::String(kid)) if !kid.is_empty() => kid,
-        _ => return Err(JwtError::MissingKeyId),
-    };
-    let jwk = keys
-        .iter()
-        .find(|k| {
-            k.get("kid").and_then(Value::as_str) == Some(kid.as_str())
-                && k.get("use")
-                    .and_then(Value::as_str)
-                    .is_none_or(|u| u == JWT_SVID_USE)
-        })
-        .ok_or_else(|| JwtError::UnknownKeyId(clip(kid)))?;
-    if jwk.get("kty").and_then(Value::as_str) != Some("EC")
-        || jwk.get("crv").and_then(Value::as_str) != Some(curve)
-    {
-        return Err(JwtError::KeyAlgorithmMismatch(clip(kid)));
-    }
-    let coord = |name: &str| -> Result<Vec<u8>, JwtError> {
-        jwk.get(name)
-            .and_then(Value::as_str)
-            .and_then(|s| URL_SAFE_NO_PAD.decode(s).ok())
-            .filter(|c| c.len() == coord_len)
-            .ok_or(JwtError::InvalidPublicKey("bad EC coordinate in JWK"))
-    };
-    let mut point = Vec::with_capacity(1 + 2 * coord_len);
-    point.push(0x04);
-    point.extend(coord("x")?);
-    point.extend(coord("y")?);
-
-    let sig = URL_SAFE_NO_PAD
-        .decode(sig_b64)
-        .map_err(|_| JwtError::Malformed("signature is not base64url"))?;
-    let signed_len = header_b64.len() + 1 + claims_b64.len();
-    let signed = token.get(..signed_len).unwrap_or_default();
-    UnparsedPublicKey::new(verify_alg, &point)
-        .verify(signed.as_bytes(), &sig)
-        .map_err(|_| JwtError::BadSignature)?;
-
-    let claims = decode_object(claims_b64, "claims are not base64url JSON")?;
-    let spiffe_id = claims
-        .get("sub")
-        .and_then(Value::as_str)
-        .and_then(|s| SpiffeId::new(s).ok())
-        .ok_or(JwtError::InvalidSubject)?;
-    let aud: Vec<String> = match claims.get("aud") {
-        Some(Value::String(a)) => vec![a.clone()],
-        Some(Value::Array(items)) => items
-            .iter()
-            .map(|a| a.as_str().map(str::to_owned))
-            .collect::<Option<_>>()
-            .ok_or(JwtError::AudienceMismatch)?,
-        _ => return Err(JwtError::AudienceMismatch),
-    };
-    if !aud.iter().any(|a| a == audience) {
-        return Err(JwtError::AudienceMismatch);
-    }
-    let leeway = LEEWAY.as_secs() as i64;
-    let exp = numeric(&claims, "exp").ok_or(JwtError::MissingExpiry)?;
-    if now >= exp.saturating_add(leeway) {
-        return Err(JwtError::Expired { exp });
-    }
-    if let Some(nbf) = numeric(&claims, "nbf") {
-        if now.saturating_add(leeway) < nbf {
-            return Err(JwtError::NotYetValid { nbf });
-        }
-    }
-    Ok(JwtClaims {
-        spiffe_id,
-        audience: aud,
-        expiry: exp,
-        issued_at: numeric(&claims, "iat"),
-        claims,
-    })
-}
-
-fn decode_object(b64: &str, what: &'static str) -> Result<Map<String, Value>, JwtError> {
-    let bytes = URL_SAFE_NO_PAD
-        .decode(b64)
-        .map_err(|_| JwtError::Malformed(what))?;
-    match serde_json::from_slice(&bytes) {
-        Ok(Value::Object(map)) => Ok(map),
-        _ => Err(JwtError::Malformed(what)),
-    }
-}
-
-/// A NumericDate claim, whole seconds (fractions are dropped).
-fn numeric(claims: &Map<String, Value>, name: &str) -> Option<i64> {
-    let v = claims.get(name)?;
-    v.as_i64()
-        .or_else(|| v.as_f64().filter(|f| f.is_finite()).map(|f| f as i64))
-}
-
-/// An attacker-chosen string, shortened for an error message.
-fn clip(s: &str) -> String {
-    s.chars().take(64).collect()
 }
 
 fn unix_secs(t: SystemTime) -> Result<i64, JwtError> {

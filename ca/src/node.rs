@@ -22,7 +22,7 @@ use std::time::Duration;
 use anyhow::Context;
 use arc_swap::ArcSwap;
 use meshid_api::node::{self, node_server::NodeServer};
-use meshid_api::tls::{self, RotatingCert};
+use meshid_api::tls::{self, PeerBundles, RotatingCert, SvidVerifier};
 use rustls::ServerConfig;
 use rustls_pki_types::{PrivateKeyDer, PrivatePkcs8KeyDer};
 use spiffe::SpiffeId;
@@ -176,10 +176,15 @@ struct ServerTls {
     config: ArcSwap<ServerConfig>,
 }
 
+/// The node API's server configuration: our SVID, and agents' SVIDs verified by meshid-api's
+/// one verifier against the bundle's roots. A client certificate is optional (an agent attests
+/// before it has one); whom a certificate may call is [`NodeApi::authorize`]'s business.
 fn server_config(cert: &Arc<RotatingCert>, bundle: &TrustBundle) -> anyhow::Result<ServerConfig> {
+    let bundles =
+        PeerBundles::from_roots([(bundle.trust_domain.clone(), bundle.x509_authorities.clone())])?;
     Ok(tls::server_config(
         Arc::clone(cert) as Arc<dyn rustls::server::ResolvesServerCert>,
-        bundle.x509_authorities.clone(),
+        Arc::new(SvidVerifier::with_bundles(bundles)),
         false,
     )?)
 }
@@ -289,7 +294,12 @@ async fn accept_loop(
                 )
                 .await
                 .map_err(|_| "handshake_timeout")?
-                .map_err(|_| "handshake_failed")
+                .map_err(|e| {
+                    // Why, as the proxy labels it: a refused client certificate names the
+                    // X509-SVID rule it broke.
+                    tracing::debug!(%peer, reason = tls::verify::io_failure_reason(&e), error = %e, "node API client refused in the handshake");
+                    "handshake_failed"
+                })
             };
             let result = tokio::select! {
                 r = handshake => r,
@@ -392,7 +402,6 @@ pub async fn serve(
 #[derive(Debug, Clone)]
 struct Caller {
     id: SpiffeId,
-    text: String,
     /// notAfter of the certificate the connection was made with.
     not_after: i64,
     /// Its serial, lowercase hex.
@@ -447,16 +456,15 @@ impl NodeService {
                     .to_owned(),
             ));
         };
-        let text = tls::spiffe_id_of(leaf)
+        // The handshake verified the chain and the leaf rules; this reads the ID it verified.
+        let id = tls::verify::spiffe_id_of(leaf)
             .map_err(|e| self.deny(rpc, "<unidentified>", format!("client certificate: {e}")))?;
-        let id = SpiffeId::new(&text)
-            .map_err(|e| self.deny(rpc, &text, format!("client certificate: {e}")))?;
         let td = self.ca.authority.trust_domain();
         if !id.is_member_of(td) || !id.path().starts_with(AGENT_PATH_PREFIX) {
             return Err(self.deny(
                 rpc,
-                &text,
-                format!("{text} is not an agent identity (spiffe://{td}{AGENT_PATH_PREFIX}...)"),
+                &id.to_string(),
+                format!("{id} is not an agent identity (spiffe://{td}{AGENT_PATH_PREFIX}...)"),
             ));
         }
         let (not_after, serial, marked) = x509_parser::parse_x509_certificate(leaf)
@@ -467,39 +475,38 @@ impl NodeService {
                     meshid_api::role::Role::Agent.marks_parsed(&c),
                 )
             })
-            .map_err(|e| self.deny(rpc, &text, format!("client certificate: {e}")))?;
+            .map_err(|e| self.deny(rpc, &id.to_string(), format!("client certificate: {e}")))?;
         if not_after <= crate::unix_now() {
             return Err(self.deny(
                 rpc,
-                &text,
-                format!(
-                    "the SVID of {text} expired at {not_after}; reconnect with the renewed one"
-                ),
+                &id.to_string(),
+                format!("the SVID of {id} expired at {not_after}; reconnect with the renewed one"),
             ));
         }
         // Only an SVID the CA issued to an agent carries the agent mark (`marked`). One from
         // before the marks is taken only while it is the agent's current SVID (its serial is
         // on record).
-        match self.ca.check_agent_svid(&text, &serial).await {
+        match self.ca.check_agent_svid(&id, &serial).await {
             Ok(record) if !marked && record.serial != serial => Err(self.deny(
                 rpc,
-                &text,
-                format!("{text}: this certificate is not an agent SVID (it lacks the agent mark)"),
+                &id.to_string(),
+                format!("{id}: this certificate is not an agent SVID (it lacks the agent mark)"),
             )),
             Ok(_) => Ok(Caller {
                 id,
-                text,
                 not_after,
                 serial,
             }),
-            Err(e @ ServiceError::AgentDenied { .. }) => Err(self.deny(rpc, &text, e.to_string())),
+            Err(e @ ServiceError::AgentDenied { .. }) => {
+                Err(self.deny(rpc, &id.to_string(), e.to_string()))
+            }
             Err(e) => Err(e.into()),
         }
     }
 
-    fn agent_svid(&self, id: &str, svid: &IssuedSvid) -> node::AgentSvid {
+    fn agent_svid(&self, id: &SpiffeId, svid: &IssuedSvid) -> node::AgentSvid {
         node::AgentSvid {
-            spiffe_id: id.to_owned(),
+            spiffe_id: id.to_string(),
             chain: svid.chain.iter().map(|c| c.to_vec()).collect(),
             expires_at: svid.not_after,
             bundle: Some(bundle_to_proto(&self.ca.authority.bundle())),
@@ -507,7 +514,7 @@ impl NodeService {
     }
 
     /// The complete state for an agent: its entries and the bundle.
-    async fn full_state(&self, agent: &str) -> Result<node::SyncUpdate, NodeError> {
+    async fn full_state(&self, agent: &SpiffeId) -> Result<node::SyncUpdate, NodeError> {
         let entries = self
             .ca
             .store
@@ -551,10 +558,10 @@ impl NodeService {
                 _ = tx.closed() => return,
                 _ = stopped(&mut stop) => return,
                 _ = tokio::time::sleep_until(expiry) => {
-                    tracing::info!(caller = %caller.text, "agent SVID expired; ending its sync stream");
+                    tracing::info!(caller = %caller.id, "agent SVID expired; ending its sync stream");
                     let status = Status::unauthenticated(format!(
                         "the SVID of {} expired; reconnect with the renewed one",
-                        caller.text
+                        caller.id
                     ));
                     self.send(&tx, Err(status)).await;
                     return;
@@ -575,17 +582,17 @@ impl NodeService {
                                 .min(tokio::time::Instant::now() + self.ca.agent_svid_overlap);
                         }
                         if applied == Applied::AgentRemoved {
-                            tracing::info!(caller = %caller.text, "agent evicted or banned; ending its sync stream");
+                            tracing::info!(caller = %caller.id, "agent evicted or banned; ending its sync stream");
                             let status = Status::permission_denied(format!(
                                 "agent {} was evicted or banned",
-                                caller.text
+                                caller.id
                             ));
                             self.send(&tx, Err(status)).await;
                             return;
                         }
                     }
                     Err(RecvError::Lagged(missed)) => {
-                        tracing::warn!(caller = %caller.text, missed, "sync stream fell behind; resending the full state");
+                        tracing::warn!(caller = %caller.id, missed, "sync stream fell behind; resending the full state");
                         resync = true;
                     }
                     Err(RecvError::Closed) => return,
@@ -605,8 +612,8 @@ impl NodeService {
                 // A fresh receiver sees only what happens from now on; the state read after it
                 // includes everything before, and replaying later events on top converges.
                 events = self.ca.events.subscribe();
-                let state = match self.ca.check_agent(&caller.text).await {
-                    Ok(_) => self.full_state(&caller.text).await,
+                let state = match self.ca.check_agent(&caller.id).await {
+                    Ok(_) => self.full_state(&caller.id).await,
                     Err(e) => Err(NodeError::from(e)),
                 };
                 match state {
@@ -667,12 +674,12 @@ impl Pending {
             }
             CaEvent::BundleChanged => self.bundle = true,
             CaEvent::AgentRemoved { spiffe_id } => {
-                if spiffe_id == agent.to_string() {
+                if spiffe_id == *agent {
                     return Applied::AgentRemoved;
                 }
             }
             CaEvent::AgentRenewed { spiffe_id, serial } => {
-                if spiffe_id == caller.text && serial != caller.serial {
+                if spiffe_id == caller.id && serial != caller.serial {
                     return Applied::Superseded;
                 }
             }
@@ -736,11 +743,11 @@ impl node::node_server::Node for NodeService {
         // eviction included) falls in between.
         let events = self.ca.events.subscribe();
         let caller = self.authorize(&req, "Sync").await?;
-        let first = self.full_state(&caller.text).await?;
+        let first = self.full_state(&caller.id).await?;
         let (tx, rx) = mpsc::channel(4);
         tx.try_send(Ok(first))
             .map_err(|_| Status::internal("sync stream channel is full"))?;
-        tracing::debug!(caller = %caller.text, "sync stream opened");
+        tracing::debug!(caller = %caller.id, "sync stream opened");
         tokio::spawn(self.clone().sync_loop(caller, events, tx));
         Ok(Response::new(ReceiverStream::new(rx)))
     }
@@ -773,7 +780,7 @@ impl node::node_server::Node for NodeService {
             .await
             .map_err(|e| NodeError::from(ServiceError::from(e)))?
             .into_iter()
-            .filter(|e| e.parent_id.to_string() == caller.text)
+            .filter(|e| e.parent_id == caller.id)
             .map(|e| (e.id.to_string(), e))
             .collect();
         let mut results = Vec::with_capacity(requests.len());
@@ -789,7 +796,7 @@ impl node::node_server::Node for NodeService {
                 None => {
                     result.error = format!(
                         "no entry {:?} is assigned to agent {}",
-                        result.entry_id, caller.text
+                        result.entry_id, caller.id
                     );
                 }
                 Some(entry) => {
@@ -799,7 +806,7 @@ impl node::node_server::Node for NodeService {
             }
             results.push(result);
         }
-        let issued = self.ca.issue_batch(work, &caller.text).await;
+        let issued = self.ca.issue_batch(work, &caller.id.to_string()).await;
         for (slot, outcome) in slots.into_iter().zip(issued) {
             let result = &mut results[slot];
             match outcome {
@@ -812,7 +819,7 @@ impl node::node_server::Node for NodeService {
             }
         }
         for result in results.iter().filter(|r| !r.error.is_empty()) {
-            tracing::info!(caller = %caller.text, entry_id = %result.entry_id, error = %result.error, "SVID request refused");
+            tracing::info!(caller = %caller.id, entry_id = %result.entry_id, error = %result.error, "SVID request refused");
         }
         Ok(Response::new(node::BatchSignX509Response { results }))
     }
@@ -823,7 +830,7 @@ impl node::node_server::Node for NodeService {
     ) -> Rpc<node::MintJwtSvidResponse> {
         let caller = self.authorize(&req, "MintJwtSvid").await?;
         if let Err(retry_after) = self.jwt_mints.take(&caller.id, std::time::Instant::now()) {
-            tracing::warn!(caller = %caller.text, "refused: JWT-SVID mint rate exceeded");
+            tracing::warn!(caller = %caller.id, "refused: JWT-SVID mint rate exceeded");
             return Err(NodeError::RateLimited { retry_after }.into());
         }
         let r = req.into_inner();
@@ -840,10 +847,10 @@ impl node::node_server::Node for NodeService {
             return Err(self
                 .deny(
                     "MintJwtSvid",
-                    &caller.text,
+                    &caller.id.to_string(),
                     format!(
                         "no entry {:?} is assigned to agent {}",
-                        r.entry_id, caller.text
+                        r.entry_id, caller.id
                     ),
                 )
                 .into());
@@ -851,7 +858,12 @@ impl node::node_server::Node for NodeService {
         let ttl = entry.jwt_svid_ttl.map_or(0, |d| d.as_secs());
         let (token, expires_at) = self
             .ca
-            .mint_jwt(&entry.spiffe_id.to_string(), &r.audience, ttl, &caller.text)
+            .mint_jwt(
+                &entry.spiffe_id.to_string(),
+                &r.audience,
+                ttl,
+                &caller.id.to_string(),
+            )
             .await
             .map_err(NodeError::from)?;
         Ok(Response::new(node::MintJwtSvidResponse {

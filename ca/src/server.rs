@@ -240,10 +240,8 @@ async fn replay(ca: &Ca, me: &str, record: &crate::audit::AuditRecord) -> anyhow
             }
         }
         "agent.evicted" | "agent.banned" => {
-            if let Some(id) = field("spiffe_id") {
-                ca.publish(CaEvent::AgentRemoved {
-                    spiffe_id: id.to_owned(),
-                });
+            if let Some(spiffe_id) = parse_id(field("spiffe_id")) {
+                ca.publish(CaEvent::AgentRemoved { spiffe_id });
             }
         }
         _ => {}

@@ -56,7 +56,7 @@ pub enum ServiceError {
     #[error("agent {id} {reason}")]
     AgentDenied {
         /// The agent's SPIFFE ID.
-        id: String,
+        id: SpiffeId,
         /// Why, e.g. "is banned".
         reason: &'static str,
     },
@@ -133,12 +133,12 @@ pub enum CaEvent {
     /// An agent was evicted or banned: its open streams end.
     AgentRemoved {
         /// The agent's SPIFFE ID.
-        spiffe_id: String,
+        spiffe_id: SpiffeId,
     },
     /// An agent renewed its SVID: streams opened with another one end after the overlap.
     AgentRenewed {
         /// The agent's SPIFFE ID.
-        spiffe_id: String,
+        spiffe_id: SpiffeId,
         /// The serial of its new SVID.
         serial: String,
     },
@@ -152,7 +152,7 @@ struct Locks {
     /// Read-check-write of agent records, so a renewal cannot undo an eviction or a ban.
     agents: Mutex<()>,
     /// Superseded agent SVIDs already audited as used (agent, serial): audited once each.
-    superseded_seen: std::sync::Mutex<std::collections::HashSet<(String, String)>>,
+    superseded_seen: std::sync::Mutex<std::collections::HashSet<(SpiffeId, String)>>,
 }
 
 /// The CA: authority, datastore, metrics and defaults, shared by every API.
@@ -593,17 +593,14 @@ impl Ca {
         )?;
         let id_text = id.to_string();
         let _agents = self.locks.agents.lock().await;
-        if let Some(existing) = self.store.get_agent(&id_text).await? {
+        if let Some(existing) = self.store.get_agent(&id).await? {
             if existing.banned {
-                return Err(ServiceError::AgentDenied {
-                    id: id_text,
-                    reason: BANNED,
-                });
+                return Err(ServiceError::AgentDenied { id, reason: BANNED });
             }
         }
         let svid = self.sign_agent_svid(&id, csr_der)?;
         let record = AgentRecord {
-            spiffe_id: id_text.clone(),
+            spiffe_id: id.clone(),
             attestation_type: "join_token".to_owned(),
             serial: svid.serial.clone(),
             expires_at: svid.not_after,
@@ -636,15 +633,15 @@ impl Ca {
     ) -> Result<(AgentRecord, IssuedSvid), ServiceError> {
         let id_text = id.to_string();
         let _agents = self.locks.agents.lock().await;
-        let Some(record) = self.store.get_agent(&id_text).await? else {
+        let Some(record) = self.store.get_agent(id).await? else {
             return Err(ServiceError::AgentDenied {
-                id: id_text,
+                id: id.clone(),
                 reason: NOT_ATTESTED,
             });
         };
         if record.banned {
             return Err(ServiceError::AgentDenied {
-                id: id_text,
+                id: id.clone(),
                 reason: BANNED,
             });
         }
@@ -663,7 +660,7 @@ impl Ca {
         let record = match self
             .store
             .renew_agent(
-                &id_text,
+                id,
                 &svid.serial,
                 svid.not_after,
                 crate::unix_now() + i64::try_from(self.agent_svid_overlap.as_secs()).unwrap_or(0),
@@ -674,14 +671,14 @@ impl Ca {
             Ok(r) => r,
             Err(StoreError::NotFound(_)) => {
                 return Err(ServiceError::AgentDenied {
-                    id: id_text,
+                    id: id.clone(),
                     reason: NOT_ATTESTED,
                 })
             }
             Err(e) => return Err(e.into()),
         };
         self.publish(CaEvent::AgentRenewed {
-            spiffe_id: id_text.clone(),
+            spiffe_id: id.clone(),
             serial: svid.serial.clone(),
         });
         tracing::info!(spiffe_id = %id_text, serial = %svid.serial, not_after = svid.not_after, "agent renewed");
@@ -689,14 +686,14 @@ impl Ca {
     }
 
     /// Checks that `id` names an attested, unbanned agent.
-    pub async fn check_agent(&self, id: &str) -> Result<AgentRecord, ServiceError> {
+    pub async fn check_agent(&self, id: &SpiffeId) -> Result<AgentRecord, ServiceError> {
         match self.store.get_agent(id).await? {
             None => Err(ServiceError::AgentDenied {
-                id: id.to_owned(),
+                id: id.clone(),
                 reason: NOT_ATTESTED,
             }),
             Some(r) if r.banned => Err(ServiceError::AgentDenied {
-                id: id.to_owned(),
+                id: id.clone(),
                 reason: BANNED,
             }),
             Some(r) => Ok(r),
@@ -709,7 +706,7 @@ impl Ca {
     /// serial): its key may have been stolen.
     pub async fn check_agent_svid(
         &self,
-        id: &str,
+        id: &SpiffeId,
         serial: &str,
     ) -> Result<AgentRecord, ServiceError> {
         let record = self.check_agent(id).await?;
@@ -732,13 +729,13 @@ impl Ca {
             .superseded_seen
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .insert((id.to_owned(), serial.to_owned()));
+            .insert((id.clone(), serial.to_owned()));
         if first {
             let event = AuditEvent::new(
                 "agent.superseded_svid_used",
-                id,
+                id.to_string(),
                 serde_json::json!({
-                    "spiffe_id": id,
+                    "spiffe_id": id.to_string(),
                     "serial": serial,
                     "current_serial": record.serial,
                 }),
@@ -748,7 +745,7 @@ impl Ca {
             }
         }
         Err(ServiceError::AgentDenied {
-            id: id.to_owned(),
+            id: id.clone(),
             reason: SUPERSEDED,
         })
     }
@@ -756,11 +753,11 @@ impl Ca {
     /// Evicts an agent: deletes its record, so its SVID is no longer honoured and its open
     /// streams end. It may attest again (with a new join token).
     pub async fn evict_agent(&self, id: &str, caller: &str) -> Result<AgentRecord, ServiceError> {
-        let id = entry::parse_id("spiffe_id", id, self.authority.trust_domain())?.to_string();
+        let id = entry::parse_id("spiffe_id", id, self.authority.trust_domain())?;
         let event = AuditEvent::new(
             "agent.evicted",
             caller,
-            serde_json::json!({"spiffe_id": id}),
+            serde_json::json!({"spiffe_id": id.to_string()}),
         );
         let (ca, removed) = (self.clone(), id.clone());
         let record = detached(async move {
@@ -777,8 +774,12 @@ impl Ca {
     /// Bans an agent: nothing is issued to it, its open streams end, and it cannot attest
     /// again under this ID. Banning a banned agent changes nothing.
     pub async fn ban_agent(&self, id: &str, caller: &str) -> Result<AgentRecord, ServiceError> {
-        let id = entry::parse_id("spiffe_id", id, self.authority.trust_domain())?.to_string();
-        let event = AuditEvent::new("agent.banned", caller, serde_json::json!({"spiffe_id": id}));
+        let id = entry::parse_id("spiffe_id", id, self.authority.trust_domain())?;
+        let event = AuditEvent::new(
+            "agent.banned",
+            caller,
+            serde_json::json!({"spiffe_id": id.to_string()}),
+        );
         let ca = self.clone();
         let (record, changed) = detached(async move {
             let _agents = ca.locks.agents.lock().await;
@@ -930,10 +931,13 @@ impl admin::entries_server::Entries for AdminService {
         req: Request<admin::ListEntriesRequest>,
     ) -> Rpc<admin::ListEntriesResponse> {
         let parent = req.into_inner().parent_id;
+        // A parent that is not a (canonical) SPIFFE ID has no entries.
         let entries = if parent.is_empty() {
             self.ca.store.list_entries().await
-        } else {
+        } else if let Ok(parent) = meshid_api::id::parse(&parent) {
             self.ca.store.list_entries_by_parent(&parent).await
+        } else {
+            Ok(Vec::new())
         }
         .map_err(ServiceError::from)?;
         Ok(Response::new(admin::ListEntriesResponse {
@@ -1113,7 +1117,7 @@ impl admin::audit_server::Audit for AdminService {
 /// Converts an agent record to the wire.
 pub fn agent_to_proto(a: &AgentRecord) -> admin::Agent {
     admin::Agent {
-        spiffe_id: a.spiffe_id.clone(),
+        spiffe_id: a.spiffe_id.to_string(),
         attestation_type: a.attestation_type.clone(),
         serial: a.serial.clone(),
         expires_at: a.expires_at,
@@ -1141,13 +1145,16 @@ impl admin::agents_server::Agents for AdminService {
 
     async fn get_agent(&self, req: Request<admin::GetAgentRequest>) -> Rpc<admin::Agent> {
         let id = req.into_inner().spiffe_id;
-        let agent = self
-            .ca
-            .store
-            .get_agent(&id)
-            .await
-            .map_err(ServiceError::from)?
-            .ok_or_else(|| ServiceError::from(StoreError::NotFound(format!("agent {id}"))))?;
+        let agent = match meshid_api::id::parse(&id) {
+            Ok(parsed) => self
+                .ca
+                .store
+                .get_agent(&parsed)
+                .await
+                .map_err(ServiceError::from)?,
+            Err(_) => None,
+        }
+        .ok_or_else(|| ServiceError::from(StoreError::NotFound(format!("agent {id}"))))?;
         Ok(Response::new(agent_to_proto(&agent)))
     }
 

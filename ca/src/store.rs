@@ -8,6 +8,8 @@
 
 use async_trait::async_trait;
 
+use spiffe::SpiffeId;
+
 use crate::audit::{AuditEvent, AuditRecord};
 use crate::entry::{EntryId, RegistrationEntry};
 
@@ -87,7 +89,7 @@ pub struct JoinTokenRecord {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AgentRecord {
     /// The agent's SPIFFE ID.
-    pub spiffe_id: String,
+    pub spiffe_id: SpiffeId,
     /// How it attested, for example `join_token`.
     pub attestation_type: String,
     /// Serial of the agent SVID currently held, hex.
@@ -172,7 +174,7 @@ pub trait Datastore: Send + Sync + 'static {
     /// Entries whose parent is `parent_id`, ordered by id.
     async fn list_entries_by_parent(
         &self,
-        parent_id: &str,
+        parent_id: &SpiffeId,
     ) -> Result<Vec<RegistrationEntry>, StoreError>;
     /// Replaces an entry whose stored revision is `entry.revision - 1` (optimistic concurrency).
     async fn update_entry(
@@ -211,20 +213,20 @@ pub trait Datastore: Send + Sync + 'static {
     /// the agent is gone or banned.
     async fn renew_agent(
         &self,
-        spiffe_id: &str,
+        spiffe_id: &SpiffeId,
         serial: &str,
         expires_at: i64,
         previous_until: i64,
         audit: &AuditEvent,
     ) -> Result<AgentRecord, StoreError>;
     /// Looks up an agent.
-    async fn get_agent(&self, spiffe_id: &str) -> Result<Option<AgentRecord>, StoreError>;
+    async fn get_agent(&self, spiffe_id: &SpiffeId) -> Result<Option<AgentRecord>, StoreError>;
     /// All agents, ordered by SPIFFE ID.
     async fn list_agents(&self) -> Result<Vec<AgentRecord>, StoreError>;
     /// Deletes an agent (eviction) and returns it; [`StoreError::NotFound`] if there is none.
     async fn delete_agent(
         &self,
-        spiffe_id: &str,
+        spiffe_id: &SpiffeId,
         audit: &AuditEvent,
     ) -> Result<AgentRecord, StoreError>;
 

@@ -26,6 +26,7 @@ use meshid_ca::server::{self, Listeners};
 use meshid_ca::service::{Ca, CaEvent};
 use meshid_ca::store::AgentRecord;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, UnixTime};
+use spiffe::SpiffeId;
 use tokio::sync::oneshot;
 use tonic::transport::Channel;
 use tonic::{Code, Streaming};
@@ -121,8 +122,11 @@ impl TestCa {
         &self,
         identity: Option<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>)>,
     ) -> Result<Channel, tls::TlsError> {
-        let config =
-            tls::client_config(self.roots(), ExpectedId::Exact(SERVER_ID.into()), identity)?;
+        let config = tls::client_config(
+            self.roots(),
+            ExpectedId::Exact(SpiffeId::new(SERVER_ID).unwrap()),
+            identity,
+        )?;
         tls::connect(&self.node.to_string(), Arc::new(config)).await
     }
 
@@ -272,7 +276,7 @@ fn verify_chain(chain: &[Vec<u8>], roots: &[CertificateDer<'static>]) -> String 
         None,
     )
     .unwrap();
-    tls::spiffe_id_of(&certs[0]).unwrap()
+    tls::verify::spiffe_id_of(&certs[0]).unwrap().to_string()
 }
 
 fn assert_denied(status: tonic::Status, why: &str) {
@@ -312,7 +316,13 @@ async fn attest_with_join_token_issues_an_agent_svid() {
         let left = svid.expires_at - meshid_ca::unix_now();
         assert!((3500..=3600).contains(&left), "{left}");
 
-        let record = ca.ca.store.get_agent(&expected).await.unwrap().unwrap();
+        let record = ca
+            .ca
+            .store
+            .get_agent(&SpiffeId::new(&expected).unwrap())
+            .await
+            .unwrap()
+            .unwrap();
         assert_eq!(record.attestation_type, "join_token");
         assert_eq!(record.expires_at, svid.expires_at);
         assert!(!record.banned);
@@ -724,7 +734,13 @@ async fn renew_agent_issues_a_new_svid() {
         assert_eq!(renewed.spiffe_id, a.id);
         assert_eq!(verify_chain(&renewed.chain, &ca.roots()), a.id);
         assert_ne!(renewed.chain[0], a.svid.chain[0]);
-        let record = ca.ca.store.get_agent(&a.id).await.unwrap().unwrap();
+        let record = ca
+            .ca
+            .store
+            .get_agent(&SpiffeId::new(&a.id).unwrap())
+            .await
+            .unwrap()
+            .unwrap();
         let (_, leaf) = x509_parser::parse_x509_certificate(&renewed.chain[0]).unwrap();
         assert_eq!(record.serial, hex::encode(leaf.raw_serial()));
         assert_eq!(record.expires_at, renewed.expires_at);
@@ -838,7 +854,7 @@ async fn banned_agent_is_refused_and_cannot_attest_again() {
             .store
             .upsert_agent(
                 &AgentRecord {
-                    spiffe_id: id.clone(),
+                    spiffe_id: SpiffeId::new(&id).unwrap(),
                     attestation_type: "join_token".into(),
                     serial: "00".into(),
                     expires_at: 0,
@@ -861,7 +877,15 @@ async fn banned_agent_is_refused_and_cannot_attest_again() {
             .await
             .unwrap_err();
         assert_denied(status, "is banned");
-        assert!(ca.ca.store.get_agent(&id).await.unwrap().unwrap().banned);
+        assert!(
+            ca.ca
+                .store
+                .get_agent(&SpiffeId::new(&id).unwrap())
+                .await
+                .unwrap()
+                .unwrap()
+                .banned
+        );
         ca.stop().await;
     })
     .await
@@ -1058,8 +1082,12 @@ async fn role_marks_tell_agents_and_the_server_from_workloads() {
                 let _ = acceptor.accept(tcp).await;
             }
         });
-        let client_config =
-            tls::client_config(ca.roots(), ExpectedId::Exact(SERVER_ID.into()), None).unwrap();
+        let client_config = tls::client_config(
+            ca.roots(),
+            ExpectedId::Exact(SpiffeId::new(SERVER_ID).unwrap()),
+            None,
+        )
+        .unwrap();
         let err = tls::connect(&addr, Arc::new(client_config))
             .await
             .unwrap_err();
@@ -1076,4 +1104,120 @@ async fn role_marks_tell_agents_and_the_server_from_workloads() {
         ca.stop().await;
     })
     .await
+}
+
+/// Presents a chain and key as they are (rustls' own constructors would refuse a key that
+/// does not match the leaf, and the corpus has one).
+#[derive(Debug)]
+struct Present(Arc<rustls::sign::CertifiedKey>);
+
+impl rustls::client::ResolvesClientCert for Present {
+    fn resolve(
+        &self,
+        _root_hint_subjects: &[&[u8]],
+        _sigschemes: &[rustls::SignatureScheme],
+    ) -> Option<Arc<rustls::sign::CertifiedKey>> {
+        Some(Arc::clone(&self.0))
+    }
+
+    fn has_certs(&self) -> bool {
+        true
+    }
+}
+
+/// The malformed-SVID corpus (`ca/api/tests/testdata/svid/`, checked by the verifier's own test)
+/// against the node API of a CA whose root is the corpus root: an agent presenting any corpus
+/// SVID is refused, and every one but the well-formed control is refused in the TLS handshake,
+/// by the same verifier the proxy uses, before any call runs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agents_presenting_any_corpus_svid_are_refused() {
+    use rustls_pki_types::pem::PemObject as _;
+    bounded(async {
+        let corpus =
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("api/tests/testdata/svid");
+        let keys = tempfile::tempdir().unwrap();
+        for name in ["root.crt.pem", "root.key.pem"] {
+            let to = keys.path().join(name);
+            std::fs::copy(corpus.join(name), &to).unwrap();
+            std::fs::set_permissions(&to, std::os::unix::fs::PermissionsExt::from_mode(0o600))
+                .unwrap();
+        }
+        let ca = TestCa::start_with(|raw| {
+            raw.ca.upstream_cert = Some(keys.path().join("root.crt.pem"));
+            raw.ca.upstream_key = Some(keys.path().join("root.key.pem"));
+        })
+        .await;
+        let root = CertificateDer::from_pem_file(corpus.join("root.crt.pem")).unwrap();
+        assert_eq!(ca.roots(), vec![root], "the CA runs under the corpus root");
+
+        let mut files: Vec<_> = std::fs::read_dir(&corpus)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .filter(|n| n.ends_with(".pem") && !n.contains("root."))
+            .collect();
+        files.sort();
+        assert!(files.len() >= 15, "corpus: {files:?}");
+        for file in files {
+            let pem = std::fs::read(corpus.join(&file)).unwrap();
+            let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(&pem)
+                .collect::<Result<_, _>>()
+                .unwrap();
+            let key = PrivateKeyDer::from_pem_slice(&pem).unwrap();
+            let signing = tls::provider().key_provider.load_private_key(key).unwrap();
+            let verifier = tls::server_verifier(
+                Arc::new(tls::SvidVerifier::with_bundles(
+                    tls::PeerBundles::from_roots([(
+                        spiffe::TrustDomain::new("example.org").unwrap(),
+                        ca.roots(),
+                    )])
+                    .unwrap(),
+                )),
+                ExpectedId::Exact(SpiffeId::new(SERVER_ID).unwrap()),
+            );
+            let mut config = rustls::ClientConfig::builder_with_provider(tls::provider())
+                .with_protocol_versions(tls::PROTOCOL_VERSIONS)
+                .unwrap()
+                .dangerous()
+                .with_custom_certificate_verifier(Arc::new(verifier))
+                .with_client_cert_resolver(Arc::new(Present(Arc::new(
+                    rustls::sign::CertifiedKey::new(chain, signing),
+                ))));
+            config.alpn_protocols = vec![tls::ALPN_H2.to_vec()];
+            let refused_before = ca.ca.metrics.node_handshake_failures.get();
+            // With TLS 1.3 the client finishes before the server has judged its certificate:
+            // the refusal shows on the first call (or already on connect).
+            let outcome = match tls::connect(&ca.node.to_string(), Arc::new(config)).await {
+                Err(e) => Err(e.to_string()),
+                Ok(channel) => NodeClient::new(channel)
+                    .renew_agent(node::RenewAgentRequest { csr: csr().0 })
+                    .await
+                    .map(|_| ())
+                    .map_err(|s| format!("{:?}: {}", s.code(), s.message())),
+            };
+            // The server counts the refusal in its connection task, maybe after the client saw it.
+            let mut refused_in_handshake = 0;
+            for _ in 0..50 {
+                refused_in_handshake = ca.ca.metrics.node_handshake_failures.get() - refused_before;
+                if refused_in_handshake > 0 || file == "valid.pem" {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            if file == "valid.pem" {
+                // Well-formed, so the handshake completes; but it names no agent.
+                let err = outcome.expect_err("valid.pem: a workload SVID must not renew an agent");
+                assert!(err.contains("is not an agent identity"), "valid.pem: {err}");
+                assert_eq!(refused_in_handshake, 0, "valid.pem");
+            } else {
+                let err = outcome.expect_err(&file);
+                assert!(
+                    !err.starts_with("PermissionDenied"),
+                    "{file}: reached a call: {err}"
+                );
+                assert!(refused_in_handshake >= 1, "{file}: {err}");
+            }
+        }
+        ca.stop().await;
+    })
+    .await;
 }

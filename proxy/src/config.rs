@@ -502,15 +502,7 @@ impl TryFrom<RawConfig> for Config {
         let spiffe_id = raw
             .spiffe_id
             .map(|s| {
-                let id =
-                    SpiffeId::new(&s).map_err(|e| invalid("spiffe_id", format!("{s:?}: {e}")))?;
-                if id.to_string() != s {
-                    return Err(invalid(
-                        "spiffe_id",
-                        format!("{s:?} is not in canonical form; write {id}"),
-                    ));
-                }
-                Ok(id)
+                meshid_api::id::parse(&s).map_err(|e| invalid("spiffe_id", format!("{s:?}: {e}")))
             })
             .transpose()?;
         let ops_address = socket_addr(

@@ -18,7 +18,7 @@ use crate::config::{Inbound, InboundProtocol};
 use crate::io::{detect, Detected, Prefixed};
 use crate::metrics::ListenerMetrics;
 use crate::server::{ActivePolicy, Shared};
-use crate::verify;
+use meshid_api::tls::verify;
 
 /// What every connection of one inbound listener shares.
 #[derive(Debug)]

@@ -10,8 +10,8 @@
 //! # Layout
 //! - [`config`]: the TOML configuration.
 //! - [`tls`]: credentials from the Workload API, rustls configurations, rotation.
-//! - [`verify`]: X509-SVID peer verification (chain to the peer trust domain's bundle, leaf
-//!   profile, one SPIFFE ID) and handshake failure reasons.
+//!   Peers are verified by meshid-api's one X509-SVID verifier
+//!   ([`meshid_api::tls::verify`]), which the CA's node API and the agent use too.
 //! - [`inbound`]: terminate mTLS, authorize, forward plaintext; [`http`]: per-request
 //!   authorization for HTTP/1.1 and HTTP/2; [`outbound`]: plaintext in, mTLS out to an
 //!   expected SPIFFE ID.
@@ -37,4 +37,3 @@ pub mod policy_cli;
 pub mod server;
 pub mod tls;
 pub mod transparent;
-pub mod verify;

@@ -40,7 +40,7 @@ pub struct FailureLabels {
     pub direction: &'static str,
     /// The listener's name.
     pub listener: String,
-    /// Why (see [`crate::verify::PeerError::reason`]).
+    /// Why (see [`meshid_api::tls::PeerError::reason`]).
     pub reason: &'static str,
 }
 

@@ -13,7 +13,7 @@ use tokio_rustls::TlsConnector;
 use crate::config::Outbound;
 use crate::metrics::ListenerMetrics;
 use crate::server::Shared;
-use crate::verify;
+use meshid_api::tls::verify;
 
 /// What every connection of one outbound listener shares.
 #[derive(Debug)]

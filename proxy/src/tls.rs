@@ -8,7 +8,7 @@
 //! credentials, established connections are untouched, and before the first SVID (or after it
 //! is withdrawn) every handshake fails closed and `/readyz` reports not ready.
 //!
-//! TLS 1.3 only, AES-128-GCM preferred, no session resumption (each connection verifies the
+//! meshid-api's provider and protocol versions (TLS 1.3 only, AES-128-GCM preferred), no session resumption (each connection verifies the
 //! peer's current certificate against the current bundle).
 
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -19,14 +19,15 @@ use arc_swap::ArcSwapOption;
 use meshid_api::tls::RotatingCert;
 use meshid_policy::Pattern;
 use rustls::client::Resumption;
-use rustls::crypto::CryptoProvider;
 use rustls::server::NoServerSessionStorage;
 use rustls::{ClientConfig, ServerConfig};
 use rustls_pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
 use spiffe::{SpiffeId, TrustDomain, X509BundleSet, X509Source, X509Svid};
 
 use crate::metrics::Metrics;
-use crate::verify::{ClientVerifier, PeerBundles, ServerVerifier, SvidVerifier};
+use meshid_api::tls::{
+    provider, ClientVerifier, PeerBundles, ServerVerifier, SvidVerifier, PROTOCOL_VERSIONS,
+};
 
 /// Errors building TLS configurations or applying an SVID.
 #[derive(Debug, thiserror::Error)]
@@ -38,18 +39,6 @@ pub enum TlsError {
     /// The SVID's certificate and key could not be used.
     #[error("svid: {0}")]
     Svid(#[from] meshid_api::tls::TlsError),
-}
-
-/// The ring provider with AES-128-GCM first: on this class of hardware it is the fastest
-/// AEAD, and all three TLS 1.3 suites stay available.
-pub fn provider() -> Arc<CryptoProvider> {
-    let mut p = rustls::crypto::ring::default_provider();
-    p.cipher_suites.sort_by_key(|s| match s.suite() {
-        rustls::CipherSuite::TLS13_AES_128_GCM_SHA256 => 0,
-        rustls::CipherSuite::TLS13_AES_256_GCM_SHA384 => 1,
-        _ => 2,
-    });
-    Arc::new(p)
 }
 
 /// The proxy's identity and trust, shared by every listener.
@@ -70,7 +59,7 @@ impl Credentials {
         let cert = Arc::new(RotatingCert::new());
         let verifier = Arc::new(SvidVerifier::new());
         let mut server = ServerConfig::builder_with_provider(provider())
-            .with_protocol_versions(&[&rustls::version::TLS13])?
+            .with_protocol_versions(PROTOCOL_VERSIONS)?
             .with_client_cert_verifier(Arc::new(ClientVerifier::new(verifier.clone())))
             .with_cert_resolver(cert.clone());
         server.session_storage = Arc::new(NoServerSessionStorage {});
@@ -100,7 +89,7 @@ impl Credentials {
             expect.to_string(),
         );
         let mut config = ClientConfig::builder_with_provider(provider())
-            .with_protocol_versions(&[&rustls::version::TLS13])?
+            .with_protocol_versions(PROTOCOL_VERSIONS)?
             .dangerous()
             .with_custom_certificate_verifier(Arc::new(verifier))
             .with_client_cert_resolver(self.cert.clone());

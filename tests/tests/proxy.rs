@@ -693,7 +693,7 @@ fn proxy_table() {
 
 /// The corpus of malformed SVIDs, checked in by the verifier's author.
 fn corpus_dir() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../proxy/tests/testdata/svid")
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../ca/api/tests/testdata/svid")
 }
 
 /// Each corpus file and the handshake failure reason the proxy must report for it (`None`:

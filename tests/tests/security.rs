@@ -1151,7 +1151,9 @@ async fn node_client(
     });
     let config = meshid_api::tls::client_config(
         roots,
-        meshid_api::tls::ExpectedId::Exact("spiffe://example.org/meshid/server".into()),
+        meshid_api::tls::ExpectedId::Exact(
+            spiffe::SpiffeId::new("spiffe://example.org/meshid/server").unwrap(),
+        ),
         identity,
     )
     .unwrap();

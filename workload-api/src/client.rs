@@ -12,7 +12,7 @@ use meshid_api::node::node_client::NodeClient;
 use meshid_api::tls::{self, ExpectedId};
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
-use spiffe::TrustDomain;
+use spiffe::{SpiffeId, TrustDomain};
 use tonic::transport::Channel;
 use zeroize::Zeroizing;
 
@@ -50,7 +50,7 @@ pub enum ClientError {
 /// The agent's own SVID and key.
 pub struct AgentIdentity {
     /// The agent's SPIFFE ID.
-    pub spiffe_id: String,
+    pub spiffe_id: SpiffeId,
     /// DER chain, leaf first.
     pub chain: Vec<Vec<u8>>,
     /// PKCS#8 DER key.
@@ -134,10 +134,10 @@ pub fn read_certs(path: &Path) -> Result<Vec<Vec<u8>>, ClientError> {
     Ok(certs)
 }
 
-fn validity(der: &[u8]) -> Result<(i64, i64, String), ClientError> {
+fn validity(der: &[u8]) -> Result<(i64, i64, SpiffeId), ClientError> {
     let (_, cert) = x509_parser::parse_x509_certificate(der)
         .map_err(|e| ClientError::Malformed(format!("certificate does not parse: {e}")))?;
-    let id = tls::spiffe_id_of(der).map_err(ClientError::Tls)?;
+    let id = tls::verify::spiffe_id_of(der).map_err(|e| ClientError::Tls(e.into()))?;
     Ok((
         cert.validity().not_before.timestamp(),
         cert.validity().not_after.timestamp(),
@@ -231,7 +231,7 @@ pub async fn connect(
         .collect();
     let config = Arc::new(tls::client_config(
         roots,
-        ExpectedId::Exact(format!("spiffe://{td}/meshid/server")),
+        ExpectedId::server_of(td)?,
         identity.map(AgentIdentity::tls_identity),
     )?);
     let mut last = String::from("no address configured");

@@ -41,6 +41,7 @@ pub mod workload {
 pub mod client;
 pub mod codec;
 pub mod config;
+pub mod id;
 pub mod limits;
 pub mod role;
 pub mod server;

@@ -1,44 +1,49 @@
-//! SPIFFE-aware TLS: rustls configurations that authenticate peers by SPIFFE ID.
+//! The SPIFFE mTLS every meshid connection runs over: the node API (CA server, agent client)
+//! and the proxy's data plane alike.
 //!
-//! Used by the CA (node API server), the agent (node API client) and the proxy. A peer is
-//! authenticated by its X509-SVID: the chain must validate to the trust bundle's roots
-//! (rustls-webpki path building, expiry, CA constraints, EKU when present), and the leaf must
-//! carry exactly one URI SAN, a SPIFFE ID, which is then matched against what the caller expects
-//! ([`ExpectedId`]). DNS names are never checked: the TLS server name sent by [`connect`] is a
-//! fixed placeholder.
-//!
-//! Every configuration here uses the ring [`CryptoProvider`] explicitly, never a process-wide
-//! default, and disables session resumption, so each connection verifies the peer's current
-//! certificate against the current roots.
+//! - [`verify`]: **the** X509-SVID peer verifier (leaf rules, one SPIFFE ID extraction, path
+//!   validation per trust domain) and its rustls adapters, [`ClientVerifier`] and
+//!   [`ServerVerifier`]. Every peer certificate meshid accepts passes through it.
+//! - [`provider`] and [`PROTOCOL_VERSIONS`]: the one crypto provider (ring, TLS 1.3 suites only,
+//!   AES-128-GCM first) and TLS 1.3 only. All crypto goes through them; no configuration uses a
+//!   process-wide default.
+//! - [`client_config`], [`server_config`]: the node API's configurations (ALPN `h2`, no session
+//!   resumption, so each connection verifies the peer's current certificate against the
+//!   current roots). DNS names are never checked: the TLS server name sent by [`connect`] is a
+//!   fixed placeholder, and the server is authenticated by its SPIFFE ID ([`ExpectedId`]).
+//! - [`RotatingCert`]: our own certificate, swapped while in use.
 //!
 //! # Rotation
 //! - Own certificate: [`RotatingCert`] is a certificate resolver (server and client side) whose
 //!   certified key is swapped with [`RotatingCert::set`]; new handshakes take the newest,
 //!   established connections are untouched, and before the first `set` handshakes fail closed.
-//! - Roots: a [`SpiffeServerVerifier`] holds its roots in an `ArcSwap`; keep an
-//!   `Arc<SpiffeServerVerifier>`, build the config with [`client_config_with_verifier`] and call
-//!   [`SpiffeServerVerifier::set_roots`] when the bundle changes. [`client_config`] is the simple
-//!   form for callers that build a fresh `ClientConfig` per connection (cheap). On the server
-//!   side, build a new `ServerConfig` with [`server_config`] when the bundle changes and use it
-//!   for new handshakes.
+//! - Roots: an [`SvidVerifier`] holds its bundles in an `ArcSwap`; keep it, build the
+//!   configuration over it ([`server_verifier`] + [`client_config_with_verifier`], or
+//!   [`server_config`]) and call [`SvidVerifier::set_bundles`] when the bundle changes.
+//!   [`client_config`] is the simple form for callers that build a fresh `ClientConfig` per
+//!   connection (cheap).
 
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
-use arc_swap::{ArcSwap, ArcSwapOption};
+use arc_swap::ArcSwapOption;
 use hyper_util::rt::TokioIo;
-use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::client::{ResolvesClientCert, Resumption};
-use rustls::crypto::{CryptoProvider, WebPkiSupportedAlgorithms};
-use rustls::server::{ClientHello, ResolvesServerCert, WebPkiClientVerifier};
+use rustls::crypto::CryptoProvider;
+use rustls::server::{ClientHello, ResolvesServerCert};
 use rustls::sign::CertifiedKey;
-use rustls::{
-    CertificateError, ClientConfig, DigitallySignedStruct, OtherError, RootCertStore, ServerConfig,
-    SignatureScheme,
-};
-use rustls_pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
+use rustls::{ClientConfig, ServerConfig, SignatureScheme};
+use rustls_pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 use spiffe::{SpiffeId, TrustDomain};
 use tonic::transport::{Channel, Endpoint, Uri};
+
+use crate::role::Role;
+
+pub mod verify;
+
+pub use verify::{
+    ClientVerifier, PeerBundles, PeerError, PeerRole, ServerVerifier, SvidVerifier, VerifyError,
+};
 
 /// The ALPN protocol of every meshid gRPC connection.
 pub const ALPN_H2: &[u8] = b"h2";
@@ -50,46 +55,22 @@ pub const PLACEHOLDER_SERVER_NAME: &str = "meshid-ca";
 /// How long [`connect`] waits for TCP and the TLS handshake.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// Errors of SPIFFE TLS configuration and verification.
+/// Errors of SPIFFE TLS configuration.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum TlsError {
-    /// A certificate is not DER X.509, or its extensions are malformed.
-    #[error("certificate does not parse: {0}")]
-    MalformedCertificate(String),
-    /// The leaf has no URI SAN, so no SPIFFE ID.
-    #[error("certificate has no URI SAN: an X509-SVID carries its SPIFFE ID as its only URI SAN")]
-    NoSpiffeId,
-    /// The leaf has more than one URI SAN.
-    #[error("certificate has {0} URI SANs: an X509-SVID has exactly one")]
-    MultipleUriSans(usize),
-    /// The URI SAN is not a (canonical) SPIFFE ID.
-    #[error("URI SAN {uri:?} is not a SPIFFE ID: {reason}")]
-    NotSpiffeId {
-        /// The URI as found in the certificate.
-        uri: String,
-        /// What is wrong with it.
-        reason: String,
-    },
-    /// The peer is authenticated but is not who the caller expected.
-    #[error("peer is {actual}, expected {expected}")]
-    UnexpectedId {
-        /// The peer's SPIFFE ID.
-        actual: String,
-        /// What was expected ([`ExpectedId`]'s display form).
-        expected: String,
-    },
-    /// The expected identity given to a verifier is not a valid SPIFFE ID or trust domain.
-    #[error("invalid expected peer identity {value:?}: {reason}")]
-    InvalidExpectedId {
-        /// The value given.
-        value: String,
-        /// Why it is invalid.
-        reason: String,
-    },
+    /// A certificate is not an X509-SVID (see [`PeerError`]).
+    #[error(transparent)]
+    Svid(#[from] PeerError),
+    /// A SPIFFE ID cannot be formed (too long).
+    #[error("invalid SPIFFE ID: {0}")]
+    InvalidId(String),
+    /// A certificate chain is empty.
+    #[error("empty certificate chain")]
+    EmptyChain,
     /// No trust anchor was given, or one cannot be used as a trust anchor.
     #[error("invalid trust anchors: {0}")]
-    InvalidRoots(String),
+    InvalidRoots(#[from] VerifyError),
     /// A private key that the crypto provider cannot use, or that does not match the
     /// certificate.
     #[error("invalid certificate or key: {0}")]
@@ -97,9 +78,6 @@ pub enum TlsError {
     /// rustls refused the configuration.
     #[error("tls configuration: {0}")]
     Config(#[from] rustls::Error),
-    /// The client certificate verifier could not be built.
-    #[error("client certificate verifier: {0}")]
-    ClientVerifier(#[from] rustls::server::VerifierBuilderError),
     /// The address is not `host:port`.
     #[error("invalid address {addr:?}: {source}")]
     InvalidAddress {
@@ -119,12 +97,26 @@ pub enum TlsError {
 }
 
 /// An error and its sources, `: `-separated: tonic's transport error says only "transport
-/// error", and what went wrong (a refused certificate, a reset) is in its sources.
+/// error", and what went wrong (a refused certificate, a reset) is in its sources. A peer
+/// certificate our verifier refused is told by its [`PeerError`] (rustls shows it in `Debug`
+/// form).
 fn chain(error: &dyn std::error::Error) -> String {
+    fn text_of(e: &(dyn std::error::Error + 'static)) -> String {
+        // `io::Error::source` skips the error it wraps, so look inside it here.
+        let tls = e.downcast_ref::<rustls::Error>().or_else(|| {
+            e.downcast_ref::<std::io::Error>()
+                .and_then(|io| io.get_ref())
+                .and_then(|inner| inner.downcast_ref::<rustls::Error>())
+        });
+        match tls.and_then(verify::peer_error) {
+            Some(refused) => format!("peer certificate refused: {refused}"),
+            None => e.to_string(),
+        }
+    }
     let mut text = error.to_string();
     let mut source = error.source();
     while let Some(e) = source {
-        let more = e.to_string();
+        let more = text_of(e);
         if !text.ends_with(&more) {
             text = format!("{text}: {more}");
         }
@@ -133,94 +125,69 @@ fn chain(error: &dyn std::error::Error) -> String {
     text
 }
 
-/// The ring provider, which every configuration of this module uses.
-fn provider() -> Arc<CryptoProvider> {
-    Arc::new(rustls::crypto::ring::default_provider())
+/// The one crypto provider of every meshid TLS endpoint (node API, agent, proxy): ring, with
+/// only the TLS 1.3 suites, AES-128-GCM first (on this class of hardware it is the fastest AEAD;
+/// all three TLS 1.3 suites stay available).
+pub fn provider() -> Arc<CryptoProvider> {
+    static PROVIDER: OnceLock<Arc<CryptoProvider>> = OnceLock::new();
+    Arc::clone(PROVIDER.get_or_init(|| {
+        let mut p = rustls::crypto::ring::default_provider();
+        p.cipher_suites
+            .retain(|s| s.version() == &rustls::version::TLS13);
+        p.cipher_suites.sort_by_key(|s| match s.suite() {
+            rustls::CipherSuite::TLS13_AES_128_GCM_SHA256 => 0,
+            rustls::CipherSuite::TLS13_AES_256_GCM_SHA384 => 1,
+            _ => 2,
+        });
+        Arc::new(p)
+    }))
 }
 
-/// The SPIFFE ID of a leaf certificate: its single URI SAN, which must be a SPIFFE ID in
-/// canonical form. Zero or several URI SANs are refused, as is anything but `spiffe://`.
-pub fn spiffe_id_of(cert_der: &[u8]) -> Result<String, TlsError> {
-    let (_, cert) = x509_parser::parse_x509_certificate(cert_der)
-        .map_err(|e| TlsError::MalformedCertificate(e.to_string()))?;
-    let san = cert
-        .subject_alternative_name()
-        .map_err(|e| TlsError::MalformedCertificate(e.to_string()))?;
-    let uris: Vec<&str> = san
-        .iter()
-        .flat_map(|ext| ext.value.general_names.iter())
-        .filter_map(|name| match name {
-            x509_parser::extensions::GeneralName::URI(uri) => Some(*uri),
-            _ => None,
-        })
-        .collect();
-    let uri = match uris.as_slice() {
-        [] => return Err(TlsError::NoSpiffeId),
-        [one] => *one,
-        many => return Err(TlsError::MultipleUriSans(many.len())),
-    };
-    let id = SpiffeId::new(uri).map_err(|e| TlsError::NotSpiffeId {
-        uri: uri.to_owned(),
-        reason: e.to_string(),
-    })?;
-    let canonical = id.to_string();
-    if canonical != uri {
-        return Err(TlsError::NotSpiffeId {
-            uri: uri.to_owned(),
-            reason: format!("not in canonical form ({canonical})"),
-        });
-    }
-    Ok(canonical)
-}
+/// The protocol versions every meshid TLS endpoint speaks: TLS 1.3 only.
+pub static PROTOCOL_VERSIONS: &[&rustls::SupportedProtocolVersion] = &[&rustls::version::TLS13];
+
+/// The path of a meshid CA server's SPIFFE ID, `spiffe://<td>/meshid/server`.
+pub const SERVER_PATH: &str = "/meshid/server";
 
 /// Whom a peer must be.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ExpectedId {
     /// Exactly this SPIFFE ID.
-    Exact(String),
-    /// Any SPIFFE ID of this trust domain (the bare name, e.g. `example.org`).
-    TrustDomain(String),
+    Exact(SpiffeId),
+    /// Any SPIFFE ID of this trust domain.
+    TrustDomain(TrustDomain),
 }
 
 impl ExpectedId {
-    /// Checks that the expected value itself is well-formed.
-    fn validate(&self) -> Result<(), TlsError> {
-        let invalid = |value: &str, reason: String| TlsError::InvalidExpectedId {
-            value: value.to_owned(),
-            reason,
-        };
-        match self {
-            ExpectedId::Exact(id) => {
-                let parsed = SpiffeId::new(id).map_err(|e| invalid(id, e.to_string()))?;
-                if parsed.to_string() != *id {
-                    return Err(invalid(id, format!("write it canonically: {parsed}")));
-                }
-            }
-            ExpectedId::TrustDomain(td) => {
-                let parsed = TrustDomain::new(td).map_err(|e| invalid(td, e.to_string()))?;
-                if parsed.as_str() != td {
-                    return Err(invalid(td, format!("write the bare name: {parsed}")));
-                }
-            }
-        }
-        Ok(())
+    /// A CA server of `td`: `spiffe://<td>/meshid/server`, with the server mark.
+    pub fn server_of(td: &TrustDomain) -> Result<Self, TlsError> {
+        let id = SpiffeId::from_segments(td.clone(), &["meshid", "server"])
+            .map_err(|e| TlsError::InvalidId(e.to_string()))?;
+        Ok(ExpectedId::Exact(id))
     }
 
-    /// Whether `actual` (a canonical SPIFFE ID, from [`spiffe_id_of`]) is acceptable.
-    pub fn check(&self, actual: &str) -> Result<(), TlsError> {
-        let ok = match self {
+    /// The trust domain whose roots verify the peer.
+    pub fn trust_domain(&self) -> &TrustDomain {
+        match self {
+            ExpectedId::Exact(id) => id.trust_domain(),
+            ExpectedId::TrustDomain(td) => td,
+        }
+    }
+
+    /// Whether `actual` (a verified peer's SPIFFE ID) is acceptable.
+    pub fn admits(&self, actual: &SpiffeId) -> bool {
+        match self {
             ExpectedId::Exact(id) => actual == id,
-            ExpectedId::TrustDomain(td) => {
-                SpiffeId::new(actual).is_ok_and(|id| id.trust_domain_name() == td)
-            }
-        };
-        if ok {
-            Ok(())
-        } else {
-            Err(TlsError::UnexpectedId {
-                actual: actual.to_owned(),
-                expected: self.to_string(),
-            })
+            ExpectedId::TrustDomain(td) => actual.trust_domain() == td,
+        }
+    }
+
+    /// The meshid role mark the peer must also carry: the CA server's ID is the CA only with
+    /// the server mark (a workload SVID that merely names it is not).
+    fn required_role(&self) -> Option<Role> {
+        match self {
+            ExpectedId::Exact(id) if id.path() == SERVER_PATH => Some(Role::Server),
+            _ => None,
         }
     }
 }
@@ -228,167 +195,45 @@ impl ExpectedId {
 impl std::fmt::Display for ExpectedId {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            ExpectedId::Exact(id) => f.write_str(id),
+            ExpectedId::Exact(id) => write!(f, "{id}"),
             ExpectedId::TrustDomain(td) => write!(f, "any ID of trust domain {td}"),
         }
     }
 }
 
-fn check_roots(roots: &[CertificateDer<'static>]) -> Result<(), TlsError> {
-    if roots.is_empty() {
-        return Err(TlsError::InvalidRoots(
-            "no root certificates; pass the trust bundle".to_owned(),
-        ));
-    }
-    for (i, root) in roots.iter().enumerate() {
-        webpki::anchor_from_trusted_cert(root)
-            .map_err(|e| TlsError::InvalidRoots(format!("root {i}: {e}")))?;
-    }
-    Ok(())
-}
-
-fn webpki_error(e: webpki::Error) -> rustls::Error {
-    use webpki::Error as E;
-    let cert = match e {
-        E::BadDer | E::BadDerTime => CertificateError::BadEncoding,
-        E::CertExpired { .. } => CertificateError::Expired,
-        E::CertNotValidYet { .. } => CertificateError::NotValidYet,
-        E::UnknownIssuer => CertificateError::UnknownIssuer,
-        E::InvalidSignatureForPublicKey => CertificateError::BadSignature,
-        other => CertificateError::Other(OtherError(Arc::new(other))),
-    };
-    rustls::Error::InvalidCertificate(cert)
-}
-
-fn id_error(e: TlsError) -> rustls::Error {
-    rustls::Error::InvalidCertificate(CertificateError::Other(OtherError(Arc::new(e))))
-}
-
-/// Whether `id` (canonical) is a CA server's ID, `spiffe://<td>/meshid/server`.
-fn is_server_id(id: &str) -> bool {
-    id.strip_prefix("spiffe://")
-        .and_then(|rest| rest.split_once('/'))
-        .is_some_and(|(_, path)| path == "meshid/server")
-}
-
-/// Verifies a server by SPIFFE ID: the chain must validate to the roots (serverAuth EKU when
-/// the leaf has an EKU), the leaf's SPIFFE ID must be the expected one; the DNS name is
-/// ignored. Roots can be replaced while the verifier is in use ([`Self::set_roots`]).
-#[derive(Debug)]
-pub struct SpiffeServerVerifier {
-    roots: ArcSwap<Vec<CertificateDer<'static>>>,
-    expected: ExpectedId,
-    algorithms: WebPkiSupportedAlgorithms,
-}
-
-impl SpiffeServerVerifier {
-    /// A verifier trusting `roots` (DER root certificates of the trust bundle).
-    pub fn new(
-        roots: Vec<CertificateDer<'static>>,
-        expected: ExpectedId,
-    ) -> Result<Self, TlsError> {
-        check_roots(&roots)?;
-        expected.validate()?;
-        Ok(Self {
-            roots: ArcSwap::from_pointee(roots),
-            expected,
-            algorithms: provider().signature_verification_algorithms,
-        })
-    }
-
-    /// Replaces the roots; the next handshake uses them.
-    pub fn set_roots(&self, roots: Vec<CertificateDer<'static>>) -> Result<(), TlsError> {
-        check_roots(&roots)?;
-        self.roots.store(Arc::new(roots));
-        Ok(())
-    }
-
-    /// Whom this verifier accepts.
-    pub fn expected(&self) -> &ExpectedId {
-        &self.expected
+/// The rustls server-certificate verifier of a client that expects `expected`: the server's
+/// X509-SVID is verified by `inner` (see [`verify`]), its ID must be the expected one, and the
+/// CA server's ID needs the server mark. Keep `inner` to swap the roots.
+pub fn server_verifier(inner: Arc<SvidVerifier>, expected: ExpectedId) -> ServerVerifier {
+    let role = expected.required_role();
+    let display = expected.to_string();
+    let verifier = ServerVerifier::new(inner, Arc::new(move |id| expected.admits(id)), display);
+    match role {
+        Some(role) => verifier.requiring(role),
+        None => verifier,
     }
 }
 
-impl ServerCertVerifier for SpiffeServerVerifier {
-    fn verify_server_cert(
-        &self,
-        end_entity: &CertificateDer<'_>,
-        intermediates: &[CertificateDer<'_>],
-        _server_name: &ServerName<'_>,
-        _ocsp_response: &[u8],
-        now: UnixTime,
-    ) -> Result<ServerCertVerified, rustls::Error> {
-        let roots = self.roots.load();
-        let anchors = roots
-            .iter()
-            .map(|r| webpki::anchor_from_trusted_cert(r))
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(webpki_error)?;
-        let leaf = webpki::EndEntityCert::try_from(end_entity).map_err(webpki_error)?;
-        leaf.verify_for_usage(
-            self.algorithms.all,
-            &anchors,
-            intermediates,
-            now,
-            webpki::KeyUsage::server_auth(),
-            None,
-            None,
-        )
-        .map_err(webpki_error)?;
-        let id = spiffe_id_of(end_entity).map_err(id_error)?;
-        self.expected.check(&id).map_err(id_error)?;
-        // meshid's CA server must also carry the server mark: a workload SVID that merely
-        // names the server's ID is not the CA.
-        if is_server_id(&id) && !crate::role::Role::Server.marks(end_entity) {
-            return Err(id_error(TlsError::UnexpectedId {
-                actual: format!("{id} without the CA server mark (a workload SVID?)"),
-                expected: self.expected.to_string(),
-            }));
-        }
-        Ok(ServerCertVerified::assertion())
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.algorithms)
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.algorithms)
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.algorithms.supported_schemes()
-    }
-}
-
-/// A client configuration that authenticates the server by SPIFFE ID against `roots`, and
-/// presents `client_identity` (chain leaf first, and its key) when given. ALPN `h2`.
+/// A client configuration that authenticates the server by SPIFFE ID against `roots` (of the
+/// expected ID's trust domain), and presents `client_identity` (chain leaf first, and its key)
+/// when given. ALPN `h2`.
 pub fn client_config(
     roots: Vec<CertificateDer<'static>>,
     expected: ExpectedId,
     client_identity: Option<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>)>,
 ) -> Result<ClientConfig, TlsError> {
-    let verifier = Arc::new(SpiffeServerVerifier::new(roots, expected)?);
-    client_config_with_verifier(verifier, client_identity)
+    let bundles = PeerBundles::from_roots([(expected.trust_domain().clone(), roots)])?;
+    let inner = Arc::new(SvidVerifier::with_bundles(bundles));
+    client_config_with_verifier(Arc::new(server_verifier(inner, expected)), client_identity)
 }
 
 /// Like [`client_config`], with a verifier the caller keeps (to swap its roots).
 pub fn client_config_with_verifier(
-    verifier: Arc<SpiffeServerVerifier>,
+    verifier: Arc<ServerVerifier>,
     client_identity: Option<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>)>,
 ) -> Result<ClientConfig, TlsError> {
     let builder = ClientConfig::builder_with_provider(provider())
-        .with_safe_default_protocol_versions()?
+        .with_protocol_versions(PROTOCOL_VERSIONS)?
         .dangerous()
         .with_custom_certificate_verifier(verifier);
     let mut config = match client_identity {
@@ -403,33 +248,24 @@ pub fn client_config_with_verifier(
 }
 
 /// A server configuration presenting the certificate `cert_resolver` picks, verifying client
-/// certificates against `client_roots` (path validation, clientAuth EKU when present; the
-/// caller checks the client's SPIFFE ID after the handshake, with [`spiffe_id_of`]). When
-/// `require_client_cert` is false a client without a certificate is admitted too, and the
-/// application decides per call. ALPN `h2`; no session resumption.
+/// X509-SVIDs with `clients` (role [`PeerRole::Client`]; the caller decides whom it admits
+/// after the handshake, from [`verify::peer_spiffe_id`]). When `require_client_cert` is false a
+/// client without a certificate is admitted too, and the application decides per call; a
+/// client that presents one is verified all the same. ALPN `h2`; no session resumption.
 pub fn server_config(
     cert_resolver: Arc<dyn ResolvesServerCert>,
-    client_roots: Vec<CertificateDer<'static>>,
+    clients: Arc<SvidVerifier>,
     require_client_cert: bool,
 ) -> Result<ServerConfig, TlsError> {
-    check_roots(&client_roots)?;
-    let provider = provider();
-    let mut store = RootCertStore::empty();
-    for root in client_roots {
-        store
-            .add(root)
-            .map_err(|e| TlsError::InvalidRoots(e.to_string()))?;
-    }
-    let builder =
-        WebPkiClientVerifier::builder_with_provider(Arc::new(store), Arc::clone(&provider));
+    let verifier = ClientVerifier::new(clients);
     let verifier = if require_client_cert {
-        builder.build()?
+        verifier
     } else {
-        builder.allow_unauthenticated().build()?
+        verifier.optional()
     };
-    let mut config = ServerConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()?
-        .with_client_cert_verifier(verifier)
+    let mut config = ServerConfig::builder_with_provider(provider())
+        .with_protocol_versions(PROTOCOL_VERSIONS)?
+        .with_client_cert_verifier(Arc::new(verifier))
         .with_cert_resolver(cert_resolver);
     config.alpn_protocols = vec![ALPN_H2.to_vec()];
     config.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
@@ -458,9 +294,7 @@ impl RotatingCert {
         key: PrivateKeyDer<'static>,
     ) -> Result<(), TlsError> {
         if chain.is_empty() {
-            return Err(TlsError::MalformedCertificate(
-                "empty certificate chain".to_owned(),
-            ));
+            return Err(TlsError::EmptyChain);
         }
         let certified =
             CertifiedKey::from_der(chain, key, &provider()).map_err(TlsError::InvalidKey)?;

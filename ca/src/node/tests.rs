@@ -19,7 +19,6 @@ fn id(s: &str) -> SpiffeId {
 fn caller(s: &str) -> Caller {
     Caller {
         id: id(s),
-        text: s.to_owned(),
         not_after: i64::MAX,
         serial: "aa".to_owned(),
     }
@@ -101,9 +100,7 @@ fn other_agents_changes_are_ignored() {
             upsert("x", B, None, 1),
             upsert("x", B, Some(B), 2),
             delete("y", B),
-            CaEvent::AgentRemoved {
-                spiffe_id: B.into()
-            },
+            CaEvent::AgentRemoved { spiffe_id: id(B) },
         ]),
         (vec![], vec![], false)
     );
@@ -111,17 +108,12 @@ fn other_agents_changes_are_ignored() {
     assert_eq!(p.apply(CaEvent::BundleChanged, &caller(A)), Applied::Merged);
     assert!(p.bundle && !p.is_empty());
     assert_eq!(
-        p.apply(
-            CaEvent::AgentRemoved {
-                spiffe_id: A.into()
-            },
-            &caller(A)
-        ),
+        p.apply(CaEvent::AgentRemoved { spiffe_id: id(A) }, &caller(A)),
         Applied::AgentRemoved
     );
     // A renewal supersedes the streams of the agent opened with another SVID only.
     let renewed = |agent: &str, serial: &str| CaEvent::AgentRenewed {
-        spiffe_id: agent.into(),
+        spiffe_id: id(agent),
         serial: serial.into(),
     };
     assert_eq!(p.apply(renewed(A, "bb"), &caller(A)), Applied::Superseded);

@@ -767,9 +767,9 @@ impl Datastore for SqlStore {
 
     async fn list_entries_by_parent(
         &self,
-        parent_id: &str,
+        parent_id: &SpiffeId,
     ) -> Result<Vec<RegistrationEntry>, StoreError> {
-        self.fetch_entries(Some(parent_id)).await
+        self.fetch_entries(Some(&parent_id.to_string())).await
     }
 
     async fn update_entry(
@@ -918,7 +918,7 @@ impl Datastore for SqlStore {
              created_at = excluded.created_at, banned = excluded.banned, \
              previous_serial = excluded.previous_serial, previous_until = excluded.previous_until"
         ))
-        .bind(agent.spiffe_id.as_str())
+        .bind(agent.spiffe_id.to_string())
         .bind(agent.attestation_type.as_str())
         .bind(agent.serial.as_str())
         .bind(agent.expires_at)
@@ -934,7 +934,7 @@ impl Datastore for SqlStore {
 
     async fn renew_agent(
         &self,
-        spiffe_id: &str,
+        spiffe_id: &SpiffeId,
         serial: &str,
         expires_at: i64,
         previous_until: i64,
@@ -948,7 +948,7 @@ impl Datastore for SqlStore {
         .bind(previous_until)
         .bind(serial)
         .bind(expires_at)
-        .bind(spiffe_id)
+        .bind(spiffe_id.to_string())
         .fetch_optional(&mut *w.tx)
         .await?;
         // Dropping `w` rolls back; nothing was changed anyway.
@@ -961,11 +961,11 @@ impl Datastore for SqlStore {
         Ok(agent)
     }
 
-    async fn get_agent(&self, spiffe_id: &str) -> Result<Option<AgentRecord>, StoreError> {
+    async fn get_agent(&self, spiffe_id: &SpiffeId) -> Result<Option<AgentRecord>, StoreError> {
         let row = sqlx::query(&format!(
             "SELECT {AGENT_COLUMNS} FROM agents WHERE spiffe_id = $1"
         ))
-        .bind(spiffe_id)
+        .bind(spiffe_id.to_string())
         .fetch_optional(&self.pool)
         .await?;
         row.as_ref().map(decode_agent).transpose()
@@ -982,14 +982,14 @@ impl Datastore for SqlStore {
 
     async fn delete_agent(
         &self,
-        spiffe_id: &str,
+        spiffe_id: &SpiffeId,
         audit: &AuditEvent,
     ) -> Result<AgentRecord, StoreError> {
         let mut w = self.begin_write().await?;
         let row = sqlx::query(&format!(
             "DELETE FROM agents WHERE spiffe_id = $1 RETURNING {AGENT_COLUMNS}"
         ))
-        .bind(spiffe_id)
+        .bind(spiffe_id.to_string())
         .fetch_optional(&mut *w.tx)
         .await?;
         // Dropping `w` rolls back; nothing was changed anyway.
@@ -1270,8 +1270,10 @@ fn decode_entry(row: &AnyRow) -> Result<RegistrationEntry, StoreError> {
 }
 
 fn decode_agent(row: &AnyRow) -> Result<AgentRecord, StoreError> {
-    let spiffe_id: String = row.try_get("spiffe_id")?;
-    let banned = bool01(row.try_get("banned")?, "agents", &spiffe_id, "banned")?;
+    let text: String = row.try_get("spiffe_id")?;
+    let banned = bool01(row.try_get("banned")?, "agents", &text, "banned")?;
+    let spiffe_id = SpiffeId::new(&text)
+        .map_err(|e| corrupt("agents", &text, format!("spiffe_id {text:?}: {e}")))?;
     Ok(AgentRecord {
         attestation_type: row.try_get("attestation_type")?,
         serial: row.try_get("serial")?,

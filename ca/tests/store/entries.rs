@@ -3,7 +3,7 @@
 use meshid_ca::entry::EntryId;
 use meshid_ca::store::{Datastore, StoreError};
 
-use crate::fixture::{agent_id, entry, ev, fixture, Backend, NOW};
+use crate::fixture::{agent_id, agent_spiffe_id, entry, ev, fixture, Backend, NOW};
 
 pub async fn entry_crud(backend: Backend) {
     let fx = fixture!(backend);
@@ -132,7 +132,7 @@ pub async fn entries_by_parent(backend: Backend) {
     all.sort_by(|a, b| a.id.cmp(&b.id));
     assert_eq!(s.list_entries().await.unwrap(), all);
 
-    let by_parent = s.list_entries_by_parent(&agent_id(1)).await.unwrap();
+    let by_parent = s.list_entries_by_parent(&agent_spiffe_id(1)).await.unwrap();
     let expected: Vec<_> = all
         .iter()
         .filter(|e| e.parent_id.to_string() == agent_id(1))
@@ -144,11 +144,14 @@ pub async fn entries_by_parent(backend: Backend) {
         ["a-3", "b-2", "z"]
     );
     assert_eq!(
-        s.list_entries_by_parent(&agent_id(2)).await.unwrap().len(),
+        s.list_entries_by_parent(&agent_spiffe_id(2))
+            .await
+            .unwrap()
+            .len(),
         3
     );
     assert!(s
-        .list_entries_by_parent(&agent_id(3))
+        .list_entries_by_parent(&agent_spiffe_id(3))
         .await
         .unwrap()
         .is_empty());

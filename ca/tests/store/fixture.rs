@@ -140,6 +140,11 @@ pub fn agent_id(n: u32) -> String {
     format!("spiffe://example.org/meshid/agent/join_token/{n}")
 }
 
+/// [`agent_id`] parsed.
+pub fn agent_spiffe_id(n: u32) -> spiffe::SpiffeId {
+    spiffe::SpiffeId::new(agent_id(n)).unwrap()
+}
+
 /// A valid entry `id` under agent `parent`, with selectors and fields derived from `n`.
 pub fn entry(id: &str, parent: &str, n: u32) -> RegistrationEntry {
     EntrySpec {
@@ -174,7 +179,7 @@ pub fn token(n: u8, expires_at: i64) -> JoinTokenRecord {
 
 pub fn agent(n: u32) -> AgentRecord {
     AgentRecord {
-        spiffe_id: agent_id(n),
+        spiffe_id: agent_spiffe_id(n),
         attestation_type: "join_token".to_owned(),
         serial: format!("{n:04x}"),
         expires_at: NOW + 3600,

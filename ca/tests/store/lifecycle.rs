@@ -243,7 +243,9 @@ pub async fn a_version_1_database_migrates_its_agents(backend: Backend) {
         SCHEMA_VERSION
     );
     let agent = store
-        .get_agent("spiffe://example.org/meshid/agent/join_token/old")
+        .get_agent(
+            &spiffe::SpiffeId::new("spiffe://example.org/meshid/agent/join_token/old").unwrap(),
+        )
         .await
         .unwrap()
         .unwrap();

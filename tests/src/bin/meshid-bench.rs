@@ -1202,7 +1202,9 @@ async fn attest(ca: &Ca, admin: &Channel) -> (NodeAgent, String) {
     let roots: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(bundle.pem.as_bytes())
         .collect::<Result<_, _>>()
         .unwrap();
-    let expected = ExpectedId::Exact(format!("spiffe://{TD}/meshid/server"));
+    let expected = ExpectedId::Exact(
+        spiffe::SpiffeId::new(format!("spiffe://{TD}/meshid/server")).expect("server id"),
+    );
     let anonymous = Arc::new(tls::client_config(roots.clone(), expected.clone(), None).unwrap());
     let mut node = NodeClient::new(tls::connect(&ca.node_address, anonymous).await.unwrap());
     let (key, csr) = key_and_csr();

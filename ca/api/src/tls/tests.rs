@@ -84,7 +84,7 @@ const AGENT: &str = "spiffe://example.org/meshid/agent/join_token/t1";
 async fn handshake(
     client: ClientConfig,
     server: ServerConfig,
-) -> Result<Option<String>, std::io::Error> {
+) -> Result<Option<SpiffeId>, std::io::Error> {
     let (c, s) = tokio::io::duplex(64 * 1024);
     let connector = tokio_rustls::TlsConnector::from(Arc::new(client));
     let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(server));
@@ -94,7 +94,7 @@ async fn handshake(
             .get_ref()
             .1
             .peer_certificates()
-            .and_then(|certs| certs.first().map(|c| spiffe_id_of(c).unwrap()));
+            .and_then(verify::peer_spiffe_id);
         let mut b = [0u8; 1];
         tls.read_exact(&mut b).await?;
         tls.write_all(&b).await?;
@@ -117,55 +117,67 @@ async fn handshake(
     server_result
 }
 
+fn td() -> TrustDomain {
+    TrustDomain::new("example.org").unwrap()
+}
+
+fn id(text: &str) -> SpiffeId {
+    SpiffeId::new(text).unwrap()
+}
+
+/// The client verifier of a node API server trusting `pki`'s root.
+fn clients(pki: &Pki) -> Arc<SvidVerifier> {
+    Arc::new(SvidVerifier::with_bundles(
+        PeerBundles::from_roots([(td(), vec![pki.root.clone()])]).unwrap(),
+    ))
+}
+
 fn no_client_auth_server(cert: Arc<RotatingCert>, pki: &Pki) -> ServerConfig {
-    server_config(cert, vec![pki.root.clone()], false).unwrap()
+    server_config(cert, clients(pki), false).unwrap()
 }
 
 #[test]
 fn spiffe_id_of_needs_exactly_one_canonical_spiffe_uri() {
     let pki = Pki::new("a");
-    let id = |uris: &[&str]| spiffe_id_of(&pki.leaf(uris).0[0]);
-    assert_eq!(id(&[SERVER]).unwrap(), SERVER);
-    assert!(matches!(id(&[]), Err(TlsError::NoSpiffeId)));
+    let of = |uris: &[&str]| verify::spiffe_id_of(&pki.leaf(uris).0[0]);
+    assert_eq!(of(&[SERVER]).unwrap(), id(SERVER));
+    assert!(matches!(of(&[]), Err(PeerError::NoUriSan)));
     assert!(matches!(
-        id(&[SERVER, AGENT]),
-        Err(TlsError::MultipleUriSans(2))
+        of(&[SERVER, AGENT]),
+        Err(PeerError::MultipleUriSans { count: 2 })
     ));
     assert!(matches!(
-        id(&["https://example.org/x"]),
-        Err(TlsError::NotSpiffeId { .. })
+        of(&["https://example.org/x"]),
+        Err(PeerError::NotSpiffeId { .. })
     ));
     assert!(matches!(
-        id(&["spiffe://Example.org/x"]),
-        Err(TlsError::NotSpiffeId { .. })
+        of(&["spiffe://Example.org/x"]),
+        Err(PeerError::NotSpiffeId { .. })
     ));
     assert!(matches!(
-        spiffe_id_of(b"not a certificate"),
-        Err(TlsError::MalformedCertificate(_))
+        verify::spiffe_id_of(b"not a certificate"),
+        Err(PeerError::Malformed { .. })
     ));
 }
 
 #[test]
 fn expected_ids_are_validated() {
-    let pki = Pki::new("a");
-    for bad in [
-        ExpectedId::Exact("spiffe://example.org/".into()),
-        ExpectedId::Exact("https://example.org/x".into()),
-        ExpectedId::TrustDomain("Example.org".into()),
-        ExpectedId::TrustDomain("spiffe://example.org".into()),
-    ] {
-        assert!(
-            matches!(
-                client_config(vec![pki.root.clone()], bad.clone(), None),
-                Err(TlsError::InvalidExpectedId { .. })
-            ),
-            "{bad:?}"
-        );
+    // An `ExpectedId` holds parsed values, so the invalid ones cannot be built: the text forms
+    // are refused where they are parsed.
+    for bad in ["spiffe://example.org/", "https://example.org/x"] {
+        assert!(crate::id::parse(bad).is_err(), "{bad}");
+    }
+    for bad in ["Example.org", "spiffe://example.org"] {
+        assert!(crate::id::parse_trust_domain(bad).is_err(), "{bad}");
     }
     assert!(matches!(
-        client_config(vec![], ExpectedId::Exact(SERVER.into()), None),
+        client_config(vec![], ExpectedId::Exact(id(SERVER)), None),
         Err(TlsError::InvalidRoots(_))
     ));
+    assert_eq!(
+        ExpectedId::server_of(&td()).unwrap(),
+        ExpectedId::Exact(id(SERVER))
+    );
 }
 
 struct Case {
@@ -187,50 +199,50 @@ async fn server_is_authenticated_by_spiffe_id() {
             name: "exact id accepted",
             server_uris: &[SERVER],
             same_root: true,
-            expected: ExpectedId::Exact(SERVER.into()),
+            expected: ExpectedId::Exact(id(SERVER)),
             refused_for: "",
         },
         Case {
             name: "trust domain accepted",
             server_uris: &[SERVER],
             same_root: true,
-            expected: ExpectedId::TrustDomain("example.org".into()),
+            expected: ExpectedId::TrustDomain(td()),
             refused_for: "",
         },
         Case {
             name: "wrong id refused",
             server_uris: &["spiffe://example.org/impostor"],
             same_root: true,
-            expected: ExpectedId::Exact(SERVER.into()),
-            refused_for: "UnexpectedId { actual: \"spiffe://example.org/impostor\"",
+            expected: ExpectedId::Exact(id(SERVER)),
+            refused_for: "UnexpectedPeer { actual: SpiffeId { trust_domain: TrustDomain { name: \"example.org\" }, path: \"/impostor\" }",
         },
         Case {
             name: "other trust domain refused",
             server_uris: &["spiffe://other.org/meshid/server"],
             same_root: true,
-            expected: ExpectedId::TrustDomain("example.org".into()),
-            refused_for: "UnexpectedId { actual: \"spiffe://other.org/meshid/server\"",
+            expected: ExpectedId::TrustDomain(td()),
+            refused_for: "UnknownTrustDomain { trust_domain: TrustDomain { name: \"other.org\" } }",
         },
         Case {
             name: "other root refused",
             server_uris: &[SERVER],
             same_root: false,
-            expected: ExpectedId::Exact(SERVER.into()),
+            expected: ExpectedId::Exact(id(SERVER)),
             refused_for: "UnknownIssuer",
         },
         Case {
             name: "two uri sans refused",
             server_uris: &[SERVER, AGENT],
             same_root: true,
-            expected: ExpectedId::Exact(SERVER.into()),
-            refused_for: "MultipleUriSans(2)",
+            expected: ExpectedId::Exact(id(SERVER)),
+            refused_for: "MultipleUriSans { count: 2 }",
         },
         Case {
             name: "no uri san refused",
             server_uris: &[],
             same_root: true,
-            expected: ExpectedId::TrustDomain("example.org".into()),
-            refused_for: "NoSpiffeId",
+            expected: ExpectedId::TrustDomain(td()),
+            refused_for: "NoUriSan",
         },
     ];
     for case in cases {
@@ -253,18 +265,15 @@ async fn server_is_authenticated_by_spiffe_id() {
 async fn client_certificates() {
     let pki = Pki::new("a");
     let other = Pki::new("b");
-    let expected = || ExpectedId::Exact(SERVER.into());
-    let required = || server_config(pki.server(&[SERVER]), vec![pki.root.clone()], true).unwrap();
+    let expected = || ExpectedId::Exact(id(SERVER));
+    let required = || server_config(pki.server(&[SERVER]), clients(&pki), true).unwrap();
 
     // Required: refused without, accepted with one of the trusted PKI, refused from another.
     let anonymous = client_config(vec![pki.root.clone()], expected(), None).unwrap();
     assert!(handshake(anonymous, required()).await.is_err());
     let agent =
         client_config(vec![pki.root.clone()], expected(), Some(pki.leaf(&[AGENT]))).unwrap();
-    assert_eq!(
-        handshake(agent, required()).await.unwrap().as_deref(),
-        Some(AGENT)
-    );
+    assert_eq!(handshake(agent, required()).await.unwrap(), Some(id(AGENT)));
     let stranger = client_config(
         vec![pki.root.clone()],
         expected(),
@@ -284,13 +293,7 @@ async fn rotating_cert_fails_closed_then_serves_the_newest() {
     let pki = Pki::new("a");
     let cert = Arc::new(RotatingCert::new());
     assert!(cert.current().is_none());
-    let client = || {
-        client_config(
-            vec![pki.root.clone()],
-            ExpectedId::Exact(SERVER.into()),
-            None,
-        )
-    };
+    let client = || client_config(vec![pki.root.clone()], ExpectedId::Exact(id(SERVER)), None);
     let server = no_client_auth_server(Arc::clone(&cert), &pki);
     assert!(handshake(client().unwrap(), server.clone()).await.is_err());
 
@@ -318,16 +321,18 @@ async fn rotating_cert_fails_closed_then_serves_the_newest() {
 async fn verifier_roots_can_be_swapped() {
     let old = Pki::new("old");
     let new = Pki::new("new");
-    let verifier = Arc::new(
-        SpiffeServerVerifier::new(vec![old.root.clone()], ExpectedId::Exact(SERVER.into()))
-            .unwrap(),
-    );
+    let bundles = |roots: Vec<CertificateDer<'static>>| PeerBundles::from_roots([(td(), roots)]);
+    let roots = Arc::new(SvidVerifier::with_bundles(
+        bundles(vec![old.root.clone()]).unwrap(),
+    ));
+    let verifier = Arc::new(server_verifier(
+        Arc::clone(&roots),
+        ExpectedId::Exact(id(SERVER)),
+    ));
     let client = || client_config_with_verifier(Arc::clone(&verifier), None).unwrap();
     let server = no_client_auth_server(new.server(&[SERVER]), &new);
     assert!(handshake(client(), server.clone()).await.is_err());
-    verifier
-        .set_roots(vec![old.root.clone(), new.root.clone()])
-        .unwrap();
+    roots.set_bundles(bundles(vec![old.root.clone(), new.root.clone()]).unwrap());
     assert!(handshake(client(), server).await.is_ok());
-    assert!(verifier.set_roots(vec![]).is_err());
+    assert!(bundles(vec![]).is_err());
 }

@@ -4,7 +4,7 @@
 //! handshakes through [`ClientVerifier`] and [`ServerVerifier`].
 //!
 //! Certificates embed random keys and serials, so the corpus is not regenerated on every run:
-//! `MESHID_BLESS=1 cargo test -p meshid-proxy --test corpus` rewrites it (reusing
+//! `MESHID_BLESS=1 cargo test -p meshid-api --test corpus` rewrites it (reusing
 //! `root.*.pem` and `other-root.*.pem` when present; delete them to mint new roots), and
 //! otherwise the tests load the files as checked in.
 
@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
-use meshid_proxy::verify::{
+use meshid_api::tls::verify::{
     failure_reason, io_failure_reason, peer_error, peer_spiffe_id, ClientVerifier, PeerBundles,
     PeerRole, ServerVerifier, SvidVerifier,
 };
@@ -352,7 +352,7 @@ fn other_trust_domain_verifies_only_when_federated() {
 // ---- handshakes ----
 
 fn provider() -> Arc<rustls::crypto::CryptoProvider> {
-    Arc::new(rustls::crypto::ring::default_provider())
+    meshid_api::tls::provider()
 }
 
 /// Presents a chain and key as they are, without checking that they match (rustls' own
@@ -389,7 +389,7 @@ impl ResolvesServerCert for Present {
 
 fn server_config(verifier: &Arc<SvidVerifier>, identity: Svid) -> Arc<ServerConfig> {
     let config = ServerConfig::builder_with_provider(provider())
-        .with_safe_default_protocol_versions()
+        .with_protocol_versions(meshid_api::tls::PROTOCOL_VERSIONS)
         .unwrap()
         .with_client_cert_verifier(Arc::new(ClientVerifier::new(Arc::clone(verifier))))
         .with_cert_resolver(Present::new(identity));
@@ -408,7 +408,7 @@ fn client_config(
         expect.to_owned(),
     );
     let builder = ClientConfig::builder_with_provider(provider())
-        .with_safe_default_protocol_versions()
+        .with_protocol_versions(meshid_api::tls::PROTOCOL_VERSIONS)
         .unwrap()
         .dangerous()
         .with_custom_certificate_verifier(Arc::new(server_verifier));
@@ -621,7 +621,8 @@ fn readme_text() -> String {
     let mut text = String::from(
         "# Malformed X509-SVID corpus\n\
          \n\
-         Test-only material for `proxy/tests/corpus.rs`; never use these keys anywhere else.\n\
+         Test-only material for `ca/api/tests/corpus.rs` (the verifier) and `ca/tests/node.rs` (the\n\
+         node API); never use these keys anywhere else.\n\
          Trust domain `example.org`, whose bundle is `root.crt.pem` (P-256, CA:TRUE, URI SAN\n\
          `spiffe://example.org`, valid 2025-01-01..2125-01-01; `root.key.pem` is its PKCS#8 key,\n\
          usable as the CA's `upstream_cert`/`upstream_key` after `chmod 600`). `other-root.*.pem`\n\
@@ -630,7 +631,7 @@ fn readme_text() -> String {
          Each other file holds a certificate chain (leaf first) and then the leaf's PKCS#8 key.\n\
          Unless stated, a leaf is issued by `root.crt.pem`, valid 2025-01-01..2125-01-01, and\n\
          well-formed but for its one violation. Regenerate with\n\
-         `MESHID_BLESS=1 cargo test -p meshid-proxy --test corpus` (keeps existing roots).\n\
+         `MESHID_BLESS=1 cargo test -p meshid-api --test corpus` (keeps existing roots).\n\
          \n\
          Per file: the violation; the `PeerError::reason()` of `SvidVerifier::verify`; the\n\
          `failure_reason` of a handshake in which it is presented (`ok`: accepted).\n\

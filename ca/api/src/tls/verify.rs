@@ -1,4 +1,5 @@
-//! X509-SVID peer verification for the proxy's mTLS handshakes.
+//! X509-SVID peer verification: the one verifier of every meshid mTLS handshake (the CA's node
+//! API, the agent's connection to the CA, the proxy's inbound and outbound connections).
 //!
 //! A peer is authenticated the way the X509-SVID specification (`standards/X509-SVID.md`,
 //! sections 4 and 5) says:
@@ -14,8 +15,16 @@
 //!    when the leaf has one).
 //!
 //! [`SvidVerifier`] does this and is shared by the rustls verifiers: [`ClientVerifier`]
-//! (inbound: client authentication is mandatory) and [`ServerVerifier`] (outbound: the server's
-//! SPIFFE ID must also be the expected one; the TLS server name is ignored). Trust bundles are
+//! (we accept: client authentication is mandatory, or optional for the node API where an agent
+//! attests before it has an SVID) and [`ServerVerifier`] (we connect: the server's SPIFFE ID
+//! must also be the expected one, and may have to carry a meshid role mark; the TLS server name
+//! is ignored). [`spiffe_id_of`] is the one extraction of a SPIFFE ID from a certificate.
+//!
+//! # What differs from plain webpki, and why
+//! webpki validates the path (signatures, validity, CA constraints, EKU); it knows nothing of
+//! SPIFFE. Added here: the leaf rules above (webpki accepts a leaf without keyUsage, and checks
+//! `CA:TRUE` only through path building), the single canonical URI SAN, and the choice of
+//! anchors by the peer's trust domain (webpki would accept a chain to any anchor it is given). Trust bundles are
 //! swapped atomically with [`SvidVerifier::set_bundles`]; before the first bundle every
 //! handshake fails closed.
 //!
@@ -61,6 +70,9 @@ use x509_parser::extensions::{
 use x509_parser::oid_registry::{
     OID_X509_EXT_BASIC_CONSTRAINTS, OID_X509_EXT_KEY_USAGE, OID_X509_EXT_SUBJECT_ALT_NAME,
 };
+
+use crate::id::{self, IdError};
+use crate::role::Role;
 
 /// The most intermediate certificates a peer may send. Real SPIFFE chains have one to three;
 /// the bound caps the path-building work an unauthenticated peer can cause.
@@ -218,6 +230,15 @@ pub enum PeerError {
         /// What was expected, as the caller described it.
         expected: String,
     },
+    /// The peer's ID names a meshid role (the CA server) but its certificate lacks the role's
+    /// mark: a workload SVID that merely names the ID.
+    #[error("peer is {id} without the {} mark (a workload SVID?)", role_name(*.role))]
+    MissingMark {
+        /// The peer's SPIFFE ID.
+        id: SpiffeId,
+        /// The role it claims.
+        role: Role,
+    },
     /// Any other chain validation failure.
     #[error("peer certificate chain verification failed: {0}")]
     Other(webpki::Error),
@@ -239,7 +260,7 @@ impl PeerError {
             PeerError::Expired { .. } => "expired",
             PeerError::NotYetValid { .. } => "not_yet_valid",
             PeerError::Untrusted { .. } => "untrusted",
-            PeerError::UnexpectedPeer { .. } => "unexpected_peer",
+            PeerError::UnexpectedPeer { .. } | PeerError::MissingMark { .. } => "unexpected_peer",
             PeerError::Other(_) => "other",
         }
     }
@@ -248,6 +269,13 @@ impl PeerError {
         PeerError::Malformed {
             detail: detail.into(),
         }
+    }
+}
+
+fn role_name(role: Role) -> &'static str {
+    match role {
+        Role::Agent => "agent",
+        Role::Server => "CA server",
     }
 }
 
@@ -435,7 +463,7 @@ impl SvidVerifier {
     pub fn new() -> Self {
         Self {
             bundles: ArcSwapOption::empty(),
-            algorithms: rustls::crypto::ring::default_provider().signature_verification_algorithms,
+            algorithms: crate::tls::provider().signature_verification_algorithms,
         }
     }
 
@@ -639,7 +667,7 @@ fn check_leaf(der: &[u8]) -> Result<SpiffeId, PeerError> {
         return Err(PeerError::malformed("trailing data after the certificate"));
     }
     let ext = LeafExtensions::of(&cert)?;
-    let id = spiffe_id_of(ext.san)?;
+    let id = id_from_san(ext.san)?;
     if ext.basic_constraints.is_some_and(|bc| bc.ca) {
         return Err(PeerError::LeafIsCa);
     }
@@ -667,7 +695,7 @@ fn check_leaf(der: &[u8]) -> Result<SpiffeId, PeerError> {
 }
 
 /// The SPIFFE ID of a leaf: its only URI SAN, canonical, with a non-root path.
-fn spiffe_id_of(san: Option<&SubjectAlternativeName<'_>>) -> Result<SpiffeId, PeerError> {
+fn id_from_san(san: Option<&SubjectAlternativeName<'_>>) -> Result<SpiffeId, PeerError> {
     let mut uris = san
         .into_iter()
         .flat_map(|san| san.general_names.iter())
@@ -688,22 +716,26 @@ fn spiffe_id_of(san: Option<&SubjectAlternativeName<'_>>) -> Result<SpiffeId, Pe
         uri: uri.to_owned(),
         detail,
     };
-    let id = SpiffeId::new(uri).map_err(|e| not_spiffe(e.to_string()))?;
-    // The spiffe crate lower-cases the scheme and trust domain; the specification wants them
-    // lower-case already, so anything but the canonical spelling is refused.
-    let canonical = uri
-        .strip_prefix("spiffe://")
-        .and_then(|rest| rest.strip_prefix(id.trust_domain().as_str()))
-        .is_some_and(|path| path == id.path());
-    if !canonical {
-        return Err(not_spiffe(format!("not in canonical form ({id})")));
-    }
+    let id = id::parse(uri).map_err(|e| match e {
+        IdError::NotCanonical { canonical } => {
+            not_spiffe(format!("not in canonical form ({canonical})"))
+        }
+        other => not_spiffe(other.to_string()),
+    })?;
     if id.path().is_empty() {
         return Err(not_spiffe(
             "no path; a leaf SVID names a workload, not a trust domain".to_owned(),
         ));
     }
     Ok(id)
+}
+
+/// The SPIFFE ID of a certificate: its only URI SAN, a SPIFFE ID in canonical form with a
+/// non-root path. This reads the ID only; [`SvidVerifier::verify`] is what authenticates it.
+pub fn spiffe_id_of(der: &[u8]) -> Result<SpiffeId, PeerError> {
+    let (_, cert) = x509_parser::parse_x509_certificate(der)
+        .map_err(|e| PeerError::malformed(format!("not a DER X.509 certificate: {e}")))?;
+    id_from_san(LeafExtensions::of(&cert)?.san)
 }
 
 fn chain_error(e: webpki::Error, trust_domain: &TrustDomain, role: PeerRole) -> PeerError {
@@ -756,23 +788,34 @@ fn chain_error(e: webpki::Error, trust_domain: &TrustDomain, role: PeerRole) -> 
 /// reports (`peer_certificates()`, leaf first): one parse of the leaf, no chain validation.
 /// `None` when there is no certificate or it carries no single SPIFFE ID.
 pub fn peer_spiffe_id(certs: &[CertificateDer<'_>]) -> Option<SpiffeId> {
-    let (_, cert) = x509_parser::parse_x509_certificate(certs.first()?).ok()?;
-    let ext = LeafExtensions::of(&cert).ok()?;
-    spiffe_id_of(ext.san).ok()
+    spiffe_id_of(certs.first()?).ok()
 }
 
-/// The rustls client-certificate verifier of inbound listeners: a client certificate is
-/// mandatory and must be an X509-SVID of an accepted trust domain (role [`PeerRole::Client`]).
-/// Whom to admit is the policy's business, after the handshake.
+/// The rustls client-certificate verifier of servers (the proxy's inbound listeners, the node
+/// API): a client certificate must be an X509-SVID of an accepted trust domain (role
+/// [`PeerRole::Client`]). Whom to admit is the caller's business, after the handshake.
 #[derive(Debug)]
 pub struct ClientVerifier {
     inner: Arc<SvidVerifier>,
+    mandatory: bool,
 }
 
 impl ClientVerifier {
-    /// A verifier over the shared `inner`.
+    /// A verifier over the shared `inner`; a client certificate is mandatory.
     pub fn new(inner: Arc<SvidVerifier>) -> Self {
-        Self { inner }
+        Self {
+            inner,
+            mandatory: true,
+        }
+    }
+
+    /// The same, admitting a client without a certificate (who then has no identity); one
+    /// that presents a certificate is verified all the same.
+    pub fn optional(self) -> Self {
+        Self {
+            mandatory: false,
+            ..self
+        }
     }
 }
 
@@ -782,7 +825,7 @@ impl ClientCertVerifier for ClientVerifier {
     }
 
     fn client_auth_mandatory(&self) -> bool {
-        true
+        self.mandatory
     }
 
     fn root_hint_subjects(&self) -> &[DistinguishedName] {
@@ -840,6 +883,7 @@ pub struct ServerVerifier {
     inner: Arc<SvidVerifier>,
     expect: ExpectPeer,
     expect_display: String,
+    mark: Option<Role>,
 }
 
 impl ServerVerifier {
@@ -850,6 +894,16 @@ impl ServerVerifier {
             inner,
             expect,
             expect_display,
+            mark: None,
+        }
+    }
+
+    /// The same, also requiring the server's certificate to carry `role`'s mark (see
+    /// [`crate::role`]): the agent's verifier of the CA server.
+    pub fn requiring(self, role: Role) -> Self {
+        Self {
+            mark: Some(role),
+            ..self
         }
     }
 
@@ -881,13 +935,17 @@ impl ServerCertVerifier for ServerVerifier {
             .inner
             .verify(end_entity, intermediates, now, PeerRole::Server)
             .and_then(|id| {
-                if (self.expect)(&id) {
-                    Ok(())
-                } else {
-                    Err(PeerError::UnexpectedPeer {
+                if !(self.expect)(&id) {
+                    return Err(PeerError::UnexpectedPeer {
                         actual: id,
                         expected: self.expect_display.clone(),
-                    })
+                    });
+                }
+                match self.mark {
+                    Some(role) if !role.marks(end_entity) => {
+                        Err(PeerError::MissingMark { id, role })
+                    }
+                    _ => Ok(()),
                 }
             });
         match checked {
