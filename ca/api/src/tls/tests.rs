@@ -336,3 +336,33 @@ async fn verifier_roots_can_be_swapped() {
     assert!(handshake(client(), server).await.is_ok());
     assert!(bundles(vec![]).is_err());
 }
+
+/// TLS 1.3 only, on both sides: a TLS 1.2-only peer gets no handshake.
+#[tokio::test]
+async fn tls12_peers_are_refused() {
+    let pki = Pki::new("a");
+    let tls12 = || {
+        rustls::ClientConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_protocol_versions(&[&rustls::version::TLS12])
+        .unwrap()
+        .with_root_certificates({
+            let mut roots = rustls::RootCertStore::empty();
+            roots.add(pki.root.clone()).unwrap();
+            roots
+        })
+        .with_no_client_auth()
+    };
+    let server = no_client_auth_server(pki.server(&[SERVER]), &pki);
+    assert!(handshake(tls12(), server).await.is_err());
+    // And the control: the same server with our own client completes.
+    let server = no_client_auth_server(pki.server(&[SERVER]), &pki);
+    let ours = client_config(vec![pki.root.clone()], ExpectedId::Exact(id(SERVER)), None).unwrap();
+    assert!(handshake(ours, server).await.is_ok());
+    // Our provider has no TLS 1.2 suite at all, so a client built on it cannot offer 1.2.
+    assert!(provider()
+        .cipher_suites
+        .iter()
+        .all(|s| s.version() == &rustls::version::TLS13));
+}
