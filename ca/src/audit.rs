@@ -131,28 +131,23 @@ pub struct AuditViolation {
     pub reason: AuditFault,
 }
 
-/// Why [`verify_store`] failed.
-#[derive(Debug, thiserror::Error)]
-#[non_exhaustive]
-pub enum VerifyError {
-    /// The log could not be read.
-    #[error("cannot read the audit log: {0}")]
-    Store(#[from] crate::store::StoreError),
-    /// The log was read and has been tampered with.
-    #[error(transparent)]
-    Violation(#[from] AuditViolation),
-}
-
-/// Checks records one by one, in ascending order, keeping only the last one.
+/// Checks records one by one, in ascending order, keeping only the last one (so a log of any
+/// size is verified page by page: [`crate::store::verify_audit`]).
 #[derive(Debug, Default)]
-struct ChainVerifier {
+pub struct ChainVerifier {
     /// Seq and hash of the last verified record.
     last: Option<(i64, [u8; 32])>,
     count: u64,
 }
 
 impl ChainVerifier {
-    fn push(&mut self, r: &AuditRecord) -> Result<(), AuditViolation> {
+    /// The seq of the last record verified (0 before the first).
+    pub fn last_seq(&self) -> i64 {
+        self.last.map_or(0, |(seq, _)| seq)
+    }
+
+    /// Verifies the next record.
+    pub fn push(&mut self, r: &AuditRecord) -> Result<(), AuditViolation> {
         let (prev_seq, prev_hash) = self.last.unwrap_or((0, [0; 32]));
         let expected = prev_seq + 1;
         let fail = |seq, reason| Err(AuditViolation { seq, reason });
@@ -176,7 +171,9 @@ impl ChainVerifier {
         Ok(())
     }
 
-    fn finish(&self, head: Option<(i64, [u8; 32])>) -> Result<u64, AuditViolation> {
+    /// Compares the last record verified with the stored head; returns how many records were
+    /// verified.
+    pub fn finish(&self, head: Option<(i64, [u8; 32])>) -> Result<u64, AuditViolation> {
         let fail = |seq, reason| Err(AuditViolation { seq, reason });
         match (self.last, head) {
             (None, None) => Ok(0),
@@ -211,41 +208,6 @@ pub fn verify(
         verifier.push(&record)?;
     }
     verifier.finish(head)
-}
-
-/// Records read per page by [`verify_store`].
-const VERIFY_PAGE: i64 = 1000;
-
-/// Verifies the audit log in `store`, a page at a time (so a large log is never loaded whole).
-///
-/// Records appended while it runs are verified too: the head is read after the records, and if
-/// it has moved past them the remaining records are read before comparing.
-pub async fn verify_store(store: &dyn crate::store::Datastore) -> Result<u64, VerifyError> {
-    let mut verifier = ChainVerifier::default();
-    loop {
-        let mut progressed = false;
-        loop {
-            let after = verifier.last.map_or(0, |(seq, _)| seq);
-            let page = store.audit_records(after, VERIFY_PAGE).await?;
-            let full = page.len() as i64 >= VERIFY_PAGE;
-            progressed |= !page.is_empty();
-            for record in &page {
-                verifier.push(record)?;
-            }
-            if !full {
-                break;
-            }
-        }
-        let head = store.audit_head().await?;
-        let last_seq = verifier.last.map_or(0, |(seq, _)| seq);
-        // The head is written in the same transaction as its record, so a head beyond the last
-        // record read means either a concurrent append (read on) or a truncation (nothing more
-        // to read: `finish` reports it).
-        match head {
-            Some((head_seq, _)) if head_seq > last_seq && progressed => continue,
-            _ => return Ok(verifier.finish(head)?),
-        }
-    }
 }
 
 #[cfg(test)]

@@ -16,7 +16,7 @@ use spiffe::SpiffeId;
 use tokio::sync::{broadcast, Mutex};
 use tonic::{Request, Response, Status};
 
-use crate::audit::{self, AuditEvent};
+use crate::audit::AuditEvent;
 use crate::authority::{Authority, AuthorityError};
 use crate::entry::{self, EntryError, EntryId, EntrySpec, RegistrationEntry};
 use crate::metrics::{KindLabels, Metrics, SignLabels};
@@ -47,7 +47,7 @@ pub enum ServiceError {
     Authority(#[from] AuthorityError),
     /// The audit log failed verification or could not be read.
     #[error(transparent)]
-    Audit(#[from] audit::VerifyError),
+    Audit(#[from] crate::store::AuditVerifyError),
     /// The CA is shutting down and did not finish the change (it may or may not have been
     /// stored).
     #[error("the CA is shutting down; check the state and retry")]
@@ -1094,14 +1094,14 @@ impl admin::audit_server::Audit for AdminService {
         &self,
         _req: Request<admin::VerifyAuditRequest>,
     ) -> Rpc<admin::VerifyAuditResponse> {
-        match audit::verify_store(self.ca.store.as_ref()).await {
+        match crate::store::verify_audit(self.ca.store.as_ref()).await {
             Ok(records) => Ok(Response::new(admin::VerifyAuditResponse {
                 ok: true,
                 records,
                 first_bad_seq: 0,
                 reason: String::new(),
             })),
-            Err(audit::VerifyError::Violation(v)) => {
+            Err(crate::store::AuditVerifyError::Violation(v)) => {
                 Ok(Response::new(admin::VerifyAuditResponse {
                     ok: false,
                     records: 0,

@@ -10,7 +10,7 @@ use async_trait::async_trait;
 
 use spiffe::SpiffeId;
 
-use crate::audit::{AuditEvent, AuditRecord};
+use crate::audit::{AuditEvent, AuditRecord, AuditViolation, ChainVerifier};
 use crate::entry::{EntryId, RegistrationEntry};
 
 pub mod sql;
@@ -266,5 +266,52 @@ pub trait Datastore: Send + Sync + 'static {
 impl std::fmt::Debug for dyn Datastore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "Datastore({})", self.backend())
+    }
+}
+
+/// Why [`verify_audit`] failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum AuditVerifyError {
+    /// The log could not be read.
+    #[error("cannot read the audit log: {0}")]
+    Store(#[from] StoreError),
+    /// The log was read and has been tampered with.
+    #[error(transparent)]
+    Violation(#[from] AuditViolation),
+}
+
+/// Records read per page by [`verify_audit`].
+const VERIFY_PAGE: i64 = 1000;
+
+/// Verifies the audit log in `store`, a page at a time (so a large log is never loaded whole).
+///
+/// Records appended while it runs are verified too: the head is read after the records, and if
+/// it has moved past them the remaining records are read before comparing.
+pub async fn verify_audit(store: &dyn Datastore) -> Result<u64, AuditVerifyError> {
+    let mut verifier = ChainVerifier::default();
+    loop {
+        let mut progressed = false;
+        loop {
+            let after = verifier.last_seq();
+            let page = store.audit_records(after, VERIFY_PAGE).await?;
+            let full = page.len() as i64 >= VERIFY_PAGE;
+            progressed |= !page.is_empty();
+            for record in &page {
+                verifier.push(record)?;
+            }
+            if !full {
+                break;
+            }
+        }
+        let head = store.audit_head().await?;
+        let last_seq = verifier.last_seq();
+        // The head is written in the same transaction as its record, so a head beyond the last
+        // record read means either a concurrent append (read on) or a truncation (nothing more
+        // to read: `finish` reports it).
+        match head {
+            Some((head_seq, _)) if head_seq > last_seq && progressed => continue,
+            _ => return Ok(verifier.finish(head)?),
+        }
     }
 }

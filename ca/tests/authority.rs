@@ -12,7 +12,6 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use meshid_ca::audit;
 use meshid_ca::authority::Authority;
 use meshid_ca::config::{CaSettings, UpstreamAuthority};
 use meshid_ca::entry::EntrySpec;
@@ -148,7 +147,9 @@ async fn restart_keeps_keys_case(postgres: bool) {
     let (token, _) = a1
         .mint_jwt_svid(&id, &["billing".to_owned()], None)
         .unwrap();
-    let created = audit::verify_store(store.as_ref()).await.unwrap();
+    let created = meshid_ca::store::verify_audit(store.as_ref())
+        .await
+        .unwrap();
     drop(a1);
     drop(store);
 
@@ -179,7 +180,9 @@ async fn restart_keeps_keys_case(postgres: bool) {
         "no key created or changed by a restart"
     );
     assert_eq!(
-        audit::verify_store(store.as_ref()).await.unwrap(),
+        meshid_ca::store::verify_audit(store.as_ref())
+            .await
+            .unwrap(),
         created,
         "a restart writes no key records"
     );
@@ -303,7 +306,9 @@ async fn rotation_under_issuance_case(postgres: bool) {
         assert_eq!(active, 1, "{kind:?}");
         assert!(retired >= 1, "{kind:?}");
     }
-    audit::verify_store(store.as_ref()).await.unwrap();
+    meshid_ca::store::verify_audit(store.as_ref())
+        .await
+        .unwrap();
 
     // A restart in the middle of a rotation picks up the prepared key rather than making another.
     drop(a);
@@ -524,5 +529,7 @@ async fn two_servers_share_a_postgres_trust_domain() {
     let (t1, _) = a1.mint_jwt_svid(&id, &["x".to_owned()], None).unwrap();
     validate_jwt(&t1, &a2.bundle().jwt_authorities, "x").unwrap();
     // One audit chain for both servers, intact.
-    audit::verify_store(store1.as_ref()).await.unwrap();
+    meshid_ca::store::verify_audit(store1.as_ref())
+        .await
+        .unwrap();
 }

@@ -667,7 +667,7 @@ async fn batch_sign_and_jwt_only_for_own_entries() {
             "{issued:?}"
         );
         assert_eq!(issued[0].actor, a.id);
-        meshid_ca::audit::verify_store(ca.ca.store.as_ref())
+        meshid_ca::store::verify_audit(ca.ca.store.as_ref())
             .await
             .unwrap();
 

@@ -34,7 +34,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use meshid_policy::{AccessRecord, Decision, HttpRequest, Outcome, SpiffeId};
 use tokio::io::{AsyncRead, AsyncWrite};
 
-use crate::inbound::{account, record, Listener};
+use crate::proxy::{account, drained, record, InboundState as Listener};
 
 type ResponseBody = Metered<Either<Incoming, Full<Bytes>>>;
 type RequestBody = Metered<Incoming>;
@@ -135,7 +135,7 @@ pub async fn serve<T>(
         tokio::pin!(c);
         tokio::select! {
             r = c.as_mut() => r,
-            () = crate::server::drained(&mut drain) => {
+            () = drained(&mut drain) => {
                 c.as_mut().graceful_shutdown();
                 c.await
             }
@@ -147,7 +147,7 @@ pub async fn serve<T>(
         tokio::pin!(c);
         tokio::select! {
             r = c.as_mut() => r,
-            () = crate::server::drained(&mut drain) => {
+            () = drained(&mut drain) => {
                 c.as_mut().graceful_shutdown();
                 c.await
             }

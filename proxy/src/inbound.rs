@@ -8,33 +8,21 @@
 use std::sync::Arc;
 use std::time::Instant;
 
-use meshid_policy::{AccessRecord, Decision, Request, SpiffeId};
+use meshid_policy::{Request, SpiffeId};
 use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::server::TlsStream;
 use tokio_rustls::TlsAcceptor;
 
-use crate::config::{Inbound, InboundProtocol};
+use crate::config::InboundProtocol;
 use crate::io::{detect, Detected, Prefixed};
-use crate::metrics::ListenerMetrics;
-use crate::server::{ActivePolicy, Shared};
+use crate::proxy::{accept_loop, account, record, splice, InboundState as Listener};
 use meshid_api::tls::verify;
-
-/// What every connection of one inbound listener shares.
-#[derive(Debug)]
-pub struct Listener {
-    /// The listener's configuration.
-    pub config: Inbound,
-    /// Its counters.
-    pub metrics: ListenerMetrics,
-    /// Process-wide state.
-    pub shared: Arc<Shared>,
-}
 
 /// Accepts connections until the drain starts.
 pub async fn run(listener: TcpListener, this: Arc<Listener>) {
     let acceptor = TlsAcceptor::from(this.shared.creds.server_config());
-    crate::server::accept_loop(listener, &this.shared, &this.metrics, |tcp, peer| {
+    accept_loop(listener, &this.shared, &this.metrics, |tcp, peer| {
         let (this, acceptor) = (this.clone(), acceptor.clone());
         async move { connection(&this, &acceptor, tcp, peer).await }
     })
@@ -106,44 +94,6 @@ pub(crate) async fn connection(
     }
 }
 
-/// Records a decision: metrics, and a log line for refusals and would-be refusals.
-pub fn account(this: &Listener, active: &ActivePolicy, caller: &SpiffeId, d: &Decision) {
-    active.counters.count(d);
-    let policy = active.policy.name();
-    match d.outcome {
-        meshid_policy::Outcome::Allow => {}
-        meshid_policy::Outcome::Deny => tracing::info!(
-            listener = %this.config.name, caller = %caller, port = this.config.port,
-            policy, rule = d.rule_name(), "refused by policy"
-        ),
-        meshid_policy::Outcome::AuditDeny => tracing::info!(
-            listener = %this.config.name, caller = %caller, port = this.config.port,
-            policy, rule = d.rule_name(), "audit: would be refused by policy; allowed"
-        ),
-    }
-}
-
-/// The access record skeleton of an inbound connection or request.
-pub fn record(
-    this: &Listener,
-    kind: &str,
-    caller: &SpiffeId,
-    local: &SpiffeId,
-    policy: &str,
-    d: &Decision,
-) -> AccessRecord {
-    AccessRecord {
-        kind: kind.to_owned(),
-        caller: Some(caller.to_string()),
-        callee: Some(local.to_string()),
-        port: Some(this.config.port),
-        policy: Some(policy.to_owned()),
-        rule: Some(d.rule_name().to_owned()),
-        decision: d.outcome.as_str().to_owned(),
-        ..crate::access::connection("inbound", &this.config.name)
-    }
-}
-
 async fn opaque(
     this: &Arc<Listener>,
     mut io: Prefixed<TlsStream<TcpStream>>,
@@ -189,7 +139,7 @@ async fn opaque(
             return;
         }
     };
-    let (rx, tx) = crate::server::splice(&mut io, &mut app).await;
+    let (rx, tx) = splice(&mut io, &mut app).await;
     this.metrics.rx.inc_by(rx);
     this.metrics.tx.inc_by(tx);
     if let Some(mut r) = rec {

@@ -251,8 +251,8 @@ fn run(args: RunArgs) -> ExitCode {
         Err(e) => return config_error(&e),
     };
     meshid_api::server::init_tracing(config.log_json, "info");
-    let ports = meshid_proxy::server::port_protocols(&config);
-    let policy = match meshid_proxy::server::load_policy(config.policy_file.as_deref(), &ports) {
+    let ports = meshid_proxy::policy::port_protocols(&config);
+    let policy = match meshid_proxy::policy::load_policy(config.policy_file.as_deref(), &ports) {
         Ok(p) => p,
         Err(e) => {
             eprintln!("meshid-proxy: invalid policy: {e}");

@@ -12,7 +12,7 @@ use tokio_rustls::TlsConnector;
 
 use crate::config::Outbound;
 use crate::metrics::ListenerMetrics;
-use crate::server::Shared;
+use crate::proxy::{accept_loop, splice, Shared};
 use meshid_api::tls::verify;
 
 /// What every connection of one outbound listener shares.
@@ -45,7 +45,7 @@ pub fn server_name(upstream: &str) -> ServerName<'static> {
 /// Accepts connections until the drain starts.
 pub async fn run(listener: TcpListener, this: Arc<Listener>) {
     let connector = TlsConnector::from(this.tls.clone());
-    crate::server::accept_loop(listener, &this.shared, &this.metrics, |tcp, _| {
+    accept_loop(listener, &this.shared, &this.metrics, |tcp, _| {
         let (this, connector) = (this.clone(), connector.clone());
         async move { connection(&this, &connector, tcp).await }
     })
@@ -121,7 +121,7 @@ pub(crate) async fn forward(
         .1
         .peer_certificates()
         .and_then(verify::peer_spiffe_id);
-    let (tx, rx) = crate::server::splice(&mut app, &mut tls).await;
+    let (tx, rx) = splice(&mut app, &mut tls).await;
     // rx/tx are from the accepted peer's point of view: the application.
     metrics.rx.inc_by(tx);
     metrics.tx.inc_by(rx);

@@ -1,9 +1,10 @@
-//! `meshid-proxy run`: wires the credentials, the policy, the listeners and the ops endpoint,
-//! and drains on shutdown.
+//! `meshid-proxy run`: the wiring. Binds every listener before anything runs, then starts the
+//! credentials ([`crate::tls::follow`]), the policy reload ([`crate::policy`]), the listeners
+//! and the ops endpoint (`/healthz`, `/readyz`, `/metrics`), and drains on shutdown. What one
+//! connection does is in the listeners and their base, [`crate::proxy`].
 
 use std::future::Future;
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -11,60 +12,17 @@ use arc_swap::ArcSwap;
 use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::IntoResponse;
-use meshid_policy::{Policy, PolicyError, Protocol};
-use tokio::io::{AsyncRead, AsyncWrite};
-use tokio::net::{TcpListener, TcpStream};
+use meshid_policy::Policy;
+use tokio::net::TcpListener;
 use tokio::sync::watch;
 
 use crate::access::AccessLogger;
-use crate::config::{Config, InboundProtocol};
+use crate::config::Config;
 use crate::io::Tracker;
 use crate::metrics::Metrics;
+use crate::policy::{port_protocols, watch_policy};
+use crate::proxy::{ActivePolicy, Shared};
 use crate::tls::Credentials;
-
-/// The policy in force and its decision counters.
-#[derive(Debug)]
-pub struct ActivePolicy {
-    /// The policy.
-    pub policy: Policy,
-    /// Its decision counters.
-    pub counters: crate::metrics::DecisionCounters,
-}
-
-impl ActivePolicy {
-    /// Wraps a freshly loaded policy.
-    pub fn new(policy: Policy, metrics: &Arc<Metrics>) -> ActivePolicy {
-        ActivePolicy {
-            counters: metrics.decision_counters(&policy),
-            policy,
-        }
-    }
-}
-
-/// State shared by every listener and connection.
-#[derive(Debug)]
-pub struct Shared {
-    /// The proxy's SVID and trust.
-    pub creds: Arc<Credentials>,
-    /// The policy in force (swapped on reload).
-    pub policy: Arc<ArcSwap<ActivePolicy>>,
-    /// Metrics.
-    pub metrics: Arc<Metrics>,
-    /// Access log.
-    pub access: AccessLogger,
-    /// Open connections.
-    pub tracker: Arc<Tracker>,
-    /// Becomes `true` when the drain starts.
-    pub drain: watch::Receiver<bool>,
-    /// TLS handshake deadline.
-    pub handshake_timeout: Duration,
-    /// Protocol detection deadline.
-    pub detect_timeout: Duration,
-    /// TCP connect deadline.
-    pub connect_timeout: Duration,
-    /// SO_MARK of the proxy's own upstream and forwarding sockets (transparent mode).
-    pub mark: Option<u32>,
-}
 
 /// The listeners of a configuration, bound before anything runs.
 #[derive(Debug)]
@@ -108,231 +66,6 @@ pub async fn bind(config: &Config) -> anyhow::Result<Bound> {
         outbound,
         transparent,
     })
-}
-
-/// The protocols of the inbound ports, for [`Policy::validate_ports`].
-pub fn port_protocols(config: &Config) -> Vec<(u16, Protocol)> {
-    config
-        .inbound
-        .iter()
-        .filter_map(|l| match l.protocol {
-            InboundProtocol::Tcp => Some((l.port, Protocol::Tcp)),
-            InboundProtocol::Http => Some((l.port, Protocol::Http)),
-            InboundProtocol::Detect => None,
-        })
-        .chain(
-            config
-                .transparent
-                .iter()
-                .flat_map(|t| t.tcp_ports.iter().map(|p| (*p, Protocol::Tcp))),
-        )
-        .collect()
-}
-
-/// The policy in force when no policy file is configured: every inbound caller refused.
-pub fn deny_all() -> Result<Policy, PolicyError> {
-    Policy::parse(
-        "name: deny-all\ndefault: deny\nrules: []\n",
-        "(no policy file)",
-    )
-}
-
-/// Loads the policy file (or [`deny_all`]) and checks it against the listeners.
-pub fn load_policy(path: Option<&Path>, ports: &[(u16, Protocol)]) -> Result<Policy, PolicyError> {
-    let policy = match path {
-        Some(p) => {
-            check_policy_mode(p)?;
-            Policy::load(p)?
-        }
-        None => deny_all()?,
-    };
-    policy.validate_ports(ports)?;
-    Ok(policy)
-}
-
-/// A policy file any user may write is refused: whoever writes it decides who is let in.
-fn check_policy_mode(path: &Path) -> Result<(), PolicyError> {
-    meshid_api::config::check_not_world_writable(path, "policy file").map_err(|e| PolicyError::Io {
-        path: path.to_owned(),
-        source: std::io::Error::new(std::io::ErrorKind::PermissionDenied, e),
-    })
-}
-
-/// Completes once the drain has started (the guard of the watch value is not held).
-pub async fn drained(drain: &mut watch::Receiver<bool>) {
-    let _ = drain.wait_for(|d| *d).await;
-}
-
-/// Accepts connections on `listener` until the drain starts. Each connection runs `serve` in
-/// its own task, tracked for the drain and counted in the listener's `connections` and `open`
-/// metrics. Accept errors (for example, out of file descriptors) are logged and retried.
-pub async fn accept_loop<F, Fut>(
-    listener: TcpListener,
-    shared: &Shared,
-    metrics: &crate::metrics::ListenerMetrics,
-    serve: F,
-) where
-    F: Fn(TcpStream, SocketAddr) -> Fut,
-    Fut: Future<Output = ()> + Send + 'static,
-{
-    let mut drain = shared.drain.clone();
-    loop {
-        let (tcp, peer) = tokio::select! {
-            r = listener.accept() => match r {
-                Ok(x) => x,
-                Err(e) => {
-                    tracing::warn!(listener = %metrics.name, error = %e, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
-            () = drained(&mut drain) => return,
-        };
-        let tracked = shared.tracker.track();
-        let (connections, open) = (metrics.connections.clone(), metrics.open.clone());
-        let conn = serve(tcp, peer);
-        tokio::spawn(async move {
-            let _tracked = tracked;
-            connections.inc();
-            open.inc();
-            conn.await;
-            open.dec();
-        });
-    }
-}
-
-impl Shared {
-    /// Connects to `addr` (`host:port`) with the connect deadline, `TCP_NODELAY` and the
-    /// proxy's SO_MARK (see [`connect`]).
-    pub async fn connect(&self, addr: &str) -> std::io::Result<TcpStream> {
-        connect(addr, self.mark, self.connect_timeout).await
-    }
-}
-
-/// Connects to `addr` (`host:port`, resolved; each address tried in turn) within `timeout`,
-/// with `TCP_NODELAY` set and, when given, SO_MARK `mark` on the socket, so that transparent
-/// mode's iptables rules recognize the proxy's own connections and do not redirect them.
-pub async fn connect(
-    addr: &str,
-    mark: Option<u32>,
-    timeout: Duration,
-) -> std::io::Result<TcpStream> {
-    let attempt = async {
-        let mut last = None;
-        for a in tokio::net::lookup_host(addr).await? {
-            match crate::transparent::connect_to(a, mark).await {
-                Ok(s) => return Ok(s),
-                Err(e) => last = Some(e),
-            }
-        }
-        Err(last.unwrap_or_else(|| {
-            std::io::Error::new(std::io::ErrorKind::NotFound, "no address to connect to")
-        }))
-    };
-    let s = tokio::time::timeout(timeout, attempt)
-        .await
-        .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "connect timed out"))??;
-    s.set_nodelay(true)?;
-    Ok(s)
-}
-
-/// Relays bytes both ways until both directions end; returns (a to b, b to a). Errors end the
-/// relay: what was relayed is still counted.
-pub async fn splice<A, B>(a: &mut A, b: &mut B) -> (u64, u64)
-where
-    A: AsyncRead + AsyncWrite + Unpin + ?Sized,
-    B: AsyncRead + AsyncWrite + Unpin + ?Sized,
-{
-    let (ab, ba, err) = crate::io::relay(a, b).await;
-    if let Some(e) = err {
-        tracing::debug!(error = %e, "relay ended with an error");
-    }
-    (ab, ba)
-}
-
-/// Watches the policy file: a valid new version replaces the policy for new connections and
-/// requests; an invalid one is logged and counted and the previous policy stays. Checks every
-/// `interval` (and on SIGHUP), comparing content, so in-place edits, atomic renames and
-/// Kubernetes ConfigMap symlink swaps are all seen.
-pub async fn watch_policy(
-    path: PathBuf,
-    ports: Vec<(u16, Protocol)>,
-    current: Arc<ArcSwap<ActivePolicy>>,
-    metrics: Arc<Metrics>,
-    interval: Duration,
-    mut drain: watch::Receiver<bool>,
-) {
-    let mut last = tokio::fs::read(&path).await.ok();
-    let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
-    let mut missing_logged = false;
-    // The contents last refused for the file's mode (logged once, not every interval).
-    let mut refused_mode: Option<Vec<u8>> = None;
-    loop {
-        let hup_fut = async {
-            match hup.as_mut() {
-                Some(h) => {
-                    h.recv().await;
-                }
-                None => std::future::pending::<()>().await,
-            }
-        };
-        let forced = tokio::select! {
-            () = tokio::time::sleep(interval) => false,
-            () = hup_fut => true,
-            () = crate::server::drained(&mut drain) => return,
-        };
-        let bytes = match tokio::fs::read(&path).await {
-            Ok(b) => b,
-            Err(e) => {
-                if !missing_logged {
-                    tracing::warn!(path = %path.display(), error = %e, "cannot read the policy file; keeping the policy in force");
-                    missing_logged = true;
-                }
-                continue;
-            }
-        };
-        missing_logged = false;
-        if !forced && last.as_deref() == Some(&bytes[..]) {
-            continue;
-        }
-        let text = String::from_utf8_lossy(&bytes);
-        let origin = path.display().to_string();
-        if let Err(e) = check_policy_mode(&path) {
-            // Refused for its mode: logged once per contents, looked at again every interval.
-            if refused_mode.as_deref() != Some(&bytes[..]) {
-                tracing::warn!(path = %origin, error = %e, "policy refused; the previous policy stays in force");
-                metrics
-                    .policy_reloads
-                    .get_or_create(&crate::metrics::ReloadLabels { result: "error" })
-                    .inc();
-                refused_mode = Some(bytes);
-            }
-            continue;
-        }
-        refused_mode = None;
-        let result = Policy::parse(&text, &origin).and_then(|p| {
-            p.validate_ports(&ports)?;
-            Ok(p)
-        });
-        last = Some(bytes);
-        match result {
-            Ok(policy) => {
-                tracing::info!(path = %origin, policy = policy.name(), "policy reloaded");
-                current.store(Arc::new(ActivePolicy::new(policy, &metrics)));
-                metrics
-                    .policy_reloads
-                    .get_or_create(&crate::metrics::ReloadLabels { result: "ok" })
-                    .inc();
-            }
-            Err(e) => {
-                tracing::warn!(path = %origin, error = %e, "policy refused; the previous policy stays in force");
-                metrics
-                    .policy_reloads
-                    .get_or_create(&crate::metrics::ReloadLabels { result: "error" })
-                    .inc();
-            }
-        }
-    }
 }
 
 #[derive(Clone)]
@@ -444,7 +177,7 @@ pub async fn run(
     let mut tasks = Vec::new();
     for (l, listener) in config.inbound.iter().zip(bound.inbound) {
         tracing::info!(listener = %l.name, listen = %l.listen, forward_to = %l.forward_to, port = l.port, "inbound listening");
-        let this = Arc::new(crate::inbound::Listener {
+        let this = Arc::new(crate::proxy::InboundState {
             config: l.clone(),
             metrics: metrics.listener("inbound", &l.name),
             shared: shared.clone(),

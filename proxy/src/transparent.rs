@@ -26,14 +26,14 @@ use meshid_policy::{AccessRecord, Pattern};
 use prometheus_client::metrics::counter::Counter;
 use rustls_pki_types::ServerName;
 use socket2::SockRef;
-use tokio::net::{TcpListener, TcpSocket, TcpStream};
+use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::{TlsAcceptor, TlsConnector};
 
 use crate::config::{
     canonical_ip, Cidr, Inbound, InboundForward, InboundMode, InboundProtocol, Transparent,
 };
 use crate::metrics::ListenerMetrics;
-use crate::server::Shared;
+use crate::proxy::{accept_loop, connect_to, splice, InboundState, Shared};
 
 /// The listener name of transparent outbound in metrics and logs.
 pub const OUTBOUND_NAME: &str = "transparent-outbound";
@@ -67,25 +67,6 @@ pub fn original_dst(tcp: &TcpStream) -> io::Result<SocketAddr> {
             "SO_ORIGINAL_DST is not an IP address",
         )
     })
-}
-
-/// Opens a TCP connection to `addr`, setting SO_MARK `mark` first when given.
-pub async fn connect_to(addr: SocketAddr, mark: Option<u32>) -> io::Result<TcpStream> {
-    let socket = match addr {
-        SocketAddr::V4(_) => TcpSocket::new_v4()?,
-        SocketAddr::V6(_) => TcpSocket::new_v6()?,
-    };
-    if let Some(mark) = mark {
-        SockRef::from(&socket).set_mark(mark).map_err(|e| {
-            io::Error::new(
-                e.kind(),
-                format!("cannot set SO_MARK {mark} (needs CAP_NET_ADMIN): {e}"),
-            )
-        })?;
-    }
-    let stream = socket.connect(addr).await?;
-    stream.set_nodelay(true)?;
-    Ok(stream)
 }
 
 async fn connect_within(addr: SocketAddr, shared: &Shared) -> io::Result<TcpStream> {
@@ -206,7 +187,7 @@ impl OutboundListener {
 
 /// Accepts redirected outbound connections until the drain starts.
 pub async fn run_outbound(listener: TcpListener, this: Arc<OutboundListener>) {
-    crate::server::accept_loop(listener, &this.shared, &this.metrics, |tcp, peer| {
+    accept_loop(listener, &this.shared, &this.metrics, |tcp, peer| {
         let this = this.clone();
         async move { outbound(&this, tcp, peer).await }
     })
@@ -275,7 +256,7 @@ async fn passthrough(
             return;
         }
     };
-    let (rx, tx) = crate::server::splice(&mut client, &mut upstream).await;
+    let (rx, tx) = splice(&mut client, &mut upstream).await;
     metrics.rx.inc_by(rx);
     metrics.tx.inc_by(tx);
     if shared.access.enabled() {
@@ -338,7 +319,7 @@ impl InboundListener {
 /// Accepts redirected inbound connections until the drain starts.
 pub async fn run_inbound(listener: TcpListener, this: Arc<InboundListener>) {
     let acceptor = TlsAcceptor::from(this.shared.creds.server_config());
-    crate::server::accept_loop(listener, &this.shared, &this.metrics, |tcp, peer| {
+    accept_loop(listener, &this.shared, &this.metrics, |tcp, peer| {
         let (this, acceptor) = (this.clone(), acceptor.clone());
         async move { inbound(&this, &acceptor, tcp, peer).await }
     })
@@ -378,7 +359,7 @@ async fn inbound(this: &InboundListener, acceptor: &TlsAcceptor, tcp: TcpStream,
         };
         // The connection's view of an explicit inbound listener: its service port and
         // application address are where the caller was going.
-        let l = Arc::new(crate::inbound::Listener {
+        let l = Arc::new(InboundState {
             config: Inbound {
                 name: this.metrics.name.clone(),
                 listen: this.listen,

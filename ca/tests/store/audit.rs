@@ -2,7 +2,8 @@
 
 use std::sync::Arc;
 
-use meshid_ca::audit::{verify_store, AuditFault, AuditViolation, VerifyError};
+use meshid_ca::audit::{AuditFault, AuditViolation};
+use meshid_ca::store::{verify_audit, AuditVerifyError};
 use meshid_ca::store::{CaKeyKind, CaKeyState, Datastore, StoreError};
 use spiffe::TrustDomain;
 
@@ -10,8 +11,8 @@ use crate::fixture::{agent, agent_id, ca_key, entry, ev, fixture, token, Backend
 
 /// Asserts that verification fails at `seq` for `reason`.
 async fn assert_violation(fx: &Fixture, seq: i64, reason: AuditFault) {
-    match verify_store(&fx.store).await {
-        Err(VerifyError::Violation(v)) => assert_eq!(v, AuditViolation { seq, reason }, "{v}"),
+    match verify_audit(&fx.store).await {
+        Err(AuditVerifyError::Violation(v)) => assert_eq!(v, AuditViolation { seq, reason }, "{v}"),
         other => panic!("expected a violation at {seq} ({reason}), got {other:?}"),
     }
 }
@@ -25,14 +26,14 @@ async fn with_log(backend: Backend, n: i64) -> Option<Fixture> {
             .await
             .unwrap();
     }
-    assert_eq!(verify_store(&fx.store).await.unwrap(), n as u64);
+    assert_eq!(verify_audit(&fx.store).await.unwrap(), n as u64);
     Some(fx)
 }
 
 pub async fn every_mutation_is_audited_once(backend: Backend) {
     let fx = fixture!(backend);
     let s = &fx.store;
-    assert_eq!(verify_store(s).await.unwrap(), 0);
+    assert_eq!(verify_audit(s).await.unwrap(), 0);
     assert_eq!(s.audit_head().await.unwrap(), None);
 
     let e = entry("audited", &agent_id(1), 1);
@@ -96,7 +97,7 @@ pub async fn every_mutation_is_audited_once(backend: Backend) {
         serde_json::json!({ "test": "svid.x509.issued" })
     );
     assert_eq!(s.audit_head().await.unwrap(), Some((10, records[9].hash)));
-    assert_eq!(verify_store(s).await.unwrap(), 10);
+    assert_eq!(verify_audit(s).await.unwrap(), 10);
     // Paging: after/limit.
     let page = s.audit_records(3, 2).await.unwrap();
     assert_eq!(page.iter().map(|r| r.seq).collect::<Vec<_>>(), [4, 5]);
@@ -132,7 +133,7 @@ pub async fn failed_mutations_are_not_audited(backend: Backend) {
         fx.audit_kinds().await,
         ["entry.created", "token.created", "token.used"]
     );
-    assert_eq!(verify_store(s).await.unwrap(), 3);
+    assert_eq!(verify_audit(s).await.unwrap(), 3);
 }
 
 pub async fn batch_appends_chain_in_order(backend: Backend) {
@@ -160,7 +161,7 @@ pub async fn batch_appends_chain_in_order(backend: Backend) {
         );
     }
     assert_eq!(
-        meshid_ca::audit::verify_store(&fx.store).await.unwrap(),
+        meshid_ca::store::verify_audit(&fx.store).await.unwrap(),
         201
     );
 }
@@ -196,7 +197,7 @@ pub async fn concurrent_appends_keep_one_chain(backend: Backend) {
         records.iter().map(|r| r.seq).collect::<Vec<_>>(),
         (1..=50).collect::<Vec<_>>()
     );
-    assert_eq!(verify_store(&fx.store).await.unwrap(), 50);
+    assert_eq!(verify_audit(&fx.store).await.unwrap(), 50);
     assert_eq!(fx.store.list_entries().await.unwrap().len(), 10);
 }
 
@@ -219,7 +220,7 @@ pub async fn concurrent_appends_from_two_servers(backend: Backend) {
     }
     seqs.sort();
     assert_eq!(seqs, (1..=50).collect::<Vec<_>>());
-    assert_eq!(verify_store(&fx.store).await.unwrap(), 50);
+    assert_eq!(verify_audit(&fx.store).await.unwrap(), 50);
 }
 
 pub async fn verify_pages_through_a_large_log(backend: Backend) {

@@ -2,8 +2,8 @@
 
 use std::os::unix::fs::PermissionsExt;
 
-use meshid_ca::audit::verify_store;
 use meshid_ca::store::sql::{SqlStore, SCHEMA_VERSION};
+use meshid_ca::store::verify_audit;
 use meshid_ca::store::{CaKeyKind, CaKeyState, Datastore, StoreError};
 
 use crate::fixture::{agent, agent_id, ca_key, entry, ev, fixture, token, Backend, NOW};
@@ -64,7 +64,7 @@ pub async fn restart_persistence(backend: Backend) {
         (CaKeyState::Active, &root.public_der)
     );
     assert_eq!(s.audit_head().await.unwrap(), Some(head));
-    assert_eq!(verify_store(s).await.unwrap(), 9);
+    assert_eq!(verify_audit(s).await.unwrap(), 9);
 
     // The chain keeps growing from the stored head.
     s.consume_join_token(&unused.hash, NOW + 1, &ev("token.used"))
@@ -72,10 +72,10 @@ pub async fn restart_persistence(backend: Backend) {
         .unwrap();
     let next = s.append_audit(&ev("svid.x509.issued")).await.unwrap();
     assert_eq!(next.seq, 11);
-    assert_eq!(verify_store(s).await.unwrap(), 11);
+    assert_eq!(verify_audit(s).await.unwrap(), 11);
 
     fx.restart().await;
-    assert_eq!(verify_store(&fx.store).await.unwrap(), 11);
+    assert_eq!(verify_audit(&fx.store).await.unwrap(), 11);
     assert_eq!(
         fx.store
             .append_audit(&ev("svid.jwt.issued"))
@@ -106,7 +106,7 @@ pub async fn migrations_idempotent_on_reopen(backend: Backend) {
         SCHEMA_VERSION
     );
     assert_eq!(also_open.list_entries().await.unwrap().len(), 1);
-    assert_eq!(verify_store(&fx.store).await.unwrap(), 1);
+    assert_eq!(verify_audit(&fx.store).await.unwrap(), 1);
 }
 
 pub async fn concurrent_open_migrates_once(backend: Backend) {
@@ -130,7 +130,7 @@ pub async fn concurrent_open_migrates_once(backend: Backend) {
     for s in &stores {
         s.append_audit(&ev("started")).await.unwrap();
     }
-    assert_eq!(verify_store(&stores[0]).await.unwrap(), 4);
+    assert_eq!(verify_audit(&stores[0]).await.unwrap(), 4);
 }
 
 /// Awaits every open concurrently (on separate tasks) and unwraps them.
@@ -287,5 +287,5 @@ pub async fn killed_connections_leave_no_broken_one_behind() {
         );
         s.probe_write().await.unwrap();
     }
-    assert_eq!(verify_store(s).await.unwrap(), u64::from(written));
+    assert_eq!(verify_audit(s).await.unwrap(), u64::from(written));
 }

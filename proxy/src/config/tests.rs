@@ -190,7 +190,7 @@ expect = "spiffe://example.org/db/*"
     assert_eq!(t.destinations[1].port, None);
     assert_eq!(t.tcp_ports, [5432]);
     assert_eq!(
-        crate::server::port_protocols(&parse("[transparent]\ntcp_ports = [5432]\n").unwrap()),
+        crate::policy::port_protocols(&parse("[transparent]\ntcp_ports = [5432]\n").unwrap()),
         [(5432, meshid_policy::Protocol::Tcp)]
     );
 }

@@ -1,0 +1,148 @@
+//! The policy in force: loaded and checked against the listeners before anything binds, and
+//! reloaded while running (a valid new version replaces it for new connections and requests;
+//! an invalid one is refused and the previous policy stays).
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use meshid_policy::{Policy, PolicyError, Protocol};
+use tokio::sync::watch;
+
+use crate::config::{Config, InboundProtocol};
+use crate::metrics::Metrics;
+use crate::proxy::{drained, ActivePolicy};
+
+/// The protocols of the inbound ports, for [`Policy::validate_ports`].
+pub fn port_protocols(config: &Config) -> Vec<(u16, Protocol)> {
+    config
+        .inbound
+        .iter()
+        .filter_map(|l| match l.protocol {
+            InboundProtocol::Tcp => Some((l.port, Protocol::Tcp)),
+            InboundProtocol::Http => Some((l.port, Protocol::Http)),
+            InboundProtocol::Detect => None,
+        })
+        .chain(
+            config
+                .transparent
+                .iter()
+                .flat_map(|t| t.tcp_ports.iter().map(|p| (*p, Protocol::Tcp))),
+        )
+        .collect()
+}
+
+/// The policy in force when no policy file is configured: every inbound caller refused.
+pub fn deny_all() -> Result<Policy, PolicyError> {
+    Policy::parse(
+        "name: deny-all\ndefault: deny\nrules: []\n",
+        "(no policy file)",
+    )
+}
+
+/// Loads the policy file (or [`deny_all`]) and checks it against the listeners.
+pub fn load_policy(path: Option<&Path>, ports: &[(u16, Protocol)]) -> Result<Policy, PolicyError> {
+    let policy = match path {
+        Some(p) => {
+            check_policy_mode(p)?;
+            Policy::load(p)?
+        }
+        None => deny_all()?,
+    };
+    policy.validate_ports(ports)?;
+    Ok(policy)
+}
+
+/// A policy file any user may write is refused: whoever writes it decides who is let in.
+fn check_policy_mode(path: &Path) -> Result<(), PolicyError> {
+    meshid_api::config::check_not_world_writable(path, "policy file").map_err(|e| PolicyError::Io {
+        path: path.to_owned(),
+        source: std::io::Error::new(std::io::ErrorKind::PermissionDenied, e),
+    })
+}
+
+/// Watches the policy file: a valid new version replaces the policy for new connections and
+/// requests; an invalid one is logged and counted and the previous policy stays. Checks every
+/// `interval` (and on SIGHUP), comparing content, so in-place edits, atomic renames and
+/// Kubernetes ConfigMap symlink swaps are all seen.
+pub async fn watch_policy(
+    path: PathBuf,
+    ports: Vec<(u16, Protocol)>,
+    current: Arc<ArcSwap<ActivePolicy>>,
+    metrics: Arc<Metrics>,
+    interval: Duration,
+    mut drain: watch::Receiver<bool>,
+) {
+    let mut last = tokio::fs::read(&path).await.ok();
+    let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
+    let mut missing_logged = false;
+    // The contents last refused for the file's mode (logged once, not every interval).
+    let mut refused_mode: Option<Vec<u8>> = None;
+    loop {
+        let hup_fut = async {
+            match hup.as_mut() {
+                Some(h) => {
+                    h.recv().await;
+                }
+                None => std::future::pending::<()>().await,
+            }
+        };
+        let forced = tokio::select! {
+            () = tokio::time::sleep(interval) => false,
+            () = hup_fut => true,
+            () = drained(&mut drain) => return,
+        };
+        let bytes = match tokio::fs::read(&path).await {
+            Ok(b) => b,
+            Err(e) => {
+                if !missing_logged {
+                    tracing::warn!(path = %path.display(), error = %e, "cannot read the policy file; keeping the policy in force");
+                    missing_logged = true;
+                }
+                continue;
+            }
+        };
+        missing_logged = false;
+        if !forced && last.as_deref() == Some(&bytes[..]) {
+            continue;
+        }
+        let text = String::from_utf8_lossy(&bytes);
+        let origin = path.display().to_string();
+        if let Err(e) = check_policy_mode(&path) {
+            // Refused for its mode: logged once per contents, looked at again every interval.
+            if refused_mode.as_deref() != Some(&bytes[..]) {
+                tracing::warn!(path = %origin, error = %e, "policy refused; the previous policy stays in force");
+                metrics
+                    .policy_reloads
+                    .get_or_create(&crate::metrics::ReloadLabels { result: "error" })
+                    .inc();
+                refused_mode = Some(bytes);
+            }
+            continue;
+        }
+        refused_mode = None;
+        let result = Policy::parse(&text, &origin).and_then(|p| {
+            p.validate_ports(&ports)?;
+            Ok(p)
+        });
+        last = Some(bytes);
+        match result {
+            Ok(policy) => {
+                tracing::info!(path = %origin, policy = policy.name(), "policy reloaded");
+                current.store(Arc::new(ActivePolicy::new(policy, &metrics)));
+                metrics
+                    .policy_reloads
+                    .get_or_create(&crate::metrics::ReloadLabels { result: "ok" })
+                    .inc();
+            }
+            Err(e) => {
+                tracing::warn!(path = %origin, error = %e, "policy refused; the previous policy stays in force");
+                metrics
+                    .policy_reloads
+                    .get_or_create(&crate::metrics::ReloadLabels { result: "error" })
+                    .inc();
+            }
+        }
+    }
+}

@@ -1,0 +1,228 @@
+//! The base every listener builds on: the state shared by all connections ([`Shared`], the
+//! [`ActivePolicy`]), the accept loop, connecting upstream, splicing bytes, and the inbound
+//! listener's decision accounting. It knows no listener kind beyond that; the listeners
+//! ([`crate::inbound`], [`crate::outbound`], [`crate::transparent`], and [`crate::http`] under
+//! inbound) use it, and [`crate::server`] wires them together.
+
+use std::future::Future;
+use std::io;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use meshid_policy::{AccessRecord, Decision, Policy, SpiffeId};
+use socket2::SockRef;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::{TcpListener, TcpSocket, TcpStream};
+use tokio::sync::watch;
+
+use crate::access::AccessLogger;
+use crate::config::Inbound;
+use crate::io::Tracker;
+use crate::metrics::{ListenerMetrics, Metrics};
+use crate::tls::Credentials;
+
+/// The policy in force and its decision counters.
+#[derive(Debug)]
+pub struct ActivePolicy {
+    /// The policy.
+    pub policy: Policy,
+    /// Its decision counters.
+    pub counters: crate::metrics::DecisionCounters,
+}
+
+impl ActivePolicy {
+    /// Wraps a freshly loaded policy.
+    pub fn new(policy: Policy, metrics: &Arc<Metrics>) -> ActivePolicy {
+        ActivePolicy {
+            counters: metrics.decision_counters(&policy),
+            policy,
+        }
+    }
+}
+
+/// State shared by every listener and connection.
+#[derive(Debug)]
+pub struct Shared {
+    /// The proxy's SVID and trust.
+    pub creds: Arc<Credentials>,
+    /// The policy in force (swapped on reload).
+    pub policy: Arc<ArcSwap<ActivePolicy>>,
+    /// Metrics.
+    pub metrics: Arc<Metrics>,
+    /// Access log.
+    pub access: AccessLogger,
+    /// Open connections.
+    pub tracker: Arc<Tracker>,
+    /// Becomes `true` when the drain starts.
+    pub drain: watch::Receiver<bool>,
+    /// TLS handshake deadline.
+    pub handshake_timeout: Duration,
+    /// Protocol detection deadline.
+    pub detect_timeout: Duration,
+    /// TCP connect deadline.
+    pub connect_timeout: Duration,
+    /// SO_MARK of the proxy's own upstream and forwarding sockets (transparent mode).
+    pub mark: Option<u32>,
+}
+
+/// Completes once the drain has started (the guard of the watch value is not held).
+pub async fn drained(drain: &mut watch::Receiver<bool>) {
+    let _ = drain.wait_for(|d| *d).await;
+}
+
+/// Accepts connections on `listener` until the drain starts. Each connection runs `serve` in
+/// its own task, tracked for the drain and counted in the listener's `connections` and `open`
+/// metrics. Accept errors (for example, out of file descriptors) are logged and retried.
+pub async fn accept_loop<F, Fut>(
+    listener: TcpListener,
+    shared: &Shared,
+    metrics: &ListenerMetrics,
+    serve: F,
+) where
+    F: Fn(TcpStream, SocketAddr) -> Fut,
+    Fut: Future<Output = ()> + Send + 'static,
+{
+    let mut drain = shared.drain.clone();
+    loop {
+        let (tcp, peer) = tokio::select! {
+            r = listener.accept() => match r {
+                Ok(x) => x,
+                Err(e) => {
+                    tracing::warn!(listener = %metrics.name, error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            () = drained(&mut drain) => return,
+        };
+        let tracked = shared.tracker.track();
+        let (connections, open) = (metrics.connections.clone(), metrics.open.clone());
+        let conn = serve(tcp, peer);
+        tokio::spawn(async move {
+            let _tracked = tracked;
+            connections.inc();
+            open.inc();
+            conn.await;
+            open.dec();
+        });
+    }
+}
+
+impl Shared {
+    /// Connects to `addr` (`host:port`) with the connect deadline, `TCP_NODELAY` and the
+    /// proxy's SO_MARK (see [`connect`]).
+    pub async fn connect(&self, addr: &str) -> std::io::Result<TcpStream> {
+        connect(addr, self.mark, self.connect_timeout).await
+    }
+}
+
+/// Connects to `addr` (`host:port`, resolved; each address tried in turn) within `timeout`,
+/// with `TCP_NODELAY` set and, when given, SO_MARK `mark` on the socket, so that transparent
+/// mode's iptables rules recognize the proxy's own connections and do not redirect them.
+pub async fn connect(
+    addr: &str,
+    mark: Option<u32>,
+    timeout: Duration,
+) -> std::io::Result<TcpStream> {
+    let attempt = async {
+        let mut last = None;
+        for a in tokio::net::lookup_host(addr).await? {
+            match connect_to(a, mark).await {
+                Ok(s) => return Ok(s),
+                Err(e) => last = Some(e),
+            }
+        }
+        Err(last.unwrap_or_else(|| {
+            std::io::Error::new(std::io::ErrorKind::NotFound, "no address to connect to")
+        }))
+    };
+    let s = tokio::time::timeout(timeout, attempt)
+        .await
+        .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "connect timed out"))??;
+    s.set_nodelay(true)?;
+    Ok(s)
+}
+
+/// Relays bytes both ways until both directions end; returns (a to b, b to a). Errors end the
+/// relay: what was relayed is still counted.
+pub async fn splice<A, B>(a: &mut A, b: &mut B) -> (u64, u64)
+where
+    A: AsyncRead + AsyncWrite + Unpin + ?Sized,
+    B: AsyncRead + AsyncWrite + Unpin + ?Sized,
+{
+    let (ab, ba, err) = crate::io::relay(a, b).await;
+    if let Some(e) = err {
+        tracing::debug!(error = %e, "relay ended with an error");
+    }
+    (ab, ba)
+}
+
+/// Opens a TCP connection to `addr`, setting SO_MARK `mark` first when given.
+pub async fn connect_to(addr: SocketAddr, mark: Option<u32>) -> io::Result<TcpStream> {
+    let socket = match addr {
+        SocketAddr::V4(_) => TcpSocket::new_v4()?,
+        SocketAddr::V6(_) => TcpSocket::new_v6()?,
+    };
+    if let Some(mark) = mark {
+        SockRef::from(&socket).set_mark(mark).map_err(|e| {
+            io::Error::new(
+                e.kind(),
+                format!("cannot set SO_MARK {mark} (needs CAP_NET_ADMIN): {e}"),
+            )
+        })?;
+    }
+    let stream = socket.connect(addr).await?;
+    stream.set_nodelay(true)?;
+    Ok(stream)
+}
+
+/// What every connection of one inbound listener shares.
+#[derive(Debug)]
+pub struct InboundState {
+    /// The listener's configuration.
+    pub config: Inbound,
+    /// Its counters.
+    pub metrics: ListenerMetrics,
+    /// Process-wide state.
+    pub shared: Arc<Shared>,
+}
+
+/// Records a decision: metrics, and a log line for refusals and would-be refusals.
+pub fn account(this: &InboundState, active: &ActivePolicy, caller: &SpiffeId, d: &Decision) {
+    active.counters.count(d);
+    let policy = active.policy.name();
+    match d.outcome {
+        meshid_policy::Outcome::Allow => {}
+        meshid_policy::Outcome::Deny => tracing::info!(
+            listener = %this.config.name, caller = %caller, port = this.config.port,
+            policy, rule = d.rule_name(), "refused by policy"
+        ),
+        meshid_policy::Outcome::AuditDeny => tracing::info!(
+            listener = %this.config.name, caller = %caller, port = this.config.port,
+            policy, rule = d.rule_name(), "audit: would be refused by policy; allowed"
+        ),
+    }
+}
+
+/// The access record skeleton of an inbound connection or request.
+pub fn record(
+    this: &InboundState,
+    kind: &str,
+    caller: &SpiffeId,
+    local: &SpiffeId,
+    policy: &str,
+    d: &Decision,
+) -> AccessRecord {
+    AccessRecord {
+        kind: kind.to_owned(),
+        caller: Some(caller.to_string()),
+        callee: Some(local.to_string()),
+        port: Some(this.config.port),
+        policy: Some(policy.to_owned()),
+        rule: Some(d.rule_name().to_owned()),
+        decision: d.outcome.as_str().to_owned(),
+        ..crate::access::connection("inbound", &this.config.name)
+    }
+}
