@@ -19,8 +19,9 @@ use axum::response::IntoResponse;
 use tokio::net::{TcpListener, UnixListener};
 use tokio::sync::watch;
 
+use crate::admin::AdminService;
 use crate::authority::ensure_private_dir;
-use crate::service::{AdminService, Ca, CaEvent};
+use crate::service::{Ca, CaEvent};
 
 /// Binds a Unix socket that only its owner can use (mode 0600), without a moment in which it
 /// exists with a wider mode: it is bound in a fresh private directory, restricted, then renamed

@@ -22,6 +22,7 @@ pub mod attest;
 pub mod cache;
 pub mod client;
 pub mod config;
+pub mod jwt;
 pub mod manager;
 pub mod server;
 pub mod service;

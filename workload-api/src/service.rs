@@ -31,9 +31,9 @@
 //!
 //! Never logged: private keys and tokens.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{HashMap, HashSet};
 use std::future::Future;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use futures::stream::{BoxStream, StreamExt as _};
@@ -45,7 +45,7 @@ use meshid_api::workload::{
     ValidateJwtsvidRequest, ValidateJwtsvidResponse, X509BundlesRequest, X509BundlesResponse,
     X509svid, X509svidRequest, X509svidResponse,
 };
-use spiffe::{JwtBundle, JwtBundleSet, JwtSvid, SpiffeId, TrustDomain};
+use spiffe::{SpiffeId, TrustDomain};
 use tokio::net::UnixListener;
 use tokio::sync::watch;
 use tonic::{Request, Response, Status};
@@ -55,6 +55,7 @@ use meshid_api::limits::{Audience, AudienceError, RateLimiter};
 
 use crate::attest::{AttestError, Attestor};
 use crate::cache::{Bundle, Entry, JwtMinter, MintError, Snapshot, Svid};
+use crate::jwt::{self, JwtCache, JwtKey};
 
 /// The metadata key every Workload API request must carry, with the value `true`.
 pub const SECURITY_HEADER: &str = "workload.spiffe.io";
@@ -62,20 +63,11 @@ pub const SECURITY_HEADER: &str = "workload.spiffe.io";
 /// How long a call waits for the agent to sync or sign before answering.
 pub const DEFAULT_READY_WAIT: Duration = Duration::from_secs(10);
 
-/// JWT-SVIDs cached at most (entry, audience pairs).
-const JWT_CACHE_CAPACITY: usize = 1000;
-
-/// Octets of tokens (and their keys) cached at most.
-const JWT_CACHE_MAX_BYTES: usize = 4 << 20;
-
 /// JWT-SVID mints (cache misses) one caller (uid) may start per second, on average...
 pub const JWT_MINTS_PER_SECOND: u32 = 20;
 
 /// ...and at once.
 pub const JWT_MINT_BURST: u32 = 100;
-
-/// The JWK `use` of JWT authorities.
-const JWT_SVID_USE: &str = "jwt-svid";
 
 /// A Workload API RPC, for metrics and logs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -568,19 +560,19 @@ impl WorkloadApi {
         let (view, _) = self
             .ready(Rpc::ValidateJwtSvid, &caller, eval_local_jwt_bundle)
             .await?;
-        let bundle = JwtBundle::from_jwt_authorities(view.trust_domain.clone(), &view.jwks())
-            .map_err(|e| ServiceError::Bundle(error_chain(&e)))?;
-        let mut bundles = JwtBundleSet::new();
-        bundles.add_bundle(bundle);
-        let svid = JwtSvid::parse_and_validate(&req.svid, &bundles, &[req.audience.as_str()])
-            .map_err(|e| {
-                let reason = error_chain(&e);
-                tracing::debug!(pid = caller.pid, %reason, "JWT-SVID validation failed");
-                ServiceError::InvalidToken(reason)
-            })?;
+        let (spiffe_id, claims) =
+            jwt::validate(&req.svid, &view.trust_domain, &view.jwks(), &req.audience).map_err(
+                |e| match e {
+                    jwt::Invalid::Bundle(reason) => ServiceError::Bundle(reason),
+                    jwt::Invalid::Token(reason) => {
+                        tracing::debug!(pid = caller.pid, %reason, "JWT-SVID validation failed");
+                        ServiceError::InvalidToken(reason)
+                    }
+                },
+            )?;
         Ok(ValidateJwtsvidResponse {
-            spiffe_id: svid.spiffe_id().to_string(),
-            claims: Some(claims_struct(svid.token())?),
+            spiffe_id: spiffe_id.to_string(),
+            claims: Some(claims),
         })
     }
 }
@@ -862,7 +854,7 @@ impl PartialEq for JwtBundlesView {
 impl JwtBundlesView {
     /// The JWKS with only `use: "jwt-svid"` keys that carry a `kid`.
     fn jwks(&self) -> Vec<u8> {
-        jwt_svid_jwks(&self.bundle.jwt_authorities_json)
+        jwt::jwt_svid_jwks(&self.bundle.jwt_authorities_json)
     }
 }
 
@@ -900,37 +892,6 @@ fn eval_local_jwt_bundle(
         trust_domain: snap.trust_domain.clone(),
         bundle: Arc::clone(&snap.bundle),
     })
-}
-
-/// Filters a JWKS document down to the keys a JWT-SVID validator may use.
-fn jwt_svid_jwks(json: &str) -> Vec<u8> {
-    let keys: Vec<serde_json::Value> = if json.trim().is_empty() {
-        Vec::new()
-    } else {
-        match serde_json::from_str::<serde_json::Value>(json) {
-            Ok(mut doc) => match doc.get_mut("keys").map(serde_json::Value::take) {
-                Some(serde_json::Value::Array(keys)) => keys
-                    .into_iter()
-                    .filter(|k| {
-                        k.get("use").and_then(serde_json::Value::as_str) == Some(JWT_SVID_USE)
-                            && k.get("kid")
-                                .and_then(serde_json::Value::as_str)
-                                .is_some_and(|kid| !kid.is_empty())
-                    })
-                    .collect(),
-                _ => {
-                    tracing::warn!("JWT authorities document has no keys array");
-                    Vec::new()
-                }
-            },
-            Err(error) => {
-                tracing::warn!(%error, "JWT authorities document is not JSON");
-                Vec::new()
-            }
-        }
-    };
-    let doc = serde_json::json!({ "keys": keys });
-    serde_json::to_vec(&doc).unwrap_or_else(|_| br#"{"keys":[]}"#.to_vec())
 }
 
 /// The state of one open stream.
@@ -992,154 +953,10 @@ impl<V: View> StreamState<V> {
     }
 }
 
-/// Cache key of a minted JWT-SVID.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
-struct JwtKey {
-    entry_id: String,
-    revision: i64,
-    /// Sorted, deduplicated.
-    audience: Vec<String>,
-}
-
-struct CachedJwt {
-    token: Zeroizing<String>,
-    minted_at: i64,
-    expiry: i64,
-}
-
-impl CachedJwt {
-    /// Fresh until half its lifetime has passed.
-    fn fresh(&self, now: i64) -> bool {
-        let half_life = self.expiry.saturating_sub(self.minted_at) / 2;
-        now < self.minted_at.saturating_add(half_life)
-    }
-}
-
-/// Minted JWT-SVIDs, bounded by count ([`JWT_CACHE_CAPACITY`]) and by the octets of their keys
-/// and tokens ([`JWT_CACHE_MAX_BYTES`]).
-#[derive(Default)]
-struct JwtCache {
-    map: Mutex<CacheMap>,
-}
-
-#[derive(Default)]
-struct CacheMap {
-    entries: HashMap<JwtKey, CachedJwt>,
-    bytes: usize,
-}
-
-impl CacheMap {
-    fn retain(&mut self, keep: impl Fn(&CachedJwt) -> bool) {
-        self.entries.retain(|_, c| keep(c));
-        self.bytes = self.entries.iter().map(|(k, c)| cost(k, c)).sum();
-    }
-}
-
-/// What an entry of the cache holds, in octets (near enough).
-fn cost(key: &JwtKey, cached: &CachedJwt) -> usize {
-    key.entry_id.len() + key.audience.iter().map(String::len).sum::<usize>() + cached.token.len()
-}
-
-impl JwtCache {
-    fn lock(&self) -> std::sync::MutexGuard<'_, CacheMap> {
-        // A panic while holding the lock cannot leave the map inconsistent.
-        self.map
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-    }
-
-    fn get(&self, key: &JwtKey, now: i64) -> Option<Zeroizing<String>> {
-        self.lock()
-            .entries
-            .get(key)
-            .filter(|c| c.fresh(now))
-            .map(|c| Zeroizing::clone(&c.token))
-    }
-
-    fn put(&self, key: JwtKey, token: Zeroizing<String>, now: i64, expiry: i64) {
-        let cached = CachedJwt {
-            token,
-            minted_at: now,
-            expiry,
-        };
-        let size = cost(&key, &cached);
-        if size > JWT_CACHE_MAX_BYTES {
-            return;
-        }
-        let mut map = self.lock();
-        if let Some(old) = map.entries.remove(&key) {
-            map.bytes -= cost(&key, &old);
-        }
-        let full = |m: &CacheMap| {
-            m.entries.len() >= JWT_CACHE_CAPACITY || m.bytes + size > JWT_CACHE_MAX_BYTES
-        };
-        if full(&map) {
-            map.retain(|c| c.fresh(now));
-            if full(&map) {
-                map.entries.clear();
-                map.bytes = 0;
-            }
-        }
-        map.bytes += size;
-        map.entries.insert(key, cached);
-    }
-}
-
 fn unix_now() -> i64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
-}
-
-/// An error and its sources, `a: b: c`.
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut source = e.source();
-    while let Some(inner) = source {
-        s.push_str(": ");
-        s.push_str(&inner.to_string());
-        source = inner.source();
-    }
-    s
-}
-
-/// The claims of an (already validated) JWT as a protobuf `Struct`; numbers become doubles.
-fn claims_struct(token: &str) -> Result<prost_types::Struct, ServiceError> {
-    use base64::Engine as _;
-    let bad = |what: &str| ServiceError::InvalidToken(format!("cannot read claims: {what}"));
-    let payload = token.split('.').nth(1).ok_or_else(|| bad("no payload"))?;
-    let json = base64::engine::general_purpose::URL_SAFE_NO_PAD
-        .decode(payload)
-        .map_err(|_| bad("invalid base64url"))?;
-    let claims: serde_json::Map<String, serde_json::Value> =
-        serde_json::from_slice(&json).map_err(|_| bad("not a JSON object"))?;
-    Ok(prost_types::Struct {
-        fields: claims
-            .into_iter()
-            .map(|(k, v)| (k, to_proto_value(v)))
-            .collect::<BTreeMap<_, _>>(),
-    })
-}
-
-fn to_proto_value(v: serde_json::Value) -> prost_types::Value {
-    use prost_types::value::Kind;
-    use serde_json::Value as J;
-    let kind = match v {
-        J::Null => Kind::NullValue(prost_types::NullValue::NullValue.into()),
-        J::Bool(b) => Kind::BoolValue(b),
-        J::Number(n) => Kind::NumberValue(n.as_f64().unwrap_or(f64::NAN)),
-        J::String(s) => Kind::StringValue(s),
-        J::Array(items) => Kind::ListValue(prost_types::ListValue {
-            values: items.into_iter().map(to_proto_value).collect(),
-        }),
-        J::Object(map) => Kind::StructValue(prost_types::Struct {
-            fields: map
-                .into_iter()
-                .map(|(k, v)| (k, to_proto_value(v)))
-                .collect(),
-        }),
-    };
-    prost_types::Value { kind: Some(kind) }
 }
 
 #[cfg(test)]

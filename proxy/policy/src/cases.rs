@@ -17,7 +17,7 @@ use std::path::Path;
 
 use spiffe::SpiffeId;
 
-use crate::policy::{parse_root, read_limited};
+use crate::parse::{parse_root, read_limited};
 use crate::yaml::{clip, Ctx};
 use crate::{Decision, HttpRequest, Outcome, Policy, PolicyError, Request};
 

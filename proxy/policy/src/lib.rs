@@ -50,6 +50,7 @@ pub mod cases;
 mod check;
 mod error;
 mod explain;
+mod parse;
 mod pattern;
 mod policy;
 mod yaml;

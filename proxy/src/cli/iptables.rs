@@ -16,9 +16,11 @@
 //! `uninstall` removes both chains and their jumps and succeeds when there is nothing to
 //! remove.
 
-use std::process::Command;
+use std::path::PathBuf;
+use std::process::{Command, ExitCode};
 
-use crate::config::{Cidr, Config};
+use clap::{Args, Subcommand};
+use meshid_proxy::config::{Cidr, Config};
 
 /// The chain entered from `OUTPUT`.
 pub const OUTPUT_CHAIN: &str = "MESHID_OUTPUT";
@@ -396,6 +398,183 @@ impl Runner {
             }
         }
         Ok(())
+    }
+}
+
+// ---- the command line ----
+
+#[derive(Subcommand, Debug)]
+pub enum IptablesCommand {
+    /// Redirect the application's outbound TCP and inbound service ports to the proxy
+    /// (replaces an earlier install).
+    Install(InstallArgs),
+    /// Remove the rules (nothing to remove is not an error).
+    Uninstall(IptablesCommon),
+}
+
+#[derive(Args, Debug)]
+pub struct IptablesCommon {
+    /// Print the iptables commands instead of running them.
+    #[arg(long)]
+    dry_run: bool,
+    /// Also write IPv6 rules with ip6tables.
+    #[arg(long)]
+    ipv6: bool,
+    /// The iptables binary (for example iptables-legacy).
+    #[arg(long, default_value = "iptables")]
+    iptables: String,
+    /// The ip6tables binary.
+    #[arg(long, default_value = "ip6tables")]
+    ip6tables: String,
+}
+
+#[derive(Args, Debug)]
+pub struct InstallArgs {
+    #[command(flatten)]
+    common: IptablesCommon,
+    /// The proxy's configuration: listener ports, mark and ops port are taken from its
+    /// [transparent] table unless given here.
+    #[arg(long, short)]
+    config: Option<PathBuf>,
+    /// The uid the proxy runs as: its connections are not redirected.
+    #[arg(long)]
+    proxy_uid: Option<u32>,
+    /// The SO_MARK the proxy sets (`mark` in [transparent]): its connections are not
+    /// redirected.
+    #[arg(long, value_parser = parse_mark)]
+    proxy_mark: Option<u32>,
+    /// The transparent outbound listener's port [default: 15001].
+    #[arg(long)]
+    outbound_port: Option<u16>,
+    /// The transparent inbound listener's port [default: 15006].
+    #[arg(long)]
+    inbound_port: Option<u16>,
+    /// Inbound ports to capture: `*` for all, a comma-separated list, or an empty string for
+    /// none.
+    #[arg(long, default_value = "*")]
+    inbound_ports: String,
+    /// Inbound ports never captured (comma-separated), e.g. 22.
+    #[arg(long, value_delimiter = ',')]
+    exclude_inbound_ports: Vec<u16>,
+    /// Outbound destination ports never redirected (comma-separated).
+    #[arg(long, value_delimiter = ',')]
+    exclude_outbound_ports: Vec<u16>,
+    /// Outbound destination networks never redirected (comma-separated CIDRs), e.g. the CA.
+    #[arg(long, value_delimiter = ',', value_parser = parse_cidr)]
+    exclude_outbound_cidrs: Vec<Cidr>,
+    /// Only these outbound destination networks are redirected (default: all).
+    #[arg(long, value_delimiter = ',', value_parser = parse_cidr)]
+    include_outbound_cidrs: Vec<Cidr>,
+}
+
+fn parse_cidr(s: &str) -> Result<Cidr, String> {
+    s.trim().parse()
+}
+
+fn parse_mark(s: &str) -> Result<u32, String> {
+    let s = s.trim();
+    match s.strip_prefix("0x").or_else(|| s.strip_prefix("0X")) {
+        Some(hex) => u32::from_str_radix(hex, 16),
+        None => s.parse(),
+    }
+    .map_err(|_| format!("{s:?} is not a mark (decimal or 0x-hex)"))
+}
+
+fn runner(c: &IptablesCommon) -> Runner {
+    Runner {
+        iptables: c.iptables.clone(),
+        ip6tables: c.ipv6.then(|| c.ip6tables.clone()),
+    }
+}
+
+/// Prints `lines` (a dry run's commands) on stdout.
+fn print_lines(lines: &[String]) -> ExitCode {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    for l in lines {
+        if writeln!(out, "{l}").is_err() {
+            return ExitCode::FAILURE;
+        }
+    }
+    ExitCode::SUCCESS
+}
+
+/// `meshid-proxy iptables install|uninstall`.
+pub fn run(cmd: IptablesCommand) -> ExitCode {
+    meshid_api::server::init_tracing(false, "info");
+    let result = match cmd {
+        IptablesCommand::Uninstall(common) => {
+            let r = runner(&common);
+            if common.dry_run {
+                return print_lines(&r.plan_uninstall());
+            }
+            r.uninstall()
+        }
+        IptablesCommand::Install(args) => {
+            let inbound_ports = match args.inbound_ports.trim() {
+                "*" => InboundPorts::All,
+                "" => InboundPorts::Only(Vec::new()),
+                list => {
+                    let parsed: Result<Vec<u16>, _> =
+                        list.split(',').map(|p| p.trim().parse::<u16>()).collect();
+                    match parsed {
+                        Ok(p) => InboundPorts::Only(p),
+                        Err(_) => {
+                            eprintln!("meshid-proxy: --inbound-ports {list:?}: use *, a comma-separated list of ports, or \"\"");
+                            return ExitCode::from(crate::EXIT_CONFIG);
+                        }
+                    }
+                }
+            };
+            let mut rules = Rules {
+                proxy_uid: args.proxy_uid,
+                proxy_mark: args.proxy_mark,
+                outbound_port: args.outbound_port.unwrap_or(15001),
+                inbound_port: args.inbound_port.unwrap_or(15006),
+                inbound_ports,
+                exclude_inbound_ports: args.exclude_inbound_ports,
+                exclude_outbound_ports: args.exclude_outbound_ports,
+                exclude_outbound_cidrs: args.exclude_outbound_cidrs,
+                include_outbound_cidrs: args.include_outbound_cidrs,
+            };
+            if let Some(path) = &args.config {
+                let config = match Config::load(path) {
+                    Ok(c) => c,
+                    Err(e) => return crate::config_error(&e),
+                };
+                if config.transparent.is_none() {
+                    eprintln!(
+                        "meshid-proxy: {} has no [transparent] table: nothing would listen on the redirected ports",
+                        path.display()
+                    );
+                    return ExitCode::from(crate::EXIT_CONFIG);
+                }
+                defaults_from(
+                    &config,
+                    &mut rules,
+                    (args.outbound_port.is_some(), args.inbound_port.is_some()),
+                );
+            }
+            if let Err(e) = rules.validate() {
+                eprintln!("meshid-proxy: {e}");
+                return ExitCode::from(crate::EXIT_CONFIG);
+            }
+            let r = runner(&args.common);
+            if args.common.dry_run {
+                return print_lines(&r.plan_install(&rules));
+            }
+            r.install(&rules)
+        }
+    };
+    match result {
+        Ok(()) => {
+            eprintln!("meshid-proxy: iptables rules updated");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("meshid-proxy: {e}");
+            ExitCode::FAILURE
+        }
     }
 }
 

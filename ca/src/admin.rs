@@ -1,0 +1,341 @@
+//! The admin API (`meshid.admin.v1`), served to operators on the CA's Unix socket: a thin
+//! gRPC wrapper over [`Ca`], as the node API ([`crate::node`]) is for agents. Each call is
+//! converted from its protobuf form, carried out by [`Ca`] (which validates, audits and
+//! publishes), and converted back; errors reach the wire through `From<ServiceError> for
+//! tonic::Status`.
+
+use meshid_api::admin;
+use tonic::{Request, Response, Status};
+
+use crate::entry::{EntryId, EntrySpec, RegistrationEntry};
+use crate::service::{invalid, Ca, ServiceError};
+use crate::store::{AgentRecord, CaKeyKind, CaKeyState, StoreError};
+
+/// Converts a wire entry into a spec.
+pub fn spec_from_proto(e: admin::Entry) -> EntrySpec {
+    EntrySpec {
+        id: (!e.id.is_empty()).then_some(e.id),
+        spiffe_id: e.spiffe_id,
+        parent_id: e.parent_id,
+        selectors: e.selectors,
+        x509_svid_ttl: e.x509_svid_ttl,
+        jwt_svid_ttl: e.jwt_svid_ttl,
+        dns_names: e.dns_names,
+        federates_with: e.federates_with,
+        admin: e.admin,
+        hint: e.hint,
+    }
+}
+
+/// Converts an entry to the wire.
+pub fn entry_to_proto(e: &RegistrationEntry) -> admin::Entry {
+    let spec = EntrySpec::from(e);
+    admin::Entry {
+        id: e.id.to_string(),
+        spiffe_id: spec.spiffe_id,
+        parent_id: spec.parent_id,
+        selectors: spec.selectors,
+        x509_svid_ttl: spec.x509_svid_ttl,
+        jwt_svid_ttl: spec.jwt_svid_ttl,
+        dns_names: spec.dns_names,
+        federates_with: spec.federates_with,
+        admin: spec.admin,
+        hint: spec.hint,
+        created_at: e.created_at,
+        updated_at: e.updated_at,
+        revision: e.revision,
+    }
+}
+
+/// The admin API over a [`Ca`]. Callers are identified by their Unix credentials for the
+/// audit log; the socket's mode (0600) is what admits them.
+#[derive(Debug, Clone)]
+pub struct AdminService {
+    ca: Ca,
+}
+
+impl AdminService {
+    /// Wraps a CA.
+    pub fn new(ca: Ca) -> Self {
+        Self { ca }
+    }
+
+    /// The routes of every admin service.
+    pub fn routes(self) -> tonic::service::Routes {
+        tonic::service::Routes::new(admin::entries_server::EntriesServer::new(self.clone()))
+            .add_service(admin::tokens_server::TokensServer::new(self.clone()))
+            .add_service(admin::authority_server::AuthorityServer::new(self.clone()))
+            .add_service(admin::agents_server::AgentsServer::new(self.clone()))
+            .add_service(admin::audit_server::AuditServer::new(self))
+    }
+}
+
+fn caller<T>(req: &Request<T>) -> String {
+    req.extensions()
+        .get::<meshid_api::uds::UdsPeer>()
+        .and_then(|peer| peer.info.peer_cred)
+        .map(|cred| format!("admin:uid={},pid={}", cred.uid(), cred.pid().unwrap_or(0)))
+        .unwrap_or_else(|| "admin:unknown".to_owned())
+}
+
+type Rpc<T> = Result<Response<T>, Status>;
+
+#[tonic::async_trait]
+impl admin::entries_server::Entries for AdminService {
+    async fn create_entry(&self, req: Request<admin::CreateEntryRequest>) -> Rpc<admin::Entry> {
+        let who = caller(&req);
+        let e = req
+            .into_inner()
+            .entry
+            .ok_or_else(|| invalid("entry", "is required"))?;
+        let entry = self.ca.create_entry(&spec_from_proto(e), &who).await?;
+        Ok(Response::new(entry_to_proto(&entry)))
+    }
+
+    async fn list_entries(
+        &self,
+        req: Request<admin::ListEntriesRequest>,
+    ) -> Rpc<admin::ListEntriesResponse> {
+        let parent = req.into_inner().parent_id;
+        // A parent that is not a (canonical) SPIFFE ID has no entries.
+        let entries = if parent.is_empty() {
+            self.ca.store.list_entries().await
+        } else if let Ok(parent) = meshid_api::id::parse(&parent) {
+            self.ca.store.list_entries_by_parent(&parent).await
+        } else {
+            Ok(Vec::new())
+        }
+        .map_err(ServiceError::from)?;
+        Ok(Response::new(admin::ListEntriesResponse {
+            entries: entries.iter().map(entry_to_proto).collect(),
+        }))
+    }
+
+    async fn get_entry(&self, req: Request<admin::GetEntryRequest>) -> Rpc<admin::Entry> {
+        let id: EntryId = req.into_inner().id.parse().map_err(ServiceError::from)?;
+        let entry = self
+            .ca
+            .store
+            .get_entry(&id)
+            .await
+            .map_err(ServiceError::from)?
+            .ok_or_else(|| ServiceError::from(StoreError::NotFound(format!("entry {id}"))))?;
+        Ok(Response::new(entry_to_proto(&entry)))
+    }
+
+    async fn update_entry(&self, req: Request<admin::UpdateEntryRequest>) -> Rpc<admin::Entry> {
+        let who = caller(&req);
+        let e = req
+            .into_inner()
+            .entry
+            .ok_or_else(|| invalid("entry", "is required"))?;
+        let revision = e.revision;
+        let entry = self
+            .ca
+            .update_entry(&spec_from_proto(e), revision, &who)
+            .await?;
+        Ok(Response::new(entry_to_proto(&entry)))
+    }
+
+    async fn delete_entry(&self, req: Request<admin::DeleteEntryRequest>) -> Rpc<admin::Entry> {
+        let who = caller(&req);
+        let entry = self.ca.delete_entry(&req.into_inner().id, &who).await?;
+        Ok(Response::new(entry_to_proto(&entry)))
+    }
+}
+
+#[tonic::async_trait]
+impl admin::tokens_server::Tokens for AdminService {
+    async fn generate_token(
+        &self,
+        req: Request<admin::GenerateTokenRequest>,
+    ) -> Rpc<admin::GenerateTokenResponse> {
+        let who = caller(&req);
+        let token = self.ca.generate_token(req.into_inner().ttl, &who).await?;
+        Ok(Response::new(admin::GenerateTokenResponse {
+            token: token.secret().to_owned(),
+            id: token.record.id.clone(),
+            expires_at: token.record.expires_at,
+        }))
+    }
+}
+
+fn key_kind(k: CaKeyKind) -> &'static str {
+    match k {
+        CaKeyKind::X509Root => "x509_root",
+        CaKeyKind::X509Intermediate => "x509_intermediate",
+        CaKeyKind::Jwt => "jwt",
+    }
+}
+
+fn key_state(s: CaKeyState) -> &'static str {
+    match s {
+        CaKeyState::Prepared => "prepared",
+        CaKeyState::Active => "active",
+        CaKeyState::Retired => "retired",
+    }
+}
+
+#[tonic::async_trait]
+impl admin::authority_server::Authority for AdminService {
+    async fn get_bundle(&self, _req: Request<admin::GetBundleRequest>) -> Rpc<admin::Bundle> {
+        let bundle = self.ca.authority.bundle();
+        Ok(Response::new(admin::Bundle {
+            trust_domain: bundle.trust_domain.to_string(),
+            pem: bundle.to_pem(),
+            spiffe_json: bundle.to_spiffe_json().to_string(),
+            sequence: bundle.sequence,
+        }))
+    }
+
+    async fn status(&self, _req: Request<admin::StatusRequest>) -> Rpc<admin::StatusResponse> {
+        let entries = self
+            .ca
+            .store
+            .list_entries()
+            .await
+            .map_err(ServiceError::from)?
+            .len() as u64;
+        Ok(Response::new(admin::StatusResponse {
+            trust_domain: self.ca.authority.trust_domain().to_string(),
+            server_id: self.ca.authority.server_id().to_owned(),
+            datastore: self.ca.store.backend().to_owned(),
+            keys: self
+                .ca
+                .authority
+                .journal()
+                .iter()
+                .map(|k| admin::CaKey {
+                    id: k.id.clone(),
+                    kind: key_kind(k.kind).to_owned(),
+                    state: key_state(k.state).to_owned(),
+                    server_id: k.server_id.clone(),
+                    not_before: k.not_before,
+                    not_after: k.not_after,
+                })
+                .collect(),
+            entries,
+        }))
+    }
+
+    async fn mint_x509_svid(
+        &self,
+        req: Request<admin::MintX509SvidRequest>,
+    ) -> Rpc<admin::MintX509SvidResponse> {
+        let who = caller(&req);
+        let r = req.into_inner();
+        let svid = self
+            .ca
+            .mint_x509(&r.spiffe_id, &r.csr, r.ttl, &r.dns_names, &who)
+            .await?;
+        let bundle = self.ca.authority.bundle();
+        Ok(Response::new(admin::MintX509SvidResponse {
+            chain: svid.chain.iter().map(|c| c.to_vec()).collect(),
+            bundle: bundle.x509_authorities.iter().map(|c| c.to_vec()).collect(),
+            serial: svid.serial,
+            not_after: svid.not_after,
+        }))
+    }
+
+    async fn mint_jwt_svid(
+        &self,
+        req: Request<admin::MintJwtSvidRequest>,
+    ) -> Rpc<admin::MintJwtSvidResponse> {
+        let who = caller(&req);
+        let r = req.into_inner();
+        let (token, expires_at) = self
+            .ca
+            .mint_jwt(&r.spiffe_id, &r.audience, r.ttl, &who)
+            .await?;
+        Ok(Response::new(admin::MintJwtSvidResponse {
+            token,
+            expires_at,
+        }))
+    }
+}
+
+#[tonic::async_trait]
+impl admin::audit_server::Audit for AdminService {
+    async fn verify(
+        &self,
+        _req: Request<admin::VerifyAuditRequest>,
+    ) -> Rpc<admin::VerifyAuditResponse> {
+        match crate::store::verify_audit(self.ca.store.as_ref()).await {
+            Ok(records) => Ok(Response::new(admin::VerifyAuditResponse {
+                ok: true,
+                records,
+                first_bad_seq: 0,
+                reason: String::new(),
+            })),
+            Err(crate::store::AuditVerifyError::Violation(v)) => {
+                Ok(Response::new(admin::VerifyAuditResponse {
+                    ok: false,
+                    records: 0,
+                    first_bad_seq: v.seq,
+                    reason: v.to_string(),
+                }))
+            }
+            Err(e) => Err(ServiceError::from(e).into()),
+        }
+    }
+}
+
+/// Converts an agent record to the wire.
+pub fn agent_to_proto(a: &AgentRecord) -> admin::Agent {
+    admin::Agent {
+        spiffe_id: a.spiffe_id.to_string(),
+        attestation_type: a.attestation_type.clone(),
+        serial: a.serial.clone(),
+        expires_at: a.expires_at,
+        created_at: a.created_at,
+        banned: a.banned,
+    }
+}
+
+#[tonic::async_trait]
+impl admin::agents_server::Agents for AdminService {
+    async fn list_agents(
+        &self,
+        _req: Request<admin::ListAgentsRequest>,
+    ) -> Rpc<admin::ListAgentsResponse> {
+        let agents = self
+            .ca
+            .store
+            .list_agents()
+            .await
+            .map_err(ServiceError::from)?;
+        Ok(Response::new(admin::ListAgentsResponse {
+            agents: agents.iter().map(agent_to_proto).collect(),
+        }))
+    }
+
+    async fn get_agent(&self, req: Request<admin::GetAgentRequest>) -> Rpc<admin::Agent> {
+        let id = req.into_inner().spiffe_id;
+        let agent = match meshid_api::id::parse(&id) {
+            Ok(parsed) => self
+                .ca
+                .store
+                .get_agent(&parsed)
+                .await
+                .map_err(ServiceError::from)?,
+            Err(_) => None,
+        }
+        .ok_or_else(|| ServiceError::from(StoreError::NotFound(format!("agent {id}"))))?;
+        Ok(Response::new(agent_to_proto(&agent)))
+    }
+
+    async fn evict_agent(&self, req: Request<admin::EvictAgentRequest>) -> Rpc<admin::Agent> {
+        let who = caller(&req);
+        let agent = self
+            .ca
+            .evict_agent(&req.into_inner().spiffe_id, &who)
+            .await?;
+        Ok(Response::new(agent_to_proto(&agent)))
+    }
+
+    async fn ban_agent(&self, req: Request<admin::BanAgentRequest>) -> Rpc<admin::Agent> {
+        let who = caller(&req);
+        let agent = self.ca.ban_agent(&req.into_inner().spiffe_id, &who).await?;
+        Ok(Response::new(agent_to_proto(&agent)))
+    }
+}
