@@ -164,7 +164,7 @@ mkdir -p "$logs" "$dir/agent"
 # ---- CA ------------------------------------------------------------------------------------
 start meshid-ca "$logs/ca.log" "$ca" run --trust-domain "$td" --data-dir "$ca_data" \
   --ops-address "$ca_ops" --node-address "$ca_node"
-wait_ready "${pids[-1]}" 30 "$ca" healthcheck -s "$admin_sock"
+wait_ready "${pids[-1]}" 30 "$ca" healthcheck --ops-address "$ca_ops"
 step "CA for spiffe://$td is up (SQLite in $(show "$ca_data"), admin socket $(show "$admin_sock"))"
 
 # ---- agent ---------------------------------------------------------------------------------

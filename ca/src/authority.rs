@@ -15,8 +15,8 @@
 //! signs: no I/O, no datastore call. The caller records the issuance in the audit log.
 
 use std::collections::HashMap;
-use std::io::Write;
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
+
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -136,27 +136,12 @@ fn cert_times(der: &[u8]) -> Result<(i64, i64), AuthorityError> {
     ))
 }
 
-/// Writes `contents` to `path` with mode 0600 atomically (temporary file, fsync, rename).
+/// Writes a key file (mode 0600, atomically).
 fn write_private(path: &Path, contents: &[u8]) -> Result<(), AuthorityError> {
-    let err = |source| AuthorityError::KeyFile {
+    meshid_api::files::write_private(path, contents).map_err(|source| AuthorityError::KeyFile {
         path: path.to_owned(),
         source,
-    };
-    let tmp = path.with_extension("tmp");
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(&tmp)
-        .map_err(err)?;
-    // The mode given to open() is masked by the umask only towards fewer permissions; set it
-    // explicitly in case the file pre-existed with a wider mode.
-    f.set_permissions(std::fs::Permissions::from_mode(0o600))
-        .map_err(err)?;
-    f.write_all(contents).map_err(err)?;
-    f.sync_all().map_err(err)?;
-    std::fs::rename(&tmp, path).map_err(err)
+    })
 }
 
 fn read_private(path: &Path) -> Result<zeroize::Zeroizing<String>, AuthorityError> {
@@ -177,14 +162,7 @@ fn read_private(path: &Path) -> Result<zeroize::Zeroizing<String>, AuthorityErro
         .map_err(err)
 }
 
-/// Creates `dir` (and parents) with mode 0700 if missing, and tightens it if it exists.
-pub fn ensure_private_dir(dir: &Path) -> std::io::Result<()> {
-    std::fs::DirBuilder::new()
-        .recursive(true)
-        .mode(0o700)
-        .create(dir)?;
-    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
-}
+pub use meshid_api::files::ensure_private_dir;
 
 impl Authority {
     /// Loads this server's keys from the journal and the data directory, creating a root (or

@@ -103,7 +103,7 @@ impl TrustBundle {
     pub fn to_pem(&self) -> String {
         self.x509_authorities
             .iter()
-            .map(|cert| crate::svid::pem_encode("CERTIFICATE", cert))
+            .map(|cert| meshid_api::files::pem("CERTIFICATE", [cert.as_ref()]))
             .collect()
     }
 

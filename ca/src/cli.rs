@@ -1,17 +1,14 @@
 //! Command-line wiring: parse arguments, then either run the server or make one admin call.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
 use anyhow::{bail, Context};
 use clap::{Args, Parser, Subcommand, ValueEnum};
-use meshid_api::admin;
+use meshid_api::{admin, files};
 use meshid_ca::config::{Config, ConfigError, RawConfig};
 
-/// Exit code for a configuration error (EX_USAGE... EX_CONFIG is 78; sysexits' 64 is what
-/// operators of our other binaries see for "fix your invocation or config").
-const EXIT_CONFIG: u8 = 64;
 const DEFAULT_SOCKET: &str = "/var/lib/meshid/ca/admin.sock";
 
 #[derive(Parser, Debug)]
@@ -53,8 +50,13 @@ enum Command {
     /// The audit log.
     #[command(subcommand)]
     Audit(AuditCommand),
-    /// Exit 0 if the server answers on its admin socket.
-    Healthcheck(Conn),
+    /// Exit 0 if the server is ready (GET /readyz on its ops address: the issuing
+    /// intermediate is valid and the datastore takes writes).
+    Healthcheck {
+        /// The server's ops listener.
+        #[arg(long, default_value = meshid_ca::config::DEFAULT_OPS_ADDRESS)]
+        ops_address: String,
+    },
 }
 
 #[derive(Args, Debug)]
@@ -337,10 +339,7 @@ async fn run(args: RunArgs) -> ExitCode {
     // Config is loaded and validated before anything is created or bound.
     let config = match load_config(&args) {
         Ok(c) => c,
-        Err(e) => {
-            eprintln!("meshid-ca: {e}");
-            return ExitCode::from(EXIT_CONFIG);
-        }
+        Err(e) => return meshid_api::config::exit_refused("meshid-ca", &e),
     };
     if args.check {
         eprintln!("meshid-ca: configuration is valid");
@@ -365,7 +364,7 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         "starting meshid-ca"
     );
     let ca = meshid_ca::server::build(&config).await?;
-    let admin = meshid_ca::server::bind_private_socket(&config.admin_socket)
+    let admin = meshid_api::uds::bind(&config.admin_socket, meshid_api::uds::Access::Owner)
         .with_context(|| format!("cannot bind admin socket {}", config.admin_socket.display()))?;
     let ops = tokio::net::TcpListener::bind(config.ops_address)
         .await
@@ -498,32 +497,6 @@ fn apply_fields(e: &mut admin::Entry, f: EntryFields) {
     if let Some(v) = f.hint {
         e.hint = v;
     }
-}
-
-fn write_file(path: &Path, contents: &[u8], mode: u32) -> anyhow::Result<()> {
-    use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(mode)
-        .open(path)
-        .with_context(|| format!("cannot write {}", path.display()))?;
-    f.write_all(contents)?;
-    Ok(())
-}
-
-fn pem(label: &str, der: &[u8]) -> String {
-    use base64::Engine;
-    let b64 = base64::engine::general_purpose::STANDARD.encode(der);
-    let mut out = format!("-----BEGIN {label}-----\n");
-    for chunk in b64.as_bytes().chunks(64) {
-        out.push_str(&String::from_utf8_lossy(chunk));
-        out.push('\n');
-    }
-    out.push_str(&format!("-----END {label}-----\n"));
-    out
 }
 
 async fn client(cmd: Command) -> anyhow::Result<ExitCode> {
@@ -675,17 +648,25 @@ async fn client(cmd: Command) -> anyhow::Result<ExitCode> {
             std::fs::create_dir_all(&out_dir)
                 .with_context(|| format!("cannot create {}", out_dir.display()))?;
             let leaf = r.chain.first().context("server returned an empty chain")?;
-            write_file(
+            let certs =
+                |ders: &[Vec<u8>]| files::pem("CERTIFICATE", ders.iter().map(Vec::as_slice));
+            files::write_atomic(
                 &out_dir.join("svid.pem"),
-                pem("CERTIFICATE", leaf).as_bytes(),
+                files::pem("CERTIFICATE", [leaf.as_slice()]).as_bytes(),
                 0o644,
             )?;
-            let chain: String = r.chain.iter().map(|c| pem("CERTIFICATE", c)).collect();
-            write_file(&out_dir.join("chain.pem"), chain.as_bytes(), 0o644)?;
-            let bundle: String = r.bundle.iter().map(|c| pem("CERTIFICATE", c)).collect();
-            write_file(&out_dir.join("bundle.pem"), bundle.as_bytes(), 0o644)?;
+            files::write_atomic(
+                &out_dir.join("chain.pem"),
+                certs(&r.chain).as_bytes(),
+                0o644,
+            )?;
+            files::write_atomic(
+                &out_dir.join("bundle.pem"),
+                certs(&r.bundle).as_bytes(),
+                0o644,
+            )?;
             let key_pem = zeroize::Zeroizing::new(key.serialize_pem());
-            write_file(&out_dir.join("key.pem"), key_pem.as_bytes(), 0o600)?;
+            files::write_private(&out_dir.join("key.pem"), key_pem.as_bytes())?;
             println!("Serial: {}", r.serial);
             println!("Not after: {}", r.not_after);
             println!(
@@ -818,11 +799,9 @@ async fn client(cmd: Command) -> anyhow::Result<ExitCode> {
                 return Ok(ExitCode::FAILURE);
             }
         }
-        Command::Healthcheck(conn) => {
-            let mut c = AuthorityClient::new(channel(&conn).await?);
-            c.status(admin::StatusRequest {})
-                .await
-                .map_err(status_err)?;
+        Command::Healthcheck { ops_address } => {
+            tokio::task::spawn_blocking(move || meshid_api::ops::healthcheck(&ops_address))
+                .await??;
             println!("meshid-ca is healthy");
         }
     }

@@ -23,29 +23,14 @@ pub const DEFAULT_X509_SVID_TTL: Duration = Duration::from_secs(3600);
 pub const DEFAULT_JWT_SVID_TTL: Duration = Duration::from_secs(300);
 /// Default lifetime of a join token.
 pub const DEFAULT_JOIN_TOKEN_TTL: Duration = Duration::from_secs(600);
+/// Default ops listener (`/healthz`, `/readyz`, `/metrics`): loopback only.
+pub const DEFAULT_OPS_ADDRESS: &str = "127.0.0.1:8081";
 /// Default node API listener: loopback only, so a fresh CA is not reachable from the network
 /// until the operator says so (e.g. `0.0.0.0:8443`).
 pub const DEFAULT_NODE_ADDRESS: &str = "127.0.0.1:8443";
 
-/// Why a configuration was refused.
-#[derive(Debug, thiserror::Error)]
-#[non_exhaustive]
-pub enum ConfigError {
-    /// The file could not be read or parsed (names the file, line and column, never quotes it).
-    #[error(transparent)]
-    File(#[from] meshid_api::config::TomlError),
-    /// The file holds a secret and others may read it.
-    #[error(transparent)]
-    Mode(#[from] meshid_api::config::FileModeError),
-    /// A value is present but wrong.
-    #[error("invalid config: {key}: {reason}")]
-    Invalid {
-        /// The key, dotted (`ca.intermediate_ttl`).
-        key: &'static str,
-        /// What is wrong and what to do.
-        reason: String,
-    },
-}
+use meshid_api::config::invalid;
+pub use meshid_api::config::ConfigError;
 
 /// Whether a datastore URL carries a password (`scheme://user:password@host`, or a
 /// `password=` parameter).
@@ -55,13 +40,6 @@ fn has_password(url: &str) -> bool {
     let before_query = rest.split('?').next().unwrap_or("");
     let userinfo = before_query.rsplit_once('@').map(|(u, _)| u);
     userinfo.is_some_and(|u| u.contains(':')) || url.contains("password=")
-}
-
-fn invalid(key: &'static str, reason: impl Into<String>) -> ConfigError {
-    ConfigError::Invalid {
-        key,
-        reason: reason.into(),
-    }
 }
 
 /// The configuration file as written. Every field is optional.
@@ -354,7 +332,7 @@ impl TryFrom<RawConfig> for Config {
         let admin_socket = raw
             .admin_socket
             .unwrap_or_else(|| data_dir.join("admin.sock"));
-        let ops = raw.ops_address.as_deref().unwrap_or("127.0.0.1:8081");
+        let ops = raw.ops_address.as_deref().unwrap_or(DEFAULT_OPS_ADDRESS);
         let ops_address = ops.parse().map_err(|e| {
             invalid(
                 "ops_address",

@@ -118,7 +118,7 @@ impl JwtKey {
 
     /// The private key as a PEM `PRIVATE KEY` block, zeroized when dropped.
     pub fn to_pkcs8_pem(&self) -> Zeroizing<String> {
-        crate::svid::pem_encode_secret("PRIVATE KEY", &self.pkcs8)
+        meshid_api::files::pem_secret("PRIVATE KEY", &self.pkcs8)
     }
 
     /// The key id: the base64url RFC 7638 thumbprint of the public key (43 characters).

@@ -38,10 +38,4 @@ pub mod store;
 pub mod svid;
 pub mod token;
 
-/// Seconds since the Unix epoch, the time unit the datastore and the audit log use.
-pub fn unix_now() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs() as i64)
-        .unwrap_or(0)
-}
+pub use meshid_api::unix_now;

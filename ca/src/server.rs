@@ -7,71 +7,15 @@
 //! `/readyz`, `/metrics`) and the rotation check, which also announces bundle changes.
 
 use std::future::Future;
-use std::io;
-use std::os::unix::fs::{FileTypeExt, PermissionsExt};
-use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use axum::extract::State;
-use axum::http::StatusCode;
-use axum::response::IntoResponse;
 use tokio::net::{TcpListener, UnixListener};
 use tokio::sync::watch;
 
 use crate::admin::AdminService;
 use crate::authority::ensure_private_dir;
 use crate::service::{Ca, CaEvent};
-
-/// Binds a Unix socket that only its owner can use (mode 0600), without a moment in which it
-/// exists with a wider mode: it is bound in a fresh private directory, restricted, then renamed
-/// into place. A stale socket (nothing listening) is replaced; a live one is an error.
-pub fn bind_private_socket(path: &Path) -> io::Result<UnixListener> {
-    let parent = path
-        .parent()
-        .filter(|p| !p.as_os_str().is_empty())
-        .unwrap_or_else(|| Path::new("."));
-    if !parent.exists() {
-        ensure_private_dir(parent)?;
-    }
-    match std::fs::symlink_metadata(path) {
-        Ok(meta) if meta.file_type().is_socket() => {
-            if std::os::unix::net::UnixStream::connect(path).is_ok() {
-                return Err(io::Error::new(
-                    io::ErrorKind::AddrInUse,
-                    format!("{} is in use by a running server", path.display()),
-                ));
-            }
-            std::fs::remove_file(path)?;
-        }
-        Ok(_) => {
-            return Err(io::Error::new(
-                io::ErrorKind::AlreadyExists,
-                format!(
-                    "{} exists and is not a socket; refusing to replace it",
-                    path.display()
-                ),
-            ))
-        }
-        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-        Err(e) => return Err(e),
-    }
-    let staging = parent.join(format!(
-        ".sock-{}-{}",
-        std::process::id(),
-        hex::encode(rand::random::<[u8; 6]>())
-    ));
-    ensure_private_dir(&staging)?;
-    let result = (|| {
-        let tmp = staging.join("s");
-        let listener = UnixListener::bind(&tmp)?;
-        std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o600))?;
-        std::fs::rename(&tmp, path)?;
-        Ok(listener)
-    })();
-    let _ = std::fs::remove_dir_all(&staging);
-    result
-}
 
 /// The listeners `run` serves on.
 #[derive(Debug)]
@@ -86,58 +30,42 @@ pub struct Listeners {
     pub ops: TcpListener,
 }
 
+/// The CA's ops endpoint ([`meshid_api::ops`]): ready while the issuing intermediate is valid
+/// and the datastore answers and takes writes.
 #[derive(Clone)]
-struct OpsState {
+struct CaOps {
     ca: Ca,
 }
 
-async fn healthz() -> &'static str {
-    "ok\n"
-}
-
-async fn readyz(State(state): State<OpsState>) -> impl IntoResponse {
-    let (intermediate_expiry, _) = state.ca.authority.expiries();
-    if intermediate_expiry <= crate::unix_now() {
-        return (
-            StatusCode::SERVICE_UNAVAILABLE,
-            "issuing intermediate expired\n".to_owned(),
-        );
+impl meshid_api::ops::Ops for CaOps {
+    async fn ready(&self) -> Result<(), String> {
+        let (intermediate_expiry, _) = self.ca.authority.expiries();
+        if intermediate_expiry <= crate::unix_now() {
+            return Err("issuing intermediate expired".to_owned());
+        }
+        let store = &self.ca.store;
+        let check = async {
+            store.audit_head().await?;
+            store.probe_write().await
+        };
+        match tokio::time::timeout(Duration::from_secs(2), check).await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => Err(format!("datastore: {e}")),
+            Err(_) => Err("datastore: timed out".to_owned()),
+        }
     }
-    let store = &state.ca.store;
-    let check = async {
-        store.audit_head().await?;
-        store.probe_write().await
-    };
-    match tokio::time::timeout(Duration::from_secs(2), check).await {
-        Ok(Ok(())) => (StatusCode::OK, "ready\n".to_owned()),
-        Ok(Err(e)) => (StatusCode::SERVICE_UNAVAILABLE, format!("datastore: {e}\n")),
-        Err(_) => (
-            StatusCode::SERVICE_UNAVAILABLE,
-            "datastore: timed out\n".to_owned(),
-        ),
+
+    fn metrics(&self) -> Result<String, std::fmt::Error> {
+        let (intermediate, root) = self.ca.authority.expiries();
+        self.ca.metrics.intermediate_expiry.set(intermediate);
+        self.ca.metrics.root_expiry.set(root);
+        Ok(self.ca.metrics.encode())
     }
 }
 
-async fn metrics(State(state): State<OpsState>) -> impl IntoResponse {
-    let (intermediate, root) = state.ca.authority.expiries();
-    state.ca.metrics.intermediate_expiry.set(intermediate);
-    state.ca.metrics.root_expiry.set(root);
-    (
-        [(
-            axum::http::header::CONTENT_TYPE,
-            "application/openmetrics-text; version=1.0.0; charset=utf-8",
-        )],
-        state.ca.metrics.encode(),
-    )
-}
-
-/// The ops HTTP router.
+/// The ops HTTP router (`/healthz`, `/readyz`, `/metrics`).
 pub fn ops_router(ca: Ca) -> axum::Router {
-    axum::Router::new()
-        .route("/healthz", axum::routing::get(healthz))
-        .route("/readyz", axum::routing::get(readyz))
-        .route("/metrics", axum::routing::get(metrics))
-        .with_state(OpsState { ca })
+    meshid_api::ops::router(CaOps { ca })
 }
 
 /// Checks rotation every `interval` until `stop` fires, and publishes

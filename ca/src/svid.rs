@@ -19,7 +19,6 @@ use std::fmt;
 use std::str::FromStr;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use base64::Engine as _;
 use rand::RngCore as _;
 use rcgen::string::Ia5String;
 use rcgen::{
@@ -253,7 +252,7 @@ impl CaKey {
 
     /// The private key as a PEM `PRIVATE KEY` block, zeroized when dropped.
     pub fn to_pkcs8_pem(&self) -> Zeroizing<String> {
-        pem_encode_secret("PRIVATE KEY", &self.pkcs8)
+        meshid_api::files::pem_secret("PRIVATE KEY", &self.pkcs8)
     }
 
     /// The public key as a DER SubjectPublicKeyInfo.
@@ -972,39 +971,6 @@ fn modulus_bits(modulus: &[u8]) -> usize {
         Some(first) => (modulus.len() - start - 1) * 8 + (8 - first.leading_zeros() as usize),
         None => 0,
     }
-}
-
-/// PEM-encodes `der` under `label`, lines of 64 characters.
-pub(crate) fn pem_encode(label: &str, der: &[u8]) -> String {
-    let mut out = String::new();
-    pem_encode_into(&mut out, label, der);
-    out
-}
-
-/// As [`pem_encode`], for secrets: every buffer is sized up front (no reallocation leaves a
-/// copy behind) and zeroized on drop.
-pub(crate) fn pem_encode_secret(label: &str, der: &[u8]) -> Zeroizing<String> {
-    let b64_len = der.len().div_ceil(3) * 4;
-    let mut out = Zeroizing::new(String::with_capacity(
-        b64_len + b64_len / 64 + 2 * label.len() + 40,
-    ));
-    pem_encode_into(&mut out, label, der);
-    out
-}
-
-fn pem_encode_into(out: &mut String, label: &str, der: &[u8]) {
-    let b64 = Zeroizing::new(base64::engine::general_purpose::STANDARD.encode(der));
-    out.push_str("-----BEGIN ");
-    out.push_str(label);
-    out.push_str("-----\n");
-    for line in b64.as_bytes().chunks(64) {
-        // Base64 output is ASCII, so every chunk is valid UTF-8.
-        out.push_str(std::str::from_utf8(line).unwrap_or_default());
-        out.push('\n');
-    }
-    out.push_str("-----END ");
-    out.push_str(label);
-    out.push_str("-----\n");
 }
 
 #[cfg(test)]

@@ -67,7 +67,11 @@ impl Server {
     fn wait_healthy(&mut self) {
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
-            let out = self.cli(&["healthcheck"]);
+            let out = Command::new(BIN)
+                .args(["healthcheck", "--ops-address", &self.ops])
+                .stdin(Stdio::null())
+                .output()
+                .unwrap();
             if out.status.success() {
                 return;
             }

@@ -68,7 +68,8 @@ impl TestCa {
         tune(&mut raw);
         let config = Config::try_from(raw).unwrap();
         let ca = server::build(&config).await.unwrap();
-        let admin = server::bind_private_socket(&config.admin_socket).unwrap();
+        let admin =
+            meshid_api::uds::bind(&config.admin_socket, meshid_api::uds::Access::Owner).unwrap();
         let node = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let ops = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let node_addr = node.local_addr().unwrap();

@@ -35,29 +35,8 @@ pub const DEFAULT_WORKLOAD_API_SOCKET: &str = "unix:///run/meshid/agent/api.sock
 /// The default ops listener.
 pub const DEFAULT_OPS_ADDRESS: &str = "127.0.0.1:15000";
 
-/// Why a configuration was refused.
-#[derive(Debug, thiserror::Error)]
-#[non_exhaustive]
-pub enum ConfigError {
-    /// The file could not be read or parsed (names the file, line and column, never quotes it).
-    #[error(transparent)]
-    File(#[from] meshid_api::config::TomlError),
-    /// A value is present but wrong, or a required one is missing.
-    #[error("invalid config: {key}: {reason}")]
-    Invalid {
-        /// The key (for listeners: `inbound[N].field`).
-        key: String,
-        /// What is wrong and what to do.
-        reason: String,
-    },
-}
-
-fn invalid(key: impl Into<String>, reason: impl Into<String>) -> ConfigError {
-    ConfigError::Invalid {
-        key: key.into(),
-        reason: reason.into(),
-    }
-}
+use meshid_api::config::invalid;
+pub use meshid_api::config::ConfigError;
 
 /// The file as written.
 #[derive(Debug, Default, Deserialize)]

@@ -11,8 +11,7 @@ mod cli;
 use cli::iptables::IptablesCommand;
 use cli::policy::PolicyCommand;
 
-/// Exit code of a usage or configuration error (EX_USAGE).
-pub(crate) const EXIT_CONFIG: u8 = 64;
+use meshid_api::config::EXIT_CONFIG;
 
 #[derive(Parser, Debug)]
 #[command(
@@ -69,7 +68,13 @@ fn main() -> ExitCode {
     };
     match cli.command {
         Command::Policy(cmd) => cli::policy::run(cmd),
-        Command::Healthcheck { ops_address } => healthcheck(&ops_address),
+        Command::Healthcheck { ops_address } => match meshid_api::ops::healthcheck(&ops_address) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("meshid-proxy: {e}");
+                ExitCode::FAILURE
+            }
+        },
         Command::Run(args) => run(args),
         Command::Iptables(cmd) => cli::iptables::run(cmd),
     }
@@ -85,8 +90,10 @@ fn run(args: RunArgs) -> ExitCode {
     let policy = match meshid_proxy::policy::load_policy(config.policy_file.as_deref(), &ports) {
         Ok(p) => p,
         Err(e) => {
-            eprintln!("meshid-proxy: invalid policy: {e}");
-            return ExitCode::from(EXIT_CONFIG);
+            return meshid_api::config::exit_refused(
+                "meshid-proxy",
+                &format!("invalid policy: {e}"),
+            )
         }
     };
     if args.check {
@@ -124,32 +131,5 @@ fn run(args: RunArgs) -> ExitCode {
 }
 
 pub(crate) fn config_error(e: &ConfigError) -> ExitCode {
-    eprintln!("meshid-proxy: {e}");
-    ExitCode::from(EXIT_CONFIG)
-}
-
-fn healthcheck(addr: &str) -> ExitCode {
-    use std::io::{Read, Write};
-    let attempt = || -> std::io::Result<bool> {
-        let mut s = std::net::TcpStream::connect(addr)?;
-        s.set_read_timeout(Some(std::time::Duration::from_secs(5)))?;
-        write!(
-            s,
-            "GET /readyz HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
-        )?;
-        let mut buf = String::new();
-        s.read_to_string(&mut buf)?;
-        Ok(buf.starts_with("HTTP/1.1 200"))
-    };
-    match attempt() {
-        Ok(true) => ExitCode::SUCCESS,
-        Ok(false) => {
-            eprintln!("meshid-proxy: not ready");
-            ExitCode::FAILURE
-        }
-        Err(e) => {
-            eprintln!("meshid-proxy: cannot reach {addr}: {e}");
-            ExitCode::FAILURE
-        }
-    }
+    meshid_api::config::exit_refused("meshid-proxy", e)
 }

@@ -9,9 +9,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
-use axum::extract::State;
-use axum::http::StatusCode;
-use axum::response::IntoResponse;
 use meshid_policy::Policy;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
@@ -68,41 +65,31 @@ pub async fn bind(config: &Config) -> anyhow::Result<Bound> {
     })
 }
 
+/// The proxy's ops endpoint ([`meshid_api::ops`]): ready while it holds an SVID and is not
+/// draining.
 #[derive(Clone)]
-struct OpsState {
+struct ProxyOps {
     creds: Arc<Credentials>,
     drain: watch::Receiver<bool>,
     registry: Arc<prometheus_client::registry::Registry>,
 }
 
-async fn healthz() -> &'static str {
-    "ok\n"
-}
-
-async fn readyz(State(s): State<OpsState>) -> impl IntoResponse {
-    if *s.drain.borrow() {
-        (StatusCode::SERVICE_UNAVAILABLE, "draining\n")
-    } else if s.creds.ready() {
-        (StatusCode::OK, "ready\n")
-    } else {
-        (StatusCode::SERVICE_UNAVAILABLE, "no svid yet\n")
+impl meshid_api::ops::Ops for ProxyOps {
+    async fn ready(&self) -> Result<(), String> {
+        if *self.drain.borrow() {
+            Err("draining".to_owned())
+        } else if self.creds.ready() {
+            Ok(())
+        } else {
+            Err("no svid yet".to_owned())
+        }
     }
-}
 
-async fn render_metrics(State(s): State<OpsState>) -> axum::response::Response {
-    let mut out = String::new();
-    if prometheus_client::encoding::text::encode(&mut out, &s.registry).is_err() {
-        return StatusCode::INTERNAL_SERVER_ERROR.into_response();
+    fn metrics(&self) -> Result<String, std::fmt::Error> {
+        let mut out = String::new();
+        prometheus_client::encoding::text::encode(&mut out, &self.registry)?;
+        Ok(out)
     }
-    (
-        StatusCode::OK,
-        [(
-            axum::http::header::CONTENT_TYPE,
-            "application/openmetrics-text; version=1.0.0; charset=utf-8",
-        )],
-        out,
-    )
-        .into_response()
 }
 
 /// Runs the proxy on already-bound listeners until `shutdown` completes, then drains: stops
@@ -158,16 +145,11 @@ pub async fn run(
     } else {
         tracing::warn!("no policy_file: every inbound caller is refused");
     }
-    let ops_state = OpsState {
+    let router = meshid_api::ops::router(ProxyOps {
         creds: creds.clone(),
         drain: drain.clone(),
         registry,
-    };
-    let router = axum::Router::new()
-        .route("/healthz", axum::routing::get(healthz))
-        .route("/readyz", axum::routing::get(readyz))
-        .route("/metrics", axum::routing::get(render_metrics))
-        .with_state(ops_state);
+    });
     let ops_addr = bound.ops.local_addr()?;
     let ops = tokio::spawn(async move {
         if let Err(e) = axum::serve(bound.ops, router).await {

@@ -242,7 +242,7 @@ impl Ca {
     fn wait_healthy_unless_port_taken(&mut self, log_before: u64) -> bool {
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
-            if ca_cli(&self.socket, &["healthcheck"]).status.success() {
+            if ca_healthcheck(&self.ops_address) {
                 return true;
             }
             if self.proc.has_exited() {
@@ -262,18 +262,17 @@ impl Ca {
     }
 
     /// Adopts a CA started some other way (for example in a network namespace) with its data
-    /// in `dir/ca`, and waits until it is healthy. [`Ca::restart`] does not apply to it.
+    /// in `dir/ca`, once the caller has seen it ready (its ops address may be reachable only
+    /// where it runs). [`Ca::restart`] does not apply to it.
     pub fn attach(proc: Proc, dir: &Path) -> Ca {
-        let mut ca = Ca {
+        Ca {
             proc,
             socket: dir.join("ca/admin.sock"),
             node_address: String::new(),
             ops_address: String::new(),
             dir: dir.to_owned(),
             extra: Vec::new(),
-        };
-        ca.wait_healthy();
-        ca
+        }
     }
 
     fn spawn(dir: &Path, node: &str, ops: &str, extra: &[String]) -> Proc {
@@ -293,17 +292,14 @@ impl Ca {
     }
 
     fn wait_healthy(&mut self) {
-        let socket = self.socket.clone();
+        let ops = self.ops_address.clone();
         let mut tries = 0;
         wait_for(Duration::from_secs(30), "the CA to become healthy", || {
             tries += 1;
             if tries % 10 == 0 {
                 self.proc.check_alive();
             }
-            ca_cli(&socket, &["healthcheck"])
-                .status
-                .success()
-                .then_some(())
+            ca_healthcheck(&ops).then_some(())
         });
     }
 
@@ -379,6 +375,17 @@ pub fn ca_cli(socket: &Path, args: &[&str]) -> Output {
         .stdin(Stdio::null())
         .output()
         .unwrap()
+}
+
+/// Whether `meshid-ca healthcheck` passes for the CA whose ops listener is `ops`.
+pub fn ca_healthcheck(ops: &str) -> bool {
+    Command::new(bin_dir().join("meshid-ca"))
+        .args(["healthcheck", "--ops-address", ops])
+        .stdin(Stdio::null())
+        .output()
+        .unwrap()
+        .status
+        .success()
 }
 
 /// GET `path` on `addr`; returns the status code and body.

@@ -281,7 +281,7 @@ fn start_agent(net: &Net, dir: &Path, ca: &Ca, host: &'static str) -> (Proc, Str
     (agent, agent_id, socket)
 }
 
-/// Starts `cmd` (meshid-agent or meshid-proxy in `host`), logging to `dir/<host>-<bin>.log`,
+/// Starts `cmd` (meshid-ca, meshid-agent or meshid-proxy in `host`), logging to `dir/<host>-<bin>.log`,
 /// and waits until `<bin> healthcheck --ops-address <ops>` in `host` succeeds.
 fn spawn_ready(net: &Net, dir: &Path, host: &str, bin: &str, cmd: Command, ops: &str) -> Proc {
     let mut proc = Proc::spawn(
@@ -588,7 +588,7 @@ fn transparent_mtls_between_namespaces() {
             &format!("{CA_ADDR}:{NODE_PORT}"),
         ],
     );
-    let ca_proc = Proc::spawn("meshid-ca", ca_cmd, dir.join("ca.log"));
+    let ca_proc = spawn_ready(&net, dir, "s", "meshid-ca", ca_cmd, "127.0.0.1:15200");
     let ca = Ca::attach(ca_proc, dir);
     std::fs::write(dir.join("bundle.pem"), ca.ok(&["bundle", "show"])).unwrap();
     std::fs::write(

@@ -3,11 +3,11 @@
 //! once it has one. Also the agent's own identity, which may persist in the data directory
 //! (mode 0600) so that a restart does not need a new join token.
 
-use std::io::Write;
-use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::sync::Arc;
 
+use meshid_api::files;
 use meshid_api::node::node_client::NodeClient;
 use meshid_api::tls::{self, ExpectedId};
 use rustls_pki_types::pem::PemObject;
@@ -83,37 +83,9 @@ fn file_err(path: &Path) -> impl FnOnce(std::io::Error) -> ClientError + '_ {
     }
 }
 
-/// Writes a file with `mode` atomically (temporary file, fsync, rename).
+/// Writes a file with `mode` atomically ([`meshid_api::files::write_atomic`]).
 pub fn write_file(path: &Path, contents: &[u8], mode: u32) -> Result<(), ClientError> {
-    let tmp = path.with_extension("tmp");
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(mode)
-        .open(&tmp)
-        .map_err(file_err(&tmp))?;
-    f.set_permissions(std::fs::Permissions::from_mode(mode))
-        .map_err(file_err(&tmp))?;
-    f.write_all(contents).map_err(file_err(&tmp))?;
-    f.sync_all().map_err(file_err(&tmp))?;
-    std::fs::rename(&tmp, path).map_err(file_err(path))
-}
-
-/// PEM encoding of DER blocks.
-pub fn pem(label: &str, ders: &[Vec<u8>]) -> String {
-    use base64::Engine;
-    let mut out = String::new();
-    for der in ders {
-        out.push_str(&format!("-----BEGIN {label}-----\n"));
-        let b64 = base64::engine::general_purpose::STANDARD.encode(der);
-        for chunk in b64.as_bytes().chunks(64) {
-            out.push_str(&String::from_utf8_lossy(chunk));
-            out.push('\n');
-        }
-        out.push_str(&format!("-----END {label}-----\n"));
-    }
-    out
+    meshid_api::files::write_atomic(path, contents, mode).map_err(file_err(path))
 }
 
 /// Reads PEM certificates.
@@ -185,11 +157,11 @@ impl AgentIdentity {
 
     /// Persists the identity (key with mode 0600).
     pub fn save(&self, dir: &Path) -> Result<(), ClientError> {
-        let key_pem = Zeroizing::new(pem("PRIVATE KEY", &[self.key_pkcs8.to_vec()]));
+        let key_pem = files::pem_secret("PRIVATE KEY", &self.key_pkcs8);
         write_file(&dir.join(KEY_FILE), key_pem.as_bytes(), 0o600)?;
         write_file(
             &dir.join(SVID_FILE),
-            pem("CERTIFICATE", &self.chain).as_bytes(),
+            files::pem("CERTIFICATE", self.chain.iter().map(Vec::as_slice)).as_bytes(),
             0o644,
         )
     }

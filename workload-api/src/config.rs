@@ -11,29 +11,11 @@ use std::time::Duration;
 use serde::Deserialize;
 use spiffe::TrustDomain;
 
-/// Why a configuration was refused.
-#[derive(Debug, thiserror::Error)]
-#[non_exhaustive]
-pub enum ConfigError {
-    /// The file could not be read or parsed (names the file, line and column, never quotes it).
-    #[error(transparent)]
-    File(#[from] meshid_api::config::TomlError),
-    /// A value is present but wrong, or a required one is missing.
-    #[error("invalid config: {key}: {reason}")]
-    Invalid {
-        /// The key.
-        key: &'static str,
-        /// What is wrong and what to do.
-        reason: String,
-    },
-}
+/// Default ops listener (`/healthz`, `/readyz`, `/metrics`): loopback only.
+pub const DEFAULT_OPS_ADDRESS: &str = "127.0.0.1:8082";
 
-fn invalid(key: &'static str, reason: impl Into<String>) -> ConfigError {
-    ConfigError::Invalid {
-        key,
-        reason: reason.into(),
-    }
-}
+use meshid_api::config::invalid;
+pub use meshid_api::config::ConfigError;
 
 /// The file as written.
 #[derive(Debug, Default, Deserialize)]
@@ -154,7 +136,7 @@ impl TryFrom<RawConfig> for Config {
                 "is required: a PEM file from `meshid-ca bundle show`",
             )
         })?;
-        let ops = raw.ops_address.as_deref().unwrap_or("127.0.0.1:8082");
+        let ops = raw.ops_address.as_deref().unwrap_or(DEFAULT_OPS_ADDRESS);
         let ops_address = ops
             .parse()
             .map_err(|e| invalid("ops_address", format!("{ops:?}: {e}")))?;

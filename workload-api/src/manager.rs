@@ -267,7 +267,11 @@ impl Manager {
         if *self.bundle != bundle {
             client::write_file(
                 &self.data_dir.join(client::BUNDLE_FILE),
-                client::pem("CERTIFICATE", &bundle.x509_authorities).as_bytes(),
+                meshid_api::files::pem(
+                    "CERTIFICATE",
+                    bundle.x509_authorities.iter().map(Vec::as_slice),
+                )
+                .as_bytes(),
                 0o644,
             )?;
             tracing::info!(sequence = bundle.sequence, "trust bundle updated");

@@ -1,14 +1,8 @@
 //! `meshid-agent run`: the manager, the Workload API socket and the ops listener.
 
 use std::future::Future;
-use std::io;
-use std::os::unix::fs::{FileTypeExt, PermissionsExt};
-use std::path::Path;
 use std::sync::Arc;
 
-use axum::extract::State;
-use axum::http::StatusCode;
-use axum::response::IntoResponse;
 use tokio::net::{TcpListener, UnixListener};
 use tokio::sync::watch;
 
@@ -22,41 +16,6 @@ use prometheus_client::registry::Registry;
 
 use crate::manager::{Manager, Stats};
 use crate::service::{Rpc, WorkloadApiMetrics};
-
-/// Binds the Workload API socket. Its directory is created with mode 0755 and the socket made
-/// connectable by every local user (mode 0777): the Workload API authenticates callers by
-/// attestation, not by file permissions, exactly as the SPIFFE Workload Endpoint requires. A
-/// stale socket is replaced; a live one is an error.
-pub fn bind_workload_socket(path: &Path) -> io::Result<UnixListener> {
-    if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
-        if !parent.exists() {
-            std::fs::create_dir_all(parent)?;
-            std::fs::set_permissions(parent, std::fs::Permissions::from_mode(0o755))?;
-        }
-    }
-    match std::fs::symlink_metadata(path) {
-        Ok(m) if m.file_type().is_socket() => {
-            if std::os::unix::net::UnixStream::connect(path).is_ok() {
-                return Err(io::Error::new(
-                    io::ErrorKind::AddrInUse,
-                    format!("{} is in use by a running agent", path.display()),
-                ));
-            }
-            std::fs::remove_file(path)?;
-        }
-        Ok(_) => {
-            return Err(io::Error::new(
-                io::ErrorKind::AlreadyExists,
-                format!("{} exists and is not a socket", path.display()),
-            ))
-        }
-        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-        Err(e) => return Err(e),
-    }
-    let listener = UnixListener::bind(path)?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o777))?;
-    Ok(listener)
-}
 
 /// Labels of Workload API call metrics.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -259,43 +218,31 @@ impl WorkloadApiMetrics for Metrics {
     }
 }
 
+/// The agent's ops endpoint ([`meshid_api::ops`]): ready once synchronized with the CA.
 #[derive(Clone)]
-struct OpsState {
+struct AgentOps {
     snapshots: watch::Receiver<Arc<Snapshot>>,
     metrics: Arc<Metrics>,
     admission: Arc<meshid_api::uds::Admission>,
 }
 
-async fn healthz() -> &'static str {
-    "ok\n"
-}
-
-async fn readyz(State(s): State<OpsState>) -> impl IntoResponse {
-    if s.snapshots.borrow().synced {
-        (StatusCode::OK, "ready\n")
-    } else {
-        (
-            StatusCode::SERVICE_UNAVAILABLE,
-            "not yet synchronized with the CA\n",
-        )
+impl meshid_api::ops::Ops for AgentOps {
+    async fn ready(&self) -> Result<(), String> {
+        if self.snapshots.borrow().synced {
+            Ok(())
+        } else {
+            Err("not yet synchronized with the CA".to_owned())
+        }
     }
-}
 
-async fn render_metrics(State(s): State<OpsState>) -> impl IntoResponse {
-    let snap = s.snapshots.borrow().clone();
-    s.metrics.observe_snapshot(&snap);
-    s.metrics.observe_admission(&s.admission);
-    let mut body = String::new();
-    if prometheus_client::encoding::text::encode(&mut body, &s.metrics.registry).is_err() {
-        body.clear();
+    fn metrics(&self) -> Result<String, std::fmt::Error> {
+        let snap = self.snapshots.borrow().clone();
+        self.metrics.observe_snapshot(&snap);
+        self.metrics.observe_admission(&self.admission);
+        let mut body = String::new();
+        prometheus_client::encoding::text::encode(&mut body, &self.metrics.registry)?;
+        Ok(body)
     }
-    (
-        [(
-            axum::http::header::CONTENT_TYPE,
-            "application/openmetrics-text; version=1.0.0; charset=utf-8",
-        )],
-        body,
-    )
 }
 
 /// Serves until `shutdown` completes: the manager's CA session, the Workload API on `socket`,
@@ -327,15 +274,11 @@ pub async fn run(
     }));
 
     let mut ops_stop = stop_rx;
-    let router = axum::Router::new()
-        .route("/healthz", axum::routing::get(healthz))
-        .route("/readyz", axum::routing::get(readyz))
-        .route("/metrics", axum::routing::get(render_metrics))
-        .with_state(OpsState {
-            snapshots,
-            metrics,
-            admission,
-        });
+    let router = meshid_api::ops::router(AgentOps {
+        snapshots,
+        metrics,
+        admission,
+    });
     let ops_task = tokio::spawn(async move {
         axum::serve(ops, router)
             .with_graceful_shutdown(async move {

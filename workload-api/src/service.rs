@@ -34,7 +34,7 @@
 use std::collections::{HashMap, HashSet};
 use std::future::Future;
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use futures::stream::{BoxStream, StreamExt as _};
 use meshid_api::workload::spiffe_workload_api_server::{
@@ -511,7 +511,7 @@ impl WorkloadApi {
             revision: entry.revision,
             audience: audience.to_vec(),
         };
-        let token = match self.jwt_cache.get(&key, unix_now()) {
+        let token = match self.jwt_cache.get(&key, meshid_api::unix_now()) {
             Some(token) => token,
             None => {
                 if let Err(retry_after) = self.mint_limiter.take(&uid, std::time::Instant::now()) {
@@ -530,8 +530,12 @@ impl WorkloadApi {
                             }
                         })?;
                 let token = Zeroizing::new(token);
-                self.jwt_cache
-                    .put(key, Zeroizing::clone(&token), unix_now(), expiry);
+                self.jwt_cache.put(
+                    key,
+                    Zeroizing::clone(&token),
+                    meshid_api::unix_now(),
+                    expiry,
+                );
                 token
             }
         };
@@ -951,12 +955,6 @@ impl<V: View> StreamState<V> {
             }
         }
     }
-}
-
-fn unix_now() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
 }
 
 #[cfg(test)]

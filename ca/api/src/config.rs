@@ -260,3 +260,47 @@ mod tests {
         );
     }
 }
+
+/// The exit code of a refused configuration or command line (`EX_USAGE`), the same for every
+/// meshid binary, so a supervisor can tell "fix the config" from a crash.
+pub const EXIT_CONFIG: u8 = 64;
+
+/// Why a configuration was refused: the error of every binary's `Config::load`.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ConfigError {
+    /// The file could not be read or parsed (names the file, line and column, never quotes it).
+    #[error(transparent)]
+    File(#[from] TomlError),
+    /// A file holds a secret and others may read it, or the process trusts a file anyone may
+    /// change.
+    #[error(transparent)]
+    Mode(#[from] FileModeError),
+    /// A value is present but wrong, or a required one is missing.
+    #[error("invalid config: {key}: {reason}")]
+    Invalid {
+        /// The key, dotted (`ca.intermediate_ttl`, `inbound[0].listen`).
+        key: String,
+        /// What is wrong and what to do.
+        reason: String,
+    },
+}
+
+/// A [`ConfigError::Invalid`].
+pub fn invalid(key: impl Into<String>, reason: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        key: key.into(),
+        reason: reason.into(),
+    }
+}
+
+/// Reports `error` on stderr as `program: error` and returns [`EXIT_CONFIG`]: how every binary
+/// ends on a configuration it refuses (before anything binds).
+pub fn exit_refused(program: &str, error: &dyn std::fmt::Display) -> std::process::ExitCode {
+    // The one place a binary writes a refused configuration: to its operator, on stderr.
+    #[allow(clippy::print_stderr)]
+    {
+        eprintln!("{program}: {error}");
+    }
+    std::process::ExitCode::from(EXIT_CONFIG)
+}

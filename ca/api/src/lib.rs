@@ -41,9 +41,19 @@ pub mod workload {
 pub mod client;
 pub mod codec;
 pub mod config;
+pub mod files;
 pub mod id;
 pub mod limits;
+pub mod ops;
 pub mod role;
 pub mod server;
 pub mod tls;
 pub mod uds;
+
+/// Seconds since the Unix epoch (0 before it), the time unit of meshid's records, certificates
+/// and tokens.
+pub fn unix_now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
+}

@@ -25,6 +25,9 @@
 //! credentials (`SO_PEERCRED`) stay available to the service as tonic's `UdsConnectInfo`,
 //! inside [`UdsPeer`] with the process as it was at accept time.
 //!
+//! [`bind`] binds the socket itself (a stale one taken over, a live one refused, its mode set
+//! before it is reachable).
+//!
 //! Connections are admitted under [`admission::Limits`] (caps in all and per uid, a deadline
 //! for the first request, back-off when accept fails): see [`admission`].
 
@@ -39,9 +42,11 @@ use tokio::net::{UnixListener, UnixStream};
 use tonic::transport::server::{Connected, UdsConnectInfo};
 
 pub mod admission;
+mod bind;
 mod hpack;
 
 pub use admission::{incoming_with, AcceptedProcess, Admission, Limits};
+pub use bind::{bind, Access};
 
 /// The HTTP/2 client connection preface (RFC 9113 3.4).
 const PREFACE: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";

@@ -623,25 +623,6 @@ fn modulus_sizes() {
 }
 
 #[test]
-fn pem_lines() {
-    let pem = pem_encode("CERTIFICATE", &[0u8; 100]);
-    let lines: Vec<_> = pem.lines().collect();
-    assert_eq!(lines[0], "-----BEGIN CERTIFICATE-----");
-    assert_eq!(lines[1].len(), 64);
-    assert_eq!(lines[2].len(), 64);
-    assert_eq!(lines[3].len(), 136 - 128);
-    assert_eq!(lines[4], "-----END CERTIFICATE-----");
-    let secret = pem_encode_secret("PRIVATE KEY", &[7u8; 138]);
-    assert!(secret.capacity() >= secret.len());
-    assert_eq!(
-        CertificateDer::from_pem_slice(pem.as_bytes())
-            .unwrap()
-            .as_ref(),
-        &[0u8; 100]
-    );
-}
-
-#[test]
 fn shareable_across_threads() {
     fn send_sync<T: Send + Sync>() {}
     send_sync::<Issuer>();

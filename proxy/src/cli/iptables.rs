@@ -521,7 +521,7 @@ pub fn run(cmd: IptablesCommand) -> ExitCode {
                         Ok(p) => InboundPorts::Only(p),
                         Err(_) => {
                             eprintln!("meshid-proxy: --inbound-ports {list:?}: use *, a comma-separated list of ports, or \"\"");
-                            return ExitCode::from(crate::EXIT_CONFIG);
+                            return ExitCode::from(meshid_api::config::EXIT_CONFIG);
                         }
                     }
                 }
@@ -547,7 +547,7 @@ pub fn run(cmd: IptablesCommand) -> ExitCode {
                         "meshid-proxy: {} has no [transparent] table: nothing would listen on the redirected ports",
                         path.display()
                     );
-                    return ExitCode::from(crate::EXIT_CONFIG);
+                    return ExitCode::from(meshid_api::config::EXIT_CONFIG);
                 }
                 defaults_from(
                     &config,
@@ -557,7 +557,7 @@ pub fn run(cmd: IptablesCommand) -> ExitCode {
             }
             if let Err(e) = rules.validate() {
                 eprintln!("meshid-proxy: {e}");
-                return ExitCode::from(crate::EXIT_CONFIG);
+                return ExitCode::from(meshid_api::config::EXIT_CONFIG);
             }
             let r = runner(&args.common);
             if args.common.dry_run {
