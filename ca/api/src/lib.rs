@@ -19,26 +19,30 @@
 
 #![forbid(unsafe_code)]
 
-/// The admin API, `meshid.admin.v1`.
+/// The admin API, `meshid.admin.v1` (feature `admin`).
+#[cfg(feature = "admin")]
 #[allow(missing_docs, clippy::all, clippy::pedantic)]
 pub mod admin {
     include!("gen/meshid.admin.v1.rs");
 }
 
-/// The node API, `meshid.node.v1`, between agents and the CA.
+/// The node API, `meshid.node.v1`, between agents and the CA (feature `node`).
+#[cfg(feature = "node")]
 #[allow(missing_docs, clippy::all, clippy::pedantic)]
 pub mod node {
     include!("gen/meshid.node.v1.rs");
 }
 
 /// The SPIFFE Workload API (package-less, wire-compatible with the specification's proto):
-/// server stubs for the agent.
+/// server stubs for the agent (feature `workload`).
+#[cfg(feature = "workload")]
 #[allow(missing_docs, clippy::all, clippy::pedantic)]
 pub mod workload {
     include!("gen/_.rs");
 }
 
 pub mod client;
+#[cfg(feature = "workload")]
 pub mod codec;
 pub mod config;
 pub mod files;
