@@ -14,7 +14,7 @@
 # the policy in deploy/quickstart/policy.yaml (web may call api; api may not call web), and
 # shows an allowed call, a refused one, and why it was refused. The proxies' configs, the
 # policy and every log are in the data directory. Ctrl-C (or SIGTERM) stops everything it
-# started, and so does any failure along the way. tests/tests/quickstart.rs runs it.
+# started, and so does any failure along the way. tests/tests/e2e/quickstart.rs runs it.
 #
 # Environment:
 #   MESHID_QUICKSTART_DIR    state, configs and logs (default: .meshid in the repository)

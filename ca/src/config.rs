@@ -23,6 +23,11 @@ pub const DEFAULT_X509_SVID_TTL: Duration = Duration::from_secs(3600);
 pub const DEFAULT_JWT_SVID_TTL: Duration = Duration::from_secs(300);
 /// Default lifetime of a join token.
 pub const DEFAULT_JOIN_TOKEN_TTL: Duration = Duration::from_secs(600);
+
+/// How long an agent's superseded SVID is still honoured after a renewal by default (calls in
+/// flight on the old connection finish; the agent reconnects with the new one at once).
+pub const AGENT_SVID_OVERLAP: Duration = Duration::from_secs(120);
+
 /// Default ops listener (`/healthz`, `/readyz`, `/metrics`): loopback only.
 pub const DEFAULT_OPS_ADDRESS: &str = "127.0.0.1:8081";
 /// Default node API listener: loopback only, so a fresh CA is not reachable from the network
@@ -449,7 +454,7 @@ impl TryFrom<RawConfig> for Config {
         let agent_svid_overlap = duration(
             "agent_svid_overlap",
             raw.agent_svid_overlap.as_deref(),
-            crate::service::AGENT_SVID_OVERLAP,
+            AGENT_SVID_OVERLAP,
         )?;
         Ok(Config {
             agent_svid_overlap,

@@ -100,9 +100,7 @@ const BANNED: &str = "is banned";
 const SUPERSEDED: &str = "presented a superseded SVID: only the agent's current SVID is honoured \
      (a superseded one used after its successor means the old key may be stolen; audited)";
 
-/// How long an agent's superseded SVID is still honoured after a renewal by default (calls in
-/// flight on the old connection finish; the agent reconnects with the new one at once).
-pub const AGENT_SVID_OVERLAP: Duration = Duration::from_secs(120);
+pub use crate::config::AGENT_SVID_OVERLAP;
 
 /// How many [`CaEvent`]s a slow subscriber may fall behind before it is told it lagged (and
 /// resynchronizes from the store).

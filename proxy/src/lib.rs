@@ -8,20 +8,25 @@
 //! does not link the CA server or the datastore.
 //!
 //! # Layout
-//! - [`config`]: the TOML configuration.
-//! - [`tls`]: credentials from the Workload API, rustls configurations, rotation.
-//!   Peers are verified by meshid-api's one X509-SVID verifier
-//!   ([`meshid_api::tls::verify`]), which the CA's node API and the agent use too.
-//! - [`inbound`]: terminate mTLS, authorize, forward plaintext; [`http`]: per-request
-//!   authorization for HTTP/1.1 and HTTP/2; [`outbound`]: plaintext in, mTLS out to an
-//!   expected SPIFFE ID.
-//! - [`server`]: wiring, policy hot reload, ops endpoint (`/healthz`, `/readyz`,
-//!   `/metrics`), graceful drain; [`metrics`], [`access`]: observability.
+//! The path of a connection reads downward; no file imports one above it.
+//! - [`server`]: the wiring of `meshid-proxy run`: bind every listener, start the credentials,
+//!   the policy reload and the ops endpoint, drain on shutdown.
 //! - [`transparent`]: transparent mode (iptables REDIRECT + SO_ORIGINAL_DST): mesh
-//!   destinations upgraded to mTLS, plaintext inbound strict or permissive; [`iptables`]:
-//!   the rules that send the application's traffic there.
-//! - [`policy_cli`]: the policy author's tools (`meshid-proxy policy ...`); the language
-//!   itself is the pure `meshid-policy` crate.
+//!   destinations upgraded to mTLS, plaintext inbound strict or permissive. It reuses:
+//! - [`inbound`]: terminate mTLS, decide, forward plaintext; [`http`]: one policy decision per
+//!   HTTP/1.1 or HTTP/2 request, under inbound. [`outbound`]: plaintext in, mTLS out to an
+//!   expected SPIFFE ID.
+//! - [`proxy`]: the base they all use: shared state, the accept loop, connecting upstream,
+//!   splicing bytes, and the inbound decision accounting.
+//! - [`policy`]: the policy in force (loaded and checked before anything binds, hot reload).
+//!   The language itself is the pure `meshid-policy` crate; the decision is made there.
+//! - [`tls`]: credentials from the Workload API and the rustls configurations. Peers are
+//!   verified by meshid-api's one X509-SVID verifier ([`meshid_api::tls::verify`]), which the
+//!   CA's node API and the agent use too.
+//! - [`config`], [`io`] (relay, protocol detection), [`metrics`], [`access`]: the leaves.
+//!
+//! The binary adds what only a command line needs (`src/cli/`): the policy author's tools
+//! (`meshid-proxy policy ...`) and transparent mode's iptables rules (`meshid-proxy iptables`).
 
 #![forbid(unsafe_code)]
 

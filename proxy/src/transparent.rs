@@ -1,5 +1,5 @@
 //! Transparent mode: the application's TCP reaches the proxy through iptables REDIRECT rules
-//! (see [`crate::iptables`]), and the proxy recovers where each connection was going with
+//! (see the binary's `iptables` command), and the proxy recovers where each connection was going with
 //! SO_ORIGINAL_DST.
 //!
 //! - **Outbound** (`outbound_listen`): a destination inside the mesh (a

@@ -1,4 +1,4 @@
-"""An application behind the inbound proxy in the proxy's upgrade test (tests/tests/proxy.rs).
+"""An application behind the inbound proxy in the proxy's upgrade test (tests/tests/e2e/proxy.rs).
 
 Served by hypercorn, which, like Go's h2c handler, Tomcat, Jetty and Apache with H2Upgrade,
 switches a cleartext HTTP/1.1 connection to HTTP/2 when a request offers `Upgrade: h2c`. Every

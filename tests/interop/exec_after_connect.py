@@ -1,4 +1,4 @@
-"""Exec after connect (tests/tests/security.rs, issue 10 item 5).
+"""Exec after connect (tests/tests/e2e/security.rs, issue 10 item 5).
 
 `call FD`: FetchX509SVID over descriptor FD, inherited from a process that connected and then
 exec'd this Python (the test does that in perl); `call-socket SOCKET`: the same on a new

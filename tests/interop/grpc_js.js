@@ -1,5 +1,5 @@
 // grpc-js (npm @grpc/grpc-js: Node's HTTP/2, nghttp2, and its own gRPC) against meshid's Unix
-// sockets, run by tests/tests/interop.rs. One line per check, `ok NAME` or `FAIL NAME: DETAIL`;
+// sockets, run by tests/tests/e2e/interop.rs. One line per check, `ok NAME` or `FAIL NAME: DETAIL`;
 // exit 1 if any failed.
 //
 //   node grpc_js.js SOCKET agent PROTO   the Workload API with each :authority form

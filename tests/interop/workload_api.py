@@ -1,4 +1,4 @@
-"""Independent clients against meshid's Unix sockets, run by tests/tests/interop.rs.
+"""Independent clients against meshid's Unix sockets, run by tests/tests/e2e/interop.rs.
 
 py-spiffe (PyPI `spiffe`, on gRPC C-core) as a workload would use it, the raw gRPC C-core
 stubs for what py-spiffe hides (hints, several SVIDs, status codes), `cryptography`'s X.509

@@ -4,7 +4,7 @@
 //! - [`verify`]: **the** X509-SVID peer verifier (leaf rules, one SPIFFE ID extraction, path
 //!   validation per trust domain) and its rustls adapters, [`ClientVerifier`] and
 //!   [`ServerVerifier`]. Every peer certificate meshid accepts passes through it.
-//! - [`provider`] and [`PROTOCOL_VERSIONS`]: the one crypto provider (ring, TLS 1.3 suites only,
+//! - [`provider()`] and [`PROTOCOL_VERSIONS`]: the one crypto provider (ring, TLS 1.3 suites only,
 //!   AES-128-GCM first) and TLS 1.3 only. All crypto goes through them; no configuration uses a
 //!   process-wide default.
 //! - [`client_config`], [`server_config`]: the node API's configurations (ALPN `h2`, no session
@@ -23,13 +23,12 @@
 //!   [`client_config`] is the simple form for callers that build a fresh `ClientConfig` per
 //!   connection (cheap).
 
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 use std::time::Duration;
 
 use arc_swap::ArcSwapOption;
 use hyper_util::rt::TokioIo;
 use rustls::client::{ResolvesClientCert, Resumption};
-use rustls::crypto::CryptoProvider;
 use rustls::server::{ClientHello, ResolvesServerCert};
 use rustls::sign::CertifiedKey;
 use rustls::{ClientConfig, ServerConfig, SignatureScheme};
@@ -39,7 +38,10 @@ use tonic::transport::{Channel, Endpoint, Uri};
 
 use crate::role::Role;
 
+pub mod provider;
 pub mod verify;
+
+pub use provider::{provider, PROTOCOL_VERSIONS};
 
 pub use verify::{
     ClientVerifier, PeerBundles, PeerError, PeerRole, ServerVerifier, SvidVerifier, VerifyError,
@@ -124,27 +126,6 @@ fn chain(error: &dyn std::error::Error) -> String {
     }
     text
 }
-
-/// The one crypto provider of every meshid TLS endpoint (node API, agent, proxy): ring, with
-/// only the TLS 1.3 suites, AES-128-GCM first (on this class of hardware it is the fastest AEAD;
-/// all three TLS 1.3 suites stay available).
-pub fn provider() -> Arc<CryptoProvider> {
-    static PROVIDER: OnceLock<Arc<CryptoProvider>> = OnceLock::new();
-    Arc::clone(PROVIDER.get_or_init(|| {
-        let mut p = rustls::crypto::ring::default_provider();
-        p.cipher_suites
-            .retain(|s| s.version() == &rustls::version::TLS13);
-        p.cipher_suites.sort_by_key(|s| match s.suite() {
-            rustls::CipherSuite::TLS13_AES_128_GCM_SHA256 => 0,
-            rustls::CipherSuite::TLS13_AES_256_GCM_SHA384 => 1,
-            _ => 2,
-        });
-        Arc::new(p)
-    }))
-}
-
-/// The protocol versions every meshid TLS endpoint speaks: TLS 1.3 only.
-pub static PROTOCOL_VERSIONS: &[&rustls::SupportedProtocolVersion] = &[&rustls::version::TLS13];
 
 /// The path of a meshid CA server's SPIFFE ID, `spiffe://<td>/meshid/server`.
 pub const SERVER_PATH: &str = "/meshid/server";

@@ -34,7 +34,9 @@
 use std::borrow::Cow;
 use std::io;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{Context, Poll};
+use std::time::Duration;
 
 use futures::Stream;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
@@ -45,7 +47,7 @@ pub mod admission;
 mod bind;
 mod hpack;
 
-pub use admission::{incoming_with, AcceptedProcess, Admission, Limits};
+pub use admission::{AcceptedProcess, Admission, Limits, RateLimitedLog};
 pub use bind::{bind, Access};
 
 /// The HTTP/2 client connection preface (RFC 9113 3.4).
@@ -73,6 +75,48 @@ const FLAG_PRIORITY: u8 = 0x20;
 /// Admitted under the default [`Limits`]; see [`incoming_with`].
 pub fn incoming(listener: UnixListener) -> impl Stream<Item = io::Result<UdsConnection>> {
     incoming_with(listener, Admission::new(Limits::default()))
+}
+
+/// The accepted connections of `listener` under `admission`, each a [`UdsConnection`] that
+/// holds its place and knows its peer's process, for
+/// `tonic::transport::Server::serve_with_incoming*`. Accept errors are not passed on: the
+/// loop backs off (10 ms, doubling to 1 s) and logs at most once a second.
+pub fn incoming_with(
+    listener: UnixListener,
+    admission: Arc<Admission>,
+) -> impl Stream<Item = io::Result<UdsConnection>> {
+    let failures = RateLimitedLog::default();
+    futures::stream::unfold(
+        (listener, admission, failures),
+        |(listener, admission, failures)| async move {
+            let mut backoff = Duration::from_millis(10);
+            loop {
+                let stream = match listener.accept().await {
+                    Ok((stream, _)) => stream,
+                    Err(error) => {
+                        failures.info(|suppressed| {
+                            tracing::warn!(
+                                %error,
+                                failed_since_last_line = suppressed,
+                                "Unix socket accept failed; backing off"
+                            );
+                        });
+                        tokio::time::sleep(backoff).await;
+                        backoff = (backoff * 2).min(Duration::from_secs(1));
+                        continue;
+                    }
+                };
+                let cred = stream.peer_cred().ok();
+                let Ok(slot) = admission.admit(cred.map(|c| c.uid())) else {
+                    // Closed here, at once: it holds no descriptor.
+                    continue;
+                };
+                let process = cred.and_then(|c| c.pid()).and_then(AcceptedProcess::read);
+                let conn = UdsConnection::admitted(stream, slot, process);
+                return Some((Ok(conn), (listener, admission, failures)));
+            }
+        },
+    )
 }
 
 /// What a service learns of a connection's peer.

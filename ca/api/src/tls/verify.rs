@@ -463,7 +463,7 @@ impl SvidVerifier {
     pub fn new() -> Self {
         Self {
             bundles: ArcSwapOption::empty(),
-            algorithms: crate::tls::provider().signature_verification_algorithms,
+            algorithms: crate::tls::provider::provider().signature_verification_algorithms,
         }
     }
 

@@ -3,7 +3,7 @@
 //! The Workload API socket is open to every local user (mode 0777: any process may ask who it
 //! is). Without limits one user opened connections until the agent ran out of file
 //! descriptors, after which its accept loop spun at 100 % CPU writing millions of `Too many
-//! open files` lines, and every workload's call timed out. So [`incoming_with`]:
+//! open files` lines, and every workload's call timed out. So [`super::incoming_with`]:
 //! - caps connections in all and per uid (from `SO_PEERCRED` at accept); a connection past a
 //!   cap is closed at once;
 //! - closes a connection that sends no request within [`Limits::first_request_timeout`];
@@ -13,16 +13,10 @@
 //!   server can refuse calls once that process has exec'd another program or exited.
 
 use std::collections::HashMap;
-use std::io;
 use std::os::unix::fs::MetadataExt;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
-
-use futures::Stream;
-use tokio::net::UnixListener;
-
-use super::UdsConnection;
 
 /// Connection limits of a Unix-socket server.
 #[derive(Clone, Debug)]
@@ -229,48 +223,6 @@ pub fn parse_start_time(stat: &str) -> Option<u64> {
     let rest = stat.rfind(')').and_then(|i| stat.get(i + 1..))?;
     // After the command name come fields 3 (state), 4, ...; field 22 is the 20th of them.
     rest.split_ascii_whitespace().nth(22 - 3)?.parse().ok()
-}
-
-/// The accepted connections of `listener` under `admission`, each a [`UdsConnection`] that
-/// holds its place and knows its peer's process, for
-/// `tonic::transport::Server::serve_with_incoming*`. Accept errors are not passed on: the
-/// loop backs off (10 ms, doubling to 1 s) and logs at most once a second.
-pub fn incoming_with(
-    listener: UnixListener,
-    admission: Arc<Admission>,
-) -> impl Stream<Item = io::Result<UdsConnection>> {
-    let failures = RateLimitedLog::default();
-    futures::stream::unfold(
-        (listener, admission, failures),
-        |(listener, admission, failures)| async move {
-            let mut backoff = Duration::from_millis(10);
-            loop {
-                let stream = match listener.accept().await {
-                    Ok((stream, _)) => stream,
-                    Err(error) => {
-                        failures.info(|suppressed| {
-                            tracing::warn!(
-                                %error,
-                                failed_since_last_line = suppressed,
-                                "Unix socket accept failed; backing off"
-                            );
-                        });
-                        tokio::time::sleep(backoff).await;
-                        backoff = (backoff * 2).min(Duration::from_secs(1));
-                        continue;
-                    }
-                };
-                let cred = stream.peer_cred().ok();
-                let Ok(slot) = admission.admit(cred.map(|c| c.uid())) else {
-                    // Closed here, at once: it holds no descriptor.
-                    continue;
-                };
-                let process = cred.and_then(|c| c.pid()).and_then(AcceptedProcess::read);
-                let conn = UdsConnection::admitted(stream, slot, process);
-                return Some((Ok(conn), (listener, admission, failures)));
-            }
-        },
-    )
 }
 
 #[cfg(test)]

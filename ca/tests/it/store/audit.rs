@@ -7,7 +7,9 @@ use meshid_ca::store::{verify_audit, AuditVerifyError};
 use meshid_ca::store::{CaKeyKind, CaKeyState, Datastore, StoreError};
 use spiffe::TrustDomain;
 
-use crate::fixture::{agent, agent_id, ca_key, entry, ev, fixture, token, Backend, Fixture, NOW};
+use crate::store::fixture::{
+    agent, agent_id, ca_key, entry, ev, fixture, token, Backend, Fixture, NOW,
+};
 
 /// Asserts that verification fails at `seq` for `reason`.
 async fn assert_violation(fx: &Fixture, seq: i64, reason: AuditFault) {

@@ -5,7 +5,7 @@ use std::sync::Arc;
 use meshid_ca::store::{AgentRecord, CaKeyKind, CaKeyState, Datastore, StoreError};
 use spiffe::TrustDomain;
 
-use crate::fixture::{agent, ca_key, ev, fixture, token, Backend, NOW};
+use crate::store::fixture::{agent, ca_key, ev, fixture, token, Backend, NOW};
 
 pub async fn join_token_single_use(backend: Backend) {
     let fx = fixture!(backend);

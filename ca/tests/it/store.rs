@@ -4,9 +4,6 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-#[path = "common/pg.rs"]
-mod pg;
-
 #[path = "store/fixture.rs"]
 mod fixture;
 
@@ -25,12 +22,12 @@ macro_rules! on_both_backends {
         mod $case {
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
             async fn sqlite() {
-                crate::fixture::bounded(crate::$module::$case(crate::fixture::Backend::Sqlite)).await
+                crate::store::fixture::bounded(crate::store::$module::$case(crate::store::fixture::Backend::Sqlite)).await
             }
 
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
             async fn postgres() {
-                crate::fixture::bounded(crate::$module::$case(crate::fixture::Backend::Postgres)).await
+                crate::store::fixture::bounded(crate::store::$module::$case(crate::store::fixture::Backend::Postgres)).await
             }
         }
     )*};

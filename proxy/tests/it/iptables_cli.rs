@@ -1,6 +1,6 @@
 //! `meshid-proxy iptables ...` without touching the machine's rules: `--dry-run` output,
 //! defaults taken from a proxy configuration, and usage errors. (The rules are applied for
-//! real in network namespaces by `tests/tests/netns.rs`.)
+//! real in network namespaces by `tests/tests/e2e/netns.rs`.)
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 

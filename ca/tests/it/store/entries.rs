@@ -3,7 +3,7 @@
 use meshid_ca::entry::EntryId;
 use meshid_ca::store::{Datastore, StoreError};
 
-use crate::fixture::{agent_id, agent_spiffe_id, entry, ev, fixture, Backend, NOW};
+use crate::store::fixture::{agent_id, agent_spiffe_id, entry, ev, fixture, Backend, NOW};
 
 pub async fn entry_crud(backend: Backend) {
     let fx = fixture!(backend);

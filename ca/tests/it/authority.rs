@@ -4,8 +4,7 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-#[path = "common/pg.rs"]
-mod pg;
+use crate::pg;
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;

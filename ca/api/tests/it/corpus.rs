@@ -4,7 +4,7 @@
 //! handshakes through [`ClientVerifier`] and [`ServerVerifier`].
 //!
 //! Certificates embed random keys and serials, so the corpus is not regenerated on every run:
-//! `MESHID_BLESS=1 cargo test -p meshid-api --test corpus` rewrites it (reusing
+//! `MESHID_BLESS=1 cargo test -p meshid-api --test it corpus` rewrites it (reusing
 //! `root.*.pem` and `other-root.*.pem` when present; delete them to mint new roots), and
 //! otherwise the tests load the files as checked in.
 
@@ -621,7 +621,7 @@ fn readme_text() -> String {
     let mut text = String::from(
         "# Malformed X509-SVID corpus\n\
          \n\
-         Test-only material for `ca/api/tests/corpus.rs` (the verifier) and `ca/tests/node.rs` (the\n\
+         Test-only material for `ca/api/tests/it/corpus.rs` (the verifier) and `ca/tests/it/node.rs` (the\n\
          node API); never use these keys anywhere else.\n\
          Trust domain `example.org`, whose bundle is `root.crt.pem` (P-256, CA:TRUE, URI SAN\n\
          `spiffe://example.org`, valid 2025-01-01..2125-01-01; `root.key.pem` is its PKCS#8 key,\n\
@@ -631,7 +631,7 @@ fn readme_text() -> String {
          Each other file holds a certificate chain (leaf first) and then the leaf's PKCS#8 key.\n\
          Unless stated, a leaf is issued by `root.crt.pem`, valid 2025-01-01..2125-01-01, and\n\
          well-formed but for its one violation. Regenerate with\n\
-         `MESHID_BLESS=1 cargo test -p meshid-api --test corpus` (keeps existing roots).\n\
+         `MESHID_BLESS=1 cargo test -p meshid-api --test it corpus` (keeps existing roots).\n\
          \n\
          Per file: the violation; the `PeerError::reason()` of `SvidVerifier::verify`; the\n\
          `failure_reason` of a handshake in which it is presented (`ok`: accepted).\n\

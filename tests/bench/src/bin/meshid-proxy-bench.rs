@@ -3,7 +3,7 @@
 //! measured in one run and reported as ratios.
 //!
 //! ```text
-//! cargo build --release -p meshid-ca -p meshid-agent -p meshid-proxy -p meshid-tests
+//! cargo build --release -p meshid-ca -p meshid-agent -p meshid-proxy -p meshid-bench
 //! target/release/meshid-proxy-bench [--duration 10s] [--warmup 2s] [--rounds 3]
 //!     [--only direct,meshid,haproxy,stunnel]
 //!     [--scenarios keepalive16,keepalive64,bulk,newconn,rss]

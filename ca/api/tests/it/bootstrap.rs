@@ -50,6 +50,6 @@ fn generated_code_is_up_to_date() {
     }
     assert!(
         stale.is_empty(),
-        "generated code in ca/api/src/gen is stale: {stale:?}; run `MESHID_BLESS=1 cargo test -p meshid-api --test bootstrap` and commit"
+        "generated code in ca/api/src/gen is stale: {stale:?}; run `MESHID_BLESS=1 cargo test -p meshid-api --test it bootstrap` and commit"
     );
 }

@@ -3,8 +3,7 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-#[path = "common/pg.rs"]
-mod pg;
+use crate::pg;
 
 use std::io::{Read, Write};
 use std::net::TcpStream;

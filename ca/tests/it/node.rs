@@ -6,8 +6,7 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-#[path = "common/pg.rs"]
-mod pg;
+use crate::pg;
 
 use std::future::Future;
 use std::net::SocketAddr;

@@ -118,7 +118,7 @@ impl Fixture {
 /// Creates the fixture or returns from the case (PostgreSQL unavailable, already reported).
 macro_rules! fixture {
     ($backend:expr) => {
-        match crate::fixture::Fixture::new($backend).await {
+        match crate::store::fixture::Fixture::new($backend).await {
             Some(fx) => fx,
             None => return,
         }

@@ -6,7 +6,7 @@ use meshid_ca::store::sql::{SqlStore, SCHEMA_VERSION};
 use meshid_ca::store::verify_audit;
 use meshid_ca::store::{CaKeyKind, CaKeyState, Datastore, StoreError};
 
-use crate::fixture::{agent, agent_id, ca_key, entry, ev, fixture, token, Backend, NOW};
+use crate::store::fixture::{agent, agent_id, ca_key, entry, ev, fixture, token, Backend, NOW};
 
 pub async fn restart_persistence(backend: Backend) {
     let mut fx = fixture!(backend);
@@ -263,7 +263,7 @@ pub async fn killed_connections_leave_no_broken_one_behind() {
     // The database drops every connection of the store (a failover, a restart, an operator's
     // pg_terminate_backend) three times; each time writes work again at once, readiness's
     // write probe passes, and the audit chain is whole. (SQLite: the full-disk test in
-    // tests/tests/security.rs.)
+    // tests/tests/e2e/security.rs.)
     let fx = fixture!(Backend::Postgres);
     let s = &fx.store;
     let mut written = 0;

@@ -2,7 +2,7 @@
 //! against the real binaries, each scenario with a baseline measured in the same run.
 //!
 //! ```text
-//! cargo build --release -p meshid-ca -p meshid-agent -p meshid-tests
+//! cargo build --release -p meshid-ca -p meshid-agent -p meshid-bench
 //! target/release/meshid-bench <fetch-latency|propagation|rss|node-sign|all> [--perf]
 //! ```
 //!
@@ -678,7 +678,7 @@ async fn fetch_latency(st: &Stack, profile: bool) {
 // ---------------------------------------------------------------------------------------------
 // interop-latency
 
-/// The Python of the interop tests (tests/tests/interop.rs).
+/// The Python of the interop tests (tests/tests/e2e/interop.rs).
 fn interop_python() -> PathBuf {
     std::env::var_os("MESHID_INTEROP_PYTHON")
         .map(PathBuf::from)

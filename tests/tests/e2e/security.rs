@@ -1272,17 +1272,27 @@ fn a_superseded_agent_svid_is_refused_after_its_successor() {
         .proc
         .log_text()
         .contains("a superseded agent SVID was used after its successor"));
-    let audited = rt.block_on(async {
-        let url = format!("sqlite://{}", dir.path().join("ca/meshid-ca.db").display());
-        let store = meshid_ca::store::sql::SqlStore::open(&url).await.unwrap();
-        use meshid_ca::store::Datastore;
-        store.audit_records(0, 10_000).await.unwrap()
-    });
-    let kinds: Vec<&str> = audited
-        .iter()
-        .filter(|r| r.kind == "agent.superseded_svid_used")
-        .map(|r| r.actor.as_str())
-        .collect();
+    // The audit log read as stored, by an independent SQLite reader (Python's sqlite3), so
+    // that this crate links no CA library.
+    let db = dir.path().join("ca/meshid-ca.db");
+    let out = std::process::Command::new("python3")
+        .args([
+            "-c",
+            "import sqlite3, sys\n\
+             rows = sqlite3.connect(sys.argv[1]).execute(\n\
+                 \"SELECT actor FROM audit_log WHERE kind = 'agent.superseded_svid_used' ORDER BY seq\")\n\
+             for (actor,) in rows: print(actor)",
+        ])
+        .arg(&db)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let actors = String::from_utf8(out.stdout).unwrap();
+    let kinds: Vec<&str> = actors.lines().collect();
     assert_eq!(kinds, [agent_id.as_str()]);
     rt.shutdown_timeout(Duration::from_secs(2));
 }
@@ -1324,7 +1334,7 @@ fn create_entry(ca: &Ca, n: usize) -> std::process::Output {
 /// its transaction: every later write failed (`begin_with at non-zero transaction depth`),
 /// even after space returned, while `/readyz` kept answering ready. Now a write that fails
 /// leaves no broken connection behind, readiness takes a write, and writes work again as soon
-/// as there is space, without a restart. (PostgreSQL: `ca/tests/store.rs`, connections killed
+/// as there is space, without a restart. (PostgreSQL: `ca/tests/it/store.rs`, connections killed
 /// under the store.)
 #[test]
 fn a_full_disk_fails_writes_and_readiness_until_space_returns() {
