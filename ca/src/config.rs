@@ -351,16 +351,7 @@ impl TryFrom<RawConfig> for Config {
                 format!("{node:?}: {e}; write ip:port, e.g. 0.0.0.0:8443"),
             )
         })?;
-        let log_json = match raw.log_format.as_deref() {
-            None | Some("text") => false,
-            Some("json") => true,
-            Some(other) => {
-                return Err(invalid(
-                    "log_format",
-                    format!("{other:?}: use text or json"),
-                ))
-            }
-        };
+        let log_json = meshid_api::config::log_json(raw.log_format.as_deref())?;
         let c = raw.ca;
         let key_type = match c.key_type.as_deref() {
             None => KeyType::default(),

@@ -500,16 +500,7 @@ impl TryFrom<RawConfig> for Config {
             }
             Some(path) => AccessLog::File(PathBuf::from(path)),
         };
-        let log_json = match raw.log_format.as_deref() {
-            None | Some("text") => false,
-            Some("json") => true,
-            Some(other) => {
-                return Err(invalid(
-                    "log_format",
-                    format!("{other:?}: use text or json"),
-                ))
-            }
-        };
+        let log_json = meshid_api::config::log_json(raw.log_format.as_deref())?;
         let mut federated_trust_domains = Vec::new();
         for td in &raw.federated_trust_domains {
             federated_trust_domains.push(

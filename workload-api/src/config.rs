@@ -140,16 +140,7 @@ impl TryFrom<RawConfig> for Config {
         let ops_address = ops
             .parse()
             .map_err(|e| invalid("ops_address", format!("{ops:?}: {e}")))?;
-        let log_json = match raw.log_format.as_deref() {
-            None | Some("text") => false,
-            Some("json") => true,
-            Some(other) => {
-                return Err(invalid(
-                    "log_format",
-                    format!("{other:?}: use text or json"),
-                ))
-            }
-        };
+        let log_json = meshid_api::config::log_json(raw.log_format.as_deref())?;
         let rotation_fraction = raw.rotation_fraction.unwrap_or(0.5);
         if !(0.1..=0.9).contains(&rotation_fraction) {
             return Err(invalid("rotation_fraction", "use a value from 0.1 to 0.9"));

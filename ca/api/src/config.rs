@@ -286,6 +286,18 @@ pub enum ConfigError {
     },
 }
 
+/// The `log_format` key every binary has: `text` (the default) or `json`; true for JSON.
+pub fn log_json(log_format: Option<&str>) -> Result<bool, ConfigError> {
+    match log_format {
+        None | Some("text") => Ok(false),
+        Some("json") => Ok(true),
+        Some(other) => Err(invalid(
+            "log_format",
+            format!("{other:?}: use text or json"),
+        )),
+    }
+}
+
 /// A [`ConfigError::Invalid`].
 pub fn invalid(key: impl Into<String>, reason: impl Into<String>) -> ConfigError {
     ConfigError::Invalid {
