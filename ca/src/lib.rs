@@ -14,11 +14,16 @@
 //! - [`bundle`]: the trust bundle as PEM and as a SPIFFE bundle (JWKS).
 //! - [`token`]: single-use, expiring join tokens stored only as hashes.
 //! - [`store`]: the datastore trait with its SQLite (default) and PostgreSQL backends.
-//! - [`audit`]: the hash-chained audit log and its verifier.
-//! - [`service`]: the CA's operations ([`service::Ca`]) and the admin API (gRPC on a Unix
-//!   socket).
-//! - [`node`]: the node API for agents (gRPC over TLS): attestation, renewal, entry sync,
-//!   SVID signing.
+//!
+//! The binary adds the operator CLI (`src/cli.rs`); shared process plumbing (config errors,
+//! files, the ops endpoint, sockets) comes from meshid-api. See ARCHITECTURE.md.
+//! - [`audit`]: the hash-chained audit log and its verifier (pure; [`store::verify_audit`]
+//!   checks the stored log).
+//! - [`service`]: the CA's operations ([`service::Ca`]): each validated, carried out, measured,
+//!   audited and published once.
+//! - [`admin`]: the admin API for operators (gRPC on a Unix socket), a thin wrapper over `Ca`.
+//! - [`node`]: the node API for agents (gRPC over mTLS, peers verified by meshid-api's one
+//!   X509-SVID verifier): attestation, renewal, entry sync, SVID signing.
 //! - [`server`]: wiring for `meshid-ca run`: rotation task, admin socket, health and metrics.
 
 #![forbid(unsafe_code)]

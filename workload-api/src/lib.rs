@@ -13,8 +13,11 @@
 //! - [`cache`]: the entries, SVIDs and bundle the agent holds, published as snapshots.
 //! - [`client`]: the node API client (TLS to the CA, then mTLS with the agent SVID).
 //! - [`manager`]: agent bootstrap, entry sync, batch signing and rotation.
-//! - [`service`]: the SPIFFE Workload API server.
+//! - [`service`]: the SPIFFE Workload API server; [`jwt`]: its JWT-SVID cache and validation.
 //! - [`server`]: wiring for `meshid-agent run`.
+//!
+//! The binary adds the `api` commands (`src/cli.rs`). Peer verification, the socket, the ops
+//! endpoint and file writing come from meshid-api. See ARCHITECTURE.md.
 
 #![forbid(unsafe_code)]
 

@@ -1,21 +1,29 @@
-//! meshid's own gRPC APIs: protocol definitions and typed clients.
+//! meshid's wire contracts and the SPIFFE mTLS they run over, shared by every binary.
 //!
-//! This crate holds the admin API that `meshid-ca` serves to operators on a Unix socket, the
-//! node API between agents and the CA, and the SPIFFE Workload API that the agent serves. The
-//! Rust code is generated from the `.proto` files under `proto/` and checked in under
-//! `src/gen/`; `tests/bootstrap.rs` regenerates it and fails on any difference, so building
-//! needs no `protoc`. It contains no server logic: the CA implements the generated service
-//! traits.
+//! The wire contracts: the admin API that `meshid-ca` serves to operators on a Unix socket,
+//! the node API between agents and the CA, and the SPIFFE Workload API that the agent serves.
+//! The Rust code is generated from the `.proto` files under `proto/` and checked in under
+//! `src/gen/` (`tests/it/bootstrap.rs` regenerates it and fails on any difference, so building
+//! needs no `protoc`), each API behind its feature (`admin`, `node`, `workload`): a binary
+//! compiles only the stubs it uses, and the sidecar none. There is no server logic here: the CA
+//! and the agent implement the generated service traits.
+//!
+//! The SPIFFE mTLS: the one X509-SVID peer verifier and the one crypto provider of every
+//! meshid TLS endpoint, and the rustls configurations of the node API.
+//!
+//! And the process plumbing every binary shares, written once.
 //!
 //! # Layout
-//! - [`admin`], [`node`], [`workload`]: the generated messages, clients and server traits.
-//! - [`client`]: connecting to a gRPC server on a Unix socket (the admin API).
-//! - [`tls`]: SPIFFE-aware rustls configurations (peers authenticated by SPIFFE ID, rotating
-//!   certificates and roots) and connecting over TCP + TLS (the node API).
-//! - [`limits`]: bounds shared by the agent and the CA (a JWT-SVID's audience, per-caller
-//!   rates).
-//! - [`uds`]: serving gRPC on a Unix socket (the Workload API, the admin API): accepted
-//!   connections whose HTTP/2 `:authority` is made acceptable, whatever the client put there.
+//! - `admin`, `node`, `workload` (by feature): the generated messages, clients and server
+//!   traits; `codec`: the Workload API's codec.
+//! - [`tls`]: node API configurations, [`tls::verify`] (the peer verifier),
+//!   [`tls::provider`] (TLS 1.3, ring); [`id`]: SPIFFE IDs from text, canonical spelling only;
+//!   [`role`]: the marks of agent and CA server SVIDs.
+//! - [`uds`]: serving gRPC on a Unix socket (any client's `:authority`, connection caps, the
+//!   socket itself); [`client`]: connecting to one.
+//! - [`config`] (TOML, `ConfigError`, exit code 64, file modes), [`files`] (atomic writes,
+//!   PEM), [`ops`] (`/healthz`, `/readyz`, `/metrics`, `healthcheck`), [`server`] (signals,
+//!   the log subscriber), [`limits`] (audiences, rates), [`unix_now`].
 
 #![forbid(unsafe_code)]
 
