@@ -876,7 +876,7 @@ async fn other_uid_is_refused() {
         let output = tokio::process::Command::from(child)
             .args([
                 "--exact",
-                "child_process_as_other_uid",
+                "workload_api::child_process_as_other_uid",
                 "--ignored",
                 "--nocapture",
             ])
