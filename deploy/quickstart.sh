@@ -134,8 +134,15 @@ wait_ready() { # PID SECONDS COMMAND...: poll COMMAND until it succeeds, while P
 if [ -n "${MESHID_BIN_DIR:-}" ]; then
   bin=$(cd "$(absolute "$MESHID_BIN_DIR")" && pwd -P)
 else
-  step "building meshid-ca, meshid-agent, meshid-proxy and meshid-demo (cargo build --release)"
-  cargo build --quiet --release -p meshid-ca -p meshid-agent -p meshid-proxy -p meshid-tests \
+  if [ -x target/release/meshid-ca ] && [ -x target/release/meshid-demo ]; then
+    step "building meshid-ca, meshid-agent, meshid-proxy and meshid-demo (cargo build --release; seconds when little changed)"
+  else
+    # The first build compiles about 250 crates: say so, and let cargo show its progress,
+    # rather than sit silent for minutes.
+    step "building meshid-ca, meshid-agent, meshid-proxy and meshid-demo (cargo build --release)"
+    step "first build: about 250 crates, roughly 5 to 10 minutes on 2 cores (later runs take seconds)"
+  fi
+  cargo build --release -p meshid-ca -p meshid-agent -p meshid-proxy -p meshid-tests \
     --bin meshid-ca --bin meshid-agent --bin meshid-proxy --bin meshid-demo
   bin=$(cd target/release && pwd -P)
 fi
