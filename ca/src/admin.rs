@@ -142,6 +142,13 @@ impl admin::entries_server::Entries for AdminService {
         let entry = self.ca.delete_entry(&req.into_inner().id, &who).await?;
         Ok(Response::new(entry_to_proto(&entry)))
     }
+
+    async fn rotate_entry(&self, req: Request<admin::RotateEntryRequest>) -> Rpc<admin::Entry> {
+        let who = caller(&req);
+        let r = req.into_inner();
+        let entry = self.ca.rotate_entry(&r.id, &r.reason, &who).await?;
+        Ok(Response::new(entry_to_proto(&entry)))
+    }
 }
 
 #[tonic::async_trait]

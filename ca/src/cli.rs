@@ -174,6 +174,16 @@ enum EntryCommand {
         conn: Conn,
         id: String,
     },
+    /// Replace the entry's SVIDs now, everywhere they are held (a new key and certificate per
+    /// workload; the entry is otherwise unchanged).
+    Rotate {
+        #[command(flatten)]
+        conn: Conn,
+        id: String,
+        /// Why, for the audit log (e.g. "key copied to a laptop").
+        #[arg(long, default_value = "")]
+        reason: String,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -581,6 +591,18 @@ async fn client(cmd: Command) -> anyhow::Result<ExitCode> {
                 .map_err(status_err)?
                 .into_inner();
             print_entry(&e, output);
+        }
+        Command::Entry(EntryCommand::Rotate { conn, id, reason }) => {
+            let mut c = EntriesClient::new(channel(&conn).await?);
+            let e = c
+                .rotate_entry(admin::RotateEntryRequest { id, reason })
+                .await
+                .map_err(status_err)?
+                .into_inner();
+            println!(
+                "Rotating entry {} ({}): revision {}; its agents replace the SVIDs now",
+                e.id, e.spiffe_id, e.revision
+            );
         }
         Command::Entry(EntryCommand::Delete { conn, id }) => {
             let mut c = EntriesClient::new(channel(&conn).await?);

@@ -148,7 +148,9 @@ async fn replay(ca: &Ca, me: &str, record: &crate::audit::AuditRecord) -> anyhow
     let field = |name: &str| details.get(name).and_then(serde_json::Value::as_str);
     let parse_id = |s: Option<&str>| s.and_then(|s| spiffe::SpiffeId::new(s).ok());
     match record.kind.as_str() {
-        "entry.created" | "entry.updated" | "entry.deleted" if field("ca_server") != Some(me) => {
+        "entry.created" | "entry.updated" | "entry.rotated" | "entry.deleted"
+            if field("ca_server") != Some(me) =>
+        {
             let id: crate::entry::EntryId = field("entry_id").unwrap_or_default().parse()?;
             // The current state decides: an entry updated and then deleted is a deletion.
             match ca.store.get_entry(&id).await? {

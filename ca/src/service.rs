@@ -102,6 +102,9 @@ const SUPERSEDED: &str = "presented a superseded SVID: only the agent's current 
 
 pub use crate::config::AGENT_SVID_OVERLAP;
 
+/// The longest reason an operator may give for a forced rotation, in bytes.
+pub const MAX_REASON_LEN: usize = 1024;
+
 /// How many [`CaEvent`]s a slow subscriber may fall behind before it is told it lagged (and
 /// resynchronizes from the store).
 pub const EVENT_CAPACITY: usize = 1024;
@@ -479,6 +482,57 @@ impl Ca {
                 entry: Arc::new(entry.clone()),
                 old_parent: Some(old.parent_id),
             });
+            Ok(entry)
+        })
+        .await
+    }
+
+    /// Forces the SVIDs of an entry to be replaced now: the entry is stored again unchanged but
+    /// for its revision (and `updated_at`), which every agent holding it sees as a change, so it
+    /// generates a new key and has it signed at once. Recorded as `entry.rotated` with who
+    /// asked, why, and the new revision.
+    pub async fn rotate_entry(
+        &self,
+        id: &str,
+        reason: &str,
+        caller: &str,
+    ) -> Result<RegistrationEntry, ServiceError> {
+        let id: EntryId = id.parse()?;
+        if reason.len() > MAX_REASON_LEN {
+            return Err(invalid(
+                "reason",
+                format!("{} bytes is longer than {MAX_REASON_LEN}", reason.len()),
+            ));
+        }
+        if reason.chars().any(char::is_control) {
+            return Err(invalid("reason", "contains a control character"));
+        }
+        let (ca, caller, reason) = (self.clone(), caller.to_owned(), reason.to_owned());
+        detached(async move {
+            let _order = ca.locks.entries.lock().await;
+            let mut entry = ca
+                .store
+                .get_entry(&id)
+                .await?
+                .ok_or_else(|| StoreError::NotFound(format!("entry {id}")))?;
+            entry.revision += 1;
+            entry.updated_at = crate::unix_now();
+            let mut event = entry_event(
+                "entry.rotated",
+                &caller,
+                &entry,
+                ca.authority.server_id(),
+                Some(&entry.parent_id),
+            );
+            if let Some(details) = event.details.as_object_mut() {
+                details.insert("reason".to_owned(), serde_json::Value::String(reason.clone()));
+            }
+            ca.store.update_entry(&entry, &event).await?;
+            ca.publish(CaEvent::EntryUpserted {
+                entry: Arc::new(entry.clone()),
+                old_parent: Some(entry.parent_id.clone()),
+            });
+            tracing::info!(entry_id = %entry.id, spiffe_id = %entry.spiffe_id, revision = entry.revision, caller = %caller, reason = %reason, "entry rotated: its SVIDs are replaced now");
             Ok(entry)
         })
         .await

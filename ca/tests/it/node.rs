@@ -1223,3 +1223,72 @@ async fn agents_presenting_any_corpus_svid_are_refused() {
     })
     .await;
 }
+
+/// `meshid-ca entry rotate`: the entry's agent gets it again with the next revision (which
+/// makes it sign a new SVID), other agents hear nothing, and the audit log says who and why.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn entry_rotate_reissues_the_entry_at_its_agent_only() {
+    bounded(async {
+        let ca = TestCa::start().await;
+        let mut a = ca.agent().await;
+        let mut b = ca.agent().await;
+        let before = ca.entry("r1", &a.id).await;
+        ca.entry("b1", &b.id).await;
+        let mut a_stream = a.sync().await;
+        assert_eq!(ids(&next(&mut a_stream).await), ["r1"]);
+        let mut b_stream = b.sync().await;
+        assert_eq!(ids(&next(&mut b_stream).await), ["b1"]);
+
+        let out = ca.cli(&[
+            "entry",
+            "rotate",
+            "r1",
+            "--reason",
+            "key copied to a laptop",
+        ]);
+        assert!(out.contains("revision 2"), "{out}");
+        let up = next(&mut a_stream).await;
+        assert!(!up.full);
+        assert_eq!(ids(&up), ["r1"]);
+        assert_eq!(up.upserts[0].revision, before.revision + 1);
+        // Nothing else about the entry changed.
+        assert_eq!(up.upserts[0].spiffe_id, before.spiffe_id.to_string());
+        assert_eq!(up.upserts[0].selectors, ["unix:uid:1000"]);
+        quiet(&mut b_stream).await;
+
+        let audit = ca.ca.store.audit_records(0, 1000).await.unwrap();
+        let rotated: Vec<_> = audit.iter().filter(|r| r.kind == "entry.rotated").collect();
+        assert_eq!(rotated.len(), 1);
+        let details: serde_json::Value = serde_json::from_str(&rotated[0].details).unwrap();
+        assert_eq!(details["entry_id"], "r1");
+        assert_eq!(details["reason"], "key copied to a laptop");
+        assert_eq!(details["revision"], 2);
+        assert!(
+            rotated[0].actor.starts_with("admin:"),
+            "{}",
+            rotated[0].actor
+        );
+
+        // Refused, with nothing recorded: an unknown entry, a reason with a control character.
+        let err = ca
+            .ca
+            .rotate_entry("nope", "", "admin:test")
+            .await
+            .unwrap_err();
+        assert!(err.to_string().contains("not found"), "{err}");
+        let err = ca
+            .ca
+            .rotate_entry("r1", "two\nlines", "admin:test")
+            .await
+            .unwrap_err();
+        assert!(err.to_string().contains("control character"), "{err}");
+        let audit = ca.ca.store.audit_records(0, 1000).await.unwrap();
+        assert_eq!(
+            audit.iter().filter(|r| r.kind == "entry.rotated").count(),
+            1
+        );
+        quiet(&mut a_stream).await;
+        ca.stop().await;
+    })
+    .await
+}

@@ -406,3 +406,80 @@ fn restart_with_missing_join_token_file_uses_the_stored_identity() {
         || fresh.log_text().contains("no join token").then_some(()),
     );
 }
+
+/// `meshid-ca entry rotate` replaces a workload's SVID at once, long before it is due: the
+/// workload's open stream (the unmodified `spiffe` crate) gets a new certificate with a new
+/// key within a second of the command, and its other SVID is left alone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn entry_rotate_replaces_the_svid_at_the_workload_at_once() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().to_owned();
+    let ca = tokio::task::block_in_place(|| Ca::start(&dir, &[]));
+    let (secret, agent_id) = ca.join_token();
+    // An hour: nothing is due for rotation during the test.
+    create_entry(&ca, "web", "spiffe://example.org/web", &agent_id, "1h");
+    create_entry(&ca, "other", "spiffe://example.org/other", &agent_id, "1h");
+    let agent = tokio::task::block_in_place(|| Agent::start(&dir, &ca, &secret));
+    let client = WorkloadApiClient::connect_to(agent.endpoint())
+        .await
+        .unwrap();
+    let svids: Vec<std::sync::Arc<spiffe::X509Svid>> =
+        fetch_until(&client, Duration::from_secs(10), |s| s.len() == 2)
+            .await
+            .into_iter()
+            .map(std::sync::Arc::new)
+            .collect();
+    fn by_id<S: AsRef<spiffe::X509Svid>>(svids: &[S], id: &str) -> spiffe::X509Svid {
+        svids
+            .iter()
+            .map(AsRef::as_ref)
+            .find(|s| s.spiffe_id().to_string() == id)
+            .unwrap()
+            .clone()
+    }
+    let web = by_id(&svids, "spiffe://example.org/web");
+    let other = by_id(&svids, "spiffe://example.org/other");
+    let mut stream = client.stream_x509_contexts().await.unwrap();
+    stream.next().await.unwrap().unwrap();
+
+    let asked = Instant::now();
+    let out =
+        tokio::task::block_in_place(|| ca.ok(&["entry", "rotate", "web", "--reason", "test"]));
+    assert!(out.contains("revision 2"), "{out}");
+    let ctx = tokio::time::timeout(Duration::from_secs(1), async {
+        loop {
+            let ctx = stream.next().await.unwrap().unwrap();
+            let s = by_id(ctx.svids(), "spiffe://example.org/web");
+            if serial(s.leaf().as_ref()) != serial(web.leaf().as_ref()) {
+                return ctx;
+            }
+        }
+    })
+    .await
+    .expect("the rotated SVID reaches the open stream within 1 s");
+    let took = asked.elapsed();
+    let new_web = by_id(ctx.svids(), "spiffe://example.org/web");
+    assert_ne!(new_web.private_key().as_ref(), web.private_key().as_ref());
+    let new_other = by_id(ctx.svids(), "spiffe://example.org/other");
+    assert_eq!(
+        serial(new_other.leaf().as_ref()),
+        serial(other.leaf().as_ref()),
+        "the other entry's SVID is untouched"
+    );
+    let bundles = client.fetch_x509_bundles().await.unwrap();
+    let td = spiffe::TrustDomain::new("example.org").unwrap();
+    let roots: Vec<CertificateDer<'_>> = bundles
+        .get(&td)
+        .unwrap()
+        .authorities()
+        .iter()
+        .map(|c| CertificateDer::from(c.as_ref().to_vec()))
+        .collect();
+    let chain: Vec<CertificateDer<'_>> = new_web
+        .cert_chain()
+        .iter()
+        .map(|c| CertificateDer::from(c.as_ref().to_vec()))
+        .collect();
+    verify(&chain, &roots);
+    println!("entry rotate to the workload's stream: {took:?}");
+}

@@ -64,6 +64,14 @@ pub struct DeleteEntryRequest {
     #[prost(string, tag = "1")]
     pub id: ::prost::alloc::string::String,
 }
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct RotateEntryRequest {
+    #[prost(string, tag = "1")]
+    pub id: ::prost::alloc::string::String,
+    /// Why (recorded in the audit log), e.g. "key copied to a laptop".
+    #[prost(string, tag = "2")]
+    pub reason: ::prost::alloc::string::String,
+}
 #[derive(Clone, Copy, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct GenerateTokenRequest {
     /// Seconds; 0 means the default (600).
@@ -426,6 +434,30 @@ pub mod entries_client {
                 .insert(GrpcMethod::new("meshid.admin.v1.Entries", "DeleteEntry"));
             self.inner.unary(req, path, codec).await
         }
+        /// Forces every agent that holds this entry's SVID to replace it now (a new key and a new
+        /// certificate), the entry otherwise unchanged: its revision moves on, and the audit log
+        /// records who asked and why.
+        pub async fn rotate_entry(
+            &mut self,
+            request: impl tonic::IntoRequest<super::RotateEntryRequest>,
+        ) -> std::result::Result<tonic::Response<super::Entry>, tonic::Status> {
+            self.inner
+                .ready()
+                .await
+                .map_err(|e| {
+                    tonic::Status::unknown(
+                        format!("Service was not ready: {}", e.into()),
+                    )
+                })?;
+            let codec = tonic_prost::ProstCodec::default();
+            let path = http::uri::PathAndQuery::from_static(
+                "/meshid.admin.v1.Entries/RotateEntry",
+            );
+            let mut req = request.into_request();
+            req.extensions_mut()
+                .insert(GrpcMethod::new("meshid.admin.v1.Entries", "RotateEntry"));
+            self.inner.unary(req, path, codec).await
+        }
     }
 }
 /// Generated server implementations.
@@ -463,6 +495,13 @@ pub mod entries_server {
         async fn delete_entry(
             &self,
             request: tonic::Request<super::DeleteEntryRequest>,
+        ) -> std::result::Result<tonic::Response<super::Entry>, tonic::Status>;
+        /// Forces every agent that holds this entry's SVID to replace it now (a new key and a new
+        /// certificate), the entry otherwise unchanged: its revision moves on, and the audit log
+        /// records who asked and why.
+        async fn rotate_entry(
+            &self,
+            request: tonic::Request<super::RotateEntryRequest>,
         ) -> std::result::Result<tonic::Response<super::Entry>, tonic::Status>;
     }
     /// Registration entries.
@@ -750,6 +789,51 @@ pub mod entries_server {
                     let inner = self.inner.clone();
                     let fut = async move {
                         let method = DeleteEntrySvc(inner);
+                        let codec = tonic_prost::ProstCodec::default();
+                        let mut grpc = tonic::server::Grpc::new(codec)
+                            .apply_compression_config(
+                                accept_compression_encodings,
+                                send_compression_encodings,
+                            )
+                            .apply_max_message_size_config(
+                                max_decoding_message_size,
+                                max_encoding_message_size,
+                            );
+                        let res = grpc.unary(method, req).await;
+                        Ok(res)
+                    };
+                    Box::pin(fut)
+                }
+                "/meshid.admin.v1.Entries/RotateEntry" => {
+                    #[allow(non_camel_case_types)]
+                    struct RotateEntrySvc<T: Entries>(pub Arc<T>);
+                    impl<
+                        T: Entries,
+                    > tonic::server::UnaryService<super::RotateEntryRequest>
+                    for RotateEntrySvc<T> {
+                        type Response = super::Entry;
+                        type Future = BoxFuture<
+                            tonic::Response<Self::Response>,
+                            tonic::Status,
+                        >;
+                        fn call(
+                            &mut self,
+                            request: tonic::Request<super::RotateEntryRequest>,
+                        ) -> Self::Future {
+                            let inner = Arc::clone(&self.0);
+                            let fut = async move {
+                                <T as Entries>::rotate_entry(&inner, request).await
+                            };
+                            Box::pin(fut)
+                        }
+                    }
+                    let accept_compression_encodings = self.accept_compression_encodings;
+                    let send_compression_encodings = self.send_compression_encodings;
+                    let max_decoding_message_size = self.max_decoding_message_size;
+                    let max_encoding_message_size = self.max_encoding_message_size;
+                    let inner = self.inner.clone();
+                    let fut = async move {
+                        let method = RotateEntrySvc(inner);
                         let codec = tonic_prost::ProstCodec::default();
                         let mut grpc = tonic::server::Grpc::new(codec)
                             .apply_compression_config(
