@@ -964,6 +964,11 @@ async fn changes_made_on_another_server_reach_this_servers_agents() {
         assert_eq!(up.deleted_ids, ["x1"]);
         a.entry("x2", &agent.id).await;
         assert_eq!(ids(&next(&mut stream).await), ["x2"]);
+        // Rotated through A: B's agent gets the next revision.
+        let rotated = a.ca.rotate_entry("x2", "test", "admin:test").await.unwrap();
+        let up = next(&mut stream).await;
+        assert_eq!(ids(&up), ["x2"]);
+        assert_eq!(up.upserts[0].revision, rotated.revision);
         a.ca.delete_entry("x2", "admin:test").await.unwrap();
         assert_eq!(next(&mut stream).await.deleted_ids, ["x2"]);
 
