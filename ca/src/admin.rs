@@ -345,4 +345,17 @@ impl admin::agents_server::Agents for AdminService {
         let agent = self.ca.ban_agent(&req.into_inner().spiffe_id, &who).await?;
         Ok(Response::new(agent_to_proto(&agent)))
     }
+
+    async fn rotate_agent(
+        &self,
+        req: Request<admin::RotateAgentRequest>,
+    ) -> Rpc<admin::RotateAgentResponse> {
+        let who = caller(&req);
+        let r = req.into_inner();
+        let (agent, entries) = self.ca.rotate_agent(&r.spiffe_id, &r.reason, &who).await?;
+        Ok(Response::new(admin::RotateAgentResponse {
+            agent: Some(agent_to_proto(&agent)),
+            entries: u32::try_from(entries).unwrap_or(u32::MAX),
+        }))
+    }
 }

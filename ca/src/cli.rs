@@ -283,6 +283,16 @@ enum AgentCommand {
         /// The agent's SPIFFE ID.
         spiffe_id: String,
     },
+    /// Replace the agent's own SVID and all its workloads' SVIDs now.
+    Rotate {
+        #[command(flatten)]
+        conn: Conn,
+        /// The agent's SPIFFE ID.
+        spiffe_id: String,
+        /// Why, for the audit log.
+        #[arg(long, default_value = "")]
+        reason: String,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -768,6 +778,23 @@ async fn client(cmd: Command) -> anyhow::Result<ExitCode> {
                 .map_err(status_err)?
                 .into_inner();
             println!("Banned agent {}", a.spiffe_id);
+        }
+        Command::Agent(AgentCommand::Rotate {
+            conn,
+            spiffe_id,
+            reason,
+        }) => {
+            let mut c = AgentsClient::new(channel(&conn).await?);
+            let r = c
+                .rotate_agent(admin::RotateAgentRequest { spiffe_id, reason })
+                .await
+                .map_err(status_err)?
+                .into_inner();
+            let id = r.agent.map(|a| a.spiffe_id).unwrap_or_default();
+            println!(
+                "Rotating agent {id}: its own SVID and {} entries' SVIDs are replaced now",
+                r.entries
+            );
         }
         Command::Ca(CaCommand::Status { conn, output }) => {
             let mut c = AuthorityClient::new(channel(&conn).await?);

@@ -526,6 +526,7 @@ impl NodeService {
             upserts: entries.iter().map(entry_to_proto).collect(),
             deleted_ids: Vec::new(),
             bundle: Some(bundle_to_proto(&self.ca.authority.bundle())),
+            renew_agent_svid: false,
         })
     }
 
@@ -641,6 +642,8 @@ struct Pending {
     upserts: BTreeMap<String, node::Entry>,
     deleted: BTreeSet<String>,
     bundle: bool,
+    /// The operator asked this agent to renew its own SVID now.
+    renew: bool,
 }
 
 #[derive(Debug, PartialEq, Eq)]
@@ -678,6 +681,11 @@ impl Pending {
                     return Applied::AgentRemoved;
                 }
             }
+            CaEvent::AgentRotate { spiffe_id } => {
+                if spiffe_id == *agent {
+                    self.renew = true;
+                }
+            }
             CaEvent::AgentRenewed { spiffe_id, serial } => {
                 if spiffe_id == caller.id && serial != caller.serial {
                     return Applied::Superseded;
@@ -688,7 +696,7 @@ impl Pending {
     }
 
     fn is_empty(&self) -> bool {
-        self.upserts.is_empty() && self.deleted.is_empty() && !self.bundle
+        self.upserts.is_empty() && self.deleted.is_empty() && !self.bundle && !self.renew
     }
 
     fn into_update(self, ca: &Ca) -> node::SyncUpdate {
@@ -697,6 +705,7 @@ impl Pending {
             upserts: self.upserts.into_values().collect(),
             deleted_ids: self.deleted.into_iter().collect(),
             bundle: self.bundle.then(|| bundle_to_proto(&ca.authority.bundle())),
+            renew_agent_svid: self.renew,
         }
     }
 }

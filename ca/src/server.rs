@@ -170,6 +170,11 @@ async fn replay(ca: &Ca, me: &str, record: &crate::audit::AuditRecord) -> anyhow
                 }
             }
         }
+        "agent.rotated" if field("ca_server") != Some(me) => {
+            if let Some(spiffe_id) = parse_id(field("spiffe_id")) {
+                ca.publish(CaEvent::AgentRotate { spiffe_id });
+            }
+        }
         "agent.evicted" | "agent.banned" => {
             if let Some(spiffe_id) = parse_id(field("spiffe_id")) {
                 ca.publish(CaEvent::AgentRemoved { spiffe_id });

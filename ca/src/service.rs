@@ -105,6 +105,20 @@ pub use crate::config::AGENT_SVID_OVERLAP;
 /// The longest reason an operator may give for a forced rotation, in bytes.
 pub const MAX_REASON_LEN: usize = 1024;
 
+/// A reason an operator gave: at most [`MAX_REASON_LEN`] bytes, one line.
+fn check_reason(reason: &str) -> Result<(), ServiceError> {
+    if reason.len() > MAX_REASON_LEN {
+        return Err(invalid(
+            "reason",
+            format!("{} bytes is longer than {MAX_REASON_LEN}", reason.len()),
+        ));
+    }
+    if reason.chars().any(char::is_control) {
+        return Err(invalid("reason", "contains a control character"));
+    }
+    Ok(())
+}
+
 /// How many [`CaEvent`]s a slow subscriber may fall behind before it is told it lagged (and
 /// resynchronizes from the store).
 pub const EVENT_CAPACITY: usize = 1024;
@@ -132,6 +146,11 @@ pub enum CaEvent {
     BundleChanged,
     /// An agent was evicted or banned: its open streams end.
     AgentRemoved {
+        /// The agent's SPIFFE ID.
+        spiffe_id: SpiffeId,
+    },
+    /// The operator asked an agent to renew its own SVID now (`agent rotate`).
+    AgentRotate {
         /// The agent's SPIFFE ID.
         spiffe_id: SpiffeId,
     },
@@ -498,15 +517,7 @@ impl Ca {
         caller: &str,
     ) -> Result<RegistrationEntry, ServiceError> {
         let id: EntryId = id.parse()?;
-        if reason.len() > MAX_REASON_LEN {
-            return Err(invalid(
-                "reason",
-                format!("{} bytes is longer than {MAX_REASON_LEN}", reason.len()),
-            ));
-        }
-        if reason.chars().any(char::is_control) {
-            return Err(invalid("reason", "contains a control character"));
-        }
+        check_reason(reason)?;
         let (ca, caller, reason) = (self.clone(), caller.to_owned(), reason.to_owned());
         detached(async move {
             let _order = ca.locks.entries.lock().await;
@@ -536,6 +547,58 @@ impl Ca {
             Ok(entry)
         })
         .await
+    }
+
+    /// Forces an agent to replace its own SVID and those of all its workloads now: each of its
+    /// entries is rotated as by [`Self::rotate_entry`] (each audited as `entry.rotated`), and
+    /// the agent is told to renew its own SVID at once (`agent.rotated`). Returns the agent and
+    /// how many entries were rotated. A banned or unknown agent is refused.
+    pub async fn rotate_agent(
+        &self,
+        id: &str,
+        reason: &str,
+        caller: &str,
+    ) -> Result<(AgentRecord, usize), ServiceError> {
+        let id = entry::parse_id("spiffe_id", id, self.authority.trust_domain())?;
+        check_reason(reason)?;
+        let record = match self.store.get_agent(&id).await? {
+            None => return Err(StoreError::NotFound(format!("agent {id}")).into()),
+            Some(r) if r.banned => {
+                return Err(ServiceError::AgentDenied { id, reason: BANNED });
+            }
+            Some(r) => r,
+        };
+        let entries = self.store.list_entries_by_parent(&id).await?;
+        let why = if reason.is_empty() {
+            "agent rotate".to_owned()
+        } else {
+            format!("agent rotate: {reason}")
+        };
+        let mut rotated = 0;
+        for e in &entries {
+            match self.rotate_entry(e.id.as_str(), &why, caller).await {
+                Ok(_) => rotated += 1,
+                // Deleted meanwhile: nothing to rotate.
+                Err(ServiceError::Store(StoreError::NotFound(_))) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        let event = AuditEvent::new(
+            "agent.rotated",
+            caller,
+            serde_json::json!({
+                "spiffe_id": id.to_string(),
+                "reason": reason,
+                "entries": rotated,
+                "ca_server": self.authority.server_id(),
+            }),
+        );
+        self.store.append_audit(&event).await?;
+        self.publish(CaEvent::AgentRotate {
+            spiffe_id: id.clone(),
+        });
+        tracing::info!(agent = %id, entries = rotated, caller = %caller, reason = %reason, "agent rotated: it renews its SVID and its workloads' now");
+        Ok((record, rotated))
     }
 
     /// Deletes an entry.

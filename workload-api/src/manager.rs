@@ -87,6 +87,8 @@ pub struct Manager {
     held: HashMap<String, Held>,
     bundle: Arc<Bundle>,
     synced: bool,
+    /// The CA asked for the agent's own SVID to be renewed now (`meshid-ca agent rotate`).
+    renew_requested: bool,
     /// Counters.
     pub stats: Arc<Stats>,
 }
@@ -174,6 +176,7 @@ impl Manager {
             max_backoff: config.max_backoff,
             join_token: join_token.map(zeroize::Zeroizing::new),
             attested: false,
+            renew_requested: false,
             attest_timeout: config.attest_timeout,
             snapshots: tx,
             channel: Arc::new(ArcSwapOption::empty()),
@@ -281,6 +284,10 @@ impl Manager {
     }
 
     fn apply(&mut self, update: node::SyncUpdate) -> Result<(), ClientError> {
+        if update.renew_agent_svid {
+            tracing::info!("the CA asks for this agent's SVID to be renewed now");
+            self.renew_requested = true;
+        }
         if let Some(b) = update.bundle {
             self.apply_bundle(b)?;
         }
@@ -457,6 +464,10 @@ impl Manager {
                             self.publish();
                             self.sign_due(&mut client).await?;
                             self.publish();
+                            if std::mem::take(&mut self.renew_requested) {
+                                self.renew_agent(&mut client).await?;
+                                return Ok(SessionEnd::Reconnect);
+                            }
                         }
                         None => return Err(ClientError::Rpc(tonic::Status::unavailable("the CA closed the sync stream"))),
                     }

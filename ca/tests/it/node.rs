@@ -1297,3 +1297,90 @@ async fn entry_rotate_reissues_the_entry_at_its_agent_only() {
     })
     .await
 }
+
+/// `meshid-ca agent rotate`: every entry of the agent moves to its next revision, the agent is
+/// told to renew its own SVID, other agents hear nothing, and it is all audited.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agent_rotate_reissues_all_its_entries_and_asks_it_to_renew() {
+    bounded(async {
+        let ca = TestCa::start().await;
+        let mut a = ca.agent().await;
+        let mut b = ca.agent().await;
+        ca.entry("a1", &a.id).await;
+        ca.entry("a2", &a.id).await;
+        ca.entry("b1", &b.id).await;
+        let mut a_stream = a.sync().await;
+        assert_eq!(ids(&next(&mut a_stream).await), ["a1", "a2"]);
+        let mut b_stream = b.sync().await;
+        assert_eq!(ids(&next(&mut b_stream).await), ["b1"]);
+
+        let out = ca.cli(&["agent", "rotate", &a.id, "--reason", "node reimaged"]);
+        assert!(out.contains("2 entries"), "{out}");
+        // The changes may come in one update or several: gather until all are seen.
+        let mut revisions = std::collections::BTreeMap::new();
+        let mut renew = false;
+        while revisions.len() < 2 || !renew {
+            let up = next(&mut a_stream).await;
+            assert!(!up.full);
+            renew |= up.renew_agent_svid;
+            for e in up.upserts {
+                revisions.insert(e.id.clone(), e.revision);
+            }
+        }
+        assert_eq!(
+            revisions,
+            [("a1".to_owned(), 2), ("a2".to_owned(), 2)].into()
+        );
+        quiet(&mut b_stream).await;
+
+        let audit = ca.ca.store.audit_records(0, 1000).await.unwrap();
+        let details = |kind: &str| -> Vec<serde_json::Value> {
+            audit
+                .iter()
+                .filter(|r| r.kind == kind)
+                .map(|r| serde_json::from_str(&r.details).unwrap())
+                .collect()
+        };
+        let rotated = details("agent.rotated");
+        assert_eq!(rotated.len(), 1);
+        assert_eq!(rotated[0]["spiffe_id"], a.id.as_str());
+        assert_eq!(rotated[0]["entries"], 2);
+        assert_eq!(rotated[0]["reason"], "node reimaged");
+        let entries = details("entry.rotated");
+        assert_eq!(entries.len(), 2);
+        assert!(entries
+            .iter()
+            .all(|e| e["reason"] == "agent rotate: node reimaged"));
+
+        // The renewal it asks for works, on the connection it has.
+        let (csr, _key) = csr();
+        let renewed = a
+            .client
+            .renew_agent(node::RenewAgentRequest { csr })
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(renewed.spiffe_id, a.id);
+
+        // Refused: an unknown agent, a banned one.
+        let err = ca
+            .ca
+            .rotate_agent(
+                "spiffe://example.org/meshid/agent/join_token/nope",
+                "",
+                "admin:test",
+            )
+            .await
+            .unwrap_err();
+        assert!(err.to_string().contains("not found"), "{err}");
+        ca.ca.ban_agent(&b.id, "admin:test").await.unwrap();
+        let err = ca
+            .ca
+            .rotate_agent(&b.id, "", "admin:test")
+            .await
+            .unwrap_err();
+        assert!(err.to_string().contains("banned"), "{err}");
+        ca.stop().await;
+    })
+    .await
+}

@@ -483,3 +483,58 @@ async fn entry_rotate_replaces_the_svid_at_the_workload_at_once() {
     verify(&chain, &roots);
     println!("entry rotate to the workload's stream: {took:?}");
 }
+
+/// `meshid-ca agent rotate`: the real agent renews its own SVID (the CA's record shows a new
+/// serial) and its workload's SVID is replaced, within seconds, long before either is due.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agent_rotate_renews_the_agent_and_its_workloads() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().to_owned();
+    let ca = tokio::task::block_in_place(|| Ca::start(&dir, &[]));
+    let (secret, agent_id) = ca.join_token();
+    create_entry(&ca, "web", "spiffe://example.org/web", &agent_id, "1h");
+    let agent = tokio::task::block_in_place(|| Agent::start(&dir, &ca, &secret));
+    let client = WorkloadApiClient::connect_to(agent.endpoint())
+        .await
+        .unwrap();
+    let web = fetch_until(&client, Duration::from_secs(10), |s| !s.is_empty()).await;
+    let web_serial = serial(web[0].leaf().as_ref());
+    let agent_serial = |ca: &Ca| -> String {
+        let out = ca.ok(&["agent", "show", &agent_id, "--output", "json"]);
+        let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+        v["serial"].as_str().unwrap().to_owned()
+    };
+    let before = tokio::task::block_in_place(|| agent_serial(&ca));
+
+    let out =
+        tokio::task::block_in_place(|| ca.ok(&["agent", "rotate", &agent_id, "--reason", "test"]));
+    assert!(out.contains("1 entries"), "{out}");
+    fetch_until(&client, Duration::from_secs(5), |s| {
+        s.len() == 1 && serial(s[0].leaf().as_ref()) != web_serial
+    })
+    .await;
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let now = tokio::task::block_in_place(|| agent_serial(&ca));
+        if now != before {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the agent did not renew its SVID"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // And it keeps working with its new SVID: another rotation goes through.
+    let current = fetch_until(&client, Duration::from_secs(5), |s| s.len() == 1).await;
+    let current = serial(current[0].leaf().as_ref());
+    tokio::task::block_in_place(|| ca.ok(&["entry", "rotate", "web"]));
+    fetch_until(&client, Duration::from_secs(5), |s| {
+        s.len() == 1 && serial(s[0].leaf().as_ref()) != current
+    })
+    .await;
+    assert!(agent
+        .proc
+        .log_text()
+        .contains("the CA asks for this agent's SVID to be renewed now"));
+}

@@ -216,6 +216,22 @@ pub struct EvictAgentRequest {
     pub spiffe_id: ::prost::alloc::string::String,
 }
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct RotateAgentRequest {
+    #[prost(string, tag = "1")]
+    pub spiffe_id: ::prost::alloc::string::String,
+    /// Why (recorded in the audit log).
+    #[prost(string, tag = "2")]
+    pub reason: ::prost::alloc::string::String,
+}
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct RotateAgentResponse {
+    #[prost(message, optional, tag = "1")]
+    pub agent: ::core::option::Option<Agent>,
+    /// How many of its entries were rotated.
+    #[prost(uint32, tag = "2")]
+    pub entries: u32,
+}
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct BanAgentRequest {
     #[prost(string, tag = "1")]
     pub spiffe_id: ::prost::alloc::string::String,
@@ -1887,6 +1903,32 @@ pub mod agents_client {
                 .insert(GrpcMethod::new("meshid.admin.v1.Agents", "BanAgent"));
             self.inner.unary(req, path, codec).await
         }
+        /// Forces the agent to replace its own SVID and the SVIDs of all its workloads now (every
+        /// entry it holds moves to its next revision), recorded with who asked and why.
+        pub async fn rotate_agent(
+            &mut self,
+            request: impl tonic::IntoRequest<super::RotateAgentRequest>,
+        ) -> std::result::Result<
+            tonic::Response<super::RotateAgentResponse>,
+            tonic::Status,
+        > {
+            self.inner
+                .ready()
+                .await
+                .map_err(|e| {
+                    tonic::Status::unknown(
+                        format!("Service was not ready: {}", e.into()),
+                    )
+                })?;
+            let codec = tonic_prost::ProstCodec::default();
+            let path = http::uri::PathAndQuery::from_static(
+                "/meshid.admin.v1.Agents/RotateAgent",
+            );
+            let mut req = request.into_request();
+            req.extensions_mut()
+                .insert(GrpcMethod::new("meshid.admin.v1.Agents", "RotateAgent"));
+            self.inner.unary(req, path, codec).await
+        }
     }
 }
 /// Generated server implementations.
@@ -1924,6 +1966,15 @@ pub mod agents_server {
             &self,
             request: tonic::Request<super::BanAgentRequest>,
         ) -> std::result::Result<tonic::Response<super::Agent>, tonic::Status>;
+        /// Forces the agent to replace its own SVID and the SVIDs of all its workloads now (every
+        /// entry it holds moves to its next revision), recorded with who asked and why.
+        async fn rotate_agent(
+            &self,
+            request: tonic::Request<super::RotateAgentRequest>,
+        ) -> std::result::Result<
+            tonic::Response<super::RotateAgentResponse>,
+            tonic::Status,
+        >;
     }
     /// Attested agents (node attestation records).
     #[derive(Debug)]
@@ -2159,6 +2210,51 @@ pub mod agents_server {
                     let inner = self.inner.clone();
                     let fut = async move {
                         let method = BanAgentSvc(inner);
+                        let codec = tonic_prost::ProstCodec::default();
+                        let mut grpc = tonic::server::Grpc::new(codec)
+                            .apply_compression_config(
+                                accept_compression_encodings,
+                                send_compression_encodings,
+                            )
+                            .apply_max_message_size_config(
+                                max_decoding_message_size,
+                                max_encoding_message_size,
+                            );
+                        let res = grpc.unary(method, req).await;
+                        Ok(res)
+                    };
+                    Box::pin(fut)
+                }
+                "/meshid.admin.v1.Agents/RotateAgent" => {
+                    #[allow(non_camel_case_types)]
+                    struct RotateAgentSvc<T: Agents>(pub Arc<T>);
+                    impl<
+                        T: Agents,
+                    > tonic::server::UnaryService<super::RotateAgentRequest>
+                    for RotateAgentSvc<T> {
+                        type Response = super::RotateAgentResponse;
+                        type Future = BoxFuture<
+                            tonic::Response<Self::Response>,
+                            tonic::Status,
+                        >;
+                        fn call(
+                            &mut self,
+                            request: tonic::Request<super::RotateAgentRequest>,
+                        ) -> Self::Future {
+                            let inner = Arc::clone(&self.0);
+                            let fut = async move {
+                                <T as Agents>::rotate_agent(&inner, request).await
+                            };
+                            Box::pin(fut)
+                        }
+                    }
+                    let accept_compression_encodings = self.accept_compression_encodings;
+                    let send_compression_encodings = self.send_compression_encodings;
+                    let max_decoding_message_size = self.max_decoding_message_size;
+                    let max_encoding_message_size = self.max_encoding_message_size;
+                    let inner = self.inner.clone();
+                    let fut = async move {
+                        let method = RotateAgentSvc(inner);
                         let codec = tonic_prost::ProstCodec::default();
                         let mut grpc = tonic::server::Grpc::new(codec)
                             .apply_compression_config(

@@ -85,6 +85,10 @@ pub struct SyncUpdate {
     /// Present on the first message and whenever the bundle changed.
     #[prost(message, optional, tag = "4")]
     pub bundle: ::core::option::Option<Bundle>,
+    /// The operator asked this agent to replace its own SVID now (`meshid-ca agent rotate`):
+    /// renew it at once, then reconnect with the new one.
+    #[prost(bool, tag = "5")]
+    pub renew_agent_svid: bool,
 }
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct SignRequest {
