@@ -13,7 +13,12 @@ use zeroize::Zeroizing;
 /// narrows through the umask), written, synced, then renamed over `path`. A reader sees the
 /// old file or the new one, never a part, and never a wider mode.
 pub fn write_atomic(path: &Path, contents: &[u8], mode: u32) -> io::Result<()> {
-    let tmp = path.with_extension("tmp");
+    // `key.pem` is staged as `.key.pem.tmp`: its own name, so that files written one after
+    // another in a directory (`svid.0.pem`, `svid.0.key`) never share a temporary file.
+    let mut staged = std::ffi::OsString::from(".");
+    staged.push(path.file_name().unwrap_or_default());
+    staged.push(".tmp");
+    let tmp = path.with_file_name(staged);
     let result = (|| {
         let mut f = std::fs::OpenOptions::new()
             .write(true)
@@ -118,6 +123,13 @@ mod tests {
         assert_eq!(mode(&key), 0o600);
         write_atomic(&private.join("bundle.pem"), b"x", 0o644).unwrap();
         assert_eq!(mode(&private.join("bundle.pem")), 0o644);
+        // Files written one after another in a directory each stage under their own name.
+        write_private(&private.join("svid.0.key"), b"k").unwrap();
+        write_atomic(&private.join("svid.0.pem"), b"c", 0o644).unwrap();
+        assert_eq!(mode(&private.join("svid.0.key")), 0o600);
+        assert_eq!(std::fs::read(private.join("svid.0.key")).unwrap(), b"k");
+        std::fs::remove_file(private.join("svid.0.key")).unwrap();
+        std::fs::remove_file(private.join("svid.0.pem")).unwrap();
         // A failed write names the file and leaves nothing behind.
         let err = write_private(&dir.path().join("missing/key.pem"), b"x").unwrap_err();
         assert!(err.to_string().contains("missing/key.pem"), "{err}");
