@@ -696,6 +696,7 @@ async fn certless_connection(node: std::net::SocketAddr, limit: Duration) -> Opt
 fn node_api_serves_agents_through_a_connection_flood() {
     use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
     use std::sync::Arc;
+    let _alone = crate::load_test();
     let dir = tempfile::tempdir().unwrap();
     let ca = Ca::start(dir.path(), &[]);
     let node: std::net::SocketAddr = ca.node_address.parse().unwrap();
@@ -991,6 +992,7 @@ fn fetch_works(agent: &Agent, timeout: Duration) -> bool {
 /// second.
 #[test]
 fn workload_api_connections_are_capped_and_accept_failures_back_off() {
+    let _alone = crate::load_test();
     let dir = tempfile::tempdir().unwrap();
     let ca = Ca::start(dir.path(), &[]);
     let (token, agent_id) = ca.join_token();
