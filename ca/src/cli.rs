@@ -53,9 +53,13 @@ enum Command {
     /// Exit 0 if the server is ready (GET /readyz on its ops address: the issuing
     /// intermediate is valid and the datastore takes writes).
     Healthcheck {
-        /// The server's ops listener.
-        #[arg(long, default_value = meshid_ca::config::DEFAULT_OPS_ADDRESS)]
-        ops_address: String,
+        /// The server's ops listener [default: the configuration's `ops_address` with
+        /// `--config`, else 127.0.0.1:8081].
+        #[arg(long)]
+        ops_address: Option<String>,
+        /// The server's configuration file, to find its ops listener.
+        #[arg(long, short)]
+        config: Option<PathBuf>,
     },
 }
 
@@ -848,7 +852,17 @@ async fn client(cmd: Command) -> anyhow::Result<ExitCode> {
                 return Ok(ExitCode::FAILURE);
             }
         }
-        Command::Healthcheck { ops_address } => {
+        Command::Healthcheck {
+            ops_address,
+            config,
+        } => {
+            let ops_address = match (ops_address, config) {
+                (Some(a), _) => a,
+                (None, Some(path)) => RawConfig::from_file(&path)?
+                    .ops_address
+                    .unwrap_or_else(|| meshid_ca::config::DEFAULT_OPS_ADDRESS.to_owned()),
+                (None, None) => meshid_ca::config::DEFAULT_OPS_ADDRESS.to_owned(),
+            };
             tokio::task::spawn_blocking(move || meshid_api::ops::healthcheck(&ops_address))
                 .await??;
             println!("meshid-ca is healthy");

@@ -561,6 +561,13 @@ impl Ca {
     ) -> Result<(AgentRecord, usize), ServiceError> {
         let id = entry::parse_id("spiffe_id", id, self.authority.trust_domain())?;
         check_reason(reason)?;
+        let why = if reason.is_empty() {
+            "agent rotate".to_owned()
+        } else {
+            format!("agent rotate: {reason}")
+        };
+        // Checked before anything is rotated: each entry's record carries it.
+        check_reason(&why)?;
         let record = match self.store.get_agent(&id).await? {
             None => return Err(StoreError::NotFound(format!("agent {id}")).into()),
             Some(r) if r.banned => {
@@ -569,11 +576,6 @@ impl Ca {
             Some(r) => r,
         };
         let entries = self.store.list_entries_by_parent(&id).await?;
-        let why = if reason.is_empty() {
-            "agent rotate".to_owned()
-        } else {
-            format!("agent rotate: {reason}")
-        };
         let mut rotated = 0;
         for e in &entries {
             match self.rotate_entry(e.id.as_str(), &why, caller).await {

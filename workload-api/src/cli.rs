@@ -202,12 +202,9 @@ pub async fn api(cmd: ApiCommand) -> anyhow::Result<()> {
 /// through exec) with `--join-token -` and the token on a pipe as standard input, so that the
 /// token is not left in /proc/PID/cmdline for every local user to read. Returns only if the
 /// token was not on the command line, or if exec failed (then the token stays where it is).
-pub fn move_join_token_off_argv(cli: &crate::Cli) {
+pub fn move_join_token_off_argv(join_token: Option<&str>) {
     use std::os::unix::process::CommandExt as _;
-    let crate::Command::Run(args) = &cli.command else {
-        return;
-    };
-    let Some(token) = args.join_token.as_deref().filter(|t| *t != "-") else {
+    let Some(token) = join_token.filter(|t| *t != "-") else {
         return;
     };
     let mut argv: Vec<std::ffi::OsString> = std::env::args_os().skip(1).collect();

@@ -181,7 +181,9 @@ async fn serve(config: Config, join_token: Option<String>) -> anyhow::Result<()>
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    cli::move_join_token_off_argv(&cli);
+    if let Command::Run(args) = &cli.command {
+        cli::move_join_token_off_argv(args.join_token.as_deref());
+    }
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

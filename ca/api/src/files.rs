@@ -20,16 +20,28 @@ pub fn write_atomic(path: &Path, contents: &[u8], mode: u32) -> io::Result<()> {
     staged.push(".tmp");
     let tmp = path.with_file_name(staged);
     let result = (|| {
+        // A leftover of an interrupted write (or anything planted under that name, a symlink
+        // included: removing it removes the link, not its target) goes first; then the file is
+        // created new, never opened through a link.
+        match std::fs::remove_file(&tmp) {
+            Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
+            _ => {}
+        }
         let mut f = std::fs::OpenOptions::new()
             .write(true)
-            .create(true)
-            .truncate(true)
+            .create_new(true)
             .mode(mode)
+            .custom_flags(libc::O_NOFOLLOW)
             .open(&tmp)?;
         f.set_permissions(std::fs::Permissions::from_mode(mode))?;
         f.write_all(contents)?;
         f.sync_all()?;
-        std::fs::rename(&tmp, path)
+        std::fs::rename(&tmp, path)?;
+        // The rename itself is durable once the directory is synced.
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::File::open(dir)?.sync_all()?;
+        }
+        Ok(())
     })();
     if result.is_err() {
         let _ = std::fs::remove_file(&tmp);
@@ -130,6 +142,13 @@ mod tests {
         assert_eq!(std::fs::read(private.join("svid.0.key")).unwrap(), b"k");
         std::fs::remove_file(private.join("svid.0.key")).unwrap();
         std::fs::remove_file(private.join("svid.0.pem")).unwrap();
+        // A symlink planted under the temporary name is replaced, not followed.
+        let target = dir.path().join("elsewhere");
+        std::fs::write(&target, b"untouched").unwrap();
+        std::os::unix::fs::symlink(&target, private.join(".key.pem.tmp")).unwrap();
+        write_private(&key, b"again").unwrap();
+        assert_eq!(std::fs::read(&target).unwrap(), b"untouched");
+        assert_eq!(std::fs::read(&key).unwrap(), b"again");
         // A failed write names the file and leaves nothing behind.
         let err = write_private(&dir.path().join("missing/key.pem"), b"x").unwrap_err();
         assert!(err.to_string().contains("missing/key.pem"), "{err}");

@@ -24,6 +24,15 @@ pub enum Role {
 }
 
 impl Role {
+    /// Whether `id` names this role (`/meshid/server`, or under `/meshid/agent/`): such a
+    /// peer must also carry the role's mark.
+    pub fn claimed_by(self, id: &spiffe::SpiffeId) -> bool {
+        match self {
+            Role::Server => id.path() == "/meshid/server",
+            Role::Agent => id.path().starts_with("/meshid/agent/"),
+        }
+    }
+
     /// The dotted policy OID.
     pub fn oid(self) -> String {
         format!("2.25.{ARC}.{}", self.last_arc())

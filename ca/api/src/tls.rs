@@ -162,15 +162,6 @@ impl ExpectedId {
             ExpectedId::TrustDomain(td) => actual.trust_domain() == td,
         }
     }
-
-    /// The meshid role mark the peer must also carry: the CA server's ID is the CA only with
-    /// the server mark (a workload SVID that merely names it is not).
-    fn required_role(&self) -> Option<Role> {
-        match self {
-            ExpectedId::Exact(id) if id.path() == SERVER_PATH => Some(Role::Server),
-            _ => None,
-        }
-    }
 }
 
 impl std::fmt::Display for ExpectedId {
@@ -186,13 +177,9 @@ impl std::fmt::Display for ExpectedId {
 /// X509-SVID is verified by `inner` (see [`verify`]), its ID must be the expected one, and the
 /// CA server's ID needs the server mark. Keep `inner` to swap the roots.
 pub fn server_verifier(inner: Arc<SvidVerifier>, expected: ExpectedId) -> ServerVerifier {
-    let role = expected.required_role();
     let display = expected.to_string();
-    let verifier = ServerVerifier::new(inner, Arc::new(move |id| expected.admits(id)), display);
-    match role {
-        Some(role) => verifier.requiring(role),
-        None => verifier,
-    }
+    ServerVerifier::new(inner, Arc::new(move |id| expected.admits(id)), display)
+        .requiring(Role::Server)
 }
 
 /// A client configuration that authenticates the server by SPIFFE ID against `roots` (of the

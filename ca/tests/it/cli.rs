@@ -597,3 +597,32 @@ fn postgres_datastore_end_to_end() {
     drop(ca);
     drop(db);
 }
+
+/// `meshid-ca healthcheck` asks the server's ops `/readyz`: at the address given, or at the
+/// `ops_address` of the configuration file given; a wrong address fails.
+#[test]
+fn healthcheck_finds_the_ops_address_in_the_config() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(dir.path(), &[]);
+    let config = dir.path().join("ca.toml");
+    std::fs::write(&config, format!("ops_address = \"{}\"\n", server.ops)).unwrap();
+    let run = |args: &[&str]| {
+        Command::new(BIN)
+            .arg("healthcheck")
+            .args(args)
+            .stdin(Stdio::null())
+            .output()
+            .unwrap()
+    };
+    assert!(run(&["--ops-address", &server.ops]).status.success());
+    assert!(run(&["--config", config.to_str().unwrap()])
+        .status
+        .success());
+    let closed = format!("127.0.0.1:{}", free_port());
+    let out = run(&["--ops-address", &closed]);
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("cannot reach"),
+        "{out:?}"
+    );
+}

@@ -540,7 +540,7 @@ pub fn run(cmd: IptablesCommand) -> ExitCode {
             if let Some(path) = &args.config {
                 let config = match Config::load(path) {
                     Ok(c) => c,
-                    Err(e) => return crate::config_error(&e),
+                    Err(e) => return meshid_api::config::exit_refused("meshid-proxy", &e),
                 };
                 if config.transparent.is_none() {
                     eprintln!(

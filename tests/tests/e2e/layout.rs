@@ -138,10 +138,13 @@ fn declared_modules(code: &str) -> Vec<String> {
             test_next = true;
             continue;
         }
-        let rest = l
-            .strip_prefix("pub mod ")
-            .or_else(|| l.strip_prefix("pub(crate) mod "))
-            .or_else(|| l.strip_prefix("mod "));
+        // `mod x;`, `pub mod x;`, `pub(crate) mod x;`, `pub(in a::b) mod x;`...
+        let unvis = match l.strip_prefix("pub") {
+            Some(r) if r.starts_with('(') => r.split_once(')').map_or("", |(_, r)| r.trim_start()),
+            Some(r) => r.trim_start(),
+            None => l,
+        };
+        let rest = unvis.strip_prefix("mod ");
         if let Some(name) = rest.and_then(|r| r.strip_suffix(';')) {
             if !test_next {
                 out.push(name.trim().to_owned());
@@ -182,8 +185,24 @@ fn graph_of(root: &Path) -> Graph {
         let mut code = code_only(&text);
         // Inline test modules (`#[cfg(test)] mod tests { .. }`, at the end of a file by
         // convention) are not part of the module's imports.
-        if let Some(at) = code.find("#[cfg(test)]\nmod tests {") {
-            code.truncate(at);
+        while let Some(at) = code.find("#[cfg(test)]\nmod tests {") {
+            let open = at + "#[cfg(test)]\nmod tests ".len();
+            let mut depth = 0;
+            let mut end = code.len();
+            for (k, c) in code[open..].char_indices() {
+                match c {
+                    '{' => depth += 1,
+                    '}' => {
+                        depth -= 1;
+                        if depth == 0 {
+                            end = open + k + 1;
+                            break;
+                        }
+                    }
+                    _ => {}
+                }
+            }
+            code.replace_range(at..end, "");
         }
         for name in raw_decls {
             if name == "tests" || name == "gen" {
@@ -203,20 +222,106 @@ fn graph_of(root: &Path) -> Graph {
     Graph { files }
 }
 
-/// The module a path such as `a::b::Item` refers to: its longest prefix that is a module.
-fn resolve(graph: &Graph, segments: &[&str]) -> Option<String> {
-    (1..=segments.len())
-        .rev()
-        .map(|n| segments[..n].join("::"))
-        .find(|p| graph.files.contains_key(p))
+/// The paths of a `use` tree starting at `at` (`a::b`, `a::{b, c::{d}}`, `a::*`), and where it
+/// ends. Whitespace and newlines may separate its parts.
+fn use_tree(code: &[u8], mut at: usize) -> (Vec<Vec<String>>, usize) {
+    let skip_ws = |at: &mut usize| {
+        while *at < code.len() && code[*at].is_ascii_whitespace() {
+            *at += 1;
+        }
+    };
+    let mut prefix: Vec<String> = Vec::new();
+    loop {
+        skip_ws(&mut at);
+        if code.get(at) == Some(&b'{') {
+            at += 1;
+            let mut out = Vec::new();
+            loop {
+                skip_ws(&mut at);
+                match code.get(at) {
+                    None => return (out, at),
+                    Some(b'}') => return (out, at + 1),
+                    Some(b',') => at += 1,
+                    _ => {
+                        let (paths, end) = use_tree(code, at);
+                        for p in paths {
+                            let mut full = prefix.clone();
+                            full.extend(p);
+                            out.push(full);
+                        }
+                        if end == at {
+                            at += 1;
+                        } else {
+                            at = end;
+                        }
+                    }
+                }
+            }
+        }
+        let start = at;
+        while at < code.len() && (code[at].is_ascii_alphanumeric() || code[at] == b'_') {
+            at += 1;
+        }
+        if at == start {
+            // `*`, or the end of the path.
+            return (vec![prefix], at);
+        }
+        prefix.push(String::from_utf8_lossy(&code[start..at]).into_owned());
+        let mut next = at;
+        skip_ws(&mut next);
+        if code[next..].starts_with(b"::") {
+            at = next + 2;
+        } else {
+            return (vec![prefix], at);
+        }
+    }
 }
 
-/// The edges (from, to, an example line) of a graph.
+/// The module a path names: its longest prefix that is a module file, else the crate root
+/// (an item of `lib.rs`/`main.rs`), except that an item the root re-exports from a module
+/// (`pub use error::PolicyError`) is that module's.
+fn resolve(graph: &Graph, reexports: &BTreeMap<String, String>, segs: &[String]) -> String {
+    for n in (1..=segs.len()).rev() {
+        let p = segs[..n].join("::");
+        if graph.files.contains_key(&p) {
+            return p;
+        }
+    }
+    segs.first()
+        .and_then(|first| reexports.get(first))
+        .cloned()
+        .unwrap_or_default()
+}
+
+/// The edges (from, to, the text around the reference) of a graph: every `crate::`,
+/// `super::` (any number of them), `self::` or child-module path, in `use` lines (with nested
+/// groups, over several lines) and in code.
 fn edges(graph: &Graph) -> BTreeMap<(String, String), String> {
+    // What the root re-exports from its modules: `pub use a::{X, Y}` maps X and Y to `a`.
+    let mut reexports = BTreeMap::new();
+    if let Some((_, code)) = graph.files.get("") {
+        let b = code.as_bytes();
+        for (i, _) in code.match_indices("pub use ") {
+            let (paths, _) = use_tree(b, i + "pub use ".len());
+            for p in paths {
+                if let (Some(module), Some(item)) = (p.first(), p.last()) {
+                    if graph.files.contains_key(module) && p.len() > 1 {
+                        reexports.insert(item.clone(), module.clone());
+                    }
+                }
+            }
+        }
+    }
     let mut out = BTreeMap::new();
     for (from, (_, code)) in &graph.files {
-        // A path through a child module (`verify::X`, `use verify::{..}`) is a reference too.
-        let children: Vec<(String, String)> = graph
+        let b = code.as_bytes();
+        let own: Vec<String> = if from.is_empty() {
+            Vec::new()
+        } else {
+            from.split("::").map(str::to_owned).collect()
+        };
+        // This file's child modules, by name.
+        let children: BTreeSet<String> = graph
             .files
             .keys()
             .filter_map(|m| {
@@ -225,86 +330,59 @@ fn edges(graph: &Graph) -> BTreeMap<(String, String), String> {
                 } else {
                     m.strip_prefix(from.as_str())?.strip_prefix("::")?
                 };
-                (!name.is_empty() && !name.contains("::")).then(|| (name.to_owned(), m.clone()))
+                (!name.is_empty() && !name.contains("::")).then(|| name.to_owned())
             })
             .collect();
-        for line in code.lines() {
-            for (name, module) in &children {
-                let pat = format!("{name}::");
-                let used = line.match_indices(&pat).any(|(i, _)| {
-                    i == 0 || {
-                        let p = line.as_bytes()[i - 1];
-                        !(p.is_ascii_alphanumeric() || p == b'_' || p == b':')
-                    }
-                });
-                if used {
-                    out.entry((from.clone(), module.clone()))
-                        .or_insert_with(|| line.trim().to_owned());
-                }
+        let mut i = 0;
+        while i < b.len() {
+            let boundary = i == 0 || {
+                let p = b[i - 1];
+                !(p.is_ascii_alphanumeric() || p == b'_' || p == b':')
+            };
+            if !boundary || !(b[i].is_ascii_alphabetic() || b[i] == b'_') {
+                i += 1;
+                continue;
             }
-            for (start, _) in line
-                .match_indices("crate::")
-                .chain(line.match_indices("super::"))
-            {
-                if start > 0 {
-                    let prev = line.as_bytes()[start - 1];
-                    if prev.is_ascii_alphanumeric() || prev == b'_' {
-                        continue;
-                    }
-                    // `super::` inside `crate::x::super` is not ours; `crate::` in a path of
-                    // another crate (`meshid_api::crate`) cannot occur.
-                    if prev == b':' {
-                        continue;
-                    }
-                }
-                let rest = &line[start..];
-                let (base, after): (Vec<&str>, &str) = if let Some(a) = rest.strip_prefix("crate::")
-                {
-                    (Vec::new(), a)
-                } else {
-                    let mut base: Vec<&str> = if from.is_empty() {
-                        Vec::new()
-                    } else {
-                        from.split("::").collect()
-                    };
+            let rest = &b[i..];
+            let (base, at): (Vec<String>, usize) = if rest.starts_with(b"crate::") {
+                (Vec::new(), i + 7)
+            } else if rest.starts_with(b"super::") {
+                let mut base = own.clone();
+                let mut at = i;
+                while b[at..].starts_with(b"super::") {
                     base.pop();
-                    (base, &rest["super::".len()..])
-                };
-                let mut targets: Vec<Vec<String>> = Vec::new();
-                if let Some(group) = after.strip_prefix('{') {
-                    let inner = group.split('}').next().unwrap_or("");
-                    for item in inner.split(',') {
-                        let segs: Vec<String> = item
-                            .trim()
-                            .split("::")
-                            .map(|s| s.trim().trim_start_matches('{').to_owned())
-                            .filter(|s| !s.is_empty())
-                            .collect();
-                        targets.push(segs);
-                    }
-                } else {
-                    let path: String = after
-                        .chars()
-                        .take_while(|c| c.is_alphanumeric() || *c == '_' || *c == ':')
-                        .collect();
-                    targets.push(
-                        path.split("::")
-                            .filter(|s| !s.is_empty())
-                            .map(str::to_owned)
-                            .collect(),
-                    );
+                    at += 7;
                 }
-                for t in targets {
-                    let mut segs: Vec<&str> = base.clone();
-                    segs.extend(t.iter().map(String::as_str));
-                    if let Some(to) = resolve(graph, &segs) {
-                        if to != *from && !to.is_empty() {
-                            out.entry((from.clone(), to))
-                                .or_insert_with(|| line.trim().to_owned());
-                        }
-                    }
+                (base, at)
+            } else if rest.starts_with(b"self::") {
+                (own.clone(), i + 6)
+            } else {
+                let end = rest
+                    .iter()
+                    .position(|c| !(c.is_ascii_alphanumeric() || *c == b'_'))
+                    .unwrap_or(rest.len());
+                let word = String::from_utf8_lossy(&rest[..end]).into_owned();
+                if children.contains(&word) && rest[end..].starts_with(b"::") {
+                    (own.clone(), i)
+                } else {
+                    i += end.max(1);
+                    continue;
+                }
+            };
+            let (paths, end) = use_tree(b, at);
+            for p in paths {
+                let mut segs = base.clone();
+                segs.extend(p);
+                let to = resolve(graph, &reexports, &segs);
+                if to != *from {
+                    let text = String::from_utf8_lossy(&b[i..end.min(b.len()).min(i + 80)])
+                        .split_whitespace()
+                        .collect::<Vec<_>>()
+                        .join(" ");
+                    out.entry((from.clone(), to)).or_insert(text);
                 }
             }
+            i = end.max(i + 1);
         }
     }
     out
@@ -431,7 +509,29 @@ fn no_import_cycle_between_files() {
 fn the_cycle_check_sees_a_cycle() {
     let dir = tempfile::tempdir().unwrap();
     let src = dir.path();
-    std::fs::write(src.join("lib.rs"), "mod a;\nmod b;\nmod c;\nmod d;\n").unwrap();
+    std::fs::write(
+        src.join("lib.rs"),
+        "mod a;\nmod b;\nmod c;\nmod d;\npub(crate) mod f;\nmod g;\npub fn root() { f::F; }\n",
+    )
+    .unwrap();
+    // Through the root: f uses an item of lib.rs, which uses f.
+    std::fs::write(
+        src.join("f.rs"),
+        "pub struct F;\nfn x() { crate::root() }\n",
+    )
+    .unwrap();
+    // A nested group over several lines, `super::super` and `self::`: g -> g::h -> g (cycle).
+    std::fs::create_dir(src.join("g")).unwrap();
+    std::fs::write(
+        src.join("g.rs"),
+        "pub(super) mod h;\nuse self::h::{\n    H,\n};\npub struct G;\n",
+    )
+    .unwrap();
+    std::fs::write(
+        src.join("g/h.rs"),
+        "pub struct H;\nuse super::super::g::G;\n",
+    )
+    .unwrap();
     // A parent that uses its child, which uses the parent back: a cycle too.
     std::fs::create_dir(src.join("d")).unwrap();
     std::fs::write(src.join("d.rs"), "mod e;\npub use e::E;\npub fn f() {}\n").unwrap();
@@ -450,11 +550,15 @@ fn the_cycle_check_sees_a_cycle() {
     let graph = graph_of(&src.join("lib.rs"));
     let edges = edges(&graph);
     let nodes: BTreeSet<String> = graph.files.keys().cloned().collect();
+    let mut found = cycles(&nodes, &edges);
+    found.sort();
     assert_eq!(
-        cycles(&nodes, &edges),
+        found,
         vec![
+            vec!["".to_owned(), "f".to_owned()],
             vec!["a".to_owned(), "b".to_owned()],
-            vec!["d".to_owned(), "d::e".to_owned()]
+            vec!["d".to_owned(), "d::e".to_owned()],
+            vec!["g".to_owned(), "g::h".to_owned()],
         ]
     );
     assert!(!edges.keys().any(|(from, _)| from == "c"), "{edges:?}");

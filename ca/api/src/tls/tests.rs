@@ -40,6 +40,15 @@ impl Pki {
 
     /// An SVID-like leaf with these URI SANs: chain (leaf, intermediate) and key.
     fn leaf(&self, uris: &[&str]) -> (Vec<CertificateDer<'static>>, PrivateKeyDer<'static>) {
+        self.leaf_with(uris, true)
+    }
+
+    /// A leaf, with the CA server mark on a server ID only when `mark`.
+    fn leaf_with(
+        &self,
+        uris: &[&str],
+        mark: bool,
+    ) -> (Vec<CertificateDer<'static>>, PrivateKeyDer<'static>) {
         let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
         params.subject_alt_names = uris
             .iter()
@@ -51,7 +60,7 @@ impl Pki {
             ExtendedKeyUsagePurpose::ClientAuth,
         ];
         // As the CA marks its own server SVIDs (the client refuses an unmarked one).
-        if uris.iter().any(|u| u.ends_with("/meshid/server")) {
+        if mark && uris.iter().any(|u| u.ends_with("/meshid/server")) {
             params
                 .custom_extensions
                 .push(rcgen::CustomExtension::from_oid_content(
@@ -365,4 +374,32 @@ async fn tls12_peers_are_refused() {
         .cipher_suites
         .iter()
         .all(|s| s.version() == &rustls::version::TLS13));
+}
+
+/// A server whose SVID names the CA server's ID must carry the server mark, whatever the
+/// client expects (an exact ID or any ID of the trust domain).
+#[tokio::test]
+async fn an_unmarked_server_id_is_refused_under_any_expectation() {
+    let pki = Pki::new("a");
+    for expected in [ExpectedId::Exact(id(SERVER)), ExpectedId::TrustDomain(td())] {
+        let cert = Arc::new(RotatingCert::new());
+        let (chain, key) = pki.leaf_with(&[SERVER], false);
+        cert.set(chain, key).unwrap();
+        let server = no_client_auth_server(cert, &pki);
+        let client = client_config(vec![pki.root.clone()], expected.clone(), None).unwrap();
+        let err = handshake(client, server).await.unwrap_err();
+        assert!(
+            err.to_string().contains("MissingMark"),
+            "{expected:?}: {err}"
+        );
+        // Marked, it is accepted.
+        let server = no_client_auth_server(pki.server(&[SERVER]), &pki);
+        let client = client_config(vec![pki.root.clone()], expected, None).unwrap();
+        handshake(client, server).await.unwrap();
+    }
+    // Another ID of the trust domain needs no mark.
+    let server = no_client_auth_server(pki.server(&["spiffe://example.org/other"]), &pki);
+    let client =
+        client_config(vec![pki.root.clone()], ExpectedId::TrustDomain(td()), None).unwrap();
+    handshake(client, server).await.unwrap();
 }

@@ -898,8 +898,9 @@ impl ServerVerifier {
         }
     }
 
-    /// The same, also requiring the server's certificate to carry `role`'s mark (see
-    /// [`crate::role`]): the agent's verifier of the CA server.
+    /// The same, also requiring a server whose ID names `role` (see [`Role::claimed_by`]) to
+    /// carry `role`'s mark (see [`crate::role`]): a workload SVID that merely names the CA
+    /// server's ID is not the CA, whatever the expectation admits.
     pub fn requiring(self, role: Role) -> Self {
         Self {
             mark: Some(role),
@@ -942,7 +943,7 @@ impl ServerCertVerifier for ServerVerifier {
                     });
                 }
                 match self.mark {
-                    Some(role) if !role.marks(end_entity) => {
+                    Some(role) if role.claimed_by(&id) && !role.marks(end_entity) => {
                         Err(PeerError::MissingMark { id, role })
                     }
                     _ => Ok(()),

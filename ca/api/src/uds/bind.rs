@@ -22,8 +22,8 @@ pub enum Access {
 
 /// Binds a Unix socket at `path` for `access`. A stale socket (nothing listening) is replaced;
 /// a live one, or anything that is not a socket, is an error. The socket is bound in a fresh
-/// private directory beside `path`, given its mode, then renamed into place, so it never
-/// exists at `path` with another mode.
+/// private directory beside `path`, given its mode, then linked into place (refused if
+/// something appeared there meanwhile), so it never exists at `path` with another mode.
 pub fn bind(path: &Path, access: Access) -> io::Result<UnixListener> {
     let parent = path
         .parent()
@@ -54,7 +54,18 @@ pub fn bind(path: &Path, access: Access) -> io::Result<UnixListener> {
             Access::Everyone => 0o777,
         };
         std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(mode))?;
-        std::fs::rename(&tmp, path)?;
+        // A link, not a rename: it fails if another server put a socket at `path` since the
+        // take-over above, where a rename would silently replace it.
+        std::fs::hard_link(&tmp, path).map_err(|e| {
+            if e.kind() == io::ErrorKind::AlreadyExists {
+                io::Error::new(
+                    io::ErrorKind::AddrInUse,
+                    format!("{} was bound by another server meanwhile", path.display()),
+                )
+            } else {
+                e
+            }
+        })?;
         Ok(listener)
     })();
     let _ = std::fs::remove_dir_all(&staging);
