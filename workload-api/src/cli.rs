@@ -129,8 +129,10 @@ pub async fn api(cmd: ApiCommand) -> anyhow::Result<()> {
                         pem("CERTIFICATE", &chain).as_bytes(),
                         0o644,
                     )?;
+                    // Built in a buffer sized up front and zeroized on drop: no copy of the key
+                    // is left behind by a reallocation.
                     let key =
-                        zeroize::Zeroizing::new(pem("PRIVATE KEY", &[svid.private_key().as_ref()]));
+                        meshid_api::files::pem_secret("PRIVATE KEY", svid.private_key().as_ref());
                     meshid_agent::client::write_file(
                         &dir.join(format!("svid.{n}.key")),
                         key.as_bytes(),

@@ -25,6 +25,7 @@ pub mod attest;
 pub mod cache;
 pub mod client;
 pub mod config;
+pub mod delivery;
 pub mod jwt;
 pub mod manager;
 pub mod server;

@@ -145,12 +145,9 @@ async fn serve(config: Config, join_token: Option<String>) -> anyhow::Result<()>
         },
         (None, None) => None,
     };
-    std::fs::create_dir_all(&config.data_dir)
+    // Created 0700 (never wider, even for a moment), or narrowed to it.
+    meshid_api::files::ensure_private_dir(&config.data_dir)
         .with_context(|| format!("cannot create data directory {}", config.data_dir.display()))?;
-    {
-        use std::os::unix::fs::PermissionsExt;
-        std::fs::set_permissions(&config.data_dir, std::fs::Permissions::from_mode(0o700))?;
-    }
     let (manager, snapshots) = meshid_agent::manager::Manager::new(&config, token);
     let socket = meshid_api::uds::bind(&config.socket_path, meshid_api::uds::Access::Everyone)
         .with_context(|| {

@@ -14,6 +14,7 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 
+use crate::delivery::Delivery;
 use crate::manager::{Manager, Stats};
 use crate::service::{Rpc, WorkloadApiMetrics};
 
@@ -47,6 +48,8 @@ struct Metrics {
     entries: Gauge,
     svids: Family<StateLabels, Gauge>,
     bundle_sequence: Gauge,
+    bundle_delivered: Gauge,
+    x509_streams: Gauge,
     connections: Gauge,
     connections_refused: Counter,
     connections_idle_closed: Counter,
@@ -91,6 +94,18 @@ impl Metrics {
         );
         let svids = Family::<StateLabels, Gauge>::default();
         registry.register("svids", "SVIDs held, by state", svids.clone());
+        let bundle_delivered = Gauge::default();
+        registry.register(
+            "bundle_sequence_delivered",
+            "The trust bundle sequence every open X.509 Workload API stream has been handed (the bundle sequence held when none is open)",
+            bundle_delivered.clone(),
+        );
+        let x509_streams = Gauge::default();
+        registry.register(
+            "workload_api_x509_streams",
+            "Open X.509 Workload API streams (FetchX509SVID, FetchX509Bundles)",
+            x509_streams.clone(),
+        );
         let bundle_sequence = Gauge::default();
         registry.register(
             "bundle_sequence",
@@ -149,6 +164,8 @@ impl Metrics {
             entries,
             svids,
             bundle_sequence,
+            bundle_delivered,
+            x509_streams,
             connections,
             connections_refused,
             connections_idle_closed,
@@ -156,6 +173,14 @@ impl Metrics {
     }
 
     /// Mirrors the Workload API admission's state (its totals only grow).
+    fn observe_delivery(&self, delivery: &Delivery, held: u64) {
+        let delivered = delivery.delivered().unwrap_or(held);
+        self.bundle_delivered
+            .set(i64::try_from(delivered).unwrap_or(i64::MAX));
+        self.x509_streams
+            .set(i64::try_from(delivery.open_streams()).unwrap_or(i64::MAX));
+    }
+
     fn observe_admission(&self, admission: &meshid_api::uds::Admission) {
         self.connections
             .set(i64::try_from(admission.open()).unwrap_or(i64::MAX));
@@ -224,6 +249,7 @@ struct AgentOps {
     snapshots: watch::Receiver<Arc<Snapshot>>,
     metrics: Arc<Metrics>,
     admission: Arc<meshid_api::uds::Admission>,
+    delivery: Arc<Delivery>,
 }
 
 impl meshid_api::ops::Ops for AgentOps {
@@ -239,6 +265,8 @@ impl meshid_api::ops::Ops for AgentOps {
         let snap = self.snapshots.borrow().clone();
         self.metrics.observe_snapshot(&snap);
         self.metrics.observe_admission(&self.admission);
+        self.metrics
+            .observe_delivery(&self.delivery, snap.bundle.sequence);
         let mut body = String::new();
         prometheus_client::encoding::text::encode(&mut body, &self.metrics.registry)?;
         Ok(body)
@@ -268,6 +296,7 @@ pub async fn run(
     .with_metrics(Arc::clone(&metrics) as Arc<dyn WorkloadApiMetrics>);
     let admission = meshid_api::uds::Admission::new(api_limits);
     let api = api.with_admission(Arc::clone(&admission));
+    let delivery = api.delivery();
     let mut api_stop = stop_rx.clone();
     let api_task = tokio::spawn(api.serve(socket, async move {
         let _ = api_stop.changed().await;
@@ -278,6 +307,7 @@ pub async fn run(
         snapshots,
         metrics,
         admission,
+        delivery,
     });
     let ops_task = tokio::spawn(async move {
         axum::serve(ops, router)

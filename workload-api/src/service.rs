@@ -55,6 +55,7 @@ use meshid_api::limits::{Audience, AudienceError, RateLimiter};
 
 use crate::attest::{AttestError, Attestor};
 use crate::cache::{Bundle, Entry, JwtMinter, MintError, Snapshot, Svid};
+use crate::delivery::{Delivery, StreamTicket};
 use crate::jwt::{self, JwtCache, JwtKey};
 
 /// The metadata key every Workload API request must carry, with the value `true`.
@@ -232,6 +233,7 @@ pub struct WorkloadApi {
     jwt_cache: JwtCache,
     mint_limiter: RateLimiter<u32>,
     admission: Arc<meshid_api::uds::Admission>,
+    delivery: Arc<Delivery>,
 }
 
 impl std::fmt::Debug for WorkloadApi {
@@ -260,7 +262,13 @@ impl WorkloadApi {
             jwt_cache: JwtCache::default(),
             mint_limiter: RateLimiter::new(JWT_MINTS_PER_SECOND, JWT_MINT_BURST),
             admission: meshid_api::uds::Admission::new(meshid_api::uds::Limits::default()),
+            delivery: Arc::new(Delivery::default()),
         }
+    }
+
+    /// What the open X.509 streams have handed over (see [`crate::delivery`]).
+    pub fn delivery(&self) -> Arc<Delivery> {
+        Arc::clone(&self.delivery)
     }
 
     /// Admits connections through `admission` (its limits: caps in all and per uid, the
@@ -440,9 +448,11 @@ impl WorkloadApi {
             caller,
             rx,
             stop: self.stop.clone(),
-            last: first,
             sent_first: false,
             done: false,
+            ticket: first.x509_bundle_sequence().map(|_| self.delivery.open()),
+            pending: None,
+            last: first,
             eval,
             metrics: self.metrics.clone(),
         };
@@ -697,6 +707,10 @@ trait View: PartialEq + Send + 'static {
     type Message: Send + 'static;
     /// Builds the message.
     fn message(&self) -> Self::Message;
+    /// The bundle sequence an X.509 message carries (`None` for other streams).
+    fn x509_bundle_sequence(&self) -> Option<u64> {
+        None
+    }
 }
 
 fn eval_entries(snap: &Snapshot, selectors: &[String], _strict: bool) -> Verdict<Vec<Arc<Entry>>> {
@@ -739,6 +753,10 @@ impl PartialEq for X509View {
 
 impl View for X509View {
     type Message = X509svidResponse;
+
+    fn x509_bundle_sequence(&self) -> Option<u64> {
+        Some(self.bundle.sequence)
+    }
 
     fn message(&self) -> X509svidResponse {
         let bundle = self.bundle.x509_concat();
@@ -813,6 +831,10 @@ impl PartialEq for X509BundlesView {
 
 impl View for X509BundlesView {
     type Message = X509BundlesResponse;
+
+    fn x509_bundle_sequence(&self) -> Option<u64> {
+        Some(self.bundle.sequence)
+    }
 
     fn message(&self) -> X509BundlesResponse {
         X509BundlesResponse {
@@ -910,16 +932,26 @@ struct StreamState<V> {
     done: bool,
     eval: Eval<V>,
     metrics: Option<Arc<dyn WorkloadApiMetrics>>,
+    /// This stream's place in the delivery record (X.509 streams).
+    ticket: Option<StreamTicket>,
+    /// The bundle sequence of the message last yielded, counted once the transport asks for
+    /// the next one.
+    pending: Option<u64>,
 }
 
 impl<V: View> StreamState<V> {
     async fn next(mut self) -> Option<(Result<V::Message, Status>, Self)> {
+        // Asked for the next message: the last one was taken by the transport.
+        if let (Some(ticket), Some(sequence)) = (&self.ticket, self.pending.take()) {
+            ticket.handed(sequence);
+        }
         if self.done {
             return None;
         }
         if !self.sent_first {
             self.sent_first = true;
             let first = self.last.message();
+            self.pending = self.last.x509_bundle_sequence();
             return Some((Ok(first), self));
         }
         loop {
@@ -944,6 +976,7 @@ impl<V: View> StreamState<V> {
                         "stream update"
                     );
                     let message = self.last.message();
+                    self.pending = self.last.x509_bundle_sequence();
                     return Some((Ok(message), self));
                 }
                 Verdict::Ready(_) | Verdict::NotReady(_) => continue,

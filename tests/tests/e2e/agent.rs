@@ -538,3 +538,55 @@ async fn agent_rotate_renews_the_agent_and_its_workloads() {
         .log_text()
         .contains("the CA asks for this agent's SVID to be renewed now"));
 }
+
+/// What the open X.509 streams have been handed: the agent's
+/// `meshid_agent_bundle_sequence_delivered` is the bundle sequence it holds once every open
+/// stream (the unmodified `spiffe` crate's) has taken a message carrying it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn delivered_bundle_sequence_follows_the_open_streams() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().to_owned();
+    let ca = tokio::task::block_in_place(|| Ca::start(&dir, &[]));
+    let (secret, agent_id) = ca.join_token();
+    create_entry(&ca, "web", "spiffe://example.org/web", &agent_id, "1h");
+    let agent = tokio::task::block_in_place(|| Agent::start(&dir, &ca, &secret));
+    let metric = |name: &str| -> f64 {
+        let text = meshid_tests::http_get(&agent.ops_address, "/metrics")
+            .unwrap()
+            .1;
+        meshid_tests::metric_value(&text, name, &[])
+    };
+    let held = metric("meshid_agent_bundle_sequence");
+    assert!(held >= 1.0, "{held}");
+    assert_eq!(metric("meshid_agent_workload_api_x509_streams"), 0.0);
+    assert_eq!(metric("meshid_agent_bundle_sequence_delivered"), held);
+
+    let client = WorkloadApiClient::connect_to(agent.endpoint())
+        .await
+        .unwrap();
+    fetch_until(&client, Duration::from_secs(10), |s| !s.is_empty()).await;
+    let mut stream = client.stream_x509_contexts().await.unwrap();
+    stream.next().await.unwrap().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let streams = metric("meshid_agent_workload_api_x509_streams");
+        let delivered = metric("meshid_agent_bundle_sequence_delivered");
+        if streams == 1.0 && delivered == held {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "streams {streams}, delivered {delivered}, held {held}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    drop(stream);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while metric("meshid_agent_workload_api_x509_streams") != 0.0 {
+        assert!(
+            Instant::now() < deadline,
+            "the closed stream is still counted"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
