@@ -9,7 +9,7 @@ use tonic::{Request, Response, Status};
 
 use crate::entry::{EntryId, EntrySpec, RegistrationEntry};
 use crate::service::{invalid, Ca, ServiceError};
-use crate::store::{AgentRecord, CaKeyKind, CaKeyState, StoreError};
+use crate::store::{AgentRecord, CaKeyKind, CaKeyState, DeliveryRecord, StoreError};
 
 /// Converts a wire entry into a spec.
 pub fn spec_from_proto(e: admin::Entry) -> EntrySpec {
@@ -203,6 +203,27 @@ impl admin::authority_server::Authority for AdminService {
             .await
             .map_err(ServiceError::from)?
             .len() as u64;
+        let bundle_sequence = self.ca.authority.bundle().sequence;
+        let agents = self
+            .ca
+            .store
+            .list_agents()
+            .await
+            .map_err(ServiceError::from)?;
+        let deliveries = self
+            .ca
+            .store
+            .list_deliveries()
+            .await
+            .map_err(ServiceError::from)?;
+        let live: Vec<&AgentRecord> = agents.iter().filter(|a| !a.banned).collect();
+        let delivered = live
+            .iter()
+            .filter(|a| {
+                latest_delivery(&a.spiffe_id, &deliveries)
+                    .is_some_and(|d| d.bundle_sequence >= bundle_sequence)
+            })
+            .count();
         Ok(Response::new(admin::StatusResponse {
             trust_domain: self.ca.authority.trust_domain().to_string(),
             server_id: self.ca.authority.server_id().to_owned(),
@@ -222,6 +243,9 @@ impl admin::authority_server::Authority for AdminService {
                 })
                 .collect(),
             entries,
+            bundle_sequence,
+            agents_delivered: u32::try_from(delivered).unwrap_or(u32::MAX),
+            agents_live: u32::try_from(live.len()).unwrap_or(u32::MAX),
         }))
     }
 
@@ -296,7 +320,31 @@ pub fn agent_to_proto(a: &AgentRecord) -> admin::Agent {
         expires_at: a.expires_at,
         created_at: a.created_at,
         banned: a.banned,
+        ..Default::default()
     }
+}
+
+/// [`agent_to_proto`] with the agent's latest delivery report among `deliveries`.
+fn agent_with_delivery(a: &AgentRecord, deliveries: &[DeliveryRecord]) -> admin::Agent {
+    let mut out = agent_to_proto(a);
+    if let Some(d) = latest_delivery(&a.spiffe_id, deliveries) {
+        out.delivered_bundle_sequence = d.bundle_sequence;
+        out.x509_streams = u32::try_from(d.x509_streams).unwrap_or(u32::MAX);
+        out.delivery_reported_at = d.reported_at;
+        out.delivery_server_id = d.server_id.clone();
+    }
+    out
+}
+
+/// An agent's most recent delivery report, to whichever CA server it reported.
+fn latest_delivery<'d>(
+    agent: &spiffe::SpiffeId,
+    deliveries: &'d [DeliveryRecord],
+) -> Option<&'d DeliveryRecord> {
+    deliveries
+        .iter()
+        .filter(|d| d.agent == *agent)
+        .max_by_key(|d| d.reported_at)
 }
 
 #[tonic::async_trait]
@@ -311,8 +359,17 @@ impl admin::agents_server::Agents for AdminService {
             .list_agents()
             .await
             .map_err(ServiceError::from)?;
+        let deliveries = self
+            .ca
+            .store
+            .list_deliveries()
+            .await
+            .map_err(ServiceError::from)?;
         Ok(Response::new(admin::ListAgentsResponse {
-            agents: agents.iter().map(agent_to_proto).collect(),
+            agents: agents
+                .iter()
+                .map(|a| agent_with_delivery(a, &deliveries))
+                .collect(),
         }))
     }
 
@@ -328,7 +385,13 @@ impl admin::agents_server::Agents for AdminService {
             Err(_) => None,
         }
         .ok_or_else(|| ServiceError::from(StoreError::NotFound(format!("agent {id}"))))?;
-        Ok(Response::new(agent_to_proto(&agent)))
+        let deliveries = self
+            .ca
+            .store
+            .list_deliveries()
+            .await
+            .map_err(ServiceError::from)?;
+        Ok(Response::new(agent_with_delivery(&agent, &deliveries)))
     }
 
     async fn evict_agent(&self, req: Request<admin::EvictAgentRequest>) -> Rpc<admin::Agent> {

@@ -479,13 +479,28 @@ fn agent_json(a: &admin::Agent) -> serde_json::Value {
         "expires_at": a.expires_at,
         "created_at": a.created_at,
         "banned": a.banned,
+        "delivered_bundle_sequence": a.delivered_bundle_sequence,
+        "x509_streams": a.x509_streams,
+        "delivery_reported_at": a.delivery_reported_at,
+        "delivery_server_id": a.delivery_server_id,
     })
 }
 
 fn agent_text(a: &admin::Agent) -> String {
+    let delivery = if a.delivery_reported_at == 0 {
+        "never reported".to_owned()
+    } else {
+        format!(
+            "sequence {} to {} X.509 streams (reported at {} to {})",
+            a.delivered_bundle_sequence,
+            a.x509_streams,
+            a.delivery_reported_at,
+            a.delivery_server_id
+        )
+    };
     format!(
-        "SPIFFE ID        : {}\nAttestation type : {}\nSerial           : {}\nExpires at       : {}\nCreated at       : {}\nBanned           : {}\n",
-        a.spiffe_id, a.attestation_type, a.serial, a.expires_at, a.created_at, a.banned
+        "SPIFFE ID        : {}\nAttestation type : {}\nSerial           : {}\nExpires at       : {}\nCreated at       : {}\nBanned           : {}\nBundle delivered : {}\n",
+        a.spiffe_id, a.attestation_type, a.serial, a.expires_at, a.created_at, a.banned, delivery
     )
 }
 
@@ -819,13 +834,19 @@ async fn client(cmd: Command) -> anyhow::Result<ExitCode> {
                 Output::Json => println!(
                     "{}",
                     serde_json::json!({"trust_domain": s.trust_domain, "server_id": s.server_id,
-                        "datastore": s.datastore, "entries": s.entries, "keys": keys})
+                        "datastore": s.datastore, "entries": s.entries, "keys": keys,
+                        "bundle_sequence": s.bundle_sequence,
+                        "agents_delivered": s.agents_delivered, "agents_live": s.agents_live})
                 ),
                 Output::Text => {
                     println!("Trust domain : {}", s.trust_domain);
                     println!("Server ID    : {}", s.server_id);
                     println!("Datastore    : {}", s.datastore);
                     println!("Entries      : {}", s.entries);
+                    println!(
+                        "Bundle       : sequence {}, delivered by {} of {} live agents",
+                        s.bundle_sequence, s.agents_delivered, s.agents_live
+                    );
                     for k in &s.keys {
                         println!(
                             "{:<18} {:<9} {:<28} server={} not_after={}",

@@ -23,6 +23,13 @@ pub struct KindLabels {
     pub kind: &'static str,
 }
 
+/// Labels by agent.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct AgentLabels {
+    /// The agent's SPIFFE ID.
+    pub agent: String,
+}
+
 /// Labels of node API connection metrics.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ReasonLabels {
@@ -43,6 +50,9 @@ pub struct Metrics {
     pub intermediate_expiry: Gauge,
     /// Expiry of the active root, unix seconds.
     pub root_expiry: Gauge,
+    /// Per agent that reported to this server: how many bundle sequences its workloads'
+    /// streams are behind the current bundle.
+    pub agent_bundle_lag: Family<AgentLabels, Gauge>,
     /// Intermediate and JWT key activations.
     pub rotations: Counter,
     /// Rotation checks that failed.
@@ -99,6 +109,12 @@ impl Metrics {
             "When the active trust anchor expires",
             root_expiry.clone(),
         );
+        let agent_bundle_lag = Family::<AgentLabels, Gauge>::default();
+        registry.register(
+            "agent_bundle_lag",
+            "Bundle sequences by which an agent's workload streams are behind the current trust bundle, as the agent last reported to this server",
+            agent_bundle_lag.clone(),
+        );
         let rotations = Counter::default();
         registry.register(
             "key_activations",
@@ -153,6 +169,7 @@ impl Metrics {
             sign_seconds,
             intermediate_expiry,
             root_expiry,
+            agent_bundle_lag,
             rotations,
             rotation_errors,
             node_handshake_failures,

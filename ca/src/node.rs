@@ -712,6 +712,19 @@ impl Pending {
 
 #[tonic::async_trait]
 impl node::node_server::Node for NodeService {
+    async fn report_delivery(
+        &self,
+        req: Request<node::DeliveryReport>,
+    ) -> Rpc<node::DeliveryReportResponse> {
+        let caller = self.authorize(&req, "ReportDelivery").await?;
+        let r = req.into_inner();
+        self.ca
+            .record_delivery(&caller.id, r.bundle_sequence, u64::from(r.x509_streams))
+            .await
+            .map_err(NodeError::from)?;
+        Ok(Response::new(node::DeliveryReportResponse {}))
+    }
+
     async fn attest_join_token(
         &self,
         req: Request<node::AttestJoinTokenRequest>,

@@ -33,7 +33,7 @@ pub struct Listeners {
 /// The CA's ops endpoint ([`meshid_api::ops`]): ready while the issuing intermediate is valid
 /// and the datastore answers and takes writes.
 #[derive(Clone)]
-struct CaOps {
+pub struct CaOps {
     ca: Ca,
 }
 
@@ -59,13 +59,26 @@ impl meshid_api::ops::Ops for CaOps {
         let (intermediate, root) = self.ca.authority.expiries();
         self.ca.metrics.intermediate_expiry.set(intermediate);
         self.ca.metrics.root_expiry.set(root);
+        let lag = &self.ca.metrics.agent_bundle_lag;
+        lag.clear();
+        for (agent, behind) in self.ca.delivery_lags() {
+            lag.get_or_create(&crate::metrics::AgentLabels {
+                agent: agent.to_string(),
+            })
+            .set(i64::try_from(behind).unwrap_or(i64::MAX));
+        }
         Ok(self.ca.metrics.encode())
     }
 }
 
+/// The CA's ops endpoint: what `/readyz` and `/metrics` answer.
+pub fn ops(ca: Ca) -> CaOps {
+    CaOps { ca }
+}
+
 /// The ops HTTP router (`/healthz`, `/readyz`, `/metrics`).
 pub fn ops_router(ca: Ca) -> axum::Router {
-    meshid_api::ops::router(CaOps { ca })
+    meshid_api::ops::router(ops(ca))
 }
 
 /// Checks rotation every `interval` until `stop` fires, and publishes

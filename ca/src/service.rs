@@ -192,6 +192,8 @@ pub struct Ca {
     /// here.
     pub events: broadcast::Sender<CaEvent>,
     locks: Arc<Locks>,
+    /// The bundle sequence each agent last reported delivered to this server (for `/metrics`).
+    delivered: Arc<std::sync::Mutex<std::collections::BTreeMap<SpiffeId, u64>>>,
 }
 
 fn ttl(secs: u64, max: Duration, field: &'static str) -> Result<Option<Duration>, ServiceError> {
@@ -222,6 +224,7 @@ impl Ca {
             join_token_ttl,
             agent_svid_overlap: AGENT_SVID_OVERLAP,
             events: broadcast::channel(EVENT_CAPACITY).0,
+            delivered: Arc::default(),
             locks: Arc::default(),
         }
     }
@@ -504,6 +507,51 @@ impl Ca {
             Ok(entry)
         })
         .await
+    }
+
+    /// Records an agent's delivery report (see the node API's `ReportDelivery`): in the
+    /// datastore, per agent and per CA server, and here for this server's `/metrics`.
+    pub async fn record_delivery(
+        &self,
+        agent: &SpiffeId,
+        bundle_sequence: u64,
+        x509_streams: u64,
+    ) -> Result<(), ServiceError> {
+        self.store
+            .record_delivery(&crate::store::DeliveryRecord {
+                agent: agent.clone(),
+                server_id: self.authority.server_id().to_owned(),
+                bundle_sequence,
+                x509_streams,
+                reported_at: crate::unix_now(),
+            })
+            .await?;
+        self.delivered
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .insert(agent.clone(), bundle_sequence);
+        tracing::debug!(agent = %agent, bundle_sequence, x509_streams, "delivery reported");
+        Ok(())
+    }
+
+    /// How far behind the current bundle each agent that reported to this server is, in
+    /// bundle sequences (0: every workload stream has the current bundle).
+    pub fn delivery_lags(&self) -> Vec<(SpiffeId, u64)> {
+        let current = self.authority.bundle().sequence;
+        self.delivered
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .iter()
+            .map(|(agent, seq)| (agent.clone(), current.saturating_sub(*seq)))
+            .collect()
+    }
+
+    /// Forgets an agent's delivery (evicted or banned: it no longer holds workloads here).
+    fn forget_delivery(&self, agent: &SpiffeId) {
+        self.delivered
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .remove(agent);
     }
 
     /// Forces the SVIDs of an entry to be replaced now: the entry is stored again unchanged but
@@ -879,6 +927,7 @@ impl Ca {
         let record = detached(async move {
             let _agents = ca.locks.agents.lock().await;
             let record = ca.store.delete_agent(&removed, &event).await?;
+            ca.forget_delivery(&removed);
             ca.publish(CaEvent::AgentRemoved { spiffe_id: removed });
             Ok(record)
         })

@@ -106,6 +106,21 @@ pub struct AgentRecord {
     pub previous_until: i64,
 }
 
+/// What an agent last reported delivered to its workloads, to one CA server.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeliveryRecord {
+    /// The agent.
+    pub agent: SpiffeId,
+    /// The CA server it reported to.
+    pub server_id: String,
+    /// The bundle sequence every open X.509 stream of its workloads has been handed.
+    pub bundle_sequence: u64,
+    /// How many such streams were open.
+    pub x509_streams: u64,
+    /// Unix seconds.
+    pub reported_at: i64,
+}
+
 /// What a CA key is for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum CaKeyKind {
@@ -257,6 +272,12 @@ pub trait Datastore: Send + Sync + 'static {
     /// The stored head of the chain (last seq and its hash), kept separately from the records
     /// so that truncating the log is detected.
     async fn audit_head(&self) -> Result<Option<(i64, [u8; 32])>, StoreError>;
+    /// Records what an agent reported delivered to its workloads, replacing its previous report
+    /// to the same CA server. Operational state, not audited (it changes with every bundle).
+    async fn record_delivery(&self, delivery: &DeliveryRecord) -> Result<(), StoreError>;
+    /// Every agent's reports, ordered by agent then server.
+    async fn list_deliveries(&self) -> Result<Vec<DeliveryRecord>, StoreError>;
+
     /// Whether a write can commit now: a write transaction that rewrites the audit head with
     /// its own values (nothing changes, but the database must take and store the write).
     /// Readiness uses it, so that a full disk or a lost database shows.

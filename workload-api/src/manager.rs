@@ -25,6 +25,7 @@ use tonic::transport::Channel;
 use crate::cache::{Bundle, Entry, Identity, JwtMinter, MintError, Snapshot, Svid};
 use crate::client::{self, AgentIdentity, ClientError};
 use crate::config::Config;
+use crate::delivery::Delivery;
 
 /// Most CSRs in one signing call.
 pub const BATCH: usize = 500;
@@ -69,6 +70,10 @@ pub enum AttestFailed {
     TimedOut(Duration),
 }
 
+/// How often the manager looks whether what the workloads' streams have changed (a report is
+/// sent only when it did).
+pub const DELIVERY_CHECK: Duration = Duration::from_millis(100);
+
 /// The agent's state and its connection to the CA.
 pub struct Manager {
     td: TrustDomain,
@@ -89,6 +94,8 @@ pub struct Manager {
     synced: bool,
     /// The CA asked for the agent's own SVID to be renewed now (`meshid-ca agent rotate`).
     renew_requested: bool,
+    /// What the Workload API's X.509 streams have been handed, reported to the CA.
+    delivery: Arc<Delivery>,
     /// Counters.
     pub stats: Arc<Stats>,
 }
@@ -185,8 +192,23 @@ impl Manager {
             bundle: Arc::new(Bundle::default()),
             synced: false,
             stats: Arc::new(Stats::default()),
+            delivery: Arc::new(Delivery::default()),
         };
         (m, rx)
+    }
+
+    /// The delivery record the Workload API's streams write and the manager reports to the CA.
+    pub fn delivery(&self) -> Arc<Delivery> {
+        Arc::clone(&self.delivery)
+    }
+
+    /// What to report: the sequence every open X.509 stream has been handed (the one held
+    /// when none is open), and how many are open.
+    fn delivery_report(&self) -> node::DeliveryReport {
+        node::DeliveryReport {
+            bundle_sequence: self.delivery.delivered().unwrap_or(self.bundle.sequence),
+            x509_streams: u32::try_from(self.delivery.open_streams()).unwrap_or(u32::MAX),
+        }
     }
 
     /// The JWT minter for the Workload API.
@@ -443,6 +465,12 @@ impl Manager {
         self.channel.store(Some(Arc::new(client.clone())));
         self.stats.connected.set(1);
         tracing::info!(spiffe_id = %identity.spiffe_id, "connected to the CA");
+        // Delivery is reported when it changes (and once per session); a CA without the call
+        // (older) is not asked again in this session.
+        let mut reported: Option<node::DeliveryReport> = None;
+        let mut report_tick = tokio::time::interval(DELIVERY_CHECK);
+        report_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut reporting = true;
         loop {
             let wake = self.next_wakeup(&identity);
             let sleep = Duration::from_secs(u64::try_from(wake - now()).unwrap_or(0).max(1));
@@ -481,6 +509,19 @@ impl Manager {
                     }
                     self.sign_due(&mut client).await?;
                     self.publish();
+                }
+                _ = report_tick.tick(), if reporting && self.synced => {
+                    let report = self.delivery_report();
+                    if reported.as_ref() != Some(&report) {
+                        match client.report_delivery(report).await {
+                            Ok(_) => reported = Some(report),
+                            Err(s) if s.code() == tonic::Code::Unimplemented => {
+                                tracing::info!("the CA does not take delivery reports; not reporting");
+                                reporting = false;
+                            }
+                            Err(s) => return Err(ClientError::Rpc(s)),
+                        }
+                    }
                 }
                 _ = shutdown.changed() => return Ok(SessionEnd::Shutdown),
             }

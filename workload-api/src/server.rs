@@ -286,6 +286,7 @@ pub async fn run(
     let (stop_tx, stop_rx) = watch::channel(false);
     let metrics = Arc::new(Metrics::new(&manager.stats));
     let minter = Arc::new(manager.minter());
+    let delivery = manager.delivery();
     let mut manager_task = tokio::spawn(manager.run(stop_rx.clone()));
 
     let api = crate::service::WorkloadApi::new(
@@ -293,10 +294,10 @@ pub async fn run(
         Arc::new(crate::attest::Attestor::new()),
         minter,
     )
-    .with_metrics(Arc::clone(&metrics) as Arc<dyn WorkloadApiMetrics>);
+    .with_metrics(Arc::clone(&metrics) as Arc<dyn WorkloadApiMetrics>)
+    .with_delivery(Arc::clone(&delivery));
     let admission = meshid_api::uds::Admission::new(api_limits);
     let api = api.with_admission(Arc::clone(&admission));
-    let delivery = api.delivery();
     let mut api_stop = stop_rx.clone();
     let api_task = tokio::spawn(api.serve(socket, async move {
         let _ = api_stop.changed().await;

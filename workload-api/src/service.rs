@@ -271,6 +271,14 @@ impl WorkloadApi {
         Arc::clone(&self.delivery)
     }
 
+    /// Records what the X.509 streams hand over in `delivery` (shared with the manager, which
+    /// reports it to the CA).
+    #[must_use]
+    pub fn with_delivery(mut self, delivery: Arc<Delivery>) -> Self {
+        self.delivery = delivery;
+        self
+    }
+
     /// Admits connections through `admission` (its limits: caps in all and per uid, the
     /// first-request deadline; its counts, for metrics).
     #[must_use]

@@ -26,14 +26,15 @@ use sqlx::{Any, AnyConnection, AnyPool, ConnectOptions, Executor, Row};
 use tokio::sync::{Mutex, MutexGuard};
 
 use super::{
-    AgentRecord, CaKeyKind, CaKeyRecord, CaKeyState, Datastore, JoinTokenRecord, StoreError,
+    AgentRecord, CaKeyKind, CaKeyRecord, CaKeyState, Datastore, DeliveryRecord, JoinTokenRecord,
+    StoreError,
 };
 use crate::audit::{AuditEvent, AuditRecord};
 use crate::config::redact_url;
 use crate::entry::{EntryId, EntrySpec, RegistrationEntry};
 
 /// The newest schema version this binary knows (the last entry of the migration list).
-pub const SCHEMA_VERSION: i64 = 2;
+pub const SCHEMA_VERSION: i64 = 3;
 
 /// The file [`SqlStore::open_sqlite_in`] uses inside the data directory.
 pub const SQLITE_FILE_NAME: &str = "meshid-ca.db";
@@ -202,6 +203,30 @@ ALTER TABLE agents ADD COLUMN previous_until INTEGER NOT NULL DEFAULT 0
         postgres: r#"
 ALTER TABLE agents ADD COLUMN previous_serial TEXT NOT NULL DEFAULT '';
 ALTER TABLE agents ADD COLUMN previous_until BIGINT NOT NULL DEFAULT 0
+"#,
+    },
+    // What each agent last reported delivered to its workloads, per CA server it reported to.
+    Migration {
+        version: 3,
+        sqlite: r#"
+CREATE TABLE agent_deliveries (
+    spiffe_id TEXT NOT NULL,
+    server_id TEXT NOT NULL,
+    bundle_sequence INTEGER NOT NULL,
+    x509_streams INTEGER NOT NULL,
+    reported_at INTEGER NOT NULL,
+    PRIMARY KEY (spiffe_id, server_id)
+)
+"#,
+        postgres: r#"
+CREATE TABLE agent_deliveries (
+    spiffe_id TEXT COLLATE "C" NOT NULL,
+    server_id TEXT COLLATE "C" NOT NULL,
+    bundle_sequence BIGINT NOT NULL,
+    x509_streams BIGINT NOT NULL,
+    reported_at BIGINT NOT NULL,
+    PRIMARY KEY (spiffe_id, server_id)
+)
 "#,
     },
 ];
@@ -1080,6 +1105,57 @@ impl Datastore for SqlStore {
         .fetch_all(&self.pool)
         .await?;
         rows.iter().map(decode_audit).collect()
+    }
+
+    async fn record_delivery(&self, d: &DeliveryRecord) -> Result<(), StoreError> {
+        let seq = i64::try_from(d.bundle_sequence)
+            .map_err(|_| StoreError::Corrupt(format!("bundle sequence {}", d.bundle_sequence)))?;
+        let streams = i64::try_from(d.x509_streams).unwrap_or(i64::MAX);
+        let mut w = self.begin_write().await?;
+        sqlx::query(
+            "INSERT INTO agent_deliveries (spiffe_id, server_id, bundle_sequence, x509_streams, \
+             reported_at) VALUES ($1, $2, $3, $4, $5) ON CONFLICT (spiffe_id, server_id) DO \
+             UPDATE SET bundle_sequence = excluded.bundle_sequence, \
+             x509_streams = excluded.x509_streams, reported_at = excluded.reported_at",
+        )
+        .bind(d.agent.to_string())
+        .bind(d.server_id.as_str())
+        .bind(seq)
+        .bind(streams)
+        .bind(d.reported_at)
+        .execute(&mut *w.tx)
+        .await?;
+        w.commit().await
+    }
+
+    async fn list_deliveries(&self) -> Result<Vec<DeliveryRecord>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT spiffe_id, server_id, bundle_sequence, x509_streams, reported_at \
+             FROM agent_deliveries ORDER BY spiffe_id, server_id",
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|row| {
+                let text: String = row.try_get("spiffe_id")?;
+                let agent = SpiffeId::new(&text).map_err(|e| {
+                    corrupt(
+                        "agent_deliveries",
+                        &text,
+                        format!("spiffe_id {text:?}: {e}"),
+                    )
+                })?;
+                let seq: i64 = row.try_get("bundle_sequence")?;
+                let streams: i64 = row.try_get("x509_streams")?;
+                Ok(DeliveryRecord {
+                    agent,
+                    server_id: row.try_get("server_id")?,
+                    bundle_sequence: u64::try_from(seq).unwrap_or(0),
+                    x509_streams: u64::try_from(streams).unwrap_or(0),
+                    reported_at: row.try_get("reported_at")?,
+                })
+            })
+            .collect()
     }
 
     async fn probe_write(&self) -> Result<(), StoreError> {

@@ -1384,3 +1384,86 @@ async fn agent_rotate_reissues_all_its_entries_and_asks_it_to_renew() {
     })
     .await
 }
+
+/// `ReportDelivery`: what an agent says its workloads' streams have is kept per agent and per
+/// server, shown by `agent list`/`agent show`, counted by `ca status`, and exported as each
+/// agent's lag behind the current bundle.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn delivery_reports_are_kept_and_shown() {
+    bounded(async {
+        let ca = TestCa::start().await;
+        let mut a = ca.agent().await;
+        let b = ca.agent().await;
+        let current = ca.ca.authority.bundle().sequence;
+        let status = || -> serde_json::Value {
+            serde_json::from_str(&ca.cli(&["ca", "status", "--output", "json"])).unwrap()
+        };
+        let s = status();
+        assert_eq!(s["bundle_sequence"], current);
+        assert_eq!(
+            (s["agents_delivered"].as_u64(), s["agents_live"].as_u64()),
+            (Some(0), Some(2))
+        );
+
+        // A behind, then current.
+        a.client
+            .report_delivery(node::DeliveryReport {
+                bundle_sequence: current - 1,
+                x509_streams: 3,
+            })
+            .await
+            .unwrap();
+        assert_eq!(
+            ca.ca.delivery_lags(),
+            vec![(SpiffeId::new(&a.id).unwrap(), 1)]
+        );
+        assert_eq!(status()["agents_delivered"], 0);
+        a.client
+            .report_delivery(node::DeliveryReport {
+                bundle_sequence: current,
+                x509_streams: 2,
+            })
+            .await
+            .unwrap();
+        let shown: serde_json::Value =
+            serde_json::from_str(&ca.cli(&["agent", "show", &a.id, "--output", "json"])).unwrap();
+        assert_eq!(shown["delivered_bundle_sequence"], current);
+        assert_eq!(shown["x509_streams"], 2);
+        assert_eq!(shown["delivery_server_id"], ca.ca.authority.server_id());
+        assert!(ca
+            .cli(&["agent", "show", &b.id])
+            .contains("Bundle delivered : never reported"));
+        assert_eq!(status()["agents_delivered"], 1);
+        let text = ca.cli(&["ca", "status"]);
+        assert!(text.contains("delivered by 1 of 2 live agents"), "{text}");
+        let stored = ca.ca.store.list_deliveries().await.unwrap();
+        assert_eq!(stored.len(), 1);
+        assert_eq!(stored[0].bundle_sequence, current);
+        assert_eq!(
+            ca.ca.delivery_lags(),
+            vec![(SpiffeId::new(&a.id).unwrap(), 0)]
+        );
+        let ops = meshid_api::ops::Ops::metrics(&server::ops(ca.ca.clone())).unwrap();
+        assert!(
+            ops.contains(&format!(
+                "meshid_ca_agent_bundle_lag{{agent=\"{}\"}} 0",
+                a.id
+            )),
+            "{ops}"
+        );
+
+        // Without an agent SVID, nothing is taken.
+        let err = ca
+            .anonymous()
+            .await
+            .report_delivery(node::DeliveryReport {
+                bundle_sequence: current,
+                x509_streams: 0,
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), Code::PermissionDenied);
+        ca.stop().await;
+    })
+    .await
+}

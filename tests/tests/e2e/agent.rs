@@ -580,12 +580,45 @@ async fn delivered_bundle_sequence_follows_the_open_streams() {
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+    // The agent reports it to the CA: `agent show` has it, and `ca status` counts the agent.
+    let shown = |ca: &Ca| -> serde_json::Value {
+        serde_json::from_str(&ca.ok(&["agent", "show", &agent_id, "--output", "json"])).unwrap()
+    };
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let a = tokio::task::block_in_place(|| shown(&ca));
+        if a["delivered_bundle_sequence"].as_f64() == Some(held) && a["x509_streams"] == 1 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the CA has {a}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let status: serde_json::Value = serde_json::from_str(&tokio::task::block_in_place(|| {
+        ca.ok(&["ca", "status", "--output", "json"])
+    }))
+    .unwrap();
+    assert_eq!(
+        (
+            status["agents_delivered"].as_u64(),
+            status["agents_live"].as_u64()
+        ),
+        (Some(1), Some(1))
+    );
+
     drop(stream);
     let deadline = Instant::now() + Duration::from_secs(5);
     while metric("meshid_agent_workload_api_x509_streams") != 0.0 {
         assert!(
             Instant::now() < deadline,
             "the closed stream is still counted"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while tokio::task::block_in_place(|| shown(&ca))["x509_streams"] != 0 {
+        assert!(
+            Instant::now() < deadline,
+            "the CA still counts the closed stream"
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }

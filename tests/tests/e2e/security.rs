@@ -1657,6 +1657,13 @@ impl meshid_api::node::node_server::Node for ImpostorNode {
     ) -> Result<tonic::Response<meshid_api::node::MintJwtSvidResponse>, tonic::Status> {
         Err(tonic::Status::unimplemented("impostor"))
     }
+
+    async fn report_delivery(
+        &self,
+        _: tonic::Request<meshid_api::node::DeliveryReport>,
+    ) -> Result<tonic::Response<meshid_api::node::DeliveryReportResponse>, tonic::Status> {
+        Err(tonic::Status::unimplemented("impostor"))
+    }
 }
 
 /// Item 8: a server the agent authenticates (here: a thief with the CA's intermediate key,

@@ -135,6 +135,14 @@ pub struct StatusResponse {
     pub keys: ::prost::alloc::vec::Vec<CaKey>,
     #[prost(uint64, tag = "5")]
     pub entries: u64,
+    /// The trust bundle's sequence, and how many live (unbanned) agents have reported it
+    /// delivered to all their workloads' streams, of how many.
+    #[prost(uint64, tag = "6")]
+    pub bundle_sequence: u64,
+    #[prost(uint32, tag = "7")]
+    pub agents_delivered: u32,
+    #[prost(uint32, tag = "8")]
+    pub agents_live: u32,
 }
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct MintX509SvidRequest {
@@ -197,6 +205,17 @@ pub struct Agent {
     pub created_at: i64,
     #[prost(bool, tag = "6")]
     pub banned: bool,
+    /// What its workloads have, as it last reported: the bundle sequence every open X.509 stream
+    /// has been handed, how many streams were open, when, and to which CA server (0 and empty
+    /// when it never reported).
+    #[prost(uint64, tag = "7")]
+    pub delivered_bundle_sequence: u64,
+    #[prost(uint32, tag = "8")]
+    pub x509_streams: u32,
+    #[prost(int64, tag = "9")]
+    pub delivery_reported_at: i64,
+    #[prost(string, tag = "10")]
+    pub delivery_server_id: ::prost::alloc::string::String,
 }
 #[derive(Clone, Copy, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct ListAgentsRequest {}

@@ -90,6 +90,16 @@ pub struct SyncUpdate {
     #[prost(bool, tag = "5")]
     pub renew_agent_svid: bool,
 }
+#[derive(Clone, Copy, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct DeliveryReport {
+    #[prost(uint64, tag = "1")]
+    pub bundle_sequence: u64,
+    /// Open X.509 Workload API streams (FetchX509SVID, FetchX509Bundles).
+    #[prost(uint32, tag = "2")]
+    pub x509_streams: u32,
+}
+#[derive(Clone, Copy, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct DeliveryReportResponse {}
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct SignRequest {
     #[prost(string, tag = "1")]
@@ -345,6 +355,32 @@ pub mod node_client {
                 .insert(GrpcMethod::new("meshid.node.v1.Node", "MintJwtSvid"));
             self.inner.unary(req, path, codec).await
         }
+        /// What the agent's workloads have: the bundle sequence every open X.509 Workload API stream
+        /// has been handed (the one the agent holds when none is open). Sent when it changes.
+        pub async fn report_delivery(
+            &mut self,
+            request: impl tonic::IntoRequest<super::DeliveryReport>,
+        ) -> std::result::Result<
+            tonic::Response<super::DeliveryReportResponse>,
+            tonic::Status,
+        > {
+            self.inner
+                .ready()
+                .await
+                .map_err(|e| {
+                    tonic::Status::unknown(
+                        format!("Service was not ready: {}", e.into()),
+                    )
+                })?;
+            let codec = tonic_prost::ProstCodec::default();
+            let path = http::uri::PathAndQuery::from_static(
+                "/meshid.node.v1.Node/ReportDelivery",
+            );
+            let mut req = request.into_request();
+            req.extensions_mut()
+                .insert(GrpcMethod::new("meshid.node.v1.Node", "ReportDelivery"));
+            self.inner.unary(req, path, codec).await
+        }
     }
 }
 /// Generated server implementations.
@@ -396,6 +432,15 @@ pub mod node_server {
             request: tonic::Request<super::MintJwtSvidRequest>,
         ) -> std::result::Result<
             tonic::Response<super::MintJwtSvidResponse>,
+            tonic::Status,
+        >;
+        /// What the agent's workloads have: the bundle sequence every open X.509 Workload API stream
+        /// has been handed (the one the agent holds when none is open). Sent when it changes.
+        async fn report_delivery(
+            &self,
+            request: tonic::Request<super::DeliveryReport>,
+        ) -> std::result::Result<
+            tonic::Response<super::DeliveryReportResponse>,
             tonic::Status,
         >;
     }
@@ -682,6 +727,49 @@ pub mod node_server {
                     let inner = self.inner.clone();
                     let fut = async move {
                         let method = MintJwtSvidSvc(inner);
+                        let codec = tonic_prost::ProstCodec::default();
+                        let mut grpc = tonic::server::Grpc::new(codec)
+                            .apply_compression_config(
+                                accept_compression_encodings,
+                                send_compression_encodings,
+                            )
+                            .apply_max_message_size_config(
+                                max_decoding_message_size,
+                                max_encoding_message_size,
+                            );
+                        let res = grpc.unary(method, req).await;
+                        Ok(res)
+                    };
+                    Box::pin(fut)
+                }
+                "/meshid.node.v1.Node/ReportDelivery" => {
+                    #[allow(non_camel_case_types)]
+                    struct ReportDeliverySvc<T: Node>(pub Arc<T>);
+                    impl<T: Node> tonic::server::UnaryService<super::DeliveryReport>
+                    for ReportDeliverySvc<T> {
+                        type Response = super::DeliveryReportResponse;
+                        type Future = BoxFuture<
+                            tonic::Response<Self::Response>,
+                            tonic::Status,
+                        >;
+                        fn call(
+                            &mut self,
+                            request: tonic::Request<super::DeliveryReport>,
+                        ) -> Self::Future {
+                            let inner = Arc::clone(&self.0);
+                            let fut = async move {
+                                <T as Node>::report_delivery(&inner, request).await
+                            };
+                            Box::pin(fut)
+                        }
+                    }
+                    let accept_compression_encodings = self.accept_compression_encodings;
+                    let send_compression_encodings = self.send_compression_encodings;
+                    let max_decoding_message_size = self.max_decoding_message_size;
+                    let max_encoding_message_size = self.max_encoding_message_size;
+                    let inner = self.inner.clone();
+                    let fut = async move {
+                        let method = ReportDeliverySvc(inner);
                         let codec = tonic_prost::ProstCodec::default();
                         let mut grpc = tonic::server::Grpc::new(codec)
                             .apply_compression_config(

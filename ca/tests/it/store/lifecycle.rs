@@ -115,6 +115,7 @@ pub async fn concurrent_open_migrates_once(backend: Backend) {
     fx.raw(
         "DROP TABLE registration_entries; DROP TABLE agents; DROP TABLE join_tokens; \
             DROP TABLE ca_keys; DROP TABLE bundles; DROP TABLE audit_log; DROP TABLE audit_head; \
+            DROP TABLE agent_deliveries; \
             DROP TABLE schema_migrations",
     )
     .await;
@@ -231,7 +232,8 @@ pub async fn a_version_1_database_migrates_its_agents(backend: Backend) {
     fx.raw(
         "ALTER TABLE agents DROP COLUMN previous_serial; \
          ALTER TABLE agents DROP COLUMN previous_until; \
-         DELETE FROM schema_migrations WHERE version = 2; \
+         DROP TABLE agent_deliveries; \
+         DELETE FROM schema_migrations WHERE version >= 2; \
          INSERT INTO agents (spiffe_id, attestation_type, serial, expires_at, created_at, banned) \
          VALUES ('spiffe://example.org/meshid/agent/join_token/old', 'join_token', 'abcd', 10, 1, 0)",
     )

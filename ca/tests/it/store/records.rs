@@ -339,3 +339,31 @@ pub async fn bundles_put_and_get(backend: Backend) {
     assert!(b.updated_at > 0);
     assert_eq!(fx.audit_kinds().await, ["bundle.updated", "bundle.updated"]);
 }
+
+pub async fn deliveries_kept_per_agent_and_server(backend: Backend) {
+    let fx = fixture!(backend);
+    let s = &fx.store;
+    assert!(s.list_deliveries().await.unwrap().is_empty());
+    let d = |agent: u32, server: &str, seq: u64, at: i64| meshid_ca::store::DeliveryRecord {
+        agent: crate::store::fixture::agent_spiffe_id(agent),
+        server_id: server.to_owned(),
+        bundle_sequence: seq,
+        x509_streams: seq * 10,
+        reported_at: at,
+    };
+    s.record_delivery(&d(2, "ca-1", 5, NOW)).await.unwrap();
+    s.record_delivery(&d(1, "ca-2", 3, NOW)).await.unwrap();
+    s.record_delivery(&d(1, "ca-1", 4, NOW)).await.unwrap();
+    // A later report to the same server replaces the earlier one.
+    s.record_delivery(&d(1, "ca-1", 6, NOW + 1)).await.unwrap();
+    assert_eq!(
+        s.list_deliveries().await.unwrap(),
+        vec![
+            d(1, "ca-1", 6, NOW + 1),
+            d(1, "ca-2", 3, NOW),
+            d(2, "ca-1", 5, NOW)
+        ]
+    );
+    // Not audited: operational state.
+    assert!(s.audit_records(0, 100).await.unwrap().is_empty());
+}
