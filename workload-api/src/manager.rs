@@ -471,9 +471,19 @@ impl Manager {
         let mut report_tick = tokio::time::interval(DELIVERY_CHECK);
         report_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut reporting = true;
+        // The timer is set when the next wake-up changes, not on every pass of the loop: the
+        // loop also turns for each delivery check, and a timer made anew each time would never
+        // fire.
+        let timer = tokio::time::sleep(Duration::ZERO);
+        tokio::pin!(timer);
+        let mut timer_for: Option<i64> = None;
         loop {
             let wake = self.next_wakeup(&identity);
-            let sleep = Duration::from_secs(u64::try_from(wake - now()).unwrap_or(0).max(1));
+            if timer_for != Some(wake) {
+                let wait = Duration::from_secs(u64::try_from(wake - now()).unwrap_or(0).max(1));
+                timer.as_mut().reset(tokio::time::Instant::now() + wait);
+                timer_for = Some(wake);
+            }
             tokio::select! {
                 msg = stream.message() => {
                     match msg? {
@@ -500,7 +510,8 @@ impl Manager {
                         None => return Err(ClientError::Rpc(tonic::Status::unavailable("the CA closed the sync stream"))),
                     }
                 }
-                _ = tokio::time::sleep(sleep) => {
+                () = &mut timer => {
+                    timer_for = None;
                     let t = now();
                     let agent_renew = identity.not_before + ((identity.not_after - identity.not_before) as f64 * self.rotation_fraction) as i64;
                     if t >= agent_renew {
