@@ -698,7 +698,12 @@ fn node_api_serves_agents_through_a_connection_flood() {
     use std::sync::Arc;
     let _alone = crate::load_test();
     let dir = tempfile::tempdir().unwrap();
-    let ca = Ca::start(dir.path(), &[]);
+    // Shedding must be reached however busy the machine is (the other tests of this binary run
+    // beside this one): three quarters of the default handshake cap, against 1,440 silent
+    // connections.
+    let config = dir.path().join("ca.toml");
+    std::fs::write(&config, "[node_limits]\nmax_pending_handshakes = 768\n").unwrap();
+    let ca = Ca::start(dir.path(), &["--config", config.to_str().unwrap()]);
     let node: std::net::SocketAddr = ca.node_address.parse().unwrap();
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
