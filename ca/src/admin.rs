@@ -68,6 +68,15 @@ impl AdminService {
             .add_service(admin::agents_server::AgentsServer::new(self.clone()))
             .add_service(admin::audit_server::AuditServer::new(self))
     }
+
+    /// Every agent, and every delivery report.
+    async fn agents_and_deliveries(
+        &self,
+    ) -> Result<(Vec<AgentRecord>, Vec<DeliveryRecord>), ServiceError> {
+        let agents = self.ca.store.list_agents().await?;
+        let deliveries = self.ca.store.list_deliveries().await?;
+        Ok((agents, deliveries))
+    }
 }
 
 fn caller<T>(req: &Request<T>) -> String {
@@ -204,18 +213,7 @@ impl admin::authority_server::Authority for AdminService {
             .map_err(ServiceError::from)?
             .len() as u64;
         let bundle_sequence = self.ca.authority.bundle().sequence;
-        let agents = self
-            .ca
-            .store
-            .list_agents()
-            .await
-            .map_err(ServiceError::from)?;
-        let deliveries = self
-            .ca
-            .store
-            .list_deliveries()
-            .await
-            .map_err(ServiceError::from)?;
+        let (agents, deliveries) = self.agents_and_deliveries().await?;
         let live: Vec<&AgentRecord> = agents.iter().filter(|a| !a.banned).collect();
         let delivered = live
             .iter()
@@ -353,18 +351,7 @@ impl admin::agents_server::Agents for AdminService {
         &self,
         _req: Request<admin::ListAgentsRequest>,
     ) -> Rpc<admin::ListAgentsResponse> {
-        let agents = self
-            .ca
-            .store
-            .list_agents()
-            .await
-            .map_err(ServiceError::from)?;
-        let deliveries = self
-            .ca
-            .store
-            .list_deliveries()
-            .await
-            .map_err(ServiceError::from)?;
+        let (agents, deliveries) = self.agents_and_deliveries().await?;
         Ok(Response::new(admin::ListAgentsResponse {
             agents: agents
                 .iter()
