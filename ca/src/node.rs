@@ -44,10 +44,7 @@ use crate::svid::IssuedSvid;
 pub mod admission;
 use admission::{Admission, Limits, NodeConn};
 
-/// The path of the CA server's own SPIFFE ID.
-pub const SERVER_PATH: &str = "/meshid/server";
-/// Agent SPIFFE IDs start with this path.
-pub const AGENT_PATH_PREFIX: &str = "/meshid/agent/";
+pub use meshid_api::role::{AGENT_PATH_PREFIX, SERVER_PATH};
 /// Most requests in one `BatchSignX509` call.
 pub const MAX_BATCH: usize = 500;
 /// Lifetime of the CA server's own SVID (capped at the intermediate's remaining life).
@@ -456,26 +453,23 @@ impl NodeService {
                     .to_owned(),
             ));
         };
-        // The handshake verified the chain and the leaf rules; this reads the ID it verified.
-        let id = tls::verify::spiffe_id_of(leaf)
+        // The handshake verified the chain and the leaf rules; this reads what it verified,
+        // from one parse of the leaf.
+        let (_, cert) = x509_parser::parse_x509_certificate(leaf)
+            .map_err(|e| self.deny(rpc, "<unidentified>", format!("client certificate: {e}")))?;
+        let id = tls::verify::spiffe_id_of_parsed(&cert)
             .map_err(|e| self.deny(rpc, "<unidentified>", format!("client certificate: {e}")))?;
         let td = self.ca.authority.trust_domain();
-        if !id.is_member_of(td) || !id.path().starts_with(AGENT_PATH_PREFIX) {
+        if !id.is_member_of(td) || !meshid_api::role::Role::Agent.claimed_by(&id) {
             return Err(self.deny(
                 rpc,
                 &id.to_string(),
                 format!("{id} is not an agent identity (spiffe://{td}{AGENT_PATH_PREFIX}...)"),
             ));
         }
-        let (not_after, serial, marked) = x509_parser::parse_x509_certificate(leaf)
-            .map(|(_, c)| {
-                (
-                    c.validity().not_after.timestamp(),
-                    hex::encode(c.tbs_certificate.raw_serial()),
-                    meshid_api::role::Role::Agent.marks_parsed(&c),
-                )
-            })
-            .map_err(|e| self.deny(rpc, &id.to_string(), format!("client certificate: {e}")))?;
+        let not_after = cert.validity().not_after.timestamp();
+        let serial = hex::encode(cert.tbs_certificate.raw_serial());
+        let marked = meshid_api::role::Role::Agent.marks_parsed(&cert);
         if not_after <= crate::unix_now() {
             return Err(self.deny(
                 rpc,

@@ -109,7 +109,7 @@ pub fn read_certs(path: &Path) -> Result<Vec<Vec<u8>>, ClientError> {
 fn validity(der: &[u8]) -> Result<(i64, i64, SpiffeId), ClientError> {
     let (_, cert) = x509_parser::parse_x509_certificate(der)
         .map_err(|e| ClientError::Malformed(format!("certificate does not parse: {e}")))?;
-    let id = tls::verify::spiffe_id_of(der).map_err(|e| ClientError::Tls(e.into()))?;
+    let id = tls::verify::spiffe_id_of_parsed(&cert).map_err(|e| ClientError::Tls(e.into()))?;
     Ok((
         cert.validity().not_before.timestamp(),
         cert.validity().not_after.timestamp(),

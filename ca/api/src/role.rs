@@ -14,6 +14,12 @@
 /// meshid's OID arc, 2.25.<the UUID as an integer>.
 const ARC: u128 = 46_662_909_668_088_778_726_611_170_003_383_720_755;
 
+/// The path of a meshid CA server's SPIFFE ID, `spiffe://<td>/meshid/server`.
+pub const SERVER_PATH: &str = "/meshid/server";
+
+/// The path under which the CA names agents, `spiffe://<td>/meshid/agent/...`.
+pub const AGENT_PATH_PREFIX: &str = "/meshid/agent/";
+
 /// A role only meshid's own components hold.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Role {
@@ -28,8 +34,8 @@ impl Role {
     /// peer must also carry the role's mark.
     pub fn claimed_by(self, id: &spiffe::SpiffeId) -> bool {
         match self {
-            Role::Server => id.path() == "/meshid/server",
-            Role::Agent => id.path().starts_with("/meshid/agent/"),
+            Role::Server => id.path() == SERVER_PATH,
+            Role::Agent => id.path().starts_with(AGENT_PATH_PREFIX),
         }
     }
 

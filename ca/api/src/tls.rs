@@ -127,8 +127,7 @@ fn chain(error: &dyn std::error::Error) -> String {
     text
 }
 
-/// The path of a meshid CA server's SPIFFE ID, `spiffe://<td>/meshid/server`.
-pub const SERVER_PATH: &str = "/meshid/server";
+pub use crate::role::SERVER_PATH;
 
 /// Whom a peer must be.
 #[derive(Debug, Clone, PartialEq, Eq)]

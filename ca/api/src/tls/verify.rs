@@ -735,7 +735,12 @@ fn id_from_san(san: Option<&SubjectAlternativeName<'_>>) -> Result<SpiffeId, Pee
 pub fn spiffe_id_of(der: &[u8]) -> Result<SpiffeId, PeerError> {
     let (_, cert) = x509_parser::parse_x509_certificate(der)
         .map_err(|e| PeerError::malformed(format!("not a DER X.509 certificate: {e}")))?;
-    id_from_san(LeafExtensions::of(&cert)?.san)
+    spiffe_id_of_parsed(&cert)
+}
+
+/// [`spiffe_id_of`] for a certificate the caller has already parsed (and reads more from).
+pub fn spiffe_id_of_parsed(cert: &X509Certificate<'_>) -> Result<SpiffeId, PeerError> {
+    id_from_san(LeafExtensions::of(cert)?.san)
 }
 
 fn chain_error(e: webpki::Error, trust_domain: &TrustDomain, role: PeerRole) -> PeerError {
