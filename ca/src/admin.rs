@@ -79,6 +79,59 @@ impl AdminService {
     }
 }
 
+impl AdminService {
+    /// The root rotation's status on the wire, with what the step just did.
+    async fn root_status_with(&self, done: String) -> Rpc<admin::RootStatus> {
+        let s = self.ca.root_status().await?;
+        Ok(Response::new(admin::RootStatus {
+            phase: s.phase.as_str().to_owned(),
+            roots: s
+                .roots
+                .iter()
+                .map(|r| admin::RootInfo {
+                    id: r.id.clone(),
+                    state: r.state.as_str().to_owned(),
+                    not_before: r.not_before,
+                    not_after: r.not_after,
+                    created_at: r.created_at,
+                    state_changed_at: r.state_changed_at,
+                    cross_signed: s.cross_signed.contains(&r.id),
+                    operator_supplied: !r.key_path.is_empty(),
+                })
+                .collect(),
+            prepared_root_id: s.prepared.map(|p| p.id).unwrap_or_default(),
+            target_sequence: s.target_sequence,
+            bundle_sequence: s.bundle_sequence,
+            agents_live: u32::try_from(s.live_agents).unwrap_or(u32::MAX),
+            agents_acknowledged: u32::try_from(s.acknowledged).unwrap_or(u32::MAX),
+            lagging: s
+                .lagging
+                .iter()
+                .map(|a| admin::AgentDelivery {
+                    spiffe_id: a.agent.to_string(),
+                    delivered_sequence: a.delivered,
+                    reported_at: a.reported_at,
+                    server_id: a.server_id.clone(),
+                    x509_streams: a.x509_streams,
+                })
+                .collect(),
+            servers: s
+                .servers
+                .iter()
+                .map(|i| admin::ServerIssuer {
+                    server_id: i.server_id.clone(),
+                    intermediate_id: i.intermediate_id.clone(),
+                    root_id: i.root_id.clone(),
+                })
+                .collect(),
+            retire_blockers: s.retire.blockers,
+            unexpired_under_superseded: s.retire.unexpired,
+            last_expiry_under_superseded: s.retire.last_expiry,
+            done,
+        }))
+    }
+}
+
 fn caller<T>(req: &Request<T>) -> String {
     req.extensions()
         .get::<meshid_api::uds::UdsPeer>()
@@ -176,22 +229,6 @@ impl admin::tokens_server::Tokens for AdminService {
     }
 }
 
-fn key_kind(k: CaKeyKind) -> &'static str {
-    match k {
-        CaKeyKind::X509Root => "x509_root",
-        CaKeyKind::X509Intermediate => "x509_intermediate",
-        CaKeyKind::Jwt => "jwt",
-    }
-}
-
-fn key_state(s: CaKeyState) -> &'static str {
-    match s {
-        CaKeyState::Prepared => "prepared",
-        CaKeyState::Active => "active",
-        CaKeyState::Retired => "retired",
-    }
-}
-
 #[tonic::async_trait]
 impl admin::authority_server::Authority for AdminService {
     async fn get_bundle(&self, _req: Request<admin::GetBundleRequest>) -> Rpc<admin::Bundle> {
@@ -233,8 +270,8 @@ impl admin::authority_server::Authority for AdminService {
                 .iter()
                 .map(|k| admin::CaKey {
                     id: k.id.clone(),
-                    kind: key_kind(k.kind).to_owned(),
-                    state: key_state(k.state).to_owned(),
+                    kind: CaKeyKind::as_str(k.kind).to_owned(),
+                    state: CaKeyState::as_str(k.state).to_owned(),
                     server_id: k.server_id.clone(),
                     not_before: k.not_before,
                     not_after: k.not_after,
@@ -280,6 +317,70 @@ impl admin::authority_server::Authority for AdminService {
             token,
             expires_at,
         }))
+    }
+
+    async fn prepare_root(
+        &self,
+        req: Request<admin::PrepareRootRequest>,
+    ) -> Rpc<admin::RootStatus> {
+        let who = caller(&req);
+        let r = req.into_inner();
+        let upstream = match (r.upstream_cert.is_empty(), r.upstream_key.is_empty()) {
+            (true, true) => None,
+            (false, false) => Some((r.upstream_cert.into(), r.upstream_key.into())),
+            _ => {
+                return Err(invalid(
+                    "upstream_cert",
+                    "upstream_cert and upstream_key go together",
+                )
+                .into())
+            }
+        };
+        let rec = self.ca.root_prepare(upstream, &who, &r.reason).await?;
+        self.root_status_with(format!(
+            "prepared root {} (bundle sequence {})",
+            rec.id, rec.created_at
+        ))
+        .await
+    }
+
+    async fn activate_root(
+        &self,
+        req: Request<admin::ActivateRootRequest>,
+    ) -> Rpc<admin::RootStatus> {
+        let who = caller(&req);
+        let r = req.into_inner();
+        let a = self.ca.root_activate(&who, &r.reason, r.force).await?;
+        let mut done = format!("activated root {}", a.root_id);
+        if !a.superseded.is_empty() {
+            done.push_str(&format!(", superseding {}", a.superseded.join(", ")));
+        }
+        if a.forced {
+            done.push_str(&format!(
+                "; FORCED past {} agent(s) that had not acknowledged: {}",
+                a.lagging.len(),
+                a.lagging.join(", ")
+            ));
+        }
+        if let Some(s) = a.acknowledged_within_s {
+            done.push_str(&format!("; agents acknowledged within {s} s of prepare"));
+        }
+        self.root_status_with(done).await
+    }
+
+    async fn retire_root(&self, req: Request<admin::RetireRootRequest>) -> Rpc<admin::RootStatus> {
+        let who = caller(&req);
+        let r = req.into_inner();
+        let retired = self.ca.root_retire(&who, &r.reason).await?;
+        self.root_status_with(format!("retired root {}", retired.join(", ")))
+            .await
+    }
+
+    async fn get_root_status(
+        &self,
+        _req: Request<admin::RootStatusRequest>,
+    ) -> Rpc<admin::RootStatus> {
+        self.root_status_with(String::new()).await
     }
 }
 

@@ -32,6 +32,8 @@ use crate::jwt::{self, JwtKey};
 use crate::store::{CaKeyKind, CaKeyRecord, CaKeyState, Datastore, StoreError};
 use crate::svid::{self, CaKey, IssuedSvid, Issuer};
 
+pub mod root;
+
 /// Errors of the authority.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -56,6 +58,9 @@ pub enum AuthorityError {
     /// The journal and the data directory disagree, or the upstream authority is unusable.
     #[error("{0}")]
     Inconsistent(String),
+    /// A root lifecycle step was refused; the message says why and what to do.
+    #[error("{0}")]
+    Refused(String),
     /// The SPIFFE ID is outside this trust domain.
     #[error("spiffe id {id} is not in trust domain {trust_domain}")]
     ForeignId {
@@ -105,6 +110,10 @@ pub struct Authority {
     key_dir: PathBuf,
     store: Arc<dyn Datastore>,
     keys: RwLock<Arc<Keys>>,
+    /// The configured upstream root and the path of its key.
+    upstream: Option<(CertificateDer<'static>, PathBuf)>,
+    /// Held by a rotation check and by the root lifecycle steps, so that two never interleave.
+    rotation: tokio::sync::Mutex<()>,
 }
 
 impl std::fmt::Debug for Authority {
@@ -164,6 +173,73 @@ fn read_private(path: &Path) -> Result<zeroize::Zeroizing<String>, AuthorityErro
 
 pub use meshid_api::files::ensure_private_dir;
 
+/// Where the private key of root `rec` is, for this server: the configured upstream's key when
+/// `rec` is that certificate, the operator's path recorded with the root, or this server's data
+/// directory. `None` when this server cannot sign with it.
+fn root_key_path(
+    rec: &CaKeyRecord,
+    upstream: Option<&(CertificateDer<'static>, PathBuf)>,
+    key_dir: &Path,
+) -> Option<PathBuf> {
+    if let Some((der, key)) = upstream {
+        if der.as_ref() == rec.public_der.as_slice() {
+            return Some(key.clone());
+        }
+    }
+    if !rec.key_path.is_empty() {
+        let path = PathBuf::from(&rec.key_path);
+        return path.exists().then_some(path);
+    }
+    let local = key_dir.join(format!("{}.key.pem", rec.id));
+    local.exists().then_some(local)
+}
+
+/// Loads root `rec` with its key at `path`.
+fn load_root(rec: &CaKeyRecord, path: &Path) -> Result<Arc<Issuer>, AuthorityError> {
+    let key = CaKey::from_pkcs8_pem(&read_private(path)?)?;
+    Ok(Arc::new(Issuer::new(
+        CertificateDer::from(rec.public_der.clone()),
+        key,
+        Vec::new(),
+    )?))
+}
+
+/// The certificates to send above an intermediate of root `root_id`: the cross-signed copies
+/// of that root ([`CaKeyKind::X509CrossSigned`]) whose issuing root is still in the bundle,
+/// newest first, so that a peer holding only the older root still finds a path.
+fn cross_chain(journal: &[CaKeyRecord], root_id: &str, now_s: i64) -> Vec<CertificateDer<'static>> {
+    let in_bundle = |id: &str| {
+        journal
+            .iter()
+            .any(|k| k.id == id && k.kind == CaKeyKind::X509Root && root_in_bundle(k, now_s))
+    };
+    let mut cross: Vec<&CaKeyRecord> = journal
+        .iter()
+        .filter(|k| {
+            k.kind == CaKeyKind::X509CrossSigned
+                && k.state != CaKeyState::Retired
+                && k.not_after > now_s
+                && k.id == cross_id(root_id)
+                && k.parent_id.as_deref().is_some_and(in_bundle)
+        })
+        .collect();
+    cross.sort_by_key(|k| std::cmp::Reverse(k.created_at));
+    cross
+        .into_iter()
+        .map(|k| CertificateDer::from(k.public_der.clone()))
+        .collect()
+}
+
+/// The journal id of the cross-signed copy of root `root_id`.
+pub(crate) fn cross_id(root_id: &str) -> String {
+    format!("xsign-{root_id}")
+}
+
+/// Whether a root is in the bundle at `now_s`: prepared, active or superseded, and unexpired.
+fn root_in_bundle(k: &CaKeyRecord, now_s: i64) -> bool {
+    k.state != CaKeyState::Retired && k.not_after > now_s
+}
+
 impl Authority {
     /// Loads this server's keys from the journal and the data directory, creating a root (or
     /// adopting the upstream one), an intermediate and a JWT key where none is usable.
@@ -183,8 +259,11 @@ impl Authority {
         let mut journal = store.list_ca_keys().await?;
         let actor = format!("ca:{server_id}");
 
-        // Root: the upstream one if configured, else the active generated one, else a new one.
-        let (root_id, root) = match &settings.upstream {
+        // Root: the newest active root this server can sign with (its key in the data
+        // directory, at the operator's path, or the configured upstream), else the configured
+        // upstream root adopted, else a superseded root it can still sign with (the active one's
+        // key is out of reach), else a new one.
+        let upstream = match &settings.upstream {
             Some(up) => {
                 let cert_pem = std::fs::read_to_string(&up.cert).map_err(|source| {
                     AuthorityError::KeyFile {
@@ -192,11 +271,41 @@ impl Authority {
                         source,
                     }
                 })?;
-                let key_pem = read_private(&up.key)?;
-                let der = pem_cert(&cert_pem)?;
-                let key = CaKey::from_pkcs8_pem(&key_pem)?;
+                Some((pem_cert(&cert_pem)?, up.key.clone()))
+            }
+            None => None,
+        };
+        let now_s = to_unix(now);
+        let pick = |journal: &[CaKeyRecord], state: CaKeyState| -> Option<(CaKeyRecord, PathBuf)> {
+            journal
+                .iter()
+                .filter(|k| {
+                    k.kind == CaKeyKind::X509Root && k.state == state && k.not_after > now_s
+                })
+                .filter_map(|k| Some((k.clone(), root_key_path(k, upstream.as_ref(), &key_dir)?)))
+                .max_by_key(|(k, _)| k.created_at)
+        };
+        let upstream_id = upstream
+            .as_ref()
+            .map(|(der, _)| format!("upstream-{}", &hex::encode(sha2_digest(der.as_ref()))[..16]));
+        let chosen = match pick(&journal, CaKeyState::Active) {
+            Some(found) => Some(found),
+            None if upstream_id
+                .as_ref()
+                .is_some_and(|id| !journal.iter().any(|k| &k.id == id)) =>
+            {
+                None
+            }
+            None => pick(&journal, CaKeyState::Superseded).inspect(|(rec, _)| {
+                tracing::warn!(root_id = %rec.id, "no active root whose key this server can read; signing under the superseded root until it can (see meshid-ca ca root status)");
+            }),
+        };
+        let (root_id, root) = match (chosen, &upstream) {
+            (Some((rec, path)), _) => (rec.id.clone(), load_root(&rec, &path)?),
+            (None, Some((der, key_path))) => {
+                let key = CaKey::from_pkcs8_pem(&read_private(key_path)?)?;
                 let issuer = Issuer::new(der.clone(), key, Vec::new())?;
-                let id = format!("upstream-{}", &hex::encode(sha2_digest(der.as_ref()))[..16]);
+                let id = upstream_id.clone().unwrap_or_default();
                 if !journal.iter().any(|k| k.id == id) {
                     let (nb, na) = cert_times(der.as_ref())?;
                     let rec = CaKeyRecord {
@@ -208,7 +317,9 @@ impl Authority {
                         public_der: der.to_vec(),
                         not_before: nb,
                         not_after: na,
-                        created_at: to_unix(now),
+                        created_at: now_s,
+                        state_changed_at: now_s,
+                        key_path: key_path.display().to_string(),
                     };
                     match store
                         .insert_ca_key(&rec, &key_event("ca.root.adopted", &actor, &rec))
@@ -222,54 +333,35 @@ impl Authority {
                 }
                 (id, Arc::new(issuer))
             }
-            None => {
-                let usable = journal.iter().find(|k| {
-                    k.kind == CaKeyKind::X509Root
-                        && k.state == CaKeyState::Active
-                        && k.not_after > to_unix(now)
-                        && key_dir.join(format!("{}.key.pem", k.id)).exists()
-                });
-                match usable {
-                    Some(rec) => {
-                        let key = CaKey::from_pkcs8_pem(&read_private(
-                            &key_dir.join(format!("{}.key.pem", rec.id)),
-                        )?)?;
-                        let issuer = Issuer::new(
-                            CertificateDer::from(rec.public_der.clone()),
-                            key,
-                            Vec::new(),
-                        )?;
-                        (rec.id.clone(), Arc::new(issuer))
-                    }
-                    None => {
-                        let key = CaKey::generate(settings.key_type)?;
-                        let der = svid::generate_root(&td, &key, settings.root_ttl, now)?;
-                        let id = random_id("root");
-                        write_private(
-                            &key_dir.join(format!("{id}.key.pem")),
-                            key.to_pkcs8_pem().as_bytes(),
-                        )?;
-                        let (nb, na) = cert_times(der.as_ref())?;
-                        let rec = CaKeyRecord {
-                            id: id.clone(),
-                            kind: CaKeyKind::X509Root,
-                            state: CaKeyState::Active,
-                            server_id: server_id.clone(),
-                            parent_id: None,
-                            public_der: der.to_vec(),
-                            not_before: nb,
-                            not_after: na,
-                            created_at: to_unix(now),
-                        };
-                        store
-                            .insert_ca_key(&rec, &key_event("ca.root.created", &actor, &rec))
-                            .await?;
-                        tracing::info!(root_id = %id, not_after = na, "created trust anchor");
-                        journal.push(rec);
-                        let issuer = Issuer::new(der, key, Vec::new())?;
-                        (id, Arc::new(issuer))
-                    }
-                }
+            (None, None) => {
+                let key = CaKey::generate(settings.key_type)?;
+                let der = svid::generate_root(&td, &key, settings.root_ttl, now)?;
+                let id = random_id("root");
+                write_private(
+                    &key_dir.join(format!("{id}.key.pem")),
+                    key.to_pkcs8_pem().as_bytes(),
+                )?;
+                let (nb, na) = cert_times(der.as_ref())?;
+                let rec = CaKeyRecord {
+                    id: id.clone(),
+                    kind: CaKeyKind::X509Root,
+                    state: CaKeyState::Active,
+                    server_id: server_id.clone(),
+                    parent_id: None,
+                    public_der: der.to_vec(),
+                    not_before: nb,
+                    not_after: na,
+                    created_at: now_s,
+                    state_changed_at: now_s,
+                    key_path: String::new(),
+                };
+                store
+                    .insert_ca_key(&rec, &key_event("ca.root.created", &actor, &rec))
+                    .await?;
+                tracing::info!(root_id = %id, not_after = na, "created trust anchor");
+                journal.push(rec);
+                let issuer = Issuer::new(der, key, Vec::new())?;
+                (id, Arc::new(issuer))
             }
         };
 
@@ -279,6 +371,8 @@ impl Authority {
             settings,
             key_dir,
             store,
+            upstream,
+            rotation: tokio::sync::Mutex::new(()),
             keys: RwLock::new(Arc::new(Keys {
                 root: Arc::clone(&root),
                 root_id: root_id.clone(),
@@ -320,12 +414,13 @@ impl Authority {
                 .cloned()
         };
 
+        let chain = cross_chain(&journal, &root_id, now_s);
         let (intermediate_id, intermediate) =
             match mine(&journal, CaKeyKind::X509Intermediate, CaKeyState::Active) {
-                Some(rec) => (rec.id.clone(), self.load_intermediate(&rec, &root)?),
+                Some(rec) => (rec.id.clone(), self.load_intermediate(&rec, chain.clone())?),
                 None => {
                     let (rec, issuer) = self
-                        .new_intermediate(&root, &root_id, CaKeyState::Active, now)
+                        .new_intermediate(&root, &root_id, chain.clone(), CaKeyState::Active, now)
                         .await?;
                     journal.push(rec.clone());
                     (rec.id, issuer)
@@ -333,7 +428,7 @@ impl Authority {
             };
         let prepared_intermediate =
             match mine(&journal, CaKeyKind::X509Intermediate, CaKeyState::Prepared) {
-                Some(rec) => Some((rec.id.clone(), self.load_intermediate(&rec, &root)?)),
+                Some(rec) => Some((rec.id.clone(), self.load_intermediate(&rec, chain.clone())?)),
                 None => None,
             };
         let (jwt_id, jwt) = match mine(&journal, CaKeyKind::Jwt, CaKeyState::Active) {
@@ -406,17 +501,18 @@ impl Authority {
         self.key_dir.join(format!("{id}.key.pem"))
     }
 
+    /// Loads intermediate `rec`, sending `chain` above it (the cross-signed roots, if any:
+    /// the root itself travels in the bundle).
     fn load_intermediate(
         &self,
         rec: &CaKeyRecord,
-        root: &Issuer,
+        chain: Vec<CertificateDer<'static>>,
     ) -> Result<Arc<Issuer>, AuthorityError> {
         let key = CaKey::from_pkcs8_pem(&read_private(&self.key_path(&rec.id))?)?;
-        let _ = root; // chains are leaf + intermediate; the root travels in the bundle
         Ok(Arc::new(Issuer::new(
             CertificateDer::from(rec.public_der.clone()),
             key,
-            Vec::new(),
+            chain,
         )?))
     }
 
@@ -430,6 +526,7 @@ impl Authority {
         &self,
         root: &Issuer,
         root_id: &str,
+        chain: Vec<CertificateDer<'static>>,
         state: CaKeyState,
         now: SystemTime,
     ) -> Result<(CaKeyRecord, Arc<Issuer>), AuthorityError> {
@@ -449,6 +546,8 @@ impl Authority {
             not_before: nb,
             not_after: na,
             created_at: to_unix(now),
+            state_changed_at: to_unix(now),
+            key_path: String::new(),
         };
         let kind = if state == CaKeyState::Active {
             "ca.intermediate.activated"
@@ -462,7 +561,7 @@ impl Authority {
             )
             .await?;
         tracing::info!(key_id = %id, not_after = na, state = ?state, "created issuing intermediate");
-        Ok((rec, Arc::new(Issuer::new(der, key, Vec::new())?)))
+        Ok((rec, Arc::new(Issuer::new(der, key, chain)?)))
     }
 
     async fn new_jwt(
@@ -485,6 +584,8 @@ impl Authority {
             not_before: nb,
             not_after: na,
             created_at: nb,
+            state_changed_at: nb,
+            key_path: String::new(),
         };
         let kind = if state == CaKeyState::Active {
             "ca.jwt.activated"
@@ -528,9 +629,19 @@ impl Authority {
         Ok(())
     }
 
-    /// One rotation check at `now`: prepares successors at half-life, activates them at a
-    /// sixth of life left (or at once if the active key has expired), retires what they replace.
+    /// One rotation check at `now`: follows a root activation (a new intermediate under the
+    /// newly active root), prepares successors at half-life, activates them at a sixth of life
+    /// left (or at once if the active key has expired), retires what they replace, and keeps the
+    /// chain sent above the intermediate in step with the bundle (cross-signed roots).
     pub async fn rotate(&self, now: SystemTime) -> Result<RotationOutcome, AuthorityError> {
+        let _one_at_a_time = self.rotation.lock().await;
+        self.rotate_locked(now).await
+    }
+
+    pub(crate) async fn rotate_locked(
+        &self,
+        now: SystemTime,
+    ) -> Result<RotationOutcome, AuthorityError> {
         let keys = self.current();
         let now_s = to_unix(now);
         let mut out = RotationOutcome::default();
@@ -541,14 +652,44 @@ impl Authority {
             let left = rec.not_after - now_s;
             (left * 2 <= life, left * 6 <= life || left <= 0)
         };
+        let actor = format!("ca:{}", self.server_id);
 
+        let mut root = (keys.root_id.clone(), Arc::clone(&keys.root));
         let mut intermediate = (keys.intermediate_id.clone(), Arc::clone(&keys.intermediate));
         let mut prepared_intermediate = keys.prepared_intermediate.clone();
+
+        // A root was activated (through this server or another): issue under it from now on.
+        if let Some((root_id, issuer)) = self.root_to_follow(&journal, &root.0, now_s)? {
+            let chain = cross_chain(&journal, &root_id, now_s);
+            let (next, next_issuer) = self
+                .new_intermediate(&issuer, &root_id, chain, CaKeyState::Active, now)
+                .await?;
+            let old = [
+                Some(intermediate.0.clone()),
+                prepared_intermediate.take().map(|p| p.0),
+            ];
+            for old in old.into_iter().flatten() {
+                if let Some(old_rec) = find(&journal, &old) {
+                    let event = key_event("ca.intermediate.retired", &actor, &old_rec);
+                    self.store
+                        .transition_ca_key(&old, None, CaKeyState::Retired, now_s, &event)
+                        .await?;
+                    out.retired.push(old);
+                }
+            }
+            tracing::info!(root_id = %root_id, intermediate = %next.id, "issuing under the newly active root");
+            out.activated.push(next.id.clone());
+            journal.push(next.clone());
+            root = (root_id, issuer);
+            intermediate = (next.id, next_issuer);
+        }
+
         if let Some(active) = find(&journal, &intermediate.0) {
             let (prepare, activate) = phase(&active);
             if prepare && prepared_intermediate.is_none() {
+                let chain = cross_chain(&journal, &root.0, now_s);
                 let (rec, issuer) = self
-                    .new_intermediate(&keys.root, &keys.root_id, CaKeyState::Prepared, now)
+                    .new_intermediate(&root.1, &root.0, chain, CaKeyState::Prepared, now)
                     .await?;
                 out.prepared.push(rec.id.clone());
                 journal.push(rec.clone());
@@ -581,17 +722,33 @@ impl Authority {
                 }
             }
         }
-        if keys.root.not_after() - now_s < self.settings.intermediate_ttl.as_secs() as i64 {
-            tracing::warn!(root_id = %keys.root_id, not_after = keys.root.not_after(), "trust anchor expires within one intermediate lifetime; plan a root rotation");
+        if root.1.not_after() - now_s < self.settings.intermediate_ttl.as_secs() as i64 {
+            tracing::warn!(root_id = %root.0, not_after = root.1.not_after(), "trust anchor expires within one intermediate lifetime; rotate it (meshid-ca ca root prepare, activate, retire)");
         }
         let journal = if out.is_empty() {
             journal
         } else {
             self.store.list_ca_keys().await?
         };
+
+        // The chain above the intermediates follows the bundle: a cross-signed root is sent while
+        // the root that signed it is trusted, and dropped once it is retired.
+        let chain = cross_chain(&journal, &root.0, now_s);
+        if intermediate.1.chain_to_root() != chain.as_slice() {
+            if let Some(rec) = find(&journal, &intermediate.0) {
+                intermediate.1 = self.load_intermediate(&rec, chain.clone())?;
+            }
+        }
+        if let Some((id, issuer)) = prepared_intermediate.as_mut() {
+            if issuer.chain_to_root() != chain.as_slice() {
+                if let Some(rec) = find(&journal, id) {
+                    *issuer = self.load_intermediate(&rec, chain.clone())?;
+                }
+            }
+        }
         self.swap(Keys {
-            root: Arc::clone(&keys.root),
-            root_id: keys.root_id.clone(),
+            root: root.1,
+            root_id: root.0,
             intermediate: intermediate.1,
             intermediate_id: intermediate.0,
             prepared_intermediate,
@@ -601,6 +758,44 @@ impl Authority {
             journal,
         });
         Ok(out)
+    }
+
+    /// The root to issue under instead of `current`, when `current` is no longer the active
+    /// root and this server can sign with the one that is (the newest, if several).
+    fn root_to_follow(
+        &self,
+        journal: &[CaKeyRecord],
+        current: &str,
+        now_s: i64,
+    ) -> Result<Option<(String, Arc<Issuer>)>, AuthorityError> {
+        let still_active = journal
+            .iter()
+            .any(|k| k.id == current && k.state == CaKeyState::Active && k.not_after > now_s);
+        if still_active {
+            return Ok(None);
+        }
+        let next = journal
+            .iter()
+            .filter(|k| {
+                k.kind == CaKeyKind::X509Root
+                    && k.state == CaKeyState::Active
+                    && k.not_after > now_s
+                    && k.id != current
+            })
+            .filter_map(|k| Some((k, root_key_path(k, self.upstream.as_ref(), &self.key_dir)?)))
+            .max_by_key(|(k, _)| k.created_at);
+        match next {
+            Some((rec, path)) => Ok(Some((rec.id.clone(), load_root(rec, &path)?))),
+            None => {
+                if journal
+                    .iter()
+                    .any(|k| k.kind == CaKeyKind::X509Root && k.state == CaKeyState::Active)
+                {
+                    tracing::error!(root_id = %current, "the trust domain's active root is not one this server can sign with (its key is neither in this server's data directory nor at a path it can read); still issuing under the superseded root, so it cannot be retired. Give the next root to every server with meshid-ca ca root prepare --upstream-cert/--upstream-key on paths they all read");
+                }
+                Ok(None)
+            }
+        }
     }
 
     /// The trust domain.
@@ -640,15 +835,17 @@ impl Authority {
     ) -> Result<IssuedSvid, AuthorityError> {
         self.check_member(spiffe_id)?;
         let csr = svid::parse_csr(csr_der)?;
-        let issuer = Arc::clone(&self.current().intermediate);
-        Ok(svid::sign_x509_svid(
-            &issuer,
+        let keys = self.current();
+        let mut svid = svid::sign_x509_svid(
+            &keys.intermediate,
             &csr,
             spiffe_id,
             dns_names,
             ttl.unwrap_or(self.settings.default_x509_svid_ttl),
             SystemTime::now(),
-        )?)
+        )?;
+        svid.issuer.clone_from(&keys.intermediate_id);
+        Ok(svid)
     }
 
     /// Signs the X.509-SVID of an agent or a CA server, marked with its `role`.
@@ -661,15 +858,17 @@ impl Authority {
     ) -> Result<IssuedSvid, AuthorityError> {
         self.check_member(spiffe_id)?;
         let csr = svid::parse_csr(csr_der)?;
-        let issuer = Arc::clone(&self.current().intermediate);
-        Ok(svid::sign_role_svid(
-            &issuer,
+        let keys = self.current();
+        let mut svid = svid::sign_role_svid(
+            &keys.intermediate,
             &csr,
             spiffe_id,
             ttl.unwrap_or(self.settings.default_x509_svid_ttl),
             SystemTime::now(),
             role,
-        )?)
+        )?;
+        svid.issuer.clone_from(&keys.intermediate_id);
+        Ok(svid)
     }
 
     /// Signs the X.509-SVID of a registration entry: the identity, DNS names and lifetime come
@@ -761,18 +960,26 @@ pub fn bundle_from_journal(
     let mut jwt_keys = Vec::new();
     let mut seen = HashMap::new();
     for k in journal {
+        // When the key left its state for the last one (0: not recorded, rows from before
+        // schema version 4; then the key's own end is the bound).
+        let retired_at = (k.state == CaKeyState::Retired && k.state_changed_at > 0)
+            .then_some(k.state_changed_at);
         match k.kind {
             CaKeyKind::X509Root => {
-                let member = k.state != CaKeyState::Retired && k.not_after > now_s;
-                if member {
+                if root_in_bundle(k, now_s) {
                     sequence = sequence.max(k.created_at);
                     roots.push(CertificateDer::from(k.public_der.clone()));
                 } else {
-                    sequence = sequence.max(k.not_after.min(now_s));
+                    // It left the bundle when it was retired or expired, whichever came first.
+                    let left = retired_at.unwrap_or(k.not_after).min(k.not_after);
+                    sequence = sequence.max(left.min(now_s));
                 }
             }
             CaKeyKind::Jwt => {
-                let leaves = k.not_after + jwt_grace;
+                // Published until the last token it can have signed expires: it signs until it
+                // is retired (or expires), and no token lives longer than `jwt_grace`.
+                let signed_until = retired_at.unwrap_or(k.not_after).min(k.not_after);
+                let leaves = signed_until + jwt_grace;
                 if leaves > now_s {
                     sequence = sequence.max(k.created_at);
                     if seen.insert(k.id.clone(), ()).is_none() {
@@ -786,7 +993,7 @@ pub fn bundle_from_journal(
                     sequence = sequence.max(leaves);
                 }
             }
-            CaKeyKind::X509Intermediate => {}
+            CaKeyKind::X509Intermediate | CaKeyKind::X509CrossSigned => {}
         }
     }
     TrustBundle {

@@ -9,6 +9,8 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 use meshid_api::{admin, files};
 use meshid_ca::config::{Config, ConfigError, RawConfig};
 
+mod root;
+
 const DEFAULT_SOCKET: &str = "/var/lib/meshid/ca/admin.sock";
 
 #[derive(Parser, Debug)]
@@ -307,6 +309,15 @@ enum CaCommand {
         conn: Conn,
         #[arg(long, value_enum, default_value = "text")]
         output: Output,
+    },
+    /// Rotate the trust anchor in phases: prepare, activate, retire (and status).
+    Root {
+        #[command(flatten)]
+        conn: Conn,
+        #[arg(long, value_enum, default_value = "text", global = true)]
+        output: Output,
+        #[command(subcommand)]
+        command: root::RootCommand,
     },
 }
 
@@ -856,6 +867,11 @@ async fn client(cmd: Command) -> anyhow::Result<ExitCode> {
                 }
             }
         }
+        Command::Ca(CaCommand::Root {
+            conn,
+            output,
+            command,
+        }) => return root::run(command, channel(&conn).await?, output == Output::Json).await,
         Command::Audit(AuditCommand::Verify { conn }) => {
             let mut c = AuditClient::new(channel(&conn).await?);
             let r = c

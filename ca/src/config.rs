@@ -120,6 +120,10 @@ pub struct RawCaConfig {
     pub upstream_key: Option<PathBuf>,
     /// `spiffe_refresh_hint` published in the bundle (default 5m).
     pub bundle_refresh_hint: Option<String>,
+    /// `auto` (default): the root is rotated by its age (next root prepared at half its life,
+    /// activated with a sixth left once every live agent has delivered it, the old one retired
+    /// once nothing it vouches for is unexpired); `manual`: only `meshid-ca ca root ...`.
+    pub root_rotation: Option<String>,
 }
 
 /// `[join_tokens]` as written.
@@ -207,6 +211,18 @@ pub struct CaSettings {
     pub upstream: Option<UpstreamAuthority>,
     /// Published refresh hint.
     pub bundle_refresh_hint: Duration,
+    /// Whether the root rotates by its age.
+    pub root_rotation: RootRotation,
+}
+
+/// How the trust anchor is rotated.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum RootRotation {
+    /// By its age, gated on measured delivery like the manual steps.
+    #[default]
+    Auto,
+    /// Only by the operator (`meshid-ca ca root prepare | activate | retire`).
+    Manual,
 }
 
 /// The validated configuration.
@@ -392,6 +408,16 @@ impl TryFrom<RawConfig> for Config {
             c.bundle_refresh_hint.as_deref(),
             Duration::from_secs(300),
         )?;
+        let root_rotation = match c.root_rotation.as_deref() {
+            None | Some("auto") => RootRotation::Auto,
+            Some("manual") => RootRotation::Manual,
+            Some(_) => {
+                return Err(invalid(
+                    "ca.root_rotation",
+                    "must be \"auto\" or \"manual\"",
+                ))
+            }
+        };
         let upstream = match (c.upstream_cert, c.upstream_key) {
             (None, None) => None,
             (Some(cert), Some(key)) => Some(UpstreamAuthority { cert, key }),
@@ -468,6 +494,7 @@ impl TryFrom<RawConfig> for Config {
                 rotation_interval,
                 upstream,
                 bundle_refresh_hint,
+                root_rotation,
             },
             join_token_ttl,
         })

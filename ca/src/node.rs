@@ -156,6 +156,7 @@ async fn renew_server_svid(ca: &Ca, cert: &RotatingCert) -> anyhow::Result<tokio
             "serial": svid.serial,
             "spiffe_id": id.to_string(),
             "not_after": svid.not_after,
+            "issuer": svid.issuer,
         }),
     );
     ca.store.append_audit(&event).await?;
@@ -210,6 +211,11 @@ async fn maintain_identity(
                 false
             }
             ev = events.recv() => match ev {
+                Ok(CaEvent::RootActivated) => {
+                    // Our own SVID too chains to the new root from now on.
+                    renew_at = tokio::time::Instant::now();
+                    false
+                }
                 Ok(CaEvent::BundleChanged) | Err(RecvError::Lagged(_)) => true,
                 Ok(_) => false,
                 Err(RecvError::Closed) => return,
@@ -680,6 +686,7 @@ impl Pending {
                     self.renew = true;
                 }
             }
+            CaEvent::RootActivated => self.renew = true,
             CaEvent::AgentRenewed { spiffe_id, serial } => {
                 if spiffe_id == caller.id && serial != caller.serial {
                     return Applied::Superseded;

@@ -102,6 +102,9 @@ pub async fn rotation_loop(ca: Ca, interval: Duration, mut stop: watch::Receiver
                 tracing::error!(error = %e, "rotation check failed; will retry");
             }
         }
+        if let Err(e) = ca.root_auto_step().await {
+            tracing::warn!(error = %e, "automatic root rotation step failed; will retry");
+        }
         let now = ca.authority.bundle().sequence;
         if now != sequence {
             sequence = now;
@@ -187,6 +190,17 @@ async fn replay(ca: &Ca, me: &str, record: &crate::audit::AuditRecord) -> anyhow
             if let Some(spiffe_id) = parse_id(field("spiffe_id")) {
                 ca.publish(CaEvent::AgentRotate { spiffe_id });
             }
+        }
+        "ca.root.prepared" | "ca.root.activated" | "ca.root.retired"
+            if field("ca_server") != Some(me) =>
+        {
+            // Another server took a root step: follow it now rather than at the next rotation
+            // check (a new intermediate under an activated root), and tell our agents.
+            ca.authority.rotate(std::time::SystemTime::now()).await?;
+            if record.kind == "ca.root.activated" {
+                ca.publish(CaEvent::RootActivated);
+            }
+            ca.publish(CaEvent::BundleChanged);
         }
         "agent.evicted" | "agent.banned" => {
             if let Some(spiffe_id) = parse_id(field("spiffe_id")) {

@@ -70,7 +70,12 @@ impl From<ServiceError> for Status {
             }
             ServiceError::Store(StoreError::NotFound(_)) => Status::not_found(msg),
             ServiceError::Store(StoreError::AlreadyExists(_)) => Status::already_exists(msg),
-            ServiceError::Store(StoreError::RevisionConflict { .. }) => Status::aborted(msg),
+            ServiceError::Store(StoreError::RevisionConflict { .. })
+            | ServiceError::Store(StoreError::StateConflict { .. })
+            | ServiceError::Authority(AuthorityError::Store(StoreError::StateConflict {
+                ..
+            })) => Status::aborted(msg),
+            ServiceError::Authority(AuthorityError::Refused(_)) => Status::failed_precondition(msg),
             ServiceError::Store(StoreError::TokenRejected) | ServiceError::AgentDenied { .. } => {
                 Status::permission_denied(msg)
             }
@@ -119,6 +124,8 @@ fn check_reason(reason: &str) -> Result<(), ServiceError> {
     Ok(())
 }
 
+mod root;
+
 /// How many [`CaEvent`]s a slow subscriber may fall behind before it is told it lagged (and
 /// resynchronizes from the store).
 pub const EVENT_CAPACITY: usize = 1024;
@@ -149,6 +156,9 @@ pub enum CaEvent {
         /// The agent's SPIFFE ID.
         spiffe_id: SpiffeId,
     },
+    /// A new root was activated: every agent renews its own SVID now (and the node API its
+    /// server SVID), so that nothing of meshid's own keeps the superseded root from retiring.
+    RootActivated,
     /// The operator asked an agent to renew its own SVID now (`agent rotate`).
     AgentRotate {
         /// The agent's SPIFFE ID.
@@ -269,6 +279,7 @@ impl Ca {
                 "spiffe_id": spiffe_id.to_string(),
                 "entry_id": entry.map(ToString::to_string),
                 "not_after": svid.not_after,
+                "issuer": svid.issuer,
             }),
         )
     }
@@ -782,6 +793,7 @@ impl Ca {
                 "token_id": token.id,
                 "serial": svid.serial,
                 "not_after": svid.not_after,
+                "issuer": svid.issuer,
             }),
         );
         self.store.upsert_agent(&record, &event).await?;
@@ -817,6 +829,7 @@ impl Ca {
                 "spiffe_id": id_text,
                 "serial": svid.serial,
                 "not_after": svid.not_after,
+                "issuer": svid.issuer,
             }),
         );
         // Conditional in the store: another CA server may have evicted or banned the agent

@@ -64,6 +64,16 @@ pub enum StoreError {
         /// The revision in the store.
         found: i64,
     },
+    /// A CA key was not in the state a transition expected (another server changed it).
+    #[error("CA key {id} is {found}, not {expected}; reload and retry")]
+    StateConflict {
+        /// The key.
+        id: String,
+        /// The state the transition expected.
+        expected: &'static str,
+        /// The state found.
+        found: String,
+    },
     /// The join token is unknown, already used or expired. Deliberately one variant, so a caller
     /// cannot probe which tokens exist.
     #[error("join token is invalid, expired or already used")]
@@ -130,6 +140,35 @@ pub enum CaKeyKind {
     X509Intermediate,
     /// JWT-SVID signing key.
     Jwt,
+    /// A root's certificate re-issued by the root it replaces (same subject and key, issued by
+    /// the old root): sent above a new root's intermediates while the old root is in the
+    /// bundle, so that a peer holding only the old root still verifies. No key of its own;
+    /// `parent_id` is the old root, `id` names the new root it certifies after `xsign-`.
+    X509CrossSigned,
+}
+
+impl CaKeyKind {
+    /// The stable name (datastore column, admin API, CLI).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CaKeyKind::X509Root => "x509_root",
+            CaKeyKind::X509Intermediate => "x509_intermediate",
+            CaKeyKind::Jwt => "jwt",
+            CaKeyKind::X509CrossSigned => "x509_cross_signed",
+        }
+    }
+
+    /// The kind named by [`CaKeyKind::as_str`].
+    pub fn parse(name: &str) -> Option<Self> {
+        [
+            CaKeyKind::X509Root,
+            CaKeyKind::X509Intermediate,
+            CaKeyKind::Jwt,
+            CaKeyKind::X509CrossSigned,
+        ]
+        .into_iter()
+        .find(|k| k.as_str() == name)
+    }
 }
 
 /// Where a CA key is in its life (the CA journal).
@@ -139,8 +178,36 @@ pub enum CaKeyState {
     Prepared,
     /// Signing.
     Active,
-    /// No longer signing; kept until what it signed has expired.
+    /// A root that a newer root has replaced: still in the bundle, so that what its
+    /// intermediates signed keeps verifying, but no longer signing intermediates. Retired once
+    /// nothing it vouches for is unexpired (`meshid-ca ca root retire`).
+    Superseded,
+    /// No longer signing; kept until what it signed has expired (a root: out of the bundle).
     Retired,
+}
+
+impl CaKeyState {
+    /// The stable name (datastore column, admin API, CLI).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CaKeyState::Prepared => "prepared",
+            CaKeyState::Active => "active",
+            CaKeyState::Superseded => "superseded",
+            CaKeyState::Retired => "retired",
+        }
+    }
+
+    /// The state named by [`CaKeyState::as_str`].
+    pub fn parse(name: &str) -> Option<Self> {
+        [
+            CaKeyState::Prepared,
+            CaKeyState::Active,
+            CaKeyState::Superseded,
+            CaKeyState::Retired,
+        ]
+        .into_iter()
+        .find(|k| k.as_str() == name)
+    }
 }
 
 /// One row of the CA journal.
@@ -165,6 +232,12 @@ pub struct CaKeyRecord {
     pub not_after: i64,
     /// Unix seconds.
     pub created_at: i64,
+    /// Unix seconds of the last state change (`created_at` until the first; 0 for keys from
+    /// before schema version 4, whose changes were not recorded).
+    pub state_changed_at: i64,
+    /// For a root supplied by the operator: the path of its private key, which every CA server
+    /// of the trust domain reads (never copied). Empty for keys in a server's data directory.
+    pub key_path: String,
 }
 
 /// The datastore. Implementations must be safe to share between tasks and, for PostgreSQL,
@@ -247,11 +320,25 @@ pub trait Datastore: Send + Sync + 'static {
 
     /// Adds a CA journal row.
     async fn insert_ca_key(&self, key: &CaKeyRecord, audit: &AuditEvent) -> Result<(), StoreError>;
-    /// Changes a CA key's state.
+    /// Changes a CA key's state, stamping the change now.
     async fn set_ca_key_state(
         &self,
         id: &str,
         state: CaKeyState,
+        audit: &AuditEvent,
+    ) -> Result<(), StoreError> {
+        self.transition_ca_key(id, None, state, crate::unix_now(), audit)
+            .await
+    }
+    /// Changes a CA key's state to `to`, stamped `at` (unix seconds), if it is in state `from`
+    /// (any state when `None`); [`StoreError::StateConflict`] names the state found otherwise, so
+    /// that two CA servers racing on one key change it once.
+    async fn transition_ca_key(
+        &self,
+        id: &str,
+        from: Option<CaKeyState>,
+        to: CaKeyState,
+        at: i64,
         audit: &AuditEvent,
     ) -> Result<(), StoreError>;
     /// The whole CA journal, ordered by creation time then id.
@@ -269,6 +356,15 @@ pub trait Datastore: Send + Sync + 'static {
     /// Up to `limit` audit records with `seq > after`, in ascending seq order, as stored (no
     /// checking: that is [`crate::audit::verify`]'s job).
     async fn audit_records(&self, after: i64, limit: i64) -> Result<Vec<AuditRecord>, StoreError>;
+    /// Up to `limit` audit records of the given kinds with `seq > after` and `time >=
+    /// since_time`, in ascending seq order (the issuance records a root retirement checks).
+    async fn audit_records_since(
+        &self,
+        since_time: i64,
+        kinds: &[&str],
+        after: i64,
+        limit: i64,
+    ) -> Result<Vec<AuditRecord>, StoreError>;
     /// The stored head of the chain (last seq and its hash), kept separately from the records
     /// so that truncating the log is detected.
     async fn audit_head(&self) -> Result<Option<(i64, [u8; 32])>, StoreError>;

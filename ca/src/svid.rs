@@ -475,6 +475,116 @@ pub fn generate_intermediate(
     Ok(cert.into())
 }
 
+/// Certifies the self-signed CA certificate `root` with `issuer` (a *cross-signed* root, as
+/// Let's Encrypt's ISRG Root X1 was by DST Root CA X3): the same subject, key, subject key
+/// identifier, basic constraints and URI SANs, keyUsage keyCertSign and cRLSign, issued by
+/// `issuer` and valid from `now` - [`BACKDATE`] until the earlier of the two notAfters.
+///
+/// Sent above the intermediates of a new root while the old root is still trusted, it gives a
+/// peer that holds only the old root a path (leaf, intermediate, cross-signed root, old root);
+/// a peer that holds the new root stops at it and never looks at the extra certificate. The
+/// result is checked: same subject bytes and key as `root`, signature by `issuer`.
+pub fn cross_sign(
+    issuer: &Issuer,
+    root: &CertificateDer<'_>,
+    now: SystemTime,
+) -> Result<CertificateDer<'static>, SvidError> {
+    let x509 = parse_cert(root)?;
+    check_ca(&x509)?;
+    let mut dn = DistinguishedName::new();
+    for rdn in x509.subject().iter() {
+        let mut attrs = rdn.iter();
+        let (Some(attr), None) = (attrs.next(), attrs.next()) else {
+            return Err(SvidError::InvalidIssuer(
+                "cannot cross-sign a subject with multi-valued or empty RDNs",
+            ));
+        };
+        let oid: Vec<u64> = attr
+            .attr_type()
+            .iter()
+            .ok_or(SvidError::InvalidIssuer("subject attribute OID too large"))?
+            .collect();
+        let value = attr.attr_value();
+        let text = std::str::from_utf8(value.data)
+            .map_err(|_| SvidError::InvalidIssuer("subject attribute is not text"))?
+            .to_owned();
+        let value = match value.header.tag() {
+            x509_parser::der_parser::asn1_rs::Tag::PrintableString => {
+                rcgen::DnValue::PrintableString(
+                    text.try_into()
+                        .map_err(|_| SvidError::InvalidIssuer("bad PrintableString in subject"))?,
+                )
+            }
+            x509_parser::der_parser::asn1_rs::Tag::Utf8String => rcgen::DnValue::Utf8String(text),
+            _ => return Err(SvidError::InvalidIssuer(
+                "cannot cross-sign a subject attribute that is not UTF8String or PrintableString",
+            )),
+        };
+        dn.push(DnType::from_oid(&oid), value);
+    }
+    let mut params = CertificateParams::default();
+    params.distinguished_name = dn;
+    let bc = x509
+        .basic_constraints()
+        .map_err(|_| SvidError::InvalidIssuer("unparseable basicConstraints"))?;
+    params.is_ca = IsCa::Ca(match bc.and_then(|b| b.value.path_len_constraint) {
+        Some(n) => BasicConstraints::Constrained(u8::try_from(n).unwrap_or(u8::MAX)),
+        None => BasicConstraints::Unconstrained,
+    });
+    params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+    let mut sans = Vec::new();
+    if let Ok(Some(san)) = x509.subject_alternative_name() {
+        for name in &san.value.general_names {
+            if let GeneralName::URI(uri) = name {
+                sans.push(SanType::URI(
+                    Ia5String::try_from(*uri).map_err(SvidError::Generate)?,
+                ));
+            }
+        }
+    }
+    params.subject_alt_names = sans;
+    if let Ok(Some(ski)) =
+        x509.get_extension_unique(&x509_parser::oid_registry::OID_X509_EXT_SUBJECT_KEY_IDENTIFIER)
+    {
+        if let x509_parser::extensions::ParsedExtension::SubjectKeyIdentifier(id) =
+            ski.parsed_extension()
+        {
+            params.key_identifier_method = rcgen::KeyIdMethod::PreSpecified(id.0.to_vec());
+        }
+    }
+    params.use_authority_key_identifier_extension = true;
+    let (not_before, _) = validity(now, Duration::from_secs(1), None)?;
+    let not_after = x509.validity().not_after.timestamp().min(issuer.not_after);
+    if not_after <= not_before {
+        return Err(SvidError::IssuerExpired { not_after });
+    }
+    params.not_before = to_datetime(not_before)?;
+    params.not_after = to_datetime(not_after)?;
+    params.serial_number = Some(SerialNumber::from_slice(&random_serial()));
+    let spki = rcgen::SubjectPublicKeyInfo::from_der(x509.public_key().raw)
+        .map_err(SvidError::Generate)?;
+    let cert = params
+        .signed_by(&spki, &issuer.signer)
+        .map_err(SvidError::Generate)?;
+    let issued = parse_cert(cert.der())?;
+    if issued.subject().as_raw() != x509.subject().as_raw()
+        || issued.public_key().raw != x509.public_key().raw
+    {
+        return Err(SvidError::InvalidIssuer(
+            "the cross-signed certificate does not reproduce the root's subject and key",
+        ));
+    }
+    let issuer_cert = parse_cert(&issuer.cert)?;
+    if issued
+        .verify_signature(Some(issuer_cert.public_key()))
+        .is_err()
+    {
+        return Err(SvidError::KeyMismatch);
+    }
+    drop(issued);
+    Ok(cert.into())
+}
+
 /// The public key kinds a CSR may carry.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 #[non_exhaustive]
@@ -585,6 +695,10 @@ pub struct IssuedSvid {
     pub not_before: i64,
     /// The leaf's notAfter, Unix seconds.
     pub not_after: i64,
+    /// The CA journal id of the key that signed it (set by the
+    /// [`Authority`](crate::authority::Authority); empty from this module's functions). Issuance
+    /// records carry it, so that the CA can prove when nothing a root vouches for is unexpired.
+    pub issuer: String,
 }
 
 /// Signs a workload X509-SVID for `spiffe_id` and `dns_names` over the CSR's public key.
@@ -704,6 +818,7 @@ fn sign_leaf(
         serial: hex::encode(serial),
         not_before,
         not_after,
+        issuer: String::new(),
     })
 }
 

@@ -34,7 +34,7 @@ use crate::config::redact_url;
 use crate::entry::{EntryId, EntrySpec, RegistrationEntry};
 
 /// The newest schema version this binary knows (the last entry of the migration list).
-pub const SCHEMA_VERSION: i64 = 3;
+pub const SCHEMA_VERSION: i64 = 4;
 
 /// The file [`SqlStore::open_sqlite_in`] uses inside the data directory.
 pub const SQLITE_FILE_NAME: &str = "meshid-ca.db";
@@ -229,6 +229,19 @@ CREATE TABLE agent_deliveries (
 )
 "#,
     },
+    // Root rotation: when a CA key last changed state (0 for rows from before: not recorded),
+    // and where an operator-supplied root's private key lives (a path, never the key).
+    Migration {
+        version: 4,
+        sqlite: r#"
+ALTER TABLE ca_keys ADD COLUMN state_changed_at INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE ca_keys ADD COLUMN key_path TEXT NOT NULL DEFAULT ''
+"#,
+        postgres: r#"
+ALTER TABLE ca_keys ADD COLUMN state_changed_at BIGINT NOT NULL DEFAULT 0;
+ALTER TABLE ca_keys ADD COLUMN key_path TEXT NOT NULL DEFAULT ''
+"#,
+    },
 ];
 
 const ENTRY_COLUMNS: &str = "id, spiffe_id, parent_id, selectors, x509_ttl, jwt_ttl, dns_names, \
@@ -236,8 +249,8 @@ const ENTRY_COLUMNS: &str = "id, spiffe_id, parent_id, selectors, x509_ttl, jwt_
 const AGENT_COLUMNS: &str = "spiffe_id, attestation_type, serial, expires_at, created_at, banned, \
      previous_serial, previous_until";
 const TOKEN_COLUMNS: &str = "hash, id, created_at, expires_at, used_at";
-const CA_KEY_COLUMNS: &str =
-    "id, kind, state, server_id, parent_id, public_der, not_before, not_after, created_at";
+const CA_KEY_COLUMNS: &str = "id, kind, state, server_id, parent_id, public_der, not_before, \
+     not_after, created_at, state_changed_at, key_path";
 const AUDIT_COLUMNS: &str = "seq, time, kind, actor, details, prev_hash, hash";
 
 /// A federated trust domain's bundle as stored (see [`SqlStore::put_bundle`]).
@@ -1030,17 +1043,20 @@ impl Datastore for SqlStore {
     async fn insert_ca_key(&self, key: &CaKeyRecord, audit: &AuditEvent) -> Result<(), StoreError> {
         let mut w = self.begin_write().await?;
         let result = sqlx::query(&format!(
-            "INSERT INTO ca_keys ({CA_KEY_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)"
+            "INSERT INTO ca_keys ({CA_KEY_COLUMNS}) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)"
         ))
         .bind(key.id.as_str())
-        .bind(kind_str(key.kind))
-        .bind(state_str(key.state))
+        .bind(key.kind.as_str())
+        .bind(key.state.as_str())
         .bind(key.server_id.as_str())
         .bind(key.parent_id.clone())
         .bind(key.public_der.clone())
         .bind(key.not_before)
         .bind(key.not_after)
         .bind(key.created_at)
+        .bind(key.state_changed_at)
+        .bind(key.key_path.as_str())
         .execute(&mut *w.tx)
         .await;
         map_unique(result, || format!("CA key {}", key.id))?;
@@ -1048,21 +1064,38 @@ impl Datastore for SqlStore {
         w.commit().await
     }
 
-    async fn set_ca_key_state(
+    async fn transition_ca_key(
         &self,
         id: &str,
-        state: CaKeyState,
+        from: Option<CaKeyState>,
+        to: CaKeyState,
+        at: i64,
         audit: &AuditEvent,
     ) -> Result<(), StoreError> {
         let mut w = self.begin_write().await?;
-        let updated = sqlx::query("UPDATE ca_keys SET state = $1 WHERE id = $2")
-            .bind(state_str(state))
+        let row = sqlx::query("SELECT state FROM ca_keys WHERE id = $1")
+            .bind(id)
+            .fetch_optional(&mut *w.tx)
+            .await?;
+        let Some(row) = row else {
+            return Err(StoreError::NotFound(format!("CA key {id}")));
+        };
+        let found: String = row.try_get("state")?;
+        if let Some(from) = from {
+            if found != from.as_str() {
+                return Err(StoreError::StateConflict {
+                    id: id.to_owned(),
+                    expected: from.as_str(),
+                    found,
+                });
+            }
+        }
+        sqlx::query("UPDATE ca_keys SET state = $1, state_changed_at = $2 WHERE id = $3")
+            .bind(to.as_str())
+            .bind(at)
             .bind(id)
             .execute(&mut *w.tx)
             .await?;
-        if updated.rows_affected() == 0 {
-            return Err(StoreError::NotFound(format!("CA key {id}")));
-        }
         append_in_tx(&mut w.tx, audit).await?;
         w.commit().await
     }
@@ -1104,6 +1137,33 @@ impl Datastore for SqlStore {
         .bind(limit.max(0))
         .fetch_all(&self.pool)
         .await?;
+        rows.iter().map(decode_audit).collect()
+    }
+
+    async fn audit_records_since(
+        &self,
+        since_time: i64,
+        kinds: &[&str],
+        after: i64,
+        limit: i64,
+    ) -> Result<Vec<AuditRecord>, StoreError> {
+        if kinds.is_empty() {
+            return Ok(Vec::new());
+        }
+        let placeholders: Vec<String> = (0..kinds.len()).map(|i| format!("${}", i + 4)).collect();
+        let sql = format!(
+            "SELECT {AUDIT_COLUMNS} FROM audit_log WHERE seq > $1 AND time >= $2 AND kind IN ({}) \
+             ORDER BY seq LIMIT $3",
+            placeholders.join(", ")
+        );
+        let mut query = sqlx::query(&sql)
+            .bind(after)
+            .bind(since_time)
+            .bind(limit.max(0));
+        for kind in kinds {
+            query = query.bind(*kind);
+        }
+        let rows = query.fetch_all(&self.pool).await?;
         rows.iter().map(decode_audit).collect()
     }
 
@@ -1373,36 +1433,16 @@ fn decode_token(row: &AnyRow) -> Result<JoinTokenRecord, StoreError> {
     })
 }
 
-fn kind_str(kind: CaKeyKind) -> &'static str {
-    match kind {
-        CaKeyKind::X509Root => "x509_root",
-        CaKeyKind::X509Intermediate => "x509_intermediate",
-        CaKeyKind::Jwt => "jwt",
-    }
-}
-
-fn state_str(state: CaKeyState) -> &'static str {
-    match state {
-        CaKeyState::Prepared => "prepared",
-        CaKeyState::Active => "active",
-        CaKeyState::Retired => "retired",
-    }
-}
-
 fn decode_ca_key(row: &AnyRow) -> Result<CaKeyRecord, StoreError> {
     const T: &str = "ca_keys";
     let id: String = row.try_get("id")?;
-    let kind = match row.try_get::<String, _>("kind")?.as_str() {
-        "x509_root" => CaKeyKind::X509Root,
-        "x509_intermediate" => CaKeyKind::X509Intermediate,
-        "jwt" => CaKeyKind::Jwt,
-        other => return Err(corrupt(T, &id, format_args!("unknown kind {other:?}"))),
+    let kind: String = row.try_get("kind")?;
+    let Some(kind) = CaKeyKind::parse(&kind) else {
+        return Err(corrupt(T, &id, format_args!("unknown kind {kind:?}")));
     };
-    let state = match row.try_get::<String, _>("state")?.as_str() {
-        "prepared" => CaKeyState::Prepared,
-        "active" => CaKeyState::Active,
-        "retired" => CaKeyState::Retired,
-        other => return Err(corrupt(T, &id, format_args!("unknown state {other:?}"))),
+    let state: String = row.try_get("state")?;
+    let Some(state) = CaKeyState::parse(&state) else {
+        return Err(corrupt(T, &id, format_args!("unknown state {state:?}")));
     };
     Ok(CaKeyRecord {
         kind,
@@ -1413,6 +1453,8 @@ fn decode_ca_key(row: &AnyRow) -> Result<CaKeyRecord, StoreError> {
         not_before: row.try_get("not_before")?,
         not_after: row.try_get("not_after")?,
         created_at: row.try_get("created_at")?,
+        state_changed_at: row.try_get("state_changed_at")?,
+        key_path: row.try_get("key_path")?,
         id,
     })
 }

@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use meshid_ca::authority::Authority;
-use meshid_ca::config::{CaSettings, UpstreamAuthority};
+use meshid_ca::config::{CaSettings, RootRotation, UpstreamAuthority};
 use meshid_ca::entry::EntrySpec;
 use meshid_ca::metrics::Metrics;
 use meshid_ca::service::Ca;
@@ -38,11 +38,11 @@ fn validate_jwt(
     spiffe::JwtSvid::parse_and_validate(token, &set, &[audience])
 }
 
-fn td() -> TrustDomain {
+pub(crate) fn td() -> TrustDomain {
     TrustDomain::new("example.org").unwrap()
 }
 
-fn settings(intermediate: u64) -> CaSettings {
+pub(crate) fn settings(intermediate: u64) -> CaSettings {
     CaSettings {
         key_type: KeyType::EcP256,
         root_ttl: Duration::from_secs(3600),
@@ -53,17 +53,18 @@ fn settings(intermediate: u64) -> CaSettings {
         rotation_interval: Duration::from_millis(100),
         upstream: None,
         bundle_refresh_hint: Duration::from_secs(300),
+        root_rotation: RootRotation::Manual,
     }
 }
 
 /// A database on the chosen backend that lives as long as the guard.
-struct Db {
-    url: String,
+pub(crate) struct Db {
+    pub(crate) url: String,
     _pg: Option<pg::PgDatabase>,
     _dir: tempfile::TempDir,
 }
 
-async fn db(postgres: bool) -> Option<Db> {
+pub(crate) async fn db(postgres: bool) -> Option<Db> {
     let dir = tempfile::tempdir().unwrap();
     if postgres {
         let pg = pg::fresh_database().await?;
@@ -81,7 +82,7 @@ async fn db(postgres: bool) -> Option<Db> {
     }
 }
 
-async fn open(url: &str) -> Arc<dyn Datastore> {
+pub(crate) async fn open(url: &str) -> Arc<dyn Datastore> {
     Arc::new(SqlStore::open(url).await.unwrap())
 }
 
@@ -94,7 +95,7 @@ async fn load(
     Authority::load_or_init(td(), "ca-1".into(), settings, dir, store).await
 }
 
-fn csr() -> Vec<u8> {
+pub(crate) fn csr() -> Vec<u8> {
     let key = rcgen::KeyPair::generate().unwrap();
     let mut params = rcgen::CertificateParams::new(vec!["evil.example".to_owned()]).unwrap();
     params.subject_alt_names.push(rcgen::SanType::URI(
@@ -103,11 +104,11 @@ fn csr() -> Vec<u8> {
     params.serialize_request(&key).unwrap().der().to_vec()
 }
 
-fn unix(t: SystemTime) -> i64 {
+pub(crate) fn unix(t: SystemTime) -> i64 {
     t.duration_since(UNIX_EPOCH).unwrap().as_secs() as i64
 }
 
-fn verify(
+pub(crate) fn verify(
     roots: &[CertificateDer<'static>],
     chain: &[CertificateDer<'static>],
     at: i64,
@@ -328,7 +329,7 @@ async fn rotation_under_issuance_postgres() {
     rotation_under_issuance_case(true).await;
 }
 
-fn write_private(path: &Path, contents: &str) {
+pub(crate) fn write_private(path: &Path, contents: &str) {
     use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;
     let mut f = std::fs::OpenOptions::new()
@@ -383,7 +384,7 @@ async fn upstream_root_is_used() {
     assert!(err.to_string().contains("key"), "{err}");
 }
 
-fn pem(der: &[u8]) -> String {
+pub(crate) fn pem(der: &[u8]) -> String {
     use base64::Engine;
     let b64 = base64::engine::general_purpose::STANDARD.encode(der);
     let lines: Vec<_> = b64

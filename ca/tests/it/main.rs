@@ -10,5 +10,6 @@ mod pg;
 mod authority;
 mod cli;
 mod node;
+mod root;
 mod store;
 mod x509_verify;

@@ -201,5 +201,7 @@ pub fn ca_key(id: &str, kind: CaKeyKind, parent: Option<&str>, created_at: i64) 
         not_before: created_at,
         not_after: created_at + 86_400,
         created_at,
+        state_changed_at: created_at,
+        key_path: String::new(),
     }
 }

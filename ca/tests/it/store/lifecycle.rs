@@ -227,16 +227,25 @@ pub async fn sqlite_missing_directory_is_named() {
 }
 
 pub async fn a_version_1_database_migrates_its_agents(backend: Backend) {
-    // A database as version 1 left it: agents without the superseded-serial columns.
+    // A database as version 1 left it: agents without the superseded-serial columns, CA keys
+    // without their state-change time and key path.
+    let blob = match backend {
+        Backend::Sqlite => "X'3000'",
+        Backend::Postgres => "decode('3000', 'hex')",
+    };
     let fx = fixture!(backend);
-    fx.raw(
+    fx.raw(&format!(
         "ALTER TABLE agents DROP COLUMN previous_serial; \
          ALTER TABLE agents DROP COLUMN previous_until; \
          DROP TABLE agent_deliveries; \
+         ALTER TABLE ca_keys DROP COLUMN state_changed_at; \
+         ALTER TABLE ca_keys DROP COLUMN key_path; \
          DELETE FROM schema_migrations WHERE version >= 2; \
          INSERT INTO agents (spiffe_id, attestation_type, serial, expires_at, created_at, banned) \
-         VALUES ('spiffe://example.org/meshid/agent/join_token/old', 'join_token', 'abcd', 10, 1, 0)",
-    )
+         VALUES ('spiffe://example.org/meshid/agent/join_token/old', 'join_token', 'abcd', 10, 1, 0); \
+         INSERT INTO ca_keys (id, kind, state, server_id, parent_id, public_der, not_before, \
+         not_after, created_at) VALUES ('jwt-old', 'jwt', 'retired', 'ca-1', NULL, {blob}, 1, 2, 1)",
+    ))
     .await;
     let store = SqlStore::open(&fx.url).await.unwrap();
     assert_eq!(
@@ -258,6 +267,14 @@ pub async fn a_version_1_database_migrates_its_agents(backend: Backend) {
             agent.previous_until
         ),
         ("abcd", "", 0)
+    );
+    // A key's state change from before version 4 is unknown (0), never guessed.
+    let keys = store.list_ca_keys().await.unwrap();
+    assert_eq!(
+        keys.iter()
+            .map(|k| (k.id.as_str(), k.state_changed_at, k.key_path.as_str()))
+            .collect::<Vec<_>>(),
+        vec![("jwt-old", 0, "")]
     );
 }
 

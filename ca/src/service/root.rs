@@ -1,0 +1,69 @@
+//! The root rotation's steps as the admin API and the rotation loop take them: the
+//! [`Authority`](crate::authority::Authority) changes the keys; here the change is announced to
+//! this server's agents at once (other servers follow through the change feed).
+
+use std::path::PathBuf;
+
+use super::{check_reason, Ca, CaEvent, ServiceError};
+use crate::authority::root::{Activation, RootStatus};
+use crate::store::CaKeyRecord;
+
+impl Ca {
+    /// Where the root rotation stands.
+    pub async fn root_status(&self) -> Result<RootStatus, ServiceError> {
+        Ok(self.authority.root_status().await?)
+    }
+
+    /// `meshid-ca ca root prepare`: the next root joins the bundle, pushed to every agent now.
+    pub async fn root_prepare(
+        &self,
+        upstream: Option<(PathBuf, PathBuf)>,
+        actor: &str,
+        reason: &str,
+    ) -> Result<CaKeyRecord, ServiceError> {
+        check_reason(reason)?;
+        let rec = self.authority.prepare_root(upstream, actor, reason).await?;
+        self.publish(CaEvent::BundleChanged);
+        Ok(rec)
+    }
+
+    /// `meshid-ca ca root activate`: refused while a live agent has not delivered the prepared
+    /// root (unless `force`); then new SVIDs chain to it, and every agent renews its own SVID.
+    pub async fn root_activate(
+        &self,
+        actor: &str,
+        reason: &str,
+        force: bool,
+    ) -> Result<Activation, ServiceError> {
+        check_reason(reason)?;
+        let activation = self.authority.activate_root(actor, reason, force).await?;
+        self.publish(CaEvent::RootActivated);
+        self.publish(CaEvent::BundleChanged);
+        Ok(activation)
+    }
+
+    /// `meshid-ca ca root retire`: refused while anything signed under the superseded root is
+    /// unexpired; then it leaves the bundle, pushed to every agent now.
+    pub async fn root_retire(
+        &self,
+        actor: &str,
+        reason: &str,
+    ) -> Result<Vec<String>, ServiceError> {
+        check_reason(reason)?;
+        let retired = self.authority.retire_root(actor, reason).await?;
+        self.publish(CaEvent::BundleChanged);
+        Ok(retired)
+    }
+
+    /// One step of the automatic root rotation; announces what it changed.
+    pub async fn root_auto_step(&self) -> Result<(), ServiceError> {
+        if let Some(done) = self.authority.auto_root().await? {
+            tracing::info!(what = %done, "automatic root rotation");
+            if done.starts_with("activated") {
+                self.publish(CaEvent::RootActivated);
+            }
+            self.publish(CaEvent::BundleChanged);
+        }
+        Ok(())
+    }
+}
