@@ -25,6 +25,7 @@ check failed, so the Rust test shows every result at once.
                                                  N samples, one new client each; prints µs
 """
 
+import base64
 import json
 import os
 import sys
@@ -506,6 +507,38 @@ def mode_raw(socket, kind):
     finish()
 
 
+def mode_roots(socket, spec):
+    """After a root rotation: py-spiffe's bundle holds exactly the expected roots, and its SVID
+    verifies (by `cryptography`) against them, and not against the retired ones alone."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography import x509
+    from spiffe import WorkloadApiClient
+
+    client = WorkloadApiClient(socket_path=f"unix:{socket}", default_timeout=15)
+    expected = [base64.b64decode(r) for r in spec["roots"]]
+    retired = [base64.b64decode(r) for r in spec["retired"]]
+
+    def bundle_is_the_new_root():
+        svid = client.fetch_x509_svid()
+        bundle = client.fetch_x509_bundles().get_bundle_for_trust_domain(
+            svid.spiffe_id.trust_domain
+        )
+        roots = sorted(a.public_bytes(serialization.Encoding.DER) for a in bundle.x509_authorities)
+        expect(roots == sorted(expected), f"{len(roots)} roots in the bundle, not the expected")
+        chain = [c.public_bytes(serialization.Encoding.DER) for c in svid.cert_chain]
+        verify_chain(chain[0], chain[1:], roots, spec["id"])
+        try:
+            verify_chain(chain[0], chain[1:], retired, spec["id"])
+        except AssertionError:
+            raise
+        except Exception:
+            return
+        raise AssertionError("the SVID still verifies against the retired root alone")
+
+    check("py-spiffe after a root rotation: bundle, SVID verified by cryptography", bundle_is_the_new_root)
+    finish()
+
+
 def mode_latency(socket, n):
     from spiffe import WorkloadApiClient
 
@@ -532,6 +565,8 @@ def main():
         mode_authority(socket, sys.argv[3])
     elif mode == "raw":
         mode_raw(socket, sys.argv[3])
+    elif mode == "roots":
+        mode_roots(socket, json.loads(sys.argv[3]))
     elif mode == "latency":
         mode_latency(socket, int(sys.argv[3]))
     else:

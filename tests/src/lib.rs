@@ -12,6 +12,27 @@ use std::process::{Child, Command, Output, Stdio};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
+pub mod pg;
+
+/// A private PostgreSQL cluster for one test (stopped when dropped), or `None` after saying
+/// SKIPPED when this machine has no PostgreSQL binaries (a failure under `CI` or `MESHID_CI`:
+/// CI must not skip silently).
+pub fn postgres_cluster() -> Option<pg::Cluster> {
+    match pg::start_cluster() {
+        Ok(c) => Some(c),
+        Err(pg::Unavailable::NoBinaries) => {
+            let ci = std::env::var_os("CI").is_some() || std::env::var_os("MESHID_CI").is_some();
+            assert!(
+                !ci,
+                "PostgreSQL tests cannot run: no initdb found (CI is set)"
+            );
+            eprintln!("SKIPPED: no PostgreSQL binaries (initdb) found");
+            None
+        }
+        Err(pg::Unavailable::Failed(why)) => panic!("cannot start PostgreSQL: {why}"),
+    }
+}
+
 /// The directory holding the workspace's binaries (built on first use, so the tests always
 /// run the current code). It is the directory of the running executable, or its parent when
 /// that is `deps` (test binaries live in `target/<profile>/deps`); from a `release` directory
@@ -489,6 +510,38 @@ impl Agent {
             ops_address,
             data_dir,
         }
+    }
+
+    /// Starts the agent again (after [`Proc::stop`]) on the identity in its data directory,
+    /// with the bundle file [`Agent::start`] wrote in `dir`, logging to `dir/agent-restarted.log`.
+    pub fn restart(&mut self, dir: &Path, ca: &Ca) {
+        let args = agent_run_args(
+            ca,
+            &dir.join("bundle.pem"),
+            &self.data_dir,
+            &self.socket,
+            &self.ops_address,
+        );
+        self.proc = Proc::start(
+            "meshid-agent",
+            "meshid-agent",
+            &args,
+            dir.join("agent-restarted.log"),
+        );
+        let ops = self.ops_address.clone();
+        let proc = &mut self.proc;
+        let mut tries = 0;
+        wait_for(
+            Duration::from_secs(30),
+            "the restarted agent to become ready",
+            || {
+                tries += 1;
+                if tries % 10 == 0 {
+                    proc.check_alive();
+                }
+                (http_get(&ops, "/readyz")?.0 == 200).then_some(())
+            },
+        );
     }
 
     /// `unix:///...` for SPIFFE clients.

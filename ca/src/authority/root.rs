@@ -257,6 +257,36 @@ impl Authority {
             .unwrap_or(now_s)
             .max(now_s - crate::entry::MAX_X509_TTL.as_secs() as i64 - 60);
         let issuers: Vec<&str> = under.iter().map(|k| k.id.as_str()).collect();
+        // An agent SVID counts only while it is the agent's current one: an agent opens new
+        // connections with its current SVID only, and the one it replaced serves (for the
+        // overlap) only connections already established, which retiring a root does not touch
+        // (a chain is verified at the handshake). An evicted agent's SVID is refused anyway.
+        let agents: HashMap<String, crate::store::AgentRecord> = self
+            .store
+            .list_agents()
+            .await?
+            .into_iter()
+            .map(|a| (a.spiffe_id.to_string(), a))
+            .collect();
+        let honoured = |d: &serde_json::Value| {
+            let field = |n: &str| d.get(n).and_then(serde_json::Value::as_str).unwrap_or("");
+            agents
+                .get(field("spiffe_id"))
+                .is_some_and(|a| !a.banned && a.serial == field("serial"))
+        };
+        // A CA server uses only its newest node API SVID.
+        let mut server_svids: HashMap<String, (i64, bool)> = HashMap::new();
+        let mut by_kind: std::collections::BTreeMap<&'static str, u64> = Default::default();
+        let mut count = |kind: &str, not_after: i64, check: &mut RetireCheck| {
+            check.unexpired += 1;
+            check.last_expiry = check.last_expiry.max(not_after);
+            let label = match kind {
+                "svid.x509.server" => "CA server",
+                k if k.starts_with("agent.") => "agent",
+                _ => "workload",
+            };
+            *by_kind.entry(label).or_default() += 1;
+        };
         let mut after = 0;
         loop {
             let page = self
@@ -273,25 +303,36 @@ impl Authority {
                 let Some(not_after) = d.get("not_after").and_then(serde_json::Value::as_i64) else {
                     continue;
                 };
-                if not_after <= now_s {
-                    continue;
-                }
                 // A record without an issuer (written before issuers were recorded) might be
                 // under the old root: counted, to be safe.
                 let under_old = match d.get("issuer").and_then(serde_json::Value::as_str) {
                     Some(issuer) => issuers.contains(&issuer),
                     None => true,
                 };
-                if under_old {
-                    check.unexpired += 1;
-                    check.last_expiry = check.last_expiry.max(not_after);
+                if r.kind == "svid.x509.server" {
+                    server_svids.insert(r.actor.clone(), (not_after, under_old));
+                    continue;
                 }
+                if not_after <= now_s || !under_old {
+                    continue;
+                }
+                if r.kind.starts_with("agent.") && !honoured(&d) {
+                    continue;
+                }
+                count(&r.kind, not_after, &mut check);
+            }
+        }
+        for (not_after, under_old) in server_svids.into_values() {
+            if under_old && not_after > now_s {
+                count("svid.x509.server", not_after, &mut check);
             }
         }
         if check.unexpired > 0 {
+            let kinds: Vec<String> = by_kind.iter().map(|(k, n)| format!("{n} {k}")).collect();
             check.blockers.push(format!(
-                "{} X.509-SVID(s) signed under the superseded root are unexpired; the last expires at {} (in {} s)",
+                "{} X.509-SVID(s) signed under the superseded root are unexpired ({}); the last expires at {} (in {} s)",
                 check.unexpired,
+                kinds.join(", "),
                 check.last_expiry,
                 check.last_expiry - now_s
             ));

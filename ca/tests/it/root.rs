@@ -24,10 +24,7 @@ use spiffe::SpiffeId;
 use crate::authority::{csr, db, open, pem, settings, td, unix, verify, write_private};
 
 fn agent(n: u32) -> SpiffeId {
-    SpiffeId::new(&format!(
-        "spiffe://example.org/meshid/agent/join_token/a{n}"
-    ))
-    .unwrap()
+    SpiffeId::new(format!("spiffe://example.org/meshid/agent/join_token/a{n}")).unwrap()
 }
 
 async fn add_agent(store: &dyn Datastore, n: u32, banned: bool, expires_in: i64) {
@@ -406,9 +403,9 @@ async fn two_servers_follow_an_operator_root() {
     two.authority.rotate(SystemTime::now()).await.unwrap();
     let from_two = issue(&two).await;
     let now = unix(SystemTime::now());
-    verify(&[second.clone()], &from_two.chain, now).unwrap();
-    verify(&[first.clone()], &from_two.chain, now).unwrap();
-    assert!(verify(&[second.clone()], &before.chain, now).is_err());
+    verify(std::slice::from_ref(&second), &from_two.chain, now).unwrap();
+    verify(std::slice::from_ref(&first), &from_two.chain, now).unwrap();
+    assert!(verify(std::slice::from_ref(&second), &before.chain, now).is_err());
     // The operator's key was read where it is, never copied.
     for d in [d1.path(), d2.path()] {
         let copied = std::fs::read_dir(d.join("keys"))

@@ -11,6 +11,7 @@ mod layout;
 mod netns;
 mod proxy;
 mod quickstart;
+mod root;
 mod security;
 
 /// Tests that flood a server with connections and measure how it copes hold this lock, so that

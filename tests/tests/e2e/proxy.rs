@@ -30,9 +30,9 @@
 #[path = "proxy/h2.rs"]
 mod h2;
 #[path = "proxy/support.rs"]
-mod support;
+pub(crate) mod support;
 #[path = "proxy/tls_client.rs"]
-mod tls_client;
+pub(crate) mod tls_client;
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
@@ -63,7 +63,7 @@ fn poll<T>(timeout: Duration, mut f: impl FnMut() -> T, done: impl Fn(&T) -> boo
 }
 
 /// Sets the flag when dropped, so that client threads stop even when the test panics.
-struct StopOnDrop<'a>(&'a AtomicBool);
+pub(crate) struct StopOnDrop<'a>(pub(crate) &'a AtomicBool);
 
 impl Drop for StopOnDrop<'_> {
     fn drop(&mut self) {
@@ -918,18 +918,18 @@ fn proxy_handshake_corpus() {
 
 /// What one client thread saw.
 #[derive(Default, Debug)]
-struct ClientStats {
-    ok: u64,
-    failures: Vec<String>,
+pub(crate) struct ClientStats {
+    pub(crate) ok: u64,
+    pub(crate) failures: Vec<String>,
     /// Keep-alive clients: the backend connections their responses came over (one expected).
-    backend_conns: Vec<u64>,
+    pub(crate) backend_conns: Vec<u64>,
     /// Keep-alive clients: TCP connections opened (one expected).
-    connects: u64,
+    pub(crate) connects: u64,
     /// Keep-alive clients: the local ports of the connections they opened.
-    local_ports: Vec<u16>,
+    pub(crate) local_ports: Vec<u16>,
 }
 
-fn keepalive_client(addr: &str, stop: &AtomicBool, label: &str) -> ClientStats {
+pub(crate) fn keepalive_client(addr: &str, stop: &AtomicBool, label: &str) -> ClientStats {
     let mut stats = ClientStats::default();
     let mut conn: Option<HttpConn> = None;
     let mut n = 0u64;
@@ -980,7 +980,7 @@ fn keepalive_client(addr: &str, stop: &AtomicBool, label: &str) -> ClientStats {
     stats
 }
 
-fn fresh_client(addr: &str, stop: &AtomicBool, label: &str) -> ClientStats {
+pub(crate) fn fresh_client(addr: &str, stop: &AtomicBool, label: &str) -> ClientStats {
     let mut stats = ClientStats::default();
     let mut n = 0u64;
     while !stop.load(Ordering::SeqCst) {
@@ -999,7 +999,7 @@ fn fresh_client(addr: &str, stop: &AtomicBool, label: &str) -> ClientStats {
     stats
 }
 
-const ALLOW_WEB_TO_API: &str = r#"name: allow
+pub(crate) const ALLOW_WEB_TO_API: &str = r#"name: allow
 default: deny
 rules:
   - name: web-to-api
