@@ -79,6 +79,18 @@ impl AdminService {
     }
 }
 
+fn key_to_proto(k: &crate::store::CaKeyRecord) -> admin::CaKey {
+    admin::CaKey {
+        id: k.id.clone(),
+        kind: CaKeyKind::as_str(k.kind).to_owned(),
+        state: CaKeyState::as_str(k.state).to_owned(),
+        server_id: k.server_id.clone(),
+        not_before: k.not_before,
+        not_after: k.not_after,
+        tainted_at: k.tainted_at,
+    }
+}
+
 impl AdminService {
     /// The root rotation's status on the wire, with what the step just did.
     async fn root_status_with(&self, done: String) -> Rpc<admin::RootStatus> {
@@ -268,20 +280,38 @@ impl admin::authority_server::Authority for AdminService {
                 .authority
                 .journal()
                 .iter()
-                .map(|k| admin::CaKey {
-                    id: k.id.clone(),
-                    kind: CaKeyKind::as_str(k.kind).to_owned(),
-                    state: CaKeyState::as_str(k.state).to_owned(),
-                    server_id: k.server_id.clone(),
-                    not_before: k.not_before,
-                    not_after: k.not_after,
-                })
+                .map(key_to_proto)
                 .collect(),
             entries,
             bundle_sequence,
             agents_delivered: u32::try_from(delivered).unwrap_or(u32::MAX),
             agents_live: u32::try_from(live.len()).unwrap_or(u32::MAX),
+            taints: self
+                .ca
+                .authority
+                .taint_progress()
+                .await
+                .map_err(ServiceError::from)?
+                .into_iter()
+                .map(|p| admin::TaintProgress {
+                    key_id: p.key_id,
+                    tainted_at: p.tainted_at,
+                    remaining: p.remaining,
+                    remaining_until: p.remaining_until,
+                    replaced: p.replaced,
+                    cleared_after_s: p.cleared_after_s.unwrap_or(-1),
+                })
+                .collect(),
         }))
+    }
+
+    async fn taint_key(&self, req: Request<admin::TaintKeyRequest>) -> Rpc<admin::CaKey> {
+        let who = caller(&req);
+        let r = req.into_inner();
+        let rec = self.ca.taint_key(&r.key_id, &who, &r.reason).await?;
+        let mut key = key_to_proto(&rec);
+        key.tainted_at = crate::unix_now();
+        Ok(Response::new(key))
     }
 
     async fn mint_x509_svid(

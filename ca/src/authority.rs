@@ -33,6 +33,7 @@ use crate::store::{CaKeyKind, CaKeyRecord, CaKeyState, Datastore, StoreError};
 use crate::svid::{self, CaKey, IssuedSvid, Issuer};
 
 pub mod root;
+pub mod taint;
 
 /// Errors of the authority.
 #[derive(Debug, thiserror::Error)]
@@ -320,6 +321,7 @@ impl Authority {
                         created_at: now_s,
                         state_changed_at: now_s,
                         key_path: key_path.display().to_string(),
+                        tainted_at: 0,
                     };
                     match store
                         .insert_ca_key(&rec, &key_event("ca.root.adopted", &actor, &rec))
@@ -354,6 +356,7 @@ impl Authority {
                     created_at: now_s,
                     state_changed_at: now_s,
                     key_path: String::new(),
+                    tainted_at: 0,
                 };
                 store
                     .insert_ca_key(&rec, &key_event("ca.root.created", &actor, &rec))
@@ -406,6 +409,7 @@ impl Authority {
                         && k.state == state
                         && k.server_id == self.server_id
                         && k.not_after > now_s
+                        && k.tainted_at == 0
                         && (kind != CaKeyKind::X509Intermediate
                             || k.parent_id.as_deref() == Some(root_id.as_str()))
                         && self.key_path(&k.id).exists()
@@ -548,6 +552,7 @@ impl Authority {
             created_at: to_unix(now),
             state_changed_at: to_unix(now),
             key_path: String::new(),
+            tainted_at: 0,
         };
         let kind = if state == CaKeyState::Active {
             "ca.intermediate.activated"
@@ -586,6 +591,7 @@ impl Authority {
             created_at: nb,
             state_changed_at: nb,
             key_path: String::new(),
+            tainted_at: 0,
         };
         let kind = if state == CaKeyState::Active {
             "ca.jwt.activated"
@@ -684,6 +690,30 @@ impl Authority {
             intermediate = (next.id, next_issuer);
         }
 
+        // A tainted key signs nothing more: the active one is replaced at once, a prepared one
+        // dropped (the schedule prepares another).
+        let tainted =
+            |j: &[CaKeyRecord], id: &str| j.iter().any(|k| k.id == id && k.tainted_at > 0);
+        if prepared_intermediate
+            .as_ref()
+            .is_some_and(|(id, _)| tainted(&journal, id))
+        {
+            if let Some((id, _)) = prepared_intermediate.take() {
+                self.retire_tainted("intermediate", &id, &journal, now_s, &mut out)
+                    .await?;
+            }
+        }
+        if tainted(&journal, &intermediate.0) {
+            let chain = cross_chain(&journal, &root.0, now_s);
+            let (next, next_issuer) = self
+                .new_intermediate(&root.1, &root.0, chain, CaKeyState::Active, now)
+                .await?;
+            self.retire_tainted("intermediate", &intermediate.0, &journal, now_s, &mut out)
+                .await?;
+            out.activated.push(next.id.clone());
+            journal.push(next.clone());
+            intermediate = (next.id, next_issuer);
+        }
         if let Some(active) = find(&journal, &intermediate.0) {
             let (prepare, activate) = phase(&active);
             if prepare && prepared_intermediate.is_none() {
@@ -706,6 +736,23 @@ impl Authority {
 
         let mut jwt = (keys.jwt_id.clone(), Arc::clone(&keys.jwt));
         let mut prepared_jwt = keys.prepared_jwt.clone();
+        if prepared_jwt
+            .as_ref()
+            .is_some_and(|(id, _)| tainted(&journal, id))
+        {
+            if let Some((id, _)) = prepared_jwt.take() {
+                self.retire_tainted("jwt", &id, &journal, now_s, &mut out)
+                    .await?;
+            }
+        }
+        if tainted(&journal, &jwt.0) {
+            let (next, key) = self.new_jwt(CaKeyState::Active, now).await?;
+            self.retire_tainted("jwt", &jwt.0, &journal, now_s, &mut out)
+                .await?;
+            out.activated.push(next.id.clone());
+            journal.push(next.clone());
+            jwt = (next.id, key);
+        }
         if let Some(active) = find(&journal, &jwt.0) {
             let (prepare, activate) = phase(&active);
             if prepare && prepared_jwt.is_none() {
@@ -758,6 +805,32 @@ impl Authority {
             journal,
         });
         Ok(out)
+    }
+
+    /// Retires this server's tainted key `id` (`label` is `intermediate` or `jwt`).
+    async fn retire_tainted(
+        &self,
+        label: &str,
+        id: &str,
+        journal: &[CaKeyRecord],
+        now_s: i64,
+        out: &mut RotationOutcome,
+    ) -> Result<(), AuthorityError> {
+        let Some(rec) = journal.iter().find(|k| k.id == id) else {
+            return Ok(());
+        };
+        let mut event = key_event(
+            &format!("ca.{label}.retired"),
+            &format!("ca:{}", self.server_id),
+            rec,
+        );
+        event.details["reason"] = "tainted".into();
+        self.store
+            .transition_ca_key(id, None, CaKeyState::Retired, now_s, &event)
+            .await?;
+        tracing::warn!(key_id = %id, "tainted key replaced");
+        out.retired.push(id.to_owned());
+        Ok(())
     }
 
     /// The root to issue under instead of `current`, when `current` is no longer the active

@@ -310,6 +310,18 @@ enum CaCommand {
         #[arg(long, value_enum, default_value = "text")]
         output: Output,
     },
+    /// Taint an intermediate or a JWT key (a suspected compromise): a fresh key takes over at
+    /// once and every SVID the tainted one signed is re-issued across the mesh; `ca status`
+    /// shows how many remain.
+    Taint {
+        #[command(flatten)]
+        conn: Conn,
+        /// The key's id (from `meshid-ca ca status`).
+        key_id: String,
+        /// Why (recorded in the audit log).
+        #[arg(long, default_value = "")]
+        reason: String,
+    },
     /// Rotate the trust anchor in phases: prepare, activate, retire (and status).
     Root {
         #[command(flatten)]
@@ -838,7 +850,17 @@ async fn client(cmd: Command) -> anyhow::Result<ExitCode> {
                 .iter()
                 .map(|k| {
                     serde_json::json!({"id": k.id, "kind": k.kind, "state": k.state, "server_id": k.server_id,
-                        "not_before": k.not_before, "not_after": k.not_after})
+                        "not_before": k.not_before, "not_after": k.not_after, "tainted_at": k.tainted_at})
+                })
+                .collect();
+            let taints: Vec<_> = s
+                .taints
+                .iter()
+                .map(|t| {
+                    serde_json::json!({"key_id": t.key_id, "tainted_at": t.tainted_at,
+                        "remaining": t.remaining, "remaining_until": t.remaining_until,
+                        "replaced": t.replaced,
+                        "cleared_after_s": (t.cleared_after_s >= 0).then_some(t.cleared_after_s)})
                 })
                 .collect();
             match output {
@@ -847,7 +869,8 @@ async fn client(cmd: Command) -> anyhow::Result<ExitCode> {
                     serde_json::json!({"trust_domain": s.trust_domain, "server_id": s.server_id,
                         "datastore": s.datastore, "entries": s.entries, "keys": keys,
                         "bundle_sequence": s.bundle_sequence,
-                        "agents_delivered": s.agents_delivered, "agents_live": s.agents_live})
+                        "agents_delivered": s.agents_delivered, "agents_live": s.agents_live,
+                        "taints": taints})
                 ),
                 Output::Text => {
                     println!("Trust domain : {}", s.trust_domain);
@@ -860,12 +883,54 @@ async fn client(cmd: Command) -> anyhow::Result<ExitCode> {
                     );
                     for k in &s.keys {
                         println!(
-                            "{:<18} {:<9} {:<28} server={} not_after={}",
-                            k.kind, k.state, k.id, k.server_id, k.not_after
+                            "{:<18} {:<10} {:<28} server={} not_after={}{}",
+                            k.kind,
+                            k.state,
+                            k.id,
+                            k.server_id,
+                            k.not_after,
+                            if k.tainted_at > 0 {
+                                format!(" TAINTED at {}", k.tainted_at)
+                            } else {
+                                String::new()
+                            }
                         );
+                    }
+                    for t in &s.taints {
+                        if t.cleared_after_s >= 0 {
+                            println!(
+                                "Taint {}: nothing it signed is left ({} re-issued, the last {} s after the taint)",
+                                t.key_id, t.replaced, t.cleared_after_s
+                            );
+                        } else {
+                            let now = meshid_api::unix_now();
+                            println!(
+                                "Taint {}: {} SVIDs it signed remain ({} re-issued); without re-issue the last expires in {} s",
+                                t.key_id,
+                                t.remaining,
+                                t.replaced,
+                                (t.remaining_until - now).max(0)
+                            );
+                        }
                     }
                 }
             }
+        }
+        Command::Ca(CaCommand::Taint {
+            conn,
+            key_id,
+            reason,
+        }) => {
+            let mut c = AuthorityClient::new(channel(&conn).await?);
+            let k = c
+                .taint_key(admin::TaintKeyRequest { key_id, reason })
+                .await
+                .map_err(status_err)?
+                .into_inner();
+            println!(
+                "Tainted {} {} (server {}): a fresh key signs from now on; everything it signed is being re-issued (progress: meshid-ca ca status)",
+                k.kind, k.id, k.server_id
+            );
         }
         Command::Ca(CaCommand::Root {
             conn,

@@ -211,7 +211,7 @@ async fn maintain_identity(
                 false
             }
             ev = events.recv() => match ev {
-                Ok(CaEvent::RootActivated) => {
+                Ok(CaEvent::RenewAgents) => {
                     // Our own SVID too chains to the new root from now on.
                     renew_at = tokio::time::Instant::now();
                     false
@@ -527,6 +527,7 @@ impl NodeService {
             deleted_ids: Vec::new(),
             bundle: Some(bundle_to_proto(&self.ca.authority.bundle())),
             renew_agent_svid: false,
+            ..taint_update(&self.ca)
         })
     }
 
@@ -644,6 +645,19 @@ struct Pending {
     bundle: bool,
     /// The operator asked this agent to renew its own SVID now.
     renew: bool,
+    /// A key was tainted: send the tainted set.
+    taint: bool,
+}
+
+/// A sync update carrying only the complete set of tainted keys.
+fn taint_update(ca: &Ca) -> node::SyncUpdate {
+    let (x509, jwt) = ca.authority.tainted_keys();
+    node::SyncUpdate {
+        taint_set: true,
+        tainted_x509_authorities: x509.into_iter().map(|c| c.to_vec()).collect(),
+        tainted_jwt_key_ids: jwt,
+        ..Default::default()
+    }
 }
 
 #[derive(Debug, PartialEq, Eq)]
@@ -686,7 +700,8 @@ impl Pending {
                     self.renew = true;
                 }
             }
-            CaEvent::RootActivated => self.renew = true,
+            CaEvent::RenewAgents => self.renew = true,
+            CaEvent::KeyTainted => self.taint = true,
             CaEvent::AgentRenewed { spiffe_id, serial } => {
                 if spiffe_id == caller.id && serial != caller.serial {
                     return Applied::Superseded;
@@ -697,7 +712,11 @@ impl Pending {
     }
 
     fn is_empty(&self) -> bool {
-        self.upserts.is_empty() && self.deleted.is_empty() && !self.bundle && !self.renew
+        self.upserts.is_empty()
+            && self.deleted.is_empty()
+            && !self.bundle
+            && !self.renew
+            && !self.taint
     }
 
     fn into_update(self, ca: &Ca) -> node::SyncUpdate {
@@ -707,6 +726,11 @@ impl Pending {
             deleted_ids: self.deleted.into_iter().collect(),
             bundle: self.bundle.then(|| bundle_to_proto(&ca.authority.bundle())),
             renew_agent_svid: self.renew,
+            ..if self.taint {
+                taint_update(ca)
+            } else {
+                node::SyncUpdate::default()
+            }
         }
     }
 }

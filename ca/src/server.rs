@@ -86,6 +86,7 @@ pub fn ops_router(ca: Ca) -> axum::Router {
 /// another server's, seen in the journal).
 pub async fn rotation_loop(ca: Ca, interval: Duration, mut stop: watch::Receiver<bool>) {
     let mut sequence = ca.authority.bundle().sequence;
+    let mut cleared = std::collections::HashSet::new();
     let mut tick = tokio::time::interval(interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -105,11 +106,44 @@ pub async fn rotation_loop(ca: Ca, interval: Duration, mut stop: watch::Receiver
         if let Err(e) = ca.root_auto_step().await {
             tracing::warn!(error = %e, "automatic root rotation step failed; will retry");
         }
+        record_cleared_taints(&ca, &mut cleared).await;
         let now = ca.authority.bundle().sequence;
         if now != sequence {
             sequence = now;
             tracing::info!(sequence, "trust bundle changed");
             ca.publish(CaEvent::BundleChanged);
+        }
+    }
+}
+
+/// Records, once per tainted key, that nothing it signed is left (`ca.key.taint_cleared`, with
+/// the measured seconds from the taint to the last re-issue).
+async fn record_cleared_taints(ca: &Ca, cleared: &mut std::collections::HashSet<String>) {
+    let progress = match ca.authority.taint_progress().await {
+        Ok(p) => p,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot measure taint progress; will retry");
+            return;
+        }
+    };
+    for p in progress {
+        let Some(after) = p.cleared_after_s else {
+            continue;
+        };
+        if !cleared.insert(p.key_id.clone()) {
+            continue;
+        }
+        let event = crate::audit::AuditEvent::new(
+            "ca.key.taint_cleared",
+            format!("ca:{}", ca.authority.server_id()),
+            serde_json::json!({"key_id": p.key_id, "tainted_at": p.tainted_at,
+                "replaced": p.replaced, "cleared_after_s": after}),
+        );
+        if let Err(e) = ca.store.append_audit(&event).await {
+            cleared.remove(&p.key_id);
+            tracing::warn!(error = %e, "cannot record a cleared taint; will retry");
+        } else {
+            tracing::info!(key_id = %p.key_id, replaced = p.replaced, cleared_after_s = after, "nothing signed by the tainted key is left");
         }
     }
 }
@@ -191,6 +225,14 @@ async fn replay(ca: &Ca, me: &str, record: &crate::audit::AuditRecord) -> anyhow
                 ca.publish(CaEvent::AgentRotate { spiffe_id });
             }
         }
+        "ca.key.tainted" if field("ca_server") != Some(me) => {
+            ca.authority.rotate(std::time::SystemTime::now()).await?;
+            ca.publish(CaEvent::KeyTainted);
+            if field("kind") == Some("x509_intermediate") {
+                ca.publish(CaEvent::RenewAgents);
+            }
+            ca.publish(CaEvent::BundleChanged);
+        }
         "ca.root.prepared" | "ca.root.activated" | "ca.root.retired"
             if field("ca_server") != Some(me) =>
         {
@@ -198,7 +240,7 @@ async fn replay(ca: &Ca, me: &str, record: &crate::audit::AuditRecord) -> anyhow
             // check (a new intermediate under an activated root), and tell our agents.
             ca.authority.rotate(std::time::SystemTime::now()).await?;
             if record.kind == "ca.root.activated" {
-                ca.publish(CaEvent::RootActivated);
+                ca.publish(CaEvent::RenewAgents);
             }
             ca.publish(CaEvent::BundleChanged);
         }

@@ -156,9 +156,11 @@ pub enum CaEvent {
         /// The agent's SPIFFE ID.
         spiffe_id: SpiffeId,
     },
-    /// A new root was activated: every agent renews its own SVID now (and the node API its
-    /// server SVID), so that nothing of meshid's own keeps the superseded root from retiring.
-    RootActivated,
+    /// Every agent renews its own SVID now (and the node API its server SVID): a new root was
+    /// activated, or the intermediate that signed them was tainted.
+    RenewAgents,
+    /// A CA key was tainted: agents re-issue what it signed.
+    KeyTainted,
     /// The operator asked an agent to renew its own SVID now (`agent rotate`).
     AgentRotate {
         /// The agent's SPIFFE ID.

@@ -238,6 +238,9 @@ pub struct CaKeyRecord {
     /// For a root supplied by the operator: the path of its private key, which every CA server
     /// of the trust domain reads (never copied). Empty for keys in a server's data directory.
     pub key_path: String,
+    /// When the operator tainted the key (`meshid-ca ca taint`), unix seconds; 0: never. A
+    /// tainted key signs nothing more, and everything it signed is re-issued.
+    pub tainted_at: i64,
 }
 
 /// The datastore. Implementations must be safe to share between tasks and, for PostgreSQL,
@@ -341,6 +344,8 @@ pub trait Datastore: Send + Sync + 'static {
         at: i64,
         audit: &AuditEvent,
     ) -> Result<(), StoreError>;
+    /// Marks a CA key tainted at `at`; [`StoreError::AlreadyExists`] if it already is.
+    async fn taint_ca_key(&self, id: &str, at: i64, audit: &AuditEvent) -> Result<(), StoreError>;
     /// The whole CA journal, ordered by creation time then id.
     async fn list_ca_keys(&self) -> Result<Vec<CaKeyRecord>, StoreError>;
 

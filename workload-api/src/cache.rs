@@ -108,6 +108,9 @@ pub struct Snapshot {
     pub identities: Vec<Identity>,
     /// False until the agent has received the CA's full state once.
     pub synced: bool,
+    /// Key ids of tainted JWT keys (`meshid-ca ca taint`): cached JWT-SVIDs they signed are
+    /// not served again.
+    pub tainted_jwt_kids: Arc<std::collections::BTreeSet<String>>,
 }
 
 impl Snapshot {
@@ -118,6 +121,7 @@ impl Snapshot {
             bundle: Arc::new(Bundle::default()),
             identities: Vec::new(),
             synced: false,
+            tainted_jwt_kids: Arc::default(),
         }
     }
 

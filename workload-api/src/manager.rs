@@ -94,6 +94,10 @@ pub struct Manager {
     synced: bool,
     /// The CA asked for the agent's own SVID to be renewed now (`meshid-ca agent rotate`).
     renew_requested: bool,
+    /// Tainted intermediates (DER): an SVID whose chain holds one is re-issued now.
+    tainted_x509: std::collections::HashSet<Vec<u8>>,
+    /// Tainted JWT key ids.
+    tainted_jwt: Arc<std::collections::BTreeSet<String>>,
     /// What the Workload API's X.509 streams have been handed, reported to the CA.
     delivery: Arc<Delivery>,
     /// Counters.
@@ -184,6 +188,8 @@ impl Manager {
             join_token: join_token.map(zeroize::Zeroizing::new),
             attested: false,
             renew_requested: false,
+            tainted_x509: std::collections::HashSet::new(),
+            tainted_jwt: Arc::default(),
             attest_timeout: config.attest_timeout,
             snapshots: tx,
             channel: Arc::new(ArcSwapOption::empty()),
@@ -313,6 +319,20 @@ impl Manager {
         if let Some(b) = update.bundle {
             self.apply_bundle(b)?;
         }
+        if update.taint_set {
+            let x509: std::collections::HashSet<Vec<u8>> =
+                update.tainted_x509_authorities.into_iter().collect();
+            if x509 != self.tainted_x509 && !x509.is_empty() {
+                tracing::warn!(
+                    tainted = x509.len(),
+                    "the CA tainted an issuing key: re-issuing every SVID it signed now"
+                );
+                // Our own SVID too, if a tainted key signed it.
+                self.renew_requested = true;
+            }
+            self.tainted_x509 = x509;
+            self.tainted_jwt = Arc::new(update.tainted_jwt_key_ids.into_iter().collect());
+        }
         if update.full {
             self.entries.clear();
         }
@@ -349,6 +369,7 @@ impl Manager {
             bundle: Arc::clone(&self.bundle),
             identities,
             synced: self.synced,
+            tainted_jwt_kids: Arc::clone(&self.tainted_jwt),
         };
         self.snapshots.send_replace(Arc::new(snap));
     }
@@ -363,15 +384,28 @@ impl Manager {
     /// rotation point. Returns when everything due has been attempted.
     async fn sign_due(&mut self, client: &mut NodeClient<Channel>) -> Result<(), ClientError> {
         let t = now();
-        let due: Vec<Arc<Entry>> = self
+        let tainted = |h: &Held| {
+            !self.tainted_x509.is_empty()
+                && h.svid
+                    .chain
+                    .get(1)
+                    .is_some_and(|issuer| self.tainted_x509.contains(issuer))
+        };
+        let mut due: Vec<(i64, Arc<Entry>)> = self
             .entries
             .values()
-            .filter(|e| match self.held.get(&e.id) {
-                None => true,
-                Some(h) => h.revision != e.revision || t >= h.renew_at,
+            .filter_map(|e| match self.held.get(&e.id) {
+                None => Some((i64::MIN, Arc::clone(e))),
+                Some(h) if h.revision != e.revision || t >= h.renew_at || tainted(h) => {
+                    Some((h.svid.not_after, Arc::clone(e)))
+                }
+                Some(_) => None,
             })
-            .cloned()
             .collect();
+        // Soonest expiry first (missing ones before all): what would lapse first is replaced
+        // first when many are due at once (a taint).
+        due.sort_by_key(|(not_after, _)| *not_after);
+        let due: Vec<Arc<Entry>> = due.into_iter().map(|(_, e)| e).collect();
         for chunk in due.chunks(BATCH) {
             let mut keys = Vec::with_capacity(chunk.len());
             let mut requests = Vec::with_capacity(chunk.len());

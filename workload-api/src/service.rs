@@ -517,7 +517,8 @@ impl WorkloadApi {
         Ok(JwtsvidResponse { svids })
     }
 
-    /// A JWT-SVID for one entry, from the cache while it is within half its lifetime.
+    /// A JWT-SVID for one entry, from the cache while it is within half its lifetime (and its
+    /// signing key is not tainted).
     async fn jwt_for(
         &self,
         entry: &Entry,
@@ -529,7 +530,14 @@ impl WorkloadApi {
             revision: entry.revision,
             audience: audience.to_vec(),
         };
-        let token = match self.jwt_cache.get(&key, meshid_api::unix_now()) {
+        let tainted = Arc::clone(&self.snapshots.borrow().tainted_jwt_kids);
+        let cached = self
+            .jwt_cache
+            .get(&key, meshid_api::unix_now())
+            .filter(|token| {
+                tainted.is_empty() || !jwt_kid(token).is_some_and(|k| tainted.contains(&k))
+            });
+        let token = match cached {
             Some(token) => token,
             None => {
                 if let Err(retry_after) = self.mint_limiter.take(&uid, std::time::Instant::now()) {
@@ -996,6 +1004,17 @@ impl<V: View> StreamState<V> {
             }
         }
     }
+}
+
+/// The `kid` of a JWT's header, if it has one.
+fn jwt_kid(token: &str) -> Option<String> {
+    use base64::Engine as _;
+    let header = token.split('.').next()?;
+    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(header)
+        .ok()?;
+    let value: serde_json::Value = serde_json::from_slice(&bytes).ok()?;
+    value.get("kid")?.as_str().map(str::to_owned)
 }
 
 #[cfg(test)]

@@ -154,6 +154,31 @@ fn bundle_stamp(auth: &Authority, now_s: i64) -> i64 {
 }
 
 impl Authority {
+    /// Calls `f` with every issuance record (and its parsed details) of `since` or later, in
+    /// the order they were written.
+    pub(crate) async fn scan_issuances(
+        &self,
+        since: i64,
+        mut f: impl FnMut(&crate::audit::AuditRecord, &serde_json::Value),
+    ) -> Result<(), AuthorityError> {
+        let mut after = 0;
+        loop {
+            let page = self
+                .store
+                .audit_records_since(since, ISSUANCE_KINDS, after, 10_000)
+                .await?;
+            let Some(last) = page.last() else {
+                return Ok(());
+            };
+            after = last.seq;
+            for r in &page {
+                if let Ok(d) = serde_json::from_str::<serde_json::Value>(&r.details) {
+                    f(r, &d);
+                }
+            }
+        }
+    }
+
     /// The audit event of a root lifecycle step, naming the CA server that took it (peers
     /// replay it from the change feed; this server announced it already).
     fn step_event(&self, kind: &str, actor: &str, rec: &CaKeyRecord) -> crate::audit::AuditEvent {
@@ -287,41 +312,30 @@ impl Authority {
             };
             *by_kind.entry(label).or_default() += 1;
         };
-        let mut after = 0;
-        loop {
-            let page = self
-                .store
-                .audit_records_since(since, ISSUANCE_KINDS, after, 10_000)
-                .await?;
-            let Some(last) = page.last() else { break };
-            after = last.seq;
-            for r in &page {
-                let Ok(d) = serde_json::from_str::<serde_json::Value>(&r.details) else {
-                    continue;
-                };
-                // Every issuance record meshid writes has its notAfter.
-                let Some(not_after) = d.get("not_after").and_then(serde_json::Value::as_i64) else {
-                    continue;
-                };
-                // A record without an issuer (written before issuers were recorded) might be
-                // under the old root: counted, to be safe.
-                let under_old = match d.get("issuer").and_then(serde_json::Value::as_str) {
-                    Some(issuer) => issuers.contains(&issuer),
-                    None => true,
-                };
-                if r.kind == "svid.x509.server" {
-                    server_svids.insert(r.actor.clone(), (not_after, under_old));
-                    continue;
-                }
-                if not_after <= now_s || !under_old {
-                    continue;
-                }
-                if r.kind.starts_with("agent.") && !honoured(&d) {
-                    continue;
-                }
-                count(&r.kind, not_after, &mut check);
+        self.scan_issuances(since, |r, d| {
+            // Every issuance record meshid writes has its notAfter.
+            let Some(not_after) = d.get("not_after").and_then(serde_json::Value::as_i64) else {
+                return;
+            };
+            // A record without an issuer (written before issuers were recorded) might be
+            // under the old root: counted, to be safe.
+            let under_old = match d.get("issuer").and_then(serde_json::Value::as_str) {
+                Some(issuer) => issuers.contains(&issuer),
+                None => true,
+            };
+            if r.kind == "svid.x509.server" {
+                server_svids.insert(r.actor.clone(), (not_after, under_old));
+                return;
             }
-        }
+            if not_after <= now_s || !under_old {
+                return;
+            }
+            if r.kind.starts_with("agent.") && !honoured(d) {
+                return;
+            }
+            count(&r.kind, not_after, &mut check);
+        })
+        .await?;
         for (not_after, under_old) in server_svids.into_values() {
             if under_old && not_after > now_s {
                 count("svid.x509.server", not_after, &mut check);
@@ -485,6 +499,7 @@ impl Authority {
             created_at: stamp,
             state_changed_at: stamp,
             key_path,
+            tainted_at: 0,
         };
         let mut event = self.step_event("ca.root.prepared", actor, &rec);
         event.details["reason"] = reason.into();
@@ -511,6 +526,7 @@ impl Authority {
                     created_at: stamp,
                     state_changed_at: stamp,
                     key_path: String::new(),
+                    tainted_at: 0,
                 };
                 let event = key_event("ca.root.cross_signed", actor, &xrec);
                 self.store.insert_ca_key(&xrec, &event).await?;

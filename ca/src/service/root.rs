@@ -37,7 +37,7 @@ impl Ca {
     ) -> Result<Activation, ServiceError> {
         check_reason(reason)?;
         let activation = self.authority.activate_root(actor, reason, force).await?;
-        self.publish(CaEvent::RootActivated);
+        self.publish(CaEvent::RenewAgents);
         self.publish(CaEvent::BundleChanged);
         Ok(activation)
     }
@@ -55,12 +55,29 @@ impl Ca {
         Ok(retired)
     }
 
+    /// `meshid-ca ca taint`: the key signs nothing more and agents re-issue what it signed.
+    pub async fn taint_key(
+        &self,
+        key_id: &str,
+        actor: &str,
+        reason: &str,
+    ) -> Result<CaKeyRecord, ServiceError> {
+        check_reason(reason)?;
+        let rec = self.authority.taint_key(key_id, actor, reason).await?;
+        self.publish(CaEvent::KeyTainted);
+        if rec.kind == crate::store::CaKeyKind::X509Intermediate {
+            self.publish(CaEvent::RenewAgents);
+        }
+        self.publish(CaEvent::BundleChanged);
+        Ok(rec)
+    }
+
     /// One step of the automatic root rotation; announces what it changed.
     pub async fn root_auto_step(&self) -> Result<(), ServiceError> {
         if let Some(done) = self.authority.auto_root().await? {
             tracing::info!(what = %done, "automatic root rotation");
             if done.starts_with("activated") {
-                self.publish(CaEvent::RootActivated);
+                self.publish(CaEvent::RenewAgents);
             }
             self.publish(CaEvent::BundleChanged);
         }

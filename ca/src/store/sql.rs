@@ -229,17 +229,20 @@ CREATE TABLE agent_deliveries (
 )
 "#,
     },
-    // Root rotation: when a CA key last changed state (0 for rows from before: not recorded),
-    // and where an operator-supplied root's private key lives (a path, never the key).
+    // Root rotation and taint: when a CA key last changed state (0 for rows from before: not
+    // recorded), where an operator-supplied root's private key lives (a path, never the key),
+    // and when the operator tainted the key (0: never).
     Migration {
         version: 4,
         sqlite: r#"
 ALTER TABLE ca_keys ADD COLUMN state_changed_at INTEGER NOT NULL DEFAULT 0;
-ALTER TABLE ca_keys ADD COLUMN key_path TEXT NOT NULL DEFAULT ''
+ALTER TABLE ca_keys ADD COLUMN key_path TEXT NOT NULL DEFAULT '';
+ALTER TABLE ca_keys ADD COLUMN tainted_at INTEGER NOT NULL DEFAULT 0
 "#,
         postgres: r#"
 ALTER TABLE ca_keys ADD COLUMN state_changed_at BIGINT NOT NULL DEFAULT 0;
-ALTER TABLE ca_keys ADD COLUMN key_path TEXT NOT NULL DEFAULT ''
+ALTER TABLE ca_keys ADD COLUMN key_path TEXT NOT NULL DEFAULT '';
+ALTER TABLE ca_keys ADD COLUMN tainted_at BIGINT NOT NULL DEFAULT 0
 "#,
     },
 ];
@@ -250,7 +253,7 @@ const AGENT_COLUMNS: &str = "spiffe_id, attestation_type, serial, expires_at, cr
      previous_serial, previous_until";
 const TOKEN_COLUMNS: &str = "hash, id, created_at, expires_at, used_at";
 const CA_KEY_COLUMNS: &str = "id, kind, state, server_id, parent_id, public_der, not_before, \
-     not_after, created_at, state_changed_at, key_path";
+     not_after, created_at, state_changed_at, key_path, tainted_at";
 const AUDIT_COLUMNS: &str = "seq, time, kind, actor, details, prev_hash, hash";
 
 /// A federated trust domain's bundle as stored (see [`SqlStore::put_bundle`]).
@@ -1044,7 +1047,7 @@ impl Datastore for SqlStore {
         let mut w = self.begin_write().await?;
         let result = sqlx::query(&format!(
             "INSERT INTO ca_keys ({CA_KEY_COLUMNS}) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)"
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)"
         ))
         .bind(key.id.as_str())
         .bind(key.kind.as_str())
@@ -1057,6 +1060,7 @@ impl Datastore for SqlStore {
         .bind(key.created_at)
         .bind(key.state_changed_at)
         .bind(key.key_path.as_str())
+        .bind(key.tainted_at)
         .execute(&mut *w.tx)
         .await;
         map_unique(result, || format!("CA key {}", key.id))?;
@@ -1092,6 +1096,30 @@ impl Datastore for SqlStore {
         }
         sqlx::query("UPDATE ca_keys SET state = $1, state_changed_at = $2 WHERE id = $3")
             .bind(to.as_str())
+            .bind(at)
+            .bind(id)
+            .execute(&mut *w.tx)
+            .await?;
+        append_in_tx(&mut w.tx, audit).await?;
+        w.commit().await
+    }
+
+    async fn taint_ca_key(&self, id: &str, at: i64, audit: &AuditEvent) -> Result<(), StoreError> {
+        let mut w = self.begin_write().await?;
+        let row = sqlx::query("SELECT tainted_at FROM ca_keys WHERE id = $1")
+            .bind(id)
+            .fetch_optional(&mut *w.tx)
+            .await?;
+        let Some(row) = row else {
+            return Err(StoreError::NotFound(format!("CA key {id}")));
+        };
+        let tainted_at: i64 = row.try_get("tainted_at")?;
+        if tainted_at != 0 {
+            return Err(StoreError::AlreadyExists(format!(
+                "a taint of CA key {id} (at {tainted_at})"
+            )));
+        }
+        sqlx::query("UPDATE ca_keys SET tainted_at = $1 WHERE id = $2")
             .bind(at)
             .bind(id)
             .execute(&mut *w.tx)
@@ -1455,6 +1483,7 @@ fn decode_ca_key(row: &AnyRow) -> Result<CaKeyRecord, StoreError> {
         created_at: row.try_get("created_at")?,
         state_changed_at: row.try_get("state_changed_at")?,
         key_path: row.try_get("key_path")?,
+        tainted_at: row.try_get("tainted_at")?,
         id,
     })
 }

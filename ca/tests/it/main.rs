@@ -12,4 +12,5 @@ mod cli;
 mod node;
 mod root;
 mod store;
+mod taint;
 mod x509_verify;

@@ -484,6 +484,102 @@ async fn entry_rotate_replaces_the_svid_at_the_workload_at_once() {
     println!("entry rotate to the workload's stream: {took:?}");
 }
 
+/// `meshid-ca ca taint`: with the real agent and the unmodified `spiffe` crate's open stream,
+/// every SVID signed by the tainted intermediate is replaced at once (1 h lifetimes: nothing
+/// was due), by a fresh intermediate, and verifies; `ca status` then counts none left and
+/// the audit log records the measured time to clean.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn taint_replaces_what_the_key_signed_at_once() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().to_owned();
+    let config = dir.join("ca.toml");
+    std::fs::write(&config, "[ca]\nrotation_interval = \"1s\"\n").unwrap();
+    let ca = tokio::task::block_in_place(|| {
+        Ca::start(&dir, &["--config", &config.display().to_string()])
+    });
+    let (secret, agent_id) = ca.join_token();
+    create_entry(&ca, "web", "spiffe://example.org/web", &agent_id, "1h");
+    create_entry(&ca, "other", "spiffe://example.org/other", &agent_id, "1h");
+    let agent = tokio::task::block_in_place(|| Agent::start(&dir, &ca, &secret));
+    let client = WorkloadApiClient::connect_to(agent.endpoint())
+        .await
+        .unwrap();
+    fetch_until(&client, Duration::from_secs(10), |s| s.len() == 2).await;
+    let mut stream = client.stream_x509_contexts().await.unwrap();
+    let first = stream.next().await.unwrap().unwrap();
+    let issuer_of = |s: &spiffe::X509Svid| s.cert_chain()[1].as_ref().to_vec();
+    let tainted_cert = issuer_of(&first.svids()[0]);
+    let status: serde_json::Value = serde_json::from_str(&tokio::task::block_in_place(|| {
+        ca.ok(&["ca", "status", "--output", "json"])
+    }))
+    .unwrap();
+    let tainted = status["keys"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|k| k["kind"] == "x509_intermediate" && k["state"] == "active")
+        .unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+
+    let asked = Instant::now();
+    let out = tokio::task::block_in_place(|| ca.ok(&["ca", "taint", &tainted, "--reason", "e2e"]));
+    assert!(out.contains("Tainted x509_intermediate"), "{out}");
+    let ctx = tokio::time::timeout(Duration::from_secs(2), async {
+        loop {
+            let ctx = stream.next().await.unwrap().unwrap();
+            if ctx.svids().len() == 2 && ctx.svids().iter().all(|s| issuer_of(s) != tainted_cert) {
+                return ctx;
+            }
+        }
+    })
+    .await
+    .expect("both SVIDs replaced on the open stream within 2 s");
+    let took = asked.elapsed();
+    let roots: Vec<CertificateDer<'_>> = client
+        .fetch_x509_bundles()
+        .await
+        .unwrap()
+        .get(&spiffe::TrustDomain::new("example.org").unwrap())
+        .unwrap()
+        .authorities()
+        .iter()
+        .map(|c| CertificateDer::from(c.as_ref().to_vec()))
+        .collect();
+    for s in ctx.svids() {
+        let chain: Vec<CertificateDer<'_>> = s
+            .cert_chain()
+            .iter()
+            .map(|c| CertificateDer::from(c.as_ref().to_vec()))
+            .collect();
+        verify(&chain, &roots);
+    }
+    // The CA counts nothing left, and records when it was clean.
+    let cleared = tokio::task::block_in_place(|| {
+        meshid_tests::wait_for(Duration::from_secs(15), "the taint to clear", || {
+            let status: serde_json::Value =
+                serde_json::from_str(&ca.ok(&["ca", "status", "--output", "json"])).unwrap();
+            let t = status["taints"]
+                .as_array()?
+                .iter()
+                .find(|t| t["key_id"] == tainted.as_str())?
+                .clone();
+            (t["remaining"] == 0 && t["cleared_after_s"].is_i64()).then_some(t)
+        })
+    });
+    assert!(
+        cleared["replaced"].as_u64().unwrap() >= 3,
+        "2 entries and the agent: {cleared}"
+    );
+    let text = tokio::task::block_in_place(|| ca.ok(&["ca", "status"]));
+    assert!(
+        text.contains("TAINTED") && text.contains("nothing it signed is left"),
+        "{text}"
+    );
+    println!("taint to both SVIDs replaced on the workload's stream: {took:?}; {cleared}");
+}
+
 /// `meshid-ca agent rotate`: the real agent renews its own SVID (the CA's record shows a new
 /// serial) and its workload's SVID is replaced, within seconds, long before either is due.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -309,6 +309,7 @@ impl Agent {
             bundle: Arc::clone(&self.bundle),
             identities,
             synced,
+            tainted_jwt_kids: Arc::default(),
         });
     }
 

@@ -122,6 +122,37 @@ pub struct CaKey {
     pub not_before: i64,
     #[prost(int64, tag = "6")]
     pub not_after: i64,
+    /// When it was tainted (unix seconds); 0: never.
+    #[prost(int64, tag = "7")]
+    pub tainted_at: i64,
+}
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct TaintKeyRequest {
+    #[prost(string, tag = "1")]
+    pub key_id: ::prost::alloc::string::String,
+    #[prost(string, tag = "2")]
+    pub reason: ::prost::alloc::string::String,
+}
+/// How far the re-issue of what one tainted intermediate signed has come, from the CA's
+/// issuance records.
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct TaintProgress {
+    #[prost(string, tag = "1")]
+    pub key_id: ::prost::alloc::string::String,
+    #[prost(int64, tag = "2")]
+    pub tainted_at: i64,
+    /// Unexpired SVIDs it signed that are still their holder's latest.
+    #[prost(uint64, tag = "3")]
+    pub remaining: u64,
+    /// When the last of those would expire anyway (0: none remain).
+    #[prost(int64, tag = "4")]
+    pub remaining_until: i64,
+    /// Holders re-issued since the taint.
+    #[prost(uint64, tag = "5")]
+    pub replaced: u64,
+    /// Seconds from the taint to the last re-issue, once none remain (-1: not yet).
+    #[prost(int64, tag = "6")]
+    pub cleared_after_s: i64,
 }
 #[derive(Clone, PartialEq, ::prost::Message)]
 pub struct StatusResponse {
@@ -143,6 +174,8 @@ pub struct StatusResponse {
     pub agents_delivered: u32,
     #[prost(uint32, tag = "8")]
     pub agents_live: u32,
+    #[prost(message, repeated, tag = "9")]
+    pub taints: ::prost::alloc::vec::Vec<TaintProgress>,
 }
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct MintX509SvidRequest {
@@ -1607,6 +1640,30 @@ pub mod authority_client {
                 .insert(GrpcMethod::new("meshid.admin.v1.Authority", "GetRootStatus"));
             self.inner.unary(req, path, codec).await
         }
+        /// Taints an intermediate or a JWT key (a suspected compromise): it signs nothing more, a
+        /// fresh key takes over at once, and every SVID it signed is re-issued across the mesh.
+        /// Progress is in StatusResponse.taints.
+        pub async fn taint_key(
+            &mut self,
+            request: impl tonic::IntoRequest<super::TaintKeyRequest>,
+        ) -> std::result::Result<tonic::Response<super::CaKey>, tonic::Status> {
+            self.inner
+                .ready()
+                .await
+                .map_err(|e| {
+                    tonic::Status::unknown(
+                        format!("Service was not ready: {}", e.into()),
+                    )
+                })?;
+            let codec = tonic_prost::ProstCodec::default();
+            let path = http::uri::PathAndQuery::from_static(
+                "/meshid.admin.v1.Authority/TaintKey",
+            );
+            let mut req = request.into_request();
+            req.extensions_mut()
+                .insert(GrpcMethod::new("meshid.admin.v1.Authority", "TaintKey"));
+            self.inner.unary(req, path, codec).await
+        }
     }
 }
 /// Generated server implementations.
@@ -1668,6 +1725,13 @@ pub mod authority_server {
             &self,
             request: tonic::Request<super::RootStatusRequest>,
         ) -> std::result::Result<tonic::Response<super::RootStatus>, tonic::Status>;
+        /// Taints an intermediate or a JWT key (a suspected compromise): it signs nothing more, a
+        /// fresh key takes over at once, and every SVID it signed is re-issued across the mesh.
+        /// Progress is in StatusResponse.taints.
+        async fn taint_key(
+            &self,
+            request: tonic::Request<super::TaintKeyRequest>,
+        ) -> std::result::Result<tonic::Response<super::CaKey>, tonic::Status>;
     }
     /// Trust bundle, CA status and debugging mints.
     #[derive(Debug)]
@@ -2089,6 +2153,51 @@ pub mod authority_server {
                     let inner = self.inner.clone();
                     let fut = async move {
                         let method = GetRootStatusSvc(inner);
+                        let codec = tonic_prost::ProstCodec::default();
+                        let mut grpc = tonic::server::Grpc::new(codec)
+                            .apply_compression_config(
+                                accept_compression_encodings,
+                                send_compression_encodings,
+                            )
+                            .apply_max_message_size_config(
+                                max_decoding_message_size,
+                                max_encoding_message_size,
+                            );
+                        let res = grpc.unary(method, req).await;
+                        Ok(res)
+                    };
+                    Box::pin(fut)
+                }
+                "/meshid.admin.v1.Authority/TaintKey" => {
+                    #[allow(non_camel_case_types)]
+                    struct TaintKeySvc<T: Authority>(pub Arc<T>);
+                    impl<
+                        T: Authority,
+                    > tonic::server::UnaryService<super::TaintKeyRequest>
+                    for TaintKeySvc<T> {
+                        type Response = super::CaKey;
+                        type Future = BoxFuture<
+                            tonic::Response<Self::Response>,
+                            tonic::Status,
+                        >;
+                        fn call(
+                            &mut self,
+                            request: tonic::Request<super::TaintKeyRequest>,
+                        ) -> Self::Future {
+                            let inner = Arc::clone(&self.0);
+                            let fut = async move {
+                                <T as Authority>::taint_key(&inner, request).await
+                            };
+                            Box::pin(fut)
+                        }
+                    }
+                    let accept_compression_encodings = self.accept_compression_encodings;
+                    let send_compression_encodings = self.send_compression_encodings;
+                    let max_decoding_message_size = self.max_decoding_message_size;
+                    let max_encoding_message_size = self.max_encoding_message_size;
+                    let inner = self.inner.clone();
+                    let fut = async move {
+                        let method = TaintKeySvc(inner);
                         let codec = tonic_prost::ProstCodec::default();
                         let mut grpc = tonic::server::Grpc::new(codec)
                             .apply_compression_config(

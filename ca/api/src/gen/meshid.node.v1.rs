@@ -89,6 +89,16 @@ pub struct SyncUpdate {
     /// renew it at once, then reconnect with the new one.
     #[prost(bool, tag = "5")]
     pub renew_agent_svid: bool,
+    /// When true, the two lists below are the complete set of tainted keys (`meshid-ca ca taint`):
+    /// every SVID whose chain contains one of these certificates is re-issued now (soonest expiry
+    /// first), and JWT-SVIDs signed with one of these key ids are no longer served from cache.
+    /// Sent on the first message and whenever a key is tainted.
+    #[prost(bool, tag = "6")]
+    pub taint_set: bool,
+    #[prost(bytes = "vec", repeated, tag = "7")]
+    pub tainted_x509_authorities: ::prost::alloc::vec::Vec<::prost::alloc::vec::Vec<u8>>,
+    #[prost(string, repeated, tag = "8")]
+    pub tainted_jwt_key_ids: ::prost::alloc::vec::Vec<::prost::alloc::string::String>,
 }
 #[derive(Clone, Copy, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct DeliveryReport {

@@ -203,5 +203,6 @@ pub fn ca_key(id: &str, kind: CaKeyKind, parent: Option<&str>, created_at: i64) 
         created_at,
         state_changed_at: created_at,
         key_path: String::new(),
+        tainted_at: 0,
     }
 }
