@@ -239,7 +239,7 @@ async fn replay(ca: &Ca, me: &str, record: &crate::audit::AuditRecord) -> anyhow
             // Another server took a root step: follow it now rather than at the next rotation
             // check (a new intermediate under an activated root), and tell our agents.
             ca.authority.rotate(std::time::SystemTime::now()).await?;
-            if record.kind == "ca.root.activated" {
+            if record.kind != "ca.root.prepared" {
                 ca.publish(CaEvent::RenewAgents);
             }
             ca.publish(CaEvent::BundleChanged);

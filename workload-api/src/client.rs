@@ -45,6 +45,43 @@ pub enum ClientError {
     /// The CA's answer or a stored file is malformed.
     #[error("{0}")]
     Malformed(String),
+    /// The CA's certificate does not verify against the roots this agent trusts (for example
+    /// after a root rotation it was away for).
+    #[error("the CA at {addr} is not trusted by this agent's trust bundle: {detail}")]
+    ServerUntrusted {
+        /// The CA address.
+        addr: String,
+        /// What the verifier said.
+        detail: String,
+    },
+    /// The CA refused this agent's certificate in the handshake (it does not chain to the
+    /// trust domain's current roots).
+    #[error("the CA at {addr} refused this agent's SVID in the TLS handshake: {detail}")]
+    ClientRefused {
+        /// The CA address.
+        addr: String,
+        /// The alert.
+        detail: String,
+    },
+}
+
+/// The rustls error somewhere in `err`'s chain.
+fn tls_failure<'a>(err: &'a (dyn std::error::Error + 'static)) -> Option<&'a rustls::Error> {
+    let mut source = Some(err);
+    while let Some(e) = source {
+        if let Some(tls) = e.downcast_ref::<rustls::Error>() {
+            return Some(tls);
+        }
+        if let Some(io) = e.downcast_ref::<std::io::Error>() {
+            if let Some(inner) = io.get_ref() {
+                if let Some(tls) = inner.downcast_ref::<rustls::Error>() {
+                    return Some(tls);
+                }
+            }
+        }
+        source = e.source();
+    }
+    None
 }
 
 /// The agent's own SVID and key.
@@ -216,6 +253,25 @@ pub async fn connect(
             }
             Err(e) => {
                 tracing::debug!(addr = %addr, error = %e, "CA address not reachable");
+                match tls_failure(&e) {
+                    Some(rustls::Error::InvalidCertificate(cert)) => {
+                        let detail = tls::verify::peer_error(&rustls::Error::InvalidCertificate(
+                            cert.clone(),
+                        ))
+                        .map_or_else(|| format!("{cert:?}"), ToString::to_string);
+                        return Err(ClientError::ServerUntrusted {
+                            addr: addr.clone(),
+                            detail,
+                        });
+                    }
+                    Some(rustls::Error::AlertReceived(alert)) if identity.is_some() => {
+                        return Err(ClientError::ClientRefused {
+                            addr: addr.clone(),
+                            detail: format!("{alert:?}"),
+                        });
+                    }
+                    _ => {}
+                }
                 last = e.to_string();
             }
         }

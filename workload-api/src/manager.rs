@@ -237,6 +237,38 @@ impl Manager {
         client::read_certs(&self.bootstrap_bundle)
     }
 
+    /// Connects to the CA, authenticating it with [`Self::roots`]. When those no longer
+    /// authenticate it (a root rotation this agent was away for) and the configured trust
+    /// bundle (`--trust-bundle`) holds other roots, tries those: an operator who installed the
+    /// current bundle there re-bootstraps the agent without touching its data directory.
+    async fn connect_ca(
+        &mut self,
+        identity: Option<&AgentIdentity>,
+    ) -> Result<NodeClient<Channel>, ClientError> {
+        let roots = self.roots()?;
+        match client::connect(&self.addrs, &self.td, &roots, identity).await {
+            Err(ClientError::ServerUntrusted { addr, detail }) => {
+                let configured = client::read_certs(&self.bootstrap_bundle).unwrap_or_default();
+                if configured.is_empty() || configured == roots {
+                    return Err(ClientError::ServerUntrusted { addr, detail });
+                }
+                let client = client::connect(&self.addrs, &self.td, &configured, identity).await?;
+                tracing::warn!(
+                    bundle = %self.bootstrap_bundle.display(),
+                    "the CA is not authenticated by the trust bundle last received, but is by the configured one: re-bootstrapped from {}",
+                    self.bootstrap_bundle.display()
+                );
+                self.bundle = Arc::new(Bundle {
+                    x509_authorities: configured,
+                    jwt_authorities_json: String::new(),
+                    sequence: 0,
+                });
+                Ok(client)
+            }
+            other => other,
+        }
+    }
+
     /// The persisted agent identity if usable, else a fresh one from the join token.
     async fn identity(&mut self) -> Result<AgentIdentity, ClientError> {
         if let Some(id) = AgentIdentity::load(&self.data_dir)? {
@@ -252,8 +284,7 @@ impl Manager {
             ));
         };
         let token = token.to_string();
-        let roots = self.roots()?;
-        let mut client = client::connect(&self.addrs, &self.td, &roots, None).await?;
+        let mut client = self.connect_ca(None).await?;
         let (key, csr) = client::key_and_csr()?;
         let resp = client
             .attest_join_token(node::AttestJoinTokenRequest { token, csr })
@@ -493,8 +524,7 @@ impl Manager {
         shutdown: &mut watch::Receiver<bool>,
     ) -> Result<SessionEnd, ClientError> {
         let identity = self.identity().await?;
-        let roots = self.roots()?;
-        let mut client = client::connect(&self.addrs, &self.td, &roots, Some(&identity)).await?;
+        let mut client = self.connect_ca(Some(&identity)).await?;
         let mut stream = client.sync(node::SyncRequest {}).await?.into_inner();
         self.channel.store(Some(Arc::new(client.clone())));
         self.stats.connected.set(1);
@@ -611,7 +641,17 @@ impl Manager {
                             return Err(AttestFailed::TimedOut(self.attest_timeout));
                         }
                     }
-                    if denied {
+                    if let ClientError::ServerUntrusted { .. } = &e {
+                        tracing::error!(
+                            error = %e,
+                            bundle_sequence = self.bundle.sequence,
+                            trust_bundle = %self.bootstrap_bundle.display(),
+                            "cannot authenticate the CA with this agent's trust bundle: the trust domain's root was most likely rotated (and the old one retired) while this agent was away. To fix: on the CA host run `meshid-ca bundle show > bundle.pem`, check it, and install it as this agent's --trust-bundle file ({}); the agent retries with it on its own. If the agent's SVID has expired meanwhile, it also needs a new join token (`meshid-ca token generate`). Serving cached SVIDs until they expire",
+                            self.bootstrap_bundle.display()
+                        );
+                    } else if let ClientError::ClientRefused { .. } = &e {
+                        tracing::error!(error = %e, "the CA does not accept this agent's SVID (it chains to a root the trust domain no longer trusts, or the agent was evicted): attest again with a new join token (`meshid-ca token generate`, then --join-token); serving cached SVIDs until they expire");
+                    } else if denied {
                         tracing::error!(error = %e, "the CA refuses this agent (evicted or banned?); serving cached SVIDs until they expire; re-attest with a new join token");
                     } else {
                         tracing::warn!(error = %e, retry_in = ?backoff, "CA session ended; serving cached SVIDs and reconnecting");

@@ -43,7 +43,8 @@ impl Ca {
     }
 
     /// `meshid-ca ca root retire`: refused while anything signed under the superseded root is
-    /// unexpired; then it leaves the bundle, pushed to every agent now.
+    /// unexpired; then it leaves the bundle, pushed to every agent now, and agents renew their
+    /// own SVIDs without the cross-signed root.
     pub async fn root_retire(
         &self,
         actor: &str,
@@ -51,6 +52,9 @@ impl Ca {
     ) -> Result<Vec<String>, ServiceError> {
         check_reason(reason)?;
         let retired = self.authority.retire_root(actor, reason).await?;
+        // The cross-signed root leaves every chain: agents and the node API renew their own
+        // SVIDs, which carried it (workload SVIDs drop it at their next rotation).
+        self.publish(CaEvent::RenewAgents);
         self.publish(CaEvent::BundleChanged);
         Ok(retired)
     }
@@ -76,7 +80,7 @@ impl Ca {
     pub async fn root_auto_step(&self) -> Result<(), ServiceError> {
         if let Some(done) = self.authority.auto_root().await? {
             tracing::info!(what = %done, "automatic root rotation");
-            if done.starts_with("activated") {
+            if done.starts_with("activated") || done.starts_with("retired") {
                 self.publish(CaEvent::RenewAgents);
             }
             self.publish(CaEvent::BundleChanged);

@@ -305,6 +305,109 @@ fn rotation_under_traffic(datastore: Option<&str>) {
     drop((node1, node2, node3, backend));
 }
 
+/// An agent that was away for a whole rotation (prepare, a forced activate, retire) comes back
+/// with a stored bundle that holds only the retired root: it cannot authenticate the CA, and
+/// says so, with the command that fixes it. Doing what it says (installing the current bundle
+/// as its `--trust-bundle`) brings it back without touching its data directory: it
+/// re-bootstraps, attests with a new join token (its SVID expired meanwhile) and is served.
+#[test]
+fn an_agent_away_for_a_whole_rotation_says_how_to_recover() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let config = dir.join("ca.toml");
+    std::fs::write(
+        &config,
+        "[ca]\nroot_rotation = \"manual\"\nrotation_interval = \"1s\"\ndefault_x509_svid_ttl = \"6s\"\n",
+    )
+    .unwrap();
+    let ca = Ca::start(dir, &["--config", &config.display().to_string()]);
+    let (t1, t2) = (ca.join_token(), ca.join_token());
+    create_entry(&ca, "a", &id("a"), &t1.1, "4s");
+    create_entry(&ca, "b", &id("b"), &t2.1, "4s");
+    let _node_a = start_node(dir, "a", &ca, t1);
+    let mut node_b = start_node(dir, "b", &ca, t2);
+    node_b.agent.proc.stop();
+
+    root_json(&ca, &["prepare"]);
+    let out = ca_cli(&ca.socket, &["ca", "root", "activate"]);
+    assert!(!out.status.success(), "b has not acknowledged");
+    root_json(&ca, &["activate", "--force", "--reason", "b is away"]);
+    let watch = ca_cli(
+        &ca.socket,
+        &["ca", "root", "status", "--watch", "--timeout", "60s"],
+    );
+    assert!(
+        watch.status.success(),
+        "{}",
+        String::from_utf8_lossy(&watch.stdout)
+    );
+    root_json(&ca, &["retire"]);
+
+    // b comes back: its SVID has expired (6 s), so it brings a new join token (a new agent
+    // identity, with its workload's entry registered under it).
+    let b_dir = dir.join("b");
+    let agent_config = b_dir.join("agent.toml");
+    std::fs::write(&agent_config, "max_backoff = \"1s\"\n").unwrap();
+    let (secret, b_again) = ca.join_token();
+    create_entry(&ca, "b-again", &id("b-again"), &b_again, "4s");
+    let mut args = meshid_tests::agent_run_args(
+        &ca,
+        &b_dir.join("bundle.pem"),
+        &node_b.agent.data_dir,
+        &node_b.agent.socket,
+        &node_b.agent.ops_address,
+    );
+    args.extend([
+        "--config".into(),
+        agent_config.display().to_string(),
+        "--join-token".into(),
+        secret,
+    ]);
+    let mut b = meshid_tests::Proc::start(
+        "meshid-agent",
+        "meshid-agent",
+        &args,
+        b_dir.join("agent-back.log"),
+    );
+    let complaint = wait_for(Duration::from_secs(20), "b to say what is wrong", || {
+        b.check_alive();
+        let log = b.log_text();
+        log.lines()
+            .find(|l| l.contains("cannot authenticate the CA"))
+            .map(str::to_owned)
+    });
+    assert!(
+        complaint.contains("meshid-ca bundle show")
+            && complaint.contains(&b_dir.join("bundle.pem").display().to_string()),
+        "the message says how to fix it: {complaint}"
+    );
+    assert_ne!(
+        meshid_tests::http_get(&node_b.agent.ops_address, "/readyz").map(|r| r.0),
+        Some(200)
+    );
+
+    // The fix it names: the current bundle as its --trust-bundle file.
+    std::fs::write(b_dir.join("bundle.pem"), ca.ok(&["bundle", "show"])).unwrap();
+    wait_for(Duration::from_secs(30), "b to recover", || {
+        b.check_alive();
+        (meshid_tests::http_get(&node_b.agent.ops_address, "/readyz")?.0 == 200).then_some(())
+    });
+    assert!(
+        b.log_text().contains("re-bootstrapped"),
+        "{}",
+        tail(&b.log_text(), 10)
+    );
+    let fetch = Command::new(meshid_tests::bin_dir().join("meshid-agent"))
+        .args(["api", "fetch", "x509", "--socket"])
+        .arg(&node_b.agent.socket)
+        .output()
+        .unwrap();
+    assert!(
+        String::from_utf8_lossy(&fetch.stdout).contains(&id("b-again")),
+        "{fetch:?}"
+    );
+}
+
 #[test]
 fn root_rotation_under_traffic_sqlite() {
     rotation_under_traffic(None);

@@ -240,6 +240,7 @@ pub async fn a_version_1_database_migrates_its_agents(backend: Backend) {
          DROP TABLE agent_deliveries; \
          ALTER TABLE ca_keys DROP COLUMN state_changed_at; \
          ALTER TABLE ca_keys DROP COLUMN key_path; \
+         ALTER TABLE ca_keys DROP COLUMN tainted_at; \
          DELETE FROM schema_migrations WHERE version >= 2; \
          INSERT INTO agents (spiffe_id, attestation_type, serial, expires_at, created_at, banned) \
          VALUES ('spiffe://example.org/meshid/agent/join_token/old', 'join_token', 'abcd', 10, 1, 0); \
