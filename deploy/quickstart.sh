@@ -3,6 +3,9 @@
 #
 #   deploy/quickstart.sh          build, start, demonstrate, then keep running until Ctrl-C
 #   deploy/quickstart.sh --once   build, start, demonstrate, stop everything (for CI)
+#   --trust                       also demonstrate the trust lifecycle under the running mesh:
+#                                 `ca taint` of the issuing intermediate, and a root rotation
+#                                 (prepare, activate once every agent has the new root)
 #
 # It builds meshid-ca, meshid-agent, meshid-proxy and the demo service (meshid-demo, from
 # tests/src/bin), then starts, all on 127.0.0.1:
@@ -30,14 +33,17 @@ caller_dir=$PWD
 cd "$(dirname "$0")/.."
 root=$(pwd -P)
 
-usage() { sed -n '2,6p' "$root/deploy/quickstart.sh" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,9p' "$root/deploy/quickstart.sh" | sed 's/^# \{0,1\}//'; }
 once=false
-case "${1:-}" in
-  "") ;;
-  --once) once=true ;;
-  -h | --help) usage; exit 0 ;;
-  *) usage >&2; exit 64 ;;
-esac
+trust=false
+for arg in "$@"; do
+  case "$arg" in
+    --once) once=true ;;
+    --trust) trust=true ;;
+    -h | --help) usage; exit 0 ;;
+    *) usage >&2; exit 64 ;;
+  esac
+done
 command -v curl >/dev/null 2>&1 || {
   echo "quickstart: curl is needed to call the demo services (apt-get install curl)" >&2
   exit 1
@@ -288,6 +294,39 @@ grep -E '^(SPIFFE ID|Valid until):' "$dir/svid.txt" | sed 's/^/    /'
 if command -v openssl >/dev/null 2>&1; then
   openssl verify -CAfile "$dir/svid/bundle.0.pem" -untrusted "$dir/svid/svid.0.pem" \
     "$dir/svid/svid.0.pem" | sed "s|^$dir/svid/|    openssl verify: |"
+fi
+
+# ---- the trust lifecycle under the running mesh (--trust) -----------------------------------
+if $trust; then
+  cactl() { "$ca" "$@" -s "$admin_sock"; }
+  rotations() { curl -s "http://$1/metrics" | awk '/^meshid_proxy_svid_rotations_total/ {print $2}'; }
+  intermediate=$(cactl ca status | awk '$1 == "x509_intermediate" && $2 == "active" {print $3; exit}')
+  [ -n "$intermediate" ] || fail "no active intermediate in ca status" "$logs/ca.log"
+  before=$(rotations "$web_proxy_ops")
+  step "suspecting a leaked key: meshid-ca ca taint $intermediate --reason 'quickstart demo'"
+  cactl ca taint "$intermediate" --reason "quickstart demo" | sed 's/^/    /'
+  for _ in $(seq 1 100); do
+    cactl ca status | grep -q "Taint $intermediate: nothing it signed is left" && break
+    sleep 0.1
+  done
+  cactl ca status | grep -E "^Taint |TAINTED" | sed 's/^/    /'
+  cactl ca status | grep -q "Taint $intermediate: nothing it signed is left" ||
+    fail "the SVIDs of the tainted intermediate were not all replaced" "$logs/ca.log"
+  echo "    web's proxy rotated its SVID: $(rotations "$web_proxy_ops") rotations (was $before), no restart"
+  code=$(call "http://$web_out/hello")
+  [ "$code" = 200 ] || fail "web -> api answered $code after the taint" "$logs/api-proxy.log"
+  echo "    web calls api: $code"
+
+  step "rotating the root: meshid-ca ca root prepare, status --watch, activate"
+  cactl ca root prepare --reason "quickstart demo" | sed -n '1s/^/    /p'
+  cactl ca root status --watch --timeout 30s | grep -E "^Agents" | tail -1 | sed 's/^/    /' ||
+    fail "the agent did not deliver the new root" "$logs/agent.log"
+  cactl ca root activate --reason "quickstart demo" | sed -n '1s/^/    /p'
+  code=$(call "http://$web_out/hello")
+  [ "$code" = 200 ] || fail "web -> api answered $code after the root activation" "$logs/api-proxy.log"
+  echo "    web calls api: $code (both roots trusted until the old one is retired)"
+  cactl ca root status | grep -E "^(Phase|Retire waits|Next)" | sed 's/^/    /'
+  echo "    meshid-ca ca root retire succeeds once the SVIDs under the old root have expired (1 minute here)"
 fi
 
 if $once; then

@@ -594,7 +594,7 @@ impl Authority {
         let acknowledged_within_s = deliveries
             .iter()
             .filter(|d| d.bundle_sequence >= sequence)
-            .map(|d| d.reported_at - next.created_at)
+            .map(|d| (d.reported_at - next.created_at).max(0))
             .max();
         let mut event = self.step_event("ca.root.activated", actor, &next);
         event.details["reason"] = reason.into();

@@ -1,10 +1,13 @@
 //! `deploy/quickstart.sh` end to end, as a newcomer and CI run it: the script with the
 //! workspace's binaries (`MESHID_BIN_DIR`), a temporary data directory and free ports.
 //!
-//! - `quickstart_once`: `--once` exits 0 after showing the allowed call (web → api, 200 from
-//!   api) and the refused one (api → web, 403) with its reason: the proxy's `refused by policy`
-//!   line, the access record of the rule that decided, and `policy explain`. The access logs
-//!   it leaves agree, and nothing it started is still running.
+//! - `quickstart_once`: `--once --trust` exits 0 after showing the allowed call (web → api,
+//!   200 from api) and the refused one (api → web, 403) with its reason: the proxy's `refused by
+//!   policy` line, the access record of the rule that decided, and `policy explain`; then the
+//!   trust lifecycle under the running mesh: `ca taint` of the issuing intermediate (every SVID
+//!   it signed replaced, the proxies rotated, web still reaches api) and a root rotation up to
+//!   activation (web still reaches api). The access logs it leaves agree, and nothing it
+//!   started is still running.
 //! - `quickstart_ctrl_c`: without `--once`, once it says "Press Ctrl-C" the mesh answers, a
 //!   policy edit (the next step it prints) lets api call web within moments, and SIGINT to its
 //!   process group, as a terminal sends on Ctrl-C, stops everything it started promptly: no
@@ -362,7 +365,7 @@ fn quickstart_once() {
     if skip_without_curl() {
         return;
     }
-    let mut qs = Quickstart::start(&["--once"], &[]);
+    let mut qs = Quickstart::start(&["--once", "--trust"], &[]);
     let started = Instant::now();
     let status = qs.wait(START_TIMEOUT);
     let output = qs.output();
@@ -389,6 +392,19 @@ fn quickstart_once() {
             "web-calls-api (line",
             "no match: from differs",
             "SPIFFE ID: spiffe://example.org/cli",
+            // --trust: a taint, every SVID it signed replaced, no outage.
+            "==> suspecting a leaked key: meshid-ca ca taint int-",
+            "Tainted x509_intermediate int-",
+            ": nothing it signed is left",
+            "web's proxy rotated its SVID",
+            "    web calls api: 200",
+            // A root rotation, gated on the agent's delivery.
+            "==> rotating the root",
+            "prepared root root-",
+            "1/1 live agents delivered",
+            "activated root root-",
+            "    web calls api: 200 (both roots trusted",
+            "Phase        : activated",
             "==> done (--once)",
             "==> stopped 6 processes",
         ],
