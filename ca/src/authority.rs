@@ -91,6 +91,7 @@ impl RotationOutcome {
 }
 
 /// The keys in use, swapped as a whole on rotation.
+#[derive(Clone)]
 struct Keys {
     root: Arc<Issuer>,
     root_id: String,

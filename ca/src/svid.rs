@@ -504,6 +504,18 @@ pub fn cross_sign(
             .iter()
             .ok_or(SvidError::InvalidIssuer("subject attribute OID too large"))?
             .collect();
+        // What DER can encode (X.690 8.19): at least two arcs, the first 0, 1 or 2, and the
+        // second below 40 under 0 and 1. (The encoder panics otherwise; found by fuzzing.)
+        let encodable = match oid.as_slice() {
+            [first @ 0..=1, second, ..] => *second < 40 && *first <= 1,
+            [2, _, ..] => true,
+            _ => false,
+        };
+        if !encodable {
+            return Err(SvidError::InvalidIssuer(
+                "subject attribute OID cannot be encoded",
+            ));
+        }
         let value = attr.attr_value();
         let text = std::str::from_utf8(value.data)
             .map_err(|_| SvidError::InvalidIssuer("subject attribute is not text"))?

@@ -486,6 +486,17 @@ impl Authority {
                 na - now_s
             )));
         }
+        // The JWT key follows the same phases: its successor is published now (before the
+        // root, so that the root's stamp, the sequence agents must deliver, covers it too) and
+        // signs from activation on; the old kid stays published until its last token expires.
+        let current = self.current();
+        if current.prepared_jwt.is_none() {
+            let (jwt, key) = self.new_jwt(CaKeyState::Prepared, now).await?;
+            let mut keys = (*current).clone();
+            keys.prepared_jwt = Some((jwt.id, key));
+            keys.journal = self.store.list_ca_keys().await?;
+            self.swap(keys);
+        }
         let stamp = bundle_stamp(self, now_s);
         let rec = CaKeyRecord {
             id: id.clone(),
@@ -636,6 +647,21 @@ impl Authority {
                 Ok(()) => superseded.push(old.id.clone()),
                 Err(crate::store::StoreError::StateConflict { .. }) => {}
                 Err(e) => return Err(e.into()),
+            }
+        }
+        // The JWT key prepared with the root signs from now on.
+        let keys = self.current();
+        if let Some((jwt_id, jwt)) = keys.prepared_jwt.clone() {
+            let journal = self.store.list_ca_keys().await?;
+            if let Some(active) = journal.iter().find(|k| k.id == keys.jwt_id).cloned() {
+                let mut out = super::RotationOutcome::default();
+                self.promote("jwt", &active, &jwt_id, &journal, &mut out)
+                    .await?;
+                let mut next_keys = (*keys).clone();
+                next_keys.jwt = jwt;
+                next_keys.jwt_id = jwt_id;
+                next_keys.prepared_jwt = None;
+                self.swap(next_keys);
             }
         }
         if force && !lagging.is_empty() {

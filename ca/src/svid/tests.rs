@@ -630,3 +630,26 @@ fn shareable_across_threads() {
     send_sync::<Csr>();
     send_sync::<crate::jwt::JwtKey>();
 }
+
+#[test]
+fn cross_signing_reproduces_the_root_and_refuses_what_it_cannot_encode() {
+    let (root, _) = pki(Duration::from_secs(600));
+    let key = CaKey::generate(KeyType::EcP256).unwrap();
+    let next = generate_root(&td(), &key, Duration::from_secs(7200), now()).unwrap();
+    let cross = cross_sign(&root, &next, now()).unwrap();
+    let (c, n) = (parse(&cross), parse(&next));
+    assert_eq!(c.subject().as_raw(), n.subject().as_raw());
+    assert_eq!(c.public_key().raw, n.public_key().raw);
+    assert_eq!(c.issuer().as_raw(), parse(root.cert()).subject().as_raw());
+    assert!(c.validity().not_after.timestamp() <= root.not_after());
+    assert!(c
+        .verify_signature(Some(parse(root.cert()).public_key()))
+        .is_ok());
+    // Found by the cross_sign fuzz target: a subject attribute whose OID DER cannot encode
+    // (first arc 5) made the encoder panic; it is an error now.
+    let bad =
+        CertificateDer::from(include_bytes!("testdata/cross-sign-unencodable-oid.der").to_vec());
+    assert!(cross_sign(&root, &bad, now()).is_err());
+    // Not a certificate at all.
+    assert!(cross_sign(&root, &CertificateDer::from(vec![0x30, 0x00]), now()).is_err());
+}

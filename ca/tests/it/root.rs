@@ -80,6 +80,16 @@ async fn ca_on(url: &str, server: &str, dir: &Path) -> Ca {
     )
 }
 
+/// The `kid` of a JWT's header.
+fn token_kid(token: &str) -> String {
+    use base64::Engine as _;
+    let header = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(token.split('.').next().unwrap())
+        .unwrap();
+    let v: serde_json::Value = serde_json::from_slice(&header).unwrap();
+    v["kid"].as_str().unwrap().to_owned()
+}
+
 /// An X.509-SVID issued (and recorded) by the CA service, for 2 s.
 async fn issue(ca: &Ca) -> svid::IssuedSvid {
     ca.mint_x509("spiffe://example.org/web", &csr(), 2, &[], "admin:uid=0")
@@ -128,6 +138,16 @@ async fn full_cycle_case(postgres: bool) {
 
     // Prepare: the next root joins the bundle under a new sequence.
     let sequence_before = ca.authority.bundle().sequence;
+    let jwt_keys_before = ca.authority.bundle().jwt_authorities.len();
+    let active_jwt = |ca: &Ca| {
+        ca.authority
+            .journal()
+            .into_iter()
+            .find(|k| k.kind == CaKeyKind::Jwt && k.state == CaKeyState::Active)
+            .unwrap()
+            .id
+    };
+    let old_jwt = active_jwt(&ca);
     let next = ca
         .root_prepare(None, "admin:uid=0", "yearly rotation")
         .await
@@ -139,6 +159,11 @@ async fn full_cycle_case(postgres: bool) {
         .contains(&CertificateDer::from(next.public_der.clone())));
     assert!(bundle.sequence > sequence_before);
     assert_eq!(bundle.sequence, next.created_at as u64);
+    assert_eq!(
+        bundle.jwt_authorities.len(),
+        jwt_keys_before + 1,
+        "the next JWT key is published with the next root"
+    );
     let err = ca
         .root_prepare(None, "admin:uid=0", "twice")
         .await
@@ -191,6 +216,23 @@ async fn full_cycle_case(postgres: bool) {
     assert!(!activation.forced);
     assert_eq!(activation.root_id, next.id);
     assert_eq!(roots(&ca, CaKeyState::Superseded), old_root);
+    // The JWT key moved with it; the old kid stays published for the tokens it signed.
+    assert_ne!(active_jwt(&ca), old_jwt);
+    let (token, _) = ca
+        .authority
+        .mint_jwt_svid(
+            &SpiffeId::new("spiffe://example.org/web").unwrap(),
+            &["x".into()],
+            None,
+        )
+        .unwrap();
+    assert!(token_kid(&token) == active_jwt(&ca).trim_start_matches("jwt-"));
+    assert!(ca
+        .authority
+        .bundle()
+        .jwt_authorities
+        .iter()
+        .any(|k| k["kid"] == old_jwt.trim_start_matches("jwt-")));
 
     // After activation: new SVIDs chain to the new root, and through the cross-signed root to
     // the old one, so a peer holding either root alone verifies them.

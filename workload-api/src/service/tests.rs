@@ -50,3 +50,25 @@ fn errors_map_to_the_specified_codes() {
         "no identity issued"
     );
 }
+
+#[test]
+fn the_kid_of_a_token_header_or_none() {
+    use base64::Engine as _;
+    let b64 = |s: &str| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(s);
+    let token = |header: &str| format!("{}.e30.sig", b64(header));
+    assert_eq!(
+        jwt_kid(&token(r#"{"alg":"ES256","kid":"abc","typ":"JWT"}"#)).as_deref(),
+        Some("abc")
+    );
+    // Malformed: no kid, a kid that is not a string, not JSON, not base64url, empty.
+    for bad in [
+        token(r#"{"alg":"ES256"}"#),
+        token(r#"{"kid":7}"#),
+        token("not json"),
+        "!!!.e30.sig".to_owned(),
+        String::new(),
+        token("[1,2]"),
+    ] {
+        assert_eq!(jwt_kid(&bad), None, "{bad}");
+    }
+}
