@@ -522,6 +522,19 @@ pub fn cross_sign(
             .to_owned();
         let value = match value.header.tag() {
             x509_parser::der_parser::asn1_rs::Tag::PrintableString => {
+                // The characters the DER encoder writes (it panics on others, '?' among them,
+                // which rcgen's type accepts; found by fuzzing).
+                let encodable = text.bytes().all(|b| {
+                    b == b' '
+                        || ((b'\''..=b':').contains(&b) && b != b'*')
+                        || b == b'='
+                        || b.is_ascii_alphabetic()
+                });
+                if !encodable {
+                    return Err(SvidError::InvalidIssuer(
+                        "subject PrintableString cannot be encoded",
+                    ));
+                }
                 rcgen::DnValue::PrintableString(
                     text.try_into()
                         .map_err(|_| SvidError::InvalidIssuer("bad PrintableString in subject"))?,

@@ -650,6 +650,16 @@ fn cross_signing_reproduces_the_root_and_refuses_what_it_cannot_encode() {
     let bad =
         CertificateDer::from(include_bytes!("testdata/cross-sign-unencodable-oid.der").to_vec());
     assert!(cross_sign(&root, &bad, now()).is_err());
+    // Also found by it: a PrintableString with '?' (which the encoder refuses to write).
+    let bad = CertificateDer::from(
+        include_bytes!("testdata/cross-sign-printable-question-mark.der").to_vec(),
+    );
+    assert!(cross_sign(&root, &bad, now()).is_err());
+    // Also found by it: a PrintableString with '?' (which the encoder refuses to write).
+    let bad = CertificateDer::from(
+        include_bytes!("testdata/cross-sign-printable-question-mark.der").to_vec(),
+    );
+    assert!(cross_sign(&root, &bad, now()).is_err());
     // Not a certificate at all.
     assert!(cross_sign(&root, &CertificateDer::from(vec![0x30, 0x00]), now()).is_err());
 }
