@@ -645,6 +645,23 @@ impl Authority {
         self.rotate_locked(now).await
     }
 
+    /// After a key change is committed: follows it now. A failure is logged, not returned:
+    /// the change is on record (the caller must still announce it), and the rotation loop
+    /// retries on its next tick.
+    pub(crate) async fn follow_change(&self, now: SystemTime, change: &str) {
+        if let Err(e) = self.rotate_locked(now).await {
+            tracing::error!(error = %e, change, "the change is recorded, but this CA server could not follow it yet; its rotation loop retries");
+        }
+    }
+
+    /// The longest an X.509-SVID can live: entries are capped at [`crate::entry::MAX_X509_TTL`],
+    /// SVIDs without an entry's TTL (agents, servers) get the configured default.
+    pub(crate) fn longest_x509_ttl_s(&self) -> i64 {
+        crate::entry::MAX_X509_TTL
+            .max(self.settings.default_x509_svid_ttl)
+            .as_secs() as i64
+    }
+
     pub(crate) async fn rotate_locked(
         &self,
         now: SystemTime,

@@ -112,6 +112,23 @@ const KEY_FILE: &str = "agent-key.pem";
 const SVID_FILE: &str = "agent-svid.pem";
 /// The last trust bundle the agent received (public data).
 pub const BUNDLE_FILE: &str = "bundle.pem";
+/// The digest ([`roots_digest`]) of the configured trust bundle (`--trust-bundle`) as the
+/// agent last used it: the install-time file at first, then each one it re-bootstrapped from.
+pub const TRUST_BUNDLE_SEEN_FILE: &str = "trust-bundle.seen";
+
+/// A digest of a set of roots that ignores their order and the file's layout.
+pub fn roots_digest(roots: &[Vec<u8>]) -> String {
+    use sha2::Digest;
+    let mut sorted: Vec<&Vec<u8>> = roots.iter().collect();
+    sorted.sort();
+    sorted.dedup();
+    let mut h = sha2::Sha256::new();
+    for r in sorted {
+        h.update((r.len() as u64).to_be_bytes());
+        h.update(r);
+    }
+    hex::encode(h.finalize())
+}
 
 fn file_err(path: &Path) -> impl FnOnce(std::io::Error) -> ClientError + '_ {
     move |source| ClientError::File {
@@ -243,7 +260,11 @@ pub async fn connect(
         ExpectedId::server_of(td)?,
         identity.map(AgentIdentity::tls_identity),
     )?);
+    // A server that fails authentication does not end the search: another address may be a
+    // server this agent can trust (one CA server of several restored from an old backup, say).
+    // The most telling failure is returned when none works.
     let mut last = String::from("no address configured");
+    let mut refusal = None;
     for addr in addrs {
         match tls::connect(addr, Arc::clone(&config)).await {
             Ok(channel) => {
@@ -252,23 +273,25 @@ pub async fn connect(
                     .max_encoding_message_size(64 * 1024 * 1024))
             }
             Err(e) => {
-                tracing::debug!(addr = %addr, error = %e, "CA address not reachable");
+                tracing::debug!(addr = %addr, error = %e, "CA address not usable");
                 match tls_failure(&e) {
                     Some(rustls::Error::InvalidCertificate(cert)) => {
                         let detail = tls::verify::peer_error(&rustls::Error::InvalidCertificate(
                             cert.clone(),
                         ))
                         .map_or_else(|| format!("{cert:?}"), ToString::to_string);
-                        return Err(ClientError::ServerUntrusted {
+                        refusal = Some(ClientError::ServerUntrusted {
                             addr: addr.clone(),
                             detail,
                         });
                     }
                     Some(rustls::Error::AlertReceived(alert)) if identity.is_some() => {
-                        return Err(ClientError::ClientRefused {
-                            addr: addr.clone(),
-                            detail: format!("{alert:?}"),
-                        });
+                        if !matches!(refusal, Some(ClientError::ServerUntrusted { .. })) {
+                            refusal = Some(ClientError::ClientRefused {
+                                addr: addr.clone(),
+                                detail: format!("{alert:?}"),
+                            });
+                        }
                     }
                     _ => {}
                 }
@@ -276,8 +299,8 @@ pub async fn connect(
             }
         }
     }
-    Err(ClientError::Unreachable {
+    Err(refusal.unwrap_or_else(|| ClientError::Unreachable {
         addrs: addrs.join(", "),
         last,
-    })
+    }))
 }

@@ -171,6 +171,30 @@ fn entry_from_wire(e: node::Entry) -> Option<Entry> {
     })
 }
 
+/// Whether an agent whose current roots (`trusted`) no longer authenticate the CA may try the
+/// configured trust bundle (`configured`, its roots), given the digest recorded when that file
+/// was last used (`seen`). Only a file the operator changed since counts: the install-time
+/// file still holds the roots of before a rotation, and falling back to it would let whoever
+/// holds a retired root's key (the reason to rotate, often) pose as the CA.
+fn fallback_allowed(
+    configured: &[Vec<u8>],
+    trusted: &[Vec<u8>],
+    seen: Option<&str>,
+) -> Result<(), &'static str> {
+    if configured.is_empty() {
+        return Err("it holds no readable certificates");
+    }
+    if client::roots_digest(configured) == client::roots_digest(trusted) {
+        return Err("it holds the roots the agent trusts already");
+    }
+    match seen {
+        Some(d) if d == client::roots_digest(configured) => Err(
+            "it has not changed since the agent last used it (a file from before a rotation must not restore trust in a retired root)",
+        ),
+        _ => Ok(()),
+    }
+}
+
 impl Manager {
     /// A manager for `config`; `join_token` is used only if no persisted agent identity exists.
     pub fn new(
@@ -249,15 +273,22 @@ impl Manager {
         match client::connect(&self.addrs, &self.td, &roots, identity).await {
             Err(ClientError::ServerUntrusted { addr, detail }) => {
                 let configured = client::read_certs(&self.bootstrap_bundle).unwrap_or_default();
-                if configured.is_empty() || configured == roots {
+                let seen = self.trust_bundle_seen();
+                if let Err(why) = fallback_allowed(&configured, &roots, seen.as_deref()) {
+                    tracing::debug!(bundle = %self.bootstrap_bundle.display(), "not re-bootstrapping from the configured trust bundle: {why}");
                     return Err(ClientError::ServerUntrusted { addr, detail });
                 }
                 let client = client::connect(&self.addrs, &self.td, &configured, identity).await?;
                 tracing::warn!(
                     bundle = %self.bootstrap_bundle.display(),
-                    "the CA is not authenticated by the trust bundle last received, but is by the configured one: re-bootstrapped from {}",
+                    "the CA is not authenticated by the trust bundle last received, but is by the configured one, which changed since this agent last used it: re-bootstrapped from {}",
                     self.bootstrap_bundle.display()
                 );
+                client::write_file(
+                    &self.data_dir.join(client::TRUST_BUNDLE_SEEN_FILE),
+                    client::roots_digest(&configured).as_bytes(),
+                    0o644,
+                )?;
                 self.bundle = Arc::new(Bundle {
                     x509_authorities: configured,
                     jwt_authorities_json: String::new(),
@@ -266,6 +297,30 @@ impl Manager {
                 Ok(client)
             }
             other => other,
+        }
+    }
+
+    /// The recorded digest of the configured trust bundle as last used.
+    fn trust_bundle_seen(&self) -> Option<String> {
+        std::fs::read_to_string(self.data_dir.join(client::TRUST_BUNDLE_SEEN_FILE))
+            .ok()
+            .map(|s| s.trim().to_owned())
+    }
+
+    /// Records the configured trust bundle as used, unless a record exists: at the first start
+    /// this is the file the agent bootstraps from.
+    fn note_configured_bundle(&self) {
+        if self.trust_bundle_seen().is_some() {
+            return;
+        }
+        if let Ok(certs) = client::read_certs(&self.bootstrap_bundle) {
+            if let Err(e) = client::write_file(
+                &self.data_dir.join(client::TRUST_BUNDLE_SEEN_FILE),
+                client::roots_digest(&certs).as_bytes(),
+                0o644,
+            ) {
+                tracing::warn!(error = %e, "could not record the configured trust bundle");
+            }
         }
     }
 
@@ -612,6 +667,7 @@ impl Manager {
         if !self.attested {
             self.attested = matches!(AgentIdentity::load(&self.data_dir), Ok(Some(_)));
         }
+        self.note_configured_bundle();
         loop {
             if *shutdown.borrow() {
                 return Ok(());
@@ -693,5 +749,31 @@ mod bundle_tests {
         );
         assert!(!shares_a_root(&[a], &[]));
         assert!(!shares_a_root(&[], &[c]));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::fallback_allowed;
+    use crate::client::roots_digest;
+
+    #[test]
+    fn the_configured_bundle_is_a_fallback_only_once_it_changed() {
+        let (old, new) = (vec![b"old root".to_vec()], vec![b"new root".to_vec()]);
+        // An agent that followed the rotation trusts only the new root; its install-time file
+        // (recorded when it first started) holds the retired one: no fallback to it.
+        let seen = roots_digest(&old);
+        assert!(fallback_allowed(&old, &new, Some(&seen)).is_err());
+        // The same roots in another order or layout are the same file.
+        let both = vec![b"a".to_vec(), b"b".to_vec()];
+        let reordered = vec![b"b".to_vec(), b"a".to_vec(), b"a".to_vec()];
+        assert!(fallback_allowed(&reordered, &new, Some(&roots_digest(&both))).is_err());
+        // The operator installed the current bundle: allowed.
+        assert!(fallback_allowed(&new, &old, Some(&seen)).is_ok());
+        // Nothing recorded (never started with this data directory): allowed.
+        assert!(fallback_allowed(&new, &old, None).is_ok());
+        // The roots it trusts already, or nothing readable: no point.
+        assert!(fallback_allowed(&old, &old, None).is_err());
+        assert!(fallback_allowed(&[], &old, None).is_err());
     }
 }

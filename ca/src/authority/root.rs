@@ -280,7 +280,7 @@ impl Authority {
             .map(|k| k.created_at)
             .min()
             .unwrap_or(now_s)
-            .max(now_s - crate::entry::MAX_X509_TTL.as_secs() as i64 - 60);
+            .max(now_s - self.longest_x509_ttl_s() - 60);
         let issuers: Vec<&str> = under.iter().map(|k| k.id.as_str()).collect();
         // An agent SVID counts only while it is the agent's current one: an agent opens new
         // connections with its current SVID only, and the one it replaced serves (for the
@@ -547,7 +547,7 @@ impl Authority {
             }
         }
         tracing::info!(root_id = %id, bundle_sequence = stamp, actor, reason, "next root prepared");
-        self.rotate_locked(now).await?;
+        self.follow_change(now, "root prepared").await;
         Ok(rec)
     }
 
@@ -562,7 +562,7 @@ impl Authority {
         let now = SystemTime::now();
         let now_s = to_unix(now);
         let journal = self.store.list_ca_keys().await?;
-        let Some(next) = journal
+        let prepared = journal
             .iter()
             .filter(|k| {
                 k.kind == CaKeyKind::X509Root
@@ -570,15 +570,33 @@ impl Authority {
                     && k.not_after > now_s
             })
             .max_by_key(|k| k.created_at)
-            .cloned()
-        else {
+            .cloned();
+        // An activation that stopped half-way (the new root active, the old one not yet
+        // superseded: the two are separate steps in the datastore) is finished by the next.
+        let active: Vec<&CaKeyRecord> = journal
+            .iter()
+            .filter(|k| {
+                k.kind == CaKeyKind::X509Root
+                    && k.state == CaKeyState::Active
+                    && k.not_after > now_s
+            })
+            .collect();
+        let resumed = if prepared.is_none() && active.len() > 1 {
+            active
+                .iter()
+                .max_by_key(|k| k.created_at)
+                .map(|k| (*k).clone())
+        } else {
+            None
+        };
+        let Some(next) = prepared.or(resumed.clone()) else {
             return Err(AuthorityError::Refused(
                 "no root is prepared (meshid-ca ca root prepare)".into(),
             ));
         };
         let sequence = next.created_at.max(0) as u64;
         let (live, acked, lagging) = self.acknowledgements(sequence, now_s).await?;
-        if !lagging.is_empty() && !force {
+        if !lagging.is_empty() && !force && resumed.is_none() {
             let names: Vec<String> = lagging
                 .iter()
                 .take(10)
@@ -618,15 +636,19 @@ impl Authority {
             .collect::<Vec<_>>()
             .into();
         event.details["acknowledged_within_s"] = acknowledged_within_s.into();
-        self.store
-            .transition_ca_key(
-                &next.id,
-                Some(CaKeyState::Prepared),
-                CaKeyState::Active,
-                now_s,
-                &event,
-            )
-            .await?;
+        if resumed.is_none() {
+            self.store
+                .transition_ca_key(
+                    &next.id,
+                    Some(CaKeyState::Prepared),
+                    CaKeyState::Active,
+                    now_s,
+                    &event,
+                )
+                .await?;
+        } else {
+            tracing::warn!(root_id = %next.id, "finishing an activation that stopped before the old root was superseded");
+        }
         let mut superseded = Vec::new();
         for old in journal.iter().filter(|k| {
             k.kind == CaKeyKind::X509Root && k.state == CaKeyState::Active && k.id != next.id
@@ -669,7 +691,7 @@ impl Authority {
         } else {
             tracing::info!(root_id = %next.id, actor, reason, "root activated");
         }
-        self.rotate_locked(now).await?;
+        self.follow_change(now, "root activated").await;
         Ok(Activation {
             root_id: next.id,
             superseded,
@@ -732,7 +754,7 @@ impl Authority {
             }
             tracing::info!(root_id = %id, actor, reason, "root retired");
         }
-        self.rotate_locked(now).await?;
+        self.follow_change(now, "root retired").await;
         Ok(check.roots)
     }
 
@@ -747,9 +769,12 @@ impl Authority {
         }
         let now_s = to_unix(SystemTime::now());
         let journal = self.store.list_ca_keys().await?;
+        // An expired prepared or superseded root is no phase in progress (nothing can chain
+        // to it): it must not hold the automatic mode back forever.
         let status_needed = journal.iter().any(|k| {
             k.kind == CaKeyKind::X509Root
                 && matches!(k.state, CaKeyState::Prepared | CaKeyState::Superseded)
+                && k.not_after > now_s
         });
         let current = self.current();
         let Some(root) = journal.iter().find(|k| k.id == current.root_id).cloned() else {

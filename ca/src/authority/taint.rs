@@ -88,7 +88,7 @@ impl Authority {
             reason,
             "CA key tainted: everything it signed is re-issued"
         );
-        self.rotate_locked(now).await?;
+        self.follow_change(now, "key tainted").await;
         Ok(rec)
     }
 
@@ -131,7 +131,7 @@ impl Authority {
             .map(|k| k.created_at)
             .min()
             .unwrap_or(now_s)
-            .max(now_s - crate::entry::MAX_X509_TTL.as_secs() as i64 - 60);
+            .max(now_s - self.longest_x509_ttl_s() - 60);
         // The latest SVID of each holder, and when a holder last moved off a tainted key.
         struct Latest {
             issuer: String,

@@ -365,6 +365,39 @@ async fn forced_activation_is_on_the_record() {
     assert!(err.to_string().contains("control character"), "{err}");
 }
 
+/// An activation that stopped half-way (the new root made active, then the datastore failed
+/// before the old one was superseded) is finished by the next `activate`, which needs no
+/// `--force` for a gate the first one passed.
+#[tokio::test]
+async fn a_half_done_activation_is_finished_by_the_next() {
+    let Some(db) = db(false).await else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let ca = ca_on(&db.url, "ca-1", dir.path()).await;
+    let next = ca.root_prepare(None, "admin:uid=0", "").await.unwrap();
+    add_agent(ca.store.as_ref(), 1, false, 3600).await;
+    ca.store
+        .transition_ca_key(
+            &next.id,
+            Some(CaKeyState::Prepared),
+            CaKeyState::Active,
+            unix(SystemTime::now()),
+            &AuditEvent::new("ca.root.activated", "test", serde_json::json!({})),
+        )
+        .await
+        .unwrap();
+    ca.authority.rotate(SystemTime::now()).await.unwrap();
+    let a = ca.root_activate("admin:uid=0", "", false).await.unwrap();
+    assert_eq!(a.root_id, next.id);
+    assert_eq!(a.superseded.len(), 1);
+    assert_eq!(roots(&ca, CaKeyState::Active).len(), 1);
+    assert_eq!(roots(&ca, CaKeyState::Superseded).len(), 1);
+    let err = ca
+        .root_activate("admin:uid=0", "", false)
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("no root is prepared"), "{err}");
+}
+
 /// Two CA servers on one PostgreSQL, with the operator's roots on paths both read: an
 /// activation through one is followed by the other (a new intermediate under the new root),
 /// and retirement waits until both issue under it.

@@ -719,3 +719,51 @@ async fn delivered_bundle_sequence_follows_the_open_streams() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
+
+/// A CA address whose server this agent cannot authenticate (here another trust domain's CA
+/// with its own root, as a server restored from an old backup would be) does not stop the
+/// search: the agent goes on to the next address and attests there.
+#[test]
+fn an_untrusted_first_address_does_not_stop_the_failover() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    std::fs::create_dir_all(dir.join("stranger")).unwrap();
+    let stranger = Ca::start(&dir.join("stranger"), &[]);
+    let ca = Ca::start(dir, &[]);
+    let (secret, _) = ca.join_token();
+    let bundle = dir.join("bundle.pem");
+    std::fs::write(&bundle, ca.ok(&["bundle", "show"])).unwrap();
+    let config = dir.join("agent.toml");
+    std::fs::write(
+        &config,
+        format!("extra_server_addresses = [\"{}\"]\n", ca.node_address),
+    )
+    .unwrap();
+    let ops = format!("127.0.0.1:{}", meshid_tests::free_port());
+    let sock_dir = dir.join("sock");
+    std::fs::create_dir_all(&sock_dir).unwrap();
+    let mut args = meshid_tests::agent_run_args(
+        &stranger,
+        &bundle,
+        &dir.join("agent-data"),
+        &sock_dir.join("api.sock"),
+        &ops,
+    );
+    args.extend([
+        "--config".into(),
+        config.display().to_string(),
+        "--join-token".into(),
+        secret,
+    ]);
+    let mut agent =
+        meshid_tests::Proc::start("meshid-agent", "meshid-agent", &args, dir.join("agent.log"));
+    meshid_tests::wait_for(Duration::from_secs(30), "the agent to attest", || {
+        agent.check_alive();
+        (meshid_tests::http_get(&ops, "/readyz")?.0 == 200).then_some(())
+    });
+    assert!(
+        agent.log_text().contains("attested to the CA"),
+        "{}",
+        agent.log_text()
+    );
+}
