@@ -79,6 +79,19 @@ impl AdminService {
     }
 }
 
+fn revocation_to_proto(r: &crate::store::RevocationRecord) -> admin::Revocation {
+    admin::Revocation {
+        serial: r.serial.clone(),
+        issuer_id: r.issuer_id.clone(),
+        spiffe_id: r.spiffe_id.clone(),
+        kind: r.kind.clone(),
+        not_after: r.not_after,
+        revoked_at: r.revoked_at,
+        reason: r.reason.clone(),
+        actor: r.actor.clone(),
+    }
+}
+
 fn key_to_proto(k: &crate::store::CaKeyRecord) -> admin::CaKey {
     admin::CaKey {
         id: k.id.clone(),
@@ -312,6 +325,63 @@ impl admin::authority_server::Authority for AdminService {
         let mut key = key_to_proto(&rec);
         key.tainted_at = crate::unix_now();
         Ok(Response::new(key))
+    }
+
+    async fn revoke_svid(
+        &self,
+        req: Request<admin::RevokeSvidRequest>,
+    ) -> Rpc<admin::RevokeSvidResponse> {
+        use crate::authority::revoke::RevokeTarget;
+        let who = caller(&req);
+        let r = req.into_inner();
+        let given = [&r.serial, &r.spiffe_id, &r.key_id]
+            .iter()
+            .filter(|s| !s.is_empty())
+            .count();
+        if given != 1 {
+            return Err(Status::invalid_argument(
+                "give exactly one of serial, spiffe_id and key_id",
+            ));
+        }
+        let target = if !r.serial.is_empty() {
+            RevokeTarget::Serial(r.serial)
+        } else if !r.spiffe_id.is_empty() {
+            RevokeTarget::SpiffeId(r.spiffe_id)
+        } else {
+            RevokeTarget::Key(r.key_id)
+        };
+        let out = self.ca.revoke(target, &who, &r.reason).await?;
+        Ok(Response::new(admin::RevokeSvidResponse {
+            revoked: out.revoked.iter().map(revocation_to_proto).collect(),
+            already_revoked: u32::try_from(out.already).unwrap_or(u32::MAX),
+        }))
+    }
+
+    async fn list_revocations(
+        &self,
+        _req: Request<admin::ListRevocationsRequest>,
+    ) -> Rpc<admin::ListRevocationsResponse> {
+        let revocations = self
+            .ca
+            .store
+            .list_revocations(crate::unix_now())
+            .await
+            .map_err(crate::service::ServiceError::from)?;
+        let crls = self.ca.authority.crls();
+        Ok(Response::new(admin::ListRevocationsResponse {
+            revocations: revocations.iter().map(revocation_to_proto).collect(),
+            crls: crls
+                .records
+                .iter()
+                .map(|c| admin::Crl {
+                    issuer_id: c.issuer_id.clone(),
+                    number: c.number,
+                    this_update: c.this_update,
+                    entries: u32::try_from(c.entries).unwrap_or(u32::MAX),
+                    der: c.der.clone(),
+                })
+                .collect(),
+        }))
     }
 
     async fn mint_x509_svid(

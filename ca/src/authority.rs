@@ -32,6 +32,7 @@ use crate::jwt::{self, JwtKey};
 use crate::store::{CaKeyKind, CaKeyRecord, CaKeyState, Datastore, StoreError};
 use crate::svid::{self, CaKey, IssuedSvid, Issuer};
 
+pub mod revoke;
 pub mod root;
 pub mod taint;
 
@@ -116,6 +117,8 @@ pub struct Authority {
     upstream: Option<(CertificateDer<'static>, PathBuf)>,
     /// Held by a rotation check and by the root lifecycle steps, so that two never interleave.
     rotation: tokio::sync::Mutex<()>,
+    /// The CRLs every server stored ([`Authority::refresh_crls`]).
+    crls: RwLock<Arc<revoke::CrlSet>>,
 }
 
 impl std::fmt::Debug for Authority {
@@ -377,6 +380,7 @@ impl Authority {
             store,
             upstream,
             rotation: tokio::sync::Mutex::new(()),
+            crls: RwLock::default(),
             keys: RwLock::new(Arc::new(Keys {
                 root: Arc::clone(&root),
                 root_id: root_id.clone(),
@@ -391,6 +395,7 @@ impl Authority {
             })),
         };
         this.load_slots(root, root_id, journal, now).await?;
+        this.refresh_crls().await?;
         Ok(this)
     }
 

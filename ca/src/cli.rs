@@ -10,6 +10,7 @@ use meshid_api::{admin, files};
 use meshid_ca::config::{Config, ConfigError, RawConfig};
 
 mod root;
+mod svid;
 
 const DEFAULT_SOCKET: &str = "/var/lib/meshid/ca/admin.sock";
 
@@ -49,6 +50,15 @@ enum Command {
     /// CA key status.
     #[command(subcommand)]
     Ca(CaCommand),
+    /// Revoke X.509-SVIDs and intermediates; the CRLs.
+    Svid {
+        #[command(flatten)]
+        conn: Conn,
+        #[arg(long, value_enum, default_value = "text", global = true)]
+        output: Output,
+        #[command(subcommand)]
+        command: svid::SvidCommand,
+    },
     /// The audit log.
     #[command(subcommand)]
     Audit(AuditCommand),
@@ -937,6 +947,11 @@ async fn client(cmd: Command) -> anyhow::Result<ExitCode> {
             output,
             command,
         }) => return root::run(command, channel(&conn).await?, output == Output::Json).await,
+        Command::Svid {
+            conn,
+            output,
+            command,
+        } => return svid::run(command, channel(&conn).await?, output == Output::Json).await,
         Command::Audit(AuditCommand::Verify { conn }) => {
             let mut c = AuditClient::new(channel(&conn).await?);
             let r = c

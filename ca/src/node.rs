@@ -483,6 +483,13 @@ impl NodeService {
                 format!("the SVID of {id} expired at {not_after}; reconnect with the renewed one"),
             ));
         }
+        if self.ca.authority.crls().serials.contains(&serial) {
+            return Err(self.deny(
+                rpc,
+                &id.to_string(),
+                format!("the SVID of {id} (serial {serial}) is revoked (meshid-ca svid revoke): attest again with a new join token"),
+            ));
+        }
         // Only an SVID the CA issued to an agent carries the agent mark (`marked`). One from
         // before the marks is taken only while it is the agent's current SVID (its serial is
         // on record).
@@ -527,6 +534,8 @@ impl NodeService {
             deleted_ids: Vec::new(),
             bundle: Some(bundle_to_proto(&self.ca.authority.bundle())),
             renew_agent_svid: false,
+            crl_set: true,
+            crls: crl_list(&self.ca),
             ..taint_update(&self.ca)
         })
     }
@@ -647,6 +656,18 @@ struct Pending {
     renew: bool,
     /// A key was tainted: send the tainted set.
     taint: bool,
+    /// The CRLs changed: send them all.
+    crls: bool,
+}
+
+/// Every CRL served, DER.
+fn crl_list(ca: &Ca) -> Vec<Vec<u8>> {
+    ca.authority
+        .crls()
+        .records
+        .iter()
+        .map(|c| c.der.clone())
+        .collect()
 }
 
 /// A sync update carrying only the complete set of tainted keys.
@@ -702,6 +723,7 @@ impl Pending {
             }
             CaEvent::RenewAgents => self.renew = true,
             CaEvent::KeyTainted => self.taint = true,
+            CaEvent::CrlsChanged => self.crls = true,
             CaEvent::AgentRenewed { spiffe_id, serial } => {
                 if spiffe_id == caller.id && serial != caller.serial {
                     return Applied::Superseded;
@@ -717,6 +739,7 @@ impl Pending {
             && !self.bundle
             && !self.renew
             && !self.taint
+            && !self.crls
     }
 
     fn into_update(self, ca: &Ca) -> node::SyncUpdate {
@@ -726,6 +749,8 @@ impl Pending {
             deleted_ids: self.deleted.into_iter().collect(),
             bundle: self.bundle.then(|| bundle_to_proto(&ca.authority.bundle())),
             renew_agent_svid: self.renew,
+            crl_set: self.crls,
+            crls: if self.crls { crl_list(ca) } else { Vec::new() },
             ..if self.taint {
                 taint_update(ca)
             } else {

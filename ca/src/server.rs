@@ -107,6 +107,14 @@ pub async fn rotation_loop(ca: Ca, interval: Duration, mut stop: watch::Receiver
             tracing::warn!(error = %e, "automatic root rotation step failed; will retry");
         }
         record_cleared_taints(&ca, &mut cleared).await;
+        // CRLs: re-signed when a listed certificate expired or at half their validity; the
+        // revocations of certificates expired a day ago are deleted.
+        if let Err(e) = ca.refresh_crls(true).await {
+            tracing::warn!(error = %e, "cannot refresh the CRLs; will retry");
+        }
+        if let Err(e) = ca.store.prune_revocations(crate::unix_now() - 86_400).await {
+            tracing::warn!(error = %e, "cannot prune expired revocations; will retry");
+        }
         let now = ca.authority.bundle().sequence;
         if now != sequence {
             sequence = now;
@@ -243,6 +251,14 @@ async fn replay(ca: &Ca, me: &str, record: &crate::audit::AuditRecord) -> anyhow
                 ca.publish(CaEvent::RenewAgents);
             }
             ca.publish(CaEvent::BundleChanged);
+        }
+        // Another server recorded a revocation: sign the CRLs of the keys this one holds.
+        "svid.revoked" if field("ca_server") != Some(me) => {
+            ca.refresh_crls(true).await?;
+        }
+        // Another server signed a CRL: serve it too.
+        "ca.crl.signed" if field("ca_server") != Some(me) => {
+            ca.refresh_crls(false).await?;
         }
         "agent.evicted" | "agent.banned" => {
             if let Some(spiffe_id) = parse_id(field("spiffe_id")) {

@@ -124,6 +124,7 @@ fn check_reason(reason: &str) -> Result<(), ServiceError> {
     Ok(())
 }
 
+mod revoke;
 mod root;
 
 /// How many [`CaEvent`]s a slow subscriber may fall behind before it is told it lagged (and
@@ -161,6 +162,9 @@ pub enum CaEvent {
     RenewAgents,
     /// A CA key was tainted: agents re-issue what it signed.
     KeyTainted,
+    /// The CRLs served changed (a revocation, or one expired from a list): agents get the
+    /// complete set.
+    CrlsChanged,
     /// The operator asked an agent to renew its own SVID now (`agent rotate`).
     AgentRotate {
         /// The agent's SPIFFE ID.

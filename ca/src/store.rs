@@ -131,6 +131,44 @@ pub struct DeliveryRecord {
     pub reported_at: i64,
 }
 
+/// A revoked X.509 certificate (`meshid-ca svid revoke`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RevocationRecord {
+    /// The CA journal id of the key that signed it: the issuer of the CRL that lists it.
+    pub issuer_id: String,
+    /// Its serial number, lowercase hex.
+    pub serial: String,
+    /// Its SPIFFE ID (a trust domain's ID for an intermediate).
+    pub spiffe_id: String,
+    /// An issuance kind (`svid.x509.issued`, `agent.attested`, ...) or `x509_intermediate`.
+    pub kind: String,
+    /// When it expires (Unix seconds): it leaves the CRL then.
+    pub not_after: i64,
+    /// Unix seconds.
+    pub revoked_at: i64,
+    /// Why.
+    pub reason: String,
+    /// Who.
+    pub actor: String,
+}
+
+/// A certificate revocation list signed by one CA key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CrlRecord {
+    /// The CA journal id of the signing key.
+    pub issuer_id: String,
+    /// The CA server that signed it (the one holding the key).
+    pub server_id: String,
+    /// The CRL number (increases with every CRL of the issuer).
+    pub number: u64,
+    /// thisUpdate, Unix seconds.
+    pub this_update: i64,
+    /// How many certificates it lists.
+    pub entries: u64,
+    /// The DER.
+    pub der: Vec<u8>,
+}
+
 /// What a CA key is for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum CaKeyKind {
@@ -378,6 +416,23 @@ pub trait Datastore: Send + Sync + 'static {
     async fn record_delivery(&self, delivery: &DeliveryRecord) -> Result<(), StoreError>;
     /// Every agent's reports, ordered by agent then server.
     async fn list_deliveries(&self) -> Result<Vec<DeliveryRecord>, StoreError>;
+
+    /// Records revocations, with `audit`, in one transaction; a certificate already revoked is
+    /// left as it was. Returns the ones added.
+    async fn insert_revocations(
+        &self,
+        revocations: &[RevocationRecord],
+        audit: &AuditEvent,
+    ) -> Result<Vec<RevocationRecord>, StoreError>;
+    /// Every revocation of a certificate that expires after `now` (Unix seconds), by issuer
+    /// then serial.
+    async fn list_revocations(&self, now: i64) -> Result<Vec<RevocationRecord>, StoreError>;
+    /// Deletes the revocations of certificates expired before `before`; returns how many.
+    async fn prune_revocations(&self, before: i64) -> Result<u64, StoreError>;
+    /// Stores the CRL of `crl.issuer_id`, replacing the previous one, with `audit`.
+    async fn put_crl(&self, crl: &CrlRecord, audit: &AuditEvent) -> Result<(), StoreError>;
+    /// Every stored CRL, by issuer.
+    async fn list_crls(&self) -> Result<Vec<CrlRecord>, StoreError>;
 
     /// Whether a write can commit now: a write transaction that rewrites the audit head with
     /// its own values (nothing changes, but the database must take and store the write).

@@ -311,6 +311,43 @@ pub struct Issuer {
 }
 
 impl Issuer {
+    /// Signs a certificate revocation list (RFC 5280 section 5) in this issuer's name: CRL
+    /// number `number`, thisUpdate `this_update`, nextUpdate `next_update` (Unix seconds), and
+    /// one entry per `(serial, revoked_at)` (serial in hex, as [`IssuedSvid::serial`]) with the
+    /// reason keyCompromise left out (the reason is in the CA's records; relying parties act
+    /// on the entry alone). The authority key identifier names this issuer's key.
+    pub fn sign_crl(
+        &self,
+        number: u64,
+        this_update: i64,
+        next_update: i64,
+        revoked: &[(String, i64)],
+    ) -> Result<Vec<u8>, SvidError> {
+        let mut revoked_certs = Vec::with_capacity(revoked.len());
+        for (serial, at) in revoked {
+            let bytes = hex::decode(serial)
+                .map_err(|_| SvidError::InvalidIssuer("a revoked serial is not hex"))?;
+            revoked_certs.push(rcgen::RevokedCertParams {
+                serial_number: SerialNumber::from_slice(&bytes),
+                revocation_time: to_datetime(*at)?,
+                reason_code: None,
+                invalidity_date: None,
+            });
+        }
+        let params = rcgen::CertificateRevocationListParams {
+            this_update: to_datetime(this_update)?,
+            next_update: to_datetime(next_update)?,
+            crl_number: SerialNumber::from(number),
+            issuing_distribution_point: None,
+            revoked_certs,
+            key_identifier_method: rcgen::KeyIdMethod::Sha256,
+        };
+        let crl = params
+            .signed_by(&self.signer)
+            .map_err(SvidError::Generate)?;
+        Ok(crl.der().to_vec())
+    }
+
     /// Builds an issuer from its DER certificate, its key and `upper_chain`: the intermediates
     /// between this certificate and the root, nearest first, without the root (empty for an
     /// intermediate signed directly by the root, and for a root).

@@ -69,7 +69,24 @@ pub(crate) async fn connection(
         this.metrics.handshake_failure("other");
         return;
     };
-    let mut tls = tls;
+    let chain = crate::proxy::peer_chain(tls.get_ref().1.peer_certificates());
+    let serve = serve(this, tls, caller.clone(), local.clone(), start);
+    tokio::select! {
+        () = serve => {}
+        serial = this.shared.creds.revoked(&chain) => {
+            crate::proxy::closed_revoked(&this.metrics, &this.shared, "inbound", Some(&caller), Some(&local), &serial, start);
+        }
+    }
+}
+
+/// Serves one authenticated connection: detects the protocol and proxies it.
+async fn serve(
+    this: &Arc<Listener>,
+    mut tls: TlsStream<TcpStream>,
+    caller: SpiffeId,
+    local: Arc<SpiffeId>,
+    start: Instant,
+) {
     let detected = match this.config.protocol {
         InboundProtocol::Tcp => (Detected::Opaque, Vec::new()),
         InboundProtocol::Http | InboundProtocol::Detect => {

@@ -91,6 +91,10 @@ pub struct Metrics {
     pub svid_expiry: Gauge,
     /// SVID updates applied after the first.
     pub rotations: Counter,
+    /// Certificates the CRLs in force list.
+    pub revoked_listed: Gauge,
+    /// Established connections closed because the peer's chain was revoked.
+    pub revoked_closed: Family<ListenerLabels, Counter>,
     /// Policy (re)loads.
     pub policy_reloads: Family<ReloadLabels, Counter>,
     /// Access log lines dropped because the writer fell behind.
@@ -120,6 +124,17 @@ pub struct ListenerMetrics {
 }
 
 impl ListenerMetrics {
+    /// Counts an established connection closed because its peer was revoked.
+    pub fn revoked_closed(&self) {
+        self.all
+            .revoked_closed
+            .get_or_create(&ListenerLabels {
+                direction: self.direction,
+                listener: self.name.clone(),
+            })
+            .inc();
+    }
+
     /// Counts a handshake failure.
     pub fn handshake_failure(&self, reason: &'static str) {
         self.all
@@ -172,6 +187,16 @@ impl Metrics {
             "svid_rotations",
             "SVID updates applied after the first",
             self.rotations.clone(),
+        );
+        r.register(
+            "revoked_certificates",
+            "Certificates listed by the certificate revocation lists in force",
+            self.revoked_listed.clone(),
+        );
+        r.register(
+            "revoked_connections_closed",
+            "Established connections closed because a CRL listed a certificate of the peer's chain",
+            self.revoked_closed.clone(),
         );
         r.register(
             "policy_reloads",

@@ -121,7 +121,15 @@ pub(crate) async fn forward(
         .1
         .peer_certificates()
         .and_then(verify::peer_spiffe_id);
-    let (tx, rx) = splice(&mut app, &mut tls).await;
+    let chain = crate::proxy::peer_chain(tls.get_ref().1.peer_certificates());
+    let (tx, rx) = tokio::select! {
+        r = splice(&mut app, &mut tls) => r,
+        serial = shared.creds.revoked(&chain) => {
+            let local = shared.creds.local_id();
+            crate::proxy::closed_revoked(metrics, shared, "outbound", local.as_deref(), callee.as_ref(), &serial, start);
+            return;
+        }
+    };
     // rx/tx are from the accepted peer's point of view: the application.
     metrics.rx.inc_by(tx);
     metrics.tx.inc_by(rx);

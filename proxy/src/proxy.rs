@@ -226,3 +226,38 @@ pub fn record(
         ..crate::access::connection("inbound", &this.config.name)
     }
 }
+
+/// The peer's certificate chain of an established connection, leaf first (kept to check it
+/// against CRLs that arrive later).
+pub fn peer_chain(
+    certs: Option<&[rustls_pki_types::CertificateDer<'_>]>,
+) -> Vec<rustls_pki_types::CertificateDer<'static>> {
+    certs
+        .map(|certs| certs.iter().map(|c| c.clone().into_owned()).collect())
+        .unwrap_or_default()
+}
+
+/// Records an established connection closed because a CRL listed a certificate of the peer's
+/// chain: a counter, a log line and an access-log record with the reason.
+pub fn closed_revoked(
+    metrics: &ListenerMetrics,
+    shared: &Shared,
+    direction: &str,
+    caller: Option<&SpiffeId>,
+    callee: Option<&SpiffeId>,
+    serial: &str,
+    start: std::time::Instant,
+) {
+    metrics.revoked_closed();
+    tracing::warn!(listener = %metrics.name, direction, caller = ?caller.map(ToString::to_string), callee = ?callee.map(ToString::to_string), serial, reason = "peer_revoked", "connection closed: the peer's certificate was revoked");
+    if shared.access.enabled() {
+        shared.access.log(AccessRecord {
+            caller: caller.map(ToString::to_string),
+            callee: callee.map(ToString::to_string),
+            decision: "close".to_owned(),
+            reason: Some(format!("peer_revoked serial={serial}")),
+            duration_ms: start.elapsed().as_secs_f64() * 1e3,
+            ..crate::access::connection(direction, &metrics.name)
+        });
+    }
+}

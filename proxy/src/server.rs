@@ -81,7 +81,7 @@ impl meshid_api::ops::Ops for ProxyOps {
         } else if self.creds.ready() {
             Ok(())
         } else {
-            Err("no svid yet".to_owned())
+            Err(self.creds.not_ready_reason().to_owned())
         }
     }
 
@@ -126,6 +126,12 @@ pub async fn run(
         mark: config.transparent.as_ref().and_then(|t| t.mark),
     });
 
+    tokio::spawn(crate::tls::follow_crls(
+        config.workload_api_socket.clone(),
+        creds.clone(),
+        metrics.clone(),
+        drain.clone(),
+    ));
     let follow = tokio::spawn(crate::tls::follow(
         config.workload_api_socket.clone(),
         config.spiffe_id.clone(),

@@ -25,6 +25,7 @@ use rustls_pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
 use spiffe::{SpiffeId, TrustDomain, X509BundleSet, X509Source, X509Svid};
 
 use crate::metrics::Metrics;
+use meshid_api::tls::revocation::Revocations;
 use meshid_api::tls::{
     provider, ClientVerifier, PeerBundles, ServerVerifier, SvidVerifier, PROTOCOL_VERSIONS,
 };
@@ -48,6 +49,11 @@ pub struct Credentials {
     verifier: Arc<SvidVerifier>,
     local: ArcSwapOption<SpiffeId>,
     ready: AtomicBool,
+    /// The CRLs in force, watched by every established connection ([`Credentials::revoked`]).
+    revocations: tokio::sync::watch::Sender<Arc<Revocations>>,
+    /// The first CRL set (possibly empty) came from the agent: until then nothing is accepted,
+    /// so that a restarted proxy never admits a peer revoked before it started.
+    crls_received: AtomicBool,
     server: Arc<ServerConfig>,
     federated: Vec<TrustDomain>,
 }
@@ -69,6 +75,8 @@ impl Credentials {
             verifier,
             local: ArcSwapOption::empty(),
             ready: AtomicBool::new(false),
+            revocations: tokio::sync::watch::Sender::new(Arc::new(Revocations::default())),
+            crls_received: AtomicBool::new(false),
             server: Arc::new(server),
             federated,
         }))
@@ -102,9 +110,40 @@ impl Credentials {
         self.local.load_full()
     }
 
-    /// Whether an SVID is held (`/readyz`).
+    /// Whether an SVID and the CRLs are held (`/readyz`).
     pub fn ready(&self) -> bool {
-        self.ready.load(Ordering::Acquire)
+        self.ready.load(Ordering::Acquire) && self.crls_received.load(Ordering::Acquire)
+    }
+
+    /// What is missing for [`Credentials::ready`].
+    pub fn not_ready_reason(&self) -> &'static str {
+        if !self.ready.load(Ordering::Acquire) {
+            "no svid yet"
+        } else {
+            "no certificate revocation lists from the Workload API yet"
+        }
+    }
+
+    /// Installs the CRLs: new handshakes are checked against them, and connections whose peer
+    /// chain holds a listed certificate are closed ([`Credentials::revoked`]).
+    pub fn set_revocations(&self, revocations: Revocations) {
+        self.verifier.set_revocations(revocations);
+        self.revocations.send_replace(self.verifier.revocations());
+        self.crls_received.store(true, Ordering::Release);
+    }
+
+    /// Resolves when a CRL lists a certificate of `chain` (an established connection's peer,
+    /// leaf first), with that certificate's serial; never, otherwise.
+    pub async fn revoked(&self, chain: &[CertificateDer<'static>]) -> String {
+        let mut rx = self.revocations.subscribe();
+        loop {
+            if let Some(serial) = rx.borrow_and_update().revoked_in(chain) {
+                return serial;
+            }
+            if rx.changed().await.is_err() {
+                std::future::pending::<()>().await;
+            }
+        }
     }
 
     /// Installs an SVID and the bundles: new handshakes use them from now on.
@@ -237,4 +276,97 @@ pub async fn follow(
         }
     }
     source.shutdown().await;
+}
+
+/// Follows the certificate revocation lists from the Workload API at `endpoint` until
+/// `shutdown`: a FetchX509Bundles stream, whose `crl` field carries them (the `spiffe` crate's
+/// sources do not surface it). Every message replaces the set; a message whose CRLs do not
+/// parse is logged and skipped, keeping the last good set. Reconnects with backoff.
+pub async fn follow_crls(
+    endpoint: String,
+    creds: Arc<Credentials>,
+    metrics: Arc<Metrics>,
+    mut shutdown: tokio::sync::watch::Receiver<bool>,
+) {
+    use meshid_api::workload::spiffe_workload_api_client::SpiffeWorkloadApiClient;
+    let mut backoff = Duration::from_millis(100);
+    loop {
+        let session = async {
+            let channel = workload_channel(&endpoint).await?;
+            let mut client = SpiffeWorkloadApiClient::new(channel);
+            let mut req = tonic::Request::new(meshid_api::workload::X509BundlesRequest {});
+            req.metadata_mut().insert(
+                "workload.spiffe.io",
+                tonic::metadata::MetadataValue::from_static("true"),
+            );
+            let mut stream = client
+                .fetch_x509_bundles(req)
+                .await
+                .map_err(|s| anyhow::anyhow!("{}", s.message()))?
+                .into_inner();
+            while let Some(msg) = stream
+                .message()
+                .await
+                .map_err(|s| anyhow::anyhow!("{}", s.message()))?
+            {
+                match Revocations::from_der(&msg.crl) {
+                    Ok(set) => {
+                        let listed = set.len();
+                        let first = !creds.crls_received.load(Ordering::Acquire);
+                        creds.set_revocations(set);
+                        metrics
+                            .revoked_listed
+                            .set(i64::try_from(listed).unwrap_or(i64::MAX));
+                        if first {
+                            tracing::info!(
+                                crls = msg.crl.len(),
+                                revoked = listed,
+                                "certificate revocation lists received"
+                            );
+                        } else {
+                            tracing::info!(
+                                crls = msg.crl.len(),
+                                revoked = listed,
+                                "certificate revocation lists updated"
+                            );
+                        }
+                    }
+                    Err(e) => {
+                        tracing::error!(error = %e, "the Workload API sent a CRL that does not parse; keeping the previous lists")
+                    }
+                }
+            }
+            anyhow::Ok(())
+        };
+        tokio::select! {
+            r = session => {
+                if let Err(e) = r {
+                    tracing::warn!(endpoint = %endpoint, error = %e, "CRL stream from the Workload API ended; reconnecting");
+                } else {
+                    backoff = Duration::from_millis(100);
+                }
+            }
+            _ = shutdown.changed() => return,
+        }
+        tokio::select! {
+            () = tokio::time::sleep(backoff) => {}
+            _ = shutdown.changed() => return,
+        }
+        backoff = (backoff * 2).min(Duration::from_secs(5));
+    }
+}
+
+/// A gRPC channel to a Workload API endpoint (`unix:` path or `tcp:` address).
+async fn workload_channel(endpoint: &str) -> anyhow::Result<tonic::transport::Channel> {
+    if let Some(rest) = endpoint.strip_prefix("unix:") {
+        let path = rest.strip_prefix("//").unwrap_or(rest);
+        return Ok(meshid_api::client::connect_unix(path).await?);
+    }
+    let addr = endpoint.strip_prefix("tcp:").unwrap_or(endpoint);
+    let addr = addr.strip_prefix("//").unwrap_or(addr);
+    Ok(
+        tonic::transport::Endpoint::from_shared(format!("http://{addr}"))?
+            .connect()
+            .await?,
+    )
 }

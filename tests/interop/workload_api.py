@@ -21,6 +21,13 @@ check failed, so the Rust test shows every result at once.
                                                  sending each :authority form, several requests
                                                  per connection, and malformed requests that
                                                  must still be refused
+    workload_api.py crl       SOCKET SPEC_JSON   after a revocation: the crl fields of
+                                                 FetchX509SVID and FetchX509Bundles (through
+                                                 py-spiffe's own generated stubs: its client API
+                                                 does not surface them) hold a CRL that
+                                                 `cryptography` verifies against the SVID's
+                                                 issuer and that lists the revoked serial; the
+                                                 SVID served now is not revoked
     workload_api.py latency   SOCKET N           first FetchX509SVID message through py-spiffe,
                                                  N samples, one new client each; prints µs
 """
@@ -539,6 +546,47 @@ def mode_roots(socket, spec):
     finish()
 
 
+def mode_crl(socket, spec):
+    from cryptography import x509
+    from spiffe._proto import workload_pb2
+    from spiffe import WorkloadApiClient
+
+    revoked = int(spec["revoked_serial"], 16)
+    stub, metadata, channel = raw_stub(socket)
+
+    def crls_of(field_crls):
+        return [x509.load_der_x509_crl(bytes(c)) for c in field_crls]
+
+    def listed(crls):
+        return [r.serial_number for crl in crls for r in crl]
+
+    def svid_response():
+        msg = first_message(stub.FetchX509SVID(workload_pb2.X509SVIDRequest(), metadata=metadata))
+        crls = crls_of(msg.crl)
+        expect(crls, "no CRL in X509SVIDResponse.crl")
+        expect(revoked in listed(crls), f"serial {revoked:x} not listed")
+        # The SVID served now is a fresh one, and the CRL of its issuer verifies with the
+        # issuer's key (cryptography's own signature check).
+        expect(msg.svids, "no SVID in the response")
+        client = WorkloadApiClient(socket_path=f"unix:{socket}", default_timeout=15)
+        fresh = client.fetch_x509_svid()
+        client.close()
+        expect(fresh.leaf.serial_number != revoked, "the revoked SVID is still served")
+        issuer = fresh.cert_chain[1]
+        by_issuer = [c for c in crls if c.issuer == issuer.subject]
+        for crl in by_issuer:
+            expect(crl.is_signature_valid(issuer.public_key()), "CRL signature does not verify")
+
+    def bundles_response():
+        msg = first_message(stub.FetchX509Bundles(workload_pb2.X509BundlesRequest(), metadata=metadata))
+        expect(revoked in listed(crls_of(msg.crl)), "X509BundlesResponse.crl does not list it")
+
+    check("crl field of FetchX509SVID (py-spiffe stubs, cryptography)", svid_response)
+    check("crl field of FetchX509Bundles", bundles_response)
+    channel.close()
+    finish()
+
+
 def mode_latency(socket, n):
     from spiffe import WorkloadApiClient
 
@@ -567,6 +615,8 @@ def main():
         mode_raw(socket, sys.argv[3])
     elif mode == "roots":
         mode_roots(socket, json.loads(sys.argv[3]))
+    elif mode == "crl":
+        mode_crl(socket, json.loads(sys.argv[3]))
     elif mode == "latency":
         mode_latency(socket, int(sys.argv[3]))
     else:

@@ -111,6 +111,8 @@ pub struct Snapshot {
     /// Key ids of tainted JWT keys (`meshid-ca ca taint`): cached JWT-SVIDs they signed are
     /// not served again.
     pub tainted_jwt_kids: Arc<std::collections::BTreeSet<String>>,
+    /// The CA's certificate revocation lists (DER), for the Workload API's `crl` fields.
+    pub crls: Arc<Vec<Vec<u8>>>,
 }
 
 impl Snapshot {
@@ -122,6 +124,7 @@ impl Snapshot {
             identities: Vec::new(),
             synced: false,
             tainted_jwt_kids: Arc::default(),
+            crls: Arc::default(),
         }
     }
 

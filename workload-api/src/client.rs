@@ -285,13 +285,14 @@ pub async fn connect(
                             detail,
                         });
                     }
-                    Some(rustls::Error::AlertReceived(alert)) if identity.is_some() => {
-                        if !matches!(refusal, Some(ClientError::ServerUntrusted { .. })) {
-                            refusal = Some(ClientError::ClientRefused {
-                                addr: addr.clone(),
-                                detail: format!("{alert:?}"),
-                            });
-                        }
+                    Some(rustls::Error::AlertReceived(alert))
+                        if identity.is_some()
+                            && !matches!(refusal, Some(ClientError::ServerUntrusted { .. })) =>
+                    {
+                        refusal = Some(ClientError::ClientRefused {
+                            addr: addr.clone(),
+                            detail: format!("{alert:?}"),
+                        });
                     }
                     _ => {}
                 }

@@ -18,6 +18,7 @@ use meshid_api::node::{self, node_client::NodeClient};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::gauge::Gauge;
 use rand::Rng;
+use rustls_pki_types::CertificateDer;
 use spiffe::{SpiffeId, TrustDomain};
 use tokio::sync::watch;
 use tonic::transport::Channel;
@@ -98,6 +99,10 @@ pub struct Manager {
     tainted_x509: std::collections::HashSet<Vec<u8>>,
     /// Tainted JWT key ids.
     tainted_jwt: Arc<std::collections::BTreeSet<String>>,
+    /// The CA's CRLs (DER), as received.
+    crls: Arc<Vec<Vec<u8>>>,
+    /// Entries whose SVID held a CRL lists: re-issued now.
+    revoked_held: std::collections::HashSet<String>,
     /// What the Workload API's X.509 streams have been handed, reported to the CA.
     delivery: Arc<Delivery>,
     /// Counters.
@@ -214,6 +219,8 @@ impl Manager {
             renew_requested: false,
             tainted_x509: std::collections::HashSet::new(),
             tainted_jwt: Arc::default(),
+            crls: Arc::default(),
+            revoked_held: Default::default(),
             attest_timeout: config.attest_timeout,
             snapshots: tx,
             channel: Arc::new(ArcSwapOption::empty()),
@@ -419,6 +426,35 @@ impl Manager {
             self.tainted_x509 = x509;
             self.tainted_jwt = Arc::new(update.tainted_jwt_key_ids.into_iter().collect());
         }
+        if update.crl_set && *self.crls != update.crls {
+            // A list that does not parse is not applied: the previous one stays (a CRL only
+            // withdraws trust, so keeping more of it is the safe side).
+            match meshid_api::tls::revocation::Revocations::from_der(&update.crls) {
+                Ok(revoked) => {
+                    tracing::info!(
+                        crls = update.crls.len(),
+                        revoked = revoked.len(),
+                        "certificate revocation lists received"
+                    );
+                    for (id, h) in &self.held {
+                        let chain: Vec<CertificateDer<'_>> = h
+                            .svid
+                            .chain
+                            .iter()
+                            .map(|c| CertificateDer::from(c.as_slice()))
+                            .collect();
+                        if let Some(serial) = revoked.revoked_in(&chain) {
+                            tracing::warn!(entry_id = %id, serial, "an SVID held here is revoked: re-issuing it now");
+                            self.revoked_held.insert(id.clone());
+                        }
+                    }
+                    self.crls = Arc::new(update.crls);
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "the CA sent a CRL that does not parse; keeping the previous lists")
+                }
+            }
+        }
         if update.full {
             self.entries.clear();
         }
@@ -456,6 +492,7 @@ impl Manager {
             identities,
             synced: self.synced,
             tainted_jwt_kids: Arc::clone(&self.tainted_jwt),
+            crls: Arc::clone(&self.crls),
         };
         self.snapshots.send_replace(Arc::new(snap));
     }
@@ -482,7 +519,12 @@ impl Manager {
             .values()
             .filter_map(|e| match self.held.get(&e.id) {
                 None => Some((i64::MIN, Arc::clone(e))),
-                Some(h) if h.revision != e.revision || t >= h.renew_at || tainted(h) => {
+                Some(h)
+                    if h.revision != e.revision
+                        || t >= h.renew_at
+                        || tainted(h)
+                        || self.revoked_held.contains(&e.id) =>
+                {
                     Some((h.svid.not_after, Arc::clone(e)))
                 }
                 Some(_) => None,
@@ -527,6 +569,7 @@ impl Manager {
                 // the past and the agent would re-sign on every wake.
                 let renew_at = self.renew_at(t.max(not_before), result.expires_at);
                 let rotated = self.held.contains_key(&entry.id);
+                self.revoked_held.remove(&entry.id);
                 self.held.insert(
                     entry.id.clone(),
                     Held {

@@ -748,11 +748,13 @@ fn eval_entries(snap: &Snapshot, selectors: &[String], _strict: bool) -> Verdict
 struct X509View {
     svids: Vec<(Arc<Entry>, Arc<Svid>)>,
     bundle: Arc<Bundle>,
+    crls: Arc<Vec<Vec<u8>>>,
 }
 
 impl PartialEq for X509View {
     fn eq(&self, other: &Self) -> bool {
         self.bundle.x509_authorities == other.bundle.x509_authorities
+            && (Arc::ptr_eq(&self.crls, &other.crls) || self.crls == other.crls)
             && self.svids.len() == other.svids.len()
             && self
                 .svids
@@ -799,7 +801,7 @@ impl View for X509View {
             .collect();
         X509svidResponse {
             svids,
-            crl: Vec::new(),
+            crl: self.crls.to_vec(),
             federated_bundles: HashMap::new(),
         }
     }
@@ -829,6 +831,7 @@ fn eval_x509_svids(snap: &Snapshot, selectors: &[String], strict: bool) -> Verdi
     Verdict::Ready(X509View {
         svids,
         bundle: Arc::clone(&snap.bundle),
+        crls: Arc::clone(&snap.crls),
     })
 }
 
@@ -836,12 +839,14 @@ fn eval_x509_svids(snap: &Snapshot, selectors: &[String], strict: bool) -> Verdi
 struct X509BundlesView {
     trust_domain: TrustDomain,
     bundle: Arc<Bundle>,
+    crls: Arc<Vec<Vec<u8>>>,
 }
 
 impl PartialEq for X509BundlesView {
     fn eq(&self, other: &Self) -> bool {
         self.trust_domain == other.trust_domain
             && self.bundle.x509_authorities == other.bundle.x509_authorities
+            && (Arc::ptr_eq(&self.crls, &other.crls) || self.crls == other.crls)
     }
 }
 
@@ -854,7 +859,7 @@ impl View for X509BundlesView {
 
     fn message(&self) -> X509BundlesResponse {
         X509BundlesResponse {
-            crl: Vec::new(),
+            crl: self.crls.to_vec(),
             bundles: HashMap::from([(self.trust_domain.id_string(), self.bundle.x509_concat())]),
         }
     }
@@ -877,6 +882,7 @@ fn eval_x509_bundles(
     Verdict::Ready(X509BundlesView {
         trust_domain: snap.trust_domain.clone(),
         bundle: Arc::clone(&snap.bundle),
+        crls: Arc::clone(&snap.crls),
     })
 }
 

@@ -39,6 +39,7 @@ use tonic::transport::{Channel, Endpoint, Uri};
 use crate::role::Role;
 
 pub mod provider;
+pub mod revocation;
 pub mod verify;
 
 pub use provider::{provider, PROTOCOL_VERSIONS};

@@ -26,15 +26,15 @@ use sqlx::{Any, AnyConnection, AnyPool, ConnectOptions, Executor, Row};
 use tokio::sync::{Mutex, MutexGuard};
 
 use super::{
-    AgentRecord, CaKeyKind, CaKeyRecord, CaKeyState, Datastore, DeliveryRecord, JoinTokenRecord,
-    StoreError,
+    AgentRecord, CaKeyKind, CaKeyRecord, CaKeyState, CrlRecord, Datastore, DeliveryRecord,
+    JoinTokenRecord, RevocationRecord, StoreError,
 };
 use crate::audit::{AuditEvent, AuditRecord};
 use crate::config::redact_url;
 use crate::entry::{EntryId, EntrySpec, RegistrationEntry};
 
 /// The newest schema version this binary knows (the last entry of the migration list).
-pub const SCHEMA_VERSION: i64 = 4;
+pub const SCHEMA_VERSION: i64 = 5;
 
 /// The file [`SqlStore::open_sqlite_in`] uses inside the data directory.
 pub const SQLITE_FILE_NAME: &str = "meshid-ca.db";
@@ -243,6 +243,53 @@ ALTER TABLE ca_keys ADD COLUMN tainted_at INTEGER NOT NULL DEFAULT 0
 ALTER TABLE ca_keys ADD COLUMN state_changed_at BIGINT NOT NULL DEFAULT 0;
 ALTER TABLE ca_keys ADD COLUMN key_path TEXT NOT NULL DEFAULT '';
 ALTER TABLE ca_keys ADD COLUMN tainted_at BIGINT NOT NULL DEFAULT 0
+"#,
+    },
+    // Version 5: revoked certificates (`meshid-ca svid revoke`), and the CRL each issuing key
+    // signed over them (signed by the server holding the key, read by every server).
+    Migration {
+        version: 5,
+        sqlite: r#"
+CREATE TABLE revocations (
+    issuer_id TEXT NOT NULL,
+    serial TEXT NOT NULL,
+    spiffe_id TEXT NOT NULL,
+    kind TEXT NOT NULL,
+    not_after INTEGER NOT NULL,
+    revoked_at INTEGER NOT NULL,
+    reason TEXT NOT NULL,
+    actor TEXT NOT NULL,
+    PRIMARY KEY (issuer_id, serial)
+);
+CREATE TABLE crls (
+    issuer_id TEXT PRIMARY KEY,
+    server_id TEXT NOT NULL,
+    number INTEGER NOT NULL,
+    this_update INTEGER NOT NULL,
+    entries INTEGER NOT NULL,
+    der BLOB NOT NULL
+)
+"#,
+        postgres: r#"
+CREATE TABLE revocations (
+    issuer_id TEXT NOT NULL,
+    serial TEXT NOT NULL,
+    spiffe_id TEXT NOT NULL,
+    kind TEXT NOT NULL,
+    not_after BIGINT NOT NULL,
+    revoked_at BIGINT NOT NULL,
+    reason TEXT NOT NULL,
+    actor TEXT NOT NULL,
+    PRIMARY KEY (issuer_id, serial)
+);
+CREATE TABLE crls (
+    issuer_id TEXT PRIMARY KEY,
+    server_id TEXT NOT NULL,
+    number BIGINT NOT NULL,
+    this_update BIGINT NOT NULL,
+    entries BIGINT NOT NULL,
+    der BYTEA NOT NULL
+)
 "#,
     },
 ];
@@ -1214,6 +1261,116 @@ impl Datastore for SqlStore {
         .execute(&mut *w.tx)
         .await?;
         w.commit().await
+    }
+
+    async fn insert_revocations(
+        &self,
+        revocations: &[RevocationRecord],
+        audit: &AuditEvent,
+    ) -> Result<Vec<RevocationRecord>, StoreError> {
+        let mut w = self.begin_write().await?;
+        let mut added = Vec::new();
+        for r in revocations {
+            let done = sqlx::query(
+                "INSERT INTO revocations (issuer_id, serial, spiffe_id, kind, not_after, \
+                 revoked_at, reason, actor) VALUES ($1, $2, $3, $4, $5, $6, $7, $8) \
+                 ON CONFLICT (issuer_id, serial) DO NOTHING",
+            )
+            .bind(r.issuer_id.clone())
+            .bind(r.serial.clone())
+            .bind(r.spiffe_id.clone())
+            .bind(r.kind.clone())
+            .bind(r.not_after)
+            .bind(r.revoked_at)
+            .bind(r.reason.clone())
+            .bind(r.actor.clone())
+            .execute(&mut *w.tx)
+            .await?;
+            if done.rows_affected() == 1 {
+                added.push(r.clone());
+            }
+        }
+        if !added.is_empty() {
+            append_in_tx(&mut w.tx, audit).await?;
+        }
+        w.commit().await?;
+        Ok(added)
+    }
+
+    async fn list_revocations(&self, now: i64) -> Result<Vec<RevocationRecord>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT issuer_id, serial, spiffe_id, kind, not_after, revoked_at, reason, actor \
+             FROM revocations WHERE not_after > $1 ORDER BY issuer_id, serial",
+        )
+        .bind(now)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|row| {
+                Ok(RevocationRecord {
+                    issuer_id: row.try_get("issuer_id")?,
+                    serial: row.try_get("serial")?,
+                    spiffe_id: row.try_get("spiffe_id")?,
+                    kind: row.try_get("kind")?,
+                    not_after: row.try_get("not_after")?,
+                    revoked_at: row.try_get("revoked_at")?,
+                    reason: row.try_get("reason")?,
+                    actor: row.try_get("actor")?,
+                })
+            })
+            .collect()
+    }
+
+    async fn prune_revocations(&self, before: i64) -> Result<u64, StoreError> {
+        let done = sqlx::query("DELETE FROM revocations WHERE not_after <= $1")
+            .bind(before)
+            .execute(&self.pool)
+            .await?;
+        Ok(done.rows_affected())
+    }
+
+    async fn put_crl(&self, crl: &CrlRecord, audit: &AuditEvent) -> Result<(), StoreError> {
+        let mut w = self.begin_write().await?;
+        sqlx::query(
+            "INSERT INTO crls (issuer_id, server_id, number, this_update, entries, der) \
+             VALUES ($1, $2, $3, $4, $5, $6) \
+             ON CONFLICT (issuer_id) DO UPDATE SET server_id = excluded.server_id, \
+             number = excluded.number, this_update = excluded.this_update, \
+             entries = excluded.entries, der = excluded.der",
+        )
+        .bind(crl.issuer_id.clone())
+        .bind(crl.server_id.clone())
+        .bind(i64::try_from(crl.number).unwrap_or(i64::MAX))
+        .bind(crl.this_update)
+        .bind(i64::try_from(crl.entries).unwrap_or(i64::MAX))
+        .bind(crl.der.clone())
+        .execute(&mut *w.tx)
+        .await?;
+        append_in_tx(&mut w.tx, audit).await?;
+        w.commit().await
+    }
+
+    async fn list_crls(&self) -> Result<Vec<CrlRecord>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT issuer_id, server_id, number, this_update, entries, der FROM crls \
+             ORDER BY issuer_id",
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|row| {
+                let number: i64 = row.try_get("number")?;
+                let entries: i64 = row.try_get("entries")?;
+                Ok(CrlRecord {
+                    issuer_id: row.try_get("issuer_id")?,
+                    server_id: row.try_get("server_id")?,
+                    number: u64::try_from(number).unwrap_or(0),
+                    this_update: row.try_get("this_update")?,
+                    entries: u64::try_from(entries).unwrap_or(0),
+                    der: row.try_get("der")?,
+                })
+            })
+            .collect()
     }
 
     async fn list_deliveries(&self) -> Result<Vec<DeliveryRecord>, StoreError> {

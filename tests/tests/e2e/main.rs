@@ -11,6 +11,7 @@ mod layout;
 mod netns;
 mod proxy;
 mod quickstart;
+mod revoke;
 mod root;
 mod security;
 

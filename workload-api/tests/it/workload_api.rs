@@ -310,6 +310,7 @@ impl Agent {
             identities,
             synced,
             tainted_jwt_kids: Arc::default(),
+            crls: Arc::default(),
         });
     }
 

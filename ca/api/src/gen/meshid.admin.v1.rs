@@ -127,6 +127,72 @@ pub struct CaKey {
     pub tainted_at: i64,
 }
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct RevokeSvidRequest {
+    /// Exactly one of the three.
+    #[prost(string, tag = "1")]
+    pub serial: ::prost::alloc::string::String,
+    #[prost(string, tag = "2")]
+    pub spiffe_id: ::prost::alloc::string::String,
+    #[prost(string, tag = "3")]
+    pub key_id: ::prost::alloc::string::String,
+    #[prost(string, tag = "4")]
+    pub reason: ::prost::alloc::string::String,
+}
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct Revocation {
+    /// Lowercase hex.
+    #[prost(string, tag = "1")]
+    pub serial: ::prost::alloc::string::String,
+    /// The CA journal id of the key that signed it (the CRL's issuer).
+    #[prost(string, tag = "2")]
+    pub issuer_id: ::prost::alloc::string::String,
+    #[prost(string, tag = "3")]
+    pub spiffe_id: ::prost::alloc::string::String,
+    /// What it is: an issuance kind (svid.x509.issued, agent.attested, ...) or x509_intermediate.
+    #[prost(string, tag = "4")]
+    pub kind: ::prost::alloc::string::String,
+    /// When it would expire anyway (unix seconds): it leaves the CRL then.
+    #[prost(int64, tag = "5")]
+    pub not_after: i64,
+    #[prost(int64, tag = "6")]
+    pub revoked_at: i64,
+    #[prost(string, tag = "7")]
+    pub reason: ::prost::alloc::string::String,
+    #[prost(string, tag = "8")]
+    pub actor: ::prost::alloc::string::String,
+}
+#[derive(Clone, PartialEq, ::prost::Message)]
+pub struct RevokeSvidResponse {
+    /// What this call added (already revoked certificates are not repeated).
+    #[prost(message, repeated, tag = "1")]
+    pub revoked: ::prost::alloc::vec::Vec<Revocation>,
+    /// Already revoked before this call.
+    #[prost(uint32, tag = "2")]
+    pub already_revoked: u32,
+}
+#[derive(Clone, Copy, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct ListRevocationsRequest {}
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct Crl {
+    #[prost(string, tag = "1")]
+    pub issuer_id: ::prost::alloc::string::String,
+    #[prost(uint64, tag = "2")]
+    pub number: u64,
+    #[prost(int64, tag = "3")]
+    pub this_update: i64,
+    #[prost(uint32, tag = "4")]
+    pub entries: u32,
+    #[prost(bytes = "vec", tag = "5")]
+    pub der: ::prost::alloc::vec::Vec<u8>,
+}
+#[derive(Clone, PartialEq, ::prost::Message)]
+pub struct ListRevocationsResponse {
+    #[prost(message, repeated, tag = "1")]
+    pub revocations: ::prost::alloc::vec::Vec<Revocation>,
+    #[prost(message, repeated, tag = "2")]
+    pub crls: ::prost::alloc::vec::Vec<Crl>,
+}
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct TaintKeyRequest {
     #[prost(string, tag = "1")]
     pub key_id: ::prost::alloc::string::String,
@@ -1664,6 +1730,60 @@ pub mod authority_client {
                 .insert(GrpcMethod::new("meshid.admin.v1.Authority", "TaintKey"));
             self.inner.unary(req, path, codec).await
         }
+        /// Revokes X.509 certificates: one SVID by serial, every unexpired SVID of a SPIFFE ID (from
+        /// the issuance records), or an intermediate (which is also tainted). The CA signs a CRL per
+        /// issuer and pushes it through the agents to every workload (the Workload API's crl field)
+        /// and proxy; proxies refuse the certificates in new handshakes and close connections whose
+        /// peer chain holds one. Holders get fresh SVIDs unless their entry is gone.
+        pub async fn revoke_svid(
+            &mut self,
+            request: impl tonic::IntoRequest<super::RevokeSvidRequest>,
+        ) -> std::result::Result<
+            tonic::Response<super::RevokeSvidResponse>,
+            tonic::Status,
+        > {
+            self.inner
+                .ready()
+                .await
+                .map_err(|e| {
+                    tonic::Status::unknown(
+                        format!("Service was not ready: {}", e.into()),
+                    )
+                })?;
+            let codec = tonic_prost::ProstCodec::default();
+            let path = http::uri::PathAndQuery::from_static(
+                "/meshid.admin.v1.Authority/RevokeSvid",
+            );
+            let mut req = request.into_request();
+            req.extensions_mut()
+                .insert(GrpcMethod::new("meshid.admin.v1.Authority", "RevokeSvid"));
+            self.inner.unary(req, path, codec).await
+        }
+        /// The revocations in force (unexpired certificates) and the CRLs.
+        pub async fn list_revocations(
+            &mut self,
+            request: impl tonic::IntoRequest<super::ListRevocationsRequest>,
+        ) -> std::result::Result<
+            tonic::Response<super::ListRevocationsResponse>,
+            tonic::Status,
+        > {
+            self.inner
+                .ready()
+                .await
+                .map_err(|e| {
+                    tonic::Status::unknown(
+                        format!("Service was not ready: {}", e.into()),
+                    )
+                })?;
+            let codec = tonic_prost::ProstCodec::default();
+            let path = http::uri::PathAndQuery::from_static(
+                "/meshid.admin.v1.Authority/ListRevocations",
+            );
+            let mut req = request.into_request();
+            req.extensions_mut()
+                .insert(GrpcMethod::new("meshid.admin.v1.Authority", "ListRevocations"));
+            self.inner.unary(req, path, codec).await
+        }
     }
 }
 /// Generated server implementations.
@@ -1732,6 +1852,26 @@ pub mod authority_server {
             &self,
             request: tonic::Request<super::TaintKeyRequest>,
         ) -> std::result::Result<tonic::Response<super::CaKey>, tonic::Status>;
+        /// Revokes X.509 certificates: one SVID by serial, every unexpired SVID of a SPIFFE ID (from
+        /// the issuance records), or an intermediate (which is also tainted). The CA signs a CRL per
+        /// issuer and pushes it through the agents to every workload (the Workload API's crl field)
+        /// and proxy; proxies refuse the certificates in new handshakes and close connections whose
+        /// peer chain holds one. Holders get fresh SVIDs unless their entry is gone.
+        async fn revoke_svid(
+            &self,
+            request: tonic::Request<super::RevokeSvidRequest>,
+        ) -> std::result::Result<
+            tonic::Response<super::RevokeSvidResponse>,
+            tonic::Status,
+        >;
+        /// The revocations in force (unexpired certificates) and the CRLs.
+        async fn list_revocations(
+            &self,
+            request: tonic::Request<super::ListRevocationsRequest>,
+        ) -> std::result::Result<
+            tonic::Response<super::ListRevocationsResponse>,
+            tonic::Status,
+        >;
     }
     /// Trust bundle, CA status and debugging mints.
     #[derive(Debug)]
@@ -2198,6 +2338,96 @@ pub mod authority_server {
                     let inner = self.inner.clone();
                     let fut = async move {
                         let method = TaintKeySvc(inner);
+                        let codec = tonic_prost::ProstCodec::default();
+                        let mut grpc = tonic::server::Grpc::new(codec)
+                            .apply_compression_config(
+                                accept_compression_encodings,
+                                send_compression_encodings,
+                            )
+                            .apply_max_message_size_config(
+                                max_decoding_message_size,
+                                max_encoding_message_size,
+                            );
+                        let res = grpc.unary(method, req).await;
+                        Ok(res)
+                    };
+                    Box::pin(fut)
+                }
+                "/meshid.admin.v1.Authority/RevokeSvid" => {
+                    #[allow(non_camel_case_types)]
+                    struct RevokeSvidSvc<T: Authority>(pub Arc<T>);
+                    impl<
+                        T: Authority,
+                    > tonic::server::UnaryService<super::RevokeSvidRequest>
+                    for RevokeSvidSvc<T> {
+                        type Response = super::RevokeSvidResponse;
+                        type Future = BoxFuture<
+                            tonic::Response<Self::Response>,
+                            tonic::Status,
+                        >;
+                        fn call(
+                            &mut self,
+                            request: tonic::Request<super::RevokeSvidRequest>,
+                        ) -> Self::Future {
+                            let inner = Arc::clone(&self.0);
+                            let fut = async move {
+                                <T as Authority>::revoke_svid(&inner, request).await
+                            };
+                            Box::pin(fut)
+                        }
+                    }
+                    let accept_compression_encodings = self.accept_compression_encodings;
+                    let send_compression_encodings = self.send_compression_encodings;
+                    let max_decoding_message_size = self.max_decoding_message_size;
+                    let max_encoding_message_size = self.max_encoding_message_size;
+                    let inner = self.inner.clone();
+                    let fut = async move {
+                        let method = RevokeSvidSvc(inner);
+                        let codec = tonic_prost::ProstCodec::default();
+                        let mut grpc = tonic::server::Grpc::new(codec)
+                            .apply_compression_config(
+                                accept_compression_encodings,
+                                send_compression_encodings,
+                            )
+                            .apply_max_message_size_config(
+                                max_decoding_message_size,
+                                max_encoding_message_size,
+                            );
+                        let res = grpc.unary(method, req).await;
+                        Ok(res)
+                    };
+                    Box::pin(fut)
+                }
+                "/meshid.admin.v1.Authority/ListRevocations" => {
+                    #[allow(non_camel_case_types)]
+                    struct ListRevocationsSvc<T: Authority>(pub Arc<T>);
+                    impl<
+                        T: Authority,
+                    > tonic::server::UnaryService<super::ListRevocationsRequest>
+                    for ListRevocationsSvc<T> {
+                        type Response = super::ListRevocationsResponse;
+                        type Future = BoxFuture<
+                            tonic::Response<Self::Response>,
+                            tonic::Status,
+                        >;
+                        fn call(
+                            &mut self,
+                            request: tonic::Request<super::ListRevocationsRequest>,
+                        ) -> Self::Future {
+                            let inner = Arc::clone(&self.0);
+                            let fut = async move {
+                                <T as Authority>::list_revocations(&inner, request).await
+                            };
+                            Box::pin(fut)
+                        }
+                    }
+                    let accept_compression_encodings = self.accept_compression_encodings;
+                    let send_compression_encodings = self.send_compression_encodings;
+                    let max_decoding_message_size = self.max_decoding_message_size;
+                    let max_encoding_message_size = self.max_encoding_message_size;
+                    let inner = self.inner.clone();
+                    let fut = async move {
+                        let method = ListRevocationsSvc(inner);
                         let codec = tonic_prost::ProstCodec::default();
                         let mut grpc = tonic::server::Grpc::new(codec)
                             .apply_compression_config(

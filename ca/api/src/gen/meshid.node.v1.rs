@@ -99,6 +99,14 @@ pub struct SyncUpdate {
     pub tainted_x509_authorities: ::prost::alloc::vec::Vec<::prost::alloc::vec::Vec<u8>>,
     #[prost(string, repeated, tag = "8")]
     pub tainted_jwt_key_ids: ::prost::alloc::vec::Vec<::prost::alloc::string::String>,
+    /// When true, crls is the complete set of certificate revocation lists (DER, one per issuer
+    /// with revoked certificates; `meshid-ca svid revoke`): the agent hands them to workloads in
+    /// the Workload API's crl fields and re-issues any SVID it holds that one lists. Sent on the
+    /// first message and whenever a CRL changed.
+    #[prost(bool, tag = "9")]
+    pub crl_set: bool,
+    #[prost(bytes = "vec", repeated, tag = "10")]
+    pub crls: ::prost::alloc::vec::Vec<::prost::alloc::vec::Vec<u8>>,
 }
 #[derive(Clone, Copy, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct DeliveryReport {

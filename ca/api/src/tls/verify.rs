@@ -71,6 +71,7 @@ use x509_parser::oid_registry::{
     OID_X509_EXT_BASIC_CONSTRAINTS, OID_X509_EXT_KEY_USAGE, OID_X509_EXT_SUBJECT_ALT_NAME,
 };
 
+use super::revocation::Revocations;
 use crate::id::{self, IdError};
 use crate::role::Role;
 
@@ -93,6 +94,7 @@ pub const FAILURE_REASONS: &[&str] = &[
     "expired",
     "not_yet_valid",
     "untrusted",
+    "revoked",
     "unexpected_peer",
     "other",
     "protocol",
@@ -222,6 +224,12 @@ pub enum PeerError {
         /// What webpki found.
         source: webpki::Error,
     },
+    /// A certificate of the chain is listed by a CRL of its issuer (`meshid-ca svid revoke`).
+    #[error("peer certificate chain holds a revoked certificate: {source}")]
+    Revoked {
+        /// What webpki found.
+        source: webpki::Error,
+    },
     /// The peer is authenticated but is not whom we expected (outbound).
     #[error("peer is {actual}, expected {expected}")]
     UnexpectedPeer {
@@ -260,6 +268,7 @@ impl PeerError {
             PeerError::Expired { .. } => "expired",
             PeerError::NotYetValid { .. } => "not_yet_valid",
             PeerError::Untrusted { .. } => "untrusted",
+            PeerError::Revoked { .. } => "revoked",
             PeerError::UnexpectedPeer { .. } | PeerError::MissingMark { .. } => "unexpected_peer",
             PeerError::Other(_) => "other",
         }
@@ -323,6 +332,8 @@ struct Verified {
     id: SpiffeId,
     not_before: u64,
     not_after: u64,
+    /// The revocation set it was checked against ([`SvidVerifier::set_revocations`]).
+    revocations: u64,
 }
 
 /// Verified chains remembered per bundle set; past this the cache starts over.
@@ -454,6 +465,8 @@ fn trust_anchor(der: &[u8]) -> Result<TrustAnchor<'static>, String> {
 /// for all of them at once, open connections untouched.
 pub struct SvidVerifier {
     bundles: ArcSwapOption<PeerBundles>,
+    revocations: arc_swap::ArcSwap<Revocations>,
+    generations: std::sync::atomic::AtomicU64,
     algorithms: WebPkiSupportedAlgorithms,
 }
 
@@ -463,6 +476,8 @@ impl SvidVerifier {
     pub fn new() -> Self {
         Self {
             bundles: ArcSwapOption::empty(),
+            revocations: arc_swap::ArcSwap::from_pointee(Revocations::default()),
+            generations: std::sync::atomic::AtomicU64::new(0),
             algorithms: crate::tls::provider::provider().signature_verification_algorithms,
         }
     }
@@ -477,6 +492,20 @@ impl SvidVerifier {
     /// Replaces the trust bundles; the next verification uses them.
     pub fn set_bundles(&self, bundles: PeerBundles) {
         self.bundles.store(Some(Arc::new(bundles)));
+    }
+
+    /// Replaces the certificate revocation lists: the next handshake is checked against them
+    /// (chains verified before are checked again).
+    pub fn set_revocations(&self, mut revocations: Revocations) {
+        revocations.generation = 1 + self
+            .generations
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.revocations.store(Arc::new(revocations));
+    }
+
+    /// The revocation lists in use.
+    pub fn revocations(&self) -> Arc<Revocations> {
+        self.revocations.load_full()
     }
 
     /// The bundles in use, if any were set.
@@ -520,14 +549,17 @@ impl SvidVerifier {
             key.extend_from_slice(c);
         }
         let t = now.as_secs();
+        let revocations = self.revocations.load();
+        let generation = revocations.generation;
         if let Ok(cache) = bundles.verified.lock() {
             if let Some(v) = cache.get(&key) {
-                if v.not_before <= t && t <= v.not_after {
+                if v.not_before <= t && t <= v.not_after && v.revocations == generation {
                     return Ok(v.id.clone());
                 }
             }
         }
-        let id = self.verify_uncached(bundles, end_entity, intermediates, now, role)?;
+        let id =
+            self.verify_uncached(bundles, &revocations, end_entity, intermediates, now, role)?;
         let mut not_before = 0u64;
         let mut not_after = u64::MAX;
         for c in std::iter::once(end_entity).chain(intermediates) {
@@ -548,6 +580,7 @@ impl SvidVerifier {
                     id: id.clone(),
                     not_before,
                     not_after,
+                    revocations: generation,
                 },
             );
         }
@@ -557,6 +590,7 @@ impl SvidVerifier {
     fn verify_uncached(
         &self,
         bundles: &PeerBundles,
+        revocations: &Revocations,
         end_entity: &CertificateDer<'_>,
         intermediates: &[CertificateDer<'_>],
         now: UnixTime,
@@ -570,13 +604,23 @@ impl SvidVerifier {
         };
         let leaf = webpki::EndEntityCert::try_from(end_entity)
             .map_err(|e| chain_error(e, id.trust_domain(), role))?;
+        let crls: Vec<&webpki::CertRevocationList<'static>> = revocations.crls().iter().collect();
+        // Every certificate of the path is checked against its issuer's CRL, when there is
+        // one; an issuer without a CRL has revoked nothing. CRLs are kept past their
+        // nextUpdate: the CA re-signs them, and an agent cut off from it keeps the last.
+        let options = webpki::RevocationOptionsBuilder::new(&crls).ok().map(|b| {
+            b.with_depth(webpki::RevocationCheckDepth::Chain)
+                .with_status_policy(webpki::UnknownStatusPolicy::Allow)
+                .with_expiration_policy(webpki::ExpirationPolicy::Ignore)
+                .build()
+        });
         leaf.verify_for_usage(
             self.algorithms.all,
             anchors,
             intermediates,
             now,
             role.key_usage(),
-            None,
+            options,
             None,
         )
         .map_err(|e| chain_error(e, id.trust_domain(), role))?;
@@ -758,6 +802,7 @@ fn chain_error(e: webpki::Error, trust_domain: &TrustDomain, role: PeerRole) -> 
             PeerError::ExtendedKeyUsage { role, source: e }
         }
         E::CaUsedAsEndEntity => PeerError::LeafIsCa,
+        E::CertRevoked => PeerError::Revoked { source: e },
         E::UnknownIssuer
         | E::InvalidSignatureForPublicKey
         | E::SignatureAlgorithmMismatch

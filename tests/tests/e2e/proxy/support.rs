@@ -472,9 +472,12 @@ pub struct WebToApi {
     /// The policy file api's proxy watches.
     pub policy: PathBuf,
     _backend: Option<HttpBackend>,
-    _nodes: (Node, Node),
-    _ca: Ca,
-    _tmp: tempfile::TempDir,
+    /// web's node, then api's.
+    pub nodes: (Node, Node),
+    /// The CA.
+    pub ca: Ca,
+    /// The directory everything lives in.
+    pub tmp: tempfile::TempDir,
 }
 
 impl WebToApi {
@@ -520,9 +523,9 @@ impl WebToApi {
             api_in,
             policy,
             _backend: backend,
-            _nodes: (node1, node2),
-            _ca: ca,
-            _tmp: tmp,
+            nodes: (node1, node2),
+            ca,
+            tmp,
         }
     }
 }

@@ -723,3 +723,98 @@ fn verified_chains_are_remembered_only_within_their_validity_and_role() {
         .verify(&leaf, &chain, now, PeerRole::Client)
         .is_ok());
 }
+
+fn crl(by: &Ca, revoked: &[&CertificateDer<'_>]) -> Vec<u8> {
+    let now = OffsetDateTime::now_utc();
+    let params = rcgen::CertificateRevocationListParams {
+        this_update: now,
+        next_update: now + time::Duration::hours(1),
+        crl_number: rcgen::SerialNumber::from(1u64),
+        issuing_distribution_point: None,
+        revoked_certs: revoked
+            .iter()
+            .map(|c| {
+                let (_, cert) = x509_parser::parse_x509_certificate(c).unwrap();
+                rcgen::RevokedCertParams {
+                    serial_number: rcgen::SerialNumber::from_slice(cert.raw_serial()),
+                    revocation_time: now,
+                    reason_code: Some(rcgen::RevocationReason::KeyCompromise),
+                    invalidity_date: None,
+                }
+            })
+            .collect(),
+        key_identifier_method: rcgen::KeyIdMethod::Sha256,
+    };
+    params.signed_by(&by.issuer).unwrap().der().to_vec()
+}
+
+#[test]
+fn revoked_certificates_are_refused_at_any_depth() {
+    use crate::tls::revocation::Revocations;
+    let root = root("root");
+    let inter = intermediate("intermediate", &root);
+    let leaf = sign(&leaf_params(ID), &inter);
+    let other = sign(&leaf_params(ID), &inter);
+    let verifier = verifier_for(&[("example.org", &root)]);
+    let inters = std::slice::from_ref(&inter.cert);
+    // Verified (and cached) before the revocation: the next check sees the new list anyway.
+    assert!(verifier
+        .verify(&leaf, inters, UnixTime::now(), PeerRole::Client)
+        .is_ok());
+    let set = Revocations::from_der(&[crl(&inter, &[&leaf])]).unwrap();
+    assert_eq!(set.len(), 1);
+    assert!(set
+        .revoked_in(&[leaf.clone(), inter.cert.clone()])
+        .is_some());
+    assert!(set
+        .revoked_in(&[other.clone(), inter.cert.clone()])
+        .is_none());
+    verifier.set_revocations(set);
+    for role in [PeerRole::Client, PeerRole::Server] {
+        assert_eq!(reason(&verifier, &leaf, inters, role), "revoked");
+        assert!(verifier
+            .verify(&other, inters, UnixTime::now(), role)
+            .is_ok());
+    }
+    // The intermediate revoked by the root: everything under it.
+    verifier.set_revocations(Revocations::from_der(&[crl(&root, &[&inter.cert])]).unwrap());
+    assert_eq!(
+        reason(&verifier, &other, inters, PeerRole::Client),
+        "revoked"
+    );
+    // An empty list revokes nothing.
+    verifier.set_revocations(Revocations::from_der(&[crl(&inter, &[])]).unwrap());
+    assert!(verifier
+        .verify(&leaf, inters, UnixTime::now(), PeerRole::Client)
+        .is_ok());
+    // A CRL in the intermediate's name signed by another key is no CRL of it: refused, closed.
+    let impostor = Ca {
+        cert: inter.cert.clone(),
+        issuer: Issuer::new(ca_params("intermediate"), KeyPair::generate().unwrap()),
+    };
+    verifier.set_revocations(Revocations::from_der(&[crl(&impostor, &[&other])]).unwrap());
+    assert_ne!(
+        verifier
+            .verify(&leaf, inters, UnixTime::now(), PeerRole::Client)
+            .map_err(|e| e.reason())
+            .err(),
+        None
+    );
+}
+
+#[test]
+fn malformed_crls_are_refused_with_the_position() {
+    use crate::tls::revocation::Revocations;
+    let root = root("root");
+    let good = crl(&root, &[]);
+    for bad in [
+        Vec::new(),
+        vec![0x30, 0x03, 0x02, 0x01],
+        good[..good.len() - 1].to_vec(),
+        [good.clone(), vec![0]].concat(),
+        root.cert.to_vec(),
+    ] {
+        let err = Revocations::from_der(&[good.clone(), bad]).unwrap_err();
+        assert_eq!(err.index, 1, "{err}");
+    }
+}

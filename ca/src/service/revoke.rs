@@ -1,0 +1,48 @@
+//! Revocation as the admin API takes it: the [`Authority`](crate::authority::Authority)
+//! records it and signs the CRLs; here the new CRLs are announced to this server's agents at
+//! once (other servers follow through the change feed).
+
+use super::{check_reason, Ca, CaEvent, ServiceError};
+use crate::authority::revoke::{RevokeOutcome, RevokeTarget};
+use crate::authority::AuthorityError;
+
+impl Ca {
+    /// `meshid-ca svid revoke`: records the revocation, signs the CRLs, and pushes them to
+    /// every agent. Revoking an intermediate taints it first (it signs nothing more and what it
+    /// signed is re-issued).
+    pub async fn revoke(
+        &self,
+        target: RevokeTarget,
+        actor: &str,
+        reason: &str,
+    ) -> Result<RevokeOutcome, ServiceError> {
+        check_reason(reason)?;
+        if let RevokeTarget::Key(key_id) = &target {
+            match self.taint_key(key_id, actor, reason).await {
+                Ok(_) => {}
+                Err(ServiceError::Authority(AuthorityError::Refused(m)))
+                    if m.ends_with("is already tainted") => {}
+                Err(e) => return Err(e),
+            }
+        }
+        let out = self.authority.revoke(&target, actor, reason).await?;
+        if !out.revoked.is_empty() {
+            self.publish(CaEvent::CrlsChanged);
+        }
+        Ok(out)
+    }
+
+    /// Signs the CRLs this server holds the keys of when they are out of date, and announces
+    /// any change of the CRLs served (the rotation loop, and peers' revocations).
+    pub async fn refresh_crls(&self, sign: bool) -> Result<(), ServiceError> {
+        let changed = if sign {
+            self.authority.sign_crls().await?
+        } else {
+            self.authority.refresh_crls().await?
+        };
+        if changed {
+            self.publish(CaEvent::CrlsChanged);
+        }
+        Ok(())
+    }
+}
