@@ -48,6 +48,8 @@ pub struct RevokeOutcome {
     pub revoked: Vec<RevocationRecord>,
     /// Already revoked before.
     pub already: usize,
+    /// The intermediate revoked was tainted by this call.
+    pub tainted: bool,
 }
 
 /// A serial as the CA writes it: lowercase hex, no separators, no leading zero bytes beyond
@@ -82,6 +84,7 @@ impl Authority {
     ) -> Result<RevokeOutcome, AuthorityError> {
         let now_s = to_unix(SystemTime::now());
         let mut wanted: Vec<RevocationRecord> = Vec::new();
+        let mut tainted = false;
         let record =
             |issuer_id: String, serial: String, spiffe_id: String, kind: String, not_after: i64| {
                 RevocationRecord {
@@ -121,6 +124,7 @@ impl Authority {
                 if rec.tainted_at == 0 {
                     // It must sign nothing more, and what it signed is replaced.
                     self.taint_key(key_id, actor, reason).await?;
+                    tainted = true;
                 }
                 let serial = cert_serial(&rec.public_der)?;
                 wanted.push(record(
@@ -230,6 +234,7 @@ impl Authority {
         Ok(RevokeOutcome {
             already: wanted.len() - added.len(),
             revoked: added,
+            tainted,
         })
     }
 

@@ -4,7 +4,6 @@
 
 use super::{check_reason, Ca, CaEvent, ServiceError};
 use crate::authority::revoke::{RevokeOutcome, RevokeTarget};
-use crate::authority::AuthorityError;
 
 impl Ca {
     /// `meshid-ca svid revoke`: records the revocation, signs the CRLs, and pushes them to
@@ -17,15 +16,13 @@ impl Ca {
         reason: &str,
     ) -> Result<RevokeOutcome, ServiceError> {
         check_reason(reason)?;
-        if let RevokeTarget::Key(key_id) = &target {
-            match self.taint_key(key_id, actor, reason).await {
-                Ok(_) => {}
-                Err(ServiceError::Authority(AuthorityError::Refused(m)))
-                    if m.ends_with("is already tainted") => {}
-                Err(e) => return Err(e),
-            }
-        }
         let out = self.authority.revoke(&target, actor, reason).await?;
+        if out.tainted {
+            // As `ca taint`: agents re-issue what the key signed, and renew their own SVIDs.
+            self.publish(CaEvent::KeyTainted);
+            self.publish(CaEvent::RenewAgents);
+            self.publish(CaEvent::BundleChanged);
+        }
         if !out.revoked.is_empty() {
             self.publish(CaEvent::CrlsChanged);
         }

@@ -115,7 +115,7 @@ pub async fn concurrent_open_migrates_once(backend: Backend) {
     fx.raw(
         "DROP TABLE registration_entries; DROP TABLE agents; DROP TABLE join_tokens; \
             DROP TABLE ca_keys; DROP TABLE bundles; DROP TABLE audit_log; DROP TABLE audit_head; \
-            DROP TABLE agent_deliveries; \
+            DROP TABLE agent_deliveries; DROP TABLE revocations; DROP TABLE crls; \
             DROP TABLE schema_migrations",
     )
     .await;
@@ -237,7 +237,7 @@ pub async fn a_version_1_database_migrates_its_agents(backend: Backend) {
     fx.raw(&format!(
         "ALTER TABLE agents DROP COLUMN previous_serial; \
          ALTER TABLE agents DROP COLUMN previous_until; \
-         DROP TABLE agent_deliveries; \
+         DROP TABLE agent_deliveries; DROP TABLE revocations; DROP TABLE crls; \
          ALTER TABLE ca_keys DROP COLUMN state_changed_at; \
          ALTER TABLE ca_keys DROP COLUMN key_path; \
          ALTER TABLE ca_keys DROP COLUMN tainted_at; \
