@@ -508,6 +508,56 @@ impl admin::audit_server::Audit for AdminService {
             Err(e) => Err(ServiceError::from(e).into()),
         }
     }
+
+    async fn list(&self, req: Request<admin::ListAuditRequest>) -> Rpc<admin::ListAuditResponse> {
+        /// Records read per request at most, matching or not: a narrow prefix over a long log
+        /// is paged by the caller (`next_after_seq`).
+        const SCAN: i64 = 20_000;
+        const PAGE: i64 = 1000;
+        let r = req.into_inner();
+        let limit = match r.limit {
+            0 => 100,
+            n => usize::try_from(n.min(1000)).unwrap_or(1000),
+        };
+        if r.after_seq < 0 {
+            return Err(Status::invalid_argument("after_seq must not be negative"));
+        }
+        let mut after = r.after_seq;
+        let mut scanned = 0;
+        let mut records = Vec::new();
+        while records.len() < limit && scanned < SCAN {
+            let page = self
+                .ca
+                .store
+                .audit_records(after, PAGE)
+                .await
+                .map_err(|e| Status::from(ServiceError::from(e)))?;
+            let n = page.len() as i64;
+            for rec in page {
+                after = rec.seq;
+                scanned += 1;
+                if rec.kind.starts_with(&r.kind_prefix) {
+                    records.push(admin::AuditRecord {
+                        seq: rec.seq,
+                        time: rec.time,
+                        kind: rec.kind,
+                        actor: rec.actor,
+                        details: rec.details,
+                    });
+                    if records.len() == limit {
+                        break;
+                    }
+                }
+            }
+            if n < PAGE {
+                break;
+            }
+        }
+        Ok(Response::new(admin::ListAuditResponse {
+            records,
+            next_after_seq: after,
+        }))
+    }
 }
 
 /// Converts an agent record to the wire.

@@ -350,6 +350,24 @@ enum AuditCommand {
         #[command(flatten)]
         conn: Conn,
     },
+    /// The records, oldest first: who did what, why, when, and (`<step>.effective`) when it
+    /// took effect across the mesh.
+    List {
+        /// Only kinds starting with this (e.g. `svid.revoked`, `ca.root`).
+        #[arg(long)]
+        kind: Option<String>,
+        /// Records after this sequence number.
+        #[arg(long, default_value_t = 0)]
+        after: i64,
+        /// At most this many (at most 1000).
+        #[arg(long, default_value_t = 100)]
+        limit: u32,
+        /// `json`: one JSON object per line.
+        #[arg(long, value_enum, default_value = "text")]
+        output: Output,
+        #[command(flatten)]
+        conn: Conn,
+    },
 }
 
 /// Runs the parsed command.
@@ -952,6 +970,51 @@ async fn client(cmd: Command) -> anyhow::Result<ExitCode> {
             output,
             command,
         } => return svid::run(command, channel(&conn).await?, output == Output::Json).await,
+        Command::Audit(AuditCommand::List {
+            kind,
+            after,
+            limit,
+            output,
+            conn,
+        }) => {
+            let mut c = AuditClient::new(channel(&conn).await?);
+            let r = c
+                .list(admin::ListAuditRequest {
+                    after_seq: after,
+                    limit,
+                    kind_prefix: kind.unwrap_or_default(),
+                })
+                .await
+                .map_err(status_err)?
+                .into_inner();
+            for rec in &r.records {
+                let details: serde_json::Value =
+                    serde_json::from_str(&rec.details).unwrap_or(serde_json::Value::Null);
+                match output {
+                    Output::Json => println!(
+                        "{}",
+                        serde_json::json!({"seq": rec.seq, "time": rec.time, "kind": rec.kind,
+                            "actor": rec.actor, "details": details})
+                    ),
+                    Output::Text => println!(
+                        "{:>6} {} {} by {} {}",
+                        rec.seq,
+                        humantime::format_rfc3339_seconds(
+                            std::time::UNIX_EPOCH
+                                + std::time::Duration::from_secs(
+                                    u64::try_from(rec.time).unwrap_or(0)
+                                )
+                        ),
+                        rec.kind,
+                        rec.actor,
+                        rec.details
+                    ),
+                }
+            }
+            if output == Output::Text && r.records.is_empty() {
+                println!("no matching records after {after}");
+            }
+        }
         Command::Audit(AuditCommand::Verify { conn }) => {
             let mut c = AuditClient::new(channel(&conn).await?);
             let r = c

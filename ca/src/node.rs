@@ -768,8 +768,26 @@ impl node::node_server::Node for NodeService {
     ) -> Rpc<node::DeliveryReportResponse> {
         let caller = self.authorize(&req, "ReportDelivery").await?;
         let r = req.into_inner();
+        // A digest as set_digest writes it (32 lowercase hex), or empty.
+        if r.crl_digest.len() > 64
+            || !r
+                .crl_digest
+                .bytes()
+                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+        {
+            return Err(NodeError::InvalidArgument {
+                field: "crl_digest",
+                reason: "not a CRL set digest (lowercase hex, at most 64 characters)".into(),
+            }
+            .into());
+        }
         self.ca
-            .record_delivery(&caller.id, r.bundle_sequence, u64::from(r.x509_streams))
+            .record_delivery(
+                &caller.id,
+                r.bundle_sequence,
+                u64::from(r.x509_streams),
+                &r.crl_digest,
+            )
             .await
             .map_err(NodeError::from)?;
         Ok(Response::new(node::DeliveryReportResponse {}))

@@ -156,6 +156,21 @@ async fn record_cleared_taints(ca: &Ca, cleared: &mut std::collections::HashSet<
     }
 }
 
+/// Checks, every [`EFFECT_CHECK`](crate::service::effect::EFFECT_CHECK), whether the
+/// lifecycle steps this server took are in effect across the mesh, and records those that are
+/// (see [`crate::service::effect`]).
+pub async fn effect_loop(ca: Ca, mut stop: watch::Receiver<bool>) {
+    let mut tick = tokio::time::interval(crate::service::effect::EFFECT_CHECK);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = stop.changed() => return,
+        }
+        ca.check_effects().await;
+    }
+}
+
 /// How often a CA server on PostgreSQL reads its peers' changes from the audit log.
 pub const CHANGE_FEED_INTERVAL: Duration = Duration::from_millis(250);
 
@@ -281,6 +296,7 @@ pub async fn run(
     let (stop_tx, stop_rx) = watch::channel(false);
     let interval = ca.authority.settings().rotation_interval;
     let rotation = tokio::spawn(rotation_loop(ca.clone(), interval, stop_rx.clone()));
+    let effects = tokio::spawn(effect_loop(ca.clone(), stop_rx.clone()));
     let feed = (ca.store.backend() == "postgres").then(|| {
         tokio::spawn(change_feed_loop(
             ca.clone(),
@@ -318,6 +334,7 @@ pub async fn run(
     tracing::info!("shutting down");
     let _ = stop_tx.send(true);
     let _ = rotation.await;
+    let _ = effects.await;
     if let Some(feed) = feed {
         let _ = feed.await;
     }

@@ -124,6 +124,7 @@ fn check_reason(reason: &str) -> Result<(), ServiceError> {
     Ok(())
 }
 
+pub mod effect;
 mod revoke;
 mod root;
 
@@ -210,6 +211,8 @@ pub struct Ca {
     locks: Arc<Locks>,
     /// The bundle sequence each agent last reported delivered to this server (for `/metrics`).
     delivered: Arc<std::sync::Mutex<std::collections::BTreeMap<SpiffeId, u64>>>,
+    /// Lifecycle steps this server took, watched until they are in effect across the mesh.
+    effects: Arc<std::sync::Mutex<Vec<effect::Watch>>>,
 }
 
 fn ttl(secs: u64, max: Duration, field: &'static str) -> Result<Option<Duration>, ServiceError> {
@@ -241,6 +244,7 @@ impl Ca {
             agent_svid_overlap: AGENT_SVID_OVERLAP,
             events: broadcast::channel(EVENT_CAPACITY).0,
             delivered: Arc::default(),
+            effects: Arc::default(),
             locks: Arc::default(),
         }
     }
@@ -533,6 +537,7 @@ impl Ca {
         agent: &SpiffeId,
         bundle_sequence: u64,
         x509_streams: u64,
+        crl_digest: &str,
     ) -> Result<(), ServiceError> {
         self.store
             .record_delivery(&crate::store::DeliveryRecord {
@@ -541,6 +546,7 @@ impl Ca {
                 bundle_sequence,
                 x509_streams,
                 reported_at: crate::unix_now(),
+                crl_digest: crl_digest.to_owned(),
             })
             .await?;
         self.delivered
@@ -571,11 +577,34 @@ impl Ca {
             .remove(agent);
     }
 
+    /// Forces the SVIDs of an entry to be replaced now (see [`Self::rotate_entry_quietly`]),
+    /// and watches for the new SVID's issuance (`entry.rotated.effective`).
+    pub async fn rotate_entry(
+        &self,
+        id: &str,
+        reason: &str,
+        caller: &str,
+    ) -> Result<RegistrationEntry, ServiceError> {
+        let cursor = self.audit_cursor().await?;
+        let entry = self.rotate_entry_quietly(id, reason, caller).await?;
+        self.watch_effect(
+            "entry.rotated",
+            caller,
+            serde_json::json!({"entry_id": entry.id.to_string(), "spiffe_id": entry.spiffe_id.to_string(), "revision": entry.revision}),
+            vec![effect::Awaited::Issued {
+                entries: [entry.id.to_string()].into(),
+                rotated: Default::default(),
+                cursor,
+            }],
+        );
+        Ok(entry)
+    }
+
     /// Forces the SVIDs of an entry to be replaced now: the entry is stored again unchanged but
     /// for its revision (and `updated_at`), which every agent holding it sees as a change, so it
     /// generates a new key and has it signed at once. Recorded as `entry.rotated` with who
     /// asked, why, and the new revision.
-    pub async fn rotate_entry(
+    async fn rotate_entry_quietly(
         &self,
         id: &str,
         reason: &str,
@@ -641,10 +670,15 @@ impl Ca {
             Some(r) => r,
         };
         let entries = self.store.list_entries_by_parent(&id).await?;
+        let cursor = self.audit_cursor().await?;
         let mut rotated = 0;
+        let mut ids = std::collections::HashSet::new();
         for e in &entries {
-            match self.rotate_entry(e.id.as_str(), &why, caller).await {
-                Ok(_) => rotated += 1,
+            match self.rotate_entry_quietly(e.id.as_str(), &why, caller).await {
+                Ok(e) => {
+                    rotated += 1;
+                    ids.insert(e.id.to_string());
+                }
                 // Deleted meanwhile: nothing to rotate.
                 Err(ServiceError::Store(StoreError::NotFound(_))) => {}
                 Err(e) => return Err(e),
@@ -664,6 +698,19 @@ impl Ca {
         self.publish(CaEvent::AgentRotate {
             spiffe_id: id.clone(),
         });
+        self.watch_effect(
+            "agent.rotated",
+            caller,
+            serde_json::json!({"spiffe_id": id.to_string(), "entries": rotated}),
+            vec![
+                effect::Awaited::Renewed([(id.clone(), record.serial.clone())].into()),
+                effect::Awaited::Issued {
+                    entries: ids,
+                    rotated: Default::default(),
+                    cursor,
+                },
+            ],
+        );
         tracing::info!(agent = %id, entries = rotated, caller = %caller, reason = %reason, "agent rotated: it renews its SVID and its workloads' now");
         Ok((record, rotated))
     }

@@ -129,6 +129,8 @@ pub struct DeliveryRecord {
     pub x509_streams: u64,
     /// Unix seconds.
     pub reported_at: i64,
+    /// The digest of the CRL set every such stream was handed (empty: one had not been yet).
+    pub crl_digest: String,
 }
 
 /// A revoked X.509 certificate (`meshid-ca svid revoke`).

@@ -113,6 +113,8 @@ pub struct Snapshot {
     pub tainted_jwt_kids: Arc<std::collections::BTreeSet<String>>,
     /// The CA's certificate revocation lists (DER), for the Workload API's `crl` fields.
     pub crls: Arc<Vec<Vec<u8>>>,
+    /// Which set of CRLs this is: the agent counts the sets it received (0: none yet).
+    pub crl_generation: u64,
 }
 
 impl Snapshot {
@@ -125,6 +127,7 @@ impl Snapshot {
             synced: false,
             tainted_jwt_kids: Arc::default(),
             crls: Arc::default(),
+            crl_generation: 0,
         }
     }
 

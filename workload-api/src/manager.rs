@@ -101,6 +101,11 @@ pub struct Manager {
     tainted_jwt: Arc<std::collections::BTreeSet<String>>,
     /// The CA's CRLs (DER), as received.
     crls: Arc<Vec<Vec<u8>>>,
+    /// How many CRL sets were received (the streams report which they handed over).
+    crl_generation: u64,
+    /// The digest of `crls` ([`meshid_api::tls::revocation::set_digest`]), reported to the CA
+    /// once every stream has them.
+    crl_digest: String,
     /// Entries whose SVID held a CRL lists: re-issued now.
     revoked_held: std::collections::HashSet<String>,
     /// What the Workload API's X.509 streams have been handed, reported to the CA.
@@ -220,6 +225,8 @@ impl Manager {
             tainted_x509: std::collections::HashSet::new(),
             tainted_jwt: Arc::default(),
             crls: Arc::default(),
+            crl_generation: 0,
+            crl_digest: meshid_api::tls::revocation::set_digest(&[]),
             revoked_held: Default::default(),
             attest_timeout: config.attest_timeout,
             snapshots: tx,
@@ -239,12 +246,20 @@ impl Manager {
         Arc::clone(&self.delivery)
     }
 
-    /// What to report: the sequence every open X.509 stream has been handed (the one held
-    /// when none is open), and how many are open.
+    /// What to report: the bundle sequence every open X.509 stream has been handed (the one
+    /// held when none is open), how many are open, and the digest of the CRLs held once every
+    /// stream has been handed them (empty while one has not).
     fn delivery_report(&self) -> node::DeliveryReport {
+        let delivered = self.delivery.delivered();
+        let crls_delivered = delivered.is_none_or(|d| d.crls >= self.crl_generation);
         node::DeliveryReport {
-            bundle_sequence: self.delivery.delivered().unwrap_or(self.bundle.sequence),
+            bundle_sequence: delivered.map_or(self.bundle.sequence, |d| d.bundle),
             x509_streams: u32::try_from(self.delivery.open_streams()).unwrap_or(u32::MAX),
+            crl_digest: if crls_delivered {
+                self.crl_digest.clone()
+            } else {
+                String::new()
+            },
         }
     }
 
@@ -448,7 +463,9 @@ impl Manager {
                             self.revoked_held.insert(id.clone());
                         }
                     }
+                    self.crl_digest = meshid_api::tls::revocation::set_digest(&update.crls);
                     self.crls = Arc::new(update.crls);
+                    self.crl_generation += 1;
                 }
                 Err(e) => {
                     tracing::error!(error = %e, "the CA sent a CRL that does not parse; keeping the previous lists")
@@ -493,6 +510,7 @@ impl Manager {
             synced: self.synced,
             tainted_jwt_kids: Arc::clone(&self.tainted_jwt),
             crls: Arc::clone(&self.crls),
+            crl_generation: self.crl_generation,
         };
         self.snapshots.send_replace(Arc::new(snap));
     }
@@ -686,7 +704,7 @@ impl Manager {
                 _ = report_tick.tick(), if reporting && self.synced => {
                     let report = self.delivery_report();
                     if reported.as_ref() != Some(&report) {
-                        match client.report_delivery(report).await {
+                        match client.report_delivery(report.clone()).await {
                             Ok(_) => reported = Some(report),
                             Err(s) if s.code() == tonic::Code::Unimplemented => {
                                 tracing::info!("the CA does not take delivery reports; not reporting");

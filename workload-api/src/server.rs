@@ -174,7 +174,7 @@ impl Metrics {
 
     /// Mirrors the Workload API admission's state (its totals only grow).
     fn observe_delivery(&self, delivery: &Delivery, held: u64) {
-        let delivered = delivery.delivered().unwrap_or(held);
+        let delivered = delivery.delivered().map_or(held, |d| d.bundle);
         self.bundle_delivered
             .set(i64::try_from(delivered).unwrap_or(i64::MAX));
         self.x509_streams

@@ -55,7 +55,7 @@ use meshid_api::limits::{Audience, AudienceError, RateLimiter};
 
 use crate::attest::{AttestError, Attestor};
 use crate::cache::{Bundle, Entry, JwtMinter, MintError, Snapshot, Svid};
-use crate::delivery::{Delivery, StreamTicket};
+use crate::delivery::{Delivery, Handed, StreamTicket};
 use crate::jwt::{self, JwtCache, JwtKey};
 
 /// The metadata key every Workload API request must carry, with the value `true`.
@@ -458,7 +458,7 @@ impl WorkloadApi {
             stop: self.stop.clone(),
             sent_first: false,
             done: false,
-            ticket: first.x509_bundle_sequence().map(|_| self.delivery.open()),
+            ticket: first.x509_handed().map(|_| self.delivery.open()),
             pending: None,
             last: first,
             eval,
@@ -723,8 +723,9 @@ trait View: PartialEq + Send + 'static {
     type Message: Send + 'static;
     /// Builds the message.
     fn message(&self) -> Self::Message;
-    /// The bundle sequence an X.509 message carries (`None` for other streams).
-    fn x509_bundle_sequence(&self) -> Option<u64> {
+    /// The bundle sequence and CRL generation an X.509 message carries (`None` for other
+    /// streams).
+    fn x509_handed(&self) -> Option<Handed> {
         None
     }
 }
@@ -749,11 +750,13 @@ struct X509View {
     svids: Vec<(Arc<Entry>, Arc<Svid>)>,
     bundle: Arc<Bundle>,
     crls: Arc<Vec<Vec<u8>>>,
+    crl_generation: u64,
 }
 
 impl PartialEq for X509View {
     fn eq(&self, other: &Self) -> bool {
         self.bundle.x509_authorities == other.bundle.x509_authorities
+            && self.crl_generation == other.crl_generation
             && (Arc::ptr_eq(&self.crls, &other.crls) || self.crls == other.crls)
             && self.svids.len() == other.svids.len()
             && self
@@ -772,8 +775,11 @@ impl PartialEq for X509View {
 impl View for X509View {
     type Message = X509svidResponse;
 
-    fn x509_bundle_sequence(&self) -> Option<u64> {
-        Some(self.bundle.sequence)
+    fn x509_handed(&self) -> Option<Handed> {
+        Some(Handed {
+            bundle: self.bundle.sequence,
+            crls: self.crl_generation,
+        })
     }
 
     fn message(&self) -> X509svidResponse {
@@ -832,6 +838,7 @@ fn eval_x509_svids(snap: &Snapshot, selectors: &[String], strict: bool) -> Verdi
         svids,
         bundle: Arc::clone(&snap.bundle),
         crls: Arc::clone(&snap.crls),
+        crl_generation: snap.crl_generation,
     })
 }
 
@@ -840,12 +847,14 @@ struct X509BundlesView {
     trust_domain: TrustDomain,
     bundle: Arc<Bundle>,
     crls: Arc<Vec<Vec<u8>>>,
+    crl_generation: u64,
 }
 
 impl PartialEq for X509BundlesView {
     fn eq(&self, other: &Self) -> bool {
         self.trust_domain == other.trust_domain
             && self.bundle.x509_authorities == other.bundle.x509_authorities
+            && self.crl_generation == other.crl_generation
             && (Arc::ptr_eq(&self.crls, &other.crls) || self.crls == other.crls)
     }
 }
@@ -853,8 +862,11 @@ impl PartialEq for X509BundlesView {
 impl View for X509BundlesView {
     type Message = X509BundlesResponse;
 
-    fn x509_bundle_sequence(&self) -> Option<u64> {
-        Some(self.bundle.sequence)
+    fn x509_handed(&self) -> Option<Handed> {
+        Some(Handed {
+            bundle: self.bundle.sequence,
+            crls: self.crl_generation,
+        })
     }
 
     fn message(&self) -> X509BundlesResponse {
@@ -883,6 +895,7 @@ fn eval_x509_bundles(
         trust_domain: snap.trust_domain.clone(),
         bundle: Arc::clone(&snap.bundle),
         crls: Arc::clone(&snap.crls),
+        crl_generation: snap.crl_generation,
     })
 }
 
@@ -956,16 +969,16 @@ struct StreamState<V> {
     metrics: Option<Arc<dyn WorkloadApiMetrics>>,
     /// This stream's place in the delivery record (X.509 streams).
     ticket: Option<StreamTicket>,
-    /// The bundle sequence of the message last yielded, counted once the transport asks for
-    /// the next one.
-    pending: Option<u64>,
+    /// What the message last yielded carries, counted once the transport asks for the next
+    /// one.
+    pending: Option<Handed>,
 }
 
 impl<V: View> StreamState<V> {
     async fn next(mut self) -> Option<(Result<V::Message, Status>, Self)> {
         // Asked for the next message: the last one was taken by the transport.
-        if let (Some(ticket), Some(sequence)) = (&self.ticket, self.pending.take()) {
-            ticket.handed(sequence);
+        if let (Some(ticket), Some(handed)) = (&self.ticket, self.pending.take()) {
+            ticket.handed(handed);
         }
         if self.done {
             return None;
@@ -973,7 +986,7 @@ impl<V: View> StreamState<V> {
         if !self.sent_first {
             self.sent_first = true;
             let first = self.last.message();
-            self.pending = self.last.x509_bundle_sequence();
+            self.pending = self.last.x509_handed();
             return Some((Ok(first), self));
         }
         loop {
@@ -998,7 +1011,7 @@ impl<V: View> StreamState<V> {
                         "stream update"
                     );
                     let message = self.last.message();
-                    self.pending = self.last.x509_bundle_sequence();
+                    self.pending = self.last.x509_handed();
                     return Some((Ok(message), self));
                 }
                 Verdict::Ready(_) | Verdict::NotReady(_) => continue,

@@ -2,6 +2,7 @@
 //! records it and signs the CRLs; here the new CRLs are announced to this server's agents at
 //! once (other servers follow through the change feed).
 
+use super::effect::Awaited;
 use super::{check_reason, Ca, CaEvent, ServiceError};
 use crate::authority::revoke::{RevokeOutcome, RevokeTarget};
 
@@ -25,6 +26,14 @@ impl Ca {
         }
         if !out.revoked.is_empty() {
             self.publish(CaEvent::CrlsChanged);
+            let serials: std::collections::BTreeSet<String> =
+                out.revoked.iter().map(|r| r.serial.clone()).collect();
+            self.watch_effect(
+                "svid.revoked",
+                actor,
+                serde_json::json!({"serials": serials, "reason": reason}),
+                vec![Awaited::Crls(serials)],
+            );
         }
         Ok(out)
     }

@@ -4,6 +4,7 @@
 
 use std::path::PathBuf;
 
+use super::effect::Awaited;
 use super::{check_reason, Ca, CaEvent, ServiceError};
 use crate::authority::root::{Activation, RootStatus};
 use crate::store::CaKeyRecord;
@@ -24,6 +25,11 @@ impl Ca {
         check_reason(reason)?;
         let rec = self.authority.prepare_root(upstream, actor, reason).await?;
         self.publish(CaEvent::BundleChanged);
+        self.watch_bundle(
+            "ca.root.prepared",
+            actor,
+            serde_json::json!({"key_id": rec.id}),
+        );
         Ok(rec)
     }
 
@@ -36,9 +42,16 @@ impl Ca {
         force: bool,
     ) -> Result<Activation, ServiceError> {
         check_reason(reason)?;
+        let agents = self.live_agent_serials().await;
         let activation = self.authority.activate_root(actor, reason, force).await?;
         self.publish(CaEvent::RenewAgents);
         self.publish(CaEvent::BundleChanged);
+        self.watch_renewals(
+            "ca.root.activated",
+            actor,
+            serde_json::json!({"key_id": activation.root_id}),
+            agents,
+        );
         Ok(activation)
     }
 
@@ -56,6 +69,11 @@ impl Ca {
         // SVIDs, which carried it (workload SVIDs drop it at their next rotation).
         self.publish(CaEvent::RenewAgents);
         self.publish(CaEvent::BundleChanged);
+        self.watch_bundle(
+            "ca.root.retired",
+            actor,
+            serde_json::json!({"key_ids": retired}),
+        );
         Ok(retired)
     }
 
@@ -78,13 +96,50 @@ impl Ca {
 
     /// One step of the automatic root rotation; announces what it changed.
     pub async fn root_auto_step(&self) -> Result<(), ServiceError> {
+        if self.authority.settings().root_rotation != crate::config::RootRotation::Auto {
+            return Ok(());
+        }
+        // Read before the step: agents renew within moments of an activation.
+        let agents = self.live_agent_serials().await;
         if let Some(done) = self.authority.auto_root().await? {
             tracing::info!(what = %done, "automatic root rotation");
             if done.starts_with("activated") || done.starts_with("retired") {
                 self.publish(CaEvent::RenewAgents);
             }
             self.publish(CaEvent::BundleChanged);
+            let actor = format!("ca:{}", self.authority.server_id());
+            let details = serde_json::json!({"step": done, "automatic": true});
+            if done.starts_with("prepared") {
+                self.watch_bundle("ca.root.prepared", &actor, details);
+            } else if done.starts_with("activated") {
+                self.watch_renewals("ca.root.activated", &actor, details, agents);
+            } else if done.starts_with("retired") {
+                self.watch_bundle("ca.root.retired", &actor, details);
+            }
         }
         Ok(())
+    }
+
+    /// Watches for every live agent to deliver the bundle as it is now.
+    fn watch_bundle(&self, kind: &str, actor: &str, mut details: serde_json::Value) {
+        let sequence = self.authority.bundle().sequence;
+        details["bundle_sequence"] = sequence.into();
+        self.watch_effect(kind, actor, details, vec![Awaited::Bundle(sequence)]);
+    }
+
+    /// Watches for these agents (the live ones before the step) to renew their own SVIDs.
+    fn watch_renewals(
+        &self,
+        kind: &str,
+        actor: &str,
+        details: serde_json::Value,
+        agents: Result<std::collections::HashMap<spiffe::SpiffeId, String>, ServiceError>,
+    ) {
+        match agents {
+            Ok(agents) => self.watch_effect(kind, actor, details, vec![Awaited::Renewed(agents)]),
+            Err(e) => {
+                tracing::warn!(step = kind, error = %e, "cannot list the agents; the step's effect is not measured");
+            }
+        }
     }
 }

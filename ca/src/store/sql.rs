@@ -34,7 +34,7 @@ use crate::config::redact_url;
 use crate::entry::{EntryId, EntrySpec, RegistrationEntry};
 
 /// The newest schema version this binary knows (the last entry of the migration list).
-pub const SCHEMA_VERSION: i64 = 5;
+pub const SCHEMA_VERSION: i64 = 6;
 
 /// The file [`SqlStore::open_sqlite_in`] uses inside the data directory.
 pub const SQLITE_FILE_NAME: &str = "meshid-ca.db";
@@ -291,6 +291,13 @@ CREATE TABLE crls (
     der BYTEA NOT NULL
 )
 "#,
+    },
+    // Version 6: which CRL set (its digest) each agent last reported handed to every workload
+    // stream, to measure when a revocation reached the mesh.
+    Migration {
+        version: 6,
+        sqlite: "ALTER TABLE agent_deliveries ADD COLUMN crl_digest TEXT NOT NULL DEFAULT ''",
+        postgres: "ALTER TABLE agent_deliveries ADD COLUMN crl_digest TEXT NOT NULL DEFAULT ''",
     },
 ];
 
@@ -1249,15 +1256,18 @@ impl Datastore for SqlStore {
         let mut w = self.begin_write().await?;
         sqlx::query(
             "INSERT INTO agent_deliveries (spiffe_id, server_id, bundle_sequence, x509_streams, \
-             reported_at) VALUES ($1, $2, $3, $4, $5) ON CONFLICT (spiffe_id, server_id) DO \
+             reported_at, crl_digest) VALUES ($1, $2, $3, $4, $5, $6) \
+             ON CONFLICT (spiffe_id, server_id) DO \
              UPDATE SET bundle_sequence = excluded.bundle_sequence, \
-             x509_streams = excluded.x509_streams, reported_at = excluded.reported_at",
+             x509_streams = excluded.x509_streams, reported_at = excluded.reported_at, \
+             crl_digest = excluded.crl_digest",
         )
         .bind(d.agent.to_string())
         .bind(d.server_id.as_str())
         .bind(seq)
         .bind(streams)
         .bind(d.reported_at)
+        .bind(d.crl_digest.as_str())
         .execute(&mut *w.tx)
         .await?;
         w.commit().await
@@ -1375,8 +1385,8 @@ impl Datastore for SqlStore {
 
     async fn list_deliveries(&self) -> Result<Vec<DeliveryRecord>, StoreError> {
         let rows = sqlx::query(
-            "SELECT spiffe_id, server_id, bundle_sequence, x509_streams, reported_at \
-             FROM agent_deliveries ORDER BY spiffe_id, server_id",
+            "SELECT spiffe_id, server_id, bundle_sequence, x509_streams, reported_at, \
+             crl_digest FROM agent_deliveries ORDER BY spiffe_id, server_id",
         )
         .fetch_all(&self.pool)
         .await?;
@@ -1398,6 +1408,7 @@ impl Datastore for SqlStore {
                     bundle_sequence: u64::try_from(seq).unwrap_or(0),
                     x509_streams: u64::try_from(streams).unwrap_or(0),
                     reported_at: row.try_get("reported_at")?,
+                    crl_digest: row.try_get("crl_digest")?,
                 })
             })
             .collect()

@@ -421,6 +421,47 @@ fn operator_workflow_restart_and_no_secrets_in_logs() {
         .find_map(|w| w.parse().ok())
         .unwrap();
     let bundle_before = pem.clone();
+    // The records themselves: oldest first, by kind prefix, paged, as text or JSON lines.
+    let lines = |out: String| -> Vec<serde_json::Value> {
+        out.lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect()
+    };
+    let all = lines(ca.ok(&["audit", "list", "--limit", "1000", "--output", "json"]));
+    assert!(all.len() as u64 >= records_before, "{all:?}");
+    assert!(all
+        .windows(2)
+        .all(|w| w[0]["seq"].as_i64() < w[1]["seq"].as_i64()));
+    let entries = lines(ca.ok(&["audit", "list", "--kind", "entry.", "--output", "json"]));
+    assert!(!entries.is_empty());
+    assert!(entries
+        .iter()
+        .all(|r| r["kind"].as_str().unwrap().starts_with("entry.")));
+    assert!(
+        entries
+            .iter()
+            .any(|r| r["details"]["entry_id"] == id.as_str()),
+        "{entries:?}"
+    );
+    let page = lines(ca.ok(&[
+        "audit", "list", "--after", "1", "--limit", "2", "--output", "json",
+    ]));
+    assert_eq!(
+        page.iter()
+            .map(|r| r["seq"].as_i64().unwrap())
+            .collect::<Vec<_>>(),
+        [2, 3]
+    );
+    let text = ca.ok(&["audit", "list", "--kind", "entry.created"]);
+    assert!(text.contains(" entry.created by "), "{text}");
+    assert!(ca
+        .ok(&["audit", "list", "--kind", "no.such."])
+        .contains("no matching records"));
+    let refused = ca.fails(&["audit", "list", "--after=-1"]);
+    assert!(
+        refused.contains("after_seq must not be negative"),
+        "{refused}"
+    );
 
     // Restart: everything survives, the same root stays, the chain keeps growing.
     let log1 = ca.stop();

@@ -1410,6 +1410,7 @@ async fn delivery_reports_are_kept_and_shown() {
             .report_delivery(node::DeliveryReport {
                 bundle_sequence: current - 1,
                 x509_streams: 3,
+                crl_digest: String::new(),
             })
             .await
             .unwrap();
@@ -1418,10 +1419,26 @@ async fn delivery_reports_are_kept_and_shown() {
             vec![(SpiffeId::new(&a.id).unwrap(), 1)]
         );
         assert_eq!(status()["agents_delivered"], 0);
+        // A CRL digest that is not one is refused, and nothing is recorded.
+        for bad in ["NOT-HEX", &"a".repeat(65)] {
+            let err = a
+                .client
+                .report_delivery(node::DeliveryReport {
+                    bundle_sequence: current,
+                    x509_streams: 2,
+                    crl_digest: bad.to_owned(),
+                })
+                .await
+                .unwrap_err();
+            assert_eq!(err.code(), Code::InvalidArgument, "{bad}");
+            assert!(err.message().contains("crl_digest"), "{err:?}");
+        }
+        let digest = meshid_api::tls::revocation::set_digest(&[]);
         a.client
             .report_delivery(node::DeliveryReport {
                 bundle_sequence: current,
                 x509_streams: 2,
+                crl_digest: digest.clone(),
             })
             .await
             .unwrap();
@@ -1439,6 +1456,7 @@ async fn delivery_reports_are_kept_and_shown() {
         let stored = ca.ca.store.list_deliveries().await.unwrap();
         assert_eq!(stored.len(), 1);
         assert_eq!(stored[0].bundle_sequence, current);
+        assert_eq!(stored[0].crl_digest, digest);
         assert_eq!(
             ca.ca.delivery_lags(),
             vec![(SpiffeId::new(&a.id).unwrap(), 0)]
@@ -1459,6 +1477,7 @@ async fn delivery_reports_are_kept_and_shown() {
             .report_delivery(node::DeliveryReport {
                 bundle_sequence: current,
                 x509_streams: 0,
+                crl_digest: String::new(),
             })
             .await
             .unwrap_err();

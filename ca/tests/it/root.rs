@@ -60,6 +60,7 @@ async fn deliver(store: &dyn Datastore, n: u32, server: &str, sequence: u64) {
             bundle_sequence: sequence,
             x509_streams: 1,
             reported_at: unix(SystemTime::now()),
+            crl_digest: String::new(),
         })
         .await
         .unwrap();

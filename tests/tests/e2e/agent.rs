@@ -482,6 +482,12 @@ async fn entry_rotate_replaces_the_svid_at_the_workload_at_once() {
         .collect();
     verify(&chain, &roots);
     println!("entry rotate to the workload's stream: {took:?}");
+    // The CA measured it too: the entry's new SVID issued after the rotation.
+    let effect = tokio::task::block_in_place(|| {
+        crate::effect(&ca, "entry.rotated", 0, Duration::from_secs(5))
+    });
+    assert_eq!(effect["entry_id"], "web", "{effect}");
+    assert!(effect["after_ms"].as_u64().unwrap() < 1000, "{effect}");
 }
 
 /// `meshid-ca ca taint`: with the real agent and the unmodified `spiffe` crate's open stream,
@@ -621,6 +627,16 @@ async fn agent_rotate_renews_the_agent_and_its_workloads() {
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+    // The CA measured it: the agent renewed its SVID and its entry's was re-issued. (Agent
+    // rotate records its entries' rotations but watches them as one step.)
+    let effect = tokio::task::block_in_place(|| {
+        crate::effect(&ca, "agent.rotated", 0, Duration::from_secs(5))
+    });
+    assert_eq!(effect["spiffe_id"], agent_id.as_str(), "{effect}");
+    assert_eq!(effect["entries"], 1, "{effect}");
+    assert!(
+        tokio::task::block_in_place(|| crate::audit(&ca, "entry.rotated.effective")).is_empty()
+    );
     // And it keeps working with its new SVID: another rotation goes through.
     let current = fetch_until(&client, Duration::from_secs(5), |s| s.len() == 1).await;
     let current = serial(current[0].leaf().as_ref());

@@ -25,3 +25,36 @@ pub(crate) fn load_test() -> std::sync::MutexGuard<'static, ()> {
     LOCK.lock()
         .unwrap_or_else(std::sync::PoisonError::into_inner)
 }
+
+/// The audit records whose kind starts with `kind` (`meshid-ca audit list --kind`), as JSON
+/// objects with seq, time, kind, actor and details.
+pub(crate) fn audit(ca: &meshid_tests::Ca, kind: &str) -> Vec<serde_json::Value> {
+    ca.ok(&[
+        "audit", "list", "--kind", kind, "--limit", "1000", "--output", "json",
+    ])
+    .lines()
+    .map(|l| serde_json::from_str(l).unwrap())
+    .collect()
+}
+
+/// Waits up to `timeout` for the CA to record that a step took effect across the mesh (the
+/// `n`th `<kind>.effective`, oldest first) and returns its details; panics if it was recorded
+/// as not in effect.
+pub(crate) fn effect(
+    ca: &meshid_tests::Ca,
+    kind: &str,
+    n: usize,
+    timeout: std::time::Duration,
+) -> serde_json::Value {
+    let kind = format!("{kind}.effective");
+    let rec = meshid_tests::wait_for(timeout, &format!("an audit record {kind}"), || {
+        audit(ca, &kind)
+            .into_iter()
+            .filter(|r| r["kind"] == kind.as_str())
+            .nth(n)
+    });
+    let details = rec["details"].clone();
+    assert_eq!(details["effective"], true, "{rec}");
+    assert!(details["after_ms"].as_u64().is_some(), "{rec}");
+    details
+}

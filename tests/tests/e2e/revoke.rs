@@ -140,6 +140,30 @@ fn revocation_closes_live_connections_and_refuses_the_certificate() {
     assert!(matches!(read, Ok(0) | Err(_)), "{read:?}");
     assert!(took < Duration::from_secs(1), "closed after {took:?}");
 
+    // The CA measured the revocation's effect: both agents handed the CRLs to every stream of
+    // their workloads (the proxies' own streams among them), within the second.
+    let effect = crate::effect(&mesh.ca, "svid.revoked", 0, Duration::from_secs(5));
+    eprintln!(
+        "revocation: in effect across the mesh after {} ms",
+        effect["after_ms"]
+    );
+    assert!(effect["after_ms"].as_u64().unwrap() < 1000, "{effect}");
+    assert!(
+        effect["serials"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|s| s == revoked.as_str()),
+        "{effect}"
+    );
+    assert_eq!(effect["reason"], "e2e: key leaked");
+    let recorded = crate::audit(&mesh.ca, "svid.revoked");
+    assert_eq!(recorded[0]["kind"], "svid.revoked", "{recorded:?}");
+    assert_eq!(
+        recorded[0]["details"]["reason"], "e2e: key leaked",
+        "{recorded:?}"
+    );
+
     // web's proxy says why, in its metrics and its access log.
     assert!(
         mesh.web

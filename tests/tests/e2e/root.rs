@@ -151,6 +151,7 @@ fn rotation_under_traffic(datastore: Option<&str>) {
         let prepared = root_json(&ca, &["prepare", "--reason", "e2e rotation"]);
         let next = prepared["prepared_root_id"].as_str().unwrap().to_owned();
         let target = prepared["target_sequence"].as_u64().unwrap();
+        let prepared_at = Instant::now();
         mark("prepared");
         // The two agents with proxies deliver the two-root bundle; the third cannot.
         wait_for(Duration::from_secs(20), "two agents acknowledging", || {
@@ -169,6 +170,7 @@ fn rotation_under_traffic(datastore: Option<&str>) {
         );
         assert!(!refusal.contains(&node1.agent_id), "{refusal}");
         // Back: it catches up, and the watch ends once every live agent has delivered.
+        let away = prepared_at.elapsed();
         node3.agent.restart(&dir.join("node3"), &ca);
         let watch = ca_cli(
             &ca.socket,
@@ -181,10 +183,22 @@ fn rotation_under_traffic(datastore: Option<&str>) {
         );
         assert!(String::from_utf8_lossy(&watch.stdout).contains("3/3 live agents"));
         mark("3 of 3 acknowledged");
+        // The CA measured the prepare's effect: in effect once the third agent, back, had
+        // handed the new bundle to its workloads, not before.
+        let effect = crate::effect(&ca, "ca.root.prepared", 0, Duration::from_secs(10));
+        assert_eq!(effect["key_id"], next.as_str(), "{effect}");
+        let after = Duration::from_millis(effect["after_ms"].as_u64().unwrap());
+        assert!(
+            after >= away,
+            "{effect}: the agent was away {away:?} after the prepare"
+        );
         let activated = root_json(&ca, &["activate", "--reason", "e2e"]);
         assert_eq!(activated["phase"], "activated");
         assert_eq!(roots_in(&activated, "active"), vec![next.clone()]);
         mark("activated");
+        // In effect once every agent renewed its own SVID under the new root.
+        let effect = crate::effect(&ca, "ca.root.activated", 0, Duration::from_secs(20));
+        assert_eq!(effect["key_id"], next.as_str(), "{effect}");
         // Retirement is refused until what the old root signed has expired; the watch says
         // when it may go.
         let early = ca_cli(&ca.socket, &["ca", "root", "retire"]);
@@ -203,6 +217,13 @@ fn rotation_under_traffic(datastore: Option<&str>) {
         assert_eq!(retired["phase"], "stable");
         assert_eq!(roots_in(&retired, "retired"), old_root);
         mark("retired");
+        // In effect once every agent handed the bundle without the old root to its workloads.
+        let effect = crate::effect(&ca, "ca.root.retired", 0, Duration::from_secs(20));
+        assert_eq!(effect["key_ids"], serde_json::json!(old_root), "{effect}");
+        eprintln!(
+            "root rotation: retire in effect after {} ms",
+            effect["after_ms"]
+        );
         // Traffic on the new root alone, through more than one SVID lifetime.
         std::thread::sleep(Duration::from_secs(6));
         stop.store(true, Ordering::SeqCst);

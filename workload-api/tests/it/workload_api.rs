@@ -311,6 +311,7 @@ impl Agent {
             synced,
             tainted_jwt_kids: Arc::default(),
             crls: Arc::default(),
+            crl_generation: 0,
         });
     }
 

@@ -357,6 +357,41 @@ pub struct BanAgentRequest {
 #[derive(Clone, Copy, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct VerifyAuditRequest {}
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct ListAuditRequest {
+    /// Records with a higher sequence number (0: from the first).
+    #[prost(int64, tag = "1")]
+    pub after_seq: i64,
+    /// At most this many (0: 100; at most 1000).
+    #[prost(uint32, tag = "2")]
+    pub limit: u32,
+    /// Only kinds starting with this (empty: every kind).
+    #[prost(string, tag = "3")]
+    pub kind_prefix: ::prost::alloc::string::String,
+}
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct AuditRecord {
+    #[prost(int64, tag = "1")]
+    pub seq: i64,
+    /// Unix seconds.
+    #[prost(int64, tag = "2")]
+    pub time: i64,
+    #[prost(string, tag = "3")]
+    pub kind: ::prost::alloc::string::String,
+    #[prost(string, tag = "4")]
+    pub actor: ::prost::alloc::string::String,
+    /// JSON object.
+    #[prost(string, tag = "5")]
+    pub details: ::prost::alloc::string::String,
+}
+#[derive(Clone, PartialEq, ::prost::Message)]
+pub struct ListAuditResponse {
+    #[prost(message, repeated, tag = "1")]
+    pub records: ::prost::alloc::vec::Vec<AuditRecord>,
+    /// The sequence number to continue after (the last record read, matching or not).
+    #[prost(int64, tag = "2")]
+    pub next_after_seq: i64,
+}
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct VerifyAuditResponse {
     #[prost(bool, tag = "1")]
     pub ok: bool,
@@ -3188,6 +3223,32 @@ pub mod audit_client {
                 .insert(GrpcMethod::new("meshid.admin.v1.Audit", "Verify"));
             self.inner.unary(req, path, codec).await
         }
+        /// The records after a sequence number, oldest first, optionally of the kinds starting with a
+        /// prefix (for example "svid.revoked" for revocations and their measured effect).
+        pub async fn list(
+            &mut self,
+            request: impl tonic::IntoRequest<super::ListAuditRequest>,
+        ) -> std::result::Result<
+            tonic::Response<super::ListAuditResponse>,
+            tonic::Status,
+        > {
+            self.inner
+                .ready()
+                .await
+                .map_err(|e| {
+                    tonic::Status::unknown(
+                        format!("Service was not ready: {}", e.into()),
+                    )
+                })?;
+            let codec = tonic_prost::ProstCodec::default();
+            let path = http::uri::PathAndQuery::from_static(
+                "/meshid.admin.v1.Audit/List",
+            );
+            let mut req = request.into_request();
+            req.extensions_mut()
+                .insert(GrpcMethod::new("meshid.admin.v1.Audit", "List"));
+            self.inner.unary(req, path, codec).await
+        }
     }
 }
 /// Generated server implementations.
@@ -3208,6 +3269,15 @@ pub mod audit_server {
             request: tonic::Request<super::VerifyAuditRequest>,
         ) -> std::result::Result<
             tonic::Response<super::VerifyAuditResponse>,
+            tonic::Status,
+        >;
+        /// The records after a sequence number, oldest first, optionally of the kinds starting with a
+        /// prefix (for example "svid.revoked" for revocations and their measured effect).
+        async fn list(
+            &self,
+            request: tonic::Request<super::ListAuditRequest>,
+        ) -> std::result::Result<
+            tonic::Response<super::ListAuditResponse>,
             tonic::Status,
         >;
     }
@@ -3316,6 +3386,49 @@ pub mod audit_server {
                     let inner = self.inner.clone();
                     let fut = async move {
                         let method = VerifySvc(inner);
+                        let codec = tonic_prost::ProstCodec::default();
+                        let mut grpc = tonic::server::Grpc::new(codec)
+                            .apply_compression_config(
+                                accept_compression_encodings,
+                                send_compression_encodings,
+                            )
+                            .apply_max_message_size_config(
+                                max_decoding_message_size,
+                                max_encoding_message_size,
+                            );
+                        let res = grpc.unary(method, req).await;
+                        Ok(res)
+                    };
+                    Box::pin(fut)
+                }
+                "/meshid.admin.v1.Audit/List" => {
+                    #[allow(non_camel_case_types)]
+                    struct ListSvc<T: Audit>(pub Arc<T>);
+                    impl<T: Audit> tonic::server::UnaryService<super::ListAuditRequest>
+                    for ListSvc<T> {
+                        type Response = super::ListAuditResponse;
+                        type Future = BoxFuture<
+                            tonic::Response<Self::Response>,
+                            tonic::Status,
+                        >;
+                        fn call(
+                            &mut self,
+                            request: tonic::Request<super::ListAuditRequest>,
+                        ) -> Self::Future {
+                            let inner = Arc::clone(&self.0);
+                            let fut = async move {
+                                <T as Audit>::list(&inner, request).await
+                            };
+                            Box::pin(fut)
+                        }
+                    }
+                    let accept_compression_encodings = self.accept_compression_encodings;
+                    let send_compression_encodings = self.send_compression_encodings;
+                    let max_decoding_message_size = self.max_decoding_message_size;
+                    let max_encoding_message_size = self.max_encoding_message_size;
+                    let inner = self.inner.clone();
+                    let fut = async move {
+                        let method = ListSvc(inner);
                         let codec = tonic_prost::ProstCodec::default();
                         let mut grpc = tonic::server::Grpc::new(codec)
                             .apply_compression_config(

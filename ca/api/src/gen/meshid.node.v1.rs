@@ -108,13 +108,19 @@ pub struct SyncUpdate {
     #[prost(bytes = "vec", repeated, tag = "10")]
     pub crls: ::prost::alloc::vec::Vec<::prost::alloc::vec::Vec<u8>>,
 }
-#[derive(Clone, Copy, PartialEq, Eq, Hash, ::prost::Message)]
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct DeliveryReport {
     #[prost(uint64, tag = "1")]
     pub bundle_sequence: u64,
     /// Open X.509 Workload API streams (FetchX509SVID, FetchX509Bundles).
     #[prost(uint32, tag = "2")]
     pub x509_streams: u32,
+    /// The digest of the CRL set (meshid_api::tls::revocation::set_digest) that every open X.509
+    /// stream has been handed (the one held when none is open); empty while a stream has not been
+    /// handed the latest set. The CA compares it with its own to measure when a revocation
+    /// reached every workload.
+    #[prost(string, tag = "3")]
+    pub crl_digest: ::prost::alloc::string::String,
 }
 #[derive(Clone, Copy, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct DeliveryReportResponse {}

@@ -49,6 +49,21 @@ pub struct CrlError {
     pub detail: String,
 }
 
+/// A digest naming a set of CRLs (DER), whatever their order: how an agent tells the CA which
+/// set its workloads have been handed, and how the CA compares it with its own (hex of the
+/// first 16 bytes of a SHA-256 over the sorted, length-prefixed DERs).
+pub fn set_digest(crls: &[Vec<u8>]) -> String {
+    use sha2::Digest as _;
+    let mut sorted: Vec<&Vec<u8>> = crls.iter().collect();
+    sorted.sort();
+    let mut h = sha2::Sha256::new();
+    for der in sorted {
+        h.update((der.len() as u64).to_be_bytes());
+        h.update(der);
+    }
+    hex::encode(&h.finalize()[..16])
+}
+
 impl Revocations {
     /// Parses `crls` (DER). A CRL that does not parse is refused with the reason; the caller
     /// decides whether to keep the previous set (the proxy and the agent do).

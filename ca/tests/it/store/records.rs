@@ -350,6 +350,7 @@ pub async fn deliveries_kept_per_agent_and_server(backend: Backend) {
         bundle_sequence: seq,
         x509_streams: seq * 10,
         reported_at: at,
+        crl_digest: format!("{seq:032x}"),
     };
     s.record_delivery(&d(2, "ca-1", 5, NOW)).await.unwrap();
     s.record_delivery(&d(1, "ca-2", 3, NOW)).await.unwrap();

@@ -818,3 +818,20 @@ fn malformed_crls_are_refused_with_the_position() {
         assert_eq!(err.index, 1, "{err}");
     }
 }
+
+#[test]
+fn a_crl_set_digest_names_the_set_whatever_its_order() {
+    use crate::tls::revocation::set_digest;
+    let (a, b) = (crl(&root("a"), &[]), crl(&root("b"), &[]));
+    let ab = set_digest(&[a.clone(), b.clone()]);
+    assert_eq!(ab, set_digest(&[b.clone(), a.clone()]));
+    assert_eq!(ab.len(), 32);
+    assert!(ab
+        .bytes()
+        .all(|c| c.is_ascii_hexdigit() && !c.is_ascii_uppercase()));
+    assert_ne!(ab, set_digest(std::slice::from_ref(&a)));
+    assert_ne!(set_digest(&[]), set_digest(&[Vec::new()]));
+    // Length-prefixed: splitting the same bytes differently is another set.
+    let joined = [a.clone(), b.clone()].concat();
+    assert_ne!(ab, set_digest(&[joined]));
+}
