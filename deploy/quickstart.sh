@@ -4,8 +4,9 @@
 #   deploy/quickstart.sh          build, start, demonstrate, then keep running until Ctrl-C
 #   deploy/quickstart.sh --once   build, start, demonstrate, stop everything (for CI)
 #   --trust                       also demonstrate the trust lifecycle under the running mesh:
-#                                 `ca taint` of the issuing intermediate, and a root rotation
-#                                 (prepare, activate once every agent has the new root)
+#                                 `ca taint` of the issuing intermediate, `svid revoke` of
+#                                 api's SVID, and a root rotation (prepare, activate once
+#                                 every agent has the new root)
 #
 # It builds meshid-ca, meshid-agent, meshid-proxy and the demo service (meshid-demo, from
 # tests/src/bin), then starts, all on 127.0.0.1:
@@ -33,7 +34,7 @@ caller_dir=$PWD
 cd "$(dirname "$0")/.."
 root=$(pwd -P)
 
-usage() { sed -n '2,9p' "$root/deploy/quickstart.sh" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,10p' "$root/deploy/quickstart.sh" | sed 's/^# \{0,1\}//'; }
 once=false
 trust=false
 for arg in "$@"; do
@@ -316,6 +317,37 @@ if $trust; then
   code=$(call "http://$web_out/hello")
   [ "$code" = 200 ] || fail "web -> api answered $code after the taint" "$logs/api-proxy.log"
   echo "    web calls api: $code"
+
+  metric() { curl -s "http://$1/metrics" | awk -v m="$2" '$1 == m {print $2}'; }
+  before=$(rotations "$api_proxy_ops")
+  step "revoking api's SVID: meshid-ca svid revoke --spiffe-id spiffe://$td/api --reason 'quickstart demo'"
+  cactl svid revoke --spiffe-id "spiffe://$td/api" --reason "quickstart demo" | sed 's/^/    /'
+  for _ in $(seq 1 100); do
+    [ "$(metric "$web_proxy_ops" meshid_proxy_revoked_certificates)" != 0 ] &&
+      [ "$(rotations "$api_proxy_ops")" != "$before" ] && break
+    sleep 0.1
+  done
+  listed=$(metric "$web_proxy_ops" meshid_proxy_revoked_certificates)
+  [ "${listed:-0}" != 0 ] || fail "web's proxy did not receive the CRL" "$logs/web-proxy.log"
+  [ "$(rotations "$api_proxy_ops")" != "$before" ] ||
+    fail "api's proxy did not get a fresh SVID after the revocation" "$logs/api-proxy.log"
+  echo "    web's proxy refuses the $listed revoked certificate(s) and closed its connections to them; api's proxy has a fresh SVID, no restart"
+  code=$(call "http://$web_out/hello")
+  [ "$code" = 200 ] || fail "web -> api answered $code after the revocation" "$logs/api-proxy.log"
+  echo "    web calls api: $code"
+  cactl svid revocations | grep -E "^(CRL of|[0-9]+ revoked)" | sed 's/^/    /'
+  effect=
+  for _ in $(seq 1 50); do
+    effect=$(cactl audit list --kind svid.revoked.effective --output json | grep -o '"after_ms":[0-9]*' | tail -1) && break
+    sleep 0.1
+  done
+  [ -n "$effect" ] || fail "the CA did not record the revocation's effect" "$logs/ca.log"
+  echo "    the CA measured it: every workload stream had the CRLs ${effect#*:} ms after the command (meshid-ca audit list --kind svid.revoked)"
+  if command -v openssl >/dev/null 2>&1; then
+    cactl svid crl >"$dir/crl.pem"
+    echo "    the CRL, as any TLS stack reads it: meshid-ca svid crl > $(show "$dir/crl.pem")"
+    openssl crl -in "$dir/crl.pem" -noout -issuer -lastupdate -nextupdate | sed 's/^/    openssl crl: /'
+  fi
 
   step "rotating the root: meshid-ca ca root prepare, status --watch, activate"
   cactl ca root prepare --reason "quickstart demo" | sed -n '1s/^/    /p'

@@ -5,8 +5,9 @@
 //!   200 from api) and the refused one (api → web, 403) with its reason: the proxy's `refused by
 //!   policy` line, the access record of the rule that decided, and `policy explain`; then the
 //!   trust lifecycle under the running mesh: `ca taint` of the issuing intermediate (every SVID
-//!   it signed replaced, the proxies rotated, web still reaches api) and a root rotation up to
-//!   activation (web still reaches api). The access logs it leaves agree, and nothing it
+//!   it signed replaced, the proxies rotated, web still reaches api), `svid revoke` of api's
+//!   SVID (web's proxy holds the CRL, api's proxy is re-issued, web still reaches api) and a
+//!   root rotation up to activation (web still reaches api). The access logs it leaves agree, and nothing it
 //!   started is still running.
 //! - `quickstart_ctrl_c`: without `--once`, once it says "Press Ctrl-C" the mesh answers, a
 //!   policy edit (the next step it prints) lets api call web within moments, and SIGINT to its
@@ -398,6 +399,14 @@ fn quickstart_once() {
             ": nothing it signed is left",
             "web's proxy rotated its SVID",
             "    web calls api: 200",
+            // --trust: a revocation, the CRL at web's proxy, api re-issued, no outage.
+            "==> revoking api's SVID: meshid-ca svid revoke --spiffe-id spiffe://example.org/api",
+            "    Revoked spiffe://example.org/api serial ",
+            "The CRLs are on their way",
+            "revoked certificate(s) and closed its connections to them; api's proxy has a fresh SVID",
+            "revoked certificates not yet expired",
+            "CRL of int-",
+            "    the CA measured it: every workload stream had the CRLs ",
             // A root rotation, gated on the agent's delivery.
             "==> rotating the root",
             "prepared root root-",
@@ -410,7 +419,10 @@ fn quickstart_once() {
         ],
     );
     if Command::new("openssl").arg("version").output().is_ok() {
-        assert_contains(&output, &["openssl verify: svid.0.pem: OK"]);
+        assert_contains(
+            &output,
+            &["openssl verify: svid.0.pem: OK", "openssl crl: issuer="],
+        );
     }
     assert!(!output.contains("Press Ctrl-C"), "--once does not wait");
 
