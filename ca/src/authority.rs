@@ -119,6 +119,8 @@ pub struct Authority {
     rotation: tokio::sync::Mutex<()>,
     /// The CRLs every server stored ([`Authority::refresh_crls`]).
     crls: RwLock<Arc<revoke::CrlSet>>,
+    /// The last CRL sets served, newest last.
+    crl_history: std::sync::Mutex<std::collections::VecDeque<Arc<revoke::CrlSet>>>,
 }
 
 impl std::fmt::Debug for Authority {
@@ -381,6 +383,7 @@ impl Authority {
             upstream,
             rotation: tokio::sync::Mutex::new(()),
             crls: RwLock::default(),
+            crl_history: std::sync::Mutex::default(),
             keys: RwLock::new(Arc::new(Keys {
                 root: Arc::clone(&root),
                 root_id: root_id.clone(),

@@ -129,7 +129,7 @@ pub struct DeliveryRecord {
     pub x509_streams: u64,
     /// Unix seconds.
     pub reported_at: i64,
-    /// The digest of the CRL set every such stream was handed (empty: one had not been yet).
+    /// The digest of the CRL set every such stream was handed (empty: not known).
     pub crl_digest: String,
 }
 

@@ -75,6 +75,9 @@ pub enum AttestFailed {
 /// sent only when it did).
 pub const DELIVERY_CHECK: Duration = Duration::from_millis(100);
 
+/// How many CRL set digests the agent remembers to report which set its streams have.
+const CRL_DIGESTS_KEPT: usize = 64;
+
 /// The agent's state and its connection to the CA.
 pub struct Manager {
     td: TrustDomain,
@@ -103,9 +106,10 @@ pub struct Manager {
     crls: Arc<Vec<Vec<u8>>>,
     /// How many CRL sets were received (the streams report which they handed over).
     crl_generation: u64,
-    /// The digest of `crls` ([`meshid_api::tls::revocation::set_digest`]), reported to the CA
-    /// once every stream has them.
-    crl_digest: String,
+    /// The digests ([`meshid_api::tls::revocation::set_digest`]) of the last CRL sets by
+    /// generation, newest last: the CA is told the one every stream has been handed, which may
+    /// be older than the newest while the sets change faster than streams take them.
+    crl_digests: std::collections::VecDeque<(u64, String)>,
     /// Entries whose SVID held a CRL lists: re-issued now.
     revoked_held: std::collections::HashSet<String>,
     /// What the Workload API's X.509 streams have been handed, reported to the CA.
@@ -226,7 +230,7 @@ impl Manager {
             tainted_jwt: Arc::default(),
             crls: Arc::default(),
             crl_generation: 0,
-            crl_digest: meshid_api::tls::revocation::set_digest(&[]),
+            crl_digests: [(0, meshid_api::tls::revocation::set_digest(&[]))].into(),
             revoked_held: Default::default(),
             attest_timeout: config.attest_timeout,
             snapshots: tx,
@@ -247,19 +251,22 @@ impl Manager {
     }
 
     /// What to report: the bundle sequence every open X.509 stream has been handed (the one
-    /// held when none is open), how many are open, and the digest of the CRLs held once every
-    /// stream has been handed them (empty while one has not).
+    /// held when none is open), how many are open, and the digest of the CRL set every stream
+    /// has been handed (empty when that set is too old to be remembered).
     fn delivery_report(&self) -> node::DeliveryReport {
         let delivered = self.delivery.delivered();
-        let crls_delivered = delivered.is_none_or(|d| d.crls >= self.crl_generation);
+        let generation = delivered.map_or(self.crl_generation, |d| d.crls);
+        let crl_digest = self
+            .crl_digests
+            .iter()
+            .rev()
+            .find(|(g, _)| *g == generation)
+            .map(|(_, d)| d.clone())
+            .unwrap_or_default();
         node::DeliveryReport {
             bundle_sequence: delivered.map_or(self.bundle.sequence, |d| d.bundle),
             x509_streams: u32::try_from(self.delivery.open_streams()).unwrap_or(u32::MAX),
-            crl_digest: if crls_delivered {
-                self.crl_digest.clone()
-            } else {
-                String::new()
-            },
+            crl_digest,
         }
     }
 
@@ -463,9 +470,15 @@ impl Manager {
                             self.revoked_held.insert(id.clone());
                         }
                     }
-                    self.crl_digest = meshid_api::tls::revocation::set_digest(&update.crls);
-                    self.crls = Arc::new(update.crls);
                     self.crl_generation += 1;
+                    if self.crl_digests.len() == CRL_DIGESTS_KEPT {
+                        self.crl_digests.pop_front();
+                    }
+                    self.crl_digests.push_back((
+                        self.crl_generation,
+                        meshid_api::tls::revocation::set_digest(&update.crls),
+                    ));
+                    self.crls = Arc::new(update.crls);
                 }
                 Err(e) => {
                     tracing::error!(error = %e, "the CA sent a CRL that does not parse; keeping the previous lists")

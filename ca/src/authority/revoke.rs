@@ -28,7 +28,14 @@ pub struct CrlSet {
     pub records: Vec<CrlRecord>,
     /// Every serial listed (lowercase hex).
     pub serials: BTreeSet<String>,
+    /// [`meshid_api::tls::revocation::set_digest`] of the records' DER: how agents name the set
+    /// they delivered.
+    pub digest: String,
 }
+
+/// How many of the CRL sets this server served are remembered, to tell from the digest an
+/// agent reports which revocations it delivered ([`Authority::crl_set_by_digest`]).
+pub const CRL_HISTORY: usize = 256;
 
 /// What to revoke.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -334,11 +341,30 @@ impl Authority {
             return Ok(false);
         }
         let serials = crls.iter().flat_map(|c| crl_serials(&c.der)).collect();
-        *held = Arc::new(CrlSet {
+        let der: Vec<Vec<u8>> = crls.iter().map(|c| c.der.clone()).collect();
+        let set = Arc::new(CrlSet {
+            digest: meshid_api::tls::revocation::set_digest(&der),
             records: crls,
             serials,
         });
+        *held = Arc::clone(&set);
+        drop(held);
+        let mut history = self.crl_history.lock().unwrap_or_else(|p| p.into_inner());
+        if history.len() == CRL_HISTORY {
+            history.pop_front();
+        }
+        history.push_back(set);
         Ok(true)
+    }
+
+    /// The set of CRLs this server served (one of the last [`CRL_HISTORY`]) whose digest is
+    /// `digest`.
+    pub fn crl_set_by_digest(&self, digest: &str) -> Option<Arc<CrlSet>> {
+        if digest.is_empty() {
+            return None;
+        }
+        let history = self.crl_history.lock().unwrap_or_else(|p| p.into_inner());
+        history.iter().rev().find(|s| s.digest == digest).cloned()
     }
 
     /// The CRLs to serve.

@@ -6,7 +6,7 @@
 //! |---|---|
 //! | `ca.root.prepared`, `ca.root.retired` | every live agent reported the new bundle handed to every X.509 stream of its workloads |
 //! | `ca.root.activated` | every live agent renewed its own SVID (under the new root) |
-//! | `svid.revoked` | every live agent reported the CRLs listing the certificates handed to every X.509 stream |
+//! | `svid.revoked` | every live agent reported a CRL set listing the certificates (or a later one) handed to every X.509 stream |
 //! | `entry.rotated` | an SVID was issued for the entry after the rotation |
 //! | `agent.rotated` | the agent renewed its own SVID and one was issued for each of its entries |
 //!
@@ -19,7 +19,7 @@
 //! effect after [`EFFECT_WATCH_LIMIT`] is recorded as such (`"effective": false`, with what was
 //! still missing), and a server restarted meanwhile stops watching (the step's record stands).
 
-use std::collections::{BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::time::{Duration, Instant};
 
 use spiffe::SpiffeId;
@@ -38,8 +38,9 @@ pub const EFFECT_WATCH_LIMIT: Duration = Duration::from_secs(24 * 3600);
 pub(crate) enum Awaited {
     /// Every live agent delivered this bundle sequence (or a later one).
     Bundle(u64),
-    /// Every live agent delivered the CRL set this server serves, once it lists these serials.
-    Crls(BTreeSet<String>),
+    /// Every live agent delivered a CRL set listing these serials (each until its certificate
+    /// expires: then it is trusted nowhere anyway), by their expiry.
+    Crls(BTreeMap<String, i64>),
     /// These agents (when still live) hold another SVID than the serial they held then.
     Renewed(HashMap<SpiffeId, String>),
     /// An X.509-SVID was issued for each of these entries after its `entry.rotated` record;
@@ -183,14 +184,12 @@ impl Ca {
                     }
                 }
                 Awaited::Crls(serials) => {
-                    let set = self.authority.crls();
-                    if !serials.is_subset(&set.serials) {
-                        missing.push("the CRLs do not list the certificates yet".to_owned());
+                    serials.retain(|_, not_after| *not_after > now);
+                    if serials.is_empty() {
                         continue;
                     }
-                    let der: Vec<Vec<u8>> = set.records.iter().map(|r| r.der.clone()).collect();
-                    let digest = meshid_api::tls::revocation::set_digest(&der);
-                    // Each agent's latest report, whichever server took it.
+                    // Each agent's latest report, whichever server took it: the digest of the
+                    // CRL set every stream of its workloads was handed.
                     let mut latest: HashMap<&SpiffeId, &crate::store::DeliveryRecord> =
                         HashMap::new();
                     for d in deliveries {
@@ -201,9 +200,10 @@ impl Ca {
                     }
                     let lagging = live(agents, now)
                         .filter(|a| {
-                            latest
+                            let set = latest
                                 .get(&a.spiffe_id)
-                                .is_none_or(|d| d.crl_digest != digest)
+                                .and_then(|d| self.authority.crl_set_by_digest(&d.crl_digest));
+                            !set.is_some_and(|set| serials.keys().all(|s| set.serials.contains(s)))
                         })
                         .count();
                     if lagging > 0 {

@@ -26,12 +26,15 @@ impl Ca {
         }
         if !out.revoked.is_empty() {
             self.publish(CaEvent::CrlsChanged);
-            let serials: std::collections::BTreeSet<String> =
-                out.revoked.iter().map(|r| r.serial.clone()).collect();
+            let serials: std::collections::BTreeMap<String, i64> = out
+                .revoked
+                .iter()
+                .map(|r| (r.serial.clone(), r.not_after))
+                .collect();
             self.watch_effect(
                 "svid.revoked",
                 actor,
-                serde_json::json!({"serials": serials, "reason": reason}),
+                serde_json::json!({"serials": serials.keys().collect::<Vec<_>>(), "reason": reason}),
                 vec![Awaited::Crls(serials)],
             );
         }

@@ -116,9 +116,9 @@ pub struct DeliveryReport {
     #[prost(uint32, tag = "2")]
     pub x509_streams: u32,
     /// The digest of the CRL set (meshid_api::tls::revocation::set_digest) that every open X.509
-    /// stream has been handed (the one held when none is open); empty while a stream has not been
-    /// handed the latest set. The CA compares it with its own to measure when a revocation
-    /// reached every workload.
+    /// stream has been handed (the one held when none is open; the oldest any stream has, when
+    /// they differ); empty when the agent no longer remembers that set. The CA looks it up among
+    /// the sets it served to measure when a revocation reached every workload.
     #[prost(string, tag = "3")]
     pub crl_digest: ::prost::alloc::string::String,
 }

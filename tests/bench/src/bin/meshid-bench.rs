@@ -80,13 +80,14 @@ use tonic::transport::Channel;
 use tonic::{Code, Request, Status, Streaming};
 
 const TD: &str = "example.org";
-const SCENARIOS: [&str; 6] = [
+const SCENARIOS: [&str; 7] = [
     "fetch-latency",
     "interop-latency",
     "propagation",
     "rss",
     "node-sign",
     "taint",
+    "revocation",
 ];
 
 // ---------------------------------------------------------------------------------------------
@@ -1660,6 +1661,224 @@ async fn taint(st: &mut Stack) {
     drop(agent2);
 }
 
+/// A TCP echo server on a free loopback port (the application behind api's proxy).
+fn echo_server() -> String {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    std::thread::spawn(move || {
+        for conn in listener.incoming() {
+            let Ok(mut conn) = conn else { continue };
+            std::thread::spawn(move || {
+                let mut buf = [0u8; 4096];
+                use std::io::{Read, Write};
+                while let Ok(n) = conn.read(&mut buf) {
+                    if n == 0 || conn.write_all(&buf[..n]).is_err() {
+                        break;
+                    }
+                }
+            });
+        }
+    });
+    addr
+}
+
+/// A connection through web's proxy to the echo server behind api's proxy that has carried one
+/// round trip; `None` while the mesh refuses it (api's proxy has no valid SVID yet).
+fn echo_connection(web_out: &str) -> Option<std::net::TcpStream> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(web_out).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    s.write_all(b"ping").ok()?;
+    let mut buf = [0u8; 4];
+    s.read_exact(&mut buf).ok()?;
+    (&buf == b"ping").then_some(s)
+}
+
+/// Revocation that closes live connections: a TCP connection through two proxies, whose
+/// upstream proxy's SVID is then revoked (`RevokeSvid` by SPIFFE ID), is closed by the
+/// downstream proxy; the time from the call to the client seeing the close, over
+/// `MESHID_BENCH_REVOCATIONS` (default 100) revocations, each on a fresh SVID. Baseline from the
+/// same run: the admin call alone (the CA recording the revocation and signing the CRL).
+async fn revocation(st: &mut Stack) {
+    let n: usize = std::env::var("MESHID_BENCH_REVOCATIONS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(100);
+    let dir = st.tmp.path().to_owned();
+    let (agent2, _, _) =
+        tokio::task::block_in_place(|| start_agent(&dir.join("agent2"), &st.ca, "api", st.uid));
+    let echo = echo_server();
+    let api_in = format!("127.0.0.1:{}", meshid_tests::free_port());
+    let web_out = format!("127.0.0.1:{}", meshid_tests::free_port());
+    let head = |agent: &Agent, id: &str| {
+        format!(
+            "workload_api_socket = \"{}\"\nspiffe_id = \"spiffe://{TD}/bench/{id}\"\n",
+            agent.endpoint()
+        )
+    };
+    let policy = dir.join("policy.yaml");
+    std::fs::write(
+        &policy,
+        format!("name: bench\ndefault: deny\nrules:\n  - name: web-to-api\n    from: [\"spiffe://{TD}/bench/workload\"]\n    to: [\"spiffe://{TD}/bench/api\"]\n"),
+    )
+    .unwrap();
+    let mut api = meshid_tests::Proxy::start(
+        &dir,
+        "api",
+        &format!(
+            "{}policy_file = \"{}\"\n[[inbound]]\nname = \"api-in\"\nlisten = \"{api_in}\"\nforward_to = \"{echo}\"\nport = 9000\nprotocol = \"tcp\"\n",
+            head(&agent2, "api"),
+            policy.display()
+        ),
+    );
+    let mut web = meshid_tests::Proxy::start(
+        &dir,
+        "web",
+        &format!(
+            "{}[[outbound]]\nname = \"to-api\"\nlisten = \"{web_out}\"\nupstream = \"{api_in}\"\nexpect = \"spiffe://{TD}/bench/api\"\n",
+            head(st.agent(), "workload")
+        ),
+    );
+    tokio::task::block_in_place(|| {
+        api.wait_ready(Duration::from_secs(60));
+        web.wait_ready(Duration::from_secs(60));
+    });
+    let admin = connect_unix(&st.ca.socket).await;
+    let mut closed = Vec::with_capacity(n);
+    let mut calls = Vec::with_capacity(n);
+    let mut recovered = Vec::with_capacity(n);
+    eprintln!("revocation: {n} revocations");
+    for i in 0..n {
+        // A live connection (waiting for api's proxy to hold a valid SVID again).
+        let waited = Instant::now();
+        let conn = loop {
+            if let Some(c) = tokio::task::block_in_place(|| echo_connection(&web_out)) {
+                break c;
+            }
+            assert!(
+                waited.elapsed() < Duration::from_secs(30),
+                "the mesh did not recover"
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        };
+        if i > 0 {
+            recovered.push(waited.elapsed());
+        }
+        conn.set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        std::thread::spawn(move || {
+            use std::io::Read;
+            let mut conn = conn;
+            let mut buf = [0u8; 1];
+            let r = conn.read(&mut buf);
+            let _ = tx.send((Instant::now(), r.map(|n| n == 0).unwrap_or(true)));
+        });
+        let t0 = Instant::now();
+        AuthorityClient::new(admin.clone())
+            .revoke_svid(admin::RevokeSvidRequest {
+                spiffe_id: format!("spiffe://{TD}/bench/api"),
+                reason: "bench".into(),
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+        calls.push(t0.elapsed());
+        let (at, eof) = rx.await.unwrap();
+        assert!(eof, "the connection was not closed");
+        closed.push(at.duration_since(t0));
+    }
+    let closed_n = web.metric("meshid_proxy_revoked_connections_closed_total", &[]);
+    // What the CA measured: each revocation in effect once both agents had handed the CRLs to
+    // every X.509 stream (svid.revoked.effective, after_ms).
+    let mut effects: Vec<Duration> = Vec::new();
+    let waited = Instant::now();
+    while effects.len() < n && waited.elapsed() < Duration::from_secs(30) {
+        effects.clear();
+        let mut after = 0;
+        loop {
+            let page = meshid_api::admin::audit_client::AuditClient::new(admin.clone())
+                .list(admin::ListAuditRequest {
+                    after_seq: after,
+                    limit: 1000,
+                    kind_prefix: "svid.revoked.effective".into(),
+                })
+                .await
+                .unwrap()
+                .into_inner();
+            for r in &page.records {
+                let d: serde_json::Value = serde_json::from_str(&r.details).unwrap();
+                assert_eq!(d["effective"], true, "{}", r.details);
+                effects.push(Duration::from_millis(d["after_ms"].as_u64().unwrap()));
+            }
+            if page.next_after_seq == after {
+                break;
+            }
+            after = page.next_after_seq;
+        }
+        if effects.len() < n {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+    assert_eq!(
+        effects.len(),
+        n,
+        "the CA did not record every revocation's effect"
+    );
+    let pct = |v: &mut Vec<Duration>, p: f64| {
+        v.sort();
+        v[((v.len() as f64 * p).ceil() as usize).clamp(1, v.len()) - 1]
+    };
+    let (c50, c99, cmax) = (
+        pct(&mut closed, 0.5),
+        pct(&mut closed, 0.99),
+        pct(&mut closed, 1.0),
+    );
+    let (r50, r99) = (pct(&mut calls, 0.5), pct(&mut calls, 0.99));
+    let rec50 = if recovered.is_empty() {
+        Duration::ZERO
+    } else {
+        pct(&mut recovered, 0.5)
+    };
+    println!("\n## Revocation: live connections closed ({n} revocations)\n");
+    println!("| measure | p50 | p99 | max |");
+    println!("|---|---|---|---|");
+    println!(
+        "| connection closed after `RevokeSvid` | {:.1} ms | {:.1} ms | {:.1} ms |",
+        c50.as_secs_f64() * 1e3,
+        c99.as_secs_f64() * 1e3,
+        cmax.as_secs_f64() * 1e3
+    );
+    println!(
+        "| baseline: the `RevokeSvid` call alone | {:.1} ms | {:.1} ms | |",
+        r50.as_secs_f64() * 1e3,
+        r99.as_secs_f64() * 1e3
+    );
+    let (e50, e99, emax) = (
+        pct(&mut effects, 0.5),
+        pct(&mut effects, 0.99),
+        pct(&mut effects, 1.0),
+    );
+    println!(
+        "| in effect as the CA measured it (every stream had the CRLs) | {:.0} ms | {:.0} ms | {:.0} ms |",
+        e50.as_secs_f64() * 1e3,
+        e99.as_secs_f64() * 1e3,
+        emax.as_secs_f64() * 1e3
+    );
+    println!(
+        "| a new connection works again (api re-issued, proxy rotated) | {:.1} ms | | |",
+        rec50.as_secs_f64() * 1e3
+    );
+    println!(
+        "\np99 closed / p99 call: {:.2}; target p99 under 1 s: {}; connections the proxy closed as revoked: {closed_n}",
+        c99.as_secs_f64() / r99.as_secs_f64().max(1e-9),
+        if c99 < Duration::from_secs(1) { "met" } else { "MISSED" }
+    );
+    drop(web);
+    drop(api);
+    drop(agent2);
+}
+
 fn fmt_ms(d: Duration) -> String {
     format!("{:.0} ms", d.as_secs_f64() * 1000.0)
 }
@@ -1692,6 +1911,7 @@ fn run(scenario: &str, profile: bool) {
             "rss" => rss(&stack).await,
             "node-sign" => node_sign(&stack, profile).await,
             "taint" => taint(&mut stack).await,
+            "revocation" => revocation(&mut stack).await,
             other => panic!("unknown scenario {other}"),
         }
     });
