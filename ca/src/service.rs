@@ -577,8 +577,10 @@ impl Ca {
             .remove(agent);
     }
 
-    /// Forces the SVIDs of an entry to be replaced now (see [`Self::rotate_entry_quietly`]),
-    /// and watches for the new SVID's issuance (`entry.rotated.effective`).
+    /// Forces the SVIDs of an entry to be replaced now: the entry is stored again unchanged but
+    /// for its revision, which its agent sees as a change and re-issues at once (recorded as
+    /// `entry.rotated` with who asked, why, and the new revision); then watches for the new
+    /// SVID's issuance (`entry.rotated.effective`).
     pub async fn rotate_entry(
         &self,
         id: &str,

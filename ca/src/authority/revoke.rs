@@ -3,7 +3,7 @@
 //! hand out.
 //!
 //! A CRL lists the unexpired revoked certificates its key signed; a certificate leaves it once
-//! it has expired anyway. CRLs are valid for [`CRL_VALIDITY`] and re-signed at half of that, or
+//! it has expired anyway. CRLs are valid for [`CRL_VALIDITY_S`] seconds and re-signed at half of that, or
 //! at once when what they list changes. Verifiers in meshid keep a CRL past its nextUpdate
 //! (an agent cut off from the CA must not start trusting what it revoked); openssl and other
 //! relying parties that enforce nextUpdate get a fresh one long before.
