@@ -118,9 +118,21 @@ pub struct Authority {
     /// Held by a rotation check and by the root lifecycle steps, so that two never interleave.
     rotation: tokio::sync::Mutex<()>,
     /// The CRLs every server stored ([`Authority::refresh_crls`]).
-    crls: RwLock<Arc<revoke::CrlSet>>,
+    crls: RwLock<Arc<CrlSet>>,
     /// The last CRL sets served, newest last.
-    crl_history: std::sync::Mutex<std::collections::VecDeque<Arc<revoke::CrlSet>>>,
+    crl_history: std::sync::Mutex<std::collections::VecDeque<Arc<CrlSet>>>,
+}
+
+/// The CRLs this server serves, and the serials they list ([`revoke`]).
+#[derive(Debug, Default)]
+pub struct CrlSet {
+    /// One per issuer.
+    pub records: Vec<crate::store::CrlRecord>,
+    /// Every serial listed (lowercase hex).
+    pub serials: std::collections::BTreeSet<String>,
+    /// [`meshid_api::tls::revocation::set_digest`] of the records' DER: how agents name the set
+    /// they delivered.
+    pub digest: String,
 }
 
 impl std::fmt::Debug for Authority {

@@ -212,7 +212,36 @@ pub struct Ca {
     /// The bundle sequence each agent last reported delivered to this server (for `/metrics`).
     delivered: Arc<std::sync::Mutex<std::collections::BTreeMap<SpiffeId, u64>>>,
     /// Lifecycle steps this server took, watched until they are in effect across the mesh.
-    effects: Arc<std::sync::Mutex<Vec<effect::Watch>>>,
+    effects: Arc<std::sync::Mutex<Vec<Watch>>>,
+}
+
+/// What a lifecycle step waits for to be in effect ([`effect`]).
+#[derive(Debug, Clone)]
+pub(crate) enum Awaited {
+    /// Every live agent delivered this bundle sequence (or a later one).
+    Bundle(u64),
+    /// Every live agent delivered a CRL set listing these serials (each until its certificate
+    /// expires: then it is trusted nowhere anyway), by their expiry.
+    Crls(std::collections::BTreeMap<String, i64>),
+    /// These agents (when still live) hold another SVID than the serial they held then.
+    Renewed(std::collections::HashMap<SpiffeId, String>),
+    /// An X.509-SVID was issued for each of these entries after its `entry.rotated` record;
+    /// the audit log is read from `cursor` on.
+    Issued {
+        entries: std::collections::HashSet<String>,
+        rotated: std::collections::HashSet<String>,
+        cursor: i64,
+    },
+}
+
+/// A step being watched.
+#[derive(Debug)]
+pub(crate) struct Watch {
+    kind: String,
+    actor: String,
+    details: serde_json::Value,
+    started: Instant,
+    awaited: Vec<Awaited>,
 }
 
 fn ttl(secs: u64, max: Duration, field: &'static str) -> Result<Option<Duration>, ServiceError> {
@@ -593,7 +622,7 @@ impl Ca {
             "entry.rotated",
             caller,
             serde_json::json!({"entry_id": entry.id.to_string(), "spiffe_id": entry.spiffe_id.to_string(), "revision": entry.revision}),
-            vec![effect::Awaited::Issued {
+            vec![Awaited::Issued {
                 entries: [entry.id.to_string()].into(),
                 rotated: Default::default(),
                 cursor,
@@ -705,8 +734,8 @@ impl Ca {
             caller,
             serde_json::json!({"spiffe_id": id.to_string(), "entries": rotated}),
             vec![
-                effect::Awaited::Renewed([(id.clone(), record.serial.clone())].into()),
-                effect::Awaited::Issued {
+                Awaited::Renewed([(id.clone(), record.serial.clone())].into()),
+                Awaited::Issued {
                     entries: ids,
                     rotated: Default::default(),
                     cursor,

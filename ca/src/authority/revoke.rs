@@ -21,17 +21,7 @@ use crate::svid::{CaKey, Issuer};
 /// How long a CRL is valid (its nextUpdate after thisUpdate).
 pub const CRL_VALIDITY_S: i64 = 24 * 3600;
 
-/// The CRLs this server serves, and the serials they list.
-#[derive(Debug, Default)]
-pub struct CrlSet {
-    /// One per issuer.
-    pub records: Vec<CrlRecord>,
-    /// Every serial listed (lowercase hex).
-    pub serials: BTreeSet<String>,
-    /// [`meshid_api::tls::revocation::set_digest`] of the records' DER: how agents name the set
-    /// they delivered.
-    pub digest: String,
-}
+pub use super::CrlSet;
 
 /// How many of the CRL sets this server served are remembered, to tell from the digest an
 /// agent reports which revocations it delivered ([`Authority::crl_set_by_digest`]).

@@ -19,12 +19,12 @@
 //! effect after [`EFFECT_WATCH_LIMIT`] is recorded as such (`"effective": false`, with what was
 //! still missing), and a server restarted meanwhile stops watching (the step's record stands).
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use spiffe::SpiffeId;
 
-use super::{Ca, ServiceError};
+use super::{Awaited, Ca, ServiceError, Watch};
 use crate::audit::AuditEvent;
 
 /// How often the pending steps are checked.
@@ -32,35 +32,6 @@ pub const EFFECT_CHECK: Duration = Duration::from_millis(100);
 
 /// How long a step is watched before it is recorded as not (yet) in effect.
 pub const EFFECT_WATCH_LIMIT: Duration = Duration::from_secs(24 * 3600);
-
-/// What a step waits for.
-#[derive(Debug, Clone)]
-pub(crate) enum Awaited {
-    /// Every live agent delivered this bundle sequence (or a later one).
-    Bundle(u64),
-    /// Every live agent delivered a CRL set listing these serials (each until its certificate
-    /// expires: then it is trusted nowhere anyway), by their expiry.
-    Crls(BTreeMap<String, i64>),
-    /// These agents (when still live) hold another SVID than the serial they held then.
-    Renewed(HashMap<SpiffeId, String>),
-    /// An X.509-SVID was issued for each of these entries after its `entry.rotated` record;
-    /// the audit log is read from `cursor` on.
-    Issued {
-        entries: HashSet<String>,
-        rotated: HashSet<String>,
-        cursor: i64,
-    },
-}
-
-/// A step being watched.
-#[derive(Debug)]
-pub(crate) struct Watch {
-    kind: String,
-    actor: String,
-    details: serde_json::Value,
-    started: Instant,
-    awaited: Vec<Awaited>,
-}
 
 impl Ca {
     /// Watches for the effect of `kind` (just recorded by `actor`), to record

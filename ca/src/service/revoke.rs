@@ -2,8 +2,7 @@
 //! records it and signs the CRLs; here the new CRLs are announced to this server's agents at
 //! once (other servers follow through the change feed).
 
-use super::effect::Awaited;
-use super::{check_reason, Ca, CaEvent, ServiceError};
+use super::{check_reason, Awaited, Ca, CaEvent, ServiceError};
 use crate::authority::revoke::{RevokeOutcome, RevokeTarget};
 
 impl Ca {

@@ -4,8 +4,7 @@
 
 use std::path::PathBuf;
 
-use super::effect::Awaited;
-use super::{check_reason, Ca, CaEvent, ServiceError};
+use super::{check_reason, Awaited, Ca, CaEvent, ServiceError};
 use crate::authority::root::{Activation, RootStatus};
 use crate::store::CaKeyRecord;
 
