@@ -66,7 +66,8 @@ impl AdminService {
             .add_service(admin::tokens_server::TokensServer::new(self.clone()))
             .add_service(admin::authority_server::AuthorityServer::new(self.clone()))
             .add_service(admin::agents_server::AgentsServer::new(self.clone()))
-            .add_service(admin::audit_server::AuditServer::new(self))
+            .add_service(admin::audit_server::AuditServer::new(self.clone()))
+            .add_service(admin::policy_server::PolicyServer::new(self))
     }
 
     /// Every agent, and every delivery report.
@@ -556,6 +557,86 @@ impl admin::audit_server::Audit for AdminService {
         Ok(Response::new(admin::ListAuditResponse {
             records,
             next_after_seq: after,
+        }))
+    }
+}
+
+fn policy_change(c: crate::service::policy::PolicyChange) -> admin::PolicyChange {
+    admin::PolicyChange {
+        revision: c.revision,
+        changed: c.changed,
+        diff: c.diff,
+        dry_run: c.dry_run,
+    }
+}
+
+fn policy_revision(r: crate::store::PolicyRevision) -> admin::PolicyRevision {
+    admin::PolicyRevision {
+        revision: r.revision,
+        created_at: r.created_at,
+        author: r.author,
+        reason: r.reason,
+        action: r.action,
+        subject: r.subject,
+        documents: r
+            .documents
+            .into_iter()
+            .map(|(name, text)| admin::PolicyDocument { name, text })
+            .collect(),
+    }
+}
+
+#[tonic::async_trait]
+impl admin::policy_server::Policy for AdminService {
+    async fn apply(&self, req: Request<admin::ApplyPolicyRequest>) -> Rpc<admin::PolicyChange> {
+        let who = caller(&req);
+        let r = req.into_inner();
+        let change = self
+            .ca
+            .apply_policy(&r.name, &r.text, &r.origin, &r.reason, &who, r.dry_run)
+            .await?;
+        Ok(Response::new(policy_change(change)))
+    }
+
+    async fn delete(&self, req: Request<admin::DeletePolicyRequest>) -> Rpc<admin::PolicyChange> {
+        let who = caller(&req);
+        let r = req.into_inner();
+        let change = self
+            .ca
+            .delete_policy(&r.name, &r.reason, &who, r.dry_run)
+            .await?;
+        Ok(Response::new(policy_change(change)))
+    }
+
+    async fn rollback(
+        &self,
+        req: Request<admin::RollbackPolicyRequest>,
+    ) -> Rpc<admin::PolicyChange> {
+        let who = caller(&req);
+        let r = req.into_inner();
+        let change = self
+            .ca
+            .rollback_policy(r.revision, &r.reason, &who, r.dry_run)
+            .await?;
+        Ok(Response::new(policy_change(change)))
+    }
+
+    async fn show(&self, req: Request<admin::ShowPolicyRequest>) -> Rpc<admin::PolicyRevision> {
+        let n = req.into_inner().revision;
+        match self.ca.policy_revision((n > 0).then_some(n)).await? {
+            Some(r) => Ok(Response::new(policy_revision(r))),
+            None if n == 0 => Err(Status::not_found("no policy has been applied yet")),
+            None => Err(Status::not_found(format!("policy revision {n} not found"))),
+        }
+    }
+
+    async fn history(
+        &self,
+        _req: Request<admin::PolicyHistoryRequest>,
+    ) -> Rpc<admin::PolicyHistory> {
+        let revisions = self.ca.policy_history().await?;
+        Ok(Response::new(admin::PolicyHistory {
+            revisions: revisions.into_iter().map(policy_revision).collect(),
         }))
     }
 }

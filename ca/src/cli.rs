@@ -9,6 +9,7 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 use meshid_api::{admin, files};
 use meshid_ca::config::{Config, ConfigError, RawConfig};
 
+mod policy;
 mod root;
 mod svid;
 
@@ -58,6 +59,15 @@ enum Command {
         output: Output,
         #[command(subcommand)]
         command: svid::SvidCommand,
+    },
+    /// The central policy: named documents, versioned; apply, show, history, rollback.
+    Policy {
+        #[command(flatten)]
+        conn: Conn,
+        #[arg(long, value_enum, default_value = "text", global = true)]
+        output: Output,
+        #[command(subcommand)]
+        command: policy::PolicyCommand,
     },
     /// The audit log.
     #[command(subcommand)]
@@ -970,6 +980,11 @@ async fn client(cmd: Command) -> anyhow::Result<ExitCode> {
             output,
             command,
         } => return svid::run(command, channel(&conn).await?, output == Output::Json).await,
+        Command::Policy {
+            conn,
+            output,
+            command,
+        } => return policy::run(command, channel(&conn).await?, output == Output::Json).await,
         Command::Audit(AuditCommand::List {
             kind,
             after,

@@ -125,6 +125,7 @@ fn check_reason(reason: &str) -> Result<(), ServiceError> {
 }
 
 pub mod effect;
+pub mod policy;
 mod revoke;
 mod root;
 

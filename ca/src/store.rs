@@ -154,6 +154,26 @@ pub struct RevocationRecord {
     pub actor: String,
 }
 
+/// One revision of the mesh's central policy (`meshid-ca policy apply`): the whole set of named
+/// policy documents as it stood after the change, and who made the change and why.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PolicyRevision {
+    /// 1, 2, 3, ... across the trust domain.
+    pub revision: u64,
+    /// Unix seconds.
+    pub created_at: i64,
+    /// Who (the admin caller).
+    pub author: String,
+    /// Why (`--reason`).
+    pub reason: String,
+    /// `apply`, `delete` or `rollback`.
+    pub action: String,
+    /// The document applied or deleted; for a rollback, the revision rolled back to.
+    pub subject: String,
+    /// Every policy document in force at this revision: name → YAML text. Empty in listings.
+    pub documents: std::collections::BTreeMap<String, String>,
+}
+
 /// A certificate revocation list signed by one CA key.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CrlRecord {
@@ -435,6 +455,23 @@ pub trait Datastore: Send + Sync + 'static {
     async fn put_crl(&self, crl: &CrlRecord, audit: &AuditEvent) -> Result<(), StoreError>;
     /// Every stored CRL, by issuer.
     async fn list_crls(&self) -> Result<Vec<CrlRecord>, StoreError>;
+
+    /// Records a new policy revision with its audit record, in one transaction. Refused with
+    /// [`StoreError::AlreadyExists`] when `revision.revision` is not the head's plus one (another
+    /// change came first: reload and retry).
+    async fn append_policy_revision(
+        &self,
+        revision: &PolicyRevision,
+        audit: &AuditEvent,
+    ) -> Result<(), StoreError>;
+    /// A policy revision with its documents; the newest when `revision` is `None`. `None` when
+    /// there is no such revision (or none at all).
+    async fn get_policy_revision(
+        &self,
+        revision: Option<u64>,
+    ) -> Result<Option<PolicyRevision>, StoreError>;
+    /// Every policy revision, oldest first, without the documents.
+    async fn list_policy_revisions(&self) -> Result<Vec<PolicyRevision>, StoreError>;
 
     /// Whether a write can commit now: a write transaction that rewrites the audit head with
     /// its own values (nothing changes, but the database must take and store the write).

@@ -27,14 +27,14 @@ use tokio::sync::{Mutex, MutexGuard};
 
 use super::{
     AgentRecord, CaKeyKind, CaKeyRecord, CaKeyState, CrlRecord, Datastore, DeliveryRecord,
-    JoinTokenRecord, RevocationRecord, StoreError,
+    JoinTokenRecord, PolicyRevision, RevocationRecord, StoreError,
 };
 use crate::audit::{AuditEvent, AuditRecord};
 use crate::config::redact_url;
 use crate::entry::{EntryId, EntrySpec, RegistrationEntry};
 
 /// The newest schema version this binary knows (the last entry of the migration list).
-pub const SCHEMA_VERSION: i64 = 6;
+pub const SCHEMA_VERSION: i64 = 7;
 
 /// The file [`SqlStore::open_sqlite_in`] uses inside the data directory.
 pub const SQLITE_FILE_NAME: &str = "meshid-ca.db";
@@ -298,6 +298,33 @@ CREATE TABLE crls (
         version: 6,
         sqlite: "ALTER TABLE agent_deliveries ADD COLUMN crl_digest TEXT NOT NULL DEFAULT ''",
         postgres: "ALTER TABLE agent_deliveries ADD COLUMN crl_digest TEXT NOT NULL DEFAULT ''",
+    },
+    // Version 7: the central policy (`meshid-ca policy`), one row per revision holding the
+    // whole set of named documents (JSON object name -> YAML text).
+    Migration {
+        version: 7,
+        sqlite: r#"
+CREATE TABLE policy_revisions (
+    revision INTEGER PRIMARY KEY,
+    created_at INTEGER NOT NULL,
+    author TEXT NOT NULL,
+    reason TEXT NOT NULL,
+    action TEXT NOT NULL,
+    subject TEXT NOT NULL,
+    documents TEXT NOT NULL
+)
+"#,
+        postgres: r#"
+CREATE TABLE policy_revisions (
+    revision BIGINT PRIMARY KEY,
+    created_at BIGINT NOT NULL,
+    author TEXT NOT NULL,
+    reason TEXT NOT NULL,
+    action TEXT NOT NULL,
+    subject TEXT NOT NULL,
+    documents TEXT NOT NULL
+)
+"#,
     },
 ];
 
@@ -1383,6 +1410,95 @@ impl Datastore for SqlStore {
             .collect()
     }
 
+    async fn append_policy_revision(
+        &self,
+        r: &PolicyRevision,
+        audit: &AuditEvent,
+    ) -> Result<(), StoreError> {
+        let revision = i64::try_from(r.revision)
+            .map_err(|_| StoreError::Corrupt(format!("policy revision {}", r.revision)))?;
+        let documents = serde_json::to_string(&r.documents)
+            .map_err(|e| StoreError::Corrupt(format!("policy documents: {e}")))?;
+        let mut w = self.begin_write().await?;
+        let head: i64 =
+            sqlx::query("SELECT COALESCE(MAX(revision), 0) AS head FROM policy_revisions")
+                .fetch_one(&mut *w.tx)
+                .await?
+                .try_get("head")?;
+        if head + 1 != revision {
+            return Err(StoreError::AlreadyExists(format!(
+                "policy revision {revision} (the policy changed meanwhile: revision {head} is the \
+                 newest; reload and retry)"
+            )));
+        }
+        sqlx::query(
+            "INSERT INTO policy_revisions (revision, created_at, author, reason, action, \
+             subject, documents) VALUES ($1, $2, $3, $4, $5, $6, $7)",
+        )
+        .bind(revision)
+        .bind(r.created_at)
+        .bind(r.author.as_str())
+        .bind(r.reason.as_str())
+        .bind(r.action.as_str())
+        .bind(r.subject.as_str())
+        .bind(documents)
+        .execute(&mut *w.tx)
+        .await?;
+        append_in_tx(&mut w.tx, audit).await?;
+        w.commit().await
+    }
+
+    async fn get_policy_revision(
+        &self,
+        revision: Option<u64>,
+    ) -> Result<Option<PolicyRevision>, StoreError> {
+        const COLUMNS: &str = "revision, created_at, author, reason, action, subject, documents";
+        let row = match revision {
+            None => {
+                sqlx::query(&format!(
+                    "SELECT {COLUMNS} FROM policy_revisions ORDER BY revision DESC LIMIT 1"
+                ))
+                .fetch_optional(&self.pool)
+                .await?
+            }
+            Some(n) => {
+                let Ok(n) = i64::try_from(n) else {
+                    return Ok(None);
+                };
+                sqlx::query(&format!(
+                    "SELECT {COLUMNS} FROM policy_revisions WHERE revision = $1"
+                ))
+                .bind(n)
+                .fetch_optional(&self.pool)
+                .await?
+            }
+        };
+        row.as_ref()
+            .map(|row| {
+                let mut rev = decode_policy_revision(row)?;
+                let text: String = row.try_get("documents")?;
+                rev.documents = serde_json::from_str(&text).map_err(|e| {
+                    corrupt(
+                        "policy_revisions",
+                        &rev.revision.to_string(),
+                        format!("documents: {e}"),
+                    )
+                })?;
+                Ok(rev)
+            })
+            .transpose()
+    }
+
+    async fn list_policy_revisions(&self) -> Result<Vec<PolicyRevision>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT revision, created_at, author, reason, action, subject FROM policy_revisions \
+             ORDER BY revision",
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(decode_policy_revision).collect()
+    }
+
     async fn list_deliveries(&self) -> Result<Vec<DeliveryRecord>, StoreError> {
         let rows = sqlx::query(
             "SELECT spiffe_id, server_id, bundle_sequence, x509_streams, reported_at, \
@@ -1553,6 +1669,20 @@ fn bool01(v: i64, table: &str, id: &str, column: &str) -> Result<bool, StoreErro
             format_args!("{column} is {other}, not 0 or 1"),
         )),
     }
+}
+
+/// A policy revision row without its documents.
+fn decode_policy_revision(row: &AnyRow) -> Result<PolicyRevision, StoreError> {
+    let revision: i64 = row.try_get("revision")?;
+    Ok(PolicyRevision {
+        revision: u64::try_from(revision).unwrap_or(0),
+        created_at: row.try_get("created_at")?,
+        author: row.try_get("author")?,
+        reason: row.try_get("reason")?,
+        action: row.try_get("action")?,
+        subject: row.try_get("subject")?,
+        documents: Default::default(),
+    })
 }
 
 /// Decodes a registration entry, re-validating every field with the same parsers an operator's

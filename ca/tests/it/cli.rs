@@ -667,3 +667,89 @@ fn healthcheck_finds_the_ops_address_in_the_config() {
         "{out:?}"
     );
 }
+
+/// `meshid-ca policy`, as a policy author uses it: dry run, apply, the same apply again, an
+/// invalid file refused with its position (exit 1, nothing changed), show, history, rollback.
+#[test]
+fn policy_apply_show_history_rollback() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let ca = Server::start(dir, &[]);
+    let file = dir.join("team-a.yaml");
+    let v1 = "name: team-a\ndefault: deny\nrules:\n  - name: web-to-api\n    from: [\"spiffe://example.org/web\"]\n    to: [\"spiffe://example.org/api\"]\n";
+    std::fs::write(&file, v1).unwrap();
+    let path = file.to_str().unwrap();
+    assert!(ca
+        .ok(&["policy", "history"])
+        .contains("No policy has been applied yet"));
+    assert!(ca
+        .fails(&["policy", "show"])
+        .contains("no policy has been applied yet"));
+
+    let dry = ca.ok(&["policy", "apply", path, "--dry-run"]);
+    assert!(
+        dry.contains("+++ team-a") && dry.contains("Dry run: nothing changed"),
+        "{dry}"
+    );
+    let out = ca.ok(&["policy", "apply", path, "--reason", "first"]);
+    assert!(out.contains("Policy revision 1 is in force."), "{out}");
+    let out = ca.ok(&["policy", "apply", path]);
+    assert!(
+        out.contains("No change: revision 1 stays in force."),
+        "{out}"
+    );
+
+    // A mistake on line 6: refused with file:line:column, and revision 1 stays.
+    std::fs::write(
+        &file,
+        v1.replace(
+            "to: [\"spiffe://example.org/api\"]",
+            "to: [\"example.org/api\"]",
+        ),
+    )
+    .unwrap();
+    let err = ca.fails(&["policy", "apply", path]);
+    assert!(err.contains(&format!("{path}:6:")), "{err}");
+    let v2 = v1.replace("web-to-api\n", "web-to-api\n    ports: [8080]\n");
+    std::fs::write(&file, &v2).unwrap();
+    let out = ca.ok(&["policy", "apply", path, "--output", "json"]);
+    let change = json(&out);
+    assert_eq!(
+        (change["revision"].as_u64(), change["changed"].as_bool()),
+        (Some(2), Some(true))
+    );
+    assert!(change["diff"]
+        .as_str()
+        .unwrap()
+        .contains("+    ports: [8080]"));
+
+    assert_eq!(ca.ok(&["policy", "show", "--name", "team-a"]), v2);
+    assert_eq!(
+        ca.ok(&["policy", "show", "--revision", "1", "--name", "team-a"]),
+        v1
+    );
+    let shown = ca.ok(&["policy", "show"]);
+    assert!(
+        shown.starts_with("Policy revision 2 (apply team-a by admin:uid="),
+        "{shown}"
+    );
+    let out = ca.ok(&["policy", "rollback", "1", "--reason", "port was wrong"]);
+    assert!(
+        out.contains("-    ports: [8080]") && out.contains("Policy revision 3"),
+        "{out}"
+    );
+    let history = json(&ca.ok(&["policy", "history", "--output", "json"]));
+    let actions: Vec<&str> = history
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["action"].as_str().unwrap())
+        .collect();
+    assert_eq!(actions, ["apply", "apply", "rollback"]);
+    assert_eq!(history[2]["reason"], "port was wrong");
+    assert!(ca
+        .fails(&["policy", "show", "--revision", "9"])
+        .contains("policy revision 9 not found"));
+    let audit = ca.ok(&["audit", "list", "--kind", "policy.", "--output", "json"]);
+    assert_eq!(audit.lines().count(), 3, "{audit}");
+}

@@ -10,6 +10,7 @@ mod pg;
 mod authority;
 mod cli;
 mod node;
+mod policy;
 mod revoke;
 mod root;
 mod store;

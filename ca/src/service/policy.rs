@@ -1,0 +1,276 @@
+//! The central policy (`meshid-ca policy`): named policy documents (for example one per team or
+//! namespace) in the CA's datastore, versioned together.
+//!
+//! Every change makes a numbered revision holding the whole set as it stood after the change,
+//! with who made it, why, and (in its audit record) the diff. A document is validated with
+//! meshid-policy before anything changes: an invalid one is refused with its file:line:column,
+//! and the documents of a set must agree on `default` and `mode`, since they combine as one
+//! policy (any matching deny wins, otherwise any matching allow, otherwise the shared default).
+//! Applying a document identical to the one in force changes nothing and says so; `dry_run`
+//! shows the diff without changing anything. A rollback makes a new revision equal to an old
+//! one: history is never rewritten.
+
+use std::collections::BTreeMap;
+
+use super::{check_reason, invalid, Ca, ServiceError};
+use crate::audit::AuditEvent;
+use crate::store::{PolicyRevision, StoreError};
+
+/// The longest document name.
+pub const MAX_POLICY_NAME: usize = 63;
+
+/// At most this many named documents in force at once.
+pub const MAX_POLICY_DOCUMENTS: usize = 256;
+
+/// What a change did (or, with `dry_run`, would do).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PolicyChange {
+    /// The revision made; when nothing changed (or a dry run), the one in force (0: none).
+    pub revision: u64,
+    /// Whether the documents differ from the revision in force.
+    pub changed: bool,
+    /// A unified diff of the documents that changed, against the revision in force.
+    pub diff: String,
+    /// Whether this was a dry run (nothing was written).
+    pub dry_run: bool,
+}
+
+/// Checks a document name: lowercase letters, digits, `.`, `_` and `-`, starting with a letter
+/// or digit, at most [`MAX_POLICY_NAME`] bytes.
+pub fn check_policy_name(name: &str) -> Result<(), ServiceError> {
+    let ok = !name.is_empty()
+        && name.len() <= MAX_POLICY_NAME
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"._-".contains(&b))
+        && name.as_bytes()[0].is_ascii_alphanumeric();
+    if ok {
+        Ok(())
+    } else {
+        Err(invalid(
+            "name",
+            format!(
+                "{name:?}: use lowercase letters, digits, '.', '_' and '-', starting with a \
+                 letter or digit, at most {MAX_POLICY_NAME} characters"
+            ),
+        ))
+    }
+}
+
+/// A unified diff, per document, from `old` to `new` (documents only in one are added or
+/// removed whole).
+pub fn policy_diff(old: &BTreeMap<String, String>, new: &BTreeMap<String, String>) -> String {
+    let mut out = String::new();
+    let names: std::collections::BTreeSet<&String> = old.keys().chain(new.keys()).collect();
+    for name in names {
+        let (a, b) = (
+            old.get(name).map_or("", String::as_str),
+            new.get(name).map_or("", String::as_str),
+        );
+        if old.get(name) == new.get(name) {
+            continue;
+        }
+        let label = |present: bool| {
+            if present {
+                name.to_string()
+            } else {
+                "/dev/null".to_owned()
+            }
+        };
+        let diff = similar::TextDiff::from_lines(a, b);
+        out.push_str(
+            &diff
+                .unified_diff()
+                .context_radius(3)
+                .header(
+                    &label(old.contains_key(name)),
+                    &label(new.contains_key(name)),
+                )
+                .to_string(),
+        );
+        if !out.ends_with('\n') {
+            out.push('\n');
+        }
+    }
+    out
+}
+
+/// Validates every document of a set, and that they can combine: the same `default` and `mode`.
+fn validate_set(documents: &BTreeMap<String, String>) -> Result<(), ServiceError> {
+    if documents.len() > MAX_POLICY_DOCUMENTS {
+        return Err(invalid(
+            "name",
+            format!("at most {MAX_POLICY_DOCUMENTS} policy documents may be in force"),
+        ));
+    }
+    let mut first: Option<(&str, meshid_policy::Policy)> = None;
+    for (name, text) in documents {
+        let policy = meshid_policy::Policy::parse(text, name)
+            .map_err(|e| invalid("policy", e.to_string()))?;
+        if let Some((other, p)) = &first {
+            if p.default_action() != policy.default_action() || p.mode() != policy.mode() {
+                return Err(invalid(
+                    "policy",
+                    format!(
+                        "{name}: default {} and mode {} differ from {other}'s (default {}, mode \
+                         {}); the documents combine as one policy and must agree on both",
+                        policy.default_action().as_str(),
+                        policy.mode().as_str(),
+                        p.default_action().as_str(),
+                        p.mode().as_str()
+                    ),
+                ));
+            }
+        } else {
+            first = Some((name, policy));
+        }
+    }
+    Ok(())
+}
+
+impl Ca {
+    /// `meshid-ca policy apply`: document `name` becomes `text` (validated first, with
+    /// `origin` naming the file in error positions).
+    pub async fn apply_policy(
+        &self,
+        name: &str,
+        text: &str,
+        origin: &str,
+        reason: &str,
+        author: &str,
+        dry_run: bool,
+    ) -> Result<PolicyChange, ServiceError> {
+        check_policy_name(name)?;
+        check_reason(reason)?;
+        let origin = if origin.is_empty() { name } else { origin };
+        // The document alone first, so that its errors name the operator's file.
+        meshid_policy::Policy::parse(text, origin).map_err(|e| invalid("policy", e.to_string()))?;
+        self.change_policy("apply", name, reason, author, dry_run, |docs| {
+            docs.insert(name.to_owned(), text.to_owned());
+            Ok(())
+        })
+        .await
+    }
+
+    /// `meshid-ca policy delete`: document `name` leaves the policy.
+    pub async fn delete_policy(
+        &self,
+        name: &str,
+        reason: &str,
+        author: &str,
+        dry_run: bool,
+    ) -> Result<PolicyChange, ServiceError> {
+        check_policy_name(name)?;
+        check_reason(reason)?;
+        self.change_policy("delete", name, reason, author, dry_run, |docs| {
+            docs.remove(name)
+                .map(|_| ())
+                .ok_or_else(|| StoreError::NotFound(format!("policy document {name}")).into())
+        })
+        .await
+    }
+
+    /// `meshid-ca policy rollback`: a new revision with the documents of revision `to`.
+    pub async fn rollback_policy(
+        &self,
+        to: u64,
+        reason: &str,
+        author: &str,
+        dry_run: bool,
+    ) -> Result<PolicyChange, ServiceError> {
+        check_reason(reason)?;
+        let target = self
+            .store
+            .get_policy_revision(Some(to))
+            .await?
+            .ok_or_else(|| StoreError::NotFound(format!("policy revision {to}")))?;
+        self.change_policy(
+            "rollback",
+            &to.to_string(),
+            reason,
+            author,
+            dry_run,
+            |docs| {
+                *docs = target.documents.clone();
+                Ok(())
+            },
+        )
+        .await
+    }
+
+    /// A revision with its documents (the newest for `None`).
+    pub async fn policy_revision(
+        &self,
+        revision: Option<u64>,
+    ) -> Result<Option<PolicyRevision>, ServiceError> {
+        Ok(self.store.get_policy_revision(revision).await?)
+    }
+
+    /// Every revision, oldest first (without documents).
+    pub async fn policy_history(&self) -> Result<Vec<PolicyRevision>, ServiceError> {
+        Ok(self.store.list_policy_revisions().await?)
+    }
+
+    /// Applies `change` to the documents in force, validates the result, and records it as a
+    /// new revision with its audit record (unless nothing changed, or `dry_run`).
+    async fn change_policy(
+        &self,
+        action: &str,
+        subject: &str,
+        reason: &str,
+        author: &str,
+        dry_run: bool,
+        change: impl FnOnce(&mut BTreeMap<String, String>) -> Result<(), ServiceError>,
+    ) -> Result<PolicyChange, ServiceError> {
+        let head = self.store.get_policy_revision(None).await?;
+        let (current, old) = head.map_or((0, BTreeMap::new()), |h| (h.revision, h.documents));
+        let mut docs = old.clone();
+        change(&mut docs)?;
+        validate_set(&docs)?;
+        let diff = policy_diff(&old, &docs);
+        let changed = docs != old;
+        if !changed || dry_run {
+            return Ok(PolicyChange {
+                revision: current,
+                changed,
+                diff,
+                dry_run,
+            });
+        }
+        let revision = PolicyRevision {
+            revision: current + 1,
+            created_at: crate::unix_now(),
+            author: author.to_owned(),
+            reason: reason.to_owned(),
+            action: action.to_owned(),
+            subject: subject.to_owned(),
+            documents: docs,
+        };
+        let event = AuditEvent::new(
+            format!("policy.{action}"),
+            author,
+            serde_json::json!({
+                "revision": revision.revision,
+                "subject": subject,
+                "reason": reason,
+                "documents": revision.documents.keys().collect::<Vec<_>>(),
+                "diff": diff,
+                "ca_server": self.authority.server_id(),
+            }),
+        );
+        self.store.append_policy_revision(&revision, &event).await?;
+        tracing::info!(
+            revision = revision.revision,
+            action,
+            subject,
+            author,
+            "policy changed"
+        );
+        Ok(PolicyChange {
+            revision: revision.revision,
+            changed,
+            diff,
+            dry_run,
+        })
+    }
+}
