@@ -4,8 +4,9 @@
 //! Every change makes a numbered revision holding the whole set as it stood after the change,
 //! with who made it, why, and (in its audit record) the diff. A document is validated with
 //! meshid-policy before anything changes: an invalid one is refused with its file:line:column,
-//! and the documents of a set must agree on `default` and `mode`, since they combine as one
-//! policy (any matching deny wins, otherwise any matching allow, otherwise the shared default).
+//! and the documents of a set must merge into one policy ([`meshid_policy::Policy::merge`]:
+//! the same `default` and `mode`, ports declared alike, unique rule names; any matching deny
+//! wins, otherwise any matching allow, otherwise the shared default).
 //! Applying a document identical to the one in force changes nothing and says so; `dry_run`
 //! shows the diff without changing anything. A rollback makes a new revision equal to an old
 //! one: history is never rewritten.
@@ -95,37 +96,38 @@ pub fn policy_diff(old: &BTreeMap<String, String>, new: &BTreeMap<String, String
     out
 }
 
-/// Validates every document of a set, and that they can combine: the same `default` and `mode`.
-fn validate_set(documents: &BTreeMap<String, String>) -> Result<(), ServiceError> {
+/// Validates every document of a set and merges them ([`meshid_policy::Policy::merge`]: they
+/// must agree on `default` and `mode`, ports and rule names). Errors name the document (its
+/// `origin` for the one being applied) with line and column.
+pub fn merge_set(
+    documents: &BTreeMap<String, String>,
+    applied: Option<(&str, &str)>,
+) -> Result<meshid_policy::Policy, ServiceError> {
     if documents.len() > MAX_POLICY_DOCUMENTS {
         return Err(invalid(
             "name",
             format!("at most {MAX_POLICY_DOCUMENTS} policy documents may be in force"),
         ));
     }
-    let mut first: Option<(&str, meshid_policy::Policy)> = None;
-    for (name, text) in documents {
-        let policy = meshid_policy::Policy::parse(text, name)
-            .map_err(|e| invalid("policy", e.to_string()))?;
-        if let Some((other, p)) = &first {
-            if p.default_action() != policy.default_action() || p.mode() != policy.mode() {
-                return Err(invalid(
-                    "policy",
-                    format!(
-                        "{name}: default {} and mode {} differ from {other}'s (default {}, mode \
-                         {}); the documents combine as one policy and must agree on both",
-                        policy.default_action().as_str(),
-                        policy.mode().as_str(),
-                        p.default_action().as_str(),
-                        p.mode().as_str()
-                    ),
-                ));
-            }
-        } else {
-            first = Some((name, policy));
-        }
-    }
-    Ok(())
+    let parts = documents
+        .iter()
+        .map(|(name, text)| {
+            let origin = match applied {
+                Some((n, origin)) if n == name => origin,
+                _ => name.as_str(),
+            };
+            meshid_policy::Policy::parse(text, origin).map_err(|e| invalid("policy", e.to_string()))
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    meshid_policy::Policy::merge("mesh", &parts).map_err(|e| invalid("policy", e.to_string()))
+}
+
+/// What a change is, for its revision and audit record.
+struct Step<'a> {
+    action: &'a str,
+    subject: &'a str,
+    reason: &'a str,
+    author: &'a str,
 }
 
 impl Ca {
@@ -145,7 +147,14 @@ impl Ca {
         let origin = if origin.is_empty() { name } else { origin };
         // The document alone first, so that its errors name the operator's file.
         meshid_policy::Policy::parse(text, origin).map_err(|e| invalid("policy", e.to_string()))?;
-        self.change_policy("apply", name, reason, author, dry_run, |docs| {
+        let applied = Some((name, origin));
+        let step = Step {
+            action: "apply",
+            subject: name,
+            reason,
+            author,
+        };
+        self.change_policy(step, dry_run, applied, |docs| {
             docs.insert(name.to_owned(), text.to_owned());
             Ok(())
         })
@@ -162,7 +171,13 @@ impl Ca {
     ) -> Result<PolicyChange, ServiceError> {
         check_policy_name(name)?;
         check_reason(reason)?;
-        self.change_policy("delete", name, reason, author, dry_run, |docs| {
+        let step = Step {
+            action: "delete",
+            subject: name,
+            reason,
+            author,
+        };
+        self.change_policy(step, dry_run, None, |docs| {
             docs.remove(name)
                 .map(|_| ())
                 .ok_or_else(|| StoreError::NotFound(format!("policy document {name}")).into())
@@ -184,17 +199,17 @@ impl Ca {
             .get_policy_revision(Some(to))
             .await?
             .ok_or_else(|| StoreError::NotFound(format!("policy revision {to}")))?;
-        self.change_policy(
-            "rollback",
-            &to.to_string(),
+        let subject = to.to_string();
+        let step = Step {
+            action: "rollback",
+            subject: &subject,
             reason,
             author,
-            dry_run,
-            |docs| {
-                *docs = target.documents.clone();
-                Ok(())
-            },
-        )
+        };
+        self.change_policy(step, dry_run, None, |docs| {
+            *docs = target.documents.clone();
+            Ok(())
+        })
         .await
     }
 
@@ -215,18 +230,22 @@ impl Ca {
     /// new revision with its audit record (unless nothing changed, or `dry_run`).
     async fn change_policy(
         &self,
-        action: &str,
-        subject: &str,
-        reason: &str,
-        author: &str,
+        step: Step<'_>,
         dry_run: bool,
+        applied: Option<(&str, &str)>,
         change: impl FnOnce(&mut BTreeMap<String, String>) -> Result<(), ServiceError>,
     ) -> Result<PolicyChange, ServiceError> {
         let head = self.store.get_policy_revision(None).await?;
         let (current, old) = head.map_or((0, BTreeMap::new()), |h| (h.revision, h.documents));
         let mut docs = old.clone();
         change(&mut docs)?;
-        validate_set(&docs)?;
+        merge_set(&docs, applied)?;
+        let Step {
+            action,
+            subject,
+            reason,
+            author,
+        } = step;
         let diff = policy_diff(&old, &docs);
         let changed = docs != old;
         if !changed || dry_run {

@@ -151,6 +151,16 @@ async fn case(postgres: bool) {
         .unwrap_err();
     let msg = invalid_message(e);
     assert!(msg.contains("team-a") && msg.contains("default"), "{msg}");
+    let same_rule = TEAM_B.replace("batch-to-db", "web-to-api");
+    let e = ca
+        .apply_policy("team-b", &same_rule, "teams/b.yaml", "", BOB, false)
+        .await
+        .unwrap_err();
+    let msg = invalid_message(e);
+    assert!(
+        msg.starts_with("teams/b.yaml:4:5: rule `web-to-api` is also in team-a"),
+        "{msg}"
+    );
 
     // Two documents, then a change to one: revisions of the whole set.
     let c = ca

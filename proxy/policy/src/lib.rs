@@ -48,6 +48,7 @@
 mod access;
 pub mod cases;
 mod check;
+mod combine;
 mod error;
 mod explain;
 mod parse;

@@ -163,13 +163,20 @@ fn list<T: std::fmt::Display>(items: &[T]) -> String {
 
 impl PolicySpec {
     fn render(&self) -> String {
+        self.render_rules(0..self.rules.len())
+    }
+
+    /// The document holding only the rules in `range`, each named after its index in the
+    /// whole spec.
+    fn render_rules(&self, range: std::ops::Range<usize>) -> String {
+        let rules = &self.rules[range.clone()];
         let mut s = format!(
             "default: {}\nmode: {}\nrules:{}\n",
             if self.default_allow { "allow" } else { "deny" },
             if self.audit_file { "audit" } else { "enforce" },
-            if self.rules.is_empty() { " []" } else { "" }
+            if rules.is_empty() { " []" } else { "" }
         );
-        for (i, r) in self.rules.iter().enumerate() {
+        for (i, r) in range.zip(rules) {
             s.push_str(&format!(
                 "  - name: r{i}\n    action: {}\n",
                 if r.deny { "deny" } else { "allow" }
@@ -391,6 +398,42 @@ proptest! {
             prop_assert_eq!(&explanation.decision, &decision, "{}", text);
             let expected = spec.reference(from, to, *port, *http);
             prop_assert_eq!((decision.outcome, decision.rule.as_ref().map(|r| r.index)), expected, "{}\n{:?}", text, req);
+        }
+    }
+
+    #[test]
+    fn documents_merged_decide_as_one_document(
+        spec in policy_spec(),
+        cuts in prop::collection::vec(any::<prop::sample::Index>(), 0..3),
+        reqs in prop::collection::vec((id(), id(), port(), request_http()), 1..12),
+    ) {
+        // The spec's rules split into consecutive documents (some maybe empty), merged: the
+        // same decisions, by the same rules, as the whole spec in one document.
+        let n = spec.rules.len();
+        let mut at: Vec<usize> = cuts.iter().map(|c| c.index(n + 1)).collect();
+        at.sort_unstable();
+        let mut bounds = vec![0];
+        bounds.extend(at);
+        bounds.push(n);
+        let parts: Vec<Policy> = bounds
+            .windows(2)
+            .enumerate()
+            .map(|(i, w)| {
+                let text = spec.render_rules(w[0]..w[1]);
+                Policy::parse(&text, &format!("part{i}.yaml")).unwrap_or_else(|e| panic!("{e}\n{text}"))
+            })
+            .collect();
+        let merged = Policy::merge("mesh", &parts).unwrap();
+        prop_assert_eq!(merged.rule_count(), n);
+        for (from, to, port, http) in &reqs {
+            let (f, t) = (from.spiffe(), to.spiffe());
+            let req = Request { from: &f, to: &t, port: *port, http: http.map(|(method, path)| HttpRequest { method, path, upgrade: None }) };
+            let decision = merged.decide(&req);
+            let expected = spec.reference(from, to, *port, *http);
+            prop_assert_eq!((decision.outcome, decision.rule.as_ref().map(|r| r.index)), expected, "{:?}", req);
+            if let Some(r) = &decision.rule {
+                prop_assert_eq!(&*r.name, format!("r{}", r.index));
+            }
         }
     }
 

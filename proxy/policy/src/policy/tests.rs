@@ -915,3 +915,48 @@ rules:
         .collect();
     assert_eq!(shadowed, vec!["sockets-again".to_owned()]);
 }
+
+#[test]
+fn merged_documents_must_agree_and_not_repeat_rule_names() {
+    let a = Policy::parse(
+        "default: deny\nrules:\n  - name: web\n    from: [\"spiffe://example.org/web\"]\n    to: [\"spiffe://example.org/api\"]\n",
+        "a.yaml",
+    )
+    .unwrap();
+    let allow = Policy::parse("default: allow\nrules: []\n", "b.yaml").unwrap();
+    let e = Policy::merge("mesh", &[a.clone(), allow])
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.starts_with("b.yaml:1:10: default allow") && e.contains("a.yaml"),
+        "{e}"
+    );
+    let audit = Policy::parse("mode: audit\nrules: []\n", "c.yaml").unwrap();
+    assert!(Policy::merge("mesh", &[a.clone(), audit]).is_err());
+    let again = Policy::parse(
+        "rules:\n  - name: batch\n    from: [\"spiffe://example.org/b\"]\n    to: [\"spiffe://example.org/db\"]\n  - name: web\n    from: [\"spiffe://example.org/x\"]\n    to: [\"spiffe://example.org/y\"]\n",
+        "d.yaml",
+    )
+    .unwrap();
+    let e = Policy::merge("mesh", &[a.clone(), again])
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.starts_with("d.yaml:5:5: rule `web` is also in a.yaml (line 3)"),
+        "{e}"
+    );
+    let http = Policy::parse("ports: {8080: http}\nrules: []\n", "e.yaml").unwrap();
+    let tcp = Policy::parse("ports: {8080: tcp}\nrules: []\n", "f.yaml").unwrap();
+    let e = Policy::merge("mesh", &[http, tcp]).unwrap_err().to_string();
+    assert!(
+        e.starts_with("f.yaml:1:9: port 8080 is tcp here but http"),
+        "{e}"
+    );
+    let empty = Policy::merge("mesh", &[]).unwrap();
+    assert_eq!(
+        (empty.rule_count(), empty.default_action()),
+        (0, Action::Deny)
+    );
+    let one = Policy::merge("mesh", &[a]).unwrap();
+    assert_eq!((one.name(), one.rule_count()), ("mesh", 1));
+}
