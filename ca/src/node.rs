@@ -536,7 +536,7 @@ impl NodeService {
             renew_agent_svid: false,
             crl_set: true,
             crls: crl_list(&self.ca),
-            ..taint_update(&self.ca)
+            ..policy_update(&self.ca, taint_update(&self.ca))
         })
     }
 
@@ -658,6 +658,8 @@ struct Pending {
     taint: bool,
     /// The CRLs changed: send them all.
     crls: bool,
+    /// The central policy has a new revision: send it.
+    policy: bool,
 }
 
 /// Every CRL served, DER.
@@ -671,6 +673,24 @@ fn crl_list(ca: &Ca) -> Vec<Vec<u8>> {
 }
 
 /// A sync update carrying only the complete set of tainted keys.
+/// `update` with the central policy in force set on it.
+fn policy_update(ca: &Ca, update: node::SyncUpdate) -> node::SyncUpdate {
+    let head = ca.policy_in_force();
+    node::SyncUpdate {
+        policy_set: true,
+        policy_revision: head.as_ref().map_or(0, |h| h.revision),
+        policy: head
+            .iter()
+            .flat_map(|h| h.documents.iter())
+            .map(|(name, text)| node::PolicyDocument {
+                name: name.clone(),
+                text: text.clone(),
+            })
+            .collect(),
+        ..update
+    }
+}
+
 fn taint_update(ca: &Ca) -> node::SyncUpdate {
     let (x509, jwt) = ca.authority.tainted_keys();
     node::SyncUpdate {
@@ -724,6 +744,7 @@ impl Pending {
             CaEvent::RenewAgents => self.renew = true,
             CaEvent::KeyTainted => self.taint = true,
             CaEvent::CrlsChanged => self.crls = true,
+            CaEvent::PolicyChanged => self.policy = true,
             CaEvent::AgentRenewed { spiffe_id, serial } => {
                 if spiffe_id == caller.id && serial != caller.serial {
                     return Applied::Superseded;
@@ -740,9 +761,20 @@ impl Pending {
             && !self.renew
             && !self.taint
             && !self.crls
+            && !self.policy
     }
 
     fn into_update(self, ca: &Ca) -> node::SyncUpdate {
+        let rest = if self.taint {
+            taint_update(ca)
+        } else {
+            node::SyncUpdate::default()
+        };
+        let rest = if self.policy {
+            policy_update(ca, rest)
+        } else {
+            rest
+        };
         node::SyncUpdate {
             full: false,
             upserts: self.upserts.into_values().collect(),
@@ -751,11 +783,7 @@ impl Pending {
             renew_agent_svid: self.renew,
             crl_set: self.crls,
             crls: if self.crls { crl_list(ca) } else { Vec::new() },
-            ..if self.taint {
-                taint_update(ca)
-            } else {
-                node::SyncUpdate::default()
-            }
+            ..rest
         }
     }
 }

@@ -275,6 +275,10 @@ async fn replay(ca: &Ca, me: &str, record: &crate::audit::AuditRecord) -> anyhow
         "ca.crl.signed" if field("ca_server") != Some(me) => {
             ca.refresh_crls(false).await?;
         }
+        // Another server changed the central policy: push the new revision to our agents.
+        "policy.apply" | "policy.delete" | "policy.rollback" if field("ca_server") != Some(me) => {
+            ca.refresh_policy().await?;
+        }
         "agent.evicted" | "agent.banned" => {
             if let Some(spiffe_id) = parse_id(field("spiffe_id")) {
                 ca.publish(CaEvent::AgentRemoved { spiffe_id });
@@ -378,5 +382,8 @@ pub async fn build(config: &crate::config::Config) -> anyhow::Result<Ca> {
         config.join_token_ttl,
     );
     ca.agent_svid_overlap = config.agent_svid_overlap;
+    ca.refresh_policy()
+        .await
+        .context("cannot read the central policy")?;
     Ok(ca)
 }

@@ -167,6 +167,8 @@ pub enum CaEvent {
     /// The CRLs served changed (a revocation, or one expired from a list): agents get the
     /// complete set.
     CrlsChanged,
+    /// The central policy has a new revision: agents get it whole.
+    PolicyChanged,
     /// The operator asked an agent to renew its own SVID now (`agent rotate`).
     AgentRotate {
         /// The agent's SPIFFE ID.
@@ -214,6 +216,8 @@ pub struct Ca {
     delivered: Arc<std::sync::Mutex<std::collections::BTreeMap<SpiffeId, u64>>>,
     /// Lifecycle steps this server took, watched until they are in effect across the mesh.
     effects: Arc<std::sync::Mutex<Vec<Watch>>>,
+    /// The central policy in force (its newest revision), for the agents' sync streams.
+    policy: Arc<std::sync::RwLock<Option<Arc<crate::store::PolicyRevision>>>>,
 }
 
 /// What a lifecycle step waits for to be in effect ([`effect`]).
@@ -275,6 +279,7 @@ impl Ca {
             events: broadcast::channel(EVENT_CAPACITY).0,
             delivered: Arc::default(),
             effects: Arc::default(),
+            policy: Arc::default(),
             locks: Arc::default(),
         }
     }

@@ -115,6 +115,34 @@ pub struct Snapshot {
     pub crls: Arc<Vec<Vec<u8>>>,
     /// Which set of CRLs this is: the agent counts the sets it received (0: none yet).
     pub crl_generation: u64,
+    /// The central policy in force (`meshid-ca policy apply`), as the CA sent it.
+    pub policy: Arc<CentralPolicy>,
+}
+
+/// The central policy as the CA sends it: every named document of one revision.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct CentralPolicy {
+    /// The CA's revision number (0: none applied yet).
+    pub revision: u64,
+    /// Name → meshid-policy YAML.
+    pub documents: std::collections::BTreeMap<String, String>,
+}
+
+impl CentralPolicy {
+    /// The documents merged into one policy, as the proxies enforce it.
+    ///
+    /// # Errors
+    ///
+    /// The first document that does not parse, or why they do not merge (with file:line:column,
+    /// the document's name as the file).
+    pub fn merged(&self) -> Result<meshid_policy::Policy, meshid_policy::PolicyError> {
+        let parts = self
+            .documents
+            .iter()
+            .map(|(name, text)| meshid_policy::Policy::parse(text, name))
+            .collect::<Result<Vec<_>, _>>()?;
+        meshid_policy::Policy::merge("mesh", &parts)
+    }
 }
 
 impl Snapshot {
@@ -128,6 +156,7 @@ impl Snapshot {
             tainted_jwt_kids: Arc::default(),
             crls: Arc::default(),
             crl_generation: 0,
+            policy: Arc::default(),
         }
     }
 
@@ -156,4 +185,33 @@ pub enum MintError {
     /// The CA refused.
     #[error("CA refused: {0}")]
     Refused(String),
+}
+
+#[cfg(test)]
+mod tests {
+    use super::CentralPolicy;
+
+    #[test]
+    fn a_central_policy_merges_or_says_why_and_keeps_as_json() {
+        let doc = |default: &str, rule: &str| {
+            format!("default: {default}\nrules:\n  - name: {rule}\n    from: [\"spiffe://example.org/a\"]\n    to: [\"spiffe://example.org/b\"]\n")
+        };
+        let mut p = CentralPolicy {
+            revision: 3,
+            documents: [
+                ("a".to_owned(), doc("deny", "r1")),
+                ("b".to_owned(), doc("deny", "r2")),
+            ]
+            .into(),
+        };
+        assert_eq!(p.merged().unwrap().rule_count(), 2);
+        let back: CentralPolicy = serde_json::from_slice(&serde_json::to_vec(&p).unwrap()).unwrap();
+        assert_eq!(back, p);
+        p.documents.insert("c".to_owned(), doc("allow", "r3"));
+        let e = p.merged().unwrap_err().to_string();
+        assert!(e.starts_with("c:1:10: default allow"), "{e}");
+        p.documents.insert("c".to_owned(), "rules: [".to_owned());
+        assert!(p.merged().unwrap_err().to_string().starts_with("c:"));
+        assert_eq!(CentralPolicy::default().merged().unwrap().rule_count(), 0);
+    }
 }

@@ -112,6 +112,9 @@ const KEY_FILE: &str = "agent-key.pem";
 const SVID_FILE: &str = "agent-svid.pem";
 /// The last trust bundle the agent received (public data).
 pub const BUNDLE_FILE: &str = "bundle.pem";
+/// The central policy the agent last took from the CA (JSON: revision and named documents),
+/// so that it can serve it again after a restart while the CA is away. Policy, not secrets.
+pub const POLICY_FILE: &str = "policy.json";
 /// The digest ([`roots_digest`]) of the configured trust bundle (`--trust-bundle`) as the
 /// agent last used it: the install-time file at first, then each one it re-bootstrapped from.
 pub const TRUST_BUNDLE_SEEN_FILE: &str = "trust-bundle.seen";

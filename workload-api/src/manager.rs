@@ -49,6 +49,8 @@ pub struct Stats {
     pub sign_errors: Counter,
     /// 1 while a sync stream to the CA is open.
     pub connected: Gauge,
+    /// The central policy revision the agent holds (0: none).
+    pub policy_revision: Gauge,
     /// Reconnection attempts.
     pub reconnects: Counter,
 }
@@ -110,6 +112,9 @@ pub struct Manager {
     /// generation, newest last: the CA is told the one every stream has been handed, which may
     /// be older than the newest while the sets change faster than streams take them.
     crl_digests: std::collections::VecDeque<(u64, String)>,
+    /// The central policy in force, as last received from the CA (or read back from
+    /// [`client::POLICY_FILE`] at start).
+    policy: Arc<crate::cache::CentralPolicy>,
     /// Entries whose SVID held a CRL lists: re-issued now.
     revoked_held: std::collections::HashSet<String>,
     /// What the Workload API's X.509 streams have been handed, reported to the CA.
@@ -232,6 +237,7 @@ impl Manager {
             crl_generation: 0,
             crl_digests: [(0, meshid_api::tls::revocation::set_digest(&[]))].into(),
             revoked_held: Default::default(),
+            policy: Arc::default(),
             attest_timeout: config.attest_timeout,
             snapshots: tx,
             channel: Arc::new(ArcSwapOption::empty()),
@@ -485,6 +491,16 @@ impl Manager {
                 }
             }
         }
+        if update.policy_set {
+            self.take_policy(crate::cache::CentralPolicy {
+                revision: update.policy_revision,
+                documents: update
+                    .policy
+                    .into_iter()
+                    .map(|d| (d.name, d.text))
+                    .collect(),
+            });
+        }
         if update.full {
             self.entries.clear();
         }
@@ -524,8 +540,73 @@ impl Manager {
             tainted_jwt_kids: Arc::clone(&self.tainted_jwt),
             crls: Arc::clone(&self.crls),
             crl_generation: self.crl_generation,
+            policy: Arc::clone(&self.policy),
         };
         self.snapshots.send_replace(Arc::new(snap));
+    }
+
+    /// Takes the central policy the CA sent, unless it is the one held or it does not merge
+    /// (then the one held stays in force: an invalid policy never reaches a proxy), and writes
+    /// it to [`client::POLICY_FILE`] for the next start.
+    fn take_policy(&mut self, policy: crate::cache::CentralPolicy) {
+        if policy == *self.policy {
+            return;
+        }
+        if let Err(e) = policy.merged() {
+            tracing::error!(revision = policy.revision, error = %e, "the CA sent a central policy that does not merge; keeping revision {}", self.policy.revision);
+            return;
+        }
+        match serde_json::to_vec(&policy) {
+            Ok(json) => {
+                if let Err(e) =
+                    client::write_file(&self.data_dir.join(client::POLICY_FILE), &json, 0o600)
+                {
+                    tracing::warn!(error = %e, "cannot keep the central policy for the next start");
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "cannot encode the central policy"),
+        }
+        tracing::info!(
+            revision = policy.revision,
+            documents = policy.documents.len(),
+            "central policy received"
+        );
+        self.stats
+            .policy_revision
+            .set(i64::try_from(policy.revision).unwrap_or(i64::MAX));
+        self.policy = Arc::new(policy);
+    }
+
+    /// Reads back the central policy kept by [`Self::take_policy`] (a file that cannot be read
+    /// or does not merge is ignored, with a warning: the CA sends the policy again).
+    fn load_policy(&mut self) {
+        let path = self.data_dir.join(client::POLICY_FILE);
+        let text = match std::fs::read(&path) {
+            Ok(t) => t,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return,
+            Err(e) => {
+                tracing::warn!(path = %path.display(), error = %e, "cannot read the kept central policy");
+                return;
+            }
+        };
+        match serde_json::from_slice::<crate::cache::CentralPolicy>(&text) {
+            Ok(p) if p.merged().is_ok() => {
+                tracing::info!(
+                    revision = p.revision,
+                    "central policy read back from the last run"
+                );
+                self.stats
+                    .policy_revision
+                    .set(i64::try_from(p.revision).unwrap_or(i64::MAX));
+                self.policy = Arc::new(p);
+            }
+            Ok(_) => {
+                tracing::warn!(path = %path.display(), "the kept central policy does not merge; ignored")
+            }
+            Err(e) => {
+                tracing::warn!(path = %path.display(), error = %e, "the kept central policy is not readable; ignored")
+            }
+        }
     }
 
     fn renew_at(&self, not_before: i64, not_after: i64) -> i64 {
@@ -742,6 +823,8 @@ impl Manager {
             self.attested = matches!(AgentIdentity::load(&self.data_dir), Ok(Some(_)));
         }
         self.note_configured_bundle();
+        self.load_policy();
+        self.publish();
         loop {
             if *shutdown.borrow() {
                 return Ok(());

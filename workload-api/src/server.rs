@@ -137,6 +137,11 @@ impl Metrics {
             "Reconnections to the CA",
             stats.reconnects.clone(),
         );
+        registry.register(
+            "policy_revision",
+            "The central policy revision the agent holds (0: none)",
+            stats.policy_revision.clone(),
+        );
         let connections = Gauge::default();
         registry.register(
             "workload_api_connections",

@@ -12,6 +12,7 @@
 //! one: history is never rewritten.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
 use super::{check_reason, invalid, Ca, ServiceError};
 use crate::audit::AuditEvent;
@@ -221,6 +222,32 @@ impl Ca {
         Ok(self.store.get_policy_revision(revision).await?)
     }
 
+    /// The revision in force, as this server last read it (`None`: no policy applied yet).
+    pub fn policy_in_force(&self) -> Option<Arc<PolicyRevision>> {
+        self.policy
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
+
+    /// Reads the newest revision from the datastore; when it is not the one held, holds it and
+    /// tells the agents (at start, after a change here, and when another server made one).
+    pub async fn refresh_policy(&self) -> Result<bool, ServiceError> {
+        let head = self.store.get_policy_revision(None).await?;
+        {
+            let mut held = self
+                .policy
+                .write()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            if held.as_ref().map(|h| h.revision) == head.as_ref().map(|h| h.revision) {
+                return Ok(false);
+            }
+            *held = head.map(Arc::new);
+        }
+        self.publish(super::CaEvent::PolicyChanged);
+        Ok(true)
+    }
+
     /// Every revision, oldest first (without documents).
     pub async fn policy_history(&self) -> Result<Vec<PolicyRevision>, ServiceError> {
         Ok(self.store.list_policy_revisions().await?)
@@ -278,6 +305,10 @@ impl Ca {
             }),
         );
         self.store.append_policy_revision(&revision, &event).await?;
+        if let Err(e) = self.refresh_policy().await {
+            // Committed: the agents get it at their next sync or this server's next change.
+            tracing::warn!(error = %e, "cannot reload the policy just applied");
+        }
         tracing::info!(
             revision = revision.revision,
             action,

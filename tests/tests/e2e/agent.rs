@@ -783,3 +783,65 @@ fn an_untrusted_first_address_does_not_stop_the_failover() {
         agent.log_text()
     );
 }
+
+/// The central policy reaches the agent: `meshid-ca policy apply` at the CA, and the agent
+/// holds the new revision within a second (`meshid_agent_policy_revision`), keeps it in its
+/// data directory (mode 0600, policy and no secrets), and serves it again after a restart
+/// while the CA is down.
+#[test]
+fn the_central_policy_reaches_the_agent_and_outlives_a_restart_without_the_ca() {
+    use std::os::unix::fs::PermissionsExt as _;
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().to_owned();
+    let mut ca = Ca::start(&dir, &[]);
+    let (secret, _) = ca.join_token();
+    let mut agent = Agent::start(&dir, &ca, &secret);
+    let revision = |ops: &str| -> Option<f64> {
+        let text = meshid_tests::http_get(ops, "/metrics")?.1;
+        Some(meshid_tests::metric_value(
+            &text,
+            "meshid_agent_policy_revision",
+            &[],
+        ))
+    };
+    assert_eq!(revision(&agent.ops_address), Some(0.0));
+
+    let file = dir.join("team-a.yaml");
+    let text = "name: team-a\ndefault: deny\nrules:\n  - name: web-to-api\n    from: [\"spiffe://example.org/web\"]\n    to: [\"spiffe://example.org/api\"]\n";
+    std::fs::write(&file, text).unwrap();
+    let asked = Instant::now();
+    ca.ok(&["policy", "apply", file.to_str().unwrap()]);
+    meshid_tests::wait_for(Duration::from_secs(1), "revision 1 at the agent", || {
+        (revision(&agent.ops_address)? == 1.0).then_some(())
+    });
+    eprintln!("policy apply -> agent: {:?}", asked.elapsed());
+    let kept = agent.data_dir.join("policy.json");
+    let mode = std::fs::metadata(&kept).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600);
+    let json: serde_json::Value = serde_json::from_slice(&std::fs::read(&kept).unwrap()).unwrap();
+    assert_eq!(json["revision"], 1);
+    assert_eq!(json["documents"]["team-a"], text);
+
+    // The CA away, the agent restarted: it holds revision 1 again, read back from its data
+    // directory.
+    ca.proc.stop();
+    agent.proc.stop();
+    let args = meshid_tests::agent_run_args(
+        &ca,
+        &dir.join("bundle.pem"),
+        &agent.data_dir,
+        &agent.socket,
+        &agent.ops_address,
+    );
+    let _again = meshid_tests::Proc::start(
+        "meshid-agent",
+        "meshid-agent",
+        &args,
+        dir.join("agent-without-ca.log"),
+    );
+    meshid_tests::wait_for(
+        Duration::from_secs(10),
+        "revision 1 at the restarted agent",
+        || (revision(&agent.ops_address)? == 1.0).then_some(()),
+    );
+}

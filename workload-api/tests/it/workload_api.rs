@@ -312,6 +312,7 @@ impl Agent {
             tainted_jwt_kids: Arc::default(),
             crls: Arc::default(),
             crl_generation: 0,
+            policy: Arc::default(),
         });
     }
 

@@ -107,6 +107,23 @@ pub struct SyncUpdate {
     pub crl_set: bool,
     #[prost(bytes = "vec", repeated, tag = "10")]
     pub crls: ::prost::alloc::vec::Vec<::prost::alloc::vec::Vec<u8>>,
+    /// When true, policy_revision and policy are the central policy in force (`meshid-ca policy  apply`): every named document, which the agent checks by merging them before it takes
+    /// them (revision 0 and no documents: none applied yet). Sent on the first message and
+    /// whenever a new revision is in force.
+    #[prost(bool, tag = "11")]
+    pub policy_set: bool,
+    #[prost(uint64, tag = "12")]
+    pub policy_revision: u64,
+    #[prost(message, repeated, tag = "13")]
+    pub policy: ::prost::alloc::vec::Vec<PolicyDocument>,
+}
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct PolicyDocument {
+    #[prost(string, tag = "1")]
+    pub name: ::prost::alloc::string::String,
+    /// meshid-policy YAML.
+    #[prost(string, tag = "2")]
+    pub text: ::prost::alloc::string::String,
 }
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct DeliveryReport {
