@@ -331,3 +331,52 @@ async fn concurrent_applies_on_two_servers_are_serialized() {
         2
     );
 }
+
+/// A change applied through one CA server reaches the agents of another: the second server's
+/// change feed (the audit log, read every 250 ms) makes it hold the new revision and announce
+/// it to its sync streams.
+#[tokio::test]
+async fn another_servers_policy_change_reaches_this_servers_agents() {
+    let Some(db) = db(true).await else { return };
+    let (d1, d2) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let ca1 = ca_on(&db.url, d1.path()).await;
+    let store = open(&db.url).await;
+    let authority =
+        Authority::load_or_init(td(), "ca-2".into(), settings(600), d2.path(), Arc::clone(&store))
+            .await
+            .unwrap();
+    let ca2 = Ca::new(
+        Arc::new(authority),
+        store,
+        Arc::new(Metrics::new()),
+        Duration::from_secs(600),
+    );
+    ca2.refresh_policy().await.unwrap();
+    assert!(ca2.policy_in_force().is_none());
+    let mut events = ca2.events.subscribe();
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let feed = tokio::spawn(meshid_ca::server::change_feed_loop(
+        ca2.clone(),
+        meshid_ca::server::CHANGE_FEED_INTERVAL,
+        stop_rx,
+    ));
+    // Let the feed read the head before the change.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    ca1.apply_policy("team-a", TEAM_A, "", "", ALICE, false)
+        .await
+        .unwrap();
+    let announced = tokio::time::timeout(Duration::from_secs(5), async {
+        loop {
+            if let Ok(meshid_ca::service::CaEvent::PolicyChanged) = events.recv().await {
+                return;
+            }
+        }
+    })
+    .await;
+    assert!(announced.is_ok(), "ca-2 did not announce the new policy");
+    assert_eq!(ca2.policy_in_force().unwrap().revision, 1);
+    // Its own change is not replayed again by the server that made it: ca-1 held it already.
+    assert_eq!(ca1.policy_in_force().unwrap().revision, 1);
+    stop_tx.send(true).unwrap();
+    feed.await.unwrap();
+}
