@@ -662,6 +662,7 @@ fn agent_with_delivery(a: &AgentRecord, deliveries: &[DeliveryRecord]) -> admin:
         out.x509_streams = u32::try_from(d.x509_streams).unwrap_or(u32::MAX);
         out.delivery_reported_at = d.reported_at;
         out.delivery_server_id = d.server_id.clone();
+        out.policy_revision = d.policy_revision;
     }
     out
 }

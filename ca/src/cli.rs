@@ -544,6 +544,7 @@ fn agent_json(a: &admin::Agent) -> serde_json::Value {
         "x509_streams": a.x509_streams,
         "delivery_reported_at": a.delivery_reported_at,
         "delivery_server_id": a.delivery_server_id,
+        "policy_revision": a.policy_revision,
     })
 }
 
@@ -560,8 +561,19 @@ fn agent_text(a: &admin::Agent) -> String {
         )
     };
     format!(
-        "SPIFFE ID        : {}\nAttestation type : {}\nSerial           : {}\nExpires at       : {}\nCreated at       : {}\nBanned           : {}\nBundle delivered : {}\n",
-        a.spiffe_id, a.attestation_type, a.serial, a.expires_at, a.created_at, a.banned, delivery
+        "SPIFFE ID        : {}\nAttestation type : {}\nSerial           : {}\nExpires at       : {}\nCreated at       : {}\nBanned           : {}\nBundle delivered : {}\nPolicy revision  : {}\n",
+        a.spiffe_id,
+        a.attestation_type,
+        a.serial,
+        a.expires_at,
+        a.created_at,
+        a.banned,
+        delivery,
+        if a.policy_revision == 0 {
+            "none".to_owned()
+        } else {
+            a.policy_revision.to_string()
+        }
     )
 }
 

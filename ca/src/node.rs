@@ -815,6 +815,7 @@ impl node::node_server::Node for NodeService {
                 r.bundle_sequence,
                 u64::from(r.x509_streams),
                 &r.crl_digest,
+                r.policy_revision,
             )
             .await
             .map_err(NodeError::from)?;

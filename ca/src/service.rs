@@ -573,6 +573,7 @@ impl Ca {
         bundle_sequence: u64,
         x509_streams: u64,
         crl_digest: &str,
+        policy_revision: u64,
     ) -> Result<(), ServiceError> {
         self.store
             .record_delivery(&crate::store::DeliveryRecord {
@@ -582,6 +583,7 @@ impl Ca {
                 x509_streams,
                 reported_at: crate::unix_now(),
                 crl_digest: crl_digest.to_owned(),
+                policy_revision,
             })
             .await?;
         self.delivered

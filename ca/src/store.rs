@@ -131,6 +131,8 @@ pub struct DeliveryRecord {
     pub reported_at: i64,
     /// The digest of the CRL set every such stream was handed (empty: not known).
     pub crl_digest: String,
+    /// The central policy revision the agent holds (0: none).
+    pub policy_revision: u64,
 }
 
 /// A revoked X.509 certificate (`meshid-ca svid revoke`).

@@ -273,6 +273,7 @@ impl Manager {
             bundle_sequence: delivered.map_or(self.bundle.sequence, |d| d.bundle),
             x509_streams: u32::try_from(self.delivery.open_streams()).unwrap_or(u32::MAX),
             crl_digest,
+            policy_revision: self.policy.revision,
         }
     }
 

@@ -300,7 +300,8 @@ CREATE TABLE crls (
         postgres: "ALTER TABLE agent_deliveries ADD COLUMN crl_digest TEXT NOT NULL DEFAULT ''",
     },
     // Version 7: the central policy (`meshid-ca policy`), one row per revision holding the
-    // whole set of named documents (JSON object name -> YAML text).
+    // whole set of named documents (JSON object name -> YAML text), and the revision each
+    // agent reported holding.
     Migration {
         version: 7,
         sqlite: r#"
@@ -312,7 +313,8 @@ CREATE TABLE policy_revisions (
     action TEXT NOT NULL,
     subject TEXT NOT NULL,
     documents TEXT NOT NULL
-)
+);
+ALTER TABLE agent_deliveries ADD COLUMN policy_revision INTEGER NOT NULL DEFAULT 0
 "#,
         postgres: r#"
 CREATE TABLE policy_revisions (
@@ -323,7 +325,8 @@ CREATE TABLE policy_revisions (
     action TEXT NOT NULL,
     subject TEXT NOT NULL,
     documents TEXT NOT NULL
-)
+);
+ALTER TABLE agent_deliveries ADD COLUMN policy_revision BIGINT NOT NULL DEFAULT 0
 "#,
     },
 ];
@@ -1283,11 +1286,11 @@ impl Datastore for SqlStore {
         let mut w = self.begin_write().await?;
         sqlx::query(
             "INSERT INTO agent_deliveries (spiffe_id, server_id, bundle_sequence, x509_streams, \
-             reported_at, crl_digest) VALUES ($1, $2, $3, $4, $5, $6) \
+             reported_at, crl_digest, policy_revision) VALUES ($1, $2, $3, $4, $5, $6, $7) \
              ON CONFLICT (spiffe_id, server_id) DO \
              UPDATE SET bundle_sequence = excluded.bundle_sequence, \
              x509_streams = excluded.x509_streams, reported_at = excluded.reported_at, \
-             crl_digest = excluded.crl_digest",
+             crl_digest = excluded.crl_digest, policy_revision = excluded.policy_revision",
         )
         .bind(d.agent.to_string())
         .bind(d.server_id.as_str())
@@ -1295,6 +1298,7 @@ impl Datastore for SqlStore {
         .bind(streams)
         .bind(d.reported_at)
         .bind(d.crl_digest.as_str())
+        .bind(i64::try_from(d.policy_revision).unwrap_or(i64::MAX))
         .execute(&mut *w.tx)
         .await?;
         w.commit().await
@@ -1502,7 +1506,7 @@ impl Datastore for SqlStore {
     async fn list_deliveries(&self) -> Result<Vec<DeliveryRecord>, StoreError> {
         let rows = sqlx::query(
             "SELECT spiffe_id, server_id, bundle_sequence, x509_streams, reported_at, \
-             crl_digest FROM agent_deliveries ORDER BY spiffe_id, server_id",
+             crl_digest, policy_revision FROM agent_deliveries ORDER BY spiffe_id, server_id",
         )
         .fetch_all(&self.pool)
         .await?;
@@ -1525,6 +1529,8 @@ impl Datastore for SqlStore {
                     x509_streams: u64::try_from(streams).unwrap_or(0),
                     reported_at: row.try_get("reported_at")?,
                     crl_digest: row.try_get("crl_digest")?,
+                    policy_revision: u64::try_from(row.try_get::<i64, _>("policy_revision")?)
+                        .unwrap_or(0),
                 })
             })
             .collect()

@@ -1411,6 +1411,7 @@ async fn delivery_reports_are_kept_and_shown() {
                 bundle_sequence: current - 1,
                 x509_streams: 3,
                 crl_digest: String::new(),
+                policy_revision: 0,
             })
             .await
             .unwrap();
@@ -1427,6 +1428,7 @@ async fn delivery_reports_are_kept_and_shown() {
                     bundle_sequence: current,
                     x509_streams: 2,
                     crl_digest: bad.to_owned(),
+                    policy_revision: 0,
                 })
                 .await
                 .unwrap_err();
@@ -1439,6 +1441,7 @@ async fn delivery_reports_are_kept_and_shown() {
                 bundle_sequence: current,
                 x509_streams: 2,
                 crl_digest: digest.clone(),
+                policy_revision: 7,
             })
             .await
             .unwrap();
@@ -1447,6 +1450,7 @@ async fn delivery_reports_are_kept_and_shown() {
         assert_eq!(shown["delivered_bundle_sequence"], current);
         assert_eq!(shown["x509_streams"], 2);
         assert_eq!(shown["delivery_server_id"], ca.ca.authority.server_id());
+        assert_eq!(shown["policy_revision"], 7);
         assert!(ca
             .cli(&["agent", "show", &b.id])
             .contains("Bundle delivered : never reported"));
@@ -1478,6 +1482,7 @@ async fn delivery_reports_are_kept_and_shown() {
                 bundle_sequence: current,
                 x509_streams: 0,
                 crl_digest: String::new(),
+                policy_revision: 0,
             })
             .await
             .unwrap_err();

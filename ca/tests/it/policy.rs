@@ -341,10 +341,15 @@ async fn another_servers_policy_change_reaches_this_servers_agents() {
     let (d1, d2) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
     let ca1 = ca_on(&db.url, d1.path()).await;
     let store = open(&db.url).await;
-    let authority =
-        Authority::load_or_init(td(), "ca-2".into(), settings(600), d2.path(), Arc::clone(&store))
-            .await
-            .unwrap();
+    let authority = Authority::load_or_init(
+        td(),
+        "ca-2".into(),
+        settings(600),
+        d2.path(),
+        Arc::clone(&store),
+    )
+    .await
+    .unwrap();
     let ca2 = Ca::new(
         Arc::new(authority),
         store,

@@ -61,6 +61,7 @@ async fn deliver(store: &dyn Datastore, n: u32, server: &str, sequence: u64) {
             x509_streams: 1,
             reported_at: unix(SystemTime::now()),
             crl_digest: String::new(),
+            policy_revision: 0,
         })
         .await
         .unwrap();

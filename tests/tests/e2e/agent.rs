@@ -794,7 +794,7 @@ fn the_central_policy_reaches_the_agent_and_outlives_a_restart_without_the_ca() 
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path().to_owned();
     let mut ca = Ca::start(&dir, &[]);
-    let (secret, _) = ca.join_token();
+    let (secret, agent_id) = ca.join_token();
     let mut agent = Agent::start(&dir, &ca, &secret);
     let revision = |ops: &str| -> Option<f64> {
         let text = meshid_tests::http_get(ops, "/metrics")?.1;
@@ -815,6 +815,12 @@ fn the_central_policy_reaches_the_agent_and_outlives_a_restart_without_the_ca() 
         (revision(&agent.ops_address)? == 1.0).then_some(())
     });
     eprintln!("policy apply -> agent: {:?}", asked.elapsed());
+    // The CA knows which revision the agent holds (its delivery report).
+    meshid_tests::wait_for(Duration::from_secs(2), "the CA showing revision 1", || {
+        let shown: serde_json::Value =
+            serde_json::from_str(&ca.ok(&["agent", "show", &agent_id, "--output", "json"])).ok()?;
+        (shown["policy_revision"] == 1).then_some(())
+    });
     let kept = agent.data_dir.join("policy.json");
     let mode = std::fs::metadata(&kept).unwrap().permissions().mode() & 0o777;
     assert_eq!(mode, 0o600);

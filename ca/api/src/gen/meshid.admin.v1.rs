@@ -315,6 +315,9 @@ pub struct Agent {
     pub delivery_reported_at: i64,
     #[prost(string, tag = "10")]
     pub delivery_server_id: ::prost::alloc::string::String,
+    /// The central policy revision it holds, as it last reported (0: none).
+    #[prost(uint64, tag = "11")]
+    pub policy_revision: u64,
 }
 #[derive(Clone, Copy, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct ListAgentsRequest {}

@@ -138,6 +138,9 @@ pub struct DeliveryReport {
     /// the sets it served to measure when a revocation reached every workload.
     #[prost(string, tag = "3")]
     pub crl_digest: ::prost::alloc::string::String,
+    /// The central policy revision the agent holds (0: none).
+    #[prost(uint64, tag = "4")]
+    pub policy_revision: u64,
 }
 #[derive(Clone, Copy, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct DeliveryReportResponse {}

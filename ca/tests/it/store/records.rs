@@ -351,6 +351,7 @@ pub async fn deliveries_kept_per_agent_and_server(backend: Backend) {
         x509_streams: seq * 10,
         reported_at: at,
         crl_digest: format!("{seq:032x}"),
+        policy_revision: seq + 100,
     };
     s.record_delivery(&d(2, "ca-1", 5, NOW)).await.unwrap();
     s.record_delivery(&d(1, "ca-2", 3, NOW)).await.unwrap();
