@@ -54,6 +54,7 @@ mod explain;
 mod parse;
 mod pattern;
 mod policy;
+mod render;
 mod yaml;
 
 pub use access::AccessRecord;

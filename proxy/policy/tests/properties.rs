@@ -438,6 +438,52 @@ proptest! {
     }
 
     #[test]
+    fn a_policy_written_back_decides_the_same(
+        spec in policy_spec(),
+        reqs in prop::collection::vec((id(), id(), port(), request_http()), 1..12),
+    ) {
+        let text = spec.render();
+        let policy = Policy::parse(&text, "prop.yaml").unwrap();
+        let yaml = policy.to_yaml();
+        let again = Policy::parse(&yaml, "again.yaml").unwrap_or_else(|e| panic!("{e}\n{yaml}"));
+        prop_assert_eq!(again.to_yaml(), yaml.clone());
+        for (from, to, port, http) in &reqs {
+            let (f, t) = (from.spiffe(), to.spiffe());
+            let req = Request { from: &f, to: &t, port: *port, http: http.map(|(method, path)| HttpRequest { method, path, upgrade: None }) };
+            let (a, b) = (policy.decide(&req), again.decide(&req));
+            prop_assert_eq!(a.outcome, b.outcome, "{}\n{:?}", yaml, req);
+            prop_assert_eq!(a.rule.map(|r| (r.name, r.index)), b.rule.map(|r| (r.name, r.index)));
+        }
+    }
+
+    #[test]
+    fn a_policy_restricted_to_callees_decides_their_traffic_the_same(
+        spec in policy_spec(),
+        callees in prop::collection::vec(id(), 1..3),
+        reqs in prop::collection::vec((id(), any::<prop::sample::Index>(), port(), request_http()), 1..12),
+    ) {
+        let policy = Policy::parse(&spec.render(), "prop.yaml").unwrap();
+        let ids: Vec<_> = callees.iter().map(Id::spiffe).collect();
+        let part = policy.restricted_to(&ids);
+        // Only rules that can concern the callees are left...
+        prop_assert!(part.rule_count() <= policy.rule_count());
+        for (from, which, port, http) in &reqs {
+            let (f, t) = (from.spiffe(), ids[which.index(ids.len())].clone());
+            let req = Request { from: &f, to: &t, port: *port, http: http.map(|(method, path)| HttpRequest { method, path, upgrade: None }) };
+            // ...and traffic to them is decided as by the whole policy, by the same rule.
+            let (a, b) = (policy.decide(&req), part.decide(&req));
+            prop_assert_eq!(a.outcome, b.outcome);
+            prop_assert_eq!(a.rule.map(|r| r.name), b.rule.map(|r| r.name));
+        }
+        // A rule is kept exactly when one of its `to` patterns matches a callee.
+        let kept = part.to_yaml();
+        for (i, r) in spec.rules.iter().enumerate() {
+            let concerns = r.to.iter().any(|p| callees.iter().any(|c| p.matches(c)));
+            prop_assert_eq!(kept.contains(&format!("name: \"r{i}\"")), concerns, "{}", kept);
+        }
+    }
+
+    #[test]
     fn a_decided_connection_decides_every_request(
         spec in policy_spec(),
         conns in prop::collection::vec((id(), id(), prop::sample::select(&[80u16, 443, 8080, 9][..])), 1..8),

@@ -960,3 +960,57 @@ fn merged_documents_must_agree_and_not_repeat_rule_names() {
     let one = Policy::merge("mesh", &[a]).unwrap();
     assert_eq!((one.name(), one.rule_count()), ("mesh", 1));
 }
+
+#[test]
+fn every_field_survives_being_written_back() {
+    let text = r#"
+name: "edge.payments"
+default: deny
+mode: enforce
+trust_domains: [example.org, partner.org]
+ports: {8080: http, 5432: tcp}
+rules:
+  - name: "frontend-to-api"
+    from: ["spiffe://example.org/frontend/**"]
+    to: ["spiffe://example.org/api"]
+    ports: [8080]
+    http: {methods: [GET, POST], paths: ["/v1/**", "/live"], upgrades: [websocket]}
+  - name: no-batch-to-db
+    action: deny
+    mode: audit
+    from: ["spiffe://example.org/batch/*"]
+    to: ["spiffe://example.org/db"]
+"#;
+    let p = Policy::parse(text, "p.yaml").unwrap();
+    let yaml = p.to_yaml();
+    let q = Policy::parse(&yaml, "q.yaml").unwrap_or_else(|e| panic!("{e}\n{yaml}"));
+    assert_eq!(q.to_yaml(), yaml);
+    assert_eq!(q.name(), "edge.payments");
+    assert_eq!(
+        q.trust_domains().collect::<Vec<_>>(),
+        ["example.org", "partner.org"]
+    );
+    assert!(
+        yaml.contains("upgrades: [\"websocket\"]") && yaml.contains("mode: audit"),
+        "{yaml}"
+    );
+    assert!(q
+        .validate_ports(&[(8080, Protocol::Http), (5432, Protocol::Tcp)])
+        .is_ok());
+    let (batch, db) = (
+        id("spiffe://example.org/batch/x"),
+        id("spiffe://example.org/db"),
+    );
+    let req = Request {
+        from: &batch,
+        to: &db,
+        port: Some(5432),
+        http: None,
+    };
+    assert_eq!(q.decide(&req), p.decide(&req));
+    // Restricted to the database: only the rule about it, and the rest of the mesh unseen.
+    let part = p.restricted_to(&[db.clone()]);
+    assert_eq!(part.rule_count(), 1);
+    assert!(!part.to_yaml().contains("frontend"));
+    assert_eq!(part.decide(&req), p.decide(&req));
+}
