@@ -1009,7 +1009,7 @@ rules:
     };
     assert_eq!(q.decide(&req), p.decide(&req));
     // Restricted to the database: only the rule about it, and the rest of the mesh unseen.
-    let part = p.restricted_to(&[db.clone()]);
+    let part = p.restricted_to(std::slice::from_ref(&db));
     assert_eq!(part.rule_count(), 1);
     assert!(!part.to_yaml().contains("frontend"));
     assert_eq!(part.decide(&req), p.decide(&req));
