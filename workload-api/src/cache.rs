@@ -117,6 +117,8 @@ pub struct Snapshot {
     pub crl_generation: u64,
     /// The central policy in force (`meshid-ca policy apply`), as the CA sent it.
     pub policy: Arc<CentralPolicy>,
+    /// Its documents merged (`None` until a policy is held).
+    pub policy_merged: Option<Arc<meshid_policy::Policy>>,
 }
 
 /// The central policy as the CA sends it: every named document of one revision.
@@ -157,6 +159,7 @@ impl Snapshot {
             crls: Arc::default(),
             crl_generation: 0,
             policy: Arc::default(),
+            policy_merged: None,
         }
     }
 

@@ -115,6 +115,8 @@ pub struct Manager {
     /// The central policy in force, as last received from the CA (or read back from
     /// [`client::POLICY_FILE`] at start).
     policy: Arc<crate::cache::CentralPolicy>,
+    /// `policy` merged, for the proxies (`None` until one is held).
+    policy_merged: Option<Arc<meshid_policy::Policy>>,
     /// Entries whose SVID held a CRL lists: re-issued now.
     revoked_held: std::collections::HashSet<String>,
     /// What the Workload API's X.509 streams have been handed, reported to the CA.
@@ -238,6 +240,7 @@ impl Manager {
             crl_digests: [(0, meshid_api::tls::revocation::set_digest(&[]))].into(),
             revoked_held: Default::default(),
             policy: Arc::default(),
+            policy_merged: None,
             attest_timeout: config.attest_timeout,
             snapshots: tx,
             channel: Arc::new(ArcSwapOption::empty()),
@@ -542,6 +545,7 @@ impl Manager {
             crls: Arc::clone(&self.crls),
             crl_generation: self.crl_generation,
             policy: Arc::clone(&self.policy),
+            policy_merged: self.policy_merged.clone(),
         };
         self.snapshots.send_replace(Arc::new(snap));
     }
@@ -553,10 +557,13 @@ impl Manager {
         if policy == *self.policy {
             return;
         }
-        if let Err(e) = policy.merged() {
-            tracing::error!(revision = policy.revision, error = %e, "the CA sent a central policy that does not merge; keeping revision {}", self.policy.revision);
-            return;
-        }
+        let merged = match policy.merged() {
+            Ok(m) => m,
+            Err(e) => {
+                tracing::error!(revision = policy.revision, error = %e, "the CA sent a central policy that does not merge; keeping revision {}", self.policy.revision);
+                return;
+            }
+        };
         match serde_json::to_vec(&policy) {
             Ok(json) => {
                 if let Err(e) =
@@ -576,6 +583,7 @@ impl Manager {
             .policy_revision
             .set(i64::try_from(policy.revision).unwrap_or(i64::MAX));
         self.policy = Arc::new(policy);
+        self.policy_merged = Some(Arc::new(merged));
     }
 
     /// Reads back the central policy kept by [`Self::take_policy`] (a file that cannot be read
@@ -590,8 +598,9 @@ impl Manager {
                 return;
             }
         };
-        match serde_json::from_slice::<crate::cache::CentralPolicy>(&text) {
-            Ok(p) if p.merged().is_ok() => {
+        match serde_json::from_slice::<crate::cache::CentralPolicy>(&text).map(|p| (p.merged(), p))
+        {
+            Ok((Ok(merged), p)) => {
                 tracing::info!(
                     revision = p.revision,
                     "central policy read back from the last run"
@@ -600,8 +609,9 @@ impl Manager {
                     .policy_revision
                     .set(i64::try_from(p.revision).unwrap_or(i64::MAX));
                 self.policy = Arc::new(p);
+                self.policy_merged = Some(Arc::new(merged));
             }
-            Ok(_) => {
+            Ok((Err(_), _)) => {
                 tracing::warn!(path = %path.display(), "the kept central policy does not merge; ignored")
             }
             Err(e) => {

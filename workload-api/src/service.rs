@@ -52,6 +52,8 @@ use tonic::{Request, Response, Status};
 use zeroize::Zeroizing;
 
 use meshid_api::limits::{Audience, AudienceError, RateLimiter};
+use meshid_api::policy::policy_delivery_server::{PolicyDelivery, PolicyDeliveryServer};
+use meshid_api::policy::{PolicyUpdate, WatchPolicyRequest};
 
 use crate::attest::{AttestError, Attestor};
 use crate::cache::{Bundle, Entry, JwtMinter, MintError, Snapshot, Svid};
@@ -84,6 +86,8 @@ pub enum Rpc {
     FetchJwtBundles,
     /// `ValidateJWTSVID`.
     ValidateJwtSvid,
+    /// meshid's `PolicyDelivery.Watch` (server stream), for meshid-proxy.
+    WatchPolicy,
 }
 
 impl Rpc {
@@ -95,6 +99,7 @@ impl Rpc {
             Rpc::FetchJwtSvid => "FetchJWTSVID",
             Rpc::FetchJwtBundles => "FetchJWTBundles",
             Rpc::ValidateJwtSvid => "ValidateJWTSVID",
+            Rpc::WatchPolicy => "WatchPolicy",
         }
     }
 }
@@ -322,8 +327,10 @@ impl WorkloadApi {
         let (stop_tx, stop_rx) = watch::channel(false);
         self.stop = Some(stop_rx);
         let incoming = meshid_api::uds::incoming_with(listener, Arc::clone(&self.admission));
+        let this = Arc::new(self);
         tonic::transport::Server::builder()
-            .add_service(self.into_server())
+            .add_service(SpiffeWorkloadApiServer::from_arc(Arc::clone(&this)))
+            .add_service(PolicyDeliveryServer::from_arc(this))
             .serve_with_incoming_shutdown(incoming, async move {
                 shutdown.await;
                 let _ = stop_tx.send(true);
@@ -661,6 +668,75 @@ impl SpiffeWorkloadApi for WorkloadApi {
         let result = self.validate_jwt(request).await;
         self.observe(Rpc::ValidateJwtSvid, started, result)
             .map(Response::new)
+    }
+}
+
+/// The central policy's part that concerns a caller: the rules whose `to` matches one of its
+/// SPIFFE IDs, as YAML.
+struct PolicyView {
+    revision: u64,
+    spiffe_ids: Vec<String>,
+    policy: Arc<str>,
+}
+
+impl PartialEq for PolicyView {
+    fn eq(&self, other: &Self) -> bool {
+        self.revision == other.revision
+            && self.spiffe_ids == other.spiffe_ids
+            && self.policy == other.policy
+    }
+}
+
+impl View for PolicyView {
+    type Message = PolicyUpdate;
+
+    fn message(&self) -> PolicyUpdate {
+        PolicyUpdate {
+            revision: self.revision,
+            policy: self.policy.to_string(),
+            spiffe_ids: self.spiffe_ids.clone(),
+        }
+    }
+}
+
+fn eval_policy(snap: &Snapshot, selectors: &[String], _strict: bool) -> Verdict<PolicyView> {
+    if !snap.synced {
+        return Verdict::NotReady("not yet synced with the CA");
+    }
+    let mut ids: Vec<SpiffeId> = snap
+        .matching(selectors)
+        .map(|i| i.entry.spiffe_id.clone())
+        .collect();
+    if ids.is_empty() {
+        return Verdict::Denied;
+    }
+    ids.sort_by_key(ToString::to_string);
+    ids.dedup();
+    let policy = match &snap.policy_merged {
+        Some(merged) => merged.restricted_to(&ids).to_yaml(),
+        None => meshid_policy::Policy::merge("mesh", &[])
+            .map(|p| p.to_yaml())
+            .unwrap_or_default(),
+    };
+    Verdict::Ready(PolicyView {
+        revision: snap.policy.revision,
+        spiffe_ids: ids.iter().map(ToString::to_string).collect(),
+        policy: policy.into(),
+    })
+}
+
+#[tonic::async_trait]
+impl PolicyDelivery for WorkloadApi {
+    type WatchStream = BoxStream<'static, Result<PolicyUpdate, Status>>;
+
+    async fn watch(
+        &self,
+        request: Request<WatchPolicyRequest>,
+    ) -> Result<Response<Self::WatchStream>, Status> {
+        let started = std::time::Instant::now();
+        let rpc = Rpc::WatchPolicy;
+        let stream = self.open_stream(rpc, &request, eval_policy).await;
+        self.observe(rpc, started, stream).map(Response::new)
     }
 }
 

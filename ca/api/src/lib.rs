@@ -41,6 +41,14 @@ pub mod node {
     include!("gen/meshid.node.v1.rs");
 }
 
+/// The central policy as the node agent hands it to proxies, `meshid.policy.v1` (feature
+/// `workload`: served beside the Workload API).
+#[cfg(feature = "workload")]
+#[allow(missing_docs, clippy::all, clippy::pedantic)]
+pub mod policy {
+    include!("gen/meshid.policy.v1.rs");
+}
+
 /// The SPIFFE Workload API (package-less, wire-compatible with the specification's proto):
 /// server stubs for the agent (feature `workload`).
 #[cfg(feature = "workload")]

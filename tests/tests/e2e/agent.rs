@@ -785,17 +785,20 @@ fn an_untrusted_first_address_does_not_stop_the_failover() {
 }
 
 /// The central policy reaches the agent: `meshid-ca policy apply` at the CA, and the agent
-/// holds the new revision within a second (`meshid_agent_policy_revision`), keeps it in its
-/// data directory (mode 0600, policy and no secrets), and serves it again after a restart
-/// while the CA is down.
-#[test]
-fn the_central_policy_reaches_the_agent_and_outlives_a_restart_without_the_ca() {
+/// holds the new revision within a second (`meshid_agent_policy_revision`; the CA's `agent
+/// show` says so), keeps it in its data directory (mode 0600, policy and no secrets), serves a
+/// workload (as meshid-proxy will) only the rules whose `to` is that workload, at once on every
+/// new revision, and holds it again after a restart while the CA is down.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_central_policy_reaches_the_agent_and_outlives_a_restart_without_the_ca() {
+    use meshid_api::policy::policy_delivery_client::PolicyDeliveryClient;
     use std::os::unix::fs::PermissionsExt as _;
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path().to_owned();
-    let mut ca = Ca::start(&dir, &[]);
+    let mut ca = tokio::task::block_in_place(|| Ca::start(&dir, &[]));
     let (secret, agent_id) = ca.join_token();
-    let mut agent = Agent::start(&dir, &ca, &secret);
+    create_entry(&ca, "api", "spiffe://example.org/api", &agent_id, "1h");
+    let mut agent = tokio::task::block_in_place(|| Agent::start(&dir, &ca, &secret));
     let revision = |ops: &str| -> Option<f64> {
         let text = meshid_tests::http_get(ops, "/metrics")?.1;
         Some(meshid_tests::metric_value(
@@ -806,19 +809,54 @@ fn the_central_policy_reaches_the_agent_and_outlives_a_restart_without_the_ca() 
     };
     assert_eq!(revision(&agent.ops_address), Some(0.0));
 
+    // This process is the workload `api`: its policy stream says "none yet" first.
+    let channel = meshid_api::client::connect_unix(&agent.socket)
+        .await
+        .unwrap();
+    let mut req = tonic::Request::new(meshid_api::policy::WatchPolicyRequest {});
+    req.metadata_mut()
+        .insert("workload.spiffe.io", "true".parse().unwrap());
+    let mut stream = PolicyDeliveryClient::new(channel)
+        .watch(req)
+        .await
+        .unwrap()
+        .into_inner();
+    let first = stream.message().await.unwrap().unwrap();
+    assert_eq!(first.revision, 0);
+    assert_eq!(first.spiffe_ids, ["spiffe://example.org/api"]);
+    assert!(first.policy.contains("rules: []"), "{}", first.policy);
+
     let file = dir.join("team-a.yaml");
-    let text = "name: team-a\ndefault: deny\nrules:\n  - name: web-to-api\n    from: [\"spiffe://example.org/web\"]\n    to: [\"spiffe://example.org/api\"]\n";
+    let text = "name: team-a\ndefault: deny\nrules:\n  - name: web-to-api\n    from: [\"spiffe://example.org/web\"]\n    to: [\"spiffe://example.org/api\"]\n  - name: batch-to-db\n    from: [\"spiffe://example.org/batch\"]\n    to: [\"spiffe://example.org/db\"]\n";
     std::fs::write(&file, text).unwrap();
     let asked = Instant::now();
-    ca.ok(&["policy", "apply", file.to_str().unwrap()]);
-    meshid_tests::wait_for(Duration::from_secs(1), "revision 1 at the agent", || {
-        (revision(&agent.ops_address)? == 1.0).then_some(())
-    });
-    eprintln!("policy apply -> agent: {:?}", asked.elapsed());
+    tokio::task::block_in_place(|| ca.ok(&["policy", "apply", file.to_str().unwrap()]));
+    let update = tokio::time::timeout(Duration::from_secs(1), stream.message())
+        .await
+        .expect("the new revision within a second")
+        .unwrap()
+        .unwrap();
+    eprintln!(
+        "policy apply -> the workload's policy stream: {:?}",
+        asked.elapsed()
+    );
+    assert_eq!(update.revision, 1);
+    // Only what concerns `api`; the database rule is not shown to it.
+    assert!(update.policy.contains("web-to-api"), "{}", update.policy);
+    assert!(
+        !update.policy.contains("batch") && !update.policy.contains("db"),
+        "{}",
+        update.policy
+    );
+    let parsed = meshid_policy::Policy::parse(&update.policy, "from-agent.yaml").unwrap();
+    assert_eq!(parsed.rule_count(), 1);
+    assert_eq!(revision(&agent.ops_address), Some(1.0));
     // The CA knows which revision the agent holds (its delivery report).
     meshid_tests::wait_for(Duration::from_secs(2), "the CA showing revision 1", || {
-        let shown: serde_json::Value =
-            serde_json::from_str(&ca.ok(&["agent", "show", &agent_id, "--output", "json"])).ok()?;
+        let shown: serde_json::Value = serde_json::from_str(&tokio::task::block_in_place(|| {
+            ca.ok(&["agent", "show", &agent_id, "--output", "json"])
+        }))
+        .ok()?;
         (shown["policy_revision"] == 1).then_some(())
     });
     let kept = agent.data_dir.join("policy.json");

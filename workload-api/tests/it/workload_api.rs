@@ -313,6 +313,7 @@ impl Agent {
             crls: Arc::default(),
             crl_generation: 0,
             policy: Arc::default(),
+            policy_merged: None,
         });
     }
 

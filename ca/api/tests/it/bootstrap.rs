@@ -6,7 +6,11 @@
 use std::path::{Path, PathBuf};
 
 /// meshid's own APIs, with tonic's default prost codec.
-const PROTOS: &[&str] = &["meshid/admin/v1/admin.proto", "meshid/node/v1/node.proto"];
+const PROTOS: &[&str] = &[
+    "meshid/admin/v1/admin.proto",
+    "meshid/node/v1/node.proto",
+    "meshid/policy/v1/policy.proto",
+];
 /// The Workload API, with the lean codec (small per-stream buffers; see src/codec.rs).
 const WORKLOAD_PROTOS: &[&str] = &["workload.proto"];
 
