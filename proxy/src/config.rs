@@ -7,7 +7,7 @@
 //! ```toml
 //! workload_api_socket = "unix:///run/meshid/agent/api.sock"
 //! ops_address = "127.0.0.1:15000"
-//! policy_file = "/etc/meshid/policy.yaml"
+//! policy_file = "/etc/meshid/policy.yaml"   # or policy_source = "agent": the CA's policy
 //!
 //! [[inbound]]
 //! name = "api"
@@ -53,6 +53,9 @@ pub struct RawConfig {
     /// The policy file (YAML), watched and reloaded. Without one every inbound caller is
     /// refused.
     pub policy_file: Option<PathBuf>,
+    /// `file` (default: `policy_file`) or `agent`: the CA's central policy, from the node agent
+    /// on `workload_api_socket` (the rules that concern this proxy's SPIFFE IDs).
+    pub policy_source: Option<String>,
     /// Where JSON access log lines go: `stdout` (default), `stderr`, `off`, or a file path
     /// (appended, created with mode 0640).
     pub access_log: Option<String>,
@@ -399,6 +402,8 @@ pub struct Config {
     pub ops_address: SocketAddr,
     /// Policy file, if any.
     pub policy_file: Option<PathBuf>,
+    /// Whether the policy comes from the node agent (the CA's central policy) instead.
+    pub policy_from_agent: bool,
     /// Access log destination.
     pub access_log: AccessLog,
     /// JSON logs.
@@ -600,11 +605,31 @@ impl TryFrom<RawConfig> for Config {
                 }
             }
         }
+        let policy_from_agent = match raw.policy_source.as_deref() {
+            None | Some("file") => false,
+            Some("agent") => {
+                if raw.policy_file.is_some() {
+                    return Err(invalid(
+                        "policy_source",
+                        "\"agent\" takes the policy from the node agent: remove policy_file, or \
+                         set policy_source = \"file\"",
+                    ));
+                }
+                true
+            }
+            Some(other) => {
+                return Err(invalid(
+                    "policy_source",
+                    format!("{other:?}: use \"file\" or \"agent\""),
+                ))
+            }
+        };
         Ok(Config {
             workload_api_socket,
             spiffe_id,
             ops_address,
             policy_file: raw.policy_file,
+            policy_from_agent,
             access_log,
             log_json,
             drain_timeout: duration(raw.drain_timeout, Duration::from_secs(10), "drain_timeout")?,

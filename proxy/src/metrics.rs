@@ -97,6 +97,8 @@ pub struct Metrics {
     pub revoked_closed: Family<ListenerLabels, Counter>,
     /// Policy (re)loads.
     pub policy_reloads: Family<ReloadLabels, Counter>,
+    /// The central policy revision in force (`policy_source = "agent"`; 0: none).
+    pub policy_revision: Gauge,
     /// Access log lines dropped because the writer fell behind.
     pub access_log_dropped: Counter,
     /// Transparent-mode connections by what was done with them.
@@ -197,6 +199,11 @@ impl Metrics {
             "revoked_connections_closed",
             "Established connections closed because a CRL listed a certificate of the peer's chain",
             self.revoked_closed.clone(),
+        );
+        r.register(
+            "policy_revision",
+            "The central policy revision in force (policy_source = agent; 0: none yet)",
+            self.policy_revision.clone(),
         );
         r.register(
             "policy_reloads",

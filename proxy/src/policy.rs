@@ -146,3 +146,87 @@ pub async fn watch_policy(
         }
     }
 }
+
+/// Follows the central policy from the node agent (`policy_source = "agent"`): the rules of the
+/// CA's policy that concern this proxy's SPIFFE IDs, on the agent's `PolicyDelivery.Watch`
+/// stream. A revision that does not parse or does not fit the listeners is refused (the one in
+/// force stays); while the agent is away the last revision stays in force, and the stream is
+/// opened again. `revision` holds the revision in force (0 until the first: every inbound
+/// caller refused, and the proxy not ready).
+pub async fn follow_policy(
+    endpoint: String,
+    ports: Vec<(u16, Protocol)>,
+    current: Arc<ArcSwap<ActivePolicy>>,
+    revision: Arc<std::sync::atomic::AtomicU64>,
+    metrics: Arc<Metrics>,
+    mut drain: watch::Receiver<bool>,
+) {
+    use meshid_api::policy::policy_delivery_client::PolicyDeliveryClient;
+    use std::sync::atomic::Ordering;
+    let mut backoff = Duration::from_millis(100);
+    loop {
+        let session = async {
+            let channel = crate::tls::workload_channel(&endpoint).await?;
+            let mut req = tonic::Request::new(meshid_api::policy::WatchPolicyRequest {});
+            req.metadata_mut().insert(
+                "workload.spiffe.io",
+                tonic::metadata::MetadataValue::from_static("true"),
+            );
+            let mut stream = PolicyDeliveryClient::new(channel)
+                .watch(req)
+                .await
+                .map_err(|s| anyhow::anyhow!("{}", s.message()))?
+                .into_inner();
+            while let Some(update) = stream
+                .message()
+                .await
+                .map_err(|s| anyhow::anyhow!("{}", s.message()))?
+            {
+                let origin = format!("central policy revision {}", update.revision);
+                let result = Policy::parse(&update.policy, &origin).and_then(|p| {
+                    p.validate_ports(&ports)?;
+                    Ok(p)
+                });
+                match result {
+                    Ok(policy) if update.revision == 0 => {
+                        tracing::warn!(policy = policy.name(), "the agent has no central policy yet (none applied at the CA): every inbound caller is refused");
+                    }
+                    Ok(policy) => {
+                        tracing::info!(revision = update.revision, rules = policy.rule_count(), spiffe_ids = ?update.spiffe_ids, "central policy in force");
+                        current.store(Arc::new(ActivePolicy::new(policy, &metrics)));
+                        revision.store(update.revision, Ordering::Release);
+                        metrics
+                            .policy_revision
+                            .set(i64::try_from(update.revision).unwrap_or(i64::MAX));
+                        metrics
+                            .policy_reloads
+                            .get_or_create(&crate::metrics::ReloadLabels { result: "ok" })
+                            .inc();
+                    }
+                    Err(e) => {
+                        tracing::error!(revision = update.revision, error = %e, "central policy refused; the policy in force stays");
+                        metrics
+                            .policy_reloads
+                            .get_or_create(&crate::metrics::ReloadLabels { result: "error" })
+                            .inc();
+                    }
+                }
+                backoff = Duration::from_millis(100);
+            }
+            anyhow::Ok(())
+        };
+        tokio::select! {
+            r = session => {
+                if let Err(e) = r {
+                    tracing::warn!(endpoint = %endpoint, error = %e, "policy stream from the agent ended; keeping the policy in force and reconnecting");
+                }
+            }
+            () = drained(&mut drain) => return,
+        }
+        tokio::select! {
+            () = tokio::time::sleep(backoff) => {}
+            () = drained(&mut drain) => return,
+        }
+        backoff = (backoff * 2).min(Duration::from_secs(5));
+    }
+}

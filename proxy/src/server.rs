@@ -70,6 +70,8 @@ pub async fn bind(config: &Config) -> anyhow::Result<Bound> {
 #[derive(Clone)]
 struct ProxyOps {
     creds: Arc<Credentials>,
+    /// With the policy from the agent: the revision in force (0: none yet, not ready).
+    central_policy: Option<Arc<std::sync::atomic::AtomicU64>>,
     drain: watch::Receiver<bool>,
     registry: Arc<prometheus_client::registry::Registry>,
 }
@@ -78,6 +80,12 @@ impl meshid_api::ops::Ops for ProxyOps {
     async fn ready(&self) -> Result<(), String> {
         if *self.drain.borrow() {
             Err("draining".to_owned())
+        } else if self
+            .central_policy
+            .as_ref()
+            .is_some_and(|r| r.load(std::sync::atomic::Ordering::Acquire) == 0)
+        {
+            Err("no central policy from the agent yet: every inbound caller is refused".to_owned())
         } else if self.creds.ready() {
             Ok(())
         } else {
@@ -139,7 +147,19 @@ pub async fn run(
         metrics.clone(),
         drain.clone(),
     ));
-    if let Some(path) = &config.policy_file {
+    let central_policy = config
+        .policy_from_agent
+        .then(|| Arc::new(std::sync::atomic::AtomicU64::new(0)));
+    if let Some(revision) = &central_policy {
+        tokio::spawn(crate::policy::follow_policy(
+            config.workload_api_socket.clone(),
+            port_protocols(&config),
+            policy.clone(),
+            revision.clone(),
+            metrics.clone(),
+            drain.clone(),
+        ));
+    } else if let Some(path) = &config.policy_file {
         tokio::spawn(watch_policy(
             path.clone(),
             port_protocols(&config),
@@ -153,6 +173,7 @@ pub async fn run(
     }
     let router = meshid_api::ops::router(ProxyOps {
         creds: creds.clone(),
+        central_policy,
         drain: drain.clone(),
         registry,
     });

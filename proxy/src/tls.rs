@@ -357,7 +357,7 @@ pub async fn follow_crls(
 }
 
 /// A gRPC channel to a Workload API endpoint (`unix:` path or `tcp:` address).
-async fn workload_channel(endpoint: &str) -> anyhow::Result<tonic::transport::Channel> {
+pub(crate) async fn workload_channel(endpoint: &str) -> anyhow::Result<tonic::transport::Channel> {
     if let Some(rest) = endpoint.strip_prefix("unix:") {
         let path = rest.strip_prefix("//").unwrap_or(rest);
         return Ok(meshid_api::client::connect_unix(path).await?);

@@ -243,3 +243,21 @@ fn cidr_membership() {
     assert!(host.contains("2001:db8::1".parse().unwrap()));
     assert!(!host.contains("2001:db8::2".parse().unwrap()));
 }
+
+#[test]
+fn the_policy_source_is_the_file_or_the_agent_never_both() {
+    assert!(!parse(MINIMAL).unwrap().policy_from_agent);
+    let agent = format!("policy_source = \"agent\"\n{MINIMAL}");
+    assert!(parse(&agent).unwrap().policy_from_agent);
+    let file = format!("policy_source = \"file\"\npolicy_file = \"/p.yaml\"\n{MINIMAL}");
+    assert!(!parse(&file).unwrap().policy_from_agent);
+    let both = format!("policy_source = \"agent\"\npolicy_file = \"/p.yaml\"\n{MINIMAL}");
+    let e = parse(&both).unwrap_err().to_string();
+    assert!(
+        e.contains("policy_source") && e.contains("remove policy_file"),
+        "{e}"
+    );
+    let bad = format!("policy_source = \"ca\"\n{MINIMAL}");
+    let e = parse(&bad).unwrap_err().to_string();
+    assert!(e.contains("policy_source") && e.contains("\"ca\""), "{e}");
+}

@@ -9,6 +9,7 @@ mod deploy;
 mod interop;
 mod layout;
 mod netns;
+mod policy;
 mod proxy;
 mod quickstart;
 mod revoke;
