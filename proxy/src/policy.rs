@@ -159,21 +159,22 @@ pub async fn follow_policy(
     current: Arc<ArcSwap<ActivePolicy>>,
     revision: Arc<std::sync::atomic::AtomicU64>,
     metrics: Arc<Metrics>,
-    mut drain: watch::Receiver<bool>,
+    drain: watch::Receiver<bool>,
 ) {
     use meshid_api::policy::policy_delivery_client::PolicyDeliveryClient;
     use std::sync::atomic::Ordering;
-    let mut backoff = Duration::from_millis(100);
-    loop {
-        let session = async {
-            let channel = crate::tls::workload_channel(&endpoint).await?;
-            let mut req = tonic::Request::new(meshid_api::policy::WatchPolicyRequest {});
-            req.metadata_mut().insert(
-                "workload.spiffe.io",
-                tonic::metadata::MetadataValue::from_static("true"),
-            );
+    let (endpoint, ports, current, revision, metrics) =
+        (&endpoint, &ports, &current, &revision, &metrics);
+    crate::tls::keep_following(
+        "policy stream from the agent (the policy in force stays)",
+        endpoint,
+        drain,
+        || async move {
+            let channel = crate::tls::workload_channel(endpoint).await?;
             let mut stream = PolicyDeliveryClient::new(channel)
-                .watch(req)
+                .watch(crate::tls::agent_request(
+                    meshid_api::policy::WatchPolicyRequest {},
+                ))
                 .await
                 .map_err(|s| anyhow::anyhow!("{}", s.message()))?
                 .into_inner();
@@ -184,7 +185,7 @@ pub async fn follow_policy(
             {
                 let origin = format!("central policy revision {}", update.revision);
                 let result = Policy::parse(&update.policy, &origin).and_then(|p| {
-                    p.validate_ports(&ports)?;
+                    p.validate_ports(ports)?;
                     Ok(p)
                 });
                 match result {
@@ -193,7 +194,7 @@ pub async fn follow_policy(
                     }
                     Ok(policy) => {
                         tracing::info!(revision = update.revision, rules = policy.rule_count(), spiffe_ids = ?update.spiffe_ids, "central policy in force");
-                        current.store(Arc::new(ActivePolicy::new(policy, &metrics)));
+                        current.store(Arc::new(ActivePolicy::new(policy, metrics)));
                         revision.store(update.revision, Ordering::Release);
                         metrics
                             .policy_revision
@@ -211,22 +212,9 @@ pub async fn follow_policy(
                             .inc();
                     }
                 }
-                backoff = Duration::from_millis(100);
             }
             anyhow::Ok(())
-        };
-        tokio::select! {
-            r = session => {
-                if let Err(e) = r {
-                    tracing::warn!(endpoint = %endpoint, error = %e, "policy stream from the agent ended; keeping the policy in force and reconnecting");
-                }
-            }
-            () = drained(&mut drain) => return,
-        }
-        tokio::select! {
-            () = tokio::time::sleep(backoff) => {}
-            () = drained(&mut drain) => return,
-        }
-        backoff = (backoff * 2).min(Duration::from_secs(5));
-    }
+        },
+    )
+    .await;
 }

@@ -286,21 +286,18 @@ pub async fn follow_crls(
     endpoint: String,
     creds: Arc<Credentials>,
     metrics: Arc<Metrics>,
-    mut shutdown: tokio::sync::watch::Receiver<bool>,
+    shutdown: tokio::sync::watch::Receiver<bool>,
 ) {
     use meshid_api::workload::spiffe_workload_api_client::SpiffeWorkloadApiClient;
-    let mut backoff = Duration::from_millis(100);
-    loop {
-        let session = async {
-            let channel = workload_channel(&endpoint).await?;
-            let mut client = SpiffeWorkloadApiClient::new(channel);
-            let mut req = tonic::Request::new(meshid_api::workload::X509BundlesRequest {});
-            req.metadata_mut().insert(
-                "workload.spiffe.io",
-                tonic::metadata::MetadataValue::from_static("true"),
-            );
-            let mut stream = client
-                .fetch_x509_bundles(req)
+    let (endpoint, creds, metrics) = (&endpoint, &creds, &metrics);
+    keep_following(
+        "CRL stream from the Workload API",
+        endpoint,
+        shutdown,
+        || async move {
+            let channel = workload_channel(endpoint).await?;
+            let mut stream = SpiffeWorkloadApiClient::new(channel)
+                .fetch_x509_bundles(agent_request(meshid_api::workload::X509BundlesRequest {}))
                 .await
                 .map_err(|s| anyhow::anyhow!("{}", s.message()))?
                 .into_inner();
@@ -337,23 +334,55 @@ pub async fn follow_crls(
                 }
             }
             anyhow::Ok(())
-        };
+        },
+    )
+    .await;
+}
+
+/// Runs `session` (one stream from the agent at `endpoint`) again whenever it ends, until the
+/// drain starts: each end is logged as `what`, and followed by a backoff of 100 ms doubling to
+/// 5 s, back to 100 ms after a session that ended cleanly or lasted 5 s.
+pub(crate) async fn keep_following<F, Fut>(
+    what: &'static str,
+    endpoint: &str,
+    mut drain: tokio::sync::watch::Receiver<bool>,
+    mut session: F,
+) where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = anyhow::Result<()>>,
+{
+    const FIRST: Duration = Duration::from_millis(100);
+    let mut backoff = FIRST;
+    loop {
+        let started = std::time::Instant::now();
         tokio::select! {
-            r = session => {
-                if let Err(e) = r {
-                    tracing::warn!(endpoint = %endpoint, error = %e, "CRL stream from the Workload API ended; reconnecting");
-                } else {
-                    backoff = Duration::from_millis(100);
+            r = session() => match r {
+                Ok(()) => backoff = FIRST,
+                Err(e) => {
+                    if started.elapsed() >= Duration::from_secs(5) {
+                        backoff = FIRST;
+                    }
+                    tracing::warn!(endpoint, error = %e, "{what} ended; reconnecting");
                 }
-            }
-            _ = shutdown.changed() => return,
+            },
+            _ = drain.wait_for(|d| *d) => return,
         }
         tokio::select! {
             () = tokio::time::sleep(backoff) => {}
-            _ = shutdown.changed() => return,
+            _ = drain.wait_for(|d| *d) => return,
         }
         backoff = (backoff * 2).min(Duration::from_secs(5));
     }
+}
+
+/// A request to the agent's socket, with the Workload API's security header.
+pub(crate) fn agent_request<T>(message: T) -> tonic::Request<T> {
+    let mut req = tonic::Request::new(message);
+    req.metadata_mut().insert(
+        "workload.spiffe.io",
+        tonic::metadata::MetadataValue::from_static("true"),
+    );
+    req
 }
 
 /// A gRPC channel to a Workload API endpoint (`unix:` path or `tcp:` address).

@@ -579,6 +579,11 @@ impl Manager {
             documents = policy.documents.len(),
             "central policy received"
         );
+        self.hold_policy(policy, merged);
+    }
+
+    /// Puts `policy` (merged: `merged`) in force here.
+    fn hold_policy(&mut self, policy: crate::cache::CentralPolicy, merged: meshid_policy::Policy) {
         self.stats
             .policy_revision
             .set(i64::try_from(policy.revision).unwrap_or(i64::MAX));
@@ -605,11 +610,7 @@ impl Manager {
                     revision = p.revision,
                     "central policy read back from the last run"
                 );
-                self.stats
-                    .policy_revision
-                    .set(i64::try_from(p.revision).unwrap_or(i64::MAX));
-                self.policy = Arc::new(p);
-                self.policy_merged = Some(Arc::new(merged));
+                self.hold_policy(p, merged);
             }
             Ok((Err(_), _)) => {
                 tracing::warn!(path = %path.display(), "the kept central policy does not merge; ignored")

@@ -195,40 +195,7 @@ impl Authority {
     ) -> Result<(usize, usize, Vec<AgentAck>), AuthorityError> {
         let agents = self.store.list_agents().await?;
         let deliveries = self.store.list_deliveries().await?;
-        let mut best: HashMap<&SpiffeId, &crate::store::DeliveryRecord> = HashMap::new();
-        for d in &deliveries {
-            let slot = best.entry(&d.agent).or_insert(d);
-            if (d.bundle_sequence, d.reported_at) > (slot.bundle_sequence, slot.reported_at) {
-                *slot = d;
-            }
-        }
-        let mut live = 0;
-        let mut acked = 0;
-        let mut lagging = Vec::new();
-        for a in agents.iter().filter(|a| !a.banned && a.expires_at > now_s) {
-            live += 1;
-            let d = best.get(&a.spiffe_id);
-            let delivered = d.map_or(0, |d| d.bundle_sequence);
-            if delivered >= sequence {
-                acked += 1;
-            } else {
-                lagging.push(AgentAck {
-                    agent: a.spiffe_id.clone(),
-                    delivered,
-                    reported_at: d.map_or(0, |d| d.reported_at),
-                    server_id: d.map(|d| d.server_id.clone()).unwrap_or_default(),
-                    x509_streams: d.map_or(0, |d| d.x509_streams),
-                });
-            }
-        }
-        lagging.sort_by(|a, b| {
-            (a.delivered, a.reported_at, a.agent.to_string()).cmp(&(
-                b.delivered,
-                b.reported_at,
-                b.agent.to_string(),
-            ))
-        });
-        Ok((live, acked, lagging))
+        Ok(acknowledgements(&agents, &deliveries, sequence, now_s))
     }
 
     /// Whether the superseded roots of `journal` can be retired at `now_s`, proven from the
@@ -809,4 +776,49 @@ impl Authority {
         }
         Ok(None)
     }
+}
+
+/// How many agents are live (unbanned, SVID unexpired at `now_s`), how many of them reported
+/// `sequence` (or later) delivered, and the others, slowest first: the activation gate, and how
+/// the CA measures a bundle change's effect.
+pub(crate) fn acknowledgements(
+    agents: &[crate::store::AgentRecord],
+    deliveries: &[crate::store::DeliveryRecord],
+    sequence: u64,
+    now_s: i64,
+) -> (usize, usize, Vec<AgentAck>) {
+    let mut best: HashMap<&SpiffeId, &crate::store::DeliveryRecord> = HashMap::new();
+    for d in deliveries {
+        let slot = best.entry(&d.agent).or_insert(d);
+        if (d.bundle_sequence, d.reported_at) > (slot.bundle_sequence, slot.reported_at) {
+            *slot = d;
+        }
+    }
+    let mut live = 0;
+    let mut acked = 0;
+    let mut lagging = Vec::new();
+    for a in agents.iter().filter(|a| !a.banned && a.expires_at > now_s) {
+        live += 1;
+        let d = best.get(&a.spiffe_id);
+        let delivered = d.map_or(0, |d| d.bundle_sequence);
+        if delivered >= sequence {
+            acked += 1;
+        } else {
+            lagging.push(AgentAck {
+                agent: a.spiffe_id.clone(),
+                delivered,
+                reported_at: d.map_or(0, |d| d.reported_at),
+                server_id: d.map(|d| d.server_id.clone()).unwrap_or_default(),
+                x509_streams: d.map_or(0, |d| d.x509_streams),
+            });
+        }
+    }
+    lagging.sort_by(|a, b| {
+        (a.delivered, a.reported_at, a.agent.to_string()).cmp(&(
+            b.delivered,
+            b.reported_at,
+            b.agent.to_string(),
+        ))
+    });
+    (live, acked, lagging)
 }

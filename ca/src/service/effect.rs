@@ -68,14 +68,9 @@ impl Ca {
     pub(crate) async fn live_agent_serials(
         &self,
     ) -> Result<HashMap<SpiffeId, String>, ServiceError> {
-        let now = crate::unix_now();
-        Ok(self
-            .store
-            .list_agents()
-            .await?
-            .into_iter()
-            .filter(|a| !a.banned && a.expires_at > now)
-            .map(|a| (a.spiffe_id, a.serial))
+        let agents = self.store.list_agents().await?;
+        Ok(live(&agents, crate::unix_now())
+            .map(|a| (a.spiffe_id.clone(), a.serial.clone()))
             .collect())
     }
 
@@ -142,14 +137,10 @@ impl Ca {
         for awaited in &mut w.awaited {
             match awaited {
                 Awaited::Bundle(sequence) => {
-                    let mut best: HashMap<&SpiffeId, u64> = HashMap::new();
-                    for d in deliveries {
-                        let slot = best.entry(&d.agent).or_default();
-                        *slot = (*slot).max(d.bundle_sequence);
-                    }
-                    let lagging = live(agents, now)
-                        .filter(|a| best.get(&a.spiffe_id).copied().unwrap_or(0) < *sequence)
-                        .count();
+                    let (_, _, lagging) = crate::authority::root::acknowledgements(
+                        agents, deliveries, *sequence, now,
+                    );
+                    let lagging = lagging.len();
                     if lagging > 0 {
                         missing.push(format!("{lagging} agents without bundle {sequence}"));
                     }
