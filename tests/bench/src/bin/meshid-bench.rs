@@ -49,6 +49,15 @@
 //!   250 ms). Baseline in the same run: both agents restarted at once (keys live in memory
 //!   only, so they issue all 10,000 SVIDs anew), timed until both hold them all; and the
 //!   scheduled replacement, which waits for each SVID's own rotation point (half its life).
+//! - `policy-delivery`: the central policy from `policy apply` to every proxy: 4 agents, 25
+//!   proxies on each (`MESHID_BENCH_PROXIES`, default 100) following the policy from their agent
+//!   (`policy_source = "agent"`), each with its own SPIFFE ID and a rule of its own among 100;
+//!   `MESHID_BENCH_APPLIES` (default 50) applies through the admin API, each changing a rule
+//!   that concerns every proxy, timed from just before the call to the instant each proxy put the
+//!   revision in force (the timestamp of its "central policy in force" log line, same clock).
+//!   Baseline in the same run: the same proxies restarted on a local `policy_file` (reloaded
+//!   when its content changes, looked at every 200 ms), the file replaced (rename) the same
+//!   number of times, timed to each proxy's "policy reloaded" line; and the apply call alone.
 
 #![allow(
     clippy::unwrap_used,
@@ -80,7 +89,7 @@ use tonic::transport::Channel;
 use tonic::{Code, Request, Status, Streaming};
 
 const TD: &str = "example.org";
-const SCENARIOS: [&str; 7] = [
+const SCENARIOS: [&str; 8] = [
     "fetch-latency",
     "interop-latency",
     "propagation",
@@ -88,6 +97,7 @@ const SCENARIOS: [&str; 7] = [
     "node-sign",
     "taint",
     "revocation",
+    "policy-delivery",
 ];
 
 // ---------------------------------------------------------------------------------------------
@@ -1922,6 +1932,331 @@ async fn revocation(st: &mut Stack) {
     drop(agent2);
 }
 
+/// The instant of an RFC 3339 UTC timestamp as the proxies log it
+/// (`2026-12-05T14:20:00.123456Z`).
+fn log_instant(ts: &str) -> Option<SystemTime> {
+    let ts = ts.strip_suffix('Z')?;
+    let (date, time) = ts.split_once('T')?;
+    let mut d = date.splitn(3, '-').map(|v| v.parse::<i64>().ok());
+    let (y, m, day) = (d.next()??, d.next()??, d.next()??);
+    let (hms, frac) = time.split_once('.').unwrap_or((time, "0"));
+    let mut t = hms.splitn(3, ':').map(|v| v.parse::<i64>().ok());
+    let (hh, mm, ss) = (t.next()??, t.next()??, t.next()??);
+    // Days from the civil date (Howard Hinnant's algorithm).
+    let y = if m <= 2 { y - 1 } else { y };
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let doy = (153 * (m + if m > 2 { -3 } else { 9 }) + 2) / 5 + day - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    let days = era * 146_097 + doe - 719_468;
+    let secs = u64::try_from(days * 86_400 + hh * 3600 + mm * 60 + ss).ok()?;
+    let nanos: u32 = format!("{frac:0<9}").get(..9)?.parse().ok()?;
+    Some(SystemTime::UNIX_EPOCH + Duration::new(secs, nanos))
+}
+
+/// Reads what each log gained since the last call and records, per marker found on a line
+/// (`marker(line)`), the first instant each log logged it.
+struct LogTail {
+    paths: Vec<PathBuf>,
+    offsets: Vec<u64>,
+    /// Per log: marker → instant.
+    seen: Vec<std::collections::HashMap<String, SystemTime>>,
+}
+
+impl LogTail {
+    fn new(paths: Vec<PathBuf>) -> Self {
+        let offsets = paths
+            .iter()
+            .map(|p| std::fs::metadata(p).map_or(0, |m| m.len()))
+            .collect();
+        let seen = vec![std::collections::HashMap::new(); paths.len()];
+        Self {
+            paths,
+            offsets,
+            seen,
+        }
+    }
+
+    fn poll(&mut self, marker: impl Fn(&str) -> Option<String>) {
+        use std::io::{Read, Seek};
+        for (i, path) in self.paths.iter().enumerate() {
+            let Ok(mut f) = std::fs::File::open(path) else {
+                continue;
+            };
+            if f.seek(std::io::SeekFrom::Start(self.offsets[i])).is_err() {
+                continue;
+            }
+            let mut text = String::new();
+            if f.read_to_string(&mut text).is_err() {
+                continue;
+            }
+            // Only whole lines; a partial one is read again next time.
+            let whole = text.rfind('\n').map_or(0, |n| n + 1);
+            self.offsets[i] += whole as u64;
+            for line in text[..whole].lines() {
+                let Some(key) = marker(line) else { continue };
+                let Some(at) = line.split_whitespace().next().and_then(log_instant) else {
+                    continue;
+                };
+                self.seen[i].entry(key).or_insert(at);
+            }
+        }
+    }
+
+    /// The instants every log logged `key`, once all have (`None` while some have not).
+    fn all(&self, key: &str) -> Option<Vec<SystemTime>> {
+        self.seen.iter().map(|s| s.get(key).copied()).collect()
+    }
+}
+
+/// Waits (polling the logs every 50 ms, at most `limit`) until every log has `key`; the delays
+/// from `t0`, or the number of logs still without it.
+async fn delays_until(
+    tail: &mut LogTail,
+    key: &str,
+    t0: SystemTime,
+    limit: Duration,
+    marker: &(impl Fn(&str) -> Option<String> + Sync),
+) -> Result<Vec<Duration>, usize> {
+    let started = Instant::now();
+    loop {
+        tail.poll(marker);
+        if let Some(at) = tail.all(key) {
+            return Ok(at
+                .iter()
+                .map(|a| a.duration_since(t0).unwrap_or(Duration::ZERO))
+                .collect());
+        }
+        if started.elapsed() > limit {
+            return Err(tail.seen.iter().filter(|s| !s.contains_key(key)).count());
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// 200 to 400 ms, different each time: the pause before each policy change, so that the
+/// changes do not fall in step with the proxies' 200 ms look at their policy file.
+fn jitter() -> Duration {
+    let nanos = SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .unwrap_or_default()
+        .subsec_nanos();
+    Duration::from_millis(200) + Duration::from_nanos(u64::from(nanos % 200_000_000))
+}
+
+/// The central policy from `policy apply` to every proxy (see the module documentation).
+async fn policy_delivery(st: &mut Stack) {
+    let env = |name: &str, default: usize| {
+        std::env::var(name)
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(default)
+    };
+    let (n_proxies, applies) = (
+        env("MESHID_BENCH_PROXIES", 100),
+        env("MESHID_BENCH_APPLIES", 50),
+    );
+    let dir = st.tmp.path().to_owned();
+    let admin = connect_unix(&st.ca.socket).await;
+    // Three more agents.
+    let mut extra = Vec::new();
+    let mut agents = vec![(st.agent().endpoint(), st.agent_id.clone())];
+    for k in 2..=4 {
+        let (agent, id, _) = tokio::task::block_in_place(|| {
+            start_agent(&dir.join(format!("agent{k}")), &st.ca, &format!("a{k}"), st.uid)
+        });
+        agents.push((agent.endpoint(), id));
+        extra.push(agent);
+    }
+    let ids: Vec<String> = (0..n_proxies).map(|i| format!("spiffe://{TD}/bench/p{i}")).collect();
+    let specs = ids
+        .iter()
+        .enumerate()
+        .map(|(i, id)| admin::Entry {
+            spiffe_id: id.clone(),
+            parent_id: agents[i % agents.len()].1.clone(),
+            selectors: vec![format!("unix:uid:{}", st.uid)],
+            ..Default::default()
+        })
+        .collect();
+    create_entries(&admin, specs, 8).await;
+    // 100 rules, one per proxy, and one about every proxy that each apply changes.
+    let document = |k: usize, name: &str| {
+        let mut text = format!(
+            "name: {name}\ndefault: deny\nrules:\n  - name: changing-{k}\n    from: [\"spiffe://{TD}/bench/workload\"]\n    to: [\"spiffe://{TD}/bench/*\"]\n    ports: [{}]\n",
+            9000 + k % 2
+        );
+        for (i, id) in ids.iter().enumerate() {
+            text.push_str(&format!(
+                "  - name: to-p{i}\n    from: [\"spiffe://{TD}/bench/a{}\"]\n    to: [\"{id}\"]\n",
+                2 + i % 3
+            ));
+        }
+        text
+    };
+    let apply = |k: usize| {
+        let admin = admin.clone();
+        let text = document(k, "bench");
+        async move {
+            meshid_api::admin::policy_client::PolicyClient::new(admin)
+                .apply(admin::ApplyPolicyRequest {
+                    name: "bench".into(),
+                    text,
+                    reason: format!("bench {k}"),
+                    ..Default::default()
+                })
+                .await
+                .unwrap()
+                .into_inner()
+        }
+    };
+    let first = apply(0).await;
+    let base_revision = first.revision;
+    let echo = echo_server();
+    let start_proxies = |source: &str, tag: &str| {
+        (0..n_proxies)
+            .map(|i| {
+                meshid_tests::Proxy::start(
+                    &dir,
+                    &format!("{tag}{i}"),
+                    &format!(
+                        "workload_api_socket = \"{}\"\nspiffe_id = \"{}\"\n{source}\n[[inbound]]\nname = \"in\"\nlisten = \"127.0.0.1:{}\"\nforward_to = \"{echo}\"\nport = 9000\nprotocol = \"tcp\"\n[[inbound]]\nname = \"in2\"\nlisten = \"127.0.0.1:{}\"\nforward_to = \"{echo}\"\nport = 9001\nprotocol = \"tcp\"\n",
+                        agents[i % agents.len()].0,
+                        ids[i],
+                        meshid_tests::free_port(),
+                        meshid_tests::free_port(),
+                    ),
+                )
+            })
+            .collect::<Vec<_>>()
+    };
+    eprintln!("policy-delivery: {n_proxies} proxies on {} agents, {applies} applies", agents.len());
+    let mut proxies = tokio::task::block_in_place(|| {
+        let mut p = start_proxies("policy_source = \"agent\"", "central");
+        for proxy in &mut p {
+            proxy.wait_ready(Duration::from_secs(120));
+        }
+        p
+    });
+    let revision_marker = |line: &str| {
+        line.contains("central policy in force").then(|| {
+            line.split_whitespace()
+                .find_map(|w| w.strip_prefix("revision="))
+                .unwrap_or_default()
+                .to_owned()
+        })
+    };
+    let mut tail = LogTail::new(proxies.iter().map(|p| p.proc.log.clone()).collect());
+    let mut central = Vec::new();
+    let mut calls = Vec::new();
+    let mut worst_per_apply = Vec::new();
+    for k in 1..=applies {
+        tokio::time::sleep(jitter()).await;
+        let t0 = SystemTime::now();
+        let started = Instant::now();
+        let change = apply(k).await;
+        calls.push(started.elapsed());
+        assert_eq!(change.revision, base_revision + k as u64);
+        let delays = delays_until(
+            &mut tail,
+            &change.revision.to_string(),
+            t0,
+            Duration::from_secs(30),
+            &revision_marker,
+        )
+        .await
+        .unwrap_or_else(|missing| {
+            panic!("revision {} did not reach {missing} proxies in 30 s", change.revision)
+        });
+        worst_per_apply.push(*delays.iter().max().unwrap());
+        central.extend(delays);
+    }
+    let revision_metric: f64 = proxies
+        .iter()
+        .map(|p| p.metric("meshid_proxy_policy_revision", &[]))
+        .fold(f64::INFINITY, f64::min);
+    drop(std::mem::take(&mut proxies));
+
+    // Baseline: the same proxies on a local file.
+    let file = dir.join("policy-local.yaml");
+    std::fs::write(&file, document(0, "bench-l0")).unwrap();
+    let proxies = tokio::task::block_in_place(|| {
+        let mut p = start_proxies(&format!("policy_file = \"{}\"", file.display()), "local");
+        for proxy in &mut p {
+            proxy.wait_ready(Duration::from_secs(120));
+        }
+        p
+    });
+    let reload_marker = |line: &str| {
+        line.contains("policy reloaded").then(|| {
+            line.split_whitespace()
+                .find_map(|w| w.strip_prefix("policy="))
+                .unwrap_or_default()
+                .trim_matches('"')
+                .to_owned()
+        })
+    };
+    let mut tail = LogTail::new(proxies.iter().map(|p| p.proc.log.clone()).collect());
+    let mut local = Vec::new();
+    let mut worst_local = Vec::new();
+    for k in 1..=applies {
+        tokio::time::sleep(jitter()).await;
+        let name = format!("bench-l{k}");
+        let tmp = dir.join("policy-local.yaml.new");
+        std::fs::write(&tmp, document(k, &name)).unwrap();
+        let t0 = SystemTime::now();
+        std::fs::rename(&tmp, &file).unwrap();
+        let delays = delays_until(&mut tail, &name, t0, Duration::from_secs(30), &reload_marker)
+            .await
+            .unwrap_or_else(|missing| panic!("{name} did not reach {missing} proxies in 30 s"));
+        worst_local.push(*delays.iter().max().unwrap());
+        local.extend(delays);
+    }
+    drop(proxies);
+    drop(extra);
+
+    let pct = |v: &mut Vec<Duration>, p: f64| {
+        v.sort();
+        v[((v.len() as f64 * p).ceil() as usize).clamp(1, v.len()) - 1]
+    };
+    let ms = |d: Duration| format!("{:.1} ms", d.as_secs_f64() * 1e3);
+    println!(
+        "\n## Central policy: apply → in force at every proxy ({n_proxies} proxies on {} agents, {applies} applies)\n",
+        agents.len()
+    );
+    println!("| measure | p50 | p99 | max |");
+    println!("|---|---|---|---|");
+    let row = |what: &str, v: &mut Vec<Duration>| {
+        let (a, b, c) = (pct(v, 0.5), pct(v, 0.99), pct(v, 1.0));
+        println!("| {what} | {} | {} | {} |", ms(a), ms(b), ms(c));
+        (a, b)
+    };
+    let (c50, c99) = row(
+        "central: `policy apply` → in force at a proxy (every proxy, every apply)",
+        &mut central,
+    );
+    let (_, w99) = row(
+        "central: `policy apply` → in force at the last of the proxies",
+        &mut worst_per_apply,
+    );
+    let (l50, l99) = row(
+        "baseline: local file replaced → reloaded at a proxy",
+        &mut local,
+    );
+    row(
+        "baseline: local file replaced → reloaded at the last of the proxies",
+        &mut worst_local,
+    );
+    row("baseline: the `policy apply` call alone", &mut calls);
+    println!(
+        "\ncentral / local file: p50 {:.2}, p99 {:.2}; target p99 under 1 s at every proxy: {} (p99 of the last proxy per apply {}); lowest revision any proxy reports: {revision_metric}",
+        c50.as_secs_f64() / l50.as_secs_f64().max(1e-9),
+        c99.as_secs_f64() / l99.as_secs_f64().max(1e-9),
+        if c99 < Duration::from_secs(1) { "met" } else { "MISSED" },
+        ms(w99),
+    );
+}
+
 fn fmt_ms(d: Duration) -> String {
     format!("{:.0} ms", d.as_secs_f64() * 1000.0)
 }
@@ -1955,6 +2290,7 @@ fn run(scenario: &str, profile: bool) {
             "node-sign" => node_sign(&stack, profile).await,
             "taint" => taint(&mut stack).await,
             "revocation" => revocation(&mut stack).await,
+            "policy-delivery" => policy_delivery(&mut stack).await,
             other => panic!("unknown scenario {other}"),
         }
     });
