@@ -561,7 +561,7 @@ fn agent_text(a: &admin::Agent) -> String {
         )
     };
     format!(
-        "SPIFFE ID        : {}\nAttestation type : {}\nSerial           : {}\nExpires at       : {}\nCreated at       : {}\nBanned           : {}\nBundle delivered : {}\nPolicy revision  : {}\n",
+        "SPIFFE ID        : {}\nAttestation type : {}\nSerial           : {}\nExpires at       : {}\nCreated at       : {}\nBanned           : {}\nBundle delivered : {}\nPolicy delivered : {}\n",
         a.spiffe_id,
         a.attestation_type,
         a.serial,
@@ -572,7 +572,10 @@ fn agent_text(a: &admin::Agent) -> String {
         if a.policy_revision == 0 {
             "none".to_owned()
         } else {
-            a.policy_revision.to_string()
+            format!(
+                "revision {} (to every proxy following it, or held)",
+                a.policy_revision
+            )
         }
     )
 }

@@ -230,6 +230,9 @@ pub(crate) enum Awaited {
     Crls(std::collections::BTreeMap<String, i64>),
     /// These agents (when still live) hold another SVID than the serial they held then.
     Renewed(std::collections::HashMap<SpiffeId, String>),
+    /// Every live agent reported this policy revision (or a later one) handed to every policy
+    /// stream of its workloads (held, when it has none).
+    Policy(u64),
     /// An X.509-SVID was issued for each of these entries after its `entry.rotated` record;
     /// the audit log is read from `cursor` on.
     Issued {

@@ -260,8 +260,9 @@ impl Manager {
     }
 
     /// What to report: the bundle sequence every open X.509 stream has been handed (the one
-    /// held when none is open), how many are open, and the digest of the CRL set every stream
-    /// has been handed (empty when that set is too old to be remembered).
+    /// held when none is open), how many are open, the digest of the CRL set every stream
+    /// has been handed (empty when that set is too old to be remembered), and the policy
+    /// revision every open policy stream has been handed (the one held when none is open).
     fn delivery_report(&self) -> node::DeliveryReport {
         let delivered = self.delivery.delivered();
         let generation = delivered.map_or(self.crl_generation, |d| d.crls);
@@ -276,7 +277,10 @@ impl Manager {
             bundle_sequence: delivered.map_or(self.bundle.sequence, |d| d.bundle),
             x509_streams: u32::try_from(self.delivery.open_streams()).unwrap_or(u32::MAX),
             crl_digest,
-            policy_revision: self.policy.revision,
+            policy_revision: self
+                .delivery
+                .policy_delivered()
+                .unwrap_or(self.policy.revision),
         }
     }
 

@@ -57,7 +57,7 @@ use meshid_api::policy::{PolicyUpdate, WatchPolicyRequest};
 
 use crate::attest::{AttestError, Attestor};
 use crate::cache::{Bundle, Entry, JwtMinter, MintError, Snapshot, Svid};
-use crate::delivery::{Delivery, Handed, StreamTicket};
+use crate::delivery::{Carried, Delivery, Handed, StreamTicket};
 use crate::jwt::{self, JwtCache, JwtKey};
 
 /// The metadata key every Workload API request must carry, with the value `true`.
@@ -465,7 +465,7 @@ impl WorkloadApi {
             stop: self.stop.clone(),
             sent_first: false,
             done: false,
-            ticket: first.x509_handed().map(|_| self.delivery.open()),
+            ticket: first.carried().map(|c| self.delivery.open(c)),
             pending: None,
             last: first,
             eval,
@@ -690,6 +690,10 @@ impl PartialEq for PolicyView {
 impl View for PolicyView {
     type Message = PolicyUpdate;
 
+    fn carried(&self) -> Option<Carried> {
+        Some(Carried::Policy(self.revision))
+    }
+
     fn message(&self) -> PolicyUpdate {
         PolicyUpdate {
             revision: self.revision,
@@ -799,9 +803,10 @@ trait View: PartialEq + Send + 'static {
     type Message: Send + 'static;
     /// Builds the message.
     fn message(&self) -> Self::Message;
-    /// The bundle sequence and CRL generation an X.509 message carries (`None` for other
+    /// What a message carries that the agent reports to the CA (the bundle sequence and CRL
+    /// generation of an X.509 message, the revision of a policy message; `None` for other
     /// streams).
-    fn x509_handed(&self) -> Option<Handed> {
+    fn carried(&self) -> Option<Carried> {
         None
     }
 }
@@ -851,11 +856,11 @@ impl PartialEq for X509View {
 impl View for X509View {
     type Message = X509svidResponse;
 
-    fn x509_handed(&self) -> Option<Handed> {
-        Some(Handed {
+    fn carried(&self) -> Option<Carried> {
+        Some(Carried::X509(Handed {
             bundle: self.bundle.sequence,
             crls: self.crl_generation,
-        })
+        }))
     }
 
     fn message(&self) -> X509svidResponse {
@@ -938,11 +943,11 @@ impl PartialEq for X509BundlesView {
 impl View for X509BundlesView {
     type Message = X509BundlesResponse;
 
-    fn x509_handed(&self) -> Option<Handed> {
-        Some(Handed {
+    fn carried(&self) -> Option<Carried> {
+        Some(Carried::X509(Handed {
             bundle: self.bundle.sequence,
             crls: self.crl_generation,
-        })
+        }))
     }
 
     fn message(&self) -> X509BundlesResponse {
@@ -1043,11 +1048,11 @@ struct StreamState<V> {
     done: bool,
     eval: Eval<V>,
     metrics: Option<Arc<dyn WorkloadApiMetrics>>,
-    /// This stream's place in the delivery record (X.509 streams).
+    /// This stream's place in the delivery record (X.509 and policy streams).
     ticket: Option<StreamTicket>,
     /// What the message last yielded carries, counted once the transport asks for the next
     /// one.
-    pending: Option<Handed>,
+    pending: Option<Carried>,
 }
 
 impl<V: View> StreamState<V> {
@@ -1062,7 +1067,7 @@ impl<V: View> StreamState<V> {
         if !self.sent_first {
             self.sent_first = true;
             let first = self.last.message();
-            self.pending = self.last.x509_handed();
+            self.pending = self.last.carried();
             return Some((Ok(first), self));
         }
         loop {
@@ -1087,7 +1092,7 @@ impl<V: View> StreamState<V> {
                         "stream update"
                     );
                     let message = self.last.message();
-                    self.pending = self.last.x509_handed();
+                    self.pending = self.last.carried();
                     return Some((Ok(message), self));
                 }
                 Verdict::Ready(_) | Verdict::NotReady(_) => continue,

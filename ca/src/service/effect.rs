@@ -7,6 +7,7 @@
 //! | `ca.root.prepared`, `ca.root.retired` | every live agent reported the new bundle handed to every X.509 stream of its workloads |
 //! | `ca.root.activated` | every live agent renewed its own SVID (under the new root) |
 //! | `svid.revoked` | every live agent reported a CRL set listing the certificates (or a later one) handed to every X.509 stream |
+//! | `policy.apply`, `policy.delete`, `policy.rollback` | every live agent reported the revision (or a later one) handed to every policy stream (the proxies following it), or held when it has none |
 //! | `entry.rotated` | an SVID was issued for the entry after the rotation |
 //! | `agent.rotated` | the agent renewed its own SVID and one was issued for each of its entries |
 //!
@@ -150,16 +151,9 @@ impl Ca {
                     if serials.is_empty() {
                         continue;
                     }
-                    // Each agent's latest report, whichever server took it: the digest of the
-                    // CRL set every stream of its workloads was handed.
-                    let mut latest: HashMap<&SpiffeId, &crate::store::DeliveryRecord> =
-                        HashMap::new();
-                    for d in deliveries {
-                        let slot = latest.entry(&d.agent).or_insert(d);
-                        if d.reported_at > slot.reported_at {
-                            *slot = d;
-                        }
-                    }
+                    // Each agent's latest report: the digest of the CRL set every stream of its
+                    // workloads was handed.
+                    let latest = latest_reports(deliveries);
                     let lagging = live(agents, now)
                         .filter(|a| {
                             let set = latest
@@ -170,6 +164,21 @@ impl Ca {
                         .count();
                     if lagging > 0 {
                         missing.push(format!("{lagging} agents without the CRLs"));
+                    }
+                }
+                Awaited::Policy(revision) => {
+                    let latest = latest_reports(deliveries);
+                    let lagging = live(agents, now)
+                        .filter(|a| {
+                            latest
+                                .get(&a.spiffe_id)
+                                .is_none_or(|d| d.policy_revision < *revision)
+                        })
+                        .count();
+                    if lagging > 0 {
+                        missing.push(format!(
+                            "{lagging} agents without policy revision {revision}"
+                        ));
                     }
                 }
                 Awaited::Renewed(before) => {
@@ -256,4 +265,18 @@ fn live(
     agents
         .iter()
         .filter(move |a| !a.banned && a.expires_at > now)
+}
+
+/// Each agent's latest delivery report, whichever CA server took it.
+fn latest_reports(
+    deliveries: &[crate::store::DeliveryRecord],
+) -> HashMap<&SpiffeId, &crate::store::DeliveryRecord> {
+    let mut latest: HashMap<&SpiffeId, &crate::store::DeliveryRecord> = HashMap::new();
+    for d in deliveries {
+        let slot = latest.entry(&d.agent).or_insert(d);
+        if d.reported_at > slot.reported_at {
+            *slot = d;
+        }
+    }
+    latest
 }

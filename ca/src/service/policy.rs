@@ -14,7 +14,7 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use super::{check_reason, invalid, Ca, ServiceError};
+use super::{check_reason, invalid, Awaited, Ca, ServiceError};
 use crate::audit::AuditEvent;
 use crate::store::{PolicyRevision, StoreError};
 
@@ -305,6 +305,12 @@ impl Ca {
             }),
         );
         self.store.append_policy_revision(&revision, &event).await?;
+        self.watch_effect(
+            &format!("policy.{action}"),
+            author,
+            serde_json::json!({ "revision": revision.revision, "subject": subject }),
+            vec![Awaited::Policy(revision.revision)],
+        );
         if let Err(e) = self.refresh_policy().await {
             // Committed: the agents get it at their next sync or this server's next change.
             tracing::warn!(error = %e, "cannot reload the policy just applied");

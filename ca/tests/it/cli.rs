@@ -750,6 +750,22 @@ fn policy_apply_show_history_rollback() {
     assert!(ca
         .fails(&["policy", "show", "--revision", "9"])
         .contains("policy revision 9 not found"));
-    let audit = ca.ok(&["audit", "list", "--kind", "policy.", "--output", "json"]);
-    assert_eq!(audit.lines().count(), 3, "{audit}");
+    // Each change, and (with no agent to wait for) its effect across the mesh, recorded at the
+    // next check.
+    let t0 = std::time::Instant::now();
+    loop {
+        let audit = ca.ok(&["audit", "list", "--kind", "policy.", "--output", "json"]);
+        let kinds: Vec<String> = audit
+            .lines()
+            .map(|l| json(l)["kind"].as_str().unwrap().to_owned())
+            .collect();
+        let changes = kinds.iter().filter(|k| !k.ends_with(".effective")).count();
+        assert_eq!(changes, 3, "{audit}");
+        let effective = kinds.iter().filter(|k| k.ends_with(".effective")).count();
+        if effective == 3 {
+            break;
+        }
+        assert!(t0.elapsed().as_secs() < 5, "{audit}");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
 }

@@ -138,7 +138,8 @@ pub struct DeliveryReport {
     /// the sets it served to measure when a revocation reached every workload.
     #[prost(string, tag = "3")]
     pub crl_digest: ::prost::alloc::string::String,
-    /// The central policy revision the agent holds (0: none).
+    /// The central policy revision every open policy stream (meshid.policy.v1.PolicyDelivery.Watch,
+    /// which proxies follow) has been handed; the one the agent holds when none is open (0: none).
     #[prost(uint64, tag = "4")]
     pub policy_revision: u64,
 }
