@@ -8,6 +8,7 @@
 //! workload_api_socket = "unix:///run/meshid/agent/api.sock"
 //! ops_address = "127.0.0.1:15000"
 //! policy_file = "/etc/meshid/policy.yaml"   # or policy_source = "agent": the CA's policy
+//! # policy_cache = "/var/lib/meshid-proxy/policy.json"   # with "agent": the last revision
 //!
 //! [[inbound]]
 //! name = "api"
@@ -56,6 +57,11 @@ pub struct RawConfig {
     /// `file` (default: `policy_file`) or `agent`: the CA's central policy, from the node agent
     /// on `workload_api_socket` (the rules that concern this proxy's SPIFFE IDs).
     pub policy_source: Option<String>,
+    /// With `policy_source = "agent"`: a file (written with mode 0600) keeping the last
+    /// revision received, put in force again when the proxy starts, before the agent answers:
+    /// a proxy restarted while its agent is down comes back with the last revision, not with
+    /// every caller refused. Not a secret: the rules that concern this proxy.
+    pub policy_cache: Option<PathBuf>,
     /// Where JSON access log lines go: `stdout` (default), `stderr`, `off`, or a file path
     /// (appended, created with mode 0640).
     pub access_log: Option<String>,
@@ -404,6 +410,8 @@ pub struct Config {
     pub policy_file: Option<PathBuf>,
     /// Whether the policy comes from the node agent (the CA's central policy) instead.
     pub policy_from_agent: bool,
+    /// With the policy from the agent: where the last revision received is kept.
+    pub policy_cache: Option<PathBuf>,
     /// Access log destination.
     pub access_log: AccessLog,
     /// JSON logs.
@@ -624,12 +632,20 @@ impl TryFrom<RawConfig> for Config {
                 ))
             }
         };
+        if raw.policy_cache.is_some() && !policy_from_agent {
+            return Err(invalid(
+                "policy_cache",
+                "keeps the policy received from the agent: set policy_source = \"agent\", or \
+                 remove policy_cache",
+            ));
+        }
         Ok(Config {
             workload_api_socket,
             spiffe_id,
             ops_address,
             policy_file: raw.policy_file,
             policy_from_agent,
+            policy_cache: raw.policy_cache,
             access_log,
             log_json,
             drain_timeout: duration(raw.drain_timeout, Duration::from_secs(10), "drain_timeout")?,

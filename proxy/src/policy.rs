@@ -147,6 +147,151 @@ pub async fn watch_policy(
     }
 }
 
+/// Where the central policy comes from and how this proxy takes it.
+#[derive(Debug, Clone)]
+pub struct CentralSource {
+    /// The agent's Workload API endpoint.
+    pub endpoint: String,
+    /// The proxy's own SPIFFE ID, when configured: only the rules about it are kept.
+    pub own: Option<spiffe::SpiffeId>,
+    /// The inbound ports and their protocols, which a revision must fit.
+    pub ports: Vec<(u16, Protocol)>,
+    /// `policy_cache`.
+    pub cache: Option<PathBuf>,
+}
+
+impl CentralSource {
+    /// From the configuration.
+    pub fn new(config: &Config) -> Self {
+        Self {
+            endpoint: config.workload_api_socket.clone(),
+            own: config.spiffe_id.clone(),
+            ports: port_protocols(config),
+            cache: config.policy_cache.clone(),
+        }
+    }
+}
+
+/// A central policy revision as this proxy enforces it: the rules whose `to` can match its own
+/// SPIFFE ID when it is configured (the agent hands over the rules of every SPIFFE ID the
+/// proxy's process may hold, which may include those of other workloads of the same user),
+/// checked against the listeners.
+fn own_rules(
+    text: &str,
+    origin: &str,
+    own: Option<&spiffe::SpiffeId>,
+    ports: &[(u16, Protocol)],
+) -> Result<Policy, PolicyError> {
+    let policy = Policy::parse(text, origin)?;
+    let policy = match own {
+        Some(id) => policy.restricted_to(std::slice::from_ref(id)),
+        None => policy,
+    };
+    policy.validate_ports(ports)?;
+    Ok(policy)
+}
+
+/// Puts a central policy revision in force.
+fn put_in_force(
+    policy: Policy,
+    number: u64,
+    current: &ArcSwap<ActivePolicy>,
+    revision: &std::sync::atomic::AtomicU64,
+    metrics: &Arc<Metrics>,
+) {
+    current.store(Arc::new(ActivePolicy::new(policy, metrics)));
+    revision.store(number, std::sync::atomic::Ordering::Release);
+    metrics
+        .policy_revision
+        .set(i64::try_from(number).unwrap_or(i64::MAX));
+    metrics
+        .policy_reloads
+        .get_or_create(&crate::metrics::ReloadLabels { result: "ok" })
+        .inc();
+}
+
+/// What `policy_cache` holds: the last revision received, as the agent sent it.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct Cached {
+    revision: u64,
+    spiffe_ids: Vec<String>,
+    policy: String,
+}
+
+/// Keeps `update` in the policy cache (written whole, mode 0600); a failure is logged and the
+/// policy stays in force.
+async fn keep(path: &Path, update: &meshid_api::policy::PolicyUpdate) {
+    let cached = Cached {
+        revision: update.revision,
+        spiffe_ids: update.spiffe_ids.clone(),
+        policy: update.policy.clone(),
+    };
+    let path = path.to_owned();
+    let written = tokio::task::spawn_blocking(move || {
+        let json = serde_json::to_vec(&cached).map_err(std::io::Error::other)?;
+        meshid_api::files::write_private(&path, &json)
+    })
+    .await;
+    match written {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => {
+            tracing::warn!(revision = update.revision, error = %e, "cannot keep the central policy in policy_cache (it stays in force)");
+        }
+        Err(e) => tracing::warn!(error = %e, "cannot keep the central policy in policy_cache"),
+    }
+}
+
+/// At start: puts the revision kept in `cache` in force, if there is one that is this proxy's
+/// (it names `spiffe_id`, when one is configured), parses, and fits the listeners. The agent's
+/// stream replaces it as soon as it answers. Anything else is logged and every caller stays
+/// refused until the agent answers.
+pub fn read_back(
+    source: &CentralSource,
+    current: &ArcSwap<ActivePolicy>,
+    revision: &std::sync::atomic::AtomicU64,
+    metrics: &Arc<Metrics>,
+) {
+    let Some(cache) = &source.cache else { return };
+    let (spiffe_id, ports) = (source.own.as_ref(), &source.ports);
+    let origin = cache.display().to_string();
+    let bytes = match std::fs::read(cache) {
+        Ok(b) => b,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return,
+        Err(e) => {
+            tracing::warn!(path = %origin, error = %e, "cannot read policy_cache; waiting for the agent");
+            return;
+        }
+    };
+    let kept = check_policy_mode(cache)
+        .map_err(|e| e.to_string())
+        .and_then(|()| serde_json::from_slice::<Cached>(&bytes).map_err(|e| e.to_string()))
+        .and_then(|c| {
+            if let Some(id) = spiffe_id {
+                if !c.spiffe_ids.iter().any(|s| *s == id.to_string()) {
+                    return Err(format!("kept for {:?}, not for {id}", c.spiffe_ids));
+                }
+            }
+            let policy = own_rules(
+                &c.policy,
+                &format!("{origin} (revision {})", c.revision),
+                spiffe_id,
+                ports,
+            )
+            .map_err(|e| e.to_string())?;
+            Ok((c.revision, policy))
+        });
+    match kept {
+        Ok((0, _)) => {}
+        Ok((number, policy)) => {
+            tracing::info!(revision = number, path = %origin, "central policy in force, read back from policy_cache until the agent answers");
+            put_in_force(policy, number, current, revision, metrics);
+        }
+        Err(e) => {
+            tracing::warn!(path = %origin, error = %e, "policy_cache refused; every inbound caller is refused until the agent answers");
+        }
+    }
+}
+
 /// Follows the central policy from the node agent (`policy_source = "agent"`): the rules of the
 /// CA's policy that concern this proxy's SPIFFE IDs, on the agent's `PolicyDelivery.Watch`
 /// stream. A revision that does not parse or does not fit the listeners is refused (the one in
@@ -154,17 +299,22 @@ pub async fn watch_policy(
 /// opened again. `revision` holds the revision in force (0 until the first: every inbound
 /// caller refused, and the proxy not ready).
 pub async fn follow_policy(
-    endpoint: String,
-    ports: Vec<(u16, Protocol)>,
+    source: CentralSource,
     current: Arc<ArcSwap<ActivePolicy>>,
     revision: Arc<std::sync::atomic::AtomicU64>,
     metrics: Arc<Metrics>,
     drain: watch::Receiver<bool>,
 ) {
     use meshid_api::policy::policy_delivery_client::PolicyDeliveryClient;
-    use std::sync::atomic::Ordering;
-    let (endpoint, ports, current, revision, metrics) =
-        (&endpoint, &ports, &current, &revision, &metrics);
+    let CentralSource {
+        endpoint,
+        own,
+        ports,
+        cache,
+    } = source;
+    let (endpoint, own, ports, cache, current, revision, metrics) = (
+        &endpoint, &own, &ports, &cache, &current, &revision, &metrics,
+    );
     crate::tls::keep_following(
         "policy stream from the agent (the policy in force stays)",
         endpoint,
@@ -184,25 +334,17 @@ pub async fn follow_policy(
                 .map_err(|s| anyhow::anyhow!("{}", s.message()))?
             {
                 let origin = format!("central policy revision {}", update.revision);
-                let result = Policy::parse(&update.policy, &origin).and_then(|p| {
-                    p.validate_ports(ports)?;
-                    Ok(p)
-                });
+                let result = own_rules(&update.policy, &origin, own.as_ref(), ports);
                 match result {
                     Ok(policy) if update.revision == 0 => {
                         tracing::warn!(policy = policy.name(), "the agent has no central policy yet (none applied at the CA): every inbound caller is refused");
                     }
                     Ok(policy) => {
                         tracing::info!(revision = update.revision, rules = policy.rule_count(), spiffe_ids = ?update.spiffe_ids, "central policy in force");
-                        current.store(Arc::new(ActivePolicy::new(policy, metrics)));
-                        revision.store(update.revision, Ordering::Release);
-                        metrics
-                            .policy_revision
-                            .set(i64::try_from(update.revision).unwrap_or(i64::MAX));
-                        metrics
-                            .policy_reloads
-                            .get_or_create(&crate::metrics::ReloadLabels { result: "ok" })
-                            .inc();
+                        put_in_force(policy, update.revision, current, revision, metrics);
+                        if let Some(path) = cache {
+                            keep(path, &update).await;
+                        }
                     }
                     Err(e) => {
                         tracing::error!(revision = update.revision, error = %e, "central policy refused; the policy in force stays");

@@ -151,9 +151,10 @@ pub async fn run(
         .policy_from_agent
         .then(|| Arc::new(std::sync::atomic::AtomicU64::new(0)));
     if let Some(revision) = &central_policy {
+        let source = crate::policy::CentralSource::new(&config);
+        crate::policy::read_back(&source, &policy, revision, &metrics);
         tokio::spawn(crate::policy::follow_policy(
-            config.workload_api_socket.clone(),
-            port_protocols(&config),
+            source,
             policy.clone(),
             revision.clone(),
             metrics.clone(),

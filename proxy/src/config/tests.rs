@@ -261,3 +261,20 @@ fn the_policy_source_is_the_file_or_the_agent_never_both() {
     let e = parse(&bad).unwrap_err().to_string();
     assert!(e.contains("policy_source") && e.contains("\"ca\""), "{e}");
 }
+
+#[test]
+fn the_policy_cache_goes_with_the_agent_source_only() {
+    let cached =
+        format!("policy_source = \"agent\"\npolicy_cache = \"/var/lib/p.json\"\n{MINIMAL}");
+    assert_eq!(
+        parse(&cached).unwrap().policy_cache.as_deref(),
+        Some(std::path::Path::new("/var/lib/p.json"))
+    );
+    let with_file =
+        format!("policy_file = \"/p.yaml\"\npolicy_cache = \"/var/lib/p.json\"\n{MINIMAL}");
+    let e = parse(&with_file).unwrap_err().to_string();
+    assert!(
+        e.contains("policy_cache") && e.contains("policy_source = \"agent\""),
+        "{e}"
+    );
+}
