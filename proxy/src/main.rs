@@ -34,7 +34,7 @@ enum Command {
         #[arg(long, default_value = meshid_proxy::config::DEFAULT_OPS_ADDRESS)]
         ops_address: String,
     },
-    /// Policy tools: check, explain, who-can, test, diff.
+    /// Policy tools: check, explain, who-can, test, diff, suggest.
     #[command(subcommand)]
     Policy(PolicyCommand),
     /// Transparent mode's iptables rules (run as root in the workload's network namespace).

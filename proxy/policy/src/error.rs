@@ -1,4 +1,5 @@
-//! The two error types of this crate: [`PatternError`] for one pattern, [`PolicyError`] for a file.
+//! The error types of this crate: [`PatternError`] for one pattern, [`PolicyError`] for a file,
+//! [`AccessLogError`] for a line of an access log.
 
 use std::path::PathBuf;
 
@@ -141,4 +142,23 @@ impl PolicyError {
             other => other.to_string(),
         }
     }
+}
+
+/// Why a line of an access log was refused ([`crate::parse_access_log`]).
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[non_exhaustive]
+pub enum AccessLogError {
+    /// The line is not an access record as the proxy writes them: not JSON, a field missing or
+    /// of the wrong type, or an unknown `decision`, `kind` or `direction`.
+    #[error("{origin}:{line}:{column}: not an access record: {message}")]
+    Invalid {
+        /// The file name used in messages.
+        origin: String,
+        /// Line, from 1.
+        line: usize,
+        /// Column, from 1 (1 when the JSON is well-formed but a value is not).
+        column: usize,
+        /// What is wrong.
+        message: String,
+    },
 }

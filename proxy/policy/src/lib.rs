@@ -5,7 +5,9 @@
 //! validated [`Policy`] (every error carries file:line:column), decides requests on the proxy's
 //! hot path without allocating ([`Policy::decide`], [`Policy::connection`]), and answers the
 //! policy author's questions ([`Policy::check`], [`Policy::explain`], [`Policy::who_can`], test
-//! [`cases`]). It also defines the proxy's [`AccessRecord`], which `policy diff` replays.
+//! [`cases`]). It also defines the proxy's [`AccessRecord`] and reads access logs
+//! ([`parse_access_log`]), which `policy diff` replays and from which [`Policy::suggest`] derives
+//! least-privilege rules.
 //!
 //! It is pure: no network, no clock, no logging, no global state; the only I/O is reading a file
 //! in [`Policy::load`] and [`load_cases`]. It does not verify certificates: callers pass the
@@ -16,7 +18,8 @@
 //! - `pattern`: SPIFFE ID patterns ([`Pattern`]) and HTTP path patterns ([`PathPattern`]).
 //! - `policy`: the rule model, the YAML reader and the decision functions.
 //! - `check`, `explain`: lint findings; explanations and who-can answers.
-//! - [`cases`]: policy test cases. `access`: the access log record.
+//! - [`cases`]: policy test cases. `access`: the access log record and reader.
+//! - `suggest`: least-privilege rules from recorded traffic.
 //! - `yaml`: a positioned YAML tree over `saphyr-parser` events (strict, size and depth limited).
 //!
 //! # The language
@@ -55,12 +58,13 @@ mod parse;
 mod pattern;
 mod policy;
 mod render;
+mod suggest;
 mod yaml;
 
-pub use access::AccessRecord;
+pub use access::{parse_access_log, AccessRecord};
 pub use cases::{load_cases, parse_cases, CaseResult, TestCase};
 pub use check::{Finding, Severity};
-pub use error::{PatternError, PolicyError};
+pub use error::{AccessLogError, PatternError, PolicyError};
 pub use explain::{Explanation, Field, Grant, RuleMatch, RuleTrace, WhoCan};
 pub use pattern::{is_unambiguous_path, PathPattern, Pattern};
 pub use policy::{
@@ -68,3 +72,4 @@ pub use policy::{
     RuleRef, MAX_POLICY_BYTES,
 };
 pub use spiffe::{SpiffeId, TrustDomain};
+pub use suggest::{Skip, SuggestOptions, Suggestion};

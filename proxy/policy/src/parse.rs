@@ -507,7 +507,7 @@ fn parse_http(
 
 /// An upgrade protocol name as policies write it: a lower-case token (RFC 9110 section 7.8
 /// without the version), at most 32 bytes.
-fn is_upgrade_token(u: &str) -> bool {
+pub(crate) fn is_upgrade_token(u: &str) -> bool {
     !u.is_empty()
         && u.len() <= 32
         && u.bytes().all(|b| {

@@ -379,6 +379,29 @@ pub(crate) fn canonical_body(path: &str) -> Option<&str> {
     Some(body)
 }
 
+/// The path pattern that matches exactly the request paths reading like `path` (its decoded
+/// segments as literals, so `/b`, `/b/` and `/%62` give `/b`), or `None` when no pattern can:
+/// an ambiguous path, or a decoded segment with a `*` or a character patterns do not allow.
+pub(crate) fn literal_path(path: &str) -> Option<PathPattern> {
+    let body = canonical_body(path)?;
+    let mut s = String::with_capacity(body.len() + 1);
+    if body.is_empty() {
+        s.push('/');
+    } else {
+        for seg in body.split('/') {
+            let bytes: Option<Vec<u8>> = decode(seg).collect();
+            let seg = String::from_utf8(bytes?).ok()?;
+            if seg.contains('*') {
+                return None;
+            }
+            s.push('/');
+            s.push_str(&seg);
+        }
+    }
+    let pattern: PathPattern = s.parse().ok()?;
+    pattern.matches(path).then_some(pattern)
+}
+
 /// Percent-decodes a segment byte by byte; `None` items for invalid escapes.
 fn decode(seg: &str) -> impl Iterator<Item = Option<u8>> + '_ {
     let bytes = seg.as_bytes();

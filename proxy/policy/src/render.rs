@@ -10,7 +10,7 @@ use crate::policy::{Mode, Policy};
 use crate::Action;
 
 /// A YAML double-quoted scalar (JSON's string syntax, which YAML reads the same).
-fn quoted(s: &str) -> String {
+pub(crate) fn quoted(s: &str) -> String {
     serde_json::to_string(s).unwrap_or_else(|_| "\"\"".to_owned())
 }
 

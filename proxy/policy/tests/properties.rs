@@ -1,6 +1,6 @@
 //! Property tests: patterns against a naive reference matcher, decisions against a reference
-//! model written from the language's rules, `explain` and `connection` against `decide`, and
-//! the parser against arbitrary input.
+//! model written from the language's rules, `explain` and `connection` against `decide`, the
+//! parser against arbitrary input, and `suggest` against the traffic it was given.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
@@ -527,6 +527,260 @@ proptest! {
         let mutated = format!("{}{}{}", &text[..at], junk, &text[at..]);
         if let Ok(p) = Policy::parse(&mutated, "m.yaml") {
             let _ = p.check();
+        }
+    }
+}
+
+// `Policy::suggest`: generated traffic, recorded as the proxy records it, then replayed.
+
+const UPGRADES: &[Option<&str>] = &[
+    None,
+    None,
+    Some("websocket"),
+    Some("WebSocket"),
+    Some("h2c"),
+];
+
+/// Callers that differ in one segment (so that widening has something to do), or one.
+fn callers() -> impl Strategy<Value = Vec<Id>> {
+    (id(), any::<prop::sample::Index>(), subset(SEGS)).prop_map(|(base, at, segs)| {
+        if base.segs.is_empty() {
+            return vec![base];
+        }
+        let k = at.index(base.segs.len());
+        segs.iter()
+            .map(|s| {
+                let mut id = base.clone();
+                id.segs[k] = s;
+                id
+            })
+            .collect()
+    })
+}
+
+/// What one record says besides who called whom.
+#[derive(Clone, Debug)]
+struct Shape {
+    http: Option<(&'static str, &'static str, Option<&'static str>)>,
+    decision: &'static str,
+    outbound: bool,
+    /// 0: as generated; 1: no caller; 2: a caller that is not a SPIFFE ID; 3: no port.
+    damage: u8,
+}
+
+fn shape() -> impl Strategy<Value = Shape> {
+    (
+        prop::option::weighted(
+            0.8,
+            (
+                prop::sample::select(REQ_METHODS),
+                prop::sample::select(REQ_PATHS),
+                prop::sample::select(UPGRADES),
+            ),
+        ),
+        prop::sample::select(&["allow", "allow", "allow", "audit_deny", "deny", "close"][..]),
+        prop::bool::weighted(0.1),
+        prop::sample::select(&[0u8, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 2, 3][..]),
+    )
+        .prop_map(|(http, decision, outbound, damage)| Shape {
+            http,
+            decision,
+            outbound,
+            damage,
+        })
+}
+
+/// Traffic as flows (callers, callee, port, the shapes each caller sent), recorded.
+fn traffic() -> impl Strategy<Value = Vec<meshid_policy::AccessRecord>> {
+    let flow = (
+        callers(),
+        id(),
+        prop::sample::select(PORTS),
+        prop::collection::vec(shape(), 1..4),
+    );
+    prop::collection::vec(flow, 1..6).prop_map(|flows| {
+        let mut records = Vec::new();
+        for (callers, callee, port, shapes) in flows {
+            for caller in &callers {
+                for s in &shapes {
+                    let n = records.len();
+                    records.push(meshid_policy::AccessRecord {
+                        timestamp: format!("2025-01-01T00:00:{:02}Z", n % 60),
+                        kind: if s.http.is_some() {
+                            "request"
+                        } else {
+                            "connection"
+                        }
+                        .to_owned(),
+                        direction: if s.outbound { "outbound" } else { "inbound" }.to_owned(),
+                        caller: match s.damage {
+                            1 => None,
+                            2 => Some("spiffe://e.org/a//b".to_owned()),
+                            _ => Some(caller.spiffe().to_string()),
+                        },
+                        callee: Some(callee.spiffe().to_string()),
+                        port: (s.damage != 3).then_some(port),
+                        method: s.http.map(|h| h.0.to_owned()),
+                        path: s.http.map(|h| h.1.to_owned()),
+                        upgrade: s.http.and_then(|h| h.2).map(str::to_owned),
+                        decision: s.decision.to_owned(),
+                        ..meshid_policy::AccessRecord::default()
+                    });
+                }
+            }
+        }
+        records
+    })
+}
+
+fn widen_options() -> impl Strategy<Value = meshid_policy::SuggestOptions> {
+    prop::sample::select(&[0usize, 2, 3][..]).prop_map(|widen_min| meshid_policy::SuggestOptions {
+        widen_min,
+        ..meshid_policy::SuggestOptions::default()
+    })
+}
+
+/// The decision for a recorded request replayed under `policy`.
+fn replay(policy: &Policy, r: &meshid_policy::AccessRecord) -> Outcome {
+    r.replay(policy).unwrap().outcome
+}
+
+/// The suggestion's text without its `index`th rule (comments left in place).
+fn without_rule(yaml: &str, index: usize) -> String {
+    let mut out = Vec::new();
+    let mut seen = 0usize;
+    let mut skipping = false;
+    for line in yaml.lines() {
+        if line.starts_with("  - name: ") {
+            skipping = seen == index;
+            seen += 1;
+        } else if !line.starts_with("    ") {
+            skipping = false;
+        }
+        if !skipping {
+            out.push(line);
+        }
+    }
+    let mut text = out.join("\n");
+    if !text.contains("\n  - name: ") {
+        text = text.replace("\nrules:\n", "\nrules: []\n");
+    }
+    text.push('\n');
+    text
+}
+
+/// Recorded traffic that went through, as the test reads a record: inbound, `allow` or
+/// `audit_deny`, with a caller and callee that are SPIFFE IDs and a port.
+fn went_through(r: &meshid_policy::AccessRecord) -> bool {
+    let id = |s: &Option<String>| s.as_deref().is_some_and(|s| SpiffeId::new(s).is_ok());
+    r.direction == "inbound"
+        && (r.decision == "allow" || r.decision == "audit_deny")
+        && id(&r.caller)
+        && id(&r.callee)
+        && r.port.is_some()
+}
+
+/// A recorded request's method and path, `None` for a connection.
+fn request(r: &meshid_policy::AccessRecord) -> Option<(&str, &str)> {
+    r.method.as_deref().zip(r.path.as_deref())
+}
+
+/// A request path's key as path patterns see it (`None`: ambiguous, no pattern matches it).
+fn path_key(path: &str) -> Option<&'static str> {
+    match path {
+        "/b" | "/b/" | "/%62" => Some("b"),
+        "/a/b" => Some("a/b"),
+        "/" => Some(""),
+        "/a" => Some("a"),
+        "/c/d/e" => Some("c/d/e"),
+        "/zzz" => Some("zzz"),
+        _ => None,
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 256, failure_persistence: None, ..ProptestConfig::default() })]
+
+    /// The acceptance test of `policy suggest`: replaying the recorded allowed traffic under
+    /// the suggestion gives zero denials, and without any one of its rules at least one
+    /// recorded request is denied. The text parses back, and `check` finds nothing wrong.
+    #[test]
+    fn a_suggestion_allows_the_recorded_traffic_and_needs_every_rule(records in traffic(), options in widen_options()) {
+        let s = Policy::suggest(&records, &options).unwrap();
+        let again = Policy::parse(&s.yaml, "again.yaml").unwrap();
+        prop_assert_eq!(again.rule_count(), s.policy.rule_count());
+        let warnings: Vec<_> = s.policy.check().into_iter().filter(|f| f.severity == meshid_policy::Severity::Warning).collect();
+        prop_assert!(warnings.is_empty(), "{:?}\n{}", warnings, s.yaml);
+        let used: Vec<&meshid_policy::AccessRecord> = records.iter().filter(|r| went_through(r)).collect();
+        for r in &records {
+            prop_assert_eq!(meshid_policy::Skip::of(r).is_none(), went_through(r), "{:?}", r);
+        }
+        prop_assert_eq!(used.len(), s.used);
+        prop_assert_eq!(s.used + s.skipped.values().sum::<usize>(), records.len());
+        for r in &used {
+            prop_assert!(replay(&again, r).allowed(), "{:?} denied under\n{}", r, s.yaml);
+        }
+        for i in 0..s.policy.rule_count() {
+            let text = without_rule(&s.yaml, i);
+            let less = Policy::parse(&text, "less.yaml").unwrap_or_else(|e| panic!("{e}\n{text}"));
+            prop_assert_eq!(less.rule_count() + 1, s.policy.rule_count());
+            prop_assert!(
+                used.iter().any(|r| !replay(&less, r).allowed()),
+                "rule {} is not needed:\n{}", i, s.yaml
+            );
+        }
+    }
+
+    /// Least privilege on what the logs know: for every caller and callee the logs mention,
+    /// on every port, a request is allowed exactly when the same caller was recorded sending
+    /// that callee and port a request with the same method, path (as patterns read it) and
+    /// upgrade, or opaque traffic; a path, method or upgrade the `http` conditions cannot
+    /// name drops that condition for the pair. `*` patterns therefore never reach another
+    /// known ID.
+    #[test]
+    fn a_suggestion_allows_nothing_else_the_logs_know_of(records in traffic(), options in widen_options()) {
+        let s = Policy::suggest(&records, &options).unwrap();
+        let mut known: Vec<String> = records
+            .iter()
+            .flat_map(|r| [r.caller.clone(), r.callee.clone()])
+            .flatten()
+            .filter(|id| SpiffeId::new(id).is_ok())
+            .collect();
+        known.sort();
+        known.dedup();
+        let mut pairs: std::collections::HashMap<(&str, &str, u16), Vec<&meshid_policy::AccessRecord>> = std::collections::HashMap::new();
+        for r in records.iter().filter(|r| went_through(r)) {
+            pairs.entry((r.caller.as_deref().unwrap(), r.callee.as_deref().unwrap(), r.port.unwrap())).or_default().push(r);
+        }
+        let mut probes: Vec<Option<(&str, &str, Option<&str>)>> = vec![None, Some(("PATCH", "/b", None)), Some(("GET", "/zzz", None))];
+        for method in ["GET", "POST", "get"] {
+            for path in ["/b", "/a/b", "//b"] {
+                for upgrade in [None, Some("websocket")] {
+                    probes.push(Some((method, path, upgrade)));
+                }
+            }
+        }
+        for from in &known {
+            for to in &known {
+                for port in PORTS {
+                    let recorded = pairs.get(&(from.as_str(), to.as_str(), *port)).map_or(&[][..], Vec::as_slice);
+                    let opaque = recorded.iter().any(|r| request(r).is_none() || r.upgrade.as_deref().is_some_and(|u| u.eq_ignore_ascii_case("h2c")));
+                    let any_method = recorded.iter().any(|r| r.method.as_deref() == Some("get"));
+                    let any_path = recorded.iter().any(|r| r.path.as_deref().is_some_and(|p| path_key(p).is_none()));
+                    let (f, t) = (SpiffeId::new(from).unwrap(), SpiffeId::new(to).unwrap());
+                    for probe in &probes {
+                        let expected = !recorded.is_empty() && (opaque || probe.is_some_and(|(m, p, u)| recorded.iter().any(|r| {
+                            let Some((rm, rp)) = request(r) else { return false };
+                            (any_method || rm == m)
+                                && (any_path || path_key(rp) == path_key(p))
+                                && (u.is_none() || r.upgrade.as_deref().is_some_and(|ru| ru.eq_ignore_ascii_case(u.unwrap_or_default())))
+                        })));
+                        let req = Request { from: &f, to: &t, port: Some(*port), http: probe.map(|(method, path, upgrade)| HttpRequest { method, path, upgrade }) };
+                        let got = s.policy.decide(&req).outcome.allowed();
+                        prop_assert_eq!(got, expected, "{:?}\nrecorded: {:?}\n{}", req, recorded, s.yaml);
+                    }
+                }
+            }
         }
     }
 }

@@ -10,6 +10,10 @@
 //! - `test FILE CASES`: run test cases; exit 0 when all pass, 1 otherwise.
 //! - `diff OLD NEW --access-log LOG`: replay recorded inbound traffic under both policies and
 //!   list what would change decision; exit 0 when nothing changes, 3 when something does.
+//! - `suggest --access-log LOG...`: the least-privilege policy for the recorded allowed
+//!   traffic (see [`Policy::suggest`]), as YAML on stdout or in `--output`; what was used and
+//!   skipped on stderr. Exit 0. A line that is not an access record stops it (exit 1, naming
+//!   file:line:column, nothing written) unless `--skip-invalid`, which counts such lines.
 //!
 //! Invalid input (a policy, a cases file, a log that cannot be read, a bad SPIFFE ID) exits 1
 //! with the error on stderr (`check` prints it on stdout, as its result). `--json` prints one
@@ -24,7 +28,7 @@ use std::process::ExitCode;
 use anyhow::{bail, Context as _};
 use meshid_policy::{
     AccessRecord, ConnectionVerdict, Decision, Explanation, Grant, HttpRequest, Policy, Request,
-    RuleMatch, Severity, SpiffeId, TrustDomain, WhoCan,
+    RuleMatch, Severity, SpiffeId, SuggestOptions, TrustDomain, WhoCan,
 };
 use serde_json::{json, Value};
 
@@ -105,6 +109,28 @@ pub enum PolicyCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Suggest least-privilege rules from recorded allowed traffic: YAML on stdout.
+    Suggest {
+        /// A proxy's access log (JSON lines); repeat for several proxies.
+        #[arg(long = "access-log", value_name = "LOG", required = true)]
+        access_logs: Vec<PathBuf>,
+        /// Write the policy to this file instead of stdout (only once it is complete).
+        #[arg(long, short, value_name = "FILE")]
+        output: Option<PathBuf>,
+        /// The policy's name.
+        #[arg(long, default_value = "suggested")]
+        name: String,
+        /// Keep exact caller IDs: never replace callers by a `*` pattern.
+        #[arg(long)]
+        no_widen: bool,
+        /// The fewest callers (differing in one path segment, with the same access) that one `*`
+        /// pattern may replace.
+        #[arg(long, value_name = "N", default_value_t = 3, value_parser = clap::value_parser!(u16).range(2..))]
+        widen_min: u16,
+        /// Skip lines that are not access records (counted on stderr) instead of failing.
+        #[arg(long)]
+        skip_invalid: bool,
+    },
 }
 
 /// What a command prints on stdout, and its exit status.
@@ -148,6 +174,22 @@ pub fn run(cmd: PolicyCommand) -> ExitCode {
             access_log,
             json,
         } => diff(&old, &new, &access_log, json),
+        PolicyCommand::Suggest {
+            access_logs,
+            output,
+            name,
+            no_widen,
+            widen_min,
+            skip_invalid,
+        } => suggest(
+            &access_logs,
+            output.as_deref(),
+            SuggestOptions {
+                name,
+                widen_min: if no_widen { 0 } else { widen_min.into() },
+            },
+            skip_invalid,
+        ),
     };
     match result {
         Ok(report) => {
@@ -626,6 +668,75 @@ fn decision_json(d: &Decision) -> Value {
     json!({ "decision": d.outcome.as_str(), "rule": d.rule_name() })
 }
 
+/// The records of an access log, and how many lines were not records: with `skip_invalid`
+/// they are counted, otherwise the first one is the error (file:line:column).
+fn read_access_log(log: &Path, skip_invalid: bool) -> anyhow::Result<(Vec<AccessRecord>, usize)> {
+    let text = std::fs::read_to_string(log)
+        .with_context(|| format!("cannot read the access log {}", log.display()))?;
+    let origin = log.display().to_string();
+    let mut records = Vec::new();
+    let mut invalid = 0usize;
+    for result in meshid_policy::parse_access_log(&text, &origin) {
+        match result {
+            Ok(record) => records.push(record),
+            Err(_) if skip_invalid => invalid += 1,
+            Err(e) => {
+                bail!("{e} (fix or remove the line, or pass --skip-invalid to skip such lines)")
+            }
+        }
+    }
+    Ok((records, invalid))
+}
+
+/// `suggest`: the least-privilege policy for the records of every log.
+fn suggest(
+    logs: &[PathBuf],
+    output: Option<&Path>,
+    options: SuggestOptions,
+    skip_invalid: bool,
+) -> anyhow::Result<Report> {
+    let mut records = Vec::new();
+    let mut invalid = 0usize;
+    for log in logs {
+        let (mut r, n) = read_access_log(log, skip_invalid)?;
+        if n > 0 {
+            eprintln!(
+                "{}: skipped {n} line(s) that are not access records",
+                log.display()
+            );
+        }
+        invalid += n;
+        records.append(&mut r);
+    }
+    let s =
+        Policy::suggest(&records, &options).context("cannot write a policy for this traffic")?;
+    let mut summary = s.summary();
+    if invalid > 0 {
+        let _ = writeln!(
+            summary,
+            "{invalid} invalid line(s) skipped (--skip-invalid)."
+        );
+    }
+    match output {
+        Some(path) => {
+            std::fs::write(path, &s.yaml)
+                .with_context(|| format!("cannot write {}", path.display()))?;
+            let _ = writeln!(summary, "wrote {}", path.display());
+            Ok(Report {
+                out: summary,
+                code: 0,
+            })
+        }
+        None => {
+            eprint!("{summary}");
+            Ok(Report {
+                out: s.yaml,
+                code: 0,
+            })
+        }
+    }
+}
+
 /// `diff`: replays inbound access records under both policies.
 ///
 /// Records with a method and path are evaluated as those HTTP requests; records without are
@@ -637,16 +748,11 @@ fn decision_json(d: &Decision) -> Value {
 fn diff(old_file: &Path, new_file: &Path, log: &Path, json: bool) -> anyhow::Result<Report> {
     let old = Policy::load(old_file)?;
     let new = Policy::load(new_file)?;
-    let text = std::fs::read_to_string(log)
-        .with_context(|| format!("cannot read the access log {}", log.display()))?;
-    let (mut records, mut not_records, mut outbound, mut unidentified) = (0usize, 0, 0, 0);
+    let (log_records, not_records) = read_access_log(log, true)?;
+    let records = log_records.len();
+    let (mut outbound, mut unidentified) = (0usize, 0);
     let mut groups: BTreeMap<Key, usize> = BTreeMap::new();
-    for line in text.lines().filter(|l| !l.trim().is_empty()) {
-        let Ok(record) = serde_json::from_str::<AccessRecord>(line) else {
-            not_records += 1;
-            continue;
-        };
-        records += 1;
+    for record in log_records {
         if record.direction != "inbound" {
             outbound += 1;
             continue;

@@ -464,3 +464,159 @@ fn diff_replays_the_access_log() {
         r.stderr
     );
 }
+
+#[test]
+fn suggest_writes_the_policy_for_the_recorded_traffic() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = "spiffe://example.org/ns/db/main";
+    let line = |caller: &str,
+                callee: &str,
+                port: u16,
+                http: Option<(&str, &str)>,
+                decision: &str| {
+        let mut v = serde_json::json!({
+            "timestamp": "2025-01-01T00:00:00.000Z", "kind": "connection", "direction": "inbound",
+            "listener": "l", "caller": caller, "callee": callee, "port": port, "decision": decision,
+        });
+        if let Some((m, p)) = http {
+            v["kind"] = "request".into();
+            v["method"] = m.into();
+            v["path"] = p.into();
+        }
+        v.to_string()
+    };
+    // The API's proxy and the database's proxy, each with its own log.
+    let api_log = [
+        line(WEB, API, 8080, Some(("GET", "/v1/orders")), "allow"),
+        line(
+            WEB,
+            API,
+            8080,
+            Some(("GET", "/v1/orders?page=2")),
+            "audit_deny",
+        ),
+        line(BATCH, API, 8080, Some(("DELETE", "/v1/orders")), "deny"),
+        String::new(),
+    ]
+    .join("\n");
+    let api_log = write(dir.path(), "api.log", &api_log);
+    let db_log = write(dir.path(), "db.log", &line(API, db, 5432, None, "allow"));
+
+    let r = policy(&["suggest", "--access-log", &api_log, "--access-log", &db_log]);
+    assert_eq!(r.code, 0, "{}{}", r.stdout, r.stderr);
+    assert!(
+        r.stdout.contains(&format!(
+            "  - name: \"x-8080-1\"\n    from: [\"{WEB}\"]\n    to: [\"{API}\"]\n    ports: [8080]\n    \
+             http: {{methods: [\"GET\"], paths: [\"/v1/orders\"]}}\n"
+        )),
+        "{}",
+        r.stdout
+    );
+    assert!(r.stdout.contains(&format!(
+        "from: [\"{API}\"]\n    to: [\"{db}\"]\n    ports: [5432]\n"
+    )));
+    assert!(!r.stdout.contains(BATCH), "{}", r.stdout);
+    assert!(
+        r.stderr.starts_with("4 access record(s): 3 used (inbound, allowed or audit_deny, with caller, callee and port); skipped: 1 denied.\n2 rule(s)"),
+        "{}",
+        r.stderr
+    );
+    // What it prints is a clean policy.
+    let suggested = write(dir.path(), "suggested.yaml", &r.stdout);
+    let check = policy(&["check", &suggested]);
+    assert_eq!(check.code, 0, "{}", check.stdout);
+    assert!(check
+        .stdout
+        .contains("policy `suggested` is valid: 2 rule(s), 0 warning(s)"));
+
+    // --output: the file, and the summary on stdout.
+    let out = dir.path().join("out.yaml");
+    let out_s = out.display().to_string();
+    let r2 = policy(&[
+        "suggest",
+        "--access-log",
+        &api_log,
+        "--access-log",
+        &db_log,
+        "-o",
+        &out_s,
+        "--name",
+        "orders",
+    ]);
+    assert_eq!(r2.code, 0, "{}", r2.stderr);
+    assert!(
+        r2.stdout.ends_with(&format!("wrote {out_s}\n")),
+        "{}",
+        r2.stdout
+    );
+    assert_eq!(
+        std::fs::read_to_string(&out).unwrap(),
+        r.stdout.replace("name: \"suggested\"", "name: \"orders\"")
+    );
+
+    // A line that is not an access record: exit 1 with its place, nothing written...
+    let bad = write(
+        dir.path(),
+        "bad.log",
+        &format!(
+            "{}\n\n{}\n",
+            line(WEB, API, 80, None, "allow"),
+            line(WEB, API, 80, None, "maybe")
+        ),
+    );
+    let none = dir.path().join("none.yaml");
+    let r = policy(&[
+        "suggest",
+        "--access-log",
+        &db_log,
+        "--access-log",
+        &bad,
+        "-o",
+        &none.display().to_string(),
+    ]);
+    assert_eq!(r.code, 1);
+    assert_eq!(r.stdout, "");
+    assert!(
+        r.stderr.contains(&format!(
+            "{bad}:3:1: not an access record: unknown decision `maybe`"
+        )),
+        "{}",
+        r.stderr
+    );
+    assert!(r.stderr.contains("--skip-invalid"), "{}", r.stderr);
+    assert!(!none.exists());
+    // ...unless skipped on request, and counted.
+    let r = policy(&[
+        "suggest",
+        "--access-log",
+        &bad,
+        "--skip-invalid",
+        "--no-widen",
+    ]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert!(
+        r.stderr.contains(&format!(
+            "{bad}: skipped 1 line(s) that are not access records"
+        )),
+        "{}",
+        r.stderr
+    );
+    assert!(
+        r.stderr
+            .contains("1 invalid line(s) skipped (--skip-invalid)."),
+        "{}",
+        r.stderr
+    );
+    assert!(r.stdout.contains("ports: [80]"), "{}", r.stdout);
+    let r = policy(&[
+        "suggest",
+        "--access-log",
+        &dir.path().join("missing.log").display().to_string(),
+    ]);
+    assert_eq!(r.code, 1);
+    assert!(
+        r.stderr.contains("cannot read the access log"),
+        "{}",
+        r.stderr
+    );
+}
