@@ -2125,7 +2125,8 @@ async fn policy_delivery(st: &mut Stack) {
     let start_proxies = |source: &str, tag: &str| {
         (0..n_proxies)
             .map(|i| {
-                meshid_tests::Proxy::start(
+                // Each ready before the next takes free ports: a port is free only until bound.
+                let mut proxy = meshid_tests::Proxy::start(
                     &dir,
                     &format!("{tag}{i}"),
                     &format!(
@@ -2135,7 +2136,9 @@ async fn policy_delivery(st: &mut Stack) {
                         meshid_tests::free_port(),
                         meshid_tests::free_port(),
                     ),
-                )
+                );
+                proxy.wait_ready(Duration::from_secs(120));
+                proxy
             })
             .collect::<Vec<_>>()
     };
@@ -2143,13 +2146,8 @@ async fn policy_delivery(st: &mut Stack) {
         "policy-delivery: {n_proxies} proxies on {} agents, {applies} applies",
         agents.len()
     );
-    let mut proxies = tokio::task::block_in_place(|| {
-        let mut p = start_proxies("policy_source = \"agent\"", "central");
-        for proxy in &mut p {
-            proxy.wait_ready(Duration::from_secs(120));
-        }
-        p
-    });
+    let mut proxies =
+        tokio::task::block_in_place(|| start_proxies("policy_source = \"agent\"", "central"));
     let revision_marker = |line: &str| {
         line.contains("central policy in force").then(|| {
             line.split_whitespace()
@@ -2229,11 +2227,7 @@ async fn policy_delivery(st: &mut Stack) {
     let file = dir.join("policy-local.yaml");
     std::fs::write(&file, document(0, "bench-l0")).unwrap();
     let proxies = tokio::task::block_in_place(|| {
-        let mut p = start_proxies(&format!("policy_file = \"{}\"", file.display()), "local");
-        for proxy in &mut p {
-            proxy.wait_ready(Duration::from_secs(120));
-        }
-        p
+        start_proxies(&format!("policy_file = \"{}\"", file.display()), "local")
     });
     let reload_marker = |line: &str| {
         line.contains("policy reloaded").then(|| {
