@@ -194,7 +194,10 @@ fn two_agents_four_proxies_follow_the_central_policy() {
         });
         assert_eq!(code, 503, "{body}");
     }
-    assert_eq!(mesh.decisions(), (403, 403, false, false, 403));
+    // (Once the proxies hold their SVIDs: until then a call fails instead of being refused.)
+    wait_for(Duration::from_secs(20), "every proxy refusing", || {
+        (mesh.decisions() == (403, 403, false, false, 403)).then_some(())
+    });
 
     // Revision 1, then 2: each changes the decisions of all four proxies within a second.
     for (n, text, want) in [(1, OPEN, DECIDE_OPEN), (2, CLOSED, DECIDE_CLOSED)] {
