@@ -93,8 +93,32 @@ pub fn uid() -> u32 {
     line.split_whitespace().nth(2).unwrap().parse().unwrap()
 }
 
-/// A free TCP port on 127.0.0.1.
+/// A free TCP port on 127.0.0.1, for a process started later to listen on.
+///
+/// Taken below the kernel's ephemeral range (32768 and up by default), which `bind(0)` and
+/// outgoing connections never use: between choosing a port and a child binding it, the other
+/// tests of the binary open connections and listeners all the while, and an ephemeral port may
+/// be handed to one of them (CI saw it). Ports are tried in turn, each checked free by binding,
+/// from a start that differs per process; none is handed out twice by one process before the
+/// 12,000 of the range are used.
 pub fn free_port() -> u16 {
+    use std::sync::atomic::{AtomicU16, Ordering};
+    const FIRST: u16 = 20_000;
+    const END: u16 = 32_000;
+    static NEXT: AtomicU16 = AtomicU16::new(0);
+    let start = FIRST + (std::process::id() % 1000) as u16 * 12;
+    let _ = NEXT.compare_exchange(0, start, Ordering::Relaxed, Ordering::Relaxed);
+    for _ in 0..(END - FIRST) {
+        let mut p = NEXT.fetch_add(1, Ordering::Relaxed);
+        if p >= END {
+            NEXT.store(FIRST + 1, Ordering::Relaxed);
+            p = FIRST;
+        }
+        if std::net::TcpListener::bind(("127.0.0.1", p)).is_ok() {
+            return p;
+        }
+    }
+    // Every one taken: an ephemeral port after all.
     std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()

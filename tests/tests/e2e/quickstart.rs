@@ -31,7 +31,7 @@ use std::path::PathBuf;
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
-use meshid_tests::{bin_dir, http_get};
+use meshid_tests::{bin_dir, free_port, http_get};
 use serde_json::Value;
 
 /// How long the script gets to bring the mesh up (the binaries are already built).
@@ -52,31 +52,6 @@ const PORTS: [&str; 11] = [
     "API_PROXY_OPS",
 ];
 
-/// A free loopback port below the kernel's ephemeral range (32768 and up by default), which
-/// `bind(0)` never hands out: the script binds its ports seconds after they are chosen, and the
-/// other tests of this binary take ephemeral ports all the while (one took a port of the
-/// script's in CI). Ports are tried in turn from a start that differs per process.
-fn quiet_port() -> u16 {
-    use std::sync::atomic::{AtomicU16, Ordering};
-    static NEXT: AtomicU16 = AtomicU16::new(0);
-    let _ = NEXT.compare_exchange(
-        0,
-        20_000 + (std::process::id() % 1000) as u16 * 10,
-        Ordering::Relaxed,
-        Ordering::Relaxed,
-    );
-    loop {
-        let p = NEXT.fetch_add(1, Ordering::Relaxed);
-        if p >= 32_000 {
-            NEXT.store(20_000, Ordering::Relaxed);
-            continue;
-        }
-        if std::net::TcpListener::bind(("127.0.0.1", p)).is_ok() {
-            return p;
-        }
-    }
-}
-
 /// A run of the script in its own process group, killed with the whole group on drop.
 struct Quickstart {
     child: Child,
@@ -94,7 +69,7 @@ impl Quickstart {
         let mut seen = BTreeSet::new();
         for name in PORTS {
             let port = loop {
-                let p = quiet_port();
+                let p = free_port();
                 if seen.insert(p) {
                     break p;
                 }
