@@ -27,23 +27,31 @@ pub fn spec_from_proto(e: admin::Entry) -> EntrySpec {
     }
 }
 
-/// Converts an entry to the wire.
-pub fn entry_to_proto(e: &RegistrationEntry) -> admin::Entry {
-    let spec = EntrySpec::from(e);
+/// Converts a spec to the wire (what a client asks for).
+pub fn spec_to_proto(spec: &EntrySpec) -> admin::Entry {
     admin::Entry {
-        id: e.id.to_string(),
-        spiffe_id: spec.spiffe_id,
-        parent_id: spec.parent_id,
-        selectors: spec.selectors,
+        id: spec.id.clone().unwrap_or_default(),
+        spiffe_id: spec.spiffe_id.clone(),
+        parent_id: spec.parent_id.clone(),
+        selectors: spec.selectors.clone(),
         x509_svid_ttl: spec.x509_svid_ttl,
         jwt_svid_ttl: spec.jwt_svid_ttl,
-        dns_names: spec.dns_names,
-        federates_with: spec.federates_with,
+        dns_names: spec.dns_names.clone(),
+        federates_with: spec.federates_with.clone(),
         admin: spec.admin,
-        hint: spec.hint,
+        hint: spec.hint.clone(),
+        ..Default::default()
+    }
+}
+
+/// Converts an entry to the wire.
+pub fn entry_to_proto(e: &RegistrationEntry) -> admin::Entry {
+    admin::Entry {
         created_at: e.created_at,
         updated_at: e.updated_at,
         revision: e.revision,
+        owner: e.owner.clone(),
+        ..spec_to_proto(&EntrySpec::from(e))
     }
 }
 
@@ -67,7 +75,12 @@ impl AdminService {
             .add_service(admin::authority_server::AuthorityServer::new(self.clone()))
             .add_service(admin::agents_server::AgentsServer::new(self.clone()))
             .add_service(admin::audit_server::AuditServer::new(self.clone()))
-            .add_service(admin::policy_server::PolicyServer::new(self))
+            .add_service(admin::policy_server::PolicyServer::new(self.clone()))
+            .add_service(
+                admin::mesh_server::MeshServer::new(self)
+                    .max_decoding_message_size(crate::mesh::MAX_MESH_MESSAGE)
+                    .max_encoding_message_size(crate::mesh::MAX_MESH_MESSAGE),
+            )
     }
 
     /// Every agent, and every delivery report.
@@ -581,7 +594,11 @@ fn policy_revision(r: crate::store::PolicyRevision) -> admin::PolicyRevision {
         documents: r
             .documents
             .into_iter()
-            .map(|(name, text)| admin::PolicyDocument { name, text })
+            .map(|(name, text)| admin::PolicyDocument {
+                owner: r.owners.get(&name).cloned().unwrap_or_default(),
+                name,
+                text,
+            })
             .collect(),
     }
 }
@@ -637,6 +654,79 @@ impl admin::policy_server::Policy for AdminService {
         let revisions = self.ca.policy_history().await?;
         Ok(Response::new(admin::PolicyHistory {
             revisions: revisions.into_iter().map(policy_revision).collect(),
+        }))
+    }
+}
+
+fn mesh_request(r: admin::ApplyMeshRequest) -> crate::service::mesh::MeshRequest {
+    use crate::service::mesh::{EntryDeclaration, LoadedPolicy, MeshRequest};
+    let offset = |n: u32| usize::try_from(n).unwrap_or(usize::MAX);
+    MeshRequest {
+        owner: r.owner,
+        entries: r
+            .entries
+            .into_iter()
+            .map(|e| EntryDeclaration {
+                spec: spec_from_proto(e.entry.unwrap_or_default()),
+                at: e.origin,
+            })
+            .collect(),
+        policies: r
+            .policies
+            .into_iter()
+            .map(|p| LoadedPolicy {
+                origin: if p.origin.is_empty() {
+                    p.name.clone()
+                } else {
+                    p.origin
+                },
+                at: if p.declared_at.is_empty() {
+                    p.name.clone()
+                } else {
+                    p.declared_at
+                },
+                name: p.name,
+                text: p.text,
+                line_offset: offset(p.line_offset),
+                column_offset: offset(p.column_offset),
+            })
+            .collect(),
+        prune: r.prune,
+        adopt: r.adopt,
+        dry_run: r.dry_run,
+        reason: r.reason,
+    }
+}
+
+fn mesh_change(c: crate::service::mesh::MeshChange) -> admin::MeshChange {
+    admin::MeshChange {
+        kind: c.kind.as_str().to_owned(),
+        action: c.action.as_str().to_owned(),
+        id: c.id,
+        spiffe_id: c.spiffe_id,
+        parent_id: c.parent_id,
+        selectors: c.selectors,
+        fields: c.fields,
+        diff: c.diff,
+        declared_at: c.at,
+    }
+}
+
+#[tonic::async_trait]
+impl admin::mesh_server::Mesh for AdminService {
+    async fn apply(&self, req: Request<admin::ApplyMeshRequest>) -> Rpc<admin::MeshPlan> {
+        let who = caller(&req);
+        let plan = self
+            .ca
+            .apply_mesh(mesh_request(req.into_inner()), &who)
+            .await?;
+        Ok(Response::new(admin::MeshPlan {
+            changes: plan.changes.into_iter().map(mesh_change).collect(),
+            applied: plan.applied,
+            dry_run: plan.dry_run,
+            policy_revision: plan.policy_revision,
+            orphans: plan.orphans.into_iter().map(mesh_change).collect(),
+            unchanged: u32::try_from(plan.unchanged).unwrap_or(u32::MAX),
         }))
     }
 }

@@ -9,6 +9,7 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 use meshid_api::{admin, files};
 use meshid_ca::config::{Config, ConfigError, RawConfig};
 
+mod mesh;
 mod policy;
 mod root;
 mod svid;
@@ -68,6 +69,29 @@ enum Command {
         output: Output,
         #[command(subcommand)]
         command: policy::PolicyCommand,
+    },
+    /// Apply a mesh file (or a directory of them): make the CA's entries and policy documents
+    /// of its owner match it, in one transaction; print the plan.
+    Apply {
+        #[command(flatten)]
+        conn: Conn,
+        /// `json`: one object, for CI (see `meshid-ca plan`).
+        #[arg(long, value_enum, default_value = "text")]
+        output: Output,
+        #[command(flatten)]
+        args: mesh::MeshArgs,
+    },
+    /// Print what `apply` would change; change nothing (`apply --dry-run`).
+    Plan {
+        #[command(flatten)]
+        conn: Conn,
+        /// `json`: one object: owner, files, dry_run, applied, changed, policy_revision,
+        /// summary (create, update, adopt, delete, unchanged), changes and orphans (each with
+        /// kind, action, id, spiffe_id, parent_id, selectors, fields, diff, declared_at).
+        #[arg(long, value_enum, default_value = "text")]
+        output: Output,
+        #[command(flatten)]
+        args: mesh::MeshArgs,
     },
     /// The audit log.
     #[command(subcommand)]
@@ -494,6 +518,7 @@ fn entry_json(e: &admin::Entry) -> serde_json::Value {
         "created_at": e.created_at,
         "updated_at": e.updated_at,
         "revision": e.revision,
+        "owner": e.owner,
     })
 }
 
@@ -528,6 +553,9 @@ fn entry_text(e: &admin::Entry) -> String {
     }
     if !e.hint.is_empty() {
         s.push_str(&format!("Hint           : {}\n", e.hint));
+    }
+    if !e.owner.is_empty() {
+        s.push_str(&format!("Owner          : {} (meshid-ca apply)\n", e.owner));
     }
     s
 }
@@ -1000,6 +1028,12 @@ async fn client(cmd: Command) -> anyhow::Result<ExitCode> {
             output,
             command,
         } => return policy::run(command, channel(&conn).await?, output == Output::Json).await,
+        Command::Apply { conn, output, args } => {
+            return mesh::run(args, channel(&conn), output == Output::Json, false).await
+        }
+        Command::Plan { conn, output, args } => {
+            return mesh::run(args, channel(&conn), output == Output::Json, true).await
+        }
         Command::Audit(AuditCommand::List {
             kind,
             after,

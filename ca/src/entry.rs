@@ -322,6 +322,9 @@ pub struct RegistrationEntry {
     pub updated_at: i64,
     /// Starts at 1, bumped on every update.
     pub revision: i64,
+    /// The owner label of the mesh file that declared it (`meshid-ca apply`); empty for an
+    /// entry made by hand. Only a mesh apply sets it; an update by hand keeps it.
+    pub owner: String,
 }
 
 impl RegistrationEntry {
@@ -505,6 +508,7 @@ impl EntrySpec {
             created_at: now,
             updated_at: now,
             revision: 1,
+            owner: String::new(),
         })
     }
 }

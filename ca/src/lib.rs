@@ -14,6 +14,9 @@
 //! - [`bundle`]: the trust bundle as PEM and as a SPIFFE bundle (JWKS).
 //! - [`token`]: single-use, expiring join tokens stored only as hashes.
 //! - [`store`]: the datastore trait with its SQLite (default) and PostgreSQL backends.
+//! - [`mesh`]: mesh files (`meshid-ca apply -f`): one owner's entries and policy documents in
+//!   YAML, read strictly with file:line:column errors (the CA applies them in
+//!   [`service::mesh`]).
 //!
 //! The binary adds the operator CLI (`src/cli.rs`); shared process plumbing (config errors,
 //! files, the ops endpoint, sockets) comes from meshid-api. See ARCHITECTURE.md.
@@ -35,6 +38,7 @@ pub mod bundle;
 pub mod config;
 pub mod entry;
 pub mod jwt;
+pub mod mesh;
 pub mod metrics;
 pub mod node;
 pub mod server;

@@ -224,24 +224,21 @@ async fn replay(ca: &Ca, me: &str, record: &crate::audit::AuditRecord) -> anyhow
         "entry.created" | "entry.updated" | "entry.rotated" | "entry.deleted"
             if field("ca_server") != Some(me) =>
         {
-            let id: crate::entry::EntryId = field("entry_id").unwrap_or_default().parse()?;
-            // The current state decides: an entry updated and then deleted is a deletion.
-            match ca.store.get_entry(&id).await? {
-                Some(entry) if record.kind != "entry.deleted" => {
-                    ca.publish(CaEvent::EntryUpserted {
-                        entry: Arc::new(entry),
-                        old_parent: parse_id(field("old_parent_id")),
-                    })
-                }
-                Some(_) => {}
-                None => {
-                    if let Some(parent) =
-                        parse_id(field("old_parent_id")).or_else(|| parse_id(field("parent_id")))
-                    {
-                        ca.publish(CaEvent::EntryDeleted { id, parent });
-                    }
-                }
-            }
+            replay_entry(
+                ca,
+                &details,
+                record.kind == "entry.deleted",
+                parse_id(field("old_parent_id")),
+            )
+            .await?;
+        }
+        // Another server applied a mesh file: its entries have records of their own (above);
+        // its policy revision, if it made one, is this one's.
+        "mesh.apply"
+            if field("ca_server") != Some(me)
+                && details.get("policy_revision").is_some_and(|r| !r.is_null()) =>
+        {
+            ca.refresh_policy().await?;
         }
         "agent.rotated" if field("ca_server") != Some(me) => {
             if let Some(spiffe_id) = parse_id(field("spiffe_id")) {
@@ -285,6 +282,34 @@ async fn replay(ca: &Ca, me: &str, record: &crate::audit::AuditRecord) -> anyhow
             }
         }
         _ => {}
+    }
+    Ok(())
+}
+
+/// Tells this server's agents about an entry another server changed (`details` names it, as
+/// `entry_id`, with its `parent_id`); the current state decides: an entry updated and then
+/// deleted is a deletion.
+async fn replay_entry(
+    ca: &Ca,
+    details: &serde_json::Value,
+    deleted: bool,
+    old_parent: Option<spiffe::SpiffeId>,
+) -> anyhow::Result<()> {
+    use crate::service::CaEvent;
+    let field = |name: &str| details.get(name).and_then(serde_json::Value::as_str);
+    let id: crate::entry::EntryId = field("entry_id").unwrap_or_default().parse()?;
+    match ca.store.get_entry(&id).await? {
+        Some(entry) if !deleted => ca.publish(CaEvent::EntryUpserted {
+            entry: Arc::new(entry),
+            old_parent,
+        }),
+        Some(_) => {}
+        None => {
+            let parent = field("parent_id").and_then(|s| spiffe::SpiffeId::new(s).ok());
+            if let Some(parent) = old_parent.or(parent) {
+                ca.publish(CaEvent::EntryDeleted { id, parent });
+            }
+        }
     }
     Ok(())
 }

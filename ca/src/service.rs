@@ -125,6 +125,7 @@ fn check_reason(reason: &str) -> Result<(), ServiceError> {
 }
 
 pub mod effect;
+pub mod mesh;
 pub mod policy;
 mod revoke;
 mod root;
@@ -542,6 +543,8 @@ impl Ca {
                 .await?
                 .ok_or_else(|| StoreError::NotFound(format!("entry {id}")))?;
             entry.created_at = old.created_at;
+            // The store keeps the owner: an entry a mesh file declared stays its file's.
+            entry.owner = old.owner.clone();
             entry.revision = if revision == 0 {
                 old.revision + 1
             } else {

@@ -174,7 +174,42 @@ pub struct PolicyRevision {
     pub subject: String,
     /// Every policy document in force at this revision: name → YAML text. Empty in listings.
     pub documents: std::collections::BTreeMap<String, String>,
+    /// The owner label of each document a mesh file declared (`meshid-ca apply`): name →
+    /// owner. A document applied by hand has none. Empty in listings.
+    pub owners: std::collections::BTreeMap<String, String>,
 }
+
+/// What a mesh apply plans against ([`Datastore::apply_mesh`]): the state inside its write
+/// transaction.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MeshState {
+    /// Every entry, ordered by id.
+    pub entries: Vec<RegistrationEntry>,
+    /// The newest policy revision, with its documents and owners.
+    pub policy: Option<PolicyRevision>,
+}
+
+/// What a mesh apply writes ([`Datastore::apply_mesh`]), all in one transaction.
+#[derive(Debug, Clone)]
+pub struct MeshWrite {
+    /// New entries.
+    pub create: Vec<RegistrationEntry>,
+    /// Replacements of stored entries, each at its stored revision plus one (owner included).
+    pub update: Vec<RegistrationEntry>,
+    /// Entries to delete, each at the revision it was planned against.
+    pub delete: Vec<(EntryId, i64)>,
+    /// Entries made by hand that become the owner's, otherwise unchanged, each at the revision
+    /// it was planned against: only the owner label is written (the revision stays, so agents
+    /// see nothing change and re-issue nothing).
+    pub adopt: Vec<(EntryId, i64, String)>,
+    /// A new policy revision (the head's plus one), if the documents change.
+    pub policy: Option<PolicyRevision>,
+    /// The audit records of the apply, in order: one per entry changed, then the apply's own.
+    pub audit: Vec<AuditEvent>,
+}
+
+/// Plans a mesh apply from the state read inside its transaction: `None` writes nothing.
+pub type MeshPlanner<'a> = Box<dyn FnOnce(MeshState) -> Option<MeshWrite> + Send + 'a>;
 
 /// A certificate revocation list signed by one CA key.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -474,6 +509,13 @@ pub trait Datastore: Send + Sync + 'static {
     ) -> Result<Option<PolicyRevision>, StoreError>;
     /// Every policy revision, oldest first, without the documents.
     async fn list_policy_revisions(&self) -> Result<Vec<PolicyRevision>, StoreError>;
+
+    /// A mesh apply in one write transaction, serialized with every other audited write: reads
+    /// the entries and the newest policy revision, hands them to `plan`, and writes what it
+    /// returns (entries created, updated and deleted, a policy revision and the audit records)
+    /// or nothing. Any write that fails (an entry that is not at the revision planned
+    /// against, an id taken) rolls everything back. Returns whether anything was written.
+    async fn apply_mesh(&self, plan: MeshPlanner<'_>) -> Result<bool, StoreError>;
 
     /// Whether a write can commit now: a write transaction that rewrites the audit head with
     /// its own values (nothing changes, but the database must take and store the write).

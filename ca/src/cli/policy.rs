@@ -100,7 +100,7 @@ fn revision_json(r: &admin::PolicyRevision) -> serde_json::Value {
         "reason": r.reason,
         "action": r.action,
         "subject": r.subject,
-        "documents": r.documents.iter().map(|d| serde_json::json!({"name": d.name, "text": d.text})).collect::<Vec<_>>(),
+        "documents": r.documents.iter().map(|d| serde_json::json!({"name": d.name, "text": d.text, "owner": d.owner})).collect::<Vec<_>>(),
     })
 }
 
@@ -207,7 +207,14 @@ pub async fn run(cmd: PolicyCommand, channel: Channel, json: bool) -> anyhow::Re
                     }
                 );
                 for d in &r.documents {
-                    println!("\n# ---- {} ----", d.name);
+                    if d.owner.is_empty() {
+                        println!("\n# ---- {} ----", d.name);
+                    } else {
+                        println!(
+                            "\n# ---- {} (owner {}: meshid-ca apply) ----",
+                            d.name, d.owner
+                        );
+                    }
                     print!("{}", d.text);
                     if !d.text.ends_with('\n') {
                         println!();

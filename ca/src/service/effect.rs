@@ -7,7 +7,7 @@
 //! | `ca.root.prepared`, `ca.root.retired` | every live agent reported the new bundle handed to every X.509 stream of its workloads |
 //! | `ca.root.activated` | every live agent renewed its own SVID (under the new root) |
 //! | `svid.revoked` | every live agent reported a CRL set listing the certificates (or a later one) handed to every X.509 stream |
-//! | `policy.apply`, `policy.delete`, `policy.rollback` | every live agent reported the revision (or a later one) handed to every policy stream (the proxies following it), or held when it has none |
+//! | `policy.apply`, `policy.delete`, `policy.rollback`, `mesh.apply` (when it changed the policy) | every live agent reported the revision (or a later one) handed to every policy stream (the proxies following it), or held when it has none |
 //! | `entry.rotated` | an SVID was issued for the entry after the rotation |
 //! | `agent.rotated` | the agent renewed its own SVID and one was issued for each of its entries |
 //!

@@ -104,23 +104,65 @@ pub fn merge_set(
     documents: &BTreeMap<String, String>,
     applied: Option<(&str, &str)>,
 ) -> Result<meshid_policy::Policy, ServiceError> {
+    merge_located(documents, |name| match applied {
+        Some((n, origin)) if n == name => Some(Located {
+            origin,
+            line_offset: 0,
+            column_offset: 0,
+        }),
+        _ => None,
+    })
+}
+
+/// Where a document's text is, for the positions in its errors: the file, and where the text
+/// starts in it (an inline document of a mesh file).
+#[derive(Debug, Clone, Copy)]
+pub struct Located<'a> {
+    /// The file.
+    pub origin: &'a str,
+    /// Added to error lines.
+    pub line_offset: usize,
+    /// Added to error columns.
+    pub column_offset: usize,
+}
+
+/// [`merge_set`], with errors in the documents `locate` knows positioned in their files (the
+/// others are named by their document name).
+pub fn merge_located<'a>(
+    documents: &BTreeMap<String, String>,
+    locate: impl Fn(&str) -> Option<Located<'a>>,
+) -> Result<meshid_policy::Policy, ServiceError> {
     if documents.len() > MAX_POLICY_DOCUMENTS {
         return Err(invalid(
             "name",
             format!("at most {MAX_POLICY_DOCUMENTS} policy documents may be in force"),
         ));
     }
+    // Each document is parsed under its own name, so that an error of the merge can be traced
+    // back to its document, and then told in the file's terms.
+    let relocate = |e: meshid_policy::PolicyError| {
+        let located = match &e {
+            meshid_policy::PolicyError::Syntax { origin, .. }
+            | meshid_policy::PolicyError::Invalid { origin, .. } => locate(origin),
+            _ => None,
+        };
+        let reason = match (located, e.location()) {
+            (Some(l), Some((line, column))) => format!(
+                "{}:{}:{}: {}",
+                l.origin,
+                line + l.line_offset,
+                column + l.column_offset,
+                e.message()
+            ),
+            _ => e.to_string(),
+        };
+        invalid("policy", reason)
+    };
     let parts = documents
         .iter()
-        .map(|(name, text)| {
-            let origin = match applied {
-                Some((n, origin)) if n == name => origin,
-                _ => name.as_str(),
-            };
-            meshid_policy::Policy::parse(text, origin).map_err(|e| invalid("policy", e.to_string()))
-        })
+        .map(|(name, text)| meshid_policy::Policy::parse(text, name).map_err(relocate))
         .collect::<Result<Vec<_>, _>>()?;
-    meshid_policy::Policy::merge("mesh", &parts).map_err(|e| invalid("policy", e.to_string()))
+    meshid_policy::Policy::merge("mesh", &parts).map_err(relocate)
 }
 
 /// What a change is, for its revision and audit record.
@@ -155,7 +197,9 @@ impl Ca {
             reason,
             author,
         };
-        self.change_policy(step, dry_run, applied, |docs| {
+        // A document a mesh file declared keeps its owner: the next apply of that file shows
+        // this change as drift.
+        self.change_policy(step, dry_run, applied, |docs, _owners| {
             docs.insert(name.to_owned(), text.to_owned());
             Ok(())
         })
@@ -178,7 +222,8 @@ impl Ca {
             reason,
             author,
         };
-        self.change_policy(step, dry_run, None, |docs| {
+        self.change_policy(step, dry_run, None, |docs, owners| {
+            owners.remove(name);
             docs.remove(name)
                 .map(|_| ())
                 .ok_or_else(|| StoreError::NotFound(format!("policy document {name}")).into())
@@ -207,8 +252,9 @@ impl Ca {
             reason,
             author,
         };
-        self.change_policy(step, dry_run, None, |docs| {
+        self.change_policy(step, dry_run, None, |docs, owners| {
             *docs = target.documents.clone();
+            *owners = target.owners.clone();
             Ok(())
         })
         .await
@@ -260,12 +306,17 @@ impl Ca {
         step: Step<'_>,
         dry_run: bool,
         applied: Option<(&str, &str)>,
-        change: impl FnOnce(&mut BTreeMap<String, String>) -> Result<(), ServiceError>,
+        change: impl FnOnce(
+            &mut BTreeMap<String, String>,
+            &mut BTreeMap<String, String>,
+        ) -> Result<(), ServiceError>,
     ) -> Result<PolicyChange, ServiceError> {
         let head = self.store.get_policy_revision(None).await?;
-        let (current, old) = head.map_or((0, BTreeMap::new()), |h| (h.revision, h.documents));
+        let (current, old, mut owners) = head.map_or((0, BTreeMap::new(), BTreeMap::new()), |h| {
+            (h.revision, h.documents, h.owners)
+        });
         let mut docs = old.clone();
-        change(&mut docs)?;
+        change(&mut docs, &mut owners)?;
         merge_set(&docs, applied)?;
         let Step {
             action,
@@ -291,6 +342,7 @@ impl Ca {
             action: action.to_owned(),
             subject: subject.to_owned(),
             documents: docs,
+            owners,
         };
         let event = AuditEvent::new(
             format!("policy.{action}"),

@@ -82,6 +82,25 @@ pub(crate) async fn db(postgres: bool) -> Option<Db> {
     }
 }
 
+/// A CA service over the datastore at `url`, with the keys in `dir`, as server `server`.
+pub(crate) async fn ca_with(url: &str, server: &str, settings: CaSettings, dir: &Path) -> Ca {
+    let store = open(url).await;
+    let authority = Authority::load_or_init(td(), server.into(), settings, dir, Arc::clone(&store))
+        .await
+        .unwrap();
+    Ca::new(
+        Arc::new(authority),
+        store,
+        Arc::new(Metrics::new()),
+        Duration::from_secs(600),
+    )
+}
+
+/// [`ca_with`] with the test settings (intermediates of 600 s).
+pub(crate) async fn ca_on(url: &str, server: &str, dir: &Path) -> Ca {
+    ca_with(url, server, settings(600), dir).await
+}
+
 pub(crate) async fn open(url: &str) -> Arc<dyn Datastore> {
     Arc::new(SqlStore::open(url).await.unwrap())
 }

@@ -769,3 +769,199 @@ fn policy_apply_show_history_rollback() {
         std::thread::sleep(std::time::Duration::from_millis(50));
     }
 }
+
+#[test]
+fn mesh_apply_plan_prune() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let ca = Server::start(dir, &[]);
+    let mesh_dir = dir.join("mesh");
+    std::fs::create_dir_all(mesh_dir.join("policies")).unwrap();
+    std::fs::write(
+        mesh_dir.join("policies/payments.yaml"),
+        "default: deny\nrules:\n  - name: web-to-api\n    from: [\"spiffe://example.org/web\"]\n    to: [\"spiffe://example.org/api\"]\n",
+    )
+    .unwrap();
+    let agent = "spiffe://example.org/meshid/agent/join_token/node-1";
+    let v1 = format!(
+        "owner: payments
+entries:
+  - spiffe_id: spiffe://example.org/web
+    parent_id: {agent}
+    selectors: [unix:uid:1000]
+  - spiffe_id: spiffe://example.org/api
+    parent_id: {agent}
+    selectors: [unix:uid:1001]
+    x509_svid_ttl: 5m
+policies:
+  - name: payments
+    file: policies/payments.yaml
+  - name: payments-batch
+    inline: |
+      default: deny
+      rules:
+        - name: batch-to-api
+          from: [\"spiffe://example.org/batch\"]
+          to: [\"spiffe://example.org/api\"]
+"
+    );
+    let file = mesh_dir.join("mesh.yaml");
+    let path = file.to_str().unwrap();
+    std::fs::write(&file, &v1).unwrap();
+
+    // Plan (JSON, for CI): four creations; --detailed-exitcode says changes are pending.
+    let plan = json(&ca.ok(&["plan", "-f", path, "--output", "json"]));
+    assert_eq!(plan["owner"], "payments");
+    assert_eq!(
+        (&plan["dry_run"], &plan["applied"], &plan["changed"]),
+        (&true.into(), &false.into(), &true.into())
+    );
+    assert_eq!(plan["summary"]["create"], 4);
+    assert_eq!(plan["changes"][0]["spiffe_id"], "spiffe://example.org/web");
+    assert_eq!(plan["changes"][0]["declared_at"], format!("{path}:3:5"));
+    assert_eq!(plan["changes"][3]["kind"], "policy");
+    let out = ca.cli(&["plan", "-f", path, "--detailed-exitcode"]);
+    assert_eq!(out.status.code(), Some(2));
+    let text = String::from_utf8(out.stdout).unwrap();
+    assert!(
+        text.contains(&format!(
+            "+ entry spiffe://example.org/web (parent {agent}) [unix:uid:1000]"
+        )) && text.contains("Plan: 4 to create, 0 to update, 0 to adopt, 0 to delete. Dry run"),
+        "{text}"
+    );
+    assert!(ca.ok(&["entry", "list"]).contains("Found 0 entries"));
+
+    // Apply, then apply and plan again: nothing changes, and it says so.
+    let out = ca.ok(&["apply", "-f", path, "--reason", "first"]);
+    assert!(
+        out.contains("Applied 4 changes (policy revision 1)."),
+        "{out}"
+    );
+    let out = ca.ok(&["apply", "-f", path]);
+    assert!(
+        out.contains("No changes. The mesh matches the file (4 unchanged"),
+        "{out}"
+    );
+    let out = ca.cli(&["apply", "-f", path, "--dry-run", "--detailed-exitcode"]);
+    assert_eq!(out.status.code(), Some(0));
+    let plan = json(&ca.ok(&["plan", "-f", mesh_dir.to_str().unwrap(), "--output", "json"]));
+    assert_eq!(
+        (&plan["changed"], &plan["summary"]["unchanged"]),
+        (&false.into(), &4.into())
+    );
+    let entries = json(&ca.ok(&["entry", "list", "--output", "json"]));
+    let owners: Vec<&str> = entries
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["owner"].as_str().unwrap())
+        .collect();
+    assert_eq!(owners, ["payments", "payments"]);
+    let shown = ca.ok(&["entry", "show", entries[0]["id"].as_str().unwrap()]);
+    assert!(shown.contains("Owner          : payments"), "{shown}");
+    let shown = json(&ca.ok(&["policy", "show", "--output", "json"]));
+    assert_eq!(shown["documents"][0]["owner"], "payments");
+
+    // An entry made by hand is never pruned.
+    let hand = json(&ca.ok(&[
+        "entry",
+        "create",
+        "--spiffe-id",
+        "spiffe://example.org/hand",
+        "--parent-id",
+        agent,
+        "--selector",
+        "unix:uid:7",
+        "--output",
+        "json",
+    ]));
+    assert_eq!(hand["owner"], "");
+
+    // A mistake in the file, in an inline policy, or an entry the CA refuses: refused with
+    // file:line:column, and nothing changes.
+    let before = ca.ok(&["entry", "list", "--output", "json"]);
+    for (broken, want) in [
+        (
+            v1.replace("    x509_svid_ttl: 5m", "    x509_ttl: 5m"),
+            format!("{path}:9:5: unknown key `x509_ttl` in an entry"),
+        ),
+        (
+            v1.replace("[unix:uid:1001]", "[unix:uid:1001, unix:uid:x]"),
+            format!("{path}:8:32: invalid selector"),
+        ),
+        (
+            v1.replace(
+                "from: [\"spiffe://example.org/batch\"]",
+                "from: [\"spiffe://example.org/batch/**/x\"]",
+            ),
+            format!("{path}:18:18: "),
+        ),
+        (
+            v1.replace(
+                "spiffe://example.org/api\n    parent",
+                "spiffe://other.org/api\n    parent",
+            ),
+            format!("{path}:6:5: spiffe_id \"spiffe://other.org/api\" is not in trust domain"),
+        ),
+        (
+            v1.replace(
+                "    x509_svid_ttl: 5m",
+                "    x509_svid_ttl: 5m\n    token: abc",
+            ),
+            format!("{path}:10:5: `token` looks like a secret"),
+        ),
+    ] {
+        std::fs::write(&file, &broken).unwrap();
+        let err = ca.fails(&["apply", "-f", path]);
+        assert!(err.contains(&want), "{err}\nwanted: {want}");
+    }
+    assert_eq!(ca.ok(&["entry", "list", "--output", "json"]), before);
+
+    // A changed TTL is an update; an entry no longer declared is kept without --prune and
+    // deleted with it; the entry made by hand stays.
+    let v2 = v1
+        .replace("x509_svid_ttl: 5m", "x509_svid_ttl: 600")
+        .replace(
+            &format!("  - spiffe_id: spiffe://example.org/web\n    parent_id: {agent}\n    selectors: [unix:uid:1000]\n"),
+            "",
+        );
+    std::fs::write(&file, &v2).unwrap();
+    let out = ca.ok(&["apply", "-f", path]);
+    assert!(
+        out.contains("    x509_svid_ttl: 300 -> 600\n")
+            && out.contains("1 object(s) owned by `payments` are no longer declared; kept (--prune deletes them):")
+            && out.contains("Applied 1 changes (policy revision 1)."),
+        "{out}"
+    );
+    let pruned = json(&ca.ok(&["apply", "-f", path, "--prune", "--output", "json"]));
+    assert_eq!(pruned["summary"]["delete"], 1);
+    assert_eq!(
+        pruned["changes"][0]["spiffe_id"],
+        "spiffe://example.org/web"
+    );
+    assert_eq!(pruned["applied"], true);
+    let left: Vec<String> = json(&ca.ok(&["entry", "list", "--output", "json"]))
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["spiffe_id"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(left.len(), 2);
+    assert!(
+        left.contains(&"spiffe://example.org/hand".to_owned()),
+        "{left:?}"
+    );
+    assert!(
+        left.contains(&"spiffe://example.org/api".to_owned()),
+        "{left:?}"
+    );
+
+    // One audit record per apply that changed something.
+    let audit = ca.ok(&["audit", "list", "--kind", "mesh.apply", "--output", "json"]);
+    let kinds: Vec<String> = audit
+        .lines()
+        .map(|l| json(l)["kind"].as_str().unwrap().to_owned())
+        .filter(|k| k == "mesh.apply")
+        .collect();
+    assert_eq!(kinds.len(), 3, "{audit}");
+}

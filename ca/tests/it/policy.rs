@@ -7,29 +7,12 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use std::collections::BTreeMap;
-use std::sync::Arc;
 use std::time::Duration;
 
-use meshid_ca::authority::Authority;
-use meshid_ca::metrics::Metrics;
 use meshid_ca::service::{Ca, ServiceError};
 use meshid_ca::store::{PolicyRevision, StoreError};
 
-use crate::authority::{db, open, settings, td};
-
-async fn ca_on(url: &str, dir: &std::path::Path) -> Ca {
-    let store = open(url).await;
-    let authority =
-        Authority::load_or_init(td(), "ca-1".into(), settings(600), dir, Arc::clone(&store))
-            .await
-            .unwrap();
-    Ca::new(
-        Arc::new(authority),
-        store,
-        Arc::new(Metrics::new()),
-        Duration::from_secs(600),
-    )
-}
+use crate::authority::{ca_on, db};
 
 const ALICE: &str = "admin:uid=1000,pid=1";
 const BOB: &str = "admin:uid=1001,pid=2";
@@ -83,7 +66,7 @@ async fn kinds(ca: &Ca) -> Vec<(String, serde_json::Value)> {
 async fn case(postgres: bool) {
     let Some(db) = db(postgres).await else { return };
     let dir = tempfile::tempdir().unwrap();
-    let ca = ca_on(&db.url, dir.path()).await;
+    let ca = ca_on(&db.url, "ca-1", dir.path()).await;
     assert!(ca.policy_revision(None).await.unwrap().is_none());
     assert!(ca.policy_history().await.unwrap().is_empty());
 
@@ -268,6 +251,7 @@ async fn case(postgres: bool) {
         action: "apply".into(),
         subject: "team-c".into(),
         documents: BTreeMap::new(),
+        owners: BTreeMap::new(),
     };
     let event = meshid_ca::audit::AuditEvent::new("policy.apply", BOB, serde_json::json!({}));
     assert!(matches!(
@@ -279,7 +263,7 @@ async fn case(postgres: bool) {
 
     // A restart sees the same policy.
     drop(ca);
-    let ca = ca_on(&db.url, dir.path()).await;
+    let ca = ca_on(&db.url, "ca-1", dir.path()).await;
     assert_eq!(
         ca.policy_revision(None).await.unwrap().unwrap().documents,
         head.documents
@@ -302,8 +286,8 @@ async fn policy_postgres() {
 async fn concurrent_applies_on_two_servers_are_serialized() {
     let Some(db) = db(true).await else { return };
     let (d1, d2) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
-    let ca1 = ca_on(&db.url, d1.path()).await;
-    let ca2 = ca_on(&db.url, d2.path()).await;
+    let ca1 = ca_on(&db.url, "ca-1", d1.path()).await;
+    let ca2 = ca_on(&db.url, "ca-1", d2.path()).await;
     let apply = |ca: Ca, name: &'static str, text: &'static str| async move {
         for _ in 0..20 {
             match ca.apply_policy(name, text, "", "", ALICE, false).await {
@@ -339,23 +323,8 @@ async fn concurrent_applies_on_two_servers_are_serialized() {
 async fn another_servers_policy_change_reaches_this_servers_agents() {
     let Some(db) = db(true).await else { return };
     let (d1, d2) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
-    let ca1 = ca_on(&db.url, d1.path()).await;
-    let store = open(&db.url).await;
-    let authority = Authority::load_or_init(
-        td(),
-        "ca-2".into(),
-        settings(600),
-        d2.path(),
-        Arc::clone(&store),
-    )
-    .await
-    .unwrap();
-    let ca2 = Ca::new(
-        Arc::new(authority),
-        store,
-        Arc::new(Metrics::new()),
-        Duration::from_secs(600),
-    );
+    let ca1 = ca_on(&db.url, "ca-1", d1.path()).await;
+    let ca2 = ca_on(&db.url, "ca-2", d2.path()).await;
     ca2.refresh_policy().await.unwrap();
     assert!(ca2.policy_in_force().is_none());
     let mut events = ca2.events.subscribe();

@@ -7,35 +7,18 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-use std::sync::Arc;
 use std::time::Duration;
 
 use meshid_api::tls::revocation::Revocations;
 use meshid_api::tls::verify::PeerRole;
 use meshid_api::tls::{PeerBundles, SvidVerifier};
 use meshid_ca::authority::revoke::RevokeTarget;
-use meshid_ca::authority::Authority;
-use meshid_ca::metrics::Metrics;
 use meshid_ca::service::Ca;
 use meshid_ca::store::{CaKeyKind, CaKeyState};
 use meshid_ca::svid::IssuedSvid;
 use rustls_pki_types::{CertificateDer, UnixTime};
 
-use crate::authority::{csr, db, open, settings, td};
-
-async fn ca_on(url: &str, server: &str, dir: &std::path::Path) -> Ca {
-    let store = open(url).await;
-    let authority =
-        Authority::load_or_init(td(), server.into(), settings(600), dir, Arc::clone(&store))
-            .await
-            .unwrap();
-    Ca::new(
-        Arc::new(authority),
-        store,
-        Arc::new(Metrics::new()),
-        Duration::from_secs(600),
-    )
-}
+use crate::authority::{ca_on, csr, db, td};
 
 async fn mint(ca: &Ca, id: &str, ttl: u64) -> IssuedSvid {
     ca.mint_x509(id, &csr(), ttl, &[], "admin:uid=0")

@@ -21,7 +21,7 @@ use meshid_ca::svid::{self, CaKey, KeyType};
 use rustls_pki_types::CertificateDer;
 use spiffe::SpiffeId;
 
-use crate::authority::{csr, db, open, pem, settings, td, unix, verify, write_private};
+use crate::authority::{ca_with, csr, db, open, pem, settings, td, unix, verify, write_private};
 
 fn agent(n: u32) -> SpiffeId {
     SpiffeId::new(format!("spiffe://example.org/meshid/agent/join_token/a{n}")).unwrap()
@@ -68,18 +68,9 @@ async fn deliver(store: &dyn Datastore, n: u32, server: &str, sequence: u64) {
 }
 
 async fn ca_on(url: &str, server: &str, dir: &Path) -> Ca {
-    let store = open(url).await;
     let mut s = settings(600);
     s.default_x509_svid_ttl = Duration::from_secs(2);
-    let authority = Authority::load_or_init(td(), server.into(), s, dir, Arc::clone(&store))
-        .await
-        .unwrap();
-    Ca::new(
-        Arc::new(authority),
-        store,
-        Arc::new(Metrics::new()),
-        Duration::from_secs(600),
-    )
+    ca_with(url, server, s, dir).await
 }
 
 /// The `kid` of a JWT's header.

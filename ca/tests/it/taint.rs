@@ -5,30 +5,11 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-use std::sync::Arc;
-use std::time::Duration;
-
-use meshid_ca::authority::Authority;
 use meshid_ca::entry::EntrySpec;
-use meshid_ca::metrics::Metrics;
 use meshid_ca::service::Ca;
 use meshid_ca::store::{CaKeyKind, CaKeyState};
 
-use crate::authority::{csr, db, open, settings, td};
-
-async fn ca_on(url: &str, dir: &std::path::Path) -> Ca {
-    let store = open(url).await;
-    let authority =
-        Authority::load_or_init(td(), "ca-1".into(), settings(600), dir, Arc::clone(&store))
-            .await
-            .unwrap();
-    Ca::new(
-        Arc::new(authority),
-        store,
-        Arc::new(Metrics::new()),
-        Duration::from_secs(600),
-    )
-}
+use crate::authority::{ca_on, csr, db};
 
 fn active(ca: &Ca, kind: CaKeyKind) -> String {
     ca.authority
@@ -42,7 +23,7 @@ fn active(ca: &Ca, kind: CaKeyKind) -> String {
 async fn taint_case(postgres: bool) {
     let Some(db) = db(postgres).await else { return };
     let dir = tempfile::tempdir().unwrap();
-    let ca = ca_on(&db.url, dir.path()).await;
+    let ca = ca_on(&db.url, "ca-1", dir.path()).await;
     let agent = "spiffe://example.org/meshid/agent/join_token/a";
     let mut entries = Vec::new();
     for i in 0..3 {
@@ -142,7 +123,7 @@ async fn taint_case(postgres: bool) {
     assert_eq!(taint.actor, "admin:uid=0");
     assert!(taint.details.contains("laptop stolen"), "{}", taint.details);
     drop(ca);
-    let ca = ca_on(&db.url, dir.path()).await;
+    let ca = ca_on(&db.url, "ca-1", dir.path()).await;
     assert_eq!(active(&ca, CaKeyKind::X509Intermediate), fresh);
 }
 

@@ -20,7 +20,8 @@
 //! - `check`, `explain`: lint findings; explanations and who-can answers.
 //! - [`cases`]: policy test cases. `access`: the access log record and reader.
 //! - `suggest`: least-privilege rules from recorded traffic.
-//! - `yaml`: a positioned YAML tree over `saphyr-parser` events (strict, size and depth limited).
+//! - [`yaml`]: a positioned YAML tree over `saphyr-parser` events (strict, size and depth
+//!   limited), public because the CA's mesh files are read with it too.
 //!
 //! # The language
 //! ```yaml
@@ -59,7 +60,7 @@ mod pattern;
 mod policy;
 mod render;
 mod suggest;
-mod yaml;
+pub mod yaml;
 
 pub use access::{parse_access_log, AccessRecord};
 pub use cases::{load_cases, parse_cases, CaseResult, TestCase};

@@ -1,24 +1,42 @@
 //! A small YAML tree with positions, built from `saphyr-parser` events, and the helpers that
 //! decode it strictly (unknown keys, wrong types and nulls are errors at the node's position).
 //!
-//! Only what policy files need: one document of mappings, sequences and scalars. Anchors,
-//! aliases and tags are refused (they make files harder to review and aliases allow exponential
-//! expansion); so are duplicate keys, nesting deeper than [`MAX_DEPTH`] and more than
-//! [`MAX_NODES`] nodes.
+//! Policy files are read with it, and so are the CA's mesh files (`meshid-ca apply -f`), so
+//! that both refuse the same things with the same messages. Only what such files need: one
+//! document of mappings, sequences and scalars. Anchors, aliases and tags are refused (they
+//! make files harder to review and aliases allow exponential expansion); so are duplicate keys,
+//! nesting deeper than [`Limits::depth`] and more than [`Limits::nodes`] nodes.
 
-use saphyr_parser::{Event, Parser, ScalarStyle, Span};
+use saphyr_parser::{Event, Parser, Span};
+
+pub use saphyr_parser::ScalarStyle;
 
 use crate::PolicyError;
 
-/// Deepest nesting of sequences and mappings accepted.
-pub(crate) const MAX_DEPTH: usize = 32;
-/// Most nodes accepted in one document.
-pub(crate) const MAX_NODES: usize = 200_000;
+/// How large a document [`parse_limited`] accepts.
+#[derive(Clone, Copy, Debug)]
+pub struct Limits {
+    /// Deepest nesting of sequences and mappings.
+    pub depth: usize,
+    /// Most nodes in the document.
+    pub nodes: usize,
+    /// What the file is, for the messages ("a policy needs far fewer").
+    pub what: &'static str,
+}
+
+/// The limits of a policy file.
+pub const POLICY_LIMITS: Limits = Limits {
+    depth: 32,
+    nodes: 200_000,
+    what: "a policy",
+};
 
 /// A position in the source: line and column, both from 1 (columns in characters).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Default)]
-pub(crate) struct Pos {
+pub struct Pos {
+    /// The line, from 1.
     pub line: usize,
+    /// The column in characters, from 1.
     pub column: usize,
 }
 
@@ -33,27 +51,33 @@ impl Pos {
 
 /// A YAML node and where it starts.
 #[derive(Debug)]
-pub(crate) struct Node {
+pub struct Node {
+    /// Where it starts.
     pub pos: Pos,
+    /// What it is.
     pub value: Value,
 }
 
 /// The three kinds of YAML node.
 #[derive(Debug)]
-pub(crate) enum Value {
-    /// A scalar and whether it was written plain (unquoted, not a block scalar).
-    Scalar(String, bool),
+pub enum Value {
+    /// A scalar and how it was written (plain, quoted, literal or folded block).
+    Scalar(String, ScalarStyle),
+    /// A sequence.
     Seq(Vec<Node>),
+    /// A mapping, in file order (keys are scalars, no two alike).
     Map(Vec<(Node, Node)>),
 }
 
 /// Names the file in errors.
 #[derive(Clone, Copy)]
-pub(crate) struct Ctx<'a> {
+pub struct Ctx<'a> {
+    /// The file name used in messages.
     pub origin: &'a str,
 }
 
 impl Ctx<'_> {
+    /// A validation error at `pos`.
     pub fn invalid(&self, pos: Pos, message: impl Into<String>) -> PolicyError {
         PolicyError::Invalid {
             origin: self.origin.to_owned(),
@@ -63,6 +87,7 @@ impl Ctx<'_> {
         }
     }
 
+    /// A syntax error at `pos`.
     pub fn syntax(&self, pos: Pos, message: impl Into<String>) -> PolicyError {
         PolicyError::Syntax {
             origin: self.origin.to_owned(),
@@ -78,24 +103,52 @@ enum Frame {
     Map(Pos, Vec<(Node, Node)>, Option<Node>),
 }
 
-/// Parses `text` as exactly one YAML document.
+/// Parses `text` as exactly one YAML document, with the limits of a policy file.
 pub(crate) fn parse_document(text: &str, ctx: Ctx<'_>) -> Result<Node, PolicyError> {
+    parse_limited(text, ctx, POLICY_LIMITS)?.ok_or_else(|| {
+        ctx.invalid(
+            Pos { line: 1, column: 1 },
+            "the file is empty: write a mapping with at least `rules:`",
+        )
+    })
+}
+
+/// Parses `text` as at most one YAML document (`None` when there is none).
+///
+/// # Errors
+///
+/// [`PolicyError::Syntax`] for YAML that is not well-formed, a second document, or a document
+/// past `limits`; [`PolicyError::Invalid`] for anchors, aliases, tags and duplicate keys. The
+/// position is within the text, even where the parser points past its end.
+pub fn parse_limited(
+    text: &str,
+    ctx: Ctx<'_>,
+    limits: Limits,
+) -> Result<Option<Node>, PolicyError> {
     let mut parser = Parser::new_from_str(text);
     let mut stack: Vec<Frame> = Vec::new();
     let mut root: Option<Node> = None;
     let mut documents = 0usize;
     let mut nodes = 0usize;
+    let last_line = lines(text).count().max(1);
     while let Some(event) = parser.next_event() {
         let (event, span) = event.map_err(|e| {
             ctx.syntax(
-                Pos {
-                    line: e.marker().line(),
-                    column: e.marker().col() + 1,
-                },
+                within(
+                    text,
+                    Pos {
+                        line: e.marker().line(),
+                        column: e.marker().col() + 1,
+                    },
+                ),
                 format!("invalid YAML: {}", e.info()),
             )
         })?;
-        let pos = Pos::of(span);
+        let mut pos = Pos::of(span);
+        if pos.line > last_line {
+            // An empty document after `---` at the end of a file without a final line break.
+            pos = within(text, pos);
+        }
         let node = match event {
             Event::Nothing | Event::StreamStart | Event::DocumentEnd => continue,
             Event::StreamEnd => break,
@@ -120,18 +173,18 @@ pub(crate) fn parse_document(text: &str, ctx: Ctx<'_>) -> Result<Node, PolicyErr
                 refuse_anchor_and_tag(ctx, pos, anchor, tag.is_some())?;
                 Node {
                     pos,
-                    value: Value::Scalar(text.into_owned(), style == ScalarStyle::Plain),
+                    value: Value::Scalar(text.into_owned(), style),
                 }
             }
             Event::SequenceStart(anchor, tag) => {
                 refuse_anchor_and_tag(ctx, pos, anchor, tag.is_some())?;
-                check_depth(ctx, pos, &stack)?;
+                check_depth(ctx, pos, &stack, limits)?;
                 stack.push(Frame::Seq(pos, Vec::new()));
                 continue;
             }
             Event::MappingStart(anchor, tag) => {
                 refuse_anchor_and_tag(ctx, pos, anchor, tag.is_some())?;
-                check_depth(ctx, pos, &stack)?;
+                check_depth(ctx, pos, &stack, limits)?;
                 stack.push(Frame::Map(pos, Vec::new(), None));
                 continue;
             }
@@ -148,20 +201,36 @@ pub(crate) fn parse_document(text: &str, ctx: Ctx<'_>) -> Result<Node, PolicyErr
             },
         };
         nodes += 1;
-        if nodes > MAX_NODES {
+        if nodes > limits.nodes {
             return Err(ctx.syntax(
                 node.pos,
-                format!("more than {MAX_NODES} YAML nodes: a policy needs far fewer"),
+                format!(
+                    "more than {} YAML nodes: {} needs far fewer",
+                    limits.nodes, limits.what
+                ),
             ));
         }
         push(&mut stack, &mut root, node, ctx)?;
     }
-    root.ok_or_else(|| {
-        ctx.invalid(
-            Pos { line: 1, column: 1 },
-            "the file is empty: write a mapping with at least `rules:`",
-        )
-    })
+    Ok(root)
+}
+
+/// `pos`, or the end of the text when the parser points past it (an error at the end of a
+/// file that does not end with a line break).
+fn within(text: &str, pos: Pos) -> Pos {
+    let last = lines(text).count().max(1);
+    if pos.line <= last {
+        return pos;
+    }
+    let column = lines(text).last().map_or(0, |l| l.chars().count()) + 1;
+    Pos { line: last, column }
+}
+
+/// The lines of `text` as YAML counts them (a line ends at `\n`, `\r\n` or a lone `\r`), so
+/// that line numbers agree with the parser's.
+pub fn lines(text: &str) -> impl Iterator<Item = &str> {
+    text.split('\n')
+        .flat_map(|l| l.strip_suffix('\r').unwrap_or(l).split('\r'))
 }
 
 fn refuse_anchor_and_tag(
@@ -182,11 +251,14 @@ fn refuse_anchor_and_tag(
     Ok(())
 }
 
-fn check_depth(ctx: Ctx<'_>, pos: Pos, stack: &[Frame]) -> Result<(), PolicyError> {
-    if stack.len() >= MAX_DEPTH {
+fn check_depth(ctx: Ctx<'_>, pos: Pos, stack: &[Frame], limits: Limits) -> Result<(), PolicyError> {
+    if stack.len() >= limits.depth {
         return Err(ctx.syntax(
             pos,
-            format!("nesting deeper than {MAX_DEPTH} levels: a policy needs far fewer; check the indentation"),
+            format!(
+                "nesting deeper than {} levels: {} needs far fewer; check the indentation",
+                limits.depth, limits.what
+            ),
         ));
     }
     Ok(())
@@ -252,7 +324,7 @@ impl Node {
 
     /// A plain `~`, `null` or empty scalar.
     pub fn is_null(&self) -> bool {
-        matches!(&self.value, Value::Scalar(s, true) if matches!(s.as_str(), "" | "~" | "null" | "Null" | "NULL"))
+        matches!(&self.value, Value::Scalar(s, ScalarStyle::Plain) if matches!(s.as_str(), "" | "~" | "null" | "Null" | "NULL"))
     }
 }
 
@@ -322,7 +394,7 @@ impl Ctx<'_> {
     /// A port number: a plain integer from 1 to 65535.
     pub fn port(&self, node: &Node) -> Result<u16, PolicyError> {
         match &node.value {
-            Value::Scalar(s, true) => match s.parse::<u16>() {
+            Value::Scalar(s, ScalarStyle::Plain) => match s.parse::<u16>() {
                 Ok(p) if p != 0 => Ok(p),
                 _ => Err(self.invalid(
                     node.pos,
@@ -344,15 +416,15 @@ impl Ctx<'_> {
 }
 
 /// User text for a message: at most 64 characters, so that a huge value does not flood it.
-pub(crate) fn clip(s: &str) -> std::borrow::Cow<'_, str> {
+pub fn clip(s: &str) -> std::borrow::Cow<'_, str> {
     match s.char_indices().nth(61) {
         Some((end, _)) if s.chars().nth(64).is_some() => format!("{}...", &s[..end]).into(),
         _ => s.into(),
     }
 }
 
-/// The text of a scalar key (keys are always scalars, see `push`).
-pub(crate) fn scalar_text(node: &Node) -> &str {
+/// The text of a scalar (keys are always scalars); empty for a list or mapping.
+pub fn scalar_text(node: &Node) -> &str {
     match &node.value {
         Value::Scalar(s, _) => s,
         _ => "",
@@ -360,7 +432,7 @@ pub(crate) fn scalar_text(node: &Node) -> &str {
 }
 
 /// The entries of a mapping whose keys were checked.
-pub(crate) struct Fields<'n> {
+pub struct Fields<'n> {
     entries: &'n [(Node, Node)],
 }
 

@@ -30,6 +30,10 @@ pub struct Entry {
     pub updated_at: i64,
     #[prost(int64, tag = "13")]
     pub revision: i64,
+    /// The owner label of the mesh file that declared it (`meshid-ca apply`); empty for an entry
+    /// made by hand. Set only by Mesh.Apply: ignored by CreateEntry, kept by UpdateEntry.
+    #[prost(string, tag = "14")]
+    pub owner: ::prost::alloc::string::String,
 }
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct CreateEntryRequest {
@@ -573,6 +577,9 @@ pub struct PolicyDocument {
     pub name: ::prost::alloc::string::String,
     #[prost(string, tag = "2")]
     pub text: ::prost::alloc::string::String,
+    /// The owner label of the mesh file that declared it; empty when applied by hand.
+    #[prost(string, tag = "3")]
+    pub owner: ::prost::alloc::string::String,
 }
 #[derive(Clone, PartialEq, ::prost::Message)]
 pub struct PolicyRevision {
@@ -600,6 +607,110 @@ pub struct PolicyHistoryRequest {}
 pub struct PolicyHistory {
     #[prost(message, repeated, tag = "1")]
     pub revisions: ::prost::alloc::vec::Vec<PolicyRevision>,
+}
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct MeshEntry {
+    /// id, owner and the fields the CA sets are ignored.
+    #[prost(message, optional, tag = "1")]
+    pub entry: ::core::option::Option<Entry>,
+    /// Where the file declares it (file:line:column), prefixed to its errors.
+    #[prost(string, tag = "2")]
+    pub origin: ::prost::alloc::string::String,
+}
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct MeshPolicy {
+    /// The document's name (as for Policy.Apply).
+    #[prost(string, tag = "1")]
+    pub name: ::prost::alloc::string::String,
+    /// meshid-policy YAML.
+    #[prost(string, tag = "2")]
+    pub text: ::prost::alloc::string::String,
+    /// The file the text is in, for error positions.
+    #[prost(string, tag = "3")]
+    pub origin: ::prost::alloc::string::String,
+    /// Where the text starts in that file (0 for a file of its own; an inline document's first
+    /// line and indentation otherwise): added to the line and column of its errors.
+    #[prost(uint32, tag = "4")]
+    pub line_offset: u32,
+    #[prost(uint32, tag = "5")]
+    pub column_offset: u32,
+    /// Where the mesh file declares it (file:line:column).
+    #[prost(string, tag = "6")]
+    pub declared_at: ::prost::alloc::string::String,
+}
+#[derive(Clone, PartialEq, ::prost::Message)]
+pub struct ApplyMeshRequest {
+    /// The owner label stamped on everything this request creates (as a policy name: lowercase
+    /// letters, digits, '.', '\_', '-'; at most 63).
+    #[prost(string, tag = "1")]
+    pub owner: ::prost::alloc::string::String,
+    #[prost(message, repeated, tag = "2")]
+    pub entries: ::prost::alloc::vec::Vec<MeshEntry>,
+    #[prost(message, repeated, tag = "3")]
+    pub policies: ::prost::alloc::vec::Vec<MeshPolicy>,
+    /// Also delete what this owner holds that the request no longer declares.
+    #[prost(bool, tag = "4")]
+    pub prune: bool,
+    /// Only compute the plan; change nothing.
+    #[prost(bool, tag = "5")]
+    pub dry_run: bool,
+    /// Take over the entries and documents made by hand that the request declares (never another
+    /// owner's).
+    #[prost(bool, tag = "6")]
+    pub adopt: bool,
+    /// Why (recorded with the policy revision and in the audit log).
+    #[prost(string, tag = "7")]
+    pub reason: ::prost::alloc::string::String,
+}
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct MeshChange {
+    /// "entry" or "policy".
+    #[prost(string, tag = "1")]
+    pub kind: ::prost::alloc::string::String,
+    /// "create", "update", "delete" or "adopt" (an object made by hand becomes this owner's,
+    /// with the field changes listed).
+    #[prost(string, tag = "2")]
+    pub action: ::prost::alloc::string::String,
+    /// The entry's id, or the policy document's name.
+    #[prost(string, tag = "3")]
+    pub id: ::prost::alloc::string::String,
+    /// An entry's identity.
+    #[prost(string, tag = "4")]
+    pub spiffe_id: ::prost::alloc::string::String,
+    #[prost(string, tag = "5")]
+    pub parent_id: ::prost::alloc::string::String,
+    #[prost(string, repeated, tag = "6")]
+    pub selectors: ::prost::alloc::vec::Vec<::prost::alloc::string::String>,
+    /// What an update or adoption changes, one field each: "x509_svid_ttl: 300 -> 600".
+    #[prost(string, repeated, tag = "7")]
+    pub fields: ::prost::alloc::vec::Vec<::prost::alloc::string::String>,
+    /// A policy document's unified diff.
+    #[prost(string, tag = "8")]
+    pub diff: ::prost::alloc::string::String,
+    /// Where the file declares it (empty for a deletion).
+    #[prost(string, tag = "9")]
+    pub declared_at: ::prost::alloc::string::String,
+}
+#[derive(Clone, PartialEq, ::prost::Message)]
+pub struct MeshPlan {
+    /// In order: entries (creates, updates, adoptions, deletes), then policy documents.
+    #[prost(message, repeated, tag = "1")]
+    pub changes: ::prost::alloc::vec::Vec<MeshChange>,
+    /// Whether the changes were made (false for a dry run and when there was nothing to change).
+    #[prost(bool, tag = "2")]
+    pub applied: bool,
+    #[prost(bool, tag = "3")]
+    pub dry_run: bool,
+    /// The policy revision in force afterwards (for a dry run: now); 0 when there is none.
+    #[prost(uint64, tag = "4")]
+    pub policy_revision: u64,
+    /// What this owner holds that the request no longer declares, kept because prune was not set
+    /// (action "delete" is what prune would do).
+    #[prost(message, repeated, tag = "5")]
+    pub orphans: ::prost::alloc::vec::Vec<MeshChange>,
+    /// How many declarations already matched the CA's state.
+    #[prost(uint32, tag = "6")]
+    pub unchanged: u32,
 }
 /// Generated client implementations.
 pub mod entries_client {
@@ -4156,6 +4267,311 @@ pub mod policy_server {
     /// Generated gRPC service name
     pub const SERVICE_NAME: &str = "meshid.admin.v1.Policy";
     impl<T> tonic::server::NamedService for PolicyServer<T> {
+        const NAME: &'static str = SERVICE_NAME;
+    }
+}
+/// Generated client implementations.
+pub mod mesh_client {
+    #![allow(
+        unused_variables,
+        dead_code,
+        missing_docs,
+        clippy::wildcard_imports,
+        clippy::let_unit_value,
+    )]
+    use tonic::codegen::*;
+    use tonic::codegen::http::Uri;
+    /// Declarative apply of a mesh file (`meshid-ca apply`): the entries and named policy documents
+    /// that one owner declares. The plan is computed and carried out in one datastore transaction,
+    /// against the state it was computed from: every entry and the resulting policy are validated
+    /// first, and one invalid thing changes nothing. Objects are matched to declarations by their
+    /// owner label: an entry by (spiffe_id, parent_id, selectors), a policy document by name.
+    /// Objects made by hand, or by another owner, are never changed or deleted (a declaration that
+    /// would take one over is refused, unless adopt is set and it was made by hand).
+    #[derive(Debug, Clone)]
+    pub struct MeshClient<T> {
+        inner: tonic::client::Grpc<T>,
+    }
+    impl MeshClient<tonic::transport::Channel> {
+        /// Attempt to create a new client by connecting to a given endpoint.
+        pub async fn connect<D>(dst: D) -> Result<Self, tonic::transport::Error>
+        where
+            D: TryInto<tonic::transport::Endpoint>,
+            D::Error: Into<StdError>,
+        {
+            let conn = tonic::transport::Endpoint::new(dst)?.connect().await?;
+            Ok(Self::new(conn))
+        }
+    }
+    impl<T> MeshClient<T>
+    where
+        T: tonic::client::GrpcService<tonic::body::Body>,
+        T::Error: Into<StdError>,
+        T::ResponseBody: Body<Data = Bytes> + std::marker::Send + 'static,
+        <T::ResponseBody as Body>::Error: Into<StdError> + std::marker::Send,
+    {
+        pub fn new(inner: T) -> Self {
+            let inner = tonic::client::Grpc::new(inner);
+            Self { inner }
+        }
+        pub fn with_origin(inner: T, origin: Uri) -> Self {
+            let inner = tonic::client::Grpc::with_origin(inner, origin);
+            Self { inner }
+        }
+        pub fn with_interceptor<F>(
+            inner: T,
+            interceptor: F,
+        ) -> MeshClient<InterceptedService<T, F>>
+        where
+            F: tonic::service::Interceptor,
+            T::ResponseBody: Default,
+            T: tonic::codegen::Service<
+                http::Request<tonic::body::Body>,
+                Response = http::Response<
+                    <T as tonic::client::GrpcService<tonic::body::Body>>::ResponseBody,
+                >,
+            >,
+            <T as tonic::codegen::Service<
+                http::Request<tonic::body::Body>,
+            >>::Error: Into<StdError> + std::marker::Send + std::marker::Sync,
+        {
+            MeshClient::new(InterceptedService::new(inner, interceptor))
+        }
+        /// Compress requests with the given encoding.
+        ///
+        /// This requires the server to support it otherwise it might respond with an
+        /// error.
+        #[must_use]
+        pub fn send_compressed(mut self, encoding: CompressionEncoding) -> Self {
+            self.inner = self.inner.send_compressed(encoding);
+            self
+        }
+        /// Enable decompressing responses.
+        #[must_use]
+        pub fn accept_compressed(mut self, encoding: CompressionEncoding) -> Self {
+            self.inner = self.inner.accept_compressed(encoding);
+            self
+        }
+        /// Limits the maximum size of a decoded message.
+        ///
+        /// Default: `4MB`
+        #[must_use]
+        pub fn max_decoding_message_size(mut self, limit: usize) -> Self {
+            self.inner = self.inner.max_decoding_message_size(limit);
+            self
+        }
+        /// Limits the maximum size of an encoded message.
+        ///
+        /// Default: `usize::MAX`
+        #[must_use]
+        pub fn max_encoding_message_size(mut self, limit: usize) -> Self {
+            self.inner = self.inner.max_encoding_message_size(limit);
+            self
+        }
+        pub async fn apply(
+            &mut self,
+            request: impl tonic::IntoRequest<super::ApplyMeshRequest>,
+        ) -> std::result::Result<tonic::Response<super::MeshPlan>, tonic::Status> {
+            self.inner
+                .ready()
+                .await
+                .map_err(|e| {
+                    tonic::Status::unknown(
+                        format!("Service was not ready: {}", e.into()),
+                    )
+                })?;
+            let codec = tonic_prost::ProstCodec::default();
+            let path = http::uri::PathAndQuery::from_static(
+                "/meshid.admin.v1.Mesh/Apply",
+            );
+            let mut req = request.into_request();
+            req.extensions_mut()
+                .insert(GrpcMethod::new("meshid.admin.v1.Mesh", "Apply"));
+            self.inner.unary(req, path, codec).await
+        }
+    }
+}
+/// Generated server implementations.
+pub mod mesh_server {
+    #![allow(
+        unused_variables,
+        dead_code,
+        missing_docs,
+        clippy::wildcard_imports,
+        clippy::let_unit_value,
+    )]
+    use tonic::codegen::*;
+    /// Generated trait containing gRPC methods that should be implemented for use with MeshServer.
+    #[async_trait]
+    pub trait Mesh: std::marker::Send + std::marker::Sync + 'static {
+        async fn apply(
+            &self,
+            request: tonic::Request<super::ApplyMeshRequest>,
+        ) -> std::result::Result<tonic::Response<super::MeshPlan>, tonic::Status>;
+    }
+    /// Declarative apply of a mesh file (`meshid-ca apply`): the entries and named policy documents
+    /// that one owner declares. The plan is computed and carried out in one datastore transaction,
+    /// against the state it was computed from: every entry and the resulting policy are validated
+    /// first, and one invalid thing changes nothing. Objects are matched to declarations by their
+    /// owner label: an entry by (spiffe_id, parent_id, selectors), a policy document by name.
+    /// Objects made by hand, or by another owner, are never changed or deleted (a declaration that
+    /// would take one over is refused, unless adopt is set and it was made by hand).
+    #[derive(Debug)]
+    pub struct MeshServer<T> {
+        inner: Arc<T>,
+        accept_compression_encodings: EnabledCompressionEncodings,
+        send_compression_encodings: EnabledCompressionEncodings,
+        max_decoding_message_size: Option<usize>,
+        max_encoding_message_size: Option<usize>,
+    }
+    impl<T> MeshServer<T> {
+        pub fn new(inner: T) -> Self {
+            Self::from_arc(Arc::new(inner))
+        }
+        pub fn from_arc(inner: Arc<T>) -> Self {
+            Self {
+                inner,
+                accept_compression_encodings: Default::default(),
+                send_compression_encodings: Default::default(),
+                max_decoding_message_size: None,
+                max_encoding_message_size: None,
+            }
+        }
+        pub fn with_interceptor<F>(
+            inner: T,
+            interceptor: F,
+        ) -> InterceptedService<Self, F>
+        where
+            F: tonic::service::Interceptor,
+        {
+            InterceptedService::new(Self::new(inner), interceptor)
+        }
+        /// Enable decompressing requests with the given encoding.
+        #[must_use]
+        pub fn accept_compressed(mut self, encoding: CompressionEncoding) -> Self {
+            self.accept_compression_encodings.enable(encoding);
+            self
+        }
+        /// Compress responses with the given encoding, if the client supports it.
+        #[must_use]
+        pub fn send_compressed(mut self, encoding: CompressionEncoding) -> Self {
+            self.send_compression_encodings.enable(encoding);
+            self
+        }
+        /// Limits the maximum size of a decoded message.
+        ///
+        /// Default: `4MB`
+        #[must_use]
+        pub fn max_decoding_message_size(mut self, limit: usize) -> Self {
+            self.max_decoding_message_size = Some(limit);
+            self
+        }
+        /// Limits the maximum size of an encoded message.
+        ///
+        /// Default: `usize::MAX`
+        #[must_use]
+        pub fn max_encoding_message_size(mut self, limit: usize) -> Self {
+            self.max_encoding_message_size = Some(limit);
+            self
+        }
+    }
+    impl<T, B> tonic::codegen::Service<http::Request<B>> for MeshServer<T>
+    where
+        T: Mesh,
+        B: Body + std::marker::Send + 'static,
+        B::Error: Into<StdError> + std::marker::Send + 'static,
+    {
+        type Response = http::Response<tonic::body::Body>;
+        type Error = std::convert::Infallible;
+        type Future = BoxFuture<Self::Response, Self::Error>;
+        fn poll_ready(
+            &mut self,
+            _cx: &mut Context<'_>,
+        ) -> Poll<std::result::Result<(), Self::Error>> {
+            Poll::Ready(Ok(()))
+        }
+        fn call(&mut self, req: http::Request<B>) -> Self::Future {
+            match req.uri().path() {
+                "/meshid.admin.v1.Mesh/Apply" => {
+                    #[allow(non_camel_case_types)]
+                    struct ApplySvc<T: Mesh>(pub Arc<T>);
+                    impl<T: Mesh> tonic::server::UnaryService<super::ApplyMeshRequest>
+                    for ApplySvc<T> {
+                        type Response = super::MeshPlan;
+                        type Future = BoxFuture<
+                            tonic::Response<Self::Response>,
+                            tonic::Status,
+                        >;
+                        fn call(
+                            &mut self,
+                            request: tonic::Request<super::ApplyMeshRequest>,
+                        ) -> Self::Future {
+                            let inner = Arc::clone(&self.0);
+                            let fut = async move {
+                                <T as Mesh>::apply(&inner, request).await
+                            };
+                            Box::pin(fut)
+                        }
+                    }
+                    let accept_compression_encodings = self.accept_compression_encodings;
+                    let send_compression_encodings = self.send_compression_encodings;
+                    let max_decoding_message_size = self.max_decoding_message_size;
+                    let max_encoding_message_size = self.max_encoding_message_size;
+                    let inner = self.inner.clone();
+                    let fut = async move {
+                        let method = ApplySvc(inner);
+                        let codec = tonic_prost::ProstCodec::default();
+                        let mut grpc = tonic::server::Grpc::new(codec)
+                            .apply_compression_config(
+                                accept_compression_encodings,
+                                send_compression_encodings,
+                            )
+                            .apply_max_message_size_config(
+                                max_decoding_message_size,
+                                max_encoding_message_size,
+                            );
+                        let res = grpc.unary(method, req).await;
+                        Ok(res)
+                    };
+                    Box::pin(fut)
+                }
+                _ => {
+                    Box::pin(async move {
+                        let mut response = http::Response::new(
+                            tonic::body::Body::default(),
+                        );
+                        let headers = response.headers_mut();
+                        headers
+                            .insert(
+                                tonic::Status::GRPC_STATUS,
+                                (tonic::Code::Unimplemented as i32).into(),
+                            );
+                        headers
+                            .insert(
+                                http::header::CONTENT_TYPE,
+                                tonic::metadata::GRPC_CONTENT_TYPE,
+                            );
+                        Ok(response)
+                    })
+                }
+            }
+        }
+    }
+    impl<T> Clone for MeshServer<T> {
+        fn clone(&self) -> Self {
+            let inner = self.inner.clone();
+            Self {
+                inner,
+                accept_compression_encodings: self.accept_compression_encodings,
+                send_compression_encodings: self.send_compression_encodings,
+                max_decoding_message_size: self.max_decoding_message_size,
+                max_encoding_message_size: self.max_encoding_message_size,
+            }
+        }
+    }
+    /// Generated gRPC service name
+    pub const SERVICE_NAME: &str = "meshid.admin.v1.Mesh";
+    impl<T> tonic::server::NamedService for MeshServer<T> {
         const NAME: &'static str = SERVICE_NAME;
     }
 }

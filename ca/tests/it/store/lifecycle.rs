@@ -240,6 +240,7 @@ pub async fn a_version_1_database_migrates_its_agents(backend: Backend) {
          ALTER TABLE agents DROP COLUMN previous_until; \
          DROP TABLE agent_deliveries; DROP TABLE revocations; DROP TABLE crls; \
          DROP TABLE policy_revisions; \
+         ALTER TABLE registration_entries DROP COLUMN owner; \
          ALTER TABLE ca_keys DROP COLUMN state_changed_at; \
          ALTER TABLE ca_keys DROP COLUMN key_path; \
          ALTER TABLE ca_keys DROP COLUMN tainted_at; \
@@ -247,7 +248,11 @@ pub async fn a_version_1_database_migrates_its_agents(backend: Backend) {
          INSERT INTO agents (spiffe_id, attestation_type, serial, expires_at, created_at, banned) \
          VALUES ('spiffe://example.org/meshid/agent/join_token/old', 'join_token', 'abcd', 10, 1, 0); \
          INSERT INTO ca_keys (id, kind, state, server_id, parent_id, public_der, not_before, \
-         not_after, created_at) VALUES ('jwt-old', 'jwt', 'retired', 'ca-1', NULL, {blob}, 1, 2, 1)",
+         not_after, created_at) VALUES ('jwt-old', 'jwt', 'retired', 'ca-1', NULL, {blob}, 1, 2, 1); \
+         INSERT INTO registration_entries (id, spiffe_id, parent_id, selectors, x509_ttl, \
+         jwt_ttl, dns_names, federates_with, admin, hint, created_at, updated_at, revision) \
+         VALUES ('old', 'spiffe://example.org/old', 'spiffe://example.org/p', \
+         '[\"unix:uid:1\"]', 0, 0, '[]', '[]', 0, '', 1, 1, 1)",
     ))
     .await;
     let store = SqlStore::open(&fx.url).await.unwrap();
@@ -271,6 +276,13 @@ pub async fn a_version_1_database_migrates_its_agents(backend: Backend) {
         ),
         ("abcd", "", 0)
     );
+    // An entry from before version 8 was made by hand: no owner.
+    let entry = store
+        .get_entry(&"old".parse().unwrap())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(entry.owner, "");
     // A key's state change from before version 4 is unknown (0), never guessed.
     let keys = store.list_ca_keys().await.unwrap();
     assert_eq!(
