@@ -77,10 +77,11 @@ impl AdminService {
             .add_service(admin::audit_server::AuditServer::new(self.clone()))
             .add_service(admin::policy_server::PolicyServer::new(self.clone()))
             .add_service(
-                admin::mesh_server::MeshServer::new(self)
+                admin::mesh_server::MeshServer::new(self.clone())
                     .max_decoding_message_size(crate::mesh::MAX_MESH_MESSAGE)
                     .max_encoding_message_size(crate::mesh::MAX_MESH_MESSAGE),
             )
+            .add_service(admin::federation_server::FederationServer::new(self))
     }
 
     /// Every agent, and every delivery report.
@@ -600,6 +601,92 @@ fn policy_revision(r: crate::store::PolicyRevision) -> admin::PolicyRevision {
                 text,
             })
             .collect(),
+    }
+}
+
+#[tonic::async_trait]
+impl admin::federation_server::Federation for AdminService {
+    async fn create(
+        &self,
+        req: Request<admin::CreateFederationRequest>,
+    ) -> Rpc<admin::FederationRelationship> {
+        let who = caller(&req);
+        let r = req.into_inner();
+        let spec = crate::service::federation::FederationSpec {
+            trust_domain: r.trust_domain,
+            endpoint_url: r.endpoint_url,
+            profile: r.profile,
+            endpoint_spiffe_id: r.endpoint_spiffe_id,
+            bootstrap_bundle: r.bootstrap_bundle,
+            reason: r.reason,
+        };
+        let view = self.ca.create_federation(spec, &who).await?;
+        Ok(Response::new(federation_to_proto(&view)))
+    }
+
+    async fn list(
+        &self,
+        _req: Request<admin::ListFederationsRequest>,
+    ) -> Rpc<admin::ListFederationsResponse> {
+        let views = self.ca.list_federations().await?;
+        Ok(Response::new(admin::ListFederationsResponse {
+            relationships: views.iter().map(federation_to_proto).collect(),
+        }))
+    }
+
+    async fn get(
+        &self,
+        req: Request<admin::GetFederationRequest>,
+    ) -> Rpc<admin::FederationRelationship> {
+        let view = self
+            .ca
+            .get_federation(&req.into_inner().trust_domain)
+            .await?;
+        Ok(Response::new(federation_to_proto(&view)))
+    }
+
+    async fn delete(
+        &self,
+        req: Request<admin::DeleteFederationRequest>,
+    ) -> Rpc<admin::FederationRelationship> {
+        let who = caller(&req);
+        let r = req.into_inner();
+        let record = self
+            .ca
+            .delete_federation(&r.trust_domain, &r.reason, &who)
+            .await?;
+        Ok(Response::new(federation_to_proto(
+            &crate::service::federation::FederationView {
+                record,
+                bundle: None,
+                bundle_updated_at: 0,
+                status: Default::default(),
+            },
+        )))
+    }
+}
+
+fn federation_to_proto(
+    v: &crate::service::federation::FederationView,
+) -> admin::FederationRelationship {
+    let r = &v.record;
+    let count = |n: usize| u32::try_from(n).unwrap_or(u32::MAX);
+    admin::FederationRelationship {
+        trust_domain: r.trust_domain.to_string(),
+        endpoint_url: r.endpoint_url.clone(),
+        profile: r.profile.clone(),
+        endpoint_spiffe_id: r.endpoint_spiffe_id.clone(),
+        owner: r.owner.clone(),
+        created_at: r.created_at,
+        bundle_sequence: v.bundle.as_ref().map_or(0, |b| b.sequence),
+        bundle_updated_at: v.bundle_updated_at,
+        x509_authorities: count(v.bundle.as_ref().map_or(0, |b| b.x509_authorities.len())),
+        jwt_authorities: count(v.bundle.as_ref().map_or(0, |b| b.jwt_authorities.len())),
+        refresh_hint: v.bundle.as_ref().map_or(0, |b| b.refresh_hint.as_secs()),
+        last_attempt: v.status.last_attempt,
+        last_success: v.status.last_success,
+        last_error: v.status.last_error.clone(),
+        next_attempt: v.status.next_attempt,
     }
 }
 

@@ -2,6 +2,7 @@
 
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{bail, Context};
@@ -9,6 +10,7 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 use meshid_api::{admin, files};
 use meshid_ca::config::{Config, ConfigError, RawConfig};
 
+mod federation;
 mod mesh;
 mod policy;
 mod root;
@@ -60,6 +62,15 @@ enum Command {
         output: Output,
         #[command(subcommand)]
         command: svid::SvidCommand,
+    },
+    /// Federation with other trust domains: create, list, show, delete relationships.
+    Federation {
+        #[command(flatten)]
+        conn: Conn,
+        #[arg(long, value_enum, default_value = "text", global = true)]
+        output: Output,
+        #[command(subcommand)]
+        command: federation::FederationCommand,
     },
     /// The central policy: named documents, versioned; apply, show, history, rollback.
     Policy {
@@ -481,6 +492,26 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     let node = tokio::net::TcpListener::bind(config.node_address)
         .await
         .with_context(|| format!("cannot bind node API listener {}", config.node_address))?;
+    let bundle_endpoint = match &config.federation.bundle_endpoint {
+        None => None,
+        Some(e) => {
+            let web = match &e.web_cert {
+                Some((cert, key)) => Some(Arc::new(
+                    meshid_ca::federation::endpoint::FileCert::load(cert, key)
+                        .context("cannot load the bundle endpoint's certificate")?,
+                )),
+                None => None,
+            };
+            let listener = tokio::net::TcpListener::bind(e.address)
+                .await
+                .with_context(|| format!("cannot bind the bundle endpoint {}", e.address))?;
+            tracing::info!(address = %listener.local_addr()?, profile = if web.is_some() { "https_web" } else { "https_spiffe" }, "bundle endpoint listening");
+            Some((listener, web))
+        }
+    };
+    let web_roots =
+        meshid_ca::federation::fetch::WebRoots::load(config.federation.web_roots_file.as_deref())
+            .context("cannot load federation.web_roots_file")?;
     tracing::info!(admin_socket = %config.admin_socket.display(), ops_address = %ops.local_addr()?, node_address = %node.local_addr()?, "listening");
     meshid_ca::server::run(
         ca,
@@ -489,6 +520,8 @@ async fn serve(config: Config) -> anyhow::Result<()> {
             node,
             ops,
             node_limits: config.node_limits.clone(),
+            bundle_endpoint,
+            web_roots,
         },
         meshid_api::server::shutdown_signal(),
     )
@@ -1028,6 +1061,11 @@ async fn client(cmd: Command) -> anyhow::Result<ExitCode> {
             output,
             command,
         } => return policy::run(command, channel(&conn).await?, output == Output::Json).await,
+        Command::Federation {
+            conn,
+            output,
+            command,
+        } => return federation::run(command, channel(&conn).await?, output == Output::Json).await,
         Command::Apply { conn, output, args } => {
             return mesh::run(args, channel(&conn), output == Output::Json, false).await
         }

@@ -78,6 +78,26 @@ pub struct RawConfig {
     pub node_limits: RawNodeLimits,
     /// How long an agent's superseded SVID is still honoured after a renewal (default 2m).
     pub agent_svid_overlap: Option<String>,
+    /// Federation: the bundle endpoint, and how federated endpoints are verified.
+    #[serde(default)]
+    pub federation: RawFederation,
+}
+
+/// `[federation]` as written.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawFederation {
+    /// `host:port` of this trust domain's bundle endpoint (off when absent).
+    pub bundle_endpoint_address: Option<String>,
+    /// `https_spiffe` (default: the CA server's own SVID) or `https_web` (the files below).
+    pub bundle_endpoint_profile: Option<String>,
+    /// PEM certificate chain of the `https_web` bundle endpoint.
+    pub bundle_endpoint_cert_file: Option<PathBuf>,
+    /// PEM private key of the `https_web` bundle endpoint (mode 0600).
+    pub bundle_endpoint_key_file: Option<PathBuf>,
+    /// PEM roots that `https_web` endpoints of federated trust domains are verified against
+    /// (default: the system's).
+    pub web_roots_file: Option<PathBuf>,
 }
 
 /// `[node_limits]` as written.
@@ -252,6 +272,79 @@ pub struct Config {
     pub node_limits: crate::node::admission::Limits,
     /// How long an agent's superseded SVID is still honoured after a renewal.
     pub agent_svid_overlap: Duration,
+    /// Federation settings.
+    pub federation: FederationConfig,
+}
+
+/// The validated `[federation]` settings.
+#[derive(Debug, Clone, Default)]
+pub struct FederationConfig {
+    /// This trust domain's bundle endpoint, if served.
+    pub bundle_endpoint: Option<BundleEndpoint>,
+    /// The roots for federated `https_web` endpoints (`None`: the system's).
+    pub web_roots_file: Option<PathBuf>,
+}
+
+/// Where and how the bundle endpoint is served.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BundleEndpoint {
+    /// The listener.
+    pub address: SocketAddr,
+    /// `None` for https_spiffe; the certificate and key files for https_web.
+    pub web_cert: Option<(PathBuf, PathBuf)>,
+}
+
+impl RawFederation {
+    fn validate(self) -> Result<FederationConfig, ConfigError> {
+        let f = self;
+        let files = (f.bundle_endpoint_cert_file, f.bundle_endpoint_key_file);
+        let bundle_endpoint = match f.bundle_endpoint_address {
+            None => {
+                if f.bundle_endpoint_profile.is_some() || files.0.is_some() || files.1.is_some() {
+                    return Err(invalid(
+                        "federation.bundle_endpoint_address",
+                        "is required with the other bundle_endpoint settings: set it to serve the bundle, e.g. \"0.0.0.0:8443\"",
+                    ));
+                }
+                None
+            }
+            Some(address) => {
+                let address = address.parse().map_err(|e| {
+                    invalid(
+                        "federation.bundle_endpoint_address",
+                        format!("{address:?}: {e}; write host:port, e.g. 0.0.0.0:8443"),
+                    )
+                })?;
+                let web_cert = match (f.bundle_endpoint_profile.as_deref(), files) {
+                    (None | Some("https_spiffe"), (None, None)) => None,
+                    (None | Some("https_spiffe"), _) => {
+                        return Err(invalid(
+                            "federation.bundle_endpoint_cert_file",
+                            "only with bundle_endpoint_profile = \"https_web\" (https_spiffe presents the CA server's SVID)",
+                        ))
+                    }
+                    (Some("https_web"), (Some(cert), Some(key))) => Some((cert, key)),
+                    (Some("https_web"), _) => {
+                        return Err(invalid(
+                            "federation.bundle_endpoint_cert_file",
+                            "https_web needs bundle_endpoint_cert_file and bundle_endpoint_key_file (a Web PKI certificate for the endpoint's host name)",
+                        ))
+                    }
+                    (Some(other), _) => {
+                        return Err(invalid(
+                            "federation.bundle_endpoint_profile",
+                            format!("{other:?}: use https_spiffe or https_web"),
+                        ))
+                    }
+                };
+                Some(BundleEndpoint { address, web_cert })
+            }
+        };
+        Ok(FederationConfig {
+            bundle_endpoint,
+            web_roots_file: f.web_roots_file,
+        })
+    }
 }
 
 fn duration(
@@ -473,8 +566,10 @@ impl TryFrom<RawConfig> for Config {
             raw.agent_svid_overlap.as_deref(),
             AGENT_SVID_OVERLAP,
         )?;
+        let federation = raw.federation.validate()?;
         Ok(Config {
             agent_svid_overlap,
+            federation,
             node_limits,
             trust_domain,
             data_dir,
@@ -636,6 +731,50 @@ mod tests {
         .unwrap();
         assert_eq!(c.node_limits.connections_per_source, 5000);
         assert_eq!(c.node_limits.certless_lifetime, Duration::from_secs(30));
+    }
+
+    #[test]
+    fn the_bundle_endpoint_is_off_unless_an_address_is_set_and_its_profile_is_whole() {
+        let c = parse("trust_domain = \"e.org\"").unwrap();
+        assert_eq!(c.federation.bundle_endpoint, None);
+        let c = parse(
+            "trust_domain = \"e.org\"\n[federation]\nbundle_endpoint_address = \"127.0.0.1:9443\"",
+        )
+        .unwrap();
+        let e = c.federation.bundle_endpoint.unwrap();
+        assert_eq!((e.address.port(), e.web_cert), (9443, None));
+        let c = parse(
+            "trust_domain = \"e.org\"\n[federation]\nbundle_endpoint_address = \"0.0.0.0:9443\"\n\
+             bundle_endpoint_profile = \"https_web\"\nbundle_endpoint_cert_file = \"/c.pem\"\n\
+             bundle_endpoint_key_file = \"/k.pem\"\nweb_roots_file = \"/roots.pem\"",
+        )
+        .unwrap();
+        assert_eq!(
+            c.federation.bundle_endpoint.unwrap().web_cert,
+            Some(("/c.pem".into(), "/k.pem".into()))
+        );
+        assert_eq!(c.federation.web_roots_file, Some("/roots.pem".into()));
+        for (text, key) in [
+            ("bundle_endpoint_profile = \"https_web\"", "bundle_endpoint_address"),
+            ("bundle_endpoint_address = \"nowhere\"", "bundle_endpoint_address"),
+            (
+                "bundle_endpoint_address = \"127.0.0.1:1\"\nbundle_endpoint_profile = \"https_web\"",
+                "bundle_endpoint_cert_file",
+            ),
+            (
+                "bundle_endpoint_address = \"127.0.0.1:1\"\nbundle_endpoint_cert_file = \"/c.pem\"",
+                "bundle_endpoint_cert_file",
+            ),
+            (
+                "bundle_endpoint_address = \"127.0.0.1:1\"\nbundle_endpoint_profile = \"web\"",
+                "bundle_endpoint_profile",
+            ),
+            ("bundle_endpoint = \"x\"", "bundle_endpoint"),
+        ] {
+            let text = format!("trust_domain = \"e.org\"\n[federation]\n{text}");
+            let err = parse(&text).unwrap_err().to_string();
+            assert!(err.contains(key), "{text:?} gave {err}");
+        }
     }
 
     #[test]

@@ -17,6 +17,8 @@
 //! - [`mesh`]: mesh files (`meshid-ca apply -f`): one owner's entries and policy documents in
 //!   YAML, read strictly with file:line:column errors (the CA applies them in
 //!   [`service::mesh`]).
+//! - [`federation`]: relationships with other trust domains, fetching their bundles from
+//!   their bundle endpoints (https_web or https_spiffe) and serving ours.
 //!
 //! The binary adds the operator CLI (`src/cli.rs`); shared process plumbing (config errors,
 //! files, the ops endpoint, sockets) comes from meshid-api. See ARCHITECTURE.md.
@@ -37,6 +39,7 @@ pub mod authority;
 pub mod bundle;
 pub mod config;
 pub mod entry;
+pub mod federation;
 pub mod jwt;
 pub mod mesh;
 pub mod metrics;

@@ -38,6 +38,22 @@ pub struct ReasonLabels {
     pub reason: &'static str,
 }
 
+/// Labels of federation metrics.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct FederationLabels {
+    /// The federated trust domain.
+    pub trust_domain: String,
+    /// `ok` or `error` (refreshes only).
+    pub result: &'static str,
+}
+
+/// Labels by trust domain.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TrustDomainLabels {
+    /// The federated trust domain.
+    pub trust_domain: String,
+}
+
 /// The CA's metrics and their registry.
 #[derive(Debug)]
 pub struct Metrics {
@@ -69,6 +85,13 @@ pub struct Metrics {
     pub node_connections: Gauge,
     /// Node API TLS handshakes in progress.
     pub node_handshakes_pending: Gauge,
+    /// Bundle fetches from federated trust domains' endpoints, by trust domain and result.
+    pub federation_refreshes: Family<FederationLabels, Counter>,
+    /// When each federated trust domain's bundle in force was last fetched (or bootstrapped),
+    /// unix seconds.
+    pub federation_bundle_updated: Family<TrustDomainLabels, Gauge>,
+    /// Requests served by this server's bundle endpoint.
+    pub bundle_endpoint_requests: Counter,
 }
 
 impl Default for Metrics {
@@ -163,6 +186,24 @@ impl Metrics {
             "Node API TLS handshakes in progress",
             node_handshakes_pending.clone(),
         );
+        let federation_refreshes = Family::<FederationLabels, Counter>::default();
+        registry.register(
+            "federation_bundle_refreshes",
+            "Bundle fetches from federated trust domains' endpoints, by trust domain and result",
+            federation_refreshes.clone(),
+        );
+        let federation_bundle_updated = Family::<TrustDomainLabels, Gauge>::default();
+        registry.register(
+            "federation_bundle_updated_timestamp_seconds",
+            "When each federated trust domain's bundle in force was stored (fetched or bootstrapped)",
+            federation_bundle_updated.clone(),
+        );
+        let bundle_endpoint_requests = Counter::default();
+        registry.register(
+            "bundle_endpoint_requests",
+            "Requests served by this server's bundle endpoint",
+            bundle_endpoint_requests.clone(),
+        );
         Self {
             registry,
             signed,
@@ -178,6 +219,9 @@ impl Metrics {
             node_superseded_svids,
             node_connections,
             node_handshakes_pending,
+            federation_refreshes,
+            federation_bundle_updated,
+            bundle_endpoint_requests,
         }
     }
 

@@ -331,14 +331,15 @@ async fn accept_loop(
 
 /// Serves the node API on `listener` until `shutdown` completes; then stops accepting, ends
 /// the sync streams and lets in-flight calls finish (for at most a few seconds). Fails at
-/// once if the server SVID cannot be issued.
+/// once if the server SVID cannot be issued. The server SVID is kept in `cert` (empty until
+/// then), which the bundle endpoint (https_spiffe) presents too.
 pub async fn serve(
     ca: Ca,
     listener: TcpListener,
     limits: Limits,
+    cert: Arc<RotatingCert>,
     shutdown: impl Future<Output = ()>,
 ) -> anyhow::Result<()> {
-    let cert = Arc::new(RotatingCert::new());
     // Subscribe before reading the bundle, so no change falls in between.
     let events = ca.events.subscribe();
     let renew_at = renew_server_svid(&ca, &cert)
@@ -536,6 +537,8 @@ impl NodeService {
             renew_agent_svid: false,
             crl_set: true,
             crls: crl_list(&self.ca),
+            federated_set: true,
+            federated_bundles: federated_list(&self.ca),
             ..policy_update(&self.ca, taint_update(&self.ca))
         })
     }
@@ -660,6 +663,17 @@ struct Pending {
     crls: bool,
     /// The central policy has a new revision: send it.
     policy: bool,
+    /// The federated bundles changed: send them all.
+    federated: bool,
+}
+
+/// Every federated bundle in force.
+fn federated_list(ca: &Ca) -> Vec<node::Bundle> {
+    ca.federation
+        .bundles()
+        .values()
+        .map(|b| bundle_to_proto(b))
+        .collect()
 }
 
 /// Every CRL served, DER.
@@ -745,6 +759,7 @@ impl Pending {
             CaEvent::KeyTainted => self.taint = true,
             CaEvent::CrlsChanged => self.crls = true,
             CaEvent::PolicyChanged => self.policy = true,
+            CaEvent::FederationChanged => self.federated = true,
             CaEvent::AgentRenewed { spiffe_id, serial } => {
                 if spiffe_id == caller.id && serial != caller.serial {
                     return Applied::Superseded;
@@ -762,6 +777,7 @@ impl Pending {
             && !self.taint
             && !self.crls
             && !self.policy
+            && !self.federated
     }
 
     fn into_update(self, ca: &Ca) -> node::SyncUpdate {
@@ -783,6 +799,12 @@ impl Pending {
             renew_agent_svid: self.renew,
             crl_set: self.crls,
             crls: if self.crls { crl_list(ca) } else { Vec::new() },
+            federated_set: self.federated,
+            federated_bundles: if self.federated {
+                federated_list(ca)
+            } else {
+                Vec::new()
+            },
             ..rest
         }
     }

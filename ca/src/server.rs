@@ -28,6 +28,14 @@ pub struct Listeners {
     pub node_limits: crate::node::admission::Limits,
     /// The health and metrics listener.
     pub ops: TcpListener,
+    /// The bundle endpoint's listener and, for https_web, its certificate (`None`: the node
+    /// API's server SVID, https_spiffe).
+    pub bundle_endpoint: Option<(
+        TcpListener,
+        Option<Arc<crate::federation::endpoint::FileCert>>,
+    )>,
+    /// What federated https_web endpoints are verified against.
+    pub web_roots: crate::federation::fetch::WebRoots,
 }
 
 /// The CA's ops endpoint ([`meshid_api::ops`]): ready while the issuing intermediate is valid
@@ -343,14 +351,33 @@ pub async fn run(
     let admin = tokio::spawn(admin);
 
     let mut node_stop = stop_rx.clone();
+    let server_cert = Arc::new(meshid_api::tls::RotatingCert::new());
     let node = tokio::spawn(crate::node::serve(
         ca.clone(),
         listeners.node,
         listeners.node_limits,
+        Arc::clone(&server_cert),
         async move {
             let _ = node_stop.changed().await;
         },
     ));
+    let federation = tokio::spawn(crate::federation::refresh::refresh_loop(
+        ca.clone(),
+        listeners.web_roots,
+        stop_rx.clone(),
+    ));
+    let bundle_endpoint = listeners.bundle_endpoint.map(|(listener, web)| {
+        let certs: Arc<dyn rustls::server::ResolvesServerCert> = match web {
+            Some(file) => file,
+            None => server_cert,
+        };
+        tokio::spawn(crate::federation::endpoint::serve(
+            ca.clone(),
+            listener,
+            certs,
+            stop_rx.clone(),
+        ))
+    });
 
     let mut ops_stop = stop_rx;
     let ops = axum::serve(listeners.ops, ops_router(ca)).with_graceful_shutdown(async move {
@@ -364,6 +391,12 @@ pub async fn run(
     let _ = stop_tx.send(true);
     let _ = rotation.await;
     let _ = effects.await;
+    let _ = federation.await;
+    if let Some(endpoint) = bundle_endpoint {
+        if let Ok(Err(e)) = endpoint.await {
+            tracing::warn!(error = %format!("{e:#}"), "the bundle endpoint stopped with an error");
+        }
+    }
     if let Some(feed) = feed {
         let _ = feed.await;
     }

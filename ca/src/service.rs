@@ -125,6 +125,7 @@ fn check_reason(reason: &str) -> Result<(), ServiceError> {
 }
 
 pub mod effect;
+pub mod federation;
 pub mod mesh;
 pub mod policy;
 mod revoke;
@@ -170,6 +171,8 @@ pub enum CaEvent {
     CrlsChanged,
     /// The central policy has a new revision: agents get it whole.
     PolicyChanged,
+    /// The federated bundles in force changed: agents get them all.
+    FederationChanged,
     /// The operator asked an agent to renew its own SVID now (`agent rotate`).
     AgentRotate {
         /// The agent's SPIFFE ID.
@@ -219,6 +222,8 @@ pub struct Ca {
     effects: Arc<std::sync::Mutex<Vec<Watch>>>,
     /// The central policy in force (its newest revision), for the agents' sync streams.
     policy: Arc<std::sync::RwLock<Option<Arc<crate::store::PolicyRevision>>>>,
+    /// The federated bundles in force and their refresh state.
+    pub federation: Arc<crate::federation::Federation>,
 }
 
 /// What a lifecycle step waits for to be in effect ([`effect`]).
@@ -284,6 +289,7 @@ impl Ca {
             delivered: Arc::default(),
             effects: Arc::default(),
             policy: Arc::default(),
+            federation: Arc::default(),
             locks: Arc::default(),
         }
     }

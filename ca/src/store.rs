@@ -179,6 +179,40 @@ pub struct PolicyRevision {
     pub owners: std::collections::BTreeMap<String, String>,
 }
 
+/// A federation relationship (`meshid-ca federation create`): another trust domain whose
+/// bundle this CA fetches from its bundle endpoint and hands to agents.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FederationRecord {
+    /// The other trust domain (never this CA's own).
+    pub trust_domain: spiffe::TrustDomain,
+    /// Its bundle endpoint, `https://...`.
+    pub endpoint_url: String,
+    /// `https_web` or `https_spiffe`.
+    pub profile: String,
+    /// For `https_spiffe`: the SPIFFE ID the endpoint must present; empty otherwise.
+    pub endpoint_spiffe_id: String,
+    /// The mesh file owner that declared it (`meshid-ca apply`); empty when made by hand.
+    pub owner: String,
+    /// Unix seconds.
+    pub created_at: i64,
+    /// Unix seconds of the last change of the relationship (not of its bundle).
+    pub updated_at: i64,
+}
+
+/// A federated trust domain's bundle as stored: the last good document fetched (or the one
+/// the operator bootstrapped the relationship with).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FederatedBundle {
+    /// Whose bundle this is.
+    pub trust_domain: spiffe::TrustDomain,
+    /// The SPIFFE bundle document (JWKS JSON).
+    pub document: String,
+    /// Its `spiffe_sequence` (0 when it has none).
+    pub sequence: i64,
+    /// Unix seconds of the last store.
+    pub updated_at: i64,
+}
+
 /// What a mesh apply plans against ([`Datastore::apply_mesh`]): the state inside its write
 /// transaction.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -516,6 +550,34 @@ pub trait Datastore: Send + Sync + 'static {
     /// or nothing. Any write that fails (an entry that is not at the revision planned
     /// against, an id taken) rolls everything back. Returns whether anything was written.
     async fn apply_mesh(&self, plan: MeshPlanner<'_>) -> Result<bool, StoreError>;
+
+    /// Stores a new federation relationship, with the bundle it was bootstrapped with (if
+    /// any) and its audit record, in one transaction. [`StoreError::AlreadyExists`] when the
+    /// trust domain already has one.
+    async fn create_federation(
+        &self,
+        relationship: &FederationRecord,
+        bootstrap: Option<&FederatedBundle>,
+        audit: &AuditEvent,
+    ) -> Result<(), StoreError>;
+    /// Deletes a federation relationship and its bundle, with the audit record, and returns
+    /// it; [`StoreError::NotFound`] when there is none.
+    async fn delete_federation(
+        &self,
+        trust_domain: &spiffe::TrustDomain,
+        audit: &AuditEvent,
+    ) -> Result<FederationRecord, StoreError>;
+    /// Every federation relationship, by trust domain.
+    async fn list_federations(&self) -> Result<Vec<FederationRecord>, StoreError>;
+    /// Stores a bundle fetched for a relationship, replacing the previous one, with its audit
+    /// record; [`StoreError::NotFound`] when the relationship was deleted meanwhile.
+    async fn put_federated_bundle(
+        &self,
+        bundle: &FederatedBundle,
+        audit: &AuditEvent,
+    ) -> Result<(), StoreError>;
+    /// Every federated bundle stored, by trust domain.
+    async fn list_federated_bundles(&self) -> Result<Vec<FederatedBundle>, StoreError>;
 
     /// Whether a write can commit now: a write transaction that rewrites the audit head with
     /// its own values (nothing changes, but the database must take and store the write).

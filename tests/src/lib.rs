@@ -252,11 +252,17 @@ pub struct Ca {
     pub ops_address: String,
     dir: PathBuf,
     extra: Vec<String>,
+    trust_domain: String,
 }
 
 impl Ca {
     /// Starts a CA for example.org with its data under `dir/ca`; `extra` are more `run` flags.
     pub fn start(dir: &Path, extra: &[&str]) -> Ca {
+        Self::start_domain(dir, "example.org", extra)
+    }
+
+    /// [`Ca::start`] for another trust domain.
+    pub fn start_domain(dir: &Path, trust_domain: &str, extra: &[&str]) -> Ca {
         let extra: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
         // A port from `free_port` may be taken by another test before the CA binds it: then
         // try again with new ones.
@@ -266,7 +272,7 @@ impl Ca {
             let node_address = format!("127.0.0.1:{}", free_port());
             let ops_address = format!("127.0.0.1:{}", free_port());
             let log_before = std::fs::metadata(dir.join("ca.log")).map_or(0, |m| m.len());
-            let proc = Self::spawn(dir, &node_address, &ops_address, &extra);
+            let proc = Self::spawn(dir, trust_domain, &node_address, &ops_address, &extra);
             let mut ca = Ca {
                 proc,
                 socket: dir.join("ca/admin.sock"),
@@ -274,6 +280,7 @@ impl Ca {
                 ops_address,
                 dir: dir.to_owned(),
                 extra: extra.clone(),
+                trust_domain: trust_domain.to_owned(),
             };
             if ca.wait_healthy_unless_port_taken(log_before) || attempt == 3 {
                 return ca;
@@ -317,14 +324,15 @@ impl Ca {
             ops_address: String::new(),
             dir: dir.to_owned(),
             extra: Vec::new(),
+            trust_domain: "example.org".into(),
         }
     }
 
-    fn spawn(dir: &Path, node: &str, ops: &str, extra: &[String]) -> Proc {
+    fn spawn(dir: &Path, trust_domain: &str, node: &str, ops: &str, extra: &[String]) -> Proc {
         let mut args: Vec<String> = vec![
             "run".into(),
             "--trust-domain".into(),
-            "example.org".into(),
+            trust_domain.into(),
             "--data-dir".into(),
             dir.join("ca").display().to_string(),
             "--ops-address".into(),
@@ -352,6 +360,7 @@ impl Ca {
     pub fn restart(&mut self) {
         self.proc = Self::spawn(
             &self.dir,
+            &self.trust_domain,
             &self.node_address,
             &self.ops_address,
             &self.extra,
@@ -372,7 +381,8 @@ impl Ca {
         (
             field("Token: "),
             format!(
-                "spiffe://example.org/meshid/agent/join_token/{}",
+                "spiffe://{}/meshid/agent/join_token/{}",
+                self.trust_domain,
                 field("Token ID: ")
             ),
         )
@@ -464,7 +474,7 @@ pub fn agent_run_args(
     vec![
         "run".into(),
         "--trust-domain".into(),
-        "example.org".into(),
+        ca.trust_domain.clone(),
         "--server-address".into(),
         ca.node_address.clone(),
         "--trust-bundle".into(),

@@ -119,7 +119,13 @@ pub struct Snapshot {
     pub policy: Arc<CentralPolicy>,
     /// Its documents merged (`None` until a policy is held).
     pub policy_merged: Option<Arc<meshid_policy::Policy>>,
+    /// The bundles of the trust domains this one federates with, by trust domain name, as the
+    /// CA last sent them: each goes to the workloads whose entries federate with it.
+    pub federated: Arc<Federated>,
 }
+
+/// Federated bundles by trust domain name (`partner.org`).
+pub type Federated = std::collections::BTreeMap<String, Arc<Bundle>>;
 
 /// The central policy as the CA sends it: every named document of one revision.
 #[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -160,7 +166,21 @@ impl Snapshot {
             crl_generation: 0,
             policy: Arc::default(),
             policy_merged: None,
+            federated: Arc::default(),
         }
+    }
+
+    /// The federated bundles that the entries of `identities` federate with.
+    pub fn federated_for<'a>(&self, identities: impl Iterator<Item = &'a Entry>) -> Federated {
+        let mut out = Federated::new();
+        for entry in identities {
+            for td in &entry.federates_with {
+                if let Some(b) = self.federated.get(td) {
+                    out.insert(td.clone(), Arc::clone(b));
+                }
+            }
+        }
+        out
     }
 
     /// The identities whose entries match a caller's selectors, in entry id order.

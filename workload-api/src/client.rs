@@ -115,6 +115,8 @@ pub const BUNDLE_FILE: &str = "bundle.pem";
 /// The central policy the agent last took from the CA (JSON: revision and named documents),
 /// so that it can serve it again after a restart while the CA is away. Policy, not secrets.
 pub const POLICY_FILE: &str = "policy.json";
+/// The federated trust domains' bundles the agent holds, kept for a start without the CA.
+pub const FEDERATED_FILE: &str = "federated_bundles.json";
 /// The digest ([`roots_digest`]) of the configured trust bundle (`--trust-bundle`) as the
 /// agent last used it: the install-time file at first, then each one it re-bootstrapped from.
 pub const TRUST_BUNDLE_SEEN_FILE: &str = "trust-bundle.seen";

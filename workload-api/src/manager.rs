@@ -117,6 +117,9 @@ pub struct Manager {
     policy: Arc<crate::cache::CentralPolicy>,
     /// `policy` merged, for the proxies (`None` until one is held).
     policy_merged: Option<Arc<meshid_policy::Policy>>,
+    /// The federated trust domains' bundles, as last received from the CA (or read back from
+    /// [`client::FEDERATED_FILE`] at start).
+    federated: Arc<crate::cache::Federated>,
     /// Entries whose SVID held a CRL lists: re-issued now.
     revoked_held: std::collections::HashSet<String>,
     /// What the Workload API's X.509 streams have been handed, reported to the CA.
@@ -241,6 +244,7 @@ impl Manager {
             revoked_held: Default::default(),
             policy: Arc::default(),
             policy_merged: None,
+            federated: Arc::default(),
             attest_timeout: config.attest_timeout,
             snapshots: tx,
             channel: Arc::new(ArcSwapOption::empty()),
@@ -509,6 +513,9 @@ impl Manager {
                     .collect(),
             });
         }
+        if update.federated_set {
+            self.take_federated(update.federated_bundles);
+        }
         if update.full {
             self.entries.clear();
         }
@@ -550,6 +557,7 @@ impl Manager {
             crl_generation: self.crl_generation,
             policy: Arc::clone(&self.policy),
             policy_merged: self.policy_merged.clone(),
+            federated: Arc::clone(&self.federated),
         };
         self.snapshots.send_replace(Arc::new(snap));
     }
@@ -593,6 +601,92 @@ impl Manager {
             .set(i64::try_from(policy.revision).unwrap_or(i64::MAX));
         self.policy = Arc::new(policy);
         self.policy_merged = Some(Arc::new(merged));
+    }
+
+    /// Takes the federated bundles the CA sent (the complete set): each must be of another
+    /// trust domain, with X.509 authorities usable as trust anchors; one that is not is left
+    /// out, logged. Keeps them in [`client::FEDERATED_FILE`] (public data: roots and public
+    /// keys) for a start while the CA is away.
+    fn take_federated(&mut self, bundles: Vec<node::Bundle>) {
+        let mut set = crate::cache::Federated::new();
+        for b in bundles {
+            match self.federated_bundle(&b) {
+                Ok(td) => {
+                    set.insert(
+                        td,
+                        Arc::new(Bundle {
+                            x509_authorities: b.x509_authorities,
+                            jwt_authorities_json: b.jwt_authorities_json,
+                            sequence: b.sequence,
+                        }),
+                    );
+                }
+                Err(why) => {
+                    tracing::error!(trust_domain = %b.trust_domain, reason = %why, "refused a federated bundle from the CA")
+                }
+            }
+        }
+        if set == *self.federated {
+            return;
+        }
+        let kept: std::collections::BTreeMap<&String, KeptBundle> =
+            set.iter().map(|(td, b)| (td, KeptBundle::of(b))).collect();
+        match serde_json::to_vec(&kept) {
+            Ok(json) => {
+                if let Err(e) =
+                    client::write_file(&self.data_dir.join(client::FEDERATED_FILE), &json, 0o644)
+                {
+                    tracing::warn!(error = %e, "cannot keep the federated bundles for the next start");
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "cannot encode the federated bundles"),
+        }
+        tracing::info!(trust_domains = ?set.keys().collect::<Vec<_>>(), "federated bundles received");
+        self.federated = Arc::new(set);
+    }
+
+    /// The trust domain of a federated bundle the CA sent, if it is usable.
+    fn federated_bundle(&self, b: &node::Bundle) -> Result<String, String> {
+        let td = TrustDomain::new(&b.trust_domain).map_err(|e| e.to_string())?;
+        if td == self.td {
+            return Err("it names this agent's own trust domain".into());
+        }
+        let roots = b
+            .x509_authorities
+            .iter()
+            .map(|c| CertificateDer::from(c.clone()))
+            .collect();
+        meshid_api::tls::PeerBundles::from_roots([(td.clone(), roots)])
+            .map_err(|e| e.to_string())?;
+        Ok(td.to_string())
+    }
+
+    /// Reads back the federated bundles kept by [`Self::take_federated`] (a file that cannot be
+    /// read is ignored, with a warning: the CA sends them again).
+    fn load_federated(&mut self) {
+        let path = self.data_dir.join(client::FEDERATED_FILE);
+        let text = match std::fs::read(&path) {
+            Ok(t) => t,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return,
+            Err(e) => {
+                tracing::warn!(path = %path.display(), error = %e, "cannot read the kept federated bundles");
+                return;
+            }
+        };
+        let kept: std::collections::BTreeMap<String, KeptBundle> = match serde_json::from_slice(
+            &text,
+        ) {
+            Ok(k) => k,
+            Err(e) => {
+                tracing::warn!(path = %path.display(), error = %e, "the kept federated bundles are not readable; ignored");
+                return;
+            }
+        };
+        let bundles = kept
+            .into_iter()
+            .filter_map(|(td, k)| k.into_wire(td))
+            .collect();
+        self.take_federated(bundles);
     }
 
     /// Reads back the central policy kept by [`Self::take_policy`] (a file that cannot be read
@@ -840,6 +934,7 @@ impl Manager {
         }
         self.note_configured_bundle();
         self.load_policy();
+        self.load_federated();
         self.publish();
         loop {
             if *shutdown.borrow() {
@@ -948,5 +1043,43 @@ mod tests {
         // The roots it trusts already, or nothing readable: no point.
         assert!(fallback_allowed(&old, &old, None).is_err());
         assert!(fallback_allowed(&[], &old, None).is_err());
+    }
+}
+
+/// A federated bundle as kept on disk: roots as base64 DER.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct KeptBundle {
+    x509_authorities: Vec<String>,
+    jwt_authorities_json: String,
+    sequence: u64,
+}
+
+impl KeptBundle {
+    fn of(b: &Bundle) -> Self {
+        use base64::Engine as _;
+        let b64 = base64::engine::general_purpose::STANDARD;
+        Self {
+            x509_authorities: b.x509_authorities.iter().map(|c| b64.encode(c)).collect(),
+            jwt_authorities_json: b.jwt_authorities_json.clone(),
+            sequence: b.sequence,
+        }
+    }
+
+    fn into_wire(self, trust_domain: String) -> Option<node::Bundle> {
+        use base64::Engine as _;
+        let b64 = base64::engine::general_purpose::STANDARD;
+        let x509_authorities = self
+            .x509_authorities
+            .iter()
+            .map(|c| b64.decode(c))
+            .collect::<Result<Vec<_>, _>>()
+            .ok()?;
+        Some(node::Bundle {
+            trust_domain,
+            x509_authorities,
+            jwt_authorities_json: self.jwt_authorities_json,
+            sequence: self.sequence,
+            refresh_hint: 0,
+        })
     }
 }

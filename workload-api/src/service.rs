@@ -31,7 +31,7 @@
 //!
 //! Never logged: private keys and tokens.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
 use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
@@ -56,7 +56,7 @@ use meshid_api::policy::policy_delivery_server::{PolicyDelivery, PolicyDeliveryS
 use meshid_api::policy::{PolicyUpdate, WatchPolicyRequest};
 
 use crate::attest::{AttestError, Attestor};
-use crate::cache::{Bundle, Entry, JwtMinter, MintError, Snapshot, Svid};
+use crate::cache::{Bundle, Entry, Federated, JwtMinter, MintError, Snapshot, Svid};
 use crate::delivery::{Carried, Delivery, Handed, StreamTicket};
 use crate::jwt::{self, JwtCache, JwtKey};
 
@@ -793,6 +793,16 @@ enum Verdict<V> {
     Denied,
 }
 
+impl<V> Verdict<V> {
+    fn map<W>(self, f: impl FnOnce(V) -> W) -> Verdict<W> {
+        match self {
+            Verdict::Ready(v) => Verdict::Ready(f(v)),
+            Verdict::NotReady(why) => Verdict::NotReady(why),
+            Verdict::Denied => Verdict::Denied,
+        }
+    }
+}
+
 /// Evaluates a snapshot for a caller's selectors. With `strict`, anything incomplete (a
 /// matching entry without its SVID) is `NotReady`.
 type Eval<V> = fn(&Snapshot, &[String], bool) -> Verdict<V>;
@@ -832,11 +842,29 @@ struct X509View {
     bundle: Arc<Bundle>,
     crls: Arc<Vec<Vec<u8>>>,
     crl_generation: u64,
+    /// The bundles of the trust domains these SVIDs' entries federate with.
+    federated: Federated,
+}
+
+/// Whether two sets of federated bundles have the same X.509 authorities.
+fn same_x509(a: &Federated, b: &Federated) -> bool {
+    a.len() == b.len()
+        && a.iter().zip(b).all(|((t1, b1), (t2, b2))| {
+            t1 == t2 && (Arc::ptr_eq(b1, b2) || b1.x509_authorities == b2.x509_authorities)
+        })
+}
+
+/// The Workload API's form of federated X.509 bundles: trust domain ID → concatenated DER.
+fn federated_x509(federated: &Federated) -> impl Iterator<Item = (String, Vec<u8>)> + '_ {
+    federated
+        .iter()
+        .map(|(td, b)| (format!("spiffe://{td}"), b.x509_concat()))
 }
 
 impl PartialEq for X509View {
     fn eq(&self, other: &Self) -> bool {
         self.bundle.x509_authorities == other.bundle.x509_authorities
+            && same_x509(&self.federated, &other.federated)
             && self.crl_generation == other.crl_generation
             && (Arc::ptr_eq(&self.crls, &other.crls) || self.crls == other.crls)
             && self.svids.len() == other.svids.len()
@@ -889,7 +917,7 @@ impl View for X509View {
         X509svidResponse {
             svids,
             crl: self.crls.to_vec(),
-            federated_bundles: HashMap::new(),
+            federated_bundles: federated_x509(&self.federated).collect(),
         }
     }
 }
@@ -916,6 +944,7 @@ fn eval_x509_svids(snap: &Snapshot, selectors: &[String], strict: bool) -> Verdi
         return Verdict::NotReady("X.509-SVID not signed yet");
     }
     Verdict::Ready(X509View {
+        federated: snap.federated_for(svids.iter().map(|(e, _)| e.as_ref())),
         svids,
         bundle: Arc::clone(&snap.bundle),
         crls: Arc::clone(&snap.crls),
@@ -923,18 +952,21 @@ fn eval_x509_svids(snap: &Snapshot, selectors: &[String], strict: bool) -> Verdi
     })
 }
 
-/// The X.509 trust bundles (local trust domain; federated ones later).
+/// The X.509 trust bundles: the local trust domain's, and those of the trust domains the
+/// caller's entries federate with.
 struct X509BundlesView {
     trust_domain: TrustDomain,
     bundle: Arc<Bundle>,
     crls: Arc<Vec<Vec<u8>>>,
     crl_generation: u64,
+    federated: Federated,
 }
 
 impl PartialEq for X509BundlesView {
     fn eq(&self, other: &Self) -> bool {
         self.trust_domain == other.trust_domain
             && self.bundle.x509_authorities == other.bundle.x509_authorities
+            && same_x509(&self.federated, &other.federated)
             && self.crl_generation == other.crl_generation
             && (Arc::ptr_eq(&self.crls, &other.crls) || self.crls == other.crls)
     }
@@ -951,9 +983,12 @@ impl View for X509BundlesView {
     }
 
     fn message(&self) -> X509BundlesResponse {
+        let local = (self.trust_domain.id_string(), self.bundle.x509_concat());
         X509BundlesResponse {
             crl: self.crls.to_vec(),
-            bundles: HashMap::from([(self.trust_domain.id_string(), self.bundle.x509_concat())]),
+            bundles: std::iter::once(local)
+                .chain(federated_x509(&self.federated))
+                .collect(),
         }
     }
 }
@@ -973,6 +1008,7 @@ fn eval_x509_bundles(
         return Verdict::NotReady("no X.509 trust bundle yet");
     }
     Verdict::Ready(X509BundlesView {
+        federated: snap.federated_for(snap.matching(selectors).map(|i| i.entry.as_ref())),
         trust_domain: snap.trust_domain.clone(),
         bundle: Arc::clone(&snap.bundle),
         crls: Arc::clone(&snap.crls),
@@ -980,16 +1016,26 @@ fn eval_x509_bundles(
     })
 }
 
-/// The JWT authorities (local trust domain; federated ones later).
+/// The JWT authorities: the local trust domain's, and (FetchJWTBundles) those of the trust
+/// domains the caller's entries federate with.
 struct JwtBundlesView {
     trust_domain: TrustDomain,
     bundle: Arc<Bundle>,
+    federated: Federated,
 }
 
 impl PartialEq for JwtBundlesView {
     fn eq(&self, other: &Self) -> bool {
         self.trust_domain == other.trust_domain
             && self.bundle.jwt_authorities_json == other.bundle.jwt_authorities_json
+            && self.federated.len() == other.federated.len()
+            && self
+                .federated
+                .iter()
+                .zip(&other.federated)
+                .all(|((t1, b1), (t2, b2))| {
+                    t1 == t2 && b1.jwt_authorities_json == b2.jwt_authorities_json
+                })
     }
 }
 
@@ -1004,8 +1050,16 @@ impl View for JwtBundlesView {
     type Message = JwtBundlesResponse;
 
     fn message(&self) -> JwtBundlesResponse {
+        let federated = self.federated.iter().map(|(td, b)| {
+            (
+                format!("spiffe://{td}"),
+                jwt::jwt_svid_jwks(&b.jwt_authorities_json),
+            )
+        });
         JwtBundlesResponse {
-            bundles: HashMap::from([(self.trust_domain.id_string(), self.jwks())]),
+            bundles: std::iter::once((self.trust_domain.id_string(), self.jwks()))
+                .chain(federated)
+                .collect(),
         }
     }
 }
@@ -1018,7 +1072,10 @@ fn eval_jwt_bundles(
     if snap.synced && snap.matching(selectors).next().is_none() {
         return Verdict::Denied;
     }
-    eval_local_jwt_bundle(snap, selectors, strict)
+    eval_local_jwt_bundle(snap, selectors, strict).map(|mut view| {
+        view.federated = snap.federated_for(snap.matching(selectors).map(|i| i.entry.as_ref()));
+        view
+    })
 }
 
 /// The local JWT authorities for a caller that need not match any entry (`ValidateJWTSVID`).
@@ -1033,6 +1090,7 @@ fn eval_local_jwt_bundle(
     Verdict::Ready(JwtBundlesView {
         trust_domain: snap.trust_domain.clone(),
         bundle: Arc::clone(&snap.bundle),
+        federated: Federated::new(),
     })
 }
 

@@ -27,14 +27,15 @@ use tokio::sync::{Mutex, MutexGuard};
 
 use super::{
     AgentRecord, CaKeyKind, CaKeyRecord, CaKeyState, CrlRecord, Datastore, DeliveryRecord,
-    JoinTokenRecord, MeshPlanner, MeshState, PolicyRevision, RevocationRecord, StoreError,
+    FederatedBundle, FederationRecord, JoinTokenRecord, MeshPlanner, MeshState, PolicyRevision,
+    RevocationRecord, StoreError,
 };
 use crate::audit::{AuditEvent, AuditRecord};
 use crate::config::redact_url;
 use crate::entry::{EntryId, EntrySpec, RegistrationEntry};
 
 /// The newest schema version this binary knows (the last entry of the migration list).
-pub const SCHEMA_VERSION: i64 = 8;
+pub const SCHEMA_VERSION: i64 = 9;
 
 /// The file [`SqlStore::open_sqlite_in`] uses inside the data directory.
 pub const SQLITE_FILE_NAME: &str = "meshid-ca.db";
@@ -343,6 +344,33 @@ ALTER TABLE registration_entries ADD COLUMN owner TEXT NOT NULL DEFAULT '';
 ALTER TABLE policy_revisions ADD COLUMN owners TEXT NOT NULL DEFAULT '{}'
 "#,
     },
+    // Version 9: federation relationships (`meshid-ca federation`); their bundles are in
+    // `bundles` (the last good document fetched), deleted with them.
+    Migration {
+        version: 9,
+        sqlite: r#"
+CREATE TABLE federation_relationships (
+    trust_domain TEXT NOT NULL PRIMARY KEY,
+    endpoint_url TEXT NOT NULL,
+    profile TEXT NOT NULL,
+    endpoint_spiffe_id TEXT NOT NULL,
+    owner TEXT NOT NULL DEFAULT '',
+    created_at INTEGER NOT NULL,
+    updated_at INTEGER NOT NULL
+)
+"#,
+        postgres: r#"
+CREATE TABLE federation_relationships (
+    trust_domain TEXT COLLATE "C" NOT NULL PRIMARY KEY,
+    endpoint_url TEXT NOT NULL,
+    profile TEXT NOT NULL,
+    endpoint_spiffe_id TEXT NOT NULL,
+    owner TEXT NOT NULL DEFAULT '',
+    created_at BIGINT NOT NULL,
+    updated_at BIGINT NOT NULL
+)
+"#,
+    },
 ];
 
 const ENTRY_COLUMNS: &str = "id, spiffe_id, parent_id, selectors, x509_ttl, jwt_ttl, dns_names, \
@@ -353,19 +381,6 @@ const TOKEN_COLUMNS: &str = "hash, id, created_at, expires_at, used_at";
 const CA_KEY_COLUMNS: &str = "id, kind, state, server_id, parent_id, public_der, not_before, \
      not_after, created_at, state_changed_at, key_path, tainted_at";
 const AUDIT_COLUMNS: &str = "seq, time, kind, actor, details, prev_hash, hash";
-
-/// A federated trust domain's bundle as stored (see [`SqlStore::put_bundle`]).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct BundleRecord {
-    /// Whose bundle this is.
-    pub trust_domain: TrustDomain,
-    /// The SPIFFE bundle document (JWKS JSON), as fetched.
-    pub document: String,
-    /// The bundle's sequence number (`spiffe_sequence`).
-    pub sequence: i64,
-    /// Unix seconds of the last store.
-    pub updated_at: i64,
-}
 
 /// The SQL datastore. Cheap to share behind an `Arc`; the pool inside is already shared.
 #[derive(Debug)]
@@ -547,58 +562,6 @@ impl SqlStore {
         self.pool.close().await;
     }
 
-    /// Stores (inserts or replaces) a federated trust domain's bundle, with its audit record in
-    /// the same transaction.
-    pub async fn put_bundle(
-        &self,
-        trust_domain: &TrustDomain,
-        document: &str,
-        sequence: i64,
-        audit: &AuditEvent,
-    ) -> Result<(), StoreError> {
-        let mut w = self.begin_write().await?;
-        sqlx::query(
-            "INSERT INTO bundles (trust_domain, document, sequence, updated_at) \
-             VALUES ($1, $2, $3, $4) \
-             ON CONFLICT (trust_domain) DO UPDATE SET document = excluded.document, \
-             sequence = excluded.sequence, updated_at = excluded.updated_at",
-        )
-        .bind(trust_domain.as_str())
-        .bind(document)
-        .bind(sequence)
-        .bind(crate::unix_now())
-        .execute(&mut *w.tx)
-        .await?;
-        append_in_tx(&mut w.tx, audit).await?;
-        w.commit().await
-    }
-
-    /// The stored bundle of a federated trust domain, if any.
-    pub async fn get_bundle(
-        &self,
-        trust_domain: &TrustDomain,
-    ) -> Result<Option<BundleRecord>, StoreError> {
-        let row = sqlx::query(
-            "SELECT trust_domain, document, sequence, updated_at FROM bundles \
-             WHERE trust_domain = $1",
-        )
-        .bind(trust_domain.as_str())
-        .fetch_optional(&self.pool)
-        .await?;
-        let Some(row) = row else {
-            return Ok(None);
-        };
-        let td: String = row.try_get("trust_domain")?;
-        let trust_domain = TrustDomain::new(&td)
-            .map_err(|e| StoreError::Corrupt(format!("bundles row {td:?}: trust domain: {e}")))?;
-        Ok(Some(BundleRecord {
-            trust_domain,
-            document: row.try_get("document")?,
-            sequence: row.try_get("sequence")?,
-            updated_at: row.try_get("updated_at")?,
-        }))
-    }
-
     /// Begins a transaction that writes and may append to the audit log: serialized against
     /// every other such transaction (see the module documentation).
     async fn begin_write(&self) -> Result<WriteTx<'_>, StoreError> {
@@ -744,6 +707,45 @@ impl SqlStore {
         };
         rows.iter().map(decode_entry).collect()
     }
+}
+
+const FEDERATION_COLUMNS: &str =
+    "trust_domain, endpoint_url, profile, endpoint_spiffe_id, owner, created_at, updated_at";
+
+/// The `trust_domain` column of a row of `table`.
+fn trust_domain_column(row: &AnyRow, table: &str) -> Result<TrustDomain, StoreError> {
+    let td: String = row.try_get("trust_domain")?;
+    TrustDomain::new(&td)
+        .map_err(|e| StoreError::Corrupt(format!("{table} row {td:?}: trust domain: {e}")))
+}
+
+fn decode_federation(row: &AnyRow) -> Result<FederationRecord, StoreError> {
+    Ok(FederationRecord {
+        trust_domain: trust_domain_column(row, "federation_relationships")?,
+        endpoint_url: row.try_get("endpoint_url")?,
+        profile: row.try_get("profile")?,
+        endpoint_spiffe_id: row.try_get("endpoint_spiffe_id")?,
+        owner: row.try_get("owner")?,
+        created_at: row.try_get("created_at")?,
+        updated_at: row.try_get("updated_at")?,
+    })
+}
+
+/// Stores (inserts or replaces) a federated bundle inside the caller's write transaction.
+async fn put_bundle_in_tx(tx: &mut Tx, bundle: &FederatedBundle) -> Result<(), StoreError> {
+    sqlx::query(
+        "INSERT INTO bundles (trust_domain, document, sequence, updated_at) \
+         VALUES ($1, $2, $3, $4) \
+         ON CONFLICT (trust_domain) DO UPDATE SET document = excluded.document, \
+         sequence = excluded.sequence, updated_at = excluded.updated_at",
+    )
+    .bind(bundle.trust_domain.as_str())
+    .bind(bundle.document.as_str())
+    .bind(bundle.sequence)
+    .bind(bundle.updated_at)
+    .execute(&mut **tx)
+    .await?;
+    Ok(())
 }
 
 /// Chains `event` after the stored head and writes the record and the new head, inside `tx`.
@@ -1632,6 +1634,121 @@ impl Datastore for SqlStore {
         append_many_in_tx(&mut w.tx, &write.audit).await?;
         w.commit().await?;
         Ok(true)
+    }
+
+    async fn create_federation(
+        &self,
+        relationship: &FederationRecord,
+        bootstrap: Option<&FederatedBundle>,
+        audit: &AuditEvent,
+    ) -> Result<(), StoreError> {
+        let mut w = self.begin_write().await?;
+        let r = relationship;
+        let inserted = sqlx::query(
+            "INSERT INTO federation_relationships (trust_domain, endpoint_url, profile, \
+             endpoint_spiffe_id, owner, created_at, updated_at) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7)",
+        )
+        .bind(r.trust_domain.as_str())
+        .bind(r.endpoint_url.as_str())
+        .bind(r.profile.as_str())
+        .bind(r.endpoint_spiffe_id.as_str())
+        .bind(r.owner.as_str())
+        .bind(r.created_at)
+        .bind(r.updated_at)
+        .execute(&mut *w.tx)
+        .await;
+        map_unique(inserted, || {
+            format!("federation relationship with {}", r.trust_domain)
+        })?;
+        // A bundle left by an earlier relationship is not trusted again by accident.
+        sqlx::query("DELETE FROM bundles WHERE trust_domain = $1")
+            .bind(r.trust_domain.as_str())
+            .execute(&mut *w.tx)
+            .await?;
+        if let Some(bundle) = bootstrap {
+            put_bundle_in_tx(&mut w.tx, bundle).await?;
+        }
+        append_in_tx(&mut w.tx, audit).await?;
+        w.commit().await
+    }
+
+    async fn delete_federation(
+        &self,
+        trust_domain: &TrustDomain,
+        audit: &AuditEvent,
+    ) -> Result<FederationRecord, StoreError> {
+        let mut w = self.begin_write().await?;
+        let row = sqlx::query(&format!(
+            "SELECT {FEDERATION_COLUMNS} FROM federation_relationships WHERE trust_domain = $1"
+        ))
+        .bind(trust_domain.as_str())
+        .fetch_optional(&mut *w.tx)
+        .await?;
+        let Some(row) = row else {
+            return Err(StoreError::NotFound(format!(
+                "federation relationship with {trust_domain}"
+            )));
+        };
+        let record = decode_federation(&row)?;
+        for table in ["federation_relationships", "bundles"] {
+            sqlx::query(&format!("DELETE FROM {table} WHERE trust_domain = $1"))
+                .bind(trust_domain.as_str())
+                .execute(&mut *w.tx)
+                .await?;
+        }
+        append_in_tx(&mut w.tx, audit).await?;
+        w.commit().await?;
+        Ok(record)
+    }
+
+    async fn list_federations(&self) -> Result<Vec<FederationRecord>, StoreError> {
+        let rows = sqlx::query(&format!(
+            "SELECT {FEDERATION_COLUMNS} FROM federation_relationships ORDER BY trust_domain"
+        ))
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(decode_federation).collect()
+    }
+
+    async fn put_federated_bundle(
+        &self,
+        bundle: &FederatedBundle,
+        audit: &AuditEvent,
+    ) -> Result<(), StoreError> {
+        let mut w = self.begin_write().await?;
+        let exists = sqlx::query("SELECT 1 FROM federation_relationships WHERE trust_domain = $1")
+            .bind(bundle.trust_domain.as_str())
+            .fetch_optional(&mut *w.tx)
+            .await?;
+        if exists.is_none() {
+            return Err(StoreError::NotFound(format!(
+                "federation relationship with {}",
+                bundle.trust_domain
+            )));
+        }
+        put_bundle_in_tx(&mut w.tx, bundle).await?;
+        append_in_tx(&mut w.tx, audit).await?;
+        w.commit().await
+    }
+
+    async fn list_federated_bundles(&self) -> Result<Vec<FederatedBundle>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT trust_domain, document, sequence, updated_at FROM bundles \
+             ORDER BY trust_domain",
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|row| {
+                Ok(FederatedBundle {
+                    trust_domain: trust_domain_column(row, "bundles")?,
+                    document: row.try_get("document")?,
+                    sequence: row.try_get("sequence")?,
+                    updated_at: row.try_get("updated_at")?,
+                })
+            })
+            .collect()
     }
 
     async fn list_deliveries(&self) -> Result<Vec<DeliveryRecord>, StoreError> {

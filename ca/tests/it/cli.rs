@@ -15,14 +15,14 @@ use std::time::{Duration, Instant};
 const BIN: &str = env!("CARGO_BIN_EXE_meshid-ca");
 
 /// A running CA; killed on drop so a failing test leaves nothing behind.
-struct Server {
+pub(crate) struct Server {
     child: Option<Child>,
-    log: PathBuf,
+    pub(crate) log: PathBuf,
     socket: PathBuf,
-    ops: String,
+    pub(crate) ops: String,
 }
 
-fn free_port() -> u16 {
+pub(crate) fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
@@ -33,6 +33,30 @@ fn free_port() -> u16 {
 impl Server {
     fn start(dir: &Path, extra: &[&str]) -> Server {
         let ops = format!("127.0.0.1:{}", free_port());
+        let mut args: Vec<String> = ["run", "--trust-domain", "example.org", "--data-dir"]
+            .map(String::from)
+            .into();
+        args.push(dir.join("data").display().to_string());
+        args.extend(["--ops-address".into(), ops.clone()]);
+        args.extend([
+            "--node-address".into(),
+            format!("127.0.0.1:{}", free_port()),
+        ]);
+        args.extend(extra.iter().map(|a| a.to_string()));
+        Self::spawn(dir, &args, ops, dir.join("data/admin.sock"))
+    }
+
+    /// `meshid-ca run --config CONFIG`, whose ops listener is `ops` and admin socket `socket`.
+    pub(crate) fn with_config(dir: &Path, config: &Path, ops: &str, socket: &Path) -> Server {
+        let args = [
+            "run".to_owned(),
+            "--config".into(),
+            config.display().to_string(),
+        ];
+        Self::spawn(dir, &args, ops.to_owned(), socket.to_owned())
+    }
+
+    fn spawn(dir: &Path, args: &[String], ops: String, socket: PathBuf) -> Server {
         let log = dir.join(format!(
             "ca-{}.log",
             std::time::SystemTime::now()
@@ -40,13 +64,8 @@ impl Server {
                 .unwrap()
                 .as_nanos()
         ));
-        let socket = dir.join("data/admin.sock");
         let child = Command::new(BIN)
-            .args(["run", "--trust-domain", "example.org", "--data-dir"])
-            .arg(dir.join("data"))
-            .args(["--ops-address", &ops])
-            .args(["--node-address", &format!("127.0.0.1:{}", free_port())])
-            .args(extra)
+            .args(args)
             .env("MESHID_LOG", "debug")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -89,7 +108,7 @@ impl Server {
         }
     }
 
-    fn cli(&self, args: &[&str]) -> Output {
+    pub(crate) fn cli(&self, args: &[&str]) -> Output {
         Command::new(BIN)
             .args(args)
             .arg("--socket")
@@ -99,7 +118,7 @@ impl Server {
             .unwrap()
     }
 
-    fn ok(&self, args: &[&str]) -> String {
+    pub(crate) fn ok(&self, args: &[&str]) -> String {
         let out = self.cli(args);
         assert!(
             out.status.success(),
@@ -110,7 +129,7 @@ impl Server {
         String::from_utf8(out.stdout).unwrap()
     }
 
-    fn fails(&self, args: &[&str]) -> String {
+    pub(crate) fn fails(&self, args: &[&str]) -> String {
         let out = self.cli(args);
         assert!(
             !out.status.success(),
@@ -119,7 +138,7 @@ impl Server {
         String::from_utf8_lossy(&out.stderr).into_owned()
     }
 
-    fn http_get(&self, path: &str) -> (u16, String) {
+    pub(crate) fn http_get(&self, path: &str) -> (u16, String) {
         let mut s = TcpStream::connect(&self.ops).unwrap();
         s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
         write!(
@@ -138,7 +157,7 @@ impl Server {
     }
 
     /// SIGTERM, then wait for a clean exit; returns the log.
-    fn stop(&mut self) -> String {
+    pub(crate) fn stop(&mut self) -> String {
         let mut child = self.child.take().unwrap();
         Command::new("kill")
             .args(["-TERM", &child.id().to_string()])
@@ -173,7 +192,7 @@ fn mode(p: &Path) -> u32 {
     std::fs::metadata(p).unwrap().permissions().mode() & 0o777
 }
 
-fn json(s: &str) -> serde_json::Value {
+pub(crate) fn json(s: &str) -> serde_json::Value {
     serde_json::from_str(s.trim()).unwrap_or_else(|e| panic!("not JSON ({e}): {s}"))
 }
 

@@ -9,6 +9,7 @@ mod pg;
 
 mod authority;
 mod cli;
+mod federation;
 mod mesh;
 mod node;
 mod policy;

@@ -80,6 +80,8 @@ impl TestCa {
                 node,
                 ops,
                 node_limits: meshid_ca::node::admission::Limits::default(),
+                bundle_endpoint: None,
+                web_roots: meshid_ca::federation::fetch::WebRoots::none(),
             },
             async move {
                 let _ = stopped.await;

@@ -49,7 +49,7 @@ on_both_backends! {
     records::agent_delete,
     records::agent_renew_is_conditional,
     records::ca_journal,
-    records::bundles_put_and_get,
+    records::federations_and_their_bundles,
     records::deliveries_kept_per_agent_and_server,
     audit::every_mutation_is_audited_once,
     audit::failed_mutations_are_not_audited,

@@ -6,6 +6,7 @@
 
 mod agent;
 mod deploy;
+mod federation;
 mod interop;
 mod layout;
 mod netns;

@@ -314,6 +314,7 @@ impl Agent {
             crl_generation: 0,
             policy: Arc::default(),
             policy_merged: None,
+            federated: Arc::default(),
         });
     }
 

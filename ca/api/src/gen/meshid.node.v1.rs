@@ -116,6 +116,15 @@ pub struct SyncUpdate {
     pub policy_revision: u64,
     #[prost(message, repeated, tag = "13")]
     pub policy: ::prost::alloc::vec::Vec<PolicyDocument>,
+    /// When true, federated_bundles is the complete set of bundles of other trust domains this
+    /// one federates with (`meshid-ca federation`), as the CA last fetched them: the agent hands
+    /// each to the workloads whose entries federate with its trust domain (the Workload API's
+    /// federated_bundles, FetchX509Bundles and FetchJWTBundles). Sent on the first message and
+    /// whenever the set changed.
+    #[prost(bool, tag = "14")]
+    pub federated_set: bool,
+    #[prost(message, repeated, tag = "15")]
+    pub federated_bundles: ::prost::alloc::vec::Vec<Bundle>,
 }
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct PolicyDocument {

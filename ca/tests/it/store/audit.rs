@@ -62,10 +62,29 @@ pub async fn every_mutation_is_audited_once(backend: Backend) {
         .await
         .unwrap();
     let issued = s.append_audit(&ev("svid.x509.issued")).await.unwrap();
-    s.put_bundle(
-        &TrustDomain::new("other.org").unwrap(),
-        "{}",
-        1,
+    let other = TrustDomain::new("other.org").unwrap();
+    s.create_federation(
+        &meshid_ca::store::FederationRecord {
+            trust_domain: other.clone(),
+            endpoint_url: "https://other.org".into(),
+            profile: "https_web".into(),
+            endpoint_spiffe_id: String::new(),
+            owner: String::new(),
+            created_at: NOW,
+            updated_at: NOW,
+        },
+        None,
+        &ev("federation.created"),
+    )
+    .await
+    .unwrap();
+    s.put_federated_bundle(
+        &meshid_ca::store::FederatedBundle {
+            trust_domain: other,
+            document: "{}".into(),
+            sequence: 1,
+            updated_at: NOW,
+        },
         &ev("bundle.updated"),
     )
     .await
@@ -81,6 +100,7 @@ pub async fn every_mutation_is_audited_once(backend: Backend) {
         "ca_key.created",
         "ca_key.activated",
         "svid.x509.issued",
+        "federation.created",
         "bundle.updated",
     ];
     let records = s.audit_records(0, 100).await.unwrap();
@@ -90,7 +110,7 @@ pub async fn every_mutation_is_audited_once(backend: Backend) {
     );
     assert_eq!(
         records.iter().map(|r| r.seq).collect::<Vec<_>>(),
-        (1..=10).collect::<Vec<_>>()
+        (1..=11).collect::<Vec<_>>()
     );
     let r = &records[8];
     assert_eq!((r, r.actor.as_str()), (&issued, "admin:uid=0"));
@@ -98,8 +118,8 @@ pub async fn every_mutation_is_audited_once(backend: Backend) {
         serde_json::from_str::<serde_json::Value>(&r.details).unwrap(),
         serde_json::json!({ "test": "svid.x509.issued" })
     );
-    assert_eq!(s.audit_head().await.unwrap(), Some((10, records[9].hash)));
-    assert_eq!(verify_audit(s).await.unwrap(), 10);
+    assert_eq!(s.audit_head().await.unwrap(), Some((11, records[10].hash)));
+    assert_eq!(verify_audit(s).await.unwrap(), 11);
     // Paging: after/limit.
     let page = s.audit_records(3, 2).await.unwrap();
     assert_eq!(page.iter().map(|r| r.seq).collect::<Vec<_>>(), [4, 5]);

@@ -2,7 +2,9 @@
 
 use std::sync::Arc;
 
-use meshid_ca::store::{AgentRecord, CaKeyKind, CaKeyState, Datastore, StoreError};
+use meshid_ca::store::{
+    AgentRecord, CaKeyKind, CaKeyState, Datastore, FederatedBundle, FederationRecord, StoreError,
+};
 use spiffe::TrustDomain;
 
 use crate::store::fixture::{agent, ca_key, ev, fixture, token, Backend, NOW};
@@ -320,24 +322,78 @@ pub async fn ca_journal(backend: Backend) {
     ));
 }
 
-pub async fn bundles_put_and_get(backend: Backend) {
+pub async fn federations_and_their_bundles(backend: Backend) {
     let fx = fixture!(backend);
     let s = &fx.store;
     let other = TrustDomain::new("other.org").unwrap();
-    assert_eq!(s.get_bundle(&other).await.unwrap(), None);
-    s.put_bundle(&other, r#"{"keys":[]}"#, 1, &ev("bundle.updated"))
-        .await
-        .unwrap();
-    s.put_bundle(&other, r#"{"keys":[1]}"#, 2, &ev("bundle.updated"))
-        .await
-        .unwrap();
-    let b = s.get_bundle(&other).await.unwrap().unwrap();
+    let relationship = FederationRecord {
+        trust_domain: other.clone(),
+        endpoint_url: "https://other.org:8443".into(),
+        profile: "https_spiffe".into(),
+        endpoint_spiffe_id: "spiffe://other.org/meshid/server".into(),
+        owner: String::new(),
+        created_at: NOW,
+        updated_at: NOW,
+    };
+    let bundle = |document: &str, sequence| FederatedBundle {
+        trust_domain: other.clone(),
+        document: document.into(),
+        sequence,
+        updated_at: NOW,
+    };
+    assert!(s.list_federations().await.unwrap().is_empty());
+    // No relationship: a fetched bundle has nowhere to go.
+    assert!(matches!(
+        s.put_federated_bundle(&bundle("{}", 1), &ev("federation.bundle.updated"))
+            .await,
+        Err(StoreError::NotFound(_))
+    ));
+    s.create_federation(
+        &relationship,
+        Some(&bundle(r#"{"keys":[]}"#, 1)),
+        &ev("federation.created"),
+    )
+    .await
+    .unwrap();
+    assert!(matches!(
+        s.create_federation(&relationship, None, &ev("federation.created"))
+            .await,
+        Err(StoreError::AlreadyExists(_))
+    ));
     assert_eq!(
-        (b.trust_domain, b.document.as_str(), b.sequence),
-        (other, r#"{"keys":[1]}"#, 2)
+        s.list_federations().await.unwrap(),
+        std::slice::from_ref(&relationship)
     );
-    assert!(b.updated_at > 0);
-    assert_eq!(fx.audit_kinds().await, ["bundle.updated", "bundle.updated"]);
+    s.put_federated_bundle(
+        &bundle(r#"{"keys":[1]}"#, 2),
+        &ev("federation.bundle.updated"),
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        s.list_federated_bundles().await.unwrap(),
+        [bundle(r#"{"keys":[1]}"#, 2)]
+    );
+    // Deleting the relationship deletes its bundle; a new one starts from its own.
+    assert_eq!(
+        s.delete_federation(&other, &ev("federation.deleted"))
+            .await
+            .unwrap(),
+        relationship
+    );
+    assert!(s.list_federated_bundles().await.unwrap().is_empty());
+    assert!(matches!(
+        s.delete_federation(&other, &ev("federation.deleted")).await,
+        Err(StoreError::NotFound(_))
+    ));
+    assert_eq!(
+        fx.audit_kinds().await,
+        [
+            "federation.created",
+            "federation.bundle.updated",
+            "federation.deleted"
+        ]
+    );
 }
 
 pub async fn deliveries_kept_per_agent_and_server(backend: Backend) {

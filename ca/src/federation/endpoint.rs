@@ -1,0 +1,228 @@
+//! This trust domain's bundle endpoint (`federation.bundle_endpoint_address`): `GET /`
+//! answers the SPIFFE bundle (JWKS with `spiffe_sequence` and `spiffe_refresh_hint`), over
+//! HTTPS in one of the two profiles of the SPIFFE Federation specification:
+//! - `https_spiffe` (default): the CA server's own X509-SVID (`spiffe://<td>/meshid/server`,
+//!   the node API's, renewed with it), so that a federated CA authenticates it with the bundle
+//!   it already holds;
+//! - `https_web`: a Web PKI certificate and key from files (PEM), reloaded when they change,
+//!   for relying parties that only know Web PKI roots.
+//!
+//! It is public by nature, so it is bounded: at most [`MAX_CONNECTIONS`] at once, a TLS
+//! handshake within [`HANDSHAKE_TIMEOUT`], the whole connection within [`CONNECTION_LIFETIME`],
+//! HTTP/1.1 only, no request body read, nothing but the bundle served.
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime};
+
+use anyhow::Context as _;
+use arc_swap::ArcSwap;
+use http_body_util::Full;
+use hyper::body::Bytes;
+use hyper_util::rt::TokioIo;
+use meshid_api::tls;
+use rustls::server::{ClientHello, ResolvesServerCert};
+use rustls::sign::CertifiedKey;
+use rustls::ServerConfig;
+use tokio::net::TcpListener;
+use tokio::sync::{watch, Semaphore};
+
+use crate::service::Ca;
+
+/// Connections served at once; more wait in the kernel's backlog.
+pub const MAX_CONNECTIONS: usize = 256;
+/// How long a client has to complete the TLS handshake.
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a connection may last, requests included.
+pub const CONNECTION_LIFETIME: Duration = Duration::from_secs(30);
+
+/// Serves the bundle on `listener` with the certificate `certs` resolves, until `stop`.
+pub async fn serve(
+    ca: Ca,
+    listener: TcpListener,
+    certs: Arc<dyn ResolvesServerCert>,
+    mut stop: watch::Receiver<bool>,
+) -> anyhow::Result<()> {
+    let mut config = ServerConfig::builder_with_provider(tls::provider())
+        .with_protocol_versions(tls::PROTOCOL_VERSIONS)?
+        .with_no_client_auth()
+        .with_cert_resolver(certs);
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+    let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    tracing::info!(address = ?listener.local_addr().ok(), "bundle endpoint serving");
+    loop {
+        let permit = tokio::select! {
+            p = Arc::clone(&slots).acquire_owned() => p?,
+            _ = super::stopped(&mut stop) => return Ok(()),
+        };
+        let (tcp, peer) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(a) => a,
+                Err(e) => {
+                    tracing::warn!(error = %e, "bundle endpoint: accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            _ = super::stopped(&mut stop) => return Ok(()),
+        };
+        let (acceptor, ca) = (acceptor.clone(), ca.clone());
+        tokio::spawn(async move {
+            let _permit = permit;
+            let served = tokio::time::timeout(CONNECTION_LIFETIME, async {
+                let tls = tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp))
+                    .await
+                    .map_err(|_| "TLS handshake timed out".to_owned())?
+                    .map_err(|e| format!("TLS handshake failed: {e}"))?;
+                let service = hyper::service::service_fn(move |req| {
+                    let ca = ca.clone();
+                    async move { Ok::<_, std::convert::Infallible>(answer(&ca, &req)) }
+                });
+                hyper::server::conn::http1::Builder::new()
+                    .keep_alive(false)
+                    .serve_connection(TokioIo::new(tls), service)
+                    .await
+                    .map_err(|e| format!("HTTP: {e}"))
+            })
+            .await;
+            match served {
+                Ok(Ok(())) => {}
+                Ok(Err(why)) => {
+                    tracing::debug!(peer = %peer, reason = %why, "bundle endpoint connection failed")
+                }
+                Err(_) => {
+                    tracing::debug!(peer = %peer, "bundle endpoint connection outlived its lifetime; closed")
+                }
+            }
+        });
+    }
+}
+
+/// The answer to one request: the bundle for `GET /` (and `HEAD /`), else 404 or 405.
+fn answer<B>(ca: &Ca, req: &hyper::Request<B>) -> hyper::Response<Full<Bytes>> {
+    use hyper::{header, Method, StatusCode};
+    let status = match (req.method(), req.uri().path()) {
+        (&Method::GET | &Method::HEAD, "/") => StatusCode::OK,
+        (_, "/") => StatusCode::METHOD_NOT_ALLOWED,
+        _ => StatusCode::NOT_FOUND,
+    };
+    let body = if status == StatusCode::OK {
+        ca.metrics.bundle_endpoint_requests.inc();
+        ca.authority.bundle().to_spiffe_json()
+    } else {
+        String::new()
+    };
+    let mut response = hyper::Response::new(Full::new(Bytes::from(body)));
+    *response.status_mut() = status;
+    let headers = response.headers_mut();
+    headers.insert(
+        header::CONTENT_TYPE,
+        header::HeaderValue::from_static("application/json"),
+    );
+    headers.insert(
+        header::CACHE_CONTROL,
+        header::HeaderValue::from_static("no-store"),
+    );
+    if status == StatusCode::METHOD_NOT_ALLOWED {
+        headers.insert(header::ALLOW, header::HeaderValue::from_static("GET, HEAD"));
+    }
+    response
+}
+
+/// A Web PKI certificate and key from PEM files, reloaded (at most every few seconds, on the
+/// next handshake) when either file changes; a reload that fails keeps the previous pair and
+/// is logged.
+pub struct FileCert {
+    cert_file: PathBuf,
+    key_file: PathBuf,
+    current: ArcSwap<CertifiedKey>,
+    checked: Mutex<(Instant, Option<SystemTime>, Option<SystemTime>)>,
+}
+
+impl std::fmt::Debug for FileCert {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FileCert")
+            .field("cert_file", &self.cert_file)
+            .field("key_file", &self.key_file)
+            .finish_non_exhaustive()
+    }
+}
+
+/// How often the files are checked for a change.
+const RELOAD_CHECK: Duration = Duration::from_secs(5);
+
+impl FileCert {
+    /// Loads the pair; the key file must not be readable by group or others.
+    pub fn load(cert_file: &Path, key_file: &Path) -> anyhow::Result<FileCert> {
+        let key = read_pair(cert_file, key_file)?;
+        Ok(FileCert {
+            cert_file: cert_file.to_owned(),
+            key_file: key_file.to_owned(),
+            current: ArcSwap::from_pointee(key),
+            checked: Mutex::new((Instant::now(), modified(cert_file), modified(key_file))),
+        })
+    }
+
+    fn reload_if_changed(&self) {
+        let mut checked = self
+            .checked
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if checked.0.elapsed() < RELOAD_CHECK {
+            return;
+        }
+        let (cert, key) = (modified(&self.cert_file), modified(&self.key_file));
+        *checked = (Instant::now(), checked.1, checked.2);
+        if (cert, key) == (checked.1, checked.2) {
+            return;
+        }
+        match read_pair(&self.cert_file, &self.key_file) {
+            Ok(pair) => {
+                self.current.store(Arc::new(pair));
+                *checked = (Instant::now(), cert, key);
+                tracing::info!(cert_file = %self.cert_file.display(), "bundle endpoint certificate reloaded");
+            }
+            Err(e) => {
+                tracing::error!(error = %format!("{e:#}"), "cannot reload the bundle endpoint certificate; keeping the previous one")
+            }
+        }
+    }
+}
+
+impl ResolvesServerCert for FileCert {
+    fn resolve(&self, _hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        self.reload_if_changed();
+        Some(self.current.load_full())
+    }
+}
+
+fn modified(path: &Path) -> Option<SystemTime> {
+    std::fs::metadata(path).and_then(|m| m.modified()).ok()
+}
+
+fn read_pair(cert_file: &Path, key_file: &Path) -> anyhow::Result<CertifiedKey> {
+    use rustls_pki_types::pem::PemObject as _;
+    use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+    meshid_api::config::check_private(key_file, "bundle endpoint key")?;
+    let chain = CertificateDer::pem_file_iter(cert_file)
+        .with_context(|| format!("cannot read {}", cert_file.display()))?
+        .collect::<Result<Vec<_>, _>>()
+        .with_context(|| format!("{}: not PEM certificates", cert_file.display()))?;
+    anyhow::ensure!(!chain.is_empty(), "{}: no certificate", cert_file.display());
+    let key = PrivateKeyDer::from_pem_file(key_file)
+        .with_context(|| format!("{}: no PEM private key", key_file.display()))?;
+    let signer = tls::provider()
+        .key_provider
+        .load_private_key(key)
+        .with_context(|| format!("{}: unusable private key", key_file.display()))?;
+    let pair = CertifiedKey::new(chain, signer);
+    pair.keys_match().with_context(|| {
+        format!(
+            "{} does not match {}",
+            key_file.display(),
+            cert_file.display()
+        )
+    })?;
+    Ok(pair)
+}

@@ -1,0 +1,413 @@
+//! Federation between real `meshid-ca` processes: bundle endpoints in both profiles, checked
+//! by independent TLS clients (curl, openssl), relationships made with the CLI, bundles
+//! refreshed at the endpoint's hint, kept when the endpoint is away, and deleted with the
+//! relationship.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use crate::cli::{free_port, json, Server};
+
+/// One CA of the test, with its ports.
+struct Domain {
+    server: Server,
+    dir: PathBuf,
+    endpoint: u16,
+}
+
+/// Starts a CA of `td` serving its bundle endpoint (profile by `federation`, extra TOML lines
+/// for `[federation]`) with a refresh hint of 1 s.
+fn start(base: &Path, td: &str, federation: &str) -> Domain {
+    let dir = base.join(td);
+    std::fs::create_dir_all(&dir).unwrap();
+    let ops = format!("127.0.0.1:{}", free_port());
+    let endpoint = free_port();
+    let socket = dir.join("data/admin.sock");
+    let config = dir.join("ca.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "trust_domain = \"{td}\"\ndata_dir = \"{}\"\nops_address = \"{ops}\"\n\
+             node_address = \"127.0.0.1:{}\"\n\n[ca]\nbundle_refresh_hint = \"1s\"\n\n\
+             [federation]\nbundle_endpoint_address = \"127.0.0.1:{endpoint}\"\n{federation}\n",
+            dir.join("data").display(),
+            free_port()
+        ),
+    )
+    .unwrap();
+    let server = Server::with_config(&dir, &config, &ops, &socket);
+    Domain {
+        server,
+        dir,
+        endpoint,
+    }
+}
+
+fn openssl(dir: &Path, args: &[&str]) {
+    let out = Command::new("openssl")
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "openssl {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// A test Web PKI: a root (`web-ca.pem`) and a leaf for localhost and 127.0.0.1 (`web.pem`,
+/// `web.key` with mode 0600), made with openssl.
+fn web_pki(dir: &Path) {
+    openssl(
+        dir,
+        &[
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+            "-keyout",
+            "web-ca.key",
+            "-out",
+            "web-ca.pem",
+            "-days",
+            "2",
+            "-subj",
+            "/CN=meshid test web root",
+            "-addext",
+            "basicConstraints=critical,CA:TRUE",
+            "-addext",
+            "keyUsage=critical,keyCertSign,cRLSign",
+        ],
+    );
+    openssl(
+        dir,
+        &[
+            "req",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+            "-keyout",
+            "web.key",
+            "-out",
+            "web.csr",
+            "-subj",
+            "/CN=localhost",
+        ],
+    );
+    std::fs::write(
+        dir.join("leaf.ext"),
+        "subjectAltName=DNS:localhost,IP:127.0.0.1\nbasicConstraints=critical,CA:FALSE\n\
+         keyUsage=critical,digitalSignature\nextendedKeyUsage=serverAuth\n",
+    )
+    .unwrap();
+    openssl(
+        dir,
+        &[
+            "x509",
+            "-req",
+            "-in",
+            "web.csr",
+            "-CA",
+            "web-ca.pem",
+            "-CAkey",
+            "web-ca.key",
+            "-CAcreateserial",
+            "-days",
+            "1",
+            "-out",
+            "web.pem",
+            "-extfile",
+            "leaf.ext",
+        ],
+    );
+    use std::os::unix::fs::PermissionsExt as _;
+    std::fs::set_permissions(dir.join("web.key"), std::fs::Permissions::from_mode(0o600)).unwrap();
+}
+
+fn wait_for(what: &str, limit: Duration, mut done: impl FnMut() -> Option<String>) -> String {
+    let deadline = Instant::now() + limit;
+    loop {
+        if let Some(v) = done() {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn show(ca: &Server, td: &str) -> serde_json::Value {
+    json(&ca.ok(&["federation", "show", td, "--output", "json"]))
+}
+
+fn sequence(ca: &Server) -> u64 {
+    let bundle = json(&ca.ok(&["bundle", "show", "--format", "spiffe"]));
+    bundle["spiffe_sequence"].as_u64().unwrap()
+}
+
+#[test]
+fn federated_bundles_are_fetched_refreshed_kept_and_deleted() {
+    let base = tempfile::tempdir().unwrap();
+    let base = base.path();
+    web_pki(base);
+    let mut partner = start(base, "partner.org", "");
+    let web = start(
+        base,
+        "web.org",
+        &format!(
+            "bundle_endpoint_profile = \"https_web\"\nbundle_endpoint_cert_file = \"{}\"\n\
+             bundle_endpoint_key_file = \"{}\"",
+            base.join("web.pem").display(),
+            base.join("web.key").display()
+        ),
+    );
+    let home = start(
+        base,
+        "example.org",
+        &format!("web_roots_file = \"{}\"", base.join("web-ca.pem").display()),
+    );
+    let ca = &home.server;
+
+    // Independent clients read both endpoints: curl over Web PKI, openssl against partner's
+    // own root (the endpoint presents the CA server's SVID, which names no host).
+    let out = Command::new("curl")
+        .args(["-sS", "--fail", "--cacert"])
+        .arg(base.join("web-ca.pem"))
+        .arg(format!("https://localhost:{}/", web.endpoint))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let doc = json(&String::from_utf8(out.stdout).unwrap());
+    assert_eq!(doc["spiffe_refresh_hint"], 1);
+    assert!(doc["keys"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|k| k["use"] == "x509-svid"));
+    let partner_pem = partner.dir.join("root.pem");
+    std::fs::write(
+        &partner_pem,
+        partner.server.ok(&["bundle", "show", "--format", "pem"]),
+    )
+    .unwrap();
+    let out = Command::new("openssl")
+        .args([
+            "s_client",
+            "-connect",
+            &format!("127.0.0.1:{}", partner.endpoint),
+        ])
+        .args([
+            "-CAfile",
+            partner_pem.to_str().unwrap(),
+            "-verify_return_error",
+            "-brief",
+        ])
+        .stdin(std::process::Stdio::null())
+        .output()
+        .unwrap();
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(said.contains("Verification: OK"), "{said}");
+    let out = Command::new("curl")
+        .args(["-sS", "-o", "/dev/null", "-w", "%{http_code}", "-k"])
+        .arg(format!("https://127.0.0.1:{}/nothing", partner.endpoint))
+        .output()
+        .unwrap();
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "404");
+
+    // Refused relationships say why and change nothing.
+    let bundle_file = base.join("partner-bundle.json");
+    std::fs::write(
+        &bundle_file,
+        partner.server.ok(&["bundle", "show", "--format", "spiffe"]),
+    )
+    .unwrap();
+    let endpoint = format!("https://127.0.0.1:{}", partner.endpoint);
+    for (args, says) in [
+        (
+            vec![
+                "--trust-domain",
+                "example.org",
+                "--endpoint-url",
+                &endpoint,
+                "--profile",
+                "https_web",
+            ],
+            "own trust domain",
+        ),
+        (
+            vec![
+                "--trust-domain",
+                "partner.org",
+                "--endpoint-url",
+                "http://127.0.0.1:1",
+                "--profile",
+                "https_web",
+            ],
+            "https://",
+        ),
+        (
+            vec![
+                "--trust-domain",
+                "partner.org",
+                "--endpoint-url",
+                &endpoint,
+                "--profile",
+                "https_spiffe",
+                "--endpoint-spiffe-id",
+                "spiffe://partner.org/meshid/server",
+            ],
+            "bootstrap_bundle",
+        ),
+    ] {
+        let mut all = vec!["federation", "create"];
+        all.extend(args);
+        let err = ca.fails(&all);
+        assert!(err.contains(says), "{all:?}: {err}");
+    }
+    assert_eq!(
+        json(&ca.ok(&["federation", "list", "--output", "json"])),
+        serde_json::json!([])
+    );
+
+    // https_spiffe, bootstrapped with partner's bundle: fetched at once.
+    ca.ok(&[
+        "federation",
+        "create",
+        "--trust-domain",
+        "partner.org",
+        "--endpoint-url",
+        &endpoint,
+        "--profile",
+        "https_spiffe",
+        "--endpoint-spiffe-id",
+        "spiffe://partner.org/meshid/server",
+        "--bundle-file",
+        bundle_file.to_str().unwrap(),
+        "--reason",
+        "partner onboarding",
+    ]);
+    wait_for(
+        "the first fetch from partner.org",
+        Duration::from_secs(10),
+        || {
+            let s = show(ca, "partner.org");
+            (s["refresh"]["last_success"].as_i64() > Some(0)).then(|| s.to_string())
+        },
+    );
+    // https_web, verified against the configured roots.
+    ca.ok(&[
+        "federation",
+        "create",
+        "--trust-domain",
+        "web.org",
+        "--endpoint-url",
+        &format!("https://localhost:{}", web.endpoint),
+        "--profile",
+        "https_web",
+    ]);
+    let s = wait_for(
+        "the first fetch from web.org",
+        Duration::from_secs(10),
+        || {
+            let s = show(ca, "web.org");
+            (s["refresh"]["last_success"].as_i64() > Some(0)).then(|| s.to_string())
+        },
+    );
+    let s = json(&s);
+    assert_eq!(
+        s["bundle"]["sequence"].as_u64(),
+        Some(sequence(&web.server))
+    );
+    assert!(s["bundle"]["x509_authorities"].as_u64() >= Some(1), "{s}");
+    assert_eq!(s["refresh"]["last_error"], "");
+
+    // A change of partner's bundle (a next root prepared) reaches this CA within its hint.
+    partner
+        .server
+        .ok(&["ca", "root", "prepare", "--reason", "yearly"]);
+    let want = sequence(&partner.server);
+    wait_for("partner's new bundle", Duration::from_secs(5), || {
+        let s = show(ca, "partner.org");
+        (s["bundle"]["sequence"].as_u64() == Some(want)).then(String::new)
+    });
+    let audit = ca.ok(&["audit", "list", "--kind", "federation.", "--output", "json"]);
+    for kind in ["federation.created", "federation.bundle.updated"] {
+        assert!(audit.contains(kind), "{audit}");
+    }
+
+    // partner's endpoint goes away: the last good bundle stays, the error is shown and counted.
+    let kept = show(ca, "partner.org")["bundle"].clone();
+    partner.server.stop();
+    let s = wait_for("a failed refresh", Duration::from_secs(10), || {
+        let s = show(ca, "partner.org");
+        let e = s["refresh"]["last_error"].as_str().unwrap_or("").to_owned();
+        (!e.is_empty()).then_some(e)
+    });
+    assert!(s.contains("cannot connect"), "{s}");
+    assert_eq!(show(ca, "partner.org")["bundle"], kept);
+    let (_, metrics) = ca.http_get("/metrics");
+    assert!(
+        metrics.contains("meshid_ca_federation_bundle_refreshes_total{trust_domain=\"partner.org\",result=\"error\"}"),
+        "{metrics}"
+    );
+
+    // An endpoint that presents another SPIFFE ID than the relationship names is refused,
+    // and the bootstrap bundle stays the one held.
+    partner = start(base, "partner.org", "");
+    ca.ok(&[
+        "federation",
+        "delete",
+        "partner.org",
+        "--reason",
+        "re-create",
+    ]);
+    let endpoint = format!("https://127.0.0.1:{}", partner.endpoint);
+    ca.ok(&[
+        "federation",
+        "create",
+        "--trust-domain",
+        "partner.org",
+        "--endpoint-url",
+        &endpoint,
+        "--profile",
+        "https_spiffe",
+        "--endpoint-spiffe-id",
+        "spiffe://partner.org/not-the-server",
+        "--bundle-file",
+        bundle_file.to_str().unwrap(),
+    ]);
+    let e = wait_for("a refused endpoint", Duration::from_secs(10), || {
+        let s = show(ca, "partner.org");
+        let e = s["refresh"]["last_error"].as_str().unwrap_or("").to_owned();
+        (!e.is_empty()).then_some(e)
+    });
+    assert!(e.contains("TLS handshake"), "{e}");
+    assert_eq!(show(ca, "partner.org")["refresh"]["last_success"], 0);
+
+    // Deleted: gone from the list and from the bundles held.
+    ca.ok(&[
+        "federation",
+        "delete",
+        "partner.org",
+        "--reason",
+        "offboarding",
+    ]);
+    ca.fails(&["federation", "show", "partner.org"]);
+    let list = json(&ca.ok(&["federation", "list", "--output", "json"]));
+    assert_eq!(list.as_array().unwrap().len(), 1, "{list}");
+    assert_eq!(list[0]["trust_domain"], "web.org");
+    let log = std::fs::read_to_string(&home.server.log).unwrap();
+    assert!(!log.contains("PRIVATE KEY"), "a key in the log");
+}
