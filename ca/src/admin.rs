@@ -778,6 +778,26 @@ fn mesh_request(r: admin::ApplyMeshRequest) -> crate::service::mesh::MeshRequest
                 column_offset: offset(p.column_offset),
             })
             .collect(),
+        federations: r
+            .federations
+            .into_iter()
+            .map(|f| crate::service::mesh::DeclaredFederation {
+                at: if f.declared_at.is_empty() {
+                    f.trust_domain.clone()
+                } else {
+                    f.declared_at
+                },
+                trust_domain: f.trust_domain,
+                endpoint_url: f.endpoint_url,
+                profile: f.profile,
+                endpoint_spiffe_id: f.endpoint_spiffe_id,
+                bundle: if f.bootstrap_bundle.is_empty() {
+                    crate::service::mesh::FederationBundle::None
+                } else {
+                    crate::service::mesh::FederationBundle::Text(f.bootstrap_bundle)
+                },
+            })
+            .collect(),
         prune: r.prune,
         adopt: r.adopt,
         dry_run: r.dry_run,

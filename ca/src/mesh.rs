@@ -20,6 +20,12 @@
 //!     inline: |                    # or the document itself, as a literal block
 //!       default: deny
 //!       rules: []
+//! federations:
+//!   - trust_domain: partner.org
+//!     endpoint_url: https://ca.partner.org:8443
+//!     profile: https_spiffe        # or https_web (then no endpoint_spiffe_id)
+//!     endpoint_spiffe_id: spiffe://partner.org/meshid/server
+//!     bundle_file: bundles/partner.json  # the bundle a new relationship starts from
 //! ```
 //!
 //! A directory stands for every `*.yaml` and `*.yml` file directly in it (not in its
@@ -91,8 +97,8 @@ pub enum MeshError {
     },
 }
 
-/// One mesh file as written: policy documents named by `file:` are not read yet ([`load`]
-/// reads them).
+/// One mesh file as written: policy documents named by `file:` and bundles named by
+/// `bundle_file:` are not read yet ([`load`] reads them).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct MeshFile {
     /// The owner label.
@@ -101,6 +107,39 @@ pub struct MeshFile {
     pub entries: Vec<DeclaredEntry>,
     /// The policy documents, in file order.
     pub policies: Vec<DeclaredPolicy>,
+    /// The federation relationships, in file order.
+    pub federations: Vec<DeclaredFederation>,
+}
+
+/// A federation relationship as declared (checked as a relationship by the CA, which knows its
+/// own trust domain).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct DeclaredFederation {
+    /// `file:line:column` of the declaration.
+    pub at: String,
+    /// The other trust domain.
+    pub trust_domain: String,
+    /// Its bundle endpoint.
+    pub endpoint_url: String,
+    /// `https_web` or `https_spiffe`.
+    pub profile: String,
+    /// For https_spiffe: the ID the endpoint presents.
+    pub endpoint_spiffe_id: String,
+    /// The bundle a new relationship starts from: as written in the file (relative to it), then
+    /// (after [`load`]) its text.
+    pub bundle: FederationBundle,
+}
+
+/// Where a declared relationship's bootstrap bundle is.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub enum FederationBundle {
+    /// None given.
+    #[default]
+    None,
+    /// A file, as written.
+    File(PathBuf),
+    /// The document, read.
+    Text(String),
 }
 
 /// An entry and where it is declared.
@@ -164,6 +203,8 @@ pub struct Mesh {
     pub entries: Vec<DeclaredEntry>,
     /// The policy documents, in file order.
     pub policies: Vec<LoadedPolicy>,
+    /// The federation relationships, with their bootstrap bundles read.
+    pub federations: Vec<DeclaredFederation>,
     /// The mesh files read.
     pub files: Vec<PathBuf>,
 }
@@ -234,15 +275,22 @@ pub fn load(path: &Path) -> Result<Mesh, MeshError> {
         owner: String::new(),
         entries: Vec::new(),
         policies: Vec::new(),
+        federations: Vec::new(),
         files: files.clone(),
     };
     let mut first_owner = String::new();
     let mut entries_at: HashMap<(String, String, Vec<String>), String> = HashMap::new();
     let mut policies_at: HashMap<String, String> = HashMap::new();
+    let mut federations_at: HashMap<String, String> = HashMap::new();
     for file in &files {
         let text = read_limited(file, MAX_MESH_BYTES)?;
         let origin = file.display().to_string();
-        let parsed = parse_with(&text, &origin, &mut entries_at, &mut policies_at)?;
+        let mut seen = Seen {
+            entries: &mut entries_at,
+            policies: &mut policies_at,
+            federations: &mut federations_at,
+        };
+        let parsed = parse_with(&text, &origin, &mut seen)?;
         if mesh.owner.is_empty() {
             mesh.owner = parsed.owner;
             first_owner = origin.clone();
@@ -267,6 +315,14 @@ pub fn load(path: &Path) -> Result<Mesh, MeshError> {
             });
         }
         let base = file.parent().unwrap_or(Path::new("."));
+        for mut f in parsed.federations {
+            if let FederationBundle::File(relative) = &f.bundle {
+                let path = base.join(relative);
+                let text = read_limited(&path, crate::federation::MAX_BUNDLE_BYTES)?;
+                f.bundle = FederationBundle::Text(text);
+            }
+            mesh.federations.push(f);
+        }
         for p in parsed.policies {
             mesh.policies.push(match p.source {
                 PolicySource::Inline {
@@ -322,17 +378,26 @@ fn read_limited(path: &Path, limit: usize) -> Result<String, MeshError> {
 
 /// Reads one mesh file's text; `origin` names it in errors.
 pub fn parse(text: &str, origin: &str) -> Result<MeshFile, MeshError> {
-    parse_with(text, origin, &mut HashMap::new(), &mut HashMap::new())
+    let (mut entries, mut policies, mut federations) =
+        (HashMap::new(), HashMap::new(), HashMap::new());
+    let mut seen = Seen {
+        entries: &mut entries,
+        policies: &mut policies,
+        federations: &mut federations,
+    };
+    parse_with(text, origin, &mut seen)
 }
 
-/// [`parse`], refusing declarations already in `entries_at` and `policies_at` (other files of
-/// a directory), and adding its own.
-fn parse_with(
-    text: &str,
-    origin: &str,
-    entries_at: &mut HashMap<(String, String, Vec<String>), String>,
-    policies_at: &mut HashMap<String, String>,
-) -> Result<MeshFile, MeshError> {
+/// Where each object was declared, across the files of a directory.
+struct Seen<'a> {
+    entries: &'a mut HashMap<(String, String, Vec<String>), String>,
+    policies: &'a mut HashMap<String, String>,
+    federations: &'a mut HashMap<String, String>,
+}
+
+/// [`parse`], refusing declarations already `seen` (in other files of a directory), and adding
+/// its own.
+fn parse_with(text: &str, origin: &str, seen: &mut Seen<'_>) -> Result<MeshFile, MeshError> {
     let cx = Ctx { origin, text };
     let start = Pos { line: 1, column: 1 };
     if text.len() > MAX_MESH_BYTES {
@@ -364,11 +429,15 @@ fn parse_with(
         owner: owner.to_owned(),
         entries: Vec::new(),
         policies: Vec::new(),
+        federations: Vec::new(),
     };
     if let Some(list) = fields.get("entries") {
         for node in cx.seq(list, "`entries`")? {
             let declared = entry(cx, node)?;
-            if let Some(first) = entries_at.insert(declared.identity(), declared.at.clone()) {
+            if let Some(first) = seen
+                .entries
+                .insert(declared.identity(), declared.at.clone())
+            {
                 return Err(cx.err(
                     node.pos,
                     format!(
@@ -384,7 +453,10 @@ fn parse_with(
     if let Some(list) = fields.get("policies") {
         for node in cx.seq(list, "`policies`")? {
             let declared = policy(cx, node)?;
-            if let Some(first) = policies_at.insert(declared.name.clone(), declared.at.clone()) {
+            if let Some(first) = seen
+                .policies
+                .insert(declared.name.clone(), declared.at.clone())
+            {
                 return Err(cx.err(
                     node.pos,
                     format!(
@@ -396,10 +468,85 @@ fn parse_with(
             mesh.policies.push(declared);
         }
     }
+    if let Some(list) = fields.get("federations") {
+        for node in cx.seq(list, "`federations`")? {
+            let declared = federation(cx, node)?;
+            if let Some(first) = seen
+                .federations
+                .insert(declared.trust_domain.clone(), declared.at.clone())
+            {
+                return Err(cx.err(
+                    node.pos,
+                    format!(
+                        "the federation with {} is already declared at {first}: declare it once",
+                        declared.trust_domain
+                    ),
+                ));
+            }
+            mesh.federations.push(declared);
+        }
+    }
     Ok(mesh)
 }
 
-const TOP_KEYS: &[&str] = &["owner", "entries", "policies"];
+const TOP_KEYS: &[&str] = &["owner", "entries", "policies", "federations"];
+const FEDERATION_KEYS: &[&str] = &[
+    "trust_domain",
+    "endpoint_url",
+    "profile",
+    "endpoint_spiffe_id",
+    "bundle_file",
+];
+
+fn federation(cx: Ctx<'_>, node: &Node) -> Result<DeclaredFederation, MeshError> {
+    let f = cx.fields(node, "a federation relationship", FEDERATION_KEYS)?;
+    let text = |key: &str, required: bool| -> Result<String, MeshError> {
+        match f.get(key) {
+            Some(n) => Ok(cx.str(n, key)?.to_owned()),
+            None if required => Err(cx.err(
+                node.pos,
+                format!(
+                    "missing `{key}` in this federation relationship: it needs trust_domain, \
+                     endpoint_url and profile"
+                ),
+            )),
+            None => Ok(String::new()),
+        }
+    };
+    let trust_domain = text("trust_domain", true)?;
+    let refused = match spiffe::TrustDomain::new(&trust_domain) {
+        Ok(td) if td.as_str() == trust_domain => None,
+        Ok(_) => Some("write it lower case, without scheme or path".to_owned()),
+        Err(e) => Some(e.to_string()),
+    };
+    if let Some(why) = refused {
+        let n = f.get("trust_domain").unwrap_or(node);
+        return Err(cx.err(
+            n.pos,
+            format!("invalid trust domain {}: {why}", quote(&trust_domain)),
+        ));
+    }
+    let profile = text("profile", true)?;
+    if !matches!(profile.as_str(), "https_web" | "https_spiffe") {
+        let n = f.get("profile").unwrap_or(node);
+        return Err(cx.err(
+            n.pos,
+            format!("profile {}: use https_web or https_spiffe", quote(&profile)),
+        ));
+    }
+    let bundle = match f.get("bundle_file") {
+        Some(n) => FederationBundle::File(PathBuf::from(cx.str(n, "a file path")?)),
+        None => FederationBundle::None,
+    };
+    Ok(DeclaredFederation {
+        at: cx.at(node.pos),
+        trust_domain,
+        endpoint_url: text("endpoint_url", true)?,
+        profile,
+        endpoint_spiffe_id: text("endpoint_spiffe_id", false)?,
+        bundle,
+    })
+}
 const ENTRY_KEYS: &[&str] = &[
     "spiffe_id",
     "parent_id",

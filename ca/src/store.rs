@@ -221,6 +221,8 @@ pub struct MeshState {
     pub entries: Vec<RegistrationEntry>,
     /// The newest policy revision, with its documents and owners.
     pub policy: Option<PolicyRevision>,
+    /// Every federation relationship.
+    pub federations: Vec<FederationRecord>,
 }
 
 /// What a mesh apply writes ([`Datastore::apply_mesh`]), all in one transaction.
@@ -238,6 +240,12 @@ pub struct MeshWrite {
     pub adopt: Vec<(EntryId, i64, String)>,
     /// A new policy revision (the head's plus one), if the documents change.
     pub policy: Option<PolicyRevision>,
+    /// New federation relationships, each with the bundle it starts from.
+    pub federations_created: Vec<(FederationRecord, Option<FederatedBundle>)>,
+    /// Relationships whose endpoint (or owner) changes; their bundles stay.
+    pub federations_updated: Vec<FederationRecord>,
+    /// Relationships deleted, with their bundles.
+    pub federations_deleted: Vec<spiffe::TrustDomain>,
     /// The audit records of the apply, in order: one per entry changed, then the apply's own.
     pub audit: Vec<AuditEvent>,
 }

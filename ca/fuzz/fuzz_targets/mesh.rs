@@ -4,7 +4,9 @@
 //!   twice;
 //! - every entry read passes the CA's own validation (`EntrySpec::check_writable` and
 //!   `validate`) in its SPIFFE ID's trust domain, but for what only the CA can judge: a
-//!   parent or federation in another trust domain, and the admin flag it does not enforce yet.
+//!   parent or federation in another trust domain, and the admin flag it does not enforce yet;
+//! - federation relationships are declared once each, with a known profile and a trust domain
+//!   as the CA writes it.
 #![no_main]
 
 use std::collections::HashSet;
@@ -52,6 +54,17 @@ fuzz_target!(|data: &[u8]| {
                     Err(EntryError::AdminNotEnforced) if e.spec.admin => {}
                     Err(other) => panic!("{}: read, but the CA refuses it: {other}", e.at),
                 }
+            }
+            let tds: HashSet<&str> = mesh
+                .federations
+                .iter()
+                .map(|f| f.trust_domain.as_str())
+                .collect();
+            assert_eq!(tds.len(), mesh.federations.len(), "a federation declared twice");
+            for f in &mesh.federations {
+                assert!(matches!(f.profile.as_str(), "https_web" | "https_spiffe"));
+                let td = spiffe::TrustDomain::new(&f.trust_domain).expect("checked");
+                assert_eq!(td.as_str(), f.trust_domain);
             }
             let names: HashSet<&str> = mesh.policies.iter().map(|p| p.name.as_str()).collect();
             assert_eq!(

@@ -93,6 +93,21 @@ pub async fn run(
                 declared_at: p.at.clone(),
             })
             .collect(),
+        federations: mesh
+            .federations
+            .iter()
+            .map(|f| admin::MeshFederation {
+                trust_domain: f.trust_domain.clone(),
+                endpoint_url: f.endpoint_url.clone(),
+                profile: f.profile.clone(),
+                endpoint_spiffe_id: f.endpoint_spiffe_id.clone(),
+                bootstrap_bundle: match &f.bundle {
+                    meshid_ca::mesh::FederationBundle::Text(t) => t.clone(),
+                    _ => String::new(),
+                },
+                declared_at: f.at.clone(),
+            })
+            .collect(),
         prune: args.prune,
         dry_run: dry_run || args.dry_run,
         adopt: args.adopt,
@@ -183,6 +198,8 @@ fn object(c: &admin::MeshChange) -> String {
             c.parent_id,
             c.selectors.join(", ")
         )
+    } else if c.kind == "federation" {
+        format!("federation with {}", c.id)
     } else {
         format!("policy {}", c.id)
     }

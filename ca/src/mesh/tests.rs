@@ -341,3 +341,79 @@ fn an_empty_document_is_refused_inside_the_file() {
     let e = err("---");
     assert!(e.starts_with("mesh.yaml:1:4: expected a mesh file"), "{e}");
 }
+
+const FEDERATIONS: &str = "\
+owner: payments
+federations:
+  - trust_domain: partner.org
+    endpoint_url: https://ca.partner.org:8443
+    profile: https_spiffe
+    endpoint_spiffe_id: spiffe://partner.org/meshid/server
+    bundle_file: bundles/partner.json
+  - trust_domain: web.org
+    endpoint_url: https://web.org
+    profile: https_web
+";
+
+#[test]
+fn federations_read_as_written_and_their_bundles_from_beside_the_file() {
+    let m = parse(FEDERATIONS, "mesh.yaml").unwrap();
+    assert_eq!(m.federations.len(), 2);
+    let p = &m.federations[0];
+    assert_eq!(
+        (p.at.as_str(), p.trust_domain.as_str(), p.profile.as_str()),
+        ("mesh.yaml:3:5", "partner.org", "https_spiffe")
+    );
+    assert_eq!(
+        p.bundle,
+        FederationBundle::File("bundles/partner.json".into())
+    );
+    assert_eq!(m.federations[1].bundle, FederationBundle::None);
+    assert_eq!(m.federations[1].endpoint_spiffe_id, "");
+
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir(dir.path().join("bundles")).unwrap();
+    std::fs::write(dir.path().join("bundles/partner.json"), "{\"keys\": []}").unwrap();
+    std::fs::write(dir.path().join("mesh.yaml"), FEDERATIONS).unwrap();
+    let loaded = load(&dir.path().join("mesh.yaml")).unwrap();
+    assert_eq!(
+        loaded.federations[0].bundle,
+        FederationBundle::Text("{\"keys\": []}".into())
+    );
+    std::fs::remove_file(dir.path().join("bundles/partner.json")).unwrap();
+    let e = load(&dir.path().join("mesh.yaml")).unwrap_err().to_string();
+    assert!(
+        e.contains("bundles/partner.json") && e.contains("cannot read"),
+        "{e}"
+    );
+}
+
+#[test]
+fn malformed_federations_are_refused_at_their_position() {
+    for (text, want) in [
+        (
+            "owner: a\nfederations:\n  - endpoint_url: https://x\n    profile: https_web\n",
+            "mesh.yaml:3:5: missing `trust_domain`",
+        ),
+        (
+            "owner: a\nfederations:\n  - trust_domain: Bad_TD\n    endpoint_url: https://x\n    profile: https_web\n",
+            "mesh.yaml:3:19: invalid trust domain",
+        ),
+        (
+            "owner: a\nfederations:\n  - trust_domain: p.org\n    endpoint_url: https://x\n    profile: web\n",
+            "mesh.yaml:5:14: profile \"web\": use https_web or https_spiffe",
+        ),
+        (
+            "owner: a\nfederations:\n  - trust_domain: p.org\n    endpoint_url: https://x\n    profile: https_web\n    bundle: x\n",
+            "mesh.yaml:6:5: unknown key `bundle`",
+        ),
+        (
+            "owner: a\nfederations:\n  - {trust_domain: p.org, endpoint_url: https://x, profile: https_web}\n  - {trust_domain: p.org, endpoint_url: https://y, profile: https_web}\n",
+            "already declared at mesh.yaml:3:5",
+        ),
+        ("owner: a\nfederations: partner.org\n", "mesh.yaml:2:14: expected `federations` as a list"),
+    ] {
+        let e = err(text);
+        assert!(e.contains(want), "{text:?}: {e}");
+    }
+}

@@ -1,10 +1,13 @@
 //! Declarative apply (`meshid-ca apply -f mesh.yaml`): the CA converges to what one owner's
-//! mesh file declares (registration entries and named policy documents).
+//! mesh file declares (registration entries, named policy documents and federation
+//! relationships).
 //!
 //! Every object a mesh apply creates carries the file's owner label, and only objects with
 //! that label are ever updated or deleted by it: an entry by its identity (SPIFFE ID, parent ID
 //! and selectors; the other fields are updated in place), a policy document by its name. An
 //! object made by hand (no owner) or by another owner that a declaration matches is a conflict,
+//! (a federation relationship is matched by its trust domain; a new one starts from the file's
+//! bundle, an existing one keeps the bundle it holds)
 //! and the apply is refused, naming each one; with `adopt`, objects made by hand become the
 //! file's instead (another owner's never do: one object has one source of truth). Owned
 //! objects the file no longer declares are listed as orphans, and deleted with `prune`.
@@ -23,8 +26,10 @@ use super::policy::{check_policy_name, merge_located, policy_diff, Located};
 use super::{check_reason, detached, invalid, Awaited, Ca, CaEvent, ServiceError};
 use crate::audit::AuditEvent;
 use crate::entry::{EntryId, EntrySpec, RegistrationEntry};
-pub use crate::mesh::LoadedPolicy;
-use crate::store::{MeshState, MeshWrite, PolicyRevision, StoreError};
+pub use crate::mesh::{DeclaredFederation, FederationBundle, LoadedPolicy};
+use crate::store::{
+    FederatedBundle, FederationRecord, MeshState, MeshWrite, PolicyRevision, StoreError,
+};
 
 /// Most entries one owner may declare.
 pub const MAX_MESH_ENTRIES: usize = 10_000;
@@ -41,6 +46,8 @@ pub struct MeshRequest {
     pub entries: Vec<EntryDeclaration>,
     /// The policy documents.
     pub policies: Vec<LoadedPolicy>,
+    /// The federation relationships (bundles as text).
+    pub federations: Vec<DeclaredFederation>,
     /// Delete what the owner holds that is no longer declared.
     pub prune: bool,
     /// Take over objects made by hand that a declaration matches.
@@ -67,14 +74,17 @@ pub enum ObjectKind {
     Entry,
     /// A named policy document.
     Policy,
+    /// A federation relationship.
+    Federation,
 }
 
 impl ObjectKind {
-    /// `entry` or `policy`.
+    /// `entry`, `policy` or `federation`.
     pub fn as_str(self) -> &'static str {
         match self {
             Self::Entry => "entry",
             Self::Policy => "policy",
+            Self::Federation => "federation",
         }
     }
 }
@@ -111,7 +121,8 @@ pub struct MeshChange {
     pub kind: ObjectKind,
     /// What happens to it.
     pub action: Action,
-    /// The entry's id (empty for an entry a dry run would create), or the document's name.
+    /// The entry's id (empty for an entry a dry run would create), the document's name, or the
+    /// federated trust domain.
     pub id: String,
     /// An entry's SPIFFE ID.
     pub spiffe_id: String,
@@ -161,6 +172,16 @@ struct Desired {
     owner: String,
     entries: Vec<(String, RegistrationEntry)>,
     documents: BTreeMap<String, LoadedPolicy>,
+    /// By trust domain: the declaration, its trust domain, and the bundle a new relationship
+    /// starts from.
+    federations: BTreeMap<
+        String,
+        (
+            DeclaredFederation,
+            spiffe::TrustDomain,
+            Option<FederatedBundle>,
+        ),
+    >,
     prune: bool,
     adopt: bool,
 }
@@ -219,6 +240,13 @@ impl Ca {
             }
             for event in planned.events() {
                 ca.publish(event);
+            }
+            let federations = planned.federations_created.len()
+                + planned.federations_updated.len()
+                + planned.federations_deleted.len();
+            if federations > 0 {
+                // The refresher puts the new set in force (and tells the agents) at once.
+                ca.federation.wake.notify_one();
             }
             if planned.policy.is_some() {
                 let revision = planned.head + 1;
@@ -322,10 +350,48 @@ impl Ca {
                 ));
             }
         }
+        let mut federations = BTreeMap::new();
+        for f in &request.federations {
+            let at = |e: crate::federation::FederationError| {
+                invalid("federation", format!("{}: {e}", f.at))
+            };
+            let r = crate::federation::validate(
+                td,
+                &f.trust_domain,
+                &f.endpoint_url,
+                &f.profile,
+                &f.endpoint_spiffe_id,
+            )
+            .map_err(at)?;
+            let bundle = match &f.bundle {
+                FederationBundle::Text(text) => {
+                    let b = crate::federation::parse_bundle(&r.trust_domain, text).map_err(at)?;
+                    Some(FederatedBundle {
+                        trust_domain: r.trust_domain.clone(),
+                        document: text.clone(),
+                        sequence: i64::try_from(b.sequence).unwrap_or(i64::MAX),
+                        updated_at: now,
+                    })
+                }
+                _ => None,
+            };
+            if let Some((first, ..)) =
+                federations.insert(f.trust_domain.clone(), (f.clone(), r.trust_domain, bundle))
+            {
+                return Err(invalid(
+                    "federation",
+                    format!(
+                        "{}: the federation with {} is also declared at {}: declare it once",
+                        f.at, f.trust_domain, first.at
+                    ),
+                ));
+            }
+        }
         Ok(Desired {
             owner: request.owner.clone(),
             entries,
             documents,
+            federations,
             prune: request.prune,
             adopt: request.adopt,
         })
@@ -355,6 +421,9 @@ struct Planned {
     policy: Option<(BTreeMap<String, String>, BTreeMap<String, String>)>,
     /// The whole diff of the documents.
     diff: String,
+    federations_created: Vec<(FederationRecord, Option<FederatedBundle>)>,
+    federations_updated: Vec<FederationRecord>,
+    federations_deleted: Vec<FederationRecord>,
 }
 
 /// Computes the plan from the state read in the transaction (pure).
@@ -523,6 +592,14 @@ fn plan(state: &MeshState, desired: &Desired, now: i64) -> Result<Planned, Servi
         None => String::new(),
     };
     changes.extend(doc_changes);
+    let federations = plan_federations(
+        state,
+        desired,
+        now,
+        &mut changes,
+        &mut orphans,
+        &mut unchanged,
+    )?;
     Ok(Planned {
         plan: MeshPlan {
             changes,
@@ -539,7 +616,148 @@ fn plan(state: &MeshState, desired: &Desired, now: i64) -> Result<Planned, Servi
         adopt,
         policy,
         diff,
+        federations_created: federations.0,
+        federations_updated: federations.1,
+        federations_deleted: federations.2,
     })
+}
+
+type FederationPlan = (
+    Vec<(FederationRecord, Option<FederatedBundle>)>,
+    Vec<FederationRecord>,
+    Vec<FederationRecord>,
+);
+
+/// The federation relationships' part of the plan.
+fn plan_federations(
+    state: &MeshState,
+    desired: &Desired,
+    now: i64,
+    changes: &mut Vec<MeshChange>,
+    orphans: &mut Vec<MeshChange>,
+    unchanged: &mut usize,
+) -> Result<FederationPlan, ServiceError> {
+    let owner = desired.owner.as_str();
+    let (mut created, mut updated, mut deleted) = (Vec::new(), Vec::new(), Vec::new());
+    let mut conflicts = Vec::new();
+    for (td, (declared, trust_domain, bundle)) in &desired.federations {
+        let current = state
+            .federations
+            .iter()
+            .find(|r| r.trust_domain.as_str() == td);
+        let want = |base: Option<&FederationRecord>| FederationRecord {
+            trust_domain: trust_domain.clone(),
+            endpoint_url: declared.endpoint_url.clone(),
+            profile: declared.profile.clone(),
+            endpoint_spiffe_id: declared.endpoint_spiffe_id.clone(),
+            owner: owner.to_owned(),
+            created_at: base.map_or(now, |b| b.created_at),
+            updated_at: now,
+        };
+        match current {
+            None => {
+                if declared.profile == "https_spiffe" && bundle.is_none() {
+                    return Err(invalid(
+                        "federation",
+                        format!(
+                            "{}: a new https_spiffe relationship needs `bundle_file`: {td}'s \
+                             bundle, checked out of band, authenticates its endpoint",
+                            declared.at
+                        ),
+                    ));
+                }
+                let record = want(None);
+                changes.push(federation_change(
+                    &record,
+                    Action::Create,
+                    Vec::new(),
+                    &declared.at,
+                ));
+                created.push((record, bundle.clone()));
+            }
+            Some(cur) if cur.owner == owner || (cur.owner.is_empty() && desired.adopt) => {
+                let mut fields = Vec::new();
+                for (name, old, new) in [
+                    ("endpoint_url", &cur.endpoint_url, &declared.endpoint_url),
+                    ("profile", &cur.profile, &declared.profile),
+                    (
+                        "endpoint_spiffe_id",
+                        &cur.endpoint_spiffe_id,
+                        &declared.endpoint_spiffe_id,
+                    ),
+                ] {
+                    if old != new {
+                        fields.push(format!("{name}: {old:?} -> {new:?}"));
+                    }
+                }
+                let action = if cur.owner == owner {
+                    Action::Update
+                } else {
+                    fields.insert(0, format!("owner: (made by hand) -> {owner}"));
+                    Action::Adopt
+                };
+                if fields.is_empty() {
+                    *unchanged += 1;
+                    continue;
+                }
+                let record = want(Some(cur));
+                changes.push(federation_change(&record, action, fields, &declared.at));
+                updated.push(record);
+            }
+            Some(cur) => conflicts.push(format!(
+                "{}: the federation with {td} exists, {}",
+                declared.at,
+                if cur.owner.is_empty() {
+                    "made by hand: delete it, or apply with --adopt to make it this file's"
+                        .to_owned()
+                } else {
+                    format!("owned by `{}`: declare it in one mesh file", cur.owner)
+                }
+            )),
+        }
+    }
+    if !conflicts.is_empty() {
+        return Err(invalid(
+            "mesh",
+            format!(
+                "{} declared object(s) already exist without owner `{owner}`; nothing was \
+                 changed:\n  {}",
+                conflicts.len(),
+                conflicts.join("\n  ")
+            ),
+        ));
+    }
+    for r in &state.federations {
+        if r.owner == owner && !desired.federations.contains_key(r.trust_domain.as_str()) {
+            let change = federation_change(r, Action::Delete, Vec::new(), "");
+            if desired.prune {
+                changes.push(change);
+                deleted.push(r.clone());
+            } else {
+                orphans.push(change);
+            }
+        }
+    }
+    Ok((created, updated, deleted))
+}
+
+fn federation_change(
+    r: &FederationRecord,
+    action: Action,
+    fields: Vec<String>,
+    at: &str,
+) -> MeshChange {
+    MeshChange {
+        kind: ObjectKind::Federation,
+        action,
+        id: r.trust_domain.to_string(),
+        spiffe_id: r.endpoint_spiffe_id.clone(),
+        parent_id: String::new(),
+        selectors: Vec::new(),
+        fields,
+        diff: String::new(),
+        at: at.to_owned(),
+    }
 }
 
 impl Planned {
@@ -582,6 +800,36 @@ impl Planned {
                 })
             })
             .collect();
+        let federation = |kind: &str, r: &FederationRecord| {
+            AuditEvent::new(
+                kind,
+                caller,
+                serde_json::json!({
+                    "trust_domain": r.trust_domain.to_string(),
+                    "endpoint_url": r.endpoint_url,
+                    "profile": r.profile,
+                    "endpoint_spiffe_id": r.endpoint_spiffe_id,
+                    "owner": desired.owner,
+                    "via": "mesh.apply",
+                    "ca_server": server,
+                }),
+            )
+        };
+        audit.extend(
+            self.federations_created
+                .iter()
+                .map(|(r, _)| federation("federation.created", r)),
+        );
+        audit.extend(
+            self.federations_updated
+                .iter()
+                .map(|r| federation("federation.updated", r)),
+        );
+        audit.extend(
+            self.federations_deleted
+                .iter()
+                .map(|r| federation("federation.deleted", r)),
+        );
         let count = |action: Action| {
             let entries = self
                 .plan
@@ -629,6 +877,13 @@ impl Planned {
                 .map(|e| (e.id.clone(), e.revision, e.owner.clone()))
                 .collect(),
             policy,
+            federations_created: self.federations_created.clone(),
+            federations_updated: self.federations_updated.clone(),
+            federations_deleted: self
+                .federations_deleted
+                .iter()
+                .map(|r| r.trust_domain.clone())
+                .collect(),
             audit,
         }
     }

@@ -731,6 +731,67 @@ fn decode_federation(row: &AnyRow) -> Result<FederationRecord, StoreError> {
     })
 }
 
+/// Stores a new relationship (and the bundle it starts from) inside the caller's write
+/// transaction; [`StoreError::AlreadyExists`] when the trust domain has one.
+async fn insert_federation_in_tx(
+    tx: &mut Tx,
+    r: &FederationRecord,
+    bootstrap: Option<&FederatedBundle>,
+) -> Result<(), StoreError> {
+    let inserted = sqlx::query(
+        "INSERT INTO federation_relationships (trust_domain, endpoint_url, profile, \
+         endpoint_spiffe_id, owner, created_at, updated_at) VALUES ($1, $2, $3, $4, $5, $6, $7)",
+    )
+    .bind(r.trust_domain.as_str())
+    .bind(r.endpoint_url.as_str())
+    .bind(r.profile.as_str())
+    .bind(r.endpoint_spiffe_id.as_str())
+    .bind(r.owner.as_str())
+    .bind(r.created_at)
+    .bind(r.updated_at)
+    .execute(&mut **tx)
+    .await;
+    map_unique(inserted, || {
+        format!("federation relationship with {}", r.trust_domain)
+    })?;
+    // A bundle left by an earlier relationship is not trusted again by accident.
+    sqlx::query("DELETE FROM bundles WHERE trust_domain = $1")
+        .bind(r.trust_domain.as_str())
+        .execute(&mut **tx)
+        .await?;
+    if let Some(bundle) = bootstrap {
+        put_bundle_in_tx(tx, bundle).await?;
+    }
+    Ok(())
+}
+
+/// Deletes a relationship and its bundle inside the caller's write transaction and returns
+/// it; [`StoreError::NotFound`] when there is none.
+async fn delete_federation_in_tx(
+    tx: &mut Tx,
+    trust_domain: &TrustDomain,
+) -> Result<FederationRecord, StoreError> {
+    let row = sqlx::query(&format!(
+        "SELECT {FEDERATION_COLUMNS} FROM federation_relationships WHERE trust_domain = $1"
+    ))
+    .bind(trust_domain.as_str())
+    .fetch_optional(&mut **tx)
+    .await?;
+    let Some(row) = row else {
+        return Err(StoreError::NotFound(format!(
+            "federation relationship with {trust_domain}"
+        )));
+    };
+    let record = decode_federation(&row)?;
+    for table in ["federation_relationships", "bundles"] {
+        sqlx::query(&format!("DELETE FROM {table} WHERE trust_domain = $1"))
+            .bind(trust_domain.as_str())
+            .execute(&mut **tx)
+            .await?;
+    }
+    Ok(record)
+}
+
 /// Stores (inserts or replaces) a federated bundle inside the caller's write transaction.
 async fn put_bundle_in_tx(tx: &mut Tx, bundle: &FederatedBundle) -> Result<(), StoreError> {
     sqlx::query(
@@ -1598,7 +1659,19 @@ impl Datastore for SqlStore {
         .await?;
         let entries = rows.iter().map(decode_entry).collect::<Result<_, _>>()?;
         let policy = newest_policy_revision(&mut w.tx, None).await?;
-        let Some(write) = plan(MeshState { entries, policy }) else {
+        let federations = sqlx::query(&format!(
+            "SELECT {FEDERATION_COLUMNS} FROM federation_relationships ORDER BY trust_domain"
+        ))
+        .fetch_all(&mut *w.tx)
+        .await?
+        .iter()
+        .map(decode_federation)
+        .collect::<Result<_, _>>()?;
+        let Some(write) = plan(MeshState {
+            entries,
+            policy,
+            federations,
+        }) else {
             // Nothing was written: committing keeps the connection (a rollback would close it).
             w.commit().await?;
             return Ok(false);
@@ -1631,6 +1704,32 @@ impl Datastore for SqlStore {
         if let Some(revision) = &write.policy {
             insert_policy_revision_in_tx(&mut w.tx, revision).await?;
         }
+        for (relationship, bundle) in &write.federations_created {
+            insert_federation_in_tx(&mut w.tx, relationship, bundle.as_ref()).await?;
+        }
+        for r in &write.federations_updated {
+            let done = sqlx::query(
+                "UPDATE federation_relationships SET endpoint_url = $1, profile = $2, \
+                 endpoint_spiffe_id = $3, owner = $4, updated_at = $5 WHERE trust_domain = $6",
+            )
+            .bind(r.endpoint_url.as_str())
+            .bind(r.profile.as_str())
+            .bind(r.endpoint_spiffe_id.as_str())
+            .bind(r.owner.as_str())
+            .bind(r.updated_at)
+            .bind(r.trust_domain.as_str())
+            .execute(&mut *w.tx)
+            .await?;
+            if done.rows_affected() != 1 {
+                return Err(StoreError::NotFound(format!(
+                    "federation relationship with {}",
+                    r.trust_domain
+                )));
+            }
+        }
+        for td in &write.federations_deleted {
+            delete_federation_in_tx(&mut w.tx, td).await?;
+        }
         append_many_in_tx(&mut w.tx, &write.audit).await?;
         w.commit().await?;
         Ok(true)
@@ -1643,32 +1742,7 @@ impl Datastore for SqlStore {
         audit: &AuditEvent,
     ) -> Result<(), StoreError> {
         let mut w = self.begin_write().await?;
-        let r = relationship;
-        let inserted = sqlx::query(
-            "INSERT INTO federation_relationships (trust_domain, endpoint_url, profile, \
-             endpoint_spiffe_id, owner, created_at, updated_at) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7)",
-        )
-        .bind(r.trust_domain.as_str())
-        .bind(r.endpoint_url.as_str())
-        .bind(r.profile.as_str())
-        .bind(r.endpoint_spiffe_id.as_str())
-        .bind(r.owner.as_str())
-        .bind(r.created_at)
-        .bind(r.updated_at)
-        .execute(&mut *w.tx)
-        .await;
-        map_unique(inserted, || {
-            format!("federation relationship with {}", r.trust_domain)
-        })?;
-        // A bundle left by an earlier relationship is not trusted again by accident.
-        sqlx::query("DELETE FROM bundles WHERE trust_domain = $1")
-            .bind(r.trust_domain.as_str())
-            .execute(&mut *w.tx)
-            .await?;
-        if let Some(bundle) = bootstrap {
-            put_bundle_in_tx(&mut w.tx, bundle).await?;
-        }
+        insert_federation_in_tx(&mut w.tx, relationship, bootstrap).await?;
         append_in_tx(&mut w.tx, audit).await?;
         w.commit().await
     }
@@ -1679,24 +1753,7 @@ impl Datastore for SqlStore {
         audit: &AuditEvent,
     ) -> Result<FederationRecord, StoreError> {
         let mut w = self.begin_write().await?;
-        let row = sqlx::query(&format!(
-            "SELECT {FEDERATION_COLUMNS} FROM federation_relationships WHERE trust_domain = $1"
-        ))
-        .bind(trust_domain.as_str())
-        .fetch_optional(&mut *w.tx)
-        .await?;
-        let Some(row) = row else {
-            return Err(StoreError::NotFound(format!(
-                "federation relationship with {trust_domain}"
-            )));
-        };
-        let record = decode_federation(&row)?;
-        for table in ["federation_relationships", "bundles"] {
-            sqlx::query(&format!("DELETE FROM {table} WHERE trust_domain = $1"))
-                .bind(trust_domain.as_str())
-                .execute(&mut *w.tx)
-                .await?;
-        }
+        let record = delete_federation_in_tx(&mut w.tx, trust_domain).await?;
         append_in_tx(&mut w.tx, audit).await?;
         w.commit().await?;
         Ok(record)

@@ -408,6 +408,36 @@ fn federated_bundles_are_fetched_refreshed_kept_and_deleted() {
     let list = json(&ca.ok(&["federation", "list", "--output", "json"]));
     assert_eq!(list.as_array().unwrap().len(), 1, "{list}");
     assert_eq!(list[0]["trust_domain"], "web.org");
+    // Declared in a mesh file instead: planned, applied, owned.
+    let mesh = base.join("mesh.yaml");
+    std::fs::write(
+        &mesh,
+        format!(
+            "owner: ops\nfederations:\n  - trust_domain: partner.org\n    endpoint_url: {endpoint}\n\
+             \x20   profile: https_spiffe\n    endpoint_spiffe_id: spiffe://partner.org/meshid/server\n\
+             \x20   bundle_file: partner-bundle.json\n"
+        ),
+    )
+    .unwrap();
+    let plan = json(&ca.ok(&["plan", "-f", mesh.to_str().unwrap(), "--output", "json"]));
+    assert_eq!(plan["changes"][0]["kind"], "federation", "{plan}");
+    assert_eq!(plan["changes"][0]["action"], "create", "{plan}");
+    assert_eq!(
+        plan["changes"][0]["declared_at"],
+        format!("{}:3:5", mesh.display())
+    );
+    ca.ok(&["apply", "-f", mesh.to_str().unwrap()]);
+    let s = wait_for(
+        "the fetch of the declared relationship",
+        Duration::from_secs(10),
+        || {
+            let s = show(ca, "partner.org");
+            (s["refresh"]["last_success"].as_i64() > Some(0)).then(|| s.to_string())
+        },
+    );
+    assert_eq!(json(&s)["owner"], "ops");
+    let again = json(&ca.ok(&["plan", "-f", mesh.to_str().unwrap(), "--output", "json"]));
+    assert_eq!(again["changed"], false, "{again}");
     let log = std::fs::read_to_string(&home.server.log).unwrap();
     assert!(!log.contains("PRIVATE KEY"), "a key in the log");
 }

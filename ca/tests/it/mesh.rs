@@ -14,7 +14,8 @@ use std::time::Duration;
 use meshid_ca::audit::AuditEvent;
 use meshid_ca::entry::{EntrySpec, RegistrationEntry};
 use meshid_ca::service::mesh::{
-    Action, EntryDeclaration, LoadedPolicy, MeshPlan, MeshRequest, ObjectKind,
+    Action, DeclaredFederation, EntryDeclaration, FederationBundle, LoadedPolicy, MeshPlan,
+    MeshRequest, ObjectKind,
 };
 use meshid_ca::service::{Ca, CaEvent, ServiceError};
 use meshid_ca::store::{MeshWrite, StoreError};
@@ -80,7 +81,7 @@ fn summary(plan: &MeshPlan) -> Vec<(&'static str, &'static str, String)> {
         .map(|c| {
             let name = match c.kind {
                 ObjectKind::Entry => c.spiffe_id.clone(),
-                ObjectKind::Policy => c.id.clone(),
+                ObjectKind::Policy | ObjectKind::Federation => c.id.clone(),
             };
             (c.kind.as_str(), c.action.as_str(), name)
         })
@@ -571,6 +572,9 @@ async fn failed_write_rolls_back(postgres: bool) {
             documents: BTreeMap::from([("x".into(), "rules: []\n".into())]),
             owners: BTreeMap::new(),
         }),
+        federations_created: Vec::new(),
+        federations_updated: Vec::new(),
+        federations_deleted: Vec::new(),
         audit: vec![AuditEvent::new("mesh.apply", ALICE, serde_json::json!({}))],
     };
     let mut planned_against = None;
@@ -600,6 +604,9 @@ async fn failed_write_rolls_back(postgres: bool) {
         delete: vec![(taken.id.clone(), taken.revision + 1)],
         adopt: Vec::new(),
         policy: None,
+        federations_created: Vec::new(),
+        federations_updated: Vec::new(),
+        federations_deleted: Vec::new(),
         audit: vec![AuditEvent::new("mesh.apply", ALICE, serde_json::json!({}))],
     };
     let result = ca.store.apply_mesh(Box::new(|_| Some(write))).await;
@@ -607,6 +614,31 @@ async fn failed_write_rolls_back(postgres: bool) {
         matches!(result, Err(StoreError::RevisionConflict { .. })),
         "{result:?}"
     );
+    assert_eq!(snapshot(&ca).await, before);
+    // A relationship created, then an update of one that does not exist: neither stays.
+    let relationship = |td: &str| meshid_ca::store::FederationRecord {
+        trust_domain: spiffe::TrustDomain::new(td).unwrap(),
+        endpoint_url: format!("https://{td}"),
+        profile: "https_web".into(),
+        endpoint_spiffe_id: String::new(),
+        owner: "x".into(),
+        created_at: 0,
+        updated_at: 0,
+    };
+    let write = MeshWrite {
+        create: Vec::new(),
+        update: Vec::new(),
+        delete: Vec::new(),
+        adopt: Vec::new(),
+        policy: None,
+        federations_created: vec![(relationship("partner.org"), None)],
+        federations_updated: vec![relationship("nowhere.org")],
+        federations_deleted: Vec::new(),
+        audit: vec![AuditEvent::new("mesh.apply", ALICE, serde_json::json!({}))],
+    };
+    let result = ca.store.apply_mesh(Box::new(|_| Some(write))).await;
+    assert!(matches!(result, Err(StoreError::NotFound(_))), "{result:?}");
+    assert!(ca.store.list_federations().await.unwrap().is_empty());
     assert_eq!(snapshot(&ca).await, before);
     // And a plan that writes nothing writes nothing.
     assert!(!ca.store.apply_mesh(Box::new(|_| None)).await.unwrap());
@@ -726,4 +758,193 @@ async fn two_servers_apply_at_once_and_hear_of_each_other() {
     assert_eq!(owned(&entries, "team-c").len(), 20);
     stop_tx.send(true).unwrap();
     feed.await.unwrap();
+}
+
+/// A bundle of partner.org with one self-signed root (made with rcgen).
+fn partner_bundle() -> String {
+    let key = rcgen::KeyPair::generate().unwrap();
+    let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    params.key_usages = vec![
+        rcgen::KeyUsagePurpose::KeyCertSign,
+        rcgen::KeyUsagePurpose::CrlSign,
+    ];
+    let cert = params.self_signed(&key).unwrap();
+    meshid_ca::bundle::TrustBundle {
+        trust_domain: spiffe::TrustDomain::new("partner.org").unwrap(),
+        x509_authorities: vec![cert.der().clone()],
+        jwt_authorities: Vec::new(),
+        sequence: 7,
+        refresh_hint: Duration::from_secs(60),
+    }
+    .to_spiffe_json()
+}
+
+fn federation(url: &str, bundle: Option<&str>) -> DeclaredFederation {
+    DeclaredFederation {
+        at: "mesh.yaml:30:5".into(),
+        trust_domain: "partner.org".into(),
+        endpoint_url: url.into(),
+        profile: "https_spiffe".into(),
+        endpoint_spiffe_id: "spiffe://partner.org/meshid/server".into(),
+        bundle: bundle.map_or(FederationBundle::None, |b| FederationBundle::Text(b.into())),
+    }
+}
+
+/// Federation relationships in mesh files: created with the file's bundle (required for
+/// https_spiffe), idempotent, updated in place keeping the bundle held, refused when someone
+/// else's (adopted when made by hand and asked), pruned when no longer declared, each change
+/// an audit record.
+async fn mesh_federations(postgres: bool) {
+    let Some(db) = db(postgres).await else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let ca = ca_on(&db.url, "ca-1", dir.path()).await;
+    let bundle = partner_bundle();
+    let with = |owner: &str, federations: Vec<DeclaredFederation>| MeshRequest {
+        federations,
+        ..request(owner, Vec::new(), Vec::new())
+    };
+    let url = "https://ca.partner.org:8443";
+
+    let e = ca
+        .apply_mesh(with("payments", vec![federation(url, None)]), ALICE)
+        .await
+        .unwrap_err();
+    assert!(invalid_message(e)
+        .contains("mesh.yaml:30:5: a new https_spiffe relationship needs `bundle_file`"));
+    let e = ca
+        .apply_mesh(
+            with("payments", vec![federation("http://x", Some(&bundle))]),
+            ALICE,
+        )
+        .await
+        .unwrap_err();
+    assert!(invalid_message(e).contains("mesh.yaml:30:5: endpoint_url"));
+    assert!(ca.store.list_federations().await.unwrap().is_empty());
+
+    let file = with("payments", vec![federation(url, Some(&bundle))]);
+    let plan = ca.apply_mesh(file.clone(), ALICE).await.unwrap();
+    assert_eq!(
+        summary(&plan),
+        [("federation", "create", "partner.org".into())]
+    );
+    let stored = ca.store.list_federations().await.unwrap();
+    assert_eq!(
+        (stored[0].owner.as_str(), stored[0].endpoint_url.as_str()),
+        ("payments", url)
+    );
+    let held = ca.store.list_federated_bundles().await.unwrap();
+    assert_eq!((held.len(), held[0].sequence), (1, 7));
+    let again = ca.apply_mesh(file.clone(), ALICE).await.unwrap();
+    assert!(
+        again.changes.is_empty() && again.unchanged == 1,
+        "{again:?}"
+    );
+
+    // An update in place: the endpoint moves, the bundle held stays.
+    let moved = with(
+        "payments",
+        vec![federation("https://bundles.partner.org", None)],
+    );
+    let plan = ca.apply_mesh(moved.clone(), ALICE).await.unwrap();
+    assert_eq!(
+        summary(&plan),
+        [("federation", "update", "partner.org".into())]
+    );
+    assert_eq!(
+        plan.changes[0].fields,
+        [format!(
+            "endpoint_url: {url:?} -> \"https://bundles.partner.org\""
+        )]
+    );
+    assert_eq!(ca.store.list_federated_bundles().await.unwrap(), held);
+
+    // Another owner may not declare it; one made by hand is adopted only when asked.
+    let e = ca
+        .apply_mesh(with("batch", vec![federation(url, None)]), ALICE)
+        .await
+        .unwrap_err();
+    assert!(invalid_message(e).contains("owned by `payments`"));
+    ca.create_federation(
+        meshid_ca::service::federation::FederationSpec {
+            trust_domain: "web.org".into(),
+            endpoint_url: "https://web.org".into(),
+            profile: "https_web".into(),
+            ..Default::default()
+        },
+        ALICE,
+    )
+    .await
+    .unwrap();
+    let web = DeclaredFederation {
+        trust_domain: "web.org".into(),
+        endpoint_url: "https://web.org".into(),
+        profile: "https_web".into(),
+        endpoint_spiffe_id: String::new(),
+        ..federation(url, None)
+    };
+    let both = with(
+        "payments",
+        vec![federation("https://bundles.partner.org", None), web],
+    );
+    let e = ca.apply_mesh(both.clone(), ALICE).await.unwrap_err();
+    assert!(invalid_message(e).contains("made by hand"));
+    let plan = ca
+        .apply_mesh(
+            MeshRequest {
+                adopt: true,
+                ..both
+            },
+            ALICE,
+        )
+        .await
+        .unwrap();
+    assert_eq!(summary(&plan), [("federation", "adopt", "web.org".into())]);
+
+    // No longer declared: an orphan, deleted with prune (its bundle too).
+    let none = with("payments", Vec::new());
+    let plan = ca.apply_mesh(none.clone(), ALICE).await.unwrap();
+    assert!(
+        plan.changes.is_empty() && plan.orphans.len() == 2,
+        "{plan:?}"
+    );
+    let plan = ca.apply_mesh(pruning(none), ALICE).await.unwrap();
+    assert_eq!(plan.changes.len(), 2);
+    assert!(ca.store.list_federations().await.unwrap().is_empty());
+    assert!(ca.store.list_federated_bundles().await.unwrap().is_empty());
+
+    let kinds: Vec<(String, serde_json::Value)> = ca
+        .store
+        .audit_records(0, 1000)
+        .await
+        .unwrap()
+        .into_iter()
+        .filter(|r| r.kind.starts_with("federation."))
+        .map(|r| (r.kind, serde_json::from_str(&r.details).unwrap()))
+        .collect();
+    let via: Vec<&str> = kinds
+        .iter()
+        .filter(|(_, d)| d["via"] == "mesh.apply")
+        .map(|(k, _)| k.as_str())
+        .collect();
+    assert_eq!(
+        via,
+        [
+            "federation.created",
+            "federation.updated",
+            "federation.updated",
+            "federation.deleted",
+            "federation.deleted"
+        ]
+    );
+}
+
+#[tokio::test]
+async fn mesh_federations_sqlite() {
+    mesh_federations(false).await;
+}
+
+#[tokio::test]
+async fn mesh_federations_postgres() {
+    mesh_federations(true).await;
 }

@@ -737,10 +737,32 @@ pub struct ApplyMeshRequest {
     /// Why (recorded with the policy revision and in the audit log).
     #[prost(string, tag = "7")]
     pub reason: ::prost::alloc::string::String,
+    /// Federation relationships, by trust domain.
+    #[prost(message, repeated, tag = "8")]
+    pub federations: ::prost::alloc::vec::Vec<MeshFederation>,
+}
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct MeshFederation {
+    #[prost(string, tag = "1")]
+    pub trust_domain: ::prost::alloc::string::String,
+    #[prost(string, tag = "2")]
+    pub endpoint_url: ::prost::alloc::string::String,
+    /// https_web or https_spiffe.
+    #[prost(string, tag = "3")]
+    pub profile: ::prost::alloc::string::String,
+    #[prost(string, tag = "4")]
+    pub endpoint_spiffe_id: ::prost::alloc::string::String,
+    /// The bundle a new relationship starts from (the file's bundle_file): required to create an
+    /// https_spiffe relationship; a relationship that exists keeps the bundle it holds.
+    #[prost(string, tag = "5")]
+    pub bootstrap_bundle: ::prost::alloc::string::String,
+    /// Where the file declares it (file:line:column).
+    #[prost(string, tag = "6")]
+    pub declared_at: ::prost::alloc::string::String,
 }
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct MeshChange {
-    /// "entry" or "policy".
+    /// "entry", "policy" or "federation" (id is then the trust domain).
     #[prost(string, tag = "1")]
     pub kind: ::prost::alloc::string::String,
     /// "create", "update", "delete" or "adopt" (an object made by hand becomes this owner's,
