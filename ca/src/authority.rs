@@ -1008,7 +1008,8 @@ impl Authority {
         let ttl = ttl.unwrap_or(self.settings.default_jwt_svid_ttl);
         let now = SystemTime::now();
         let key = Arc::clone(&self.current().jwt);
-        let token = jwt::mint_jwt_svid(&key, spiffe_id, audience, ttl, now)?;
+        let issuer = self.settings.jwt_issuer.as_deref();
+        let token = jwt::mint_jwt_svid_from(&key, issuer, spiffe_id, audience, ttl, now)?;
         Ok((token, to_unix(now) + ttl.as_secs() as i64))
     }
 

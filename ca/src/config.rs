@@ -140,6 +140,9 @@ pub struct RawCaConfig {
     pub upstream_key: Option<PathBuf>,
     /// `spiffe_refresh_hint` published in the bundle (default 5m).
     pub bundle_refresh_hint: Option<String>,
+    /// The OIDC issuer URL (`https://...`): JWT-SVIDs carry it as `iss`, and the bundle
+    /// endpoint serves its discovery document and JWKS (default: none).
+    pub jwt_issuer: Option<String>,
     /// `auto` (default): the root is rotated by its age (next root prepared at half its life,
     /// activated with a sixth left once every live agent has delivered it, the old one retired
     /// once nothing it vouches for is unexpired); `manual`: only `meshid-ca ca root ...`.
@@ -231,6 +234,8 @@ pub struct CaSettings {
     pub upstream: Option<UpstreamAuthority>,
     /// Published refresh hint.
     pub bundle_refresh_hint: Duration,
+    /// The OIDC issuer of JWT-SVIDs (`iss`), if any.
+    pub jwt_issuer: Option<String>,
     /// Whether the root rotates by its age.
     pub root_rotation: RootRotation,
 }
@@ -501,6 +506,12 @@ impl TryFrom<RawConfig> for Config {
             c.bundle_refresh_hint.as_deref(),
             Duration::from_secs(300),
         )?;
+        let jwt_issuer = match c.jwt_issuer {
+            None => None,
+            Some(issuer) => Some(
+                crate::oidc::check_issuer(&issuer).map_err(|why| invalid("ca.jwt_issuer", why))?,
+            ),
+        };
         let root_rotation = match c.root_rotation.as_deref() {
             None | Some("auto") => RootRotation::Auto,
             Some("manual") => RootRotation::Manual,
@@ -567,6 +578,14 @@ impl TryFrom<RawConfig> for Config {
             AGENT_SVID_OVERLAP,
         )?;
         let federation = raw.federation.validate()?;
+        if jwt_issuer.is_some() && federation.bundle_endpoint.is_none() {
+            return Err(invalid(
+                "ca.jwt_issuer",
+                "needs federation.bundle_endpoint_address: the bundle endpoint serves the issuer's \
+                 discovery document and JWKS (with bundle_endpoint_profile = \"https_web\" for \
+                 relying parties that know only Web PKI roots)",
+            ));
+        }
         Ok(Config {
             agent_svid_overlap,
             federation,
@@ -590,6 +609,7 @@ impl TryFrom<RawConfig> for Config {
                 upstream,
                 bundle_refresh_hint,
                 root_rotation,
+                jwt_issuer,
             },
             join_token_ttl,
         })
@@ -775,6 +795,31 @@ mod tests {
             let err = parse(&text).unwrap_err().to_string();
             assert!(err.contains(key), "{text:?} gave {err}");
         }
+    }
+
+    #[test]
+    fn a_jwt_issuer_is_an_https_url_served_by_the_bundle_endpoint() {
+        let endpoint = "[federation]\nbundle_endpoint_address = \"127.0.0.1:9443\"";
+        let c = parse(&format!(
+            "trust_domain = \"e.org\"\n[ca]\njwt_issuer = \"https://oidc.e.org\"\n{endpoint}"
+        ))
+        .unwrap();
+        assert_eq!(c.ca.jwt_issuer.as_deref(), Some("https://oidc.e.org"));
+        for (text, says) in [
+            ("jwt_issuer = \"http://oidc.e.org\"", "https://"),
+            ("jwt_issuer = \"https://oidc.e.org/\"", "trailing slash"),
+        ] {
+            let err = parse(&format!(
+                "trust_domain = \"e.org\"\n[ca]\n{text}\n{endpoint}"
+            ))
+            .unwrap_err()
+            .to_string();
+            assert!(err.contains("ca.jwt_issuer") && err.contains(says), "{err}");
+        }
+        let err = parse("trust_domain = \"e.org\"\n[ca]\njwt_issuer = \"https://oidc.e.org\"")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("bundle_endpoint_address"), "{err}");
     }
 
     #[test]

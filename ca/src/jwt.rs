@@ -2,7 +2,8 @@
 //!
 //! Pure: no I/O and no clock (callers pass `now`). A token is a JWS in compact serialization
 //! whose header is exactly `{"alg":"ES256","kid":…,"typ":"JWT"}` and whose claims are `sub` (the
-//! SPIFFE ID), `aud`, `exp` and `iat` (integers, never floats) and a random `jti`.
+//! SPIFFE ID), `aud`, `exp` and `iat` (integers, never floats), a random `jti`, and `iss` when
+//! the CA has an OIDC issuer (`ca.jwt_issuer`).
 //!
 //! The CA does not validate JWT-SVIDs: the agent does (ValidateJWTSVID), with the `spiffe`
 //! crate's validator, and so do workloads with theirs. The tests check every minted token with
@@ -176,6 +177,19 @@ pub fn mint_jwt_svid(
     ttl: Duration,
     now: SystemTime,
 ) -> Result<String, JwtError> {
+    mint_jwt_svid_from(key, None, spiffe_id, audience, ttl, now)
+}
+
+/// [`mint_jwt_svid`], with `iss` set to `issuer` when given (the OIDC issuer URL, see
+/// [`crate::oidc`]).
+pub fn mint_jwt_svid_from(
+    key: &JwtKey,
+    issuer: Option<&str>,
+    spiffe_id: &SpiffeId,
+    audience: &[String],
+    ttl: Duration,
+    now: SystemTime,
+) -> Result<String, JwtError> {
     if audience.is_empty() || audience.iter().any(String::is_empty) {
         return Err(JwtError::EmptyAudience);
     }
@@ -194,13 +208,16 @@ pub fn mint_jwt_svid(
 
     // serde_json maps are sorted by key: the header is exactly {"alg","kid","typ"}.
     let header = json!({ "alg": "ES256", "kid": key.kid, "typ": "JWT" });
-    let claims = json!({
+    let mut claims = json!({
         "aud": aud,
         "exp": exp,
         "iat": iat,
         "jti": hex::encode(jti),
         "sub": spiffe_id.to_string(),
     });
+    if let Some(issuer) = issuer {
+        claims["iss"] = json!(issuer);
+    }
     let header = serde_json::to_vec(&header).map_err(JwtError::Encode)?;
     let claims = serde_json::to_vec(&claims).map_err(JwtError::Encode)?;
 

@@ -17,6 +17,7 @@
 //! - [`mesh`]: mesh files (`meshid-ca apply -f`): one owner's entries and policy documents in
 //!   YAML, read strictly with file:line:column errors (the CA applies them in
 //!   [`service::mesh`]).
+//! - [`oidc`]: OIDC discovery for JWT-SVIDs (the issuer, its discovery document and JWKS).
 //! - [`federation`]: relationships with other trust domains, fetching their bundles from
 //!   their bundle endpoints (https_web or https_spiffe) and serving ours.
 //!
@@ -44,6 +45,7 @@ pub mod jwt;
 pub mod mesh;
 pub mod metrics;
 pub mod node;
+pub mod oidc;
 pub mod server;
 pub mod service;
 pub mod store;

@@ -7,6 +7,9 @@
 //! - `https_web`: a Web PKI certificate and key from files (PEM), reloaded when they change,
 //!   for relying parties that only know Web PKI roots.
 //!
+//! With an OIDC issuer (`ca.jwt_issuer`) it also serves the issuer's discovery document and
+//! JWKS ([`crate::oidc`]), at `<issuer path>/.well-known/openid-configuration` and `/keys`.
+//!
 //! It is public by nature, so it is bounded: at most [`MAX_CONNECTIONS`] at once, a TLS
 //! handshake within [`HANDSHAKE_TIMEOUT`], the whole connection within [`CONNECTION_LIFETIME`],
 //! HTTP/1.1 only, no request body read, nothing but the bundle served.
@@ -99,19 +102,46 @@ pub async fn serve(
     }
 }
 
-/// The answer to one request: the bundle for `GET /` (and `HEAD /`), else 404 or 405.
+/// What a path serves.
+enum Document {
+    /// The SPIFFE bundle.
+    Bundle,
+    /// The OIDC discovery document of `ca.jwt_issuer`.
+    Discovery,
+    /// The OIDC JWKS.
+    Keys,
+}
+
+/// The answer to one request: the bundle for `GET /` (and `HEAD /`); with an OIDC issuer, its
+/// discovery document and JWKS at their paths ([`crate::oidc::paths`]); else 404 or 405.
 fn answer<B>(ca: &Ca, req: &hyper::Request<B>) -> hyper::Response<Full<Bytes>> {
     use hyper::{header, Method, StatusCode};
-    let status = match (req.method(), req.uri().path()) {
-        (&Method::GET | &Method::HEAD, "/") => StatusCode::OK,
-        (_, "/") => StatusCode::METHOD_NOT_ALLOWED,
-        _ => StatusCode::NOT_FOUND,
+    let issuer = ca.authority.settings().jwt_issuer.as_deref();
+    let path = req.uri().path();
+    let document = match issuer.map(crate::oidc::paths) {
+        _ if path == "/" => Some(Document::Bundle),
+        Some((discovery, _)) if path == discovery => Some(Document::Discovery),
+        Some((_, keys)) if path == keys => Some(Document::Keys),
+        _ => None,
     };
-    let body = if status == StatusCode::OK {
-        ca.metrics.bundle_endpoint_requests.inc();
-        ca.authority.bundle().to_spiffe_json()
-    } else {
-        String::new()
+    let status = match (req.method(), &document) {
+        (_, None) => StatusCode::NOT_FOUND,
+        (&Method::GET | &Method::HEAD, Some(_)) => StatusCode::OK,
+        _ => StatusCode::METHOD_NOT_ALLOWED,
+    };
+    let body = match (status, document, issuer) {
+        (StatusCode::OK, Some(document), issuer) => {
+            ca.metrics.bundle_endpoint_requests.inc();
+            let bundle = ca.authority.bundle();
+            match (document, issuer) {
+                (Document::Discovery, Some(issuer)) => {
+                    crate::oidc::discovery(issuer, &bundle).to_string()
+                }
+                (Document::Keys, _) => crate::oidc::jwks(&bundle).to_string(),
+                _ => bundle.to_spiffe_json(),
+            }
+        }
+        _ => String::new(),
     };
     let mut response = hyper::Response::new(Full::new(Bytes::from(body)));
     *response.status_mut() = status;

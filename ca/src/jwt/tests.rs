@@ -184,3 +184,21 @@ fn jsonwebtoken_accepts_minted_tokens() {
     let from_jwk = jsonwebtoken::DecodingKey::from_jwk(&parsed).unwrap();
     jsonwebtoken::decode::<Value>(&token, &from_jwk, &validation).unwrap();
 }
+
+#[test]
+fn an_issuer_is_the_iss_claim_and_none_means_no_iss() {
+    let key = JwtKey::generate().unwrap();
+    let issued = mint_jwt_svid_from(
+        &key,
+        Some("https://oidc.example.org"),
+        &sub(),
+        &aud(&["sts"]),
+        MIN5,
+        now(),
+    )
+    .unwrap();
+    let (_, claims, _) = parts(&issued);
+    assert_eq!(claims["iss"], json!("https://oidc.example.org"));
+    let (_, claims, _) = parts(&mint_jwt_svid(&key, &sub(), &aud(&["sts"]), MIN5, now()).unwrap());
+    assert!(claims.get("iss").is_none(), "{claims:?}");
+}

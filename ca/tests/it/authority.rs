@@ -53,6 +53,7 @@ pub(crate) fn settings(intermediate: u64) -> CaSettings {
         rotation_interval: Duration::from_millis(100),
         upstream: None,
         bundle_refresh_hint: Duration::from_secs(300),
+        jwt_issuer: None,
         root_rotation: RootRotation::Manual,
     }
 }

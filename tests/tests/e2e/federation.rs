@@ -494,3 +494,75 @@ fn proxies_of_two_trust_domains_call_each_other_across_a_root_rotation() {
     );
     drop((web, api));
 }
+
+/// An independent OIDC relying party (PyJWT's PyJWKClient, from the issuer URL alone: the
+/// discovery document over HTTPS, then its JWKS) verifies a JWT-SVID the CA minted (with
+/// `iss`, `iat` and `kid`), and refuses one signed by another CA's key, which its JWKS does
+/// not hold.
+#[test]
+fn an_oidc_relying_party_verifies_jwt_svids_by_discovery() {
+    let Some(python) = meshid_tests::interop_python("jwt, cryptography") else {
+        return;
+    };
+    let base = tempfile::tempdir().unwrap();
+    let (home_dir, other_dir) = (base.path().join("home"), base.path().join("other"));
+    std::fs::create_dir_all(&home_dir).unwrap();
+    std::fs::create_dir_all(&other_dir).unwrap();
+    web_pki(base.path());
+    let port = free_port();
+    let issuer = format!("https://localhost:{port}");
+    let config = home_dir.join("oidc.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[ca]\njwt_issuer = \"{issuer}\"\n\n[federation]\n\
+             bundle_endpoint_address = \"127.0.0.1:{port}\"\nbundle_endpoint_profile = \"https_web\"\n\
+             bundle_endpoint_cert_file = \"{}\"\nbundle_endpoint_key_file = \"{}\"\n",
+            base.path().join("web.pem").display(),
+            base.path().join("web.key").display()
+        ),
+    )
+    .unwrap();
+    let home = Ca::start(&home_dir, &["--config", config.to_str().unwrap()]);
+    let other = Ca::start(&other_dir, &[]);
+    let mint = |ca: &Ca| {
+        ca.ok(&[
+            "jwt",
+            "mint",
+            "--spiffe-id",
+            "spiffe://example.org/ci/deploy",
+            "--audience",
+            "sts.amazonaws.com",
+        ])
+        .trim()
+        .to_owned()
+    };
+    let (token, foreign) = (mint(&home), mint(&other));
+    let out = Command::new(&python)
+        .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/interop/oidc.py"))
+        .args([
+            &issuer,
+            base.path().join("web-ca.pem").to_str().unwrap(),
+            "sts.amazonaws.com",
+        ])
+        .args([&token, &foreign])
+        .output()
+        .unwrap();
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{said}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let claims: serde_json::Value =
+        serde_json::from_str(said.lines().next().unwrap().strip_prefix("ok ").unwrap()).unwrap();
+    assert_eq!(claims["iss"], issuer.as_str());
+    assert_eq!(claims["sub"], "spiffe://example.org/ci/deploy");
+    assert!(claims["iat"].is_i64(), "{claims}");
+    assert!(
+        said.lines()
+            .nth(1)
+            .is_some_and(|l| l.starts_with("refused ")),
+        "{said}"
+    );
+}
