@@ -1,11 +1,13 @@
 """Which trust domains' bundles a workload gets from the Workload API, as py-spiffe sees them.
 
 Usage: federation.py SOCKET TRUST_DOMAIN...
+       federation.py validate SOCKET TOKEN AUDIENCE
 
 Prints one JSON object: for each trust domain, the SHA-256 fingerprints of its X.509
 authorities in the X.509 context (FetchX509SVID: the SVID's bundle and federated_bundles), in
 FetchX509Bundles, and the key ids of its JWT authorities in FetchJWTBundles (null where the
-trust domain is missing).
+trust domain is missing). With `validate`: ValidateJWTSVID of TOKEN for AUDIENCE, printing
+`ok SPIFFE_ID` or `refused REASON`.
 """
 
 import hashlib
@@ -25,7 +27,22 @@ def fingerprints(bundle):
     )
 
 
+def validate(socket, token, audience):
+    from spiffe.workloadapi.errors import ValidateJwtSvidError
+
+    client = WorkloadApiClient(socket_path=f"unix:{socket}", default_timeout=15)
+    try:
+        svid = client.validate_jwt_svid(token, audience)
+    except ValidateJwtSvidError as e:
+        print(f"refused {e}")
+        return
+    print(f"ok {svid.spiffe_id}")
+
+
 def main():
+    if sys.argv[1] == "validate":
+        validate(*sys.argv[2:5])
+        return
     socket, tds = sys.argv[1], sys.argv[2:]
     client = WorkloadApiClient(socket_path=f"unix:{socket}", default_timeout=15)
     context = client.fetch_x509_context()

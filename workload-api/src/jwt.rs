@@ -33,12 +33,23 @@ pub(crate) fn validate(
     token: &str,
     trust_domain: &TrustDomain,
     jwks: &[u8],
+    federated: &[(TrustDomain, Vec<u8>)],
     audience: &str,
 ) -> Result<(SpiffeId, prost_types::Struct), Invalid> {
     let bundle = JwtBundle::from_jwt_authorities(trust_domain.clone(), jwks)
         .map_err(|e| Invalid::Bundle(error_chain(&e)))?;
     let mut bundles = JwtBundleSet::new();
     bundles.add_bundle(bundle);
+    // A token of a federated trust domain is checked with that domain's keys; one whose keys
+    // do not parse is left out (its tokens are then refused as of an unknown trust domain).
+    for (td, jwks) in federated {
+        match JwtBundle::from_jwt_authorities(td.clone(), jwks) {
+            Ok(b) => bundles.add_bundle(b),
+            Err(e) => {
+                tracing::warn!(trust_domain = %td, error = %error_chain(&e), "a federated JWT bundle does not parse")
+            }
+        }
+    }
     let svid = JwtSvid::parse_and_validate(token, &bundles, &[audience])
         .map_err(|e| Invalid::Token(error_chain(&e)))?;
     Ok((svid.spiffe_id().clone(), claims_struct(svid.token())?))

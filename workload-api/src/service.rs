@@ -595,18 +595,30 @@ impl WorkloadApi {
         // SPIRE's agent answers): the keys are public, and a verifier needs no SVID.
         let caller = self.caller(Rpc::ValidateJwtSvid, &request).await?;
         let (view, _) = self
-            .ready(Rpc::ValidateJwtSvid, &caller, eval_local_jwt_bundle)
+            .ready(Rpc::ValidateJwtSvid, &caller, eval_validation_bundles)
             .await?;
-        let (spiffe_id, claims) =
-            jwt::validate(&req.svid, &view.trust_domain, &view.jwks(), &req.audience).map_err(
-                |e| match e {
-                    jwt::Invalid::Bundle(reason) => ServiceError::Bundle(reason),
-                    jwt::Invalid::Token(reason) => {
-                        tracing::debug!(pid = caller.pid, %reason, "JWT-SVID validation failed");
-                        ServiceError::InvalidToken(reason)
-                    }
-                },
-            )?;
+        let federated: Vec<(TrustDomain, Vec<u8>)> = view
+            .federated
+            .iter()
+            .filter_map(|(td, b)| {
+                let td = TrustDomain::new(td).ok()?;
+                Some((td, jwt::jwt_svid_jwks(&b.jwt_authorities_json)))
+            })
+            .collect();
+        let (spiffe_id, claims) = jwt::validate(
+            &req.svid,
+            &view.trust_domain,
+            &view.jwks(),
+            &federated,
+            &req.audience,
+        )
+        .map_err(|e| match e {
+            jwt::Invalid::Bundle(reason) => ServiceError::Bundle(reason),
+            jwt::Invalid::Token(reason) => {
+                tracing::debug!(pid = caller.pid, %reason, "JWT-SVID validation failed");
+                ServiceError::InvalidToken(reason)
+            }
+        })?;
         Ok(ValidateJwtsvidResponse {
             spiffe_id: spiffe_id.to_string(),
             claims: Some(claims),
@@ -1078,7 +1090,20 @@ fn eval_jwt_bundles(
     })
 }
 
-/// The local JWT authorities for a caller that need not match any entry (`ValidateJWTSVID`).
+/// Every JWT authority the agent holds, local and federated, for `ValidateJWTSVID` (any
+/// attested caller may validate: the keys are public).
+fn eval_validation_bundles(
+    snap: &Snapshot,
+    selectors: &[String],
+    strict: bool,
+) -> Verdict<JwtBundlesView> {
+    eval_local_jwt_bundle(snap, selectors, strict).map(|mut view| {
+        view.federated = (*snap.federated).clone();
+        view
+    })
+}
+
+/// The local JWT authorities for a caller that need not match any entry.
 fn eval_local_jwt_bundle(
     snap: &Snapshot,
     _selectors: &[String],

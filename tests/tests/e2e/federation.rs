@@ -38,6 +38,23 @@ fn seen(python: &Path, socket: &Path, tds: &[&str]) -> serde_json::Value {
     serde_json::from_slice(&out.stdout).unwrap()
 }
 
+/// ValidateJWTSVID through py-spiffe: `ok SPIFFE_ID` or `refused REASON`.
+fn validate(python: &Path, socket: &Path, token: &str) -> String {
+    let out = Command::new(python)
+        .arg(SCRIPT)
+        .arg("validate")
+        .arg(socket)
+        .args([token, "web"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "federation.py validate: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).trim().to_owned()
+}
+
 /// SHA-256 fingerprints of the roots `ca` publishes, sorted.
 fn roots(ca: &Ca) -> serde_json::Value {
     use sha2::Digest as _;
@@ -164,7 +181,25 @@ fn a_workload_gets_the_bundle_of_a_federated_trust_domain_and_loses_it_with_the_
         },
     );
 
-    // The relationship deleted: the bundle is withdrawn.
+    // A JWT-SVID of the partner validates at our agent (ValidateJWTSVID with the federated
+    // JWT authorities).
+    let token = partner
+        .ok(&[
+            "jwt",
+            "mint",
+            "--spiffe-id",
+            "spiffe://partner.org/batch",
+            "--audience",
+            "web",
+        ])
+        .trim()
+        .to_owned();
+    assert_eq!(
+        validate(&python, &agent.socket, &token),
+        "ok spiffe://partner.org/batch"
+    );
+
+    // The relationship deleted: the bundle is withdrawn, and the partner's tokens refused.
     home.ok(&[
         "federation",
         "delete",
@@ -181,6 +216,8 @@ fn a_workload_gets_the_bundle_of_a_federated_trust_domain_and_loses_it_with_the_
                 .then_some(())
         },
     );
+    let refused = validate(&python, &agent.socket, &token);
+    assert!(refused.starts_with("refused"), "{refused}");
 }
 
 fn openssl(dir: &Path, args: &[&str]) {
