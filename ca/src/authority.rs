@@ -595,7 +595,7 @@ impl Authority {
         state: CaKeyState,
         now: SystemTime,
     ) -> Result<(CaKeyRecord, Arc<JwtKey>), AuthorityError> {
-        let key = JwtKey::generate()?;
+        let key = JwtKey::generate_for(self.settings.jwt_key_type)?;
         let id = format!("jwt-{}", key.kid());
         write_private(&self.key_path(&id), key.to_pkcs8_pem().as_bytes())?;
         let nb = to_unix(now);

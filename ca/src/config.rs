@@ -128,6 +128,8 @@ pub struct RawCaConfig {
     pub intermediate_ttl: Option<String>,
     /// JWT signing key lifetime (default: the intermediate's).
     pub jwt_key_ttl: Option<String>,
+    /// `ec-p256` (default, ES256) or `rsa-2048` (RS256) for new JWT signing keys.
+    pub jwt_key_type: Option<String>,
     /// Default X.509-SVID lifetime.
     pub default_x509_svid_ttl: Option<String>,
     /// Default JWT-SVID lifetime.
@@ -236,6 +238,8 @@ pub struct CaSettings {
     pub bundle_refresh_hint: Duration,
     /// The OIDC issuer of JWT-SVIDs (`iss`), if any.
     pub jwt_issuer: Option<String>,
+    /// The kind of new JWT signing keys.
+    pub jwt_key_type: crate::jwt::JwtKeyType,
     /// Whether the root rotates by its age.
     pub root_rotation: RootRotation,
 }
@@ -512,6 +516,16 @@ impl TryFrom<RawConfig> for Config {
                 crate::oidc::check_issuer(&issuer).map_err(|why| invalid("ca.jwt_issuer", why))?,
             ),
         };
+        let jwt_key_type = match c.jwt_key_type.as_deref() {
+            None | Some("ec-p256") => crate::jwt::JwtKeyType::Es256,
+            Some("rsa-2048") => crate::jwt::JwtKeyType::Rs256,
+            Some(other) => {
+                return Err(invalid(
+                    "ca.jwt_key_type",
+                    format!("{other:?}: use \"ec-p256\" (ES256) or \"rsa-2048\" (RS256)"),
+                ))
+            }
+        };
         let root_rotation = match c.root_rotation.as_deref() {
             None | Some("auto") => RootRotation::Auto,
             Some("manual") => RootRotation::Manual,
@@ -610,6 +624,7 @@ impl TryFrom<RawConfig> for Config {
                 bundle_refresh_hint,
                 root_rotation,
                 jwt_issuer,
+                jwt_key_type,
             },
             join_token_ttl,
         })

@@ -1,7 +1,8 @@
-//! JWT-SVIDs: minting with the CA's ES256 key.
+//! JWT-SVIDs: minting with the CA's ES256 key (or, with `ca.jwt_key_type = "rsa-2048"`, an
+//! RS256 key, for relying parties that accept only RS256).
 //!
 //! Pure: no I/O and no clock (callers pass `now`). A token is a JWS in compact serialization
-//! whose header is exactly `{"alg":"ES256","kid":…,"typ":"JWT"}` and whose claims are `sub` (the
+//! whose header is exactly `{"alg":"ES256" or "RS256","kid":…,"typ":"JWT"}` and whose claims are `sub` (the
 //! SPIFFE ID), `aud`, `exp` and `iat` (integers, never floats), a random `jti`, and `iss` when
 //! the CA has an OIDC issuer (`ca.jwt_issuer`).
 //!
@@ -16,7 +17,9 @@ use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine as _;
 use rand::RngCore as _;
 use ring::rand::SystemRandom;
-use ring::signature::{EcdsaKeyPair, KeyPair as _, ECDSA_P256_SHA256_FIXED_SIGNING};
+use ring::signature::{
+    EcdsaKeyPair, KeyPair as _, RsaKeyPair, ECDSA_P256_SHA256_FIXED_SIGNING, RSA_PKCS1_SHA256,
+};
 use rustls_pki_types::pem::PemObject as _;
 use rustls_pki_types::PrivatePkcs8KeyDer;
 use serde_json::{json, Value};
@@ -62,12 +65,30 @@ pub enum JwtError {
     Encode(#[source] serde_json::Error),
 }
 
-/// The ES256 (ECDSA P-256, SHA-256) key JWT-SVIDs are signed with.
+/// The kind of key JWT-SVIDs are signed with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum JwtKeyType {
+    /// ECDSA P-256 with SHA-256 (ES256), the default.
+    #[default]
+    Es256,
+    /// RSA 2048 PKCS#1 v1.5 with SHA-256 (RS256).
+    Rs256,
+}
+
+/// The RSA modulus size of RS256 keys, in bits.
+pub const RSA_BITS: usize = 2048;
+
+enum Signer {
+    Ec(EcdsaKeyPair),
+    Rsa(RsaKeyPair),
+}
+
+/// The key JWT-SVIDs are signed with: ES256 (ECDSA P-256, SHA-256) or RS256.
 ///
 /// Its `kid` is the RFC 7638 JWK thumbprint of the public key, so it is the same every time the
 /// key is loaded. The PKCS#8 copy it holds is zeroized on drop; `Debug` shows only the `kid`.
 pub struct JwtKey {
-    pair: EcdsaKeyPair,
+    signer: Signer,
     pkcs8: Zeroizing<Vec<u8>>,
     spki: Vec<u8>,
     kid: String,
@@ -83,11 +104,39 @@ impl JwtKey {
         Self::from_pkcs8_der(doc.as_ref())
     }
 
-    /// Loads a PKCS#8 DER P-256 private key.
+    /// Generates a fresh key of `kind` (RSA keys with the `rsa` crate, from the system's
+    /// random generator; signing is ring's either way).
+    pub fn generate_for(kind: JwtKeyType) -> Result<Self, JwtError> {
+        match kind {
+            JwtKeyType::Es256 => Self::generate(),
+            JwtKeyType::Rs256 => {
+                use rsa::pkcs8::EncodePrivateKey as _;
+                let key = rsa::RsaPrivateKey::new(&mut rand::rngs::OsRng, RSA_BITS)
+                    .map_err(|_| JwtError::KeyGeneration)?;
+                let der = key.to_pkcs8_der().map_err(|_| JwtError::KeyGeneration)?;
+                Self::from_pkcs8_der(der.as_bytes())
+            }
+        }
+    }
+
+    /// `ES256` or `RS256`.
+    pub fn alg(&self) -> &'static str {
+        match self.signer {
+            Signer::Ec(_) => "ES256",
+            Signer::Rsa(_) => "RS256",
+        }
+    }
+
+    /// Loads a PKCS#8 DER private key: EC P-256, or RSA of at least [`RSA_BITS`] bits.
     pub fn from_pkcs8_der(der: &[u8]) -> Result<Self, JwtError> {
-        let pair =
-            EcdsaKeyPair::from_pkcs8(&ECDSA_P256_SHA256_FIXED_SIGNING, der, &SystemRandom::new())
-                .map_err(|_| JwtError::InvalidKey("not a PKCS#8 EC P-256 private key"))?;
+        let pair = match EcdsaKeyPair::from_pkcs8(
+            &ECDSA_P256_SHA256_FIXED_SIGNING,
+            der,
+            &SystemRandom::new(),
+        ) {
+            Ok(pair) => pair,
+            Err(_) => return Self::from_rsa_pkcs8_der(der),
+        };
         let point = pair.public_key().as_ref();
         let (x, y) = split_point(point, 32)?;
         let kid = thumbprint("P-256", x, y);
@@ -95,7 +144,41 @@ impl JwtKey {
         let mut spki = SPKI_PREFIX_P256.to_vec();
         spki.extend_from_slice(point);
         Ok(JwtKey {
-            pair,
+            signer: Signer::Ec(pair),
+            pkcs8: Zeroizing::new(der.to_vec()),
+            spki,
+            kid,
+            jwk,
+        })
+    }
+
+    fn from_rsa_pkcs8_der(der: &[u8]) -> Result<Self, JwtError> {
+        use rsa::pkcs8::{DecodePrivateKey as _, EncodePublicKey as _};
+        use rsa::traits::PublicKeyParts as _;
+        let invalid = JwtError::InvalidKey("not a PKCS#8 EC P-256 or RSA private key");
+        let pair = RsaKeyPair::from_pkcs8(der).map_err(|e| match e.to_string().as_str() {
+            "TooSmall" => JwtError::InvalidKey("an RSA JWT key has at least 2048 bits"),
+            _ => invalid,
+        })?;
+        if pair.public().modulus_len() * 8 < RSA_BITS {
+            return Err(JwtError::InvalidKey(
+                "an RSA JWT key has at least 2048 bits",
+            ));
+        }
+        let key = rsa::RsaPrivateKey::from_pkcs8_der(der)
+            .map_err(|_| JwtError::InvalidKey("not a PKCS#8 RSA private key"))?;
+        let public = key.to_public_key();
+        let spki = public
+            .to_public_key_der()
+            .map_err(|_| JwtError::InvalidKey("cannot encode the RSA public key"))?
+            .into_vec();
+        let (n, e) = (public.n().to_bytes_be(), public.e().to_bytes_be());
+        let (n, e) = (URL_SAFE_NO_PAD.encode(n), URL_SAFE_NO_PAD.encode(e));
+        let canonical = format!(r#"{{"e":"{e}","kty":"RSA","n":"{n}"}}"#);
+        let kid = URL_SAFE_NO_PAD.encode(Sha256::digest(canonical.as_bytes()));
+        let jwk = json!({ "kty": "RSA", "n": n, "e": e, "kid": kid, "use": JWT_SVID_USE });
+        Ok(JwtKey {
+            signer: Signer::Rsa(pair),
             pkcs8: Zeroizing::new(der.to_vec()),
             spki,
             kid,
@@ -148,8 +231,8 @@ impl fmt::Debug for JwtKey {
     }
 }
 
-/// The JWK (`kty`, `crv`, `x`, `y`, `kid`, `use: "jwt-svid"`) of an EC P-256 or P-384 public
-/// key given as a DER SubjectPublicKeyInfo.
+/// The JWK (`kty`, `crv`, `x`, `y` or `n`, `e`; `kid`, `use: "jwt-svid"`) of an EC P-256 or
+/// P-384 or an RSA public key given as a DER SubjectPublicKeyInfo.
 pub fn jwk_from_spki(spki_der: &[u8], kid: &str) -> Result<Value, JwtError> {
     use x509_parser::prelude::FromDer as _;
     let (rest, spki) = x509_parser::x509::SubjectPublicKeyInfo::from_der(spki_der)
@@ -158,8 +241,10 @@ pub fn jwk_from_spki(spki_der: &[u8], kid: &str) -> Result<Value, JwtError> {
         return Err(JwtError::InvalidPublicKey("trailing data after the key"));
     }
     let mut jwk = crate::bundle::spki_jwk(&spki)
-        .filter(|jwk| jwk.get("kty").and_then(Value::as_str) == Some("EC"))
-        .ok_or(JwtError::InvalidPublicKey("not an EC P-256 or P-384 key"))?;
+        .filter(|jwk| matches!(jwk.get("kty").and_then(Value::as_str), Some("EC" | "RSA")))
+        .ok_or(JwtError::InvalidPublicKey(
+            "not an EC P-256, P-384 or RSA key",
+        ))?;
     if kid.is_empty() {
         return Err(JwtError::InvalidPublicKey("empty kid"));
     }
@@ -207,7 +292,7 @@ pub fn mint_jwt_svid_from(
     rand::thread_rng().fill_bytes(&mut jti);
 
     // serde_json maps are sorted by key: the header is exactly {"alg","kid","typ"}.
-    let header = json!({ "alg": "ES256", "kid": key.kid, "typ": "JWT" });
+    let header = json!({ "alg": key.alg(), "kid": key.kid, "typ": "JWT" });
     let mut claims = json!({
         "aud": aud,
         "exp": exp,
@@ -225,12 +310,26 @@ pub fn mint_jwt_svid_from(
     URL_SAFE_NO_PAD.encode_string(&header, &mut token);
     token.push('.');
     URL_SAFE_NO_PAD.encode_string(&claims, &mut token);
-    let sig = key
-        .pair
-        .sign(&SystemRandom::new(), token.as_bytes())
-        .map_err(|_| JwtError::Signing)?;
+    let sig = match &key.signer {
+        Signer::Ec(pair) => pair
+            .sign(&SystemRandom::new(), token.as_bytes())
+            .map_err(|_| JwtError::Signing)?
+            .as_ref()
+            .to_vec(),
+        Signer::Rsa(pair) => {
+            let mut sig = vec![0; pair.public().modulus_len()];
+            pair.sign(
+                &RSA_PKCS1_SHA256,
+                &SystemRandom::new(),
+                token.as_bytes(),
+                &mut sig,
+            )
+            .map_err(|_| JwtError::Signing)?;
+            sig
+        }
+    };
     token.push('.');
-    URL_SAFE_NO_PAD.encode_string(sig.as_ref(), &mut token);
+    URL_SAFE_NO_PAD.encode_string(&sig, &mut token);
     Ok(token)
 }
 

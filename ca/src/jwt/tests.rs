@@ -202,3 +202,47 @@ fn an_issuer_is_the_iss_claim_and_none_means_no_iss() {
     let (_, claims, _) = parts(&mint_jwt_svid(&key, &sub(), &aud(&["sts"]), MIN5, now()).unwrap());
     assert!(claims.get("iss").is_none(), "{claims:?}");
 }
+
+/// RS256: an RSA key signs tokens that `jsonwebtoken` (an independent verifier) accepts with
+/// the bundle's `n`/`e`, whose kid is the RFC 7638 thumbprint, stable across a reload, and
+/// whose SPKI gives back the same JWK.
+#[test]
+fn rs256_keys_sign_tokens_independent_verifiers_accept() {
+    let key = JwtKey::generate_for(JwtKeyType::Rs256).unwrap();
+    assert_eq!(key.alg(), "RS256");
+    let token = mint_jwt_svid(&key, &sub(), &aud(&["svc-a"]), MIN5, SystemTime::now()).unwrap();
+    let (header, _, _) = parts(&token);
+    assert_eq!(header["alg"], json!("RS256"));
+    assert_eq!(header["kid"], json!(key.kid()));
+    let jwk = key.public_jwk();
+    assert_eq!(
+        (&jwk["kty"], &jwk["use"]),
+        (&json!("RSA"), &json!("jwt-svid"))
+    );
+    let parsed: jsonwebtoken::jwk::Jwk = serde_json::from_value(jwk.clone()).unwrap();
+    let decoding = jsonwebtoken::DecodingKey::from_jwk(&parsed).unwrap();
+    let mut validation = jsonwebtoken::Validation::new(jsonwebtoken::Algorithm::RS256);
+    validation.set_audience(&["svc-a"]);
+    jsonwebtoken::decode::<Value>(&token, &decoding, &validation).unwrap();
+    // The same kid and JWK when loaded again, and from its public key alone.
+    let again = JwtKey::from_pkcs8_der(&key.to_pkcs8_der()).unwrap();
+    assert_eq!((again.kid(), again.alg()), (key.kid(), "RS256"));
+    assert_eq!(jwk_from_spki(key.public_key_der(), key.kid()).unwrap(), jwk);
+    // An ES256 key still loads as one.
+    let ec = JwtKey::generate_for(JwtKeyType::Es256).unwrap();
+    assert_eq!(
+        JwtKey::from_pkcs8_der(&ec.to_pkcs8_der()).unwrap().alg(),
+        "ES256"
+    );
+}
+
+#[test]
+fn a_short_rsa_key_is_refused() {
+    use rsa::pkcs8::EncodePrivateKey as _;
+    let small = rsa::RsaPrivateKey::new(&mut rand::rngs::OsRng, 1024).unwrap();
+    let der = small.to_pkcs8_der().unwrap();
+    let e = JwtKey::from_pkcs8_der(der.as_bytes())
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("2048"), "{e}");
+}

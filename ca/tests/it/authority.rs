@@ -54,6 +54,7 @@ pub(crate) fn settings(intermediate: u64) -> CaSettings {
         upstream: None,
         bundle_refresh_hint: Duration::from_secs(300),
         jwt_issuer: None,
+        jwt_key_type: Default::default(),
         root_rotation: RootRotation::Manual,
     }
 }

@@ -549,18 +549,21 @@ fn an_oidc_relying_party_verifies_jwt_svids_by_discovery() {
     let port = free_port();
     let issuer = format!("https://localhost:{port}");
     let config = home_dir.join("oidc.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "[ca]\njwt_issuer = \"{issuer}\"\n\n[federation]\n\
-             bundle_endpoint_address = \"127.0.0.1:{port}\"\nbundle_endpoint_profile = \"https_web\"\n\
-             bundle_endpoint_cert_file = \"{}\"\nbundle_endpoint_key_file = \"{}\"\n",
-            base.path().join("web.pem").display(),
-            base.path().join("web.key").display()
-        ),
-    )
-    .unwrap();
-    let home = Ca::start(&home_dir, &["--config", config.to_str().unwrap()]);
+    let configure = |key_type: &str| {
+        std::fs::write(
+            &config,
+            format!(
+                "[ca]\njwt_issuer = \"{issuer}\"\njwt_key_type = \"{key_type}\"\n\n[federation]\n\
+                 bundle_endpoint_address = \"127.0.0.1:{port}\"\nbundle_endpoint_profile = \"https_web\"\n\
+                 bundle_endpoint_cert_file = \"{}\"\nbundle_endpoint_key_file = \"{}\"\n",
+                base.path().join("web.pem").display(),
+                base.path().join("web.key").display()
+            ),
+        )
+        .unwrap();
+    };
+    configure("ec-p256");
+    let mut home = Ca::start(&home_dir, &["--config", config.to_str().unwrap()]);
     let other = Ca::start(&other_dir, &[]);
     let mint = |ca: &Ca| {
         ca.ok(&[
@@ -574,23 +577,39 @@ fn an_oidc_relying_party_verifies_jwt_svids_by_discovery() {
         .trim()
         .to_owned()
     };
+    let relying_party = |tokens: &[&str]| {
+        let out = Command::new(&python)
+            .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/interop/oidc.py"))
+            .args([
+                &issuer,
+                base.path().join("web-ca.pem").to_str().unwrap(),
+                "sts.amazonaws.com",
+            ])
+            .args(tokens)
+            .output()
+            .unwrap();
+        let said = String::from_utf8_lossy(&out.stdout).into_owned();
+        assert!(
+            out.status.success(),
+            "{said}{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        said
+    };
+    let alg = |token: &str| {
+        use base64::Engine as _;
+        let header = token.split('.').next().unwrap();
+        let header = base64::engine::general_purpose::URL_SAFE_NO_PAD
+            .decode(header)
+            .unwrap();
+        let header: serde_json::Value = serde_json::from_slice(&header).unwrap();
+        (
+            header["alg"].as_str().unwrap().to_owned(),
+            header["kid"].as_str().unwrap().to_owned(),
+        )
+    };
     let (token, foreign) = (mint(&home), mint(&other));
-    let out = Command::new(&python)
-        .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/interop/oidc.py"))
-        .args([
-            &issuer,
-            base.path().join("web-ca.pem").to_str().unwrap(),
-            "sts.amazonaws.com",
-        ])
-        .args([&token, &foreign])
-        .output()
-        .unwrap();
-    let said = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{said}{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let said = relying_party(&[&token, &foreign]);
     let claims: serde_json::Value =
         serde_json::from_str(said.lines().next().unwrap().strip_prefix("ok ").unwrap()).unwrap();
     assert_eq!(claims["iss"], issuer.as_str());
@@ -602,4 +621,26 @@ fn an_oidc_relying_party_verifies_jwt_svids_by_discovery() {
             .is_some_and(|l| l.starts_with("refused ")),
         "{said}"
     );
+
+    // RS256 for relying parties that accept only RS256: the next JWT key is RSA (here at once,
+    // by tainting the active one); both keys are published while ES256 tokens may live, and
+    // the relying party verifies tokens of either.
+    let (es, es_kid) = alg(&token);
+    assert_eq!(es, "ES256");
+    home.proc.stop();
+    configure("rsa-2048");
+    home.restart();
+    home.ok(&[
+        "ca",
+        "taint",
+        &format!("jwt-{es_kid}"),
+        "--reason",
+        "move to RS256",
+    ]);
+    let rs_token = mint(&home);
+    assert_eq!(alg(&rs_token).0, "RS256");
+    for t in [&rs_token, &token] {
+        let said = relying_party(&[t]);
+        assert!(said.starts_with("ok "), "{said}");
+    }
 }
