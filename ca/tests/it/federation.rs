@@ -46,91 +46,22 @@ fn start(base: &Path, td: &str, federation: &str) -> Domain {
     }
 }
 
-fn openssl(dir: &Path, args: &[&str]) {
-    let out = Command::new("openssl")
-        .args(args)
-        .current_dir(dir)
+/// A test Web PKI in `dir` (`web-ca.pem`, and `web.pem`/`web.key` for localhost and
+/// 127.0.0.1), made with openssl by `tests/interop/web-pki.sh`.
+fn web_pki(dir: &Path) {
+    let out = Command::new("sh")
+        .arg(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../tests/interop/web-pki.sh"
+        ))
+        .arg(dir)
         .output()
         .unwrap();
     assert!(
         out.status.success(),
-        "openssl {args:?}: {}",
+        "web-pki.sh: {}",
         String::from_utf8_lossy(&out.stderr)
     );
-}
-
-/// A test Web PKI: a root (`web-ca.pem`) and a leaf for localhost and 127.0.0.1 (`web.pem`,
-/// `web.key` with mode 0600), made with openssl.
-fn web_pki(dir: &Path) {
-    openssl(
-        dir,
-        &[
-            "req",
-            "-x509",
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:prime256v1",
-            "-nodes",
-            "-keyout",
-            "web-ca.key",
-            "-out",
-            "web-ca.pem",
-            "-days",
-            "2",
-            "-subj",
-            "/CN=meshid test web root",
-            "-addext",
-            "basicConstraints=critical,CA:TRUE",
-            "-addext",
-            "keyUsage=critical,keyCertSign,cRLSign",
-        ],
-    );
-    openssl(
-        dir,
-        &[
-            "req",
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:prime256v1",
-            "-nodes",
-            "-keyout",
-            "web.key",
-            "-out",
-            "web.csr",
-            "-subj",
-            "/CN=localhost",
-        ],
-    );
-    std::fs::write(
-        dir.join("leaf.ext"),
-        "subjectAltName=DNS:localhost,IP:127.0.0.1\nbasicConstraints=critical,CA:FALSE\n\
-         keyUsage=critical,digitalSignature\nextendedKeyUsage=serverAuth\n",
-    )
-    .unwrap();
-    openssl(
-        dir,
-        &[
-            "x509",
-            "-req",
-            "-in",
-            "web.csr",
-            "-CA",
-            "web-ca.pem",
-            "-CAkey",
-            "web-ca.key",
-            "-CAcreateserial",
-            "-days",
-            "1",
-            "-out",
-            "web.pem",
-            "-extfile",
-            "leaf.ext",
-        ],
-    );
-    use std::os::unix::fs::PermissionsExt as _;
-    std::fs::set_permissions(dir.join("web.key"), std::fs::Permissions::from_mode(0o600)).unwrap();
 }
 
 fn wait_for(what: &str, limit: Duration, mut done: impl FnMut() -> Option<String>) -> String {
@@ -142,6 +73,53 @@ fn wait_for(what: &str, limit: Duration, mut done: impl FnMut() -> Option<String
         assert!(Instant::now() < deadline, "timed out waiting for {what}");
         std::thread::sleep(Duration::from_millis(100));
     }
+}
+
+/// `federation create` of an https_spiffe relationship with partner.org at `endpoint`, whose
+/// endpoint must present `id`, bootstrapped with `bundle`.
+fn federate_spiffe(ca: &Server, endpoint: &str, id: &str, bundle: &Path) {
+    let bundle = bundle.to_str().unwrap();
+    ca.ok(&[
+        "federation",
+        "create",
+        "--trust-domain",
+        "partner.org",
+        "--endpoint-url",
+        endpoint,
+        "--profile",
+        "https_spiffe",
+        "--endpoint-spiffe-id",
+        id,
+        "--bundle-file",
+        bundle,
+    ]);
+}
+
+/// Waits until `td`'s relationship has fetched once; returns it.
+fn fetched(ca: &Server, td: &str) -> serde_json::Value {
+    json(&wait_for(
+        &format!("the first fetch from {td}"),
+        Duration::from_secs(10),
+        || {
+            let s = show(ca, td);
+            (s["refresh"]["last_success"].as_i64() > Some(0)).then(|| s.to_string())
+        },
+    ))
+}
+
+/// Waits until `td`'s relationship shows a refresh error; returns it.
+fn refresh_error(ca: &Server, td: &str) -> String {
+    wait_for(
+        &format!("a failed refresh from {td}"),
+        Duration::from_secs(10),
+        || {
+            let e = show(ca, td)["refresh"]["last_error"]
+                .as_str()
+                .unwrap_or("")
+                .to_owned();
+            (!e.is_empty()).then_some(e)
+        },
+    )
 }
 
 fn show(ca: &Server, td: &str) -> serde_json::Value {
@@ -282,30 +260,13 @@ fn federated_bundles_are_fetched_refreshed_kept_and_deleted() {
     );
 
     // https_spiffe, bootstrapped with partner's bundle: fetched at once.
-    ca.ok(&[
-        "federation",
-        "create",
-        "--trust-domain",
-        "partner.org",
-        "--endpoint-url",
+    federate_spiffe(
+        ca,
         &endpoint,
-        "--profile",
-        "https_spiffe",
-        "--endpoint-spiffe-id",
         "spiffe://partner.org/meshid/server",
-        "--bundle-file",
-        bundle_file.to_str().unwrap(),
-        "--reason",
-        "partner onboarding",
-    ]);
-    wait_for(
-        "the first fetch from partner.org",
-        Duration::from_secs(10),
-        || {
-            let s = show(ca, "partner.org");
-            (s["refresh"]["last_success"].as_i64() > Some(0)).then(|| s.to_string())
-        },
+        &bundle_file,
     );
+    fetched(ca, "partner.org");
     // https_web, verified against the configured roots.
     ca.ok(&[
         "federation",
@@ -317,15 +278,7 @@ fn federated_bundles_are_fetched_refreshed_kept_and_deleted() {
         "--profile",
         "https_web",
     ]);
-    let s = wait_for(
-        "the first fetch from web.org",
-        Duration::from_secs(10),
-        || {
-            let s = show(ca, "web.org");
-            (s["refresh"]["last_success"].as_i64() > Some(0)).then(|| s.to_string())
-        },
-    );
-    let s = json(&s);
+    let s = fetched(ca, "web.org");
     assert_eq!(
         s["bundle"]["sequence"].as_u64(),
         Some(sequence(&web.server))
@@ -350,11 +303,7 @@ fn federated_bundles_are_fetched_refreshed_kept_and_deleted() {
     // partner's endpoint goes away: the last good bundle stays, the error is shown and counted.
     let kept = show(ca, "partner.org")["bundle"].clone();
     partner.server.stop();
-    let s = wait_for("a failed refresh", Duration::from_secs(10), || {
-        let s = show(ca, "partner.org");
-        let e = s["refresh"]["last_error"].as_str().unwrap_or("").to_owned();
-        (!e.is_empty()).then_some(e)
-    });
+    let s = refresh_error(ca, "partner.org");
     assert!(s.contains("cannot connect"), "{s}");
     assert_eq!(show(ca, "partner.org")["bundle"], kept);
     let (_, metrics) = ca.http_get("/metrics");
@@ -374,25 +323,13 @@ fn federated_bundles_are_fetched_refreshed_kept_and_deleted() {
         "re-create",
     ]);
     let endpoint = format!("https://127.0.0.1:{}", partner.endpoint);
-    ca.ok(&[
-        "federation",
-        "create",
-        "--trust-domain",
-        "partner.org",
-        "--endpoint-url",
+    federate_spiffe(
+        ca,
         &endpoint,
-        "--profile",
-        "https_spiffe",
-        "--endpoint-spiffe-id",
         "spiffe://partner.org/not-the-server",
-        "--bundle-file",
-        bundle_file.to_str().unwrap(),
-    ]);
-    let e = wait_for("a refused endpoint", Duration::from_secs(10), || {
-        let s = show(ca, "partner.org");
-        let e = s["refresh"]["last_error"].as_str().unwrap_or("").to_owned();
-        (!e.is_empty()).then_some(e)
-    });
+        &bundle_file,
+    );
+    let e = refresh_error(ca, "partner.org");
     assert!(e.contains("TLS handshake"), "{e}");
     assert_eq!(show(ca, "partner.org")["refresh"]["last_success"], 0);
 
@@ -427,15 +364,7 @@ fn federated_bundles_are_fetched_refreshed_kept_and_deleted() {
         format!("{}:3:5", mesh.display())
     );
     ca.ok(&["apply", "-f", mesh.to_str().unwrap()]);
-    let s = wait_for(
-        "the fetch of the declared relationship",
-        Duration::from_secs(10),
-        || {
-            let s = show(ca, "partner.org");
-            (s["refresh"]["last_success"].as_i64() > Some(0)).then(|| s.to_string())
-        },
-    );
-    assert_eq!(json(&s)["owner"], "ops");
+    assert_eq!(fetched(ca, "partner.org")["owner"], "ops");
     let again = json(&ca.ok(&["plan", "-f", mesh.to_str().unwrap(), "--output", "json"]));
     assert_eq!(again["changed"], false, "{again}");
     let log = std::fs::read_to_string(&home.server.log).unwrap();

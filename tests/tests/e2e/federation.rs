@@ -220,90 +220,19 @@ fn a_workload_gets_the_bundle_of_a_federated_trust_domain_and_loses_it_with_the_
     assert!(refused.starts_with("refused"), "{refused}");
 }
 
-fn openssl(dir: &Path, args: &[&str]) {
-    let out = Command::new("openssl")
-        .args(args)
-        .current_dir(dir)
+/// A test Web PKI in `dir` (`web-ca.pem`, and `web.pem`/`web.key` for localhost and
+/// 127.0.0.1), made with openssl by `tests/interop/web-pki.sh`.
+fn web_pki(dir: &Path) {
+    let out = Command::new("sh")
+        .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/interop/web-pki.sh"))
+        .arg(dir)
         .output()
         .unwrap();
     assert!(
         out.status.success(),
-        "openssl {args:?}: {}",
+        "web-pki.sh: {}",
         String::from_utf8_lossy(&out.stderr)
     );
-}
-
-/// A Web PKI for the partner's https_web bundle endpoint, made with openssl: `web-ca.pem`, and
-/// `web.pem`/`web.key` (0600) for localhost.
-fn web_pki(dir: &Path) {
-    openssl(
-        dir,
-        &[
-            "req",
-            "-x509",
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:prime256v1",
-            "-nodes",
-            "-keyout",
-            "web-ca.key",
-            "-out",
-            "web-ca.pem",
-            "-days",
-            "2",
-            "-subj",
-            "/CN=test root",
-            "-addext",
-            "basicConstraints=critical,CA:TRUE",
-            "-addext",
-            "keyUsage=critical,keyCertSign",
-        ],
-    );
-    openssl(
-        dir,
-        &[
-            "req",
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:prime256v1",
-            "-nodes",
-            "-keyout",
-            "web.key",
-            "-out",
-            "web.csr",
-            "-subj",
-            "/CN=localhost",
-        ],
-    );
-    std::fs::write(
-        dir.join("leaf.ext"),
-        "subjectAltName=DNS:localhost\nextendedKeyUsage=serverAuth\n",
-    )
-    .unwrap();
-    openssl(
-        dir,
-        &[
-            "x509",
-            "-req",
-            "-in",
-            "web.csr",
-            "-CA",
-            "web-ca.pem",
-            "-CAkey",
-            "web-ca.key",
-            "-CAcreateserial",
-            "-days",
-            "1",
-            "-out",
-            "web.pem",
-            "-extfile",
-            "leaf.ext",
-        ],
-    );
-    use std::os::unix::fs::PermissionsExt as _;
-    std::fs::set_permissions(dir.join("web.key"), std::fs::Permissions::from_mode(0o600)).unwrap();
 }
 
 /// Requests through `addr` until `stop`, counting successes and keeping what failed.
