@@ -287,7 +287,7 @@ async fn concurrent_applies_on_two_servers_are_serialized() {
     let Some(db) = db(true).await else { return };
     let (d1, d2) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
     let ca1 = ca_on(&db.url, "ca-1", d1.path()).await;
-    let ca2 = ca_on(&db.url, "ca-1", d2.path()).await;
+    let ca2 = ca_on(&db.url, "ca-2", d2.path()).await;
     let apply = |ca: Ca, name: &'static str, text: &'static str| async move {
         for _ in 0..20 {
             match ca.apply_policy(name, text, "", "", ALICE, false).await {
