@@ -1,7 +1,7 @@
 //! Federation between real `meshid-ca` processes: bundle endpoints in both profiles, checked
 //! by independent TLS clients (curl, openssl), relationships made with the CLI, bundles
 //! refreshed at the endpoint's hint, kept when the endpoint is away, and deleted with the
-//! relationship.
+//! relationship; and between two CA servers sharing PostgreSQL.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
@@ -9,6 +9,9 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
+use meshid_ca::service::CaEvent;
+
+use crate::authority::{ca_on, db};
 use crate::cli::{free_port, json, Server};
 
 /// One CA of the test, with its ports.
@@ -369,4 +372,95 @@ fn federated_bundles_are_fetched_refreshed_kept_and_deleted() {
     assert_eq!(again["changed"], false, "{again}");
     let log = std::fs::read_to_string(&home.server.log).unwrap();
     assert!(!log.contains("PRIVATE KEY"), "a key in the log");
+}
+
+/// A bundle of partner.org with one self-signed root (made with rcgen).
+pub(crate) fn partner_bundle() -> String {
+    let key = rcgen::KeyPair::generate().unwrap();
+    let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    params.key_usages = vec![
+        rcgen::KeyUsagePurpose::KeyCertSign,
+        rcgen::KeyUsagePurpose::CrlSign,
+    ];
+    let cert = params.self_signed(&key).unwrap();
+    meshid_ca::bundle::TrustBundle {
+        trust_domain: spiffe::TrustDomain::new("partner.org").unwrap(),
+        x509_authorities: vec![cert.der().clone()],
+        jwt_authorities: Vec::new(),
+        sequence: 7,
+        refresh_hint: Duration::from_secs(60),
+    }
+    .to_spiffe_json()
+}
+
+/// A relationship made on one CA server of a PostgreSQL trust domain is in force on the other
+/// within a second or two (its refresher reads the relationships and bundles every second) and
+/// announced to its agents; deleted, it is withdrawn there too.
+#[tokio::test]
+async fn a_federation_made_on_one_server_reaches_the_other() {
+    let Some(db) = db(true).await else { return };
+    let (d1, d2) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let ca1 = ca_on(&db.url, "ca-1", d1.path()).await;
+    let ca2 = ca_on(&db.url, "ca-2", d2.path()).await;
+    let mut events = ca2.events.subscribe();
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let refresher = tokio::spawn(meshid_ca::federation::refresh::refresh_loop(
+        ca2.clone(),
+        meshid_ca::federation::fetch::WebRoots::none(),
+        stop_rx,
+    ));
+    ca1.create_federation(
+        meshid_ca::service::federation::FederationSpec {
+            trust_domain: "partner.org".into(),
+            // Nothing listens there: the bootstrap bundle stays the one in force.
+            endpoint_url: "https://127.0.0.1:9".into(),
+            profile: "https_spiffe".into(),
+            endpoint_spiffe_id: "spiffe://partner.org/meshid/server".into(),
+            bootstrap_bundle: partner_bundle(),
+            reason: "onboarding".into(),
+        },
+        "admin:uid=1000,pid=1",
+    )
+    .await
+    .unwrap();
+    let started = tokio::time::Instant::now();
+    let announced = tokio::time::timeout(Duration::from_secs(3), async {
+        loop {
+            if let Ok(CaEvent::FederationChanged) = events.recv().await {
+                return;
+            }
+        }
+    })
+    .await;
+    assert!(
+        announced.is_ok(),
+        "ca-2 did not announce the new federated bundle"
+    );
+    assert!(ca2.federation.bundles().contains_key("partner.org"));
+    eprintln!("in force on ca-2 after {:?}", started.elapsed());
+    // The first fetch fails (nothing listens): ca-2 says so and keeps the bundle.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while ca2.federation.status("partner.org").last_error.is_empty() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no refresh error on ca-2"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(ca2.federation.bundles().contains_key("partner.org"));
+
+    ca1.delete_federation("partner.org", "offboarding", "admin:uid=1000,pid=1")
+        .await
+        .unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(3);
+    while ca2.federation.bundles().contains_key("partner.org") {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "ca-2 still holds the bundle"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    stop_tx.send(true).unwrap();
+    refresher.await.unwrap();
 }

@@ -21,6 +21,7 @@ use meshid_ca::service::{Ca, CaEvent, ServiceError};
 use meshid_ca::store::{MeshWrite, StoreError};
 
 use crate::authority::{ca_on, db, td};
+use crate::federation::partner_bundle;
 
 const ALICE: &str = "admin:uid=1000,pid=1";
 const AGENT: &str = "spiffe://example.org/meshid/agent/join_token/node-1";
@@ -758,26 +759,6 @@ async fn two_servers_apply_at_once_and_hear_of_each_other() {
     assert_eq!(owned(&entries, "team-c").len(), 20);
     stop_tx.send(true).unwrap();
     feed.await.unwrap();
-}
-
-/// A bundle of partner.org with one self-signed root (made with rcgen).
-fn partner_bundle() -> String {
-    let key = rcgen::KeyPair::generate().unwrap();
-    let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
-    params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-    params.key_usages = vec![
-        rcgen::KeyUsagePurpose::KeyCertSign,
-        rcgen::KeyUsagePurpose::CrlSign,
-    ];
-    let cert = params.self_signed(&key).unwrap();
-    meshid_ca::bundle::TrustBundle {
-        trust_domain: spiffe::TrustDomain::new("partner.org").unwrap(),
-        x509_authorities: vec![cert.der().clone()],
-        jwt_authorities: Vec::new(),
-        sequence: 7,
-        refresh_hint: Duration::from_secs(60),
-    }
-    .to_spiffe_json()
 }
 
 fn federation(url: &str, bundle: Option<&str>) -> DeclaredFederation {
