@@ -17,6 +17,7 @@
 //! - [`mesh`]: mesh files (`meshid-ca apply -f`): one owner's entries and policy documents in
 //!   YAML, read strictly with file:line:column errors (the CA applies them in
 //!   [`service::mesh`]).
+//! - [`ci`]: CI systems' OIDC tokens verified and mapped to SPIFFE IDs by rules (pure).
 //! - [`oidc`]: OIDC discovery for JWT-SVIDs (the issuer, its discovery document and JWKS).
 //! - [`federation`]: relationships with other trust domains, fetching their bundles from
 //!   their bundle endpoints (https_web or https_spiffe) and serving ours.
@@ -38,6 +39,7 @@ pub mod admin;
 pub mod audit;
 pub mod authority;
 pub mod bundle;
+pub mod ci;
 pub mod config;
 pub mod entry;
 pub mod federation;
