@@ -283,6 +283,9 @@ pub fn fill<'a>(template: &str, claim: impl Fn(&str) -> Option<&'a str>) -> Resu
     let mut out = String::with_capacity(template.len());
     let mut rest = template;
     while let Some(open) = rest.find('{') {
+        if rest[..open].contains('}') {
+            return Err(format!("unopened placeholder in {template:?}"));
+        }
         out.push_str(&rest[..open]);
         let after = &rest[open + 1..];
         let close = after

@@ -81,6 +81,157 @@ pub struct RawConfig {
     /// Federation: the bundle endpoint, and how federated endpoints are verified.
     #[serde(default)]
     pub federation: RawFederation,
+    /// CI systems whose OIDC tokens are exchanged for SVIDs.
+    #[serde(default)]
+    pub ci: RawCi,
+}
+
+/// `[ci]` as written.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawCi {
+    /// `[[ci.issuers]]`.
+    #[serde(default)]
+    pub issuers: Vec<RawCiIssuer>,
+}
+
+/// One `[[ci.issuers]]` table.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawCiIssuer {
+    /// A short name (`github`).
+    pub name: String,
+    /// The `iss` of its tokens.
+    pub issuer: String,
+    /// Where its JWKS is (`https://...`).
+    pub jwks_url: String,
+    /// The `aud` its tokens must carry.
+    pub audience: String,
+    /// How old a token may be (default 10m).
+    pub max_age: Option<String>,
+    /// The longest SVID granted (default 15m, at most 1h).
+    pub max_ttl: Option<String>,
+    /// PEM roots for the JWKS fetch (default: the system's).
+    pub roots_file: Option<PathBuf>,
+    /// `[[ci.issuers.rules]]`, in order.
+    #[serde(default)]
+    pub rules: Vec<RawCiRule>,
+}
+
+/// One `[[ci.issuers.rules]]` table.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawCiRule {
+    /// A name for audit records.
+    pub name: String,
+    /// The SPIFFE ID, with `{claim}` placeholders.
+    pub spiffe_id: String,
+    /// Claim conditions (`ref = "refs/heads/main"`; a trailing `*` matches a prefix).
+    #[serde(default)]
+    pub when: std::collections::BTreeMap<String, String>,
+}
+
+/// A validated `[[ci.issuers]]`.
+#[derive(Debug, Clone)]
+pub struct CiIssuerConfig {
+    /// What tokens are verified and mapped with.
+    pub issuer: crate::ci::CiIssuer,
+    /// Its JWKS.
+    pub jwks_url: http::Uri,
+    /// Roots for the JWKS fetch (`None`: the system's).
+    pub roots_file: Option<PathBuf>,
+}
+
+impl RawCi {
+    fn validate(self, td: &TrustDomain) -> Result<Vec<CiIssuerConfig>, ConfigError> {
+        let mut out: Vec<CiIssuerConfig> = Vec::new();
+        for (i, raw) in self.issuers.into_iter().enumerate() {
+            let key = |field: &str| format!("ci.issuers[{i}].{field}");
+            let bad = |field: &str, why: String| invalid(key(field), why);
+            let issuer = crate::oidc::check_issuer(&raw.issuer).map_err(|w| bad("issuer", w))?;
+            if out
+                .iter()
+                .any(|c| c.issuer.issuer == issuer || c.issuer.name == raw.name)
+            {
+                return Err(bad("issuer", "each CI issuer (and name) once".into()));
+            }
+            let jwks_url: http::Uri = raw
+                .jwks_url
+                .parse()
+                .ok()
+                .filter(|u: &http::Uri| u.scheme_str() == Some("https") && u.host().is_some())
+                .ok_or_else(|| {
+                    bad(
+                        "jwks_url",
+                        format!("{:?}: write an https:// URL", raw.jwks_url),
+                    )
+                })?;
+            if raw.audience.is_empty() || raw.name.is_empty() {
+                return Err(bad(
+                    "audience",
+                    "name and audience must not be empty".into(),
+                ));
+            }
+            let span =
+                |field: &str, value: Option<&str>, default: u64| -> Result<Duration, ConfigError> {
+                    match value {
+                        None => Ok(Duration::from_secs(default)),
+                        Some(v) => humantime::parse_duration(v)
+                            .ok()
+                            .filter(|d| !d.is_zero() && d.as_secs() <= 3600)
+                            .ok_or_else(|| {
+                                bad(field, format!("{v:?}: a duration from 1s to 1h, e.g. 10m"))
+                            }),
+                    }
+                };
+            let max_age = span("max_age", raw.max_age.as_deref(), 600)?;
+            let max_ttl = span("max_ttl", raw.max_ttl.as_deref(), 900)?;
+            if raw.rules.is_empty() {
+                return Err(bad(
+                    "rules",
+                    "at least one rule: without one no token gets anything".into(),
+                ));
+            }
+            let mut rules = Vec::new();
+            for (j, r) in raw.rules.into_iter().enumerate() {
+                let field = format!("rules[{j}]");
+                if r.when.is_empty() {
+                    return Err(bad(&field, format!("rule {:?} has no `when` condition: say which tokens it is for (e.g. repository and ref)", r.name)));
+                }
+                // The template, filled with a placeholder value, must be an ID of this trust
+                // domain.
+                let probe =
+                    crate::ci::fill(&r.spiffe_id, |_| Some("x")).map_err(|w| bad(&field, w))?;
+                match spiffe::SpiffeId::new(&probe) {
+                    Ok(id) if id.trust_domain() == td => {}
+                    Ok(_) => return Err(bad(&field, format!("{:?} is not in {td}", r.spiffe_id))),
+                    Err(e) => return Err(bad(&field, format!("{:?}: {e}", r.spiffe_id))),
+                }
+                rules.push(crate::ci::Rule {
+                    name: r.name,
+                    when: r
+                        .when
+                        .into_iter()
+                        .map(|(k, v)| (k, crate::ci::ClaimMatch::parse(&v)))
+                        .collect(),
+                    spiffe_id: r.spiffe_id,
+                });
+            }
+            out.push(CiIssuerConfig {
+                issuer: crate::ci::CiIssuer {
+                    name: raw.name,
+                    issuer,
+                    audience: raw.audience,
+                    max_age,
+                    max_ttl,
+                    rules,
+                },
+                jwks_url,
+                roots_file: raw.roots_file,
+            });
+        }
+        Ok(out)
+    }
 }
 
 /// `[federation]` as written.
@@ -283,6 +434,9 @@ pub struct Config {
     pub agent_svid_overlap: Duration,
     /// Federation settings.
     pub federation: FederationConfig,
+    /// The CI systems whose tokens are exchanged (`[[ci.issuers]]`), served on the bundle
+    /// endpoint.
+    pub ci_issuers: Vec<CiIssuerConfig>,
 }
 
 /// The validated `[federation]` settings.
@@ -592,6 +746,13 @@ impl TryFrom<RawConfig> for Config {
             AGENT_SVID_OVERLAP,
         )?;
         let federation = raw.federation.validate()?;
+        let ci_issuers = raw.ci.validate(&trust_domain)?;
+        if !ci_issuers.is_empty() && federation.bundle_endpoint.is_none() {
+            return Err(invalid(
+                "ci.issuers",
+                "need federation.bundle_endpoint_address: the exchange is served there",
+            ));
+        }
         if jwt_issuer.is_some() && federation.bundle_endpoint.is_none() {
             return Err(invalid(
                 "ca.jwt_issuer",
@@ -603,6 +764,7 @@ impl TryFrom<RawConfig> for Config {
         Ok(Config {
             agent_svid_overlap,
             federation,
+            ci_issuers,
             node_limits,
             trust_domain,
             data_dir,
@@ -835,6 +997,32 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("bundle_endpoint_address"), "{err}");
+    }
+
+    #[test]
+    fn ci_issuers_are_validated_with_their_rules() {
+        let base = "trust_domain = \"example.org\"\n[federation]\nbundle_endpoint_address = \"127.0.0.1:9443\"\n";
+        let issuer = "[[ci.issuers]]\nname = \"github\"\nissuer = \"https://token.actions.githubusercontent.com\"\n\
+            jwks_url = \"https://token.actions.githubusercontent.com/.well-known/jwks\"\naudience = \"meshid\"\n";
+        let rule = "[[ci.issuers.rules]]\nname = \"prod\"\nspiffe_id = \"spiffe://example.org/ci/{repository}\"\n\
+            when = { repository = \"acme/payments\", ref = \"refs/heads/main\" }\n";
+        let c = parse(&format!("{base}{issuer}{rule}")).unwrap();
+        let i = &c.ci_issuers[0];
+        assert_eq!(i.issuer.max_ttl, Duration::from_secs(900));
+        assert_eq!(i.issuer.max_age, Duration::from_secs(600));
+        assert_eq!(i.issuer.rules[0].when.len(), 2);
+        for (text, says) in [
+            (format!("{base}{issuer}"), "at least one rule"),
+            (format!("{base}{issuer}[[ci.issuers.rules]]\nname = \"any\"\nspiffe_id = \"spiffe://example.org/ci\"\n"), "no `when`"),
+            (format!("{base}{issuer}{rule}{issuer}{rule}"), "once"),
+            (format!("{base}{issuer}{}", rule.replace("spiffe://example.org", "spiffe://other.org")), "not in example.org"),
+            (format!("{base}{}{rule}", issuer.replace("jwks_url = \"https", "jwks_url = \"http")), "jwks_url"),
+            (format!("{base}{issuer}max_ttl = \"2h\"\n{rule}"), "max_ttl"),
+            (format!("trust_domain = \"example.org\"\n{issuer}{rule}"), "bundle_endpoint_address"),
+        ] {
+            let err = parse(&text).map(|_| ()).unwrap_err().to_string();
+            assert!(err.contains(says), "{text}: {err}");
+        }
     }
 
     #[test]

@@ -239,4 +239,8 @@ fn templates_fill_placeholders_from_claims() {
     assert!(fill("spiffe://e.org/job}", get)
         .unwrap_err()
         .contains("unopened"));
+    // Found by fuzzing: a closing brace before the first placeholder.
+    assert!(fill("spiffe://e.org/}/{job}", get)
+        .unwrap_err()
+        .contains("unopened"));
 }
