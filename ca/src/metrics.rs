@@ -92,6 +92,8 @@ pub struct Metrics {
     pub federation_bundle_updated: Family<TrustDomainLabels, Gauge>,
     /// Requests served by this server's bundle endpoint.
     pub bundle_endpoint_requests: Counter,
+    /// CI token exchanges, by result (`ok` or the refusal's reason).
+    pub ci_exchanges: Family<ReasonLabels, Counter>,
 }
 
 impl Default for Metrics {
@@ -204,6 +206,12 @@ impl Metrics {
             "Requests served by this server's bundle endpoint",
             bundle_endpoint_requests.clone(),
         );
+        let ci_exchanges = Family::<ReasonLabels, Counter>::default();
+        registry.register(
+            "ci_exchanges",
+            "CI token exchanges, by result (ok, or why the token was refused)",
+            ci_exchanges.clone(),
+        );
         Self {
             registry,
             signed,
@@ -222,6 +230,7 @@ impl Metrics {
             federation_refreshes,
             federation_bundle_updated,
             bundle_endpoint_requests,
+            ci_exchanges,
         }
     }
 

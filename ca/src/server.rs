@@ -440,6 +440,10 @@ pub async fn build(config: &crate::config::Config) -> anyhow::Result<Ca> {
         config.join_token_ttl,
     );
     ca.agent_svid_overlap = config.agent_svid_overlap;
+    ca.ci = Arc::new(
+        crate::service::ci::CiState::new(&config.ci_issuers)
+            .context("cannot load the roots of a CI issuer's JWKS")?,
+    );
     ca.refresh_policy()
         .await
         .context("cannot read the central policy")?;

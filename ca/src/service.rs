@@ -124,6 +124,7 @@ fn check_reason(reason: &str) -> Result<(), ServiceError> {
     Ok(())
 }
 
+pub mod ci;
 pub mod effect;
 pub mod federation;
 pub mod mesh;
@@ -224,6 +225,8 @@ pub struct Ca {
     policy: Arc<std::sync::RwLock<Option<Arc<crate::store::PolicyRevision>>>>,
     /// The federated bundles in force and their refresh state.
     pub federation: Arc<crate::federation::Federation>,
+    /// The CI issuers whose tokens are exchanged.
+    pub ci: Arc<ci::CiState>,
 }
 
 /// What a lifecycle step waits for to be in effect ([`effect`]).
@@ -290,6 +293,7 @@ impl Ca {
             effects: Arc::default(),
             policy: Arc::default(),
             federation: Arc::default(),
+            ci: Arc::default(),
             locks: Arc::default(),
         }
     }

@@ -587,6 +587,15 @@ pub trait Datastore: Send + Sync + 'static {
     /// Every federated bundle stored, by trust domain.
     async fn list_federated_bundles(&self) -> Result<Vec<FederatedBundle>, StoreError>;
 
+    /// Records that the CI token `jti` of `issuer` (valid until `expires_at`) was exchanged;
+    /// [`StoreError::AlreadyExists`] when it was before (a replay).
+    async fn consume_ci_token(
+        &self,
+        issuer: &str,
+        jti: &str,
+        expires_at: i64,
+    ) -> Result<(), StoreError>;
+
     /// Whether a write can commit now: a write transaction that rewrites the audit head with
     /// its own values (nothing changes, but the database must take and store the write).
     /// Readiness uses it, so that a full disk or a lost database shows.

@@ -78,10 +78,20 @@ pub async fn serve(
                     .await
                     .map_err(|_| "TLS handshake timed out".to_owned())?
                     .map_err(|e| format!("TLS handshake failed: {e}"))?;
-                let service = hyper::service::service_fn(move |req| {
-                    let ca = ca.clone();
-                    async move { Ok::<_, std::convert::Infallible>(answer(&ca, &req)) }
-                });
+                let service = hyper::service::service_fn(
+                    move |req: hyper::Request<hyper::body::Incoming>| {
+                        let ca = ca.clone();
+                        async move {
+                            let response =
+                                if req.uri().path() == CI_EXCHANGE_PATH && ca.ci.enabled() {
+                                    exchange(&ca, req, &peer.to_string()).await
+                                } else {
+                                    answer(&ca, &req)
+                                };
+                            Ok::<_, std::convert::Infallible>(response)
+                        }
+                    },
+                );
                 hyper::server::conn::http1::Builder::new()
                     .keep_alive(false)
                     .serve_connection(TokioIo::new(tls), service)
@@ -99,6 +109,129 @@ pub async fn serve(
                 }
             }
         });
+    }
+}
+
+/// Where CI jobs exchange their OIDC token (when `[[ci.issuers]]` are configured).
+pub const CI_EXCHANGE_PATH: &str = "/v1/ci/exchange";
+/// The largest exchange request, in bytes.
+const MAX_EXCHANGE_BYTES: usize = 64 * 1024;
+
+/// An exchange request as sent (JSON).
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ExchangeRequest {
+    /// The CI system's OIDC token.
+    token: String,
+    /// A PKCS#10 CSR, base64 DER, for an X.509-SVID.
+    #[serde(default)]
+    csr: String,
+    /// Audiences for a JWT-SVID.
+    #[serde(default)]
+    jwt_audiences: Vec<String>,
+}
+
+/// `POST /v1/ci/exchange`: a JSON answer with the SVIDs, or with `error` (the refusal's
+/// reason) and `message`.
+async fn exchange(
+    ca: &Ca,
+    req: hyper::Request<hyper::body::Incoming>,
+    peer: &str,
+) -> hyper::Response<Full<Bytes>> {
+    use crate::service::ci::{CiError, CiExchange};
+    use http_body_util::BodyExt as _;
+    use hyper::StatusCode;
+    let reply = |status: StatusCode, body: serde_json::Value| {
+        let mut r = hyper::Response::new(Full::new(Bytes::from(body.to_string())));
+        *r.status_mut() = status;
+        r.headers_mut().insert(
+            hyper::header::CONTENT_TYPE,
+            hyper::header::HeaderValue::from_static("application/json"),
+        );
+        r.headers_mut().insert(
+            hyper::header::CACHE_CONTROL,
+            hyper::header::HeaderValue::from_static("no-store"),
+        );
+        r
+    };
+    let bad = |message: String| {
+        reply(
+            StatusCode::BAD_REQUEST,
+            serde_json::json!({ "error": "bad_request", "message": message }),
+        )
+    };
+    if req.method() != hyper::Method::POST {
+        return reply(
+            StatusCode::METHOD_NOT_ALLOWED,
+            serde_json::json!({ "error": "method", "message": "POST a JSON request" }),
+        );
+    }
+    let body = match http_body_util::Limited::new(req.into_body(), MAX_EXCHANGE_BYTES)
+        .collect()
+        .await
+    {
+        Ok(b) => b.to_bytes(),
+        Err(_) => {
+            return bad(format!(
+                "the request is larger than {MAX_EXCHANGE_BYTES} bytes"
+            ))
+        }
+    };
+    let request: ExchangeRequest = match serde_json::from_slice(&body) {
+        Ok(r) => r,
+        // serde's message names the field, never its value.
+        Err(e) => return bad(format!("not an exchange request: {e}")),
+    };
+    let csr_der = {
+        use base64::Engine as _;
+        match base64::engine::general_purpose::STANDARD.decode(request.csr.trim()) {
+            Ok(der) => der,
+            Err(_) => return bad("csr is not base64 (DER)".into()),
+        }
+    };
+    let asked = CiExchange {
+        token: request.token,
+        csr_der,
+        jwt_audiences: request.jwt_audiences,
+    };
+    match ca.exchange_ci_token(asked, peer).await {
+        Ok(done) => {
+            let pem = |certs: &[rustls_pki_types::CertificateDer<'_>]| {
+                meshid_api::files::pem("CERTIFICATE", certs.iter().map(|c| c.as_ref()))
+            };
+            let bundle = ca.authority.bundle();
+            reply(
+                StatusCode::OK,
+                serde_json::json!({
+                    "spiffe_id": done.spiffe_id,
+                    "x509_svid": done.x509.as_ref().map(|s| pem(&s.chain)),
+                    "x509_svid_expires_at": done.x509.as_ref().map(|s| s.not_after),
+                    "x509_bundle": pem(&bundle.x509_authorities),
+                    "jwt_svid": done.jwt.as_ref().map(|(t, _)| t),
+                    "jwt_svid_expires_at": done.jwt.as_ref().map(|(_, exp)| exp),
+                }),
+            )
+        }
+        Err(CiError::Refused(r)) => reply(
+            StatusCode::FORBIDDEN,
+            serde_json::json!({ "error": r.reason(), "message": r.to_string() }),
+        ),
+        Err(CiError::BadRequest(m)) => bad(m),
+        Err(e @ CiError::Unavailable(_)) => reply(
+            StatusCode::SERVICE_UNAVAILABLE,
+            serde_json::json!({ "error": "unavailable", "message": e.to_string() }),
+        ),
+        Err(CiError::Failed(e)) => {
+            let status = match &e {
+                crate::service::ServiceError::InvalidArgument { .. }
+                | crate::service::ServiceError::Authority(_) => StatusCode::BAD_REQUEST,
+                _ => StatusCode::INTERNAL_SERVER_ERROR,
+            };
+            reply(
+                status,
+                serde_json::json!({ "error": "failed", "message": e.to_string() }),
+            )
+        }
     }
 }
 

@@ -112,11 +112,40 @@ pub async fn fetch_bundle(
     held: Option<&TrustBundle>,
     web_roots: &WebRoots,
 ) -> Result<(TrustBundle, String), FetchError> {
+    let config = client_config(relationship, held, web_roots)?;
     let url = &relationship.endpoint_url;
+    let document = https_get(url, config, MAX_BUNDLE_BYTES).await?;
+    let endpoint = format!(
+        "{}:{}",
+        url.host().unwrap_or_default(),
+        url.port_u16().unwrap_or(443)
+    );
+    let bundle = parse_bundle(&relationship.trust_domain, &document)
+        .map_err(|source| FetchError::Bundle { endpoint, source })?;
+    Ok((bundle, document))
+}
+
+/// A Web PKI client configuration over `roots` (HTTP/1.1).
+pub fn web_client_config(roots: &WebRoots) -> Result<ClientConfig, FetchError> {
+    let mut config = ClientConfig::builder_with_provider(tls::provider())
+        .with_protocol_versions(tls::PROTOCOL_VERSIONS)
+        .map_err(|e| FetchError::Config(e.to_string()))?
+        .with_root_certificates(Arc::clone(&roots.0))
+        .with_no_client_auth();
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(config)
+}
+
+/// `GET url` over TLS with `config`: the body of a 200 answer (UTF-8, at most `max_bytes`),
+/// within [`FETCH_TIMEOUT`].
+pub async fn https_get(
+    url: &http::Uri,
+    config: ClientConfig,
+    max_bytes: usize,
+) -> Result<String, FetchError> {
     let host = url.host().unwrap_or_default().trim_matches(['[', ']']);
     let port = url.port_u16().unwrap_or(443);
     let endpoint = format!("{}:{port}", url.host().unwrap_or_default());
-    let config = client_config(relationship, held, web_roots)?;
     let fetch = async {
         let tcp = tokio::net::TcpStream::connect((host, port))
             .await
@@ -161,25 +190,17 @@ pub async fn fetch_bundle(
             driver.abort();
             return Err(http(format!("answered {status}, expected 200 OK")));
         }
-        let body = Limited::new(response.into_body(), MAX_BUNDLE_BYTES)
+        let body = Limited::new(response.into_body(), max_bytes)
             .collect()
             .await
             .map_err(|e| {
                 http(format!(
-                    "reading the bundle (at most {MAX_BUNDLE_BYTES} bytes): {e}"
+                    "reading the answer (at most {max_bytes} bytes): {e}"
                 ))
             })?
             .to_bytes();
         driver.abort();
-        let document = String::from_utf8(body.to_vec())
-            .map_err(|_| http("the bundle is not UTF-8".to_owned()))?;
-        let bundle = parse_bundle(&relationship.trust_domain, &document).map_err(|source| {
-            FetchError::Bundle {
-                endpoint: endpoint.clone(),
-                source,
-            }
-        })?;
-        Ok((bundle, document))
+        String::from_utf8(body.to_vec()).map_err(|_| http("the answer is not UTF-8".to_owned()))
     };
     tokio::time::timeout(FETCH_TIMEOUT, fetch)
         .await
@@ -193,11 +214,7 @@ fn client_config(
     web_roots: &WebRoots,
 ) -> Result<ClientConfig, FetchError> {
     let mut config = match &relationship.profile {
-        Profile::HttpsWeb => ClientConfig::builder_with_provider(tls::provider())
-            .with_protocol_versions(tls::PROTOCOL_VERSIONS)
-            .map_err(|e| FetchError::Config(e.to_string()))?
-            .with_root_certificates(Arc::clone(&web_roots.0))
-            .with_no_client_auth(),
+        Profile::HttpsWeb => web_client_config(web_roots)?,
         Profile::HttpsSpiffe(id) => {
             let held = held
                 .filter(|b| !b.x509_authorities.is_empty())

@@ -35,7 +35,7 @@ use crate::config::redact_url;
 use crate::entry::{EntryId, EntrySpec, RegistrationEntry};
 
 /// The newest schema version this binary knows (the last entry of the migration list).
-pub const SCHEMA_VERSION: i64 = 9;
+pub const SCHEMA_VERSION: i64 = 10;
 
 /// The file [`SqlStore::open_sqlite_in`] uses inside the data directory.
 pub const SQLITE_FILE_NAME: &str = "meshid-ca.db";
@@ -368,6 +368,29 @@ CREATE TABLE federation_relationships (
     owner TEXT NOT NULL DEFAULT '',
     created_at BIGINT NOT NULL,
     updated_at BIGINT NOT NULL
+)
+"#,
+    },
+    // Version 10: CI tokens exchanged (`meshid_ca::ci`), by issuer and jti, kept until they
+    // expire, so that each is used once.
+    Migration {
+        version: 10,
+        sqlite: r#"
+CREATE TABLE ci_tokens (
+    issuer TEXT NOT NULL,
+    jti TEXT NOT NULL,
+    expires_at INTEGER NOT NULL,
+    used_at INTEGER NOT NULL,
+    PRIMARY KEY (issuer, jti)
+)
+"#,
+        postgres: r#"
+CREATE TABLE ci_tokens (
+    issuer TEXT COLLATE "C" NOT NULL,
+    jti TEXT COLLATE "C" NOT NULL,
+    expires_at BIGINT NOT NULL,
+    used_at BIGINT NOT NULL,
+    PRIMARY KEY (issuer, jti)
 )
 "#,
     },
@@ -1806,6 +1829,32 @@ impl Datastore for SqlStore {
                 })
             })
             .collect()
+    }
+
+    async fn consume_ci_token(
+        &self,
+        issuer: &str,
+        jti: &str,
+        expires_at: i64,
+    ) -> Result<(), StoreError> {
+        let mut w = self.begin_write().await?;
+        let now = crate::unix_now();
+        // Tokens past their expiry cannot be presented again: their jti need not be kept.
+        sqlx::query("DELETE FROM ci_tokens WHERE expires_at < $1")
+            .bind(now - 3600)
+            .execute(&mut *w.tx)
+            .await?;
+        let inserted = sqlx::query(
+            "INSERT INTO ci_tokens (issuer, jti, expires_at, used_at) VALUES ($1, $2, $3, $4)",
+        )
+        .bind(issuer)
+        .bind(jti)
+        .bind(expires_at)
+        .bind(now)
+        .execute(&mut *w.tx)
+        .await;
+        map_unique(inserted, || format!("CI token {jti} of {issuer}"))?;
+        w.commit().await
     }
 
     async fn list_deliveries(&self) -> Result<Vec<DeliveryRecord>, StoreError> {

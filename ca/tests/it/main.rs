@@ -8,6 +8,7 @@
 mod pg;
 
 mod authority;
+mod ci;
 mod cli;
 mod federation;
 mod mesh;

@@ -116,7 +116,7 @@ pub async fn concurrent_open_migrates_once(backend: Backend) {
         "DROP TABLE registration_entries; DROP TABLE agents; DROP TABLE join_tokens; \
             DROP TABLE ca_keys; DROP TABLE bundles; DROP TABLE audit_log; DROP TABLE audit_head; \
             DROP TABLE agent_deliveries; DROP TABLE revocations; DROP TABLE crls; \
-            DROP TABLE policy_revisions; DROP TABLE federation_relationships; \
+            DROP TABLE policy_revisions; DROP TABLE federation_relationships; DROP TABLE ci_tokens; \
             DROP TABLE schema_migrations",
     )
     .await;
@@ -239,7 +239,7 @@ pub async fn a_version_1_database_migrates_its_agents(backend: Backend) {
         "ALTER TABLE agents DROP COLUMN previous_serial; \
          ALTER TABLE agents DROP COLUMN previous_until; \
          DROP TABLE agent_deliveries; DROP TABLE revocations; DROP TABLE crls; \
-         DROP TABLE policy_revisions; DROP TABLE federation_relationships; \
+         DROP TABLE policy_revisions; DROP TABLE federation_relationships; DROP TABLE ci_tokens; \
          ALTER TABLE registration_entries DROP COLUMN owner; \
          ALTER TABLE ca_keys DROP COLUMN state_changed_at; \
          ALTER TABLE ca_keys DROP COLUMN key_path; \
