@@ -10,6 +10,7 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 use meshid_api::{admin, files};
 use meshid_ca::config::{Config, ConfigError, RawConfig};
 
+mod ci;
 mod federation;
 mod mesh;
 mod policy;
@@ -63,6 +64,9 @@ enum Command {
         #[command(subcommand)]
         command: svid::SvidCommand,
     },
+    /// In a CI job: exchange the job's OIDC token for a short-lived SVID.
+    #[command(subcommand)]
+    Ci(ci::CiCommand),
     /// Federation with other trust domains: create, list, show, delete relationships.
     Federation {
         #[command(flatten)]
@@ -683,6 +687,7 @@ async fn client(cmd: Command) -> anyhow::Result<ExitCode> {
     use admin::tokens_client::TokensClient;
     match cmd {
         Command::Run(_) => bail!("unreachable"),
+        Command::Ci(command) => return ci::run(command).await,
         Command::Entry(EntryCommand::Create {
             conn,
             id,

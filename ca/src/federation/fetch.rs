@@ -5,7 +5,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use http_body_util::{BodyExt as _, Empty, Limited};
+use http_body_util::{BodyExt as _, Full, Limited};
 use hyper::body::Bytes;
 use hyper_util::rt::TokioIo;
 use meshid_api::tls::{self, ExpectedId};
@@ -143,6 +143,23 @@ pub async fn https_get(
     config: ClientConfig,
     max_bytes: usize,
 ) -> Result<String, FetchError> {
+    match https_request(url, config, None, max_bytes).await? {
+        (200, body) => Ok(body),
+        (status, _) => Err(FetchError::Http {
+            endpoint: url.authority().map_or("", |a| a.as_str()).to_owned(),
+            reason: format!("answered {status}, expected 200 OK"),
+        }),
+    }
+}
+
+/// One request over TLS with `config`: `GET url`, or `POST` of `json` when given. Returns the
+/// status and the body (UTF-8, at most `max_bytes`), within [`FETCH_TIMEOUT`].
+pub async fn https_request(
+    url: &http::Uri,
+    config: ClientConfig,
+    json: Option<String>,
+    max_bytes: usize,
+) -> Result<(u16, String), FetchError> {
     let host = url.host().unwrap_or_default().trim_matches(['[', ']']);
     let port = url.port_u16().unwrap_or(443);
     let endpoint = format!("{}:{port}", url.host().unwrap_or_default());
@@ -172,24 +189,28 @@ pub async fn https_get(
             .map_err(|e| http(format!("HTTP: {e}")))?;
         let driver = tokio::spawn(conn);
         let path = url.path_and_query().map_or("/", |p| p.as_str());
-        let request = hyper::Request::get(path)
+        let method = if json.is_some() {
+            hyper::Method::POST
+        } else {
+            hyper::Method::GET
+        };
+        let request = hyper::Request::builder()
+            .method(method)
+            .uri(path)
             .header(
                 hyper::header::HOST,
                 url.authority().map_or("", |a| a.as_str()),
             )
             .header(hyper::header::ACCEPT, "application/json")
+            .header(hyper::header::CONTENT_TYPE, "application/json")
             .header(hyper::header::USER_AGENT, "meshid-ca")
-            .body(Empty::<Bytes>::new())
+            .body(Full::new(Bytes::from(json.clone().unwrap_or_default())))
             .map_err(|e| http(format!("request: {e}")))?;
         let response = sender
             .send_request(request)
             .await
             .map_err(|e| http(format!("HTTP: {e}")))?;
-        let status = response.status();
-        if status != hyper::StatusCode::OK {
-            driver.abort();
-            return Err(http(format!("answered {status}, expected 200 OK")));
-        }
+        let status = response.status().as_u16();
         let body = Limited::new(response.into_body(), max_bytes)
             .collect()
             .await
@@ -200,7 +221,9 @@ pub async fn https_get(
             })?
             .to_bytes();
         driver.abort();
-        String::from_utf8(body.to_vec()).map_err(|_| http("the answer is not UTF-8".to_owned()))
+        let body = String::from_utf8(body.to_vec())
+            .map_err(|_| http("the answer is not UTF-8".to_owned()))?;
+        Ok((status, body))
     };
     tokio::time::timeout(FETCH_TIMEOUT, fetch)
         .await

@@ -289,6 +289,68 @@ fn a_ci_job_exchanges_its_oidc_token_once_for_a_short_lived_svid() {
     let (status, answer) = post(base, endpoint, &json!({"token": good}));
     assert_eq!(status, 400, "nothing asked: {answer}");
 
+    // The job's one command: the key made and kept here (0600), the token read from a file,
+    // nothing secret printed but the mask line.
+    let fresh = token(&github, "gh-1", |_| {});
+    let token_file = base.join("oidc-token");
+    std::fs::write(&token_file, &fresh).unwrap();
+    let exchange = |out_dir: &Path| {
+        Command::new(env!("CARGO_BIN_EXE_meshid-ca"))
+            .args(["ci", "exchange", "--token-file"])
+            .arg(&token_file)
+            .args([
+                "--url",
+                &format!("https://localhost:{endpoint}"),
+                "--ca-file",
+            ])
+            .arg(base.join("web-ca.pem"))
+            .arg("--out")
+            .arg(out_dir)
+            .args(["--jwt-audience", "sts.amazonaws.com", "--mask"])
+            .output()
+            .unwrap()
+    };
+    let out_dir = base.join("svid");
+    let out = exchange(&out_dir);
+    let said = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "{said}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        said.contains("SPIFFE ID  : spiffe://example.org/ci/acme/payments/prod"),
+        "{said}"
+    );
+    assert!(!said.contains(&fresh), "the OIDC token printed");
+    let jwt = std::fs::read_to_string(out_dir.join("jwt.token")).unwrap();
+    assert!(said.contains(&format!("::add-mask::{jwt}")), "{said}");
+    use std::os::unix::fs::PermissionsExt as _;
+    for secret in ["key.pem", "jwt.token"] {
+        let mode = std::fs::metadata(out_dir.join(secret))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600, "{secret}");
+    }
+    let public_key = |args: &[&str], file: &str| {
+        let out = Command::new("openssl")
+            .args(args)
+            .arg(out_dir.join(file))
+            .output()
+            .unwrap();
+        String::from_utf8(out.stdout).unwrap()
+    };
+    assert_eq!(
+        public_key(&["x509", "-noout", "-pubkey", "-in"], "svid.pem"),
+        public_key(&["pkey", "-pubout", "-in"], "key.pem"),
+        "the SVID is for the key made here"
+    );
+    // The same token again: refused, and the command says why.
+    let again = exchange(&base.join("again"));
+    assert!(!again.status.success());
+    assert!(String::from_utf8_lossy(&again.stderr).contains("replayed"));
+
     let audit = ca.ok(&[
         "audit",
         "list",
@@ -305,7 +367,7 @@ fn a_ci_job_exchanges_its_oidc_token_once_for_a_short_lived_svid() {
     );
     let (_, metrics) = ca.http_get("/metrics");
     assert!(
-        metrics.contains("meshid_ca_ci_exchanges_total{reason=\"replayed\"} 1"),
+        metrics.contains("meshid_ca_ci_exchanges_total{reason=\"replayed\"} 2"),
         "{metrics}"
     );
     let log = std::fs::read_to_string(&ca.log).unwrap();
