@@ -346,6 +346,37 @@ fn a_ci_job_exchanges_its_oidc_token_once_for_a_short_lived_svid() {
         public_key(&["pkey", "-pubout", "-in"], "key.pem"),
         "the SVID is for the key made here"
     );
+    // py-spiffe (PyPI) reads it as an X509-SVID by the SPIFFE rules (SPIFFE ID, leaf and
+    // intermediate key usages) and the bundle as example.org's.
+    let python = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../target/interop-venv/bin/python3"
+    );
+    if Path::new(python).exists() {
+        let check = "import sys\nfrom spiffe import X509Svid, X509Bundle, TrustDomain\n\
+            svid = X509Svid.parse(open(sys.argv[1], 'rb').read(), open(sys.argv[2], 'rb').read())\n\
+            bundle = X509Bundle.parse(TrustDomain('example.org'), open(sys.argv[3], 'rb').read())\n\
+            assert len(bundle.x509_authorities) >= 1\nprint(svid.spiffe_id)\n";
+        let out = Command::new(python)
+            .args(["-c", check])
+            .arg(out_dir.join("svid.pem"))
+            .arg(out_dir.join("key.pem"))
+            .arg(out_dir.join("bundle.pem"))
+            .output()
+            .unwrap();
+        assert_eq!(
+            String::from_utf8_lossy(&out.stdout).trim(),
+            "spiffe://example.org/ci/acme/payments/prod",
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    } else {
+        assert!(
+            std::env::var_os("MESHID_CI").is_none(),
+            "no {python} (run .ci/run)"
+        );
+        eprintln!("SKIPPED the py-spiffe check: no {python}");
+    }
     // The same token again: refused, and the command says why.
     let again = exchange(&base.join("again"));
     assert!(!again.status.success());
