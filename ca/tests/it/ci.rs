@@ -122,19 +122,7 @@ fn post(base: &Path, endpoint: u16, body: &Value) -> (u16, Value) {
 fn a_ci_job_exchanges_its_oidc_token_once_for_a_short_lived_svid() {
     let tmp = tempfile::tempdir().unwrap();
     let base = tmp.path();
-    let out = Command::new("sh")
-        .arg(concat!(
-            env!("CARGO_MANIFEST_DIR"),
-            "/../tests/interop/web-pki.sh"
-        ))
-        .arg(base)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    crate::federation::web_pki(base);
     let github = issuer("gh-1");
     let www = base.join("www");
     std::fs::create_dir(&www).unwrap();

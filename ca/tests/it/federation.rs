@@ -51,7 +51,7 @@ fn start(base: &Path, td: &str, federation: &str) -> Domain {
 
 /// A test Web PKI in `dir` (`web-ca.pem`, and `web.pem`/`web.key` for localhost and
 /// 127.0.0.1), made with openssl by `tests/interop/web-pki.sh`.
-fn web_pki(dir: &Path) {
+pub(crate) fn web_pki(dir: &Path) {
     let out = Command::new("sh")
         .arg(concat!(
             env!("CARGO_MANIFEST_DIR"),
