@@ -10,7 +10,9 @@
 //! SPIFFE ID path segments, never cleaned up silently), and the lifetime is the issuer's cap,
 //! never past the token's own expiry. A token no rule matches gets nothing: development
 //! pipelines cannot obtain production identities. Every refusal says why ([`Refusal`]), never
-//! with the token.
+//! with the token. The `state` module holds the configured issuers and their JWKS for the CA.
+
+pub mod state;
 
 use std::time::Duration;
 

@@ -441,7 +441,7 @@ pub async fn build(config: &crate::config::Config) -> anyhow::Result<Ca> {
     );
     ca.agent_svid_overlap = config.agent_svid_overlap;
     ca.ci = Arc::new(
-        crate::service::ci::CiState::new(&config.ci_issuers)
+        crate::ci::state::CiState::new(&config.ci_issuers)
             .context("cannot load the roots of a CI issuer's JWKS")?,
     );
     ca.refresh_policy()

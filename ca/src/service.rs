@@ -226,7 +226,7 @@ pub struct Ca {
     /// The federated bundles in force and their refresh state.
     pub federation: Arc<crate::federation::Federation>,
     /// The CI issuers whose tokens are exchanged.
-    pub ci: Arc<ci::CiState>,
+    pub ci: Arc<crate::ci::state::CiState>,
 }
 
 /// What a lifecycle step waits for to be in effect ([`effect`]).

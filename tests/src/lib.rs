@@ -317,6 +317,11 @@ impl Ca {
     /// in `dir/ca`, once the caller has seen it ready (its ops address may be reachable only
     /// where it runs). [`Ca::restart`] does not apply to it.
     pub fn attach(proc: Proc, dir: &Path) -> Ca {
+        Self::attach_domain(proc, dir, "example.org")
+    }
+
+    /// [`Ca::attach`] for a CA of another trust domain.
+    pub fn attach_domain(proc: Proc, dir: &Path, trust_domain: &str) -> Ca {
         Ca {
             proc,
             socket: dir.join("ca/admin.sock"),
@@ -324,7 +329,7 @@ impl Ca {
             ops_address: String::new(),
             dir: dir.to_owned(),
             extra: Vec::new(),
-            trust_domain: "example.org".into(),
+            trust_domain: trust_domain.into(),
         }
     }
 

@@ -9,15 +9,13 @@
 //! and audited as `ci.exchanged` with the claims that decided it; a refusal is logged with its
 //! reason and counted, never with the token.
 
-use std::collections::HashMap;
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, PoisonError};
 use std::time::{Duration, Instant};
 
 use super::{Ca, ServiceError};
 use crate::audit::AuditEvent;
 use crate::ci::{grant, verify, Refusal};
-use crate::config::CiIssuerConfig;
-use crate::federation::fetch::{https_get, web_client_config, WebRoots};
+use crate::federation::fetch::{https_get, web_client_config};
 use crate::store::StoreError;
 use crate::svid::IssuedSvid;
 
@@ -27,32 +25,6 @@ const MAX_JWKS_BYTES: usize = 256 * 1024;
 const JWKS_TTL: Duration = Duration::from_secs(300);
 /// The shortest wait between two fetches of one issuer's JWKS.
 const JWKS_MIN_INTERVAL: Duration = Duration::from_secs(10);
-
-/// The configured CI issuers and their JWKS cache.
-#[derive(Debug, Default)]
-pub struct CiState {
-    issuers: Vec<(CiIssuerConfig, WebRoots)>,
-    jwks: Mutex<HashMap<String, (Arc<String>, Instant)>>,
-}
-
-impl CiState {
-    /// The issuers of `ca.toml`, with the roots their JWKS is fetched with.
-    pub fn new(issuers: &[CiIssuerConfig]) -> anyhow::Result<CiState> {
-        let issuers = issuers
-            .iter()
-            .map(|c| Ok((c.clone(), WebRoots::load(c.roots_file.as_deref())?)))
-            .collect::<anyhow::Result<_>>()?;
-        Ok(CiState {
-            issuers,
-            jwks: Mutex::default(),
-        })
-    }
-
-    /// Whether any issuer is configured.
-    pub fn enabled(&self) -> bool {
-        !self.issuers.is_empty()
-    }
-}
 
 /// What a job asks for.
 #[derive(Debug, Clone, Default)]

@@ -19,6 +19,9 @@
 //! pass through untouched (and the same capture does see their plaintext, which shows the
 //! capture check can fail); `iptables uninstall` removes every rule.
 //!
+//! A second test puts two trust domains on two such hosts (a CA, agent and proxy each) and
+//! federates them over the network (`federated_trust_domains_on_separate_hosts`).
+//!
 //! Needs root, `ip` (iproute2), iptables, tcpdump, curl and python3. Without them the test is
 //! skipped with a message, unless `MESHID_CI=1` (set by `.ci/run`), which makes a
 //! missing prerequisite a failure.
@@ -148,8 +151,11 @@ impl Net {
 
     /// A bridge in the switch namespace and one veth-connected namespace per host.
     fn create(hosts: &[(&str, &str)]) -> Net {
+        // Tests of this binary run at once: each set of namespaces has its own prefix.
+        static SETS: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let set = SETS.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         let mut net = Net {
-            prefix: format!("msh{}", std::process::id()),
+            prefix: format!("msh{}n{set}", std::process::id()),
             names: Vec::new(),
         };
         let sw = net.ns("s");
@@ -854,5 +860,295 @@ fn transparent_mtls_between_namespaces() {
     eprintln!(
         "transparent_mtls_between_namespaces: {:?}",
         started.elapsed()
+    );
+}
+
+/// Federation across hosts: two trust domains, each with its CA, agent and (explicit) proxy
+/// on its own network namespace, joined only by the switch. Each CA fetches the other's bundle
+/// from its https_spiffe bundle endpoint over the network; example.org's web calls
+/// partner.org's api through both proxies, each verifying the other's SVID with the fetched
+/// bundle. Before the relationships the call fails; a root rotation in partner.org under
+/// traffic fails no request; deleting the relationship makes the next connection fail.
+#[test]
+fn federated_trust_domains_on_separate_hosts() {
+    if let Some(why) = missing_prerequisite() {
+        assert!(
+            std::env::var_os("MESHID_CI").is_none(),
+            "MESHID_CI is set but the network-namespace test cannot run: {why}"
+        );
+        eprintln!("SKIPPED federated_trust_domains_on_separate_hosts: {why}");
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let (home_addr, partner_addr) = (WEB_ADDR, API_ADDR);
+    let net = Net::create(&[("home", home_addr), ("partner", partner_addr)]);
+    let ca_ops = "127.0.0.1:15200";
+    // A CA on each host, serving its bundle endpoint (https_spiffe) on the host's address.
+    let start_ca = |host: &str, td: &str, addr: &str| {
+        let hdir = dir.join(host);
+        std::fs::create_dir_all(&hdir).unwrap();
+        let config = hdir.join("federation.toml");
+        std::fs::write(
+            &config,
+            format!(
+                "[ca]\nbundle_refresh_hint = \"1s\"\n\n[federation]\n\
+                 bundle_endpoint_address = \"{addr}:9443\"\n"
+            ),
+        )
+        .unwrap();
+        let cmd = net.exec(
+            host,
+            &bin_dir().join("meshid-ca"),
+            &[
+                "run",
+                "--trust-domain",
+                td,
+                "--data-dir",
+                &hdir.join("ca").display().to_string(),
+                "--ops-address",
+                ca_ops,
+                "--node-address",
+                &format!("127.0.0.1:{NODE_PORT}"),
+                "--config",
+                &config.display().to_string(),
+            ],
+        );
+        let proc = spawn_ready(&net, &hdir, host, "meshid-ca", cmd, ca_ops);
+        Ca::attach_domain(proc, &hdir, td)
+    };
+    let home = start_ca("home", "example.org", home_addr);
+    let partner = start_ca("partner", "partner.org", partner_addr);
+
+    // An agent on each host, with the workload's entry federating with the other domain.
+    let start_agent = |host: &str, ca: &Ca, td: &str, id: &str, other: &str| {
+        let hdir = dir.join(host);
+        let bundle = hdir.join("bundle.pem");
+        std::fs::write(&bundle, ca.ok(&["bundle", "show"])).unwrap();
+        let (token, agent_id) = ca.join_token();
+        ca.ok(&[
+            "entry",
+            "create",
+            "--id",
+            id,
+            "--spiffe-id",
+            &format!("spiffe://{td}/{id}"),
+            "--parent-id",
+            &agent_id,
+            "--selector",
+            "unix:uid:0",
+            "--federates-with",
+            other,
+        ]);
+        let socket = hdir.join("agent/api.sock");
+        std::fs::create_dir_all(hdir.join("agent")).unwrap();
+        let cmd = net.exec(
+            host,
+            &bin_dir().join("meshid-agent"),
+            &[
+                "run",
+                "--trust-domain",
+                td,
+                "--server-address",
+                &format!("127.0.0.1:{NODE_PORT}"),
+                "--trust-bundle",
+                &bundle.display().to_string(),
+                "--data-dir",
+                &hdir.join("agent-data").display().to_string(),
+                "--socket-path",
+                &socket.display().to_string(),
+                "--ops-address",
+                AGENT_OPS,
+                "--join-token",
+                &token,
+            ],
+        );
+        (
+            spawn_ready(&net, &hdir, host, "meshid-agent", cmd, AGENT_OPS),
+            socket,
+        )
+    };
+    let (_home_agent, home_socket) =
+        start_agent("home", &home, "example.org", "web", "partner.org");
+    let (_partner_agent, partner_socket) =
+        start_agent("partner", &partner, "partner.org", "api", "example.org");
+
+    // api: an unmodified server behind partner's proxy; web's proxy in front of curl.
+    let site = dir.join("site");
+    std::fs::create_dir_all(&site).unwrap();
+    std::fs::write(site.join("orders.txt"), "orders\n").unwrap();
+    let _api_server = Proc::spawn(
+        "http.server partner",
+        net.exec(
+            "partner",
+            Path::new("python3"),
+            &[
+                "-m",
+                "http.server",
+                "8000",
+                "--bind",
+                "127.0.0.1",
+                "--directory",
+                &site.display().to_string(),
+            ],
+        ),
+        dir.join("partner-http.log"),
+    );
+    let policy = dir.join("partner-policy.yaml");
+    std::fs::write(
+        &policy,
+        "name: partner\ndefault: deny\nrules:\n  - name: home-web\n    from: [\"spiffe://example.org/web\"]\n    to: [\"spiffe://partner.org/api\"]\n",
+    )
+    .unwrap();
+    let write_config = |host: &str, text: String| {
+        let path = dir.join(format!("{host}-proxy.toml"));
+        std::fs::write(&path, text).unwrap();
+        path.display().to_string()
+    };
+    let api_config = write_config(
+        "partner",
+        format!(
+            "workload_api_socket = \"unix://{}\"\nspiffe_id = \"spiffe://partner.org/api\"\n\
+             ops_address = \"{OPS}\"\npolicy_file = \"{}\"\nfederated_trust_domains = [\"example.org\"]\n\
+             [[inbound]]\nname = \"api-in\"\nlisten = \"{partner_addr}:8443\"\n\
+             forward_to = \"127.0.0.1:8000\"\nport = 8000\nprotocol = \"http\"\n",
+            partner_socket.display(),
+            policy.display()
+        ),
+    );
+    let web_config = write_config(
+        "home",
+        format!(
+            "workload_api_socket = \"unix://{}\"\nspiffe_id = \"spiffe://example.org/web\"\n\
+             ops_address = \"{OPS}\"\nfederated_trust_domains = [\"partner.org\"]\n\
+             [[outbound]]\nname = \"to-api\"\nlisten = \"127.0.0.1:8080\"\n\
+             upstream = \"{partner_addr}:8443\"\nexpect = \"spiffe://partner.org/api\"\n",
+            home_socket.display()
+        ),
+    );
+    let proxy = bin_dir().join("meshid-proxy");
+    let _api_proxy = spawn_ready(
+        &net,
+        dir,
+        "partner",
+        "meshid-proxy",
+        net.exec("partner", &proxy, &["run", "--config", &api_config]),
+        OPS,
+    );
+    let _web_proxy = spawn_ready(
+        &net,
+        dir,
+        "home",
+        "meshid-proxy",
+        net.exec("home", &proxy, &["run", "--config", &web_config]),
+        OPS,
+    );
+    let url = "http://127.0.0.1:8080/orders.txt";
+    assert_ne!(
+        net.curl("home", url).0,
+        200,
+        "a call across trust domains without federation"
+    );
+
+    // Federated both ways, each bootstrapped with the other's bundle, fetched over the network.
+    let federate = |ca: &Ca, other: &Ca, td: &str, addr: &str| {
+        let file = dir.join(format!("{td}.json"));
+        std::fs::write(&file, other.ok(&["bundle", "show", "--format", "spiffe"])).unwrap();
+        ca.ok(&[
+            "federation",
+            "create",
+            "--trust-domain",
+            td,
+            "--endpoint-url",
+            &format!("https://{addr}:9443"),
+            "--profile",
+            "https_spiffe",
+            "--endpoint-spiffe-id",
+            &format!("spiffe://{td}/meshid/server"),
+            "--bundle-file",
+            &file.display().to_string(),
+        ]);
+    };
+    federate(&home, &partner, "partner.org", partner_addr);
+    federate(&partner, &home, "example.org", home_addr);
+    wait_for(
+        Duration::from_secs(20),
+        "a call across the trust domains",
+        || (net.curl("home", url).0 == 200).then_some(()),
+    );
+    for (ca, td) in [(&home, "partner.org"), (&partner, "example.org")] {
+        let s: serde_json::Value =
+            serde_json::from_str(&ca.ok(&["federation", "show", td, "--output", "json"])).unwrap();
+        assert!(s["refresh"]["last_success"].as_i64() > Some(0), "{s}");
+    }
+
+    // partner's root rotation under traffic: prepare, activate, api's SVID re-issued.
+    let (mut ok, mut failed) = (0, Vec::new());
+    let call = |ok: &mut u32, failed: &mut Vec<u16>| match net.curl("home", url).0 {
+        200 => *ok += 1,
+        other => failed.push(other),
+    };
+    partner.ok(&["ca", "root", "prepare", "--reason", "yearly"]);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        call(&mut ok, &mut failed);
+        let activated = meshid_tests::ca_cli(
+            &partner.socket,
+            &["ca", "root", "activate", "--reason", "yearly"],
+        );
+        if activated.status.success() {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "partner's root activation refused for 30 s"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    // Home must hold partner's new root before api presents a chain to it.
+    wait_for(
+        Duration::from_secs(10),
+        "partner's new bundle at home",
+        || {
+            call(&mut ok, &mut failed);
+            let s: serde_json::Value = serde_json::from_str(&home.ok(&[
+                "federation",
+                "show",
+                "partner.org",
+                "--output",
+                "json",
+            ]))
+            .unwrap();
+            let want: serde_json::Value =
+                serde_json::from_str(&partner.ok(&["bundle", "show", "--format", "spiffe"]))
+                    .unwrap();
+            (s["bundle"]["sequence"] == want["spiffe_sequence"]).then_some(())
+        },
+    );
+    partner.ok(&["entry", "rotate", "api", "--reason", "new root"]);
+    for _ in 0..30 {
+        call(&mut ok, &mut failed);
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(
+        failed.is_empty(),
+        "{} of {} calls failed: {failed:?}",
+        failed.len(),
+        ok as usize + failed.len()
+    );
+    assert!(ok >= 30, "only {ok} calls");
+
+    // The relationship deleted on home: the next connection fails.
+    home.ok(&[
+        "federation",
+        "delete",
+        "partner.org",
+        "--reason",
+        "offboarding",
+    ]);
+    wait_for(
+        Duration::from_secs(5),
+        "calls to fail without the relationship",
+        || (net.curl("home", url).0 != 200).then_some(()),
     );
 }
