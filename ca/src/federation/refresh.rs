@@ -189,12 +189,16 @@ async fn fetched(
         .inc();
     let next = next_refresh(bundle.refresh_hint, false);
     let now = crate::unix_now();
-    ca.federation.update_status(td, |s| {
-        s.last_success = now;
-        s.last_error.clear();
-        s.next_attempt = now + next.as_secs() as i64;
-    });
+    // A success is shown once what was fetched is what is stored (and so in force here).
+    let succeeded = |ca: &Ca| {
+        ca.federation.update_status(td, |s| {
+            s.last_success = now;
+            s.last_error.clear();
+            s.next_attempt = now + next.as_secs() as i64;
+        })
+    };
     if stored.is_some_and(|(_, doc)| *doc == document) {
+        succeeded(ca);
         return next;
     }
     let digest = hex::encode(Sha256::digest(document.as_bytes()));
@@ -218,13 +222,19 @@ async fn fetched(
     };
     match ca.store.put_federated_bundle(&record, &event).await {
         Ok(()) => {
+            succeeded(ca);
             tracing::info!(trust_domain = %td, sequence = bundle.sequence, "federated bundle updated");
             // In force at the next pass, a second from now at most; at once here.
             ca.federation.wake.notify_one();
         }
         Err(e) => {
             tracing::warn!(trust_domain = %td, error = %e, "cannot store the federated bundle fetched; will retry");
-            return next_refresh(bundle.refresh_hint, true);
+            let retry = next_refresh(bundle.refresh_hint, true);
+            ca.federation.update_status(td, |s| {
+                s.last_error = format!("cannot store the bundle fetched: {e}");
+                s.next_attempt = now + retry.as_secs() as i64;
+            });
+            return retry;
         }
     }
     next
