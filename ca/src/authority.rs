@@ -1005,7 +1005,9 @@ impl Authority {
         ttl: Option<Duration>,
     ) -> Result<(String, i64), AuthorityError> {
         self.check_member(spiffe_id)?;
-        let ttl = ttl.unwrap_or(self.settings.default_jwt_svid_ttl);
+        let ttl = ttl
+            .unwrap_or(self.settings.default_jwt_svid_ttl)
+            .min(self.settings.max_jwt_svid_ttl);
         let now = SystemTime::now();
         let key = Arc::clone(&self.current().jwt);
         let issuer = self.settings.jwt_issuer.as_deref();
@@ -1063,9 +1065,10 @@ pub fn bundle_from_journal(
     now: SystemTime,
 ) -> TrustBundle {
     let now_s = to_unix(now);
+    // No token lives longer than the maximum (the default is within it).
     let jwt_grace = settings
         .default_jwt_svid_ttl
-        .max(crate::entry::MAX_JWT_TTL)
+        .max(settings.max_jwt_svid_ttl)
         .as_secs() as i64;
     let mut sequence = 0i64;
     let mut roots = Vec::new();
@@ -1089,8 +1092,13 @@ pub fn bundle_from_journal(
             }
             CaKeyKind::Jwt => {
                 // Published until the last token it can have signed expires: it signs until it
-                // is retired (or expires), and no token lives longer than `jwt_grace`.
-                let signed_until = retired_at.unwrap_or(k.not_after).min(k.not_after);
+                // is retired or tainted (or expires), and no token lives longer than
+                // `jwt_grace`.
+                let tainted_at = (k.tainted_at > 0).then_some(k.tainted_at);
+                let signed_until = [retired_at, tainted_at]
+                    .into_iter()
+                    .flatten()
+                    .fold(k.not_after, i64::min);
                 let leaves = signed_until + jwt_grace;
                 if leaves > now_s {
                     sequence = sequence.max(k.created_at);

@@ -285,6 +285,9 @@ pub struct RawCaConfig {
     pub default_x509_svid_ttl: Option<String>,
     /// Default JWT-SVID lifetime.
     pub default_jwt_svid_ttl: Option<String>,
+    /// The longest JWT-SVID lifetime granted (default and at most 24h); a retired JWT key
+    /// leaves the bundle this long after its last token.
+    pub max_jwt_svid_ttl: Option<String>,
     /// How often rotation is checked (default 10s).
     pub rotation_interval: Option<String>,
     /// PEM certificate of an operator-supplied root (upstream authority).
@@ -391,6 +394,8 @@ pub struct CaSettings {
     pub jwt_issuer: Option<String>,
     /// The kind of new JWT signing keys.
     pub jwt_key_type: crate::jwt::JwtKeyType,
+    /// The longest JWT-SVID lifetime granted.
+    pub max_jwt_svid_ttl: Duration,
     /// Whether the root rotates by its age.
     pub root_rotation: RootRotation,
 }
@@ -670,6 +675,20 @@ impl TryFrom<RawConfig> for Config {
                 crate::oidc::check_issuer(&issuer).map_err(|why| invalid("ca.jwt_issuer", why))?,
             ),
         };
+        let max_jwt_svid_ttl = duration(
+            "ca.max_jwt_svid_ttl",
+            c.max_jwt_svid_ttl.as_deref(),
+            crate::entry::MAX_JWT_TTL,
+        )?;
+        if max_jwt_svid_ttl > crate::entry::MAX_JWT_TTL {
+            return Err(invalid("ca.max_jwt_svid_ttl", "is at most 24h"));
+        }
+        if default_jwt_svid_ttl > max_jwt_svid_ttl {
+            return Err(invalid(
+                "ca.default_jwt_svid_ttl",
+                "is longer than ca.max_jwt_svid_ttl: lower it, or raise the maximum",
+            ));
+        }
         let jwt_key_type = match c.jwt_key_type.as_deref() {
             None | Some("ec-p256") => crate::jwt::JwtKeyType::Es256,
             Some("rsa-2048") => crate::jwt::JwtKeyType::Rs256,
@@ -787,6 +806,7 @@ impl TryFrom<RawConfig> for Config {
                 root_rotation,
                 jwt_issuer,
                 jwt_key_type,
+                max_jwt_svid_ttl,
             },
             join_token_ttl,
         })
@@ -1022,6 +1042,21 @@ mod tests {
         ] {
             let err = parse(&text).map(|_| ()).unwrap_err().to_string();
             assert!(err.contains(says), "{text}: {err}");
+        }
+    }
+
+    #[test]
+    fn the_jwt_svid_cap_bounds_the_default_and_24h() {
+        let c = parse("trust_domain = \"e.org\"\n[ca]\nmax_jwt_svid_ttl = \"10m\"").unwrap();
+        assert_eq!(c.ca.max_jwt_svid_ttl, Duration::from_secs(600));
+        for (text, key) in [
+            ("max_jwt_svid_ttl = \"25h\"", "ca.max_jwt_svid_ttl"),
+            ("max_jwt_svid_ttl = \"1m\"", "ca.default_jwt_svid_ttl"),
+        ] {
+            let err = parse(&format!("trust_domain = \"e.org\"\n[ca]\n{text}"))
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(key), "{text}: {err}");
         }
     }
 

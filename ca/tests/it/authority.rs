@@ -55,6 +55,7 @@ pub(crate) fn settings(intermediate: u64) -> CaSettings {
         bundle_refresh_hint: Duration::from_secs(300),
         jwt_issuer: None,
         jwt_key_type: Default::default(),
+        max_jwt_svid_ttl: meshid_ca::entry::MAX_JWT_TTL,
         root_rotation: RootRotation::Manual,
     }
 }

@@ -478,11 +478,12 @@ fn an_oidc_relying_party_verifies_jwt_svids_by_discovery() {
     let port = free_port();
     let issuer = format!("https://localhost:{port}");
     let config = home_dir.join("oidc.toml");
-    let configure = |key_type: &str| {
+    let configure = |key_type: &str, max_ttl: &str| {
         std::fs::write(
             &config,
             format!(
-                "[ca]\njwt_issuer = \"{issuer}\"\njwt_key_type = \"{key_type}\"\n\n[federation]\n\
+                "[ca]\njwt_issuer = \"{issuer}\"\njwt_key_type = \"{key_type}\"\n\
+                 default_jwt_svid_ttl = \"{max_ttl}\"\nmax_jwt_svid_ttl = \"{max_ttl}\"\n\n[federation]\n\
                  bundle_endpoint_address = \"127.0.0.1:{port}\"\nbundle_endpoint_profile = \"https_web\"\n\
                  bundle_endpoint_cert_file = \"{}\"\nbundle_endpoint_key_file = \"{}\"\n",
                 base.path().join("web.pem").display(),
@@ -491,7 +492,7 @@ fn an_oidc_relying_party_verifies_jwt_svids_by_discovery() {
         )
         .unwrap();
     };
-    configure("ec-p256");
+    configure("ec-p256", "5m");
     let mut home = Ca::start(&home_dir, &["--config", config.to_str().unwrap()]);
     let other = Ca::start(&other_dir, &[]);
     let mint = |ca: &Ca| {
@@ -506,7 +507,8 @@ fn an_oidc_relying_party_verifies_jwt_svids_by_discovery() {
         .trim()
         .to_owned()
     };
-    let relying_party = |tokens: &[&str]| {
+    // (Whether the relying party's run passed, and what it printed.)
+    let try_relying_party = |tokens: &[&str]| {
         let out = Command::new(&python)
             .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/interop/oidc.py"))
             .args([
@@ -518,11 +520,15 @@ fn an_oidc_relying_party_verifies_jwt_svids_by_discovery() {
             .output()
             .unwrap();
         let said = String::from_utf8_lossy(&out.stdout).into_owned();
-        assert!(
+        (
             out.status.success(),
-            "{said}{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+            said,
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let relying_party = |tokens: &[&str]| {
+        let (passed, said, errors) = try_relying_party(tokens);
+        assert!(passed, "{said}{errors}");
         said
     };
     let alg = |token: &str| {
@@ -557,7 +563,7 @@ fn an_oidc_relying_party_verifies_jwt_svids_by_discovery() {
     let (es, es_kid) = alg(&token);
     assert_eq!(es, "ES256");
     home.proc.stop();
-    configure("rsa-2048");
+    configure("rsa-2048", "5m");
     home.restart();
     home.ok(&[
         "ca",
@@ -572,4 +578,24 @@ fn an_oidc_relying_party_verifies_jwt_svids_by_discovery() {
         let said = relying_party(&[t]);
         assert!(said.starts_with("ok "), "{said}");
     }
+
+    // The operator caps JWT-SVIDs at 3 s: the retired ES256 key leaves the JWKS (no token it
+    // may still vouch for under the new cap), and the relying party, fetching the JWKS again,
+    // refuses the ES256 token for its key, while the RS256 one still verifies.
+    home.proc.stop();
+    configure("rsa-2048", "3s");
+    home.restart();
+    let said = wait_for(
+        Duration::from_secs(15),
+        "the ES256 key gone from the JWKS",
+        || {
+            let (passed, said, _) = try_relying_party(&[&rs_token, &token]);
+            let refused = said
+                .lines()
+                .nth(1)
+                .is_some_and(|l| l.starts_with("refused PyJWKClientError"));
+            (passed && refused).then_some(said)
+        },
+    );
+    assert!(said.starts_with("ok "), "{said}");
 }
