@@ -145,8 +145,13 @@ fn relationships_are_validated_field_by_field() {
 fn refresh_follows_the_hint_within_bounds_and_retries_sooner() {
     assert_eq!(next_refresh(Duration::ZERO, false), DEFAULT_REFRESH);
     assert_eq!(
+        next_refresh(Duration::from_secs(6), false),
+        Duration::from_secs(3),
+        "half the hint: a change is in force within the hint"
+    );
+    assert_eq!(
         next_refresh(Duration::from_secs(2), false),
-        Duration::from_secs(2)
+        REFRESH_BOUNDS.0
     );
     assert_eq!(
         next_refresh(Duration::from_millis(10), false),
@@ -158,7 +163,7 @@ fn refresh_follows_the_hint_within_bounds_and_retries_sooner() {
     );
     assert_eq!(next_refresh(Duration::from_secs(600), true), MAX_RETRY);
     assert_eq!(
-        next_refresh(Duration::from_secs(2), true),
+        next_refresh(Duration::from_secs(4), true),
         Duration::from_secs(2)
     );
 }
