@@ -32,10 +32,13 @@ pub async fn refresh_loop(ca: Ca, web_roots: WebRoots, mut stop: watch::Receiver
     let mut due: HashMap<String, Instant> = HashMap::new();
     let mut fetching: JoinSet<Fetched> = JoinSet::new();
     let mut in_flight: std::collections::HashSet<String> = Default::default();
+    // The stored bundles parsed, kept while their document is unchanged (they are read every
+    // second, parsed once).
+    let mut parsed: HashMap<String, (String, Arc<TrustBundle>)> = HashMap::new();
     let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
-        let state = match load(&ca).await {
+        let state = match load(&ca, &mut parsed).await {
             Ok(state) => Some(state),
             Err(e) => {
                 tracing::warn!(error = %e, "cannot read the federation relationships; will retry");
@@ -92,8 +95,12 @@ struct State {
     stored: BTreeMap<String, (Arc<TrustBundle>, String)>,
 }
 
-/// Reads the relationships and bundles, and puts the stored bundles in force.
-async fn load(ca: &Ca) -> Result<State, crate::store::StoreError> {
+/// Reads the relationships and bundles, and puts the stored bundles in force (parsing only
+/// documents not in `parsed`, which keeps what was parsed, by trust domain).
+async fn load(
+    ca: &Ca,
+    parsed: &mut HashMap<String, (String, Arc<TrustBundle>)>,
+) -> Result<State, crate::store::StoreError> {
     let own = ca.authority.trust_domain();
     let mut relationships = BTreeMap::new();
     for r in ca.store.list_federations().await? {
@@ -120,15 +127,24 @@ async fn load(ca: &Ca) -> Result<State, crate::store::StoreError> {
         if !relationships.contains_key(&td) {
             continue;
         }
-        match parse_bundle(&b.trust_domain, &b.document) {
+        let known = parsed
+            .get(&td)
+            .filter(|(doc, _)| *doc == b.document)
+            .map(|(_, bundle)| Arc::clone(bundle));
+        let bundle = match known {
+            Some(bundle) => Ok(bundle),
+            None => parse_bundle(&b.trust_domain, &b.document).map(Arc::new),
+        };
+        match bundle {
             Ok(bundle) => {
+                parsed.insert(td.clone(), (b.document.clone(), Arc::clone(&bundle)));
                 ca.metrics
                     .federation_bundle_updated
                     .get_or_create(&TrustDomainLabels {
                         trust_domain: td.clone(),
                     })
                     .set(b.updated_at);
-                stored.insert(td, (Arc::new(bundle), b.document));
+                stored.insert(td, (bundle, b.document));
             }
             Err(e) => tracing::error!(
                 trust_domain = %td,
@@ -137,6 +153,7 @@ async fn load(ca: &Ca) -> Result<State, crate::store::StoreError> {
             ),
         }
     }
+    parsed.retain(|td, _| stored.contains_key(td));
     let in_force = stored
         .iter()
         .map(|(td, (b, _))| (td.clone(), Arc::clone(b)))

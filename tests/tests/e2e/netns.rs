@@ -258,19 +258,40 @@ struct Host {
 /// Starts `host`'s agent (attesting with a fresh join token) and returns its SPIFFE ID.
 fn start_agent(net: &Net, dir: &Path, ca: &Ca, host: &'static str) -> (Proc, String, PathBuf) {
     let (token, agent_id) = ca.join_token();
+    let server = format!("{CA_ADDR}:{NODE_PORT}");
+    let (agent, socket) = spawn_agent(
+        net,
+        dir,
+        host,
+        ("example.org", &server),
+        &dir.join("bundle.pem"),
+        &token,
+    );
+    (agent, agent_id, socket)
+}
+
+/// Starts an agent in `host` of trust domain `td` against the CA at `server`, trusting
+/// `bundle`, attesting with `token`, its files under `dir/<host>`; returns it and its socket.
+fn spawn_agent(
+    net: &Net,
+    dir: &Path,
+    host: &str,
+    (td, server): (&str, &str),
+    bundle: &Path,
+    token: &str,
+) -> (Proc, PathBuf) {
     let hdir = dir.join(host);
     std::fs::create_dir_all(hdir.join("agent")).unwrap();
     let socket = hdir.join("agent/api.sock");
-    let bundle = dir.join("bundle.pem");
     let cmd = net.exec(
         host,
         &bin_dir().join("meshid-agent"),
         &[
             "run",
             "--trust-domain",
-            "example.org",
+            td,
             "--server-address",
-            &format!("{CA_ADDR}:{NODE_PORT}"),
+            server,
             "--trust-bundle",
             &bundle.display().to_string(),
             "--data-dir",
@@ -280,11 +301,11 @@ fn start_agent(net: &Net, dir: &Path, ca: &Ca, host: &'static str) -> (Proc, Str
             "--ops-address",
             AGENT_OPS,
             "--join-token",
-            &token,
+            token,
         ],
     );
     let agent = spawn_ready(net, dir, host, "meshid-agent", cmd, AGENT_OPS);
-    (agent, agent_id, socket)
+    (agent, socket)
 }
 
 /// Starts `cmd` (meshid-ca, meshid-agent or meshid-proxy in `host`), logging to `dir/<host>-<bin>.log`,
@@ -940,33 +961,8 @@ fn federated_trust_domains_on_separate_hosts() {
             "--federates-with",
             other,
         ]);
-        let socket = hdir.join("agent/api.sock");
-        std::fs::create_dir_all(hdir.join("agent")).unwrap();
-        let cmd = net.exec(
-            host,
-            &bin_dir().join("meshid-agent"),
-            &[
-                "run",
-                "--trust-domain",
-                td,
-                "--server-address",
-                &format!("127.0.0.1:{NODE_PORT}"),
-                "--trust-bundle",
-                &bundle.display().to_string(),
-                "--data-dir",
-                &hdir.join("agent-data").display().to_string(),
-                "--socket-path",
-                &socket.display().to_string(),
-                "--ops-address",
-                AGENT_OPS,
-                "--join-token",
-                &token,
-            ],
-        );
-        (
-            spawn_ready(&net, &hdir, host, "meshid-agent", cmd, AGENT_OPS),
-            socket,
-        )
+        let server = format!("127.0.0.1:{NODE_PORT}");
+        spawn_agent(&net, dir, host, (td, &server), &bundle, &token)
     };
     let (_home_agent, home_socket) =
         start_agent("home", &home, "example.org", "web", "partner.org");
