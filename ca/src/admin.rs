@@ -182,6 +182,63 @@ fn caller<T>(req: &Request<T>) -> String {
 
 type Rpc<T> = Result<Response<T>, Status>;
 
+/// Counts admin calls that change nothing (List*, Get*, Show, History, Status, Verify) by
+/// caller and method, for the audit log's periodic `audit.summary` record: a read leaves a
+/// trace without a record per call.
+#[derive(Debug, Clone)]
+pub struct CountReads<S> {
+    inner: S,
+    counts: std::sync::Arc<crate::audit::summary::Counts>,
+}
+
+impl<S> CountReads<S> {
+    /// Wraps the admin routes.
+    pub fn new(inner: S, counts: std::sync::Arc<crate::audit::summary::Counts>) -> Self {
+        Self { inner, counts }
+    }
+}
+
+/// Whether the gRPC method at `path` (`/package.Service/Method`) only reads.
+pub fn is_read(path: &str) -> bool {
+    let method = path.rsplit('/').next().unwrap_or("");
+    ["List", "Get", "Show", "History", "Status", "Verify"]
+        .iter()
+        .any(|p| method.starts_with(p))
+}
+
+impl<S, B> tower::Service<http::Request<B>> for CountReads<S>
+where
+    S: tower::Service<http::Request<B>>,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = S::Future;
+
+    fn poll_ready(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: http::Request<B>) -> Self::Future {
+        if is_read(req.uri().path()) {
+            let who = req
+                .extensions()
+                .get::<meshid_api::uds::UdsPeer>()
+                .and_then(|peer| peer.info.peer_cred)
+                .map(|cred| format!("admin:uid={}", cred.uid()))
+                .unwrap_or_else(|| "admin:unknown".to_owned());
+            self.counts.add(
+                crate::audit::summary::Kind::AdminRead,
+                &who,
+                req.uri().path(),
+            );
+        }
+        self.inner.call(req)
+    }
+}
+
 #[tonic::async_trait]
 impl admin::entries_server::Entries for AdminService {
     async fn create_entry(&self, req: Request<admin::CreateEntryRequest>) -> Rpc<admin::Entry> {
@@ -558,6 +615,8 @@ impl admin::audit_server::Audit for AdminService {
                         kind: rec.kind,
                         actor: rec.actor,
                         details: rec.details,
+                        prev_hash: rec.prev_hash.to_vec(),
+                        hash: rec.hash.to_vec(),
                     });
                     if records.len() == limit {
                         break;

@@ -141,6 +141,15 @@ pub struct ChainVerifier {
 }
 
 impl ChainVerifier {
+    /// A verifier that continues a chain whose record `seq` has hash `hash` (an export that
+    /// starts after the first record; `(0, [0; 32])` is the start).
+    pub fn resume(seq: i64, hash: [u8; 32]) -> Self {
+        Self {
+            last: (seq > 0).then_some((seq, hash)),
+            count: 0,
+        }
+    }
+
     /// The seq of the last record verified (0 before the first).
     pub fn last_seq(&self) -> i64 {
         self.last.map_or(0, |(seq, _)| seq)
@@ -209,6 +218,12 @@ pub fn verify(
     }
     verifier.finish(head)
 }
+
+pub mod checkpoint;
+pub mod export;
+pub mod ship;
+pub mod sink;
+pub mod summary;
 
 #[cfg(test)]
 mod tests {

@@ -10,6 +10,7 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 use meshid_api::{admin, files};
 use meshid_ca::config::{Config, ConfigError, RawConfig};
 
+mod audit;
 mod ci;
 mod federation;
 mod mesh;
@@ -144,6 +145,15 @@ struct RunArgs {
     /// Node API listener for agents, ip:port (overrides the file; default 127.0.0.1:8443).
     #[arg(long)]
     node_address: Option<String>,
+    /// This server's name among the CA servers sharing one datastore (overrides the file;
+    /// default ca-1). Each server of a group needs its own, kept across restarts: it names the
+    /// server's intermediate and its key directory's owner.
+    #[arg(long)]
+    server_id: Option<String>,
+    /// The datastore: "sqlite", "sqlite:///path" or a postgres:// URL (overrides the file).
+    /// A password belongs in the file or in a PGPASSFILE, not on the command line.
+    #[arg(long)]
+    datastore: Option<String>,
     /// Check the configuration and exit.
     #[arg(long)]
     check: bool,
@@ -398,6 +408,18 @@ enum AuditCommand {
     Verify {
         #[command(flatten)]
         conn: Conn,
+        /// Also check this export (an `audit.file` sink) on its own: every record chains,
+        /// every checkpoint's signature verifies; then check the CA's chain against it, so a
+        /// record removed, rewritten or re-hashed on the CA since it was shipped is found.
+        #[arg(long)]
+        export: Option<PathBuf>,
+        /// The checkpoint key's public half (`<checkpoint_key_file>.pub`): checkpoints signed
+        /// by any other key are refused. Without it, the keys found are named.
+        #[arg(long, requires = "export")]
+        public_key: Option<PathBuf>,
+        /// Check the export only, without the CA.
+        #[arg(long, requires = "export")]
+        offline: bool,
     },
     /// The records, oldest first: who did what, why, when, and (`<step>.effective`) when it
     /// took effect across the mesh.
@@ -455,6 +477,12 @@ fn load_config(args: &RunArgs) -> Result<Config, ConfigError> {
     }
     if let Some(node) = &args.node_address {
         raw.node_address = Some(node.clone());
+    }
+    if let Some(id) = &args.server_id {
+        raw.server_id = Some(id.clone());
+    }
+    if let Some(url) = &args.datastore {
+        raw.datastore = Some(url.clone());
     }
     Config::try_from(raw)
 }
@@ -516,6 +544,17 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     let web_roots =
         meshid_ca::federation::fetch::WebRoots::load(config.federation.web_roots_file.as_deref())
             .context("cannot load federation.web_roots_file")?;
+    let audit = meshid_ca::audit::ship::Shipping::load(&config.audit, &config.data_dir)
+        .context("cannot load the audit checkpoint key")?;
+    if let Some(file) = &config.audit.file {
+        if file.starts_with(&config.data_dir) {
+            tracing::warn!(file = %file.display(), "audit.file is inside the data directory: put it on a volume of its own, so that losing or rewriting one does not take the other");
+        }
+        tracing::info!(file = %file.display(), "shipping the audit trail to a file");
+    }
+    if let Some(key) = &audit.key {
+        tracing::info!(key_id = %meshid_ca::audit::checkpoint::key_id(&key.public()), public_key = %meshid_ca::audit::checkpoint::public_key_path(&config.audit.checkpoint_key_file).display(), "audit checkpoints are signed; pin this key with `audit verify --public-key`");
+    }
     tracing::info!(admin_socket = %config.admin_socket.display(), ops_address = %ops.local_addr()?, node_address = %node.local_addr()?, "listening");
     meshid_ca::server::run(
         ca,
@@ -526,6 +565,7 @@ async fn serve(config: Config) -> anyhow::Result<()> {
             node_limits: config.node_limits.clone(),
             bundle_endpoint,
             web_roots,
+            audit,
         },
         meshid_api::server::shutdown_signal(),
     )
@@ -1122,7 +1162,13 @@ async fn client(cmd: Command) -> anyhow::Result<ExitCode> {
                 println!("no matching records after {after}");
             }
         }
-        Command::Audit(AuditCommand::Verify { conn }) => {
+        Command::Audit(AuditCommand::Verify {
+            conn,
+            export: Some(export),
+            public_key,
+            offline,
+        }) => return audit::verify(&conn.socket, &export, public_key.as_deref(), offline).await,
+        Command::Audit(AuditCommand::Verify { conn, .. }) => {
             let mut c = AuditClient::new(channel(&conn).await?);
             let r = c
                 .verify(admin::VerifyAuditRequest {})

@@ -84,6 +84,80 @@ pub struct RawConfig {
     /// CI systems whose OIDC tokens are exchanged for SVIDs.
     #[serde(default)]
     pub ci: RawCi,
+    /// Where the audit trail is shipped besides the datastore.
+    #[serde(default)]
+    pub audit: RawAudit,
+}
+
+/// `[audit]` as written.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawAudit {
+    /// The append-only JSON-lines file every record is shipped to (a volume of its own).
+    pub file: Option<PathBuf>,
+    /// A syslog socket (Unix datagram) every record is shipped to, e.g. "/dev/log".
+    pub syslog: Option<PathBuf>,
+    /// The Ed25519 key that signs checkpoints [default: DATA_DIR/keys/audit-checkpoint.key].
+    pub checkpoint_key_file: Option<PathBuf>,
+    /// How often a signed checkpoint is shipped [default: 60s].
+    pub checkpoint_interval: Option<String>,
+    /// How often the counts of refused node API calls and admin reads are recorded [default:
+    /// 60s].
+    pub summary_interval: Option<String>,
+}
+
+/// The validated `[audit]` settings.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AuditConfig {
+    /// The JSON-lines file sink.
+    pub file: Option<PathBuf>,
+    /// The syslog socket.
+    pub syslog: Option<PathBuf>,
+    /// The checkpoint key.
+    pub checkpoint_key_file: PathBuf,
+    /// The checkpoint interval.
+    pub checkpoint_interval: Duration,
+    /// The summary interval.
+    pub summary_interval: Duration,
+}
+
+impl AuditConfig {
+    /// The defaults for a data directory: no sinks, 60 s intervals.
+    pub fn defaults(data_dir: &Path) -> Self {
+        Self {
+            file: None,
+            syslog: None,
+            checkpoint_key_file: data_dir.join("keys").join("audit-checkpoint.key"),
+            checkpoint_interval: Duration::from_secs(60),
+            summary_interval: Duration::from_secs(60),
+        }
+    }
+}
+
+impl RawAudit {
+    fn validate(self, data_dir: &Path) -> Result<AuditConfig, ConfigError> {
+        let d = AuditConfig::defaults(data_dir);
+        for (key, path) in [("audit.file", &self.file), ("audit.syslog", &self.syslog)] {
+            if path.as_ref().is_some_and(|p| !p.is_absolute()) {
+                return Err(invalid(key, "must be an absolute path"));
+            }
+        }
+        Ok(AuditConfig {
+            file: self.file,
+            syslog: self.syslog,
+            checkpoint_key_file: self.checkpoint_key_file.unwrap_or(d.checkpoint_key_file),
+            checkpoint_interval: duration(
+                "audit.checkpoint_interval",
+                self.checkpoint_interval.as_deref(),
+                d.checkpoint_interval,
+            )?,
+            summary_interval: duration(
+                "audit.summary_interval",
+                self.summary_interval.as_deref(),
+                d.summary_interval,
+            )?,
+        })
+    }
 }
 
 /// `[ci]` as written.
@@ -442,6 +516,8 @@ pub struct Config {
     /// The CI systems whose tokens are exchanged (`[[ci.issuers]]`), served on the bundle
     /// endpoint.
     pub ci_issuers: Vec<CiIssuerConfig>,
+    /// Audit sinks, checkpoints and summaries.
+    pub audit: AuditConfig,
 }
 
 /// The validated `[federation]` settings.
@@ -780,7 +856,9 @@ impl TryFrom<RawConfig> for Config {
                  relying parties that know only Web PKI roots)",
             ));
         }
+        let audit = raw.audit.validate(&data_dir)?;
         Ok(Config {
+            audit,
             agent_svid_overlap,
             federation,
             ci_issuers,

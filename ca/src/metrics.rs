@@ -54,6 +54,13 @@ pub struct TrustDomainLabels {
     pub trust_domain: String,
 }
 
+/// Labels of audit sink metrics.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct SinkLabels {
+    /// `file` or `syslog`.
+    pub sink: &'static str,
+}
+
 /// The CA's metrics and their registry.
 #[derive(Debug)]
 pub struct Metrics {
@@ -94,6 +101,14 @@ pub struct Metrics {
     pub bundle_endpoint_requests: Counter,
     /// CI token exchanges, by result (`ok` or the refusal's reason).
     pub ci_exchanges: Family<ReasonLabels, Counter>,
+    /// Audit records committed to the datastore and not yet shipped, by sink.
+    pub audit_sink_lag: Family<SinkLabels, Gauge>,
+    /// Failed attempts to ship to a sink, by sink.
+    pub audit_sink_failures: Family<SinkLabels, Counter>,
+    /// Signed checkpoints shipped, by sink.
+    pub audit_checkpoints: Family<SinkLabels, Counter>,
+    /// Times a shipper found the datastore's chain no longer extending what it had shipped.
+    pub audit_chain_faults: Counter,
 }
 
 impl Default for Metrics {
@@ -212,7 +227,35 @@ impl Metrics {
             "CI token exchanges, by result (ok, or why the token was refused)",
             ci_exchanges.clone(),
         );
+        let audit_sink_lag = Family::<SinkLabels, Gauge>::default();
+        registry.register(
+            "audit_sink_lag_records",
+            "Audit records committed to the datastore and not yet shipped to the sink",
+            audit_sink_lag.clone(),
+        );
+        let audit_sink_failures = Family::<SinkLabels, Counter>::default();
+        registry.register(
+            "audit_sink_failures",
+            "Failed attempts to ship audit records or checkpoints to the sink (retried)",
+            audit_sink_failures.clone(),
+        );
+        let audit_checkpoints = Family::<SinkLabels, Counter>::default();
+        registry.register(
+            "audit_checkpoints",
+            "Signed audit checkpoints shipped to the sink",
+            audit_checkpoints.clone(),
+        );
+        let audit_chain_faults = Counter::default();
+        registry.register(
+            "audit_chain_faults",
+            "Times the datastore's audit chain no longer extended what was shipped (records rewritten, removed or re-hashed); shipping to the sink stops",
+            audit_chain_faults.clone(),
+        );
         Self {
+            audit_sink_lag,
+            audit_sink_failures,
+            audit_checkpoints,
+            audit_chain_faults,
             registry,
             signed,
             sign_seconds,

@@ -443,6 +443,11 @@ impl NodeService {
 
     fn deny(&self, rpc: &'static str, caller: &str, reason: String) -> NodeError {
         self.ca.metrics.node_denied.inc();
+        self.ca.audit_counts.add(
+            crate::audit::summary::Kind::NodeRefused,
+            caller,
+            &format!("{rpc}: {reason}"),
+        );
         tracing::warn!(rpc, caller = %caller, reason = %reason, "node API call refused");
         NodeError::Denied(reason)
     }
@@ -860,6 +865,12 @@ impl node::node_server::Node for NodeService {
                 ) {
                     self.ca.metrics.node_denied.inc();
                 }
+                let from = peer.map_or_else(|| "<unknown>".to_owned(), |p| p.ip().to_string());
+                self.ca.audit_counts.add(
+                    crate::audit::summary::Kind::NodeRefused,
+                    &from,
+                    &format!("AttestJoinToken: {e}"),
+                );
                 tracing::warn!(peer = ?peer, error = %e, "node attestation refused");
                 Err(NodeError::from(e).into())
             }
@@ -960,6 +971,11 @@ impl node::node_server::Node for NodeService {
             }
         }
         for result in results.iter().filter(|r| !r.error.is_empty()) {
+            self.ca.audit_counts.add(
+                crate::audit::summary::Kind::NodeRefused,
+                &caller.id.to_string(),
+                &format!("BatchSignX509: {}", result.error),
+            );
             tracing::info!(caller = %caller.id, entry_id = %result.entry_id, error = %result.error, "SVID request refused");
         }
         Ok(Response::new(node::BatchSignX509Response { results }))

@@ -36,6 +36,8 @@ pub struct Listeners {
     )>,
     /// What federated https_web endpoints are verified against.
     pub web_roots: crate::federation::fetch::WebRoots,
+    /// Where the audit trail is shipped, and how often summaries are recorded.
+    pub audit: crate::audit::ship::Shipping,
 }
 
 /// The CA's ops endpoint ([`meshid_api::ops`]): ready while the issuing intermediate is valid
@@ -342,8 +344,23 @@ pub async fn run(
         ))
     });
 
+    let summary_interval = if listeners.audit.summary_interval.is_zero() {
+        Duration::from_secs(60)
+    } else {
+        listeners.audit.summary_interval
+    };
+    let summaries = tokio::spawn(crate::audit::ship::summary_loop(
+        ca.clone(),
+        summary_interval,
+        stop_rx.clone(),
+    ));
+
     let mut admin_stop = stop_rx.clone();
+    let counts = Arc::clone(&ca.audit_counts);
     let admin = tonic::transport::Server::builder()
+        .layer(tower::layer::layer_fn(move |inner| {
+            crate::admin::CountReads::new(inner, Arc::clone(&counts))
+        }))
         .add_routes(AdminService::new(ca.clone()).routes())
         .serve_with_incoming_shutdown(meshid_api::uds::incoming(listeners.admin), async move {
             let _ = admin_stop.changed().await;
@@ -379,6 +396,12 @@ pub async fn run(
         ))
     });
 
+    let shipper = tokio::spawn(crate::audit::ship::ship_loop(
+        ca.clone(),
+        listeners.audit,
+        stop_rx.clone(),
+    ));
+
     let mut ops_stop = stop_rx;
     let ops = axum::serve(listeners.ops, ops_router(ca)).with_graceful_shutdown(async move {
         let _ = ops_stop.changed().await;
@@ -401,6 +424,9 @@ pub async fn run(
         let _ = feed.await;
     }
     let admin_result = admin.await;
+    // After the servers: the summary of their last calls, then everything shipped.
+    let _ = summaries.await;
+    let _ = shipper.await;
     let node_result = node.await;
     let ops_result = ops.await;
     admin_result??;

@@ -227,6 +227,8 @@ pub struct Ca {
     pub federation: Arc<crate::federation::Federation>,
     /// The CI issuers whose tokens are exchanged.
     pub ci: Arc<crate::ci::state::CiState>,
+    /// Refused node API calls and admin reads, counted for the next `audit.summary` record.
+    pub audit_counts: Arc<crate::audit::summary::Counts>,
 }
 
 /// What a lifecycle step waits for to be in effect ([`effect`]).
@@ -294,6 +296,7 @@ impl Ca {
             policy: Arc::default(),
             federation: Arc::default(),
             ci: Arc::default(),
+            audit_counts: Arc::default(),
             locks: Arc::default(),
         }
     }

@@ -31,7 +31,7 @@ pub(crate) fn free_port() -> u16 {
 }
 
 impl Server {
-    fn start(dir: &Path, extra: &[&str]) -> Server {
+    pub(crate) fn start(dir: &Path, extra: &[&str]) -> Server {
         let ops = format!("127.0.0.1:{}", free_port());
         let mut args: Vec<String> = ["run", "--trust-domain", "example.org", "--data-dir"]
             .map(String::from)

@@ -7,6 +7,7 @@
 #[path = "common/pg.rs"]
 mod pg;
 
+mod audit;
 mod authority;
 mod ci;
 mod cli;

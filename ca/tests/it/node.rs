@@ -82,6 +82,10 @@ impl TestCa {
                 node_limits: meshid_ca::node::admission::Limits::default(),
                 bundle_endpoint: None,
                 web_roots: meshid_ca::federation::fetch::WebRoots::none(),
+                audit: meshid_ca::audit::ship::Shipping {
+                    summary_interval: Duration::from_millis(200),
+                    ..Default::default()
+                },
             },
             async move {
                 let _ = stopped.await;
@@ -674,6 +678,36 @@ async fn batch_sign_and_jwt_only_for_own_entries() {
         meshid_ca::store::verify_audit(ca.ca.store.as_ref())
             .await
             .unwrap();
+        // ...but they are counted: the next `audit.summary` record names the caller and why
+        // (the forged entry id), without the CSR.
+        let summary = loop {
+            let found = ca
+                .ca
+                .store
+                .audit_records(0, 10_000)
+                .await
+                .unwrap()
+                .into_iter()
+                .find(|r| r.kind == "audit.summary");
+            if let Some(r) = found {
+                break r;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        };
+        let details: serde_json::Value = serde_json::from_str(&summary.details).unwrap();
+        let refused = &details["node_refused"];
+        assert_eq!(refused["total"], 3, "{details}");
+        let by = refused["by"].as_array().unwrap();
+        assert!(
+            by.iter().all(|r| r["actor"] == a.id.as_str()),
+            "{details}"
+        );
+        assert!(
+            by.iter()
+                .any(|r| r["what"].as_str().unwrap().contains("theirs")),
+            "{details}"
+        );
+        assert!(!summary.details.contains("garbage-csr-bytes"));
 
         // The batch limit.
         let requests = vec![

@@ -465,6 +465,12 @@ pub struct AuditRecord {
     /// JSON object.
     #[prost(string, tag = "5")]
     pub details: ::prost::alloc::string::String,
+    /// The previous record's hash and this record's (SHA-256 chain), to compare the CA's chain
+    /// with an export (`meshid-ca audit verify --export`).
+    #[prost(bytes = "vec", tag = "6")]
+    pub prev_hash: ::prost::alloc::vec::Vec<u8>,
+    #[prost(bytes = "vec", tag = "7")]
+    pub hash: ::prost::alloc::vec::Vec<u8>,
 }
 #[derive(Clone, PartialEq, ::prost::Message)]
 pub struct ListAuditResponse {

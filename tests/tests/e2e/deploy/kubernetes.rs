@@ -1027,9 +1027,26 @@ fn kubernetes_configs_pass_check() {
     );
     assert_eq!(code, 0, "meshid-proxy-web proxy.toml: {out}");
 
-    // The CA's init container: ca.toml with this pod's server_id, the key and the libpq
-    // password file private (mode 0600), and the result passes --check.
+    // The CA's init container: the key and the libpq password file private (mode 0600), and
+    // ca.toml with this pod's name as --server-id passes --check. The server itself is named
+    // the same way: --server-id $(POD_NAME), the pod's name from the downward API.
     let ca = get(&objs, "StatefulSet", "meshid-ca");
+    let ca_container = container(ca, "ca");
+    let ca_argv = argv(ca_container);
+    let at = ca_argv
+        .iter()
+        .position(|a| a == "--server-id")
+        .expect("the ca container passes --server-id");
+    assert_eq!(ca_argv[at + 1], "$(POD_NAME)");
+    assert_eq!(
+        ca_container["env"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|e| e["name"] == "POD_NAME")
+            .map(|e| e["valueFrom"]["fieldRef"]["fieldPath"].clone()),
+        Some(Value::from("metadata.name"))
+    );
     let prepare = argv(container(ca, "prepare"));
     assert_eq!(prepare[..2], ["/bin/sh", "-c"]);
     let root = dir.path().join("ca-root");
@@ -1064,13 +1081,8 @@ fn kubernetes_configs_pass_check() {
         text(&out)
     );
     let prepared = root.join("run/meshid-ca");
-    let rendered = read(&prepared.join("ca.toml"));
-    assert_eq!(
-        toml_get(&rendered, "", "server_id").as_deref(),
-        Some("meshid-ca-1")
-    );
     assert_eq!(read(&prepared.join("pgpass")), "*:*:*:*:pa:ss\\word\n");
-    for f in ["ca.toml", "pgpass", "upstream.key"] {
+    for f in ["pgpass", "upstream.key"] {
         assert_eq!(mode(&prepared.join(f)), 0o600, "{f}");
     }
     assert_eq!(
