@@ -1,5 +1,6 @@
 //! Command-line wiring: parse arguments, then either run the server or make one admin call.
 
+use std::future::Future;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -11,6 +12,7 @@ use meshid_api::{admin, files};
 use meshid_ca::config::{Config, ConfigError, RawConfig};
 
 mod audit;
+mod backup;
 mod ci;
 mod federation;
 mod mesh;
@@ -35,6 +37,11 @@ pub struct Cli {
 enum Command {
     /// Run the CA server.
     Run(RunArgs),
+    /// Write a consistent snapshot of the datastore and this server's keys to a file encrypted
+    /// with age (a passphrase or recipients), while the server runs.
+    Backup(backup::BackupArgs),
+    /// Restore a backup into a fresh data directory and an empty datastore (all or nothing).
+    Restore(backup::RestoreArgs),
     /// Manage registration entries.
     #[command(subcommand)]
     Entry(EntryCommand),
@@ -445,6 +452,8 @@ enum AuditCommand {
 pub async fn main(cli: Cli) -> ExitCode {
     match cli.command {
         Command::Run(args) => run(args).await,
+        Command::Backup(args) => offline(backup::backup(args)).await,
+        Command::Restore(args) => offline(backup::restore(args)).await,
         other => {
             meshid_api::server::init_tracing(false, "warn");
             match client(other).await {
@@ -454,6 +463,19 @@ pub async fn main(cli: Cli) -> ExitCode {
                     ExitCode::FAILURE
                 }
             }
+        }
+    }
+}
+
+/// Runs a command that works on the datastore and files directly (not through the admin
+/// socket).
+async fn offline(f: impl Future<Output = anyhow::Result<ExitCode>>) -> ExitCode {
+    meshid_api::server::init_tracing(false, "warn");
+    match f.await {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("meshid-ca: {e:#}");
+            ExitCode::FAILURE
         }
     }
 }
@@ -726,7 +748,7 @@ async fn client(cmd: Command) -> anyhow::Result<ExitCode> {
     use admin::entries_client::EntriesClient;
     use admin::tokens_client::TokensClient;
     match cmd {
-        Command::Run(_) => bail!("unreachable"),
+        Command::Run(_) | Command::Backup(_) | Command::Restore(_) => bail!("unreachable"),
         Command::Ci(command) => return ci::run(command).await,
         Command::Entry(EntryCommand::Create {
             conn,

@@ -38,6 +38,7 @@
 pub mod admin;
 pub mod audit;
 pub mod authority;
+pub mod backup;
 pub mod bundle;
 pub mod ci;
 pub mod config;

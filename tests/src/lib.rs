@@ -361,6 +361,11 @@ impl Ca {
         });
     }
 
+    /// Replaces the `run` flags [`Ca::restart`] passes (a server restored elsewhere).
+    pub fn set_extra(&mut self, extra: &[&str]) {
+        self.extra = extra.iter().map(|s| s.to_string()).collect();
+    }
+
     /// Starts again with the same data, addresses and options (after [`Proc::stop`]).
     pub fn restart(&mut self) {
         self.proc = Self::spawn(

@@ -2162,6 +2162,8 @@ fn decode_audit(row: &AnyRow) -> Result<AuditRecord, StoreError> {
     })
 }
 
+pub mod dump;
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -698,10 +698,7 @@ async fn batch_sign_and_jwt_only_for_own_entries() {
         let refused = &details["node_refused"];
         assert_eq!(refused["total"], 3, "{details}");
         let by = refused["by"].as_array().unwrap();
-        assert!(
-            by.iter().all(|r| r["actor"] == a.id.as_str()),
-            "{details}"
-        );
+        assert!(by.iter().all(|r| r["actor"] == a.id.as_str()), "{details}");
         assert!(
             by.iter()
                 .any(|r| r["what"].as_str().unwrap().contains("theirs")),

@@ -9,6 +9,8 @@ mod fixture;
 
 #[path = "store/audit.rs"]
 mod audit;
+#[path = "store/dump.rs"]
+mod dump;
 #[path = "store/entries.rs"]
 mod entries;
 #[path = "store/lifecycle.rs"]
@@ -34,6 +36,7 @@ macro_rules! on_both_backends {
 }
 
 on_both_backends! {
+    dump::snapshot_and_restore,
     entries::entry_crud,
     entries::entry_already_exists,
     entries::entry_revision_conflict,
