@@ -117,4 +117,5 @@ fn check_proxy_config(dir: &Path, proxy_toml: &str, policy: &Path) -> (i32, Stri
 }
 
 mod kubernetes;
+mod prometheus;
 mod systemd;
