@@ -83,6 +83,17 @@ impl From<ServiceError> for Status {
                 AuthorityError::Svid(_) | AuthorityError::Jwt(_) | AuthorityError::ForeignId { .. },
             ) => Status::invalid_argument(msg),
             ServiceError::Interrupted => Status::unavailable(msg),
+            // No connection to the database within the pool's wait: nothing was begun. The
+            // client may retry; the agents keep serving what they hold.
+            ServiceError::Store(StoreError::Backend(sqlx::Error::PoolTimedOut))
+            | ServiceError::Authority(AuthorityError::Store(StoreError::Backend(
+                sqlx::Error::PoolTimedOut,
+            ))) => {
+                tracing::warn!(error = %msg, "refused: the datastore cannot be reached");
+                Status::unavailable(format!(
+                    "the datastore cannot be reached, so nothing was changed; retry once it is back ({msg})"
+                ))
+            }
             _ => {
                 tracing::error!(error = %msg, "internal error");
                 Status::internal(msg)

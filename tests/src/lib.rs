@@ -526,6 +526,11 @@ impl Agent {
     /// Starts an agent against `ca`, attesting with `token`, with its socket in `dir/agent`
     /// (a directory every user may enter, so tests can call it as another uid).
     pub fn start(dir: &Path, ca: &Ca, token: &str) -> Agent {
+        Self::start_with(dir, ca, token, &[])
+    }
+
+    /// [`Agent::start`] with more `run` flags (`--config FILE` for several CA servers).
+    pub fn start_with(dir: &Path, ca: &Ca, token: &str, extra: &[String]) -> Agent {
         use std::os::unix::fs::PermissionsExt;
         let bundle = dir.join("bundle.pem");
         std::fs::write(&bundle, ca.ok(&["bundle", "show"])).unwrap();
@@ -538,6 +543,7 @@ impl Agent {
         let socket = sock_dir.join("api.sock");
         let mut args = agent_run_args(ca, &bundle, &data_dir, &socket, &ops_address);
         args.extend(["--join-token".into(), token.to_owned()]);
+        args.extend(extra.iter().cloned());
         let mut proc = Proc::start("meshid-agent", "meshid-agent", &args, dir.join("agent.log"));
         let ops = ops_address.clone();
         let mut tries = 0;

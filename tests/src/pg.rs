@@ -14,6 +14,38 @@ pub struct Cluster {
     dir: PathBuf,
     pg_ctl: PathBuf,
     root: bool,
+    /// The server's options (`pg_ctl start -o`).
+    options: String,
+}
+
+impl Cluster {
+    /// Stops the server (`fast`: clients are disconnected, what committed is kept; `immediate`:
+    /// as a crash).
+    pub fn stop(&self, mode: &str) {
+        let mut stop = as_owner(self.root, &self.pg_ctl);
+        stop.arg("-D")
+            .arg(self.dir.join("data"))
+            .args(["stop", "-w", "-t", "30", "-m", mode]);
+        if let Err(e) = run(stop, "pg_ctl stop") {
+            panic!("{e:?}");
+        }
+    }
+
+    /// Starts it again, on the same port, after [`Cluster::stop`].
+    pub fn start(&self) {
+        let mut start = as_owner(self.root, &self.pg_ctl);
+        start
+            .arg("-D")
+            .arg(self.dir.join("data"))
+            .arg("-l")
+            .arg(self.dir.join("log"))
+            .arg("-o")
+            .arg(&self.options)
+            .args(["-w", "-t", "30", "start"]);
+        if let Err(e) = run(start, "pg_ctl start") {
+            panic!("{e:?}");
+        }
+    }
 }
 
 impl Drop for Cluster {
@@ -159,6 +191,10 @@ pub fn start_cluster() -> Result<Cluster, Unavailable> {
     let mut last_error = Unavailable::Failed("no attempt".to_owned());
     for _ in 0..3 {
         let port = free_port()?;
+        let options = format!(
+            "-p {port} -k {} -c listen_addresses=127.0.0.1 -c fsync=off -c max_connections=200",
+            dir.display()
+        );
         let mut start = as_owner(root, &bin.join("pg_ctl"));
         start
             .arg("-D")
@@ -166,10 +202,7 @@ pub fn start_cluster() -> Result<Cluster, Unavailable> {
             .arg("-l")
             .arg(dir.join("log"))
             .arg("-o")
-            .arg(format!(
-                "-p {port} -k {} -c listen_addresses=127.0.0.1 -c fsync=off -c max_connections=200",
-                dir.display()
-            ))
+            .arg(&options)
             .args(["-w", "-t", "30", "start"]);
         match run(start, "pg_ctl start") {
             Ok(()) => {
@@ -178,6 +211,7 @@ pub fn start_cluster() -> Result<Cluster, Unavailable> {
                     dir,
                     pg_ctl: bin.join("pg_ctl"),
                     root,
+                    options,
                 });
             }
             Err(e) => {

@@ -34,6 +34,9 @@ use crate::audit::{AuditEvent, AuditRecord};
 use crate::config::redact_url;
 use crate::entry::{EntryId, EntrySpec, RegistrationEntry};
 
+/// How long a call waits for a PostgreSQL connection before it is refused as unavailable.
+pub const POSTGRES_ACQUIRE_TIMEOUT: Duration = Duration::from_secs(5);
+
 /// The newest schema version this binary knows (the last entry of the migration list).
 pub const SCHEMA_VERSION: i64 = 10;
 
@@ -564,9 +567,12 @@ impl SqlStore {
 
     async fn open_postgres(url: &str) -> Result<Self, StoreError> {
         sqlx::any::install_default_drivers();
+        // A database that cannot be reached fails a call after this wait (unavailable: nothing
+        // was begun) rather than holding it: agents serve what they hold meanwhile, and callers
+        // retry. Under load a free connection comes well within it.
         let pool = AnyPoolOptions::new()
             .max_connections(10)
-            .acquire_timeout(Duration::from_secs(30))
+            .acquire_timeout(POSTGRES_ACQUIRE_TIMEOUT)
             .connect(url)
             .await?;
         let store = Self {

@@ -8,6 +8,7 @@ mod agent;
 mod backup;
 mod deploy;
 mod federation;
+mod ha;
 mod interop;
 mod layout;
 mod netns;
