@@ -12,6 +12,7 @@
 //! transaction, the keys into a directory renamed into place after the commit.
 
 use std::io::{BufRead, BufReader, Write};
+use std::os::unix::fs::DirBuilderExt as _;
 use std::path::{Path, PathBuf};
 
 use age::secrecy::SecretString;
@@ -263,9 +264,36 @@ struct Lines {
     n: usize,
 }
 
+/// Reads a file and hashes what it read (the ciphertext), so that a restore's second read can
+/// be shown to be of the same bytes as the first.
+struct Hashing {
+    file: std::fs::File,
+    hash: std::sync::Arc<std::sync::Mutex<sha2::Sha256>>,
+}
+
+impl std::io::Read for Hashing {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        use sha2::Digest as _;
+        let n = self.file.read(buf)?;
+        self.hash
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .update(&buf[..n]);
+        Ok(n)
+    }
+}
+
 impl Lines {
     fn open(path: &Path, unlock: &Unlock) -> Result<Self, BackupError> {
         let file = std::fs::File::open(path).map_err(|e| io_err("open", path, e))?;
+        Self::decrypt(file, unlock)
+    }
+
+    /// Decrypts from the start of `file` (a handle of its own, positioned at 0).
+    fn decrypt(
+        file: impl std::io::Read + Send + 'static,
+        unlock: &Unlock,
+    ) -> Result<Self, BackupError> {
         let decryptor = age::Decryptor::new_buffered(BufReader::new(file))
             .map_err(|e| BackupError::Decrypt(e.to_string()))?;
         let reader = match unlock {
@@ -300,9 +328,15 @@ impl Lines {
                 self.n
             )));
         }
-        serde_json::from_slice(&self.buf)
-            .map(Some)
-            .map_err(|e| BackupError::Invalid(format!("line {}: {e}", self.n)))
+        // serde's message can quote the value it did not expect: only its position is said.
+        serde_json::from_slice(&self.buf).map(Some).map_err(|e| {
+            BackupError::Invalid(format!(
+                "line {} is not a backup line ({:?} error at column {})",
+                self.n,
+                e.classify(),
+                e.column()
+            ))
+        })
     }
 }
 
@@ -405,17 +439,59 @@ pub struct Target<'a> {
 }
 
 /// Restores `path` into `target`, all or nothing. Returns the header and counts.
+///
+/// The file is opened once and read twice through the same handle: first to check everything
+/// without writing (a wrong key, a damaged or cut file, another trust domain or schema, a target
+/// that is not fresh are refused here), then to write, in one datastore transaction that
+/// commits only after the key files are staged and the second read is shown to be the same
+/// ciphertext as the first. Only the rename of the staged keys into place follows the commit.
 pub async fn restore(
     path: &Path,
     unlock: &Unlock,
     target: Target<'_>,
 ) -> Result<(Header, Counts), BackupError> {
+    use sha2::Digest as _;
+    use std::io::Seek as _;
+    let file = std::fs::File::open(path).map_err(|e| io_err("open", path, e))?;
+    let hashed = |file: &std::fs::File| -> Result<
+        (Lines, std::sync::Arc<std::sync::Mutex<sha2::Sha256>>),
+        BackupError,
+    > {
+        let mut f = file.try_clone().map_err(|e| io_err("read", path, e))?;
+        f.seek(std::io::SeekFrom::Start(0))
+            .map_err(|e| io_err("read", path, e))?;
+        let hash = std::sync::Arc::new(std::sync::Mutex::new(sha2::Sha256::new()));
+        let lines = Lines::decrypt(
+            Hashing {
+                file: f,
+                hash: std::sync::Arc::clone(&hash),
+            },
+            unlock,
+        )?;
+        Ok((lines, hash))
+    };
+    let digest = |h: &std::sync::Arc<std::sync::Mutex<sha2::Sha256>>| {
+        h.lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+            .finalize()
+    };
+
     // Pass 1: read everything, write nothing.
-    let (header, counts) = inspect(path, unlock)?;
+    let (lines, hash1) = hashed(&file)?;
+    let (header, counts) = check_lines(lines)?;
+    let first = digest(&hash1);
     if header.trust_domain != target.trust_domain {
         return Err(BackupError::Refused(format!(
             "the backup is of trust domain {}, the configuration's is {}",
             header.trust_domain, target.trust_domain
+        )));
+    }
+    if header.schema_version != crate::store::sql::SCHEMA_VERSION {
+        return Err(BackupError::Refused(format!(
+            "the backup is of schema version {}, this meshid-ca's is {}: restore it with the meshid-ca version that made it, then upgrade",
+            header.schema_version,
+            crate::store::sql::SCHEMA_VERSION
         )));
     }
     let key_dir = target.data_dir.join("keys");
@@ -429,12 +505,20 @@ pub async fn restore(
         .datastore
         .strip_prefix("sqlite://")
         .map(PathBuf::from);
-    if let Some(f) = &sqlite_file {
-        if f.exists() {
+    match &sqlite_file {
+        Some(f) if f.exists() => {
             return Err(BackupError::Refused(format!(
                 "{} exists: restore into a fresh data directory",
                 f.display()
-            )));
+            )))
+        }
+        Some(_) => {}
+        None => {
+            // Looked at as it is, before anything (a migration included) touches it.
+            let store = SqlStore::open_unmigrated(target.datastore).await?;
+            let fresh = store.check_fresh().await;
+            store.close().await;
+            fresh.map_err(|e| BackupError::Refused(e.to_string()))?;
         }
     }
 
@@ -445,16 +529,18 @@ pub async fn restore(
         .data_dir
         .join(format!(".keys.restore-{}", std::process::id()));
     let result = async {
+        std::fs::DirBuilder::new()
+            .mode(0o700)
+            .create(&staging)
+            .map_err(|e| io_err("create", &staging, e))?;
         let store = SqlStore::open(target.datastore).await?;
-        let written = write_all(path, unlock, &store, &staging).await;
+        let written = write_all(hashed(&file)?, &first, &store, &staging, counts).await;
         store.close().await;
-        let (tables, rows, keys) = written?;
-        if (Counts { tables, rows, keys }) != counts {
-            return Err(BackupError::Invalid(
-                "it changed between the two reads".to_owned(),
-            ));
-        }
+        written?;
         std::fs::rename(&staging, &key_dir).map_err(|e| io_err("rename to", &key_dir, e))?;
+        std::fs::File::open(target.data_dir)
+            .and_then(|d| d.sync_all())
+            .map_err(|e| io_err("sync", target.data_dir, e))?;
         Ok(())
     }
     .await;
@@ -472,64 +558,81 @@ pub async fn restore(
     Ok((header, counts))
 }
 
+/// Pass 2 of [`restore`]: the dump into `store` in one transaction, which commits once the key
+/// files are staged, the counts match pass 1's and the ciphertext read is pass 1's (`first`).
 async fn write_all(
-    path: &Path,
-    unlock: &Unlock,
+    (lines, hash): (Lines, std::sync::Arc<std::sync::Mutex<sha2::Sha256>>),
+    first: &[u8],
     store: &SqlStore,
     staging: &Path,
-) -> Result<(u64, u64, u64), BackupError> {
-    crate::authority::ensure_private_dir(staging).map_err(|e| io_err("create", staging, e))?;
-    let mut lines = Lines::open(path, unlock)?;
-    let Some(BackupLine::Header(header)) = lines.next_line()? else {
+    expected: Counts,
+) -> Result<(), BackupError> {
+    use sha2::Digest as _;
+    let lines = std::cell::RefCell::new(lines);
+    let Some(BackupLine::Header(header)) = lines.borrow_mut().next_line()? else {
         return Err(BackupError::Invalid("no header".to_owned()));
     };
-    // The dump streams from the file into the datastore's transaction; the line after it
-    // (a key or the end) is kept for below.
-    let mut after = None;
-    let mut failed = None;
+    // The dump streams from the file into the transaction; the line after it (a key or the
+    // end) is kept for what follows.
+    let after = std::cell::RefCell::new(None);
+    let failed = std::cell::RefCell::new(None);
     let dump = std::iter::from_fn(|| {
-        if after.is_some() || failed.is_some() {
+        if after.borrow().is_some() || failed.borrow().is_some() {
             return None;
         }
-        match lines.next_line() {
+        match lines.borrow_mut().next_line() {
             Ok(Some(BackupLine::Dump(d))) => Some(Ok(d)),
             Ok(other) => {
-                after = Some(other);
+                *after.borrow_mut() = Some(other);
                 None
             }
             Err(e) => {
                 let msg = e.to_string();
-                failed = Some(e);
+                *failed.borrow_mut() = Some(e);
                 Some(Err(msg))
             }
         }
     });
-    let restored = store.restore(header.schema_version, dump).await;
-    if let Some(e) = failed {
+    let before_commit = |tables: u64, rows: u64| -> Result<(), String> {
+        let mut keys = 0;
+        let mut next = after.borrow_mut().take().flatten();
+        while let Some(line) = next {
+            match line {
+                BackupLine::Key(k) => {
+                    if !valid_key_name(&k.name) {
+                        return Err(format!("a key file named {:?}", k.name));
+                    }
+                    let p = staging.join(&k.name);
+                    meshid_api::files::write_private(&p, k.contents.as_bytes())
+                        .map_err(|e| format!("cannot write {}: {e}", p.display()))?;
+                    keys += 1;
+                }
+                BackupLine::End(_) => {}
+                _ => return Err(format!("line {} is out of place", lines.borrow().n)),
+            }
+            next = lines.borrow_mut().next_line().map_err(|e| e.to_string())?;
+        }
+        if (Counts { tables, rows, keys }) != expected {
+            return Err("it changed between the two reads".to_owned());
+        }
+        let second = hash
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+            .finalize();
+        if second.as_slice() != first {
+            return Err("the file changed between the two reads".to_owned());
+        }
+        Ok(())
+    };
+    let restored = store
+        .restore_then(header.schema_version, dump, before_commit)
+        .await;
+    if let Some(e) = failed.into_inner() {
         return Err(e);
     }
-    let (tables, rows) = restored?;
-    let mut keys = 0;
-    let mut next = after.flatten();
-    while let Some(line) = next {
-        match line {
-            BackupLine::Key(k) => {
-                let p = staging.join(&k.name);
-                meshid_api::files::write_private(&p, k.contents.as_bytes())
-                    .map_err(|e| io_err("write", &p, e))?;
-                keys += 1;
-            }
-            BackupLine::End(_) => {}
-            _ => {
-                return Err(BackupError::Invalid(format!(
-                    "line {} is out of place",
-                    lines.n
-                )))
-            }
-        }
-        next = lines.next_line()?;
-    }
-    Ok((tables, rows, keys))
+    restored?;
+    Ok(())
 }
 
 /// What [`backup`] puts in the header, for `store` as configured.

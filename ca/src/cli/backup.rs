@@ -107,7 +107,16 @@ pub async fn backup(args: BackupArgs) -> anyhow::Result<ExitCode> {
                 .collect::<anyhow::Result<_>>()?,
         ),
     };
-    let store = meshid_ca::store::sql::SqlStore::open(config.datastore.as_str()).await?;
+    // As it is: a backup neither creates a datastore (a mistyped path is an error, not an
+    // empty backup) nor migrates one.
+    let store = meshid_ca::store::sql::SqlStore::open_unmigrated(config.datastore.as_str()).await?;
+    let version = store.schema_version().await?;
+    if version != meshid_ca::store::sql::SCHEMA_VERSION {
+        anyhow::bail!(
+            "the datastore is at schema version {version}, this meshid-ca's is {}: back it up with the meshid-ca that runs it",
+            meshid_ca::store::sql::SCHEMA_VERSION
+        );
+    }
     let header =
         meshid_ca::backup::header(&store, config.trust_domain.as_str(), &config.server_id).await?;
     let counts = meshid_ca::backup::backup(

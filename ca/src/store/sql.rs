@@ -523,9 +523,27 @@ impl SqlStore {
             if path.is_empty() || path.contains('?') || path == ":memory:" {
                 return Err(StoreError::UnsupportedUrl(url.to_owned()));
             }
-            Self::open_sqlite(Path::new(path)).await
+            Self::open_sqlite(Path::new(path), true).await
         } else if url.starts_with("postgres://") || url.starts_with("postgresql://") {
-            Self::open_postgres(url).await
+            Self::open_postgres(url, true).await
+        } else {
+            Err(StoreError::UnsupportedUrl(redact_url(url)))
+        }
+    }
+
+    /// Opens an existing datastore as it is: no file is created and nothing is migrated
+    /// (`backup` reads it; `restore` checks a target before it writes anything).
+    pub async fn open_unmigrated(url: &str) -> Result<Self, StoreError> {
+        if let Some(path) = url.strip_prefix("sqlite://") {
+            if path.is_empty() || path.contains('?') || path == ":memory:" {
+                return Err(StoreError::UnsupportedUrl(url.to_owned()));
+            }
+            if !Path::new(path).is_file() {
+                return Err(StoreError::NotFound(format!("SQLite datastore {path}")));
+            }
+            Self::open_sqlite(Path::new(path), false).await
+        } else if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+            Self::open_postgres(url, false).await
         } else {
             Err(StoreError::UnsupportedUrl(redact_url(url)))
         }
@@ -533,10 +551,10 @@ impl SqlStore {
 
     /// Opens (creating if needed) the SQLite datastore `dir/meshid-ca.db`.
     pub async fn open_sqlite_in(dir: &Path) -> Result<Self, StoreError> {
-        Self::open_sqlite(&dir.join(SQLITE_FILE_NAME)).await
+        Self::open_sqlite(&dir.join(SQLITE_FILE_NAME), true).await
     }
 
-    async fn open_sqlite(path: &Path) -> Result<Self, StoreError> {
+    async fn open_sqlite(path: &Path, migrate: bool) -> Result<Self, StoreError> {
         sqlx::any::install_default_drivers();
         let path = create_private_file(path)?;
         let options = SqliteConnectOptions::new().filename(&path).to_url_lossy();
@@ -555,7 +573,9 @@ impl SqlStore {
             sqlite_writer: Mutex::new(()),
             write_failure: std::sync::Mutex::new(None),
         };
-        store.migrate().await?;
+        if migrate {
+            store.migrate().await?;
+        }
         // SQLite creates -wal and -shm with the database file's mode; make sure regardless.
         for suffix in ["-wal", "-shm"] {
             let mut side = path.clone().into_os_string();
@@ -565,7 +585,7 @@ impl SqlStore {
         Ok(store)
     }
 
-    async fn open_postgres(url: &str) -> Result<Self, StoreError> {
+    async fn open_postgres(url: &str, migrate: bool) -> Result<Self, StoreError> {
         sqlx::any::install_default_drivers();
         // A database that cannot be reached fails a call after this wait (unavailable: nothing
         // was begun) rather than holding it: agents serve what they hold meanwhile, and callers
@@ -581,7 +601,9 @@ impl SqlStore {
             sqlite_writer: Mutex::new(()),
             write_failure: std::sync::Mutex::new(None),
         };
-        store.migrate().await?;
+        if migrate {
+            store.migrate().await?;
+        }
         Ok(store)
     }
 
@@ -607,7 +629,9 @@ impl SqlStore {
                 })
             }
             Dialect::Postgres => {
-                let mut tx = Tx::begin(&self.pool, "BEGIN")
+                // READ COMMITTED whatever the server's default: each statement after the lock
+                // sees what the previous holder committed (the head, above all).
+                let mut tx = Tx::begin(&self.pool, "BEGIN ISOLATION LEVEL READ COMMITTED")
                     .await
                     .inspect_err(|e| note_write(&self.write_failure, Some(e)))?;
                 sqlx::query("SELECT pg_advisory_xact_lock($1)")

@@ -8,7 +8,8 @@
 
 use base64::Engine as _;
 use serde::{Deserialize, Serialize};
-use sqlx::{Column as _, Row as _};
+use sqlx::Row as _;
+use tokio_stream::StreamExt as _;
 
 use super::{Dialect, SqlStore, Tx, SCHEMA_VERSION};
 use crate::store::StoreError;
@@ -110,23 +111,22 @@ impl SqlStore {
         let io = |e: std::io::Error| StoreError::Corrupt(format!("cannot write the dump: {e}"));
         let mut rows = 0;
         for table in &tables {
-            // Rows in a stable order: by the first column (every table's key starts there).
-            let all = sqlx::query(&format!("SELECT * FROM {table} ORDER BY 1"))
-                .fetch_all(&mut *tx)
-                .await?;
-            let columns: Vec<String> = match all.first() {
-                Some(r) => r.columns().iter().map(|c| c.name().to_owned()).collect(),
-                None => self.columns(&mut tx, table).await?,
-            };
+            let columns = self.columns(&mut tx, table).await?;
             out(DumpLine::Table {
                 name: table.clone(),
                 columns: columns.clone(),
             })
             .map_err(io)?;
-            for r in &all {
+            // Streamed, in a stable order (by the first column: every table's key starts
+            // there), so a table of any size passes through without being held.
+            let list = columns.join(", ");
+            let sql = format!("SELECT {list} FROM {table} ORDER BY 1");
+            let mut stream = sqlx::query(&sql).fetch(&mut *tx);
+            while let Some(r) = stream.next().await {
+                let r = r?;
                 let mut values = Vec::with_capacity(columns.len());
                 for i in 0..columns.len() {
-                    values.push(value(r, i)?);
+                    values.push(value(&r, i)?);
                 }
                 out(DumpLine::Row(values)).map_err(io)?;
                 rows += 1;
@@ -144,12 +144,40 @@ impl SqlStore {
                  WHERE table_schema = current_schema() AND table_name = '{table}' ORDER BY ordinal_position"
             ),
         };
-        sqlx::query(&sql)
-            .fetch_all(&mut **tx)
-            .await?
-            .iter()
-            .map(|r| r.try_get::<String, _>(0).map_err(StoreError::from))
-            .collect()
+        let mut out = Vec::new();
+        for r in sqlx::query(&sql).fetch_all(&mut **tx).await? {
+            let name: String = r.try_get(0)?;
+            if !valid_name(&name) {
+                return Err(StoreError::Corrupt(format!(
+                    "unexpected column name {name:?} in {table}"
+                )));
+            }
+            out.push(name);
+        }
+        Ok(out)
+    }
+
+    /// Whether this datastore (opened with [`SqlStore::open_unmigrated`]) may be restored
+    /// into: no tables at all, or this binary's schema with every table empty.
+    pub async fn check_fresh(&self) -> Result<(), StoreError> {
+        let mut tx = Tx::begin(&self.pool, "BEGIN").await?;
+        let all = self.tables(&mut tx).await?;
+        tx.commit().await?;
+        if all.is_empty() {
+            return Ok(());
+        }
+        let version = self.schema_version().await.unwrap_or(0);
+        if version != SCHEMA_VERSION {
+            return Err(StoreError::Corrupt(format!(
+                "the target datastore holds tables of schema version {version} (this meshid-ca's is {SCHEMA_VERSION}): restore into a fresh database"
+            )));
+        }
+        if !self.is_empty().await? {
+            return Err(StoreError::Corrupt(
+                "the target datastore is not empty: restore into a fresh database".to_owned(),
+            ));
+        }
+        Ok(())
     }
 
     /// Whether every table of this datastore is empty (a fresh one, migrated).
@@ -173,6 +201,18 @@ impl SqlStore {
         &self,
         schema_version: i64,
         lines: impl IntoIterator<Item = Result<DumpLine, String>>,
+    ) -> Result<(u64, u64), StoreError> {
+        self.restore_then(schema_version, lines, |_, _| Ok(()))
+            .await
+    }
+
+    /// [`SqlStore::restore`], with `before_commit` run on the counts (tables, rows) before the
+    /// transaction commits: an error from it rolls everything back.
+    pub async fn restore_then(
+        &self,
+        schema_version: i64,
+        lines: impl IntoIterator<Item = Result<DumpLine, String>>,
+        before_commit: impl FnOnce(u64, u64) -> Result<(), String>,
     ) -> Result<(u64, u64), StoreError> {
         let refuse = |why: String| StoreError::Corrupt(why);
         let have = self.schema_version().await?;
@@ -250,6 +290,7 @@ impl SqlStore {
                 }
             }
         }
+        before_commit(tables, rows).map_err(refuse)?;
         tx.commit().await?;
         Ok((tables, rows))
     }
