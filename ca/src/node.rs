@@ -863,14 +863,16 @@ impl node::node_server::Node for NodeService {
                     ServiceError::Store(StoreError::TokenRejected)
                         | ServiceError::AgentDenied { .. }
                 ) {
+                    // A refusal (not an outage, which is no one's doing): counted into the
+                    // audit summary by the address it came from.
                     self.ca.metrics.node_denied.inc();
+                    let from = peer.map_or_else(|| "<unknown>".to_owned(), |p| p.ip().to_string());
+                    self.ca.audit_counts.add(
+                        crate::audit::summary::Kind::NodeRefused,
+                        &from,
+                        &format!("AttestJoinToken: {e}"),
+                    );
                 }
-                let from = peer.map_or_else(|| "<unknown>".to_owned(), |p| p.ip().to_string());
-                self.ca.audit_counts.add(
-                    crate::audit::summary::Kind::NodeRefused,
-                    &from,
-                    &format!("AttestJoinToken: {e}"),
-                );
                 tracing::warn!(peer = ?peer, error = %e, "node attestation refused");
                 Err(NodeError::from(e).into())
             }

@@ -349,10 +349,14 @@ pub async fn run(
     } else {
         listeners.audit.summary_interval
     };
+    // The audit tasks stop last, each on its own signal: the summary of the servers' last
+    // calls is recorded after they have finished, and shipped after it is recorded.
+    let (summary_stop, summary_rx) = watch::channel(false);
+    let (ship_stop, ship_rx) = watch::channel(false);
     let summaries = tokio::spawn(crate::audit::ship::summary_loop(
         ca.clone(),
         summary_interval,
-        stop_rx.clone(),
+        summary_rx,
     ));
 
     let mut admin_stop = stop_rx.clone();
@@ -399,7 +403,7 @@ pub async fn run(
     let shipper = tokio::spawn(crate::audit::ship::ship_loop(
         ca.clone(),
         listeners.audit,
-        stop_rx.clone(),
+        ship_rx,
     ));
 
     let mut ops_stop = stop_rx;
@@ -424,10 +428,12 @@ pub async fn run(
         let _ = feed.await;
     }
     let admin_result = admin.await;
-    // After the servers: the summary of their last calls, then everything shipped.
-    let _ = summaries.await;
-    let _ = shipper.await;
     let node_result = node.await;
+    // After the servers: the summary of their last calls, then everything shipped.
+    let _ = summary_stop.send(true);
+    let _ = summaries.await;
+    let _ = ship_stop.send(true);
+    let _ = shipper.await;
     let ops_result = ops.await;
     admin_result??;
     node_result??;

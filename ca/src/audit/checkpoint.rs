@@ -83,8 +83,12 @@ impl CheckpointKey {
                 let rng = ring::rand::SystemRandom::new();
                 let doc = Ed25519KeyPair::generate_pkcs8(&rng)
                     .map_err(|_| invalid("cannot generate a key".to_owned()))?;
+                // A directory made here is private; an existing one is left as it is (it may
+                // be /etc/meshid).
                 if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-                    meshid_api::files::ensure_private_dir(dir).map_err(io)?;
+                    if !dir.exists() {
+                        meshid_api::files::ensure_private_dir(dir).map_err(io)?;
+                    }
                 }
                 let pem = meshid_api::files::pem_secret("PRIVATE KEY", doc.as_ref());
                 meshid_api::files::write_private(path, pem.as_bytes()).map_err(io)?;

@@ -157,6 +157,11 @@ pub struct ExportSummary {
     pub checkpoints: u64,
     /// The last checkpoint: (seq, time).
     pub last_checkpoint: Option<(i64, i64)>,
+    /// The records after the last checkpoint (not signed yet: a checkpoint follows each
+    /// interval).
+    pub unsigned_tail: u64,
+    /// The trust domain the checkpoints name (all the same).
+    pub trust_domain: Option<String>,
     /// The keys that signed checkpoints, by [`super::checkpoint::key_id`].
     pub key_ids: std::collections::BTreeSet<String>,
     /// Every record's (seq, hash), to compare with the CA's own chain.
@@ -202,6 +207,7 @@ pub fn verify_export(
                     .push(&record)
                     .map_err(|violation| ExportError::Chain { line: n, violation })?;
                 summary.records += 1;
+                summary.unsigned_tail += 1;
                 summary.last_seq = record.seq;
                 summary.hashes.push((record.seq, record.hash));
             }
@@ -215,6 +221,16 @@ pub fn verify_export(
                     .verify(pinned)
                     .map_err(|e: CheckpointError| bad(e.to_string()))?;
                 let hash = c.hash_bytes().map_err(|e| bad(e.to_string()))?;
+                match &summary.trust_domain {
+                    Some(td) if *td != c.trust_domain => {
+                        return Err(bad(format!(
+                            "it is for trust domain {:?}, the ones before it for {td:?} (two trails mixed)",
+                            c.trust_domain
+                        )))
+                    }
+                    Some(_) => {}
+                    None => summary.trust_domain = Some(c.trust_domain.clone()),
+                }
                 match summary.hashes.last() {
                     Some(&(seq, h)) if seq == c.seq && h == hash => {}
                     Some(&(seq, _)) if seq == c.seq => {
@@ -228,6 +244,7 @@ pub fn verify_export(
                     }
                 }
                 summary.checkpoints += 1;
+                summary.unsigned_tail = 0;
                 summary.last_checkpoint = Some((c.seq, c.time));
                 summary.key_ids.insert(super::checkpoint::key_id(&public));
             }

@@ -74,6 +74,11 @@ impl Shipping {
     }
 }
 
+/// Records shipped to the file per tick (so that a long gap is filled in steps, each short).
+const FILE_PER_TICK: usize = 10_000;
+/// Records sent to syslog per tick: datagrams a flooded daemon would drop.
+const SYSLOG_PER_TICK: usize = 100;
+
 enum Out {
     File(FileSink),
     Syslog(SyslogSink),
@@ -86,16 +91,29 @@ impl Out {
             Out::Syslog(s) => s.send(lines, cursor),
         }
     }
+
+    /// The file was moved aside (rotated) since it was opened.
+    fn rotated(&self) -> bool {
+        match self {
+            Out::File(f) => !f.still_at_path(),
+            Out::Syslog(_) => false,
+        }
+    }
 }
+
+type Opener = Arc<dyn Fn() -> std::io::Result<(Out, Cursor)> + Send + Sync>;
 
 /// One sink's shipping state.
 struct Target {
     name: &'static str,
-    open: Box<dyn Fn() -> std::io::Result<(Out, Cursor)> + Send>,
+    per_tick: usize,
+    open: Opener,
     out: Option<Out>,
     cursor: Cursor,
     /// The cursor was checked against the datastore since the sink was opened.
     checked: bool,
+    /// The file was rotated: the new one continues from the cursor.
+    continuing: bool,
     faulted: bool,
     backoff: Duration,
     retry_at: Instant,
@@ -104,22 +122,62 @@ struct Target {
 }
 
 impl Target {
-    fn new(
-        name: &'static str,
-        open: Box<dyn Fn() -> std::io::Result<(Out, Cursor)> + Send>,
-    ) -> Self {
+    fn new(name: &'static str, per_tick: usize, open: Opener) -> Self {
         Self {
             name,
+            per_tick,
             open,
             out: None,
             cursor: (0, [0; 32]),
             checked: false,
+            continuing: false,
             faulted: false,
             backoff: Duration::ZERO,
             retry_at: Instant::now(),
             checkpointed: -1,
             checkpoint_at: Instant::now(),
         }
+    }
+
+    /// Writes off the async workers (a file on a slow or hung volume must not stall them).
+    async fn write(&mut self, lines: Vec<Line>, cursor: Cursor) -> std::io::Result<()> {
+        let Some(mut out) = self.out.take() else {
+            return Err(std::io::Error::other("the sink is not open"));
+        };
+        match tokio::task::spawn_blocking(move || {
+            let r = out.write(&lines, cursor);
+            (out, r)
+        })
+        .await
+        {
+            Ok((out, r)) => {
+                self.out = Some(out);
+                r
+            }
+            Err(e) => Err(std::io::Error::other(format!(
+                "the writing task failed: {e}"
+            ))),
+        }
+    }
+
+    async fn reopen(&mut self) -> std::io::Result<()> {
+        let open = self.open.clone();
+        let (out, cursor) = tokio::task::spawn_blocking(move || open())
+            .await
+            .map_err(|e| std::io::Error::other(format!("the opening task failed: {e}")))??;
+        self.out = Some(out);
+        if self.continuing && cursor.0 == 0 {
+            // A fresh file after rotation: it continues the chain where the old one ended
+            // (an export may start after record 1); its first checkpoint follows its first
+            // records.
+            self.checkpointed = self.cursor.0;
+        } else {
+            // A reopened sink holds what was shipped to it; its own record of that wins.
+            self.cursor = cursor;
+            self.checked = false;
+        }
+        self.continuing = false;
+        Ok(())
     }
 
     fn failed(&mut self, ca: &Ca, what: &str, e: &dyn std::fmt::Display) {
@@ -154,13 +212,15 @@ pub async fn ship_loop(ca: Ca, shipping: Shipping, mut stop: watch::Receiver<boo
     if let Some(path) = shipping.file.clone() {
         targets.push(Target::new(
             "file",
-            Box::new(move || FileSink::open(&path).map(|(f, c)| (Out::File(f), c))),
+            FILE_PER_TICK,
+            Arc::new(move || FileSink::open(&path).map(|(f, c)| (Out::File(f), c))),
         ));
     }
     if let Some((socket, cursor)) = shipping.syslog.clone() {
         targets.push(Target::new(
             "syslog",
-            Box::new(move || SyslogSink::open(&socket, &cursor).map(|(s, c)| (Out::Syslog(s), c))),
+            SYSLOG_PER_TICK,
+            Arc::new(move || SyslogSink::open(&socket, &cursor).map(|(s, c)| (Out::Syslog(s), c))),
         ));
     }
     let Some(key) = shipping.key.clone() else {
@@ -238,31 +298,33 @@ async fn ship_one(
     if t.faulted || Instant::now() < t.retry_at {
         return;
     }
+    if t.out.as_ref().is_some_and(Out::rotated) {
+        tracing::info!(
+            sink = t.name,
+            seq = t.cursor.0 + 1,
+            "audit file: it was moved aside (rotated); a new one continues from the next record"
+        );
+        t.out = None;
+        t.continuing = true;
+    }
     if t.out.is_none() {
-        match (t.open)() {
-            Ok((out, cursor)) => {
-                t.out = Some(out);
-                // A reopened sink holds what was shipped to it; its own record of that wins.
-                t.cursor = cursor;
-                t.checked = false;
-            }
-            Err(e) => return t.failed(ca, "open it", &e),
+        if let Err(e) = t.reopen().await {
+            return t.failed(ca, "open it", &e);
         }
     }
     // The head only grows: one behind the cursor means records were removed.
     if !t.checked || head < t.cursor.0 {
         match still_there(ca, t.cursor).await {
             Ok(None) => t.checked = true,
-            Ok(Some(reason)) => return fault(ca, t, t.cursor.0, &reason),
+            Ok(Some(reason)) => return fault(ca, t, t.cursor.0, &reason).await,
             Err(()) => return,
         }
     }
-    // Ship what was committed since, a bounded number of pages per tick.
-    for _ in 0..20 {
-        if t.cursor.0 >= head {
-            break;
-        }
-        let records = match ca.store.audit_records(t.cursor.0, PAGE).await {
+    // Ship what was committed since, a bounded number of records per tick.
+    let mut shipped = 0;
+    while shipped < t.per_tick && t.cursor.0 < head {
+        let page = PAGE.min((t.per_tick - shipped) as i64);
+        let records = match ca.store.audit_records(t.cursor.0, page).await {
             Ok(r) => r,
             Err(_) => return,
         };
@@ -274,12 +336,13 @@ async fn ship_one(
                 t,
                 t.cursor.0 + 1,
                 "the datastore's head is past the last shipped record, but no record follows it",
-            );
+            )
+            .await;
         }
         let mut verifier = ChainVerifier::resume(t.cursor.0, t.cursor.1);
         for r in &records {
             if let Err(v) = verifier.push(r) {
-                return fault(ca, t, v.seq, &v.reason.to_string());
+                return fault(ca, t, v.seq, &v.reason.to_string()).await;
             }
         }
         let Some(last) = records.last() else {
@@ -287,15 +350,13 @@ async fn ship_one(
         };
         let cursor = (last.seq, last.hash);
         let lines: Vec<Line> = records.iter().map(|r| Line::Record(r.into())).collect();
-        let Some(out) = t.out.as_mut() else {
-            return;
-        };
-        if let Err(e) = out.write(&lines, cursor) {
+        if let Err(e) = t.write(lines, cursor).await {
             return t.failed(ca, "write to it", &e);
         }
         t.cursor = cursor;
         t.recovered();
-        if (records.len() as i64) < PAGE {
+        shipped += records.len();
+        if (records.len() as i64) < page {
             break;
         }
     }
@@ -305,7 +366,7 @@ async fn ship_one(
     if due && t.cursor.0 > 0 {
         match still_there(ca, t.cursor).await {
             Ok(None) => {}
-            Ok(Some(reason)) => return fault(ca, t, t.cursor.0, &reason),
+            Ok(Some(reason)) => return fault(ca, t, t.cursor.0, &reason).await,
             Err(()) => return,
         }
         t.checkpoint_at = Instant::now();
@@ -319,10 +380,7 @@ async fn ship_one(
             crate::unix_now(),
         );
         let cursor = t.cursor;
-        let Some(out) = t.out.as_mut() else {
-            return;
-        };
-        match out.write(&[Line::Checkpoint(c)], cursor) {
+        match t.write(vec![Line::Checkpoint(c)], cursor).await {
             Ok(()) => {
                 t.checkpointed = t.cursor.0;
                 ca.metrics
@@ -359,7 +417,7 @@ async fn still_there(ca: &Ca, cursor: Cursor) -> Result<Option<String>, ()> {
     })
 }
 
-fn fault(ca: &Ca, t: &mut Target, seq: i64, reason: &str) {
+async fn fault(ca: &Ca, t: &mut Target, seq: i64, reason: &str) {
     ca.metrics.audit_chain_faults.inc();
     tracing::error!(sink = t.name, seq, reason, "AUDIT CHAIN FAULT: the datastore's audit log no longer extends what was shipped; shipping to this sink stops (what it holds is the evidence: keep it, compare with `meshid-ca audit verify --export`)");
     let line = Line::Fault(FaultLine {
@@ -369,8 +427,8 @@ fn fault(ca: &Ca, t: &mut Target, seq: i64, reason: &str) {
         reason: reason.to_owned(),
     });
     let cursor = t.cursor;
-    if let Some(out) = t.out.as_mut() {
-        if let Err(e) = out.write(&[line], cursor) {
+    if t.out.is_some() {
+        if let Err(e) = t.write(vec![line], cursor).await {
             tracing::error!(sink = t.name, error = %e, "audit sink: cannot write the fault line");
         }
     }

@@ -36,6 +36,17 @@ impl FileSink {
             .mode(0o600)
             .open(path)
             .map_err(ctx)?;
+        // One writer per file: another CA server (or a second instance) pointed at the same
+        // path would interleave its lines with ours.
+        file.try_lock().map_err(|e| {
+            std::io::Error::new(
+                std::io::ErrorKind::WouldBlock,
+                format!(
+                    "{}: another process holds it ({e:?}); give each CA server a file of its own",
+                    path.display()
+                ),
+            )
+        })?;
         let len = file.metadata().map_err(ctx)?.len();
         let (complete, cursor) = last_record(&mut file, len).map_err(ctx)?;
         if complete < len {
@@ -50,6 +61,16 @@ impl FileSink {
             },
             cursor,
         ))
+    }
+
+    /// Whether the path still names the file this sink writes (it was not moved aside or
+    /// rotated away).
+    pub fn still_at_path(&self) -> bool {
+        use std::os::unix::fs::MetadataExt as _;
+        match (std::fs::metadata(&self.path), self.file.metadata()) {
+            (Ok(at_path), Ok(ours)) => at_path.ino() == ours.ino() && at_path.dev() == ours.dev(),
+            _ => false,
+        }
     }
 
     /// Appends lines and makes them durable before returning.

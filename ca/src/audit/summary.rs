@@ -9,6 +9,9 @@ use std::sync::Mutex;
 /// At most this many distinct (kind, actor, what) keys per interval; more are counted as
 /// `other` under their kind, so a flood of distinct callers cannot grow memory.
 pub const MAX_KEYS: usize = 512;
+/// At most this many distinct `what`s per (kind, actor); more are counted as that actor's
+/// `other`, so one caller cannot crowd the others out.
+pub const MAX_PER_ACTOR: usize = 16;
 /// Longer actors and reasons are cut to this many bytes (at a character boundary).
 pub const MAX_FIELD: usize = 200;
 
@@ -56,12 +59,23 @@ impl Counts {
     fn add_n(&self, kind: Kind, actor: String, what: String, n: u64) {
         let mut map = self.inner.lock().unwrap_or_else(|p| p.into_inner());
         let key = (kind, actor, what);
-        if map.len() >= MAX_KEYS && !map.contains_key(&key) {
-            *map.entry((kind, "other".to_owned(), "other".to_owned()))
-                .or_default() += n;
-        } else {
+        if map.contains_key(&key) {
             *map.entry(key).or_default() += n;
+            return;
         }
+        let (kind, actor, what) = key;
+        let of_actor = map
+            .range((kind, actor.clone(), String::new())..)
+            .take_while(|((k, a, _), _)| *k == kind && *a == actor)
+            .count();
+        let key = if map.len() >= MAX_KEYS {
+            (kind, "other".to_owned(), "other".to_owned())
+        } else if of_actor >= MAX_PER_ACTOR && what != "other" {
+            (kind, actor, "other".to_owned())
+        } else {
+            (kind, actor, what)
+        };
+        *map.entry(key).or_default() += n;
     }
 
     /// Takes the counts, leaving none.
@@ -170,5 +184,32 @@ mod tests {
         let d = t.details("ca-1", 60);
         assert_eq!(d["node_refused"]["total"], (MAX_KEYS + 501) as u64);
         assert!(d.to_string().len() < 2 * MAX_KEYS * (2 * MAX_FIELD + 80));
+    }
+
+    #[test]
+    fn one_caller_cannot_crowd_out_the_others() {
+        let c = Counts::default();
+        for i in 0..1000 {
+            c.add(
+                Kind::NodeRefused,
+                "spiffe://td/agent/noisy",
+                &format!("BatchSignX509: entry e-{i} is not yours"),
+            );
+        }
+        c.add(
+            Kind::NodeRefused,
+            "spiffe://td/agent/quiet",
+            "BatchSignX509: entry q is not yours",
+        );
+        let t = c.take();
+        assert_eq!(t.0.len(), MAX_PER_ACTOR + 2);
+        let d = t.details("ca-1", 60);
+        assert_eq!(d["node_refused"]["total"], 1001);
+        let by = d["node_refused"]["by"].as_array().unwrap();
+        assert_eq!(by[0]["what"], "other");
+        assert_eq!(by[0]["count"], 1000 - MAX_PER_ACTOR as u64);
+        assert!(by
+            .iter()
+            .any(|r| r["actor"] == "spiffe://td/agent/quiet" && r["count"] == 1));
     }
 }

@@ -35,6 +35,13 @@ pub async fn verify(
             return Ok(ExitCode::FAILURE);
         }
     };
+    if summary.records == 0 {
+        println!(
+            "export EMPTY: {} holds no audit record (is it the right file?)",
+            path.display()
+        );
+        return Ok(ExitCode::FAILURE);
+    }
     let keys = summary
         .key_ids
         .iter()
@@ -59,8 +66,18 @@ pub async fn verify(
             format!(", signed by key {keys} (not pinned: pass --public-key)")
         },
     );
-    if summary.checkpoints == 0 && summary.records > 0 {
+    if summary.checkpoints == 0 {
         println!("warning: no checkpoint in the export: its records are not signed");
+    } else {
+        if pinned.is_none() {
+            println!("warning: UNAUTHENTICATED (no --public-key): the checkpoints verify, but with the key they carry; whoever could rewrite the file could sign with a key of their own. Pin the CA's key (audit-checkpoint.key.pub) to know they are the CA's");
+        }
+        if summary.unsigned_tail > 0 {
+            println!(
+                "warning: the last {} records follow the last checkpoint: not signed yet (a checkpoint follows each interval)",
+                summary.unsigned_tail
+            );
+        }
     }
     if offline {
         return Ok(ExitCode::SUCCESS);

@@ -205,11 +205,22 @@ fn trail(datastore: Option<&str>) {
         .arg(&file)
         .output()
         .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}");
     assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stdout)
+        text.contains("UNAUTHENTICATED (no --public-key)"),
+        "an unpinned check says what it does not prove: {text}"
     );
+    // An empty file is not a clean trail.
+    let empty = dir.join("empty.jsonl");
+    std::fs::write(&empty, "").unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_meshid-ca"))
+        .args(["audit", "verify", "--offline", "--export"])
+        .arg(&empty)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stdout).contains("export EMPTY"));
     // Syslog got the same records, as RFC 5424 messages.
     let mut buf = vec![0; 1 << 20];
     let mut seqs = Vec::new();
@@ -267,15 +278,64 @@ fn trail(datastore: Option<&str>) {
         (metric(&ca, "meshid_ca_audit_sink_lag_records{sink=\"syslog\"}")? == 0.0).then_some(())
     });
     drop(syslog);
+    wait_shipped(&file, head(&ca));
+
+    // logrotate moves the file aside: a new one continues the chain from the next record, and
+    // the two together verify as one trail.
+    let rotated = dir.join("trail/audit.jsonl.1");
+    std::fs::rename(&file, &rotated).unwrap();
+    let before = head(&ca);
+    ca.ok(&[
+        "entry",
+        "create",
+        "--spiffe-id",
+        "spiffe://example.org/after-rotation",
+        "--parent-id",
+        "spiffe://example.org/p",
+        "--selector",
+        "unix:uid:3",
+    ]);
     let shipped = head(&ca);
     wait_shipped(&file, shipped);
+    let fresh = lines(&file);
+    assert_eq!(
+        fresh.first().unwrap()["seq"].as_i64(),
+        Some(before + 1),
+        "{fresh:?}"
+    );
+    assert_eq!(
+        std::fs::metadata(&file).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
+    let out = ca.ok(&[
+        "audit",
+        "verify",
+        "--export",
+        file.to_str().unwrap(),
+        "--public-key",
+        key_pub.to_str().unwrap(),
+    ]);
+    assert!(out.contains("export OK"), "{out}");
+    let joined = dir.join("joined.jsonl");
+    let mut all = std::fs::read(&rotated).unwrap();
+    all.extend(std::fs::read(&file).unwrap());
+    std::fs::write(&joined, all).unwrap();
+    let out = ca.ok(&[
+        "audit",
+        "verify",
+        "--export",
+        joined.to_str().unwrap(),
+        "--public-key",
+        key_pub.to_str().unwrap(),
+    ]);
+    assert!(out.contains("export OK"), "{out}");
     let log = ca.stop();
     assert!(!log.contains("PRIVATE KEY"), "no key in the log");
 
     // The attack: 4 records erased from the middle (an entry creation and what followed), the
     // rest renumbered and re-hashed, the head recomputed.
     let export = dir.join("export.jsonl");
-    std::fs::copy(&file, &export).unwrap();
+    std::fs::copy(&joined, &export).unwrap();
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()

@@ -50,7 +50,21 @@ fn an_intact_export_verifies() {
         (10, 1, 10, 3)
     );
     assert_eq!(s.last_checkpoint.map(|c| c.0), Some(9));
+    assert_eq!(s.unsigned_tail, 1, "record 10 follows the last checkpoint");
+    assert_eq!(s.trust_domain.as_deref(), Some("example.org"));
     assert_eq!(check("", None).unwrap().records, 0);
+}
+
+#[test]
+fn checkpoints_of_two_trust_domains_do_not_mix() {
+    let (_d, k) = key();
+    let all = records(4);
+    let mut text = export(&all, &k, 2);
+    let c = k.sign("other.org", "ca-1", all[3].seq, &all[3].hash, all[3].time);
+    text.push_str(&Line::Checkpoint(c).to_json());
+    text.push('\n');
+    let e = check(&text, Some(&k.public())).unwrap_err();
+    assert!(e.to_string().contains("two trails mixed"), "{e}");
 }
 
 #[test]
