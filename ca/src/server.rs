@@ -183,6 +183,9 @@ pub async fn effect_loop(ca: Ca, mut stop: watch::Receiver<bool>) {
 
 /// How often a CA server on PostgreSQL reads its peers' changes from the audit log.
 pub const CHANGE_FEED_INTERVAL: Duration = Duration::from_millis(250);
+/// How long the change feed waits after a notification before it reads, so that a burst of
+/// commits is one read.
+const CHANGE_FEED_COALESCE: Duration = Duration::from_millis(5);
 
 /// Replays to this server's agents the entry and agent changes that *other* CA servers of the
 /// trust domain made, reading them from the shared audit log, which records every change in
@@ -204,9 +207,20 @@ pub async fn change_feed_loop(ca: Ca, interval: Duration, mut stop: watch::Recei
     };
     let mut tick = tokio::time::interval(interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let signal = ca.store.change_signal();
+    let notified = || async {
+        match &signal {
+            Some(s) => s.notified().await,
+            None => std::future::pending().await,
+        }
+    };
     loop {
         tokio::select! {
             _ = tick.tick() => {}
+            () = notified() => {
+                // Commits come in bursts: one read for those of the next few milliseconds.
+                tokio::time::sleep(CHANGE_FEED_COALESCE).await;
+            }
             _ = stop.changed() => return,
         }
         let records = match ca.store.audit_records(last, 1000).await {

@@ -389,6 +389,14 @@ pub trait Datastore: Send + Sync + 'static {
     /// Which backend this is, for logs and metrics (`sqlite` or `postgres`).
     fn backend(&self) -> &'static str;
 
+    /// Woken when another process may have committed a change (PostgreSQL: every write
+    /// transaction notifies at commit), for the change feed to read at once rather than at its
+    /// next poll; the poll stays behind it, for what a lost connection missed. `None` where
+    /// there is none (SQLite serves one process). Must be called within a Tokio runtime.
+    fn change_signal(&self) -> Option<std::sync::Arc<tokio::sync::Notify>> {
+        None
+    }
+
     /// Stores a new entry. Fails with [`StoreError::AlreadyExists`] if the id is taken.
     async fn create_entry(
         &self,

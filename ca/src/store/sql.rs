@@ -418,6 +418,71 @@ pub struct SqlStore {
     sqlite_writer: Mutex<()>,
     /// The last write that could not begin or commit, while no write has committed since.
     write_failure: std::sync::Mutex<Option<(std::time::Instant, String)>>,
+    /// PostgreSQL: the URL, for the connection that listens for other servers' commits.
+    listen_url: Option<String>,
+    /// PostgreSQL: woken when another transaction committed (see [`Datastore::change_signal`]).
+    changes: std::sync::OnceLock<std::sync::Arc<tokio::sync::Notify>>,
+}
+
+/// The channel every PostgreSQL write transaction notifies at commit.
+const CHANGES_CHANNEL: &str = "meshid_changes";
+
+/// Listens on [`CHANGES_CHANNEL`] and wakes `notify` on each notification, and after each
+/// (re)connection (something may have been missed meanwhile); reconnects after a second when
+/// the connection is lost. Ends when `notify` is dropped.
+async fn listen_for_changes(url: String, notify: std::sync::Weak<tokio::sync::Notify>) {
+    let wake = || match notify.upgrade() {
+        Some(n) => {
+            n.notify_one();
+            true
+        }
+        None => false,
+    };
+    let mut failing = false;
+    loop {
+        let listener = async {
+            let mut l = sqlx::postgres::PgListener::connect(&url).await?;
+            l.listen(CHANGES_CHANNEL).await?;
+            Ok::<_, sqlx::Error>(l)
+        }
+        .await;
+        match listener {
+            Ok(mut l) => {
+                if failing {
+                    tracing::info!("listening for other servers' changes again");
+                }
+                if !wake() {
+                    return;
+                }
+                loop {
+                    match l.try_recv().await {
+                        // A notification, or the connection lost (the next call reconnects):
+                        // either way, look.
+                        Ok(_) => {
+                            if !wake() {
+                                return;
+                            }
+                        }
+                        Err(e) => {
+                            tracing::warn!(error = %e, "lost the connection that listens for other servers' changes; polling meanwhile");
+                            failing = true;
+                            break;
+                        }
+                    }
+                }
+            }
+            Err(e) => {
+                if !failing {
+                    tracing::warn!(error = %e, "cannot listen for other servers' changes; polling meanwhile");
+                    failing = true;
+                }
+            }
+        }
+        if notify.strong_count() == 0 {
+            return;
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
 }
 
 /// How long a failed write keeps the store reported as failing (unless a write commits).
@@ -572,6 +637,8 @@ impl SqlStore {
             dialect: Dialect::Sqlite,
             sqlite_writer: Mutex::new(()),
             write_failure: std::sync::Mutex::new(None),
+            listen_url: None,
+            changes: std::sync::OnceLock::new(),
         };
         if migrate {
             store.migrate().await?;
@@ -600,6 +667,8 @@ impl SqlStore {
             dialect: Dialect::Postgres,
             sqlite_writer: Mutex::new(()),
             write_failure: std::sync::Mutex::new(None),
+            listen_url: Some(url.to_owned()),
+            changes: std::sync::OnceLock::new(),
         };
         if migrate {
             store.migrate().await?;
@@ -634,8 +703,11 @@ impl SqlStore {
                 let mut tx = Tx::begin(&self.pool, "BEGIN ISOLATION LEVEL READ COMMITTED")
                     .await
                     .inspect_err(|e| note_write(&self.write_failure, Some(e)))?;
-                sqlx::query("SELECT pg_advisory_xact_lock($1)")
+                // The notification goes out at commit (not at all on rollback): the other
+                // servers' change feeds read at once instead of at their next poll.
+                sqlx::query("SELECT pg_advisory_xact_lock($1), pg_notify($2, '')")
                     .bind(AUDIT_LOCK)
+                    .bind(CHANGES_CHANNEL)
                     .execute(&mut *tx)
                     .await?;
                 Ok(WriteTx {
@@ -1166,6 +1238,16 @@ impl Datastore for SqlStore {
             Dialect::Sqlite => "sqlite",
             Dialect::Postgres => "postgres",
         }
+    }
+
+    fn change_signal(&self) -> Option<std::sync::Arc<tokio::sync::Notify>> {
+        use std::sync::Arc;
+        let url = self.listen_url.as_ref()?;
+        Some(Arc::clone(self.changes.get_or_init(|| {
+            let notify = Arc::new(tokio::sync::Notify::new());
+            tokio::spawn(listen_for_changes(url.clone(), Arc::downgrade(&notify)));
+            notify
+        })))
     }
 
     async fn create_entry(

@@ -761,6 +761,46 @@ async fn two_servers_apply_at_once_and_hear_of_each_other() {
     feed.await.unwrap();
 }
 
+/// A commit on one server wakes the other's change feed at once (PostgreSQL `NOTIFY`): with
+/// its poll an hour apart, ca-2 still hears of ca-1's entry, twice in a row.
+#[tokio::test]
+async fn a_commit_wakes_the_other_servers_change_feed() {
+    let Some(db) = db(true).await else { return };
+    let (d1, d2) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let ca1 = ca_on(&db.url, "ca-1", d1.path()).await;
+    let ca2 = ca_on(&db.url, "ca-2", d2.path()).await;
+    let mut events = ca2.events.subscribe();
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let feed = tokio::spawn(meshid_ca::server::change_feed_loop(
+        ca2.clone(),
+        Duration::from_secs(3600),
+        stop_rx,
+    ));
+    // The first poll (at once) and the listener's first wake-up pass.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    for (n, name) in ["woken-1", "woken-2"].into_iter().enumerate() {
+        ca1.apply_mesh(
+            request(name, vec![entry(name, 500 + n as u32, 0, 3)], Vec::new()),
+            ALICE,
+        )
+        .await
+        .unwrap();
+        let heard = tokio::time::timeout(Duration::from_secs(5), async {
+            loop {
+                if let Ok(CaEvent::EntryUpserted { entry, .. }) = events.recv().await {
+                    if entry.spiffe_id.path() == format!("/{name}") {
+                        return;
+                    }
+                }
+            }
+        })
+        .await;
+        assert!(heard.is_ok(), "ca-2 was not woken for {name}");
+    }
+    stop_tx.send(true).unwrap();
+    feed.await.unwrap();
+}
+
 fn federation(url: &str, bundle: Option<&str>) -> DeclaredFederation {
     DeclaredFederation {
         at: "mesh.yaml:30:5".into(),
