@@ -8,6 +8,30 @@
 
 use sha2::{Digest, Sha256};
 
+/// The kinds of record another CA server acts on when it reads them from the shared log (the
+/// change feed, `replay` in [`crate::server`]): a transaction that appends one of them
+/// notifies the other servers at commit (PostgreSQL), so they read at once. Keep in step with
+/// `replay` (a test checks).
+pub const PEER_CHANGES: &[&str] = &[
+    "entry.created",
+    "entry.updated",
+    "entry.rotated",
+    "entry.deleted",
+    "mesh.apply",
+    "agent.rotated",
+    "agent.evicted",
+    "agent.banned",
+    "ca.key.tainted",
+    "ca.root.prepared",
+    "ca.root.activated",
+    "ca.root.retired",
+    "svid.revoked",
+    "ca.crl.signed",
+    "policy.apply",
+    "policy.delete",
+    "policy.rollback",
+];
+
 /// Something that happened, before it is chained.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AuditEvent {
@@ -227,6 +251,28 @@ pub mod summary;
 
 #[cfg(test)]
 mod tests {
+    /// Every kind the change feed replays notifies the other servers.
+    #[test]
+    fn every_replayed_kind_notifies_the_peers() {
+        let source = include_str!("server.rs");
+        let start = source.find("async fn replay(").unwrap();
+        let end = start + source[start..].find("\n}\n").unwrap();
+        let body = &source[start..end];
+        let mut kinds = Vec::new();
+        for part in body.split('"').skip(1).step_by(2) {
+            if part.contains('.') && !part.contains(' ') {
+                kinds.push(part);
+            }
+        }
+        assert!(kinds.len() >= 10, "{kinds:?}");
+        for kind in kinds {
+            assert!(
+                super::PEER_CHANGES.contains(&kind),
+                "{kind} is replayed but not in PEER_CHANGES"
+            );
+        }
+    }
+
     use super::*;
 
     fn log(n: i64) -> Vec<AuditRecord> {

@@ -703,11 +703,8 @@ impl SqlStore {
                 let mut tx = Tx::begin(&self.pool, "BEGIN ISOLATION LEVEL READ COMMITTED")
                     .await
                     .inspect_err(|e| note_write(&self.write_failure, Some(e)))?;
-                // The notification goes out at commit (not at all on rollback): the other
-                // servers' change feeds read at once instead of at their next poll.
-                sqlx::query("SELECT pg_advisory_xact_lock($1), pg_notify($2, '')")
+                sqlx::query("SELECT pg_advisory_xact_lock($1)")
                     .bind(AUDIT_LOCK)
-                    .bind(CHANGES_CHANNEL)
                     .execute(&mut *tx)
                     .await?;
                 Ok(WriteTx {
@@ -1003,6 +1000,18 @@ async fn append_many_in_tx(
                 .bind(record.hash.to_vec());
         }
         query.execute(&mut **tx).await?;
+    }
+    // A change the other servers act on: they are notified at commit (not at all on
+    // rollback), and their change feeds read at once instead of at their next poll.
+    if tx.backend_name() == "PostgreSQL"
+        && events
+            .iter()
+            .any(|e| crate::audit::PEER_CHANGES.contains(&e.kind.as_str()))
+    {
+        sqlx::query("SELECT pg_notify($1, '')")
+            .bind(CHANGES_CHANNEL)
+            .execute(&mut **tx)
+            .await?;
     }
     if !records.is_empty() {
         sqlx::query(
