@@ -18,7 +18,12 @@ pub mod pg;
 /// SKIPPED when this machine has no PostgreSQL binaries (a failure under `CI` or `MESHID_CI`:
 /// CI must not skip silently).
 pub fn postgres_cluster() -> Option<pg::Cluster> {
-    match pg::start_cluster() {
+    postgres_cluster_with("")
+}
+
+/// [`postgres_cluster`] with more server options (`-c name=value ...`).
+pub fn postgres_cluster_with(more_options: &str) -> Option<pg::Cluster> {
+    match pg::start_cluster_with(more_options) {
         Ok(c) => Some(c),
         Err(pg::Unavailable::NoBinaries) => {
             let ci = std::env::var_os("CI").is_some() || std::env::var_os("MESHID_CI").is_some();

@@ -19,6 +19,31 @@ pub struct Cluster {
 }
 
 impl Cluster {
+    /// Runs `sql` in database `db` with `psql` (unaligned, tuples only) and returns what it
+    /// printed.
+    pub fn psql(&self, db: &str, sql: &str) -> Result<String, String> {
+        let port = self
+            .admin_url
+            .rsplit_once(':')
+            .and_then(|(_, rest)| rest.split('/').next())
+            .ok_or("no port in the URL")?;
+        let out = Command::new(self.pg_ctl.with_file_name("psql"))
+            .args(["-h", "127.0.0.1", "-p", port, "-U", "meshid", "-d", db])
+            .args(["-X", "-A", "-t", "-v", "ON_ERROR_STOP=1", "-c", sql])
+            .stdin(Stdio::null())
+            .output()
+            .map_err(|e| format!("psql: {e}"))?;
+        if out.status.success() {
+            Ok(String::from_utf8_lossy(&out.stdout).trim().to_owned())
+        } else {
+            Err(format!(
+                "psql failed ({}): {}",
+                out.status,
+                String::from_utf8_lossy(&out.stderr)
+            ))
+        }
+    }
+
     /// Stops the server (`fast`: clients are disconnected, what committed is kept; `immediate`:
     /// as a crash).
     pub fn stop(&self, mode: &str) {
@@ -137,6 +162,11 @@ fn free_port() -> Result<u16, Unavailable> {
 /// Starts a private cluster (see the module documentation); a watchdog stops it and removes its
 /// directory once this process has exited.
 pub fn start_cluster() -> Result<Cluster, Unavailable> {
+    start_cluster_with("")
+}
+
+/// [`start_cluster`] with more server options (`-c name=value ...`).
+pub fn start_cluster_with(more_options: &str) -> Result<Cluster, Unavailable> {
     let bin = find_bin_dir().ok_or(Unavailable::NoBinaries)?;
     let root = is_root();
     let failed = |what: &str, e: std::io::Error| Unavailable::Failed(format!("{what}: {e}"));
@@ -192,7 +222,7 @@ pub fn start_cluster() -> Result<Cluster, Unavailable> {
     for _ in 0..3 {
         let port = free_port()?;
         let options = format!(
-            "-p {port} -k {} -c listen_addresses=127.0.0.1 -c fsync=off -c max_connections=200",
+            "-p {port} -k {} -c listen_addresses=127.0.0.1 -c fsync=off -c max_connections=200 {more_options}",
             dir.display()
         );
         let mut start = as_owner(root, &bin.join("pg_ctl"));

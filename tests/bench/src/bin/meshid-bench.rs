@@ -60,6 +60,13 @@
 //!   number of times, timed to each proxy's "policy reloaded" line; and the apply call alone.
 //!   Also what the CA measured (`policy.apply.effective`, after_ms: every agent reported the
 //!   revision handed to every proxy's stream; checked every 100 ms).
+//! - `ha`: failover under load on three CA servers sharing PostgreSQL (see `ha.rs`): requests
+//!   through two proxies for 20 s without a kill (the baseline), then 20 s with `kill -9` of
+//!   each agent's server in turn; failures, throughput, latency and reattach times.
+//! - `scale`: many agents (the agent's own manager, many in this process) on one and on three
+//!   CA servers sharing PostgreSQL, 10,000 and then up to 100,000 entries (see `scale.rs`):
+//!   entry create → SVID at the agent, CA memory, database statements per second, and the
+//!   time for every agent to reconnect after a CA server restart.
 
 #![allow(
     clippy::unwrap_used,
@@ -91,7 +98,7 @@ use tonic::transport::Channel;
 use tonic::{Code, Request, Status, Streaming};
 
 const TD: &str = "example.org";
-const SCENARIOS: [&str; 8] = [
+const SCENARIOS: [&str; 10] = [
     "fetch-latency",
     "interop-latency",
     "propagation",
@@ -100,6 +107,8 @@ const SCENARIOS: [&str; 8] = [
     "taint",
     "revocation",
     "policy-delivery",
+    "ha",
+    "scale",
 ];
 
 // ---------------------------------------------------------------------------------------------
@@ -2325,8 +2334,26 @@ fn machine() -> String {
     )
 }
 
+#[path = "meshid-bench/ha.rs"]
+mod ha;
+#[path = "meshid-bench/scale.rs"]
+mod scale;
+
 fn run(scenario: &str, profile: bool) {
     let started = Instant::now();
+    if scenario == "ha" || scenario == "scale" {
+        if scenario == "ha" {
+            ha::run();
+        } else {
+            scale::run();
+        }
+        println!(
+            "\n({scenario} took {:.0} s; {})",
+            started.elapsed().as_secs_f64(),
+            machine()
+        );
+        return;
+    }
     eprintln!("== {scenario}: starting the processes");
     let mut stack = start_stack(scenario != "node-sign");
     let rt = tokio::runtime::Builder::new_multi_thread()
