@@ -141,11 +141,18 @@ impl Ca {
     /// Every relationship, with its bundle and refresh state.
     pub async fn list_federations(&self) -> Result<Vec<FederationView>, ServiceError> {
         let records = self.store.list_federations().await?;
+        // The refresher records a success only after its bundle is stored: reading the status
+        // before the bundles means a success shown always comes with its bundle (read the
+        // other way round, a fetch completing in between showed a success and no bundle).
+        let statuses: Vec<_> = records
+            .iter()
+            .map(|r| self.federation.status(r.trust_domain.as_str()))
+            .collect();
         let stored = self.store.list_federated_bundles().await?;
         Ok(records
             .into_iter()
-            .map(|record| {
-                let td = record.trust_domain.to_string();
+            .zip(statuses)
+            .map(|(record, status)| {
                 let held = stored
                     .iter()
                     .find(|b| b.trust_domain == record.trust_domain);
@@ -156,7 +163,7 @@ impl Ca {
                             .map(Arc::new)
                     }),
                     bundle_updated_at: held.map_or(0, |b| b.updated_at),
-                    status: self.federation.status(&td),
+                    status,
                     record,
                 }
             })
