@@ -88,6 +88,20 @@ pub struct RawConfig {
     /// Threads serving connections (default 1: a sidecar shares its node with the service it
     /// fronts; raise it for a proxy that carries more than one core of traffic).
     pub worker_threads: Option<usize>,
+    /// Connections open at once on each listener; past it, a new connection is closed at
+    /// once, before any TLS byte. Default: what the open-files limit allows (two descriptors
+    /// per connection on every listener, 256 kept aside), at most 10000.
+    pub max_connections: Option<usize>,
+    /// A connection on which no byte moved either way for this long is closed (default 1h).
+    #[serde(default, with = "humantime_serde_opt")]
+    pub idle_timeout: Option<Duration>,
+    /// HTTP/1: how long a request head may take to arrive complete (default 30s), counted
+    /// also while a kept-alive connection waits for its next request: a client that trickles
+    /// its headers, or keeps a connection open and says nothing, is closed.
+    #[serde(default, with = "humantime_serde_opt")]
+    pub http_header_timeout: Option<Duration>,
+    /// HTTP: the largest request head accepted, in bytes (default 65536; 8192 to 16777216).
+    pub http_max_header_bytes: Option<usize>,
     /// Listeners that terminate mTLS and forward plaintext to the local application.
     #[serde(default)]
     pub inbound: Vec<RawInbound>,
@@ -428,6 +442,15 @@ pub struct Config {
     pub federated_trust_domains: Vec<TrustDomain>,
     /// Runtime worker threads.
     pub worker_threads: usize,
+    /// Connections open at once per listener (`None`: from the open-files limit, see
+    /// [`crate::server::max_connections`]).
+    pub max_connections: Option<usize>,
+    /// Idle connection deadline.
+    pub idle_timeout: Duration,
+    /// HTTP/1 request head deadline.
+    pub http_header_timeout: Duration,
+    /// HTTP request head size limit.
+    pub http_max_header_bytes: usize,
     /// Inbound listeners.
     pub inbound: Vec<Inbound>,
     /// Outbound listeners.
@@ -669,6 +692,29 @@ impl TryFrom<RawConfig> for Config {
                 None => 1,
                 Some(n @ 1..=256) => n,
                 Some(n) => return Err(invalid("worker_threads", format!("{n}: use 1 to 256"))),
+            },
+            max_connections: match raw.max_connections {
+                None => None,
+                Some(n @ 1..=1_000_000) => Some(n),
+                Some(n) => {
+                    return Err(invalid("max_connections", format!("{n}: use 1 to 1000000")))
+                }
+            },
+            idle_timeout: duration(raw.idle_timeout, Duration::from_secs(3600), "idle_timeout")?,
+            http_header_timeout: duration(
+                raw.http_header_timeout,
+                Duration::from_secs(30),
+                "http_header_timeout",
+            )?,
+            http_max_header_bytes: match raw.http_max_header_bytes {
+                None => 64 * 1024,
+                Some(n @ 8192..=16_777_216) => n,
+                Some(n) => {
+                    return Err(invalid(
+                        "http_max_header_bytes",
+                        format!("{n}: use 8192 to 16777216"),
+                    ))
+                }
             },
             inbound,
             outbound,

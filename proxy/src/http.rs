@@ -30,7 +30,7 @@ use http::{Request, Response, StatusCode};
 use http_body::{Body, Frame, SizeHint};
 use http_body_util::{Either, Full};
 use hyper::body::Incoming;
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use meshid_policy::{AccessRecord, Decision, HttpRequest, Outcome, SpiffeId};
 use tokio::io::{AsyncRead, AsyncWrite};
 
@@ -117,6 +117,11 @@ pub async fn serve<T>(
 {
     let mut drain = listener.shared.drain.clone();
     let name = listener.config.name.clone();
+    let limits = (
+        listener.shared.http_header_timeout,
+        listener.shared.http_max_header_bytes,
+    );
+    let metrics = listener.metrics.clone();
     let conn = Arc::new(Conn {
         listener,
         caller,
@@ -131,6 +136,8 @@ pub async fn serve<T>(
     let io = TokioIo::new(io);
     let result = if h2 {
         let c = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+            .timer(TokioTimer::new())
+            .max_header_list_size(u32::try_from(limits.1).unwrap_or(u32::MAX))
             .serve_connection(io, service);
         tokio::pin!(c);
         tokio::select! {
@@ -141,7 +148,13 @@ pub async fn serve<T>(
             }
         }
     } else {
+        // The head deadline also runs while a kept-alive connection waits for its next
+        // request: a silent or trickling client is closed after it.
         let c = hyper::server::conn::http1::Builder::new()
+            .timer(TokioTimer::new())
+            .header_read_timeout(limits.0)
+            .max_header_size(limits.1)
+            .max_buf_size(limits.1.max(8192))
             .serve_connection(io, service)
             .with_upgrades();
         tokio::pin!(c);
@@ -154,7 +167,15 @@ pub async fn serve<T>(
         }
     };
     if let Err(e) = result {
-        tracing::debug!(listener = %name, error = %e, "http connection ended with an error");
+        if e.is_timeout() {
+            metrics.limited("header_timeout");
+            tracing::debug!(listener = %name, "http connection closed: no complete request head within http_header_timeout");
+        } else if e.is_parse_too_large() {
+            metrics.limited("header_too_large");
+            tracing::info!(listener = %name, "http request head over http_max_header_bytes: refused (431)");
+        } else {
+            tracing::debug!(listener = %name, error = %e, "http connection ended with an error");
+        }
     }
 }
 

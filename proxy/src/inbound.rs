@@ -156,7 +156,7 @@ async fn opaque(
             return;
         }
     };
-    let (rx, tx) = splice(&mut io, &mut app).await;
+    let (rx, tx) = splice(&mut io, &mut app, &this.shared, &this.metrics).await;
     this.metrics.rx.inc_by(rx);
     this.metrics.tx.inc_by(tx);
     if let Some(mut r) = rec {

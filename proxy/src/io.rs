@@ -1,6 +1,7 @@
 //! Small I/O pieces of the data path: a stream with bytes put back in front of it, protocol
 //! detection from the first bytes, and a connection tracker for graceful drain.
 
+use std::future::Future as _;
 use std::io;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -319,9 +320,17 @@ impl Direction {
 }
 
 /// Relays bytes both ways between `a` and `b` until both directions have ended (each end's
-/// EOF is passed on as a write shutdown, so half-closed protocols work), or one fails.
+/// EOF is passed on as a write shutdown, so half-closed protocols work), or one fails, or
+/// (with `idle`) no byte moved either way for that long (an error of kind `TimedOut`).
 /// Returns the bytes moved a→b and b→a, also when a direction failed.
-pub async fn relay<A, B>(a: &mut A, b: &mut B) -> (u64, u64, Option<io::Error>)
+///
+/// The idle check costs one timer per connection, re-armed once per `idle` period, not per
+/// read: when it fires, the bytes moved are compared with those at the last firing.
+pub async fn relay<A, B>(
+    a: &mut A,
+    b: &mut B,
+    idle: Option<Duration>,
+) -> (u64, u64, Option<io::Error>)
 where
     A: AsyncRead + AsyncWrite + Unpin + ?Sized,
     B: AsyncRead + AsyncWrite + Unpin + ?Sized,
@@ -330,7 +339,23 @@ where
     let mut ba = Direction::new();
     let mut ab_done = false;
     let mut ba_done = false;
+    let mut idle_check = idle.map(|d| (d, Box::pin(tokio::time::sleep(d)), 0u64));
     let err = std::future::poll_fn(|cx| {
+        if let Some((period, sleep, seen)) = idle_check.as_mut() {
+            if sleep.as_mut().poll(cx).is_ready() {
+                let moved = ab.total + ba.total;
+                if moved == *seen {
+                    return Poll::Ready(Some(io::Error::new(
+                        io::ErrorKind::TimedOut,
+                        "no byte moved either way within the idle timeout",
+                    )));
+                }
+                *seen = moved;
+                sleep.as_mut().reset(tokio::time::Instant::now() + *period);
+                // Registers the re-armed timer with this task.
+                let _ = sleep.as_mut().poll(cx);
+            }
+        }
         if !ab_done {
             match ab.poll(cx, Pin::new(&mut *a), Pin::new(&mut *b)) {
                 Poll::Ready(Ok(())) => ab_done = true,
@@ -407,11 +432,39 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn relay_closes_a_connection_idle_for_the_timeout_not_a_busy_one() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let (mut client, mut a) = tokio::io::duplex(1024);
+        let (mut b, mut server) = tokio::io::duplex(1024);
+        let idle = Duration::from_millis(200);
+        let start = std::time::Instant::now();
+        let relay = tokio::spawn(async move { relay(&mut a, &mut b, Some(idle)).await });
+        // Busy for five idle periods: bytes every 100 ms keep it open.
+        let mut buf = [0u8; 4];
+        for _ in 0..10 {
+            client.write_all(b"ping").await.unwrap();
+            server.read_exact(&mut buf).await.unwrap();
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        assert!(!relay.is_finished(), "closed while busy");
+        let busy = start.elapsed();
+        // Then silent: closed within two periods, as TimedOut, with what was moved.
+        let (ab, ba, err) = relay.await.unwrap();
+        let silent = start.elapsed() - busy;
+        assert_eq!(err.map(|e| e.kind()), Some(io::ErrorKind::TimedOut));
+        assert_eq!((ab, ba), (40, 0));
+        assert!(
+            silent < Duration::from_millis(700),
+            "closed {silent:?} after the last byte"
+        );
+    }
+
+    #[tokio::test]
     async fn relay_moves_everything_both_ways_and_passes_half_close_on() {
         use tokio::io::AsyncWriteExt;
         let (mut client, mut a) = tokio::io::duplex(1024);
         let (mut b, mut server) = tokio::io::duplex(1024);
-        let relay = tokio::spawn(async move { relay(&mut a, &mut b).await });
+        let relay = tokio::spawn(async move { relay(&mut a, &mut b, None).await });
         let big: Vec<u8> = (0..1_000_000u32).map(|i| (i % 251) as u8).collect();
         let sent = big.clone();
         let writer = tokio::spawn(async move {

@@ -103,6 +103,8 @@ pub struct Metrics {
     pub access_log_dropped: Counter,
     /// Transparent-mode connections by what was done with them.
     pub transparent: Family<TransparentLabels, Counter>,
+    /// Connections refused or closed by a resource limit, by reason.
+    pub limited: Family<FailureLabels, Counter>,
 }
 
 /// The counters one listener's connections update.
@@ -133,6 +135,18 @@ impl ListenerMetrics {
             .get_or_create(&ListenerLabels {
                 direction: self.direction,
                 listener: self.name.clone(),
+            })
+            .inc();
+    }
+
+    /// Counts a connection refused or closed by a resource limit.
+    pub fn limited(&self, reason: &'static str) {
+        self.all
+            .limited
+            .get_or_create(&FailureLabels {
+                direction: self.direction,
+                listener: self.name.clone(),
+                reason,
             })
             .inc();
     }
@@ -214,6 +228,11 @@ impl Metrics {
             "access_log_dropped",
             "Access log lines dropped because the writer fell behind",
             self.access_log_dropped.clone(),
+        );
+        r.register(
+            "limited_connections",
+            "Connections refused or closed by a resource limit: max_connections, idle_timeout, header_timeout, header_too_large",
+            self.limited.clone(),
         );
         r.register(
             "transparent_connections",

@@ -123,7 +123,7 @@ pub(crate) async fn forward(
         .and_then(verify::peer_spiffe_id);
     let chain = crate::proxy::peer_chain(tls.get_ref().1.peer_certificates());
     let (tx, rx) = tokio::select! {
-        r = splice(&mut app, &mut tls) => r,
+        r = splice(&mut app, &mut tls, shared, metrics) => r,
         serial = shared.creds.revoked(&chain) => {
             let local = shared.creds.local_id();
             crate::proxy::closed_revoked(metrics, shared, "outbound", local.as_deref(), callee.as_ref(), &serial, start);

@@ -65,6 +65,14 @@ pub struct Shared {
     pub connect_timeout: Duration,
     /// SO_MARK of the proxy's own upstream and forwarding sockets (transparent mode).
     pub mark: Option<u32>,
+    /// Connections open at once per listener.
+    pub max_connections: usize,
+    /// A connection idle (no byte either way) for this long is closed.
+    pub idle_timeout: Duration,
+    /// HTTP/1 request head deadline.
+    pub http_header_timeout: Duration,
+    /// HTTP request head size limit.
+    pub http_max_header_bytes: usize,
 }
 
 /// Completes once the drain has started (the guard of the watch value is not held).
@@ -75,6 +83,8 @@ pub async fn drained(drain: &mut watch::Receiver<bool>) {
 /// Accepts connections on `listener` until the drain starts. Each connection runs `serve` in
 /// its own task, tracked for the drain and counted in the listener's `connections` and `open`
 /// metrics. Accept errors (for example, out of file descriptors) are logged and retried.
+/// While `max_connections` are open, a new connection is closed at once (before any TLS
+/// byte), counted as `limited{reason="max_connections"}`, and logged once per burst.
 pub async fn accept_loop<F, Fut>(
     listener: TcpListener,
     shared: &Shared,
@@ -85,6 +95,8 @@ pub async fn accept_loop<F, Fut>(
     Fut: Future<Output = ()> + Send + 'static,
 {
     let mut drain = shared.drain.clone();
+    let max = i64::try_from(shared.max_connections).unwrap_or(i64::MAX);
+    let mut refused_in_burst: u64 = 0;
     loop {
         let (tcp, peer) = tokio::select! {
             r = listener.accept() => match r {
@@ -97,13 +109,27 @@ pub async fn accept_loop<F, Fut>(
             },
             () = drained(&mut drain) => return,
         };
+        if metrics.open.get() >= max {
+            drop(tcp);
+            metrics.limited("max_connections");
+            if refused_in_burst == 0 {
+                tracing::warn!(listener = %metrics.name, max_connections = shared.max_connections, peer = %peer, "listener full: refusing new connections until some close");
+            }
+            refused_in_burst += 1;
+            continue;
+        }
+        if refused_in_burst > 0 {
+            tracing::info!(listener = %metrics.name, refused = refused_in_burst, "listener accepting again");
+            refused_in_burst = 0;
+        }
         let tracked = shared.tracker.track();
         let (connections, open) = (metrics.connections.clone(), metrics.open.clone());
+        // Counted open before the task runs, so that a burst of accepts sees itself.
+        open.inc();
         let conn = serve(tcp, peer);
         tokio::spawn(async move {
             let _tracked = tracked;
             connections.inc();
-            open.inc();
             conn.await;
             open.dec();
         });
@@ -147,14 +173,24 @@ pub async fn connect(
 
 /// Relays bytes both ways until both directions end; returns (a to b, b to a). Errors end the
 /// relay: what was relayed is still counted.
-pub async fn splice<A, B>(a: &mut A, b: &mut B) -> (u64, u64)
+pub async fn splice<A, B>(
+    a: &mut A,
+    b: &mut B,
+    shared: &Shared,
+    metrics: &ListenerMetrics,
+) -> (u64, u64)
 where
     A: AsyncRead + AsyncWrite + Unpin + ?Sized,
     B: AsyncRead + AsyncWrite + Unpin + ?Sized,
 {
-    let (ab, ba, err) = crate::io::relay(a, b).await;
-    if let Some(e) = err {
-        tracing::debug!(error = %e, "relay ended with an error");
+    let (ab, ba, err) = crate::io::relay(a, b, Some(shared.idle_timeout)).await;
+    match err {
+        Some(e) if e.kind() == io::ErrorKind::TimedOut => {
+            metrics.limited("idle_timeout");
+            tracing::debug!(listener = %metrics.name, "idle connection closed");
+        }
+        Some(e) => tracing::debug!(error = %e, "relay ended with an error"),
+        None => {}
     }
     (ab, ba)
 }

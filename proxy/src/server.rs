@@ -100,6 +100,32 @@ impl meshid_api::ops::Ops for ProxyOps {
     }
 }
 
+/// The soft limit on open files of this process (from `/proc/self/limits`).
+fn open_files_limit() -> Option<u64> {
+    let limits = std::fs::read_to_string("/proc/self/limits").ok()?;
+    let line = limits.lines().find(|l| l.starts_with("Max open files"))?;
+    line.split_whitespace().nth(3)?.parse().ok()
+}
+
+/// The per-listener connection limit: the configured one, or what the open-files limit
+/// allows with `listeners` listeners (each connection holds two descriptors: the accepted one
+/// and the one it opens; 256 are kept aside), between 64 and 10000. A configured limit the
+/// open-files limit cannot hold is kept, with a warning saying what to raise.
+pub fn max_connections(configured: Option<usize>, listeners: usize) -> usize {
+    let budget = open_files_limit().map(|n| {
+        usize::try_from(n.saturating_sub(256) / (2 * listeners.max(1) as u64)).unwrap_or(usize::MAX)
+    });
+    match (configured, budget) {
+        (Some(n), Some(b)) if n > b => {
+            tracing::warn!(max_connections = n, listeners, open_files_allow = b, "max_connections is more than the open-files limit holds for every listener at once; raise it (LimitNOFILE=) or lower max_connections");
+            n
+        }
+        (Some(n), _) => n,
+        (None, Some(b)) => b.clamp(64, 10_000),
+        (None, None) => 10_000,
+    }
+}
+
 /// Runs the proxy on already-bound listeners until `shutdown` completes, then drains: stops
 /// accepting, reports not ready, lets HTTP connections finish their in-flight requests and
 /// waits up to `config.drain_timeout` for open connections to end.
@@ -132,7 +158,23 @@ pub async fn run(
         detect_timeout: config.detect_timeout,
         connect_timeout: config.connect_timeout,
         mark: config.transparent.as_ref().and_then(|t| t.mark),
+        max_connections: max_connections(
+            config.max_connections,
+            config.inbound.len()
+                + config.outbound.len()
+                + if config.transparent.is_some() { 2 } else { 0 },
+        ),
+        idle_timeout: config.idle_timeout,
+        http_header_timeout: config.http_header_timeout,
+        http_max_header_bytes: config.http_max_header_bytes,
     });
+    tracing::info!(
+        max_connections = shared.max_connections,
+        idle_timeout = ?shared.idle_timeout,
+        http_header_timeout = ?shared.http_header_timeout,
+        http_max_header_bytes = shared.http_max_header_bytes,
+        "connection limits (per listener)"
+    );
 
     tokio::spawn(crate::tls::follow_crls(
         config.workload_api_socket.clone(),

@@ -256,7 +256,7 @@ async fn passthrough(
             return;
         }
     };
-    let (rx, tx) = splice(&mut client, &mut upstream).await;
+    let (rx, tx) = splice(&mut client, &mut upstream, shared, metrics).await;
     metrics.rx.inc_by(rx);
     metrics.tx.inc_by(tx);
     if shared.access.enabled() {

@@ -22,6 +22,10 @@ fn minimal_config_gets_defaults() {
     assert_eq!(c.access_log, AccessLog::Stdout);
     assert_eq!(c.drain_timeout, Duration::from_secs(10));
     assert_eq!(c.detect_timeout, Duration::from_millis(200));
+    assert_eq!(c.max_connections, None);
+    assert_eq!(c.idle_timeout, Duration::from_secs(3600));
+    assert_eq!(c.http_header_timeout, Duration::from_secs(30));
+    assert_eq!(c.http_max_header_bytes, 64 * 1024);
     assert_eq!(c.inbound[0].name, "inbound-0");
     assert_eq!(c.inbound[0].port, 8080);
     assert_eq!(c.inbound[0].protocol, InboundProtocol::Detect);
@@ -42,6 +46,10 @@ drain_timeout = "30s"
 handshake_timeout = "2s"
 detect_timeout = "50ms"
 connect_timeout = "1s"
+max_connections = 500
+idle_timeout = "5m"
+http_header_timeout = "15s"
+http_max_header_bytes = 16384
 federated_trust_domains = ["partner.org"]
 [[inbound]]
 name = "api"
@@ -62,6 +70,10 @@ expect = "spiffe://example.org/db/*"
     assert!(c.log_json);
     assert_eq!(c.drain_timeout, Duration::from_secs(30));
     assert_eq!(c.detect_timeout, Duration::from_millis(50));
+    assert_eq!(c.max_connections, Some(500));
+    assert_eq!(c.idle_timeout, Duration::from_secs(300));
+    assert_eq!(c.http_header_timeout, Duration::from_secs(15));
+    assert_eq!(c.http_max_header_bytes, 16384);
     assert_eq!(c.federated_trust_domains[0].to_string(), "partner.org");
     assert_eq!(c.inbound[0].port, 80);
     assert_eq!(c.inbound[0].protocol, InboundProtocol::Tcp);
@@ -93,6 +105,12 @@ fn bad_configs_are_refused_with_the_key() {
         ("drain_timeout = '0s'\n[[inbound]]\nlisten = '127.0.0.1:1'\nforward_to = 'a:1'", "drain_timeout"),
         ("federated_trust_domains = ['Bad_TD!']\n[[inbound]]\nlisten = '127.0.0.1:1'\nforward_to = 'a:1'", "federated_trust_domains"),
         ("access_log = ''\n[[inbound]]\nlisten = '127.0.0.1:1'\nforward_to = 'a:1'", "access_log"),
+        ("max_connections = 0\n[[inbound]]\nlisten = '127.0.0.1:1'\nforward_to = 'a:1'", "max_connections"),
+        ("max_connections = -1\n[[inbound]]\nlisten = '127.0.0.1:1'\nforward_to = 'a:1'", "proxy.toml:1:"),
+        ("idle_timeout = '0s'\n[[inbound]]\nlisten = '127.0.0.1:1'\nforward_to = 'a:1'", "idle_timeout"),
+        ("http_header_timeout = '0s'\n[[inbound]]\nlisten = '127.0.0.1:1'\nforward_to = 'a:1'", "http_header_timeout"),
+        ("http_max_header_bytes = 100\n[[inbound]]\nlisten = '127.0.0.1:1'\nforward_to = 'a:1'", "http_max_header_bytes"),
+        ("http_max_header_bytes = 99999999\n[[inbound]]\nlisten = '127.0.0.1:1'\nforward_to = 'a:1'", "http_max_header_bytes"),
     ];
     for (text, want) in cases {
         let err = parse(text).unwrap_err().to_string();
