@@ -17,6 +17,9 @@
 //! - `proxy_readiness_and_drain`: not ready (and refusing) until the SVID arrives; SIGTERM
 //!   finishes the in-flight request, refuses new connections and exits 0 within the grace time.
 //! - `proxy_config_check`: `run --check`, and exit 64 on a bad config or an invalid policy.
+//! - `limits::proxy_limits_refuse_and_close_with_their_metric`: each resource limit hit
+//!   (max_connections, http_header_timeout, http_max_header_bytes, idle_timeout), refused or
+//!   closed, counted and logged.
 //! - `proxy_upgrades_are_decided_and_h2c_never_passes`: an h2c offer never reaches the
 //!   application (the review's smuggling attack, with curl and hypercorn), hop-by-hop headers
 //!   are stripped, a WebSocket passes only where a rule names it, and is accounted when it ends.
@@ -29,6 +32,8 @@
 
 #[path = "proxy/h2.rs"]
 mod h2;
+#[path = "proxy/limits.rs"]
+mod limits;
 #[path = "proxy/support.rs"]
 pub(crate) mod support;
 #[path = "proxy/tls_client.rs"]

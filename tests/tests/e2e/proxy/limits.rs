@@ -1,0 +1,215 @@
+//! The proxy's resource limits, each hit and shown refused or closed, with its metric
+//! (`meshid_proxy_limited_connections_total{reason}`) and, for the connection cap, its log:
+//! `max_connections` (a connection past it is closed at once, before TLS; logged once per
+//! burst; accepted again when one closes), `http_header_timeout` (a request head trickled in is
+//! closed), `http_max_header_bytes` (431), `idle_timeout` (an opaque connection that moves
+//! nothing is closed).
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::time::{Duration, Instant};
+
+use meshid_tests::{Ca, Proxy};
+
+use super::support::*;
+
+const LIMITED: &str = "meshid_proxy_limited_connections_total";
+
+fn limited(p: &Proxy, listener: &str, reason: &str) -> f64 {
+    p.metric(
+        LIMITED,
+        &[
+            ("direction", "inbound"),
+            ("listener", listener),
+            ("reason", reason),
+        ],
+    )
+}
+
+/// Reads until EOF, an error, or `within`; `Some(elapsed)` when the peer closed.
+fn closed_within(s: &mut TcpStream, within: Duration) -> Option<(Duration, Vec<u8>)> {
+    let start = Instant::now();
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        let left = within.checked_sub(start.elapsed())?;
+        s.set_read_timeout(Some(left.max(Duration::from_millis(1))))
+            .unwrap();
+        match s.read(&mut buf) {
+            Ok(0) => return Some((start.elapsed(), got)),
+            Ok(n) => got.extend_from_slice(&buf[..n]),
+            Err(e)
+                if e.kind() == std::io::ErrorKind::WouldBlock
+                    || e.kind() == std::io::ErrorKind::TimedOut =>
+            {
+                return None
+            }
+            Err(_) => return Some((start.elapsed(), got)),
+        }
+    }
+}
+
+/// Whether the connection is still open (nothing to read, no EOF) after `wait`.
+fn still_open(s: &mut TcpStream, wait: Duration) -> bool {
+    closed_within(s, wait).is_none()
+}
+
+fn wait_metric(p: &Proxy, listener: &str, reason: &str, at_least: f64) -> f64 {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let v = limited(p, listener, reason);
+        if v >= at_least {
+            return v;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{LIMITED}{{listener={listener},reason={reason}}} = {v}, want {at_least}:\n{}",
+            p.metrics()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn proxy_limits_refuse_and_close_with_their_metric() {
+    let _serial = serial();
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let ca = Ca::start(dir, &[]);
+    let (t1, t2) = (ca.join_token(), ca.join_token());
+    create_entry(&ca, "web", &id("web"), &t1.1, "1h");
+    create_entry(&ca, "api", &id("api"), &t2.1, "1h");
+    let node1 = start_node(dir, "node1", &ca, t1);
+    let node2 = start_node(dir, "node2", &ca, t2);
+    let http = HttpBackend::start();
+    let echo = EchoBackend::start();
+    let policy = dir.join("policy.yaml");
+    std::fs::write(&policy, super::BOTH_WAYS).unwrap();
+    let (api_http, api_tcp, web_http, web_tcp) =
+        (local_addr(), local_addr(), local_addr(), local_addr());
+    let mut api = Proxy::start(
+        dir,
+        "api",
+        &(proxy_head(
+            dir,
+            "api",
+            &node2,
+            &id("api"),
+            Some(&policy),
+            "max_connections = 3\nidle_timeout = \"1s\"\nhttp_header_timeout = \"1s\"\nhttp_max_header_bytes = 8192\n",
+        ) + &inbound("api-http", &api_http, http.addr(), 8080, "detect")
+            + &inbound("api-tcp", &api_tcp, echo.addr(), 8080, "tcp")),
+    );
+    let mut web = Proxy::start(
+        dir,
+        "web",
+        &(proxy_head(dir, "web", &node1, &id("web"), None, "")
+            + &outbound("to-api-http", &web_http, &api_http, &id("api"))
+            + &outbound("to-api-tcp", &web_tcp, &api_tcp, &id("api"))),
+    );
+    wait_ready(&mut [&mut api, &mut web]);
+    assert!(api.proc.log_text().contains("\"max_connections\":3"));
+
+    // A request passes; the limits are not in the way of ordinary traffic.
+    let r = request_once(&web_http, "GET", "/ok").unwrap();
+    assert_eq!(r.status, 200);
+
+    // http_header_timeout: a head that never completes is closed after about a second.
+    let mut s = TcpStream::connect(&web_http).unwrap();
+    s.write_all(b"GET /slow HTTP/1.1\r\nhost: api\r\nx-a: 1\r\n")
+        .unwrap();
+    let (took, _) =
+        closed_within(&mut s, Duration::from_secs(8)).expect("a trickled request head is closed");
+    assert!(took >= Duration::from_millis(500), "closed after {took:?}");
+    wait_metric(&api, "api-http", "header_timeout", 1.0);
+
+    // http_max_header_bytes: a 10 KiB header is answered 431 and never reaches the app.
+    let before = http.requests();
+    let mut s = TcpStream::connect(&web_http).unwrap();
+    let big = format!(
+        "GET /big HTTP/1.1\r\nhost: api\r\nx-big: {}\r\n\r\n",
+        "a".repeat(10 * 1024)
+    );
+    s.write_all(big.as_bytes()).unwrap();
+    let (_, got) = closed_within(&mut s, Duration::from_secs(8)).expect("closed after 431");
+    let text = String::from_utf8_lossy(&got);
+    assert!(text.starts_with("HTTP/1.1 431"), "{text}");
+    assert_eq!(http.requests(), before);
+    wait_metric(&api, "api-http", "header_too_large", 1.0);
+
+    // idle_timeout: an opaque connection that moves bytes stays; once silent, it is closed.
+    let mut s = TcpStream::connect(&web_tcp).unwrap();
+    for _ in 0..3 {
+        s.write_all(b"ping").unwrap();
+        let mut back = [0u8; 4];
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        s.read_exact(&mut back).unwrap();
+        assert_eq!(&back, b"ping");
+        std::thread::sleep(Duration::from_millis(600));
+    }
+    let (took, _) =
+        closed_within(&mut s, Duration::from_secs(8)).expect("a silent connection is closed");
+    assert!(took >= Duration::from_millis(900), "closed after {took:?}");
+    wait_metric(&api, "api-tcp", "idle_timeout", 1.0);
+
+    // max_connections: 3 connections that say nothing (no TLS yet) fill api-tcp; a fourth is
+    // closed at once, and the burst is logged once; when one closes, the next is accepted.
+    let skip = count_events(
+        &api,
+        "listener full: refusing new connections until some close",
+        &[],
+    );
+    let mut held: Vec<TcpStream> = (0..3)
+        .map(|_| TcpStream::connect(&api_tcp).unwrap())
+        .collect();
+    std::thread::sleep(Duration::from_millis(200));
+    for _ in 0..3 {
+        let mut extra = TcpStream::connect(&api_tcp).unwrap();
+        let (took, got) = closed_within(&mut extra, Duration::from_secs(2))
+            .expect("a connection past max_connections is closed at once");
+        assert!(got.is_empty(), "no TLS byte before the refusal");
+        assert!(took < Duration::from_secs(1), "refused after {took:?}");
+    }
+    wait_metric(&api, "api-tcp", "max_connections", 3.0);
+    let full = wait_event(
+        &api,
+        skip,
+        "listener full: refusing new connections until some close",
+        &[("listener", "api-tcp")],
+    );
+    assert_eq!(field_str(&full, "max_connections").as_deref(), Some("3"));
+    assert_eq!(
+        count_events(
+            &api,
+            "listener full: refusing new connections until some close",
+            &[]
+        ),
+        skip + 1,
+        "logged once per burst"
+    );
+    // The other listener is not affected.
+    assert_eq!(request_once(&web_http, "GET", "/ok").unwrap().status, 200);
+    for s in &mut held {
+        assert!(still_open(s, Duration::from_millis(100)));
+    }
+    drop(held.pop());
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let mut next = loop {
+        let mut s = TcpStream::connect(&api_tcp).unwrap();
+        if still_open(&mut s, Duration::from_millis(300)) {
+            break s;
+        }
+        assert!(Instant::now() < deadline, "no connection accepted again");
+    };
+    wait_event(
+        &api,
+        0,
+        "listener accepting again",
+        &[("listener", "api-tcp")],
+    );
+    next.write_all(b"not tls").unwrap();
+    drop(next);
+    drop(held);
+    let log = api.proc.log_text() + &web.proc.log_text();
+    assert!(!log.contains("PRIVATE KEY"));
+}
