@@ -249,6 +249,24 @@ pub mod ship;
 pub mod sink;
 pub mod summary;
 
+/// A chain of `n` records as the tests build them: `entry.created` by `admin:uid=0`, details
+/// `{"n": i}` (with `"pad"`, `pad` bytes long, when `pad` is not 0), one second apart.
+#[cfg(test)]
+pub(crate) fn test_chain(n: i64, pad: usize) -> Vec<AuditRecord> {
+    let mut out: Vec<AuditRecord> = Vec::new();
+    for i in 1..=n {
+        let (seq, hash) = out.last().map_or((0, [0; 32]), |r| (r.seq, r.hash));
+        let details = if pad == 0 {
+            serde_json::json!({ "n": i })
+        } else {
+            serde_json::json!({ "n": i, "pad": "p".repeat(pad) })
+        };
+        let event = AuditEvent::new("entry.created", "admin:uid=0", details);
+        out.push(AuditRecord::chain(&event, 1_700_000_000 + i, seq, hash));
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     /// Every kind the change feed replays notifies the other servers.
@@ -276,17 +294,7 @@ mod tests {
     use super::*;
 
     fn log(n: i64) -> Vec<AuditRecord> {
-        let mut out: Vec<AuditRecord> = Vec::new();
-        for i in 1..=n {
-            let (seq, hash) = out.last().map_or((0, [0; 32]), |r| (r.seq, r.hash));
-            let event = AuditEvent::new(
-                "entry.created",
-                "admin:uid=0",
-                serde_json::json!({ "n": i }),
-            );
-            out.push(AuditRecord::chain(&event, 1_700_000_000 + i, seq, hash));
-        }
-        out
+        super::test_chain(n, 0)
     }
 
     fn head(records: &[AuditRecord]) -> Option<(i64, [u8; 32])> {

@@ -134,15 +134,8 @@ enum Command {
 
 #[derive(Args, Debug)]
 struct RunArgs {
-    /// TOML configuration file.
-    #[arg(long, short)]
-    config: Option<PathBuf>,
-    /// Trust domain (overrides the file).
-    #[arg(long)]
-    trust_domain: Option<String>,
-    /// Data directory (overrides the file).
-    #[arg(long)]
-    data_dir: Option<PathBuf>,
+    #[command(flatten)]
+    server: backup::ServerArgs,
     /// Admin socket path (overrides the file).
     #[arg(long)]
     admin_socket: Option<PathBuf>,
@@ -152,15 +145,6 @@ struct RunArgs {
     /// Node API listener for agents, ip:port (overrides the file; default 127.0.0.1:8443).
     #[arg(long)]
     node_address: Option<String>,
-    /// This server's name among the CA servers sharing one datastore (overrides the file;
-    /// default ca-1). Each server of a group needs its own, kept across restarts: it names the
-    /// server's intermediate and its key directory's owner.
-    #[arg(long)]
-    server_id: Option<String>,
-    /// The datastore: "sqlite", "sqlite:///path" or a postgres:// URL (overrides the file).
-    /// A password belongs in the file or in a PGPASSFILE, not on the command line.
-    #[arg(long)]
-    datastore: Option<String>,
     /// Check the configuration and exit.
     #[arg(long)]
     check: bool,
@@ -481,16 +465,7 @@ async fn offline(f: impl Future<Output = anyhow::Result<ExitCode>>) -> ExitCode 
 }
 
 fn load_config(args: &RunArgs) -> Result<Config, ConfigError> {
-    let mut raw = match &args.config {
-        Some(path) => RawConfig::from_file(path)?,
-        None => RawConfig::default(),
-    };
-    if let Some(td) = &args.trust_domain {
-        raw.trust_domain = Some(td.clone());
-    }
-    if let Some(dir) = &args.data_dir {
-        raw.data_dir = Some(dir.clone());
-    }
+    let mut raw = args.server.raw()?;
     if let Some(sock) = &args.admin_socket {
         raw.admin_socket = Some(sock.clone());
     }
@@ -499,12 +474,6 @@ fn load_config(args: &RunArgs) -> Result<Config, ConfigError> {
     }
     if let Some(node) = &args.node_address {
         raw.node_address = Some(node.clone());
-    }
-    if let Some(id) = &args.server_id {
-        raw.server_id = Some(id.clone());
-    }
-    if let Some(url) = &args.datastore {
-        raw.datastore = Some(url.clone());
     }
     Config::try_from(raw)
 }

@@ -5,12 +5,12 @@ use std::process::ExitCode;
 
 use clap::Args;
 use meshid_ca::backup::{Protection, Target, Unlock};
-use meshid_ca::config::{Config, RawConfig};
+use meshid_ca::config::{Config, ConfigError, RawConfig};
 
-/// Which CA server: its configuration, with the same overrides as `run`.
+/// Which CA server: its configuration, with the overrides `run` takes too.
 #[derive(Args, Debug)]
 pub struct ServerArgs {
-    /// The server's TOML configuration file.
+    /// TOML configuration file.
     #[arg(long, short)]
     config: Option<PathBuf>,
     /// Trust domain (overrides the file).
@@ -19,16 +19,20 @@ pub struct ServerArgs {
     /// Data directory (overrides the file).
     #[arg(long)]
     data_dir: Option<PathBuf>,
-    /// Datastore URL (overrides the file).
-    #[arg(long)]
-    datastore: Option<String>,
-    /// Server id (overrides the file).
+    /// This server's name among the CA servers sharing one datastore (overrides the file;
+    /// default ca-1). Each server of a group needs its own, kept across restarts: it names the
+    /// server's intermediate and its key directory's owner.
     #[arg(long)]
     server_id: Option<String>,
+    /// The datastore: "sqlite", "sqlite:///path" or a postgres:// URL (overrides the file).
+    /// A password belongs in the file or in a PGPASSFILE, not on the command line.
+    #[arg(long)]
+    datastore: Option<String>,
 }
 
 impl ServerArgs {
-    fn config(&self) -> anyhow::Result<Config> {
+    /// The file (or the defaults) with these overrides, not yet validated.
+    pub fn raw(&self) -> Result<RawConfig, ConfigError> {
         let mut raw = match &self.config {
             Some(path) => RawConfig::from_file(path)?,
             None => RawConfig::default(),
@@ -45,7 +49,11 @@ impl ServerArgs {
         if let Some(v) = &self.server_id {
             raw.server_id = Some(v.clone());
         }
-        Ok(Config::try_from(raw)?)
+        Ok(raw)
+    }
+
+    fn config(&self) -> anyhow::Result<Config> {
+        Ok(Config::try_from(self.raw()?)?)
     }
 }
 

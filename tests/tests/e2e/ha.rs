@@ -11,11 +11,9 @@ use std::process::Command;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use meshid_tests::{ca_cli, http_get, metric_value, wait_for, Agent, Ca, Proxy};
+use meshid_tests::{ca_cli, http_get, metric_value, wait_for, Agent, Ca};
 
-use crate::proxy::support::{
-    id, inbound, local_addr, outbound, proxy_head, serial, tail, wait_ready, HttpBackend, Node,
-};
+use crate::proxy::support::{id, serial, tail, web_to_api_proxies, HttpBackend, Node};
 use crate::proxy::{fresh_client, keepalive_client, ClientStats, StopOnDrop, ALLOW_WEB_TO_API};
 
 /// An upstream root for the trust domain, made with openssl: every CA server issues under it.
@@ -162,21 +160,8 @@ fn ca_servers_killed_under_load_then_the_database_restarted() {
     let backend = HttpBackend::start();
     let policy = dir.join("policy.yaml");
     std::fs::write(&policy, ALLOW_WEB_TO_API).unwrap();
-    let api_in = local_addr();
-    let mut api = Proxy::start(
-        dir,
-        "api",
-        &(proxy_head(dir, "api", &api_node, &id("api"), Some(&policy), "")
-            + &inbound("api-in", &api_in, backend.addr(), 8080, "detect")),
-    );
-    let web_out = local_addr();
-    let mut web = Proxy::start(
-        dir,
-        "web",
-        &(proxy_head(dir, "web", &web_node, &id("web"), None, "")
-            + &outbound("to-api", &web_out, &api_in, &id("api"))),
-    );
-    wait_ready(&mut [&mut api, &mut web]);
+    let (mut api, mut web, web_out, _) =
+        web_to_api_proxies(dir, &web_node, &api_node, &policy, backend.addr());
 
     let stop = AtomicBool::new(false);
     let killed = AtomicUsize::new(0);

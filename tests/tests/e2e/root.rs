@@ -15,12 +15,11 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use base64::Engine as _;
-use meshid_tests::{ca_cli, wait_for, Ca, Proxy};
+use meshid_tests::{ca_cli, wait_for, Ca};
 use serde_json::Value;
 
 use crate::proxy::support::{
-    create_entry, id, inbound, local_addr, outbound, proxy_head, serial, start_node, tail,
-    wait_ready, HttpBackend,
+    create_entry, id, serial, start_node, tail, web_to_api_proxies, HttpBackend,
 };
 use crate::proxy::{fresh_client, keepalive_client, ClientStats, StopOnDrop, ALLOW_WEB_TO_API};
 
@@ -107,21 +106,8 @@ fn rotation_under_traffic(datastore: Option<&str>) {
     let backend = HttpBackend::start();
     let policy = dir.join("policy.yaml");
     std::fs::write(&policy, ALLOW_WEB_TO_API).unwrap();
-    let api_in = local_addr();
-    let mut api = Proxy::start(
-        dir,
-        "api",
-        &(proxy_head(dir, "api", &node2, &id("api"), Some(&policy), "")
-            + &inbound("api-in", &api_in, backend.addr(), 8080, "detect")),
-    );
-    let web_out = local_addr();
-    let mut web = Proxy::start(
-        dir,
-        "web",
-        &(proxy_head(dir, "web", &node1, &id("web"), None, "")
-            + &outbound("to-api", &web_out, &api_in, &id("api"))),
-    );
-    wait_ready(&mut [&mut api, &mut web]);
+    let (mut api, mut web, web_out, _) =
+        web_to_api_proxies(dir, &node1, &node2, &policy, backend.addr());
     let old_root = roots_in(&root_status(&ca), "active");
     assert_eq!(old_root.len(), 1);
     eprintln!("root rotation: mesh ready after {:?}", started.elapsed());

@@ -3,17 +3,7 @@ use crate::audit::checkpoint::CheckpointKey;
 use crate::audit::AuditEvent;
 
 fn records(n: i64) -> Vec<AuditRecord> {
-    let mut out: Vec<AuditRecord> = Vec::new();
-    for i in 1..=n {
-        let (seq, hash) = out.last().map_or((0, [0; 32]), |r| (r.seq, r.hash));
-        let event = AuditEvent::new(
-            "entry.created",
-            "admin:uid=0",
-            serde_json::json!({ "n": i }),
-        );
-        out.push(AuditRecord::chain(&event, 1_700_000_000 + i, seq, hash));
-    }
-    out
+    crate::audit::test_chain(n, 0)
 }
 
 fn export(records: &[AuditRecord], key: &CheckpointKey, every: usize) -> String {

@@ -1,18 +1,8 @@
 use super::*;
-use crate::audit::{AuditEvent, AuditRecord};
+use crate::audit::AuditRecord;
 
 fn records(n: i64, size: usize) -> Vec<AuditRecord> {
-    let mut out: Vec<AuditRecord> = Vec::new();
-    for i in 1..=n {
-        let (seq, hash) = out.last().map_or((0, [0; 32]), |r| (r.seq, r.hash));
-        let event = AuditEvent::new(
-            "svid.x509.issued",
-            "spiffe://td/agent/a",
-            serde_json::json!({ "n": i, "pad": "p".repeat(size) }),
-        );
-        out.push(AuditRecord::chain(&event, 1_700_000_000 + i, seq, hash));
-    }
-    out
+    crate::audit::test_chain(n, size)
 }
 
 fn lines(rs: &[AuditRecord]) -> Vec<Line> {

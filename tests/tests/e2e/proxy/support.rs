@@ -501,21 +501,7 @@ impl WebToApi {
         let app = app.unwrap_or_else(|| backend.as_ref().map_or("", HttpBackend::addr));
         let policy = dir.join("policy.yaml");
         std::fs::write(&policy, policy_text).unwrap();
-        let api_in = local_addr();
-        let mut api = Proxy::start(
-            dir,
-            "api",
-            &(proxy_head(dir, "api", &node2, &id("api"), Some(&policy), "")
-                + &inbound("api-in", &api_in, app, 8080, "detect")),
-        );
-        let web_out = local_addr();
-        let mut web = Proxy::start(
-            dir,
-            "web",
-            &(proxy_head(dir, "web", &node1, &id("web"), None, "")
-                + &outbound("to-api", &web_out, &api_in, &id("api"))),
-        );
-        wait_ready(&mut [&mut api, &mut web]);
+        let (api, web, web_out, api_in) = web_to_api_proxies(dir, &node1, &node2, &policy, app);
         WebToApi {
             api,
             web,
@@ -528,6 +514,34 @@ impl WebToApi {
             tmp,
         }
     }
+}
+
+/// api's proxy (SVID `api` from `api_node`'s agent) with an inbound listener forwarding to
+/// `app` under the policy file `policy`, and web's (from `web_node`'s) with an outbound listener
+/// to it; both ready. Returns (api, web, web's outbound listener, api's inbound listener).
+pub fn web_to_api_proxies(
+    dir: &Path,
+    web_node: &Node,
+    api_node: &Node,
+    policy: &Path,
+    app: &str,
+) -> (Proxy, Proxy, String, String) {
+    let api_in = local_addr();
+    let mut api = Proxy::start(
+        dir,
+        "api",
+        &(proxy_head(dir, "api", api_node, &id("api"), Some(policy), "")
+            + &inbound("api-in", &api_in, app, 8080, "detect")),
+    );
+    let web_out = local_addr();
+    let mut web = Proxy::start(
+        dir,
+        "web",
+        &(proxy_head(dir, "web", web_node, &id("web"), None, "")
+            + &outbound("to-api", &web_out, &api_in, &id("api"))),
+    );
+    wait_ready(&mut [&mut api, &mut web]);
+    (api, web, web_out, api_in)
 }
 
 /// Writes `text` to `path` atomically (a temporary file in the same directory, renamed).
