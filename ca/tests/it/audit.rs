@@ -121,6 +121,58 @@ async fn rewrite_datastore(url: &str, from: i64, erase: i64) {
     c.close().await.unwrap();
 }
 
+/// The file's last checkpoint verified by OpenSSL (an implementation of Ed25519 other than
+/// ours), with the `.pub` file as written: the message rebuilt here from the line's fields, as
+/// documented (`meshid-audit-checkpoint-v1`, length-prefixed trust domain and server id, seq,
+/// hash, time, big-endian).
+fn openssl_verifies_last_checkpoint(dir: &Path, file: &Path, key_pub: &Path) {
+    use base64::Engine as _;
+    let ls = lines(file);
+    let c = ls.iter().rev().find(|l| l["type"] == "checkpoint").unwrap();
+    let mut msg = b"meshid-audit-checkpoint-v1".to_vec();
+    for field in ["trust_domain", "server_id"] {
+        let v = c[field].as_str().unwrap().as_bytes();
+        msg.extend_from_slice(&(v.len() as u64).to_be_bytes());
+        msg.extend_from_slice(v);
+    }
+    msg.extend_from_slice(&c["seq"].as_i64().unwrap().to_be_bytes());
+    msg.extend_from_slice(&hex::decode(c["hash"].as_str().unwrap()).unwrap());
+    msg.extend_from_slice(&c["time"].as_i64().unwrap().to_be_bytes());
+    let sig = base64::engine::general_purpose::STANDARD
+        .decode(c["signature"].as_str().unwrap())
+        .unwrap();
+    let (m, g) = (dir.join("checkpoint.msg"), dir.join("checkpoint.sig"));
+    std::fs::write(&m, &msg).unwrap();
+    std::fs::write(&g, &sig).unwrap();
+    let verify = |msg_file: &Path| {
+        std::process::Command::new("openssl")
+            .args(["pkeyutl", "-verify", "-pubin", "-rawin", "-inkey"])
+            .arg(key_pub)
+            .arg("-in")
+            .arg(msg_file)
+            .arg("-sigfile")
+            .arg(&g)
+            .output()
+            .unwrap()
+    };
+    let out = verify(&m);
+    assert!(
+        out.status.success(),
+        "openssl: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // And refuses the same signature over another head.
+    let mut other = msg.clone();
+    let at = other.len() - 9;
+    other[at] ^= 1;
+    std::fs::write(&m, &other).unwrap();
+    assert!(
+        !verify(&m).status.success(),
+        "openssl accepted a changed head"
+    );
+}
+
 fn trail(datastore: Option<&str>) {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path();
@@ -198,6 +250,7 @@ fn trail(datastore: Option<&str>) {
         out.contains("export OK") && out.contains("signed by the pinned key"),
         "{out}"
     );
+    openssl_verifies_last_checkpoint(dir, &file, &key_pub);
     assert!(out.contains("each of the"), "{out}");
     // Offline: no CA needed.
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_meshid-ca"))
