@@ -13,13 +13,13 @@
 use std::fmt;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use aws_lc_rs::rand::SystemRandom;
+use aws_lc_rs::signature::{
+    EcdsaKeyPair, KeyPair as _, RsaKeyPair, ECDSA_P256_SHA256_FIXED_SIGNING, RSA_PKCS1_SHA256,
+};
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine as _;
 use rand::RngCore as _;
-use ring::rand::SystemRandom;
-use ring::signature::{
-    EcdsaKeyPair, KeyPair as _, RsaKeyPair, ECDSA_P256_SHA256_FIXED_SIGNING, RSA_PKCS1_SHA256,
-};
 use rustls_pki_types::pem::PemObject as _;
 use rustls_pki_types::PrivatePkcs8KeyDer;
 use serde_json::{json, Value};
@@ -105,7 +105,7 @@ impl JwtKey {
     }
 
     /// Generates a fresh key of `kind` (RSA keys with the `rsa` crate, from the system's
-    /// random generator; signing is ring's either way).
+    /// random generator; signing is aws-lc-rs's either way).
     pub fn generate_for(kind: JwtKeyType) -> Result<Self, JwtError> {
         match kind {
             JwtKeyType::Es256 => Self::generate(),
@@ -129,11 +129,7 @@ impl JwtKey {
 
     /// Loads a PKCS#8 DER private key: EC P-256, or RSA of at least [`RSA_BITS`] bits.
     pub fn from_pkcs8_der(der: &[u8]) -> Result<Self, JwtError> {
-        let pair = match EcdsaKeyPair::from_pkcs8(
-            &ECDSA_P256_SHA256_FIXED_SIGNING,
-            der,
-            &SystemRandom::new(),
-        ) {
+        let pair = match EcdsaKeyPair::from_pkcs8(&ECDSA_P256_SHA256_FIXED_SIGNING, der) {
             Ok(pair) => pair,
             Err(_) => return Self::from_rsa_pkcs8_der(der),
         };
@@ -160,7 +156,7 @@ impl JwtKey {
             "TooSmall" => JwtError::InvalidKey("an RSA JWT key has at least 2048 bits"),
             _ => invalid,
         })?;
-        if pair.public().modulus_len() * 8 < RSA_BITS {
+        if pair.public_modulus_len() * 8 < RSA_BITS {
             return Err(JwtError::InvalidKey(
                 "an RSA JWT key has at least 2048 bits",
             ));
@@ -317,7 +313,7 @@ pub fn mint_jwt_svid_from(
             .as_ref()
             .to_vec(),
         Signer::Rsa(pair) => {
-            let mut sig = vec![0; pair.public().modulus_len()];
+            let mut sig = vec![0; pair.public_modulus_len()];
             pair.sign(
                 &RSA_PKCS1_SHA256,
                 &SystemRandom::new(),

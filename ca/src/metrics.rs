@@ -30,6 +30,13 @@ pub struct AgentLabels {
     pub agent: String,
 }
 
+/// Labels of completed node API handshakes.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct GroupLabels {
+    /// The negotiated key exchange group ([`meshid_api::tls::kx_group_name`]).
+    pub group: &'static str,
+}
+
 /// Labels of node API connection metrics.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ReasonLabels {
@@ -82,6 +89,8 @@ pub struct Metrics {
     pub rotation_errors: Counter,
     /// Node API connections whose TLS handshake failed or timed out.
     pub node_handshake_failures: Counter,
+    /// Node API TLS handshakes completed, by negotiated key exchange group.
+    pub node_handshakes: Family<GroupLabels, Counter>,
     /// Node API calls refused for lack of a valid agent identity.
     pub node_denied: Counter,
     /// Node API connections refused, shed or closed by the connection limits, by reason.
@@ -172,6 +181,12 @@ impl Metrics {
             "node_tls_handshake_failures",
             "Node API connections whose TLS handshake failed or timed out",
             node_handshake_failures.clone(),
+        );
+        let node_handshakes = Family::<GroupLabels, Counter>::default();
+        registry.register(
+            "node_tls_handshakes",
+            "Node API TLS handshakes completed, by negotiated key exchange group",
+            node_handshakes.clone(),
         );
         let node_denied = Counter::default();
         registry.register(
@@ -265,6 +280,7 @@ impl Metrics {
             rotations,
             rotation_errors,
             node_handshake_failures,
+            node_handshakes,
             node_denied,
             node_connections_limited,
             node_superseded_svids,

@@ -309,14 +309,17 @@ async fn accept_loop(
                 () = pending.shed() => Err("shed"),
             };
             match result {
-                Ok(stream) => match pending.open() {
-                    Ok(open) => {
-                        let _ = conns.send(NodeConn::new(stream, open)).await;
+                Ok(stream) => {
+                    admission.handshake_done(tls::kx_group_name(stream.get_ref().1));
+                    match pending.open() {
+                        Ok(open) => {
+                            let _ = conns.send(NodeConn::new(stream, open)).await;
+                        }
+                        Err(reason) => {
+                            tracing::debug!(%peer, reason, "node API connection refused by the connection limits");
+                        }
                     }
-                    Err(reason) => {
-                        tracing::debug!(%peer, reason, "node API connection refused by the connection limits");
-                    }
-                },
+                }
                 Err(reason) => {
                     admission.handshake_failed();
                     if reason == "hello_timeout" {

@@ -19,16 +19,16 @@ use std::fmt;
 use std::str::FromStr;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use aws_lc_rs::rand::SystemRandom;
+use aws_lc_rs::signature::{
+    EcdsaKeyPair, EcdsaSigningAlgorithm, KeyPair as _, ECDSA_P256_SHA256_ASN1_SIGNING,
+    ECDSA_P384_SHA384_ASN1_SIGNING,
+};
 use rand::RngCore as _;
 use rcgen::string::Ia5String;
 use rcgen::{
     BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
     KeyUsagePurpose, PublicKeyData, SanType, SerialNumber, SignatureAlgorithm, SigningKey,
-};
-use ring::rand::SystemRandom;
-use ring::signature::{
-    EcdsaKeyPair, EcdsaSigningAlgorithm, KeyPair as _, ECDSA_P256_SHA256_ASN1_SIGNING,
-    ECDSA_P384_SHA384_ASN1_SIGNING,
 };
 use rustls_pki_types::pem::PemObject as _;
 use rustls_pki_types::{CertificateDer, CertificateSigningRequestDer, PrivatePkcs8KeyDer};
@@ -157,7 +157,7 @@ impl KeyType {
         }
     }
 
-    fn ring_alg(self) -> &'static EcdsaSigningAlgorithm {
+    fn signing_alg(self) -> &'static EcdsaSigningAlgorithm {
         match self {
             KeyType::EcP256 => &ECDSA_P256_SHA256_ASN1_SIGNING,
             KeyType::EcP384 => &ECDSA_P384_SHA384_ASN1_SIGNING,
@@ -211,16 +211,15 @@ impl CaKey {
     /// Generates a fresh key of type `key_type`.
     pub fn generate(key_type: KeyType) -> Result<Self, SvidError> {
         let rng = SystemRandom::new();
-        let doc = EcdsaKeyPair::generate_pkcs8(key_type.ring_alg(), &rng)
+        let doc = EcdsaKeyPair::generate_pkcs8(key_type.signing_alg(), &rng)
             .map_err(|_| SvidError::KeyGeneration)?;
         Self::from_pkcs8_der(doc.as_ref())
     }
 
     /// Loads a PKCS#8 DER private key (EC P-256 or P-384; the curve is detected).
     pub fn from_pkcs8_der(der: &[u8]) -> Result<Self, SvidError> {
-        let rng = SystemRandom::new();
         for key_type in [KeyType::EcP256, KeyType::EcP384] {
-            if let Ok(pair) = EcdsaKeyPair::from_pkcs8(key_type.ring_alg(), der, &rng) {
+            if let Ok(pair) = EcdsaKeyPair::from_pkcs8(key_type.signing_alg(), der) {
                 let mut spki = key_type.spki_prefix().to_vec();
                 spki.extend_from_slice(pair.public_key().as_ref());
                 return Ok(CaKey {

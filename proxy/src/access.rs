@@ -131,5 +131,6 @@ pub fn connection(direction: &str, listener: &str) -> meshid_policy::AccessRecor
         bytes_in: 0,
         bytes_out: 0,
         duration_ms: 0.0,
+        tls_group: None,
     }
 }

@@ -100,6 +100,8 @@ struct Conn {
     listener: Arc<Listener>,
     caller: SpiffeId,
     local: Arc<SpiffeId>,
+    /// The negotiated key exchange group, for the access log.
+    group: &'static str,
     h2: bool,
     upstream: tokio::sync::Mutex<Option<Upstream>>,
 }
@@ -111,6 +113,7 @@ pub async fn serve<T>(
     io: T,
     caller: SpiffeId,
     local: Arc<SpiffeId>,
+    group: &'static str,
     h2: bool,
 ) where
     T: AsyncRead + AsyncWrite + Unpin + Send + 'static,
@@ -126,6 +129,7 @@ pub async fn serve<T>(
         listener,
         caller,
         local,
+        group,
         h2,
         upstream: tokio::sync::Mutex::new(None),
     });
@@ -242,6 +246,7 @@ async fn handle(conn: Arc<Conn>, mut req: Request<Incoming>) -> Response<Respons
             "request",
             &conn.caller,
             &conn.local,
+            conn.group,
             active.policy.name(),
             &decision,
         );

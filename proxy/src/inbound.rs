@@ -69,8 +69,10 @@ pub(crate) async fn connection(
         this.metrics.handshake_failure("other");
         return;
     };
+    let group = meshid_api::tls::kx_group_name(tls.get_ref().1);
+    this.metrics.handshake(group);
     let chain = crate::proxy::peer_chain(tls.get_ref().1.peer_certificates());
-    let serve = serve(this, tls, caller.clone(), local.clone(), start);
+    let serve = serve(this, tls, caller.clone(), local.clone(), group, start);
     tokio::select! {
         () = serve => {}
         serial = this.shared.creds.revoked(&chain) => {
@@ -85,6 +87,7 @@ async fn serve(
     mut tls: TlsStream<TcpStream>,
     caller: SpiffeId,
     local: Arc<SpiffeId>,
+    group: &'static str,
     start: Instant,
 ) {
     let detected = match this.config.protocol {
@@ -102,12 +105,16 @@ async fn serve(
     let (kind, prefix) = detected;
     let io = Prefixed::new(prefix, tls);
     match (kind, this.config.protocol) {
-        (Detected::Http1, _) => crate::http::serve(this.clone(), io, caller, local, false).await,
-        (Detected::Http2, _) => crate::http::serve(this.clone(), io, caller, local, true).await,
+        (Detected::Http1, _) => {
+            crate::http::serve(this.clone(), io, caller, local, group, false).await;
+        }
+        (Detected::Http2, _) => {
+            crate::http::serve(this.clone(), io, caller, local, group, true).await;
+        }
         (Detected::Opaque, InboundProtocol::Http) => {
             tracing::info!(listener = %this.config.name, caller = %caller, "not HTTP on an http listener; closing");
         }
-        (Detected::Opaque, _) => opaque(this, io, &caller, &local, start).await,
+        (Detected::Opaque, _) => opaque(this, io, &caller, &local, group, start).await,
     }
 }
 
@@ -116,6 +123,7 @@ async fn opaque(
     mut io: Prefixed<TlsStream<TcpStream>>,
     caller: &SpiffeId,
     local: &SpiffeId,
+    group: &'static str,
     start: Instant,
 ) {
     let active = this.shared.policy.load_full();
@@ -132,6 +140,7 @@ async fn opaque(
             "connection",
             caller,
             local,
+            group,
             active.policy.name(),
             &decision,
         )

@@ -44,6 +44,17 @@ pub struct FailureLabels {
     pub reason: &'static str,
 }
 
+/// Labels of completed handshakes.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct HandshakeLabels {
+    /// `inbound` or `outbound`.
+    pub direction: &'static str,
+    /// The listener's name.
+    pub listener: String,
+    /// The negotiated key exchange group ([`meshid_api::tls::kx_group_name`]).
+    pub group: &'static str,
+}
+
 /// Labels of policy decisions.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct DecisionLabels {
@@ -83,6 +94,8 @@ pub struct Metrics {
     pub bytes: Family<ByteLabels, Counter>,
     /// TLS handshakes that failed, by reason.
     pub handshake_failures: Family<FailureLabels, Counter>,
+    /// TLS handshakes completed, by negotiated key exchange group.
+    pub handshakes: Family<HandshakeLabels, Counter>,
     /// Authorization decisions.
     pub decisions: Family<DecisionLabels, Counter>,
     /// HTTP requests seen by inbound L7 proxying.
@@ -151,6 +164,18 @@ impl ListenerMetrics {
             .inc();
     }
 
+    /// Counts a completed handshake by its key exchange group.
+    pub fn handshake(&self, group: &'static str) {
+        self.all
+            .handshakes
+            .get_or_create(&HandshakeLabels {
+                direction: self.direction,
+                listener: self.name.clone(),
+                group,
+            })
+            .inc();
+    }
+
     /// Counts a handshake failure.
     pub fn handshake_failure(&self, reason: &'static str) {
         self.all
@@ -183,6 +208,11 @@ impl Metrics {
             "handshake_failures",
             "TLS handshakes that failed, by reason",
             self.handshake_failures.clone(),
+        );
+        r.register(
+            "handshakes",
+            "TLS handshakes completed, by negotiated key exchange group",
+            self.handshakes.clone(),
         );
         r.register(
             "decisions",

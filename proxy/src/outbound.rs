@@ -116,6 +116,8 @@ pub(crate) async fn forward(
             return;
         }
     };
+    let group = meshid_api::tls::kx_group_name(tls.get_ref().1);
+    metrics.handshake(group);
     let callee = tls
         .get_ref()
         .1
@@ -141,6 +143,7 @@ pub(crate) async fn forward(
             bytes_in: tx,
             bytes_out: rx,
             duration_ms: start.elapsed().as_secs_f64() * 1e3,
+            tls_group: Some(group.to_owned()),
             ..crate::access::connection("outbound", name)
         });
     }

@@ -248,6 +248,7 @@ pub fn record(
     kind: &str,
     caller: &SpiffeId,
     local: &SpiffeId,
+    group: &str,
     policy: &str,
     d: &Decision,
 ) -> AccessRecord {
@@ -259,6 +260,7 @@ pub fn record(
         policy: Some(policy.to_owned()),
         rule: Some(d.rule_name().to_owned()),
         decision: d.outcome.as_str().to_owned(),
+        tls_group: Some(group.to_owned()),
         ..crate::access::connection("inbound", &this.config.name)
     }
 }

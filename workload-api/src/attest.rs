@@ -376,7 +376,7 @@ impl Inner {
             return Ok(None);
         }
         tracing::debug!(uid, size = meta.size(), "hashing workload binary");
-        let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
+        let mut ctx = aws_lc_rs::digest::Context::new(&aws_lc_rs::digest::SHA256);
         let mut buf = vec![0u8; 64 * 1024];
         let mut total: u64 = 0;
         loop {

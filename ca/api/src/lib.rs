@@ -17,7 +17,7 @@
 //! - `admin`, `node`, `workload` (by feature): the generated messages, clients and server
 //!   traits; `codec`: the Workload API's codec.
 //! - [`tls`]: node API configurations, [`tls::verify`] (the peer verifier),
-//!   [`tls::provider()`] (TLS 1.3, ring); [`id`]: SPIFFE IDs from text, canonical spelling only;
+//!   [`tls::provider()`] (TLS 1.3, aws-lc-rs, hybrid post-quantum key exchange); [`id`]: SPIFFE IDs from text, canonical spelling only;
 //!   [`role`]: the marks of agent and CA server SVIDs.
 //! - [`uds`]: serving gRPC on a Unix socket (any client's `:authority`, connection caps, the
 //!   socket itself); [`client`]: connecting to one.

@@ -4,7 +4,8 @@
 //! - [`verify`]: **the** X509-SVID peer verifier (leaf rules, one SPIFFE ID extraction, path
 //!   validation per trust domain) and its rustls adapters, [`ClientVerifier`] and
 //!   [`ServerVerifier`]. Every peer certificate meshid accepts passes through it.
-//! - [`provider()`] and [`PROTOCOL_VERSIONS`]: the one crypto provider (ring, TLS 1.3 suites only,
+//! - [`provider()`] and [`PROTOCOL_VERSIONS`]: the one crypto provider (aws-lc-rs; the hybrid
+//!   post-quantum group X25519MLKEM768 first, X25519 for peers without it; TLS 1.3 suites only,
 //!   AES-128-GCM first) and TLS 1.3 only. All crypto goes through them; no configuration uses a
 //!   process-wide default.
 //! - [`client_config`], [`server_config`]: the node API's configurations (ALPN `h2`, no session
@@ -42,7 +43,7 @@ pub mod provider;
 pub mod revocation;
 pub mod verify;
 
-pub use provider::{provider, PROTOCOL_VERSIONS};
+pub use provider::{kx_group_name, provider, PROTOCOL_VERSIONS};
 
 pub use verify::{
     ClientVerifier, PeerBundles, PeerError, PeerRole, ServerVerifier, SvidVerifier, VerifyError,
@@ -254,7 +255,7 @@ impl RotatingCert {
         Self::default()
     }
 
-    /// Publishes a new chain (leaf first) and its private key (PKCS#8, or any form the ring
+    /// Publishes a new chain (leaf first) and its private key (PKCS#8, or any form the aws-lc-rs
     /// provider loads). Refused when the key does not match the leaf.
     pub fn set(
         &self,

@@ -5,8 +5,8 @@
 
 use std::path::{Path, PathBuf};
 
+use aws_lc_rs::signature::{Ed25519KeyPair, KeyPair as _, UnparsedPublicKey, ED25519};
 use base64::Engine as _;
-use ring::signature::{Ed25519KeyPair, KeyPair as _, UnparsedPublicKey, ED25519};
 use rustls_pki_types::pem::PemObject as _;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
@@ -80,7 +80,7 @@ impl CheckpointKey {
                     .map_err(|e| invalid(format!("not an Ed25519 key ({e})")))?
             }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                let rng = ring::rand::SystemRandom::new();
+                let rng = aws_lc_rs::rand::SystemRandom::new();
                 let doc = Ed25519KeyPair::generate_pkcs8(&rng)
                     .map_err(|_| invalid("cannot generate a key".to_owned()))?;
                 // A directory made here is private; an existing one is left as it is (it may

@@ -117,7 +117,7 @@ fn key_round_trip_keeps_kid() {
     ));
     // A P-384 key is not an ES256 key.
     let p384 = EcdsaKeyPair::generate_pkcs8(
-        &ring::signature::ECDSA_P384_SHA384_FIXED_SIGNING,
+        &aws_lc_rs::signature::ECDSA_P384_SHA384_FIXED_SIGNING,
         &SystemRandom::new(),
     )
     .unwrap();

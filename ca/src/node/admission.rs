@@ -161,6 +161,14 @@ impl Admission {
         })
     }
 
+    /// Counts a completed handshake by its key exchange group.
+    pub fn handshake_done(&self, group: &'static str) {
+        self.metrics
+            .node_handshakes
+            .get_or_create(&crate::metrics::GroupLabels { group })
+            .inc();
+    }
+
     /// Counts a failed or timed-out handshake.
     pub fn handshake_failed(&self) {
         self.metrics.node_handshake_failures.inc();

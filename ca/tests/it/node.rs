@@ -271,7 +271,7 @@ fn verify_chain(chain: &[Vec<u8>], roots: &[CertificateDer<'static>]) -> String 
         .collect();
     let leaf = webpki::EndEntityCert::try_from(&certs[0]).unwrap();
     leaf.verify_for_usage(
-        rustls::crypto::ring::default_provider()
+        rustls::crypto::aws_lc_rs::default_provider()
             .signature_verification_algorithms
             .all,
         &anchors,
@@ -1107,7 +1107,7 @@ async fn role_marks_tell_agents_and_the_server_from_workloads() {
             .sign_x509_svid(&csr_der, &server_id, &[], None)
             .unwrap();
         let config = rustls::ServerConfig::builder_with_provider(std::sync::Arc::new(
-            rustls::crypto::ring::default_provider(),
+            rustls::crypto::aws_lc_rs::default_provider(),
         ))
         .with_safe_default_protocol_versions()
         .unwrap()

@@ -59,6 +59,10 @@ pub struct AccessRecord {
     /// How long the connection or request took, in milliseconds.
     #[serde(default)]
     pub duration_ms: f64,
+    /// The key exchange group the mTLS connection negotiated (`X25519MLKEM768` when both ends
+    /// have the hybrid post-quantum group, `X25519` with a classical peer), when there was one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls_group: Option<String>,
 }
 
 /// The `decision` values the proxy writes: [`crate::Outcome::as_str`]'s, and `close` for an

@@ -17,6 +17,10 @@
 //! - `proxy_readiness_and_drain`: not ready (and refusing) until the SVID arrives; SIGTERM
 //!   finishes the in-flight request, refuses new connections and exits 0 within the grace time.
 //! - `proxy_config_check`: `run --check`, and exit 64 on a bad config or an invalid policy.
+//! - `key_exchange::proxy_key_exchange_is_hybrid_post_quantum_with_classical_fallback`:
+//!   X25519MLKEM768 between meshid hops (and on the node API), with pyOpenSSL on OpenSSL 3.5+;
+//!   X25519 with `openssl s_client` offering only classical groups and with haproxy on either
+//!   side; the group in the access log and the handshake metrics.
 //! - `limits::proxy_limits_refuse_and_close_with_their_metric`: each resource limit hit
 //!   (max_connections, http_header_timeout, http_max_header_bytes, idle_timeout), refused or
 //!   closed, counted and logged.
@@ -32,6 +36,8 @@
 
 #[path = "proxy/h2.rs"]
 mod h2;
+#[path = "proxy/key_exchange.rs"]
+mod key_exchange;
 #[path = "proxy/limits.rs"]
 mod limits;
 #[path = "proxy/support.rs"]

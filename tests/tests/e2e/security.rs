@@ -663,7 +663,7 @@ async fn silent_connection(
 /// A TLS connection without a client certificate that speaks HTTP/2 and answers the CA's
 /// pings but makes no call; how long it lived (capped at `limit`).
 async fn certless_connection(node: std::net::SocketAddr, limit: Duration) -> Option<Duration> {
-    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+    let provider = std::sync::Arc::new(rustls::crypto::aws_lc_rs::default_provider());
     let mut config = rustls::ClientConfig::builder_with_provider(provider.clone())
         .with_safe_default_protocol_versions()
         .ok()?
@@ -1546,7 +1546,7 @@ fn an_unmarked_server_svid_cannot_pose_as_the_ca() {
         .build()
         .unwrap();
     let config = rustls::ServerConfig::builder_with_provider(std::sync::Arc::new(
-        rustls::crypto::ring::default_provider(),
+        rustls::crypto::aws_lc_rs::default_provider(),
     ))
     .with_safe_default_protocol_versions()
     .unwrap()
@@ -1714,7 +1714,7 @@ fn a_bundle_that_drops_every_trusted_root_is_refused() {
         .build()
         .unwrap();
     let mut config = rustls::ServerConfig::builder_with_provider(std::sync::Arc::new(
-        rustls::crypto::ring::default_provider(),
+        rustls::crypto::aws_lc_rs::default_provider(),
     ))
     .with_safe_default_protocol_versions()
     .unwrap()

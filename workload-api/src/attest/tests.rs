@@ -16,7 +16,10 @@ fn own_pid() -> i32 {
 
 fn sha256_hex(path: &Path) -> String {
     let bytes = std::fs::read(path).unwrap();
-    hex::encode(ring::digest::digest(&ring::digest::SHA256, &bytes))
+    hex::encode(aws_lc_rs::digest::digest(
+        &aws_lc_rs::digest::SHA256,
+        &bytes,
+    ))
 }
 
 #[test]

@@ -352,7 +352,7 @@ async fn tls12_peers_are_refused() {
     let pki = Pki::new("a");
     let tls12 = || {
         rustls::ClientConfig::builder_with_provider(Arc::new(
-            rustls::crypto::ring::default_provider(),
+            rustls::crypto::aws_lc_rs::default_provider(),
         ))
         .with_protocol_versions(&[&rustls::version::TLS12])
         .unwrap()
@@ -402,4 +402,105 @@ async fn an_unmarked_server_id_is_refused_under_any_expectation() {
     let client =
         client_config(vec![pki.root.clone()], ExpectedId::TrustDomain(td()), None).unwrap();
     handshake(client, server).await.unwrap();
+}
+
+/// Runs a handshake over memory, synchronously, counting the client's flights (2 for a
+/// TLS 1.3 handshake; 3 when the server asked for another key share with a
+/// HelloRetryRequest). Returns the flights and both ends, established.
+fn flights(
+    client: ClientConfig,
+    server: ServerConfig,
+) -> (usize, rustls::ClientConnection, rustls::ServerConnection) {
+    let mut c = rustls::ClientConnection::new(
+        Arc::new(client),
+        ServerName::try_from(PLACEHOLDER_SERVER_NAME).unwrap(),
+    )
+    .unwrap();
+    let mut s = rustls::ServerConnection::new(Arc::new(server)).unwrap();
+    assert_eq!(kx_group_name(&c), "none");
+    let mut client_flights = 0;
+    let mut buf = Vec::new();
+    for _ in 0..10 {
+        if !c.is_handshaking() && !s.is_handshaking() {
+            break;
+        }
+        buf.clear();
+        while c.wants_write() {
+            c.write_tls(&mut buf).unwrap();
+        }
+        if !buf.is_empty() {
+            client_flights += 1;
+            let mut rd = &buf[..];
+            while !rd.is_empty() {
+                s.read_tls(&mut rd).unwrap();
+                s.process_new_packets().unwrap();
+            }
+        }
+        buf.clear();
+        while s.wants_write() {
+            s.write_tls(&mut buf).unwrap();
+        }
+        let mut rd = &buf[..];
+        while !rd.is_empty() {
+            c.read_tls(&mut rd).unwrap();
+            c.process_new_packets().unwrap();
+        }
+    }
+    assert!(!c.is_handshaking() && !s.is_handshaking(), "no handshake");
+    (client_flights, c, s)
+}
+
+/// The client's flights and the group each end reports, as its metric label.
+fn negotiated(client: ClientConfig, server: ServerConfig) -> (usize, &'static str, &'static str) {
+    let (n, c, s) = flights(client, server);
+    (n, kx_group_name(&c), kx_group_name(&s))
+}
+
+/// meshid's provider with only X25519: a peer without the hybrid group (OpenSSL before 3.5,
+/// haproxy, stunnel).
+fn classical() -> Arc<rustls::crypto::CryptoProvider> {
+    let mut p = provider().as_ref().clone();
+    p.kx_groups = vec![rustls::crypto::aws_lc_rs::kx_group::X25519];
+    Arc::new(p)
+}
+
+/// Both meshid ends negotiate the hybrid post-quantum group X25519MLKEM768; with a classical
+/// peer on either side they fall back to X25519, in the same two flights (the client sends an
+/// X25519 key share beside the hybrid one, so no HelloRetryRequest is needed). The labels are
+/// what metrics and the access log show.
+#[test]
+fn key_exchange_is_hybrid_post_quantum_and_falls_back_in_one_round_trip() {
+    let pki = Pki::new("a");
+    let ours_client =
+        || client_config(vec![pki.root.clone()], ExpectedId::Exact(id(SERVER)), None).unwrap();
+    let ours_server = || no_client_auth_server(pki.server(&[SERVER]), &pki);
+    assert_eq!(
+        negotiated(ours_client(), ours_server()),
+        (2, "X25519MLKEM768", "X25519MLKEM768")
+    );
+
+    let bundles = PeerBundles::from_roots([(td(), vec![pki.root.clone()])]).unwrap();
+    let classical_client = ClientConfig::builder_with_provider(classical())
+        .with_protocol_versions(PROTOCOL_VERSIONS)
+        .unwrap()
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(server_verifier(
+            Arc::new(SvidVerifier::with_bundles(bundles)),
+            ExpectedId::Exact(id(SERVER)),
+        )))
+        .with_no_client_auth();
+    assert_eq!(
+        negotiated(classical_client, ours_server()),
+        (2, "X25519", "X25519")
+    );
+
+    let classical_server = ServerConfig::builder_with_provider(classical())
+        .with_protocol_versions(PROTOCOL_VERSIONS)
+        .unwrap()
+        .with_client_cert_verifier(Arc::new(ClientVerifier::new(clients(&pki)).optional()))
+        .with_cert_resolver(pki.server(&[SERVER]));
+    assert_eq!(
+        negotiated(ours_client(), classical_server),
+        (2, "X25519", "X25519")
+    );
 }
