@@ -92,6 +92,10 @@ pub struct RawConfig {
     /// once, before any TLS byte. Default: what the open-files limit allows (two descriptors
     /// per connection on every listener, 256 kept aside), at most 10000.
     pub max_connections: Option<usize>,
+    /// TLS handshakes in progress at once on each inbound listener (default 1024); past it the
+    /// oldest handshake in progress is shed for the new one, so connections that never finish
+    /// their handshake (half-open, or a byte a second) cannot keep legitimate callers out.
+    pub max_handshakes: Option<usize>,
     /// A connection on which no byte moved either way for this long is closed (default 1h).
     #[serde(default, with = "humantime_serde_opt")]
     pub idle_timeout: Option<Duration>,
@@ -445,6 +449,8 @@ pub struct Config {
     /// Connections open at once per listener (`None`: from the open-files limit, see
     /// [`crate::server::max_connections`]).
     pub max_connections: Option<usize>,
+    /// Handshakes in progress at once per inbound listener.
+    pub max_handshakes: usize,
     /// Idle connection deadline.
     pub idle_timeout: Duration,
     /// HTTP/1 request head deadline.
@@ -699,6 +705,11 @@ impl TryFrom<RawConfig> for Config {
                 Some(n) => {
                     return Err(invalid("max_connections", format!("{n}: use 1 to 1000000")))
                 }
+            },
+            max_handshakes: match raw.max_handshakes {
+                None => 1024,
+                Some(n @ 1..=1_000_000) => n,
+                Some(n) => return Err(invalid("max_handshakes", format!("{n}: use 1 to 1000000"))),
             },
             idle_timeout: duration(raw.idle_timeout, Duration::from_secs(3600), "idle_timeout")?,
             http_header_timeout: duration(

@@ -106,8 +106,13 @@ struct Conn {
     upstream: tokio::sync::Mutex<Option<Upstream>>,
 }
 
+/// How long a caller the policy denies outright gets to send its one request head.
+const DENIED_HEAD_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(1);
+
 /// Serves one caller connection as HTTP/1.1 (`h2 = false`) or HTTP/2 until it ends or the
-/// drain asks it to finish its in-flight requests.
+/// drain asks it to finish its in-flight requests. When the policy denies the caller outright
+/// (`denied`), only its first request is answered (403, by [`handle`]'s decision) and the
+/// connection is closed; its head must come within `http_header_timeout`, and at most 1 s.
 pub async fn serve<T>(
     listener: Arc<Listener>,
     io: T,
@@ -115,15 +120,22 @@ pub async fn serve<T>(
     local: Arc<SpiffeId>,
     group: &'static str,
     h2: bool,
+    denied: bool,
 ) where
     T: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let mut drain = listener.shared.drain.clone();
     let name = listener.config.name.clone();
     let limits = (
-        listener.shared.http_header_timeout,
+        if denied {
+            listener.shared.http_header_timeout.min(DENIED_HEAD_TIMEOUT)
+        } else {
+            listener.shared.http_header_timeout
+        },
         listener.shared.http_max_header_bytes,
     );
+    // Answered: the first request of a denied connection has its response.
+    let answered = Arc::new(tokio::sync::Notify::new());
     let metrics = listener.metrics.clone();
     let conn = Arc::new(Conn {
         listener,
@@ -133,22 +145,47 @@ pub async fn serve<T>(
         h2,
         upstream: tokio::sync::Mutex::new(None),
     });
+    let done = answered.clone();
     let service = hyper::service::service_fn(move |req| {
         let conn = conn.clone();
-        async move { Ok::<_, std::convert::Infallible>(handle(conn, req).await) }
+        let done = done.clone();
+        async move {
+            let response = handle(conn, req).await;
+            if denied {
+                done.notify_one();
+            }
+            Ok::<_, std::convert::Infallible>(response)
+        }
     });
     let io = TokioIo::new(io);
     let result = if h2 {
-        let c = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
-            .timer(TokioTimer::new())
-            .max_header_list_size(u32::try_from(limits.1).unwrap_or(u32::MAX))
-            .serve_connection(io, service);
+        let mut b = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
+        b.timer(TokioTimer::new())
+            .max_header_list_size(u32::try_from(limits.1).unwrap_or(u32::MAX));
+        if denied {
+            b.max_concurrent_streams(1);
+        }
+        let c = b.serve_connection(io, service);
         tokio::pin!(c);
+        // A denied caller that opens no stream is closed after the head deadline too.
+        let first = async {
+            if denied {
+                let _ = tokio::time::timeout(limits.0, answered.notified()).await;
+            } else {
+                std::future::pending::<()>().await;
+            }
+        };
         tokio::select! {
             r = c.as_mut() => r,
             () = drained(&mut drain) => {
                 c.as_mut().graceful_shutdown();
                 c.await
+            }
+            () = first => {
+                // The goodbye waits for the caller to acknowledge a ping: a caller that never
+                // does is closed after the head deadline once more.
+                c.as_mut().graceful_shutdown();
+                tokio::time::timeout(limits.0, c).await.unwrap_or(Ok(()))
             }
         }
     } else {
@@ -156,6 +193,7 @@ pub async fn serve<T>(
         // request: a silent or trickling client is closed after it.
         let c = hyper::server::conn::http1::Builder::new()
             .timer(TokioTimer::new())
+            .keep_alive(!denied)
             .header_read_timeout(limits.0)
             .max_header_size(limits.1)
             .max_buf_size(limits.1.max(8192))

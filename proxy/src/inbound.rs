@@ -8,7 +8,7 @@
 use std::sync::Arc;
 use std::time::Instant;
 
-use meshid_policy::{Request, SpiffeId};
+use meshid_policy::{ConnectionVerdict, Outcome, Request, SpiffeId};
 use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::server::TlsStream;
@@ -43,8 +43,20 @@ pub(crate) async fn connection(
         tracing::info!(listener = %this.config.name, peer = %peer_addr, reason = "no_svid", "inbound handshake refused");
         return;
     }
-    let tls = match tokio::time::timeout(this.shared.handshake_timeout, acceptor.accept(tcp)).await
-    {
+    let (mut slot, shed) = this.handshakes.begin();
+    if shed > 0 {
+        shed_handshakes(this, shed);
+    }
+    let handshake = tokio::time::timeout(this.shared.handshake_timeout, acceptor.accept(tcp));
+    let accepted = tokio::select! {
+        r = handshake => r,
+        () = slot.shed() => {
+            // Counted, and logged at most once a second, by the newcomer that shed it.
+            return;
+        }
+    };
+    drop(slot);
+    let tls = match accepted {
         Ok(Ok(tls)) => tls,
         Ok(Err(e)) => {
             let reason = verify::io_failure_reason(&e);
@@ -81,6 +93,22 @@ pub(crate) async fn connection(
     }
 }
 
+/// Counts handshakes shed for a newer one (`limited{reason="handshake_shed"}`) and says so at
+/// most once a second per listener, with how many were shed since.
+fn shed_handshakes(this: &Listener, shed: usize) {
+    for _ in 0..shed {
+        this.metrics.limited("handshake_shed");
+    }
+    this.handshakes.shed_log.info(|held_back| {
+        tracing::warn!(
+            listener = %this.config.name,
+            max_handshakes = this.shared.max_handshakes,
+            lines_held_back = held_back,
+            "handshakes in progress at max_handshakes: shedding the oldest"
+        );
+    });
+}
+
 /// Serves one authenticated connection: detects the protocol and proxies it.
 async fn serve(
     this: &Arc<Listener>,
@@ -104,18 +132,35 @@ async fn serve(
     };
     let (kind, prefix) = detected;
     let io = Prefixed::new(prefix, tls);
+    let h2 = match kind {
+        Detected::Http1 => Some(false),
+        Detected::Http2 => Some(true),
+        Detected::Opaque => None,
+    };
+    if let Some(h2) = h2 {
+        let denied = denied_outright(this, &caller, &local);
+        crate::http::serve(this.clone(), io, caller, local, group, h2, denied).await;
+        return;
+    }
     match (kind, this.config.protocol) {
-        (Detected::Http1, _) => {
-            crate::http::serve(this.clone(), io, caller, local, group, false).await;
-        }
-        (Detected::Http2, _) => {
-            crate::http::serve(this.clone(), io, caller, local, group, true).await;
-        }
         (Detected::Opaque, InboundProtocol::Http) => {
             tracing::info!(listener = %this.config.name, caller = %caller, "not HTTP on an http listener; closing");
         }
         (Detected::Opaque, _) => opaque(this, io, &caller, &local, group, start).await,
+        (Detected::Http1 | Detected::Http2, _) => {}
     }
+}
+
+/// Whether the policy denies every request `caller` could send on this listener (no rule with
+/// `http` conditions could change that). Such a connection gets one request, answered 403 so
+/// that HTTP and gRPC callers see why, and is closed: it cannot hold the listener's resources
+/// by keeping the connection alive. An opaque one is closed at once ([`opaque`]).
+fn denied_outright(this: &Listener, caller: &SpiffeId, local: &SpiffeId) -> bool {
+    let active = this.shared.policy.load();
+    matches!(
+        active.policy.connection(caller, local, this.config.port),
+        ConnectionVerdict::Decided(d) if d.outcome == Outcome::Deny
+    )
 }
 
 async fn opaque(

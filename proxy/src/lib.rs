@@ -31,6 +31,7 @@
 #![forbid(unsafe_code)]
 
 pub mod access;
+pub mod admission;
 pub mod config;
 pub mod http;
 pub mod inbound;

@@ -67,6 +67,8 @@ pub struct Shared {
     pub mark: Option<u32>,
     /// Connections open at once per listener.
     pub max_connections: usize,
+    /// Handshakes in progress at once per inbound listener.
+    pub max_handshakes: usize,
     /// A connection idle (no byte either way) for this long is closed.
     pub idle_timeout: Duration,
     /// HTTP/1 request head deadline.
@@ -221,6 +223,8 @@ pub struct InboundState {
     pub config: Inbound,
     /// Its counters.
     pub metrics: ListenerMetrics,
+    /// Its handshakes in progress.
+    pub handshakes: Arc<crate::admission::Handshakes>,
     /// Process-wide state.
     pub shared: Arc<Shared>,
 }

@@ -164,12 +164,14 @@ pub async fn run(
                 + config.outbound.len()
                 + if config.transparent.is_some() { 2 } else { 0 },
         ),
+        max_handshakes: config.max_handshakes,
         idle_timeout: config.idle_timeout,
         http_header_timeout: config.http_header_timeout,
         http_max_header_bytes: config.http_max_header_bytes,
     });
     tracing::info!(
         max_connections = shared.max_connections,
+        max_handshakes = shared.max_handshakes,
         idle_timeout = ?shared.idle_timeout,
         http_header_timeout = ?shared.http_header_timeout,
         http_max_header_bytes = shared.http_max_header_bytes,
@@ -232,6 +234,7 @@ pub async fn run(
         let this = Arc::new(crate::proxy::InboundState {
             config: l.clone(),
             metrics: metrics.listener("inbound", &l.name),
+            handshakes: crate::admission::Handshakes::new(shared.max_handshakes),
             shared: shared.clone(),
         });
         tasks.push(tokio::spawn(crate::inbound::run(listener, this)));

@@ -286,6 +286,7 @@ async fn passthrough(
 #[derive(Debug)]
 pub struct InboundListener {
     metrics: ListenerMetrics,
+    handshakes: Arc<crate::admission::Handshakes>,
     shared: Arc<Shared>,
     listen: SocketAddr,
     mode: InboundMode,
@@ -303,6 +304,7 @@ impl InboundListener {
         let m = &shared.metrics;
         InboundListener {
             metrics: m.listener("inbound", INBOUND_NAME),
+            handshakes: crate::admission::Handshakes::new(shared.max_handshakes),
             mtls: m.transparent("inbound", "mtls"),
             plaintext_refused: m.transparent("inbound", "plaintext_refused"),
             plaintext_allowed: m.transparent("inbound", "plaintext_allowed"),
@@ -368,6 +370,7 @@ async fn inbound(this: &InboundListener, acceptor: &TlsAcceptor, tcp: TcpStream,
                 protocol,
             },
             metrics: this.metrics.clone(),
+            handshakes: this.handshakes.clone(),
             shared: this.shared.clone(),
         });
         crate::inbound::connection(&l, acceptor, tcp, peer).await;

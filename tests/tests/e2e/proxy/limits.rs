@@ -213,3 +213,147 @@ fn proxy_limits_refuse_and_close_with_their_metric() {
     let log = api.proc.log_text() + &web.proc.log_text();
     assert!(!log.contains("PRIVATE KEY"));
 }
+
+/// api's policy for [`proxy_denied_caller_gets_one_request_and_is_closed`]: web may only GET
+/// /public on port 8081, so on 8080 it is denied outright and on 8081 per request.
+const WEB_PUBLIC_ONLY: &str = r#"name: web-public-only
+default: deny
+rules:
+  - name: web-public
+    from: ["spiffe://example.org/web"]
+    to: ["spiffe://example.org/api"]
+    ports: [8081]
+    http: {methods: [GET], paths: ["/public/**"]}
+"#;
+
+/// The HTTP/2 client preface and an empty SETTINGS frame: a connection that opens no stream.
+const H2_PREFACE_AND_SETTINGS: &[u8] =
+    b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\x00\x00\x00\x04\x00\x00\x00\x00\x00";
+
+#[test]
+fn proxy_denied_caller_gets_one_request_and_is_closed() {
+    let _serial = serial();
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let ca = Ca::start(dir, &[]);
+    let (t1, t2) = (ca.join_token(), ca.join_token());
+    create_entry(&ca, "web", &id("web"), &t1.1, "1h");
+    create_entry(&ca, "api", &id("api"), &t2.1, "1h");
+    let node1 = start_node(dir, "node1", &ca, t1);
+    let node2 = start_node(dir, "node2", &ca, t2);
+    let http = HttpBackend::start();
+    let policy = dir.join("policy.yaml");
+    std::fs::write(&policy, WEB_PUBLIC_ONLY).unwrap();
+    let (api_8080, api_8081, web_8080, web_8081) =
+        (local_addr(), local_addr(), local_addr(), local_addr());
+    // Default limits (http_header_timeout is 30 s), except 4 handshakes in progress.
+    let mut api = Proxy::start(
+        dir,
+        "api",
+        &(proxy_head(
+            dir,
+            "api",
+            &node2,
+            &id("api"),
+            Some(&policy),
+            "max_handshakes = 4\n",
+        ) + &inbound("api-8080", &api_8080, http.addr(), 8080, "detect")
+            + &inbound("api-8081", &api_8081, http.addr(), 8081, "http")),
+    );
+    let mut web = Proxy::start(
+        dir,
+        "web",
+        &(proxy_head(dir, "web", &node1, &id("web"), None, "")
+            + &outbound("to-8080", &web_8080, &api_8080, &id("api"))
+            + &outbound("to-8081", &web_8081, &api_8081, &id("api"))),
+    );
+    wait_ready(&mut [&mut api, &mut web]);
+    let api_log = access_log_path(dir, "api");
+
+    // Denied outright (port 8080): a kept-alive HTTP/1.1 request is answered 403, logged with
+    // its method and path, and the connection is closed behind it.
+    let mut c = HttpConn::connect(&web_8080).unwrap();
+    let r = c.request("GET", "/anything", false).unwrap();
+    assert_eq!(r.status, 403);
+    let mut raw = c.into_stream();
+    let (took, rest) = closed_within(&mut raw, Duration::from_secs(5))
+        .expect("a denied caller's connection is closed after its one response");
+    assert!(rest.is_empty(), "{rest:?}");
+    assert!(took < Duration::from_secs(2), "closed after {took:?}");
+    assert!(wait_record(
+        &api_log,
+        &[
+            ("path", Some("/anything")),
+            ("status", Some("403")),
+            ("listener", Some("api-8080"))
+        ],
+        Duration::from_secs(5)
+    ));
+    assert_eq!(http.requests(), 0, "nothing reached the application");
+
+    // A head trickled in by a denied caller is closed after 1 s, not http_header_timeout.
+    let mut s = TcpStream::connect(&web_8080).unwrap();
+    s.write_all(b"GET /slow HTTP/1.1\r\nhost: api\r\n").unwrap();
+    let (took, _) = closed_within(&mut s, Duration::from_secs(10)).expect("closed");
+    assert!(
+        took >= Duration::from_millis(500) && took < Duration::from_secs(4),
+        "closed after {took:?}"
+    );
+
+    // HTTP/2 from a denied caller that opens no stream: closed within about a second too.
+    let mut s = TcpStream::connect(&web_8080).unwrap();
+    s.write_all(H2_PREFACE_AND_SETTINGS).unwrap();
+    let (took, _) = closed_within(&mut s, Duration::from_secs(10)).expect("closed");
+    assert!(
+        took >= Duration::from_millis(500) && took < Duration::from_secs(4),
+        "closed after {took:?}"
+    );
+
+    // Opaque bytes from a denied caller: closed at once (after the 200 ms detection).
+    let mut s = TcpStream::connect(&web_8080).unwrap();
+    s.write_all(b"\x00\x01binary").unwrap();
+    let (took, _) = closed_within(&mut s, Duration::from_secs(5)).expect("closed");
+    assert!(took < Duration::from_secs(2), "closed after {took:?}");
+
+    // The control: on 8081 the decision depends on the request, so a refused request leaves
+    // the connection open for the next, allowed one.
+    let mut c = HttpConn::connect(&web_8081).unwrap();
+    assert_eq!(c.request("DELETE", "/public/x", false).unwrap().status, 403);
+    assert_eq!(c.request("GET", "/public/x", false).unwrap().status, 200);
+    assert_eq!(http.requests(), 1);
+
+    // max_handshakes: 4 connections that send no TLS byte fill api-8081's handshakes; a
+    // legitimate caller still gets through, shedding the oldest, which is closed at once.
+    let skip = count_events(
+        &api,
+        "handshakes in progress at max_handshakes: shedding the oldest",
+        &[],
+    );
+    let mut silent: Vec<TcpStream> = (0..4)
+        .map(|_| TcpStream::connect(&api_8081).unwrap())
+        .collect();
+    std::thread::sleep(Duration::from_millis(300));
+    let r = request_once(&web_8081, "GET", "/public/shed").unwrap();
+    assert_eq!(r.status, 200);
+    let (took, got) = closed_within(&mut silent[0], Duration::from_secs(3))
+        .expect("the oldest silent handshake is shed");
+    assert!(got.is_empty() && took < Duration::from_secs(2), "{took:?}");
+    for s in &mut silent[2..] {
+        assert!(
+            still_open(s, Duration::from_millis(100)),
+            "younger ones stay"
+        );
+    }
+    assert!(
+        limited(&api, "api-8081", "handshake_shed") >= 1.0,
+        "{}",
+        api.metrics()
+    );
+    let line = wait_event(
+        &api,
+        skip,
+        "handshakes in progress at max_handshakes: shedding the oldest",
+        &[("listener", "api-8081")],
+    );
+    assert_eq!(field_str(&line, "max_handshakes").as_deref(), Some("4"));
+}

@@ -296,6 +296,12 @@ impl HttpConn {
         })
     }
 
+    /// The connection, to read what follows the last response: [`HttpConn::request`] reads
+    /// each response whole, so nothing past it is buffered unless the server sent more.
+    pub fn into_stream(self) -> TcpStream {
+        self.reader.into_inner()
+    }
+
     /// Sends a request (no body) and reads the response; the connection stays open unless
     /// `close`.
     pub fn request(&mut self, method: &str, path: &str, close: bool) -> std::io::Result<Response> {

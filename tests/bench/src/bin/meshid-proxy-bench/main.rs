@@ -38,7 +38,11 @@
 //!
 //! # Fairness
 //!
-//! - TLS 1.3 only everywhere, X25519 (every side's first group), ECDSA P-256 certificates.
+//! - TLS 1.3 only everywhere, ECDSA P-256 certificates. Key exchange: X25519 for haproxy and
+//!   stunnel (OpenSSL 3.0 has no ML-KEM); meshid's two hops negotiate its default, the hybrid
+//!   X25519MLKEM768 (more work per handshake, and a larger ClientHello), so meshid's rows pay
+//!   for post-quantum security that the others lack. The "Hop 2 TLS" table's group is what
+//!   `openssl s_client` (classical) gets.
 //!   meshid-proxy prefers TLS_AES_128_GCM_SHA256 (`proxy/src/tls.rs`, `provider()`; its rustls
 //!   server follows the client's order, so its two hops agree on it), and haproxy and stunnel
 //!   are pinned to that same suite (`--ciphersuite` changes it). The "Hop 2 TLS" table shows
