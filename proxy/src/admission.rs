@@ -74,6 +74,18 @@ impl Handshakes {
         )
     }
 
+    /// Sheds the oldest handshake in progress, if any (for a new connection on a full
+    /// listener). Returns whether one was shed.
+    pub fn shed_oldest(&self) -> bool {
+        let mut st = self.state();
+        while let Some((_, oldest)) = st.pending.pop_first() {
+            if oldest.send(()).is_ok() {
+                return true;
+            }
+        }
+        false
+    }
+
     /// Handshakes in progress now.
     pub fn in_progress(&self) -> usize {
         self.state().pending.len()
@@ -133,6 +145,13 @@ mod tests {
         let (_d, shed) = h.begin();
         assert_eq!(shed, 0);
         assert_eq!(h.in_progress(), 2);
+        // shed_oldest: b goes; then _d; then none is left.
+        assert!(h.shed_oldest());
+        tokio::time::timeout(std::time::Duration::from_secs(1), b.shed())
+            .await
+            .expect("shed");
+        assert!(h.shed_oldest());
+        assert!(!h.shed_oldest());
     }
 
     #[tokio::test]

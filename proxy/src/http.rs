@@ -1,8 +1,10 @@
 //! Inbound HTTP/1.1 and HTTP/2: one policy decision per request.
 //!
-//! The caller's connection is served by hyper; each downstream connection gets its own
-//! upstream connection to the local application, speaking the same HTTP version (the caller
-//! chose it for the application, the proxy is transparent to it). A refused request gets a
+//! The caller's connection is served by hyper; requests go to the local application over the
+//! listener's shared connections ([`AppPool`]), in the HTTP version the caller spoke (the
+//! caller chose it for the application, the proxy is transparent to it): HTTP/1 connections
+//! are reused from request to request across callers, and HTTP/2 requests share one
+//! multiplexed connection. An idle caller connection holds no application connection. A refused request gets a
 //! `403` whose body names no rule, policy or identity; the reason goes to the proxy's log and
 //! access log. Paths are normalized before matching ([`normalize_path`]) and the normalized
 //! path is what the application receives, so the application serves exactly what was
@@ -91,9 +93,68 @@ impl<B: Body<Data = Bytes> + Unpin> Body for Metered<B> {
     }
 }
 
-enum Upstream {
-    H1(hyper::client::conn::http1::SendRequest<RequestBody>),
-    H2(hyper::client::conn::http2::SendRequest<RequestBody>),
+/// HTTP/1 application connections kept idle for reuse, per listener, at most.
+const POOL_IDLE_MAX: usize = 128;
+/// An idle HTTP/1 application connection older than this is not reused (it is closed).
+const POOL_IDLE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+
+type H1Sender = hyper::client::conn::http1::SendRequest<RequestBody>;
+type H2Sender = hyper::client::conn::http2::SendRequest<RequestBody>;
+
+/// A listener's connections to its local application, shared by all its callers' connections:
+/// HTTP/1 connections idle between requests (most recently used first), and one HTTP/2
+/// connection that every HTTP/2 request multiplexes on.
+#[derive(Default)]
+pub struct AppPool {
+    h1: std::sync::Mutex<Vec<(H1Sender, Instant)>>,
+    h2: tokio::sync::Mutex<Option<H2Sender>>,
+}
+
+impl std::fmt::Debug for AppPool {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AppPool")
+            .field("h1_idle", &self.idle_h1())
+            .finish_non_exhaustive()
+    }
+}
+
+impl AppPool {
+    fn h1(&self) -> std::sync::MutexGuard<'_, Vec<(H1Sender, Instant)>> {
+        self.h1
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// HTTP/1 connections idle in the pool now.
+    pub fn idle_h1(&self) -> usize {
+        self.h1().len()
+    }
+
+    /// An idle HTTP/1 connection that can take a request, if one is left. A connection given
+    /// back may need a moment before it is ready (its dispatcher finishing the last response);
+    /// one that cannot be ready soon (closed, or its last response abandoned) is dropped.
+    async fn checkout_h1(&self) -> Option<H1Sender> {
+        loop {
+            let (mut s, since) = self.h1().pop()?;
+            if s.is_closed() || since.elapsed() >= POOL_IDLE_TIMEOUT {
+                continue;
+            }
+            let ready = tokio::time::timeout(std::time::Duration::from_secs(1), s.ready());
+            if matches!(ready.await, Ok(Ok(()))) {
+                return Some(s);
+            }
+        }
+    }
+
+    /// Gives an HTTP/1 connection back once its response is done (dropped if the pool is full
+    /// or the connection cannot take another request).
+    fn checkin_h1(&self, s: H1Sender) {
+        let mut idle = self.h1();
+        idle.retain(|(s, since)| !s.is_closed() && since.elapsed() < POOL_IDLE_TIMEOUT);
+        if !s.is_closed() && idle.len() < POOL_IDLE_MAX {
+            idle.push((s, Instant::now()));
+        }
+    }
 }
 
 struct Conn {
@@ -103,7 +164,6 @@ struct Conn {
     /// The negotiated key exchange group, for the access log.
     group: &'static str,
     h2: bool,
-    upstream: tokio::sync::Mutex<Option<Upstream>>,
 }
 
 /// How long a caller the policy denies outright gets to send its one request head.
@@ -143,7 +203,6 @@ pub async fn serve<T>(
         local,
         group,
         h2,
-        upstream: tokio::sync::Mutex::new(None),
     });
     let done = answered.clone();
     let service = hyper::service::service_fn(move |req| {
@@ -165,8 +224,8 @@ pub async fn serve<T>(
         if denied {
             b.max_concurrent_streams(1);
         }
-        let c = b.serve_connection(io, service);
-        tokio::pin!(c);
+        // Boxed: the task holds the connection of the version it speaks, not both sizes.
+        let mut c = Box::pin(b.serve_connection(io, service));
         // A denied caller that opens no stream is closed after the head deadline too.
         let first = async {
             if denied {
@@ -199,7 +258,7 @@ pub async fn serve<T>(
             .max_buf_size(limits.1.max(8192))
             .serve_connection(io, service)
             .with_upgrades();
-        tokio::pin!(c);
+        let mut c = Box::pin(c);
         tokio::select! {
             r = c.as_mut() => r,
             () = drained(&mut drain) => {
@@ -355,8 +414,8 @@ async fn handle(conn: Arc<Conn>, mut req: Request<Incoming>) -> Response<Respons
         }
         refused(StatusCode::BAD_GATEWAY, "bad gateway\n")
     };
-    let mut resp = match send(&conn, req).await {
-        Ok(resp) => resp,
+    let (mut resp, lease) = match send(&conn, req).await {
+        Ok(r) => r,
         Err(e) => {
             tracing::warn!(listener = %l.config.name, app = %l.config.forward_to, error = %e, "local application request failed");
             return upstream_failed(rec, "upstream_error");
@@ -378,7 +437,7 @@ async fn handle(conn: Arc<Conn>, mut req: Request<Incoming>) -> Response<Respons
             Some(n) if offered.iter().any(|o| o.name == n.name) => Some(n),
             _ => {
                 // Its connection is in an unknown state now: never reuse it.
-                *conn.upstream.lock().await = None;
+                drop(lease);
                 tracing::warn!(listener = %l.config.name, app = %l.config.forward_to, "the application switched protocols to one that was not offered; refused");
                 return upstream_failed(rec, "upgrade_mismatch");
             }
@@ -434,10 +493,17 @@ async fn handle(conn: Arc<Conn>, mut req: Request<Incoming>) -> Response<Respons
             }
         });
     }
+    // The application connection goes back to the pool when the response is done, unless the
+    // protocol switched (the connection is the tunnel's now).
+    let lease = lease.filter(|_| !switched);
+    let pool = Arc::clone(&l.pool);
     resp.map(|b| {
         Metered::new(
             Either::Left(b),
             Box::new(move |n| {
+                if let Some(s) = lease {
+                    pool.checkin_h1(s);
+                }
                 tx.inc_by(n);
                 if let Some(mut r) = rec {
                     r.bytes_in = bytes_in.load(Ordering::Relaxed);
@@ -546,51 +612,52 @@ pub fn strip_hop_by_hop(headers: &mut http::HeaderMap, h2: bool) -> Vec<Offer> {
     offers
 }
 
+/// Sends `req` to the application over the listener's pool; with an HTTP/1 connection, the
+/// connection is returned (to give back to the pool when the response is done).
 async fn send(
     conn: &Conn,
     req: Request<RequestBody>,
-) -> Result<Response<Incoming>, Box<dyn std::error::Error + Send + Sync>> {
-    let mut slot = conn.upstream.lock().await;
-    let usable = match slot.as_mut() {
-        Some(Upstream::H1(s)) => s.ready().await.is_ok(),
-        Some(Upstream::H2(s)) => s.ready().await.is_ok(),
-        None => false,
-    };
-    if !usable {
-        let l = &conn.listener;
-        let tcp = l.shared.connect(&l.config.forward_to).await?;
-        let io = TokioIo::new(tcp);
-        let name = l.config.name.clone();
-        *slot = Some(if conn.h2 {
-            let (s, c) = hyper::client::conn::http2::handshake(TokioExecutor::new(), io).await?;
+) -> Result<(Response<Incoming>, Option<H1Sender>), Box<dyn std::error::Error + Send + Sync>> {
+    let l = &conn.listener;
+    if conn.h2 {
+        let mut slot = l.pool.h2.lock().await;
+        let usable = match slot.as_mut() {
+            Some(s) => s.ready().await.is_ok(),
+            None => false,
+        };
+        if !usable {
+            let tcp = l.shared.connect(&l.config.forward_to).await?;
+            let name = l.config.name.clone();
+            let (s, c) =
+                hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tcp))
+                    .await?;
             tokio::spawn(async move {
                 if let Err(e) = c.await {
                     tracing::debug!(listener = %name, error = %e, "application connection ended");
                 }
             });
-            Upstream::H2(s)
-        } else {
-            let (s, c) = hyper::client::conn::http1::handshake(io).await?;
+            *slot = Some(s);
+        }
+        let mut s = slot.clone().ok_or("no application connection")?;
+        drop(slot);
+        return Ok((s.send_request(req).await?, None));
+    }
+    let mut s = match l.pool.checkout_h1().await {
+        Some(s) => s,
+        None => {
+            let tcp = l.shared.connect(&l.config.forward_to).await?;
+            let name = l.config.name.clone();
+            let (s, c) = hyper::client::conn::http1::handshake(TokioIo::new(tcp)).await?;
             tokio::spawn(async move {
                 if let Err(e) = c.with_upgrades().await {
                     tracing::debug!(listener = %name, error = %e, "application connection ended");
                 }
             });
-            Upstream::H1(s)
-        });
-    }
-    match slot.as_mut() {
-        Some(Upstream::H1(s)) => {
-            // HTTP/1 is one request at a time: hold the slot until the response head is in.
-            Ok(s.send_request(req).await?)
+            s
         }
-        Some(Upstream::H2(s)) => {
-            let mut s = s.clone();
-            drop(slot);
-            Ok(s.send_request(req).await?)
-        }
-        None => Err("no application connection".into()),
-    }
+    };
+    let resp = s.send_request(req).await?;
+    Ok((resp, Some(s)))
 }
 
 /// Normalizes a request path before policy matching (RFC 3986 section 6.2.2): percent-encoded

@@ -22,10 +22,16 @@ use meshid_api::tls::verify;
 /// Accepts connections until the drain starts.
 pub async fn run(listener: TcpListener, this: Arc<Listener>) {
     let acceptor = TlsAcceptor::from(this.shared.creds.server_config());
-    accept_loop(listener, &this.shared, &this.metrics, |tcp, peer| {
-        let (this, acceptor) = (this.clone(), acceptor.clone());
-        async move { connection(&this, &acceptor, tcp, peer).await }
-    })
+    accept_loop(
+        listener,
+        &this.shared,
+        &this.metrics,
+        Some(&this.handshakes),
+        |tcp, peer| {
+            let (this, acceptor) = (this.clone(), acceptor.clone());
+            async move { connection(&this, &acceptor, tcp, peer).await }
+        },
+    )
     .await;
 }
 
@@ -47,7 +53,10 @@ pub(crate) async fn connection(
     if shed > 0 {
         shed_handshakes(this, shed);
     }
-    let handshake = tokio::time::timeout(this.shared.handshake_timeout, acceptor.accept(tcp));
+    let handshake = tokio::time::timeout(
+        this.shared.handshake_timeout,
+        Box::pin(acceptor.accept(tcp)),
+    );
     let accepted = tokio::select! {
         r = handshake => r,
         () = slot.shed() => {
@@ -84,7 +93,16 @@ pub(crate) async fn connection(
     let group = meshid_api::tls::kx_group_name(tls.get_ref().1);
     this.metrics.handshake(group);
     let chain = crate::proxy::peer_chain(tls.get_ref().1.peer_certificates());
-    let serve = serve(this, tls, caller.clone(), local.clone(), group, start);
+    // Boxed, as the handshake above: the task keeps only the state it is in, so an idle
+    // connection does not carry the size of every state it could be in.
+    let serve = Box::pin(serve(
+        this,
+        tls,
+        caller.clone(),
+        local.clone(),
+        group,
+        start,
+    ));
     tokio::select! {
         () = serve => {}
         serial = this.shared.creds.revoked(&chain) => {

@@ -45,7 +45,7 @@ pub fn server_name(upstream: &str) -> ServerName<'static> {
 /// Accepts connections until the drain starts.
 pub async fn run(listener: TcpListener, this: Arc<Listener>) {
     let connector = TlsConnector::from(this.tls.clone());
-    accept_loop(listener, &this.shared, &this.metrics, |tcp, _| {
+    accept_loop(listener, &this.shared, &this.metrics, None, |tcp, _| {
         let (this, connector) = (this.clone(), connector.clone());
         async move { connection(&this, &connector, tcp).await }
     })

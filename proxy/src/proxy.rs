@@ -85,12 +85,15 @@ pub async fn drained(drain: &mut watch::Receiver<bool>) {
 /// Accepts connections on `listener` until the drain starts. Each connection runs `serve` in
 /// its own task, tracked for the drain and counted in the listener's `connections` and `open`
 /// metrics. Accept errors (for example, out of file descriptors) are logged and retried.
-/// While `max_connections` are open, a new connection is closed at once (before any TLS
-/// byte), counted as `limited{reason="max_connections"}`, and logged once per burst.
+/// While `max_connections` are open, the oldest handshake in progress (`handshakes`, inbound
+/// listeners) is shed for a new connection; when there is none, the new connection is closed at
+/// once (before any TLS byte), counted as `limited{reason="max_connections"}`, and logged once
+/// per burst.
 pub async fn accept_loop<F, Fut>(
     listener: TcpListener,
     shared: &Shared,
     metrics: &ListenerMetrics,
+    handshakes: Option<&crate::admission::Handshakes>,
     serve: F,
 ) where
     F: Fn(TcpStream, SocketAddr) -> Fut,
@@ -111,7 +114,12 @@ pub async fn accept_loop<F, Fut>(
             },
             () = drained(&mut drain) => return,
         };
-        if metrics.open.get() >= max {
+        // Full, with handshakes in progress: the oldest of them makes room (connections that
+        // never finish their handshake cannot fill the listener); full of established
+        // connections: the newcomer is refused.
+        if metrics.open.get() >= max && handshakes.is_some_and(|h| h.shed_oldest()) {
+            metrics.limited("handshake_shed");
+        } else if metrics.open.get() >= max {
             drop(tcp);
             metrics.limited("max_connections");
             if refused_in_burst == 0 {
@@ -225,6 +233,8 @@ pub struct InboundState {
     pub metrics: ListenerMetrics,
     /// Its handshakes in progress.
     pub handshakes: Arc<crate::admission::Handshakes>,
+    /// Its connections to the local application (HTTP).
+    pub pool: Arc<crate::http::AppPool>,
     /// Process-wide state.
     pub shared: Arc<Shared>,
 }

@@ -235,6 +235,7 @@ pub async fn run(
             config: l.clone(),
             metrics: metrics.listener("inbound", &l.name),
             handshakes: crate::admission::Handshakes::new(shared.max_handshakes),
+            pool: Arc::default(),
             shared: shared.clone(),
         });
         tasks.push(tokio::spawn(crate::inbound::run(listener, this)));

@@ -187,7 +187,7 @@ impl OutboundListener {
 
 /// Accepts redirected outbound connections until the drain starts.
 pub async fn run_outbound(listener: TcpListener, this: Arc<OutboundListener>) {
-    accept_loop(listener, &this.shared, &this.metrics, |tcp, peer| {
+    accept_loop(listener, &this.shared, &this.metrics, None, |tcp, peer| {
         let this = this.clone();
         async move { outbound(&this, tcp, peer).await }
     })
@@ -321,10 +321,17 @@ impl InboundListener {
 /// Accepts redirected inbound connections until the drain starts.
 pub async fn run_inbound(listener: TcpListener, this: Arc<InboundListener>) {
     let acceptor = TlsAcceptor::from(this.shared.creds.server_config());
-    accept_loop(listener, &this.shared, &this.metrics, |tcp, peer| {
-        let (this, acceptor) = (this.clone(), acceptor.clone());
-        async move { inbound(&this, &acceptor, tcp, peer).await }
-    })
+    let handshakes = this.handshakes.clone();
+    accept_loop(
+        listener,
+        &this.shared,
+        &this.metrics,
+        Some(&handshakes),
+        |tcp, peer| {
+            let (this, acceptor) = (this.clone(), acceptor.clone());
+            async move { inbound(&this, &acceptor, tcp, peer).await }
+        },
+    )
     .await;
 }
 
@@ -371,6 +378,8 @@ async fn inbound(this: &InboundListener, acceptor: &TlsAcceptor, tcp: TcpStream,
             },
             metrics: this.metrics.clone(),
             handshakes: this.handshakes.clone(),
+            // The application is wherever the caller was going: its own pool.
+            pool: Arc::default(),
             shared: this.shared.clone(),
         });
         crate::inbound::connection(&l, acceptor, tcp, peer).await;

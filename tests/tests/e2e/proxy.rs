@@ -1130,14 +1130,20 @@ fn proxy_rotation_under_load() {
             "keep-alive client {i} had to reconnect (local ports {:?})",
             s.local_ports
         );
-        assert_eq!(
-            s.backend_conns.len(),
-            1,
-            "keep-alive client {i} reached the backend over several connections: {:?}",
-            s.backend_conns
-        );
         assert!(s.ok > 50, "keep-alive client {i}: only {} requests", s.ok);
     }
+    // api's proxy reuses its application connections across callers and requests (its pool)
+    // rather than opening one per request: thousands of requests over a handful.
+    let used: std::collections::HashSet<u64> = keepalive
+        .iter()
+        .flat_map(|s| s.backend_conns.iter().copied())
+        .collect();
+    let requests: u64 = keepalive.iter().map(|s| s.ok).sum();
+    assert!(
+        used.len() <= 8,
+        "{requests} keep-alive requests reached the backend over {} connections",
+        used.len()
+    );
     assert!(fresh_ok > 50, "only {fresh_ok} requests on new connections");
     // New connections were made all along: each one a new handshake at the api proxy.
     let handshakes = api.metric(

@@ -1,7 +1,8 @@
 //! The proxy's resource limits, each hit and shown refused or closed, with its metric
 //! (`meshid_proxy_limited_connections_total{reason}`) and, for the connection cap, its log:
 //! `max_connections` (a connection past it is closed at once, before TLS; logged once per
-//! burst; accepted again when one closes), `http_header_timeout` (a request head trickled in is
+//! burst; accepted again when one closes; when the listener is full of handshakes in progress,
+//! the oldest is shed for the newcomer instead), `http_header_timeout` (a request head trickled in is
 //! closed), `http_max_header_bytes` (431), `idle_timeout` (an opaque connection that moves
 //! nothing is closed).
 
@@ -96,7 +97,7 @@ fn proxy_limits_refuse_and_close_with_their_metric() {
             &node2,
             &id("api"),
             Some(&policy),
-            "max_connections = 3\nidle_timeout = \"1s\"\nhttp_header_timeout = \"1s\"\nhttp_max_header_bytes = 8192\n",
+            "max_connections = 3\nidle_timeout = \"3s\"\nhttp_header_timeout = \"1s\"\nhttp_max_header_bytes = 8192\n",
         ) + &inbound("api-http", &api_http, http.addr(), 8080, "detect")
             + &inbound("api-tcp", &api_tcp, echo.addr(), 8080, "tcp")),
     );
@@ -148,21 +149,49 @@ fn proxy_limits_refuse_and_close_with_their_metric() {
         std::thread::sleep(Duration::from_millis(600));
     }
     let (took, _) =
-        closed_within(&mut s, Duration::from_secs(8)).expect("a silent connection is closed");
-    assert!(took >= Duration::from_millis(900), "closed after {took:?}");
+        closed_within(&mut s, Duration::from_secs(10)).expect("a silent connection is closed");
+    assert!(took >= Duration::from_millis(2900), "closed after {took:?}");
     wait_metric(&api, "api-tcp", "idle_timeout", 1.0);
 
-    // max_connections: 3 connections that say nothing (no TLS yet) fill api-tcp; a fourth is
-    // closed at once, and the burst is logged once; when one closes, the next is accepted.
+    // A listener full of handshakes in progress (3 silent connections) takes a newcomer by
+    // shedding the oldest of them.
+    let shed = limited(&api, "api-tcp", "handshake_shed");
+    let mut silent: Vec<TcpStream> = (0..3)
+        .map(|_| TcpStream::connect(&api_tcp).unwrap())
+        .collect();
+    std::thread::sleep(Duration::from_millis(200));
+    let mut newcomer = TcpStream::connect(&api_tcp).unwrap();
+    assert!(
+        closed_within(&mut silent[0], Duration::from_secs(2)).is_some(),
+        "the oldest handshake in progress was shed for the newcomer"
+    );
+    assert!(
+        still_open(&mut newcomer, Duration::from_millis(200)),
+        "admitted"
+    );
+    wait_metric(&api, "api-tcp", "handshake_shed", shed + 1.0);
+    drop(silent);
+    drop(newcomer);
+    std::thread::sleep(Duration::from_millis(300));
+
+    // max_connections: 3 established connections (through web's proxy) fill api-tcp; a fourth
+    // is closed at once, before any TLS byte, and the burst is logged once; when one closes,
+    // the next is accepted.
     let skip = count_events(
         &api,
         "listener full: refusing new connections until some close",
         &[],
     );
     let mut held: Vec<TcpStream> = (0..3)
-        .map(|_| TcpStream::connect(&api_tcp).unwrap())
+        .map(|_| {
+            let mut s = TcpStream::connect(&web_tcp).unwrap();
+            s.write_all(b"hold").unwrap();
+            let mut back = [0u8; 4];
+            s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+            s.read_exact(&mut back).unwrap();
+            s
+        })
         .collect();
-    std::thread::sleep(Duration::from_millis(200));
     for _ in 0..3 {
         let mut extra = TcpStream::connect(&api_tcp).unwrap();
         let (took, got) = closed_within(&mut extra, Duration::from_secs(2))

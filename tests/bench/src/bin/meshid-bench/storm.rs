@@ -1,0 +1,582 @@
+//! `meshid-bench storm`: the proxy's inbound listener under connection storms (issue 16).
+//!
+//! A CA, two agents (web's and api's), api's proxy with an inbound `detect` listener in front
+//! of nginx, and web's proxy with an outbound listener to it. Throughout, a legitimate client
+//! sends 100 requests a second through web's proxy, each on a new connection (so each is a new
+//! mTLS handshake at api's listener, the case a storm hurts most), and its latency is recorded
+//! per phase. The phases, against api's listener:
+//!
+//! 1. `idle`: 10,000 mTLS connections opened with web's SVID, each sends one request and then
+//!    stays idle (keep-alive). api's RSS before and after gives the memory per idle connection.
+//! 2. `half-open`: 10,000 TCP connections that send no byte. With `max_handshakes = 1024` each
+//!    newcomer sheds the oldest; the time from connect to close of the shed ones is recorded.
+//! 3. `slow`: 1,000 clients sending a real ClientHello one byte a second; they hold handshake
+//!    slots until `handshake_timeout` (10 s) closes them.
+//! 4. `full`: 1,500 more idle mTLS connections with `max_connections = 11000`: the listener
+//!    fills with established connections, and past the cap a connection is closed at accept,
+//!    before any TLS byte; the time from connect to that refusal is recorded. (Before this
+//!    phase the cap is reached only with handshakes in progress, and then the oldest of those
+//!    is shed for the newcomer instead.)
+//!
+//! api's proxy runs with `http_header_timeout = "10m"` so that the idle connections are not
+//! closed between their requests during the run (that timer is tested elsewhere), and
+//! `access_log = "off"`. Run:
+//!
+//! ```text
+//! cargo build --release -p meshid-ca -p meshid-agent -p meshid-proxy -p meshid-bench
+//! MESHID_NO_BUILD=1 target/release/meshid-bench storm
+//! ```
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use meshid_tests::{free_port, rss_kib, uid, Agent, Ca, Proxy};
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+const HALF_OPEN: usize = 10_000;
+const SLOW: usize = 1_000;
+const FULL_EXTRA: usize = 1_500;
+const MAX_CONNECTIONS: usize = 11_000;
+const MAX_HANDSHAKES: usize = 1_024;
+const LEGIT_RATE: u64 = 100;
+const NGINX: &str = "/usr/sbin/nginx";
+
+/// nginx answering `ok` to every request, keeping connections alive.
+struct Nginx(Child, PathBuf);
+
+impl Nginx {
+    fn start(dir: &Path) -> (Nginx, String) {
+        let dir = dir.join("nginx");
+        std::fs::create_dir_all(&dir).unwrap();
+        let port = free_port();
+        let conf = dir.join("nginx.conf");
+        std::fs::write(
+            &conf,
+            format!(
+                "daemon off;
+master_process off;
+worker_rlimit_nofile 40000;
+error_log {dir}/error.log warn;
+pid {dir}/nginx.pid;
+events {{ worker_connections 30000; }}
+http {{
+    access_log off;
+    client_body_temp_path {dir};
+    proxy_temp_path {dir};
+    fastcgi_temp_path {dir};
+    uwsgi_temp_path {dir};
+    scgi_temp_path {dir};
+    keepalive_timeout 10m;
+    keepalive_requests 1000000;
+    server {{
+        listen 127.0.0.1:{port} backlog=4096;
+        location / {{ return 200 'ok'; }}
+    }}
+}}
+",
+                dir = dir.display()
+            ),
+        )
+        .unwrap();
+        let child = Command::new(NGINX)
+            .arg("-c")
+            .arg(&conf)
+            .arg("-p")
+            .arg(&dir)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("nginx");
+        let addr = format!("127.0.0.1:{port}");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while std::net::TcpStream::connect(&addr).is_err() {
+            assert!(Instant::now() < deadline, "nginx did not start");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        (Nginx(child, dir), addr)
+    }
+}
+
+impl Drop for Nginx {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+        let _ = &self.1;
+    }
+}
+
+/// Latencies of one phase, and failures.
+#[derive(Default)]
+struct Legit {
+    lat: Vec<Duration>,
+    failed: u64,
+}
+
+/// One request on a new connection through web's outbound listener.
+async fn legit_request(addr: &str) -> Result<(), String> {
+    let mut s = TcpStream::connect(addr).await.map_err(|e| e.to_string())?;
+    s.write_all(b"GET / HTTP/1.1\r\nhost: api\r\nconnection: close\r\n\r\n")
+        .await
+        .map_err(|e| e.to_string())?;
+    let mut buf = Vec::with_capacity(256);
+    tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut buf))
+        .await
+        .map_err(|_| "timeout".to_owned())?
+        .map_err(|e| e.to_string())?;
+    if buf.starts_with(b"HTTP/1.1 200") && buf.ends_with(b"ok") {
+        Ok(())
+    } else {
+        Err(String::from_utf8_lossy(&buf).into_owned())
+    }
+}
+
+/// Sends [`LEGIT_RATE`] requests a second into the phase `current` names, until `stop`.
+async fn legit_load(addr: String, phases: Arc<Mutex<Vec<(String, Legit)>>>, stop: Arc<AtomicBool>) {
+    let mut tick = tokio::time::interval(Duration::from_micros(1_000_000 / LEGIT_RATE));
+    while !stop.load(Ordering::SeqCst) {
+        tick.tick().await;
+        let (addr, phases) = (addr.clone(), phases.clone());
+        tokio::spawn(async move {
+            let t = Instant::now();
+            let r = legit_request(&addr).await;
+            let mut p = phases.lock().unwrap();
+            let Some((_, cur)) = p.last_mut() else { return };
+            match r {
+                Ok(()) => cur.lat.push(t.elapsed()),
+                Err(e) => {
+                    if cur.failed < 3 {
+                        eprintln!("legitimate request failed: {e}");
+                    }
+                    cur.failed += 1;
+                }
+            }
+        });
+    }
+}
+
+fn begin_phase(phases: &Mutex<Vec<(String, Legit)>>, name: &str) {
+    eprintln!("== storm: {name}");
+    phases
+        .lock()
+        .unwrap()
+        .push((name.to_owned(), Legit::default()));
+}
+
+/// An idle mTLS connection: handshake with web's SVID, one request, then held.
+async fn idle_connection(
+    addr: &str,
+    tls: tokio_rustls::TlsConnector,
+) -> Result<tokio_rustls::client::TlsStream<TcpStream>, String> {
+    let tcp = TcpStream::connect(addr).await.map_err(|e| e.to_string())?;
+    let name = ServerName::try_from(meshid_api::tls::PLACEHOLDER_SERVER_NAME).unwrap();
+    let mut s = tls.connect(name, tcp).await.map_err(|e| e.to_string())?;
+    s.write_all(b"GET / HTTP/1.1\r\nhost: api\r\n\r\n")
+        .await
+        .map_err(|e| e.to_string())?;
+    let mut buf = [0u8; 512];
+    let mut got = Vec::new();
+    while !got.ends_with(b"ok") {
+        let n = s.read(&mut buf).await.map_err(|e| e.to_string())?;
+        if n == 0 {
+            return Err("closed".into());
+        }
+        got.extend_from_slice(&buf[..n]);
+    }
+    Ok(s)
+}
+
+/// Connects `n` TCP connections that send `first` (nothing when empty) and records, for each
+/// closed by the proxy within `watch`, the time from connect to close.
+async fn raw_connections(addr: &str, n: usize, watch: Duration) -> (Vec<Duration>, usize) {
+    let closed = Arc::new(Mutex::new(Vec::new()));
+    let mut tasks = Vec::with_capacity(n);
+    let mut failed = 0;
+    for _ in 0..n {
+        let t = Instant::now();
+        let s = match TcpStream::connect(addr).await {
+            Ok(s) => s,
+            Err(_) => {
+                failed += 1;
+                continue;
+            }
+        };
+        let closed = closed.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut s = s;
+            let mut b = [0u8; 64];
+            // EOF or a reset: closed by the proxy.
+            if tokio::time::timeout(watch, s.read(&mut b)).await.is_ok() {
+                closed.lock().unwrap().push(t.elapsed());
+            }
+        }));
+    }
+    for t in tasks {
+        let _ = t.await;
+    }
+    let v = std::mem::take(&mut *closed.lock().unwrap());
+    (v, failed)
+}
+
+/// A real ClientHello (web's client configuration), as the slow clients send it.
+fn client_hello(config: Arc<rustls::ClientConfig>) -> Vec<u8> {
+    let name = ServerName::try_from(meshid_api::tls::PLACEHOLDER_SERVER_NAME).unwrap();
+    let mut c = rustls::ClientConnection::new(config, name).unwrap();
+    let mut out = Vec::new();
+    while c.wants_write() {
+        c.write_tls(&mut out).unwrap();
+    }
+    out
+}
+
+/// A client that sends `hello` one byte a second; returns when the proxy closes it (the time
+/// since connect) or after `limit`.
+async fn slow_client(addr: String, hello: Arc<Vec<u8>>, limit: Duration) -> Option<Duration> {
+    let t = Instant::now();
+    let mut s = TcpStream::connect(&addr).await.ok()?;
+    let mut b = [0u8; 64];
+    for byte in hello.iter() {
+        if s.write_all(&[*byte]).await.is_err() {
+            return Some(t.elapsed());
+        }
+        // A second's wait for the proxy to close it (EOF or an error) between bytes.
+        let read = tokio::time::timeout(Duration::from_secs(1), s.read(&mut b)).await;
+        if let Ok(Ok(0) | Err(_)) = read {
+            return Some(t.elapsed());
+        }
+        if t.elapsed() > limit {
+            return None;
+        }
+    }
+    None
+}
+
+fn pct(v: &mut [Duration], p: f64) -> Duration {
+    if v.is_empty() {
+        return Duration::ZERO;
+    }
+    v.sort();
+    v[((v.len() as f64 * p) as usize).min(v.len() - 1)]
+}
+
+fn ms(d: Duration) -> String {
+    format!("{:.2} ms", d.as_secs_f64() * 1e3)
+}
+
+fn metric(p: &Proxy, name: &str, labels: &[(&str, &str)]) -> f64 {
+    p.metric(name, labels)
+}
+
+/// The peak resident set of a process (`VmHWM`), in KiB.
+fn hwm_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0)
+}
+
+/// `MESHID_STORM_IDLE` (default 10,000): idle connections of phase 1.
+/// `MESHID_STORM_PROTOCOL` (default `detect`): api's listener protocol (`tcp` relays bytes and
+/// holds an application connection per caller connection).
+/// `MESHID_STORM_ONLY_IDLE`: stop after phase 1 (to compare memory per idle connection).
+fn knobs() -> (usize, String, bool) {
+    let idle = std::env::var("MESHID_STORM_IDLE")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(10_000);
+    let protocol = std::env::var("MESHID_STORM_PROTOCOL").unwrap_or_else(|_| "detect".into());
+    (
+        idle,
+        protocol,
+        std::env::var_os("MESHID_STORM_ONLY_IDLE").is_some(),
+    )
+}
+
+pub fn run() {
+    #[allow(non_snake_case)]
+    let (IDLE, protocol, only_idle) = knobs();
+    // The bench holds 10,000 idle sockets and, at any moment, the half-open ones the proxy has
+    // not shed yet; the proxy one descriptor per caller connection (its application
+    // connections are pooled). `main` raised the limit as far as allowed; children inherit it.
+    let limits = std::fs::read_to_string("/proc/self/limits").unwrap_or_default();
+    assert!(
+        limits.lines().any(|l| l.starts_with("Max open files")
+            && l.split_whitespace()
+                .nth(3)
+                .and_then(|v| v.parse::<u64>().ok())
+                >= Some(16_000)),
+        "storm needs at least 16,000 open files:\n{limits}"
+    );
+    let mut tmp = tempfile::Builder::new()
+        .prefix("meshid-bench-storm-")
+        .tempdir()
+        .unwrap();
+    if std::env::var_os("MESHID_BENCH_KEEP").is_some() {
+        tmp.disable_cleanup(true);
+        eprintln!("keeping {} (MESHID_BENCH_KEEP)", tmp.path().display());
+    }
+    let dir = tmp.path();
+    let ca = Ca::start(dir, &[]);
+    let uid = uid();
+    let mut agents: Vec<Agent> = Vec::new();
+    for name in ["web", "api"] {
+        let d = dir.join(name);
+        std::fs::create_dir_all(&d).unwrap();
+        let (secret, agent_id) = ca.join_token();
+        ca.ok(&[
+            "entry",
+            "create",
+            "--id",
+            name,
+            "--spiffe-id",
+            &format!("spiffe://example.org/{name}"),
+            "--parent-id",
+            &agent_id,
+            "--selector",
+            &format!("unix:uid:{uid}"),
+            "--x509-ttl",
+            "1h",
+        ]);
+        agents.push(Agent::start(&d, &ca, &secret));
+    }
+    let (_nginx, backend) = Nginx::start(dir);
+    let policy = dir.join("policy.yaml");
+    std::fs::write(
+        &policy,
+        "name: storm\ndefault: deny\nrules:\n  - name: web-to-api\n    from: [\"spiffe://example.org/web\"]\n    to: [\"spiffe://example.org/api\"]\n",
+    )
+    .unwrap();
+    let api_in = format!("127.0.0.1:{}", free_port());
+    let web_out = format!("127.0.0.1:{}", free_port());
+    let mut api = Proxy::start(
+        dir,
+        "api",
+        &format!(
+            "workload_api_socket = \"{}\"\nspiffe_id = \"spiffe://example.org/api\"\npolicy_file = \"{}\"\naccess_log = \"off\"\nmax_connections = {MAX_CONNECTIONS}\nmax_handshakes = {MAX_HANDSHAKES}\nhttp_header_timeout = \"10m\"\n\n[[inbound]]\nname = \"in\"\nlisten = \"{api_in}\"\nforward_to = \"{backend}\"\nport = 8080\nprotocol = \"{protocol}\"\n",
+            agents[1].endpoint(),
+            policy.display()
+        ),
+    );
+    let mut web = Proxy::start(
+        dir,
+        "web",
+        &format!(
+            "workload_api_socket = \"{}\"\nspiffe_id = \"spiffe://example.org/web\"\naccess_log = \"off\"\n\n[[outbound]]\nname = \"out\"\nlisten = \"{web_out}\"\nupstream = \"{api_in}\"\nexpect = \"spiffe://example.org/api\"\n",
+            agents[0].endpoint()
+        ),
+    );
+    api.wait_ready(Duration::from_secs(30));
+    web.wait_ready(Duration::from_secs(30));
+
+    // web's SVID, for the bench's own mTLS connections.
+    let svid = dir.join("web-svid");
+    std::fs::create_dir_all(&svid).unwrap();
+    let out = Command::new(meshid_tests::bin_dir().join("meshid-agent"))
+        .args(["api", "fetch", "x509", "--socket"])
+        .arg(&agents[0].socket)
+        .arg("--write")
+        .arg(&svid)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let chain: Vec<CertificateDer<'static>> =
+        CertificateDer::pem_file_iter(svid.join("svid.0.pem"))
+            .unwrap()
+            .map(Result::unwrap)
+            .collect();
+    let key = PrivateKeyDer::from_pem_file(svid.join("svid.0.key")).unwrap();
+    let roots: Vec<CertificateDer<'static>> =
+        CertificateDer::pem_file_iter(svid.join("bundle.0.pem"))
+            .unwrap()
+            .map(Result::unwrap)
+            .collect();
+    let mut config = meshid_api::tls::client_config(
+        roots,
+        meshid_api::tls::ExpectedId::Exact(
+            spiffe::SpiffeId::new("spiffe://example.org/api").unwrap(),
+        ),
+        Some((chain, key)),
+    )
+    .unwrap();
+    // As web's outbound proxy connects: no ALPN.
+    config.alpn_protocols.clear();
+    let config = Arc::new(config);
+    let connector = tokio_rustls::TlsConnector::from(config.clone());
+
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let phases: Arc<Mutex<Vec<(String, Legit)>>> = Arc::new(Mutex::new(Vec::new()));
+    let stop = Arc::new(AtomicBool::new(false));
+    let api_pid = api.proc.id();
+    let mut report = Vec::new();
+    rt.block_on(async {
+        begin_phase(&phases, "baseline");
+        let load = tokio::spawn(legit_load(web_out.clone(), phases.clone(), stop.clone()));
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        let rss_before = rss_kib(api_pid);
+
+        // 1. Idle mTLS connections.
+        begin_phase(&phases, "idle: 10,000 mTLS connections opened and held");
+        let t = Instant::now();
+        let sem = Arc::new(tokio::sync::Semaphore::new(64));
+        let mut opening = Vec::with_capacity(IDLE);
+        for _ in 0..IDLE {
+            let (addr, tls, sem) = (api_in.clone(), connector.clone(), sem.clone());
+            opening.push(tokio::spawn(async move {
+                let _p = sem.acquire_owned().await.unwrap();
+                idle_connection(&addr, tls).await
+            }));
+        }
+        let mut held = Vec::with_capacity(IDLE);
+        let mut idle_failed = 0;
+        for o in opening {
+            match o.await.unwrap() {
+                Ok(s) => held.push(s),
+                Err(e) => {
+                    if idle_failed < 3 {
+                        eprintln!("idle connection failed: {e}");
+                    }
+                    idle_failed += 1;
+                }
+            }
+        }
+        let open_time = t.elapsed();
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        let rss_idle = rss_kib(api_pid);
+        report.push(format!(
+            "idle ({protocol} listener): {} of {IDLE} opened in {:.1} s ({} failed); api RSS {:.1} → {:.1} MiB: **{:.1} KiB per idle connection**",
+            held.len(),
+            open_time.as_secs_f64(),
+            idle_failed,
+            rss_before as f64 / 1024.0,
+            rss_idle as f64 / 1024.0,
+            (rss_idle.saturating_sub(rss_before)) as f64 / held.len().max(1) as f64
+        ));
+
+        if only_idle {
+            stop.store(true, Ordering::SeqCst);
+            let _ = load.await;
+            return;
+        }
+
+        // 2. Half-open connections.
+        begin_phase(&phases, "half-open: 10,000 TCP connections, no byte");
+        let shed_before = metric(&api, "meshid_proxy_limited_connections_total", &[("reason", "handshake_shed")]);
+        let t = Instant::now();
+        let (mut closed, failed) = raw_connections(&api_in, HALF_OPEN, Duration::from_secs(12)).await;
+        let shed = metric(&api, "meshid_proxy_limited_connections_total", &[("reason", "handshake_shed")]) - shed_before;
+        let rss_half = rss_kib(api_pid);
+        report.push(format!(
+            "half-open: {HALF_OPEN} in {:.1} s ({failed} failed to connect); {} closed by the proxy ({shed} shed, the rest at handshake_timeout); connect → close p50 {} p99 {}; api RSS {:.1} MiB",
+            t.elapsed().as_secs_f64(),
+            closed.len(),
+            ms(pct(&mut closed, 0.5)),
+            ms(pct(&mut closed, 0.99)),
+            rss_half as f64 / 1024.0,
+        ));
+
+        // 3. Slow clients.
+        begin_phase(&phases, "slow: 1,000 ClientHellos at one byte a second");
+        let hello = Arc::new(client_hello(config.clone()));
+        let t = Instant::now();
+        let slow: Vec<_> = (0..SLOW)
+            .map(|_| tokio::spawn(slow_client(api_in.clone(), hello.clone(), Duration::from_secs(20))))
+            .collect();
+        let mut closed_at = Vec::new();
+        let mut still = 0;
+        for s in slow {
+            match s.await.unwrap() {
+                Some(d) => closed_at.push(d),
+                None => still += 1,
+            }
+        }
+        report.push(format!(
+            "slow: {SLOW} clients ({}-byte ClientHello); {} closed by the proxy, p50 {} p99 {} after connect ({still} not closed within 20 s); {:.1} s",
+            hello.len(),
+            closed_at.len(),
+            ms(pct(&mut closed_at, 0.5)),
+            ms(pct(&mut closed_at, 0.99)),
+            t.elapsed().as_secs_f64()
+        ));
+
+        // 4. Past max_connections.
+        begin_phase(&phases, "full: 1,500 more mTLS connections past max_connections");
+        let refused_before = metric(&api, "meshid_proxy_limited_connections_total", &[("reason", "max_connections")]);
+        let mut extra = Vec::new();
+        let mut refused_after = Vec::new();
+        for _ in 0..FULL_EXTRA {
+            let t = Instant::now();
+            match idle_connection(&api_in, connector.clone()).await {
+                Ok(s) => extra.push(s),
+                Err(_) => refused_after.push(t.elapsed()),
+            }
+        }
+        let refused = metric(&api, "meshid_proxy_limited_connections_total", &[("reason", "max_connections")]) - refused_before;
+        report.push(format!(
+            "full: {FULL_EXTRA} more with {} held (max_connections {MAX_CONNECTIONS}): {} established, {} refused ({refused} counted max_connections); connect → refusal p50 {} p99 {}",
+            held.len(),
+            extra.len(),
+            refused_after.len(),
+            ms(pct(&mut refused_after, 0.5)),
+            ms(pct(&mut refused_after, 0.99)),
+        ));
+        drop(extra);
+        report.push(format!(
+            "api RSS at the end, 10,000 idle held: {:.1} MiB; its peak over the run (VmHWM): {:.1} MiB",
+            rss_kib(api_pid) as f64 / 1024.0,
+            hwm_kib(api_pid) as f64 / 1024.0
+        ));
+
+        // The idle connections are still alive: one request on a sample of them.
+        let mut alive = 0;
+        for s in held.iter_mut().step_by(100) {
+            if s.write_all(b"GET / HTTP/1.1\r\nhost: api\r\n\r\n").await.is_ok() {
+                let mut b = [0u8; 256];
+                if let Ok(Ok(n)) = tokio::time::timeout(Duration::from_secs(5), s.read(&mut b)).await {
+                    if b[..n].starts_with(b"HTTP/1.1 200") {
+                        alive += 1;
+                    }
+                }
+            }
+        }
+        report.push(format!("idle connections still served at the end: {alive} of {} sampled", held.len().div_ceil(100)));
+        stop.store(true, Ordering::SeqCst);
+        let _ = load.await;
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        drop(held);
+    });
+    drop(rt);
+    println!("\n### Connection storms at api's inbound listener (`storm`)\n");
+    println!("Legitimate requests, {LEGIT_RATE}/s, each on a new connection through web's proxy (a new mTLS handshake at api):\n");
+    println!("| phase | requests | failed | p50 | p99 | max |");
+    println!("|---|---:|---:|---:|---:|---:|");
+    for (name, mut l) in std::mem::take(&mut *phases.lock().unwrap()) {
+        let max = l.lat.iter().max().copied().unwrap_or_default();
+        let n = l.lat.len();
+        println!(
+            "| {name} | {n} | {} | {} | {} | {} |",
+            l.failed,
+            ms(pct(&mut l.lat, 0.5)),
+            ms(pct(&mut l.lat, 0.99)),
+            ms(max)
+        );
+    }
+    println!();
+    for r in report {
+        println!("- {r}");
+    }
+    drop(web);
+    drop(api);
+    drop(agents);
+    drop(ca);
+}
