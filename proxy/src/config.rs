@@ -106,6 +106,13 @@ pub struct RawConfig {
     pub http_header_timeout: Option<Duration>,
     /// HTTP: the largest request head accepted, in bytes (default 65536; 8192 to 16777216).
     pub http_max_header_bytes: Option<usize>,
+    /// HTTP/1: the most header fields a request may have (default 100; 1 to 10000); past it,
+    /// `431`. (HTTP/2 heads are bounded by `http_max_header_bytes`.)
+    pub http_max_headers: Option<usize>,
+    /// HTTP: requests served on one caller connection before the proxy closes it gracefully
+    /// (HTTP/1: `connection: close` on the last response; HTTP/2: GOAWAY), so that callers
+    /// reconnect and spread over the listeners; default: no limit.
+    pub http_max_requests_per_connection: Option<u64>,
     /// Listeners that terminate mTLS and forward plaintext to the local application.
     #[serde(default)]
     pub inbound: Vec<RawInbound>,
@@ -457,6 +464,10 @@ pub struct Config {
     pub http_header_timeout: Duration,
     /// HTTP request head size limit.
     pub http_max_header_bytes: usize,
+    /// HTTP/1 request header count limit.
+    pub http_max_headers: usize,
+    /// Requests per caller connection (`None`: no limit).
+    pub http_max_requests_per_connection: Option<u64>,
     /// Inbound listeners.
     pub inbound: Vec<Inbound>,
     /// Outbound listeners.
@@ -724,6 +735,21 @@ impl TryFrom<RawConfig> for Config {
                     return Err(invalid(
                         "http_max_header_bytes",
                         format!("{n}: use 8192 to 16777216"),
+                    ))
+                }
+            },
+            http_max_headers: match raw.http_max_headers {
+                None => 100,
+                Some(n @ 1..=10_000) => n,
+                Some(n) => return Err(invalid("http_max_headers", format!("{n}: use 1 to 10000"))),
+            },
+            http_max_requests_per_connection: match raw.http_max_requests_per_connection {
+                None => None,
+                Some(n @ 1..=4_294_967_295) => Some(n),
+                Some(n) => {
+                    return Err(invalid(
+                        "http_max_requests_per_connection",
+                        format!("{n}: use 1 to 4294967295"),
                     ))
                 }
             },

@@ -169,10 +169,12 @@ struct Conn {
 /// How long a caller the policy denies outright gets to send its one request head.
 const DENIED_HEAD_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(1);
 
-/// Serves one caller connection as HTTP/1.1 (`h2 = false`) or HTTP/2 until it ends or the
-/// drain asks it to finish its in-flight requests. When the policy denies the caller outright
-/// (`denied`), only its first request is answered (403, by [`handle`]'s decision) and the
-/// connection is closed; its head must come within `http_header_timeout`, and at most 1 s.
+/// Serves one caller connection as HTTP/1.1 (`h2 = false`) or HTTP/2 until it ends, the drain
+/// asks it to finish its in-flight requests, or it has carried `http_max_requests_per_connection`
+/// requests (then it is closed gracefully, counted `limited{reason="max_requests"}`). When the
+/// policy denies the caller outright (`denied`), only its first request is answered (403, by
+/// [`handle`]'s decision) and the connection is closed; its head must come within
+/// `http_header_timeout`, and at most 1 s.
 pub async fn serve<T>(
     listener: Arc<Listener>,
     io: T,
@@ -194,9 +196,17 @@ pub async fn serve<T>(
         },
         listener.shared.http_max_header_bytes,
     );
-    // Answered: the first request of a denied connection has its response.
+    // The requests this connection may carry: one for a denied caller, else the configured
+    // limit, if any. `answered` is notified when the last has its response.
+    let max_requests = if denied {
+        Some(1)
+    } else {
+        listener.shared.http_max_requests_per_connection
+    };
     let answered = Arc::new(tokio::sync::Notify::new());
+    let served = Arc::new(AtomicU64::new(0));
     let metrics = listener.metrics.clone();
+    let max_headers = listener.shared.http_max_headers;
     let conn = Arc::new(Conn {
         listener,
         caller,
@@ -205,12 +215,24 @@ pub async fn serve<T>(
         h2,
     });
     let done = answered.clone();
+    let limit_metrics = metrics.clone();
     let service = hyper::service::service_fn(move |req| {
         let conn = conn.clone();
-        let done = done.clone();
+        let (done, served, limit_metrics) = (done.clone(), served.clone(), limit_metrics.clone());
         async move {
-            let response = handle(conn, req).await;
-            if denied {
+            let mut response = handle(conn, req).await;
+            let n = served.fetch_add(1, Ordering::Relaxed) + 1;
+            if max_requests.is_some_and(|max| n >= max) {
+                if !denied {
+                    limit_metrics.limited("max_requests");
+                }
+                // HTTP/1 closes after this response; HTTP/2 says goodbye (below).
+                if !h2 {
+                    response.headers_mut().insert(
+                        http::header::CONNECTION,
+                        http::HeaderValue::from_static("close"),
+                    );
+                }
                 done.notify_one();
             }
             Ok::<_, std::convert::Infallible>(response)
@@ -226,12 +248,15 @@ pub async fn serve<T>(
         }
         // Boxed: the task holds the connection of the version it speaks, not both sizes.
         let mut c = Box::pin(b.serve_connection(io, service));
-        // A denied caller that opens no stream is closed after the head deadline too.
+        // After the last request this connection may carry; a denied caller that opens no
+        // stream is closed after the head deadline too.
         let first = async {
-            if denied {
-                let _ = tokio::time::timeout(limits.0, answered.notified()).await;
-            } else {
-                std::future::pending::<()>().await;
+            match max_requests {
+                _ if denied => {
+                    let _ = tokio::time::timeout(limits.0, answered.notified()).await;
+                }
+                Some(_) => answered.notified().await,
+                None => std::future::pending::<()>().await,
             }
         };
         tokio::select! {
@@ -253,6 +278,7 @@ pub async fn serve<T>(
         let c = hyper::server::conn::http1::Builder::new()
             .timer(TokioTimer::new())
             .keep_alive(!denied)
+            .max_headers(max_headers)
             .header_read_timeout(limits.0)
             .max_header_size(limits.1)
             .max_buf_size(limits.1.max(8192))

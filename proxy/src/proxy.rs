@@ -75,6 +75,10 @@ pub struct Shared {
     pub http_header_timeout: Duration,
     /// HTTP request head size limit.
     pub http_max_header_bytes: usize,
+    /// HTTP/1 request header count limit.
+    pub http_max_headers: usize,
+    /// Requests per caller connection (`None`: no limit).
+    pub http_max_requests_per_connection: Option<u64>,
 }
 
 /// Completes once the drain has started (the guard of the watch value is not held).

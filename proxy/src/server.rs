@@ -168,6 +168,8 @@ pub async fn run(
         idle_timeout: config.idle_timeout,
         http_header_timeout: config.http_header_timeout,
         http_max_header_bytes: config.http_max_header_bytes,
+        http_max_headers: config.http_max_headers,
+        http_max_requests_per_connection: config.http_max_requests_per_connection,
     });
     tracing::info!(
         max_connections = shared.max_connections,
@@ -175,6 +177,8 @@ pub async fn run(
         idle_timeout = ?shared.idle_timeout,
         http_header_timeout = ?shared.http_header_timeout,
         http_max_header_bytes = shared.http_max_header_bytes,
+        http_max_headers = shared.http_max_headers,
+        http_max_requests_per_connection = ?shared.http_max_requests_per_connection,
         "connection limits (per listener)"
     );
 

@@ -3,7 +3,8 @@
 //! `max_connections` (a connection past it is closed at once, before TLS; logged once per
 //! burst; accepted again when one closes; when the listener is full of handshakes in progress,
 //! the oldest is shed for the newcomer instead), `http_header_timeout` (a request head trickled in is
-//! closed), `http_max_header_bytes` (431), `idle_timeout` (an opaque connection that moves
+//! closed), `http_max_header_bytes` and `http_max_headers` (431),
+//! `http_max_requests_per_connection` (closed after the last response), `idle_timeout` (an opaque connection that moves
 //! nothing is closed).
 
 use std::io::{Read, Write};
@@ -97,7 +98,7 @@ fn proxy_limits_refuse_and_close_with_their_metric() {
             &node2,
             &id("api"),
             Some(&policy),
-            "max_connections = 3\nidle_timeout = \"3s\"\nhttp_header_timeout = \"1s\"\nhttp_max_header_bytes = 8192\n",
+            "max_connections = 3\nidle_timeout = \"3s\"\nhttp_header_timeout = \"1s\"\nhttp_max_header_bytes = 8192\nhttp_max_headers = 20\nhttp_max_requests_per_connection = 3\n",
         ) + &inbound("api-http", &api_http, http.addr(), 8080, "detect")
             + &inbound("api-tcp", &api_tcp, echo.addr(), 8080, "tcp")),
     );
@@ -137,6 +138,39 @@ fn proxy_limits_refuse_and_close_with_their_metric() {
     assert!(text.starts_with("HTTP/1.1 431"), "{text}");
     assert_eq!(http.requests(), before);
     wait_metric(&api, "api-http", "header_too_large", 1.0);
+
+    // http_max_headers: 25 small header fields are too many (431), 15 pass.
+    let many = |n: usize| {
+        let mut s = TcpStream::connect(&web_http).unwrap();
+        let fields: String = (0..n).map(|i| format!("x-f{i}: v\r\n")).collect();
+        s.write_all(
+            format!("GET /many HTTP/1.1\r\nhost: api\r\n{fields}connection: close\r\n\r\n")
+                .as_bytes(),
+        )
+        .unwrap();
+        let (_, got) = closed_within(&mut s, Duration::from_secs(8)).expect("answered and closed");
+        String::from_utf8_lossy(&got)
+            .lines()
+            .next()
+            .unwrap_or("")
+            .to_owned()
+    };
+    assert!(many(25).starts_with("HTTP/1.1 431"));
+    assert!(many(15).starts_with("HTTP/1.1 200"));
+    wait_metric(&api, "api-http", "header_too_large", 2.0);
+
+    // http_max_requests_per_connection: the third request on a connection is answered with
+    // `connection: close`, and the connection is closed after it.
+    let mut c = HttpConn::connect(&web_http).unwrap();
+    for _ in 0..3 {
+        assert_eq!(c.request("GET", "/three", false).unwrap().status, 200);
+    }
+    let mut raw = c.into_stream();
+    assert!(
+        closed_within(&mut raw, Duration::from_secs(3)).is_some(),
+        "closed after its third request"
+    );
+    wait_metric(&api, "api-http", "max_requests", 1.0);
 
     // idle_timeout: an opaque connection that moves bytes stays; once silent, it is closed.
     let mut s = TcpStream::connect(&web_tcp).unwrap();
