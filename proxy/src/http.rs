@@ -173,7 +173,7 @@ const DENIED_HEAD_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(
 /// asks it to finish its in-flight requests, or it has carried `http_max_requests_per_connection`
 /// requests (then it is closed gracefully, counted `limited{reason="max_requests"}`). When the
 /// policy denies the caller outright (`denied`), only its first request is answered (403, by
-/// [`handle`]'s decision) and the connection is closed; its head must come within
+/// the per-request decision) and the connection is closed; its head must come within
 /// `http_header_timeout`, and at most 1 s.
 pub async fn serve<T>(
     listener: Arc<Listener>,

@@ -470,3 +470,28 @@ fn the_access_log_reader_says_which_line_is_wrong() {
         errors[4]
     );
 }
+
+#[test]
+fn the_access_log_reader_takes_the_key_exchange_group_and_refuses_a_wrong_one() {
+    let mut r = record(&web("a"), API, 80, None);
+    r.tls_group = Some("X25519MLKEM768".to_owned());
+    let good = serde_json::to_string(&r).unwrap();
+    assert!(good.contains("\"tls_group\":\"X25519MLKEM768\""), "{good}");
+    let text = format!("{good}\n{}\n", good.replace("\"X25519MLKEM768\"", "5"));
+    let results: Vec<Result<AccessRecord, AccessLogError>> =
+        parse_access_log(&text, "access.log").collect();
+    assert_eq!(
+        results[0].as_ref().unwrap().tls_group.as_deref(),
+        Some("X25519MLKEM768")
+    );
+    let e = results[1].as_ref().unwrap_err().to_string();
+    assert!(
+        e.starts_with("access.log:2:")
+            && e.contains("invalid type: integer `5`, expected a string"),
+        "{e}"
+    );
+    // Records written before the field existed still read.
+    let old = serde_json::to_string(&record(&web("a"), API, 80, None)).unwrap();
+    assert!(!old.contains("tls_group"));
+    assert!(parse_access_log(&old, "old.log").all(|r| r.is_ok()));
+}

@@ -17,13 +17,17 @@ pub(crate) const NGINX: &str = "/usr/sbin/nginx";
 pub(crate) const WRK: &str = "wrk";
 
 /// Every contender, in run order; `meshid-detect-log` only runs when named with `--only`.
-pub(crate) const CONTENDERS: [&str; 7] = [
+pub(crate) const CONTENDERS: [&str; 11] = [
     "direct",
     "meshid-tcp",
     "meshid-detect",
+    "meshid-tcp-2t",
+    "meshid-detect-2t",
     "meshid-detect-log",
     "haproxy-tcp",
     "haproxy-http",
+    "haproxy-plain",
+    "nginx-stream",
     "stunnel",
 ];
 pub(crate) const OPT_IN: [&str; 1] = ["meshid-detect-log"];

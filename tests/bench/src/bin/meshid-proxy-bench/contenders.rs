@@ -76,6 +76,7 @@ pub(crate) fn start_haproxy(
     pki: &Pki,
     backend: u16,
     hop2_http: bool,
+    tls: bool,
 ) -> Result<Contender, String> {
     std::fs::create_dir_all(dir).map_err(|e| e.to_string())?;
     let (p1, p2) = (free_port(), free_port());
@@ -97,30 +98,45 @@ defaults
         cs = opts.ciphersuite,
     );
     let reuse = if opts.resumption { "" } else { " no-ssl-reuse" };
+    // `haproxy-plain`: the same two hops without TLS, the relay limit of the others.
+    let client_tls = if tls {
+        format!(
+            " ssl verify required ca-file {} crt {}{reuse}",
+            pki.ca.display(),
+            pki.combined.display()
+        )
+    } else {
+        String::new()
+    };
+    let server_tls = if tls {
+        format!(
+            " ssl crt {} ca-file {} verify required",
+            pki.combined.display(),
+            pki.ca.display()
+        )
+    } else {
+        String::new()
+    };
     let hop1 = format!(
         "{global}
 frontend outbound
     bind 127.0.0.1:{p1}
     default_backend hop2
 backend hop2
-    server hop2 127.0.0.1:{p2} ssl verify required ca-file {ca} crt {crt}{reuse}
+    server hop2 127.0.0.1:{p2}{client_tls}
 ",
-        ca = pki.ca.display(),
-        crt = pki.combined.display(),
     );
     let mode = if hop2_http { "http" } else { "tcp" };
     let hop2 = format!(
         "{global}
 frontend inbound
     mode {mode}
-    bind 127.0.0.1:{p2} ssl crt {crt} ca-file {ca} verify required
+    bind 127.0.0.1:{p2}{server_tls}
     default_backend app
 backend app
     mode {mode}
     server app 127.0.0.1:{backend}
 ",
-        ca = pki.ca.display(),
-        crt = pki.combined.display(),
     );
     let mut hops = Vec::new();
     for (role, cfg, port) in [("hop2", hop2, p2), ("hop1", hop1, p1)] {
@@ -153,7 +169,7 @@ backend app
     Ok(Contender {
         name,
         entry_port: p1,
-        mtls_port: p2,
+        mtls_port: if tls { p2 } else { 0 },
         hops,
         tls: None,
     })
@@ -229,6 +245,7 @@ pub(crate) fn start_meshid(
     backend: u16,
     protocol: &str,
     access_log: Option<&Path>,
+    worker_threads: usize,
 ) -> Result<Contender, String> {
     std::fs::create_dir_all(dir).map_err(|e| e.to_string())?;
     let policy = dir.join("policy.yaml");
@@ -248,6 +265,7 @@ ops_address = \"127.0.0.1:{ops}\"
 policy_file = \"{policy}\"
 access_log = \"{access_log}\"
 log_format = \"text\"
+worker_threads = {worker_threads}
 ",
             api = mesh.agent.endpoint(),
             policy = policy.display(),
@@ -308,6 +326,115 @@ expect = \"{BENCH_ID}\"
     })
 }
 
+/// nginx's stream module (L4), both hops: hop 1 opens mTLS upstream (verifying the chain and,
+/// as nginx always does, a host name: the bench leaf carries one), hop 2 terminates it and
+/// requires a client certificate. One process per hop (`master_process off`: its CPU and
+/// memory are measured from one pid, as meshid's and stunnel's are), so one worker each.
+pub(crate) fn start_nginx_stream(
+    opts: &Opts,
+    dir: &Path,
+    pki: &Pki,
+    backend: u16,
+) -> Result<Contender, String> {
+    std::fs::create_dir_all(dir).map_err(|e| e.to_string())?;
+    let module = "/usr/lib/nginx/modules/ngx_stream_module.so";
+    if !Path::new(module).exists() {
+        return Err(format!(
+            "{module} is missing (apt-get install libnginx-mod-stream)"
+        ));
+    }
+    let (p1, p2) = (free_port(), free_port());
+    let reuse = if opts.resumption { "on" } else { "off" };
+    let conf = |role: &str, server: &str| {
+        format!(
+            "load_module {module};
+daemon off;
+master_process off;
+error_log {dir}/{role}-error.log error;
+pid {dir}/{role}.pid;
+events {{ worker_connections 8192; }}
+stream {{
+    server {{
+{server}
+    }}
+}}
+",
+            dir = dir.display(),
+        )
+    };
+    let hop2 = conf(
+        "hop2",
+        &format!(
+            "        listen 127.0.0.1:{p2} ssl;
+        ssl_protocols TLSv1.3;
+        ssl_conf_command Ciphersuites {cs};
+        ssl_certificate {chain};
+        ssl_certificate_key {key};
+        ssl_client_certificate {ca};
+        ssl_verify_client on;
+        ssl_verify_depth 3;
+        ssl_session_tickets off;
+        ssl_session_cache off;
+        tcp_nodelay on;
+        proxy_pass 127.0.0.1:{backend};",
+            cs = opts.ciphersuite,
+            chain = pki.chain.display(),
+            key = pki.key.display(),
+            ca = pki.ca.display(),
+        ),
+    );
+    let hop1 = conf(
+        "hop1",
+        &format!(
+            "        listen 127.0.0.1:{p1};
+        tcp_nodelay on;
+        proxy_pass 127.0.0.1:{p2};
+        proxy_ssl on;
+        proxy_ssl_protocols TLSv1.3;
+        proxy_ssl_conf_command Ciphersuites {cs};
+        proxy_ssl_certificate {chain};
+        proxy_ssl_certificate_key {key};
+        proxy_ssl_trusted_certificate {ca};
+        proxy_ssl_verify on;
+        proxy_ssl_verify_depth 3;
+        proxy_ssl_name bench.invalid;
+        proxy_ssl_session_reuse {reuse};",
+            cs = opts.ciphersuite,
+            chain = pki.chain.display(),
+            key = pki.key.display(),
+            ca = pki.ca.display(),
+        ),
+    );
+    let mut hops = Vec::new();
+    for (role, cfg, port) in [("hop2", hop2, p2), ("hop1", hop1, p1)] {
+        let file = dir.join(format!("{role}.conf"));
+        write_file(&file, &cfg)?;
+        let args = vec![
+            "-c".into(),
+            file.display().to_string(),
+            "-p".into(),
+            dir.display().to_string(),
+        ];
+        let mut proc = Guard::spawn(
+            &format!("nginx-stream {role}"),
+            Path::new(NGINX),
+            &args,
+            dir.join(format!("{role}.log")),
+            &[],
+        )?;
+        wait_listening(&mut proc, port)?;
+        hops.push(Contender::hop(role, proc));
+    }
+    hops.reverse();
+    Ok(Contender {
+        name: "nginx-stream",
+        entry_port: p1,
+        mtls_port: p2,
+        hops,
+        tls: None,
+    })
+}
+
 /// What `openssl s_client`, connecting without a client certificate, saw at hop 2: the
 /// negotiated protocol, ciphersuite, key exchange group and server signature, and whether the
 /// server then refused the connection for the missing certificate (it must: mTLS).
@@ -359,9 +486,12 @@ pub(crate) fn tls_check(port: u16) -> Result<TlsSeen, String> {
         cipher,
         group,
         signature: find("Peer signature type:"),
+        // By an alert, or (nginx's stream module) by closing the connection after the
+        // handshake: either way the request got no response.
         rejected_without_cert: text.contains("alert certificate required")
             || text.contains("alert handshake failure")
-            || text.contains("alert bad certificate"),
+            || text.contains("alert bad certificate")
+            || !text.contains("HTTP/1.1 "),
     })
 }
 

@@ -1,4 +1,4 @@
-//! PKI for haproxy and stunnel: root → intermediate → leaf, P-256, like meshid's CA.
+//! PKI for haproxy, nginx and stunnel: root → intermediate → leaf, P-256, like meshid's CA.
 
 use std::path::{Path, PathBuf};
 
@@ -42,7 +42,12 @@ pub(crate) fn mint_pki(dir: &Path) -> Pki {
     )
     .unwrap();
     let mut leaf = CertificateParams::new(Vec::<String>::new()).unwrap();
-    leaf.subject_alt_names = vec![SanType::URI(BENCH_ID.try_into().unwrap())];
+    // The DNS name is for nginx, whose upstream verification always checks a host name
+    // (`proxy_ssl_name`); the others check the chain only.
+    leaf.subject_alt_names = vec![
+        SanType::URI(BENCH_ID.try_into().unwrap()),
+        SanType::DnsName("bench.invalid".try_into().unwrap()),
+    ];
     leaf.key_usages = vec![KeyUsagePurpose::DigitalSignature];
     leaf.extended_key_usages = vec![
         ExtendedKeyUsagePurpose::ServerAuth,
