@@ -1,7 +1,7 @@
 //! Inbound HTTP/1.1 and HTTP/2: one policy decision per request.
 //!
 //! The caller's connection is served by hyper; requests go to the local application over the
-//! listener's shared connections ([`AppPool`]), in the HTTP version the caller spoke (the
+//! listener's shared connections ([`AppPool`](crate::upstream::AppPool)), in the HTTP version the caller spoke (the
 //! caller chose it for the application, the proxy is transparent to it): HTTP/1 connections
 //! are reused from request to request across callers, and HTTP/2 requests share one
 //! multiplexed connection. An idle caller connection holds no application connection. A refused request gets a
@@ -21,15 +21,13 @@
 //! it sends after is decided on its own.
 
 use std::borrow::Cow;
-use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::task::{Context, Poll};
+
 use std::time::Instant;
 
 use bytes::Bytes;
 use http::{Request, Response, StatusCode};
-use http_body::{Body, Frame, SizeHint};
 use http_body_util::{Either, Full};
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
@@ -37,126 +35,9 @@ use meshid_policy::{AccessRecord, Decision, HttpRequest, Outcome, SpiffeId};
 use tokio::io::{AsyncRead, AsyncWrite};
 
 use crate::proxy::{account, drained, record, InboundState as Listener};
+use crate::upstream::{H1Sender, Metered, RequestBody};
 
 type ResponseBody = Metered<Either<Incoming, Full<Bytes>>>;
-type RequestBody = Metered<Incoming>;
-
-/// A body that counts its data bytes and reports the count once, when it is dropped (complete
-/// or abandoned).
-pub struct Metered<B> {
-    inner: B,
-    bytes: u64,
-    on_end: Option<Box<dyn FnOnce(u64) + Send + Sync>>,
-}
-
-impl<B> Metered<B> {
-    fn new(inner: B, on_end: Box<dyn FnOnce(u64) + Send + Sync>) -> Metered<B> {
-        Metered {
-            inner,
-            bytes: 0,
-            on_end: Some(on_end),
-        }
-    }
-}
-
-impl<B> Drop for Metered<B> {
-    fn drop(&mut self) {
-        if let Some(f) = self.on_end.take() {
-            f(self.bytes);
-        }
-    }
-}
-
-impl<B: Body<Data = Bytes> + Unpin> Body for Metered<B> {
-    type Data = Bytes;
-    type Error = B::Error;
-
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
-        let polled = Pin::new(&mut self.inner).poll_frame(cx);
-        if let Poll::Ready(Some(Ok(frame))) = &polled {
-            if let Some(data) = frame.data_ref() {
-                self.bytes += data.len() as u64;
-            }
-        }
-        polled
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
-    }
-}
-
-/// HTTP/1 application connections kept idle for reuse, per listener, at most.
-const POOL_IDLE_MAX: usize = 128;
-/// An idle HTTP/1 application connection older than this is not reused (it is closed).
-const POOL_IDLE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
-
-type H1Sender = hyper::client::conn::http1::SendRequest<RequestBody>;
-type H2Sender = hyper::client::conn::http2::SendRequest<RequestBody>;
-
-/// A listener's connections to its local application, shared by all its callers' connections:
-/// HTTP/1 connections idle between requests (most recently used first), and one HTTP/2
-/// connection that every HTTP/2 request multiplexes on.
-#[derive(Default)]
-pub struct AppPool {
-    h1: std::sync::Mutex<Vec<(H1Sender, Instant)>>,
-    h2: tokio::sync::Mutex<Option<H2Sender>>,
-}
-
-impl std::fmt::Debug for AppPool {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("AppPool")
-            .field("h1_idle", &self.idle_h1())
-            .finish_non_exhaustive()
-    }
-}
-
-impl AppPool {
-    fn h1(&self) -> std::sync::MutexGuard<'_, Vec<(H1Sender, Instant)>> {
-        self.h1
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-    }
-
-    /// HTTP/1 connections idle in the pool now.
-    pub fn idle_h1(&self) -> usize {
-        self.h1().len()
-    }
-
-    /// An idle HTTP/1 connection that can take a request, if one is left. A connection given
-    /// back may need a moment before it is ready (its dispatcher finishing the last response);
-    /// one that cannot be ready soon (closed, or its last response abandoned) is dropped.
-    async fn checkout_h1(&self) -> Option<H1Sender> {
-        loop {
-            let (mut s, since) = self.h1().pop()?;
-            if s.is_closed() || since.elapsed() >= POOL_IDLE_TIMEOUT {
-                continue;
-            }
-            let ready = tokio::time::timeout(std::time::Duration::from_secs(1), s.ready());
-            if matches!(ready.await, Ok(Ok(()))) {
-                return Some(s);
-            }
-        }
-    }
-
-    /// Gives an HTTP/1 connection back once its response is done (dropped if the pool is full
-    /// or the connection cannot take another request).
-    fn checkin_h1(&self, s: H1Sender) {
-        let mut idle = self.h1();
-        idle.retain(|(s, since)| !s.is_closed() && since.elapsed() < POOL_IDLE_TIMEOUT);
-        if !s.is_closed() && idle.len() < POOL_IDLE_MAX {
-            idle.push((s, Instant::now()));
-        }
-    }
-}
-
 struct Conn {
     listener: Arc<Listener>,
     caller: SpiffeId,

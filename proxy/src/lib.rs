@@ -43,3 +43,4 @@ pub mod proxy;
 pub mod server;
 pub mod tls;
 pub mod transparent;
+pub mod upstream;

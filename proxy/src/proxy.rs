@@ -238,7 +238,7 @@ pub struct InboundState {
     /// Its handshakes in progress.
     pub handshakes: Arc<crate::admission::Handshakes>,
     /// Its connections to the local application (HTTP).
-    pub pool: Arc<crate::http::AppPool>,
+    pub pool: Arc<crate::upstream::AppPool>,
     /// Process-wide state.
     pub shared: Arc<Shared>,
 }
