@@ -1,11 +1,11 @@
 //! Inbound HTTP/1.1 and HTTP/2: one policy decision per request.
 //!
 //! The caller's connection is served by hyper; requests go to the local application over the
-//! listener's shared connections ([`AppPool`](crate::upstream::AppPool)), in the HTTP version the caller spoke (the
-//! caller chose it for the application, the proxy is transparent to it): HTTP/1 connections
-//! are reused from request to request across callers, and HTTP/2 requests share one
-//! multiplexed connection. An idle caller connection holds no application connection. A refused request gets a
-//! `403` whose body names no rule, policy or identity; the reason goes to the proxy's log and
+//! listener's shared connections ([`AppPool`](crate::upstream::AppPool)), in the HTTP version
+//! the caller spoke (the caller chose it for the application, the proxy is transparent to it):
+//! HTTP/1 connections are reused from request to request across callers, and HTTP/2 requests
+//! share one multiplexed connection. An idle caller connection holds no application
+//! connection. A refused request gets a `403` whose body names no rule, policy or identity; the reason goes to the proxy's log and
 //! access log. Paths are normalized before matching ([`normalize_path`]) and the normalized
 //! path is what the application receives, so the application serves exactly what was
 //! authorized; paths that cannot be normalized safely get a `400`.
