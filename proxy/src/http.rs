@@ -6,9 +6,10 @@
 //! HTTP/1 connections are reused from request to request across callers, and HTTP/2 requests
 //! share one multiplexed connection. An idle caller connection holds no application
 //! connection. A refused request gets a `403` whose body names no rule, policy or identity;
-//! the reason goes to the proxy's log and access log. Paths are normalized before matching ([`normalize_path`]) and the normalized
-//! path is what the application receives, so the application serves exactly what was
-//! authorized; paths that cannot be normalized safely get a `400`.
+//! the reason goes to the proxy's log and access log. Paths are normalized before matching
+//! ([`normalize_path`]) and the normalized path is what the application receives, so the
+//! application serves exactly what was authorized; paths that cannot be normalized safely get
+//! a `400`.
 //!
 //! Hop-by-hop headers (`Connection` and the headers it names, `Keep-Alive`, `TE`, `Upgrade`,
 //! `HTTP2-Settings`, `Transfer-Encoding`, `Proxy-*`) are removed in both directions
