@@ -52,13 +52,7 @@ fn restrict(
     mut p: CryptoProvider,
     kx: Vec<&'static dyn rustls::crypto::SupportedKxGroup>,
 ) -> Arc<CryptoProvider> {
-    p.cipher_suites
-        .retain(|s| s.version() == &rustls::version::TLS13);
-    p.cipher_suites.sort_by_key(|s| match s.suite() {
-        rustls::CipherSuite::TLS13_AES_128_GCM_SHA256 => 0,
-        rustls::CipherSuite::TLS13_AES_256_GCM_SHA384 => 1,
-        _ => 2,
-    });
+    meshid_api::tls::provider::tls13_suites_aes128_first(&mut p);
     p.kx_groups = kx;
     Arc::new(p)
 }

@@ -22,15 +22,21 @@ pub fn provider() -> Arc<CryptoProvider> {
     Arc::clone(PROVIDER.get_or_init(|| {
         let mut p = rustls::crypto::aws_lc_rs::default_provider();
         p.kx_groups = KX_GROUPS.to_vec();
-        p.cipher_suites
-            .retain(|s| s.version() == &rustls::version::TLS13);
-        p.cipher_suites.sort_by_key(|s| match s.suite() {
-            rustls::CipherSuite::TLS13_AES_128_GCM_SHA256 => 0,
-            rustls::CipherSuite::TLS13_AES_256_GCM_SHA384 => 1,
-            _ => 2,
-        });
+        tls13_suites_aes128_first(&mut p);
         Arc::new(p)
     }))
+}
+
+/// Keeps only `p`'s TLS 1.3 cipher suites, AES-128-GCM first, as [`provider()`] does (public for
+/// the benchmark that compares providers under meshid's restrictions).
+pub fn tls13_suites_aes128_first(p: &mut CryptoProvider) {
+    p.cipher_suites
+        .retain(|s| s.version() == &rustls::version::TLS13);
+    p.cipher_suites.sort_by_key(|s| match s.suite() {
+        rustls::CipherSuite::TLS13_AES_128_GCM_SHA256 => 0,
+        rustls::CipherSuite::TLS13_AES_256_GCM_SHA384 => 1,
+        _ => 2,
+    });
 }
 
 /// The key exchange groups of every meshid TLS endpoint, in order of preference.

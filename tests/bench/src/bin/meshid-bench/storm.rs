@@ -27,7 +27,7 @@
 //! MESHID_NO_BUILD=1 target/release/meshid-bench storm
 //! ```
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -48,7 +48,7 @@ const LEGIT_RATE: u64 = 100;
 const NGINX: &str = "/usr/sbin/nginx";
 
 /// nginx answering `ok` to every request, keeping connections alive.
-struct Nginx(Child, PathBuf);
+struct Nginx(Child);
 
 impl Nginx {
     fn start(dir: &Path) -> (Nginx, String) {
@@ -99,7 +99,7 @@ http {{
             assert!(Instant::now() < deadline, "nginx did not start");
             std::thread::sleep(Duration::from_millis(20));
         }
-        (Nginx(child, dir), addr)
+        (Nginx(child), addr)
     }
 }
 
@@ -107,7 +107,6 @@ impl Drop for Nginx {
     fn drop(&mut self) {
         let _ = self.0.kill();
         let _ = self.0.wait();
-        let _ = &self.1;
     }
 }
 
@@ -268,10 +267,6 @@ fn ms(d: Duration) -> String {
     format!("{:.2} ms", d.as_secs_f64() * 1e3)
 }
 
-fn metric(p: &Proxy, name: &str, labels: &[(&str, &str)]) -> f64 {
-    p.metric(name, labels)
-}
-
 /// The peak resident set of a process (`VmHWM`), in KiB.
 fn hwm_kib(pid: u32) -> u64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
@@ -419,6 +414,12 @@ pub fn run() {
     let stop = Arc::new(AtomicBool::new(false));
     let api_pid = api.proc.id();
     let mut report = Vec::new();
+    let limited = |reason: &str| {
+        api.metric(
+            "meshid_proxy_limited_connections_total",
+            &[("reason", reason)],
+        )
+    };
     rt.block_on(async {
         begin_phase(&phases, "baseline");
         let load = tokio::spawn(legit_load(web_out.clone(), phases.clone(), stop.clone()));
@@ -471,10 +472,10 @@ pub fn run() {
 
         // 2. Half-open connections.
         begin_phase(&phases, "half-open: 10,000 TCP connections, no byte");
-        let shed_before = metric(&api, "meshid_proxy_limited_connections_total", &[("reason", "handshake_shed")]);
+        let shed_before = limited("handshake_shed");
         let t = Instant::now();
         let (mut closed, failed) = raw_connections(&api_in, HALF_OPEN, Duration::from_secs(12)).await;
-        let shed = metric(&api, "meshid_proxy_limited_connections_total", &[("reason", "handshake_shed")]) - shed_before;
+        let shed = limited("handshake_shed") - shed_before;
         let rss_half = rss_kib(api_pid);
         report.push(format!(
             "half-open: {HALF_OPEN} in {:.1} s ({failed} failed to connect); {} closed by the proxy ({shed} shed, the rest at handshake_timeout); connect → close p50 {} p99 {}; api RSS {:.1} MiB",
@@ -511,7 +512,7 @@ pub fn run() {
 
         // 4. Past max_connections.
         begin_phase(&phases, "full: 1,500 more mTLS connections past max_connections");
-        let refused_before = metric(&api, "meshid_proxy_limited_connections_total", &[("reason", "max_connections")]);
+        let refused_before = limited("max_connections");
         let mut extra = Vec::new();
         let mut refused_after = Vec::new();
         for _ in 0..FULL_EXTRA {
@@ -521,7 +522,7 @@ pub fn run() {
                 Err(_) => refused_after.push(t.elapsed()),
             }
         }
-        let refused = metric(&api, "meshid_proxy_limited_connections_total", &[("reason", "max_connections")]) - refused_before;
+        let refused = limited("max_connections") - refused_before;
         report.push(format!(
             "full: {FULL_EXTRA} more with {} held (max_connections {MAX_CONNECTIONS}): {} established, {} refused ({refused} counted max_connections); connect → refusal p50 {} p99 {}",
             held.len(),
