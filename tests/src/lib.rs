@@ -1,6 +1,8 @@
 //! Harness for meshid's end-to-end tests: starts the real `meshid-ca` and `meshid-agent`
 //! binaries as child processes in a temporary directory, talks to them as operators and
 //! workloads do, and kills them when dropped, so a failing test leaves nothing running.
+//! [`netns`] makes hosts out of network namespaces (transparent mode, traffic over a link) and
+//! [`pg`] a private PostgreSQL cluster. Used by the benchmarks (`tests/bench`) too.
 
 #![forbid(unsafe_code)]
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
@@ -12,6 +14,7 @@ use std::process::{Child, Command, Output, Stdio};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
+pub mod netns;
 pub mod pg;
 
 /// A private PostgreSQL cluster for one test (stopped when dropped), or `None` after saying

@@ -30,10 +30,10 @@
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use meshid_tests::{bin_dir, metric_value, wait_for, Ca, Proc};
+use meshid_tests::netns::{missing_prerequisite, Net, PROXY_OPS as OPS};
+use meshid_tests::{bin_dir, wait_for, Ca, Proc};
 
 const TD: &str = "spiffe://example.org";
 const CA_ADDR: &str = "198.18.0.1";
@@ -49,203 +49,23 @@ const API_ADDR_V6: &str = "fd00:198:18::3";
 /// Dual-stack transparent listeners (web and api): IPv4 arrives IPv4-mapped.
 const DUAL_STACK: &str = "outbound_listen = \"[::]:15001\"\ninbound_listen = \"[::]:15006\"";
 const NODE_PORT: u16 = 8443;
-const OPS: &str = "127.0.0.1:15000";
-const AGENT_OPS: &str = "127.0.0.1:15100";
 const MARK: u32 = 0x539;
 /// The unprivileged uid of the intruder's proxy.
 const PROXY_UID: u32 = 1337;
 const TRANSPARENT: &str = "meshid_proxy_transparent_connections_total";
 
-/// Why the test cannot run here, if it cannot.
-fn missing_prerequisite() -> Option<String> {
-    let uid = run_out(Command::new("id").arg("-u"));
-    if uid
-        .as_ref()
-        .map(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
-        != Some(true)
-    {
-        return Some("network namespaces need root".into());
-    }
-    for (tool, arg) in [
-        ("ip", "-V"),
-        ("iptables", "--version"),
-        ("tcpdump", "--version"),
-        ("curl", "--version"),
-        ("python3", "--version"),
-    ] {
-        if !run_out(Command::new(tool).arg(arg)).is_some_and(|o| o.status.success()) {
-            return Some(format!("{tool} is not installed"));
-        }
-    }
-    let probe = format!("mshprobe{}", std::process::id());
-    let made = run_out(Command::new("ip").args(["netns", "add", &probe]));
-    let _ = run_out(Command::new("ip").args(["netns", "del", &probe]));
-    if !made.is_some_and(|o| o.status.success()) {
-        return Some("cannot create a network namespace (ip netns add failed)".into());
-    }
-    None
-}
+/// What the tests need besides root and `ip`.
+const TOOLS: [(&str, &str); 5] = [
+    ("ip", "-V"),
+    ("iptables", "--version"),
+    ("tcpdump", "--version"),
+    ("curl", "--version"),
+    ("python3", "--version"),
+];
 
-fn run_out(cmd: &mut Command) -> Option<Output> {
-    cmd.stdin(Stdio::null()).output().ok()
-}
-
-/// Runs `args` and panics with its output unless it succeeds.
-fn sh(args: &[&str]) -> String {
-    let out = Command::new(args[0])
-        .args(&args[1..])
-        .stdin(Stdio::null())
-        .output()
-        .unwrap_or_else(|e| panic!("{args:?}: {e}"));
-    assert!(
-        out.status.success(),
-        "{args:?} failed: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-/// Gives `dev` in `ns` the IPv4 address `v4` (in a /24) and its IPv6 twin (`198.18.0.N` →
-/// `fd00:198:18::N`, usable at once: no duplicate address detection). The switch's second
-/// address (the legacy server's) gets no twin.
-fn add_addr(ns: &str, dev: &str, v4: &str) {
-    sh(&[
-        "ip",
-        "-n",
-        ns,
-        "addr",
-        "add",
-        &format!("{v4}/24"),
-        "dev",
-        dev,
-    ]);
-    if v4 == LEGACY_ADDR {
-        return;
-    }
-    let n = v4.rsplit('.').next().unwrap();
-    sh(&[
-        "ip",
-        "-n",
-        ns,
-        "-6",
-        "addr",
-        "add",
-        &format!("{V6_NET}{n}/64"),
-        "dev",
-        dev,
-        "nodad",
-    ]);
-}
-
-/// The namespaces of one run; deleted on drop (which also removes their veths and rules).
-struct Net {
-    prefix: String,
-    names: Vec<String>,
-}
-
-impl Net {
-    fn ns(&self, host: &str) -> String {
-        format!("{}{host}", self.prefix)
-    }
-
-    /// A bridge in the switch namespace and one veth-connected namespace per host.
-    fn create(hosts: &[(&str, &str)]) -> Net {
-        // Tests of this binary run at once: each set of namespaces has its own prefix.
-        static SETS: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
-        let set = SETS.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-        let mut net = Net {
-            prefix: format!("msh{}n{set}", std::process::id()),
-            names: Vec::new(),
-        };
-        let sw = net.ns("s");
-        sh(&["ip", "netns", "add", &sw]);
-        net.names.push(sw.clone());
-        sh(&["ip", "-n", &sw, "link", "set", "lo", "up"]);
-        sh(&["ip", "-n", &sw, "link", "add", "br0", "type", "bridge"]);
-        add_addr(&sw, "br0", CA_ADDR);
-        add_addr(&sw, "br0", LEGACY_ADDR);
-        sh(&["ip", "-n", &sw, "link", "set", "br0", "up"]);
-        for (host, addr) in hosts {
-            let ns = net.ns(host);
-            sh(&["ip", "netns", "add", &ns]);
-            net.names.push(ns.clone());
-            let veth = format!("v{host}");
-            sh(&[
-                "ip", "-n", &sw, "link", "add", &veth, "type", "veth", "peer", "name", "eth0",
-                "netns", &ns,
-            ]);
-            sh(&["ip", "-n", &sw, "link", "set", &veth, "master", "br0", "up"]);
-            sh(&["ip", "-n", &ns, "link", "set", "lo", "up"]);
-            add_addr(&ns, "eth0", addr);
-            sh(&["ip", "-n", &ns, "link", "set", "eth0", "up"]);
-        }
-        net
-    }
-
-    /// `ip netns exec <host's namespace> program args...`.
-    fn exec(&self, host: &str, program: &Path, args: &[&str]) -> Command {
-        let mut cmd = Command::new("ip");
-        cmd.args(["netns", "exec", &self.ns(host)])
-            .arg(program)
-            .args(args);
-        cmd
-    }
-
-    /// Runs a command in `host` and returns its output (bounded by the command itself).
-    fn output(&self, host: &str, program: &str, args: &[&str]) -> Output {
-        self.exec(host, Path::new(program), args)
-            .stdin(Stdio::null())
-            .output()
-            .unwrap()
-    }
-
-    /// `curl` in `host`: (HTTP status, body); status 0 when no HTTP response came.
-    fn curl(&self, host: &str, url: &str) -> (u16, String) {
-        let out = self.output(
-            host,
-            "curl",
-            &["-sS", "-m", "10", "-o", "-", "-w", "\n%{http_code}", url],
-        );
-        let text = String::from_utf8_lossy(&out.stdout).into_owned();
-        let (body, code) = text.rsplit_once('\n').unwrap_or(("", "0"));
-        (code.trim().parse().unwrap_or(0), body.to_owned())
-    }
-
-    /// The proxy metrics of `host` (its ops listener is on the host's loopback).
-    fn metrics(&self, host: &str) -> String {
-        let out = self.output(
-            host,
-            "curl",
-            &["-sS", "-m", "5", &format!("http://{OPS}/metrics")],
-        );
-        String::from_utf8_lossy(&out.stdout).into_owned()
-    }
-
-    fn metric(&self, host: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
-        metric_value(&self.metrics(host), name, labels)
-    }
-
-    fn nat_rules(&self, host: &str) -> String {
-        String::from_utf8_lossy(&self.output(host, "iptables", &["-t", "nat", "-S"]).stdout)
-            .into_owned()
-    }
-
-    fn nat6_rules(&self, host: &str) -> String {
-        String::from_utf8_lossy(&self.output(host, "ip6tables", &["-t", "nat", "-S"]).stdout)
-            .into_owned()
-    }
-}
-
-impl Drop for Net {
-    fn drop(&mut self) {
-        for ns in self.names.iter().rev() {
-            let _ = Command::new("ip")
-                .args(["netns", "del", ns])
-                .stdin(Stdio::null())
-                .output();
-        }
-    }
+/// The three hosts' network (and the CA's and the legacy server's addresses on the switch).
+fn create_net(hosts: &[(&str, &str)]) -> Net {
+    Net::create(&[CA_ADDR, LEGACY_ADDR], hosts, Some(V6_NET))
 }
 
 /// A host's agent and proxy.
@@ -259,8 +79,7 @@ struct Host {
 fn start_agent(net: &Net, dir: &Path, ca: &Ca, host: &'static str) -> (Proc, String, PathBuf) {
     let (token, agent_id) = ca.join_token();
     let server = format!("{CA_ADDR}:{NODE_PORT}");
-    let (agent, socket) = spawn_agent(
-        net,
+    let (agent, socket) = net.spawn_agent(
         dir,
         host,
         ("example.org", &server),
@@ -268,72 +87,6 @@ fn start_agent(net: &Net, dir: &Path, ca: &Ca, host: &'static str) -> (Proc, Str
         &token,
     );
     (agent, agent_id, socket)
-}
-
-/// Starts an agent in `host` of trust domain `td` against the CA at `server`, trusting
-/// `bundle`, attesting with `token`, its files under `dir/<host>`; returns it and its socket.
-fn spawn_agent(
-    net: &Net,
-    dir: &Path,
-    host: &str,
-    (td, server): (&str, &str),
-    bundle: &Path,
-    token: &str,
-) -> (Proc, PathBuf) {
-    let hdir = dir.join(host);
-    std::fs::create_dir_all(hdir.join("agent")).unwrap();
-    let socket = hdir.join("agent/api.sock");
-    let cmd = net.exec(
-        host,
-        &bin_dir().join("meshid-agent"),
-        &[
-            "run",
-            "--trust-domain",
-            td,
-            "--server-address",
-            server,
-            "--trust-bundle",
-            &bundle.display().to_string(),
-            "--data-dir",
-            &hdir.join("agent-data").display().to_string(),
-            "--socket-path",
-            &socket.display().to_string(),
-            "--ops-address",
-            AGENT_OPS,
-            "--join-token",
-            token,
-        ],
-    );
-    let agent = spawn_ready(net, dir, host, "meshid-agent", cmd, AGENT_OPS);
-    (agent, socket)
-}
-
-/// Starts `cmd` (meshid-ca, meshid-agent or meshid-proxy in `host`), logging to `dir/<host>-<bin>.log`,
-/// and waits until `<bin> healthcheck --ops-address <ops>` in `host` succeeds.
-fn spawn_ready(net: &Net, dir: &Path, host: &str, bin: &str, cmd: Command, ops: &str) -> Proc {
-    let mut proc = Proc::spawn(
-        &format!("{bin} {host}"),
-        cmd,
-        dir.join(format!("{host}-{bin}.log")),
-    );
-    let mut tries = 0;
-    wait_for(
-        Duration::from_secs(30),
-        &format!("{bin} on {host} to become ready"),
-        || {
-            tries += 1;
-            if tries % 10 == 0 {
-                proc.check_alive();
-            }
-            let out = net.output(
-                host,
-                &bin_dir().join(bin).display().to_string(),
-                &["healthcheck", "--ops-address", ops],
-            );
-            out.status.success().then_some(())
-        },
-    );
-    proc
 }
 
 /// How a host's iptables rules recognize its proxy's own connections.
@@ -404,7 +157,7 @@ fn start_proxy(net: &Net, dir: &Path, host: &str, config: &Path, exclude: Exclud
             )
         }
     };
-    spawn_ready(net, dir, host, "meshid-proxy", cmd, OPS)
+    net.spawn_ready(dir, host, "meshid-proxy", cmd, OPS)
 }
 
 fn start_host(
@@ -579,7 +332,7 @@ fn wait_metric(net: &Net, host: &str, name: &str, labels: &[(&str, &str)], at_le
 
 #[test]
 fn transparent_mtls_between_namespaces() {
-    if let Some(why) = missing_prerequisite() {
+    if let Some(why) = missing_prerequisite(&TOOLS) {
         assert!(
             std::env::var_os("MESHID_CI").is_none(),
             "MESHID_CI is set but the network-namespace test cannot run: {why}"
@@ -593,30 +346,20 @@ fn transparent_mtls_between_namespaces() {
     // The intruder's proxy runs as another user: it reads its configuration and the policy
     // and reaches its agent's socket under this directory.
     std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755)).unwrap();
-    let net = Net::create(&[
+    let net = create_net(&[
         ("web", WEB_ADDR),
         ("api", API_ADDR),
         ("intruder", INTRUDER_ADDR),
     ]);
 
     // The CA, in the switch namespace.
-    let ca_cmd = net.exec(
+    let ca = net.start_ca(
+        dir,
         "s",
-        &bin_dir().join("meshid-ca"),
-        &[
-            "run",
-            "--trust-domain",
-            "example.org",
-            "--data-dir",
-            &dir.join("ca").display().to_string(),
-            "--ops-address",
-            "127.0.0.1:15200",
-            "--node-address",
-            &format!("{CA_ADDR}:{NODE_PORT}"),
-        ],
+        "example.org",
+        &format!("{CA_ADDR}:{NODE_PORT}"),
+        &[],
     );
-    let ca_proc = spawn_ready(&net, dir, "s", "meshid-ca", ca_cmd, "127.0.0.1:15200");
-    let ca = Ca::attach(ca_proc, dir);
     std::fs::write(dir.join("bundle.pem"), ca.ok(&["bundle", "show"])).unwrap();
     std::fs::write(
         dir.join("policy.yaml"),
@@ -892,7 +635,7 @@ fn transparent_mtls_between_namespaces() {
 /// traffic fails no request; deleting the relationship makes the next connection fail.
 #[test]
 fn federated_trust_domains_on_separate_hosts() {
-    if let Some(why) = missing_prerequisite() {
+    if let Some(why) = missing_prerequisite(&TOOLS) {
         assert!(
             std::env::var_os("MESHID_CI").is_none(),
             "MESHID_CI is set but the network-namespace test cannot run: {why}"
@@ -903,8 +646,7 @@ fn federated_trust_domains_on_separate_hosts() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path();
     let (home_addr, partner_addr) = (WEB_ADDR, API_ADDR);
-    let net = Net::create(&[("home", home_addr), ("partner", partner_addr)]);
-    let ca_ops = "127.0.0.1:15200";
+    let net = create_net(&[("home", home_addr), ("partner", partner_addr)]);
     // A CA on each host, serving its bundle endpoint (https_spiffe) on the host's address.
     let start_ca = |host: &str, td: &str, addr: &str| {
         let hdir = dir.join(host);
@@ -918,25 +660,13 @@ fn federated_trust_domains_on_separate_hosts() {
             ),
         )
         .unwrap();
-        let cmd = net.exec(
+        net.start_ca(
+            &hdir,
             host,
-            &bin_dir().join("meshid-ca"),
-            &[
-                "run",
-                "--trust-domain",
-                td,
-                "--data-dir",
-                &hdir.join("ca").display().to_string(),
-                "--ops-address",
-                ca_ops,
-                "--node-address",
-                &format!("127.0.0.1:{NODE_PORT}"),
-                "--config",
-                &config.display().to_string(),
-            ],
-        );
-        let proc = spawn_ready(&net, &hdir, host, "meshid-ca", cmd, ca_ops);
-        Ca::attach_domain(proc, &hdir, td)
+            td,
+            &format!("127.0.0.1:{NODE_PORT}"),
+            &["--config", &config.display().to_string()],
+        )
     };
     let home = start_ca("home", "example.org", home_addr);
     let partner = start_ca("partner", "partner.org", partner_addr);
@@ -962,7 +692,7 @@ fn federated_trust_domains_on_separate_hosts() {
             other,
         ]);
         let server = format!("127.0.0.1:{NODE_PORT}");
-        spawn_agent(&net, dir, host, (td, &server), &bundle, &token)
+        net.spawn_agent(dir, host, (td, &server), &bundle, &token)
     };
     let (_home_agent, home_socket) =
         start_agent("home", &home, "example.org", "web", "partner.org");
@@ -1023,16 +753,14 @@ fn federated_trust_domains_on_separate_hosts() {
         ),
     );
     let proxy = bin_dir().join("meshid-proxy");
-    let _api_proxy = spawn_ready(
-        &net,
+    let _api_proxy = net.spawn_ready(
         dir,
         "partner",
         "meshid-proxy",
         net.exec("partner", &proxy, &["run", "--config", &api_config]),
         OPS,
     );
-    let _web_proxy = spawn_ready(
-        &net,
+    let _web_proxy = net.spawn_ready(
         dir,
         "home",
         "meshid-proxy",
