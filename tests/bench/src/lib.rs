@@ -2,3 +2,14 @@
 //! `meshid-proxy-bench` (the sidecar against haproxy, stunnel and the plain relay). They run the
 //! real binaries through the `meshid-tests` harness; results and commands are in BENCHMARKS.md.
 //! A package of their own, so that the end-to-end tests link no server library.
+//!
+//! What the binaries share lives here: children that are cleaned up on SIGINT too ([`procs`]),
+//! wrk with a summary hook ([`wrk`]) and the nginx backend ([`nginx`]). Not a library for
+//! anything else: it panics where a benchmark should.
+
+#![forbid(unsafe_code)]
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+pub mod nginx;
+pub mod procs;
+pub mod wrk;

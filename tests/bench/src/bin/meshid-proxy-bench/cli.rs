@@ -13,7 +13,7 @@ pub(crate) const MESHID_CIPHERSUITES: &str =
     "TLS_AES_128_GCM_SHA256:TLS_AES_256_GCM_SHA384:TLS_CHACHA20_POLY1305_SHA256";
 pub(crate) const HAPROXY: &str = "/usr/sbin/haproxy";
 pub(crate) const STUNNEL: &str = "/usr/bin/stunnel4";
-pub(crate) const NGINX: &str = "/usr/sbin/nginx";
+pub(crate) use meshid_bench::nginx::NGINX;
 pub(crate) const WRK: &str = "wrk";
 
 /// Every contender, in run order; `meshid-detect-log` only runs when named with `--only`.

@@ -10,7 +10,7 @@ use crate::cli::*;
 use crate::measure::*;
 use crate::mesh::*;
 use crate::pki::*;
-use crate::procs::*;
+use meshid_bench::procs::*;
 
 /// One proxy process of a contender.
 pub(crate) struct Hop {

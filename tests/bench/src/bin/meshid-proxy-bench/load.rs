@@ -1,39 +1,15 @@
-//! Load: wrk with a Lua `done()` hook that prints the summary as JSON.
+//! Load: each scenario's wrk load, and a measured cell (wrk itself: `meshid_bench::wrk`).
 
-use std::collections::BTreeMap;
-use std::io::Read as _;
 use std::path::Path;
-use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::Command;
 
+use meshid_bench::wrk::*;
 use serde_json::{json, Value};
 
 use crate::backend::*;
 use crate::cli::*;
 use crate::contenders::*;
 use crate::measure::*;
-use crate::procs::*;
-
-pub(crate) const WRK_SCRIPT: &str = r#"
-done = function(summary, latency, requests)
-  local e = summary.errors
-  io.write(string.format(
-    "MESHID_WRK {\"requests\":%d,\"duration_us\":%d,\"bytes\":%d,\"connect\":%d,\"read\":%d," ..
-    "\"write\":%d,\"status\":%d,\"timeout\":%d,\"p50_us\":%d,\"p90_us\":%d,\"p99_us\":%d," ..
-    "\"p999_us\":%d,\"max_us\":%d,\"mean_us\":%.1f}\n",
-    summary.requests, summary.duration, summary.bytes, e.connect, e.read, e.write, e.status,
-    e.timeout, latency:percentile(50), latency:percentile(90), latency:percentile(99),
-    latency:percentile(99.9), latency.max, latency.mean))
-end
-"#;
-
-/// What a load scenario sends.
-pub(crate) struct Load {
-    pub(crate) conns: usize,
-    pub(crate) path: &'static str,
-    pub(crate) body: u64,
-    pub(crate) close: bool,
-}
 
 pub(crate) fn load_of(scenario: &str) -> Load {
     match scenario {
@@ -63,103 +39,6 @@ pub(crate) fn load_of(scenario: &str) -> Load {
         },
         other => panic!("not a load scenario: {other}"),
     }
-}
-
-/// wrk's summary.
-#[derive(Debug, Clone, Default)]
-pub(crate) struct WrkOut {
-    pub(crate) requests: u64,
-    pub(crate) duration_s: f64,
-    pub(crate) bytes: u64,
-    pub(crate) errors: BTreeMap<&'static str, u64>,
-    pub(crate) p50_us: f64,
-    pub(crate) p90_us: f64,
-    pub(crate) p99_us: f64,
-    pub(crate) p999_us: f64,
-    pub(crate) max_us: f64,
-}
-
-/// Runs wrk against 127.0.0.1:`port`, calling `tick` every 100 ms while it runs.
-pub(crate) fn run_wrk(
-    script: &Path,
-    port: u16,
-    load: &Load,
-    threads: usize,
-    duration: Duration,
-    mut tick: impl FnMut(),
-) -> Result<WrkOut, String> {
-    let secs = duration.as_secs_f64().ceil().max(1.0) as u64;
-    let mut args: Vec<String> = vec![
-        "-t".into(),
-        threads.min(load.conns).to_string(),
-        "-c".into(),
-        load.conns.to_string(),
-        "-d".into(),
-        format!("{secs}s"),
-        "--timeout".into(),
-        "5s".into(),
-        "-s".into(),
-        script.display().to_string(),
-    ];
-    if load.close {
-        args.extend(["-H".into(), "Connection: close".into()]);
-    }
-    args.push(format!("http://127.0.0.1:{port}{}", load.path));
-    let mut child = Command::new(WRK)
-        .args(&args)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .map_err(|e| format!("start wrk: {e}"))?;
-    register_pid(child.id());
-    let deadline = Instant::now() + Duration::from_secs(secs + 30);
-    let status = loop {
-        match child.try_wait() {
-            Ok(Some(status)) => break Ok(status),
-            Ok(None) if Instant::now() > deadline => {
-                let _ = child.kill();
-                let _ = child.wait();
-                break Err("wrk did not finish 30 s after its duration".to_owned());
-            }
-            Ok(None) => {
-                tick();
-                std::thread::sleep(Duration::from_millis(100));
-            }
-            Err(e) => break Err(format!("wait for wrk: {e}")),
-        }
-    };
-    unregister_pid(child.id());
-    let status = status?;
-    let mut out = String::new();
-    let mut err = String::new();
-    if let Some(mut s) = child.stdout.take() {
-        let _ = s.read_to_string(&mut out);
-    }
-    if let Some(mut s) = child.stderr.take() {
-        let _ = s.read_to_string(&mut err);
-    }
-    let line = out
-        .lines()
-        .find_map(|l| l.strip_prefix("MESHID_WRK "))
-        .ok_or_else(|| format!("wrk ({status}) printed no summary: {out}{err}"))?;
-    let v: Value = serde_json::from_str(line).map_err(|e| format!("wrk summary {line}: {e}"))?;
-    let n = |k: &str| v[k].as_f64().unwrap_or(0.0);
-    let mut errors = BTreeMap::new();
-    for k in ["connect", "read", "write", "status", "timeout"] {
-        errors.insert(k, n(k) as u64);
-    }
-    Ok(WrkOut {
-        requests: n("requests") as u64,
-        duration_s: n("duration_us") / 1e6,
-        bytes: n("bytes") as u64,
-        errors,
-        p50_us: n("p50_us"),
-        p90_us: n("p90_us"),
-        p99_us: n("p99_us"),
-        p999_us: n("p999_us"),
-        max_us: n("max_us"),
-    })
 }
 
 /// One measured cell.
@@ -231,35 +110,12 @@ pub(crate) fn run_cell(
 ) -> Result<Measure, String> {
     let load = load_of(scenario);
     c.check_alive()?;
-    let check = |w: &WrkOut, what: &str| -> Result<(), String> {
-        let bad: Vec<String> = w
-            .errors
-            .iter()
-            .filter(|(_, n)| **n > 0)
-            .map(|(k, n)| format!("{k} {n}"))
-            .collect();
-        if !bad.is_empty() {
-            return Err(format!(
-                "{what}: wrk errors ({}) in {} requests",
-                bad.join(", "),
-                w.requests
-            ));
-        }
-        if w.requests == 0 {
-            return Err(format!("{what}: no request completed"));
-        }
-        if w.bytes < w.requests * load.body {
-            return Err(format!(
-                "{what}: {} bytes for {} requests, less than the {}-byte bodies",
-                w.bytes, w.requests, load.body
-            ));
-        }
-        Ok(())
-    };
+    let check = |w: &WrkOut, what: &str| w.check(load.body, what);
     if !opts.warmup.is_zero() {
         let w = run_wrk(
+            Command::new(WRK),
             script,
-            c.entry_port,
+            &format!("http://127.0.0.1:{}", c.entry_port),
             &load,
             opts.wrk_threads,
             opts.warmup,
@@ -287,8 +143,9 @@ pub(crate) fn run_cell(
     let (busy0, ours0) = (machine_busy_secs(), ours());
     let cpu0 = cpu(&pids);
     let w = run_wrk(
+        Command::new(WRK),
         script,
-        c.entry_port,
+        &format!("http://127.0.0.1:{}", c.entry_port),
         &load,
         opts.wrk_threads,
         opts.duration,

@@ -110,13 +110,14 @@ mod load;
 mod measure;
 mod mesh;
 mod pki;
-mod procs;
 mod report;
 
 use std::collections::BTreeMap;
 use std::path::Path;
 use std::time::Duration;
 
+use meshid_bench::procs::*;
+use meshid_bench::wrk::WRK_SCRIPT;
 use serde_json::json;
 
 use crate::backend::*;
@@ -126,7 +127,6 @@ use crate::load::*;
 use crate::measure::*;
 use crate::mesh::*;
 use crate::pki::*;
-use crate::procs::*;
 use crate::report::*;
 
 /// Everything that runs, in drop order: the contenders, then the meshid control plane, then the
@@ -211,7 +211,7 @@ fn main() {
         tmp.disable_cleanup(true);
         eprintln!("keeping {}", tmp.path().display());
     } else {
-        REGISTRY.lock().unwrap().1.push(tmp.path().to_owned());
+        register_dir(tmp.path());
     }
     let dir = tmp.path().to_owned();
     let script = dir.join("summary.lua");

@@ -7,7 +7,7 @@ use meshid_tests::{Agent, Ca};
 
 use crate::cli::*;
 use crate::measure::*;
-use crate::procs::*;
+use meshid_bench::procs::*;
 
 /// The meshid control plane shared by the meshid rows.
 pub(crate) struct Mesh {

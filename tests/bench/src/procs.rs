@@ -5,20 +5,50 @@ use std::process::{Command, Stdio};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-/// What must go when the bench is interrupted: child pids and temporary directories.
-pub(crate) static REGISTRY: Mutex<(Vec<u32>, Vec<PathBuf>)> = Mutex::new((Vec::new(), Vec::new()));
-
-pub(crate) fn register_pid(pid: u32) {
-    REGISTRY.lock().unwrap().0.push(pid);
+/// What must go when the bench is interrupted.
+struct Registry {
+    /// Child processes, killed first.
+    pids: Vec<u32>,
+    /// Network namespaces (`ip netns del`), once their processes are gone.
+    namespaces: Vec<String>,
+    /// Temporary directories, removed last.
+    dirs: Vec<PathBuf>,
 }
 
-pub(crate) fn unregister_pid(pid: u32) {
-    REGISTRY.lock().unwrap().0.retain(|p| *p != pid);
+static REGISTRY: Mutex<Registry> = Mutex::new(Registry {
+    pids: Vec::new(),
+    namespaces: Vec::new(),
+    dirs: Vec::new(),
+});
+
+fn registry() -> std::sync::MutexGuard<'static, Registry> {
+    REGISTRY.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-/// On SIGINT or SIGTERM: kills every registered child by its pid, removes the registered
-/// directories and exits 130. (Panics unwind through the guards' `Drop` instead.)
-pub(crate) fn install_signal_handler() {
+/// A child the signal handler kills.
+pub fn register_pid(pid: u32) {
+    registry().pids.push(pid);
+}
+
+/// A child that has been reaped: its pid may be another process's from now on.
+pub fn unregister_pid(pid: u32) {
+    registry().pids.retain(|p| *p != pid);
+}
+
+/// A temporary directory the signal handler removes.
+pub fn register_dir(dir: &Path) {
+    registry().dirs.push(dir.to_owned());
+}
+
+/// Network namespaces the signal handler deletes (after killing the children).
+pub fn register_namespaces(names: &[String]) {
+    registry().namespaces.extend_from_slice(names);
+}
+
+/// On SIGINT or SIGTERM: kills every registered child by its pid, deletes the registered
+/// network namespaces, removes the registered directories and exits 130. (Panics unwind
+/// through the guards' `Drop` instead.)
+pub fn install_signal_handler() {
     std::thread::spawn(|| {
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
@@ -33,33 +63,40 @@ pub(crate) fn install_signal_handler() {
                 _ = term.recv() => {}
             }
         });
-        let (pids, dirs) = {
-            let reg = REGISTRY.lock().unwrap_or_else(|e| e.into_inner());
-            (reg.0.clone(), reg.1.clone())
-        };
-        for pid in pids {
+        let reg = registry();
+        for pid in &reg.pids {
             let _ = Command::new("kill")
                 .args(["-KILL", &pid.to_string()])
                 .stderr(Stdio::null())
                 .status();
         }
-        for dir in dirs {
+        for ns in &reg.namespaces {
+            let _ = Command::new("ip")
+                .args(["netns", "del", ns])
+                .stderr(Stdio::null())
+                .status();
+        }
+        for dir in &reg.dirs {
             let _ = std::fs::remove_dir_all(dir);
         }
-        eprintln!("interrupted: children killed, temporary directory removed");
+        eprintln!("interrupted: children killed, namespaces and temporary directory removed");
         std::process::exit(130);
     });
 }
 
 /// A child process, killed (SIGKILL) and reaped on drop; stdout and stderr go to `log`.
-pub(crate) struct Guard {
-    pub(crate) child: Option<std::process::Child>,
-    pub(crate) name: String,
-    pub(crate) log: PathBuf,
+pub struct Guard {
+    /// The child (`None` once reaped).
+    pub child: Option<std::process::Child>,
+    /// What messages call it.
+    pub name: String,
+    /// Its log file.
+    pub log: PathBuf,
 }
 
 impl Guard {
-    pub(crate) fn spawn(
+    /// Starts `program` with `args` and `env`, registered for the signal handler.
+    pub fn spawn(
         name: &str,
         program: &Path,
         args: &[String],
@@ -88,12 +125,13 @@ impl Guard {
         })
     }
 
-    pub(crate) fn pid(&self) -> u32 {
+    /// Its pid (0 once reaped).
+    pub fn pid(&self) -> u32 {
         self.child.as_ref().map_or(0, std::process::Child::id)
     }
 
     /// `Err` with the end of the log if the process has exited.
-    pub(crate) fn check_alive(&mut self) -> Result<(), String> {
+    pub fn check_alive(&mut self) -> Result<(), String> {
         let Some(child) = self.child.as_mut() else {
             return Err(format!("{} was stopped", self.name));
         };
@@ -121,14 +159,14 @@ impl Drop for Guard {
 }
 
 /// The last 20 lines of a log file.
-pub(crate) fn log_tail(path: &Path) -> String {
+pub fn log_tail(path: &Path) -> String {
     let text = std::fs::read_to_string(path).unwrap_or_default();
     let lines: Vec<&str> = text.lines().collect();
     lines[lines.len().saturating_sub(20)..].join("\n")
 }
 
 /// Polls `f` every 50 ms until it returns `Ok(Some)`, an error, or `timeout` passes.
-pub(crate) fn poll<T>(
+pub fn poll<T>(
     timeout: Duration,
     what: &str,
     mut f: impl FnMut() -> Result<Option<T>, String>,
@@ -142,5 +180,32 @@ pub(crate) fn poll<T>(
             return Err(format!("timed out after {timeout:?} waiting for {what}"));
         }
         std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// A process started by the test harness (a CA, an agent, a proxy: [`meshid_tests::Proc`]),
+/// registered for the signal handler while it runs; killed on drop like the `Proc` itself.
+pub struct Registered(Option<meshid_tests::Proc>);
+
+impl Registered {
+    /// Registers `proc`'s pid.
+    pub fn new(proc: meshid_tests::Proc) -> Registered {
+        register_pid(proc.id());
+        Registered(Some(proc))
+    }
+
+    /// The process.
+    pub fn proc(&self) -> &meshid_tests::Proc {
+        self.0.as_ref().unwrap()
+    }
+}
+
+impl Drop for Registered {
+    fn drop(&mut self) {
+        if let Some(proc) = self.0.take() {
+            let pid = proc.id();
+            drop(proc);
+            unregister_pid(pid);
+        }
     }
 }
