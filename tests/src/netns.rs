@@ -11,7 +11,9 @@
 //! [`Net`] creates them and deletes them when dropped; programs run in a host with
 //! `ip netns exec` ([`Net::exec`]). Every namespace has its own loopback, so each host's agent,
 //! proxy and CA keep their ops listeners on the same addresses ([`AGENT_OPS`], [`PROXY_OPS`],
-//! [`CA_OPS`]). Needs root and `ip` (iproute2); [`missing_prerequisite`] says what is missing.
+//! [`CA_OPS`]); the usual address plan is [`CA_ADDR`] on the switch and [`WEB_ADDR`],
+//! [`API_ADDR`] for the hosts. Needs root and `ip` (iproute2); [`missing_prerequisite`] says
+//! what is missing.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
@@ -19,6 +21,19 @@ use std::time::Duration;
 
 use crate::{bin_dir, metric_value, wait_for, Ca, Proc};
 
+/// The usual plan (`198.18.0.0/24`, from the range set aside for benchmarks, inside the run's
+/// own namespaces): the switch's address on the bridge, where a CA runs...
+pub const CA_ADDR: &str = "198.18.0.1";
+/// ...a host `web`...
+pub const WEB_ADDR: &str = "198.18.0.2";
+/// ...and a host `api`.
+pub const API_ADDR: &str = "198.18.0.3";
+/// The CA's node API port.
+pub const NODE_PORT: u16 = 8443;
+/// The SO_MARK of proxies excluded from their host's rules by mark (`mark` in `[transparent]`).
+pub const MARK: u32 = 0x539;
+/// The proxy's counter of transparent connections, by `direction` and `result`.
+pub const TRANSPARENT: &str = "meshid_proxy_transparent_connections_total";
 /// A host's agent's ops address (on the host's own loopback).
 pub const AGENT_OPS: &str = "127.0.0.1:15100";
 /// A host's proxy's ops address (on the host's own loopback).

@@ -32,14 +32,14 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use meshid_tests::netns::{missing_prerequisite, Net, PROXY_OPS as OPS};
+use meshid_tests::netns::{
+    missing_prerequisite, Net, API_ADDR, CA_ADDR, MARK, NODE_PORT, PROXY_OPS as OPS, TRANSPARENT,
+    WEB_ADDR,
+};
 use meshid_tests::{bin_dir, wait_for, Ca, Proc};
 
 const TD: &str = "spiffe://example.org";
-const CA_ADDR: &str = "198.18.0.1";
 const LEGACY_ADDR: &str = "198.18.0.100";
-const WEB_ADDR: &str = "198.18.0.2";
-const API_ADDR: &str = "198.18.0.3";
 const INTRUDER_ADDR: &str = "198.18.0.4";
 /// The hosts' IPv6 network (unique local addresses, inside the test's own namespaces): host
 /// `198.18.0.N` is also `fd00:198:18::N`.
@@ -48,13 +48,10 @@ const V6_NET: &str = "fd00:198:18::";
 const API_ADDR_V6: &str = "fd00:198:18::3";
 /// Dual-stack transparent listeners (web and api): IPv4 arrives IPv4-mapped.
 const DUAL_STACK: &str = "outbound_listen = \"[::]:15001\"\ninbound_listen = \"[::]:15006\"";
-const NODE_PORT: u16 = 8443;
-const MARK: u32 = 0x539;
 /// The unprivileged uid of the intruder's proxy.
 const PROXY_UID: u32 = 1337;
-const TRANSPARENT: &str = "meshid_proxy_transparent_connections_total";
 
-/// What the tests need besides root and `ip`.
+/// The programs the tests need (besides root).
 const TOOLS: [(&str, &str); 5] = [
     ("ip", "-V"),
     ("iptables", "--version"),
