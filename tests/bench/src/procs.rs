@@ -84,6 +84,19 @@ pub fn install_signal_handler() {
     });
 }
 
+/// A temporary directory for a run, named `<prefix>XXXXXX`: removed on drop and by the signal
+/// handler, or kept (and said so) when `MESHID_BENCH_KEEP` is set.
+pub fn temp_dir(prefix: &str) -> tempfile::TempDir {
+    let mut tmp = tempfile::Builder::new().prefix(prefix).tempdir().unwrap();
+    if std::env::var_os("MESHID_BENCH_KEEP").is_some() {
+        tmp.disable_cleanup(true);
+        eprintln!("keeping {} (MESHID_BENCH_KEEP)", tmp.path().display());
+    } else {
+        register_dir(tmp.path());
+    }
+    tmp
+}
+
 /// A child process, killed (SIGKILL) and reaped on drop; stdout and stderr go to `log`.
 pub struct Guard {
     /// The child (`None` once reaped).
@@ -183,29 +196,25 @@ pub fn poll<T>(
     }
 }
 
-/// A process started by the test harness (a CA, an agent, a proxy: [`meshid_tests::Proc`]),
-/// registered for the signal handler while it runs; killed on drop like the `Proc` itself.
-pub struct Registered(Option<meshid_tests::Proc>);
+/// Pids of children kept elsewhere (the harness's `meshid_tests::Proc`, a `Ca`), registered
+/// with [`register_pid`] until this is dropped. Place it after those processes in a struct, so
+/// that they are killed (dropped) before their pids are let go.
+#[derive(Default)]
+pub struct Registered(Vec<u32>);
 
 impl Registered {
-    /// Registers `proc`'s pid.
-    pub fn new(proc: meshid_tests::Proc) -> Registered {
-        register_pid(proc.id());
-        Registered(Some(proc))
-    }
-
-    /// The process.
-    pub fn proc(&self) -> &meshid_tests::Proc {
-        self.0.as_ref().unwrap()
+    /// Registers `pid` for the signal handler; returns it.
+    pub fn add(&mut self, pid: u32) -> u32 {
+        register_pid(pid);
+        self.0.push(pid);
+        pid
     }
 }
 
 impl Drop for Registered {
     fn drop(&mut self) {
-        if let Some(proc) = self.0.take() {
-            let pid = proc.id();
-            drop(proc);
-            unregister_pid(pid);
+        for pid in &self.0 {
+            unregister_pid(*pid);
         }
     }
 }

@@ -168,14 +168,7 @@ fn start_agent(dir: &Path, ca: &Ca, entry_id: &str, uid: u32) -> (Agent, String,
 }
 
 fn start_stack(with_agent: bool) -> Stack {
-    let mut tmp = tempfile::Builder::new()
-        .prefix("meshid-bench-")
-        .tempdir()
-        .unwrap();
-    if std::env::var_os("MESHID_BENCH_KEEP").is_some() {
-        tmp.disable_cleanup(true);
-        eprintln!("keeping {} (MESHID_BENCH_KEEP)", tmp.path().display());
-    }
+    let tmp = meshid_bench::procs::temp_dir("meshid-bench-");
     let dir = tmp.path().to_owned();
     let ca = Ca::start(&dir, &[]);
     let uid = uid();

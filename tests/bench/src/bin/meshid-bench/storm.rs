@@ -309,14 +309,7 @@ pub fn run() {
                 >= Some(16_000)),
         "storm needs at least 16,000 open files:\n{limits}"
     );
-    let mut tmp = tempfile::Builder::new()
-        .prefix("meshid-bench-storm-")
-        .tempdir()
-        .unwrap();
-    if std::env::var_os("MESHID_BENCH_KEEP").is_some() {
-        tmp.disable_cleanup(true);
-        eprintln!("keeping {} (MESHID_BENCH_KEEP)", tmp.path().display());
-    }
+    let tmp = meshid_bench::procs::temp_dir("meshid-bench-storm-");
     let dir = tmp.path();
     let ca = Ca::start(dir, &[]);
     let uid = uid();

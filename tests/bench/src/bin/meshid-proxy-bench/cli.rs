@@ -3,6 +3,8 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
+use meshid_bench::parse_duration;
+
 /// The SPIFFE ID both hops of every contender present.
 pub(crate) const BENCH_ID: &str = "spiffe://example.org/bench";
 /// The TLS 1.3 ciphersuite meshid-proxy prefers (`proxy/src/tls.rs`, `provider()`), and so
@@ -61,22 +63,6 @@ pub(crate) const USAGE: &str =
 pub(crate) fn usage_error(msg: &str) -> ! {
     eprintln!("{msg}\n{USAGE}");
     std::process::exit(64);
-}
-
-/// `10s`, `500ms`, `2m` or a plain number of seconds.
-pub(crate) fn parse_duration(s: &str) -> Option<Duration> {
-    let (num, unit) = match s.find(|c: char| !c.is_ascii_digit() && c != '.') {
-        Some(i) => s.split_at(i),
-        None => (s, "s"),
-    };
-    let n: f64 = num.parse().ok()?;
-    let secs = match unit {
-        "ms" => n / 1000.0,
-        "s" => n,
-        "m" => n * 60.0,
-        _ => return None,
-    };
-    (secs.is_finite() && secs >= 0.0).then(|| Duration::from_secs_f64(secs))
 }
 
 pub(crate) fn parse_list(value: &str, known: &[&'static str], what: &str) -> Vec<&'static str> {
