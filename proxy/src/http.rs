@@ -49,14 +49,16 @@ struct Conn {
 }
 
 /// How long a caller the policy denies outright gets to send its one request head.
-const DENIED_HEAD_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(1);
+pub(crate) const DENIED_HEAD_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// Serves one caller connection as HTTP/1.1 (`h2 = false`) or HTTP/2 until it ends, the drain
 /// asks it to finish its in-flight requests, or it has carried `http_max_requests_per_connection`
 /// requests (then it is closed gracefully, counted `limited{reason="max_requests"}`). When the
 /// policy denies the caller outright (`denied`), only its first request is answered (403, by
 /// the per-request decision) and the connection is closed; its head must come within
-/// `http_header_timeout`, and at most 1 s.
+/// `http_header_timeout`, and at most 1 s. `served`: requests the connection has already
+/// carried (on the HTTP/1 fast path, [`crate::h1`], which hands over what it does not take).
+#[allow(clippy::too_many_arguments)]
 pub async fn serve<T>(
     listener: Arc<Listener>,
     io: T,
@@ -65,6 +67,7 @@ pub async fn serve<T>(
     group: &'static str,
     h2: bool,
     denied: bool,
+    served: u64,
 ) where
     T: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
@@ -84,7 +87,8 @@ pub async fn serve<T>(
         Some(1)
     } else {
         listener.shared.http_max_requests_per_connection
-    };
+    }
+    .map(|max| max.saturating_sub(served).max(1));
     let answered = Arc::new(tokio::sync::Notify::new());
     let served = Arc::new(AtomicU64::new(0));
     let metrics = listener.metrics.clone();

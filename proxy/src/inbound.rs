@@ -157,7 +157,11 @@ async fn serve(
     };
     if let Some(h2) = h2 {
         let denied = denied_outright(this, &caller, &local);
-        crate::http::serve(this.clone(), io, caller, local, group, h2, denied).await;
+        if h2 {
+            crate::http::serve(this.clone(), io, caller, local, group, true, denied, 0).await;
+        } else {
+            crate::h1::serve(this.clone(), io, caller, local, group, denied).await;
+        }
         return;
     }
     match (kind, this.config.protocol) {

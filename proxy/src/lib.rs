@@ -13,8 +13,10 @@
 //!   the policy reload and the ops endpoint, drain on shutdown.
 //! - [`transparent`]: transparent mode (iptables REDIRECT + SO_ORIGINAL_DST): mesh
 //!   destinations upgraded to mTLS, plaintext inbound strict or permissive. It reuses:
-//! - [`inbound`]: terminate mTLS, decide, forward plaintext; [`http`]: one policy decision per
-//!   HTTP/1.1 or HTTP/2 request, under inbound. [`outbound`]: plaintext in, mTLS out to an
+//! - [`inbound`]: terminate mTLS, decide, forward plaintext; [`h1`]: one policy decision per
+//!   HTTP/1.1 request on the fast path (head parsed in place, body relayed), under inbound;
+//!   [`http`]: the full HTTP/1.1 and HTTP/2 server (hyper) for HTTP/2 and what the fast path
+//!   hands over. [`outbound`]: plaintext in, mTLS out to an
 //!   expected SPIFFE ID.
 //! - [`proxy`]: the base they all use: shared state, the accept loop, connecting upstream,
 //!   splicing bytes, and the inbound decision accounting.
@@ -33,6 +35,7 @@
 pub mod access;
 pub mod admission;
 pub mod config;
+pub mod h1;
 pub mod http;
 pub mod inbound;
 pub mod io;

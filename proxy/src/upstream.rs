@@ -80,6 +80,8 @@ pub(crate) type H2Sender = hyper::client::conn::http2::SendRequest<RequestBody>;
 #[derive(Default)]
 pub struct AppPool {
     h1: std::sync::Mutex<Vec<(H1Sender, Instant)>>,
+    /// HTTP/1 connections of the fast path ([`crate::h1`]), idle between requests.
+    raw: std::sync::Mutex<Vec<(tokio::net::TcpStream, Instant)>>,
     pub(crate) h2: tokio::sync::Mutex<Option<H2Sender>>,
 }
 
@@ -87,6 +89,7 @@ impl std::fmt::Debug for AppPool {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("AppPool")
             .field("h1_idle", &self.idle_h1())
+            .field("raw_idle", &self.idle_raw())
             .finish_non_exhaustive()
     }
 }
@@ -125,6 +128,41 @@ impl AppPool {
         let mut idle = self.h1();
         idle.retain(|(s, since)| !s.is_closed() && since.elapsed() < POOL_IDLE_TIMEOUT);
         if !s.is_closed() && idle.len() < POOL_IDLE_MAX {
+            idle.push((s, Instant::now()));
+        }
+    }
+
+    fn raw(&self) -> std::sync::MutexGuard<'_, Vec<(tokio::net::TcpStream, Instant)>> {
+        self.raw
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Fast-path HTTP/1 connections idle in the pool now.
+    pub fn idle_raw(&self) -> usize {
+        self.raw().len()
+    }
+
+    /// An idle fast-path connection, most recently used first. One the application has closed
+    /// (readable: its EOF, or bytes it should not have sent) or idle too long is dropped.
+    pub(crate) fn checkout_raw(&self) -> Option<tokio::net::TcpStream> {
+        let mut idle = self.raw();
+        while let Some((s, since)) = idle.pop() {
+            let mut probe = [0u8; 1];
+            let open = matches!(s.try_read(&mut probe), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock);
+            if open && since.elapsed() < POOL_IDLE_TIMEOUT {
+                return Some(s);
+            }
+        }
+        None
+    }
+
+    /// Gives a fast-path connection back after a complete exchange (dropped if the pool is
+    /// full).
+    pub(crate) fn checkin_raw(&self, s: tokio::net::TcpStream) {
+        let mut idle = self.raw();
+        idle.retain(|(_, since)| since.elapsed() < POOL_IDLE_TIMEOUT);
+        if idle.len() < POOL_IDLE_MAX {
             idle.push((s, Instant::now()));
         }
     }

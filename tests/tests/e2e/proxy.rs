@@ -34,6 +34,8 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
+#[path = "proxy/h1.rs"]
+mod h1;
 #[path = "proxy/h2.rs"]
 mod h2;
 #[path = "proxy/key_exchange.rs"]
