@@ -67,6 +67,13 @@
 //!   CA servers sharing PostgreSQL, 10,000 and then up to 100,000 entries (see `scale.rs`):
 //!   entry create → SVID at the agent, CA memory, database statements per second, and the
 //!   time for every agent to reconnect after a CA server restart.
+//! - `storm`: api's inbound listener under connection storms (10,000 idle mTLS connections,
+//!   half-open ones, slow ClientHellos, past max_connections) while legitimate requests flow
+//!   (see `storm.rs`).
+//! - `transparent`: transparent mode against explicit mode and against no proxy, between two
+//!   hosts made of network namespaces (as root: ip, iptables, wrk, nginx, curl), wrk in one and
+//!   nginx in the other, keep-alive and a new connection per request, L4 (`tcp`) and L7
+//!   (`detect`) (see `transparent.rs`; `--duration`, `--warmup`, `--rounds` after the name).
 
 #![allow(
     clippy::unwrap_used,
@@ -98,7 +105,7 @@ use tonic::transport::Channel;
 use tonic::{Code, Request, Status, Streaming};
 
 const TD: &str = "example.org";
-const SCENARIOS: [&str; 11] = [
+const SCENARIOS: [&str; 12] = [
     "fetch-latency",
     "interop-latency",
     "propagation",
@@ -110,6 +117,7 @@ const SCENARIOS: [&str; 11] = [
     "ha",
     "scale",
     "storm",
+    "transparent",
 ];
 
 // ---------------------------------------------------------------------------------------------
@@ -2338,14 +2346,17 @@ mod ha;
 mod scale;
 #[path = "meshid-bench/storm.rs"]
 mod storm;
+#[path = "meshid-bench/transparent.rs"]
+mod transparent;
 
 fn run(scenario: &str, profile: bool) {
     let started = Instant::now();
-    if scenario == "ha" || scenario == "scale" || scenario == "storm" {
+    if ["ha", "scale", "storm", "transparent"].contains(&scenario) {
         match scenario {
             "ha" => ha::run(),
             "scale" => scale::run(),
-            _ => storm::run(),
+            "storm" => storm::run(),
+            _ => transparent::run(),
         }
         println!(
             "\n({scenario} took {:.0} s; {})",
