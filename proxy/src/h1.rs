@@ -81,16 +81,36 @@ pub async fn serve<T>(
     let (max_bytes, max_headers) = (shared.http_max_header_bytes, shared.http_max_headers);
     let mut buf: Vec<u8> = Vec::new();
     let mut served = 0u64;
+    // One timer and one drain watch for the connection's life, not one per request: the
+    // timer fires at most once per `head_timeout`, and is pushed back to the current head's
+    // deadline when that is later.
+    let mut deadline = Box::pin(tokio::time::sleep(head_timeout));
+    let drain_started = drained(&mut drain);
+    tokio::pin!(drain_started);
     loop {
-        if buf.is_empty() {
-            // Idle between requests: hold no buffer.
+        if buf.is_empty() && buf.capacity() > 2 * HEAD_READ {
+            // Idle between requests: hold no more than a head's first read (a body's reads
+            // made it larger).
             buf = Vec::new();
         }
         let idle = buf.is_empty();
-        let read = read_head(&mut io, &mut buf, max_bytes, max_headers);
-        let parsed = tokio::select! {
-            r = tokio::time::timeout(head_timeout, read) => r,
-            () = drained(&mut drain), if idle => return,
+        let due = tokio::time::Instant::now() + head_timeout;
+        let parsed = {
+            let read = read_head(&mut io, &mut buf, max_bytes, max_headers);
+            tokio::pin!(read);
+            loop {
+                tokio::select! {
+                    biased;
+                    r = &mut read => break Ok(r),
+                    () = &mut drain_started, if idle => return,
+                    () = deadline.as_mut() => {
+                        if tokio::time::Instant::now() >= due {
+                            break Err(());
+                        }
+                        deadline.as_mut().reset(due);
+                    }
+                }
+            }
         };
         let head = match parsed {
             Err(_) => {
@@ -126,7 +146,8 @@ pub async fn serve<T>(
             }
         };
         buf.drain(..head.len);
-        let start = Instant::now();
+        // The clock is read for the access log only.
+        let start = shared.access.enabled().then(Instant::now);
         l.metrics.http_requests.inc();
         let active = shared.policy.load();
         let decision = active.policy.decide(&meshid_policy::Request {
@@ -160,12 +181,12 @@ pub async fn serve<T>(
         if last && !denied {
             l.metrics.limited("max_requests");
         }
-        let close = last || head.close || *drain.borrow();
+        let close = last || head.close || *shared.drain.borrow();
         let ex = if decision.outcome == Outcome::Deny {
             local_response(&mut io, &head.body, Local::FORBIDDEN, close).await
         } else {
             // Boxed: an idle connection's task does not carry the size of an exchange.
-            Box::pin(exchange(l, &mut io, &mut buf, head, close)).await
+            exchange(l, &mut io, &mut buf, head, close).await
         };
         l.metrics.rx.inc_by(ex.bytes_in);
         l.metrics.tx.inc_by(ex.bytes_out);
@@ -174,7 +195,7 @@ pub async fn serve<T>(
             r.reason = ex.reason.map(str::to_owned);
             r.bytes_in = ex.bytes_in;
             r.bytes_out = ex.bytes_out;
-            r.duration_ms = start.elapsed().as_secs_f64() * 1e3;
+            r.duration_ms = start.map_or(0.0, |s| s.elapsed().as_secs_f64() * 1e3);
             shared.access.log(r);
         }
         if !ex.keep {
@@ -352,7 +373,7 @@ where
             }
         },
     };
-    let mut resp_buf: Vec<u8> = Vec::with_capacity(BODY_BUF);
+    let mut resp_buf = l.pool.take_buf(BODY_BUF);
     let answer = loop {
         let r = request(
             &mut app,
@@ -556,6 +577,27 @@ where
     }
 }
 
+/// Writes `a` and then `b` with vectored writes: one TLS record (or one segment) when they fit,
+/// without copying them together first.
+async fn write_both<W: AsyncWrite + Unpin>(w: &mut W, a: &[u8], b: &[u8]) -> std::io::Result<()> {
+    let (mut a, mut b) = (a, b);
+    while !a.is_empty() || !b.is_empty() {
+        let n = if a.is_empty() {
+            w.write(b).await?
+        } else {
+            w.write_vectored(&[std::io::IoSlice::new(a), std::io::IoSlice::new(b)])
+                .await?
+        };
+        if n == 0 {
+            return Err(std::io::ErrorKind::WriteZero.into());
+        }
+        let from_a = n.min(a.len());
+        a = &a[from_a..];
+        b = &b[n - from_a..];
+    }
+    Ok(())
+}
+
 /// Relays the response (head, then body) to the caller. `Ok` with the exchange and whether
 /// the application connection can be reused; `Err` with the status already sent, if any, when
 /// the relay broke off (the caller connection is then closed).
@@ -580,12 +622,12 @@ where
         out.extend_from_slice(b"connection: close\r\n");
     }
     out.extend_from_slice(b"\r\n");
-    resp_buf.drain(..resp.len);
-    let (n, mut bytes_out) = advance(&mut body, &resp_buf).map_err(|why| (None, why))?;
+    // The body bytes read with the head go out with it, in one TLS record when they fit.
+    let first = &resp_buf[resp.len..];
+    let (n, mut bytes_out) = advance(&mut body, first).map_err(|why| (None, why))?;
     // Nothing was written yet: a failure above can still be answered (502).
-    let mut extra = n < resp_buf.len();
-    out.extend_from_slice(&resp_buf[..n]);
-    io.write_all(&out)
+    let mut extra = n < first.len();
+    write_both(io, &out, &first[..n])
         .await
         .map_err(|_| (Some(status), "caller_gone"))?;
     drop(out);
@@ -610,12 +652,15 @@ where
             .await
             .map_err(|_| (Some(status), "caller_gone"))?;
         if got == resp_buf.capacity() && got < BODY_BUF_MAX {
-            resp_buf.reserve(got * 2);
+            // Reads fill it: larger reads, fewer system calls.
+            resp_buf.clear();
+            resp_buf.reserve((got * 2).min(BODY_BUF_MAX));
         }
     }
     io.flush()
         .await
         .map_err(|_| (Some(status), "caller_gone"))?;
+    l.pool.give_buf(resp_buf, BODY_BUF_MAX);
     let reuse = !resp.close && body != Framing::UntilClose && !extra;
     Ok((
         Exchange {

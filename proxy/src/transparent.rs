@@ -292,6 +292,9 @@ pub struct InboundListener {
     mode: InboundMode,
     forward: InboundForward,
     tcp_ports: Vec<u16>,
+    /// The application connections, one pool per application address, shared by the callers
+    /// going there (at most [`POOLS_MAX`] addresses; past that a connection gets its own).
+    pools: std::sync::Mutex<std::collections::HashMap<SocketAddr, Arc<crate::upstream::AppPool>>>,
     mtls: Counter,
     plaintext_refused: Counter,
     plaintext_allowed: Counter,
@@ -313,10 +316,30 @@ impl InboundListener {
             mode: config.inbound_mode,
             forward: config.inbound_forward,
             tcp_ports: config.tcp_ports.clone(),
+            pools: std::sync::Mutex::default(),
             shared,
         }
     }
+
+    /// The pool of application connections to `app`.
+    fn pool(&self, app: SocketAddr) -> Arc<crate::upstream::AppPool> {
+        let mut pools = self
+            .pools
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(p) = pools.get(&app) {
+            return p.clone();
+        }
+        let p = Arc::<crate::upstream::AppPool>::default();
+        if pools.len() < POOLS_MAX {
+            pools.insert(app, p.clone());
+        }
+        p
+    }
 }
+
+/// Application addresses with a shared connection pool, per transparent inbound listener.
+const POOLS_MAX: usize = 256;
 
 /// Accepts redirected inbound connections until the drain starts.
 pub async fn run_inbound(listener: TcpListener, this: Arc<InboundListener>) {
@@ -378,8 +401,8 @@ async fn inbound(this: &InboundListener, acceptor: &TlsAcceptor, tcp: TcpStream,
             },
             metrics: this.metrics.clone(),
             handshakes: this.handshakes.clone(),
-            // The application is wherever the caller was going: its own pool.
-            pool: Arc::default(),
+            // The application is wherever the caller was going: its pool.
+            pool: this.pool(app),
             shared: this.shared.clone(),
         });
         crate::inbound::connection(&l, acceptor, tcp, peer).await;

@@ -68,6 +68,8 @@ impl<B: Body<Data = Bytes> + Unpin> Body for Metered<B> {
 
 /// HTTP/1 application connections kept idle for reuse, per listener, at most.
 const POOL_IDLE_MAX: usize = 128;
+/// Response buffers kept per listener between exchanges, at most.
+const BUFS_KEPT: usize = 64;
 /// An idle HTTP/1 application connection older than this is not reused (it is closed).
 const POOL_IDLE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
 
@@ -80,8 +82,12 @@ pub(crate) type H2Sender = hyper::client::conn::http2::SendRequest<RequestBody>;
 #[derive(Default)]
 pub struct AppPool {
     h1: std::sync::Mutex<Vec<(H1Sender, Instant)>>,
-    /// HTTP/1 connections of the fast path ([`crate::h1`]), idle between requests.
-    raw: std::sync::Mutex<Vec<(tokio::net::TcpStream, Instant)>>,
+    /// HTTP/1 connections of the fast path ([`crate::h1`]), idle between requests, oldest
+    /// first.
+    raw: std::sync::Mutex<std::collections::VecDeque<(tokio::net::TcpStream, Instant)>>,
+    /// Response buffers of the fast path between exchanges (so that a busy listener does not
+    /// allocate and free one per request).
+    bufs: std::sync::Mutex<Vec<Vec<u8>>>,
     pub(crate) h2: tokio::sync::Mutex<Option<H2Sender>>,
 }
 
@@ -132,7 +138,10 @@ impl AppPool {
         }
     }
 
-    fn raw(&self) -> std::sync::MutexGuard<'_, Vec<(tokio::net::TcpStream, Instant)>> {
+    fn raw(
+        &self,
+    ) -> std::sync::MutexGuard<'_, std::collections::VecDeque<(tokio::net::TcpStream, Instant)>>
+    {
         self.raw
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
@@ -144,26 +153,66 @@ impl AppPool {
     }
 
     /// An idle fast-path connection, most recently used first. One the application has closed
-    /// (readable: its EOF, or bytes it should not have sent) or idle too long is dropped.
+    /// (readable: its EOF, or bytes it should not have sent) is dropped; so are those idle too
+    /// long.
     pub(crate) fn checkout_raw(&self) -> Option<tokio::net::TcpStream> {
         let mut idle = self.raw();
-        while let Some((s, since)) = idle.pop() {
+        while let Some((s, since)) = idle.pop_back() {
+            if since.elapsed() >= POOL_IDLE_TIMEOUT {
+                // The rest are older.
+                idle.clear();
+                return None;
+            }
             let mut probe = [0u8; 1];
-            let open = matches!(s.try_read(&mut probe), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock);
-            if open && since.elapsed() < POOL_IDLE_TIMEOUT {
+            if matches!(s.try_read(&mut probe), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock)
+            {
                 return Some(s);
             }
         }
         None
     }
 
-    /// Gives a fast-path connection back after a complete exchange (dropped if the pool is
-    /// full).
+    /// Gives a fast-path connection back after a complete exchange (the oldest idle one is
+    /// dropped if the pool is full).
     pub(crate) fn checkin_raw(&self, s: tokio::net::TcpStream) {
+        let now = Instant::now();
         let mut idle = self.raw();
-        idle.retain(|(_, since)| since.elapsed() < POOL_IDLE_TIMEOUT);
-        if idle.len() < POOL_IDLE_MAX {
-            idle.push((s, Instant::now()));
+        while idle
+            .front()
+            .is_some_and(|(_, since)| now.duration_since(*since) >= POOL_IDLE_TIMEOUT)
+        {
+            idle.pop_front();
+        }
+        if idle.len() >= POOL_IDLE_MAX {
+            idle.pop_front();
+        }
+        idle.push_back((s, now));
+    }
+
+    /// A response buffer with at least `min` bytes of capacity, empty.
+    pub(crate) fn take_buf(&self, min: usize) -> Vec<u8> {
+        let mut b = self
+            .bufs
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .pop()
+            .unwrap_or_default();
+        b.clear();
+        b.reserve(min);
+        b
+    }
+
+    /// Keeps `b` for the next exchange, unless enough are kept or it grew past `max`.
+    pub(crate) fn give_buf(&self, b: Vec<u8>, max: usize) {
+        if b.capacity() > max {
+            return;
+        }
+        let mut bufs = self
+            .bufs
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if bufs.len() < BUFS_KEPT {
+            bufs.push(b);
         }
     }
 }

@@ -174,7 +174,8 @@ fn request_head<'b>(buf: &'b [u8], slots: &mut [httparse::Header<'b>]) -> Parsed
         (false, Some(0) | None) => Framing::Empty,
         (false, Some(n)) => Framing::Length(n),
     };
-    let mut out = Vec::with_capacity(len + 16);
+    // Room for the body bytes read with the head, which follow it in the same write.
+    let mut out = Vec::with_capacity(buf.len() + 16);
     out.extend_from_slice(method.as_bytes());
     out.push(b' ');
     out.extend_from_slice(path.as_bytes());
@@ -267,7 +268,7 @@ fn response_head<'b>(
         (false, None, Some(n)) => Framing::Length(n),
         (false, None, None) => Framing::UntilClose,
     };
-    let mut out = Vec::with_capacity(len + 32);
+    let mut out = Vec::with_capacity(len + 64);
     out.extend_from_slice(b"HTTP/1.1 ");
     out.extend_from_slice(&[
         b'0' + (status / 100 % 10) as u8,
@@ -294,13 +295,16 @@ fn response_head<'b>(
     }))
 }
 
-/// What the `Connection` headers say: `close`, and the headers they name.
-struct ConnectionTokens {
+/// What the `Connection` headers say: `close`, and the headers they name (other than the
+/// ones removed anyway).
+struct ConnectionTokens<'a> {
     close: bool,
-    named: Vec<String>,
+    named: Vec<&'a [u8]>,
 }
 
-fn connection_tokens(headers: &[httparse::Header<'_>]) -> Result<ConnectionTokens, &'static str> {
+fn connection_tokens<'a>(
+    headers: &[httparse::Header<'a>],
+) -> Result<ConnectionTokens<'a>, &'static str> {
     let mut c = ConnectionTokens {
         close: false,
         named: Vec::new(),
@@ -313,12 +317,17 @@ fn connection_tokens(headers: &[httparse::Header<'_>]) -> Result<ConnectionToken
             if token.is_empty() {
                 continue;
             }
-            let token = String::from_utf8_lossy(token).to_ascii_lowercase();
-            if token == "close" {
+            if token.eq_ignore_ascii_case(b"close") {
                 c.close = true;
-            } else if FRAMING.contains(&token.as_str()) {
+            } else if FRAMING
+                .iter()
+                .any(|f| token.eq_ignore_ascii_case(f.as_bytes()))
+            {
                 return Err("connection names a framing header");
-            } else {
+            } else if !HOP_BY_HOP
+                .iter()
+                .any(|f| token.eq_ignore_ascii_case(f.as_bytes()))
+            {
                 c.named.push(token);
             }
         }
@@ -326,13 +335,15 @@ fn connection_tokens(headers: &[httparse::Header<'_>]) -> Result<ConnectionToken
     Ok(c)
 }
 
-fn hop_by_hop(name: &str, named: &[String]) -> bool {
+fn hop_by_hop(name: &str, named: &[&[u8]]) -> bool {
     HOP_BY_HOP.iter().any(|h| name.eq_ignore_ascii_case(h))
         || name.eq_ignore_ascii_case("transfer-encoding")
         || name
             .get(..6)
             .is_some_and(|p| p.eq_ignore_ascii_case("proxy-"))
-        || named.iter().any(|n| name.eq_ignore_ascii_case(n))
+        || named
+            .iter()
+            .any(|n| name.as_bytes().eq_ignore_ascii_case(n))
 }
 
 fn push_header(out: &mut Vec<u8>, name: &str, value: &[u8]) {

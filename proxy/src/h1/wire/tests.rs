@@ -81,8 +81,8 @@ fn anything_unusual_goes_to_the_full_server() {
         ),
         (b"GET / HTTP/1.1\r\nUpgrade: h2c\r\n\r\n", "upgrade offered"),
         (
-            b"PUT / HTTP/1.1\r\nExpect: 100-continue\r\nContent-Length: 1\r\n\r\n",
-            "expect",
+            b"PUT / HTTP/1.1\r\nExpect: 200-ok\r\nContent-Length: 1\r\n\r\n",
+            "expectation other than 100-continue",
         ),
         (
             b"POST / HTTP/1.1\r\nTransfer-Encoding: gzip, chunked\r\n\r\n",
