@@ -15,7 +15,7 @@ use tokio_rustls::server::TlsStream;
 use tokio_rustls::TlsAcceptor;
 
 use crate::config::InboundProtocol;
-use crate::io::{detect, Detected, Prefixed};
+use crate::io::{detect, Detected, Prefixed, ReadAhead};
 use crate::proxy::{accept_loop, account, record, splice, InboundState as Listener};
 use meshid_api::tls::verify;
 
@@ -55,7 +55,7 @@ pub(crate) async fn connection(
     }
     let handshake = tokio::time::timeout(
         this.shared.handshake_timeout,
-        Box::pin(acceptor.accept(tcp)),
+        Box::pin(acceptor.accept(ReadAhead::new(tcp))),
     );
     let accepted = tokio::select! {
         r = handshake => r,
@@ -130,7 +130,7 @@ fn shed_handshakes(this: &Listener, shed: usize) {
 /// Serves one authenticated connection: detects the protocol and proxies it.
 async fn serve(
     this: &Arc<Listener>,
-    mut tls: TlsStream<TcpStream>,
+    mut tls: TlsStream<ReadAhead<TcpStream>>,
     caller: SpiffeId,
     local: Arc<SpiffeId>,
     group: &'static str,
@@ -187,7 +187,7 @@ fn denied_outright(this: &Listener, caller: &SpiffeId, local: &SpiffeId) -> bool
 
 async fn opaque(
     this: &Arc<Listener>,
-    mut io: Prefixed<TlsStream<TcpStream>>,
+    mut io: Prefixed<TlsStream<ReadAhead<TcpStream>>>,
     caller: &SpiffeId,
     local: &SpiffeId,
     group: &'static str,

@@ -82,6 +82,129 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for Prefixed<T> {
     }
 }
 
+/// How much a [`ReadAhead`] reads at once while a transfer streams.
+pub const READ_AHEAD: usize = 64 * 1024;
+
+/// A stream that reads ahead while a transfer streams. rustls reads TLS records at most 4 KiB
+/// at a time, so a full 16 KiB record would cost four system calls; once a read fills the
+/// reader's buffer (more is likely waiting), this reads [`READ_AHEAD`] bytes at once and serves
+/// the small reads from memory. A read that would block releases the buffer, so an idle
+/// connection holds none, and reads go straight to the reader's buffer again.
+#[derive(Debug)]
+pub struct ReadAhead<T> {
+    inner: T,
+    buf: Vec<u8>,
+    start: usize,
+    end: usize,
+    /// The last read filled the reader's buffer.
+    streaming: bool,
+}
+
+impl<T> ReadAhead<T> {
+    /// Wraps `inner`.
+    pub fn new(inner: T) -> ReadAhead<T> {
+        ReadAhead {
+            inner,
+            buf: Vec::new(),
+            start: 0,
+            end: 0,
+            streaming: false,
+        }
+    }
+
+    /// The wrapped stream.
+    pub fn get_ref(&self) -> &T {
+        &self.inner
+    }
+
+    /// Bytes read ahead and not yet served.
+    pub fn buffered(&self) -> usize {
+        self.end - self.start
+    }
+}
+
+impl<T: AsyncRead + Unpin> AsyncRead for ReadAhead<T> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        out: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = &mut *self;
+        if this.start < this.end {
+            let n = (this.end - this.start).min(out.remaining());
+            out.put_slice(&this.buf[this.start..this.start + n]);
+            this.start += n;
+            return Poll::Ready(Ok(()));
+        }
+        if !this.streaming || out.remaining() >= READ_AHEAD {
+            let (before, want) = (out.filled().len(), out.remaining());
+            match Pin::new(&mut this.inner).poll_read(cx, out) {
+                Poll::Ready(Ok(())) => {
+                    let n = out.filled().len() - before;
+                    this.streaming = n > 0 && n == want;
+                    return Poll::Ready(Ok(()));
+                }
+                other => return other,
+            }
+        }
+        if this.buf.is_empty() {
+            this.buf = vec![0; READ_AHEAD];
+        }
+        let mut ahead = ReadBuf::new(&mut this.buf);
+        match Pin::new(&mut this.inner).poll_read(cx, &mut ahead) {
+            Poll::Ready(Ok(())) => {
+                let n = ahead.filled().len();
+                let k = n.min(out.remaining());
+                out.put_slice(&this.buf[..k]);
+                (this.start, this.end) = (k, n);
+                if n == 0 {
+                    this.buf = Vec::new();
+                    this.streaming = false;
+                }
+                Poll::Ready(Ok(()))
+            }
+            Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
+            Poll::Pending => {
+                // Idle: hold nothing while waiting.
+                this.buf = Vec::new();
+                (this.start, this.end) = (0, 0);
+                this.streaming = false;
+                Poll::Pending
+            }
+        }
+    }
+}
+
+impl<T: AsyncWrite + Unpin> AsyncWrite for ReadAhead<T> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
 /// What the first bytes of a connection say.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Detected {
@@ -417,6 +540,51 @@ mod tests {
         assert_eq!(d, Detected::Opaque);
         assert!(bytes.is_empty());
         assert!(start.elapsed() >= Duration::from_millis(100));
+    }
+
+    #[tokio::test]
+    async fn read_ahead_serves_small_reads_of_a_stream_from_few_large_ones_and_idles_empty() {
+        use tokio::io::AsyncWriteExt;
+        /// Counts the reads that reach the stream.
+        struct Counted<T>(T, std::sync::Arc<AtomicUsize>);
+        impl<T: AsyncRead + Unpin> AsyncRead for Counted<T> {
+            fn poll_read(
+                mut self: Pin<&mut Self>,
+                cx: &mut Context<'_>,
+                buf: &mut ReadBuf<'_>,
+            ) -> Poll<io::Result<()>> {
+                self.1.fetch_add(1, Ordering::Relaxed);
+                Pin::new(&mut self.0).poll_read(cx, buf)
+            }
+        }
+        let reads = std::sync::Arc::new(AtomicUsize::new(0));
+        let (mut a, b) = tokio::io::duplex(1 << 20);
+        let mut r = ReadAhead::new(Counted(b, reads.clone()));
+        let data: Vec<u8> = (0..1_000_000u32).map(|i| (i % 253) as u8).collect();
+        a.write_all(&data).await.unwrap();
+        // A reader taking 4 KiB at a time, as rustls does.
+        let mut got = Vec::new();
+        let mut chunk = [0u8; 4096];
+        while got.len() < data.len() {
+            let n = r.read(&mut chunk).await.unwrap();
+            got.extend_from_slice(&chunk[..n]);
+        }
+        assert_eq!(got, data);
+        let n = reads.load(Ordering::Relaxed);
+        assert!(
+            n < data.len() / READ_AHEAD + 4,
+            "{n} reads reached the stream"
+        );
+        // Drained and waiting: no buffer held; a small message is read straight through.
+        let pending = tokio::time::timeout(Duration::from_millis(50), r.read(&mut chunk)).await;
+        assert!(pending.is_err());
+        assert_eq!((r.buf.capacity(), r.buffered()), (0, 0));
+        a.write_all(b"ping").await.unwrap();
+        drop(a);
+        let n = r.read(&mut chunk).await.unwrap();
+        assert_eq!(&chunk[..n], b"ping");
+        assert_eq!(r.read(&mut chunk).await.unwrap(), 0);
+        assert_eq!(r.buf.capacity(), 0);
     }
 
     #[tokio::test]

@@ -101,7 +101,7 @@ pub(crate) async fn forward(
 ) {
     let name = &metrics.name;
     let upstream = to.addr;
-    let handshake = connector.connect(to.server_name, tcp);
+    let handshake = connector.connect(to.server_name, crate::io::ReadAhead::new(tcp));
     let mut tls = match tokio::time::timeout(shared.handshake_timeout, handshake).await {
         Ok(Ok(tls)) => tls,
         Ok(Err(e)) => {
