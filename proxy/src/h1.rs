@@ -17,6 +17,7 @@
 //! header count, requests per connection, one request for a caller denied outright, and the
 //! drain (a request in flight finishes, an idle connection closes).
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -85,6 +86,9 @@ pub async fn serve<T>(
     // timer fires at most once per `head_timeout`, and is pushed back to the current head's
     // deadline when that is later.
     let mut deadline = Box::pin(tokio::time::sleep(head_timeout));
+    let idle_timeout = shared.idle_timeout;
+    // Bytes read on either side during exchanges, for the idle check.
+    let progress = AtomicU64::new(0);
     let drain_started = drained(&mut drain);
     tokio::pin!(drain_started);
     loop {
@@ -95,6 +99,10 @@ pub async fn serve<T>(
         }
         let idle = buf.is_empty();
         let due = tokio::time::Instant::now() + head_timeout;
+        if deadline.deadline() > due {
+            // An exchange pushed it past this head's deadline.
+            deadline.as_mut().reset(due);
+        }
         let parsed = {
             let read = read_head(&mut io, &mut buf, max_bytes, max_headers);
             tokio::pin!(read);
@@ -185,8 +193,33 @@ pub async fn serve<T>(
         let ex = if decision.outcome == Outcome::Deny {
             local_response(&mut io, &head.body, Local::FORBIDDEN, close).await
         } else {
-            // Boxed: an idle connection's task does not carry the size of an exchange.
-            exchange(l, &mut io, &mut buf, head, close).await
+            // No byte either way for `idle_timeout` (a body trickling to a stop, an application
+            // that never answers, a caller that stops reading) ends the exchange. The
+            // connection's one timer watches it: it fires at most once per period, and only
+            // then is the progress looked at.
+            let exchange = exchange(l, &mut io, &mut buf, head, close, &progress);
+            tokio::pin!(exchange);
+            let mut seen = (
+                progress.load(Ordering::Relaxed),
+                tokio::time::Instant::now(),
+            );
+            loop {
+                tokio::select! {
+                    biased;
+                    ex = &mut exchange => break ex,
+                    () = deadline.as_mut() => {
+                        let (moved, now) = (progress.load(Ordering::Relaxed), tokio::time::Instant::now());
+                        if moved != seen.0 {
+                            seen = (moved, now);
+                        } else if now >= seen.1 + idle_timeout {
+                            l.metrics.limited("idle_timeout");
+                            tracing::debug!(listener = %l.config.name, "http exchange closed: no byte either way within idle_timeout");
+                            break failed(None, Some("idle_timeout"), 0);
+                        }
+                        deadline.as_mut().reset(seen.1 + idle_timeout);
+                    }
+                }
+            }
         };
         l.metrics.rx.inc_by(ex.bytes_in);
         l.metrics.tx.inc_by(ex.bytes_out);
@@ -345,6 +378,7 @@ async fn exchange<T>(
     buf: &mut Vec<u8>,
     head: RequestHead,
     close: bool,
+    progress: &AtomicU64,
 ) -> Exchange
 where
     T: AsyncRead + AsyncWrite + Unpin,
@@ -384,6 +418,7 @@ where
             &mut bytes_in,
             &mut resp_buf,
             head.head,
+            progress,
         )
         .await;
         match r {
@@ -421,7 +456,16 @@ where
             return ex;
         }
     };
-    match relay_response(l, io, &mut app, resp, resp_buf, close || !sent, bytes_in).await {
+    let relayed = relay_response(
+        l,
+        io,
+        &mut app,
+        resp,
+        resp_buf,
+        close || !sent,
+        (bytes_in, progress),
+    );
+    match relayed.await {
         Ok((ex, reuse)) => {
             if reuse && sent {
                 l.pool.checkin_raw(app);
@@ -463,6 +507,7 @@ async fn request<T>(
     bytes_in: &mut u64,
     resp_buf: &mut Vec<u8>,
     head_request: bool,
+    progress: &AtomicU64,
 ) -> Result<(ResponseHead, bool), Failure>
 where
     T: AsyncRead + AsyncWrite + Unpin,
@@ -470,13 +515,13 @@ where
     app.write_all(out).await.map_err(Failure::NoResponse)?;
     let (mut app_r, mut app_w) = app.split();
     if complete(body) {
-        let h = read_response(&mut app_r, resp_buf, head_request, io).await?;
+        let h = read_response(&mut app_r, resp_buf, head_request, io, progress).await?;
         return Ok((h, true));
     }
     // The caller is read (its body) and written (informational responses) at once.
     let (mut caller_r, mut caller_w) = tokio::io::split(io);
-    let send = send_body(&mut caller_r, buf, &mut app_w, body, bytes_in);
-    let recv = read_response(&mut app_r, resp_buf, head_request, &mut caller_w);
+    let send = send_body(&mut caller_r, buf, &mut app_w, body, bytes_in, progress);
+    let recv = read_response(&mut app_r, resp_buf, head_request, &mut caller_w, progress);
     tokio::pin!(send, recv);
     tokio::select! {
         r = &mut send => {
@@ -495,6 +540,7 @@ async fn send_body<T, W>(
     app: &mut W,
     body: &mut Framing,
     bytes_in: &mut u64,
+    progress: &AtomicU64,
 ) -> Result<(), Failure>
 where
     T: AsyncRead + Unpin,
@@ -505,7 +551,9 @@ where
         buf.reserve(BODY_BUF);
         match io.read_buf(buf).await {
             Ok(0) | Err(_) => return Err(Failure::Caller),
-            Ok(_) => {}
+            Ok(n) => {
+                progress.fetch_add(n as u64, Ordering::Relaxed);
+            }
         }
         let (n, data) = advance(body, buf).map_err(Failure::BadBody)?;
         *bytes_in += data;
@@ -523,6 +571,7 @@ async fn read_response<R, W>(
     resp_buf: &mut Vec<u8>,
     head_request: bool,
     caller: &mut W,
+    progress: &AtomicU64,
 ) -> Result<ResponseHead, Failure>
 where
     R: AsyncRead + Unpin,
@@ -572,7 +621,9 @@ where
                     "the application failed inside a response head",
                 ))
             }
-            Ok(_) => {}
+            Ok(n) => {
+                progress.fetch_add(n as u64, Ordering::Relaxed);
+            }
         }
     }
 }
@@ -609,7 +660,7 @@ async fn relay_response<T>(
     resp: ResponseHead,
     mut resp_buf: Vec<u8>,
     close: bool,
-    bytes_in: u64,
+    (bytes_in, progress): (u64, &AtomicU64),
 ) -> Result<(Exchange, bool), (Option<u16>, &'static str)>
 where
     T: AsyncWrite + Unpin,
@@ -640,7 +691,10 @@ where
                 tracing::warn!(listener = %l.config.name, app = %l.config.forward_to, "the application's response broke off");
                 return Err((Some(status), "upstream_truncated"));
             }
-            Ok(got) => got,
+            Ok(got) => {
+                progress.fetch_add(got as u64, Ordering::Relaxed);
+                got
+            }
         };
         let (n, data) = advance(&mut body, &resp_buf).map_err(|why| {
             tracing::warn!(listener = %l.config.name, app = %l.config.forward_to, reason = why, "the application's response framing is broken");

@@ -2,10 +2,11 @@
 //! (`meshid_proxy_limited_connections_total{reason}`) and, for the connection cap, its log:
 //! `max_connections` (a connection past it is closed at once, before TLS; logged once per
 //! burst; accepted again when one closes; when the listener is full of handshakes in progress,
-//! the oldest is shed for the newcomer instead), `http_header_timeout` (a request head trickled in is
-//! closed), `http_max_header_bytes` and `http_max_headers` (431),
-//! `http_max_requests_per_connection` (closed after the last response), `idle_timeout` (an opaque connection that moves
-//! nothing is closed).
+//! the oldest is shed for the newcomer instead), `http_header_timeout` (a request head trickled
+//! in is closed), `http_max_header_bytes` and `http_max_headers` (431),
+//! `http_max_requests_per_connection` (closed after the last response), `idle_timeout` (an
+//! HTTP request body that stops arriving, and an opaque connection that moves nothing, are
+//! closed).
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
@@ -186,6 +187,17 @@ fn proxy_limits_refuse_and_close_with_their_metric() {
         closed_within(&mut s, Duration::from_secs(10)).expect("a silent connection is closed");
     assert!(took >= Duration::from_millis(2900), "closed after {took:?}");
     wait_metric(&api, "api-tcp", "idle_timeout", 1.0);
+
+    // idle_timeout on HTTP: a request whose body stops arriving is closed once nothing has
+    // moved for the timeout (the application is waiting for the rest of the body too).
+    let mut s = TcpStream::connect(&web_http).unwrap();
+    s.write_all(b"POST /stall HTTP/1.1\r\nhost: api\r\ncontent-length: 100\r\n\r\n0123456789")
+        .unwrap();
+    let (took, got) =
+        closed_within(&mut s, Duration::from_secs(10)).expect("a stalled request body is closed");
+    assert!(took >= Duration::from_millis(2900), "closed after {took:?}");
+    assert!(got.is_empty(), "{}", String::from_utf8_lossy(&got));
+    wait_metric(&api, "api-http", "idle_timeout", 1.0);
 
     // A listener full of handshakes in progress (3 silent connections) takes a newcomer by
     // shedding the oldest of them.
