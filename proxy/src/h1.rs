@@ -6,8 +6,8 @@
 //! application connections together with the body bytes already read; the body and the
 //! response are then relayed as they come (a chunked body as it was framed, its end found by a
 //! scanner), in the same task, with no per-request channel or second task. The response head
-//! is rewritten the same way. An idle caller connection holds no buffer and no application
-//! connection.
+//! is rewritten the same way. An idle caller connection holds no application connection and
+//! at most a head's first read (1 KiB) of buffer.
 //!
 //! Anything but a plain request (an upgrade or `CONNECT`, HTTP/1.0, an unusual
 //! target or framing, a malformed or oversized head) is handed, with the bytes read so far, to
@@ -67,18 +67,7 @@ pub async fn serve<T>(
     let l = &*listener;
     let shared = &*l.shared;
     let mut drain = shared.drain.clone();
-    let head_timeout = if denied {
-        shared
-            .http_header_timeout
-            .min(crate::http::DENIED_HEAD_TIMEOUT)
-    } else {
-        shared.http_header_timeout
-    };
-    let max_requests = if denied {
-        Some(1)
-    } else {
-        shared.http_max_requests_per_connection
-    };
+    let (head_timeout, max_requests) = crate::http::connection_limits(shared, denied);
     let (max_bytes, max_headers) = (shared.http_max_header_bytes, shared.http_max_headers);
     let mut buf: Vec<u8> = Vec::new();
     let mut served = 0u64;

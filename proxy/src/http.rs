@@ -49,7 +49,24 @@ struct Conn {
 }
 
 /// How long a caller the policy denies outright gets to send its one request head.
-pub(crate) const DENIED_HEAD_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(1);
+const DENIED_HEAD_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// A caller connection's head deadline and the requests it may carry: the configured ones, or
+/// for a caller the policy denies outright one request whose head must come within 1 s (or
+/// `http_header_timeout`, if shorter). Both HTTP servers ([`crate::h1`] and [`serve`]) use it.
+pub(crate) fn connection_limits(
+    shared: &crate::proxy::Shared,
+    denied: bool,
+) -> (std::time::Duration, Option<u64>) {
+    if denied {
+        (shared.http_header_timeout.min(DENIED_HEAD_TIMEOUT), Some(1))
+    } else {
+        (
+            shared.http_header_timeout,
+            shared.http_max_requests_per_connection,
+        )
+    }
+}
 
 /// Serves one caller connection as HTTP/1.1 (`h2 = false`) or HTTP/2 until it ends, the drain
 /// asks it to finish its in-flight requests, or it has carried `http_max_requests_per_connection`
@@ -73,22 +90,10 @@ pub async fn serve<T>(
 {
     let mut drain = listener.shared.drain.clone();
     let name = listener.config.name.clone();
-    let limits = (
-        if denied {
-            listener.shared.http_header_timeout.min(DENIED_HEAD_TIMEOUT)
-        } else {
-            listener.shared.http_header_timeout
-        },
-        listener.shared.http_max_header_bytes,
-    );
-    // The requests this connection may carry: one for a denied caller, else the configured
-    // limit, if any. `answered` is notified when the last has its response.
-    let max_requests = if denied {
-        Some(1)
-    } else {
-        listener.shared.http_max_requests_per_connection
-    }
-    .map(|max| max.saturating_sub(served).max(1));
+    let (head_timeout, max_requests) = connection_limits(&listener.shared, denied);
+    let limits = (head_timeout, listener.shared.http_max_header_bytes);
+    // `answered` is notified when the last request this connection may carry has its response.
+    let max_requests = max_requests.map(|max| max.saturating_sub(served).max(1));
     let answered = Arc::new(tokio::sync::Notify::new());
     let served = Arc::new(AtomicU64::new(0));
     let metrics = listener.metrics.clone();

@@ -122,11 +122,6 @@ impl<T> ReadAhead<T> {
         }
     }
 
-    /// The wrapped stream.
-    pub fn get_ref(&self) -> &T {
-        &self.inner
-    }
-
     /// Bytes read ahead and not yet served.
     pub fn buffered(&self) -> usize {
         self.end - self.start

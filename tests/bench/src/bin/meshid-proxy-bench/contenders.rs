@@ -65,6 +65,27 @@ pub(crate) fn wait_listening(proc: &mut Guard, port: u16) -> Result<(), String> 
     )
 }
 
+/// Starts `program` as hop `role` of contender `name` (its log in `dir/<role>.log`) and waits
+/// until it listens on `port`.
+fn listening_hop(
+    name: &str,
+    role: &'static str,
+    program: &Path,
+    args: &[String],
+    dir: &Path,
+    port: u16,
+) -> Result<Hop, String> {
+    let mut proc = Guard::spawn(
+        &format!("{name} {role}"),
+        program,
+        args,
+        dir.join(format!("{role}.log")),
+        &[],
+    )?;
+    wait_listening(&mut proc, port)?;
+    Ok(Contender::hop(role, proc))
+}
+
 pub(crate) fn write_file(path: &Path, text: &str) -> Result<(), String> {
     std::fs::write(path, text).map_err(|e| format!("write {}: {e}", path.display()))
 }
@@ -154,16 +175,15 @@ backend app
                 String::from_utf8_lossy(&check.stderr)
             ));
         }
-        let args = vec!["-db".into(), "-f".into(), file.display().to_string()];
-        let mut proc = Guard::spawn(
-            &format!("{name} {role}"),
+        let args = ["-db".into(), "-f".into(), file.display().to_string()];
+        hops.push(listening_hop(
+            name,
+            role,
             Path::new(HAPROXY),
             &args,
-            dir.join(format!("{role}.log")),
-            &[],
-        )?;
-        wait_listening(&mut proc, port)?;
-        hops.push(Contender::hop(role, proc));
+            dir,
+            port,
+        )?);
     }
     hops.reverse();
     Ok(Contender {
@@ -218,15 +238,15 @@ socket = r:TCP_NODELAY=1
     for (role, client, accept, connect) in [("hop2", false, p2, backend), ("hop1", true, p1, p2)] {
         let file = dir.join(format!("{role}.conf"));
         write_file(&file, &conf(role, client, accept, connect))?;
-        let mut proc = Guard::spawn(
-            &format!("stunnel {role}"),
+        let args = [file.display().to_string()];
+        hops.push(listening_hop(
+            "stunnel",
+            role,
             Path::new(STUNNEL),
-            &[file.display().to_string()],
-            dir.join(format!("{role}.log")),
-            &[],
-        )?;
-        wait_listening(&mut proc, accept)?;
-        hops.push(Contender::hop(role, proc));
+            &args,
+            dir,
+            accept,
+        )?);
     }
     hops.reverse();
     Ok(Contender {
@@ -409,21 +429,20 @@ stream {{
     for (role, cfg, port) in [("hop2", hop2, p2), ("hop1", hop1, p1)] {
         let file = dir.join(format!("{role}.conf"));
         write_file(&file, &cfg)?;
-        let args = vec![
+        let args = [
             "-c".into(),
             file.display().to_string(),
             "-p".into(),
             dir.display().to_string(),
         ];
-        let mut proc = Guard::spawn(
-            &format!("nginx-stream {role}"),
+        hops.push(listening_hop(
+            "nginx-stream",
+            role,
             Path::new(NGINX),
             &args,
-            dir.join(format!("{role}.log")),
-            &[],
-        )?;
-        wait_listening(&mut proc, port)?;
-        hops.push(Contender::hop(role, proc));
+            dir,
+            port,
+        )?);
     }
     hops.reverse();
     Ok(Contender {
