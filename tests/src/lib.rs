@@ -41,11 +41,16 @@ pub fn postgres_cluster_with(more_options: &str) -> Option<pg::Cluster> {
     }
 }
 
-/// The directory holding the workspace's binaries (built on first use, so the tests always
-/// run the current code). It is the directory of the running executable, or its parent when
-/// that is `deps` (test binaries live in `target/<profile>/deps`); from a `release` directory
-/// the binaries are built with `--release`. Set `MESHID_NO_BUILD=1` to use the binaries as
-/// they are.
+/// The directory holding the workspace's binaries (built on first use when any of them is
+/// missing or older than a source it is built from, so the tests always run the current code).
+/// It is the directory of the running executable, or its parent when that is `deps` (test
+/// binaries live in `target/<profile>/deps`); from a `release` directory the binaries are built
+/// with `--release`. Set `MESHID_NO_BUILD=1` to use the binaries as they are.
+///
+/// The freshness check matters beyond speed: `cargo test --workspace --all-targets` has just
+/// built the binaries with the features every target of the workspace unifies (dev-dependencies
+/// included), and a `cargo build -p …` of the three packages resolves fewer features, so it
+/// would compile a second copy of rustls and everything above it (CI ran out of disk on that).
 pub fn bin_dir() -> &'static Path {
     static DIR: OnceLock<PathBuf> = OnceLock::new();
     DIR.get_or_init(|| {
@@ -57,29 +62,70 @@ pub fn bin_dir() -> &'static Path {
         if std::env::var_os("MESHID_NO_BUILD").is_some() {
             return dir;
         }
+        let root = Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/.."));
+        if binaries_are_fresh(&dir, root) {
+            return dir;
+        }
         let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
         let mut cmd = Command::new(cargo);
-        cmd.args([
-            "build",
-            "--quiet",
-            "-p",
-            "meshid-ca",
-            "-p",
-            "meshid-agent",
-            "-p",
-            "meshid-proxy",
-            "--bins",
-        ]);
+        cmd.args(["build", "--quiet"]);
+        for package in BIN_PACKAGES {
+            cmd.args(["-p", package]);
+        }
+        cmd.arg("--bins");
         if dir.ends_with("release") {
             cmd.arg("--release");
         }
-        let status = cmd
-            .current_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/.."))
-            .status()
-            .expect("run cargo build");
+        let status = cmd.current_dir(root).status().expect("run cargo build");
         assert!(status.success(), "building the binaries failed");
         dir
     })
+}
+
+/// The packages whose binaries the tests run.
+const BIN_PACKAGES: [&str; 3] = ["meshid-ca", "meshid-agent", "meshid-proxy"];
+
+/// Whether `meshid-ca`, `meshid-agent` and `meshid-proxy` in `dir` are all newer than every
+/// file they are built from: the sources under `ca/`, `workload-api/` and `proxy/` (fuzz
+/// targets aside) and the workspace's `Cargo.toml` and `Cargo.lock`.
+fn binaries_are_fresh(dir: &Path, root: &Path) -> bool {
+    let built = BIN_PACKAGES
+        .iter()
+        .map(|b| {
+            std::fs::metadata(dir.join(b))
+                .and_then(|m| m.modified())
+                .ok()
+        })
+        .collect::<Option<Vec<_>>>();
+    let Some(oldest) = built.and_then(|t| t.into_iter().min()) else {
+        return false;
+    };
+    let mut newest = std::time::SystemTime::UNIX_EPOCH;
+    let mut pending: Vec<PathBuf> = ["ca", "workload-api", "proxy", "Cargo.toml", "Cargo.lock"]
+        .iter()
+        .map(|p| root.join(p))
+        .collect();
+    while let Some(path) = pending.pop() {
+        let Ok(meta) = std::fs::symlink_metadata(&path) else {
+            return false;
+        };
+        if meta.is_dir() {
+            let skip = path
+                .file_name()
+                .is_some_and(|n| n == "fuzz" || n == "target");
+            if skip {
+                continue;
+            }
+            let Ok(entries) = std::fs::read_dir(&path) else {
+                return false;
+            };
+            pending.extend(entries.filter_map(|e| e.ok().map(|e| e.path())));
+        }
+        if let Ok(modified) = meta.modified() {
+            newest = newest.max(modified);
+        }
+    }
+    newest < oldest
 }
 
 static CHILD_LOG: OnceLock<String> = OnceLock::new();
