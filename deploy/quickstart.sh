@@ -62,6 +62,7 @@ port() { # VAR NAME DEFAULT: VAR=127.0.0.1:$MESHID_QUICKSTART_<NAME>_PORT, or th
 }
 port ca_ops OPS 18081
 port ca_node NODE 18443
+port ca_console CONSOLE 18480           # the CA's web console (this host only)
 port agent_ops AGENT_OPS 18082
 port web_app WEB 18100                  # the web service, plaintext
 port web_in WEB_INBOUND 18101           # web's proxy: mTLS in front of web
@@ -177,9 +178,10 @@ mkdir -p "$logs" "$dir/agent"
 
 # ---- CA ------------------------------------------------------------------------------------
 start meshid-ca "$logs/ca.log" "$ca" run --trust-domain "$td" --data-dir "$ca_data" \
-  --ops-address "$ca_ops" --node-address "$ca_node"
+  --ops-address "$ca_ops" --node-address "$ca_node" --console-address "$ca_console"
 wait_ready "${pids[-1]}" 30 "$ca" healthcheck --ops-address "$ca_ops"
 step "CA for spiffe://$td is up (SQLite in $(show "$ca_data"), admin socket $(show "$admin_sock"))"
+step "console: http://$ca_console (read-only; identities, keys, policy, activity)"
 
 # ---- agent ---------------------------------------------------------------------------------
 "$ca" bundle show -s "$admin_sock" >"$dir/agent/bundle.pem"
@@ -386,6 +388,10 @@ The mesh keeps running. Try, in another terminal (from $root):
   $(r "$agent") api fetch x509 -s $(r "$api_sock")
   # watch it rotate: SVIDs live 1 minute and are renewed every 30 s
   $(r "$agent") api watch -s $(r "$api_sock")
+
+  # the CA's web console: open http://$ca_console in a browser on this host (identities,
+  # keys and rotation, the policy graph with an explain form, recent activity); its JSON:
+  curl -s http://$ca_console/api/overview
 
   # every decision, and the metrics (decisions by rule, the proxy's SVID rotations)
   tail -f $(r "$logs")/web-access.log $(r "$logs")/api-access.log

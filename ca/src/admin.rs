@@ -60,12 +60,22 @@ pub fn entry_to_proto(e: &RegistrationEntry) -> admin::Entry {
 #[derive(Debug, Clone)]
 pub struct AdminService {
     ca: Ca,
+    console: Option<std::sync::Arc<crate::console::Console>>,
 }
 
 impl AdminService {
     /// Wraps a CA.
     pub fn new(ca: Ca) -> Self {
-        Self { ca }
+        Self { ca, console: None }
+    }
+
+    /// With the web console whose login tokens `Console.CreateLoginToken` mints.
+    pub fn with_console(
+        mut self,
+        console: Option<std::sync::Arc<crate::console::Console>>,
+    ) -> Self {
+        self.console = console;
+        self
     }
 
     /// The routes of every admin service.
@@ -81,6 +91,7 @@ impl AdminService {
                     .max_decoding_message_size(crate::mesh::MAX_MESH_MESSAGE)
                     .max_encoding_message_size(crate::mesh::MAX_MESH_MESSAGE),
             )
+            .add_service(admin::console_server::ConsoleServer::new(self.clone()))
             .add_service(admin::federation_server::FederationServer::new(self))
     }
 
@@ -322,6 +333,46 @@ impl admin::tokens_server::Tokens for AdminService {
             token: token.secret().to_owned(),
             id: token.record.id.clone(),
             expires_at: token.record.expires_at,
+        }))
+    }
+}
+
+#[tonic::async_trait]
+impl admin::console_server::Console for AdminService {
+    async fn create_login_token(
+        &self,
+        req: Request<admin::ConsoleLoginTokenRequest>,
+    ) -> Rpc<admin::ConsoleLoginToken> {
+        let who = caller(&req);
+        let Some(console) = &self.console else {
+            return Err(Status::failed_precondition(
+                "the console is off: set [console] address in the CA's configuration",
+            ));
+        };
+        let ttl = req.into_inner().ttl;
+        let ttl = (ttl > 0).then(|| std::time::Duration::from_secs(ttl));
+        if ttl.is_some_and(|t| t > std::time::Duration::from_secs(24 * 3600)) {
+            return Err(Status::invalid_argument("a login token lives at most 24h"));
+        }
+        let now = crate::unix_now();
+        let (token, expires_at) = console.access.mint_token(now, ttl);
+        let event = crate::audit::AuditEvent::new(
+            "console.token.created",
+            &who,
+            serde_json::json!({ "expires_at": expires_at }),
+        );
+        self.ca
+            .store
+            .append_audit(&event)
+            .await
+            .map_err(ServiceError::from)?;
+        tracing::info!(caller = %who, expires_at, "console login token created");
+        let scheme = if console.https { "https" } else { "http" };
+        Ok(Response::new(admin::ConsoleLoginToken {
+            token: token.to_string(),
+            expires_at,
+            address: format!("{scheme}://{}", console.address),
+            session_ttl: console.access.session_ttl().as_secs(),
         }))
     }
 }

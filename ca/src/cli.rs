@@ -119,6 +119,9 @@ enum Command {
     /// The audit log.
     #[command(subcommand)]
     Audit(AuditCommand),
+    /// The read-only web console (`[console]`).
+    #[command(subcommand)]
+    Console(ConsoleCommand),
     /// Exit 0 if the server is ready (GET /readyz on its ops address: the issuing
     /// intermediate is valid and the datastore takes writes).
     Healthcheck {
@@ -145,6 +148,10 @@ struct RunArgs {
     /// Node API listener for agents, ip:port (overrides the file; default 127.0.0.1:8443).
     #[arg(long)]
     node_address: Option<String>,
+    /// Serve the web console here, host:port (overrides `[console] address`; loopback is
+    /// plain HTTP for this host, any other address HTTPS).
+    #[arg(long)]
+    console_address: Option<String>,
     /// Check the configuration and exit.
     #[arg(long)]
     check: bool,
@@ -259,6 +266,19 @@ enum TokenCommand {
         #[command(flatten)]
         conn: Conn,
         /// Lifetime, e.g. 10m (default: the server's).
+        #[arg(long, value_parser = humantime::parse_duration)]
+        ttl: Option<Duration>,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum ConsoleCommand {
+    /// Print a single-use login token for a browser that is not on the CA's host (one on the
+    /// host needs none). It opens a session at the console's login form.
+    Token {
+        #[command(flatten)]
+        conn: Conn,
+        /// How long the token waits to be used, e.g. 5m (default: the console's `token_ttl`).
         #[arg(long, value_parser = humantime::parse_duration)]
         ttl: Option<Duration>,
     },
@@ -475,6 +495,9 @@ fn load_config(args: &RunArgs) -> Result<Config, ConfigError> {
     if let Some(node) = &args.node_address {
         raw.node_address = Some(node.clone());
     }
+    if let Some(console) = &args.console_address {
+        raw.console.address = Some(console.clone());
+    }
     Config::try_from(raw)
 }
 
@@ -546,6 +569,28 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     if let Some(key) = &audit.key {
         tracing::info!(key_id = %meshid_ca::audit::checkpoint::key_id(&key.public()), public_key = %meshid_ca::audit::checkpoint::public_key_path(&config.audit.checkpoint_key_file).display(), "audit checkpoints are signed; pin this key with `audit verify --public-key`");
     }
+    let console = match &config.console {
+        None => None,
+        Some(c) => {
+            let cert = match &c.cert {
+                Some((cert, key)) => Some(Arc::new(
+                    meshid_ca::federation::endpoint::FileCert::load(cert, key)
+                        .context("cannot load the console's certificate")?,
+                )),
+                None => None,
+            };
+            let listener = tokio::net::TcpListener::bind(c.address)
+                .await
+                .with_context(|| format!("cannot bind the console {}", c.address))?;
+            let scheme = if c.tls() { "https" } else { "http" };
+            tracing::info!(url = %format!("{scheme}://{}", listener.local_addr()?), "console listening");
+            Some(meshid_ca::server::ConsoleListener {
+                listener,
+                config: c.clone(),
+                cert,
+            })
+        }
+    };
     tracing::info!(admin_socket = %config.admin_socket.display(), ops_address = %ops.local_addr()?, node_address = %node.local_addr()?, "listening");
     meshid_ca::server::run(
         ca,
@@ -557,6 +602,7 @@ async fn serve(config: Config) -> anyhow::Result<()> {
             bundle_endpoint,
             web_roots,
             audit,
+            console,
         },
         meshid_api::server::shutdown_signal(),
     )
@@ -814,6 +860,20 @@ async fn client(cmd: Command) -> anyhow::Result<ExitCode> {
                 .map_err(status_err)?
                 .into_inner();
             println!("Deleted entry {}", e.id);
+        }
+        Command::Console(ConsoleCommand::Token { conn, ttl }) => {
+            let mut c = admin::console_client::ConsoleClient::new(channel(&conn).await?);
+            let r = c
+                .create_login_token(admin::ConsoleLoginTokenRequest {
+                    ttl: ttl.map_or(0, |d| d.as_secs().max(1)),
+                })
+                .await
+                .map_err(status_err)?
+                .into_inner();
+            println!("Console: {}", r.address);
+            println!("Login token: {}", r.token);
+            println!("Expires at: {}", r.expires_at);
+            println!("The session it opens lasts {}s.", r.session_ttl);
         }
         Command::Token(TokenCommand::Generate { conn, ttl }) => {
             let mut c = TokensClient::new(channel(&conn).await?);

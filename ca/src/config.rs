@@ -13,6 +13,11 @@ use spiffe::TrustDomain;
 
 use crate::svid::KeyType;
 
+pub mod console;
+mod value;
+pub use console::ConsoleConfig;
+use value::duration;
+
 /// Default lifetime of a trust anchor.
 pub const DEFAULT_ROOT_TTL: Duration = Duration::from_secs(365 * 24 * 3600);
 /// Default lifetime of an issuing intermediate.
@@ -87,6 +92,9 @@ pub struct RawConfig {
     /// Where the audit trail is shipped besides the datastore.
     #[serde(default)]
     pub audit: RawAudit,
+    /// The read-only web console (off unless `address` is set).
+    #[serde(default)]
+    pub console: console::RawConsole,
 }
 
 /// `[audit]` as written.
@@ -518,6 +526,8 @@ pub struct Config {
     pub ci_issuers: Vec<CiIssuerConfig>,
     /// Audit sinks, checkpoints and summaries.
     pub audit: AuditConfig,
+    /// The web console, if served.
+    pub console: Option<ConsoleConfig>,
 }
 
 /// The validated `[federation]` settings.
@@ -588,28 +598,6 @@ impl RawFederation {
             bundle_endpoint,
             web_roots_file: f.web_roots_file,
         })
-    }
-}
-
-fn duration(
-    key: &'static str,
-    value: Option<&str>,
-    default: Duration,
-) -> Result<Duration, ConfigError> {
-    match value {
-        None => Ok(default),
-        Some(v) => {
-            let d = humantime::parse_duration(v).map_err(|e| {
-                invalid(
-                    key,
-                    format!("{v:?} is not a duration ({e}); write e.g. 90s, 10m, 24h"),
-                )
-            })?;
-            if d.is_zero() {
-                return Err(invalid(key, "must be greater than zero"));
-            }
-            Ok(d)
-        }
     }
 }
 
@@ -857,8 +845,10 @@ impl TryFrom<RawConfig> for Config {
             ));
         }
         let audit = raw.audit.validate(&data_dir)?;
+        let console = raw.console.validate(&trust_domain)?;
         Ok(Config {
             audit,
+            console,
             agent_svid_overlap,
             federation,
             ci_issuers,

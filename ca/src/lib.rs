@@ -31,6 +31,7 @@
 //! - [`admin`]: the admin API for operators (gRPC on a Unix socket), a thin wrapper over `Ca`.
 //! - [`node`]: the node API for agents (gRPC over mTLS, peers verified by meshid-api's one
 //!   X509-SVID verifier): attestation, renewal, entry sync, SVID signing.
+//! - [`console`]: the read-only web console (`[console]`), its JSON API and embedded front end.
 //! - [`server`]: wiring for `meshid-ca run`: rotation task, admin socket, health and metrics.
 
 #![forbid(unsafe_code)]
@@ -42,6 +43,7 @@ pub mod backup;
 pub mod bundle;
 pub mod ci;
 pub mod config;
+pub mod console;
 pub mod entry;
 pub mod federation;
 pub mod jwt;

@@ -38,6 +38,27 @@ pub struct Listeners {
     pub web_roots: crate::federation::fetch::WebRoots,
     /// Where the audit trail is shipped, and how often summaries are recorded.
     pub audit: crate::audit::ship::Shipping,
+    /// The web console's listener and settings, if it is on.
+    pub console: Option<ConsoleListener>,
+}
+
+/// The web console's listener, settings and, for HTTPS from files, its certificate.
+pub struct ConsoleListener {
+    /// The listener.
+    pub listener: TcpListener,
+    /// `[console]`.
+    pub config: crate::config::ConsoleConfig,
+    /// The certificate from `cert_file` and `key_file` (`None`: the CA server's SVID).
+    pub cert: Option<Arc<crate::federation::endpoint::FileCert>>,
+}
+
+impl std::fmt::Debug for ConsoleListener {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ConsoleListener")
+            .field("listener", &self.listener)
+            .field("config", &self.config)
+            .finish_non_exhaustive()
+    }
 }
 
 /// The CA's ops endpoint ([`meshid_api::ops`]): ready while the issuing intermediate is valid
@@ -373,20 +394,42 @@ pub async fn run(
         summary_rx,
     ));
 
+    let server_cert = Arc::new(meshid_api::tls::RotatingCert::new());
+    let console = listeners.console.map(|c| {
+        let console = crate::console::Console::new(ca.clone(), &c.config);
+        let transport = match (c.config.tls(), c.cert) {
+            (false, _) => crate::console::Transport::Plain,
+            (true, Some(file)) => crate::console::Transport::Https(file),
+            (true, None) => crate::console::Transport::Https(
+                Arc::clone(&server_cert) as Arc<dyn rustls::server::ResolvesServerCert>
+            ),
+        };
+        let task = tokio::spawn(crate::console::serve(
+            Arc::clone(&console),
+            c.listener,
+            transport,
+            stop_rx.clone(),
+        ));
+        (console, task)
+    });
+
     let mut admin_stop = stop_rx.clone();
     let counts = Arc::clone(&ca.audit_counts);
     let admin = tonic::transport::Server::builder()
         .layer(tower::layer::layer_fn(move |inner| {
             crate::admin::CountReads::new(inner, Arc::clone(&counts))
         }))
-        .add_routes(AdminService::new(ca.clone()).routes())
+        .add_routes(
+            AdminService::new(ca.clone())
+                .with_console(console.as_ref().map(|(c, _)| Arc::clone(c)))
+                .routes(),
+        )
         .serve_with_incoming_shutdown(meshid_api::uds::incoming(listeners.admin), async move {
             let _ = admin_stop.changed().await;
         });
     let admin = tokio::spawn(admin);
 
     let mut node_stop = stop_rx.clone();
-    let server_cert = Arc::new(meshid_api::tls::RotatingCert::new());
     let node = tokio::spawn(crate::node::serve(
         ca.clone(),
         listeners.node,
@@ -440,6 +483,11 @@ pub async fn run(
     }
     if let Some(feed) = feed {
         let _ = feed.await;
+    }
+    if let Some((_, task)) = console {
+        if let Ok(Err(e)) = task.await {
+            tracing::warn!(error = %format!("{e:#}"), "the console stopped with an error");
+        }
     }
     let admin_result = admin.await;
     let node_result = node.await;

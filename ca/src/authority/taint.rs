@@ -28,7 +28,7 @@ pub struct TaintProgress {
     pub kind: CaKeyKind,
     /// When it was tainted (unix seconds).
     pub tainted_at: i64,
-    /// Unexpired X.509-SVIDs it signed that are still their holder's latest.
+    /// Unexpired, unrevoked X.509-SVIDs it signed that are still their holder's latest.
     pub remaining: u64,
     /// When the last of those expires anyway (unix seconds; 0 when none remain).
     pub remaining_until: i64,
@@ -135,6 +135,7 @@ impl Authority {
         // The latest SVID of each holder, and when a holder last moved off a tainted key.
         struct Latest {
             issuer: String,
+            serial: String,
             not_after: i64,
         }
         let mut latest: HashMap<String, Latest> = HashMap::new();
@@ -168,9 +169,26 @@ impl Authority {
                     }
                 }
             }
-            latest.insert(holder, Latest { issuer, not_after });
+            let serial = field("serial").unwrap_or_default().to_owned();
+            latest.insert(
+                holder,
+                Latest {
+                    issuer,
+                    serial,
+                    not_after,
+                },
+            );
         })
         .await?;
+        // A revoked certificate is refused everywhere already: nothing is left to replace.
+        let norm = |s: &str| s.replace(':', "").to_ascii_lowercase();
+        let revoked: std::collections::HashSet<(String, String)> = self
+            .store
+            .list_revocations(now_s)
+            .await?
+            .into_iter()
+            .map(|r| (r.issuer_id, norm(&r.serial)))
+            .collect();
         Ok(tainted
             .iter()
             .map(|t| {
@@ -184,7 +202,8 @@ impl Authority {
                     cleared_after_s: None,
                 };
                 for l in latest.values() {
-                    if l.issuer == t.id && l.not_after > now_s {
+                    let live = !revoked.contains(&(l.issuer.clone(), norm(&l.serial)));
+                    if l.issuer == t.id && l.not_after > now_s && live {
                         p.remaining += 1;
                         p.remaining_until = p.remaining_until.max(l.not_after);
                     }

@@ -86,6 +86,7 @@ impl TestCa {
                     summary_interval: Duration::from_millis(200),
                     ..Default::default()
                 },
+                console: None,
             },
             async move {
                 let _ = stopped.await;

@@ -42,8 +42,9 @@ async fn taint_case(postgres: bool) {
             .unwrap(),
         );
     }
+    let mut first = Vec::new();
     for e in &entries {
-        ca.issue_for_entry(e, &csr(), agent).await.unwrap();
+        first.push(ca.issue_for_entry(e, &csr(), agent).await.unwrap());
     }
     let tainted = active(&ca, CaKeyKind::X509Intermediate);
     assert!(ca.authority.taint_progress().await.unwrap().is_empty());
@@ -78,6 +79,16 @@ async fn taint_case(postgres: bool) {
     );
     assert!(p.cleared_after_s.is_none());
     assert!(p.remaining_until > meshid_ca::unix_now() + 500, "{p:?}");
+    // A revoked one is refused everywhere already: it no longer counts as remaining.
+    ca.revoke(
+        meshid_ca::authority::revoke::RevokeTarget::Serial(first[1].serial.to_uppercase()),
+        "admin:uid=0",
+        "revoked before its re-issue",
+    )
+    .await
+    .unwrap();
+    let p = &ca.authority.taint_progress().await.unwrap()[0];
+    assert_eq!((p.remaining, p.replaced), (1, 1), "{p:?}");
     for e in &entries[1..] {
         ca.issue_for_entry(e, &csr(), agent).await.unwrap();
     }

@@ -278,3 +278,86 @@ impl Policy {
         }
     }
 }
+
+/// One rule as a whole-policy view shows it (the console's graph and rule table).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RuleSummary {
+    /// The rule.
+    pub rule: RuleRef,
+    /// What it does.
+    pub action: Action,
+    /// Its effective mode.
+    pub mode: Mode,
+    /// The caller patterns, as written.
+    pub from: Vec<String>,
+    /// The receiving workload patterns, as written.
+    pub to: Vec<String>,
+    /// The ports, `None` for every port.
+    pub ports: Option<Vec<u16>>,
+    /// The rule has `http` conditions.
+    pub http: bool,
+}
+
+impl Policy {
+    /// Every rule in file order, with its patterns as written.
+    pub fn summaries(&self) -> Vec<RuleSummary> {
+        self.rules()
+            .iter()
+            .map(|r| RuleSummary {
+                rule: r.rref.clone(),
+                action: r.action,
+                mode: r.mode,
+                from: r.from.iter().map(|p| p.value.as_str().to_owned()).collect(),
+                to: r.to.iter().map(|p| p.value.as_str().to_owned()).collect(),
+                ports: r
+                    .ports
+                    .as_ref()
+                    .map(|ps| ps.iter().map(|p| p.value).collect()),
+                http: r.http.is_some(),
+            })
+            .collect()
+    }
+}
+
+impl Explanation {
+    /// The explanation as JSON, the one shape `meshid-proxy policy explain --json` prints and
+    /// the CA's console answers: the policy's name, mode and default, the decision with its
+    /// rule (`null`: the default), and every rule with whether it matched and which condition
+    /// failed or failed closed.
+    pub fn to_json(&self, policy: &Policy) -> serde_json::Value {
+        use serde_json::{json, Value};
+        let rules: Vec<Value> = self
+            .rules
+            .iter()
+            .map(|t| {
+                let (matched, fail_closed, failed) = match t.result {
+                    RuleMatch::Matched => (true, None, None),
+                    RuleMatch::MatchedFailClosed(f) => (true, Some(f.as_str()), None),
+                    RuleMatch::NotMatched(f) => (false, None, Some(f.as_str())),
+                };
+                json!({
+                    "name": &*t.rule.name,
+                    "line": t.rule.line,
+                    "action": t.action.as_str(),
+                    "mode": t.mode.as_str(),
+                    "matched": matched,
+                    "fail_closed": fail_closed,
+                    "failed": failed,
+                })
+            })
+            .collect();
+        let rule = match &self.decision.rule {
+            Some(r) => json!({ "name": &*r.name, "index": r.index, "line": r.line }),
+            None => Value::Null,
+        };
+        json!({
+            "policy": policy.name(),
+            "mode": self.mode.as_str(),
+            "default": self.default.as_str(),
+            "decision": self.decision.outcome.as_str(),
+            "allowed": self.decision.outcome.allowed(),
+            "rule": rule,
+            "rules": rules,
+        })
+    }
+}

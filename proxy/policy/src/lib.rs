@@ -66,7 +66,7 @@ pub use access::{parse_access_log, AccessRecord};
 pub use cases::{load_cases, parse_cases, CaseResult, TestCase};
 pub use check::{Finding, Severity};
 pub use error::{AccessLogError, PatternError, PolicyError};
-pub use explain::{Explanation, Field, Grant, RuleMatch, RuleTrace, WhoCan};
+pub use explain::{Explanation, Field, Grant, RuleMatch, RuleSummary, RuleTrace, WhoCan};
 pub use pattern::{is_unambiguous_path, PathPattern, Pattern};
 pub use policy::{
     Action, ConnectionVerdict, Decision, HttpRequest, Mode, Outcome, Policy, Protocol, Request,

@@ -304,13 +304,6 @@ fn describe(decision: &Decision) -> String {
     }
 }
 
-fn rule_json(decision: &Decision) -> Value {
-    match &decision.rule {
-        Some(r) => json!({ "name": &*r.name, "index": r.index, "line": r.line }),
-        None => Value::Null,
-    }
-}
-
 fn explain(
     file: &Path,
     from: &str,
@@ -343,35 +336,7 @@ fn explain(
 }
 
 fn explain_json(policy: &Policy, e: &Explanation) -> String {
-    let rules: Vec<Value> = e
-        .rules
-        .iter()
-        .map(|t| {
-            let (matched, fail_closed, failed) = match t.result {
-                RuleMatch::Matched => (true, None, None),
-                RuleMatch::MatchedFailClosed(f) => (true, Some(f.as_str()), None),
-                RuleMatch::NotMatched(f) => (false, None, Some(f.as_str())),
-            };
-            json!({
-                "name": &*t.rule.name,
-                "line": t.rule.line,
-                "action": t.action.as_str(),
-                "mode": t.mode.as_str(),
-                "matched": matched,
-                "fail_closed": fail_closed,
-                "failed": failed,
-            })
-        })
-        .collect();
-    pretty(&json!({
-        "policy": policy.name(),
-        "mode": e.mode.as_str(),
-        "default": e.default.as_str(),
-        "decision": e.decision.outcome.as_str(),
-        "allowed": e.decision.outcome.allowed(),
-        "rule": rule_json(&e.decision),
-        "rules": rules,
-    }))
+    pretty(&e.to_json(policy))
 }
 
 fn explain_text(policy: &Policy, req: &Request<'_>, e: &Explanation) -> String {

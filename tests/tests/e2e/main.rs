@@ -6,6 +6,7 @@
 
 mod agent;
 mod backup;
+mod console;
 mod deploy;
 mod federation;
 mod ha;

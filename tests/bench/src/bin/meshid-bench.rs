@@ -70,6 +70,8 @@
 //! - `storm`: api's inbound listener under connection storms (10,000 idle mTLS connections,
 //!   half-open ones, slow ClientHellos, past max_connections) while legitimate requests flow
 //!   (see `storm.rs`).
+//! - `console`: the CA console's identities API with 10,000 entries, all signed: random pages,
+//!   searches, against the CA's `/healthz` as the floor (see `console.rs`).
 //! - `transparent`: transparent mode against explicit mode and against no proxy, between two
 //!   hosts made of network namespaces (as root: ip, iptables, wrk, nginx, curl), wrk in one and
 //!   nginx in the other, keep-alive and a new connection per request, L4 (`tcp`) and L7
@@ -105,7 +107,7 @@ use tonic::transport::Channel;
 use tonic::{Code, Request, Status, Streaming};
 
 const TD: &str = "example.org";
-const SCENARIOS: [&str; 12] = [
+const SCENARIOS: [&str; 13] = [
     "fetch-latency",
     "interop-latency",
     "propagation",
@@ -118,6 +120,7 @@ const SCENARIOS: [&str; 12] = [
     "scale",
     "storm",
     "transparent",
+    "console",
 ];
 
 // ---------------------------------------------------------------------------------------------
@@ -175,10 +178,10 @@ fn start_agent(dir: &Path, ca: &Ca, entry_id: &str, uid: u32) -> (Agent, String,
     (Agent::start(dir, ca, &secret), agent_id, secret)
 }
 
-fn start_stack(with_agent: bool) -> Stack {
+fn start_stack(with_agent: bool, ca_flags: &[&str]) -> Stack {
     let tmp = meshid_bench::procs::temp_dir("meshid-bench-");
     let dir = tmp.path().to_owned();
-    let ca = Ca::start(&dir, &[]);
+    let ca = Ca::start(&dir, ca_flags);
     let uid = uid();
     let (agent, agent_id, token) = if with_agent {
         let (a, id, token) = start_agent(&dir, &ca, "workload", uid);
@@ -2340,6 +2343,8 @@ fn machine() -> String {
     )
 }
 
+#[path = "meshid-bench/console.rs"]
+mod console;
 #[path = "meshid-bench/ha.rs"]
 mod ha;
 #[path = "meshid-bench/scale.rs"]
@@ -2366,7 +2371,13 @@ fn run(scenario: &str, profile: bool) {
         return;
     }
     eprintln!("== {scenario}: starting the processes");
-    let mut stack = start_stack(scenario != "node-sign");
+    let console = format!("127.0.0.1:{}", meshid_tests::free_port());
+    let flags: Vec<&str> = if scenario == "console" {
+        vec!["--console-address", &console]
+    } else {
+        Vec::new()
+    };
+    let mut stack = start_stack(scenario != "node-sign", &flags);
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -2381,6 +2392,7 @@ fn run(scenario: &str, profile: bool) {
             "taint" => taint(&mut stack).await,
             "revocation" => revocation(&mut stack).await,
             "policy-delivery" => policy_delivery(&mut stack).await,
+            "console" => console::run(&mut stack, &console).await,
             other => panic!("unknown scenario {other}"),
         }
     });

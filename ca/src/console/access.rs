@@ -1,0 +1,289 @@
+//! Who may read the console: a browser on this host (a loopback peer), a client presenting the
+//! X509-SVID of one of `console.admins`, or a browser holding a session opened with a login
+//! token (`meshid-ca console token`).
+//!
+//! Login tokens and sessions live only in this CA server's memory, stored as SHA-256 hashes of
+//! 256 random bits, so neither a memory dump of the table nor a log line gives one away. A
+//! token is single-use and short-lived; the session it opens is an HttpOnly, SameSite=Strict
+//! cookie that the console's script never sees. A restart ends every session.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use spiffe::SpiffeId;
+
+use crate::token::hash_token;
+
+/// The session cookie's name.
+pub const COOKIE: &str = "meshid_console";
+/// Login tokens waiting at once; past it the oldest is dropped.
+pub const MAX_TOKENS: usize = 64;
+/// Sessions at once; past it the oldest is dropped.
+pub const MAX_SESSIONS: usize = 4096;
+
+/// How a request was admitted, or why not.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Admission {
+    /// From this host.
+    Loopback,
+    /// A client certificate naming one of `console.admins`.
+    Admin(SpiffeId),
+    /// A session cookie.
+    Session,
+    /// Refused, with the reason (logged; the caller gets 401).
+    Refused(&'static str),
+}
+
+/// The connection a request came on.
+#[derive(Debug, Clone)]
+pub struct Peer {
+    /// The remote address.
+    pub addr: SocketAddr,
+    /// The SPIFFE ID of a verified client certificate.
+    pub client: Option<SpiffeId>,
+}
+
+/// Login tokens and sessions.
+#[derive(Debug)]
+pub struct Access {
+    admins: Vec<SpiffeId>,
+    token_ttl: Duration,
+    session_ttl: Duration,
+    /// Hash → expiry (unix seconds).
+    tokens: Mutex<HashMap<[u8; 32], i64>>,
+    sessions: Mutex<HashMap<[u8; 32], i64>>,
+}
+
+/// A secret: 256 random bits, base64url, with a prefix saying what it is.
+fn secret(prefix: &str) -> String {
+    use base64::Engine;
+    let bytes = zeroize::Zeroizing::new(rand::random::<[u8; 32]>());
+    format!(
+        "{prefix}{}",
+        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(*bytes)
+    )
+}
+
+fn secs(d: Duration) -> i64 {
+    i64::try_from(d.as_secs()).unwrap_or(i64::MAX)
+}
+
+/// Inserts `hash` expiring at `until`, first dropping expired ones and, when full, the one
+/// expiring first.
+fn insert_bounded(
+    map: &mut HashMap<[u8; 32], i64>,
+    hash: [u8; 32],
+    until: i64,
+    now: i64,
+    max: usize,
+) {
+    map.retain(|_, exp| *exp > now);
+    while map.len() >= max {
+        let Some(oldest) = map.iter().min_by_key(|(_, exp)| **exp).map(|(h, _)| *h) else {
+            break;
+        };
+        map.remove(&oldest);
+    }
+    map.insert(hash, until);
+}
+
+impl Access {
+    /// Admits `admins` by certificate; tokens and sessions last as long as given.
+    pub fn new(admins: Vec<SpiffeId>, token_ttl: Duration, session_ttl: Duration) -> Self {
+        Self {
+            admins,
+            token_ttl,
+            session_ttl,
+            tokens: Mutex::new(HashMap::new()),
+            sessions: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// The session lifetime.
+    pub fn session_ttl(&self) -> Duration {
+        self.session_ttl
+    }
+
+    /// A new single-use login token valid for `ttl` (default: the configured one) from `now`:
+    /// the secret, to show once, and its expiry.
+    pub fn mint_token(&self, now: i64, ttl: Option<Duration>) -> (zeroize::Zeroizing<String>, i64) {
+        let token = zeroize::Zeroizing::new(secret("mcl_"));
+        let until = now.saturating_add(secs(ttl.unwrap_or(self.token_ttl)));
+        let mut tokens = self.tokens.lock().unwrap_or_else(|p| p.into_inner());
+        insert_bounded(&mut tokens, hash_token(&token), until, now, MAX_TOKENS);
+        (token, until)
+    }
+
+    /// Exchanges a login token for a session: the session secret (the cookie's value) and its
+    /// expiry. The token is spent either way it is presented.
+    pub fn login(
+        &self,
+        token: &str,
+        now: i64,
+    ) -> Result<(zeroize::Zeroizing<String>, i64), &'static str> {
+        let spent = {
+            let mut tokens = self.tokens.lock().unwrap_or_else(|p| p.into_inner());
+            tokens.remove(&hash_token(token))
+        };
+        match spent {
+            None => return Err("unknown or already used login token"),
+            Some(until) if until <= now => return Err("expired login token"),
+            Some(_) => {}
+        }
+        let session = zeroize::Zeroizing::new(secret("mcs_"));
+        let until = now.saturating_add(secs(self.session_ttl));
+        let mut sessions = self.sessions.lock().unwrap_or_else(|p| p.into_inner());
+        insert_bounded(
+            &mut sessions,
+            hash_token(&session),
+            until,
+            now,
+            MAX_SESSIONS,
+        );
+        Ok((session, until))
+    }
+
+    /// Ends a session (logout).
+    pub fn logout(&self, session: &str) {
+        let mut sessions = self.sessions.lock().unwrap_or_else(|p| p.into_inner());
+        sessions.remove(&hash_token(session));
+    }
+
+    /// Decides a request from `peer` carrying the session cookie value `session`, at `now`.
+    pub fn admit(&self, peer: &Peer, session: Option<&str>, now: i64) -> Admission {
+        if peer.addr.ip().is_loopback() {
+            return Admission::Loopback;
+        }
+        if let Some(id) = &peer.client {
+            if self.admins.contains(id) {
+                return Admission::Admin(id.clone());
+            }
+        }
+        let Some(session) = session else {
+            return Admission::Refused(if peer.client.is_some() {
+                "client certificate not among console.admins, and no session"
+            } else {
+                "no client certificate and no session"
+            });
+        };
+        let sessions = self.sessions.lock().unwrap_or_else(|p| p.into_inner());
+        match sessions.get(&hash_token(session)) {
+            Some(until) if *until > now => Admission::Session,
+            Some(_) => Admission::Refused("session expired"),
+            None => Admission::Refused("unknown session"),
+        }
+    }
+}
+
+/// The value of cookie `name` in a `Cookie` header.
+pub fn cookie<'a>(header: &'a str, name: &str) -> Option<&'a str> {
+    header.split(';').find_map(|kv| {
+        let (k, v) = kv.trim().split_once('=')?;
+        (k == name).then_some(v)
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn remote(client: Option<&str>) -> Peer {
+        Peer {
+            addr: "198.18.0.2:5000".parse().unwrap(),
+            client: client.map(|c| SpiffeId::new(c).unwrap()),
+        }
+    }
+
+    fn access() -> Access {
+        Access::new(
+            vec![SpiffeId::new("spiffe://example.org/ops/alice").unwrap()],
+            Duration::from_secs(60),
+            Duration::from_secs(3600),
+        )
+    }
+
+    #[test]
+    fn loopback_and_admins_pass_and_strangers_are_refused_with_a_reason() {
+        let a = access();
+        let local = Peer {
+            addr: "127.0.0.1:1".parse().unwrap(),
+            client: None,
+        };
+        assert_eq!(a.admit(&local, None, 0), Admission::Loopback);
+        let v6 = Peer {
+            addr: "[::1]:1".parse().unwrap(),
+            client: None,
+        };
+        assert_eq!(a.admit(&v6, None, 0), Admission::Loopback);
+        assert!(matches!(
+            a.admit(&remote(Some("spiffe://example.org/ops/alice")), None, 0),
+            Admission::Admin(_)
+        ));
+        assert_eq!(
+            a.admit(&remote(Some("spiffe://example.org/web")), None, 0),
+            Admission::Refused("client certificate not among console.admins, and no session")
+        );
+        assert_eq!(
+            a.admit(&remote(None), None, 0),
+            Admission::Refused("no client certificate and no session")
+        );
+        assert_eq!(
+            a.admit(&remote(None), Some("mcs_forged"), 0),
+            Admission::Refused("unknown session")
+        );
+    }
+
+    #[test]
+    fn a_token_opens_one_session_once_and_both_expire() {
+        let a = access();
+        let (token, until) = a.mint_token(1000, None);
+        assert_eq!(until, 1060);
+        assert!(token.starts_with("mcl_") && token.len() > 40);
+        let (session, expires) = a.login(&token, 1010).unwrap();
+        assert_eq!(expires, 4610);
+        assert_eq!(
+            a.login(&token, 1011).unwrap_err(),
+            "unknown or already used login token"
+        );
+        assert_eq!(
+            a.admit(&remote(None), Some(&session), 2000),
+            Admission::Session
+        );
+        assert_eq!(
+            a.admit(&remote(None), Some(&session), 4610),
+            Admission::Refused("session expired")
+        );
+        let (late, _) = a.mint_token(1000, Some(Duration::from_secs(5)));
+        assert_eq!(a.login(&late, 1005).unwrap_err(), "expired login token");
+        let (token, _) = a.mint_token(1000, None);
+        let (session, _) = a.login(&token, 1000).unwrap();
+        a.logout(&session);
+        assert_eq!(
+            a.admit(&remote(None), Some(&session), 1001),
+            Admission::Refused("unknown session")
+        );
+    }
+
+    #[test]
+    fn the_tables_are_bounded() {
+        let a = access();
+        let first = a.mint_token(0, None).0;
+        for _ in 0..MAX_TOKENS {
+            a.mint_token(1, None);
+        }
+        assert_eq!(a.tokens.lock().unwrap().len(), MAX_TOKENS);
+        assert!(a.login(&first, 2).is_err(), "the oldest token made room");
+    }
+
+    #[test]
+    fn cookies_are_read_by_name() {
+        assert_eq!(
+            cookie("a=1; meshid_console=mcs_x; b=2", COOKIE),
+            Some("mcs_x")
+        );
+        assert_eq!(cookie("meshid_console_x=1", COOKIE), None);
+        assert_eq!(cookie("", COOKIE), None);
+    }
+}
