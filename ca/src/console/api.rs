@@ -1,5 +1,5 @@
 //! The console's HTTP routes: the page and its assets, the JSON the pages read, login, and
-//! the change events. Every response goes through [`guard`]: the access check for `/api/`
+//! the change events. Every response goes through `guard`: the access check for `/api/`
 //! (all but login) and the security headers for all.
 
 use std::collections::{BTreeSet, HashMap};

@@ -16,7 +16,11 @@ const ENTRIES: usize = 10_000;
 const REQUESTS: usize = 1_000;
 
 /// A row of the table: its name, the listener it calls (`ops` or `console`), its paths.
-type Case = (&'static str, &'static str, Box<dyn Fn(usize) -> String + Sync>);
+type Case = (
+    &'static str,
+    &'static str,
+    Box<dyn Fn(usize) -> String + Sync>,
+);
 
 /// One request; the status must be 200.
 fn get(addr: &str, path: &str) -> u64 {
