@@ -38,9 +38,10 @@ use serde_json::Value;
 const START_TIMEOUT: Duration = Duration::from_secs(120);
 
 /// The script's port variables (`MESHID_QUICKSTART_<NAME>_PORT`).
-const PORTS: [&str; 11] = [
+const PORTS: [&str; 12] = [
     "OPS",
     "NODE",
+    "CONSOLE",
     "AGENT_OPS",
     "WEB",
     "WEB_INBOUND",
@@ -377,6 +378,7 @@ fn quickstart_once() {
         &output,
         &[
             "==> CA for spiffe://example.org is up",
+            "==> console: http://127.0.0.1:",
             "==> agent is up",
             "/bin/web-proxy",
             "/bin/api-proxy",
