@@ -852,6 +852,37 @@ impl node::node_server::Node for NodeService {
         Ok(Response::new(node::DeliveryReportResponse {}))
     }
 
+    async fn report_denials(
+        &self,
+        req: Request<node::NodeDenialReport>,
+    ) -> Rpc<node::NodeDenialReportResponse> {
+        let caller = self.authorize(&req, "ReportDenials").await?;
+        let r = req.into_inner();
+        let invalid = |reason: String| NodeError::InvalidArgument {
+            field: "denials",
+            reason,
+        };
+        if r.denials.len() > meshid_api::denials::MAX_KEYS {
+            return Err(invalid(meshid_api::denials::DenialError::TooMany.to_string()).into());
+        }
+        let mut counts = Vec::with_capacity(r.denials.len());
+        for d in r.denials {
+            meshid_api::denials::check(&d.caller, &d.callee, &d.rule, d.count)
+                .map_err(|e| invalid(e.to_string()))?;
+            let key = meshid_api::denials::Key {
+                caller: d.caller,
+                callee: d.callee,
+                rule: d.rule,
+            };
+            counts.push((key, d.count, d.last_at));
+        }
+        self.ca
+            .record_denials(&caller.id, counts)
+            .await
+            .map_err(NodeError::from)?;
+        Ok(Response::new(node::NodeDenialReportResponse {}))
+    }
+
     async fn attest_join_token(
         &self,
         req: Request<node::AttestJoinTokenRequest>,

@@ -136,6 +136,7 @@ fn check_reason(reason: &str) -> Result<(), ServiceError> {
 }
 
 pub mod ci;
+mod denials;
 pub mod effect;
 pub mod federation;
 pub mod mesh;

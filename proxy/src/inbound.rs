@@ -45,7 +45,7 @@ pub(crate) async fn connection(
     let start = Instant::now();
     if !this.shared.creds.ready() {
         // Fail closed before the first SVID: no handshake can succeed without one.
-        this.metrics.handshake_failure("no_svid");
+        refused(this, "no_svid");
         tracing::info!(listener = %this.config.name, peer = %peer_addr, reason = "no_svid", "inbound handshake refused");
         return;
     }
@@ -69,12 +69,12 @@ pub(crate) async fn connection(
         Ok(Ok(tls)) => tls,
         Ok(Err(e)) => {
             let reason = verify::io_failure_reason(&e);
-            this.metrics.handshake_failure(reason);
+            refused(this, reason);
             tracing::info!(listener = %this.config.name, peer = %peer_addr, reason, error = %e, "inbound handshake refused");
             return;
         }
         Err(_) => {
-            this.metrics.handshake_failure("timeout");
+            refused(this, "timeout");
             tracing::info!(listener = %this.config.name, peer = %peer_addr, reason = "timeout", "inbound handshake refused");
             return;
         }
@@ -87,7 +87,7 @@ pub(crate) async fn connection(
         this.shared.creds.local_id(),
     ) else {
         // The verifier accepted the chain, so this cannot happen; fail closed anyway.
-        this.metrics.handshake_failure("other");
+        refused(this, "other");
         return;
     };
     let group = meshid_api::tls::kx_group_name(tls.get_ref().1);
@@ -113,6 +113,13 @@ pub(crate) async fn connection(
 
 /// Counts handshakes shed for a newer one (`limited{reason="handshake_shed"}`) and says so at
 /// most once a second per listener, with how many were shed since.
+/// Counts an inbound handshake refused for `reason`: in the metrics, and for the CA's console.
+fn refused(this: &Listener, reason: &'static str) {
+    this.metrics.handshake_failure(reason);
+    let local = this.shared.creds.local_id();
+    this.shared.denials.handshake(local.as_deref(), reason);
+}
+
 fn shed_handshakes(this: &Listener, shed: usize) {
     for _ in 0..shed {
         this.metrics.limited("handshake_shed");

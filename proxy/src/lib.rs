@@ -21,6 +21,8 @@
 //! - [`proxy`]: the base they all use: shared state, the accept loop, connecting upstream,
 //!   splicing bytes, and the inbound decision accounting.
 //! - [`policy`]: the policy in force (loaded and checked before anything binds, hot reload).
+//! - [`report`]: the refusals counted per (caller, callee, rule), reported to the agent for
+//!   the CA's console.
 //!   The language itself is the pure `meshid-policy` crate; the decision is made there.
 //! - [`tls`]: credentials from the Workload API and the rustls configurations. Peers are
 //!   verified by meshid-api's one X509-SVID verifier ([`meshid_api::tls::verify`]), which the
@@ -43,6 +45,7 @@ pub mod metrics;
 pub mod outbound;
 pub mod policy;
 pub mod proxy;
+pub mod report;
 pub mod server;
 pub mod tls;
 pub mod transparent;

@@ -45,6 +45,8 @@ impl ActivePolicy {
 /// State shared by every listener and connection.
 #[derive(Debug)]
 pub struct Shared {
+    /// The refusals reported to the agent for the CA's console ([`crate::report`]).
+    pub denials: Arc<crate::report::Denials>,
     /// The proxy's SVID and trust.
     pub creds: Arc<Credentials>,
     /// The policy in force (swapped on reload).
@@ -249,10 +251,16 @@ pub fn account(this: &InboundState, active: &ActivePolicy, caller: &SpiffeId, d:
     let policy = active.policy.name();
     match d.outcome {
         meshid_policy::Outcome::Allow => {}
-        meshid_policy::Outcome::Deny => tracing::info!(
-            listener = %this.config.name, caller = %caller, port = this.config.port,
-            policy, rule = d.rule_name(), "refused by policy"
-        ),
+        meshid_policy::Outcome::Deny => {
+            let local = this.shared.creds.local_id();
+            this.shared
+                .denials
+                .policy(caller, local.as_deref(), d.rule_name());
+            tracing::info!(
+                listener = %this.config.name, caller = %caller, port = this.config.port,
+                policy, rule = d.rule_name(), "refused by policy"
+            );
+        }
         meshid_policy::Outcome::AuditDeny => tracing::info!(
             listener = %this.config.name, caller = %caller, port = this.config.port,
             policy, rule = d.rule_name(), "audit: would be refused by policy; allowed"

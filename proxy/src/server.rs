@@ -147,7 +147,14 @@ pub async fn run(
         .inc();
     tracing::info!(policy = policy.name(), "policy loaded");
     let policy = Arc::new(ArcSwap::from_pointee(ActivePolicy::new(policy, &metrics)));
+    let denials = Arc::new(crate::report::Denials::default());
+    tokio::spawn(crate::report::report_loop(
+        config.workload_api_socket.clone(),
+        Arc::clone(&denials),
+        drain.clone(),
+    ));
     let shared = Arc::new(Shared {
+        denials,
         creds: creds.clone(),
         policy: policy.clone(),
         metrics: metrics.clone(),

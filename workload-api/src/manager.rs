@@ -77,6 +77,9 @@ pub enum AttestFailed {
 /// sent only when it did).
 pub const DELIVERY_CHECK: Duration = Duration::from_millis(100);
 
+/// How often the refusals the proxies reported are forwarded to the CA (when there are any).
+pub const DENIAL_REPORT: Duration = Duration::from_secs(1);
+
 /// How many CRL set digests the agent remembers to report which set its streams have.
 const CRL_DIGESTS_KEPT: usize = 64;
 
@@ -124,6 +127,8 @@ pub struct Manager {
     revoked_held: std::collections::HashSet<String>,
     /// What the Workload API's X.509 streams have been handed, reported to the CA.
     delivery: Arc<Delivery>,
+    /// The refusals the proxies reported (`PolicyDelivery.ReportDenials`), forwarded to the CA.
+    denials: Arc<std::sync::Mutex<meshid_api::denials::Tally>>,
     /// Counters.
     pub stats: Arc<Stats>,
 }
@@ -254,6 +259,7 @@ impl Manager {
             synced: false,
             stats: Arc::new(Stats::default()),
             delivery: Arc::new(Delivery::default()),
+            denials: Arc::default(),
         };
         (m, rx)
     }
@@ -261,6 +267,58 @@ impl Manager {
     /// The delivery record the Workload API's streams write and the manager reports to the CA.
     pub fn delivery(&self) -> Arc<Delivery> {
         Arc::clone(&self.delivery)
+    }
+
+    /// The refusals the Workload API takes from proxies and the manager forwards to the CA.
+    pub fn denials(&self) -> Arc<std::sync::Mutex<meshid_api::denials::Tally>> {
+        Arc::clone(&self.denials)
+    }
+
+    /// Forwards the refusals counted since the last call, if any; on failure they are counted
+    /// again for the next one. `Ok(false)`: the CA does not take them.
+    async fn forward_denials(
+        &self,
+        client: &mut NodeClient<Channel>,
+    ) -> Result<bool, tonic::Status> {
+        let (counts, dropped) = {
+            let mut t = self.denials.lock().unwrap_or_else(|p| p.into_inner());
+            if t.is_empty() {
+                return Ok(true);
+            }
+            t.take()
+        };
+        if dropped > 0 {
+            tracing::warn!(
+                dropped,
+                "refusals past the report's bound were not forwarded"
+            );
+        }
+        if counts.is_empty() {
+            return Ok(true);
+        }
+        let report = node::NodeDenialReport {
+            denials: counts
+                .iter()
+                .map(|(k, n, at)| node::NodeDenialCount {
+                    caller: k.caller.clone(),
+                    callee: k.callee.clone(),
+                    rule: k.rule.clone(),
+                    count: *n,
+                    last_at: *at,
+                })
+                .collect(),
+        };
+        match client.report_denials(report).await {
+            Ok(_) => Ok(true),
+            Err(s) if s.code() == tonic::Code::Unimplemented => Ok(false),
+            Err(s) => {
+                let mut t = self.denials.lock().unwrap_or_else(|p| p.into_inner());
+                for (k, n, at) in counts {
+                    t.add(k, n, at);
+                }
+                Err(s)
+            }
+        }
     }
 
     /// What to report: the bundle sequence every open X.509 stream has been handed (the one
@@ -855,6 +913,9 @@ impl Manager {
         let mut report_tick = tokio::time::interval(DELIVERY_CHECK);
         report_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut reporting = true;
+        let mut denial_tick = tokio::time::interval(DENIAL_REPORT);
+        denial_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut forwarding = true;
         // The timer is set when the next wake-up changes, not on every pass of the loop: the
         // loop also turns for each delivery check, and a timer made anew each time would never
         // fire.
@@ -916,6 +977,16 @@ impl Manager {
                             }
                             Err(s) => return Err(ClientError::Rpc(s)),
                         }
+                    }
+                }
+                _ = denial_tick.tick(), if forwarding => {
+                    match self.forward_denials(&mut client).await {
+                        Ok(true) => {}
+                        Ok(false) => {
+                            tracing::info!("the CA does not take denial reports; not forwarding");
+                            forwarding = false;
+                        }
+                        Err(s) => return Err(ClientError::Rpc(s)),
                     }
                 }
                 _ = shutdown.changed() => return Ok(SessionEnd::Shutdown),

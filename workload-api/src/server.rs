@@ -292,6 +292,7 @@ pub async fn run(
     let metrics = Arc::new(Metrics::new(&manager.stats));
     let minter = Arc::new(manager.minter());
     let delivery = manager.delivery();
+    let denials = manager.denials();
     let mut manager_task = tokio::spawn(manager.run(stop_rx.clone()));
 
     let api = crate::service::WorkloadApi::new(
@@ -300,7 +301,8 @@ pub async fn run(
         minter,
     )
     .with_metrics(Arc::clone(&metrics) as Arc<dyn WorkloadApiMetrics>)
-    .with_delivery(Arc::clone(&delivery));
+    .with_delivery(Arc::clone(&delivery))
+    .with_denials(denials);
     let admission = meshid_api::uds::Admission::new(api_limits);
     let api = api.with_admission(Arc::clone(&admission));
     let mut api_stop = stop_rx.clone();

@@ -53,7 +53,7 @@ use zeroize::Zeroizing;
 
 use meshid_api::limits::{Audience, AudienceError, RateLimiter};
 use meshid_api::policy::policy_delivery_server::{PolicyDelivery, PolicyDeliveryServer};
-use meshid_api::policy::{PolicyUpdate, WatchPolicyRequest};
+use meshid_api::policy::{DenialReport, DenialReportResponse, PolicyUpdate, WatchPolicyRequest};
 
 use crate::attest::{AttestError, Attestor};
 use crate::cache::{Bundle, Entry, Federated, JwtMinter, MintError, Snapshot, Svid};
@@ -88,6 +88,8 @@ pub enum Rpc {
     ValidateJwtSvid,
     /// meshid's `PolicyDelivery.Watch` (server stream), for meshid-proxy.
     WatchPolicy,
+    /// meshid's `PolicyDelivery.ReportDenials`, from meshid-proxy.
+    ReportDenials,
 }
 
 impl Rpc {
@@ -100,6 +102,7 @@ impl Rpc {
             Rpc::FetchJwtBundles => "FetchJWTBundles",
             Rpc::ValidateJwtSvid => "ValidateJWTSVID",
             Rpc::WatchPolicy => "WatchPolicy",
+            Rpc::ReportDenials => "ReportDenials",
         }
     }
 }
@@ -179,6 +182,9 @@ pub enum ServiceError {
     /// The agent is shutting down (or its snapshot publisher is gone).
     #[error("agent is shutting down")]
     ShuttingDown,
+    /// A denial report is malformed.
+    #[error("invalid denial report: {0}")]
+    InvalidReport(#[from] meshid_api::denials::DenialError),
 }
 
 impl ServiceError {
@@ -190,7 +196,8 @@ impl ServiceError {
             | ServiceError::MissingField(_)
             | ServiceError::InvalidAudience(_)
             | ServiceError::InvalidSpiffeId { .. }
-            | ServiceError::InvalidToken(_) => Code::InvalidArgument,
+            | ServiceError::InvalidToken(_)
+            | ServiceError::InvalidReport(_) => Code::InvalidArgument,
             ServiceError::NoPeerCredentials
             | ServiceError::Attestation(_)
             | ServiceError::NoIdentityIssued
@@ -239,6 +246,7 @@ pub struct WorkloadApi {
     mint_limiter: RateLimiter<u32>,
     admission: Arc<meshid_api::uds::Admission>,
     delivery: Arc<Delivery>,
+    denials: Arc<std::sync::Mutex<meshid_api::denials::Tally>>,
 }
 
 impl std::fmt::Debug for WorkloadApi {
@@ -268,6 +276,7 @@ impl WorkloadApi {
             mint_limiter: RateLimiter::new(JWT_MINTS_PER_SECOND, JWT_MINT_BURST),
             admission: meshid_api::uds::Admission::new(meshid_api::uds::Limits::default()),
             delivery: Arc::new(Delivery::default()),
+            denials: Arc::default(),
         }
     }
 
@@ -281,6 +290,17 @@ impl WorkloadApi {
     #[must_use]
     pub fn with_delivery(mut self, delivery: Arc<Delivery>) -> Self {
         self.delivery = delivery;
+        self
+    }
+
+    /// Counts the refusals proxies report in `denials` (shared with the manager, which forwards
+    /// them to the CA).
+    #[must_use]
+    pub fn with_denials(
+        mut self,
+        denials: Arc<std::sync::Mutex<meshid_api::denials::Tally>>,
+    ) -> Self {
+        self.denials = denials;
         self
     }
 
@@ -753,6 +773,71 @@ impl PolicyDelivery for WorkloadApi {
         let rpc = Rpc::WatchPolicy;
         let stream = self.open_stream(rpc, &request, eval_policy).await;
         self.observe(rpc, started, stream).map(Response::new)
+    }
+
+    async fn report_denials(
+        &self,
+        request: Request<DenialReport>,
+    ) -> Result<Response<DenialReportResponse>, Status> {
+        let started = std::time::Instant::now();
+        let rpc = Rpc::ReportDenials;
+        let result = self.take_denials(rpc, request).await;
+        self.observe(rpc, started, result).map(Response::new)
+    }
+}
+
+impl WorkloadApi {
+    /// `ReportDenials`: the caller attested like any workload; its counts kept when the callee
+    /// is one of its own SPIFFE IDs (an empty callee is its first), dropped otherwise; a
+    /// malformed report refused whole.
+    async fn take_denials(
+        &self,
+        rpc: Rpc,
+        request: Request<DenialReport>,
+    ) -> Result<DenialReportResponse, ServiceError> {
+        let caller = self.caller(rpc, &request).await?;
+        let snap = Arc::clone(&self.snapshots.borrow());
+        let mut own: Vec<String> = snap
+            .matching(&caller.selectors)
+            .map(|i| i.entry.spiffe_id.to_string())
+            .collect();
+        if own.is_empty() {
+            log_denied(rpc, &caller, &snap, "no identity issued");
+            return Err(ServiceError::NoIdentityIssued);
+        }
+        own.sort();
+        let report = request.into_inner();
+        if report.denials.len() > meshid_api::denials::MAX_KEYS {
+            return Err(meshid_api::denials::DenialError::TooMany.into());
+        }
+        for d in &report.denials {
+            meshid_api::denials::check(&d.caller, &d.callee, &d.rule, d.count)?;
+        }
+        let (mut kept, mut foreign) = (0u32, None);
+        let mut tally = self.denials.lock().unwrap_or_else(|p| p.into_inner());
+        for d in report.denials {
+            let callee = if d.callee.is_empty() {
+                own[0].clone()
+            } else {
+                d.callee
+            };
+            if !own.contains(&callee) {
+                foreign.get_or_insert(callee);
+                continue;
+            }
+            let key = meshid_api::denials::Key {
+                caller: d.caller,
+                callee,
+                rule: d.rule,
+            };
+            tally.add(key, d.count, d.last_at);
+            kept += 1;
+        }
+        drop(tally);
+        if let Some(callee) = foreign {
+            tracing::warn!(pid = caller.pid, uid = caller.uid, callee = %callee, "denial counts for a SPIFFE ID the caller does not hold were dropped");
+        }
+        Ok(DenialReportResponse { kept })
     }
 }
 

@@ -23,7 +23,8 @@
 //!   socket itself); [`client`]: connecting to one.
 //! - [`config`] (TOML, `ConfigError`, exit code 64, file modes), [`files`] (atomic writes,
 //!   PEM), [`ops`] (`/healthz`, `/readyz`, `/metrics`, `healthcheck`), [`server`] (signals,
-//!   the log subscriber), [`limits`] (audiences, rates), [`unix_now`].
+//!   the log subscriber), [`limits`] (audiences, rates), [`unix_now`]; [`denials`]: refusals
+//!   counted per (caller, callee, rule), as proxies and agents report them.
 
 #![forbid(unsafe_code)]
 
@@ -61,6 +62,7 @@ pub mod client;
 #[cfg(feature = "workload")]
 pub mod codec;
 pub mod config;
+pub mod denials;
 pub mod files;
 pub mod id;
 pub mod limits;

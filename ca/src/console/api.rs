@@ -464,13 +464,12 @@ async fn activity(
     Query(q): Query<ActivityQuery>,
 ) -> Result<Json<Value>, ApiError> {
     let limit = q.limit.unwrap_or(100).clamp(1, super::view::RECENT);
-    let records = c
-        .view
-        .read()
-        .unwrap_or_else(|p| p.into_inner())
-        .recent(limit);
+    let (records, denials) = {
+        let mut view = c.view.write().unwrap_or_else(|p| p.into_inner());
+        (view.recent(limit), view.denials(crate::unix_now(), 100))
+    };
     Ok(Json(
-        json!({ "records": records, "denials": [], "denials_reported": false }),
+        json!({ "records": records, "denials": denials, "denials_reported": true }),
     ))
 }
 

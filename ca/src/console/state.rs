@@ -93,7 +93,12 @@ impl Console {
         let head = self.ca.store.audit_head().await?.map_or(0, |(seq, _)| seq);
         let now = crate::unix_now();
         let since = now - view::WINDOW_HOURS * 3600 - self.ca.authority.longest_x509_ttl_s();
-        const KINDS: &[&str] = &["svid.x509.issued", "entry.rotated", "entry.deleted"];
+        const KINDS: &[&str] = &[
+            "svid.x509.issued",
+            "entry.rotated",
+            "entry.deleted",
+            "denials.reported",
+        ];
         let mut after = 0;
         let mut view = view::View::default();
         loop {

@@ -16,6 +16,8 @@ pub const WINDOW_HOURS: i64 = 24;
 pub const ON_TIME_SHARE: f64 = 0.75;
 /// Recent audit records kept for the activity page.
 pub const RECENT: usize = 500;
+/// Distinct (caller, callee, rule) denials kept; past it the one seen longest ago goes.
+pub const MAX_DENIALS: usize = 10_000;
 
 /// The latest X509-SVID of an entry.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -96,6 +98,21 @@ impl Service {
     }
 }
 
+/// Refusals of one (caller, callee, rule), as the proxies reported them through their agents.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Denial {
+    /// The caller's SPIFFE ID (empty: a handshake that failed before one was verified).
+    pub caller: String,
+    /// The workload that refused.
+    pub callee: String,
+    /// The rule, `<default>`, or `handshake:<reason>`.
+    pub rule: String,
+    /// How many over the window.
+    pub count: u64,
+    /// Unix seconds of the last.
+    pub last_at: i64,
+}
+
 /// A service's rotation compliance over the window.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct Compliance {
@@ -132,6 +149,7 @@ pub struct View {
     services: HashMap<Arc<str>, Service>,
     agents: HashMap<Arc<str>, Arc<str>>,
     recent: VecDeque<Activity>,
+    denials: HashMap<(String, String, String), (u64, i64)>,
 }
 
 fn field<'a>(details: &'a serde_json::Value, name: &str) -> Option<&'a str> {
@@ -169,8 +187,60 @@ impl View {
                     self.holders.retain(|(e, _), _| e != entry);
                 }
             }
+            "denials.reported" => self.denied(time, details),
             _ => {}
         }
+    }
+
+    fn denied(&mut self, time: i64, details: &serde_json::Value) {
+        let Some(list) = details.get("denials").and_then(serde_json::Value::as_array) else {
+            return;
+        };
+        for d in list {
+            let text = |n: &str| field(d, n).unwrap_or_default().to_owned();
+            let count = d
+                .get("count")
+                .and_then(serde_json::Value::as_u64)
+                .unwrap_or(0);
+            let at = d
+                .get("last_at")
+                .and_then(serde_json::Value::as_i64)
+                .unwrap_or(time);
+            let key = (text("caller"), text("callee"), text("rule"));
+            if !self.denials.contains_key(&key) && self.denials.len() >= MAX_DENIALS {
+                let oldest = self
+                    .denials
+                    .iter()
+                    .min_by_key(|(_, (_, at))| *at)
+                    .map(|(k, _)| k.clone());
+                if let Some(k) = oldest {
+                    self.denials.remove(&k);
+                }
+            }
+            let slot = self.denials.entry(key).or_insert((0, at));
+            slot.0 = slot.0.saturating_add(count);
+            slot.1 = slot.1.max(at);
+        }
+    }
+
+    /// The denials reported over the window ending at `now`, the most recent first.
+    pub fn denials(&mut self, now: i64, limit: usize) -> Vec<Denial> {
+        let since = now - WINDOW_HOURS * 3600;
+        self.denials.retain(|_, (_, at)| *at >= since);
+        let mut out: Vec<Denial> = self
+            .denials
+            .iter()
+            .map(|((caller, callee, rule), (count, last_at))| Denial {
+                caller: caller.clone(),
+                callee: callee.clone(),
+                rule: rule.clone(),
+                count: *count,
+                last_at: *last_at,
+            })
+            .collect();
+        out.sort_by(|a, b| b.last_at.cmp(&a.last_at).then(b.count.cmp(&a.count)));
+        out.truncate(limit);
+        out
     }
 
     /// Keeps a record among the recent ones (summarized; see [`summary`]).
@@ -325,6 +395,7 @@ pub fn summary(kind: &str, d: &serde_json::Value) -> String {
         "parent_id",
         "issued",
         "replaced",
+        "total",
     ];
     /// Bounded, single-line: an audit record's reason is operator text.
     fn clean(v: &serde_json::Value) -> Option<String> {
@@ -360,6 +431,9 @@ pub fn summary(kind: &str, d: &serde_json::Value) -> String {
                 parts.push(format!("{name}s={}", seen.join(",")));
             }
         }
+    }
+    if let Some(list) = d.get("denials").and_then(serde_json::Value::as_array) {
+        parts.push(format!("counts={}", list.len()));
     }
     if parts.is_empty() {
         kind.to_owned()

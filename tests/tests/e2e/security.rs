@@ -1678,6 +1678,13 @@ impl meshid_api::node::node_server::Node for ImpostorNode {
         Err(tonic::Status::unimplemented("impostor"))
     }
 
+    async fn report_denials(
+        &self,
+        _: tonic::Request<meshid_api::node::NodeDenialReport>,
+    ) -> Result<tonic::Response<meshid_api::node::NodeDenialReportResponse>, tonic::Status> {
+        Err(tonic::Status::unimplemented("impostor"))
+    }
+
     async fn report_delivery(
         &self,
         _: tonic::Request<meshid_api::node::DeliveryReport>,

@@ -154,6 +154,32 @@ pub struct DeliveryReport {
 }
 #[derive(Clone, Copy, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct DeliveryReportResponse {}
+/// Refusals counted per (caller, callee, rule), as meshid.policy.v1.DenialCount.
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct NodeDenialCount {
+    /// The caller's SPIFFE ID; empty when the handshake failed before one was verified.
+    #[prost(string, tag = "1")]
+    pub caller: ::prost::alloc::string::String,
+    /// The workload that refused.
+    #[prost(string, tag = "2")]
+    pub callee: ::prost::alloc::string::String,
+    /// The deciding rule, `<default>`, or `handshake:<reason>`.
+    #[prost(string, tag = "3")]
+    pub rule: ::prost::alloc::string::String,
+    #[prost(uint64, tag = "4")]
+    pub count: u64,
+    /// Unix seconds of the last one.
+    #[prost(int64, tag = "5")]
+    pub last_at: i64,
+}
+#[derive(Clone, PartialEq, ::prost::Message)]
+pub struct NodeDenialReport {
+    /// At most 1024.
+    #[prost(message, repeated, tag = "1")]
+    pub denials: ::prost::alloc::vec::Vec<NodeDenialCount>,
+}
+#[derive(Clone, Copy, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct NodeDenialReportResponse {}
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct SignRequest {
     #[prost(string, tag = "1")]
@@ -435,6 +461,33 @@ pub mod node_client {
                 .insert(GrpcMethod::new("meshid.node.v1.Node", "ReportDelivery"));
             self.inner.unary(req, path, codec).await
         }
+        /// The refusals the agent's proxies counted since its last report (see
+        /// meshid.policy.v1.PolicyDelivery.ReportDenials), recorded in the audit log
+        /// (`denials.reported`). Each callee must be a SPIFFE ID of an entry of the calling agent.
+        pub async fn report_denials(
+            &mut self,
+            request: impl tonic::IntoRequest<super::NodeDenialReport>,
+        ) -> std::result::Result<
+            tonic::Response<super::NodeDenialReportResponse>,
+            tonic::Status,
+        > {
+            self.inner
+                .ready()
+                .await
+                .map_err(|e| {
+                    tonic::Status::unknown(
+                        format!("Service was not ready: {}", e.into()),
+                    )
+                })?;
+            let codec = tonic_prost::ProstCodec::default();
+            let path = http::uri::PathAndQuery::from_static(
+                "/meshid.node.v1.Node/ReportDenials",
+            );
+            let mut req = request.into_request();
+            req.extensions_mut()
+                .insert(GrpcMethod::new("meshid.node.v1.Node", "ReportDenials"));
+            self.inner.unary(req, path, codec).await
+        }
     }
 }
 /// Generated server implementations.
@@ -495,6 +548,16 @@ pub mod node_server {
             request: tonic::Request<super::DeliveryReport>,
         ) -> std::result::Result<
             tonic::Response<super::DeliveryReportResponse>,
+            tonic::Status,
+        >;
+        /// The refusals the agent's proxies counted since its last report (see
+        /// meshid.policy.v1.PolicyDelivery.ReportDenials), recorded in the audit log
+        /// (`denials.reported`). Each callee must be a SPIFFE ID of an entry of the calling agent.
+        async fn report_denials(
+            &self,
+            request: tonic::Request<super::NodeDenialReport>,
+        ) -> std::result::Result<
+            tonic::Response<super::NodeDenialReportResponse>,
             tonic::Status,
         >;
     }
@@ -824,6 +887,49 @@ pub mod node_server {
                     let inner = self.inner.clone();
                     let fut = async move {
                         let method = ReportDeliverySvc(inner);
+                        let codec = tonic_prost::ProstCodec::default();
+                        let mut grpc = tonic::server::Grpc::new(codec)
+                            .apply_compression_config(
+                                accept_compression_encodings,
+                                send_compression_encodings,
+                            )
+                            .apply_max_message_size_config(
+                                max_decoding_message_size,
+                                max_encoding_message_size,
+                            );
+                        let res = grpc.unary(method, req).await;
+                        Ok(res)
+                    };
+                    Box::pin(fut)
+                }
+                "/meshid.node.v1.Node/ReportDenials" => {
+                    #[allow(non_camel_case_types)]
+                    struct ReportDenialsSvc<T: Node>(pub Arc<T>);
+                    impl<T: Node> tonic::server::UnaryService<super::NodeDenialReport>
+                    for ReportDenialsSvc<T> {
+                        type Response = super::NodeDenialReportResponse;
+                        type Future = BoxFuture<
+                            tonic::Response<Self::Response>,
+                            tonic::Status,
+                        >;
+                        fn call(
+                            &mut self,
+                            request: tonic::Request<super::NodeDenialReport>,
+                        ) -> Self::Future {
+                            let inner = Arc::clone(&self.0);
+                            let fut = async move {
+                                <T as Node>::report_denials(&inner, request).await
+                            };
+                            Box::pin(fut)
+                        }
+                    }
+                    let accept_compression_encodings = self.accept_compression_encodings;
+                    let send_compression_encodings = self.send_compression_encodings;
+                    let max_decoding_message_size = self.max_decoding_message_size;
+                    let max_encoding_message_size = self.max_encoding_message_size;
+                    let inner = self.inner.clone();
+                    let fut = async move {
+                        let method = ReportDenialsSvc(inner);
                         let codec = tonic_prost::ProstCodec::default();
                         let mut grpc = tonic::server::Grpc::new(codec)
                             .apply_compression_config(

@@ -76,9 +76,11 @@ export class ActivityPage extends Page<Activity> {
           h(
             "tr",
             { "data-testid": "denial-row" },
-            h("td", { class: "mono id" }, breakable(d.caller)),
+            d.caller === ""
+              ? h("td", { class: "muted" }, "unverified (handshake refused)")
+              : h("td", { class: "mono id" }, breakable(d.caller)),
             h("td", { class: "mono id" }, breakable(d.callee)),
-            h("td", { class: d.rule === "(default)" ? "muted" : "mono" }, d.rule),
+            h("td", { class: d.rule === "<default>" || d.rule === "(default)" ? "muted" : "mono" }, d.rule),
             h("td", { class: "num" }, d.count),
             h("td", {}, when(d.last_at)),
           ),

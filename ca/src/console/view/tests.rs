@@ -135,3 +135,48 @@ fn activity_is_newest_first_bounded_and_summarized_from_an_allowlist() {
         "spiffe_id=spiffe://example.org/web reason=stolen certificates=2 serials=0a,0b spiffe_ids=spiffe://example.org/web"
     );
 }
+
+#[test]
+fn reported_denials_add_up_and_age_out_of_the_window() {
+    let mut v = View::default();
+    let t = 100 * H;
+    let report = |caller: &str, rule: &str, count: u64, at: i64| {
+        json!({"denials": [{"caller": caller, "callee": "spiffe://example.org/api", "rule": rule,
+                            "count": count, "last_at": at}], "total": count})
+    };
+    v.apply(
+        1,
+        t,
+        "denials.reported",
+        "agent-a",
+        &report("spiffe://example.org/web", "<default>", 3, t - 1),
+    );
+    v.apply(
+        2,
+        t + 5,
+        "denials.reported",
+        "agent-a",
+        &report("spiffe://example.org/web", "<default>", 2, t + 4),
+    );
+    v.apply(
+        3,
+        t + 6,
+        "denials.reported",
+        "agent-b",
+        &report("", "handshake:untrusted", 1, t + 6),
+    );
+    let d = v.denials(t + 10, 10);
+    assert_eq!(d.len(), 2);
+    assert_eq!(
+        (d[0].rule.as_str(), d[0].count, d[0].last_at),
+        ("handshake:untrusted", 1, t + 6)
+    );
+    assert_eq!(
+        (d[1].caller.as_str(), d[1].count, d[1].last_at),
+        ("spiffe://example.org/web", 5, t + 4)
+    );
+    assert_eq!(v.denials(t + 10, 1).len(), 1);
+    assert_eq!(v.recent(1)[0].summary, "total=1 counts=1");
+    // A day after the last, gone.
+    assert!(v.denials(t + 6 + 24 * H + 1, 10).is_empty());
+}
