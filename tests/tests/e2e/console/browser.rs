@@ -208,6 +208,26 @@ fn console_pages_search_explain_revocation_and_taint_in_chromium() {
         .unwrap()
         .trim()
         .to_owned();
+    // Secrets the mesh now holds, which no console response may carry: the minted SVID's key,
+    // a JWT-SVID, the join token and a console login token.
+    let key_pem = std::fs::read_to_string(minted.join("key.pem")).unwrap();
+    let key_body: String = key_pem
+        .lines()
+        .filter(|l| !l.starts_with("-----"))
+        .collect::<Vec<_>>()
+        .join("");
+    let jwt = ca
+        .ok(&[
+            "jwt",
+            "mint",
+            "--spiffe-id",
+            &format!("{TD}/web"),
+            "--audience",
+            "console-e2e",
+        ])
+        .trim()
+        .to_owned();
+    assert_eq!(jwt.split('.').count(), 3, "{jwt}");
     let login_token = ca
         .ok(&["console", "token"])
         .lines()
@@ -257,7 +277,7 @@ fn console_pages_search_explain_revocation_and_taint_in_chromium() {
             {"op": "explain", "pairs": pairs},
             {"op": "wait_activity", "kind": "svid.revoked", "text": serial, "within_ms": 2000,
              "trigger": {"cmd": [ca_bin, "svid", "revoke", "-s", socket, "--serial", serial, "--reason", "console e2e"]}},
-            {"op": "crawl", "forbidden": [secret, login_token]},
+            {"op": "crawl", "forbidden": [secret, login_token, jwt, &key_body[..40]]},
         ],
     }));
 
