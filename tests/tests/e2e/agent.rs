@@ -515,19 +515,7 @@ async fn taint_replaces_what_the_key_signed_at_once() {
     let first = stream.next().await.unwrap().unwrap();
     let issuer_of = |s: &spiffe::X509Svid| s.cert_chain()[1].as_ref().to_vec();
     let tainted_cert = issuer_of(&first.svids()[0]);
-    let status: serde_json::Value = serde_json::from_str(&tokio::task::block_in_place(|| {
-        ca.ok(&["ca", "status", "--output", "json"])
-    }))
-    .unwrap();
-    let tainted = status["keys"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|k| k["kind"] == "x509_intermediate" && k["state"] == "active")
-        .unwrap()["id"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    let tainted = tokio::task::block_in_place(|| crate::active_key(&ca, "x509_intermediate"));
 
     let asked = Instant::now();
     let out = tokio::task::block_in_place(|| ca.ok(&["ca", "taint", &tainted, "--reason", "e2e"]));

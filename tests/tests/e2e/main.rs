@@ -42,6 +42,22 @@ pub(crate) fn audit(ca: &meshid_tests::Ca, kind: &str) -> Vec<serde_json::Value>
     .collect()
 }
 
+/// The journal id of the active key of `kind` (`x509_intermediate`, `jwt`, ...) that the CA
+/// server signs with, from `ca status`.
+pub(crate) fn active_key(ca: &meshid_tests::Ca, kind: &str) -> String {
+    let status: serde_json::Value =
+        serde_json::from_str(&ca.ok(&["ca", "status", "--output", "json"])).unwrap();
+    status["keys"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|k| k["kind"] == kind && k["state"] == "active")
+        .unwrap_or_else(|| panic!("no active {kind} key: {status}"))["id"]
+        .as_str()
+        .unwrap()
+        .to_owned()
+}
+
 /// Waits up to `timeout` for the CA to record that a step took effect across the mesh (the
 /// `n`th `<kind>.effective`, oldest first) and returns its details; panics if it was recorded
 /// as not in effect.

@@ -345,17 +345,7 @@ fn console_pages_search_explain_revocation_and_taint_in_chromium() {
 
     // A taint while the agent is away: its SVIDs stay on the tainted key (the count shows
     // them); once the browser has seen that, the agent comes back and re-issues them all.
-    let status: Value =
-        serde_json::from_str(&ca.ok(&["ca", "status", "--output", "json"])).unwrap();
-    let tainted = status["keys"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|k| k["kind"] == "x509_intermediate" && k["state"] == "active")
-        .unwrap()["id"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    let tainted = crate::active_key(&ca, "x509_intermediate");
     agent.proc.stop();
     let seen = dir.join("taint-seen");
     let run = {
