@@ -53,10 +53,13 @@ pub async fn follow(console: Arc<Console>, mut last: i64, mut stop: watch::Recei
     let mut tick = tokio::time::interval(FOLLOW_INTERVAL);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut entries_stale = false;
+    let mut behind = false;
     loop {
-        tokio::select! {
-            _ = tick.tick() => {}
-            _ = stop.changed() => return,
+        if !behind {
+            tokio::select! {
+                _ = tick.tick() => {}
+                _ = stop.changed() => return,
+            }
         }
         let records = match console.ca.store.audit_records(last, 1000).await {
             Ok(r) => r,
@@ -65,6 +68,8 @@ pub async fn follow(console: Arc<Console>, mut last: i64, mut stop: watch::Recei
                 continue;
             }
         };
+        // A full page: more are waiting; read on without waiting for the tick.
+        behind = records.len() == 1000;
         if records.is_empty() && !entries_stale {
             continue;
         }
@@ -176,7 +181,11 @@ pub async fn serve(
             let _permit = permit;
             match acceptor {
                 None => {
-                    let peer = access::Peer { addr, client: None };
+                    let peer = access::Peer {
+                        addr,
+                        client: None,
+                        client_serial: None,
+                    };
                     serve_connection(TokioIo::new(tcp), peer, router, &mut conn_stop).await;
                 }
                 Some(acceptor) => {
@@ -191,12 +200,27 @@ pub async fn serve(
                             return;
                         }
                     };
+                    let leaf = tls
+                        .get_ref()
+                        .1
+                        .peer_certificates()
+                        .and_then(|c| c.first())
+                        .map(|c| c.as_ref().to_vec());
                     let client = tls
                         .get_ref()
                         .1
                         .peer_certificates()
                         .and_then(tls::verify::peer_spiffe_id);
-                    let peer = access::Peer { addr, client };
+                    let client_serial = leaf.as_deref().and_then(|der| {
+                        x509_parser::parse_x509_certificate(der)
+                            .ok()
+                            .map(|(_, c)| hex::encode(c.tbs_certificate.raw_serial()))
+                    });
+                    let peer = access::Peer {
+                        addr,
+                        client,
+                        client_serial,
+                    };
                     serve_connection(TokioIo::new(tls), peer, router, &mut conn_stop).await;
                 }
             }

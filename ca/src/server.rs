@@ -404,12 +404,19 @@ pub async fn run(
                 Arc::clone(&server_cert) as Arc<dyn rustls::server::ResolvesServerCert>
             ),
         };
-        let task = tokio::spawn(crate::console::serve(
+        let serving = crate::console::serve(
             Arc::clone(&console),
             c.listener,
             transport,
             stop_rx.clone(),
-        ));
+        );
+        let task = tokio::spawn(async move {
+            let result = serving.await;
+            if let Err(e) = &result {
+                tracing::error!(error = %format!("{e:#}"), "the console stopped; the CA serves on without it");
+            }
+            result
+        });
         (console, task)
     });
 
@@ -485,9 +492,7 @@ pub async fn run(
         let _ = feed.await;
     }
     if let Some((_, task)) = console {
-        if let Ok(Err(e)) = task.await {
-            tracing::warn!(error = %format!("{e:#}"), "the console stopped with an error");
-        }
+        let _ = task.await;
     }
     let admin_result = admin.await;
     let node_result = node.await;

@@ -77,8 +77,9 @@ pub enum AttestFailed {
 /// sent only when it did).
 pub const DELIVERY_CHECK: Duration = Duration::from_millis(100);
 
-/// How often the refusals the proxies reported are forwarded to the CA (when there are any).
-pub const DENIAL_REPORT: Duration = Duration::from_secs(1);
+/// How often the refusals the proxies reported are forwarded to the CA (when there are any):
+/// each report is an audit write, and a port scan of a proxy makes refusals.
+pub const DENIAL_REPORT: Duration = Duration::from_secs(5);
 
 /// How many CRL set digests the agent remembers to report which set its streams have.
 const CRL_DIGESTS_KEPT: usize = 64;

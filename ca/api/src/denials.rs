@@ -73,8 +73,9 @@ pub enum DenialError {
     /// The callee is neither empty nor a SPIFFE ID.
     #[error("callee {0:?} is not a SPIFFE ID")]
     Callee(String),
-    /// The rule is empty, too long or holds control characters.
-    #[error("rule must be 1 to {MAX_RULE} printable characters")]
+    /// The rule is not a policy rule name (letters, digits, `-`, `_`, `.`), `<default>`, or
+    /// `handshake:` and a reason (lower-case letters and `_`), or is too long.
+    #[error("rule must be a policy rule name, <default> or handshake:<reason>, at most {MAX_RULE} bytes")]
     Rule,
     /// A count of zero.
     #[error("count must be at least 1")]
@@ -93,7 +94,18 @@ pub fn check(caller: &str, callee: &str, rule: &str, count: u64) -> Result<(), D
     if !callee.is_empty() && spiffe::SpiffeId::new(callee).is_err() {
         return Err(DenialError::Callee(callee.chars().take(64).collect()));
     }
-    if rule.is_empty() || rule.len() > MAX_RULE || rule.chars().any(char::is_control) {
+    let name = |s: &str| {
+        !s.is_empty()
+            && s.len() <= MAX_RULE
+            && s.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
+    };
+    let reason = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_lowercase() || b == b'_');
+    let ok = rule == "<default>"
+        || rule
+            .strip_prefix("handshake:")
+            .map_or_else(|| name(rule), reason);
+    if !ok || rule.len() > MAX_RULE {
         return Err(DenialError::Rule);
     }
     if count == 0 {
@@ -156,6 +168,13 @@ mod tests {
     #[test]
     fn malformed_counts_are_named() {
         assert_eq!(check("", "", "handshake:timeout", 1), Ok(()));
+        assert_eq!(check("", "", "handshake:no_svid", 1), Ok(()));
+        assert_eq!(check("", "", "<default>", 1), Ok(()));
+        assert_eq!(check("", "", "web-reads.v2_x", 1), Ok(()));
+        assert_eq!(check("", "", "handshake:", 1), Err(DenialError::Rule));
+        assert_eq!(check("", "", "handshake:Evil", 1), Err(DenialError::Rule));
+        assert_eq!(check("", "", "r\u{202e}x", 1), Err(DenialError::Rule));
+        assert_eq!(check("", "", "two words", 1), Err(DenialError::Rule));
         assert_eq!(
             check("spiffe://a.org/x", "spiffe://b.org/y", "r", 1),
             Ok(())

@@ -1,6 +1,9 @@
-//! Who may read the console: a browser on this host (a loopback peer), a client presenting the
-//! X509-SVID of one of `console.admins`, or a browser holding a session opened with a login
-//! token (`meshid-ca console token`).
+//! Who may read the console: a browser on this host (a loopback peer of a console served on
+//! loopback, naming a loopback host, so that a page elsewhere cannot rebind its own name to
+//! 127.0.0.1 and read it), a client presenting the unrevoked X509-SVID of one of
+//! `console.admins`, or a browser holding a session opened with a login token
+//! (`meshid-ca console token`). A console on another address trusts no peer for being local:
+//! a proxy or port forward on the CA's host would otherwise make every caller local.
 //!
 //! Login tokens and sessions live only in this CA server's memory, stored as SHA-256 hashes of
 //! 256 random bits, so neither a memory dump of the table nor a log line gives one away. A
@@ -43,11 +46,15 @@ pub struct Peer {
     pub addr: SocketAddr,
     /// The SPIFFE ID of a verified client certificate.
     pub client: Option<SpiffeId>,
+    /// That certificate's serial (lower-case hex), to check against the revocations.
+    pub client_serial: Option<String>,
 }
 
 /// Login tokens and sessions.
 #[derive(Debug)]
 pub struct Access {
+    /// Loopback peers are admitted (a console served on loopback).
+    trust_loopback: bool,
     admins: Vec<SpiffeId>,
     token_ttl: Duration,
     session_ttl: Duration,
@@ -90,9 +97,16 @@ fn insert_bounded(
 }
 
 impl Access {
-    /// Admits `admins` by certificate; tokens and sessions last as long as given.
-    pub fn new(admins: Vec<SpiffeId>, token_ttl: Duration, session_ttl: Duration) -> Self {
+    /// Admits loopback peers when `trust_loopback`, `admins` by certificate; tokens and
+    /// sessions last as long as given.
+    pub fn new(
+        trust_loopback: bool,
+        admins: Vec<SpiffeId>,
+        token_ttl: Duration,
+        session_ttl: Duration,
+    ) -> Self {
         Self {
+            trust_loopback,
             admins,
             token_ttl,
             session_ttl,
@@ -151,21 +165,22 @@ impl Access {
         sessions.remove(&hash_token(session));
     }
 
-    /// Decides a request from `peer` carrying the session cookie value `session`, at `now`.
-    pub fn admit(&self, peer: &Peer, session: Option<&str>, now: i64) -> Admission {
-        if peer.addr.ip().is_loopback() {
+    /// Decides a request from `peer` carrying the session cookie value `session`, at `now`;
+    /// `revoked` says whether the peer's client certificate is revoked.
+    pub fn admit(&self, peer: &Peer, session: Option<&str>, now: i64, revoked: bool) -> Admission {
+        if self.trust_loopback && peer.addr.ip().is_loopback() {
             return Admission::Loopback;
         }
         if let Some(id) = &peer.client {
-            if self.admins.contains(id) {
+            if self.admins.contains(id) && !revoked {
                 return Admission::Admin(id.clone());
             }
         }
         let Some(session) = session else {
-            return Admission::Refused(if peer.client.is_some() {
-                "client certificate not among console.admins, and no session"
-            } else {
-                "no client certificate and no session"
+            return Admission::Refused(match (&peer.client, revoked) {
+                (Some(_), true) => "client certificate revoked, and no session",
+                (Some(_), false) => "client certificate not among console.admins, and no session",
+                (None, _) => "no client certificate and no session",
             });
         };
         let sessions = self.sessions.lock().unwrap_or_else(|p| p.into_inner());
@@ -193,11 +208,13 @@ mod tests {
         Peer {
             addr: "198.18.0.2:5000".parse().unwrap(),
             client: client.map(|c| SpiffeId::new(c).unwrap()),
+            client_serial: client.map(|_| "0a".to_owned()),
         }
     }
 
     fn access() -> Access {
         Access::new(
+            true,
             vec![SpiffeId::new("spiffe://example.org/ops/alice").unwrap()],
             Duration::from_secs(60),
             Duration::from_secs(3600),
@@ -210,27 +227,55 @@ mod tests {
         let local = Peer {
             addr: "127.0.0.1:1".parse().unwrap(),
             client: None,
+            client_serial: None,
         };
-        assert_eq!(a.admit(&local, None, 0), Admission::Loopback);
+        assert_eq!(a.admit(&local, None, 0, false), Admission::Loopback);
         let v6 = Peer {
             addr: "[::1]:1".parse().unwrap(),
             client: None,
+            client_serial: None,
         };
-        assert_eq!(a.admit(&v6, None, 0), Admission::Loopback);
+        assert_eq!(a.admit(&v6, None, 0, false), Admission::Loopback);
+        // A console on another address does not trust local peers.
+        let https = Access::new(
+            false,
+            Vec::new(),
+            Duration::from_secs(1),
+            Duration::from_secs(1),
+        );
+        assert_eq!(
+            https.admit(&local, None, 0, false),
+            Admission::Refused("no client certificate and no session")
+        );
+        // A revoked admin certificate is refused.
+        assert_eq!(
+            a.admit(
+                &remote(Some("spiffe://example.org/ops/alice")),
+                None,
+                0,
+                true
+            ),
+            Admission::Refused("client certificate revoked, and no session")
+        );
         assert!(matches!(
-            a.admit(&remote(Some("spiffe://example.org/ops/alice")), None, 0),
+            a.admit(
+                &remote(Some("spiffe://example.org/ops/alice")),
+                None,
+                0,
+                false
+            ),
             Admission::Admin(_)
         ));
         assert_eq!(
-            a.admit(&remote(Some("spiffe://example.org/web")), None, 0),
+            a.admit(&remote(Some("spiffe://example.org/web")), None, 0, false),
             Admission::Refused("client certificate not among console.admins, and no session")
         );
         assert_eq!(
-            a.admit(&remote(None), None, 0),
+            a.admit(&remote(None), None, 0, false),
             Admission::Refused("no client certificate and no session")
         );
         assert_eq!(
-            a.admit(&remote(None), Some("mcs_forged"), 0),
+            a.admit(&remote(None), Some("mcs_forged"), 0, false),
             Admission::Refused("unknown session")
         );
     }
@@ -248,11 +293,11 @@ mod tests {
             "unknown or already used login token"
         );
         assert_eq!(
-            a.admit(&remote(None), Some(&session), 2000),
+            a.admit(&remote(None), Some(&session), 2000, false),
             Admission::Session
         );
         assert_eq!(
-            a.admit(&remote(None), Some(&session), 4610),
+            a.admit(&remote(None), Some(&session), 4610, false),
             Admission::Refused("session expired")
         );
         let (late, _) = a.mint_token(1000, Some(Duration::from_secs(5)));
@@ -261,7 +306,7 @@ mod tests {
         let (session, _) = a.login(&token, 1000).unwrap();
         a.logout(&session);
         assert_eq!(
-            a.admit(&remote(None), Some(&session), 1001),
+            a.admit(&remote(None), Some(&session), 1001, false),
             Admission::Refused("unknown session")
         );
     }

@@ -23,6 +23,9 @@ use super::state::{Console, EntryRow, EVENT_INTERVAL};
 
 type Shared = Arc<Console>;
 
+/// How long a login's body may take to arrive.
+const BODY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// An error answered as `{"error": "..."}`.
 #[derive(Debug)]
 pub struct ApiError(StatusCode, String);
@@ -80,8 +83,25 @@ async fn guard(State(c): State<Shared>, req: Request, next: Next) -> Response {
             .get(header::COOKIE)
             .and_then(|v| v.to_str().ok())
             .and_then(|h| access::cookie(h, access::COOKIE));
+        let host = req
+            .headers()
+            .get(header::HOST)
+            .and_then(|v| v.to_str().ok());
         let admission = match req.extensions().get::<Peer>() {
-            Some(peer) => c.access.admit(peer, session, crate::unix_now()),
+            Some(peer) => {
+                let revoked = peer
+                    .client_serial
+                    .as_ref()
+                    .is_some_and(|s| c.ca.authority.crls().serials.contains(s));
+                match c.access.admit(peer, session, crate::unix_now(), revoked) {
+                    // A page elsewhere that rebinds its own name to 127.0.0.1 reaches this
+                    // console from the operator's browser with that name in Host.
+                    Admission::Loopback if !loopback_host(host) => {
+                        Admission::Refused("a loopback caller naming another host (DNS rebinding?)")
+                    }
+                    a => a,
+                }
+            }
             None => Admission::Refused("no connection information"),
         };
         if let Admission::Refused(reason) = admission {
@@ -103,6 +123,20 @@ async fn guard(State(c): State<Shared>, req: Request, next: Next) -> Response {
     let mut resp = next.run(req).await;
     assets::secure(resp.headers_mut(), api, c.https);
     resp
+}
+
+/// Whether the `Host` header names this host's loopback: `localhost`, `127.0.0.1` (any of
+/// 127/8) or `[::1]`, with or without a port.
+pub fn loopback_host(host: Option<&str>) -> bool {
+    let Some(host) = host else { return false };
+    let name = match host.strip_prefix('[') {
+        Some(rest) => rest.split(']').next().unwrap_or(""),
+        None => host.rsplit_once(':').map_or(host, |(h, _)| h),
+    };
+    name.eq_ignore_ascii_case("localhost")
+        || name
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
 }
 
 fn page(asset: assets::Asset) -> Response {
@@ -574,8 +608,9 @@ fn session_cookie(value: &str, max_age: u64, https: bool) -> HeaderValue {
 async fn login(State(c): State<Shared>, req: Request) -> Result<Response, ApiError> {
     same_origin(req.headers())?;
     let peer = req.extensions().get::<Peer>().map(|p| p.addr.to_string());
-    let body = axum::body::to_bytes(req.into_body(), 4096)
+    let body = tokio::time::timeout(BODY_TIMEOUT, axum::body::to_bytes(req.into_body(), 4096))
         .await
+        .map_err(|_| bad("the body did not arrive in time"))?
         .map_err(|_| bad("the body is larger than 4 KiB"))?;
     let body: LoginBody = serde_json::from_slice(&body)
         .map_err(|e| bad(format!("expected {{\"token\": \"...\"}}: {e}")))?;
@@ -590,7 +625,11 @@ async fn login(State(c): State<Shared>, req: Request) -> Result<Response, ApiErr
             Ok(resp)
         }
         Err(reason) => {
-            tracing::warn!(peer = ?peer, reason, "console: login refused");
+            static REFUSED: std::sync::OnceLock<meshid_api::uds::admission::RateLimitedLog> =
+                std::sync::OnceLock::new();
+            REFUSED.get_or_init(Default::default).info(|held| {
+                tracing::warn!(peer = ?peer, reason, held_back = held, "console: login refused");
+            });
             Err(ApiError(
                 StatusCode::UNAUTHORIZED,
                 format!("login refused: {reason}"),
@@ -612,4 +651,36 @@ async fn logout(State(c): State<Shared>, headers: HeaderMap) -> Result<Response,
     resp.headers_mut()
         .insert(header::SET_COOKIE, session_cookie("", 0, c.https));
     Ok(resp)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::loopback_host;
+
+    #[test]
+    fn only_loopback_names_pass_the_host_check() {
+        for ok in [
+            "localhost",
+            "localhost:8480",
+            "127.0.0.1:8480",
+            "127.0.0.2",
+            "[::1]:8480",
+            "[::1]",
+            "LOCALHOST",
+        ] {
+            assert!(loopback_host(Some(ok)), "{ok}");
+        }
+        for bad in [
+            "evil.example:8480",
+            "evil.example",
+            "198.18.0.1:8480",
+            "127.0.0.1.evil.example",
+            "[::2]:1",
+            "",
+            "localhost.evil",
+        ] {
+            assert!(!loopback_host(Some(bad)), "{bad}");
+        }
+        assert!(!loopback_host(None));
+    }
 }

@@ -50,6 +50,7 @@ impl Console {
         Arc::new(Self {
             ca,
             access: access::Access::new(
+                !config.tls(),
                 config.admins.clone(),
                 config.token_ttl,
                 config.session_ttl,

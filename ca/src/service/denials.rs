@@ -33,12 +33,16 @@ impl Ca {
         if kept.is_empty() {
             return Ok(0);
         }
-        let total: u64 = kept.iter().map(|(_, n, _)| n).sum();
+        let total = kept.iter().fold(0u64, |t, (_, n, _)| t.saturating_add(*n));
+        // A reporter's clock, or a reporter, may be off: a count is recorded as no later than
+        // now and no earlier than an hour ago, so that none sorts first forever or ages out at
+        // once.
+        let now = crate::unix_now();
         let denials: Vec<serde_json::Value> = kept
             .iter()
             .map(|(k, n, at)| {
                 serde_json::json!({"caller": k.caller, "callee": k.callee, "rule": k.rule,
-                    "count": n, "last_at": at})
+                    "count": n, "last_at": (*at).clamp(now - 3600, now)})
             })
             .collect();
         let event = crate::audit::AuditEvent::new(

@@ -180,3 +180,28 @@ fn reported_denials_add_up_and_age_out_of_the_window() {
     // A day after the last, gone.
     assert!(v.denials(t + 6 + 24 * H + 1, 10).is_empty());
 }
+
+#[test]
+fn a_full_denial_table_drops_the_tenth_seen_longest_ago() {
+    let mut v = View::default();
+    let t = 1000 * H;
+    let list: Vec<serde_json::Value> = (0..MAX_DENIALS)
+        .map(|i| json!({"caller": format!("spiffe://example.org/c{i}"), "callee": "spiffe://example.org/api",
+                        "rule": "r", "count": 1, "last_at": t + i as i64}))
+        .collect();
+    v.apply(1, t, "denials.reported", "agent", &json!({"denials": list}));
+    assert_eq!(v.denials(t + 20_000, usize::MAX).len(), MAX_DENIALS);
+    v.apply(2, t, "denials.reported", "agent", &json!({"denials": [
+        {"caller": "spiffe://example.org/new", "callee": "spiffe://example.org/api", "rule": "r", "count": 1, "last_at": t + 20_000}]}));
+    let d = v.denials(t + 20_000, usize::MAX);
+    assert!(
+        d.len() < MAX_DENIALS && d.len() >= MAX_DENIALS * 9 / 10,
+        "{}",
+        d.len()
+    );
+    assert_eq!(d[0].caller, "spiffe://example.org/new");
+    assert!(
+        d.iter().all(|x| x.caller != "spiffe://example.org/c0"),
+        "the oldest went"
+    );
+}

@@ -160,6 +160,23 @@ fn console_pages_search_explain_revocation_and_taint_in_chromium() {
             &console,
         ],
     );
+    // A page elsewhere that rebinds its own name to 127.0.0.1 reaches the console from the
+    // operator's browser with that name in Host: refused.
+    let rebound = {
+        use std::io::{Read, Write};
+        let mut s = std::net::TcpStream::connect(&console).unwrap();
+        write!(
+            s,
+            "GET /api/overview HTTP/1.1\r\nHost: attacker.example:{}\r\nConnection: close\r\n\r\n",
+            console.rsplit(':').next().unwrap()
+        )
+        .unwrap();
+        let mut out = String::new();
+        s.read_to_string(&mut out).unwrap();
+        out
+    };
+    assert!(rebound.starts_with("HTTP/1.1 401"), "{rebound}");
+    assert!(rebound.contains("DNS rebinding"), "{rebound}");
     let (secret, agent_id) = ca.join_token();
     for (id, name) in [("web", "web"), ("api", "api"), ("db", "db")] {
         ca.entry_for_this_uid(id, &format!("{TD}/{name}"), &agent_id, &[]);

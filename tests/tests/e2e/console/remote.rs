@@ -41,9 +41,10 @@ fn url(path: &str) -> String {
     format!("https://{CA_ADDR}:{PORT}{path}")
 }
 
-fn mint(ca: &Ca, dir: &Path, spiffe_id: &str) -> (String, String) {
+/// Mints an X509-SVID for `spiffe_id` into `dir`: (chain file, key file, serial).
+fn mint(ca: &Ca, dir: &Path, spiffe_id: &str) -> (String, String, String) {
     std::fs::create_dir_all(dir).unwrap();
-    ca.ok(&[
+    let out = ca.ok(&[
         "x509",
         "mint",
         "--spiffe-id",
@@ -53,9 +54,16 @@ fn mint(ca: &Ca, dir: &Path, spiffe_id: &str) -> (String, String) {
         "--out-dir",
         &dir.display().to_string(),
     ]);
+    let serial = out
+        .lines()
+        .find_map(|l| l.strip_prefix("Serial: "))
+        .unwrap()
+        .trim()
+        .to_owned();
     (
         dir.join("chain.pem").display().to_string(),
         dir.join("key.pem").display().to_string(),
+        serial,
     )
 }
 
@@ -197,7 +205,8 @@ fn console_refuses_remote_callers_without_an_admin_svid_or_a_token() {
     assert_eq!(code, 415);
 
     // An admin's SVID is admitted; another SVID of the trust domain is not.
-    let (alice_cert, alice_key) = mint(&ca, &dir.join("alice"), "spiffe://example.org/ops/alice");
+    let (alice_cert, alice_key, alice_serial) =
+        mint(&ca, &dir.join("alice"), "spiffe://example.org/ops/alice");
     let (code, _, body) = curl(
         &net,
         &[
@@ -209,7 +218,29 @@ fn console_refuses_remote_callers_without_an_admin_svid_or_a_token() {
         ],
     );
     assert_eq!(code, 200, "{body}");
-    let (web_cert, web_key) = mint(&ca, &dir.join("web"), "spiffe://example.org/web");
+    // Revoked, the same certificate opens nothing.
+    ca.ok(&[
+        "svid",
+        "revoke",
+        "--serial",
+        &alice_serial,
+        "--reason",
+        "laptop lost",
+    ]);
+    let alice = ["--cert", alice_cert.as_str(), "--key", alice_key.as_str()];
+    let (code, _, body) = curl(
+        &net,
+        &[
+            alice[0],
+            alice[1],
+            alice[2],
+            alice[3],
+            &url("/api/identities"),
+        ],
+    );
+    assert_eq!(code, 401, "{body}");
+    assert!(body.contains("client certificate revoked"), "{body}");
+    let (web_cert, web_key, _) = mint(&ca, &dir.join("web"), "spiffe://example.org/web");
     let (code, _, body) = curl(
         &net,
         &[
