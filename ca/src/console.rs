@@ -44,6 +44,8 @@ pub use state::{Console, EntryRow, EVENT_INTERVAL};
 pub const MAX_CONNECTIONS: usize = 128;
 /// How long a client has for the TLS handshake and for each request head.
 pub const HEAD_TIMEOUT: Duration = Duration::from_secs(10);
+/// How often the view forgets what its window no longer shows.
+pub const PRUNE_INTERVAL: Duration = Duration::from_secs(60);
 /// How often the audit log is read for changes.
 pub const FOLLOW_INTERVAL: Duration = Duration::from_millis(250);
 
@@ -54,12 +56,18 @@ pub async fn follow(console: Arc<Console>, mut last: i64, mut stop: watch::Recei
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut entries_stale = false;
     let mut behind = false;
+    let mut pruned = tokio::time::Instant::now();
     loop {
         if !behind {
             tokio::select! {
                 _ = tick.tick() => {}
                 _ = stop.changed() => return,
             }
+        }
+        if pruned.elapsed() >= PRUNE_INTERVAL {
+            pruned = tokio::time::Instant::now();
+            let mut view = console.view.write().unwrap_or_else(|p| p.into_inner());
+            view.prune(crate::unix_now());
         }
         let records = match console.ca.store.audit_records(last, 1000).await {
             Ok(r) => r,

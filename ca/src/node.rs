@@ -422,6 +422,8 @@ pub struct NodeService {
     stop: watch::Receiver<bool>,
     /// JWT-SVID mints per agent (each agent also limits each of its workloads).
     jwt_mints: Arc<meshid_api::limits::RateLimiter<SpiffeId>>,
+    /// Denial reports per agent (each is an audit write): one a second, bursts of two.
+    denial_reports: Arc<meshid_api::limits::RateLimiter<SpiffeId>>,
 }
 
 /// JWT-SVID mints one agent may ask for per second, on average...
@@ -441,6 +443,7 @@ impl NodeService {
                 AGENT_JWT_MINTS_PER_SECOND,
                 AGENT_JWT_MINT_BURST,
             )),
+            denial_reports: Arc::new(meshid_api::limits::RateLimiter::new(1, 2)),
         }
     }
 
@@ -857,6 +860,13 @@ impl node::node_server::Node for NodeService {
         req: Request<node::NodeDenialReport>,
     ) -> Rpc<node::NodeDenialReportResponse> {
         let caller = self.authorize(&req, "ReportDenials").await?;
+        if let Err(retry_after) = self
+            .denial_reports
+            .take(&caller.id, std::time::Instant::now())
+        {
+            tracing::warn!(caller = %caller.id, "refused: denial reports faster than one a second");
+            return Err(NodeError::RateLimited { retry_after }.into());
+        }
         let r = req.into_inner();
         let invalid = |reason: String| NodeError::InvalidArgument {
             field: "denials",

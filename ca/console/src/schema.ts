@@ -141,7 +141,7 @@ export const activity = obj({
 export type ActivityRecord = Infer<typeof record>;
 export type Denial = Infer<typeof denial>;
 
-const service = obj({ spiffe_id: str, renewals: num, on_time: num, share: num });
+const service = obj({ spiffe_id: str, renewals: num, on_time: num, lapsed: num, share: num });
 const fetcher = obj({ spiffe_id: str, issued: num, hours: arr(num) });
 export const compliance = obj({
   window_s: num,

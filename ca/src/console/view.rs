@@ -60,6 +60,14 @@ struct Hour {
     on_time: u64,
 }
 
+/// The SVID an (entry, agent) last got.
+#[derive(Debug, Clone)]
+struct Holding {
+    issued_at: i64,
+    not_after: i64,
+    service: Arc<str>,
+}
+
 /// Per SPIFFE ID: hourly buckets, a ring indexed by hour modulo the window.
 #[derive(Debug, Default)]
 struct Service {
@@ -122,7 +130,11 @@ pub struct Compliance {
     pub renewals: u64,
     /// Those made before [`ON_TIME_SHARE`] of the previous SVID's life.
     pub on_time: u64,
-    /// `on_time / renewals`.
+    /// SVIDs that expired within the window with no successor: the holder went without one
+    /// (its agent away, or the CA unreachable for longer than the SVID's life).
+    pub lapsed: u64,
+    /// `on_time / (renewals + lapsed)`: the share of the SVIDs due for renewal that were
+    /// renewed in time.
     pub share: f64,
 }
 
@@ -145,7 +157,7 @@ pub struct View {
     latest: HashMap<String, Latest>,
     rotated: HashMap<String, i64>,
     /// The SVID each (entry, agent) last got: (issued at, not after).
-    holders: HashMap<(String, Arc<str>), (i64, i64)>,
+    holders: HashMap<(String, Arc<str>), Holding>,
     services: HashMap<Arc<str>, Service>,
     agents: HashMap<Arc<str>, Arc<str>>,
     recent: VecDeque<Activity>,
@@ -282,12 +294,22 @@ impl View {
             .unwrap_or(0);
         let agent = self.intern(actor);
         let service = self.intern(spiffe_id);
+        let holding = Holding {
+            issued_at: time,
+            not_after,
+            service: Arc::clone(&service),
+        };
         let previous = self
             .holders
-            .insert((entry.to_owned(), Arc::clone(&agent)), (time, not_after));
+            .insert((entry.to_owned(), Arc::clone(&agent)), holding);
         let bucket = self.services.entry(service).or_default().bucket(time);
         bucket.issued += 1;
-        if let Some((issued_at, expires)) = previous {
+        if let Some(Holding {
+            issued_at,
+            not_after: expires,
+            ..
+        }) = previous
+        {
             bucket.renewals += 1;
             let life = (expires - issued_at).max(1) as f64;
             if ((time - issued_at) as f64) <= ON_TIME_SHARE * life {
@@ -327,16 +349,26 @@ impl View {
 
     /// Rotation compliance per service over the window ending at `now`, worst share first.
     pub fn compliance(&self, now: i64) -> Vec<Compliance> {
+        let since = now - WINDOW_HOURS * 3600;
+        let mut lapsed: HashMap<&Arc<str>, u64> = HashMap::new();
+        for h in self.holders.values() {
+            if h.not_after > since && h.not_after <= now {
+                *lapsed.entry(&h.service).or_insert(0) += 1;
+            }
+        }
         let mut out: Vec<Compliance> = self
             .services
             .iter()
             .filter_map(|(id, s)| {
                 let (_, renewals, on_time, _) = s.totals(now);
-                (renewals > 0).then(|| Compliance {
+                let lapsed = lapsed.get(id).copied().unwrap_or(0);
+                let due = renewals + lapsed;
+                (due > 0).then(|| Compliance {
                     spiffe_id: id.to_string(),
                     renewals,
                     on_time,
-                    share: on_time as f64 / renewals as f64,
+                    lapsed,
+                    share: on_time as f64 / due as f64,
                 })
             })
             .collect();
@@ -346,6 +378,31 @@ impl View {
                 .then(a.spiffe_id.cmp(&b.spiffe_id))
         });
         out
+    }
+
+    /// Forgets what no query over the window ending at `now` can show any more: holders whose
+    /// SVID expired before the window, services with nothing in it, and interned names nothing
+    /// refers to (entries come and go over a process's life).
+    pub fn prune(&mut self, now: i64) {
+        let since = now - WINDOW_HOURS * 3600;
+        self.holders.retain(|_, h| h.not_after > since);
+        self.services.retain(|id, s| {
+            let (issued, ..) = s.totals(now);
+            issued > 0 || self.holders.values().any(|h| &h.service == id)
+        });
+        let mut used: std::collections::HashSet<&str> = std::collections::HashSet::new();
+        for ((_, agent), h) in &self.holders {
+            used.insert(agent);
+            used.insert(&h.service);
+        }
+        for l in self.latest.values() {
+            used.insert(&l.agent);
+        }
+        for id in self.services.keys() {
+            used.insert(id);
+        }
+        let keep: std::collections::HashSet<String> = used.into_iter().map(str::to_owned).collect();
+        self.agents.retain(|k, _| keep.contains(&**k));
     }
 
     /// The `limit` services issued the most X509-SVIDs over the window ending at `now`.

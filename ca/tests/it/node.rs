@@ -1525,3 +1525,91 @@ async fn delivery_reports_are_kept_and_shown() {
     })
     .await
 }
+
+/// `ReportDenials`: an agent speaks only for its own entries (other callees are dropped), a
+/// malformed count refuses the whole report, the recorded time is clamped to the last hour,
+/// and an agent reporting faster than once a second is told to slow down (each report is an
+/// audit write).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn denial_reports_are_checked_clamped_and_rate_limited() {
+    bounded(async {
+        let ca = TestCa::start().await;
+        let mut a = ca.agent().await;
+        let b = ca.agent().await;
+        let mine = ca.entry("mine", &a.id).await.spiffe_id.to_string();
+        let theirs = ca.entry("theirs", &b.id).await.spiffe_id.to_string();
+        let count = |callee: &str, rule: &str, last_at: i64| node::NodeDenialCount {
+            caller: "spiffe://example.org/web".into(),
+            callee: callee.into(),
+            rule: rule.into(),
+            count: 2,
+            last_at,
+        };
+        let now = meshid_ca::unix_now();
+        a.client
+            .report_denials(node::NodeDenialReport {
+                denials: vec![
+                    count(&mine, "no-admin", now + 86_400),
+                    count(&theirs, "r", now),
+                ],
+            })
+            .await
+            .unwrap();
+        let records = ca
+            .ca
+            .store
+            .audit_records(0, 10_000)
+            .await
+            .unwrap()
+            .into_iter()
+            .filter(|r| r.kind == "denials.reported")
+            .collect::<Vec<_>>();
+        assert_eq!(records.len(), 1);
+        assert_eq!(records[0].actor, a.id);
+        let details: serde_json::Value = serde_json::from_str(&records[0].details).unwrap();
+        let denials = details["denials"].as_array().unwrap();
+        assert_eq!(
+            denials.len(),
+            1,
+            "the other agent's workload is dropped: {details}"
+        );
+        assert_eq!(denials[0]["callee"], mine.as_str());
+        let at = denials[0]["last_at"].as_i64().unwrap();
+        assert!(
+            (now..=now + 5).contains(&at),
+            "a future time is clamped to now: {at}"
+        );
+
+        // A malformed count refuses the report whole.
+        tokio::time::sleep(std::time::Duration::from_millis(1100)).await;
+        let err = a
+            .client
+            .report_denials(node::NodeDenialReport {
+                denials: vec![
+                    count(&mine, "ok", now),
+                    count(&mine, "bad\u{202e}rule", now),
+                ],
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), tonic::Code::InvalidArgument, "{err}");
+
+        // Faster than once a second (a burst of two allowed): slowed down.
+        let mut codes = Vec::new();
+        for _ in 0..4 {
+            let r = a
+                .client
+                .report_denials(node::NodeDenialReport {
+                    denials: vec![count(&mine, "no-admin", now)],
+                })
+                .await;
+            codes.push(r.map_or_else(|s| s.code(), |_| tonic::Code::Ok));
+        }
+        assert!(
+            codes.contains(&tonic::Code::ResourceExhausted),
+            "four reports at once: {codes:?}"
+        );
+        ca.stop().await;
+    })
+    .await
+}

@@ -42,14 +42,14 @@ export class CompliancePage extends Page<Compliance> {
           { class: "counts" },
           c.on_time_share === null
             ? "A renewal is on time when it comes early enough in the previous SVID's life. "
-            : `A renewal is on time when it comes before ${Math.round(c.on_time_share * 100)}% of the previous SVID's life. `,
+            : `A renewal is on time when it comes before ${Math.round(c.on_time_share * 100)}% of the previous SVID's life; a lapse is an SVID that expired with no successor. `,
           h("span", { class: low > 0 ? "warn" : "" }, `${low} of ${c.services.length} services below ${percent(TARGET)}`),
           ".",
         ),
         table(
           { class: "data", "data-testid": "compliance" },
           null,
-          ["SPIFFE ID", { num: "Renewals" }, { num: "On time" }, { num: "Share" }],
+          ["SPIFFE ID", { num: "Renewals" }, { num: "On time" }, { num: "Lapsed" }, { num: "Share" }],
           c.services.map((sv) =>
             h(
               "tr",
@@ -57,10 +57,11 @@ export class CompliancePage extends Page<Compliance> {
               h("td", { class: "mono id" }, sv.spiffe_id),
               h("td", { class: "num" }, sv.renewals),
               h("td", { class: "num" }, sv.on_time),
+              h("td", { class: "num" }, sv.lapsed),
               h("td", { class: "num share" }, percent(sv.share)),
             ),
           ),
-          "No renewals in the window.",
+          "No renewals or lapses in the window.",
         ),
       ),
       h(

@@ -74,6 +74,10 @@ fn renewals_count_as_on_time_before_three_quarters_of_the_life() {
     assert_eq!(api.share, 0.0);
     let db = by["spiffe://example.org/db"];
     assert_eq!((db.renewals, db.on_time), (1, 1));
+    // At t + 2000 db's SVIDs (issued t + 750 and t + 10, 1000 s) have expired with no
+    // successor: two lapses, in the share.
+    assert_eq!((db.lapsed, db.share), (2, 1.0 / 3.0));
+    assert_eq!(api.lapsed, 0, "its last SVID is still valid");
     // Worst first.
     assert_eq!(c[0].spiffe_id, "spiffe://example.org/api");
 }
@@ -96,7 +100,19 @@ fn the_window_drops_hours_older_than_a_day() {
     assert_eq!(v.top_fetchers(now, 1).len(), 1);
     // A day later nothing is left.
     assert!(v.top_fetchers(now + 25 * H, 10).is_empty());
-    assert!(v.compliance(now + 25 * H).is_empty());
+    // What is left: web's last SVID expired in the window with no successor, a lapse (api's
+    // expired just before the window).
+    let later = v.compliance(now + 25 * H);
+    assert_eq!(later.len(), 1);
+    assert_eq!(later[0].spiffe_id, "spiffe://example.org/web");
+    assert!(
+        later
+            .iter()
+            .all(|c| (c.renewals, c.lapsed, c.share) == (0, 1, 0.0)),
+        "{later:?}"
+    );
+    // Two days later nothing is left.
+    assert!(v.compliance(now + 50 * H).is_empty());
 }
 
 #[test]
@@ -204,4 +220,25 @@ fn a_full_denial_table_drops_the_tenth_seen_longest_ago() {
         d.iter().all(|x| x.caller != "spiffe://example.org/c0"),
         "the oldest went"
     );
+}
+
+#[test]
+fn pruning_forgets_what_the_window_cannot_show() {
+    let mut v = View::default();
+    let t = 100 * H;
+    issue(&mut v, 1, t, "web", "agent-a", H, "k");
+    issue(&mut v, 2, t + 10, "api", "agent-b", 48 * H, "k");
+    let now = t + 30 * H;
+    v.prune(now);
+    // web's holder expired before the window and nothing of it is in the window: gone; api's
+    // SVID is still valid.
+    assert!(v.compliance(now).is_empty());
+    assert_eq!(v.holders.len(), 1);
+    assert_eq!(v.services.len(), 1);
+    // web's service name is no longer interned; both agents are (each holds a latest SVID).
+    assert!(!v.agents.contains_key("spiffe://example.org/web"));
+    assert!(v.agents.contains_key("spiffe://example.org/api"));
+    assert!(v.agents.contains_key("agent-a") && v.agents.contains_key("agent-b"));
+    // The latest SVID of each entry stays for the identities page.
+    assert!(v.latest("web").is_some() && v.latest("api").is_some());
 }
