@@ -355,7 +355,7 @@ impl admin::console_server::Console for AdminService {
             return Err(Status::invalid_argument("a login token lives at most 24h"));
         }
         let now = crate::unix_now();
-        let (token, expires_at) = console.access.mint_token(now, ttl);
+        let (token, expires_at) = console.access.mint_token(now, ttl, &who);
         let event = crate::audit::AuditEvent::new(
             "console.token.created",
             &who,

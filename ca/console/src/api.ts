@@ -111,6 +111,16 @@ export async function login(token: string): Promise<void> {
   throw new ApiError(res.status === 401 ? why : `login failed: ${res.status} ${res.statusText}: ${why}`, res.status);
 }
 
+/** Ends this browser's session (the cookie is cleared by the response). */
+export async function logout(): Promise<void> {
+  const res = await send("POST", "/api/logout", {
+    headers: { "content-type": "application/json" },
+    body: "{}",
+  });
+  if (res.status === 204 || res.ok) return;
+  throw new ApiError(`logout failed: ${res.status} ${res.statusText}: ${await errorText(res)}`, res.status);
+}
+
 /** Builds `path?k=v&...`, leaving out empty values. */
 export function withQuery(path: string, params: Record<string, string | number | null>): string {
   const q = new URLSearchParams();

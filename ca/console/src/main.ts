@@ -1,7 +1,7 @@
 // The console's entry point: hash routing between the six pages, live updates, and the login
 // form that any 401 brings up.
 
-import { Unauthorized, getJson, login, onUnauthorized } from "./api";
+import { Unauthorized, getJson, login, logout, onUnauthorized } from "./api";
 import { clearAllErrors, clearError, describeError, mountBanner, showError } from "./banner";
 import { h, on, replace } from "./dom";
 import { Live, Throttle, type LiveState } from "./live";
@@ -12,7 +12,7 @@ import { CompliancePage } from "./pages/compliance";
 import { IdentitiesPage } from "./pages/identities";
 import { OverviewPage } from "./pages/overview";
 import { PolicyPage } from "./pages/policy";
-import { overview } from "./schema";
+import { overview, session } from "./schema";
 import { byId, setTrustDomain } from "./shell";
 import { tick } from "./time";
 
@@ -130,6 +130,7 @@ function boot(): void {
   window.setInterval(tick, 15000);
   mount();
   live.start();
+  showSession();
   // The header shows the trust domain whatever page opened first.
   if (route()[0] !== "overview") {
     getJson("/api/overview", overview)
@@ -139,6 +140,35 @@ function boot(): void {
         showError("header", `trust domain for the header: ${describeError(e)}`);
       });
   }
+}
+
+/** The header says how this browser was admitted; a session gets a logout button. */
+function showSession(): void {
+  getJson("/api/session", session)
+    .then((s) => {
+      const slot = byId("session");
+      const text =
+        s.via === "admin"
+          ? `admin ${s.who ?? ""}`
+          : s.via === "session"
+            ? `session (token by ${s.who ?? "?"})`
+            : "this host";
+      const children: Node[] = [document.createTextNode(text)];
+      if (s.via === "session") {
+        const out = h("button", { type: "button", class: "logout", "data-testid": "logout" }, "Log out");
+        out.addEventListener("click", () => {
+          logout()
+            .then(() => window.location.reload())
+            .catch((e: unknown) => showError("logout", describeError(e)));
+        });
+        children.push(out);
+      }
+      slot.replaceChildren(...children);
+    })
+    .catch((e: unknown) => {
+      if (e instanceof Unauthorized) return; // the login form is up
+      showError("header", `session for the header: ${describeError(e)}`);
+    });
 }
 
 try {

@@ -154,3 +154,6 @@ export type Compliance = Infer<typeof compliance>;
 export type Fetcher = Infer<typeof fetcher>;
 
 export const apiError = obj({ error: str });
+
+/** `/api/session`: how this browser was admitted. */
+export const session = obj({ via: str, who: nullable(str) });

@@ -12,7 +12,7 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use spiffe::SpiffeId;
@@ -33,8 +33,8 @@ pub enum Admission {
     Loopback,
     /// A client certificate naming one of `console.admins`.
     Admin(SpiffeId),
-    /// A session cookie.
-    Session,
+    /// A session cookie; the session was opened with a token that this admin caller made.
+    Session(Arc<str>),
     /// Refused, with the reason (logged; the caller gets 401).
     Refused(&'static str),
 }
@@ -50,6 +50,10 @@ pub struct Peer {
     pub client_serial: Option<String>,
 }
 
+/// Secrets by their SHA-256: each one's expiry (unix seconds) and the admin caller who made
+/// the token (for a session, the token it was opened with).
+type Secrets = HashMap<[u8; 32], (i64, Arc<str>)>;
+
 /// Login tokens and sessions.
 #[derive(Debug)]
 pub struct Access {
@@ -58,9 +62,8 @@ pub struct Access {
     admins: Vec<SpiffeId>,
     token_ttl: Duration,
     session_ttl: Duration,
-    /// Hash → expiry (unix seconds).
-    tokens: Mutex<HashMap<[u8; 32], i64>>,
-    sessions: Mutex<HashMap<[u8; 32], i64>>,
+    tokens: Mutex<Secrets>,
+    sessions: Mutex<Secrets>,
 }
 
 /// A secret: 256 random bits, base64url, with a prefix saying what it is.
@@ -77,23 +80,17 @@ fn secs(d: Duration) -> i64 {
     i64::try_from(d.as_secs()).unwrap_or(i64::MAX)
 }
 
-/// Inserts `hash` expiring at `until`, first dropping expired ones and, when full, the one
+/// Inserts `hash` expiring at `value.0`, first dropping expired ones and, when full, the one
 /// expiring first.
-fn insert_bounded(
-    map: &mut HashMap<[u8; 32], i64>,
-    hash: [u8; 32],
-    until: i64,
-    now: i64,
-    max: usize,
-) {
-    map.retain(|_, exp| *exp > now);
+fn insert_bounded(map: &mut Secrets, hash: [u8; 32], value: (i64, Arc<str>), now: i64, max: usize) {
+    map.retain(|_, (exp, _)| *exp > now);
     while map.len() >= max {
-        let Some(oldest) = map.iter().min_by_key(|(_, exp)| **exp).map(|(h, _)| *h) else {
+        let Some(oldest) = map.iter().min_by_key(|(_, (exp, _))| *exp).map(|(h, _)| *h) else {
             break;
         };
         map.remove(&oldest);
     }
-    map.insert(hash, until);
+    map.insert(hash, value);
 }
 
 impl Access {
@@ -120,43 +117,55 @@ impl Access {
         self.session_ttl
     }
 
-    /// A new single-use login token valid for `ttl` (default: the configured one) from `now`:
-    /// the secret, to show once, and its expiry.
-    pub fn mint_token(&self, now: i64, ttl: Option<Duration>) -> (zeroize::Zeroizing<String>, i64) {
+    /// A new single-use login token made by admin caller `by`, valid for `ttl` (default: the
+    /// configured one) from `now`: the secret, to show once, and its expiry.
+    pub fn mint_token(
+        &self,
+        now: i64,
+        ttl: Option<Duration>,
+        by: &str,
+    ) -> (zeroize::Zeroizing<String>, i64) {
         let token = zeroize::Zeroizing::new(secret("mcl_"));
         let until = now.saturating_add(secs(ttl.unwrap_or(self.token_ttl)));
+        let by: Arc<str> = Arc::from(by.chars().take(200).collect::<String>());
         let mut tokens = self.tokens.lock().unwrap_or_else(|p| p.into_inner());
-        insert_bounded(&mut tokens, hash_token(&token), until, now, MAX_TOKENS);
+        insert_bounded(
+            &mut tokens,
+            hash_token(&token),
+            (until, by),
+            now,
+            MAX_TOKENS,
+        );
         (token, until)
     }
 
-    /// Exchanges a login token for a session: the session secret (the cookie's value) and its
-    /// expiry. The token is spent either way it is presented.
+    /// Exchanges a login token for a session: the session secret (the cookie's value), its
+    /// expiry, and who made the token. The token is spent either way it is presented.
     pub fn login(
         &self,
         token: &str,
         now: i64,
-    ) -> Result<(zeroize::Zeroizing<String>, i64), &'static str> {
+    ) -> Result<(zeroize::Zeroizing<String>, i64, Arc<str>), &'static str> {
         let spent = {
             let mut tokens = self.tokens.lock().unwrap_or_else(|p| p.into_inner());
             tokens.remove(&hash_token(token))
         };
-        match spent {
+        let by = match spent {
             None => return Err("unknown or already used login token"),
-            Some(until) if until <= now => return Err("expired login token"),
-            Some(_) => {}
-        }
+            Some((until, _)) if until <= now => return Err("expired login token"),
+            Some((_, by)) => by,
+        };
         let session = zeroize::Zeroizing::new(secret("mcs_"));
         let until = now.saturating_add(secs(self.session_ttl));
         let mut sessions = self.sessions.lock().unwrap_or_else(|p| p.into_inner());
         insert_bounded(
             &mut sessions,
             hash_token(&session),
-            until,
+            (until, Arc::clone(&by)),
             now,
             MAX_SESSIONS,
         );
-        Ok((session, until))
+        Ok((session, until, by))
     }
 
     /// Ends a session (logout).
@@ -185,7 +194,7 @@ impl Access {
         };
         let sessions = self.sessions.lock().unwrap_or_else(|p| p.into_inner());
         match sessions.get(&hash_token(session)) {
-            Some(until) if *until > now => Admission::Session,
+            Some((until, by)) if *until > now => Admission::Session(Arc::clone(by)),
             Some(_) => Admission::Refused("session expired"),
             None => Admission::Refused("unknown session"),
         }
@@ -283,10 +292,11 @@ mod tests {
     #[test]
     fn a_token_opens_one_session_once_and_both_expire() {
         let a = access();
-        let (token, until) = a.mint_token(1000, None);
+        let (token, until) = a.mint_token(1000, None, "admin:uid=0");
         assert_eq!(until, 1060);
         assert!(token.starts_with("mcl_") && token.len() > 40);
-        let (session, expires) = a.login(&token, 1010).unwrap();
+        let (session, expires, by) = a.login(&token, 1010).unwrap();
+        assert_eq!(&*by, "admin:uid=0");
         assert_eq!(expires, 4610);
         assert_eq!(
             a.login(&token, 1011).unwrap_err(),
@@ -294,16 +304,16 @@ mod tests {
         );
         assert_eq!(
             a.admit(&remote(None), Some(&session), 2000, false),
-            Admission::Session
+            Admission::Session("admin:uid=0".into())
         );
         assert_eq!(
             a.admit(&remote(None), Some(&session), 4610, false),
             Admission::Refused("session expired")
         );
-        let (late, _) = a.mint_token(1000, Some(Duration::from_secs(5)));
+        let (late, _) = a.mint_token(1000, Some(Duration::from_secs(5)), "admin:uid=0");
         assert_eq!(a.login(&late, 1005).unwrap_err(), "expired login token");
-        let (token, _) = a.mint_token(1000, None);
-        let (session, _) = a.login(&token, 1000).unwrap();
+        let (token, _) = a.mint_token(1000, None, "admin:uid=0");
+        let (session, _, _) = a.login(&token, 1000).unwrap();
         a.logout(&session);
         assert_eq!(
             a.admit(&remote(None), Some(&session), 1001, false),
@@ -314,9 +324,9 @@ mod tests {
     #[test]
     fn the_tables_are_bounded() {
         let a = access();
-        let first = a.mint_token(0, None).0;
+        let first = a.mint_token(0, None, "admin:uid=0").0;
         for _ in 0..MAX_TOKENS {
-            a.mint_token(1, None);
+            a.mint_token(1, None, "admin:uid=0");
         }
         assert_eq!(a.tokens.lock().unwrap().len(), MAX_TOKENS);
         assert!(a.login(&first, 2).is_err(), "the oldest token made room");

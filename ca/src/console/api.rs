@@ -63,6 +63,7 @@ pub fn router(console: Shared, stop: watch::Receiver<bool>) -> Router {
         .route("/api/events", get(events))
         .route("/api/login", post(login))
         .route("/api/logout", post(logout))
+        .route("/api/session", get(session))
         .fallback(fallback)
         .layer(axum::middleware::from_fn_with_state(
             Arc::clone(&console),
@@ -74,8 +75,9 @@ pub fn router(console: Shared, stop: watch::Receiver<bool>) -> Router {
 
 /// Refuses `/api/` (login aside) to callers [`access::Access::admit`] refuses, logging the
 /// reason at most once a second; adds the security headers to every response.
-async fn guard(State(c): State<Shared>, req: Request, next: Next) -> Response {
-    let path = req.uri().path();
+async fn guard(State(c): State<Shared>, mut req: Request, next: Next) -> Response {
+    let path = req.uri().path().to_owned();
+    let path = path.as_str();
     let api = path.starts_with("/api/");
     if api && path != "/api/login" {
         let session = req
@@ -119,6 +121,7 @@ async fn guard(State(c): State<Shared>, req: Request, next: Next) -> Response {
             assets::secure(resp.headers_mut(), true, c.https);
             return resp;
         }
+        req.extensions_mut().insert(admission);
     }
     let mut resp = next.run(req).await;
     assets::secure(resp.headers_mut(), api, c.https);
@@ -557,6 +560,17 @@ async fn events(
     Sse::new(tokio_stream::wrappers::ReceiverStream::new(rx)).keep_alive(KeepAlive::new())
 }
 
+/// How this request was admitted: `{"via": "loopback" | "admin" | "session", "who": ...}`
+/// (the admin's SPIFFE ID, or who made the session's token), for the page's header and its
+/// logout button.
+async fn session(admission: Option<axum::Extension<Admission>>) -> Json<Value> {
+    Json(match admission.map(|a| a.0) {
+        Some(Admission::Admin(id)) => json!({ "via": "admin", "who": id.to_string() }),
+        Some(Admission::Session(by)) => json!({ "via": "session", "who": &*by }),
+        _ => json!({ "via": "loopback", "who": null }),
+    })
+}
+
 /// The body of `POST /api/login`.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -615,8 +629,17 @@ async fn login(State(c): State<Shared>, req: Request) -> Result<Response, ApiErr
     let body: LoginBody = serde_json::from_slice(&body)
         .map_err(|e| bad(format!("expected {{\"token\": \"...\"}}: {e}")))?;
     match c.access.login(body.token.trim(), crate::unix_now()) {
-        Ok((session, _)) => {
-            tracing::info!(peer = ?peer, "console: session opened with a login token");
+        Ok((session, expires_at, by)) => {
+            tracing::info!(peer = ?peer, token_by = %by, "console: session opened with a login token");
+            let event = crate::audit::AuditEvent::new(
+                "console.session.opened",
+                format!("console:{}", peer.as_deref().unwrap_or("?")),
+                json!({ "token_by": &*by, "expires_at": expires_at }),
+            );
+            if let Err(e) = c.ca.store.append_audit(&event).await {
+                c.access.logout(&session);
+                return Err(internal("the audit log", e));
+            }
             let mut resp = StatusCode::NO_CONTENT.into_response();
             resp.headers_mut().insert(
                 header::SET_COOKIE,
@@ -638,7 +661,12 @@ async fn login(State(c): State<Shared>, req: Request) -> Result<Response, ApiErr
     }
 }
 
-async fn logout(State(c): State<Shared>, headers: HeaderMap) -> Result<Response, ApiError> {
+async fn logout(
+    State(c): State<Shared>,
+    admission: Option<axum::Extension<Admission>>,
+    peer: Option<axum::Extension<Peer>>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
     same_origin(&headers)?;
     if let Some(session) = headers
         .get(header::COOKIE)
@@ -646,6 +674,17 @@ async fn logout(State(c): State<Shared>, headers: HeaderMap) -> Result<Response,
         .and_then(|h| access::cookie(h, access::COOKIE))
     {
         c.access.logout(session);
+        if let Some(axum::Extension(Admission::Session(by))) = admission {
+            let peer = peer.map_or_else(|| "?".to_owned(), |p| p.addr.to_string());
+            let event = crate::audit::AuditEvent::new(
+                "console.session.closed",
+                format!("console:{peer}"),
+                json!({ "token_by": &*by }),
+            );
+            if let Err(e) = c.ca.store.append_audit(&event).await {
+                tracing::warn!(error = %e, "console: cannot record a logout");
+            }
+        }
     }
     let mut resp = StatusCode::NO_CONTENT.into_response();
     resp.headers_mut()

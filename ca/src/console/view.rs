@@ -450,6 +450,7 @@ pub fn summary(kind: &str, d: &serde_json::Value) -> String {
         "issued",
         "replaced",
         "total",
+        "token_by",
     ];
     /// Bounded, single-line: an audit record's reason is operator text.
     fn clean(v: &serde_json::Value) -> Option<String> {

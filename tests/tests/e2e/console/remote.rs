@@ -189,6 +189,47 @@ fn console_refuses_remote_callers_without_an_admin_svid_or_a_token() {
         ],
     );
     assert_eq!(code, 401);
+    // The page learns how it was admitted (and who made the token); logging out ends the
+    // session; both are audited.
+    let (code, _, body) = curl(
+        &net,
+        &["-H", &format!("cookie: {cookie}"), &url("/api/session")],
+    );
+    assert_eq!(code, 200, "{body}");
+    assert!(
+        body.contains("\"via\":\"session\"") && body.contains("admin:uid="),
+        "{body}"
+    );
+    let (code, headers, body) = curl(
+        &net,
+        &[
+            "-X",
+            "POST",
+            "-H",
+            "content-type: application/json",
+            "-H",
+            &format!("cookie: {cookie}"),
+            "--data",
+            "{}",
+            &url("/api/logout"),
+        ],
+    );
+    assert_eq!(code, 204, "{body}");
+    assert!(headers.contains("Max-Age=0"), "{headers}");
+    let (code, _, body) = curl(
+        &net,
+        &["-H", &format!("cookie: {cookie}"), &url("/api/overview")],
+    );
+    assert_eq!(code, 401, "a session ends at logout: {body}");
+    let audit = ca.ok(&["audit", "list", "--kind", "console.session"]);
+    assert!(
+        audit.contains("console.session.opened") && audit.contains("console.session.closed"),
+        "{audit}"
+    );
+    assert!(
+        !audit.contains(&session),
+        "the audit log holds no session secret"
+    );
     // A login from another site's page is refused before the token is looked at.
     let (code, _, _) = curl(
         &net,
@@ -218,6 +259,20 @@ fn console_refuses_remote_callers_without_an_admin_svid_or_a_token() {
         ],
     );
     assert_eq!(code, 200, "{body}");
+    let (_, _, body) = curl(
+        &net,
+        &[
+            "--cert",
+            &alice_cert,
+            "--key",
+            &alice_key,
+            &url("/api/session"),
+        ],
+    );
+    assert!(
+        body.contains("\"via\":\"admin\"") && body.contains("ops/alice"),
+        "{body}"
+    );
     // Revoked, the same certificate opens nothing.
     ca.ok(&[
         "svid",
