@@ -337,6 +337,19 @@ impl admin::tokens_server::Tokens for AdminService {
     }
 }
 
+/// Where a browser reaches a console bound to `addr`: this host's name for a wildcard address
+/// (`0.0.0.0`, `[::]`), the address itself otherwise.
+fn reachable(addr: std::net::SocketAddr) -> String {
+    if !addr.ip().is_unspecified() {
+        return addr.to_string();
+    }
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .map(|h| h.trim().to_owned())
+        .filter(|h| !h.is_empty())
+        .map_or_else(|| addr.to_string(), |h| format!("{h}:{}", addr.port()))
+}
+
 #[tonic::async_trait]
 impl admin::console_server::Console for AdminService {
     async fn create_login_token(
@@ -371,7 +384,7 @@ impl admin::console_server::Console for AdminService {
         Ok(Response::new(admin::ConsoleLoginToken {
             token: token.to_string(),
             expires_at,
-            address: format!("{scheme}://{}", console.address),
+            address: format!("{scheme}://{}", reachable(console.address)),
             session_ttl: console.access.session_ttl().as_secs(),
         }))
     }
@@ -1047,5 +1060,27 @@ impl admin::agents_server::Agents for AdminService {
             agent: Some(agent_to_proto(&agent)),
             entries: u32::try_from(entries).unwrap_or(u32::MAX),
         }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::reachable;
+
+    #[test]
+    fn a_wildcard_console_address_is_named_by_this_host() {
+        assert_eq!(
+            reachable("198.18.0.1:8480".parse().unwrap()),
+            "198.18.0.1:8480"
+        );
+        assert_eq!(reachable("[::1]:8480".parse().unwrap()), "[::1]:8480");
+        for wildcard in ["0.0.0.0:8480", "[::]:8480"] {
+            let named = reachable(wildcard.parse().unwrap());
+            assert!(named.ends_with(":8480"), "{named}");
+            let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
+            if !host.trim().is_empty() {
+                assert_eq!(named, format!("{}:8480", host.trim()));
+            }
+        }
     }
 }

@@ -19,8 +19,20 @@ use spiffe::SpiffeId;
 
 use crate::token::hash_token;
 
-/// The session cookie's name.
+/// The session cookie's name over plain HTTP (loopback).
 pub const COOKIE: &str = "meshid_console";
+/// Its name over HTTPS: the `__Host-` prefix makes browsers take it only from this host, over
+/// HTTPS, for every path, with no `Domain` (a sibling host cannot set or shadow it).
+pub const HOST_COOKIE: &str = "__Host-meshid_console";
+
+/// The session cookie's name for a console served over HTTPS or not.
+pub fn cookie_name(https: bool) -> &'static str {
+    if https {
+        HOST_COOKIE
+    } else {
+        COOKIE
+    }
+}
 /// Login tokens waiting at once; past it the oldest is dropped.
 pub const MAX_TOKENS: usize = 64;
 /// Sessions at once; past it the oldest is dropped.

@@ -84,7 +84,7 @@ async fn guard(State(c): State<Shared>, mut req: Request, next: Next) -> Respons
             .headers()
             .get(header::COOKIE)
             .and_then(|v| v.to_str().ok())
-            .and_then(|h| access::cookie(h, access::COOKIE));
+            .and_then(|h| access::cookie(h, access::cookie_name(c.https)));
         let host = req
             .headers()
             .get(header::HOST)
@@ -614,7 +614,7 @@ fn session_cookie(value: &str, max_age: u64, https: bool) -> HeaderValue {
     let secure = if https { "; Secure" } else { "" };
     HeaderValue::from_str(&format!(
         "{}={value}; Path=/; HttpOnly; SameSite=Strict; Max-Age={max_age}{secure}",
-        access::COOKIE
+        access::cookie_name(https)
     ))
     .unwrap_or_else(|_| HeaderValue::from_static("meshid_console=; Max-Age=0"))
 }
@@ -671,7 +671,7 @@ async fn logout(
     if let Some(session) = headers
         .get(header::COOKIE)
         .and_then(|v| v.to_str().ok())
-        .and_then(|h| access::cookie(h, access::COOKIE))
+        .and_then(|h| access::cookie(h, access::cookie_name(c.https)))
     {
         c.access.logout(session);
         if let Some(axum::Extension(Admission::Session(by))) = admission {

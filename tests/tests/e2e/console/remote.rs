@@ -158,19 +158,23 @@ fn console_refuses_remote_callers_without_an_admin_svid_or_a_token() {
     assert_eq!(code, 204, "{body}");
     let cookie_line = headers
         .lines()
-        .find(|l| l.to_lowercase().starts_with("set-cookie: meshid_console="))
+        .find(|l| {
+            l.to_lowercase()
+                .starts_with("set-cookie: __host-meshid_console=")
+        })
         .unwrap_or_else(|| panic!("no session cookie: {headers}"));
     for attr in ["HttpOnly", "Secure", "SameSite=Strict", "Path=/"] {
         assert!(cookie_line.contains(attr), "{cookie_line}");
     }
     let session = cookie_line
-        .split_once("meshid_console=")
+        .split_once("__Host-meshid_console=")
         .and_then(|(_, v)| v.split(';').next())
         .unwrap()
         .trim()
         .to_owned();
     assert!(session.starts_with("mcs_"), "{cookie_line}");
-    let cookie = format!("meshid_console={session}");
+    // Over HTTPS the cookie has the __Host- prefix: only this host, over HTTPS, may set it.
+    let cookie = format!("__Host-meshid_console={session}");
     let (code, _, body) = curl(
         &net,
         &["-H", &format!("cookie: {cookie}"), &url("/api/overview")],
@@ -184,7 +188,7 @@ fn console_refuses_remote_callers_without_an_admin_svid_or_a_token() {
         &net,
         &[
             "-H",
-            "cookie: meshid_console=mcs_forged",
+            "cookie: __Host-meshid_console=mcs_forged",
             &url("/api/overview"),
         ],
     );
