@@ -378,6 +378,9 @@ fn console_pages_search_explain_revocation_and_taint_in_chromium() {
         "the browser to show SVIDs left on the tainted key",
         || seen.exists().then_some(()),
     );
+    // Meanwhile the identities page flags the SVIDs still signed by the tainted key.
+    let (_, page) = meshid_tests::http_get(&console, "/api/identities?q=svc/&per_page=1").unwrap();
+    assert!(page.contains("\"tainted\":true"), "{page}");
     agent.restart(dir, &ca);
     let report = run.join().expect("the taint run");
     let values: Vec<u64> = step(&report, "wait_taint")["values"]
