@@ -152,8 +152,8 @@ pub async fn serve<T>(
             to: &local,
             port: Some(l.config.port),
             http: Some(HttpRequest {
-                method: &head.method,
-                path: &head.path,
+                method: head.method(),
+                path: head.path(),
                 upgrade: None,
             }),
         });
@@ -168,8 +168,8 @@ pub async fn serve<T>(
                 active.policy.name(),
                 &decision,
             );
-            r.method = Some(head.method.clone());
-            r.path = Some(head.path.clone());
+            r.method = Some(head.method().to_owned());
+            r.path = Some(head.path().to_owned());
             r
         });
         drop(active);

@@ -10,8 +10,6 @@
 //! malformed heads with `400` or `431` and decides upgrades: edge cases behave exactly as
 //! before, and the fast path never has to be lenient.
 
-use std::borrow::Cow;
-
 /// Headers that concern one connection only, whatever `Connection` says (as
 /// [`crate::http::strip_hop_by_hop`]); `Transfer-Encoding` is kept when a chunked body is
 /// relayed as it came.
@@ -62,18 +60,35 @@ pub enum Parsed<T> {
 pub struct RequestHead {
     /// Bytes of the head in the input.
     pub len: usize,
-    /// The method, as sent.
-    pub method: String,
-    /// The normalized path (what the policy matches and the application receives).
-    pub path: String,
-    /// The head to send to the application, without its final empty line.
+    /// The head to send to the application, without its final empty line. It starts with
+    /// the method and the normalized path ([`RequestHead::method`], [`RequestHead::path`]),
+    /// which are not copied again: no allocation per request but this one.
     pub out: Vec<u8>,
+    /// Where the normalized path is in `out` (the method ends one byte before it).
+    path_at: std::ops::Range<usize>,
     /// The body's framing.
     pub body: Framing,
     /// The caller asked to close after this response (`Connection: close`).
     pub close: bool,
     /// A `HEAD` request: its response has no body.
     pub head: bool,
+}
+
+impl RequestHead {
+    /// The method, as sent.
+    pub fn method(&self) -> &str {
+        self.text(0..self.path_at.start - 1)
+    }
+
+    /// The normalized path (what the policy matches and the application receives).
+    pub fn path(&self) -> &str {
+        self.text(self.path_at.clone())
+    }
+
+    fn text(&self, r: std::ops::Range<usize>) -> &str {
+        // `out` was written from the method and the path, both `str`, at these offsets.
+        std::str::from_utf8(&self.out[r]).unwrap_or_default()
+    }
 }
 
 /// A response head from the application.
@@ -178,6 +193,7 @@ fn request_head<'b>(buf: &'b [u8], slots: &mut [httparse::Header<'b>]) -> Parsed
     let mut out = Vec::with_capacity(buf.len() + 16);
     out.extend_from_slice(method.as_bytes());
     out.push(b' ');
+    let path_at = out.len()..out.len() + path.len();
     out.extend_from_slice(path.as_bytes());
     if let Some(q) = query {
         out.push(b'?');
@@ -192,12 +208,8 @@ fn request_head<'b>(buf: &'b [u8], slots: &mut [httparse::Header<'b>]) -> Parsed
     }
     Parsed::Head(RequestHead {
         len,
-        method: method.to_owned(),
-        path: match path {
-            Cow::Borrowed(p) => p.to_owned(),
-            Cow::Owned(p) => p,
-        },
         out,
+        path_at,
         body,
         close: conn.close,
         head: method == "HEAD",

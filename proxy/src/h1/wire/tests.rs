@@ -25,8 +25,8 @@ fn a_plain_request_is_rewritten_without_hop_by_hop_headers() {
         Accept: */*\r\n\r\nNEXT";
     let h = head(raw);
     assert_eq!(h.len, raw.len() - 4);
-    assert_eq!(h.method, "GET");
-    assert_eq!(h.path, "/a/c");
+    assert_eq!(h.method(), "GET");
+    assert_eq!(h.path(), "/a/c");
     assert_eq!(h.body, Framing::Empty);
     assert!(!h.close && !h.head);
     assert_eq!(
