@@ -96,6 +96,12 @@ pub struct RawConfig {
     /// oldest handshake in progress is shed for the new one, so connections that never finish
     /// their handshake (half-open, or a byte a second) cannot keep legitimate callers out.
     pub max_handshakes: Option<usize>,
+    /// TLS handshakes in progress at once from one source address (an IPv6 /64 counts as
+    /// one) on each inbound listener (default 16); a newcomer from a source at it waits for
+    /// one of them to end, within `handshake_timeout`. One busy source (a storm, or a client
+    /// opening many connections at once) cannot queue so much handshake work that the
+    /// handshakes of every other caller wait behind it.
+    pub max_handshakes_per_source: Option<usize>,
     /// A connection on which no byte moved either way for this long is closed (default 1h).
     #[serde(default, with = "humantime_serde_opt")]
     pub idle_timeout: Option<Duration>,
@@ -458,6 +464,8 @@ pub struct Config {
     pub max_connections: Option<usize>,
     /// Handshakes in progress at once per inbound listener.
     pub max_handshakes: usize,
+    /// Handshakes in progress at once per source address per inbound listener.
+    pub max_handshakes_per_source: usize,
     /// Idle connection deadline.
     pub idle_timeout: Duration,
     /// HTTP/1 request head deadline.
@@ -721,6 +729,16 @@ impl TryFrom<RawConfig> for Config {
                 None => 1024,
                 Some(n @ 1..=1_000_000) => n,
                 Some(n) => return Err(invalid("max_handshakes", format!("{n}: use 1 to 1000000"))),
+            },
+            max_handshakes_per_source: match raw.max_handshakes_per_source {
+                None => 16,
+                Some(n @ 1..=1_000_000) => n,
+                Some(n) => {
+                    return Err(invalid(
+                        "max_handshakes_per_source",
+                        format!("{n}: use 1 to 1000000"),
+                    ))
+                }
             },
             idle_timeout: duration(raw.idle_timeout, Duration::from_secs(3600), "idle_timeout")?,
             http_header_timeout: duration(

@@ -53,9 +53,19 @@ pub(crate) async fn connection(
     if shed > 0 {
         shed_handshakes(this, shed);
     }
+    // The wait for this source's turn counts toward the handshake's deadline, and the
+    // connection can be shed while it waits (it holds its slot).
+    let handshakes = &this.handshakes;
     let handshake = tokio::time::timeout(
         this.shared.handshake_timeout,
-        Box::pin(acceptor.accept(ReadAhead::new(tcp))),
+        Box::pin(async move {
+            let turn = handshakes
+                .turn(peer_addr.ip().into(), || source_waits(this, peer_addr))
+                .await;
+            let accepted = acceptor.accept(ReadAhead::new(tcp)).await;
+            drop(turn);
+            accepted
+        }),
     );
     let accepted = tokio::select! {
         r = handshake => r,
@@ -118,6 +128,21 @@ fn refused(this: &Listener, reason: &'static str) {
     this.metrics.handshake_failure(reason);
     let local = this.shared.creds.local_id();
     this.shared.denials.handshake(local.as_deref(), reason);
+}
+
+/// Counts a connection that waits for its source's turn (`limited{reason=
+/// "handshakes_per_source"}`) and says so at most once a second per listener.
+fn source_waits(this: &Listener, peer: std::net::SocketAddr) {
+    this.metrics.limited("handshakes_per_source");
+    this.handshakes.source_log.info(|held_back| {
+        tracing::warn!(
+            listener = %this.config.name,
+            source = %peer.ip(),
+            max_handshakes_per_source = this.shared.max_handshakes_per_source,
+            lines_held_back = held_back,
+            "handshakes in progress from one source at max_handshakes_per_source: its new connections wait their turn"
+        );
+    });
 }
 
 fn shed_handshakes(this: &Listener, shed: usize) {

@@ -71,6 +71,8 @@ pub struct Shared {
     pub max_connections: usize,
     /// Handshakes in progress at once per inbound listener.
     pub max_handshakes: usize,
+    /// Handshakes in progress at once per source address per inbound listener.
+    pub max_handshakes_per_source: usize,
     /// A connection idle (no byte either way) for this long is closed.
     pub idle_timeout: Duration,
     /// HTTP/1 request head deadline.

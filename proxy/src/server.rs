@@ -172,6 +172,7 @@ pub async fn run(
                 + if config.transparent.is_some() { 2 } else { 0 },
         ),
         max_handshakes: config.max_handshakes,
+        max_handshakes_per_source: config.max_handshakes_per_source,
         idle_timeout: config.idle_timeout,
         http_header_timeout: config.http_header_timeout,
         http_max_header_bytes: config.http_max_header_bytes,
@@ -181,6 +182,7 @@ pub async fn run(
     tracing::info!(
         max_connections = shared.max_connections,
         max_handshakes = shared.max_handshakes,
+        max_handshakes_per_source = shared.max_handshakes_per_source,
         idle_timeout = ?shared.idle_timeout,
         http_header_timeout = ?shared.http_header_timeout,
         http_max_header_bytes = shared.http_max_header_bytes,
@@ -245,7 +247,10 @@ pub async fn run(
         let this = Arc::new(crate::proxy::InboundState {
             config: l.clone(),
             metrics: metrics.listener("inbound", &l.name),
-            handshakes: crate::admission::Handshakes::new(shared.max_handshakes),
+            handshakes: crate::admission::Handshakes::new(
+                shared.max_handshakes,
+                shared.max_handshakes_per_source,
+            ),
             pool: Arc::default(),
             shared: shared.clone(),
         });

@@ -307,7 +307,10 @@ impl InboundListener {
         let m = &shared.metrics;
         InboundListener {
             metrics: m.listener("inbound", INBOUND_NAME),
-            handshakes: crate::admission::Handshakes::new(shared.max_handshakes),
+            handshakes: crate::admission::Handshakes::new(
+                shared.max_handshakes,
+                shared.max_handshakes_per_source,
+            ),
             mtls: m.transparent("inbound", "mtls"),
             plaintext_refused: m.transparent("inbound", "plaintext_refused"),
             plaintext_allowed: m.transparent("inbound", "plaintext_allowed"),

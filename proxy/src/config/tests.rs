@@ -23,6 +23,8 @@ fn minimal_config_gets_defaults() {
     assert_eq!(c.drain_timeout, Duration::from_secs(10));
     assert_eq!(c.detect_timeout, Duration::from_millis(200));
     assert_eq!(c.max_connections, None);
+    assert_eq!(c.max_handshakes, 1024);
+    assert_eq!(c.max_handshakes_per_source, 16);
     assert_eq!(c.idle_timeout, Duration::from_secs(3600));
     assert_eq!(c.http_header_timeout, Duration::from_secs(30));
     assert_eq!(c.http_max_header_bytes, 64 * 1024);
@@ -106,6 +108,7 @@ fn bad_configs_are_refused_with_the_key() {
         ("federated_trust_domains = ['Bad_TD!']\n[[inbound]]\nlisten = '127.0.0.1:1'\nforward_to = 'a:1'", "federated_trust_domains"),
         ("access_log = ''\n[[inbound]]\nlisten = '127.0.0.1:1'\nforward_to = 'a:1'", "access_log"),
         ("max_connections = 0\n[[inbound]]\nlisten = '127.0.0.1:1'\nforward_to = 'a:1'", "max_connections"),
+        ("max_handshakes_per_source = 0\n[[inbound]]\nlisten = '127.0.0.1:1'\nforward_to = 'a:1'", "max_handshakes_per_source: 0: use 1 to 1000000"),
         ("max_connections = -1\n[[inbound]]\nlisten = '127.0.0.1:1'\nforward_to = 'a:1'", "proxy.toml:1:"),
         ("idle_timeout = '0s'\n[[inbound]]\nlisten = '127.0.0.1:1'\nforward_to = 'a:1'", "idle_timeout"),
         ("http_header_timeout = '0s'\n[[inbound]]\nlisten = '127.0.0.1:1'\nforward_to = 'a:1'", "http_header_timeout"),

@@ -432,3 +432,103 @@ fn proxy_denied_caller_gets_one_request_and_is_closed() {
     );
     assert_eq!(field_str(&line, "max_handshakes").as_deref(), Some("4"));
 }
+
+/// A TCP connection to `to` from the local address `source` (another loopback address plays
+/// another host).
+fn connect_from(source: &str, to: &str) -> TcpStream {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let sock = tokio::net::TcpSocket::new_v4().unwrap();
+        sock.bind(format!("{source}:0").parse().unwrap()).unwrap();
+        let s = sock.connect(to.parse().unwrap()).await.unwrap();
+        let s = s.into_std().unwrap();
+        s.set_nonblocking(false).unwrap();
+        s
+    })
+}
+
+#[test]
+fn proxy_handshakes_per_source_wait_their_turn() {
+    let _serial = serial();
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let ca = Ca::start(dir, &[]);
+    let (t1, t2) = (ca.join_token(), ca.join_token());
+    create_entry(&ca, "web", &id("web"), &t1.1, "1h");
+    create_entry(&ca, "api", &id("api"), &t2.1, "1h");
+    let node1 = start_node(dir, "node1", &ca, t1);
+    let node2 = start_node(dir, "node2", &ca, t2);
+    let http = HttpBackend::start();
+    let policy = dir.join("policy.yaml");
+    std::fs::write(&policy, WEB_PUBLIC_ONLY).unwrap();
+    let (api_8081, web_8081) = (local_addr(), local_addr());
+    let mut api = Proxy::start(
+        dir,
+        "api",
+        &(proxy_head(
+            dir,
+            "api",
+            &node2,
+            &id("api"),
+            Some(&policy),
+            "max_handshakes_per_source = 2\n",
+        ) + &inbound("api-8081", &api_8081, http.addr(), 8081, "http")),
+    );
+    let mut web = Proxy::start(
+        dir,
+        "web",
+        &(proxy_head(dir, "web", &node1, &id("web"), None, "")
+            + &outbound("to-8081", &web_8081, &api_8081, &id("api"))),
+    );
+    wait_ready(&mut [&mut api, &mut web]);
+    let skip = count_events(
+        &api,
+        "handshakes in progress from one source at max_handshakes_per_source: its new connections wait their turn",
+        &[],
+    );
+
+    // 127.0.0.2, another host: two connections that send no TLS byte hold its two turns; its
+    // third sends bytes (not a ClientHello) and waits: nothing reads them, so nothing answers.
+    let mut held: Vec<TcpStream> = (0..2)
+        .map(|_| connect_from("127.0.0.2", &api_8081))
+        .collect();
+    std::thread::sleep(Duration::from_millis(200));
+    let mut third = connect_from("127.0.0.2", &api_8081);
+    third.write_all(b"not a ClientHello\r\n").unwrap();
+    assert!(
+        still_open(&mut third, Duration::from_millis(500)),
+        "the third from a busy source waits its turn"
+    );
+    assert_eq!(
+        wait_metric(&api, "api-8081", "handshakes_per_source", 1.0),
+        1.0
+    );
+    let line = wait_event(
+        &api,
+        skip,
+        "handshakes in progress from one source at max_handshakes_per_source: its new connections wait their turn",
+        &[("listener", "api-8081"), ("source", "127.0.0.2")],
+    );
+    assert_eq!(
+        field_str(&line, "max_handshakes_per_source").as_deref(),
+        Some("2")
+    );
+
+    // Another source (web's proxy, on 127.0.0.1) is not held up by 127.0.0.2's.
+    let t = Instant::now();
+    let r = request_once(&web_8081, "GET", "/public/turn").unwrap();
+    assert_eq!(r.status, 200);
+    assert!(t.elapsed() < Duration::from_secs(2), "{:?}", t.elapsed());
+
+    // One of 127.0.0.2's ends: the third gets its turn, its bytes are read, and its handshake
+    // fails and is closed, well before handshake_timeout (10 s).
+    drop(held.remove(0));
+    let (took, _) = closed_within(&mut third, Duration::from_secs(5))
+        .expect("the waiting connection gets its turn when one ends");
+    assert!(took < Duration::from_secs(3), "{took:?}");
+    assert!(still_open(&mut held[0], Duration::from_millis(100)));
+    assert_eq!(limited(&api, "api-8081", "handshakes_per_source"), 1.0);
+}
