@@ -185,11 +185,7 @@ fn proxy_key_exchange_is_hybrid_post_quantum_with_classical_fallback() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path();
     let ca = Ca::start(dir, &[]);
-    let (t1, t2) = (ca.join_token(), ca.join_token());
-    create_entry(&ca, "web", &id("web"), &t1.1, "1h");
-    create_entry(&ca, "api", &id("api"), &t2.1, "1h");
-    let node1 = start_node(dir, "node1", &ca, t1);
-    let node2 = start_node(dir, "node2", &ca, t2);
+    let (node1, node2) = web_and_api_nodes(dir, &ca, "1h");
     let http = HttpBackend::start();
     let policy = dir.join("policy.yaml");
     std::fs::write(&policy, ALLOW_WEB_TO_API).unwrap();

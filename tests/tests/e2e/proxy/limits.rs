@@ -79,11 +79,7 @@ fn proxy_limits_refuse_and_close_with_their_metric() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path();
     let ca = Ca::start(dir, &[]);
-    let (t1, t2) = (ca.join_token(), ca.join_token());
-    create_entry(&ca, "web", &id("web"), &t1.1, "1h");
-    create_entry(&ca, "api", &id("api"), &t2.1, "1h");
-    let node1 = start_node(dir, "node1", &ca, t1);
-    let node2 = start_node(dir, "node2", &ca, t2);
+    let (node1, node2) = web_and_api_nodes(dir, &ca, "1h");
     let http = HttpBackend::start();
     let echo = EchoBackend::start();
     let policy = dir.join("policy.yaml");
@@ -311,11 +307,7 @@ fn proxy_denied_caller_gets_one_request_and_is_closed() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path();
     let ca = Ca::start(dir, &[]);
-    let (t1, t2) = (ca.join_token(), ca.join_token());
-    create_entry(&ca, "web", &id("web"), &t1.1, "1h");
-    create_entry(&ca, "api", &id("api"), &t2.1, "1h");
-    let node1 = start_node(dir, "node1", &ca, t1);
-    let node2 = start_node(dir, "node2", &ca, t2);
+    let (node1, node2) = web_and_api_nodes(dir, &ca, "1h");
     let http = HttpBackend::start();
     let policy = dir.join("policy.yaml");
     std::fs::write(&policy, WEB_PUBLIC_ONLY).unwrap();
@@ -456,11 +448,7 @@ fn proxy_handshakes_per_source_wait_their_turn() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path();
     let ca = Ca::start(dir, &[]);
-    let (t1, t2) = (ca.join_token(), ca.join_token());
-    create_entry(&ca, "web", &id("web"), &t1.1, "1h");
-    create_entry(&ca, "api", &id("api"), &t2.1, "1h");
-    let node1 = start_node(dir, "node1", &ca, t1);
-    let node2 = start_node(dir, "node2", &ca, t2);
+    let (node1, node2) = web_and_api_nodes(dir, &ca, "1h");
     let http = HttpBackend::start();
     let policy = dir.join("policy.yaml");
     std::fs::write(&policy, WEB_PUBLIC_ONLY).unwrap();

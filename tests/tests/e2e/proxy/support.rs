@@ -405,6 +405,17 @@ pub struct Node {
 
 /// Starts the agent of a node in `dir/<name>` with `token` (from [`token`]: register the
 /// node's entries with its agent ID first, or later).
+/// node1 with the entry `web` and node2 with `api` (SVIDs of `ttl`), joined to `ca`.
+pub fn web_and_api_nodes(dir: &Path, ca: &Ca, ttl: &str) -> (Node, Node) {
+    let (t1, t2) = (ca.join_token(), ca.join_token());
+    create_entry(ca, "web", &id("web"), &t1.1, ttl);
+    create_entry(ca, "api", &id("api"), &t2.1, ttl);
+    (
+        start_node(dir, "node1", ca, t1),
+        start_node(dir, "node2", ca, t2),
+    )
+}
+
 pub fn start_node(dir: &Path, name: &str, ca: &Ca, token: (String, String)) -> Node {
     let node_dir = dir.join(name);
     std::fs::create_dir_all(&node_dir).unwrap();
@@ -498,11 +509,7 @@ impl WebToApi {
         let tmp = tempfile::tempdir().unwrap();
         let dir = tmp.path();
         let ca = Ca::start(dir, &[]);
-        let (t1, t2) = (ca.join_token(), ca.join_token());
-        create_entry(&ca, "web", &id("web"), &t1.1, ttl);
-        create_entry(&ca, "api", &id("api"), &t2.1, ttl);
-        let node1 = start_node(dir, "node1", &ca, t1);
-        let node2 = start_node(dir, "node2", &ca, t2);
+        let (node1, node2) = web_and_api_nodes(dir, &ca, ttl);
         let backend = app.is_none().then(HttpBackend::start);
         let app = app.unwrap_or_else(|| backend.as_ref().map_or("", HttpBackend::addr));
         let policy = dir.join("policy.yaml");
