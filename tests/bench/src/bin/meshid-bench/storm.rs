@@ -218,6 +218,37 @@ async fn idle_connection(
     Ok(s)
 }
 
+/// Opens `n` idle mTLS connections, 64 at a time: the ones held, and how many failed.
+async fn open_idle(
+    addr: &str,
+    connector: &tokio_rustls::TlsConnector,
+    n: usize,
+) -> (Vec<tokio_rustls::client::TlsStream<TcpStream>>, usize) {
+    let sem = Arc::new(tokio::sync::Semaphore::new(64));
+    let mut opening = Vec::with_capacity(n);
+    for _ in 0..n {
+        let (addr, tls, sem) = (addr.to_owned(), connector.clone(), sem.clone());
+        opening.push(tokio::spawn(async move {
+            let _p = sem.acquire_owned().await.unwrap();
+            idle_connection(&addr, tls).await
+        }));
+    }
+    let mut held = Vec::with_capacity(n);
+    let mut failed = 0;
+    for o in opening {
+        match o.await.unwrap() {
+            Ok(s) => held.push(s),
+            Err(e) => {
+                if failed < 3 {
+                    eprintln!("idle connection failed: {e}");
+                }
+                failed += 1;
+            }
+        }
+    }
+    (held, failed)
+}
+
 /// Connects `n` TCP connections that send `first` (nothing when empty) and records, for each
 /// closed by the proxy within `watch`, the time from connect to close.
 async fn raw_connections(addr: &str, n: usize, watch: Duration) -> (Vec<Duration>, usize) {
@@ -309,6 +340,10 @@ fn hwm_kib(pid: u32) -> u64 {
 /// `MESHID_STORM_PROTOCOL` (default `detect`): api's listener protocol (`tcp` relays bytes and
 /// holds an application connection per caller connection).
 /// `MESHID_STORM_ONLY_IDLE`: stop after phase 1 (to compare memory per idle connection).
+/// `MESHID_STORM_PER_SOURCE` (default 16, the proxy's default): api's
+/// `max_handshakes_per_source`. `MESHID_STORM_SOURCE` (default 127.0.0.2): the attacker's
+/// address. `MESHID_STORM_REOPEN`: after phase 1, close the 10,000 at once (phase `closing`)
+/// and open them again (`idle again`), into memory api has already touched (glibc keeps it).
 fn knobs() -> (usize, String, bool) {
     let idle = std::env::var("MESHID_STORM_IDLE")
         .ok()
@@ -375,9 +410,10 @@ pub fn run() {
         dir,
         "api",
         &format!(
-            "workload_api_socket = \"{}\"\nspiffe_id = \"spiffe://example.org/api\"\npolicy_file = \"{}\"\naccess_log = \"off\"\nmax_connections = {MAX_CONNECTIONS}\nmax_handshakes = {MAX_HANDSHAKES}\nhttp_header_timeout = \"10m\"\n\n[[inbound]]\nname = \"in\"\nlisten = \"{api_in}\"\nforward_to = \"{backend}\"\nport = 8080\nprotocol = \"{protocol}\"\n",
+            "workload_api_socket = \"{}\"\nspiffe_id = \"spiffe://example.org/api\"\npolicy_file = \"{}\"\naccess_log = \"off\"\nmax_connections = {MAX_CONNECTIONS}\nmax_handshakes = {MAX_HANDSHAKES}\nmax_handshakes_per_source = {per_source}\nhttp_header_timeout = \"10m\"\n\n[[inbound]]\nname = \"in\"\nlisten = \"{api_in}\"\nforward_to = \"{backend}\"\nport = 8080\nprotocol = \"{protocol}\"\n",
             agents[1].endpoint(),
-            policy.display()
+            policy.display(),
+            per_source = std::env::var("MESHID_STORM_PER_SOURCE").unwrap_or_else(|_| "16".into()),
         ),
     );
     let mut web = Proxy::start(
@@ -462,28 +498,7 @@ pub fn run() {
         // 1. Idle mTLS connections.
         begin_phase(&phases, "idle: 10,000 mTLS connections opened and held");
         let t = Instant::now();
-        let sem = Arc::new(tokio::sync::Semaphore::new(64));
-        let mut opening = Vec::with_capacity(IDLE);
-        for _ in 0..IDLE {
-            let (addr, tls, sem) = (api_in.clone(), connector.clone(), sem.clone());
-            opening.push(tokio::spawn(async move {
-                let _p = sem.acquire_owned().await.unwrap();
-                idle_connection(&addr, tls).await
-            }));
-        }
-        let mut held = Vec::with_capacity(IDLE);
-        let mut idle_failed = 0;
-        for o in opening {
-            match o.await.unwrap() {
-                Ok(s) => held.push(s),
-                Err(e) => {
-                    if idle_failed < 3 {
-                        eprintln!("idle connection failed: {e}");
-                    }
-                    idle_failed += 1;
-                }
-            }
-        }
+        let (mut held, idle_failed) = open_idle(&api_in, &connector, IDLE).await;
         let open_time = t.elapsed();
         tokio::time::sleep(Duration::from_secs(5)).await;
         let rss_idle = rss_kib(api_pid);
@@ -499,6 +514,24 @@ pub fn run() {
             (rss_idle.saturating_sub(rss_before)) as f64 / held.len().max(1) as f64
         ));
 
+        if std::env::var_os("MESHID_STORM_REOPEN").is_some() {
+            begin_phase(&phases, "closing: the 10,000 closed at once");
+            drop(std::mem::take(&mut held));
+            tokio::time::sleep(Duration::from_secs(3)).await;
+            let rss_closed = rss_kib(api_pid);
+            begin_phase(&phases, "idle again: 10,000 reopened");
+            let t = Instant::now();
+            let failed;
+            (held, failed) = open_idle(&api_in, &connector, IDLE).await;
+            report.push(format!(
+                "idle again: {} of {IDLE} reopened in {:.1} s ({failed} failed); api RSS {:.1} MiB once they had closed, then {:.1} MiB",
+                held.len(),
+                t.elapsed().as_secs_f64(),
+                rss_closed as f64 / 1024.0,
+                rss_kib(api_pid) as f64 / 1024.0
+            ));
+            tokio::time::sleep(Duration::from_secs(2)).await;
+        }
         if only_idle {
             stop.store(true, Ordering::SeqCst);
             let _ = load.join();
