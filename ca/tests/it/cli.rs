@@ -22,13 +22,7 @@ pub(crate) struct Server {
     pub(crate) ops: String,
 }
 
-pub(crate) fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
+pub(crate) use meshid_tests::free_port;
 
 impl Server {
     pub(crate) fn start(dir: &Path, extra: &[&str]) -> Server {
