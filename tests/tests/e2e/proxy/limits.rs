@@ -15,6 +15,7 @@ use std::time::{Duration, Instant};
 use meshid_tests::{Ca, Proxy};
 
 use super::support::*;
+use super::ALLOW_WEB_TO_API;
 
 const LIMITED: &str = "meshid_proxy_limited_connections_total";
 
@@ -445,60 +446,38 @@ fn connect_from(source: &str, to: &str) -> TcpStream {
 #[test]
 fn proxy_handshakes_per_source_wait_their_turn() {
     let _serial = serial();
-    let tmp = tempfile::tempdir().unwrap();
-    let dir = tmp.path();
-    let ca = Ca::start(dir, &[]);
-    let (node1, node2) = web_and_api_nodes(dir, &ca, "1h");
-    let http = HttpBackend::start();
-    let policy = dir.join("policy.yaml");
-    std::fs::write(&policy, WEB_PUBLIC_ONLY).unwrap();
-    let (api_8081, web_8081) = (local_addr(), local_addr());
-    let mut api = Proxy::start(
-        dir,
-        "api",
-        &(proxy_head(
-            dir,
-            "api",
-            &node2,
-            &id("api"),
-            Some(&policy),
-            "max_handshakes_per_source = 2\n",
-        ) + &inbound("api-8081", &api_8081, http.addr(), 8081, "http")),
+    let mesh = WebToApi::start_with(
+        "1h",
+        ALLOW_WEB_TO_API,
+        None,
+        "max_handshakes_per_source = 2\n",
     );
-    let mut web = Proxy::start(
-        dir,
-        "web",
-        &(proxy_head(dir, "web", &node1, &id("web"), None, "")
-            + &outbound("to-8081", &web_8081, &api_8081, &id("api"))),
-    );
-    wait_ready(&mut [&mut api, &mut web]);
+    let (api, api_in, web_out) = (&mesh.api, &mesh.api_in, &mesh.web_out);
     let skip = count_events(
-        &api,
+        api,
         "handshakes in progress from one source at max_handshakes_per_source: its new connections wait their turn",
         &[],
     );
 
     // 127.0.0.2, another host: two connections that send no TLS byte hold its two turns; its
     // third sends bytes (not a ClientHello) and waits: nothing reads them, so nothing answers.
-    let mut held: Vec<TcpStream> = (0..2)
-        .map(|_| connect_from("127.0.0.2", &api_8081))
-        .collect();
+    let mut held: Vec<TcpStream> = (0..2).map(|_| connect_from("127.0.0.2", api_in)).collect();
     std::thread::sleep(Duration::from_millis(200));
-    let mut third = connect_from("127.0.0.2", &api_8081);
+    let mut third = connect_from("127.0.0.2", api_in);
     third.write_all(b"not a ClientHello\r\n").unwrap();
     assert!(
         still_open(&mut third, Duration::from_millis(500)),
         "the third from a busy source waits its turn"
     );
     assert_eq!(
-        wait_metric(&api, "api-8081", "handshakes_per_source", 1.0),
+        wait_metric(api, "api-in", "handshakes_per_source", 1.0),
         1.0
     );
     let line = wait_event(
-        &api,
+        api,
         skip,
         "handshakes in progress from one source at max_handshakes_per_source: its new connections wait their turn",
-        &[("listener", "api-8081"), ("source", "127.0.0.2")],
+        &[("listener", "api-in"), ("source", "127.0.0.2")],
     );
     assert_eq!(
         field_str(&line, "max_handshakes_per_source").as_deref(),
@@ -507,7 +486,7 @@ fn proxy_handshakes_per_source_wait_their_turn() {
 
     // Another source (web's proxy, on 127.0.0.1) is not held up by 127.0.0.2's.
     let t = Instant::now();
-    let r = request_once(&web_8081, "GET", "/public/turn").unwrap();
+    let r = request_once(web_out, "GET", "/turn").unwrap();
     assert_eq!(r.status, 200);
     assert!(t.elapsed() < Duration::from_secs(2), "{:?}", t.elapsed());
 
@@ -518,5 +497,5 @@ fn proxy_handshakes_per_source_wait_their_turn() {
         .expect("the waiting connection gets its turn when one ends");
     assert!(took < Duration::from_secs(3), "{took:?}");
     assert!(still_open(&mut held[0], Duration::from_millis(100)));
-    assert_eq!(limited(&api, "api-8081", "handshakes_per_source"), 1.0);
+    assert_eq!(limited(api, "api-in", "handshakes_per_source"), 1.0);
 }

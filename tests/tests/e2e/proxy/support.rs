@@ -506,6 +506,17 @@ impl WebToApi {
     /// As [`WebToApi::start`], with api's proxy forwarding to the application at `app`
     /// (`host:port`) instead of an [`HttpBackend`] when it is given.
     pub fn start_to(ttl: &str, policy_text: &str, app: Option<&str>) -> WebToApi {
+        WebToApi::start_with(ttl, policy_text, app, "")
+    }
+
+    /// As [`WebToApi::start_to`], with `api_config` (top-level settings, one per line) added
+    /// to api's proxy configuration.
+    pub fn start_with(
+        ttl: &str,
+        policy_text: &str,
+        app: Option<&str>,
+        api_config: &str,
+    ) -> WebToApi {
         let tmp = tempfile::tempdir().unwrap();
         let dir = tmp.path();
         let ca = Ca::start(dir, &[]);
@@ -514,7 +525,8 @@ impl WebToApi {
         let app = app.unwrap_or_else(|| backend.as_ref().map_or("", HttpBackend::addr));
         let policy = dir.join("policy.yaml");
         std::fs::write(&policy, policy_text).unwrap();
-        let (api, web, web_out, api_in) = web_to_api_proxies(dir, &node1, &node2, &policy, app);
+        let (api, web, web_out, api_in) =
+            web_to_api_proxies_with(dir, &node1, &node2, &policy, app, api_config);
         WebToApi {
             api,
             web,
@@ -539,11 +551,23 @@ pub fn web_to_api_proxies(
     policy: &Path,
     app: &str,
 ) -> (Proxy, Proxy, String, String) {
+    web_to_api_proxies_with(dir, web_node, api_node, policy, app, "")
+}
+
+/// As [`web_to_api_proxies`], with `api_config` added to api's proxy configuration.
+pub fn web_to_api_proxies_with(
+    dir: &Path,
+    web_node: &Node,
+    api_node: &Node,
+    policy: &Path,
+    app: &str,
+    api_config: &str,
+) -> (Proxy, Proxy, String, String) {
     let api_in = local_addr();
     let mut api = Proxy::start(
         dir,
         "api",
-        &(proxy_head(dir, "api", api_node, &id("api"), Some(policy), "")
+        &(proxy_head(dir, "api", api_node, &id("api"), Some(policy), api_config)
             + &inbound("api-in", &api_in, app, 8080, "detect")),
     );
     let web_out = local_addr();
