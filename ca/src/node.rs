@@ -872,20 +872,24 @@ impl node::node_server::Node for NodeService {
             field: "denials",
             reason,
         };
-        if r.denials.len() > meshid_api::denials::MAX_KEYS {
-            return Err(invalid(meshid_api::denials::DenialError::TooMany.to_string()).into());
-        }
-        let mut counts = Vec::with_capacity(r.denials.len());
-        for d in r.denials {
-            meshid_api::denials::check(&d.caller, &d.callee, &d.rule, d.count)
-                .map_err(|e| invalid(e.to_string()))?;
-            let key = meshid_api::denials::Key {
-                caller: d.caller,
-                callee: d.callee,
-                rule: d.rule,
-            };
-            counts.push((key, d.count, d.last_at));
-        }
+        meshid_api::denials::check_report(
+            r.denials
+                .iter()
+                .map(|d| (&*d.caller, &*d.callee, &*d.rule, d.count)),
+        )
+        .map_err(|e| invalid(e.to_string()))?;
+        let counts = r
+            .denials
+            .into_iter()
+            .map(|d| {
+                let key = meshid_api::denials::Key {
+                    caller: d.caller,
+                    callee: d.callee,
+                    rule: d.rule,
+                };
+                (key, d.count, d.last_at)
+            })
+            .collect();
         self.ca
             .record_denials(&caller.id, counts)
             .await

@@ -48,9 +48,7 @@ impl Denials {
 
     fn put_back(&self, counts: Counts) {
         let mut tally = self.tally.lock().unwrap_or_else(|p| p.into_inner());
-        for (k, n, at) in counts {
-            tally.add(k, n, at);
-        }
+        tally.put_back(counts);
     }
 }
 

@@ -314,9 +314,7 @@ impl Manager {
             Err(s) if s.code() == tonic::Code::Unimplemented => Ok(false),
             Err(s) => {
                 let mut t = self.denials.lock().unwrap_or_else(|p| p.into_inner());
-                for (k, n, at) in counts {
-                    t.add(k, n, at);
-                }
+                t.put_back(counts);
                 // Too fast for the CA: they go with the next report, the session goes on.
                 if s.code() == tonic::Code::ResourceExhausted {
                     return Ok(true);

@@ -807,12 +807,12 @@ impl WorkloadApi {
         }
         own.sort();
         let report = request.into_inner();
-        if report.denials.len() > meshid_api::denials::MAX_KEYS {
-            return Err(meshid_api::denials::DenialError::TooMany.into());
-        }
-        for d in &report.denials {
-            meshid_api::denials::check(&d.caller, &d.callee, &d.rule, d.count)?;
-        }
+        meshid_api::denials::check_report(
+            report
+                .denials
+                .iter()
+                .map(|d| (&*d.caller, &*d.callee, &*d.rule, d.count)),
+        )?;
         let (mut kept, mut foreign) = (0u32, None);
         let mut tally = self.denials.lock().unwrap_or_else(|p| p.into_inner());
         for d in report.denials {

@@ -55,11 +55,18 @@ impl Tally {
     }
 
     /// Everything counted since the last take, by key, and how many were dropped; starts over.
-    pub fn take(&mut self) -> (Vec<(Key, u64, i64)>, u64) {
-        let mut out: Vec<(Key, u64, i64)> =
-            self.counts.drain().map(|(k, (n, at))| (k, n, at)).collect();
+    pub fn take(&mut self) -> (Counts, u64) {
+        let mut out: Counts = self.counts.drain().map(|(k, (n, at))| (k, n, at)).collect();
         out.sort();
         (out, std::mem::take(&mut self.dropped))
+    }
+
+    /// Counts again what a [`Tally::take`] gave and a report could not deliver, to go with the
+    /// next one.
+    pub fn put_back(&mut self, counts: Counts) {
+        for (k, n, at) in counts {
+            self.add(k, n, at);
+        }
     }
 }
 
@@ -83,6 +90,20 @@ pub enum DenialError {
     /// More counts than [`MAX_KEYS`] in one report.
     #[error("a report carries at most {MAX_KEYS} counts")]
     TooMany,
+}
+
+/// Checks a whole report: at most [`MAX_KEYS`] counts, each as [`check`] says (caller, callee,
+/// rule, count).
+pub fn check_report<'a>(
+    counts: impl ExactSizeIterator<Item = (&'a str, &'a str, &'a str, u64)>,
+) -> Result<(), DenialError> {
+    if counts.len() > MAX_KEYS {
+        return Err(DenialError::TooMany);
+    }
+    for (caller, callee, rule, count) in counts {
+        check(caller, callee, rule, count)?;
+    }
+    Ok(())
 }
 
 /// Checks one reported count: the caller and callee empty or SPIFFE IDs, the rule short and
@@ -143,6 +164,23 @@ mod tests {
             ]
         );
         assert!(t.is_empty());
+        // What a failed report carried is counted again, with what came meanwhile.
+        t.add(key("", "handshake:untrusted"), 4, 20);
+        t.put_back(counts);
+        let (again, _) = t.take();
+        assert_eq!(
+            again,
+            vec![
+                (key("", "handshake:untrusted"), 5, 20),
+                (key("spiffe://example.org/web", "<default>"), 3, 10),
+            ]
+        );
+        assert!(check_report(
+            again
+                .iter()
+                .map(|(k, n, _)| (&*k.caller, &*k.callee, &*k.rule, *n))
+        )
+        .is_ok());
     }
 
     #[test]

@@ -179,10 +179,13 @@ fn begin_phase(phases: &Mutex<Vec<(String, Legit)>>, name: &str) {
 /// from elsewhere would be (`MESHID_STORM_SOURCE=127.0.0.1` puts it on the legitimate
 /// callers' own address instead).
 fn attacker_source() -> std::net::IpAddr {
-    std::env::var("MESHID_STORM_SOURCE")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(std::net::IpAddr::V4(std::net::Ipv4Addr::new(127, 0, 0, 2)))
+    static SOURCE: std::sync::OnceLock<std::net::IpAddr> = std::sync::OnceLock::new();
+    *SOURCE.get_or_init(|| {
+        std::env::var("MESHID_STORM_SOURCE")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(std::net::IpAddr::V4(std::net::Ipv4Addr::new(127, 0, 0, 2)))
+    })
 }
 
 /// A TCP connection to `addr` from [`attacker_source`].
