@@ -34,12 +34,28 @@ pub struct Bound {
     pub transparent: Option<(TcpListener, TcpListener)>,
 }
 
+/// The accept queue asked for: the kernel caps it at `net.core.somaxconn` (4096 by default
+/// since Linux 5.4). A full queue drops the newcomer's handshake, which the caller repeats only
+/// a second later; tokio's default of 1024 overflowed in the storm bench when 1,000 clients
+/// connected at once.
+const LISTEN_BACKLOG: u32 = 65_535;
+
+/// Listens on `addr` (with `SO_REUSEADDR`, as tokio's own `bind`) with [`LISTEN_BACKLOG`].
+fn listen(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    let socket = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(LISTEN_BACKLOG)
+}
+
 /// Binds every listener of `config`; the error names the address.
 pub async fn bind(config: &Config) -> anyhow::Result<Bound> {
     async fn one(addr: SocketAddr, what: &str) -> anyhow::Result<TcpListener> {
-        TcpListener::bind(addr)
-            .await
-            .map_err(|e| anyhow::anyhow!("cannot listen on {addr} ({what}): {e}"))
+        listen(addr).map_err(|e| anyhow::anyhow!("cannot listen on {addr} ({what}): {e}"))
     }
     let ops = one(config.ops_address, "ops_address").await?;
     let mut inbound = Vec::new();
@@ -100,11 +116,23 @@ impl meshid_api::ops::Ops for ProxyOps {
     }
 }
 
-/// The soft limit on open files of this process (from `/proc/self/limits`).
-fn open_files_limit() -> Option<u64> {
-    let limits = std::fs::read_to_string("/proc/self/limits").ok()?;
-    let line = limits.lines().find(|l| l.starts_with("Max open files"))?;
-    line.split_whitespace().nth(3)?.parse().ok()
+/// Sizes the descriptor table for every listener full at once (two descriptors per connection
+/// and 256 aside, as [`max_connections`] counts), within the open-files limit; see
+/// [`meshid_api::server::reserve_descriptors`].
+fn size_descriptor_table(max_connections: usize, listeners: usize) -> Option<u64> {
+    let limit = meshid_api::server::open_files_limit()?;
+    let want = u64::try_from(max_connections)
+        .unwrap_or(u64::MAX)
+        .saturating_mul(2 * listeners.max(1) as u64)
+        .saturating_add(256)
+        .min(limit);
+    match meshid_api::server::reserve_descriptors(want) {
+        Ok(()) => Some(want),
+        Err(e) => {
+            tracing::warn!(descriptors = want, error = %e, "cannot size the descriptor table: it grows under load instead, each time stalling the proxy for a moment");
+            None
+        }
+    }
 }
 
 /// The per-listener connection limit: the configured one, or what the open-files limit
@@ -112,7 +140,7 @@ fn open_files_limit() -> Option<u64> {
 /// and the one it opens; 256 are kept aside), between 64 and 10000. A configured limit the
 /// open-files limit cannot hold is kept, with a warning saying what to raise.
 pub fn max_connections(configured: Option<usize>, listeners: usize) -> usize {
-    let budget = open_files_limit().map(|n| {
+    let budget = meshid_api::server::open_files_limit().map(|n| {
         usize::try_from(n.saturating_sub(256) / (2 * listeners.max(1) as u64)).unwrap_or(usize::MAX)
     });
     match (configured, budget) {
@@ -153,6 +181,9 @@ pub async fn run(
         Arc::clone(&denials),
         drain.clone(),
     ));
+    let listeners = config.inbound.len()
+        + config.outbound.len()
+        + if config.transparent.is_some() { 2 } else { 0 };
     let shared = Arc::new(Shared {
         denials,
         creds: creds.clone(),
@@ -165,12 +196,7 @@ pub async fn run(
         detect_timeout: config.detect_timeout,
         connect_timeout: config.connect_timeout,
         mark: config.transparent.as_ref().and_then(|t| t.mark),
-        max_connections: max_connections(
-            config.max_connections,
-            config.inbound.len()
-                + config.outbound.len()
-                + if config.transparent.is_some() { 2 } else { 0 },
-        ),
+        max_connections: max_connections(config.max_connections, listeners),
         max_handshakes: config.max_handshakes,
         max_handshakes_per_source: config.max_handshakes_per_source,
         idle_timeout: config.idle_timeout,
@@ -179,8 +205,10 @@ pub async fn run(
         http_max_headers: config.http_max_headers,
         http_max_requests_per_connection: config.http_max_requests_per_connection,
     });
+    let descriptor_table = size_descriptor_table(shared.max_connections, listeners);
     tracing::info!(
         max_connections = shared.max_connections,
+        descriptor_table,
         max_handshakes = shared.max_handshakes,
         max_handshakes_per_source = shared.max_handshakes_per_source,
         idle_timeout = ?shared.idle_timeout,
@@ -306,4 +334,29 @@ pub async fn run(
     let _ = tokio::time::timeout(Duration::from_secs(1), writer).await;
     tracing::info!("meshid-proxy stopped");
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    #[tokio::test]
+    async fn listeners_ask_for_the_largest_accept_queue_the_kernel_allows() {
+        let l = super::listen("127.0.0.1:0".parse().unwrap()).unwrap();
+        let port = l.local_addr().unwrap().port();
+        let somaxconn: u32 = std::fs::read_to_string("/proc/sys/net/core/somaxconn")
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap();
+        let out = std::process::Command::new("ss")
+            .args(["-Hltn", &format!("sport = :{port}")])
+            .output()
+            .unwrap();
+        let text = String::from_utf8(out.stdout).unwrap();
+        // `LISTEN  0  4096  127.0.0.1:port  0.0.0.0:*`: a listener's Send-Q is its accept
+        // queue's size.
+        let queue: u32 = text.split_whitespace().nth(2).unwrap().parse().unwrap();
+        assert_eq!(queue, somaxconn.min(super::LISTEN_BACKLOG), "{text}");
+        // More than tokio's 1024, wherever the kernel allows it.
+        assert!(queue > 1024 || somaxconn <= 1024, "{text}");
+    }
 }

@@ -109,6 +109,19 @@ fn proxy_limits_refuse_and_close_with_their_metric() {
     );
     wait_ready(&mut [&mut api, &mut web]);
     assert!(api.proc.log_text().contains("\"max_connections\":3"));
+    // The descriptor table was sized at start for both listeners full (2 × 3 × 2 + 256), so it
+    // does not grow, stalling the proxy, under load. Four connections would fit the 64 of a
+    // new process.
+    assert!(api.proc.log_text().contains("\"descriptor_table\":268"));
+    let status = std::fs::read_to_string(format!("/proc/{}/status", api.proc.id())).unwrap();
+    let table: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("FDSize:"))
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    assert!(table >= 268, "api's descriptor table holds {table}");
 
     // A request passes; the limits are not in the way of ordinary traffic.
     let r = request_once(&web_http, "GET", "/ok").unwrap();
