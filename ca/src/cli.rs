@@ -535,8 +535,8 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     let ops = tokio::net::TcpListener::bind(config.ops_address)
         .await
         .with_context(|| format!("cannot bind ops listener {}", config.ops_address))?;
-    let node = tokio::net::TcpListener::bind(config.node_address)
-        .await
+    // The node API's accept queue takes a fleet of agents reconnecting at once.
+    let node = meshid_api::server::listen_tcp(config.node_address)
         .with_context(|| format!("cannot bind node API listener {}", config.node_address))?;
     let bundle_endpoint = match &config.federation.bundle_endpoint {
         None => None,
@@ -548,8 +548,7 @@ async fn serve(config: Config) -> anyhow::Result<()> {
                 )),
                 None => None,
             };
-            let listener = tokio::net::TcpListener::bind(e.address)
-                .await
+            let listener = meshid_api::server::listen_tcp(e.address)
                 .with_context(|| format!("cannot bind the bundle endpoint {}", e.address))?;
             tracing::info!(address = %listener.local_addr()?, profile = if web.is_some() { "https_web" } else { "https_spiffe" }, "bundle endpoint listening");
             Some((listener, web))
@@ -591,7 +590,11 @@ async fn serve(config: Config) -> anyhow::Result<()> {
             })
         }
     };
-    tracing::info!(admin_socket = %config.admin_socket.display(), ops_address = %ops.local_addr()?, node_address = %node.local_addr()?, "listening");
+    // Sized now for every agent connected at once: grown under load, each doubling would stall
+    // the thread accepting for an RCU grace period.
+    let descriptor_table =
+        meshid_api::server::size_descriptor_table(config.node_limits.connections as u64);
+    tracing::info!(admin_socket = %config.admin_socket.display(), ops_address = %ops.local_addr()?, node_address = %node.local_addr()?, descriptor_table, "listening");
     meshid_ca::server::run(
         ca,
         meshid_ca::server::Listeners {

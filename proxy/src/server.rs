@@ -34,28 +34,11 @@ pub struct Bound {
     pub transparent: Option<(TcpListener, TcpListener)>,
 }
 
-/// The accept queue asked for: the kernel caps it at `net.core.somaxconn` (4096 by default
-/// since Linux 5.4). A full queue drops the newcomer's handshake, which the caller repeats only
-/// a second later; tokio's default of 1024 overflowed in the storm bench when 1,000 clients
-/// connected at once.
-const LISTEN_BACKLOG: u32 = 65_535;
-
-/// Listens on `addr` (with `SO_REUSEADDR`, as tokio's own `bind`) with [`LISTEN_BACKLOG`].
-fn listen(addr: SocketAddr) -> std::io::Result<TcpListener> {
-    let socket = if addr.is_ipv4() {
-        tokio::net::TcpSocket::new_v4()?
-    } else {
-        tokio::net::TcpSocket::new_v6()?
-    };
-    socket.set_reuseaddr(true)?;
-    socket.bind(addr)?;
-    socket.listen(LISTEN_BACKLOG)
-}
-
 /// Binds every listener of `config`; the error names the address.
 pub async fn bind(config: &Config) -> anyhow::Result<Bound> {
     async fn one(addr: SocketAddr, what: &str) -> anyhow::Result<TcpListener> {
-        listen(addr).map_err(|e| anyhow::anyhow!("cannot listen on {addr} ({what}): {e}"))
+        meshid_api::server::listen_tcp(addr)
+            .map_err(|e| anyhow::anyhow!("cannot listen on {addr} ({what}): {e}"))
     }
     let ops = one(config.ops_address, "ops_address").await?;
     let mut inbound = Vec::new();
@@ -113,25 +96,6 @@ impl meshid_api::ops::Ops for ProxyOps {
         let mut out = String::new();
         prometheus_client::encoding::text::encode(&mut out, &self.registry)?;
         Ok(out)
-    }
-}
-
-/// Sizes the descriptor table for every listener full at once (two descriptors per connection
-/// and 256 aside, as [`max_connections`] counts), within the open-files limit; see
-/// [`meshid_api::server::reserve_descriptors`].
-fn size_descriptor_table(max_connections: usize, listeners: usize) -> Option<u64> {
-    let limit = meshid_api::server::open_files_limit()?;
-    let want = u64::try_from(max_connections)
-        .unwrap_or(u64::MAX)
-        .saturating_mul(2 * listeners.max(1) as u64)
-        .saturating_add(256)
-        .min(limit);
-    match meshid_api::server::reserve_descriptors(want) {
-        Ok(()) => Some(want),
-        Err(e) => {
-            tracing::warn!(descriptors = want, error = %e, "cannot size the descriptor table: it grows under load instead, each time stalling the proxy for a moment");
-            None
-        }
     }
 }
 
@@ -205,7 +169,13 @@ pub async fn run(
         http_max_headers: config.http_max_headers,
         http_max_requests_per_connection: config.http_max_requests_per_connection,
     });
-    let descriptor_table = size_descriptor_table(shared.max_connections, listeners);
+    // Every listener full at once, two descriptors per connection (as `max_connections`
+    // counts them).
+    let descriptor_table = meshid_api::server::size_descriptor_table(
+        u64::try_from(shared.max_connections)
+            .unwrap_or(u64::MAX)
+            .saturating_mul(2 * listeners.max(1) as u64),
+    );
     tracing::info!(
         max_connections = shared.max_connections,
         descriptor_table,
@@ -334,29 +304,4 @@ pub async fn run(
     let _ = tokio::time::timeout(Duration::from_secs(1), writer).await;
     tracing::info!("meshid-proxy stopped");
     Ok(())
-}
-
-#[cfg(test)]
-mod tests {
-    #[tokio::test]
-    async fn listeners_ask_for_the_largest_accept_queue_the_kernel_allows() {
-        let l = super::listen("127.0.0.1:0".parse().unwrap()).unwrap();
-        let port = l.local_addr().unwrap().port();
-        let somaxconn: u32 = std::fs::read_to_string("/proc/sys/net/core/somaxconn")
-            .unwrap()
-            .trim()
-            .parse()
-            .unwrap();
-        let out = std::process::Command::new("ss")
-            .args(["-Hltn", &format!("sport = :{port}")])
-            .output()
-            .unwrap();
-        let text = String::from_utf8(out.stdout).unwrap();
-        // `LISTEN  0  4096  127.0.0.1:port  0.0.0.0:*`: a listener's Send-Q is its accept
-        // queue's size.
-        let queue: u32 = text.split_whitespace().nth(2).unwrap().parse().unwrap();
-        assert_eq!(queue, somaxconn.min(super::LISTEN_BACKLOG), "{text}");
-        // More than tokio's 1024, wherever the kernel allows it.
-        assert!(queue > 1024 || somaxconn <= 1024, "{text}");
-    }
 }

@@ -159,10 +159,14 @@ async fn serve(config: Config, join_token: Option<String>) -> anyhow::Result<()>
     let ops = tokio::net::TcpListener::bind(config.ops_address)
         .await
         .with_context(|| format!("cannot bind ops listener {}", config.ops_address))?;
+    // Sized now: grown under load, each doubling would stall the agent for an RCU grace period.
+    let descriptor_table =
+        meshid_api::server::size_descriptor_table(config.api_limits.connections as u64);
     tracing::info!(
         trust_domain = %config.trust_domain,
         socket = %config.socket_path.display(),
         ops_address = %ops.local_addr()?,
+        descriptor_table,
         "starting meshid-agent"
     );
     meshid_agent::server::run(

@@ -42,6 +42,40 @@ pub fn open_files_limit() -> Option<u64> {
     line.split_whitespace().nth(3)?.parse().ok()
 }
 
+/// Sizes the descriptor table for `descriptors` open at once plus 256 aside, within the
+/// open-files limit (see [`reserve_descriptors`]); the size reserved, for the caller's startup
+/// log, or `None` (logged) when it cannot.
+pub fn size_descriptor_table(descriptors: u64) -> Option<u64> {
+    let limit = open_files_limit()?;
+    let want = descriptors.saturating_add(256).min(limit);
+    match reserve_descriptors(want) {
+        Ok(()) => Some(want),
+        Err(e) => {
+            tracing::warn!(descriptors = want, error = %e, "cannot size the descriptor table: it grows under load instead, each growth stalling the process for a moment");
+            None
+        }
+    }
+}
+
+/// The accept queue a TCP listener asks for: the kernel caps it at `net.core.somaxconn` (4096
+/// by default since Linux 5.4). A full queue drops the newcomer's handshake, which the caller
+/// repeats only a second later; tokio's default of 1024 overflowed in the proxy's storm bench
+/// when 1,000 clients connected at once.
+pub const LISTEN_BACKLOG: u32 = 65_535;
+
+/// A TCP listener on `addr` (with `SO_REUSEADDR`, as tokio's own `bind`) whose accept queue is
+/// [`LISTEN_BACKLOG`]. Needs a tokio runtime.
+pub fn listen_tcp(addr: std::net::SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
+    let socket = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(LISTEN_BACKLOG)
+}
+
 /// Sizes this process's descriptor table for `descriptors` open at once, now rather than under
 /// load. The kernel grows the table (doubling it) when a new descriptor does not fit, and in a
 /// process with more than one thread each growth waits for an RCU grace period inside the
@@ -107,5 +141,27 @@ mod tests {
         assert!(reserve_descriptors(limit + 1).is_err());
         // Nothing to reserve.
         reserve_descriptors(0).unwrap();
+    }
+
+    #[tokio::test]
+    async fn listeners_ask_for_the_largest_accept_queue_the_kernel_allows() {
+        let l = listen_tcp("127.0.0.1:0".parse().unwrap()).unwrap();
+        let port = l.local_addr().unwrap().port();
+        let somaxconn: u32 = std::fs::read_to_string("/proc/sys/net/core/somaxconn")
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap();
+        let out = std::process::Command::new("ss")
+            .args(["-Hltn", &format!("sport = :{port}")])
+            .output()
+            .unwrap();
+        let text = String::from_utf8(out.stdout).unwrap();
+        // `LISTEN  0  4096  127.0.0.1:port  0.0.0.0:*`: a listener's Send-Q is its accept
+        // queue's size.
+        let queue: u32 = text.split_whitespace().nth(2).unwrap().parse().unwrap();
+        assert_eq!(queue, somaxconn.min(LISTEN_BACKLOG), "{text}");
+        // More than tokio's 1024, wherever the kernel allows it.
+        assert!(queue > 1024 || somaxconn <= 1024, "{text}");
     }
 }

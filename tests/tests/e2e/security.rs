@@ -1786,3 +1786,70 @@ fn a_bundle_that_drops_every_trusted_root_is_refused() {
     drop(agent);
     rt.shutdown_timeout(Duration::from_secs(1));
 }
+
+/// The kernel's open-files soft limit of process `pid`, and the size of its descriptor table.
+fn descriptors_of(pid: u32) -> (u64, u64) {
+    let limits = std::fs::read_to_string(format!("/proc/{pid}/limits")).unwrap();
+    let limit = limits
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .and_then(|l| l.split_whitespace().nth(3))
+        .unwrap()
+        .parse()
+        .unwrap();
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let table = status
+        .lines()
+        .find_map(|l| l.strip_prefix("FDSize:"))
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    (limit, table)
+}
+
+/// The CA and the agent size their descriptor tables for their connection limits when they
+/// start, not under load (in a process with more than one thread each growth of the table
+/// waits for an RCU grace period inside the `accept` that needed it, 10–16 ms), and the CA's
+/// node API asks for the largest accept queue the kernel allows, so that a fleet of agents
+/// reconnecting at once is not dropped for a second.
+#[test]
+fn ca_and_agent_size_their_descriptor_tables_at_start() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let ca = Ca::start(dir, &[]);
+    let (secret, _) = ca.join_token();
+    let agent = Agent::start(dir, &ca, &secret);
+    // node_limits.max_connections and the agent's max_connections, their defaults; 256 aside.
+    for (name, proc, connections) in [("ca", &ca.proc, 16_384u64), ("agent", &agent.proc, 8_192)] {
+        let (limit, table) = descriptors_of(proc.id());
+        let want = (connections + 256).min(limit);
+        let log = proc.log_text();
+        assert!(
+            log.contains(&format!("descriptor_table={want}"))
+                || log.contains(&format!("\"descriptor_table\":{want}")),
+            "{name} does not log a descriptor table of {want}:\n{log}"
+        );
+        assert!(
+            table >= want,
+            "{name}'s descriptor table holds {table}, not {want}"
+        );
+    }
+    let port = ca.node_address.rsplit(':').next().unwrap();
+    let out = std::process::Command::new("ss")
+        .args(["-Hltn", &format!("sport = :{port}")])
+        .output()
+        .unwrap();
+    let text = String::from_utf8(out.stdout).unwrap();
+    let queue: u32 = text.split_whitespace().nth(2).unwrap().parse().unwrap();
+    let somaxconn: u32 = std::fs::read_to_string("/proc/sys/net/core/somaxconn")
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    assert_eq!(
+        queue,
+        somaxconn.min(meshid_api::server::LISTEN_BACKLOG),
+        "{text}"
+    );
+}
