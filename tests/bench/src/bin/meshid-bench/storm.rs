@@ -219,10 +219,24 @@ async fn attacker_connect(addr: &str) -> std::io::Result<TcpStream> {
             {
                 last = Some(e);
             }
+            Ok(s) => {
+                if attacker_nodelay() {
+                    s.set_nodelay(true)?;
+                }
+                return Ok(s);
+            }
             r => return r,
         }
     }
     Err(last.unwrap_or_else(|| std::io::Error::other("no attacker port")))
+}
+
+/// `MESHID_STORM_NODELAY`: the attacker's sockets send at once (`TCP_NODELAY`). By default
+/// they do not, like most clients, so the request an attacker sends right after its handshake
+/// waits for the proxy's ACK (delayed up to 40 ms), and its connections arrive in waves.
+fn attacker_nodelay() -> bool {
+    static NODELAY: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *NODELAY.get_or_init(|| std::env::var_os("MESHID_STORM_NODELAY").is_some())
 }
 
 /// The attacker's source ports, above the servers' (`free_port`: 20000–32000).
@@ -378,6 +392,7 @@ fn hwm_kib(pid: u32) -> u64 {
 /// `max_handshakes_per_source`. `MESHID_STORM_SOURCE` (default 127.0.0.2): the attacker's
 /// address. `MESHID_STORM_REOPEN`: after phase 1, close the 10,000 at once (phase `closing`)
 /// and open them again (`idle again`), into memory api has already touched (glibc keeps it).
+/// `MESHID_STORM_NODELAY`: the attacker's sockets set `TCP_NODELAY`.
 fn knobs() -> (usize, String, bool) {
     let idle = std::env::var("MESHID_STORM_IDLE")
         .ok()
