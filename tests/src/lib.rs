@@ -552,16 +552,49 @@ pub fn agent_run_args(
     ]
 }
 
-/// VmRSS of process `pid`, in KiB.
-pub fn rss_kib(pid: u32) -> u64 {
+/// Process `pid`'s status line `field` (`VmRSS`, `FDSize`, …): its first number.
+fn status_number(pid: u32, field: &str) -> u64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
     status
         .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
         .and_then(|v| v.split_whitespace().next())
         .unwrap()
         .parse()
         .unwrap()
+}
+
+/// The accept queue of the TCP listener on `port` (its Send-Q in `ss -ltn`), and what a
+/// listener that asked for `asked_for` gets: that or the kernel's `net.core.somaxconn`,
+/// whichever is less.
+pub fn listen_queue(port: u16, asked_for: u32) -> (u32, u32) {
+    let out = Command::new("ss")
+        .args(["-Hltn", &format!("sport = :{port}")])
+        .output()
+        .unwrap();
+    let text = String::from_utf8(out.stdout).unwrap();
+    // `LISTEN  0  4096  127.0.0.1:port  0.0.0.0:*`
+    let queue = text
+        .split_whitespace()
+        .nth(2)
+        .and_then(|q| q.parse().ok())
+        .unwrap_or_else(|| panic!("no listener on port {port}: {text:?}"));
+    let somaxconn: u32 = std::fs::read_to_string("/proc/sys/net/core/somaxconn")
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    (queue, somaxconn.min(asked_for))
+}
+
+/// The size of process `pid`'s descriptor table (`FDSize`).
+pub fn fd_table_size(pid: u32) -> u64 {
+    status_number(pid, "FDSize")
+}
+
+/// VmRSS of process `pid`, in KiB.
+pub fn rss_kib(pid: u32) -> u64 {
+    status_number(pid, "VmRSS")
 }
 
 /// A running agent.

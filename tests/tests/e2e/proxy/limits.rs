@@ -113,15 +113,12 @@ fn proxy_limits_refuse_and_close_with_their_metric() {
     // does not grow, stalling the proxy, under load. Four connections would fit the 64 of a
     // new process.
     assert!(api.proc.log_text().contains("\"descriptor_table\":268"));
-    let status = std::fs::read_to_string(format!("/proc/{}/status", api.proc.id())).unwrap();
-    let table: u64 = status
-        .lines()
-        .find_map(|l| l.strip_prefix("FDSize:"))
-        .unwrap()
-        .trim()
-        .parse()
-        .unwrap();
+    let table = meshid_tests::fd_table_size(api.proc.id());
     assert!(table >= 268, "api's descriptor table holds {table}");
+    // Its listeners ask for the largest accept queue the kernel allows.
+    let port = api_http.rsplit(':').next().unwrap().parse().unwrap();
+    let (queue, expected) = meshid_tests::listen_queue(port, meshid_api::server::LISTEN_BACKLOG);
+    assert_eq!(queue, expected, "api-http's accept queue");
 
     // A request passes; the limits are not in the way of ordinary traffic.
     let r = request_once(&web_http, "GET", "/ok").unwrap();
