@@ -37,7 +37,11 @@ pub fn init_tracing(json: bool, default: &str) {
 
 /// The soft limit on open files of this process (from `/proc/self/limits`).
 pub fn open_files_limit() -> Option<u64> {
-    let limits = std::fs::read_to_string("/proc/self/limits").ok()?;
+    open_files_limit_in(&std::fs::read_to_string("/proc/self/limits").ok()?)
+}
+
+/// The soft limit on open files in `limits`, a process's `/proc/<pid>/limits`.
+pub fn open_files_limit_in(limits: &str) -> Option<u64> {
     let line = limits.lines().find(|l| l.starts_with("Max open files"))?;
     line.split_whitespace().nth(3)?.parse().ok()
 }

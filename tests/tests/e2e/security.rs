@@ -1790,13 +1790,7 @@ fn a_bundle_that_drops_every_trusted_root_is_refused() {
 /// The kernel's open-files soft limit of process `pid`, and the size of its descriptor table.
 fn descriptors_of(pid: u32) -> (u64, u64) {
     let limits = std::fs::read_to_string(format!("/proc/{pid}/limits")).unwrap();
-    let limit = limits
-        .lines()
-        .find(|l| l.starts_with("Max open files"))
-        .and_then(|l| l.split_whitespace().nth(3))
-        .unwrap()
-        .parse()
-        .unwrap();
+    let limit = meshid_api::server::open_files_limit_in(&limits).unwrap();
     (limit, meshid_tests::fd_table_size(pid))
 }
 
